@@ -1,0 +1,3 @@
+from .block_sparse import BlockLayout, BlockSparseMatrix
+
+__all__ = ["BlockLayout", "BlockSparseMatrix"]

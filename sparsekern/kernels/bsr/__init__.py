@@ -1,0 +1,16 @@
+"""Block-sparse linear products. Every backend implements the same three:
+
+``bsr_forward(x, values, layout) -> y``
+    x (M, K) dense, W = (values, layout) of shape (N, K): y = x @ W.T, (M, N).
+``bsr_grad_input(dy, values, layout) -> dx``
+    dy (M, N): dx = dy @ W, (M, K). Walks W by block columns (transpose metadata).
+``bsr_grad_weight(dy, x, layout) -> dvalues``
+    The sampled product (dy.T @ x) on the blocks of ``layout`` only: (nnz, br, bc).
+
+Inputs arrive contiguous, on one device, of one floating dtype (checked by the op
+layer). Outputs are new tensors of the input dtype; half types accumulate in fp32.
+M, N, K and nnz may be 0.
+"""
+from . import reference  # noqa: F401  (registers the reference backend)
+
+PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight")

@@ -1,0 +1,181 @@
+"""``SparseLinear``: a drop-in ``nn.Linear`` whose weight is block-sparse.
+
+The weight is stored as a block-CSR ``values`` parameter (nnz, br, bc) plus a
+``block_mask`` buffer over the block grid. Feature counts that are not
+multiples of the block size are padded up internally: edge blocks carry zero
+rows/columns that stay zero under training (their gradients are exactly zero).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.block_sparse import BlockLayout, BlockSparseMatrix, _as_block_size, carry_values, values_to_dense
+from ..ops.bsr_linear import bsr_linear
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_features(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_density(density):
+    if not isinstance(density, (int, float)) or not 0.0 <= float(density) <= 1.0:
+        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+    return float(density)
+
+
+def _blocks_to_keep(density, cells):
+    return int(round(_check_density(density) * cells))
+
+
+class SparseLinear(nn.Module):
+    """y = x Wᵀ + b with W block-sparse; forward, dX and dW touch stored blocks only.
+
+    Args:
+        in_features, out_features: any positive ints (padded up to whole blocks).
+        bias: learn an additive bias.
+        block_size: int or (rows, cols) of a block.
+        density: fraction of blocks stored, chosen uniformly at random.
+        device, dtype: of the parameters (float32, float64, bfloat16 or float16).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, block_size=32, density=1.0,
+                 device=None, dtype=None):
+        super().__init__()
+        _check_features("in_features", in_features)
+        _check_features("out_features", out_features)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"SparseLinear supports dtypes {_DTYPES}, got {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size = _as_block_size(block_size)
+        br, bc = self.block_size
+        self.padded_shape = (math.ceil(out_features / br) * br, math.ceil(in_features / bc) * bc)
+        grid = (self.padded_shape[0] // br, self.padded_shape[1] // bc)
+        cells = grid[0] * grid[1]
+        keep = torch.randperm(cells)[:_blocks_to_keep(density, cells)]
+        block_mask = torch.zeros(cells, dtype=torch.bool)
+        block_mask[keep] = True
+        self.register_buffer("block_mask", block_mask.view(grid).to(device))
+        self._layout = BlockLayout.from_block_mask(self.block_mask, self.padded_shape, self.block_size)
+        self.values = nn.Parameter(torch.empty(self._layout.nnz_blocks, br, bc, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """nn.Linear's initialisation (U(±1/sqrt(in_features))) on the stored blocks."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.values.uniform_(-bound, bound)
+            self._zero_padding()
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_dense(cls, linear, *, block_size=32, density=None, block_mask=None):
+        """Convert an ``nn.Linear``. Keeps ``block_mask`` if given, else the blocks of largest
+        Frobenius norm at ``density``, else every block holding a nonzero (exact)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        if density is not None and block_mask is not None:
+            raise ValueError("give either density or block_mask, not both")
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    block_size=block_size, density=0.0, device=weight.device, dtype=weight.dtype)
+        padded = F.pad(weight, (0, layer.padded_shape[1] - weight.shape[1], 0, layer.padded_shape[0] - weight.shape[0]))
+        dense = BlockSparseMatrix.from_dense(padded, layer.block_size, block_mask=block_mask)
+        if density is not None:
+            norms = _block_norms(padded, layer.block_size)
+            keep = torch.topk(norms.flatten(), _blocks_to_keep(density, norms.numel())).indices
+            mask = torch.zeros(norms.numel(), dtype=torch.bool, device=weight.device)
+            mask[keep] = True
+            dense = BlockSparseMatrix.from_dense(padded, layer.block_size, block_mask=mask.view(norms.shape))
+        layer._adopt(dense.block_mask, dense.values)
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @property
+    def density(self):
+        return self._layout.density
+
+    @property
+    def nnz_blocks(self):
+        return self._layout.nnz_blocks
+
+    def layout(self):
+        """The block structure (rebuilt if the module moved to another device)."""
+        if self._layout.device != self.block_mask.device:
+            self._layout = self._layout.to(self.block_mask.device)
+        return self._layout
+
+    def sparse_weight(self):
+        """The padded weight as a BlockSparseMatrix sharing the ``values`` parameter."""
+        return BlockSparseMatrix(self.values, self.layout())
+
+    def dense_weight(self):
+        """The dense (out_features, in_features) weight this layer represents."""
+        return values_to_dense(self.values, self.layout())[:self.out_features, :self.in_features]
+
+    def set_block_mask(self, block_mask):
+        """Change the structure: surviving blocks keep their values, new blocks start at zero.
+
+        The ``values`` parameter keeps its identity (optimizers still hold it) but
+        changes shape; its ``.grad`` is cleared. Optimizer state for it must be
+        reset by the caller (the method layer does this).
+        """
+        layout = BlockLayout.from_block_mask(block_mask.to(self.block_mask.device), self.padded_shape,
+                                             self.block_size)
+        self._adopt(layout.block_mask, carry_values(self.values.detach(), self.layout(), layout), layout)
+
+    def _adopt(self, block_mask, values, layout=None):
+        self.block_mask = block_mask
+        self._layout = layout or BlockLayout.from_block_mask(block_mask, self.padded_shape, self.block_size)
+        self.values.data = values.to(self.values.dtype)
+        self.values.grad = None
+
+    def _zero_padding(self):
+        """Zero the parts of edge blocks that lie outside (out_features, in_features)."""
+        layout, (br, bc) = self._layout, self.block_size
+        pad_rows = self.padded_shape[0] - self.out_features
+        pad_cols = self.padded_shape[1] - self.in_features
+        if pad_rows:
+            self.values.data[layout.row_indices == layout.grid[0] - 1, br - pad_rows:, :] = 0
+        if pad_cols:
+            self.values.data[layout.col_indices == layout.grid[1] - 1, :, bc - pad_cols:] = 0
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has shape {tuple(x.shape)}, expected last dim {self.in_features}")
+        pad_in = self.padded_shape[1] - self.in_features
+        if pad_in:
+            x = F.pad(x, (0, pad_in))
+        if self.padded_shape[0] == self.out_features:
+            return bsr_linear(x, self.sparse_weight(), self.bias)
+        y = bsr_linear(x, self.sparse_weight())[..., :self.out_features]
+        return y if self.bias is None else y + self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Adopt the saved structure first, so a checkpoint whose number of stored
+        # blocks differs from ours (after DST/GGR updates) loads into this layer.
+        saved_mask = state_dict.get(prefix + "block_mask")
+        if saved_mask is not None and tuple(saved_mask.shape) == tuple(self.block_mask.shape):
+            self.set_block_mask(saved_mask.to(torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, block_size={self.block_size}, "
+                f"density={self.density:.4f} ({self.nnz_blocks} blocks)")
+
+
+def _block_norms(dense, block_size):
+    (rows, cols), (br, bc) = dense.shape, block_size
+    return dense.float().reshape(rows // br, br, cols // bc, bc).pow(2).sum((1, 3)).sqrt()
