@@ -33,6 +33,9 @@ def _extensions():
         if not os.path.isdir(folder):
             continue
         name = os.path.basename(folder)
+        only = os.environ.get("SPARSEKERN_ONLY")  # e.g. SPARSEKERN_ONLY=bsr rebuilds one extension
+        if only and name not in only.split(","):
+            continue
         rel = lambda p: os.path.relpath(p, HERE)  # noqa: E731 - setuptools wants relative paths
         cpp = sorted(rel(p) for p in glob.glob(os.path.join(folder, "*.cpp")))
         cu = sorted(rel(p) for p in glob.glob(os.path.join(folder, "*.cu")))

@@ -1,0 +1,38 @@
+"""Shared test utilities: random block-sparse operands and per-dtype tolerances."""
+import torch
+
+import sparsekern as sk
+
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+}
+
+
+def random_block_mask(grid, density, generator=None, empty_rows=(), empty_cols=()):
+    """Bool grid with round(density * cells) blocks, then whole rows/columns cleared."""
+    cells = grid[0] * grid[1]
+    keep = torch.randperm(cells, generator=generator)[: int(round(density * cells))]
+    mask = torch.zeros(cells, dtype=torch.bool)
+    mask[keep] = True
+    mask = mask.view(grid)
+    for r in empty_rows:
+        mask[r] = False
+    for c in empty_cols:
+        mask[:, c] = False
+    return mask
+
+
+def random_bsr(shape, block_size, density, dtype=torch.float64, seed=0, **mask_kwargs):
+    g = torch.Generator().manual_seed(seed)
+    br, bc = (block_size, block_size) if isinstance(block_size, int) else block_size
+    mask = random_block_mask((shape[0] // br, shape[1] // bc), density, g, **mask_kwargs)
+    dense = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return sk.BlockSparseMatrix.from_dense(dense, (br, bc), block_mask=mask)
+
+
+def relative_error(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
