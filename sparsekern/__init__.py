@@ -7,6 +7,8 @@ from . import kernels, ops
 from .formats import BlockLayout, BlockSparseMatrix
 from .kernels import BackendUnavailableError, use_backend
 from .nn import SparseLinear
+from . import methods  # noqa: E402  (after nn: methods build on it)
+from .methods import sparsify
 
 __version__ = "0.1.0"
 
@@ -16,6 +18,8 @@ __all__ = [
     "BlockSparseMatrix",
     "SparseLinear",
     "kernels",
+    "methods",
     "ops",
+    "sparsify",
     "use_backend",
 ]

@@ -1,2 +1,7 @@
 """Methods: pure functions (densities, scores, masks) and thin drivers that apply them to sparsekern layers."""
 from .density import er_densities, erk_densities, layer_densities, uniform_densities  # noqa: F401
+from .masks import (block_scores, expand_block_mask, global_magnitude_mask, global_topk_masks,  # noqa: F401
+                    layerwise_topk_masks, nm_mask, topk_mask)
+from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks,  # noqa: F401
+                       synflow_scores)
+from .sparsify import compute_block_masks, sparsify  # noqa: F401

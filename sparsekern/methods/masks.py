@@ -1,0 +1,115 @@
+"""Masks from scores: top-k at element, block or 2:4 granularity, global or layer-wise.
+
+Pure functions. A *granularity* is a block size (rows, cols): (1, 1) is unstructured
+(correct, but the kernels are then no faster than dense), (b, b) is block-sparse.
+Conv weights (out, in, kh, kw) are scored as the (out, in*kh*kw) matrix.
+A block's score is the L2 norm of its element scores (``reduce="norm"``), or their
+sum for signed scores such as GraSP (``reduce="sum"``). Edge blocks of a matrix
+whose dims are not multiples of the block are padded with zero scores.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.block_sparse import _as_block_size
+
+
+def _as_matrix(score):
+    if score.dim() < 2:
+        raise ValueError(f"scores must have >= 2 dims (out, in, ...), got shape {tuple(score.shape)}")
+    return score.reshape(score.shape[0], -1)
+
+
+def block_grid(shape, block_size):
+    """Block grid of a weight of ``shape`` (padded up to whole blocks)."""
+    (br, bc), rows, cols = _as_block_size(block_size), shape[0], math.prod(shape[1:])
+    return math.ceil(rows / br), math.ceil(cols / bc)
+
+
+def block_scores(score, block_size, reduce="norm"):
+    """(RB, CB) scores of the blocks of ``score``: norm (or sum) of element scores per block."""
+    if reduce not in ("norm", "sum"):
+        raise ValueError(f"reduce must be 'norm' or 'sum', got {reduce!r}")
+    matrix, (br, bc) = _as_matrix(score), _as_block_size(block_size)
+    rb, cb = block_grid(score.shape, (br, bc))
+    padded = F.pad(matrix, (0, cb * bc - matrix.shape[1], 0, rb * br - matrix.shape[0]))
+    blocks = padded.reshape(rb, br, cb, bc)
+    if reduce == "sum":
+        return blocks.sum((1, 3))
+    return blocks.pow(2).sum((1, 3)).sqrt()
+
+
+def expand_block_mask(block_mask, block_size, shape):
+    """Element mask of ``shape`` from a (RB, CB) block mask (padding cut off)."""
+    br, bc = _as_block_size(block_size)
+    rows, cols = shape[0], math.prod(shape[1:])
+    full = block_mask.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+    return full[:rows, :cols].reshape(shape)
+
+
+def _count(amount, total, what):
+    """An int count, or a float fraction of ``total`` rounded to the nearest int."""
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise TypeError(f"{what} must be an int count or a float fraction, got {type(amount).__name__}")
+    if isinstance(amount, float):
+        if not 0.0 <= amount <= 1.0:
+            raise ValueError(f"{what} as a fraction must be in [0, 1], got {amount}")
+        return int(round(amount * total))
+    if not 0 <= amount <= total:
+        raise ValueError(f"{what} count must be in [0, {total}], got {amount}")
+    return amount
+
+
+def topk_mask(score, keep):
+    """Bool mask of ``score``'s shape keeping its ``keep`` largest entries (int, or float fraction)."""
+    flat = score.flatten()
+    k = _count(keep, flat.numel(), "keep")
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=score.device)
+    mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask.view(score.shape)
+
+
+def global_topk_masks(scores, keep):
+    """Masks keeping the ``keep`` (int, or float fraction) largest entries across all ``scores``."""
+    scores = list(scores)
+    flat = torch.cat([s.flatten().to(torch.float64) for s in scores])
+    joint = topk_mask(flat, keep)
+    return [m.view(s.shape) for m, s in zip(joint.split([s.numel() for s in scores]), scores)]
+
+
+def layerwise_topk_masks(scores, densities):
+    """Per-layer masks: layer i keeps the fraction ``densities[i]`` of its largest entries."""
+    scores, densities = list(scores), list(densities)
+    if len(scores) != len(densities):
+        raise ValueError(f"{len(scores)} score tensors but {len(densities)} densities")
+    return [topk_mask(s, float(d)) for s, d in zip(scores, densities)]
+
+
+def global_magnitude_mask(tensors, amount):
+    """Bool keep-masks pruning the ``amount`` (int count or float fraction) smallest |w| of all tensors together."""
+    tensors = list(tensors)
+    total = sum(t.numel() for t in tensors)
+    pruned = _count(amount, total, "amount")
+    return global_topk_masks([t.detach().abs() for t in tensors], total - pruned)
+
+
+def nm_mask(score, n=2, m=4):
+    """N:M mask (2:4 by default): in every group of ``m`` consecutive inputs keep the ``n`` largest."""
+    matrix = _as_matrix(score)
+    if not 0 < n <= m or matrix.shape[1] % m:
+        raise ValueError(f"{n}:{m} sparsity needs 0 < n <= m and an input dim divisible by {m}; "
+                         f"scores have shape {tuple(score.shape)}")
+    groups = matrix.reshape(matrix.shape[0], -1, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, torch.topk(groups, n, dim=-1).indices, True)
+    return mask.reshape(score.shape)
+
+
+def granular_masks(scores, density, block_size=1, *, densities=None, reduce="norm"):
+    """Masks on each score's block grid: global top-``density`` of all blocks, or layer-wise
+    top-``densities[i]`` when ``densities`` is given. Returns (RB, CB) bool grids."""
+    grids = [block_scores(s, block_size, reduce) for s in scores]
+    if densities is not None:
+        return layerwise_topk_masks(grids, densities)
+    return global_topk_masks(grids, float(density))

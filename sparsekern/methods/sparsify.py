@@ -1,0 +1,152 @@
+"""``sparsify``: convert a model's ``nn.Linear`` layers to ``SparseLinear`` with a pruning-at-init method.
+
+Two questions decide a mask: how many blocks each layer keeps (the *allocation*)
+and which ones (the *scores*).
+
+- method "uniform" / "er" / "erk": random blocks, layer densities from that allocation
+  (the static-sparse start of SET/RigL). "random" is random blocks too, allocation
+  "uniform" unless given.
+- method "magnitude" / "snip" / "grasp" / "synflow": scores from saliency.py; by
+  default ranked globally across layers (as in the papers), or layer-wise at an
+  ``allocation`` ("uniform", "er", "erk") when given.
+
+Scores are computed on the dense model once, then each layer becomes a
+``SparseLinear`` holding only its kept blocks: training from then on runs on the
+block-sparse kernels. ``block_size=1`` is unstructured pruning: exact, but the
+kernels are then no faster than dense (slower, in fact), and reported as such.
+Only nn.Linear is converted (there is no sparse convolution layer yet); other
+layers are left as they are.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.block_sparse import _as_block_size
+from ..nn.sparse_linear import SparseLinear
+from .density import layer_densities
+from .masks import block_grid, block_scores, global_topk_masks, layerwise_topk_masks
+from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks, synflow_scores,
+                       prunable_weights)
+
+ALLOCATIONS = ("uniform", "er", "erk")
+SCORED = ("random", "magnitude", "snip", "grasp", "synflow")
+
+
+def linear_layers(model):
+    """[(module name, nn.Linear)] in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def replace_module(model, name, new):
+    """Put ``new`` at the dotted path ``name`` inside ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _dense_indices(layers, dense_layers):
+    names = [n for n, _ in layers]
+    out = set()
+    for item in dense_layers:
+        if isinstance(item, str):
+            if item not in names:
+                raise ValueError(f"dense layer {item!r} is not an nn.Linear of the model; linear layers: {names}")
+            out.add(names.index(item))
+        elif not 0 <= int(item) < len(layers):
+            raise ValueError(f"dense layer index {item} out of range for {len(layers)} linear layers")
+        else:
+            out.add(int(item))
+    return out
+
+
+def _scores(model, method, generator, inputs, targets, loss_fn):
+    if method == "random":
+        return random_scores(model, generator)
+    if method == "magnitude":
+        return magnitude_scores(model)
+    if inputs is None or targets is None:
+        raise ValueError(f"method {method!r} needs a batch: pass inputs= and targets=")
+    fn = snip_scores if method == "snip" else grasp_scores
+    return fn(model, inputs, targets, loss_fn or F.cross_entropy)
+
+
+def compute_block_masks(model, *, density, method="erk", block_size=32, dense_layers=(), allocation=None,
+                        inputs=None, targets=None, loss_fn=None, input_shape=None, synflow_iterations=100,
+                        generator=None):
+    """{linear module name: (RB, CB) bool block mask} for the layers to sparsify (dense ones are absent)."""
+    if method not in ALLOCATIONS + SCORED:
+        raise ValueError(f"unknown method {method!r}; expected one of {ALLOCATIONS + SCORED}")
+    if allocation is not None and allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; expected one of {ALLOCATIONS} or None (global)")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
+        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+    layers = linear_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to sparsify")
+    dense = _dense_indices(layers, dense_layers)
+    sparse = [i for i in range(len(layers)) if i not in dense]
+    if method in ALLOCATIONS:
+        method, allocation = "random", method
+    elif method == "random" and allocation is None:
+        allocation = "uniform"
+    grids = [block_grid(m.weight.shape, block_size) for _, m in layers]
+
+    if allocation is not None:
+        # Layer-wise: the allocation solves for the budget with dense layers counted in it.
+        densities = layer_densities([m.weight.shape for _, m in layers], density, allocation,
+                                    dense_layers=sorted(dense))
+    else:
+        # Global ranking: the sparse layers share what the dense ones leave of the budget.
+        total = sum(m.weight.numel() for _, m in layers)
+        left = density * total - sum(layers[i][1].weight.numel() for i in dense)
+        if left < 0:
+            raise ValueError(f"density {density} is below what the dense layers {sorted(dense)} already hold")
+        density = left / sum(layers[i][1].weight.numel() for i in sparse) if sparse else 1.0
+
+    names = [layers[i][0] for i in sparse]
+    if method == "synflow" and allocation is None:
+        # The paper's iterative global schedule, at the block granularity.
+        skip = {n for n, _ in prunable_weights(model)} - {f"{n}.weight" for n in names}
+        by_name = synflow_masks(model, input_shape or (layers[0][1].in_features,), min(density, 1.0),
+                                block_size=block_size, iterations=synflow_iterations, skip=skip)
+        return {n: by_name[f"{n}.weight"] for n in names}
+    if method == "synflow":  # layer-wise allocation: one-shot scores ranked inside each layer
+        scores = synflow_scores(model, input_shape or (layers[0][1].in_features,))
+    else:
+        scores = _scores(model, method, generator, inputs, targets, loss_fn)
+    reduce = "sum" if method == "grasp" else "norm"
+    grid_scores = [block_scores(scores[f"{n}.weight"], block_size, reduce) for n in names]
+    if allocation is not None:
+        kept = layerwise_topk_masks(grid_scores, [densities[i] for i in sparse])
+    else:
+        cells = sum(math.prod(grids[i]) for i in sparse)
+        kept = global_topk_masks(grid_scores, int(round(min(density, 1.0) * cells)))
+    return dict(zip(names, kept))
+
+
+def sparsify(model, *, density, method="erk", block_size=32, dense_layers=(), allocation=None, **kwargs):
+    """Replace the model's ``nn.Linear`` layers by ``SparseLinear`` and return the model.
+
+    Args:
+        model: any module; converted in place (the same object is returned).
+        density: fraction of the Linear weights kept, over all Linear layers together
+            (blocks at the edge of a non-multiple shape count as whole blocks).
+        method: "uniform", "er", "erk" (random blocks at that allocation), or "random",
+            "magnitude", "snip", "grasp", "synflow" (scores).
+        block_size: int or (rows, cols); 1 = unstructured (no faster than dense).
+        dense_layers: indices (among the Linear layers) or module names left as nn.Linear.
+        allocation: for scored methods, rank layer-wise at "uniform"/"er"/"erk" densities
+            instead of globally.
+        kwargs: ``inputs``, ``targets``, ``loss_fn`` (SNIP/GraSP batch, default cross
+            entropy); ``input_shape`` and ``synflow_iterations`` (SynFlow, default
+            (in_features,) of the first layer and 100); ``generator`` (random masks).
+    """
+    block_size = _as_block_size(block_size)
+    masks = compute_block_masks(model, density=density, method=method, block_size=block_size,
+                                dense_layers=dense_layers, allocation=allocation, **kwargs)
+    for name, linear in linear_layers(model):
+        if name in masks:
+            replace_module(model, name, SparseLinear.from_dense(linear, block_size=block_size,
+                                                                block_mask=masks[name]))
+    return model
