@@ -1,0 +1,104 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern as sk
+from sparsekern.methods import block_scores, compute_block_masks, erk_densities, expand_block_mask
+
+METHODS = ["uniform", "er", "erk", "random", "magnitude", "snip", "grasp", "synflow"]
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 10))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(16, 40, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sparsify_replaces_linears_and_matches_masked_dense(method):
+    dense = _mlp()
+    x, y = _batch()
+    model = sk.sparsify(copy.deepcopy(dense), density=0.3, method=method, block_size=8, inputs=x, targets=y,
+                        synflow_iterations=10)
+    layers = [m for m in model if isinstance(m, sk.SparseLinear)]
+    assert len(layers) == 3 and not any(isinstance(m, nn.Linear) for m in model)
+    cells = sum(layer.block_mask.numel() for layer in layers)
+    kept = sum(layer.nnz_blocks for layer in layers)
+    assert abs(kept - 0.3 * cells) <= 3  # rounding per layer
+    # The sparse model computes the dense model with the masked weights.
+    expected = x
+    for d, s in zip(dense, model):
+        if isinstance(d, nn.Linear):
+            mask = expand_block_mask(s.block_mask, 8, d.weight.shape)
+            expected = F.linear(expected, d.weight * mask, d.bias)
+        else:
+            expected = d(expected)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_erk_uses_erk_densities():
+    model = sk.sparsify(_mlp(), density=0.25, method="erk", block_size=8)
+    expected = erk_densities([(48, 40), (48, 48), (10, 48)], 0.25)
+    for layer, d in zip([m for m in model if isinstance(m, sk.SparseLinear)], expected):
+        assert layer.nnz_blocks == round(d * layer.block_mask.numel())
+
+
+def test_magnitude_global_keeps_largest_blocks():
+    dense = _mlp()
+    masks = compute_block_masks(dense, density=0.2, method="magnitude", block_size=8)
+    scores = torch.cat([block_scores(dense[i].weight.detach(), 8).flatten() for i in (0, 2, 4)])
+    kept = torch.cat([masks[n].flatten() for n in ("0", "2", "4")])
+    assert scores[kept].min() >= scores[~kept].max()
+
+
+def test_dense_layers_and_allocation():
+    model = sk.sparsify(_mlp(), density=0.5, method="snip", block_size=8, dense_layers=["4"], allocation="uniform",
+                        inputs=_batch()[0], targets=_batch()[1])
+    assert isinstance(model[4], nn.Linear)
+    assert model[0].density == pytest.approx(0.5, abs=0.05) and model[2].density == pytest.approx(0.5, abs=0.05)
+
+
+def test_unstructured_block_one():
+    model = sk.sparsify(_mlp(), density=0.1, method="magnitude", block_size=1)
+    assert model[0].block_size == (1, 1)
+    assert sum(m.nnz_blocks for m in model if isinstance(m, sk.SparseLinear)) == round(0.1 * (40 * 48 + 48 * 48 + 480))
+
+
+def test_sparse_model_trains():
+    model = sk.sparsify(_mlp(), density=0.3, method="erk", block_size=8)
+    x, y = _batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = None
+    for _ in range(20):
+        loss = F.cross_entropy(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(density=0.1, method="bogus"), ValueError, "unknown method"),
+    (dict(density=0.1, method="magnitude", allocation="bogus"), ValueError, "unknown allocation"),
+    (dict(density=1.5), ValueError, "density"),
+    (dict(density=0.1, method="snip"), ValueError, "inputs="),
+    (dict(density=0.1, dense_layers=["nope"]), ValueError, "dense layer"),
+    (dict(density=0.1, dense_layers=[7]), ValueError, "out of range"),
+    (dict(density=0.01, method="magnitude", dense_layers=[1]), ValueError, "below"),
+])
+def test_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sk.sparsify(_mlp(), block_size=8, **kwargs)
+
+
+def test_no_linear():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        sk.sparsify(nn.ReLU(), density=0.5)
