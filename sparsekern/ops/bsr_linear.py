@@ -6,48 +6,115 @@ stored blocks only. An optional ``grad_probe`` asks for dW on another set of
 blocks (a superset, or every block for dense scores) without changing the
 forward: this is how RigL/SNFS/Top-KAST/DPF obtain their scores.
 """
-import torch
+from typing import Optional
 
-from ..formats.block_sparse import BlockSparseMatrix
+import torch
+from torch import Tensor
+
+from ..formats.block_sparse import BlockLayout, BlockSparseMatrix
 from ..kernels import forced_backend, select_kernel
+
+# The ops below are torch.library custom ops with fake implementations, so
+# torch.compile traces bsr_linear as single graph nodes (no graph break) and the
+# registry dispatches at run time. A layout crosses the op boundary as its index
+# tensors plus (shape, block size); a compiled graph keeps the backend that was
+# forced when it was traced (`_traced_backend` is a trace-time constant).
+_LAYOUT_FIELDS = ("block_mask", "row_offsets", "col_indices", "row_indices", "col_offsets", "t_block_ids",
+                  "t_row_indices")
+_traced_backend = torch.compiler.assume_constant_result(forced_backend)
+
+
+def _flat(layout):
+    return [getattr(layout, field) for field in _LAYOUT_FIELDS]
+
+
+def _layout(tensors, shape, block):
+    return BlockLayout(tuple(shape), tuple(block), *tensors)
 
 
 def _kernel(product, like, backend):
     return select_kernel(product, like.device, like.dtype, backend)[1]
 
 
-class _BsrLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, values, bias, probe_values, layout, probe_layout, backend):
-        y = _kernel("bsr_forward", x, backend)(x, values, layout)
-        if bias is not None:
-            y += bias
-        ctx.save_for_backward(x, values)
-        ctx.layout, ctx.probe_layout, ctx.backend = layout, probe_layout, backend
-        ctx.has_bias = bias is not None
-        return y
+@torch.library.custom_op("sparsekern::bsr_grad_input", mutates_args=())
+def _grad_input(dy: Tensor, values: Tensor, layout: list[Tensor], shape: list[int], block: list[int],
+                backend: Optional[str]) -> Tensor:
+    return _kernel("bsr_grad_input", dy, backend)(dy, values, _layout(layout, shape, block))
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, values = ctx.saved_tensors
-        layout, probe_layout, backend = ctx.layout, ctx.probe_layout, ctx.backend
-        dy = dy.contiguous()
-        needs_dx, needs_dw, needs_db, needs_probe = ctx.needs_input_grad[:4]
-        dx = _kernel("bsr_grad_input", dy, backend)(dy, values, layout) if needs_dx else None
-        db = dy.sum(0) if ctx.has_bias and needs_db else None
-        dprobe = dw = None
-        if needs_probe:
-            dprobe = _kernel("bsr_grad_weight", dy, backend)(dy, x, probe_layout)
-        if needs_dw:
-            if dprobe is not None:
-                # Blocks the probe already covers are not computed twice.
-                pos = probe_layout.positions_of(layout)
-                covered = pos >= 0
-                if bool(covered.all()):
-                    dw = dprobe[pos]
-            if dw is None:
-                dw = _kernel("bsr_grad_weight", dy, backend)(dy, x, layout)
-        return dx, dw, db, dprobe, None, None, None
+
+@torch.library.custom_op("sparsekern::bsr_grad_weight", mutates_args=())
+def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], shape: list[int], block: list[int],
+                 backend: Optional[str]) -> Tensor:
+    return _kernel("bsr_grad_weight", dy, backend)(dy, x, _layout(layout, shape, block))
+
+
+@torch.library.custom_op("sparsekern::bsr_grad_weight_probe", mutates_args=())
+def _grad_weight_probe(dy: Tensor, x: Tensor, layout: list[Tensor], probe_layout: list[Tensor], shape: list[int],
+                       block: list[int], backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    """(dW on ``layout``, dW on ``probe_layout``); blocks the probe covers are not computed twice."""
+    layout, probe_layout = _layout(layout, shape, block), _layout(probe_layout, shape, block)
+    grad_weight = _kernel("bsr_grad_weight", dy, backend)
+    dprobe = grad_weight(dy, x, probe_layout)
+    pos = probe_layout.positions_of(layout)
+    dw = dprobe[pos] if bool((pos >= 0).all()) else grad_weight(dy, x, layout)
+    return dw, dprobe
+
+
+@torch.library.custom_op("sparsekern::bsr_linear", mutates_args=())
+def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Optional[Tensor], layout: list[Tensor],
+            probe_layout: list[Tensor], shape: list[int], block: list[int], backend: Optional[str]) -> Tensor:
+    y = _kernel("bsr_forward", x, backend)(x, values, _layout(layout, shape, block))
+    if bias is not None:
+        y += bias
+    return y
+
+
+@_grad_input.register_fake
+def _(dy, values, layout, shape, block, backend):
+    return dy.new_empty(dy.shape[0], shape[1])
+
+
+@_grad_weight.register_fake
+def _(dy, x, layout, shape, block, backend):
+    return x.new_empty(layout[2].shape[0], *block)
+
+
+@_grad_weight_probe.register_fake
+def _(dy, x, layout, probe_layout, shape, block, backend):
+    return x.new_empty(layout[2].shape[0], *block), x.new_empty(probe_layout[2].shape[0], *block)
+
+
+@_linear.register_fake
+def _(x, values, bias, probe_values, layout, probe_layout, shape, block, backend):
+    return x.new_empty(x.shape[0], shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, bias, _, layout, probe_layout, shape, block, backend = inputs
+    ctx.save_for_backward(x, values)
+    ctx.meta = layout, probe_layout, shape, block, backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, values = ctx.saved_tensors
+    layout, probe_layout, shape, block, backend = ctx.meta
+    dy = dy.contiguous()
+    needs_dx, needs_dw, needs_db, needs_probe = ctx.needs_input_grad[:4]
+    dx = _grad_input(dy, values, layout, shape, block, backend) if needs_dx else None
+    db = dy.sum(0) if ctx.has_bias and needs_db else None
+    dw = dprobe = None
+    if needs_probe and needs_dw:
+        dw, dprobe = _grad_weight_probe(dy, x, layout, probe_layout, shape, block, backend)
+    elif needs_probe:
+        dprobe = _grad_weight(dy, x, probe_layout, shape, block, backend)
+    elif needs_dw:
+        dw = _grad_weight(dy, x, layout, shape, block, backend)
+    # Gradients mirror the inputs' structure: one None per layout index tensor.
+    return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None
+
+
+torch.library.register_autograd("sparsekern::bsr_linear", _backward, setup_context=_setup_context)
 
 
 def _check_inputs(x, weight, bias, grad_probe):
@@ -98,6 +165,7 @@ def bsr_linear(x, weight, bias=None, *, grad_probe=None):
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k).contiguous()
     probe_values = None if grad_probe is None else grad_probe.values
-    probe_layout = None if grad_probe is None else grad_probe.layout
-    y = _BsrLinear.apply(x2d, weight.values.contiguous(), bias, probe_values, weight.layout, probe_layout, forced_backend())
+    probe_layout = [] if grad_probe is None else _flat(grad_probe.layout)
+    y = _linear(x2d, weight.values.contiguous(), bias, probe_values, _flat(weight.layout), probe_layout,
+                list(weight.shape), list(weight.block_size), _traced_backend())
     return y.view(*lead, n)
