@@ -1,0 +1,95 @@
+"""Freezing: the forward pass uses the full dense weight, only a block subset trains.
+
+``PartiallyTrainableLinear`` holds the frozen dense weight as a *buffer* (no
+gradient, no optimizer state) and the trainable part as a zero-initialised
+``SparseLinear`` of block deltas:
+
+    y = x W_frozenᵀ + x Δᵀ + b,   Δ block-sparse on the trainable set T.
+
+Backward then computes dX (dense, through W_frozen, plus the sparse Δ part) and
+the weight gradient only as the sampled product dYᵀX on T: frozen weights cost
+no dW compute and no optimizer memory. Compared with dense training it saves the
+dense dW product (one of the three GEMMs of a training step), so it is at best
+~1.5x faster per step; its point is the optimizer memory and the dW work.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats.block_sparse import _as_block_size
+from ..nn.sparse_linear import SparseLinear
+from .masks import block_grid, block_scores, topk_mask
+from .sparsify import linear_layers, replace_module
+
+
+class PartiallyTrainableLinear(nn.Module):
+    """A linear layer with a frozen dense weight and trainable block deltas on ``block_mask``.
+
+    Args:
+        weight: (out_features, in_features) frozen weight (copied into a buffer).
+        bias: (out_features,) or None; trainable when given.
+        block_mask: bool (RB, CB) grid of the trainable blocks (padded like SparseLinear).
+        block_size: int or (rows, cols).
+    """
+
+    def __init__(self, weight, bias, block_mask, *, block_size=32):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
+        out_features, in_features = weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("frozen_weight", weight.detach().clone())
+        self.delta = SparseLinear(in_features, out_features, bias=False, block_size=block_size, density=0.0,
+                                  device=weight.device, dtype=weight.dtype)
+        self.delta.set_block_mask(block_mask)  # new blocks start at zero: Δ = 0
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def from_dense(cls, linear, block_mask, *, block_size=32):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        return cls(linear.weight, linear.bias, block_mask, block_size=block_size)
+
+    @property
+    def block_mask(self):
+        return self.delta.block_mask
+
+    @property
+    def trainable_fraction(self):
+        return self.delta.density
+
+    def dense_weight(self):
+        """The weight the forward uses: frozen part plus the trained deltas."""
+        return self.frozen_weight + self.delta.dense_weight()
+
+    def forward(self, x):
+        return F.linear(x, self.frozen_weight, self.bias) + self.delta(x)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, trainable={self.trainable_fraction:.4f}")
+
+
+def freeze(model, *, density, block_size=32, scores=None, dense_layers=(), generator=None):
+    """Replace each nn.Linear by a PartiallyTrainableLinear training a ``density`` fraction of its blocks.
+
+    The trainable blocks are chosen at random, or as the top blocks of ``scores``
+    (a dict weight name -> element scores, e.g. from ``snip_scores``). Layers in
+    ``dense_layers`` (module names) stay fully trainable nn.Linear. Returns the model.
+    """
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
+        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+    block_size = _as_block_size(block_size)
+    for name, linear in linear_layers(model):
+        if name in dense_layers:
+            continue
+        if scores is not None:
+            grid = block_scores(scores[f"{name}.weight"], block_size)
+        else:
+            grid = torch.rand(block_grid(linear.weight.shape, block_size), generator=generator)
+        mask = topk_mask(grid, int(round(density * math.prod(grid.shape))))
+        replace_module(model, name, PartiallyTrainableLinear.from_dense(linear, mask.to(linear.weight.device),
+                                                                        block_size=block_size))
+    return model
