@@ -6,3 +6,7 @@ from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_score
                        synflow_scores)
 from .sparsify import compute_block_masks, sparsify  # noqa: F401
 from .freezing import PartiallyTrainableLinear, freeze  # noqa: F401
+from . import functional  # noqa: F401
+from .dpf import DPF  # noqa: F401
+from .dst import GGR, SET, SNFS, DynamicSparsity, RigL  # noqa: F401
+from .topkast import TopKAST  # noqa: F401

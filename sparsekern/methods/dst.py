@@ -1,0 +1,441 @@
+"""Dynamic sparse training drivers acting on :class:`sparsekern.SparseLinear` layers.
+
+Usage (the same for every driver)::
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    dst = RigL(model, opt, density=0.1, delta=100, alpha=0.3, t_end=int(0.75 * steps))
+    for x, y in data:
+        opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        if dst.step() and ddp is not None:      # True when the structure changed
+            ddp = DistributedDataParallel(model)  # parameter shapes changed: re-wrap
+
+Granularity is the layer's: a block of (br, bc) is the unit that is dropped or
+grown (block size 1 gives element granularity: correct, not fast). Block
+scores are RMS values over the block (so blocks of different sizes compare).
+
+Scores without a dense weight update: on the step *before* an update step
+the driver installs a *probe* on each layer: a zero BlockSparseMatrix covering
+every block whose values require grad, passed to ``bsr_linear(...,
+grad_probe=probe)``. The backward of the next step then fills ``probe.values.grad``
+with dYᵀX sampled on those blocks; ``values`` itself still gets only its own
+blocks (taken from the probe product, not computed twice). The probe is
+installed by overriding the layer's ``forward`` on the instance and removed
+afterwards.
+
+Structure changes go through :func:`restructure`: ``set_block_mask`` keeps the
+``values`` Parameter's identity, and every optimizer state tensor shaped like
+the values (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``/
+``max_exp_avg_sq``) is carried block by block: surviving blocks keep their
+state, regrown blocks start at zero. Scalar state (Adam's ``step``) is kept.
+
+Multi-process (DDP): every rank must take the same decision. Probe gradients
+are not DDP parameters, so the driver all-reduces (averages) its scores itself;
+weights and optimizer state are already identical on every rank; random choices
+come from the driver's own generator seeded identically (``seed``). Ties are
+broken by index, never by noise. After a structure change ``step()`` returns
+True: parameter shapes changed, so a DDP wrapper must be rebuilt.
+"""
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..formats.block_sparse import BlockLayout, BlockSparseMatrix
+from ..nn.sparse_linear import SparseLinear
+from ..ops.bsr_linear import bsr_linear
+from .density import erk_densities
+from .functional import ggr_update, rigl_update, set_update, snfs_update
+from .schedules import DropSchedule
+
+
+# ---------------------------------------------------------------- block helpers
+
+def block_rms(values):
+    """(nnz, br, bc) -> (nnz,) RMS of each block, in float32 (fp64 stays fp64)."""
+    v = values.detach()
+    v = v if v.dtype == torch.float64 else v.float()
+    return v.pow(2).mean((1, 2)).sqrt() if v.numel() else v.new_zeros(v.shape[0])
+
+
+def on_grid(layout, scores):
+    """Per-block scores (nnz,) placed on the block grid, zero elsewhere."""
+    grid = scores.new_zeros(layout.grid)
+    grid[layout.row_indices, layout.col_indices] = scores
+    return grid
+
+
+def gather_blocks(sources, target, like):
+    """Rows of ``target`` (a BlockLayout) taken from disjoint ``sources`` [(tensor, layout)];
+    blocks found in no source are zero. O(nnz log nnz), never dense."""
+    out = like.new_zeros((target.nnz_blocks, *like.shape[1:]))
+    for tensor, layout in sources:
+        pos = layout.positions_of(target)
+        hit = pos >= 0
+        out[hit] = tensor[pos[hit]].to(out.dtype)
+    return out
+
+
+def _block_state(optimizer, param):
+    """The optimizer's per-block state tensors for ``param`` (shaped like it), and its scalars."""
+    state = optimizer.state.get(param, {})
+    tensors = {k: v for k, v in state.items()
+               if torch.is_tensor(v) and v.dim() >= 1 and tuple(v.shape) == tuple(param.shape)}
+    scalars = {k: v for k, v in state.items() if k not in tensors}
+    return tensors, scalars
+
+
+def new_state(sources, target):
+    """Optimizer state for a parameter on layout ``target`` from [(optimizer, param, layout)].
+
+    Must be called before the source parameters change shape.
+    """
+    tensors, scalars = {}, {}
+    for optimizer, param, layout in sources:
+        t, s = _block_state(optimizer, param)
+        for key, value in t.items():
+            tensors.setdefault(key, []).append((value, layout))
+        for key, value in s.items():
+            scalars.setdefault(key, value)
+    state = {k: gather_blocks(v, target, v[0][0]) for k, v in tensors.items()}
+    state.update(scalars)
+    return state
+
+
+def refresh_autograd(param):
+    """Drop ``param``'s cached AccumulateGrad after its shape changed through ``.data``.
+
+    Autograd caches one AccumulateGrad node per leaf, holding the leaf's old shape;
+    if any old graph is still alive (e.g. the previous ``loss`` variable), the next
+    backward fails with "invalid gradient ... expected shape compatible with <old>".
+    Assigning ``.data`` of another dtype is what makes torch drop that cache.
+    """
+    data = param.data
+    param.data = data.new_empty(0, dtype=torch.float32 if data.dtype == torch.float64 else torch.float64)
+    param.data = data
+
+
+def restructure(layer, optimizer, block_mask, sources=None, state_sources=None):
+    """Give ``layer`` the structure ``block_mask``: values and optimizer state of
+    surviving blocks are carried (from ``sources`` if given, else from the layer),
+    new blocks start at zero with zero optimizer state."""
+    old = layer.layout()
+    target = BlockLayout.from_block_mask(block_mask.to(old.device), layer.padded_shape, layer.block_size)
+    sources = sources or [(layer.values.detach(), old)]
+    state_sources = state_sources or [(optimizer, layer.values, old)]
+    values = gather_blocks(sources, target, layer.values.detach())
+    state = new_state(state_sources, target)
+    layer.set_block_mask(target.block_mask)
+    layer.values.data = values
+    refresh_autograd(layer.values)
+    if state:
+        optimizer.state[layer.values] = state
+    else:
+        optimizer.state.pop(layer.values, None)
+
+
+def all_reduce_mean(tensor, group=None):
+    """Average ``tensor`` over the ranks (in place) when a process group is running."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+        tensor /= dist.get_world_size(group)
+    return tensor
+
+
+# ---------------------------------------------------------------- probes
+
+def _probed_forward(layer, probe):
+    """SparseLinear.forward with ``grad_probe``: same padding, same output."""
+    def forward(x):
+        if x.shape[-1] != layer.in_features:
+            raise ValueError(f"input has shape {tuple(x.shape)}, expected last dim {layer.in_features}")
+        pad_in = layer.padded_shape[1] - layer.in_features
+        if pad_in:
+            x = F.pad(x, (0, pad_in))
+        if layer.padded_shape[0] == layer.out_features:
+            return bsr_linear(x, layer.sparse_weight(), layer.bias, grad_probe=probe)
+        y = bsr_linear(x, layer.sparse_weight(), grad_probe=probe)[..., :layer.out_features]
+        return y if layer.bias is None else y + layer.bias
+    return forward
+
+
+def install_probe(layer, block_mask):
+    """Make ``layer``'s next backward also compute dYᵀX on ``block_mask``; returns the probe."""
+    layout = BlockLayout.from_block_mask(block_mask.to(layer.block_mask.device), layer.padded_shape,
+                                         layer.block_size)
+    probe = BlockSparseMatrix(torch.zeros(layout.nnz_blocks, *layout.block_size, dtype=layer.values.dtype,
+                                          device=layout.device, requires_grad=True), layout)
+    layer.forward = _probed_forward(layer, probe)
+    return probe
+
+
+def remove_probe(layer):
+    layer.__dict__.pop("forward", None)
+
+
+def probe_grad(probe, name):
+    if probe.values.grad is None:
+        raise RuntimeError(f"no gradient reached the probe of layer {name!r}: run forward and backward "
+                           "between two calls of step()")
+    return probe.values.grad
+
+
+# ---------------------------------------------------------------- drivers
+
+class DynamicSparsity:
+    """Base driver: finds the SparseLinear layers, owns the schedule and the generator.
+
+    Args:
+        model: module holding SparseLinear layers (not a DDP wrapper: pass ``ddp.module``).
+        optimizer: the optimizer stepping the model's parameters.
+        density: global weight density; layers get ERK densities (rounded to whole
+            blocks) and fresh random masks and weights. None keeps the current masks.
+        delta, alpha, t_end: update every ``delta`` steps while step < ``t_end``,
+            dropping ``alpha`` (cosine-annealed, or constant with ``schedule="constant"``).
+        seed: seeds the masks and all random choices (identical on every rank).
+        process_group: for the score all-reduce (default: the world).
+    """
+    needs_scores = False
+
+    def __init__(self, model, optimizer, *, density, delta=100, alpha=0.3, t_end, schedule="cosine",
+                 seed=0, process_group=None):
+        self.model, self.optimizer = model, optimizer
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} holds no sparsekern.SparseLinear layer")
+        self.schedule = DropSchedule(delta=delta, alpha=alpha, t_end=t_end, kind=schedule)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.group = process_group
+        self.t = 0
+        self.update_seconds = []
+        self._probes = {}
+        if density is not None:
+            self._init_masks(density)
+        self._setup()
+        self._arm()
+
+    def _setup(self):
+        """Hook for drivers with extra state built from the initial structure."""
+
+    def _init_masks(self, density):
+        shapes = [(layer.out_features, layer.in_features) for _, layer in self.layers]
+        for (_, layer), d in zip(self.layers, erk_densities(shapes, density)):
+            cells = layer.block_mask.numel()
+            keep = torch.randperm(cells, generator=self.generator)[:int(round(d * cells))]
+            mask = torch.zeros(cells, dtype=torch.bool)
+            mask[keep] = True
+            self._init_layer(layer, mask.view(layer.block_mask.shape))
+
+    def _init_layer(self, layer, mask):
+        layer.set_block_mask(mask)
+        layer.reset_parameters()
+        self.optimizer.state.pop(layer.values, None)
+
+    # -- the step ------------------------------------------------------------
+    def step(self):
+        """Call right after ``optimizer.step()``; returns True if the structure changed."""
+        self.t += 1
+        self._after_optimizer_step()
+        changed = self.schedule.is_update_step(self.t)
+        if changed:
+            start = time.perf_counter()
+            with torch.no_grad():
+                self._update(self.schedule.drop_fraction(self.t))
+            self.update_seconds.append(time.perf_counter() - start)
+        self._arm()
+        return changed
+
+    def _after_optimizer_step(self):
+        """Per-step work of drivers with shadow weights (Top-KAST, DPF)."""
+
+    def _update(self, drop_fraction):
+        raise NotImplementedError
+
+    def _arm(self):
+        """Install dense probes iff the next step is an update step that needs scores."""
+        for _, layer in self.layers:
+            remove_probe(layer)
+        self._probes = {}
+        if self.needs_scores and self.schedule.is_update_step(self.t + 1):
+            for name, layer in self.layers:
+                self._probes[name] = install_probe(layer, torch.ones_like(layer.block_mask))
+
+    # -- scores --------------------------------------------------------------
+    def _weight_scores(self, layer):
+        return on_grid(layer.layout(), block_rms(layer.values))
+
+    def _grad_scores(self):
+        """Dense block-RMS gradient scores on each layer's grid, averaged over ranks."""
+        scores = [block_rms(probe_grad(self._probes[n], n)) for n, _ in self.layers]
+        flat = all_reduce_mean(torch.cat(scores), self.group)
+        out, start = [], 0
+        for (n, _), s in zip(self.layers, scores):
+            probe = self._probes[n]
+            out.append(on_grid(probe.layout, flat[start:start + s.numel()]))
+            start += s.numel()
+        return out
+
+    # -- checkpoints ---------------------------------------------------------
+    def state_dict(self):
+        return {"t": self.t, "generator": self.generator.get_state(), "update_seconds": list(self.update_seconds)}
+
+    def load_state_dict(self, state):
+        """Restore the driver; load the model (its structure) and optimizer states too."""
+        self.t = int(state["t"])
+        self.generator.set_state(state["generator"])
+        self.update_seconds = list(state.get("update_seconds", []))
+        self._arm()
+
+    def densities(self):
+        return {n: layer.density for n, layer in self.layers}
+
+
+class SET(DynamicSparsity):
+    """Drop the smallest blocks, regrow as many at random (no gradient needed)."""
+
+    def _update(self, drop_fraction):
+        for _, layer in self.layers:
+            mask, _ = set_update(self._weight_scores(layer), layer.block_mask, drop_fraction,
+                                 generator=self.generator)
+            restructure(layer, self.optimizer, mask)
+
+
+class RigL(DynamicSparsity):
+    """Drop the smallest blocks, grow those of largest dense-gradient score (new blocks zero)."""
+    needs_scores = True
+
+    def _update(self, drop_fraction):
+        for (_, layer), grad in zip(self.layers, self._grad_scores()):
+            mask, _ = rigl_update(self._weight_scores(layer), layer.block_mask, grad, drop_fraction)
+            restructure(layer, self.optimizer, mask)
+
+
+class SNFS(DynamicSparsity):
+    """Sparse momentum: layer shares by mean |momentum| of active blocks, growth by dense
+    gradient score (the instantaneous gradient stands in for the dense momentum, which a
+    sparse run does not keep)."""
+    needs_scores = True
+
+    def _momentum_scores(self, layer):
+        state = self.optimizer.state.get(layer.values, {})
+        momentum = state.get("momentum_buffer", state.get("exp_avg"))
+        if momentum is None or tuple(momentum.shape) != tuple(layer.values.shape):
+            momentum = layer.values.grad if layer.values.grad is not None else torch.zeros_like(layer.values)
+        return on_grid(layer.layout(), block_rms(momentum))
+
+    def _update(self, drop_fraction):
+        grads = self._grad_scores()
+        results = snfs_update([self._weight_scores(l) for _, l in self.layers],
+                              [l.block_mask for _, l in self.layers],
+                              [self._momentum_scores(l) for _, l in self.layers], drop_fraction,
+                              grow_scores=grads)
+        for (_, layer), (mask, _) in zip(self.layers, results):
+            restructure(layer, self.optimizer, mask)
+
+
+class GGR(DynamicSparsity):
+    """Global gradient-based redistribution: drop per layer by magnitude, regrow the
+    dropped total where the dense block-RMS gradient is largest over all layers."""
+    needs_scores = True
+
+    def _update(self, drop_fraction):
+        results = ggr_update([self._weight_scores(l) for _, l in self.layers],
+                             [l.block_mask for _, l in self.layers], self._grad_scores(), drop_fraction)
+        for (_, layer), (mask, _) in zip(self.layers, results):
+            restructure(layer, self.optimizer, mask)
+
+
+class ShadowDriver(DynamicSparsity):
+    """Base of drivers that train blocks outside the forward set (Top-KAST, DPF).
+
+    The layer's ``values`` hold the forward set F; the driver holds the *shadow*
+    blocks S (disjoint from F) of each layer as a Parameter of its own, trained
+    by ``shadow_optimizer``, a clone of the user's optimizer (same class,
+    hyperparameters copied from the user's param group before each step, so LR
+    schedules apply). A probe on F ∪ S is installed at every step: its gradient
+    feeds S, and F's own gradient is taken from it (not computed twice).
+    """
+
+    def _setup(self):
+        self.shadow = {}
+        for name, layer in self.layers:
+            mask = self._initial_shadow_mask(layer)
+            layout = BlockLayout.from_block_mask(mask, layer.padded_shape, layer.block_size)
+            param = torch.nn.Parameter(layer.values.new_zeros(layout.nnz_blocks, *layout.block_size))
+            self.shadow[name] = (param, layout)
+        self.shadow_optimizer = type(self.optimizer)([p for p, _ in self.shadow.values()],
+                                                     **self.optimizer.defaults)
+
+    def _initial_shadow_mask(self, layer):
+        raise NotImplementedError
+
+    def _arm(self):
+        for _, layer in self.layers:
+            remove_probe(layer)
+        self._probes = {name: install_probe(layer, layer.block_mask | self.shadow[name][1].block_mask)
+                        for name, layer in self.layers}
+
+    def _shadow_penalty(self, name, param):
+        return None
+
+    def _after_optimizer_step(self):
+        grads = []
+        for name, _ in self.layers:
+            probe, (param, layout) = self._probes[name], self.shadow[name]
+            grads.append(probe_grad(probe, name)[probe.layout.positions_of(layout)])
+        flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]), self.group)
+        start = 0
+        for (name, _), g in zip(self.layers, grads):
+            param = self.shadow[name][0]
+            grad = flat[start:start + g.numel()].view_as(g)
+            start += g.numel()
+            penalty = self._shadow_penalty(name, param)
+            param.grad = grad if penalty is None else grad + penalty
+        self._sync_hyperparameters()
+        self.shadow_optimizer.step()
+        self.shadow_optimizer.zero_grad(set_to_none=True)
+
+    def _sync_hyperparameters(self):
+        values = {id(layer.values) for _, layer in self.layers}
+        group = next((g for g in self.optimizer.param_groups if any(id(p) in values for p in g["params"])),
+                     self.optimizer.param_groups[0])
+        for shadow_group in self.shadow_optimizer.param_groups:
+            shadow_group.update({k: v for k, v in group.items() if k != "params"})
+
+    def _all_values(self, name, layer):
+        """(values, layout) of F ∪ S together, and the sources they came from."""
+        param, layout = self.shadow[name]
+        sources = [(layer.values.detach(), layer.layout()), (param.detach(), layout)]
+        union = BlockLayout.from_block_mask(layer.block_mask | layout.block_mask, layer.padded_shape,
+                                            layer.block_size)
+        return gather_blocks(sources, union, layer.values.detach()), union, sources
+
+    def _restructure(self, name, layer, forward_mask, shadow_mask, sources):
+        """New F and S: values and optimizer state follow their blocks wherever they move."""
+        param, layout = self.shadow[name]
+        state_sources = [(self.optimizer, layer.values, layer.layout()), (self.shadow_optimizer, param, layout)]
+        new_layout = BlockLayout.from_block_mask(shadow_mask, layer.padded_shape, layer.block_size)
+        shadow_values = gather_blocks(sources, new_layout, layer.values.detach())
+        shadow_state = new_state(state_sources, new_layout)
+        restructure(layer, self.optimizer, forward_mask, sources, state_sources)
+        param.data, param.grad = shadow_values, None
+        refresh_autograd(param)
+        self.shadow_optimizer.state[param] = shadow_state
+        self.shadow[name] = (param, new_layout)
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["shadow"] = {n: (layout.block_mask.clone(), p.detach().clone()) for n, (p, layout) in self.shadow.items()}
+        state["shadow_optimizer"] = self.shadow_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        for (name, layer) in self.layers:
+            mask, values = state["shadow"][name]
+            param = self.shadow[name][0]
+            param.data = values.to(param.device, param.dtype).clone()
+            refresh_autograd(param)
+            layout = BlockLayout.from_block_mask(mask.to(param.device), layer.padded_shape, layer.block_size)
+            self.shadow[name] = (param, layout)
+        self.shadow_optimizer.load_state_dict(state["shadow_optimizer"])
+        super().load_state_dict(state)
