@@ -1,0 +1,149 @@
+// Forward (Y = X Wᵀ) and input gradient (dX = dY W): one driver for both.
+//
+// Both are "dense times block-sparse": output column group i (a block row of W
+// for the forward, a block column for dX) is the sum, over the stored blocks p
+// of that group, of A[:, seg(p) * w : +w] @ B_p with B_p a (w, g) block (Vᵀ for
+// the forward, V for dX). Loop nest, GotoBLAS style:
+//   A (X or dY) is packed once into MR-row tiles [tile][Ka][MR];
+//   B (the values) is packed once into NR-column strips per group, members
+//     back to back, so one group's strip is one contiguous K-stream;
+//   panels of groups whose packed B fits a share of L3, inside them blocks of
+//     m-tiles whose packed A fits in L2, inside them each group of the panel:
+//     every NR strip of it against every m-tile of the block. The strip is
+//     reused across the m-tiles, the A rows across the groups.
+// (panel, m-block, group) items are split over the threads by cost, so a block
+// row holding many blocks is shared rather than landing on one thread.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "bsr/microkernel.h"
+#include "bsr/parallel.h"
+
+namespace sparsekern {
+namespace bsr {
+
+constexpr int64_t kABlockBytes = 512 << 10;  // packed A rows kept hot in L2 (1 MiB+ per core)
+constexpr int64_t kBPanelBytes = 4 << 20;    // packed B strips kept hot in L3
+constexpr int64_t kItemOverhead = 32;        // cost of writing an output tile, in K-steps
+constexpr int64_t kMaxItems = 1 << 18;
+
+template <typename C>
+at::ScalarType scalar_type_of() {
+  return std::is_same<C, double>::value ? at::kDouble : at::kFloat;
+}
+
+// out (M, G * g) = [sum_p A[:, seg[p]*w : +w] @ B_p for each group]; see above.
+// transpose: B_p = values[blk[p]]ᵀ (w = bc, g = br), else B_p = values[blk[p]] (w = br, g = bc).
+// offsets (G + 1): members of group i are p in [offsets[i], offsets[i+1]); blk null = identity.
+template <typename S, typename C>
+void grouped_product(const S* a, int64_t M, int64_t Ka, const S* values, int64_t br, int64_t bc,
+                     bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
+                     const int64_t* seg, S* out) {
+  constexpr int MR = kMR, NR = kNR<C>;
+  constexpr bool kDirect = std::is_same<S, C>::value;  // full tiles are stored straight into `out`
+  const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
+  const int64_t nsub = (g + NR - 1) / NR, mtiles = (M + MR - 1) / MR, nnz = offsets[G];
+  const int64_t strip = w * NR;  // elements of one packed (block, sub-tile)
+  if (M == 0 || N == 0) return;
+
+  // Pack B: group i, sub-tile s, member q at ((offsets[i] * nsub) + s * count_i + q) * strip.
+  at::Tensor b_buf = at::empty({std::max<int64_t>(1, nnz * nsub * strip)}, scalar_type_of<C>());
+  C* bp = b_buf.data_ptr<C>();
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t i = g0; i < g1; ++i) {
+      const int64_t first = offsets[i], count = offsets[i + 1] - first;
+      for (int64_t q = 0; q < count; ++q) {
+        const S* v = values + (blk ? blk[first + q] : first + q) * br * bc;
+        for (int64_t s = 0; s < nsub; ++s) {
+          C* dst = bp + (first * nsub + s * count + q) * strip;
+          for (int64_t k = 0; k < w; ++k) {
+            for (int64_t n = 0; n < NR; ++n) {
+              const int64_t col = s * NR + n;
+              dst[k * NR + n] = col >= g ? C(0) : C(transpose ? v[col * bc + k] : v[k * bc + col]);
+            }
+          }
+        }
+      }
+    }
+  });
+
+  // Pack A into zero-padded MR-row tiles [tile][Ka][MR].
+  at::Tensor a_buf = at::empty({mtiles * Ka * MR}, scalar_type_of<C>());
+  C* ap = a_buf.data_ptr<C>();
+  at::parallel_for(0, mtiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      C* dst = ap + t * Ka * MR;
+      for (int64_t i = 0; i < MR; ++i) {
+        const int64_t row = t * MR + i;
+        if (row < M) {
+          const S* src = a + row * Ka;
+          for (int64_t k = 0; k < Ka; ++k) dst[k * MR + i] = C(src[k]);
+        } else {
+          for (int64_t k = 0; k < Ka; ++k) dst[k * MR + i] = C(0);
+        }
+      }
+    }
+  });
+  std::vector<int64_t> seg_off(nnz);
+  for (int64_t p = 0; p < nnz; ++p) seg_off[p] = seg[p] * w * MR;
+
+  // Work items (group, m-tile range) in panel / m-block / group order.
+  int64_t mblock = std::max<int64_t>(1, kABlockBytes / std::max<int64_t>(1, Ka * MR * int64_t(sizeof(C))));
+  mblock = std::max(mblock, (mtiles * G + kMaxItems - 1) / kMaxItems);
+  struct Item { int64_t group, t0, t1; };
+  std::vector<Item> items;
+  std::vector<int64_t> prefix{0};
+  for (int64_t p0 = 0; p0 < G;) {
+    int64_t p1 = p0, bytes = 0;
+    while (p1 < G && (p1 == p0 || bytes < kBPanelBytes)) {
+      bytes += (offsets[p1 + 1] - offsets[p1]) * nsub * strip * int64_t(sizeof(C));
+      ++p1;
+    }
+    for (int64_t t0 = 0; t0 < mtiles; t0 += mblock) {
+      const int64_t t1 = std::min(mtiles, t0 + mblock);
+      for (int64_t i = p0; i < p1; ++i) {
+        items.push_back({i, t0, t1});
+        const int64_t count = offsets[i + 1] - offsets[i];
+        prefix.push_back(prefix.back() + (count * w + kItemOverhead) * nsub * (t1 - t0));
+      }
+    }
+    p0 = p1;
+  }
+
+  const Microkernel<C> kernel = microkernel<C, MR>();
+  parallel_by_cost(prefix, [&](int64_t idx) {
+    const Item& it = items[idx];
+    const int64_t first = offsets[it.group], count = offsets[it.group + 1] - first;
+    for (int64_t s = 0; s < nsub; ++s) {
+      const int64_t c0 = it.group * g + s * NR, ncols = std::min<int64_t>(NR, g - s * NR);
+      const C* bs = bp + (first * nsub + s * count) * strip;
+      for (int64_t t = it.t0; t < it.t1; ++t) {
+        const int64_t r0 = t * MR, rows = std::min<int64_t>(MR, M - r0);
+        S* o = out + r0 * N + c0;
+        if (count == 0) {  // empty block row/column: its output is zero
+          for (int64_t i = 0; i < rows; ++i) std::fill(o + i * N, o + i * N + ncols, S(0));
+          continue;
+        }
+        const C* atile = ap + t * Ka * MR;
+        if (kDirect && rows == MR && ncols == NR) {
+          kernel(atile, seg_off.data() + first, count, w, bs, reinterpret_cast<C*>(o), N, false);
+        } else {
+          alignas(64) C tmp[MR * NR];
+          kernel(atile, seg_off.data() + first, count, w, bs, tmp, NR, false);
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t n = 0; n < ncols; ++n) o[i * N + n] = S(tmp[i * NR + n]);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace bsr
+}  // namespace sparsekern

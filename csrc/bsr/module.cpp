@@ -1,0 +1,146 @@
+// sparsekern._C_bsr: CPU kernels of the block-sparse linear products.
+//
+// forward(x, values, row_offsets, col_indices, out_features)          -> y = x Wᵀ
+// grad_input(dy, values, col_offsets, t_block_ids, t_row_indices, in) -> dx = dy W
+// grad_weight(dy, x, row_indices, col_indices, br, bc)                -> dvalues (sampled dyᵀ x)
+// Tensors: CPU, contiguous, float64 / float32 / bfloat16 / float16 (half types
+// computed in fp32), int64 indices of a valid BlockLayout (checked in O(nnz)).
+#include <torch/extension.h>
+
+#include <atomic>
+#include <string>
+
+#include "bsr/grouped_product.h"
+#include "bsr/microkernel.h"
+#include "bsr/sampled_product.h"
+
+namespace sparsekern {
+namespace bsr {
+
+namespace {
+std::atomic<bool> g_portable_only{false};
+
+bool cpu_has_avx2() {
+#ifdef SPARSEKERN_X86
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+bool use_avx2() { return cpu_has_avx2() && !g_portable_only.load(std::memory_order_relaxed); }
+void set_portable_only(bool portable_only) { g_portable_only = portable_only; }
+
+namespace {
+
+template <typename C>
+using Compute = typename std::conditional<std::is_same<C, double>::value, double, float>::type;
+
+void check_dense(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+              name, " has unsupported dtype ", st);
+}
+
+void check_index(const at::Tensor& t, const char* name, int64_t numel, int64_t bound) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous(),
+              name, " must be a contiguous 1-D int64 CPU tensor");
+  TORCH_CHECK(t.numel() == numel, name, " has ", t.numel(), " entries, expected ", numel);
+  const int64_t* p = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < numel; ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < bound, name, "[", i, "] = ", p[i], " is outside [0, ", bound, ")");
+  }
+}
+
+void check_offsets(const at::Tensor& t, const char* name, int64_t groups, int64_t nnz) {
+  check_index(t, name, groups + 1, nnz + 1);
+  const int64_t* p = t.data_ptr<int64_t>();
+  TORCH_CHECK(p[0] == 0 && p[groups] == nnz, name, " must run from 0 to nnz = ", nnz);
+  for (int64_t i = 0; i < groups; ++i) TORCH_CHECK(p[i] <= p[i + 1], name, " must be non-decreasing");
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "dtype mismatch: ", a.scalar_type(), " vs ", b.scalar_type());
+}
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets,
+                   const at::Tensor& col_indices, int64_t out_features) {
+  check_dense(x, "x", 2);
+  check_dense(values, "values", 3);
+  check_same(x, values);
+  const int64_t M = x.size(0), K = x.size(1), nnz = values.size(0), br = values.size(1), bc = values.size(2);
+  TORCH_CHECK(br > 0 && bc > 0 && out_features % br == 0 && K % bc == 0, "shape (", out_features, ", ", K,
+              ") is not divisible by block size (", br, ", ", bc, ")");
+  const int64_t RB = out_features / br;
+  check_offsets(row_offsets, "row_offsets", RB, nnz);
+  check_index(col_indices, "col_indices", nnz, K / bc);
+  at::Tensor y = at::empty({M, out_features}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_forward", [&] {
+    grouped_product<scalar_t, Compute<scalar_t>>(
+        x.data_ptr<scalar_t>(), M, K, values.data_ptr<scalar_t>(), br, bc, /*transpose=*/true,
+        row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_offsets,
+                      const at::Tensor& t_block_ids, const at::Tensor& t_row_indices, int64_t in_features) {
+  check_dense(dy, "dy", 2);
+  check_dense(values, "values", 3);
+  check_same(dy, values);
+  const int64_t M = dy.size(0), N = dy.size(1), nnz = values.size(0), br = values.size(1), bc = values.size(2);
+  TORCH_CHECK(br > 0 && bc > 0 && N % br == 0 && in_features % bc == 0, "shape (", N, ", ", in_features,
+              ") is not divisible by block size (", br, ", ", bc, ")");
+  const int64_t CB = in_features / bc;
+  check_offsets(col_offsets, "col_offsets", CB, nnz);
+  check_index(t_block_ids, "t_block_ids", nnz, nnz);
+  check_index(t_row_indices, "t_row_indices", nnz, N / br);
+  at::Tensor dx = at::empty({M, in_features}, dy.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bsr_grad_input", [&] {
+    grouped_product<scalar_t, Compute<scalar_t>>(
+        dy.data_ptr<scalar_t>(), M, N, values.data_ptr<scalar_t>(), br, bc, /*transpose=*/false,
+        col_offsets.data_ptr<int64_t>(), CB, t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(),
+        dx.data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
+at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_indices,
+                       const at::Tensor& col_indices, int64_t br, int64_t bc) {
+  check_dense(dy, "dy", 2);
+  check_dense(x, "x", 2);
+  check_same(dy, x);
+  const int64_t M = x.size(0), N = dy.size(1), K = x.size(1), nnz = row_indices.numel();
+  TORCH_CHECK(dy.size(0) == M, "dy has ", dy.size(0), " rows but x has ", M);
+  TORCH_CHECK(br > 0 && bc > 0 && N % br == 0 && K % bc == 0, "shape (", N, ", ", K,
+              ") is not divisible by block size (", br, ", ", bc, ")");
+  check_index(row_indices, "row_indices", nnz, N / br);
+  check_index(col_indices, "col_indices", nnz, K / bc);
+  at::Tensor dvalues = at::empty({nnz, br, bc}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_grad_weight", [&] {
+    sampled_product<scalar_t, Compute<scalar_t>>(
+        dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, N, K, br, bc, row_indices.data_ptr<int64_t>(),
+        col_indices.data_ptr<int64_t>(), nnz, dvalues.data_ptr<scalar_t>());
+  });
+  return dvalues;
+}
+
+std::string isa() { return use_avx2() ? "avx2-fma" : "portable"; }
+
+}  // namespace
+}  // namespace bsr
+}  // namespace sparsekern
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace sparsekern::bsr;
+  m.def("forward", &forward, "y = x @ W.T for block-sparse W (block-CSR)");
+  m.def("grad_input", &grad_input, "dx = dy @ W through the transpose metadata");
+  m.def("grad_weight", &grad_weight, "dy.T @ x sampled on the stored blocks");
+  m.def("isa", &isa, "which microkernel runs: 'avx2-fma' or 'portable'");
+  m.def("set_portable_only", &set_portable_only, "force the portable microkernel (tests)");
+}

@@ -1,0 +1,37 @@
+// Work partitioning shared by the products.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace sparsekern {
+namespace bsr {
+
+// Runs fn(item) for every item of [0, n), in order within a thread, giving each
+// of the at::get_num_threads() threads one contiguous range of about equal total
+// cost. `prefix` holds the n + 1 running sums of the item costs. Power-law block
+// rows are why this is by cost and not by item count.
+template <typename F>
+void parallel_by_cost(const std::vector<int64_t>& prefix, const F& fn) {
+  const int64_t n = static_cast<int64_t>(prefix.size()) - 1;
+  if (n <= 0) return;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t total = prefix.back();
+  auto start = [&](int64_t p) -> int64_t {
+    if (p >= parts) return n;
+    const int64_t target = total / parts * p + (total % parts) * p / parts;
+    return std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+  };
+  // grain 1 over `parts` items: each thread of the pool runs one part.
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t item = start(p), end = start(p + 1); item < end; ++item) fn(item);
+    }
+  });
+}
+
+}  // namespace bsr
+}  // namespace sparsekern

@@ -1,0 +1,45 @@
+"""``cpu`` backend of the block-sparse products: C++ kernels of ``sparsekern._C_bsr``.
+
+AVX2/FMA register-blocked microkernels (portable loops where the CPU lacks
+them) over packed operands, threads through ATen's pool (``torch.set_num_threads``).
+float32/float64 run natively; bfloat16/float16 are packed to float32, computed
+and accumulated in float32, and rounded once on output. Sources: csrc/bsr/.
+"""
+import torch
+
+from ..._extension import extension_failure, load_extension
+from ..registry import register_kernel
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _ext():
+    return load_extension("bsr")
+
+
+def unavailable(device, dtype):
+    if device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors only, not {device.type}"
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} is not supported (supported: {', '.join(str(d) for d in _DTYPES)})"
+    if _ext() is None:
+        return f"the compiled extension sparsekern._C_bsr is unavailable ({extension_failure('bsr')})"
+    return None
+
+
+def bsr_forward(x, values, layout):
+    return _ext().forward(x, values, layout.row_offsets, layout.col_indices, layout.shape[0])
+
+
+def bsr_grad_input(dy, values, layout):
+    return _ext().grad_input(dy, values, layout.col_offsets, layout.t_block_ids, layout.t_row_indices,
+                             layout.shape[1])
+
+
+def bsr_grad_weight(dy, x, layout):
+    return _ext().grad_weight(dy, x, layout.row_indices, layout.col_indices, *layout.block_size)
+
+
+register_kernel("bsr_forward", "cpu", bsr_forward, unavailable)
+register_kernel("bsr_grad_input", "cpu", bsr_grad_input, unavailable)
+register_kernel("bsr_grad_weight", "cpu", bsr_grad_weight, unavailable)
