@@ -10,3 +10,4 @@ from . import functional  # noqa: F401
 from .dpf import DPF  # noqa: F401
 from .dst import GGR, SET, SNFS, DynamicSparsity, RigL  # noqa: F401
 from .topkast import TopKAST  # noqa: F401
+from .lottery import apply_masks, geometric_schedule, iterative_magnitude_pruning, linear_weights, prune_remaining  # noqa: F401,E501

@@ -1,0 +1,142 @@
+"""Lottery tickets: iterative magnitude pruning (IMP) with weight or learning-rate rewinding.
+
+Frankle & Carbin (2019), Frankle et al. (2020, rewinding to step k), Renda et al.
+(2020, learning-rate rewinding). Each round trains, prunes a fraction of the
+remaining blocks globally by magnitude, then either rewinds the surviving weights
+to their values at step k ("weights") or keeps the trained weights and restarts
+the learning-rate schedule ("lr"). Only round 0 trains dense; every later round
+trains on ``SparseLinear`` layers, so IMP's repeated trainings get cheaper as the
+network thins instead of costing a dense training each.
+"""
+import torch
+from torch import nn
+
+from ..formats.block_sparse import _as_block_size
+from ..nn.sparse_linear import SparseLinear
+from .masks import block_grid, block_scores
+from .sparsify import linear_layers, replace_module
+
+
+def prune_remaining(scores, masks, fraction):
+    """Prune the ``fraction`` of currently kept entries with the lowest scores, across all tensors.
+
+    ``scores`` and ``masks`` are matching lists; returns new bool masks (a subset of ``masks``).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    scores, masks = list(scores), list(masks)
+    flat = torch.cat([s.flatten().double().masked_fill(~m.flatten(), float("inf")) for s, m in zip(scores, masks)])
+    alive = int(sum(int(m.sum()) for m in masks))
+    pruned = int(round(fraction * alive))
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, pruned, largest=False).indices] = False
+    keep &= torch.cat([m.flatten() for m in masks])
+    return [k.view(m.shape) for k, m in zip(keep.split([m.numel() for m in masks]), masks)]
+
+
+def geometric_schedule(density, rounds):
+    """Densities after each of ``rounds`` rounds, pruning the same fraction of the remainder each time."""
+    if rounds < 1 or not 0.0 < density <= 1.0:
+        raise ValueError(f"need rounds >= 1 and density in (0, 1], got rounds={rounds}, density={density}")
+    return [density ** (r / rounds) for r in range(1, rounds + 1)]
+
+
+def linear_weights(model):
+    """{linear name: (dense weight, bias)} detached copies, for Linear and SparseLinear layers."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            out[name] = (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+        elif isinstance(m, SparseLinear):
+            out[name] = (m.dense_weight().detach().clone(), None if m.bias is None else m.bias.detach().clone())
+    return out
+
+
+def _as_linear(weight, bias):
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
+def apply_masks(model, block_masks, weights, block_size):
+    """Replace each layer named in ``block_masks`` by a SparseLinear with ``weights[name]`` on that mask;
+    other layers named in ``weights`` get those weights (dense)."""
+    modules = dict(model.named_modules())
+    for name, (weight, bias) in weights.items():
+        if name in block_masks:
+            replace_module(model, name, SparseLinear.from_dense(_as_linear(weight, bias), block_size=block_size,
+                                                                block_mask=block_masks[name]))
+        elif isinstance(modules[name], nn.Linear):
+            with torch.no_grad():
+                modules[name].weight.copy_(weight)
+                if bias is not None:
+                    modules[name].bias.copy_(bias)
+    return model
+
+
+def iterative_magnitude_pruning(model, train, *, density=None, rounds=None, schedule=None, block_size=32,
+                                rewind="weights", dense_layers=(), on_round=None):
+    """Find a lottery ticket by IMP; returns (model, history).
+
+    Round 0 trains dense; round r prunes to ``schedule[r-1]`` and trains the ticket.
+    For the random re-initialisation control, put a history entry's masks on a fresh
+    model with ``apply_masks(fresh, masks, linear_weights(fresh), block_size)``.
+
+    Args:
+        model: a model with nn.Linear layers (trained dense in round 0).
+        train: ``train(model, snapshot)`` trains in place with a fresh optimizer and the
+            full learning-rate schedule, calls ``snapshot()`` once at the rewind step k
+            (not calling it means k = 0), and returns anything (recorded in history).
+        density, rounds: target density reached in ``rounds`` geometric prunings; or
+        schedule: explicit list of decreasing densities, one per round.
+        block_size: pruning granularity (1 = unstructured, no faster than dense).
+        rewind: "weights" (reset to step k) or "lr" (keep trained weights; ``train``
+            restarts its schedule).
+        dense_layers: linear module names never pruned.
+        on_round: optional ``on_round(round, density, model, result)`` after each training.
+
+    History: one dict per training: round, density (target fraction of the pruned
+    layers' blocks), result, and the block masks used.
+    """
+    if rewind not in ("weights", "lr"):
+        raise ValueError(f"rewind must be 'weights' or 'lr', got {rewind!r}")
+    if schedule is None:
+        schedule = geometric_schedule(density, rounds)
+    schedule = [float(d) for d in schedule]
+    if any(not 0.0 < d <= 1.0 for d in schedule) or any(b > a for a, b in zip(schedule, schedule[1:])):
+        raise ValueError(f"schedule must be decreasing densities in (0, 1], got {schedule}")
+    block_size = _as_block_size(block_size)
+    names = [n for n, _ in linear_layers(model) if n not in dense_layers]
+    rewind_point = {"weights": linear_weights(model)}
+
+    def snapshot():
+        rewind_point["weights"] = linear_weights(model)
+
+    history = []
+
+    def run(round_index, target, block_masks):
+        result = train(model, snapshot if round_index == 0 else (lambda: None))
+        history.append(dict(round=round_index, density=target, result=result,
+                            block_masks={n: m.clone() for n, m in block_masks.items()}))
+        if on_round is not None:
+            on_round(round_index, target, model, result)
+
+    linears = dict(linear_layers(model))
+    masks = {n: torch.ones(block_grid(linears[n].weight.shape, block_size), dtype=torch.bool,
+                           device=linears[n].weight.device) for n in names}
+    run(0, 1.0, masks)
+    for r, target in enumerate(schedule, start=1):
+        trained = linear_weights(model)
+        cells = sum(m.numel() for m in masks.values())
+        alive = sum(int(m.sum()) for m in masks.values())
+        fraction = 1.0 - min(1.0, round(target * cells) / alive) if alive else 0.0
+        scores = [block_scores(trained[n][0].abs(), block_size) for n in names]
+        masks = dict(zip(names, prune_remaining(scores, [masks[n] for n in names], fraction)))
+        source = rewind_point["weights"] if rewind == "weights" else trained
+        apply_masks(model, masks, source, block_size)
+        run(r, target, masks)
+    return model, history
