@@ -42,6 +42,12 @@ def dot_precision(dtype):
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def upcast(dtype):
+    """Widen bf16 tiles to fp32 before tl.dot under the interpreter only: its numpy dot
+    misreads bf16 operands (numpy has no bf16). On a GPU bf16 goes to the tensor cores."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
 @functools.cache
 def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import dot_precision, interpreting
+from .triton_backend import dot_precision, interpreting, upcast
 
 # A segment is split when longer than twice max(mean segment, MIN_SEGMENT) blocks.
 MIN_SEGMENT = 8
@@ -32,8 +32,8 @@ MIN_SEGMENT = 8
 
 def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, work_ptr, n_work, ids_ptr, gather_ptr, M, stride_am,
                 stride_om, M_BUCKET, OUT_B: tl.constexpr, IN_B: tl.constexpr, V_STRIDE_OUT: tl.constexpr,
-                V_STRIDE_IN: tl.constexpr, IDENTITY: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr):
+                V_STRIDE_IN: tl.constexpr, IDENTITY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     n_sub: tl.constexpr = (OUT_B + BN - 1) // BN
     tiles = tl.cdiv(M, BM) * n_sub
     pid = tl.program_id(0)
@@ -58,6 +58,8 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, work_ptr, n_work, ids_ptr, gath
             kk = k0 + offs_k
             a = tl.load(a_block + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < IN_B), other=0.0)
             v = tl.load(v_block + kk[:, None] * V_STRIDE_IN, mask=(kk[:, None] < IN_B) & mask_n[None, :], other=0.0)
+            if UPCAST:
+                a, v = a.to(tl.float32), v.to(tl.float32)
             acc = tl.dot(a, v, acc, input_precision=PRECISION)
 
     mask = mask_m[:, None] & mask_n[None, :]
@@ -179,7 +181,7 @@ def _dsd(a, values, offsets, ids, gather, out_b, in_b, v_strides):
     args = (a, values, out, part, plan_.work, n_work, gather if ids is None else ids, gather, m, a.stride(0),
             out.stride(0), triton.next_power_of_2(m))
     meta = dict(OUT_B=out_b, IN_B=in_b, V_STRIDE_OUT=v_strides[0], V_STRIDE_IN=v_strides[1],
-                IDENTITY=ids is None, PRECISION=dot_precision(a.dtype))
+                IDENTITY=ids is None, PRECISION=dot_precision(a.dtype), UPCAST=upcast(a.dtype))
     kernel = _kernel(interpreting())
     if interpreting():
         t = _INTERPRET_TILE

@@ -15,13 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import dot_precision, interpreting, parallel_slots
+from .triton_backend import dot_precision, interpreting, parallel_slots, upcast
 from .triton_forward import tile
 
 
 def _sdd_kernel(dy_ptr, x_ptr, out_ptr, rows_ptr, cols_ptr, nnz, M, stride_dy, stride_x, m_per_split, M_BUCKET,
-                BR: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, TR: tl.constexpr,
-                TC: tl.constexpr, BM: tl.constexpr):
+                BR: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                TR: tl.constexpr, TC: tl.constexpr, BM: tl.constexpr):
     n_c: tl.constexpr = (BC + TC - 1) // TC
     n_sub: tl.constexpr = ((BR + TR - 1) // TR) * n_c
     # Sub-tiles of a block, then blocks (row-major: neighbours share dy slices), then M chunks.
@@ -44,6 +44,8 @@ def _sdd_kernel(dy_ptr, x_ptr, out_ptr, rows_ptr, cols_ptr, nnz, M, stride_dy, s
         offs_m = offs_m.to(tl.int64)[:, None]
         g = tl.load(dy_cols + offs_m * stride_dy, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         xs = tl.load(x_cols + offs_m * stride_x, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        if UPCAST:
+            g, xs = g.to(tl.float32), xs.to(tl.float32)
         acc = tl.dot(tl.trans(g), xs, acc, input_precision=PRECISION)
     out = out_ptr + ((split * nnz + block).to(tl.int64) * BR + offs_r[:, None]) * BC + offs_c[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
@@ -107,7 +109,7 @@ def bsr_grad_weight(dy, x, layout):
     out = torch.empty(split, nnz, br, bc, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     args = (dy, x, out, layout.row_indices, layout.col_indices, nnz, m, dy.stride(0), x.stride(0), per_split,
             triton.next_power_of_2(m))
-    meta = dict(BR=br, BC=bc, PRECISION=dot_precision(x.dtype))
+    meta = dict(BR=br, BC=bc, PRECISION=dot_precision(x.dtype), UPCAST=upcast(x.dtype))
     kernel = _kernel(interpret)
     if interpret:
         t = _INTERPRET_TILE
