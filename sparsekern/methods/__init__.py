@@ -11,3 +11,5 @@ from .dpf import DPF  # noqa: F401
 from .dst import GGR, SET, SNFS, DynamicSparsity, RigL  # noqa: F401
 from .topkast import TopKAST  # noqa: F401
 from .lottery import apply_masks, geometric_schedule, iterative_magnitude_pruning, linear_weights, prune_remaining  # noqa: F401,E501
+from .kstarts import k_starts, select_fittest  # noqa: F401
+from .dissipating import DissipatingGradients, relative_change  # noqa: F401

@@ -1,0 +1,71 @@
+"""Dissipating gradients: prune the weights that barely moved from their initial value.
+
+From "What to prune and what not to prune at initialization" (Haroon, arXiv
+2209.02201): after the first epochs, a weight whose value stays within a small
+fraction of its initial value received gradients that dissipated; it is pruned.
+Our version works at block granularity on SparseLinear layers: a block's score is
+its relative change ||W_t - W_0|| / ||W_0|| since the snapshot, and the blocks that
+moved least are removed (globally, to a target density, or below a tolerance).
+Starting from a denser sparse network (e.g. a K-starts winner at 2-4x the target
+density) keeps the early epochs on the sparse kernels too: that is the
+combination of the two methods.
+"""
+import torch
+
+from ..nn.sparse_linear import SparseLinear
+from .masks import global_topk_masks
+
+
+def relative_change(initial, current, eps=1e-12):
+    """Per stored block: ||current - initial|| / ||initial|| over the block (values (nnz, br, bc))."""
+    if initial.shape != current.shape:
+        raise ValueError(f"initial {tuple(initial.shape)} and current {tuple(current.shape)} differ in shape")
+    change = (current.detach() - initial).flatten(1).float().norm(dim=1)
+    return change / initial.flatten(1).float().norm(dim=1).clamp_min(eps)
+
+
+class DissipatingGradients:
+    """Snapshot a sparse model's weights now, prune its least-moved blocks later.
+
+    Usage: ``dg = DissipatingGradients(model)``; train the first epochs;
+    ``dg.prune(density=0.02)`` (global, fraction of all blocks of the model's
+    SparseLinear layers) or ``dg.prune(tolerance=0.05)`` (drop every block whose
+    relative change is <= 5%). Rebuild the optimizer afterwards: the ``values``
+    parameters change shape.
+    """
+
+    def __init__(self, model):
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} has no SparseLinear layer; sparsify it first")
+        self.initial = [(m.values.detach().clone(), m.layout()) for _, m in self.layers]
+
+    def scores(self):
+        """{layer name: (RB, CB) block grid of relative change; -1 where no block is stored}."""
+        out = {}
+        for (name, layer), (initial, layout) in zip(self.layers, self.initial):
+            if layer.layout() is not layout:
+                raise RuntimeError(f"layer {name!r} changed structure since the snapshot")
+            grid = torch.full(layout.grid, -1.0, device=initial.device)
+            grid[layout.row_indices, layout.col_indices] = relative_change(initial, layer.values)
+            out[name] = grid
+        return out
+
+    def prune(self, *, density=None, tolerance=None):
+        """Keep the most-moved blocks: the global top ``density`` fraction of all blocks, or every
+        block whose relative change exceeds ``tolerance``. Returns {layer name: new density}."""
+        if (density is None) == (tolerance is None):
+            raise ValueError("give exactly one of density or tolerance")
+        scores = self.scores()
+        names = list(scores)
+        if density is not None:
+            cells = sum(g.numel() for g in scores.values())
+            stored = sum(int((g >= 0).sum()) for g in scores.values())
+            keep = min(int(round(density * cells)), stored)
+            masks = dict(zip(names, global_topk_masks([scores[n] for n in names], keep)))
+        else:
+            masks = {n: scores[n] > tolerance for n in names}
+        for name, layer in self.layers:
+            layer.set_block_mask(masks[name])
+        self.initial = [(m.values.detach().clone(), m.layout()) for _, m in self.layers]
+        return {name: layer.density for name, layer in self.layers}
