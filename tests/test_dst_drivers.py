@@ -1,0 +1,203 @@
+"""DST drivers on SparseLinear: decisions match the pure rules on real probe scores,
+optimizer state follows blocks, checkpoints resume exactly."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsekern as sk
+from sparsekern.formats.block_sparse import values_to_dense
+from sparsekern.methods import DPF, GGR, SET, SNFS, RigL, TopKAST
+from sparsekern.methods import functional as Fn
+from sparsekern.methods.dst import restructure
+
+DST = [SET, RigL, SNFS, GGR, TopKAST]
+
+
+def _mlp(seed=0, block=4, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(sk.SparseLinear(10, 12, block_size=block, density=0.5, dtype=dtype), torch.nn.ReLU(),
+                               sk.SparseLinear(12, 7, block_size=block, density=0.5, dtype=dtype))
+
+
+def _data(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 10, generator=g, dtype=dtype), torch.randint(0, 7, (32,), generator=g)
+
+
+def _train(model, opt, dst, steps, seed=0):
+    for i in range(steps):
+        x, y = _data(seed + i, model[0].values.dtype)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        dst.step()
+    return loss
+
+
+def _block_rms_grid(dense, padded_shape, block):
+    (r, c), (br, bc) = padded_shape, block
+    dense = F.pad(dense, (0, c - dense.shape[1], 0, r - dense.shape[0]))
+    return dense.reshape(r // br, br, c // bc, bc).pow(2).mean((1, 3)).sqrt()
+
+
+@pytest.mark.parametrize("block", [1, 4], ids=["element", "block4-padded"])
+def test_rigl_driver_decision_equals_rule_on_dense_gradient(block):
+    model = _mlp(block=block)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    dst = RigL(model, opt, density=None, delta=1, alpha=0.4, t_end=10)
+    x, y = _data()
+    dense = [layer.dense_weight().detach().clone().requires_grad_() for layer in (model[0], model[2])]
+    biases = [model[0].bias.detach(), model[2].bias.detach()]
+    F.cross_entropy(F.linear(F.relu(F.linear(x, dense[0], biases[0])), dense[1], biases[1]), y).backward()
+    masks = [model[0].block_mask.clone(), model[2].block_mask.clone()]
+    weights = [_block_rms_grid(w.detach(), l.padded_shape, l.block_size) for w, l in zip(dense, (model[0], model[2]))]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert dst.step()
+    for w, m, d, layer in zip(weights, masks, dense, (model[0], model[2])):
+        grad = _block_rms_grid(d.grad, layer.padded_shape, layer.block_size)
+        expected, _ = Fn.rigl_update(w * m, m, grad, dst.schedule.drop_fraction(1))
+        assert torch.equal(layer.block_mask, expected)
+        assert layer.nnz_blocks == int(m.sum())
+        # survivors keep their weights, new blocks are zero
+        new_dense = layer.dense_weight().detach()
+        keep = _expand(m & expected, layer)[:new_dense.shape[0], :new_dense.shape[1]]
+        assert torch.equal(new_dense[keep], d.detach()[keep])
+        assert bool((new_dense[~keep] == 0).all())
+
+
+def _expand(grid_mask, layer):
+    br, bc = layer.block_size
+    return grid_mask.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=0.01),
+], ids=["sgd-momentum", "adam"])
+def test_optimizer_state_of_regrown_blocks_is_zero_and_survivors_keep_theirs(make_opt):
+    model = _mlp()
+    opt = make_opt(model.parameters())
+    dst = RigL(model, opt, density=None, delta=3, alpha=0.5, t_end=100)
+    _train(model, opt, dst, 2)
+    layer = model[0]
+    keys = [k for k in ("momentum_buffer", "exp_avg", "exp_avg_sq") if k in opt.state[layer.values]]
+    assert keys
+    x, y = _data(99)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    old_mask, old_layout = layer.block_mask.clone(), layer.layout()
+    old = {k: values_to_dense(opt.state[layer.values][k], old_layout) for k in keys}
+    assert dst.step()
+    new_mask = layer.block_mask
+    assert not torch.equal(new_mask, old_mask)
+    for k in keys:
+        state = opt.state[layer.values][k]
+        assert state.shape == layer.values.shape
+        new = values_to_dense(state, layer.layout())
+        assert torch.equal(new[_expand(new_mask & old_mask, layer)], old[k][_expand(new_mask & old_mask, layer)])
+        assert bool((new[_expand(new_mask & ~old_mask, layer)] == 0).all())
+    _train(model, opt, dst, 2, seed=50)  # training goes on with the resized state
+
+
+def test_restructure_keeps_parameter_identity():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    layer, param = model[0], model[0].values
+    restructure(layer, opt, torch.ones_like(layer.block_mask))
+    assert layer.values is param and layer.density == 1.0
+
+
+@pytest.mark.parametrize("cls", DST, ids=lambda c: c.__name__)
+def test_total_nnz_preserved_and_training_runs(cls):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dst = cls(model, opt, density=0.4, delta=2, t_end=12)
+    total = sum(layer.nnz_blocks for _, layer in dst.layers)
+    per_layer = [layer.nnz_blocks for _, layer in dst.layers]
+    loss = _train(model, opt, dst, 14)
+    assert torch.isfinite(loss)
+    assert sum(layer.nnz_blocks for _, layer in dst.layers) == total
+    assert len(dst.update_seconds) == 5
+    if cls in (SET, RigL, TopKAST):
+        assert [layer.nnz_blocks for _, layer in dst.layers] == per_layer
+
+
+def test_topkast_forward_set_is_top_of_backward_set_and_shadow_learns():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    dst = TopKAST(model, opt, density=0.3, delta=3, t_end=100, penalty=1e-4)
+    _train(model, opt, dst, 2)
+    for name, layer in dst.layers:
+        param, layout = dst.shadow[name]
+        assert not bool((layout.block_mask & layer.block_mask).any())
+        assert param.detach().abs().sum() > 0  # exploration blocks receive gradient updates
+    _train(model, opt, dst, 1, seed=7)  # step 3: update
+    for name, layer in dst.layers:
+        param, _ = dst.shadow[name]
+        forward = layer.values.detach().pow(2).mean((1, 2)).sqrt()
+        shadow = param.detach().pow(2).mean((1, 2)).sqrt()
+        nonzero = shadow[shadow > 0]
+        assert nonzero.numel() == 0 or float(forward.min()) >= float(nonzero.max())
+
+
+def test_dpf_feedback_updates_pruned_blocks_with_gradient_at_masked_weight():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = DPF(model, opt, density=0.3, delta=2, t_end=6)
+    _train(model, opt, dst, 2)  # step 2: first pruning
+    layer = model[0]
+    name = dst.layers[0][0]
+    param, layout = dst.shadow[name]
+    assert layout.nnz_blocks > 0
+    before = values_to_dense(param.detach(), layout).clone()
+    masked = [l.dense_weight().detach().clone().requires_grad_() for l in (model[0], model[2])]
+    x, y = _data(5)
+    F.cross_entropy(F.linear(F.relu(F.linear(x, masked[0], model[0].bias)), masked[1], model[2].bias), y).backward()
+    _train(model, opt, dst, 1, seed=5)
+    after = values_to_dense(param.detach(), layout)
+    grad = F.pad(masked[0].grad, (0, layer.padded_shape[1] - 10, 0, layer.padded_shape[0] - 12))
+    shadow = _expand(layout.block_mask, layer)
+    torch.testing.assert_close(after[shadow], (before - 0.1 * grad)[shadow])
+    _train(model, opt, dst, 6, seed=10)
+    assert dst.densities()[name] == pytest.approx(dst.targets[name], abs=1.0 / layer.block_mask.numel())
+
+
+@pytest.mark.parametrize("cls", [SET, RigL, GGR, TopKAST, DPF], ids=lambda c: c.__name__)
+def test_checkpoint_resume_is_exact(cls):
+    def make(seed):
+        model = _mlp(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return model, opt, cls(model, opt, density=0.4, delta=2, t_end=20, seed=seed)
+
+    model, opt, dst = make(0)
+    _train(model, opt, dst, 5)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "dst": dst.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    model2, opt2, dst2 = make(1)
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    dst2.load_state_dict(saved["dst"])
+    assert dst2.t == dst.t
+    _train(model, opt, dst, 6, seed=100)
+    _train(model2, opt2, dst2, 6, seed=100)
+    for (_, a), (_, b) in zip(dst.layers, dst2.layers):
+        assert torch.equal(a.block_mask, b.block_mask)
+        assert torch.equal(a.values, b.values)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="no sparsekern.SparseLinear"):
+        RigL(torch.nn.Linear(3, 3), torch.optim.SGD(torch.nn.Linear(3, 3).parameters(), lr=0.1), density=0.5, t_end=10)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = RigL(model, opt, density=0.5, delta=1, t_end=10)
+    with pytest.raises(RuntimeError, match="no gradient reached the probe"):
+        dst.step()
