@@ -10,7 +10,8 @@ def test_block_scores_norm_and_sum_with_padding():
     norms = block_scores(s, 2)
     assert norms.shape == (2, 3)
     assert norms[0, 0] == pytest.approx(torch.tensor([0.0, 1, 5, 6]).norm().item())
-    assert norms[1, 2] == pytest.approx(14.0)  # padded edge block: one real element
+    assert norms[1, 2] == pytest.approx(14.0 * 2)  # edge block: one real element of four, scaled by sqrt(4/1)
+    assert block_scores(s, 2, reduce="sum")[1, 1] == pytest.approx((12 + 13) * 2)
     assert block_scores(s, (3, 5), reduce="sum").item() == s.sum().item()
     with pytest.raises(ValueError, match="reduce"):
         block_scores(s, 2, reduce="max")

@@ -5,7 +5,7 @@ Pure functions. A *granularity* is a block size (rows, cols): (1, 1) is unstruct
 Conv weights (out, in, kh, kw) are scored as the (out, in*kh*kw) matrix.
 A block's score is the L2 norm of its element scores (``reduce="norm"``), or their
 sum for signed scores such as GraSP (``reduce="sum"``). Edge blocks of a matrix
-whose dims are not multiples of the block are padded with zero scores.
+whose dims are not multiples of the block are scaled to a whole block's worth.
 """
 import math
 
@@ -28,16 +28,23 @@ def block_grid(shape, block_size):
 
 
 def block_scores(score, block_size, reduce="norm"):
-    """(RB, CB) scores of the blocks of ``score``: norm (or sum) of element scores per block."""
+    """(RB, CB) scores of the blocks of ``score``: norm (or sum) of element scores per block.
+
+    Edge blocks that stick out of a non-multiple shape hold fewer real elements; their
+    score is scaled to a whole block's worth (by sqrt(full/real) for the norm, full/real
+    for the sum) so that padding does not make them look less important.
+    """
     if reduce not in ("norm", "sum"):
         raise ValueError(f"reduce must be 'norm' or 'sum', got {reduce!r}")
     matrix, (br, bc) = _as_matrix(score), _as_block_size(block_size)
     rb, cb = block_grid(score.shape, (br, bc))
-    padded = F.pad(matrix, (0, cb * bc - matrix.shape[1], 0, rb * br - matrix.shape[0]))
-    blocks = padded.reshape(rb, br, cb, bc)
+    pad = (0, cb * bc - matrix.shape[1], 0, rb * br - matrix.shape[0])
+    blocks = F.pad(matrix, pad).reshape(rb, br, cb, bc)
+    real = F.pad(torch.ones_like(matrix), pad).reshape(rb, br, cb, bc).sum((1, 3))
+    scale = (br * bc) / real
     if reduce == "sum":
-        return blocks.sum((1, 3))
-    return blocks.pow(2).sum((1, 3)).sqrt()
+        return blocks.sum((1, 3)) * scale
+    return blocks.pow(2).sum((1, 3)).sqrt() * scale.sqrt()
 
 
 def expand_block_mask(block_mask, block_size, shape):
