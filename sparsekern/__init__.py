@@ -6,9 +6,9 @@ until a kernel first runs.
 from . import kernels, ops
 from .formats import BlockLayout, BlockSparseMatrix
 from .kernels import BackendUnavailableError, use_backend
-from .nn import SparseLinear
+from .nn import LowRankLinear, SparseLinear
 from . import methods  # noqa: E402  (after nn: methods build on it)
-from .methods import sparsify
+from .methods import DLRT, sparsify
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,8 @@ __all__ = [
     "BackendUnavailableError",
     "BlockLayout",
     "BlockSparseMatrix",
+    "DLRT",
+    "LowRankLinear",
     "SparseLinear",
     "kernels",
     "methods",

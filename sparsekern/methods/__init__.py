@@ -13,3 +13,4 @@ from .topkast import TopKAST  # noqa: F401
 from .lottery import apply_masks, geometric_schedule, iterative_magnitude_pruning, linear_weights, prune_remaining  # noqa: F401,E501
 from .kstarts import k_starts, select_fittest  # noqa: F401
 from .dissipating import DissipatingGradients, relative_change  # noqa: F401
+from .dlrt import DLRT  # noqa: F401

@@ -1,4 +1,5 @@
 """Differentiable operators: shape/dtype/device checks, then kernels from the registry."""
 from .bsr_linear import bsr_linear
+from .low_rank_linear import low_rank_linear
 
-__all__ = ["bsr_linear"]
+__all__ = ["bsr_linear", "low_rank_linear"]

@@ -1,0 +1,188 @@
+"""DLRT: rank-adaptive training of ``LowRankLinear`` layers, one forward/backward per step.
+
+Integrator: the *parallel* rank-adaptive BUG integrator of Ceruti, Kusch and
+Lubich (arXiv:2304.05660, SIAM J. Sci. Comput. 2024), applied as in the
+one-pass variant of Schotthöfer et al.'s DLRT (arXiv:2205.13571) / GeoLoRA
+(arXiv:2410.18720). Every step uses only the gradients of the current point
+W = U S Vᵀ, which the fused kernel delivers in ``kl_grads`` mode:
+
+    dK = dW V (out, r)    dL = dWᵀ U (in, r)    dS = Uᵀ dW V (r, r)
+
+1. K/L steps: the new directions are the parts of the update directions
+   outside the current bases, D_K = (I - UUᵀ) dK = Q_K R_K and
+   D_L = (I - VVᵀ) dL = Q_L R_L (QR), so Û = [U, Q_K], V̂ = [V, Q_L] are the
+   bases of QR([U, K₁]) and QR([V, L₁]) with K₁ = K - lr dK, L₁ = L - lr dL.
+2. S-step on the augmented bases with the tangent-space projected gradient
+   Ûᵀ(P_U dW + dW P_V - P_U dW P_V)V̂ = [[dS, R_Lᵀ], [R_K, 0]]:
+       Ŝ = [[S - lr dS, -lr R_Lᵀ], [-lr R_K, 0]]
+   so Û Ŝ V̂ᵀ = W - lr P_T(dW) exactly; no second gradient evaluation.
+3. Truncation: Ŝ = P Σ Qᵀ, keep the fewest r₁ singular values whose dropped
+   tail is <= θ‖Σ‖ (or <= θ with ``absolute=True``), r₁ clamped to [rmin, rmax];
+   U ← Û P[:, :r₁], V ← V̂ Q[:, :r₁], S ← Σ[:r₁].
+
+With ``optimizer="adam"`` the directions dK, dL, dS are replaced by Adam's
+(bias-corrected m / (√v + eps)) per factor. The moments are kept in the
+factors' coordinates and follow each basis change: first moments are rotated
+exactly (m_K ← m_K Vᵀ V_new, m_L ← m_L Uᵀ U_new, m_S ← Uᵀ U_new ᵀ m_S Vᵀ V_new),
+second moments with the elementwise-squared rotation (exact for the
+permutations and sign flips a truncation SVD mostly produces, and never
+negative). Every other trainable parameter of the model (biases, dense layers)
+gets the same rule (SGD or Adam) from ``step()``.
+"""
+import math
+
+import torch
+
+from ..nn.low_rank_linear import LowRankLinear, truncation_rank
+
+# A QR pivot below this fraction of the direction's largest column norm triggers
+# a second projection + QR round (see _new_directions).
+_PIVOT_RATIO = 1e-2
+_REORTH_EVERY = 50  # rounding drifts UᵀU from I by O(eps) per step; reset it periodically
+
+
+class DLRT:
+    """Rank-adaptive trainer for every ``LowRankLinear`` in ``model``.
+
+    Args:
+        model: an nn.Module; its LowRankLinear layers are switched to K/L-gradient mode.
+        lr: step size.
+        tol: truncation tolerance θ >= 0 (relative to ‖S‖ unless ``absolute``).
+        rmin, rmax: bounds of every layer's rank (rmax None: min(in, out)).
+        absolute: truncate the tail to <= tol instead of <= tol·‖S‖.
+        optimizer: "sgd" (plain gradient steps, default) or "adam".
+        betas, eps: Adam's constants.
+
+    Usage: ``loss.backward(); dlrt.step(); dlrt.zero_grad()``. ``step()`` updates
+    the factors (possibly changing their rank and replacing the Parameters) and
+    all other trainable parameters of ``model``; optimizers built on the old
+    factor Parameters go stale, so let DLRT own them.
+    """
+
+    def __init__(self, model, lr, *, tol, rmin=2, rmax=None, absolute=False, optimizer="sgd",
+                 betas=(0.9, 0.999), eps=1e-8):
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
+            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        if not isinstance(rmin, int) or rmin < 1:
+            raise ValueError(f"rmin must be an int >= 1, got {rmin!r}")
+        if rmax is not None and (not isinstance(rmax, int) or rmax < rmin):
+            raise ValueError(f"rmax must be None or an int >= rmin={rmin}, got {rmax!r}")
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        self.layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} contains no sparsekern.LowRankLinear layer")
+        self.model, self.lr, self.tol, self.rmin, self.rmax = model, float(lr), float(tol), rmin, rmax
+        self.absolute, self.optimizer, self.betas, self.eps = absolute, optimizer, betas, eps
+        self.steps = 0
+        self.state = {}  # layer -> {"K": (m, v), "L": (m, v), "S": (m, v)}; other param -> (m, v)
+        for layer in self.layers:
+            layer.kl_grads = True
+
+    def ranks(self):
+        """Current rank of every managed layer, in ``model.modules()`` order."""
+        return [layer.rank for layer in self.layers]
+
+    def zero_grad(self):
+        for p in self.model.parameters():
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        """One integrator step on every layer that received gradients, then the other parameters."""
+        self.steps += 1
+        for layer in self.layers:
+            if layer.U.grad is not None and layer.S.grad is not None and layer.V.grad is not None:
+                self._step_layer(layer)
+        factors = {id(p) for layer in self.layers for p in (layer.U, layer.S, layer.V)}
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is not None and id(p) not in factors:
+                p.sub_(self._direction(p, p.grad), alpha=self.lr)
+
+    def _direction(self, key, grad):
+        """The update direction for ``grad`` (SGD: grad itself; Adam: m̂ / (√v̂ + eps))."""
+        if self.optimizer == "sgd":
+            return grad
+        b1, b2 = self.betas
+        m, v = self.state.get(key) or (torch.zeros_like(grad), torch.zeros_like(grad))
+        m.mul_(b1).add_(grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        self.state[key] = (m, v)
+        m_hat = m / (1 - b1 ** self.steps)
+        v_hat = v / (1 - b2 ** self.steps)
+        return m_hat / (v_hat.sqrt() + self.eps)
+
+    def _step_layer(self, layer):
+        # The integrator runs in fp32 at least (QR/SVD of half types are not a thing).
+        work = torch.promote_types(layer.S.dtype, torch.float32)
+        U, S, V, dK, dL, dS = (t.detach().to(work) for t in (
+            layer.U, layer.S, layer.V, layer.U.grad, layer.V.grad, layer.S.grad))
+        if self.optimizer == "sgd":
+            dirK, dirL, dirS = dK, dL, dS
+            cK, cL = dS, dS.T  # Uᵀ dK = Vᵀ dL ᵀ = dS: the S-gradient is the in-basis part
+        else:
+            dirK, dirL, dirS = (self._direction((layer, name), g) for name, g in (("K", dK), ("L", dL), ("S", dS)))
+            cK, cL = U.T @ dirK, V.T @ dirL
+        QK, RK = _new_directions(U, dirK, cK)
+        QL, RL = _new_directions(V, dirL, cL)
+        r, a, b = S.shape[0], QK.shape[1], QL.shape[1]
+        lr = self.lr
+        S_hat = S.new_zeros(r + a, r + b)
+        S_hat[:r, :r] = S - lr * dirS
+        S_hat[:r, r:] = -lr * RL.T
+        S_hat[r:, :r] = -lr * RK
+        P, sigma, Qh = torch.linalg.svd(S_hat, full_matrices=False)
+        r1 = self._new_rank(layer, sigma)
+        P, sigma, Q = P[:, :r1], sigma[:r1], Qh[:r1].T
+        U1 = torch.cat([U, QK], 1) @ P
+        V1 = torch.cat([V, QL], 1) @ Q
+        S1 = torch.diag(sigma)
+        if self.steps % _REORTH_EVERY == 0:
+            U1, S1, V1 = _reorthonormalize(U1, S1, V1)
+        if self.optimizer == "adam":
+            self._carry_state(layer, P[:r], Q[:r])
+        layer.set_factors(U1, S1, V1)
+
+    def _new_rank(self, layer, sigma):
+        r1 = max(1, truncation_rank(sigma, self.tol, absolute=self.absolute))
+        cap = min(layer.in_features, layer.out_features, sigma.numel())
+        if self.rmax is not None:
+            cap = min(cap, self.rmax)
+        return max(min(self.rmin, cap), min(r1, cap))
+
+    def _carry_state(self, layer, TU, TV):
+        """Rotate the Adam moments into the new bases: TU = Uᵀ U_new (r, r₁), TV = Vᵀ V_new."""
+        (mK, vK), (mL, vL), (mS, vS) = (self.state[(layer, n)] for n in ("K", "L", "S"))
+        self.state[(layer, "K")] = (mK @ TV, vK @ TV.square())
+        self.state[(layer, "L")] = (mL @ TU, vL @ TU.square())
+        self.state[(layer, "S")] = (TU.T @ mS @ TV, TU.square().T @ vS @ TV.square())
+
+
+def _new_directions(U, direction, coeffs):
+    """Orthonormal Q ⟂ U and R with (I - UUᵀ) direction = Q R, given coeffs = Uᵀ direction."""
+    n, r = U.shape
+    D = direction - U @ coeffs
+    if direction.shape[1] > n - r:
+        # More new directions than the complement of U holds (small layers): use all of it.
+        Q = torch.linalg.qr(U, mode="complete").Q[:, r:]
+        return Q, Q.T @ D
+    Q, R = torch.linalg.qr(D)
+    # Q is orthonormal, but QR amplifies D's rounding residue along U by up to
+    # 1/pivot, and at (near-)zero pivots (a gradient of rank < r) its columns are
+    # arbitrary. Then project Q (D = (I - UUᵀ) Q R) and orthonormalize once more.
+    pivots = R.diagonal().abs()
+    if pivots.numel() and float(pivots.min()) <= _PIVOT_RATIO * float(direction.norm(dim=0).max()):
+        Q, R2 = torch.linalg.qr(Q - U @ (U.T @ Q))
+        R = R2 @ R
+    return Q, R
+
+
+def _reorthonormalize(U, S, V):
+    """Reset rounding drift: U, V ← their QR Q factors (positive R diagonal), S absorbs the Rs."""
+    QU, RU = torch.linalg.qr(U)
+    QV, RV = torch.linalg.qr(V)
+    su, sv = RU.diagonal().sign(), RV.diagonal().sign()
+    su[su == 0], sv[sv == 0] = 1, 1
+    return QU * su, (su[:, None] * RU) @ S @ (sv[:, None] * RV).T, QV * sv

@@ -1,0 +1,154 @@
+"""``LowRankLinear``: a drop-in ``nn.Linear`` whose weight is W = U S Vᵀ.
+
+U (out, r) and V (in, r) have orthonormal columns at initialisation and after
+every DLRT step; S (r, r) carries the scale. The rank can change during
+training (``sparsekern.DLRT``): the factors are then replaced by new Parameters
+of the new shape, and ``load_state_dict`` adopts the rank of a checkpoint.
+"""
+import math
+
+import torch
+from torch import nn
+
+from ..ops.low_rank_linear import low_rank_linear
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_features(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def truncation_rank(singular_values, tol, *, absolute=False):
+    """Smallest r with ‖σ[r:]‖₂ <= tol·‖σ‖₂ (or <= tol if ``absolute``), σ sorted descending.
+
+    This is DLRT's truncation rule: the dropped tail is at most a fraction
+    ``tol`` of the matrix's Frobenius norm. Returns at least 1 for a nonzero σ.
+    """
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    s = singular_values.detach().double()
+    tails = torch.cat([s.flip(0).pow(2).cumsum(0).flip(0), s.new_zeros(1)]).sqrt()  # tails[r] = ‖σ[r:]‖
+    bound = tol if absolute else tol * float(tails[0])
+    return int((tails > bound).sum())
+
+
+class LowRankLinear(nn.Module):
+    """y = x (U S Vᵀ)ᵀ + b, trained through a fused kernel that never forms U S Vᵀ.
+
+    Args:
+        in_features, out_features: any positive ints.
+        rank: r, 1 <= r <= min(in_features, out_features).
+        bias: learn an additive bias.
+        device, dtype: of the parameters (float32, float64, bfloat16 or float16).
+    """
+
+    def __init__(self, in_features, out_features, rank, bias=True, *, device=None, dtype=None):
+        super().__init__()
+        _check_features("in_features", in_features)
+        _check_features("out_features", out_features)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be an int in [1, {min(in_features, out_features)}] for a "
+                             f"{out_features}x{in_features} layer, got {rank!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"LowRankLinear supports dtypes {_DTYPES}, got {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        factory = dict(device=device, dtype=dtype)
+        self.U = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.S = nn.Parameter(torch.empty(rank, rank, **factory))
+        self.V = nn.Parameter(torch.empty(in_features, rank, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        # Set by sparsekern.DLRT: U and V then receive the K/L gradients dW V and dWᵀ U.
+        self.kl_grads = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Random orthonormal U, V and S = σ I, with σ chosen so each output has
+        nn.Linear's initial variance (row norm² of W = 1/3); bias as nn.Linear."""
+        r = self.rank
+        with torch.no_grad():
+            for factor in (self.U, self.V):
+                q = torch.linalg.qr(torch.randn(factor.shape, dtype=torch.float64)).Q
+                factor.copy_(q)
+            self.S.copy_(torch.eye(r) * math.sqrt(self.out_features / (3.0 * r)))
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.in_features)
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_dense(cls, linear, *, rank=None, tol=None):
+        """Convert an ``nn.Linear`` by truncated SVD of its weight.
+
+        ``rank`` keeps that many singular triplets; ``tol`` keeps the fewest whose
+        dropped tail is <= tol·‖W‖_F (the DLRT rule); neither keeps all of them,
+        which is exact. U and V get the singular vectors, S the diagonal of σ.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        if rank is not None and tol is not None:
+            raise ValueError("give either rank or tol, not both")
+        weight = linear.weight.detach()
+        full = min(weight.shape)
+        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        if tol is not None:
+            rank = max(1, truncation_rank(s, tol))
+        rank = full if rank is None else rank
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.U.copy_(u[:, :rank])
+            layer.S.copy_(torch.diag(s[:rank]))
+            layer.V.copy_(vh[:rank].T)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @property
+    def rank(self):
+        return self.S.shape[0]
+
+    def dense_weight(self):
+        """The dense (out_features, in_features) weight U S Vᵀ (for inspection; training never forms it)."""
+        return self.U @ self.S @ self.V.T
+
+    def set_factors(self, U, S, V):
+        """Install new factors. Same rank: written in place (Parameters keep their
+        identity). New rank: replaced by new Parameters of the new shape. Gradients
+        are cleared either way."""
+        r = S.shape[0]
+        if tuple(U.shape) != (self.out_features, r) or tuple(S.shape) != (r, r) or tuple(V.shape) != (self.in_features, r):
+            raise ValueError(f"factors of shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)} do not fit a "
+                             f"{self.out_features}x{self.in_features} layer")
+        for name, value in (("U", U), ("S", S), ("V", V)):
+            param = getattr(self, name)
+            if param.shape == value.shape:
+                param.data.copy_(value)
+                param.grad = None
+            else:
+                setattr(self, name, nn.Parameter(value.detach().to(param.dtype).clone(),
+                                                 requires_grad=param.requires_grad))
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has shape {tuple(x.shape)}, expected last dim {self.in_features}")
+        return low_rank_linear(x, self.U, self.S, self.V, self.bias, kl_grads=self.kl_grads)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Adopt the checkpoint's rank first (it may differ after DLRT truncations).
+        saved = state_dict.get(prefix + "S")
+        if saved is not None and saved.dim() == 2 and saved.shape != self.S.shape:
+            r = saved.shape[0]
+            like = dict(device=self.S.device, dtype=self.S.dtype)
+            self.set_factors(torch.zeros(self.out_features, r, **like), torch.zeros(r, r, **like),
+                             torch.zeros(self.in_features, r, **like))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self):
+        full = self.out_features * self.in_features
+        stored = self.rank * (self.out_features + self.in_features + self.rank)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}, params={stored / full:.4f} of dense")
