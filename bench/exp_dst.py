@@ -1,0 +1,270 @@
+"""Dynamic sparse training on real data, on the real kernels.
+
+Two tasks, each at several densities, for dense / static ERK / SET / RigL /
+SNFS / Top-KAST / GGR / DPF:
+
+- ``fashion``: Fashion-MNIST MLP 784-H-H-10 (H=2048), test accuracy.
+- ``text``: character-level MLP language model on the Debian ``fortunes`` text
+  (context of C characters, embedding, two hidden layers), validation bits/char.
+
+Hidden layers are ``sparsekern.SparseLinear`` (block size ``--block-size``) at
+ERK densities; embedding and output layers stay dense. Every run uses the same
+data order, initial seed and SGD(momentum 0.9) with a cosine learning rate.
+Columns: quality, train wall-clock and its ratio to dense, training-state
+memory (parameters, gradients, optimizer state, driver shadows and probes; not
+process RSS), and the *mask-update cost*: the extra time of an update step over
+a median step (probe backward + rebuild), in steps, and as a fraction of the
+ΔT=100 steps it is amortized over in RigL's default schedule.
+
+Usage (a few minutes on 2 cores at the defaults):
+    python bench/exp_dst.py --json dst.jsonl
+    python bench/exp_dst.py --task fashion --densities 0.1 --methods dense rigl --epochs 3
+
+Data: ``apt-get install -y dataset-fashion-mnist fortunes``.
+"""
+import argparse
+import glob
+import gzip
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import sparsekern as sk  # noqa: E402
+from sparsekern.kernels import select_kernel  # noqa: E402
+from sparsekern.methods import DPF, GGR, SET, SNFS, DynamicSparsity, RigL, TopKAST  # noqa: E402
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+FORTUNES = "/usr/share/games/fortunes"
+METHODS = {"static": DynamicSparsity, "set": SET, "rigl": RigL, "snfs": SNFS, "topkast": TopKAST, "ggr": GGR,
+           "dpf": DPF}
+
+
+# ------------------------------------------------------------------ data
+
+def load_fashion_mnist(root=FASHION):
+    """(train_x, train_y, test_x, test_y), images standardised float32 (N, 784)."""
+    def read(name, offset):
+        path = os.path.join(root, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} missing: apt-get install -y dataset-fashion-mnist")
+        with gzip.open(path, "rb") as f:
+            return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+    tx = torch.from_numpy(read("train-images-idx3-ubyte.gz", 16).reshape(-1, 784).astype(np.float32) / 255)
+    ex = torch.from_numpy(read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 784).astype(np.float32) / 255)
+    ty = torch.from_numpy(read("train-labels-idx1-ubyte.gz", 8).astype(np.int64))
+    ey = torch.from_numpy(read("t10k-labels-idx1-ubyte.gz", 8).astype(np.int64))
+    mean, std = tx.mean(), tx.std()
+    return (tx - mean) / std, ty, (ex - mean) / std, ey
+
+
+def load_fortunes(root=FORTUNES):
+    """The fortune files (not the offensive ones) as one string of printable ASCII and newlines."""
+    paths = sorted(p for p in glob.glob(os.path.join(root, "*")) if os.path.isfile(p) and "." not in os.path.basename(p))
+    if not paths:
+        raise FileNotFoundError(f"no fortune files under {root}: apt-get install -y fortunes")
+    text = "".join(open(p, encoding="latin-1").read() for p in paths)
+    return "".join(c for c in text if c == "\n" or " " <= c <= "~")
+
+
+def text_windows(text, context):
+    """(train_x, train_y, val_x, val_y, vocab): windows of ``context`` char ids -> next char (last 10% = val)."""
+    vocab = sorted(set(text))
+    lut = torch.zeros(128, dtype=torch.int64)
+    lut[[ord(c) for c in vocab]] = torch.arange(len(vocab))
+    ids = lut[torch.frombuffer(bytearray(text.encode("ascii")), dtype=torch.uint8).long()]
+    windows = ids.unfold(0, context + 1, 1)
+    split = int(0.9 * len(windows))
+    return windows[:split, :-1], windows[:split, -1], windows[split:, :-1], windows[split:, -1], len(vocab)
+
+
+# ------------------------------------------------------------------ models
+
+def hidden(sparse, n_in, n_out, block):
+    return sk.SparseLinear(n_in, n_out, block_size=block) if sparse else nn.Linear(n_in, n_out)
+
+
+def fashion_model(sparse, args):
+    torch.manual_seed(0)
+    h = args.hidden
+    return nn.Sequential(hidden(sparse, 784, h, args.block_size), nn.ReLU(),
+                         hidden(sparse, h, h, args.block_size), nn.ReLU(), nn.Linear(h, 10))
+
+
+class CharMLP(nn.Module):
+    def __init__(self, sparse, vocab, args):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, args.embed)
+        self.body = nn.Sequential(hidden(sparse, args.context * args.embed, args.text_hidden, args.block_size),
+                                  nn.ReLU(), hidden(sparse, args.text_hidden, args.text_hidden, args.block_size),
+                                  nn.ReLU(), nn.Linear(args.text_hidden, vocab))
+
+    def forward(self, x):
+        return self.body(self.embed(x).flatten(1))
+
+
+# ------------------------------------------------------------------ one run
+
+def state_mb(model, optimizer, driver):
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    if driver is not None:
+        tensors += [p.values for p in driver._probes.values()]
+        if hasattr(driver, "shadow"):
+            tensors += [p for p, _ in driver.shadow.values()]
+            tensors += [t for s in driver.shadow_optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+
+
+def stored_density(model):
+    stored = total = 0
+    for m in model.modules():
+        if isinstance(m, sk.SparseLinear):
+            stored += m.nnz_blocks * math.prod(m.block_size)
+            total += m.padded_shape[0] * m.padded_shape[1]
+    return stored / total if total else 1.0
+
+
+@torch.no_grad()
+def evaluate(task, model, x, y):
+    model.eval()
+    total, n = 0.0, len(x)
+    for i in range(0, n, 2000):
+        out = model(x[i:i + 2000])
+        total += float((out.argmax(1) == y[i:i + 2000]).sum()) if task == "fashion" else \
+            float(F.cross_entropy(out, y[i:i + 2000], reduction="sum")) / math.log(2)
+    model.train()
+    return total / n
+
+
+def run(task, method, density, data, args):
+    train_x, train_y, test_x, test_y, make = data
+    sparse = method != "dense"
+    model = make(sparse)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    steps = args.epochs * (len(train_x) // args.batch)
+    delta, t_end = args.delta, int(0.75 * steps)
+    driver = None
+    if sparse:
+        driver = METHODS[method](model, opt, density=density, delta=delta, alpha=args.alpha,
+                                 t_end=0 if method == "static" else t_end)
+    order = torch.cat([torch.randperm(len(train_x), generator=torch.Generator().manual_seed(e))
+                       for e in range(args.epochs)])
+    times, updates = [], []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 0.5 * args.lr * (1 + math.cos(math.pi * step / steps))
+        idx = order[step * args.batch:(step + 1) * args.batch]
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+        loss.backward()
+        opt.step()
+        changed = driver.step() if driver is not None else False
+        times.append(time.perf_counter() - start)
+        if changed:
+            updates.append(step)
+    median = statistics.median(t for i, t in enumerate(times) if i not in set(updates))
+    extra = [max(times[i] - median, 0.0) / median for i in updates]
+    cost_steps = statistics.mean(extra) if extra else 0.0
+    quality = evaluate(task, model, test_x, test_y)
+    return {"task": task, "method": method, "density": density if sparse else 1.0,
+            "stored_density": round(stored_density(model), 4), "block_size": args.block_size if sparse else None,
+            "quality": round(quality, 4), "metric": "test_acc" if task == "fashion" else "val_bits_per_char",
+            "train_s": round(sum(times), 3), "step_ms": round(1000 * median, 3), "steps": steps,
+            "updates": len(updates), "update_cost_steps": round(cost_steps, 3),
+            "update_frac_dt100": round(cost_steps / 100, 5),
+            "rebuild_ms": round(1000 * statistics.mean(driver.update_seconds), 3)
+            if driver is not None and driver.update_seconds else 0.0,
+            "state_mb": round(state_mb(model, opt, driver), 2), "final_loss": round(float(loss), 4)}
+
+
+# ------------------------------------------------------------------ driver
+
+def environment():
+    backend = select_kernel("bsr_forward", torch.device("cpu"), torch.float32)[0]
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "triton": triton_version, "backend": backend, "dtype": "float32"}
+
+
+def task_data(task, args):
+    if task == "fashion":
+        tx, ty, ex, ey = load_fashion_mnist()
+        return tx[:args.train_samples], ty[:args.train_samples], ex, ey, lambda sparse: fashion_model(sparse, args)
+    tx, ty, vx, vy, vocab = text_windows(load_fortunes(), args.context)
+    g = torch.Generator().manual_seed(0)
+    train = torch.randperm(len(tx), generator=g)[:args.text_samples]
+    val = torch.randperm(len(vx), generator=g)[:args.val_samples]
+    return tx[train], ty[train], vx[val], vy[val], lambda sparse: CharMLP(sparse, vocab, args)
+
+
+def markdown(rows):
+    lines = ["| task | method | density | quality | train s | vs dense | state MB | update cost (steps) "
+             "| % of ΔT=100 | rebuild ms |", "|" + "---|" * 10]
+    dense = {r["task"]: r for r in rows if r["method"] == "dense"}
+    for r in rows:
+        base = dense.get(r["task"])
+        speed = f"{base['train_s'] / r['train_s']:.2f}x" if base else "-"
+        lines.append(f"| {r['task']} | {r['method']} | {r['density']} | {r['quality']:.4f} {r['metric']} | "
+                     f"{r['train_s']:.1f} | {speed} | {r['state_mb']:.1f} | {r['update_cost_steps']:.2f} | "
+                     f"{100 * r['update_frac_dt100']:.2f} | {r['rebuild_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["fashion", "text", "both"], default="both")
+    p.add_argument("--methods", nargs="+", default=["dense", *METHODS], choices=["dense", *METHODS])
+    p.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.05, 0.02])
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--delta", type=int, default=20, help="steps between mask updates (short runs: < 100)")
+    p.add_argument("--alpha", type=float, default=0.3)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--train-samples", type=int, default=20000)
+    p.add_argument("--context", type=int, default=16)
+    p.add_argument("--embed", type=int, default=32)
+    p.add_argument("--text-hidden", type=int, default=1024)
+    p.add_argument("--text-samples", type=int, default=40000)
+    p.add_argument("--val-samples", type=int, default=20000)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="append JSON rows to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment()
+    print(json.dumps(env))
+    rows = []
+    for task in (["fashion", "text"] if args.task == "both" else [args.task]):
+        data = task_data(task, args)
+        for method in args.methods:
+            for density in ([1.0] if method == "dense" else args.densities):
+                row = {**run(task, method, density, data, args), **env}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
