@@ -3,6 +3,8 @@
 fullgraph=True fails on any graph break, so these tests prove the op is one traced
 node; the compiled model must match eager in the output and every gradient.
 """
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -59,3 +61,15 @@ def test_grad_probe_traces_without_graph_breaks():
     step(x).backward()
     torch.testing.assert_close(compiled[0], weight.values.grad)
     torch.testing.assert_close(compiled[1], probe.values.grad)
+
+
+def test_trace_time_backend_is_marked_like_assume_constant_result():
+    # bsr_linear sets the flag by hand so `import sparsekern` does not import torch._dynamo.
+    module = importlib.import_module("sparsekern.ops.bsr_linear")  # the attribute is the function
+
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert vars(marked) == {"_dynamo_marked_constant": True}
+    assert vars(module._traced_backend) == vars(marked)

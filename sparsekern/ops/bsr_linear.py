@@ -21,7 +21,15 @@ from ..kernels import forced_backend, select_kernel
 # forced when it was traced (`_traced_backend` is a trace-time constant).
 _LAYOUT_FIELDS = ("block_mask", "row_offsets", "col_indices", "row_indices", "col_offsets", "t_block_ids",
                   "t_row_indices")
-_traced_backend = torch.compiler.assume_constant_result(forced_backend)
+
+
+def _traced_backend():
+    return forced_backend()
+
+
+# = torch.compiler.assume_constant_result(_traced_backend), which would import torch._dynamo
+# (and with it triton) at `import sparsekern`; the decorator only sets this flag (tested).
+_traced_backend._dynamo_marked_constant = True
 
 
 def _flat(layout):
