@@ -35,7 +35,7 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, work_ptr, n_work, ids_ptr, gath
                 V_STRIDE_IN: tl.constexpr, IDENTITY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     n_sub: tl.constexpr = (OUT_B + BN - 1) // BN
-    tiles = tl.cdiv(M, BM) * n_sub
+    tiles = (M + BM - 1) // BM * n_sub  # no tl.cdiv: triton's @jit library breaks the interpreter
     pid = tl.program_id(0)
     item, rest = pid // tiles, pid % tiles
     pid_m, pid_n = rest // n_sub, rest % n_sub

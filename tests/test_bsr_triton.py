@@ -1,0 +1,252 @@
+"""The triton backend of the block-sparse products.
+
+On CPU the kernels run in triton's interpreter (TRITON_INTERPRET=1, set per test
+so other test modules keep their backend lists), at small shapes, against the
+dense masked computation with the tolerances every backend uses. Every buffer
+``torch.empty`` hands out is NaN-filled, so a block (or partial sum) a kernel
+fails to write fails the test. GPU tests (autotuned kernels) are marked ``gpu``.
+"""
+import importlib.util
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparsekern as sk
+from helpers import TOLERANCES, random_bsr
+from sparsekern.kernels.bsr import reference
+
+# triton itself is imported lazily (inside tests), like the package does: the kernels
+# must work in the interpreter whether or not triton was imported before the env var.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+CPU = torch.device("cpu")
+_empty = torch.empty
+
+
+@pytest.fixture(autouse=True)
+def interpret_and_nan_fill(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def nan_empty(*args, **kwargs):
+        out = _empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def _kernels():
+    from sparsekern.kernels.bsr import triton_forward, triton_grad
+    return triton_forward, triton_grad
+
+
+# (out, in), block, density, empty block rows, empty block cols
+STRUCTURES = {
+    "b16-half": ((64, 96), 16, 0.5, (), ()),
+    "b32-empty-row-col": ((96, 64), 32, 0.7, (1,), (0,)),
+    "b64-dense": ((64, 128), 64, 1.0, (), ()),
+    "rect16x32": ((48, 96), (16, 32), 0.5, (), ()),
+    "rect32x16-empty-cols": ((64, 48), (32, 16), 0.8, (), (0, 2)),
+    "rect8x24-narrow": ((40, 72), (8, 24), 0.4, (), ()),
+    "density0": ((32, 48), 16, 0.0, (), ()),
+}
+
+
+def _case(name, dtype, m, seed=0):
+    shape, block, density, empty_rows, empty_cols = STRUCTURES[name]
+    weight = random_bsr(shape, block, density, dtype=dtype, seed=seed, empty_rows=empty_rows, empty_cols=empty_cols)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, shape[1], generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(m, shape[0], generator=g, dtype=torch.float64).to(dtype)
+    return weight, x, dy
+
+
+def _dense_products(weight, x, dy):
+    w, x, dy = weight.to_dense().double(), x.double(), dy.double()
+    (rb, cb), (br, bc) = weight.layout.grid, weight.block_size
+    dw_blocks = (dy.T @ x).reshape(rb, br, cb, bc).transpose(1, 2)[weight.layout.row_indices, weight.layout.col_indices]
+    return x @ w.T, dy @ w, dw_blocks
+
+
+# fp32 on every structure; the half types on two (the interpreter is slow).
+PRODUCT_CASES = [pytest.param(name, torch.float32, id=f"{name}-fp32") for name in STRUCTURES] + [
+    pytest.param(name, dtype, id=f"{name}-{label}")
+    for dtype, label in [(torch.float16, "fp16"), (torch.bfloat16, "bf16")] for name in ("b16-half", "rect16x32")]
+
+
+@pytest.mark.parametrize("name,dtype", PRODUCT_CASES)
+def test_products_match_dense_masked(name, dtype):
+    forward, grad = _kernels()
+    weight, x, dy = _case(name, dtype, m=19)
+    y_ref, dx_ref, dw_ref = _dense_products(weight, x, dy)
+    tol = TOLERANCES[dtype]
+    y = forward.bsr_forward(x, weight.values, weight.layout)
+    dx = forward.bsr_grad_input(dy, weight.values, weight.layout)
+    dw = grad.bsr_grad_weight(dy, x, weight.layout)
+    assert (y.dtype, dx.dtype, dw.dtype) == (dtype,) * 3
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(dx.double(), dx_ref, **tol)
+    torch.testing.assert_close(dw.double(), dw_ref, **tol)
+
+
+def test_zero_tokens_and_zero_blocks():
+    forward, grad = _kernels()
+    weight, x, dy = _case("b16-half", torch.float32, m=0)
+    assert forward.bsr_forward(x, weight.values, weight.layout).shape == (0, 64)
+    assert forward.bsr_grad_input(dy, weight.values, weight.layout).shape == (0, 96)
+    assert torch.equal(grad.bsr_grad_weight(dy, x, weight.layout), torch.zeros_like(weight.values))
+    empty, x, dy = _case("density0", torch.float32, m=5)
+    assert torch.equal(forward.bsr_forward(x, empty.values, empty.layout), torch.zeros(5, 32))
+    assert grad.bsr_grad_weight(dy, x, empty.layout).shape == (0, 16, 16)
+
+
+class TestLoadBalance:
+    def test_plan_splits_long_segments_and_runs_longest_first(self):
+        forward, _ = _kernels()
+        items, slot_rows = forward.plan([40, 1, 0, 3], min_segment=4)
+        # target = max(4, ceil(44 / 4)) = 11: the 40-block row is cut in 4 pieces of 10.
+        pieces = [it for it in items if it[0] == 0]
+        assert [hi - lo for _, lo, hi, _ in pieces] == [10, 10, 10, 10]
+        assert sorted(slot for *_, slot in pieces) == [0, 1, 2, 3] and slot_rows == [0, 0, 0, 0]
+        assert [hi - lo for _, lo, hi, _ in items] == [10, 10, 10, 10, 3, 1, 0]
+        assert (2, 41, 41, -1) in items  # an empty row is still written (with zeros)
+
+    def test_uniform_rows_are_not_split(self):
+        forward, _ = _kernels()
+        items, slot_rows = forward.plan([9, 8, 10, 7])
+        assert slot_rows == [] and len(items) == 4
+
+    @pytest.mark.parametrize("skew", ["row", "col"])
+    def test_skewed_layout_goes_through_partial_sums(self, skew):
+        # One full block row (forward) or column (dX) of 24 blocks, the rest nearly empty.
+        forward, _ = _kernels()
+        mask = torch.zeros(4, 24, dtype=torch.bool)
+        mask[0] = True
+        mask[2, 5] = mask[3, 7] = True
+        if skew == "col":
+            mask = mask.T.contiguous()
+        dense = torch.randn(mask.shape[0] * 16, mask.shape[1] * 16, dtype=torch.float64)
+        weight = sk.BlockSparseMatrix.from_dense(dense.float(), 16, block_mask=mask)
+        offsets = weight.layout.row_offsets if skew == "row" else weight.layout.col_offsets
+        assert forward.schedule(offsets).n_slots > 1
+        assert forward.schedule(offsets) is forward.schedule(offsets)  # built once per layout
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(9, weight.shape[1], generator=g)
+        dy = torch.randn(9, weight.shape[0], generator=g)
+        y_ref, dx_ref, _ = _dense_products(weight, x, dy)
+        product = forward.bsr_forward if skew == "row" else forward.bsr_grad_input
+        got = product(x if skew == "row" else dy, weight.values, weight.layout)
+        torch.testing.assert_close(got.double(), y_ref if skew == "row" else dx_ref, **TOLERANCES[torch.float32])
+
+    def test_few_blocks_split_the_token_dimension(self):
+        _, grad = _kernels()
+        assert grad.split_m(100, programs=2, slots=4, grain=16) == (4, 32)
+        assert grad.split_m(100, programs=64, slots=4, grain=16) == (1, 112)
+        assert grad.split_m(10, programs=1, slots=132, grain=512) == (1, 512)
+        weight, x, dy = _case("b64-dense", torch.float32, m=100)  # 2 blocks, interpreter: 4 slots
+        torch.testing.assert_close(grad.bsr_grad_weight(dy, x, weight.layout).double(),
+                                   _dense_products(weight, x, dy)[2], **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("probe", [None, "dense", "partial"])
+def test_bsr_linear_on_triton_matches_reference(dtype, probe):
+    """The whole op (leading batch dims, bias, grad_probe) forced onto triton."""
+    weight, _, _ = _case("rect16x32", dtype, m=1, seed=4)
+    weight.values.requires_grad_()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 96, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(48, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(2, 3, 48, generator=g).to(dtype)
+    grad_probe = None
+    if probe is not None:
+        mask = torch.ones(3, 3, dtype=torch.bool) if probe == "dense" else torch.eye(3, dtype=torch.bool)
+        grad_probe = sk.BlockSparseMatrix.from_dense(torch.zeros(48, 96, dtype=dtype), (16, 32), block_mask=mask)
+        grad_probe.values.requires_grad_()
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = [x, weight.values, bias] + ([] if grad_probe is None else [grad_probe.values])
+        for leaf in leaves:
+            leaf.grad = None
+        with sk.use_backend(backend):
+            y = sk.ops.bsr_linear(x, weight, bias, grad_probe=grad_probe)
+            y.backward(dy)
+        results[backend] = [y.detach()] + [leaf.grad for leaf in leaves]
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got.double(), want.double(), **TOLERANCES[dtype])
+
+
+class TestAvailability:
+    def test_cpu_needs_the_interpreter(self, monkeypatch):
+        from sparsekern.kernels.bsr.triton_backend import unavailable
+        assert unavailable(CPU, torch.float32) is None
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert "TRITON_INTERPRET=1" in unavailable(CPU, torch.float32)
+        assert "triton" not in sk.kernels.available_backends("bsr_forward", CPU, torch.float32)
+
+    def test_dtypes_and_devices(self):
+        from sparsekern.kernels.bsr.triton_backend import unavailable
+        assert "torch.float64" in unavailable(CPU, torch.float64)
+        assert unavailable(torch.device("cuda"), torch.bfloat16) is None  # no CUDA query: a probe only
+        assert "mps" in unavailable(torch.device("mps"), torch.float16)
+
+    def test_cuda_tensors_prefer_triton(self):
+        name, _ = sk.kernels.select_kernel("bsr_forward", torch.device("cuda"), torch.float16)
+        assert name == "triton"
+
+    def test_import_loads_no_triton(self):
+        code = ("import sys, sparsekern; "
+                "assert 'triton' not in sys.modules, 'import sparsekern loaded triton'; "
+                "assert 'sparsekern.kernels.bsr.triton_forward' not in sys.modules")
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_gpu_targets(arch, monkeypatch):
+    """Without a GPU, still compile both kernels to cubin (ptxas included) for sm_80 and
+    sm_90, so GPU-only code paths (tensor-core dots, bf16, tf32) are at least valid."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    forward, grad = _kernels()
+    common = dict(PRECISION="tf32", UPCAST=False)
+    dsd = dict(a_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", work_ptr="*i32", n_work="i32",
+               ids_ptr="*i64", gather_ptr="*i64", M="i32", stride_am="i32", stride_om="i32", M_BUCKET="i32")
+    sdd = dict(dy_ptr="*fp32", x_ptr="*fp32", out_ptr="*fp32", rows_ptr="*i64", cols_ptr="*i64", nnz="i32", M="i32",
+               stride_dy="i32", stride_x="i32", m_per_split="i32", M_BUCKET="i32")
+    for fn, signature, constants in [
+        (forward._dsd_kernel, dsd, dict(OUT_B=64, IN_B=32, V_STRIDE_OUT=1, V_STRIDE_IN=64, IDENTITY=False,
+                                         BM=64, BN=64, BK=32, **common)),
+        (grad._sdd_kernel, sdd, dict(BR=32, BC=64, TR=32, TC=64, BM=32, **common)),
+    ]:
+        # In the kernel's argument order: ASTSource matches the signature by position.
+        signature = {name: signature.get(name, "constexpr") for name in inspect.signature(fn).parameters}
+        source = ASTSource(triton.jit(fn), signature, constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=3))
+        assert compiled.asm["cubin"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block", [16, 32, 64, 128, (32, 64)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_gpu_autotuned_products_match_reference(block, dtype, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    forward, grad = _kernels()
+    torch.manual_seed(0)
+    weight = random_bsr((512, 768), block, 0.3, dtype=dtype, seed=6)
+    layout = weight.layout.to("cuda")
+    values = weight.values.cuda()
+    x = torch.randn(1000, 768, device="cuda", dtype=dtype)
+    dy = torch.randn(1000, 512, device="cuda", dtype=dtype)
+    # Reference in fp64 on the same inputs; tolerances scale with the reduction length.
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
+    for got, want in [
+        (forward.bsr_forward(x, values, layout), reference.bsr_forward(x.double(), values.double(), layout)),
+        (forward.bsr_grad_input(dy, values, layout), reference.bsr_grad_input(dy.double(), values.double(), layout)),
+        (grad.bsr_grad_weight(dy, x, layout), reference.bsr_grad_weight(dy.double(), x.double(), layout)),
+    ]:
+        torch.testing.assert_close(got.double(), want, **tol)
