@@ -54,8 +54,10 @@ from .schedules import DropSchedule
 def block_rms(values):
     """(nnz, br, bc) -> (nnz,) RMS of each block, in float32 (fp64 stays fp64)."""
     v = values.detach()
-    v = v if v.dtype == torch.float64 else v.float()
-    return v.pow(2).mean((1, 2)).sqrt() if v.numel() else v.new_zeros(v.shape[0])
+    dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+    if v.shape[0] == 0:
+        return v.new_zeros(0, dtype=dtype)
+    return torch.linalg.vector_norm(v, dim=(1, 2), dtype=dtype) / (v.shape[1] * v.shape[2]) ** 0.5
 
 
 def on_grid(layout, scores):
@@ -71,8 +73,8 @@ def gather_blocks(sources, target, like):
     out = like.new_zeros((target.nnz_blocks, *like.shape[1:]))
     for tensor, layout in sources:
         pos = layout.positions_of(target)
-        hit = pos >= 0
-        out[hit] = tensor[pos[hit]].to(out.dtype)
+        hit = (pos >= 0).nonzero().squeeze(1)
+        out.index_copy_(0, hit, tensor.index_select(0, pos[hit]).to(out.dtype))
     return out
 
 
@@ -121,12 +123,12 @@ def restructure(layer, optimizer, block_mask, sources=None, state_sources=None):
     new blocks start at zero with zero optimizer state."""
     old = layer.layout()
     target = BlockLayout.from_block_mask(block_mask.to(old.device), layer.padded_shape, layer.block_size)
-    sources = sources or [(layer.values.detach(), old)]
     state_sources = state_sources or [(optimizer, layer.values, old)]
-    values = gather_blocks(sources, target, layer.values.detach())
+    values = None if sources is None else gather_blocks(sources, target, layer.values.detach())
     state = new_state(state_sources, target)
-    layer.set_block_mask(target.block_mask)
-    layer.values.data = values
+    layer.set_block_mask(target.block_mask)  # carries the layer's own surviving blocks
+    if values is not None:
+        layer.values.data = values
     refresh_autograd(layer.values)
     if state:
         optimizer.state[layer.values] = state
