@@ -9,7 +9,9 @@ SNFS / Top-KAST / GGR / DPF:
 
 Hidden layers are ``sparsekern.SparseLinear`` (block size ``--block-size``) at
 ERK densities; embedding and output layers stay dense. Every run uses the same
-data order, initial seed and SGD(momentum 0.9) with a cosine learning rate.
+data order, initial seed and SGD(momentum 0.9) with a cosine learning rate;
+sparse layers' initial weights are scaled by density**-0.5 (the dense init's
+activation scale at the reduced fan-in; ``--dense-init`` turns this off).
 Columns: quality, train wall-clock and its ratio to dense, training-state
 memory (parameters, gradients, optimizer state, driver shadows and probes; not
 process RSS), and the *mask-update cost*: the extra time of an update step over
@@ -159,6 +161,11 @@ def run(task, method, density, data, args):
     if sparse:
         driver = METHODS[method](model, opt, density=density, delta=delta, alpha=args.alpha,
                                  t_end=0 if method == "static" else t_end)
+        if args.sparse_init:
+            # Keep the activation scale of the dense init: fan-in shrank to density * in_features.
+            with torch.no_grad():
+                for _, layer in driver.layers:
+                    layer.values.mul_(layer.density ** -0.5)
     order = torch.cat([torch.randperm(len(train_x), generator=torch.Generator().manual_seed(e))
                        for e in range(args.epochs)])
     times, updates = [], []
@@ -187,7 +194,7 @@ def run(task, method, density, data, args):
             "update_frac_dt100": round(cost_steps / 100, 5),
             "rebuild_ms": round(1000 * statistics.mean(driver.update_seconds), 3)
             if driver is not None and driver.update_seconds else 0.0,
-            "state_mb": round(state_mb(model, opt, driver), 2), "final_loss": round(float(loss), 4)}
+            "state_mb": round(state_mb(model, opt, driver), 2), "final_loss": round(loss.item(), 4)}
 
 
 # ------------------------------------------------------------------ driver
@@ -239,12 +246,14 @@ def main(argv=None):
     p.add_argument("--delta", type=int, default=20, help="steps between mask updates (short runs: < 100)")
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--train-samples", type=int, default=20000)
+    p.add_argument("--train-samples", type=int, default=25600)
     p.add_argument("--context", type=int, default=16)
     p.add_argument("--embed", type=int, default=32)
     p.add_argument("--text-hidden", type=int, default=1024)
-    p.add_argument("--text-samples", type=int, default=40000)
+    p.add_argument("--text-samples", type=int, default=51200)
     p.add_argument("--val-samples", type=int, default=20000)
+    p.add_argument("--dense-init", dest="sparse_init", action="store_false",
+                   help="keep nn.Linear's init on sparse layers (default: scale by density**-0.5)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="append JSON rows to this file")
     args = p.parse_args(argv)
