@@ -136,8 +136,8 @@ class DLRT:
         P, sigma, Qh = torch.linalg.svd(S_hat, full_matrices=False)
         r1 = self._new_rank(layer, sigma)
         P, sigma, Q = P[:, :r1], sigma[:r1], Qh[:r1].T
-        U1 = torch.cat([U, QK], 1) @ P
-        V1 = torch.cat([V, QL], 1) @ Q
+        U1 = torch.addmm(U @ P[:r], QK, P[r:])  # Û P without concatenating Û
+        V1 = torch.addmm(V @ Q[:r], QL, Q[r:])
         S1 = torch.diag(sigma)
         if self.steps % _REORTH_EVERY == 0:
             U1, S1, V1 = _reorthonormalize(U1, S1, V1)
@@ -163,7 +163,7 @@ class DLRT:
 def _new_directions(U, direction, coeffs):
     """Orthonormal Q ⟂ U and R with (I - UUᵀ) direction = Q R, given coeffs = Uᵀ direction."""
     n, r = U.shape
-    D = direction - U @ coeffs
+    D = torch.addmm(direction, U, coeffs, alpha=-1)
     if direction.shape[1] > n - r:
         # More new directions than the complement of U holds (small layers): use all of it.
         Q = torch.linalg.qr(U, mode="complete").Q[:, r:]
@@ -173,7 +173,8 @@ def _new_directions(U, direction, coeffs):
     # 1/pivot, and at (near-)zero pivots (a gradient of rank < r) its columns are
     # arbitrary. Then project Q (D = (I - UUᵀ) Q R) and orthonormalize once more.
     pivots = R.diagonal().abs()
-    if pivots.numel() and float(pivots.min()) <= _PIVOT_RATIO * float(direction.norm(dim=0).max()):
+    column_norms = (coeffs.square().sum(0) + R.square().sum(0)).sqrt()  # ‖direction[:, j]‖, for free
+    if pivots.numel() and float(pivots.min()) <= _PIVOT_RATIO * float(column_norms.max()):
         Q, R2 = torch.linalg.qr(Q - U @ (U.T @ Q))
         R = R2 @ R
     return Q, R

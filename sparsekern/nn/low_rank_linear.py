@@ -124,7 +124,7 @@ class LowRankLinear(nn.Module):
         for name, value in (("U", U), ("S", S), ("V", V)):
             param = getattr(self, name)
             if param.shape == value.shape:
-                param.data.copy_(value)
+                param.data = value.detach().to(param.dtype)
                 param.grad = None
             else:
                 setattr(self, name, nn.Parameter(value.detach().to(param.dtype).clone(),

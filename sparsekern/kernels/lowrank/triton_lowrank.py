@@ -46,7 +46,7 @@ def _kernels():
     @triton.jit
     def mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
                   sam, sak, sbk, sbn, scm, scn,
-                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -59,6 +59,8 @@ def _kernels():
                         mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
             b = tl.load(b_ptr + kk[:, None] * sbk + rn[None, :] * sbn,
                         mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            if WIDEN:
+                a, b = a.to(tl.float32), b.to(tl.float32)
             acc += tl.dot(a, b, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -67,7 +69,7 @@ def _kernels():
 
     @triton.jit
     def chain_kernel(a_ptr, b_ptr, c_ptr, p_ptr, q_ptr, M, K, R,
-                     sam, sak, sbk, sbr, scr, scs, spm, spr, sqm, sqr, PRECISION: tl.constexpr,
+                     sam, sak, sbk, sbr, scr, scs, spm, spr, sqm, sqr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rr = tl.arange(0, BR)
@@ -79,16 +81,26 @@ def _kernels():
                         mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
             b = tl.load(b_ptr + kk[:, None] * sbk + rr[None, :] * sbr,
                         mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
+            if WIDEN:
+                a, b = a.to(tl.float32), b.to(tl.float32)
             acc += tl.dot(a, b, input_precision=PRECISION)
         out_mask = (rm[:, None] < M) & (rr[None, :] < R)
         p = acc.to(p_ptr.dtype.element_ty)
         tl.store(p_ptr + rm[:, None] * spm + rr[None, :] * spr, p, mask=out_mask)
         c = tl.load(c_ptr + rr[:, None] * scr + rr[None, :] * scs,
                     mask=(rr[:, None] < R) & (rr[None, :] < R), other=0.0)
+        if WIDEN:
+            p, c = p.to(tl.float32), c.to(tl.float32)
         q = tl.dot(p, c, input_precision=PRECISION)  # P rounded like the stored copy, so Q matches two launches
         tl.store(q_ptr + rm[:, None] * sqm + rr[None, :] * sqr, q.to(q_ptr.dtype.element_ty), mask=out_mask)
 
     return triton, mm_kernel, chain_kernel
+
+
+def _widen(dtype):
+    """Widen bf16 tiles to fp32 before tl.dot under the interpreter only: its numpy
+    dot misreads bf16 operands (numpy has no bf16). GPUs take bf16 natively."""
+    return dtype == torch.bfloat16 and _interpreting()
 
 
 def _precision(dtype):
@@ -113,7 +125,7 @@ def _mm(a, b, bias=None):
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     mm_kernel[grid](a, b, c, bias if bias is not None else c, m, n, k,
                     a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-                    HAS_BIAS=bias is not None, PRECISION=_precision(a.dtype), BM=bm, BN=bn, BK=bk)
+                    HAS_BIAS=bias is not None, PRECISION=_precision(a.dtype), WIDEN=_widen(a.dtype), BM=bm, BN=bn, BK=bk)
     return c
 
 
@@ -133,7 +145,7 @@ def _chain(a, b, c):
     chain_kernel[(triton.cdiv(m, bm),)](
         a, b, c, p, q, m, k, r, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         c.stride(0), c.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        PRECISION=_precision(a.dtype), BM=bm, BK=bk, BR=br)
+        PRECISION=_precision(a.dtype), WIDEN=_widen(a.dtype), BM=bm, BK=bk, BR=br)
     return p, q
 
 

@@ -1,0 +1,179 @@
+"""Low-rank vs dense linear layers: forward+backward and a full training step.
+
+    python bench/bench_low_rank.py                      # CPU fp32, 4096x4096, 2048 tokens, r = 256 and 64
+    python bench/bench_low_rank.py --ranks 256 --repeats 9 --json bench/results/low_rank.json
+    pytest bench/bench_low_rank.py --benchmark-only     # small-shape microbenchmarks
+
+Rows (each timed in the same process as its dense baseline, alternating, ratio =
+median over repeats of dense_ms / lowrank_ms for the pair measured back to back):
+
+* ``fwd+bwd``: ``nn.Linear`` vs ``LowRankLinear`` (x requires grad, bias on),
+  y = layer(x); y.backward(dy).
+* ``fwd+bwd unfused``: the same low-rank layer through plain autograd
+  (x @ V @ Sᵀ @ Uᵀ + b), to show what the fused kernel adds.
+* ``step``: dense fwd+bwd + ``torch.optim.SGD.step`` vs ``LowRankLinear`` fwd+bwd +
+  ``DLRT.step`` (K/L/S updates, two QRs, SVD of the 2r x 2r matrix, truncation),
+  with tol=0 and rmax=r so the rank stays r and every step does the full work.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import sparsekern as sk  # noqa: E402
+
+
+def _versions():
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads())
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _fwd_bwd(layer, x, dy):
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(dy)
+    return run
+
+
+def _unfused(layer, x, dy):
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        (x @ layer.V @ layer.S.T @ layer.U.T + layer.bias).backward(dy)
+    return run
+
+
+def _dense_step(layer, x, dy, lr):
+    opt = torch.optim.SGD(layer.parameters(), lr=lr)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(dy)
+        opt.step()
+    return run
+
+
+def _dlrt_step(layer, x, dy, lr, rank):
+    dlrt = sk.DLRT(layer, lr, tol=0.0, rmax=rank)
+
+    def run():
+        dlrt.zero_grad()
+        x.grad = None
+        layer(x).backward(dy)
+        dlrt.step()
+    return run
+
+
+def compare(name, dense_fn, lowrank_fn, repeats, device, row):
+    """Alternate dense and low-rank runs (after one warm-up each); median times and ratio."""
+    dense_fn(), lowrank_fn()
+    dense_ms, lowrank_ms, ratios = [], [], []
+    for _ in range(repeats):
+        d = _timed(dense_fn, device)
+        s = _timed(lowrank_fn, device)
+        dense_ms.append(d)
+        lowrank_ms.append(s)
+        ratios.append(d / s)
+    return dict(row, case=name, dense_ms=statistics.median(dense_ms), lowrank_ms=statistics.median(lowrank_ms),
+                ratio=statistics.median(ratios), repeats=repeats)
+
+
+def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases):
+    torch.manual_seed(0)
+    factory = dict(device=device, dtype=dtype)
+    x = torch.randn(tokens, in_features, **factory, requires_grad=True)
+    dy = torch.randn(tokens, out_features, **factory)
+    dense = nn.Linear(in_features, out_features, **factory)
+    base = dict(device=_device_name(device), dtype=str(dtype).replace("torch.", ""), tokens=tokens,
+                in_features=in_features, out_features=out_features, **_versions())
+    rows = []
+    for rank in ranks:
+        row = dict(base, rank=rank, params_vs_dense=rank * (in_features + out_features + rank)
+                   / (in_features * out_features))
+        layer = sk.LowRankLinear(in_features, out_features, rank, **factory)
+        if "fwd+bwd" in cases:
+            rows.append(compare("fwd+bwd", _fwd_bwd(dense, x, dy), _fwd_bwd(layer, x, dy), repeats, device, row))
+        if "unfused" in cases:
+            rows.append(compare("fwd+bwd unfused", _fwd_bwd(dense, x, dy), _unfused(layer, x, dy),
+                                repeats, device, row))
+        if "step" in cases:
+            # Tiny lr: the factors stay well-scaled however many steps are timed.
+            rows.append(compare("step", _dense_step(dense, x, dy, 1e-6), _dlrt_step(layer, x, dy, 1e-6, rank),
+                                repeats, device, row))
+        layer.kl_grads = False
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--in-features", type=int, default=4096)
+    parser.add_argument("--out-features", type=int, default=4096)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[256, 64])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", nargs="+", default=["fwd+bwd", "unfused", "step"],
+                        choices=["fwd+bwd", "unfused", "step"])
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    rows = run(args.tokens, args.in_features, args.out_features, args.ranks, args.repeats,
+               getattr(torch, args.dtype), torch.device(args.device), args.cases)
+    print(f"{'case':<16} {'rank':>5} {'dense ms':>10} {'lowrank ms':>11} {'ratio':>7}")
+    for r in rows:
+        print(f"{r['case']:<16} {r['rank']:>5} {r['dense_ms']:>10.1f} {r['lowrank_ms']:>11.1f} {r['ratio']:>6.2f}x")
+    for r in rows:
+        print(json.dumps(r))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+# pytest-benchmark microbenchmarks (small shapes; `pytest bench/bench_low_rank.py --benchmark-only`).
+def test_bench_low_rank_fwd_bwd(benchmark):
+    layer = sk.LowRankLinear(512, 512, 32)
+    x = torch.randn(256, 512, requires_grad=True)
+    benchmark(_fwd_bwd(layer, x, torch.randn(256, 512)))
+
+
+def test_bench_dlrt_step(benchmark):
+    layer = sk.LowRankLinear(512, 512, 32)
+    x = torch.randn(256, 512, requires_grad=True)
+    benchmark(_dlrt_step(layer, x, torch.randn(256, 512), 1e-6, 32))
+
+
+if __name__ == "__main__":
+    main()
