@@ -34,11 +34,13 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, work_ptr, n_work, ids_ptr, gath
                 stride_om, M_BUCKET, OUT_B: tl.constexpr, IN_B: tl.constexpr, V_STRIDE_OUT: tl.constexpr,
                 V_STRIDE_IN: tl.constexpr, IDENTITY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # Token tiles slowest: the programs in flight share one (BM, K) slice of the dense
+    # operand in L2 across all segments; within a token tile, segments run longest first.
     n_sub: tl.constexpr = (OUT_B + BN - 1) // BN
-    tiles = (M + BM - 1) // BM * n_sub  # no tl.cdiv: triton's @jit library breaks the interpreter
+    per_m = n_work * n_sub
     pid = tl.program_id(0)
-    item, rest = pid // tiles, pid % tiles
-    pid_m, pid_n = rest // n_sub, rest % n_sub
+    pid_m, rest = pid // per_m, pid % per_m
+    item, pid_n = rest // n_sub, rest % n_sub
     out_block = tl.load(work_ptr + item)
     start = tl.load(work_ptr + n_work + item)
     end = tl.load(work_ptr + 2 * n_work + item)
@@ -119,13 +121,14 @@ def _kernel(interpret):
 class Schedule:
     """Work items of a DSD launch. ``work`` (4, W) int32 rows: output block, first and
     end position in the segment arrays, partial slot (-1: write the output directly).
-    ``slot_rows`` gives the output block of every partial slot."""
+    Split output blocks are ``split_rows``; partial slot s belongs to split_rows[slot_to_row[s]]."""
     work: torch.Tensor
-    slot_rows: torch.Tensor
+    split_rows: torch.Tensor
+    slot_to_row: torch.Tensor
 
     @property
     def n_slots(self):
-        return self.slot_rows.numel()
+        return self.slot_to_row.numel()
 
 
 def plan(counts, min_segment=MIN_SEGMENT):
@@ -161,9 +164,10 @@ def schedule(offsets):
     if entry is not None and entry[0]() is offsets:
         return entry[1]
     items, slot_rows = plan(torch.diff(offsets).tolist())
+    split_rows, slot_to_row = torch.unique(torch.tensor(slot_rows, dtype=torch.int64), return_inverse=True)
     device = offsets.device
-    work = torch.tensor(items, dtype=torch.int32).reshape(-1, 4).T.contiguous().to(device)
-    result = Schedule(work, torch.tensor(slot_rows, dtype=torch.int64, device=device))
+    work = torch.tensor(items, dtype=torch.int32).reshape(-1, 4).T.contiguous()
+    result = Schedule(work.to(device), split_rows.to(device), slot_to_row.to(device))
     key = id(offsets)
     _schedules[key] = (weakref.ref(offsets, lambda _: _schedules.pop(key, None)), result)
     return result
@@ -183,24 +187,19 @@ def _dsd(a, values, offsets, ids, gather, out_b, in_b, v_strides):
     meta = dict(OUT_B=out_b, IN_B=in_b, V_STRIDE_OUT=v_strides[0], V_STRIDE_IN=v_strides[1],
                 IDENTITY=ids is None, PRECISION=dot_precision(a.dtype), UPCAST=upcast(a.dtype))
     kernel = _kernel(interpreting())
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BM"]) * triton.cdiv(out_b, cfg["BN"]) * n_work,)
+
     if interpreting():
-        t = _INTERPRET_TILE
-        kernel[(triton.cdiv(m, t["BM"]) * triton.cdiv(out_b, t["BN"]) * n_work,)](*args, **meta, **t)
+        kernel[grid(_INTERPRET_TILE)](*args, **meta, **_INTERPRET_TILE)
     else:
-        def grid(cfg):
-            return (triton.cdiv(m, cfg["BM"]) * triton.cdiv(out_b, cfg["BN"]) * n_work,)
         kernel[grid](*args, **meta)
     if plan_.n_slots:
-        _add_partials(out.view(m, n_out, out_b), part, plan_.slot_rows)
+        # The split output blocks were not written by the kernel: their partials sum to them.
+        total = torch.zeros(plan_.split_rows.numel(), m, out_b, dtype=torch.float32, device=a.device)
+        total.index_add_(0, plan_.slot_to_row, part)
+        out.view(m, n_out, out_b)[:, plan_.split_rows] = total.transpose(0, 1).to(out.dtype)
     return out
-
-
-def _add_partials(out, part, slot_rows):
-    """out[:, row] = sum of the partial slots of that row (rows that were split)."""
-    rows, slot_to_row = torch.unique(slot_rows, return_inverse=True)
-    total = torch.zeros(rows.numel(), *part.shape[1:], dtype=torch.float32, device=part.device)
-    total.index_add_(0, slot_to_row, part)
-    out[:, rows] = total.transpose(0, 1).to(out.dtype)
 
 
 def bsr_forward(x, values, layout):

@@ -111,11 +111,11 @@ def bsr_grad_weight(dy, x, layout):
             triton.next_power_of_2(m))
     meta = dict(BR=br, BC=bc, PRECISION=dot_precision(x.dtype), UPCAST=upcast(x.dtype))
     kernel = _kernel(interpret)
+    def grid(cfg):
+        return (triton.cdiv(br, cfg["TR"]) * triton.cdiv(bc, cfg["TC"]) * nnz * split,)
+
     if interpret:
-        t = _INTERPRET_TILE
-        kernel[(triton.cdiv(br, t["TR"]) * triton.cdiv(bc, t["TC"]) * nnz * split,)](*args, **meta, **t)
+        kernel[grid(_INTERPRET_TILE)](*args, **meta, **_INTERPRET_TILE)
     else:
-        def grid(cfg):
-            return (triton.cdiv(br, cfg["TR"]) * triton.cdiv(bc, cfg["TC"]) * nnz * split,)
         kernel[grid](*args, **meta)
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
