@@ -37,8 +37,8 @@ from ..nn.low_rank_linear import LowRankLinear, truncation_rank
 
 # A QR pivot below this fraction of the direction's largest column norm triggers
 # a second projection + QR round (see _new_directions).
-_PIVOT_RATIO = 1e-2
-_REORTH_EVERY = 50  # rounding drifts UᵀU from I by O(eps) per step; reset it periodically
+_PIVOT_RATIO = 0.1
+_REORTH_EVERY = 10  # rounding drifts UᵀU from I by a few eps per step; reset it periodically
 
 
 class DLRT:

@@ -1,0 +1,197 @@
+"""DLRT: the parallel rank-adaptive BUG step, truncation, rank bounds, optimizer state.
+
+The reference for one step is dense: W₁ = W₀ - lr P_T(dW) with
+P_T(Z) = UUᵀZ + ZVVᵀ - UUᵀZVVᵀ and dW = dYᵀX, then the best rank-r₁
+approximation with r₁ from the tolerance rule.
+"""
+import pytest
+import torch
+from torch import nn
+
+import sparsekern as sk
+from sparsekern.methods import dlrt as dlrt_module
+from sparsekern.nn.low_rank_linear import truncation_rank
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from threads, and on a loaded machine every small
+    parallel op waits for a descheduled thread (100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _layer(n_in, n_out, r, seed=0, dtype=torch.float64, bias=False):
+    torch.manual_seed(seed)
+    return sk.LowRankLinear(n_in, n_out, r, bias=bias, dtype=dtype)
+
+
+def _tangent_step(layer, x, dy, lr):
+    """Dense W₀ - lr P_T(dW) for the layer's current factors."""
+    U, S, V = (t.detach() for t in (layer.U, layer.S, layer.V))
+    dW = dy.T @ x
+    PU, PV = U @ U.T, V @ V.T
+    return U @ S @ V.T - lr * (PU @ dW + dW @ PV - PU @ dW @ PV)
+
+
+def _best_rank(W, r):
+    u, s, vh = torch.linalg.svd(W, full_matrices=False)
+    return u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+
+
+def _orthonormality_error(layer):
+    U, V = layer.U.detach(), layer.V.detach()
+    eye = torch.eye(layer.rank, dtype=U.dtype)
+    return max((U.T @ U - eye).abs().max().item(), (V.T @ V - eye).abs().max().item())
+
+
+def _backward(layer, x, dy):
+    layer(x).backward(dy)
+
+
+@pytest.mark.parametrize("n_in,n_out,r,tokens", [(13, 11, 3, 20), (9, 7, 4, 1), (12, 10, 6, 30)],
+                         ids=["full-rank-grad", "rank-1-grad", "2r-exceeds-out"])
+def test_one_step_is_the_projected_gradient_step(n_in, n_out, r, tokens):
+    layer = _layer(n_in, n_out, r)
+    x, dy = torch.randn(tokens, n_in, dtype=torch.float64), torch.randn(tokens, n_out, dtype=torch.float64)
+    dlrt = sk.DLRT(layer, 0.3, tol=0.0, rmin=1)
+    expected = _tangent_step(layer, x, dy, 0.3)
+    _backward(layer, x, dy)
+    dlrt.step()
+    torch.testing.assert_close(layer.dense_weight().detach(), expected, rtol=1e-10, atol=1e-10)
+    assert _orthonormality_error(layer) < 1e-12
+
+
+@pytest.mark.parametrize("tol", [0.05, 0.3])
+def test_truncation_keeps_the_best_rank_given_by_tol(tol):
+    layer = _layer(20, 16, 5)
+    x, dy = torch.randn(40, 20, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64)
+    exact = _tangent_step(layer, x, dy, 0.5)
+    r1 = max(2, truncation_rank(torch.linalg.svdvals(exact), tol))
+    dlrt = sk.DLRT(layer, 0.5, tol=tol)
+    _backward(layer, x, dy)
+    dlrt.step()
+    assert layer.rank == r1 == dlrt.ranks()[0]
+    torch.testing.assert_close(layer.dense_weight().detach(), _best_rank(exact, r1), rtol=1e-9, atol=1e-9)
+    assert _orthonormality_error(layer) < 1e-12
+
+
+def test_absolute_tolerance_and_rank_bounds():
+    x, dy = torch.randn(40, 20, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64)
+    for kwargs, check in [(dict(tol=1e9, absolute=True, rmin=3), lambda r: r == 3),
+                          (dict(tol=0.0, rmax=7), lambda r: r == 7),
+                          (dict(tol=0.0), lambda r: r == 10)]:   # 2r: the augmented basis
+        layer = _layer(20, 16, 5)
+        dlrt = sk.DLRT(layer, 0.5, **kwargs)
+        _backward(layer, x, dy)
+        dlrt.step()
+        assert check(layer.rank), (kwargs, layer.rank)
+        assert layer.U.shape == (16, layer.rank) and layer.V.shape == (20, layer.rank)
+
+
+def _least_squares(r0, optimizer, lr, steps, seed=0):
+    """Fit Y = X W*ᵀ with rank(W*) = 5 starting from rank r0; returns (layer, first loss, last loss)."""
+    g = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(30, 5, generator=g) @ torch.randn(5, 40, generator=g) / 5
+    x = torch.randn(400, 40, generator=g)
+    y = x @ w_star.T
+    torch.manual_seed(seed)
+    layer = sk.LowRankLinear(40, 30, r0, bias=False)
+    dlrt = sk.DLRT(layer, lr, tol=0.05, optimizer=optimizer)
+    losses = []
+    for _ in range(steps):
+        loss = (layer(x) - y).square().sum(1).mean()
+        loss.backward()
+        dlrt.step()
+        dlrt.zero_grad()
+        losses.append(loss.item())
+        assert _orthonormality_error(layer) < 1e-5
+    return layer, losses[0], losses[-1]
+
+
+@pytest.mark.parametrize("optimizer,r0,lr,steps", [("sgd", 20, 0.2, 120), ("sgd", 2, 0.2, 120), ("adam", 20, 0.1, 200)],
+                         ids=["sgd-from-above", "sgd-from-below", "adam-from-above"])
+def test_rank_5_least_squares_ends_at_rank_5(optimizer, r0, lr, steps):
+    """From below, the rank grows only while the gradient has K/L components (the
+    first steps here); at a stationary point of the rank-r manifold dK = dL = 0."""
+    layer, first, last = _least_squares(r0, optimizer, lr, steps)
+    assert abs(layer.rank - 5) <= 1
+    assert last < 1e-3 * first
+
+
+def test_adam_state_follows_rank_changes():
+    layer = _layer(20, 16, 8, dtype=torch.float32)
+    dlrt = sk.DLRT(layer, 0.05, tol=0.4, optimizer="adam")
+    x = torch.randn(64, 20)
+    ranks = []
+    for _ in range(6):
+        layer(x).square().sum().backward()
+        dlrt.step()
+        dlrt.zero_grad()
+        r = layer.rank
+        ranks.append(r)
+        shapes = {name: tuple(dlrt.state[(layer, name)][i].shape) for name in "KLS" for i in (0, 1)}
+        assert shapes == {"K": (16, r), "L": (20, r), "S": (r, r)}
+        assert all(torch.isfinite(t).all() and (t >= 0).all() for t in (dlrt.state[(layer, n)][1] for n in "KLS"))
+    assert ranks[0] < 8  # the rank did change
+
+
+def test_adam_state_rotation_is_exact_for_permutations_and_signs():
+    layer = _layer(6, 5, 3)
+    dlrt = sk.DLRT(layer, 0.1, tol=0.0, optimizer="adam")
+    m = {n: torch.randn(*s, dtype=torch.float64) for n, s in (("K", (5, 3)), ("L", (6, 3)), ("S", (3, 3)))}
+    v = {n: t.square() for n, t in m.items()}
+    dlrt.state.update({(layer, n): (m[n], v[n]) for n in "KLS"})
+    perm = torch.tensor([[0.0, -1.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # new rank 2: drop old 2nd
+    dlrt._carry_state(layer, perm, perm)
+    (mK, vK), (mS, vS) = dlrt.state[(layer, "K")], dlrt.state[(layer, "S")]
+    torch.testing.assert_close(mK, torch.stack([m["K"][:, 2], -m["K"][:, 0]], 1))
+    torch.testing.assert_close(vK, torch.stack([v["K"][:, 2], v["K"][:, 0]], 1))
+    torch.testing.assert_close(mS, perm.T @ m["S"] @ perm)
+    torch.testing.assert_close(vS, mS.square())
+
+
+def test_other_parameters_get_the_same_rule_and_unused_layers_are_left_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(sk.LowRankLinear(8, 6, 2), nn.ReLU(), nn.Linear(6, 3))
+    unused = sk.LowRankLinear(4, 4, 2)
+    model.add_module("unused", unused)
+    dlrt = sk.DLRT(model, 0.1, tol=0.0, rmax=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model[2](model[1](model[0](torch.randn(5, 8)))).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    dlrt.step()
+    for name in ("0.bias", "2.weight", "2.bias"):
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), before[name] - 0.1 * grads[name])
+    torch.testing.assert_close(unused.U.detach(), before["unused.U"])
+    assert model[0].kl_grads and unused.kl_grads
+
+
+def test_rank_deficient_gradient_keeps_bases_orthonormal_over_many_steps():
+    layer = _layer(64, 48, 8, dtype=torch.float32)
+    dlrt = sk.DLRT(layer, 0.05, tol=0.01, rmax=16)
+    for _ in range(dlrt_module._REORTH_EVERY + 5):
+        x = torch.randn(2, 64)  # gradient of rank <= 2 every step
+        layer(x).sum().backward()
+        dlrt.step()
+        dlrt.zero_grad()
+        assert _orthonormality_error(layer) < 1e-5
+
+
+def test_bad_arguments():
+    layer = _layer(6, 5, 2)
+    with pytest.raises(ValueError, match="lr"):
+        sk.DLRT(layer, 0.0, tol=0.1)
+    with pytest.raises(ValueError, match="tol"):
+        sk.DLRT(layer, 0.1, tol=-1)
+    with pytest.raises(ValueError, match="rmin"):
+        sk.DLRT(layer, 0.1, tol=0.1, rmin=0)
+    with pytest.raises(ValueError, match="rmax"):
+        sk.DLRT(layer, 0.1, tol=0.1, rmin=3, rmax=2)
+    with pytest.raises(ValueError, match="optimizer"):
+        sk.DLRT(layer, 0.1, tol=0.1, optimizer="lion")
+    with pytest.raises(ValueError, match="no sparsekern.LowRankLinear"):
+        sk.DLRT(nn.Linear(3, 3), 0.1, tol=0.1)
