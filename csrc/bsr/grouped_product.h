@@ -4,11 +4,11 @@
 // for the forward, a block column for dX) is the sum, over the stored blocks p
 // of that group, of A[:, seg(p) * w : +w] @ B_p with B_p a (w, g) block (Vᵀ for
 // the forward, V for dX). Loop nest, GotoBLAS style:
-//   A (X or dY) is packed once into MR-row tiles [tile][Ka][MR];
+//   A (X or dY, in the compute type) is read in place, MR rows at a time;
 //   B (the values) is packed once into NR-column strips per group, members
 //     back to back, so one group's strip is one contiguous K-stream;
 //   panels of groups whose packed B fits a share of L3, inside them blocks of
-//     m-tiles whose packed A fits in L2, inside them each group of the panel:
+//     m-tiles whose rows of A fit in L2, inside them each group of the panel:
 //     every NR strip of it against every m-tile of the block. The strip is
 //     reused across the m-tiles, the A rows across the groups.
 // (panel, m-block, group) items are split over the threads by cost, so a block
@@ -28,7 +28,7 @@
 namespace sparsekern {
 namespace bsr {
 
-constexpr int64_t kABlockBytes = 512 << 10;  // packed A rows kept hot in L2 (1 MiB+ per core)
+constexpr int64_t kABlockBytes = 512 << 10;  // rows of A kept hot in L2 (1 MiB+ per core)
 constexpr int64_t kBPanelBytes = 4 << 20;    // packed B strips kept hot in L3
 constexpr int64_t kItemOverhead = 32;        // cost of writing an output tile, in K-steps
 constexpr int64_t kMaxItems = 1 << 18;
@@ -42,7 +42,7 @@ at::ScalarType scalar_type_of() {
 // transpose: B_p = values[blk[p]]ᵀ (w = bc, g = br), else B_p = values[blk[p]] (w = br, g = bc).
 // offsets (G + 1): members of group i are p in [offsets[i], offsets[i+1]); blk null = identity.
 template <typename S, typename C>
-void grouped_product(const S* a, int64_t M, int64_t Ka, const S* values, int64_t br, int64_t bc,
+void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t br, int64_t bc,
                      bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
                      const int64_t* seg, S* out) {
   constexpr int MR = kMR, NR = kNR<C>;
@@ -73,25 +73,8 @@ void grouped_product(const S* a, int64_t M, int64_t Ka, const S* values, int64_t
     }
   });
 
-  // Pack A into zero-padded MR-row tiles [tile][Ka][MR].
-  at::Tensor a_buf = at::empty({mtiles * Ka * MR}, scalar_type_of<C>());
-  C* ap = a_buf.data_ptr<C>();
-  at::parallel_for(0, mtiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      C* dst = ap + t * Ka * MR;
-      for (int64_t i = 0; i < MR; ++i) {
-        const int64_t row = t * MR + i;
-        if (row < M) {
-          const S* src = a + row * Ka;
-          for (int64_t k = 0; k < Ka; ++k) dst[k * MR + i] = C(src[k]);
-        } else {
-          for (int64_t k = 0; k < Ka; ++k) dst[k * MR + i] = C(0);
-        }
-      }
-    }
-  });
-  std::vector<int64_t> seg_off(nnz);
-  for (int64_t p = 0; p < nnz; ++p) seg_off[p] = seg[p] * w * MR;
+  std::vector<int64_t> seg_off(nnz);  // column of A where each member's segment starts
+  for (int64_t p = 0; p < nnz; ++p) seg_off[p] = seg[p] * w;
 
   // Work items (group, m-tile range) in panel / m-block / group order.
   int64_t mblock = std::max<int64_t>(1, kABlockBytes / std::max<int64_t>(1, Ka * MR * int64_t(sizeof(C))));
@@ -116,7 +99,8 @@ void grouped_product(const S* a, int64_t M, int64_t Ka, const S* values, int64_t
     p0 = p1;
   }
 
-  const Microkernel<C> kernel = microkernel<C, MR>();
+  const Microkernel<C> kernel = microkernel<C, MR, true>();
+  const Microkernel<C> last_kernel = microkernel_rows<C, true>(int(M - (mtiles - 1) * MR));
   parallel_by_cost(prefix, [&](int64_t idx) {
     const Item& it = items[idx];
     const int64_t first = offsets[it.group], count = offsets[it.group + 1] - first;
@@ -130,12 +114,13 @@ void grouped_product(const S* a, int64_t M, int64_t Ka, const S* values, int64_t
           for (int64_t i = 0; i < rows; ++i) std::fill(o + i * N, o + i * N + ncols, S(0));
           continue;
         }
-        const C* atile = ap + t * Ka * MR;
-        if (kDirect && rows == MR && ncols == NR) {
-          kernel(atile, seg_off.data() + first, count, w, bs, reinterpret_cast<C*>(o), N, false);
+        const C* arows = a + r0 * Ka;
+        const Microkernel<C> kern = rows == MR ? kernel : last_kernel;
+        if (kDirect && ncols == NR) {
+          kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, reinterpret_cast<C*>(o), N, false);
         } else {
           alignas(64) C tmp[MR * NR];
-          kernel(atile, seg_off.data() + first, count, w, bs, tmp, NR, false);
+          kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, tmp, NR, false);
           for (int64_t i = 0; i < rows; ++i) {
             for (int64_t n = 0; n < ncols; ++n) o[i * N + n] = S(tmp[i * NR + n]);
           }

@@ -1,11 +1,11 @@
 // Register-blocked microkernels shared by the three block-sparse products.
 //
 // Every product reduces to the same inner step: an MR x NR tile of the output
-// accumulates, over a list of K-segments, a[k][i] * b[k][n], where `a` is packed
-// MR-interleaved ([k][MR], broadcast operand) and `b` NR-interleaved ([k][NR],
-// vector operand, NR = two 256-bit vectors). The accumulators stay in registers
-// across all segments (all stored blocks of a block row), so the output tile is
-// written once. With MR = 6: 12 accumulators + 2 B vectors + 1 broadcast = 15
+// accumulates, over a list of K-segments, A(i, k) * B(k, n): A is the broadcast
+// operand (X or dY read in place for the forward and dX, packed dYᵀ for dW), B
+// the vector operand (NR = two 256-bit vectors: packed values, or packed X).
+// The accumulators stay in registers across all segments (all stored blocks of
+// a block row), so the output tile is written once. With MR = 6: 12 accumulators + 2 B vectors + 1 broadcast = 15
 // of the 16 AVX2 registers, 12 FMAs per 8 loads.
 //
 // The AVX2/FMA version is compiled with a function-level target attribute and
@@ -29,21 +29,25 @@ constexpr int kMR = 6;
 template <typename C>
 constexpr int kNR = 64 / sizeof(C);  // 16 floats or 8 doubles: two 256-bit vectors
 
-// out[i * ldo + n] (+)= sum_j sum_k a[seg_off[j] + k * MR + i] * b[(j * seglen + k) * NR + n]
+// out[i * ldo + n] (+)= sum_j sum_k A_j(i, k) * b[(j * seglen + k) * ldb + n], where segment j of A is
+//   kRowsA:  A_j(i, k) = a[seg_off[j] + i * lda + k]   (rows of a row-major matrix: X or dY as they are)
+//   !kRowsA: A_j(i, k) = a[seg_off[j] + k * lda + i]   (k-major packed tiles: dYᵀ for dW)
+// and B's rows follow each other across segments with stride ldb (NR when packed).
 template <typename C>
-using Microkernel = void (*)(const C* a, const int64_t* seg_off, int64_t nseg, int64_t seglen,
-                             const C* b, C* out, int64_t ldo, bool add);
+using Microkernel = void (*)(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen,
+                             const C* b, int64_t ldb, C* out, int64_t ldo, bool add);
 
-template <typename C, int MR>
-void microkernel_portable(const C* a, const int64_t* seg_off, int64_t nseg, int64_t seglen,
-                          const C* b, C* out, int64_t ldo, bool add) {
+template <typename C, int MR, bool kRowsA>
+void microkernel_portable(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen,
+                          const C* b, int64_t ldb, C* out, int64_t ldo, bool add) {
   constexpr int NR = kNR<C>;
   C acc[MR][NR] = {};
   for (int64_t j = 0; j < nseg; ++j) {
-    const C* ap = a + seg_off[j];
-    for (int64_t k = 0; k < seglen; ++k, ap += MR, b += NR) {
+    const C* aj = a + seg_off[j];
+    for (int64_t k = 0; k < seglen; ++k, b += ldb) {
       for (int i = 0; i < MR; ++i) {
-        for (int n = 0; n < NR; ++n) acc[i][n] += ap[i] * b[n];
+        const C ai = kRowsA ? aj[i * lda + k] : aj[k * lda + i];
+        for (int n = 0; n < NR; ++n) acc[i][n] += ai * b[n];
       }
     }
   }
@@ -79,24 +83,40 @@ template <typename C> struct Avx2;
 template <> struct Avx2<float> : Avx2Float {};
 template <> struct Avx2<double> : Avx2Double {};
 
-template <typename C, int MR>
-SPARSEKERN_AVX2 void microkernel_avx2(const C* a, const int64_t* seg_off, int64_t nseg, int64_t seglen,
-                                      const C* b, C* out, int64_t ldo, bool add) {
+template <typename C, int MR, bool kRowsA>
+SPARSEKERN_AVX2 void microkernel_avx2(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg,
+                                      int64_t seglen, const C* b, int64_t ldb, C* out, int64_t ldo, bool add) {
   using T = Avx2<C>;
   constexpr int W = T::W;
   typename T::V c0[MR], c1[MR];
 #pragma GCC unroll 6
   for (int i = 0; i < MR; ++i) c0[i] = c1[i] = T::zero();
   for (int64_t j = 0; j < nseg; ++j) {
-    const C* ap = a + seg_off[j];
-#pragma GCC unroll 2
-    for (int64_t k = 0; k < seglen; ++k, ap += MR, b += 2 * W) {
-      const typename T::V b0 = T::load(b), b1 = T::load(b + W);
+    if (kRowsA) {
+      const C* rows[MR];
 #pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) {
-        const typename T::V ai = T::broadcast(ap + i);
-        c0[i] = T::fma(ai, b0, c0[i]);
-        c1[i] = T::fma(ai, b1, c1[i]);
+      for (int i = 0; i < MR; ++i) rows[i] = a + seg_off[j] + i * lda;
+#pragma GCC unroll 2
+      for (int64_t k = 0; k < seglen; ++k, b += ldb) {
+        const typename T::V b0 = T::load(b), b1 = T::load(b + W);
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; ++i) {
+          const typename T::V ai = T::broadcast(rows[i] + k);
+          c0[i] = T::fma(ai, b0, c0[i]);
+          c1[i] = T::fma(ai, b1, c1[i]);
+        }
+      }
+    } else {
+      const C* ap = a + seg_off[j];
+#pragma GCC unroll 2
+      for (int64_t k = 0; k < seglen; ++k, ap += lda, b += ldb) {
+        const typename T::V b0 = T::load(b), b1 = T::load(b + W);
+#pragma GCC unroll 6
+        for (int i = 0; i < MR; ++i) {
+          const typename T::V ai = T::broadcast(ap + i);
+          c0[i] = T::fma(ai, b0, c0[i]);
+          c1[i] = T::fma(ai, b1, c1[i]);
+        }
       }
     }
   }
@@ -117,24 +137,24 @@ SPARSEKERN_AVX2 void microkernel_avx2(const C* a, const int64_t* seg_off, int64_
 bool use_avx2();
 void set_portable_only(bool portable_only);
 
-template <typename C, int MR>
+template <typename C, int MR, bool kRowsA>
 Microkernel<C> microkernel() {
 #ifdef SPARSEKERN_X86
-  if (use_avx2()) return &microkernel_avx2<C, MR>;
+  if (use_avx2()) return &microkernel_avx2<C, MR, kRowsA>;
 #endif
-  return &microkernel_portable<C, MR>;
+  return &microkernel_portable<C, MR, kRowsA>;
 }
 
 // Microkernel for a tile of `mr` (1..MR) rows.
-template <typename C>
+template <typename C, bool kRowsA>
 Microkernel<C> microkernel_rows(int mr) {
   switch (mr) {
-    case 1: return microkernel<C, 1>();
-    case 2: return microkernel<C, 2>();
-    case 3: return microkernel<C, 3>();
-    case 4: return microkernel<C, 4>();
-    case 5: return microkernel<C, 5>();
-    default: return microkernel<C, 6>();
+    case 1: return microkernel<C, 1, kRowsA>();
+    case 2: return microkernel<C, 2, kRowsA>();
+    case 3: return microkernel<C, 3, kRowsA>();
+    case 4: return microkernel<C, 4, kRowsA>();
+    case 5: return microkernel<C, 5, kRowsA>();
+    default: return microkernel<C, 6, kRowsA>();
   }
 }
 

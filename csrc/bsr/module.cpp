@@ -64,6 +64,12 @@ void check_offsets(const at::Tensor& t, const char* name, int64_t groups, int64_
   for (int64_t i = 0; i < groups; ++i) TORCH_CHECK(p[i] <= p[i + 1], name, " must be non-decreasing");
 }
 
+// The activations as the microkernels read them: half types widened to fp32 once.
+template <typename C>
+at::Tensor in_compute_type(const at::Tensor& t) {
+  return t.scalar_type() == scalar_type_of<C>() ? t : t.to(scalar_type_of<C>());
+}
+
 void check_same(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "dtype mismatch: ", a.scalar_type(), " vs ", b.scalar_type());
 }
@@ -81,8 +87,9 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   check_index(col_indices, "col_indices", nnz, K / bc);
   at::Tensor y = at::empty({M, out_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_forward", [&] {
-    grouped_product<scalar_t, Compute<scalar_t>>(
-        x.data_ptr<scalar_t>(), M, K, values.data_ptr<scalar_t>(), br, bc, /*transpose=*/true,
+    using C = Compute<scalar_t>;
+    grouped_product<scalar_t, C>(
+        in_compute_type<C>(x).data_ptr<C>(), M, K, values.data_ptr<scalar_t>(), br, bc, /*transpose=*/true,
         row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<scalar_t>());
   });
   return y;
@@ -102,8 +109,9 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   check_index(t_row_indices, "t_row_indices", nnz, N / br);
   at::Tensor dx = at::empty({M, in_features}, dy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bsr_grad_input", [&] {
-    grouped_product<scalar_t, Compute<scalar_t>>(
-        dy.data_ptr<scalar_t>(), M, N, values.data_ptr<scalar_t>(), br, bc, /*transpose=*/false,
+    using C = Compute<scalar_t>;
+    grouped_product<scalar_t, C>(
+        in_compute_type<C>(dy).data_ptr<C>(), M, N, values.data_ptr<scalar_t>(), br, bc, /*transpose=*/false,
         col_offsets.data_ptr<int64_t>(), CB, t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(),
         dx.data_ptr<scalar_t>());
   });
@@ -123,8 +131,9 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   check_index(col_indices, "col_indices", nnz, K / bc);
   at::Tensor dvalues = at::empty({nnz, br, bc}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_grad_weight", [&] {
-    sampled_product<scalar_t, Compute<scalar_t>>(
-        dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, N, K, br, bc, row_indices.data_ptr<int64_t>(),
+    using C = Compute<scalar_t>;
+    sampled_product<scalar_t, C>(
+        in_compute_type<C>(dy).data_ptr<C>(), in_compute_type<C>(x).data_ptr<C>(), M, N, K, br, bc, row_indices.data_ptr<int64_t>(),
         col_indices.data_ptr<int64_t>(), nnz, dvalues.data_ptr<scalar_t>());
   });
   return dvalues;

@@ -1,12 +1,14 @@
 // Weight gradient: dvalues[p] = dY[:, rows of block p]ᵀ @ X[:, cols of block p] (SDDMM).
 //
-// The reduction runs over the tokens M. dYᵀ is packed once into row tiles of
-// each block row ([M][mr], mr <= MR), X once into NR-column strips of each
-// block column ([M][NR]); a tile of a block is then one microkernel call with a
-// single K-segment. Tokens are walked in chunks so the strips of a chunk (for
-// every block row and column) stay in L3, each chunk accumulating into the
-// output. Stored blocks all cost the same, so an even split over blocks is
-// balanced whatever the row structure.
+// The reduction runs over the tokens M. Read in place, every token step of a
+// microkernel would land on a new page of dY and X (rows are 4N / 4K bytes
+// apart) and defeat the prefetchers, so tokens are walked in chunks and each
+// chunk is packed once, GotoBLAS style: dYᵀ into row tiles of every block row
+// ([chunk][mr], mr <= MR), X into zero-padded NR-column strips of every block
+// column ([chunk][NR]). A tile of a block is then one microkernel call over two
+// contiguous streams, accumulating into the output across chunks. Stored
+// blocks all cost the same, so an even split over blocks is balanced whatever
+// the row structure.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,7 +25,8 @@
 namespace sparsekern {
 namespace bsr {
 
-constexpr int64_t kTokenChunk = 256;
+constexpr int64_t kTokenChunk = 256;  // tokens per packed chunk: its strips of dY and X stay in L3
+constexpr int64_t kRowsPerPass = 16;  // tokens per packing pass (rows being read stay in L2)
 
 // Row tiles (offset, rows) covering a block of br rows: tiles of MR, the last
 // 7 or 8 rows as two tiles of about 4 so no tile is left with 1-2 rows.
@@ -38,11 +41,12 @@ inline std::vector<std::pair<int64_t, int>> row_tiles(int64_t br) {
   return tiles;
 }
 
+// dy (M, N) and x (M, K) in the compute type; dvalues (nnz, br, bc) in the storage type.
 template <typename S, typename C>
-void sampled_product(const S* dy, const S* x, int64_t M, int64_t N, int64_t K, int64_t br, int64_t bc,
+void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, int64_t br, int64_t bc,
                      const int64_t* rows, const int64_t* cols, int64_t nnz, S* dvalues) {
   constexpr int NR = kNR<C>;
-  const int64_t RB = N / br, CB = K / bc, nsub = (bc + NR - 1) / NR, block = br * bc;
+  const int64_t CB = K / bc, nsub = (bc + NR - 1) / NR, block = br * bc;
   if (nnz == 0) return;
   at::Tensor acc_buf;
   C* acc = reinterpret_cast<C*>(dvalues);
@@ -50,66 +54,68 @@ void sampled_product(const S* dy, const S* x, int64_t M, int64_t N, int64_t K, i
     acc_buf = at::empty({nnz * block}, scalar_type_of<C>());
     acc = acc_buf.data_ptr<C>();
   }
-  if (M == 0) {
-    std::fill(acc, acc + nnz * block, C(0));
-  } else {
-    const auto tiles = row_tiles(br);
-    // dYᵀ: block row r, tile (o, mr) at (r * br + o) * M, laid out [M][mr].
-    at::Tensor dy_buf = at::empty({N * M}, scalar_type_of<C>());
-    C* pdy = dy_buf.data_ptr<C>();
-    at::parallel_for(0, RB, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (const auto& tile : tiles) {
-          C* dst = pdy + (r * br + tile.first) * M;
-          const S* src = dy + r * br + tile.first;
-          for (int64_t m = 0; m < M; ++m) {
-            for (int i = 0; i < tile.second; ++i) dst[m * tile.second + i] = C(src[m * N + i]);
-          }
-        }
-      }
-    });
-    // X: block column c, sub-tile s at (c * nsub + s) * M * NR, laid out [M][NR], zero-padded.
-    at::Tensor x_buf = at::empty({CB * nsub * M * NR}, scalar_type_of<C>());
-    C* px = x_buf.data_ptr<C>();
-    at::parallel_for(0, CB, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t s = 0; s < nsub; ++s) {
-          C* dst = px + (c * nsub + s) * M * NR;
-          const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
-          for (int64_t m = 0; m < M; ++m) {
-            const S* src = x + m * K + c * bc + s * NR;
-            for (int64_t n = 0; n < NR; ++n) dst[m * NR + n] = n < ncols ? C(src[n]) : C(0);
-          }
-        }
-      }
-    });
+  if (M == 0) std::fill(acc, acc + nnz * block, C(0));
 
-    std::vector<Microkernel<C>> kernels;
-    for (const auto& tile : tiles) kernels.push_back(microkernel_rows<C>(tile.second));
-    const int64_t zero = 0;
+  const auto tiles = row_tiles(br);
+  std::vector<Microkernel<C>> kernels;
+  for (const auto& tile : tiles) kernels.push_back(microkernel_rows<C, false>(tile.second));
+  const int64_t chunk = std::min(kTokenChunk, M), RB = N / br, zero = 0;
+  // Per chunk: block row r's tile (o, mr) at (r * br + o) * chunk, [chunk][mr];
+  // block column c's sub-tile s at (c * nsub + s) * chunk * NR, [chunk][NR].
+  at::Tensor dy_buf = at::empty({std::max<int64_t>(1, N * chunk)}, scalar_type_of<C>());
+  at::Tensor x_buf = at::empty({std::max<int64_t>(1, CB * nsub * NR * chunk)}, scalar_type_of<C>());
+  C* pdy = dy_buf.data_ptr<C>();
+  C* px = x_buf.data_ptr<C>();
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t len = std::min(chunk, M - m0);
+    const bool add = m0 > 0;
+    // Pack: items [0, RB) are block rows of dY, [RB, RB + CB) block columns of X.
+    // Sub-blocks of kRowsPerPass tokens keep the rows being read in L1/L2.
+    at::parallel_for(0, RB + CB, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t t0 = 0; t0 < len; t0 += kRowsPerPass) {
+        const int64_t t1 = std::min(len, t0 + kRowsPerPass);
+        for (int64_t item = i0; item < i1; ++item) {
+          if (item < RB) {
+            for (const auto& tile : tiles) {
+              C* dst = pdy + (item * br + tile.first) * chunk;
+              const C* src = dy + m0 * N + item * br + tile.first;
+              for (int64_t m = t0; m < t1; ++m) {
+                for (int i = 0; i < tile.second; ++i) dst[m * tile.second + i] = src[m * N + i];
+              }
+            }
+          } else {
+            const int64_t c = item - RB;
+            for (int64_t s = 0; s < nsub; ++s) {
+              C* dst = px + (c * nsub + s) * chunk * NR;
+              const C* src = x + m0 * K + c * bc + s * NR;
+              const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
+              for (int64_t m = t0; m < t1; ++m) {
+                for (int64_t n = 0; n < NR; ++n) dst[m * NR + n] = n < ncols ? src[m * K + n] : C(0);
+              }
+            }
+          }
+        }
+      }
+    });
     at::parallel_for(0, nnz, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t m0 = 0; m0 < M; m0 += kTokenChunk) {
-        const int64_t len = std::min(kTokenChunk, M - m0);
-        const bool add = m0 > 0;
-        for (int64_t b = b0; b < b1; ++b) {
-          C* ob = acc + b * block;
-          for (int64_t s = 0; s < nsub; ++s) {
-            const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
-            const C* bs = px + ((cols[b] * nsub + s) * M + m0) * NR;
-            for (size_t t = 0; t < tiles.size(); ++t) {
-              const int64_t o = tiles[t].first;
-              const int mr = tiles[t].second;
-              const C* as = pdy + (rows[b] * br + o) * M + m0 * mr;
-              C* out = ob + o * bc + s * NR;
-              if (ncols == NR) {
-                kernels[t](as, &zero, 1, len, bs, out, bc, add);
-              } else {
-                alignas(64) C tmp[kMR * NR];
-                kernels[t](as, &zero, 1, len, bs, tmp, NR, false);
-                for (int i = 0; i < mr; ++i) {
-                  for (int64_t n = 0; n < ncols; ++n) {
-                    out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];
-                  }
+      for (int64_t b = b0; b < b1; ++b) {
+        C* ob = acc + b * block;
+        for (int64_t s = 0; s < nsub; ++s) {
+          const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
+          const C* bs = px + (cols[b] * nsub + s) * chunk * NR;
+          for (size_t t = 0; t < tiles.size(); ++t) {
+            const int64_t o = tiles[t].first;
+            const int mr = tiles[t].second;
+            const C* as = pdy + (rows[b] * br + o) * chunk;
+            C* out = ob + o * bc + s * NR;
+            if (ncols == NR) {
+              kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add);
+            } else {
+              alignas(64) C tmp[kMR * NR];
+              kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false);
+              for (int i = 0; i < mr; ++i) {
+                for (int64_t n = 0; n < ncols; ++n) {
+                  out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];
                 }
               }
             }
