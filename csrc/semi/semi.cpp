@@ -1,0 +1,337 @@
+// 2:4 semi-structured linear products on CPU (fp32, AVX2 + FMA), module sparsekern._C_semi.
+//
+// W (N, K) arrives compressed: values (N, K/2) and packed 2-bit in-group positions
+// (N, ceil(K/8)) uint8, four kept entries per byte, lowest bits first.
+//
+// The activations are packed once per call into *panels* P[b][k][0..MR): MR = 96
+// consecutive tokens of column k, contiguous (a blocked transpose, zero-padded).
+// Then every kept weight w[n, j] at column k is one broadcast and 12 FMAs of a
+// 96-wide row of the panel: the 2-bit index only picks *which* panel row to load,
+// so the microkernel is a dense register-blocked axpy over the kept half of K.
+// Panels are cut into KC columns so the rows in use stay in L1.
+//
+//   forward  y = x Wᵀ      acc (96 tokens of row n) in 12 ymm, panel rows gathered by index
+//   dX       dy W          (transposable W: the forward on Wᵀ's compression; else scatter below)
+//   dW       (dyᵀ x)[kept] 8 kept entries of row n at a time: 8 ymm dot-product accumulators
+//                          over 4 x 96 tokens, reduced with one hadd tree
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+// Everything up to the module definition is compiled for AVX2 + FMA (lambdas included); the
+// Python side calls in only after checking the CPU supports them, and importing runs none of it.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace {
+
+constexpr int64_t MR = 96;       // tokens per panel block = 12 ymm accumulators
+constexpr int64_t KC = 64;       // dX scatter: dxᵀ tile columns (64 x 96 x 4 B = 24 KiB)
+constexpr int64_t NB_MAX = 128;
+
+constexpr int64_t KC_DW = 16;    // dW: 8 kept entries per row per step
+constexpr int64_t MSUPER = 4;    // dW: panel blocks accumulated in registers before a reduction
+
+// P[b][k][i] = src[b*MR + i][k] (0 past the last row). src (M, K) row-major.
+torch::Tensor pack_panels(const torch::Tensor& src) {
+  const int64_t M = src.size(0), K = src.size(1), nbm = (M + MR - 1) / MR;
+  auto out = torch::empty({nbm, K, MR}, src.options());
+  const float* s = src.data_ptr<float>();
+  float* p = out.data_ptr<float>();
+  at::parallel_for(0, nbm, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* pb = p + b * K * MR;
+      const int64_t rows = std::min(MR, M - b * MR);
+      for (int64_t k0 = 0; k0 < K; k0 += 64) {
+        const int64_t k1 = std::min(K, k0 + 64);
+        for (int64_t i = 0; i < MR; ++i) {
+          if (i < rows) {
+            const float* row = s + (b * MR + i) * K;
+            for (int64_t k = k0; k < k1; ++k) pb[k * MR + i] = row[k];
+          } else {
+            for (int64_t k = k0; k < k1; ++k) pb[k * MR + i] = 0.f;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Column (inside its block of KC, relative to k0 = 2*j0) of kept entry j of a row.
+inline int64_t kept_column(const uint8_t* idx, int64_t j) {
+  return 4 * (j >> 1) + ((idx[j >> 2] >> (2 * (j & 3))) & 3);
+}
+
+// acc (12 ymm, 96 tokens of output row n) += sum over e < count of v[e] * panel[off[e] ...].
+inline void fwd_row(float* acc_mem, const float* panel, const float* v, const uint16_t* off, int64_t count) {
+  __m256 a0 = _mm256_loadu_ps(acc_mem + 0), a1 = _mm256_loadu_ps(acc_mem + 8);
+  __m256 a2 = _mm256_loadu_ps(acc_mem + 16), a3 = _mm256_loadu_ps(acc_mem + 24);
+  __m256 a4 = _mm256_loadu_ps(acc_mem + 32), a5 = _mm256_loadu_ps(acc_mem + 40);
+  __m256 a6 = _mm256_loadu_ps(acc_mem + 48), a7 = _mm256_loadu_ps(acc_mem + 56);
+  __m256 a8 = _mm256_loadu_ps(acc_mem + 64), a9 = _mm256_loadu_ps(acc_mem + 72);
+  __m256 a10 = _mm256_loadu_ps(acc_mem + 80), a11 = _mm256_loadu_ps(acc_mem + 88);
+  for (int64_t e = 0; e < count; ++e) {
+    const __m256 w = _mm256_broadcast_ss(v + e);
+    const float* x = panel + off[e];
+    a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 0), a0);
+    a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8), a1);
+    a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 16), a2);
+    a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 24), a3);
+    a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 32), a4);
+    a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 40), a5);
+    a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 48), a6);
+    a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 56), a7);
+    a8 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 64), a8);
+    a9 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 72), a9);
+    a10 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 80), a10);
+    a11 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 88), a11);
+  }
+  _mm256_storeu_ps(acc_mem + 0, a0); _mm256_storeu_ps(acc_mem + 8, a1);
+  _mm256_storeu_ps(acc_mem + 16, a2); _mm256_storeu_ps(acc_mem + 24, a3);
+  _mm256_storeu_ps(acc_mem + 32, a4); _mm256_storeu_ps(acc_mem + 40, a5);
+  _mm256_storeu_ps(acc_mem + 48, a6); _mm256_storeu_ps(acc_mem + 56, a7);
+  _mm256_storeu_ps(acc_mem + 64, a8); _mm256_storeu_ps(acc_mem + 72, a9);
+  _mm256_storeu_ps(acc_mem + 80, a10); _mm256_storeu_ps(acc_mem + 88, a11);
+}
+
+// The same with 512-bit registers (6 zmm = 96 tokens): half the load and FMA instructions,
+// which is what limits the loop on cores (e.g. AMD Zen 4) that issue both widths at one
+// rate. Chosen at run time when the CPU has AVX-512F.
+__attribute__((target("avx512f"))) void fwd_row_avx512(float* acc_mem, const float* panel, const float* v,
+                                                      const uint16_t* off, int64_t count) {
+  __m512 a0 = _mm512_loadu_ps(acc_mem + 0), a1 = _mm512_loadu_ps(acc_mem + 16);
+  __m512 a2 = _mm512_loadu_ps(acc_mem + 32), a3 = _mm512_loadu_ps(acc_mem + 48);
+  __m512 a4 = _mm512_loadu_ps(acc_mem + 64), a5 = _mm512_loadu_ps(acc_mem + 80);
+  for (int64_t e = 0; e < count; ++e) {
+    const __m512 w = _mm512_set1_ps(v[e]);
+    const float* x = panel + off[e];
+    a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 0), a0);
+    a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16), a1);
+    a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 32), a2);
+    a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 48), a3);
+    a4 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 64), a4);
+    a5 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 80), a5);
+  }
+  _mm512_storeu_ps(acc_mem + 0, a0); _mm512_storeu_ps(acc_mem + 16, a1);
+  _mm512_storeu_ps(acc_mem + 32, a2); _mm512_storeu_ps(acc_mem + 48, a3);
+  _mm512_storeu_ps(acc_mem + 64, a4); _mm512_storeu_ps(acc_mem + 80, a5);
+}
+
+using RowKernel = void (*)(float*, const float*, const float*, const uint16_t*, int64_t);
+
+RowKernel row_kernel(bool allow_avx512) {
+  return allow_avx512 && __builtin_cpu_supports("avx512f") ? fwd_row_avx512 : fwd_row;
+}
+
+// The weight stream in the order the forward reads it: chunk (n-block, kc-block) holds its
+// rows' kept values back to back, with each one's panel offset (column within the block x MR)
+// decoded from the 2-bit index. Chunk of rows [n0, n0+rows) and kept entries [j0, j0+cnt)
+// starts at n0*half + rows*j0; entry (r, e) sits at + r*cnt + e.
+struct PackedWeight {
+  torch::Tensor values, offsets;
+};
+
+PackedWeight pack_weight(const torch::Tensor& values, const torch::Tensor& indices, int64_t nb, int64_t kc) {
+  const int64_t N = values.size(0), half = values.size(1), ib = indices.size(1);
+  PackedWeight out{torch::empty_like(values), torch::empty({N, half}, values.options().dtype(torch::kInt16))};
+  const float* V = values.data_ptr<float>();
+  const uint8_t* I = indices.data_ptr<uint8_t>();
+  float* PV = out.values.data_ptr<float>();
+  uint16_t* PO = reinterpret_cast<uint16_t*>(out.offsets.data_ptr<int16_t>());
+  at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t n0 = t0 * nb; n0 < std::min(N, t1 * nb); n0 += nb) {
+      const int64_t rows = std::min(nb, N - n0);
+      for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
+        const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* v = V + (n0 + r) * half;
+          const uint8_t* idx = I + (n0 + r) * ib;
+          for (int64_t e = 0; e < cnt; ++e) {
+            PV[start + r * cnt + e] = v[j0 + e];
+            PO[start + r * cnt + e] = uint16_t((kept_column(idx, j0 + e) - 2 * j0) * MR);
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+void check_inputs(const torch::Tensor& a, const torch::Tensor& values, const torch::Tensor& indices,
+                  int64_t k) {
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && a.scalar_type() == torch::kFloat32,
+              "semi: activations must be contiguous 2-D float32");
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && values.scalar_type() == torch::kFloat32,
+              "semi: values must be contiguous 2-D float32");
+  TORCH_CHECK(indices.dim() == 2 && indices.is_contiguous() && indices.scalar_type() == torch::kUInt8,
+              "semi: indices must be contiguous 2-D uint8");
+  TORCH_CHECK(k % 4 == 0 && values.size(1) * 2 == k && indices.size(0) == values.size(0) &&
+                  indices.size(1) == (k + 7) / 8,
+              "semi: inconsistent shapes");
+}
+
+// y (M, N) = x (M, K) @ W.T. Blocking: kc panel columns (kc x 96 x 4 B in L1), nb weight rows
+// per task (their partial outputs, nb x 96 floats, stay in L1 across the kc blocks).
+torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor indices, int64_t kc = 32, int64_t nb = 32,
+                      bool allow_avx512 = true) {
+  const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
+  check_inputs(x, values, indices, K);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  TORCH_CHECK(kc % 4 == 0 && kc >= 4 && kc * MR < 65536 && nb >= 1 && nb <= NB_MAX, "semi: bad blocking");
+  const auto panels = pack_panels(x);
+  const auto w = pack_weight(values, indices, nb, kc);
+  const float* P = panels.data_ptr<float>();
+  const float* PV = w.values.data_ptr<float>();
+  const uint16_t* PO = reinterpret_cast<const uint16_t*>(w.offsets.data_ptr<int16_t>());
+  float* Y = y.data_ptr<float>();
+  const RowKernel kernel = row_kernel(allow_avx512);
+  const int64_t nbm = (M + MR - 1) / MR, nbn = (N + nb - 1) / nb, half = K / 2;
+  // Tasks in m-block-major order: the threads share one activation panel (in L2), and the
+  // weight streams through once per m-block.
+  at::parallel_for(0, nbm * nbn, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) float tile[NB_MAX * MR];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nbn, n0 = (t % nbn) * nb, rows = std::min(nb, N - n0);
+      std::fill(tile, tile + rows * MR, 0.f);
+      for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
+        const float* panel = P + (b * K + 2 * j0) * MR;
+        const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
+        for (int64_t r = 0; r < rows; ++r)
+          kernel(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
+      }
+      const int64_t tokens = std::min(MR, M - b * MR);
+      for (int64_t i = 0; i < tokens; ++i) {
+        float* out = Y + (b * MR + i) * N + n0;
+        for (int64_t r = 0; r < rows; ++r) out[r] = tile[r * MR + i];
+      }
+    }
+  });
+  return y;
+}
+
+// dx (M, K) = dy (M, N) @ W: every kept w[n, j] scatters w * dy[:, n] into column col(j) of a
+// (KC x 96) dxᵀ tile held in L1 (used when W is 2:4 along rows only).
+torch::Tensor grad_input(torch::Tensor dy, torch::Tensor values, torch::Tensor indices) {
+  const int64_t M = dy.size(0), N = dy.size(1), K = values.size(1) * 2;
+  check_inputs(dy, values, indices, K);
+  TORCH_CHECK(values.size(0) == N, "semi: dy and values disagree on N");
+  auto dx = torch::empty({M, K}, dy.options());
+  if (M == 0 || K == 0) return dx;
+  if (N == 0) return dx.zero_();
+  const auto panels = pack_panels(dy);
+  const float* P = panels.data_ptr<float>();
+  const float* V = values.data_ptr<float>();
+  const uint8_t* I = indices.data_ptr<uint8_t>();
+  float* DX = dx.data_ptr<float>();
+  const int64_t nbm = (M + MR - 1) / MR, nbk = (K + KC - 1) / KC, half = K / 2, ib = indices.size(1);
+  at::parallel_for(0, nbm * nbk, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) float tile[KC * MR];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nbk, k0 = (t % nbk) * KC, cols = std::min(KC, K - k0);
+      const int64_t j0 = k0 / 2, j1 = (k0 + cols) / 2;
+      std::fill(tile, tile + cols * MR, 0.f);
+      for (int64_t n = 0; n < N; ++n) {
+        const float* d = P + (b * N + n) * MR;
+        __m256 d0 = _mm256_loadu_ps(d + 0), d1 = _mm256_loadu_ps(d + 8), d2 = _mm256_loadu_ps(d + 16);
+        __m256 d3 = _mm256_loadu_ps(d + 24), d4 = _mm256_loadu_ps(d + 32), d5 = _mm256_loadu_ps(d + 40);
+        __m256 d6 = _mm256_loadu_ps(d + 48), d7 = _mm256_loadu_ps(d + 56), d8 = _mm256_loadu_ps(d + 64);
+        __m256 d9 = _mm256_loadu_ps(d + 72), d10 = _mm256_loadu_ps(d + 80), d11 = _mm256_loadu_ps(d + 88);
+        const float* v = V + n * half;
+        const uint8_t* idx = I + n * ib;
+        for (int64_t j = j0; j < j1; ++j) {
+          const __m256 w = _mm256_broadcast_ss(v + j);
+          float* o = tile + (kept_column(idx, j) - k0) * MR;
+#define SK_AXPY(r, dr) _mm256_storeu_ps(o + 8 * r, _mm256_fmadd_ps(w, dr, _mm256_loadu_ps(o + 8 * r)))
+          SK_AXPY(0, d0); SK_AXPY(1, d1); SK_AXPY(2, d2); SK_AXPY(3, d3); SK_AXPY(4, d4); SK_AXPY(5, d5);
+          SK_AXPY(6, d6); SK_AXPY(7, d7); SK_AXPY(8, d8); SK_AXPY(9, d9); SK_AXPY(10, d10); SK_AXPY(11, d11);
+#undef SK_AXPY
+        }
+      }
+      const int64_t tokens = std::min(MR, M - b * MR);
+      for (int64_t i = 0; i < tokens; ++i) {
+        float* out = DX + (b * MR + i) * K + k0;
+        for (int64_t k = 0; k < cols; ++k) out[k] = tile[k * MR + i];
+      }
+    }
+  });
+  return dx;
+}
+
+// Sum of each of 8 vectors, as one vector [sum a0, ..., sum a7].
+inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5,
+                              __m256 a6, __m256 a7) {
+  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+// dvalues (N, K/2): dvalues[n, j] = sum_m dy[m, n] * x[m, col(n, j)].
+torch::Tensor grad_weight(torch::Tensor dy, torch::Tensor x, torch::Tensor indices) {
+  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.is_contiguous() && dy.scalar_type() == torch::kFloat32,
+              "semi: dy must be contiguous float32 (M, N)");
+  auto dvalues = torch::zeros({N, K / 2}, x.options());
+  check_inputs(x, dvalues, indices, K);
+  if (M == 0 || N == 0 || K == 0) return dvalues;
+  const auto xp = pack_panels(x), dyp = pack_panels(dy);
+  const float* PX = xp.data_ptr<float>();
+  const float* PD = dyp.data_ptr<float>();
+  const uint8_t* I = indices.data_ptr<uint8_t>();
+  float* DV = dvalues.data_ptr<float>();
+  const int64_t nbm = (M + MR - 1) / MR, half = K / 2, ib = indices.size(1);
+  const int64_t nbn = (N + 63) / 64;
+  for (int64_t s0 = 0; s0 < nbm; s0 += MSUPER) {
+    const int64_t s1 = std::min(nbm, s0 + MSUPER);
+    at::parallel_for(0, nbn, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t n0 = t0 * 64; n0 < std::min(N, t1 * 64); n0 += 64) {
+        const int64_t n1 = std::min(N, n0 + 64);
+        for (int64_t k0 = 0; k0 < K; k0 += KC_DW) {
+          const int64_t j0 = k0 / 2, count = std::min(KC_DW, K - k0) / 2;
+          for (int64_t n = n0; n < n1; ++n) {
+            const uint8_t* idx = I + n * ib;
+            int64_t col[8];  // panel row offsets; entries past ``count`` repeat entry 0 and are dropped
+            for (int64_t e = 0; e < 8; ++e) col[e] = (e < count ? kept_column(idx, j0 + e) : kept_column(idx, j0)) * MR;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            for (int64_t b = s0; b < s1; ++b) {
+              const float* xb = PX + b * K * MR;
+              const float* d = PD + (b * N + n) * MR;
+              for (int64_t r = 0; r < MR; r += 8) {
+                const __m256 dr = _mm256_loadu_ps(d + r);
+                a0 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[0] + r), a0);
+                a1 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[1] + r), a1);
+                a2 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[2] + r), a2);
+                a3 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[3] + r), a3);
+                a4 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[4] + r), a4);
+                a5 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[5] + r), a5);
+                a6 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[6] + r), a6);
+                a7 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[7] + r), a7);
+              }
+            }
+            alignas(32) float sums[8];
+            _mm256_store_ps(sums, hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
+            float* out = DV + n * half + j0;
+            for (int64_t e = 0; e < count; ++e) out[e] += sums[e];
+          }
+        }
+      }
+    });
+  }
+  return dvalues;
+}
+
+}  // namespace
+
+#pragma GCC pop_options
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "2:4 semi-structured linear products on CPU (fp32, AVX2 + FMA)";
+  m.def("forward", &forward, py::arg("x"), py::arg("v"), py::arg("i"), py::arg("kc")=32, py::arg("nb")=32, py::arg("allow_avx512")=true, "y = x @ W.T with W 2:4-compressed (values, packed indices)");
+  m.def("grad_input", &grad_input, "dx = dy @ W with W 2:4-compressed");
+  m.def("grad_weight", &grad_weight, "dvalues = (dy.T @ x) at W's kept positions");
+}

@@ -1,0 +1,155 @@
+"""2:4 compressed format: kept values + packed 2-bit indices (optionally also for Wᵀ).
+
+A (rows, cols) matrix with at most two nonzeros in every group of four
+consecutive entries of a row is stored as
+
+  values   (rows, cols/2)        the two kept entries of every group, in column order
+  indices  (rows, ceil(cols/8))  uint8; each kept entry's position inside its group
+                                 (2 bits), four entries per byte, lowest bits first
+
+i.e. 2 bits of metadata per kept value: 0.53x the dense bytes for fp32 and 0.56x
+for bf16/fp16. A *transposable* matrix (two kept per row and per column of
+every 4x4 tile) can also carry the same compression of its transpose
+(``values_t``, ``indices_t``), so dX = dY W runs on the sparse path too.
+"""
+import torch
+
+from ..pruning import check_2to4_shape, prune_2to4
+
+
+def pack_indices(positions):
+    """(rows, n) ints in [0, 4) -> uint8 (rows, ceil(n/4)), entry j in bits 2*(j%4) of byte j//4."""
+    rows, n = positions.shape
+    padded = torch.zeros(rows, -(-n // 4) * 4, dtype=torch.uint8, device=positions.device)
+    padded[:, :n] = positions.to(torch.uint8)
+    fields = padded.view(rows, -1, 4)
+    return fields[..., 0] | (fields[..., 1] << 2) | (fields[..., 2] << 4) | (fields[..., 3] << 6)
+
+
+def unpack_columns(indices, cols):
+    """Packed indices -> int64 (rows, cols/2): the column of every kept value."""
+    rows = indices.shape[0]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=indices.device)
+    in_group = ((indices.unsqueeze(-1) >> shifts) & 3).view(rows, -1)[:, :cols // 2].long()
+    group_start = torch.arange(cols // 2, device=indices.device).div(2, rounding_mode="floor") * 4
+    return in_group + group_start
+
+
+def kept_positions(mask):
+    """For a mask with exactly two True per group of 4: (rows, cols/2) positions in [0, 4), ascending."""
+    rows, cols = mask.shape
+    order = torch.sort(mask.view(rows, cols // 4, 4).to(torch.int8), dim=-1, descending=True, stable=True)
+    return order.indices[..., :2].sort(dim=-1).values.reshape(rows, cols // 2)
+
+
+def compress(dense, mask):
+    """(values, packed indices) of ``dense`` on ``mask`` (exactly two True per group of 4)."""
+    rows, cols = dense.shape
+    positions = kept_positions(mask)
+    values = dense.reshape(rows, cols // 4, 4).gather(-1, positions.view(rows, cols // 4, 2))
+    return values.reshape(rows, cols // 2), pack_indices(positions)
+
+
+def decompress(values, indices, cols):
+    """Dense (rows, cols) from compressed values/indices; differentiable with respect to ``values``."""
+    rows = values.shape[0]
+    return values.new_zeros(rows, cols).scatter(1, unpack_columns(indices, cols), values)
+
+
+def transpose_permutation(indices, indices_t, shape):
+    """int64 (cols, rows/2): for each kept value of Wᵀ, its flat position in W's ``values``.
+
+    ``values_t = values.reshape(-1)[perm]`` then turns W's values into Wᵀ's in one gather.
+    """
+    rows, cols = shape
+    slots = torch.full((rows, cols), -1, dtype=torch.int64, device=indices.device)
+    flat = torch.arange(rows * (cols // 2), device=indices.device).view(rows, cols // 2)
+    slots.scatter_(1, unpack_columns(indices, cols), flat)
+    return slots.T.gather(1, unpack_columns(indices_t, rows))
+
+
+class SemiStructuredMatrix:
+    """A 2:4 sparse (rows, cols) matrix in compressed form (see the module docstring).
+
+    ``values`` is a plain tensor: give it ``requires_grad`` and the gradients of
+    :func:`sparsekern.ops.semi_linear` land on the kept entries only.
+    """
+
+    def __init__(self, values, indices, shape, values_t=None, indices_t=None):
+        rows, cols = shape
+        if tuple(values.shape) != (rows, cols // 2):
+            raise ValueError(f"values has shape {tuple(values.shape)}, expected {(rows, cols // 2)} for {shape}")
+        if indices.dtype != torch.uint8 or tuple(indices.shape) != (rows, -(-cols // 8)):
+            raise ValueError(f"indices must be uint8 of shape {(rows, -(-cols // 8))}, got "
+                             f"{indices.dtype} {tuple(indices.shape)}")
+        if (values_t is None) != (indices_t is None):
+            raise ValueError("give both values_t and indices_t, or neither")
+        self.values, self.indices, self.shape = values, indices, (int(rows), int(cols))
+        self.values_t, self.indices_t = values_t, indices_t
+
+    @classmethod
+    def from_dense(cls, dense, *, mask=None, with_transpose=False):
+        """Exact compression of a 2:4 ``dense`` (ValueError if some group of 4 has > 2 nonzeros).
+
+        mask: optional bool (rows, cols) with exactly two True per group of four
+        (entries outside it must be zero); by default the nonzeros, topped up with
+        zeros. ``with_transpose`` also stores Wᵀ compressed (needs a transposable pattern).
+        """
+        if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
+            raise ValueError(f"dense must be a 2-D tensor, got "
+                             f"{tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__}")
+        check_2to4_shape(dense.shape, with_transpose)
+        dense = dense.detach()
+        nonzero = dense.ne(0)
+        if mask is None:
+            # Kept set = the nonzeros, topped up with zeros (to a transposable tile pattern if asked).
+            mask = prune_2to4(nonzero, transposable=with_transpose)
+        elif mask.dtype != torch.bool or mask.shape != dense.shape:
+            raise ValueError(f"mask must be bool of shape {tuple(dense.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        else:
+            _check_exact_2to4(mask, dense.shape, with_transpose)
+        lost = nonzero & ~mask
+        if bool(lost.any()):
+            row, col = (int(i) for i in lost.nonzero()[0])
+            what = "transposable 2:4 (2 per row and column of every 4x4 tile)" if with_transpose else "2:4"
+            raise ValueError(f"dense {tuple(dense.shape)} is not {what}: the entry at ({row}, {col}) "
+                             "is nonzero but outside the kept pattern; prune it first (sparsekern.prune_2to4)")
+        values, indices = compress(dense, mask)
+        values_t = indices_t = None
+        if with_transpose:
+            values_t, indices_t = compress(dense.T, mask.T)
+        return cls(values, indices, dense.shape, values_t, indices_t)
+
+    dtype = property(lambda self: self.values.dtype)
+    device = property(lambda self: self.values.device)
+    has_transpose = property(lambda self: self.indices_t is not None)
+
+    @property
+    def nbytes(self):
+        """Bytes actually stored (values and indices, and those of Wᵀ when kept)."""
+        tensors = [self.values, self.indices]
+        if self.has_transpose:
+            tensors += [self.values_t, self.indices_t]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def mask(self):
+        """Bool (rows, cols): the kept positions."""
+        ones = torch.ones(self.values.shape, dtype=torch.bool, device=self.device)
+        return decompress(ones, self.indices, self.shape[1])
+
+    def to_dense(self):
+        """The dense (rows, cols) matrix; differentiable with respect to ``values``."""
+        return decompress(self.values, self.indices, self.shape[1])
+
+    def __repr__(self):
+        return (f"SemiStructuredMatrix(shape={self.shape}, dtype={self.dtype}, device={self.device}, "
+                f"with_transpose={self.has_transpose})")
+
+
+def _check_exact_2to4(mask, shape, transposable):
+    per_group = mask.view(shape[0], -1, 4).sum(-1)
+    if not bool((per_group == 2).all()):
+        raise ValueError(f"mask of shape {tuple(shape)} must keep exactly 2 of every 4 along rows")
+    if transposable and not bool((mask.T.reshape(shape[1], -1, 4).sum(-1) == 2).all()):
+        raise ValueError(f"mask of shape {tuple(shape)} is not transposable 2:4 (2 per column of every 4x4 tile)")

@@ -1,0 +1,26 @@
+"""2:4 semi-structured products. Every backend implements the same ones:
+
+W (N, K) is given compressed as ``values`` (N, K/2) and packed 2-bit ``indices``
+uint8 (N, ceil(K/8)) (see :mod:`sparsekern.formats.semi_structured`).
+
+``semi_forward(x, values, indices) -> y``
+    x (M, K): y = x @ W.T, (M, N). With Wᵀ's compression it also gives dX = dY W
+    for a transposable W (the layer does this).
+``semi_grad_input(dy, values, indices) -> dx``
+    dy (M, N): dx = dy @ W, (M, K), walking W by rows (for a row-wise-only W).
+``semi_grad_weight(dy, x, indices) -> dvalues``
+    The sampled product (dy.T @ x) at the kept positions of W only: (N, K/2).
+``semi_prune_compress(dense, transposable) -> (values, indices, values_t, indices_t)``
+    Prune a dense (N, K) weight to 2:4 (transposable: per 4x4 tile) and compress
+    it; also Wᵀ compressed when ``transposable`` (else the last two are None).
+
+Inputs arrive contiguous, on one device, of one floating dtype (checked by the
+op layer). Outputs are new tensors of the input dtype; half types accumulate in
+fp32. M may be 0.
+"""
+from . import reference  # noqa: F401  (registers the reference backend)
+from . import cpu  # noqa: F401  (registers the C++ backend, loaded on first use)
+
+
+
+PRODUCTS = ("semi_forward", "semi_grad_input", "semi_grad_weight", "semi_prune_compress")

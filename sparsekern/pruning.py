@@ -1,0 +1,69 @@
+"""2:4 pruning masks: which two of every four weights to keep.
+
+Row-wise 2:4 keeps the two largest |w| of every group of four consecutive
+weights along the last (input) dimension: this is optimal per group.
+
+Transposable 2:4 keeps, in every 4x4 tile, exactly two weights per row AND two
+per column, so both W and Wᵀ are 2:4 (dX = dY W can then use the sparse path
+too). Exactly 90 such patterns exist per tile; scoring every tile against all of
+them is one (tiles, 16) x (16, 90) matmul, and the argmax is the optimal tile
+mask: it keeps at least as much magnitude as any greedy largest-first choice.
+"""
+import itertools
+
+import torch
+
+_PATTERNS = {}
+
+
+def transposable_patterns(device=torch.device("cpu")):
+    """The 90 4x4 0/1 patterns with two ones per row and per column, as a (90, 16) bool tensor."""
+    key = torch.device(device)
+    if key not in _PATTERNS:
+        pairs = [p for p in itertools.product((0, 1), repeat=4) if sum(p) == 2]
+        tiles = [rows for rows in itertools.product(pairs, repeat=4)
+                 if all(sum(r[c] for r in rows) == 2 for c in range(4))]
+        _PATTERNS[key] = torch.tensor(tiles, dtype=torch.bool).view(len(tiles), 16).to(key)
+    return _PATTERNS[key]
+
+
+def check_2to4_shape(shape, transposable):
+    """ValueError naming ``shape`` unless it is 2-D with dims that 2:4 can tile."""
+    shape = tuple(shape)
+    if len(shape) != 2:
+        raise ValueError(f"2:4 sparsity needs a 2-D weight, got shape {shape}")
+    if shape[1] % 4:
+        raise ValueError(f"2:4 sparsity needs the last dim to be a multiple of 4, got shape {shape}")
+    if transposable and shape[0] % 4:
+        raise ValueError(f"transposable 2:4 needs both dims to be multiples of 4, got shape {shape}")
+
+
+def prune_2to4(weight, transposable=False):
+    """Bool mask (same shape as ``weight``) keeping 2 of every 4 weights by magnitude.
+
+    weight: (rows, cols) tensor, cols a multiple of 4 (and rows too if
+    ``transposable``). Row-wise: the top-2 |w| of every 4 along a row.
+    Transposable: per 4x4 tile the pattern (2 per row and per column) of
+    largest kept |w|, found exhaustively.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+    check_2to4_shape(weight.shape, transposable)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    magnitude = weight.detach().to(dtype).abs()
+    rows, cols = weight.shape
+    if not transposable:
+        groups = magnitude.view(rows, cols // 4, 4)
+        keep = groups.topk(2, dim=-1).indices
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+        return mask.view(rows, cols)
+    tiles = magnitude.view(rows // 4, 4, cols // 4, 4).transpose(1, 2).reshape(-1, 16)
+    patterns = transposable_patterns(weight.device)
+    best = (tiles @ patterns.T.to(dtype)).argmax(dim=1)
+    mask = patterns[best].view(rows // 4, cols // 4, 4, 4).transpose(1, 2)
+    return mask.reshape(rows, cols)
+
+
+def is_2to4(mask):
+    """Whether every group of 4 along the last dim of a bool mask holds at most 2 True."""
+    return bool((mask.view(mask.shape[0], -1, 4).sum(-1) <= 2).all())
