@@ -7,6 +7,9 @@ from . import kernels, ops
 from .formats import BlockLayout, BlockSparseMatrix
 from .kernels import BackendUnavailableError, use_backend
 from .nn import LowRankLinear, SparseLinear
+from .formats import SemiStructuredMatrix  # noqa: F401  (2:4)
+from .nn import SemiSparseLinear  # noqa: F401  (2:4)
+from .pruning import prune_2to4  # noqa: F401  (2:4)
 from . import methods  # noqa: E402  (after nn: methods build on it)
 from .methods import DLRT, sparsify
 

@@ -57,13 +57,9 @@ def prune_2to4(weight, transposable=False):
         keep = groups.topk(2, dim=-1).indices
         mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
         return mask.view(rows, cols)
-    tiles = magnitude.view(rows // 4, 4, cols // 4, 4).transpose(1, 2).reshape(-1, 16)
+    tiles = magnitude.view(rows // 4, 4, cols // 4, 4).transpose(1, 2).reshape(rows // 4 * (cols // 4), 16)
     patterns = transposable_patterns(weight.device)
     best = (tiles @ patterns.T.to(dtype)).argmax(dim=1)
     mask = patterns[best].view(rows // 4, cols // 4, 4, 4).transpose(1, 2)
     return mask.reshape(rows, cols)
 
-
-def is_2to4(mask):
-    """Whether every group of 4 along the last dim of a bool mask holds at most 2 True."""
-    return bool((mask.view(mask.shape[0], -1, 4).sum(-1) <= 2).all())

@@ -22,7 +22,7 @@ def pack_indices(positions):
     rows, n = positions.shape
     padded = torch.zeros(rows, -(-n // 4) * 4, dtype=torch.uint8, device=positions.device)
     padded[:, :n] = positions.to(torch.uint8)
-    fields = padded.view(rows, -1, 4)
+    fields = padded.view(rows, padded.shape[1] // 4, 4)
     return fields[..., 0] | (fields[..., 1] << 2) | (fields[..., 2] << 4) | (fields[..., 3] << 6)
 
 
@@ -30,7 +30,7 @@ def unpack_columns(indices, cols):
     """Packed indices -> int64 (rows, cols/2): the column of every kept value."""
     rows = indices.shape[0]
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=indices.device)
-    in_group = ((indices.unsqueeze(-1) >> shifts) & 3).view(rows, -1)[:, :cols // 2].long()
+    in_group = ((indices.unsqueeze(-1) >> shifts) & 3).view(rows, 4 * indices.shape[1])[:, :cols // 2].long()
     group_start = torch.arange(cols // 2, device=indices.device).div(2, rounding_mode="floor") * 4
     return in_group + group_start
 
@@ -96,7 +96,7 @@ class SemiStructuredMatrix:
         zeros. ``with_transpose`` also stores Wᵀ compressed (needs a transposable pattern).
         """
         if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
-            raise ValueError(f"dense must be a 2-D tensor, got "
+            raise ValueError(f"dense must be a 2-D tensor, got shape "
                              f"{tuple(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__}")
         check_2to4_shape(dense.shape, with_transpose)
         dense = dense.detach()
@@ -148,8 +148,8 @@ class SemiStructuredMatrix:
 
 
 def _check_exact_2to4(mask, shape, transposable):
-    per_group = mask.view(shape[0], -1, 4).sum(-1)
+    per_group = mask.view(shape[0], shape[1] // 4, 4).sum(-1)
     if not bool((per_group == 2).all()):
         raise ValueError(f"mask of shape {tuple(shape)} must keep exactly 2 of every 4 along rows")
-    if transposable and not bool((mask.T.reshape(shape[1], -1, 4).sum(-1) == 2).all()):
+    if transposable and not bool((mask.T.reshape(shape[1], shape[0] // 4, 4).sum(-1) == 2).all()):
         raise ValueError(f"mask of shape {tuple(shape)} is not transposable 2:4 (2 per column of every 4x4 tile)")

@@ -8,6 +8,7 @@ import torch
 
 from ..._extension import extension_failure, load_extension
 from ..registry import register_kernel
+from .reference import semi_prune_compress
 
 
 def _module():
@@ -41,3 +42,5 @@ def semi_grad_weight(dy, x, indices):
 register_kernel("semi_forward", "cpu", semi_forward, _unavailable)
 register_kernel("semi_grad_input", "cpu", semi_grad_input, _unavailable)
 register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _unavailable)
+# Pruning is a few vectorised torch ops (topk, one small matmul), already fast on CPU.
+register_kernel("semi_prune_compress", "cpu", semi_prune_compress, _unavailable)

@@ -1,0 +1,139 @@
+"""``SemiSparseLinear``: a drop-in ``nn.Linear`` whose weight is 2:4 sparse.
+
+Two modes:
+
+``static``  the mask is fixed at construction (magnitude 2:4 pruning of the
+            initial or converted weight). The parameter ``values`` (out, in/2)
+            holds only the kept weights, so the optimizer state is halved too;
+            the 2-bit positions are uint8 buffers. Forward, dX and dW are 2:4
+            kernels; dX uses Wᵀ's compression when ``transposable``.
+``dynamic`` a dense master ``weight`` is re-pruned on every forward by a fused
+            prune+compress kernel; forward and dX are 2:4 kernels, the master
+            weight gets the dense straight-through gradient (torchao's recipe).
+"""
+import math
+
+import torch
+from torch import nn
+
+from ..formats.semi_structured import SemiStructuredMatrix, compress, decompress, transpose_permutation
+from ..ops.semi_linear import semi_linear, semi_linear_dynamic
+from ..pruning import check_2to4_shape, prune_2to4
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_MODES = ("static", "dynamic")
+
+
+class SemiSparseLinear(nn.Module):
+    """y = x Wᵀ + b with W 2:4 sparse (two of every four inputs kept per output).
+
+    Args:
+        in_features: multiple of 4. out_features: multiple of 4 if ``transposable``.
+        bias: learn an additive bias.
+        transposable: every 4x4 tile keeps 2 per row and 2 per column, so Wᵀ is
+            2:4 as well and dX runs on the sparse path.
+        mode: "static" (fixed mask, compressed parameter) or "dynamic" (dense
+            master weight re-pruned every step).
+        device, dtype: of the parameters.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, transposable=True, mode="static",
+                 device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_2to4_shape((out_features, in_features), transposable)
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"SemiSparseLinear supports dtypes {_DTYPES}, got {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.transposable, self.mode = bool(transposable), mode
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's initialisation
+        dense = torch.empty(out_features, in_features, device=device, dtype=dtype).uniform_(-bound, bound)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)) \
+            if bias else None
+        self._perm_key, self._perm = None, None
+        if mode == "dynamic":
+            self.weight = nn.Parameter(dense)
+        else:
+            self.values = nn.Parameter(torch.empty(out_features, in_features // 2, device=device, dtype=dtype))
+            self.register_buffer("indices", torch.empty(0, dtype=torch.uint8, device=device))
+            self.register_buffer("indices_t", torch.empty(0, dtype=torch.uint8, device=device)
+                                 if transposable else None)
+            self._set_static(dense, prune_2to4(dense, transposable=transposable))
+
+    @classmethod
+    def from_dense(cls, linear, *, transposable=True, mode="static"):
+        """Convert an ``nn.Linear``: its weight pruned to 2:4 by magnitude (kept values copied exactly)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, transposable=transposable,
+                    mode=mode, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            if mode == "dynamic":
+                layer.weight.copy_(weight)
+            else:
+                layer._set_static(weight, prune_2to4(weight, transposable=transposable))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def _set_static(self, dense, mask):
+        values, indices = compress(dense, mask)
+        self.values.data = values.contiguous()
+        self.indices = indices
+        if self.transposable:
+            self.indices_t = compress(dense.T, mask.T)[1]
+
+    @property
+    def mask(self):
+        """Bool (out_features, in_features): the weights in use (recomputed from ``weight`` if dynamic)."""
+        if self.mode == "dynamic":
+            return prune_2to4(self.weight.detach(), transposable=self.transposable)
+        ones = torch.ones(self.values.shape, dtype=torch.bool, device=self.values.device)
+        return decompress(ones, self.indices, self.in_features)
+
+    def dense_weight(self):
+        """The effective dense (out_features, in_features) weight."""
+        if self.mode == "dynamic":
+            return self.weight * self.mask
+        return decompress(self.values, self.indices, self.in_features)
+
+    def sparse_weight(self, with_transpose=None):
+        """The weight as a SemiStructuredMatrix sharing ``values`` (static mode).
+
+        Wᵀ's values are gathered from ``values`` when ``with_transpose`` (default:
+        when transposable and autograd is recording, i.e. when dX will be needed).
+        """
+        if self.mode == "dynamic":
+            raise RuntimeError("sparse_weight() is for mode='static'; a dynamic layer re-prunes every call")
+        shape = (self.out_features, self.in_features)
+        if with_transpose is None:
+            with_transpose = self.transposable and torch.is_grad_enabled()
+        if not (with_transpose and self.transposable):
+            return SemiStructuredMatrix(self.values, self.indices, shape)
+        values_t = self.values.detach().reshape(-1)[self._transpose_perm()].view(self.in_features, -1)
+        return SemiStructuredMatrix(self.values, self.indices, shape, values_t, self.indices_t)
+
+    def _transpose_perm(self):
+        # Cached per structure: the index buffers only change by assignment or load_state_dict.
+        key = (self.indices.data_ptr(), self.indices._version, self.indices_t.data_ptr(), self.indices_t._version)
+        if key != self._perm_key:
+            self._perm = transpose_permutation(self.indices, self.indices_t, (self.out_features, self.in_features))
+            self._perm_key = key
+        return self._perm
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has shape {tuple(x.shape)}, expected last dim {self.in_features}")
+        if self.mode == "dynamic":
+            return semi_linear_dynamic(x, self.weight, self.bias, transposable=self.transposable)
+        return semi_linear(x, self.sparse_weight(), self.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"transposable={self.transposable}, mode={self.mode!r}")

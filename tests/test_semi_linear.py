@@ -1,0 +1,128 @@
+"""2:4 op and layer: forward and every gradient vs the dense masked computation, per backend."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsekern as sk
+from sparsekern.kernels import available_backends
+from sparsekern.ops import semi_linear, semi_linear_dynamic
+
+from helpers import TOLERANCES
+
+# (M, N, K): tokens not a multiple of the 96-token panels, N/K not multiples of the CPU blocking.
+SHAPES = [(1, 4, 4), (7, 8, 12), (100, 36, 68), (193, 40, 132), (0, 8, 8)]
+CASES = [("reference", torch.float64), ("reference", torch.float32), ("reference", torch.bfloat16),
+         ("reference", torch.float16), ("cpu", torch.float32)]
+
+
+def _weight(n, k, dtype, transposable, seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    dense = (w * sk.prune_2to4(w, transposable=transposable)).to(dtype)
+    return sk.SemiStructuredMatrix.from_dense(dense, mask=sk.prune_2to4(w, transposable=transposable),
+                                              with_transpose=transposable)
+
+
+def _skip_unavailable(backend, dtype):
+    if backend not in available_backends("semi_forward", torch.device("cpu"), dtype):
+        pytest.skip(f"backend {backend} unavailable for {dtype} here")
+
+
+@pytest.mark.parametrize("transposable", [True, False], ids=["transposable", "rowwise"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
+def test_op_matches_dense_masked(backend, dtype, shape, transposable):
+    _skip_unavailable(backend, dtype)
+    m, n, k = shape
+    g = torch.Generator().manual_seed(1)
+    weight = _weight(n, k, dtype, transposable)
+    weight.values.requires_grad_(True)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    bias = torch.randn(n, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    dy = torch.randn(m, n, generator=g, dtype=torch.float64).to(dtype)
+    with sk.use_backend(backend):
+        y = semi_linear(x, weight, bias)
+    y.backward(dy)
+    dense = weight.to_dense().detach().double().requires_grad_(True)
+    x64, b64 = x.detach().double().requires_grad_(True), bias.detach().double().requires_grad_(True)
+    y_ref = F.linear(x64, dense, b64)
+    y_ref.backward(dy.double())
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    torch.testing.assert_close(bias.grad.double(), b64.grad, **tol)
+    # dW only at the kept positions, in the compressed layout.
+    expected_dvalues = sk.SemiStructuredMatrix.from_dense(dense.grad * weight.mask, mask=weight.mask).values
+    torch.testing.assert_close(weight.values.grad.double(), expected_dvalues, **tol)
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512_if_present", "avx2"])
+def test_cpu_forward_both_microkernels(avx512):
+    _skip_unavailable("cpu", torch.float32)
+    from sparsekern._extension import load_extension
+    weight = _weight(72, 200, torch.float32, False)
+    x = torch.randn(197, 200)
+    y = load_extension("semi").forward(x, weight.values, weight.indices, allow_avx512=avx512)
+    torch.testing.assert_close(y, x @ weight.to_dense().T, rtol=1e-4, atol=1e-4)
+
+
+def test_forced_cpu_backend_rejects_float64():
+    weight = _weight(8, 8, torch.float64, True)
+    with sk.use_backend("cpu"), pytest.raises(sk.BackendUnavailableError, match="float32"):
+        semi_linear(torch.randn(2, 8, dtype=torch.float64), weight)
+
+
+def test_leading_batch_dims():
+    weight = _weight(8, 12, torch.float32, True)
+    x = torch.randn(2, 3, 12)
+    torch.testing.assert_close(semi_linear(x, weight), x @ weight.to_dense().T)
+
+
+@pytest.mark.parametrize("transposable", [True, False], ids=["transposable", "rowwise"])
+def test_gradcheck(transposable):
+    weight = _weight(8, 12, torch.float64, transposable)
+    values = weight.values.clone().requires_grad_(True)
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+
+    def f(x, values, bias):
+        values_t = None
+        if transposable:
+            perm = sk.formats.semi_structured.transpose_permutation(weight.indices, weight.indices_t, weight.shape)
+            values_t = values.reshape(-1)[perm]
+        w = sk.SemiStructuredMatrix(values, weight.indices, weight.shape, values_t, weight.indices_t)
+        return semi_linear(x, w, bias)
+
+    assert torch.autograd.gradcheck(f, (x, values, bias))
+    w_dense = torch.randn(8, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: semi_linear_dynamic(x, w_dense.detach(), b, transposable=transposable),
+                                    (x, bias))
+
+
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("cpu", torch.float32)], ids=str)
+def test_dynamic_op_straight_through(backend, dtype):
+    _skip_unavailable(backend, dtype)
+    w = torch.randn(16, 24, dtype=dtype, requires_grad=True)
+    x = torch.randn(9, 24, dtype=dtype, requires_grad=True)
+    dy = torch.randn(9, 16, dtype=dtype)
+    with sk.use_backend(backend):
+        y = semi_linear_dynamic(x, w, transposable=True)
+    y.backward(dy)
+    masked = w.detach() * sk.prune_2to4(w.detach(), transposable=True)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(y, x.detach() @ masked.T, **tol)
+    torch.testing.assert_close(x.grad, dy @ masked, **tol)
+    torch.testing.assert_close(w.grad, dy.T @ x.detach(), **tol)   # dense straight-through gradient
+
+
+def test_op_bad_inputs():
+    weight = _weight(8, 12, torch.float32, True)
+    with pytest.raises(ValueError, match=r"\(3, 10\)"):
+        semi_linear(torch.randn(3, 10), weight)
+    with pytest.raises(TypeError, match="float64"):
+        semi_linear(torch.randn(3, 12, dtype=torch.float64), weight)
+    with pytest.raises(ValueError, match=r"bias has shape \(7,\)"):
+        semi_linear(torch.randn(3, 12), weight, torch.randn(7))
+    with pytest.raises(TypeError, match="SemiStructuredMatrix"):
+        semi_linear(torch.randn(3, 12), weight.to_dense())
+    with pytest.raises(ValueError, match=r"\(8, 10\)"):
+        semi_linear_dynamic(torch.randn(3, 10), torch.randn(8, 10))

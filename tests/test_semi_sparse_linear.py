@@ -1,0 +1,107 @@
+"""SemiSparseLinear: drop-in behaviour in both modes, training, state_dict, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern as sk
+
+from helpers import TOLERANCES
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("transposable", [True, False], ids=["transposable", "rowwise"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_from_dense_matches_masked_linear(mode, transposable, dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 12).to(dtype)
+    layer = sk.SemiSparseLinear.from_dense(linear, transposable=transposable, mode=mode)
+    mask = sk.prune_2to4(linear.weight.detach(), transposable=transposable)
+    assert torch.equal(layer.mask, mask)
+    assert torch.equal(layer.dense_weight().detach(), linear.weight.detach() * mask)
+    x = torch.randn(2, 5, 24, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), F.linear(x_ref, linear.weight.detach() * mask, linear.bias)
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(y, y_ref, **tol)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    torch.testing.assert_close(layer.bias.grad, linear.bias.grad, **tol)
+    dense_dw = dy.reshape(-1, 12).T.double() @ x.detach().reshape(-1, 24).double()
+    if mode == "static":
+        assert layer.values.shape == (12, 12)
+        kept = sk.SemiStructuredMatrix.from_dense(dense_dw * mask, mask=mask).values
+        torch.testing.assert_close(layer.values.grad.double(), kept, **tol)
+    else:
+        torch.testing.assert_close(layer.weight.grad.double(), dense_dw, **tol)
+
+
+def test_static_training_keeps_mask_and_halves_parameters():
+    torch.manual_seed(0)
+    layer = sk.SemiSparseLinear(32, 16)
+    assert sum(p.numel() for p in layer.parameters()) == 16 * 16 + 16
+    mask = layer.mask.clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x, target = torch.randn(64, 32), torch.randn(64, 16)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = F.mse_loss(layer(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(layer.mask, mask)
+    assert bool((layer.dense_weight()[~mask] == 0).all())
+
+
+def test_dynamic_mask_follows_weights():
+    layer = sk.SemiSparseLinear(8, 4, mode="dynamic", transposable=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[4.0, 3, 2, 1, 1, 2, 3, 4]] * 4))
+    assert layer.mask[0].tolist() == [True, True, False, False, False, False, True, True]
+    with torch.no_grad():
+        layer.weight[:, 0] = 0.0
+    assert layer.mask[0].tolist() == [False, True, True, False, False, False, True, True]
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    a, b = sk.SemiSparseLinear(16, 8), sk.SemiSparseLinear(16, 8)
+    assert not torch.equal(a.mask, b.mask)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.mask, a.mask) and torch.equal(b.dense_weight(), a.dense_weight())
+    x = torch.randn(3, 16, requires_grad=True)
+    b(x).sum().backward()   # Wᵀ's gather map is rebuilt for the loaded structure
+    torch.testing.assert_close(x.grad, torch.ones(3, 8) @ a.dense_weight().detach())
+
+
+def test_inference_skips_transpose():
+    layer = sk.SemiSparseLinear(8, 8)
+    with torch.no_grad():
+        assert not layer.sparse_weight().has_transpose
+    assert layer.sparse_weight().has_transpose
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(in_features=10, out_features=8), ValueError, r"\(8, 10\)"),
+    (dict(in_features=8, out_features=6), ValueError, r"\(6, 8\)"),
+    (dict(in_features=8, out_features=8, mode="sometimes"), ValueError, "mode"),
+    (dict(in_features=8, out_features=8, dtype=torch.int32), TypeError, "int32"),
+    (dict(in_features=0, out_features=8), ValueError, "in_features"),
+])
+def test_bad_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sk.SemiSparseLinear(**kwargs)
+
+
+def test_rowwise_allows_any_out_features_and_bad_input():
+    layer = sk.SemiSparseLinear(8, 6, transposable=False, bias=False)
+    assert layer(torch.randn(2, 8)).shape == (2, 6)
+    with pytest.raises(ValueError, match=r"\(2, 7\)"):
+        layer(torch.randn(2, 7))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        sk.SemiSparseLinear.from_dense(layer)
+    assert "mode='static'" in repr(layer)
