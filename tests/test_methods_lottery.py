@@ -122,5 +122,7 @@ def test_reinit_control_via_apply_masks():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="rewind"):
         iterative_magnitude_pruning(_mlp(), _trainer(), schedule=[0.5], rewind="nope")
+    with pytest.raises(ValueError, match="schedule"):
+        iterative_magnitude_pruning(_mlp(), _trainer(), density=0.5)
     with pytest.raises(ValueError, match="decreasing"):
         iterative_magnitude_pruning(_mlp(), _trainer(), schedule=[0.2, 0.5])

@@ -105,6 +105,8 @@ def iterative_magnitude_pruning(model, train, *, density=None, rounds=None, sche
     if rewind not in ("weights", "lr"):
         raise ValueError(f"rewind must be 'weights' or 'lr', got {rewind!r}")
     if schedule is None:
+        if density is None or rounds is None:
+            raise ValueError("give density and rounds, or an explicit schedule")
         schedule = geometric_schedule(density, rounds)
     schedule = [float(d) for d in schedule]
     if any(not 0.0 < d <= 1.0 for d in schedule) or any(b > a for a, b in zip(schedule, schedule[1:])):
