@@ -15,7 +15,9 @@ RSS is its own. Columns: ``train_s`` the training loop of the final network
 (wall-clock); ``prep_s`` what came before it (scoring, K-start trials, earlier IMP
 rounds); ``state_mb`` parameters + gradients + optimizer state + buffers after
 training; ``peak_rss_mb`` the process's peak resident memory (includes the
-dataset and the torch runtime; for IMP rows it includes the dense round 0).
+dataset and the torch runtime) and ``train_rss_mb`` how far that peak rose above
+the high-water mark reached before the model was built (model, scoring, training;
+for IMP rows it includes the dense round 0).
 
     python bench/exp_prune_at_init.py                 # all rows -> bench/results/prune_at_init.{json,md,png}
     python bench/exp_prune_at_init.py --timing        # dense vs sparse step time, alternating, one process
@@ -52,20 +54,28 @@ METHODS = ("dense", "random", "erk", "magnitude", "snip", "grasp", "synflow", "k
 IMP_WARMUP_DENSITY = 0.3  # first IMP round prunes 1 -> 0.3, then down the requested densities
 
 
-def load_fashion_mnist(root=FASHION):
-    """(train_x, train_y, test_x, test_y): images as standardised float32 (N, 784), labels int64."""
+def load_fashion_mnist(train_samples=None, root=FASHION):
+    """(train_x, train_y, test_x, test_y): images as standardised float32 (N, 784), labels int64.
+
+    Only the first ``train_samples`` training images are converted to float, so the
+    loader's own memory peak stays below the training's (the RSS columns measure that).
+    """
     def read(name, offset):
         path = os.path.join(root, name)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} missing: apt-get install -y dataset-fashion-mnist")
         with gzip.open(path, "rb") as f:
             return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
-    tx = torch.from_numpy(read("train-images-idx3-ubyte.gz", 16).reshape(-1, 784).astype(np.float32) / 255)
-    ex = torch.from_numpy(read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 784).astype(np.float32) / 255)
-    ty = torch.from_numpy(read("train-labels-idx1-ubyte.gz", 8).astype(np.int64))
+    tx = read("train-images-idx3-ubyte.gz", 16).reshape(-1, 784)[:train_samples]
+    ty = torch.from_numpy(read("train-labels-idx1-ubyte.gz", 8)[:train_samples].astype(np.int64))
+    ex = read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 784)
     ey = torch.from_numpy(read("t10k-labels-idx1-ubyte.gz", 8).astype(np.int64))
-    mean, std = tx.mean(), tx.std()
-    return (tx - mean) / std, ty, (ex - mean) / std, ey
+    mean, std = float(tx.mean()) / 255, float(tx.std()) / 255
+
+    def standardise(images):
+        x = torch.from_numpy(images.astype(np.float32))
+        return x.div_(255).sub_(mean).div_(std)
+    return standardise(tx), ty, standardise(ex), ey
 
 
 def make_model(seed=0):
@@ -146,8 +156,9 @@ def _row(method, density, model, trainer, data, train_s, prep_s, **extra):
 
 def run_one(method, density, args):
     """Rows for one method at one density (IMP: all densities of its chain)."""
-    data = load_fashion_mnist()
+    data = load_fashion_mnist(args.train_samples)
     trainer = Trainer(data, args)
+    args.rss_before_model = _max_rss_mb()
     bs = args.block_size
     batch = (data[0][:args.score_samples], data[1][:args.score_samples])
     prep = time.perf_counter()
@@ -213,6 +224,10 @@ def run_imp(args, data, trainer):
     return rows
 
 
+def _max_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def environment():
     x = torch.empty(1)
     return dict(device=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch=torch.__version__,
@@ -238,6 +253,7 @@ def run_all(args):
                          "train_samples": args.train_samples})
             print(f"{row['method']:>20} d={row['density']:<5} acc={row['test_acc']:.4f} train={row['train_s']:7.1f}s "
                   f"prep={row['prep_s']:6.1f}s state={row['state_mb']:6.1f}MB rss={row['peak_rss_mb']:6.0f}MB "
+                  f"(+{row['train_rss_mb']:.0f}MB) "
                   f"({time.perf_counter() - begin:.0f}s)", flush=True)
         with open(os.path.join(args.out, "prune_at_init.json"), "w") as f:
             json.dump(rows, f, indent=1)
@@ -258,13 +274,13 @@ def forward_args(args):
 
 def markdown(rows):
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    lines = ["| method | density | test acc | train s | vs dense | prep s | state MB | peak RSS MB |",
+    lines = ["| method | density | test acc | train s | vs dense | prep s | state MB | peak RSS MB (+ over data) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["density"], METHODS.index(r["method"].replace("-reinit", ""))
                                          + 0.5 * r["method"].endswith("reinit"))):
         speed = f"{dense['train_s'] / r['train_s']:.2f}x" if dense else "-"
         lines.append(f"| {r['method']} | {r['density']} | {r['test_acc']:.4f} | {r['train_s']:.1f} | {speed} | "
-                     f"{r['prep_s']:.1f} | {r['state_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['prep_s']:.1f} | {r['state_mb']:.1f} | {r['peak_rss_mb']:.0f} (+{r['train_rss_mb']:.0f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -300,8 +316,7 @@ def plot(rows, path):
 
 def timing(args):
     """Dense vs sparse training steps on real batches, alternating in one process; median step ratios."""
-    data = load_fashion_mnist()
-    x, y = data[0], data[1]
+    x, y = load_fashion_mnist()[:2]
     models = {"dense": make_model(),
               "erk": sk.sparsify(make_model(), density=0.1, method="erk", block_size=args.block_size),
               "uniform": sk.sparsify(make_model(), density=0.1, method="uniform", block_size=args.block_size),
@@ -354,8 +369,9 @@ def main():
         timing(args)
     elif args.run_one:
         rows = run_one(args.run_one, args.density, args)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps([{**r, "peak_rss_mb": round(peak, 1)} for r in rows]))
+        peak = _max_rss_mb()
+        print(json.dumps([{**r, "peak_rss_mb": round(peak, 1), "train_rss_mb": round(peak - args.rss_before_model, 1)}
+                          for r in rows]))
     else:
         run_all(args)
 
