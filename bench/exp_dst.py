@@ -222,14 +222,16 @@ def task_data(task, args):
 
 
 def markdown(rows):
-    lines = ["| task | method | density | quality | train s | vs dense | state MB | update cost (steps) "
-             "| % of ΔT=100 | rebuild ms |", "|" + "---|" * 10]
+    lines = ["| task | method | density | quality | train s | vs dense | median step ms | vs dense | state MB "
+             "| update cost (steps) | % of ΔT=100 | rebuild ms |", "|" + "---|" * 12]
     dense = {r["task"]: r for r in rows if r["method"] == "dense"}
     for r in rows:
         base = dense.get(r["task"])
         speed = f"{base['train_s'] / r['train_s']:.2f}x" if base else "-"
+        step = f"{base['step_ms'] / r['step_ms']:.2f}x" if base else "-"
         lines.append(f"| {r['task']} | {r['method']} | {r['density']} | {r['quality']:.4f} {r['metric']} | "
-                     f"{r['train_s']:.1f} | {speed} | {r['state_mb']:.1f} | {r['update_cost_steps']:.2f} | "
+                     f"{r['train_s']:.1f} | {speed} | {r['step_ms']:.1f} | {step} | {r['state_mb']:.1f} | "
+                     f"{r['update_cost_steps']:.2f} | "
                      f"{100 * r['update_frac_dt100']:.2f} | {r['rebuild_ms']:.1f} |")
     return "\n".join(lines)
 
