@@ -195,3 +195,24 @@ def test_bad_arguments():
         sk.DLRT(layer, 0.1, tol=0.1, optimizer="lion")
     with pytest.raises(ValueError, match="no sparsekern.LowRankLinear"):
         sk.DLRT(nn.Linear(3, 3), 0.1, tol=0.1)
+
+
+def test_svd_failure_falls_back_to_float64(monkeypatch):
+    """gesdd can fail to converge on Ŝ (many ~0 singular values); the step must still be exact."""
+    layer = _layer(13, 11, 3, dtype=torch.float32)
+    x, dy = torch.randn(20, 13), torch.randn(20, 11)
+    expected = _tangent_step(_layer(13, 11, 3), x.double(), dy.double(), 0.3).float()  # same init in fp64
+    svd, calls = torch.linalg.svd, []
+
+    def flaky_svd(matrix, *args, **kwargs):
+        calls.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
+    dlrt = sk.DLRT(layer, 0.3, tol=0.0, rmin=1)
+    _backward(layer, x, dy)
+    dlrt.step()
+    assert calls == [torch.float32, torch.float64] and layer.S.dtype == torch.float32
+    torch.testing.assert_close(layer.dense_weight().detach(), expected, rtol=1e-4, atol=1e-5)

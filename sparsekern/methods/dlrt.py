@@ -133,7 +133,7 @@ class DLRT:
         S_hat[:r, :r] = S - lr * dirS
         S_hat[:r, r:] = -lr * RL.T
         S_hat[r:, :r] = -lr * RK
-        P, sigma, Qh = torch.linalg.svd(S_hat, full_matrices=False)
+        P, sigma, Qh = _svd(S_hat)
         r1 = self._new_rank(layer, sigma)
         P, sigma, Q = P[:, :r1], sigma[:r1], Qh[:r1].T
         U1 = torch.addmm(U @ P[:r], QK, P[r:])  # Û P without concatenating Û
@@ -178,6 +178,22 @@ def _new_directions(U, direction, coeffs):
         Q, R2 = torch.linalg.qr(Q - U @ (U.T @ Q))
         R = R2 @ R
     return Q, R
+
+
+def _svd(matrix):
+    """Reduced SVD; LAPACK's gesdd (the only CPU driver) occasionally fails to converge
+    on Ŝ, whose zero block and rank-deficient new-direction blocks give many ~0
+    singular values. Retry in float64, then on a slightly perturbed matrix."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        wide = matrix.double()
+    try:
+        P, sigma, Qh = torch.linalg.svd(wide, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        noise = torch.randn(wide.shape, dtype=wide.dtype, device=wide.device)
+        P, sigma, Qh = torch.linalg.svd(wide + noise * (1e-12 * float(wide.abs().max())), full_matrices=False)
+    return P.to(matrix.dtype), sigma.to(matrix.dtype), Qh.to(matrix.dtype)
 
 
 def _reorthonormalize(U, S, V):
