@@ -21,6 +21,7 @@ a median step (probe backward + rebuild), in steps, and as a fraction of the
 Usage (a few minutes on 2 cores at the defaults):
     python bench/exp_dst.py --json dst.jsonl
     python bench/exp_dst.py --task fashion --densities 0.1 --methods dense rigl --epochs 3
+    python bench/exp_dst.py --speed --densities 0.1   # dense vs RigL, alternating ΔT=100-step chunks
 
 Data: ``apt-get install -y dataset-fashion-mnist fortunes``.
 """
@@ -236,6 +237,46 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def speed(args, env):
+    """Dense vs DST training on the Fashion-MNIST MLP, alternating chunks of ΔT steps
+    (one full update period: the probe step and the rebuild included) in one process.
+    Yields JSON rows with the median chunk-time ratio."""
+    tx, ty, _, _ = load_fashion_mnist()
+    for block in args.speed_block_sizes:
+        for density in args.densities:
+            args.block_size = block
+            runners = {}
+            for name in ("dense", args.speed_method):
+                model = fashion_model(name != "dense", args)
+                opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+                driver = None if name == "dense" else METHODS[name](
+                    model, opt, density=density, delta=args.speed_delta, alpha=args.alpha, t_end=10 ** 9)
+                runners[name] = (model, opt, driver)
+            chunk_s = {name: [] for name in runners}
+            g = torch.Generator().manual_seed(0)
+            for round_ in range(args.speed_rounds + 1):  # round 0 warms up
+                for name, (model, opt, driver) in runners.items():
+                    start = time.perf_counter()
+                    for _ in range(args.speed_delta):
+                        idx = torch.randint(0, len(tx), (args.batch,), generator=g)
+                        opt.zero_grad(set_to_none=True)
+                        F.cross_entropy(model(tx[idx]), ty[idx]).backward()
+                        opt.step()
+                        if driver is not None:
+                            driver.step()
+                    if round_:
+                        chunk_s[name].append(time.perf_counter() - start)
+            ratios = [d / s for d, s in zip(chunk_s["dense"], chunk_s[args.speed_method])]
+            driver = runners[args.speed_method][2]
+            yield {"task": "fashion-speed", "method": args.speed_method, "density": density, "block_size": block,
+                   "hidden": args.hidden, "batch": args.batch, "delta": args.speed_delta,
+                   "dense_ms_per_step": round(1000 * statistics.median(chunk_s["dense"]) / args.speed_delta, 3),
+                   "sparse_ms_per_step": round(1000 * statistics.median(chunk_s[args.speed_method]) / args.speed_delta, 3),
+                   "median_speedup": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
+                   "updates": len(driver.update_seconds),
+                   "rebuild_ms": round(1000 * statistics.median(driver.update_seconds), 3), **env}
+
+
 def svg_plot(rows, path):
     """Quality vs density, one line per method, one panel per task (plain SVG, no matplotlib)."""
     colors = ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
@@ -301,6 +342,11 @@ def main(argv=None):
     p.add_argument("--dense-init", dest="sparse_init", action="store_false",
                    help="keep nn.Linear's init on sparse layers (default: scale by density**-0.5)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--speed", action="store_true", help="only time dense vs --speed-method (alternating chunks)")
+    p.add_argument("--speed-method", default="rigl", choices=list(METHODS))
+    p.add_argument("--speed-block-sizes", nargs="+", type=int, default=[32])
+    p.add_argument("--speed-delta", type=int, default=100)
+    p.add_argument("--speed-rounds", type=int, default=5)
     p.add_argument("--json", default=None, help="append JSON rows to this file")
     p.add_argument("--plot", default=None, help="write quality vs density as an SVG file")
     p.add_argument("--from-json", default=None, help="no training: table and plot from saved JSON rows")
@@ -315,6 +361,13 @@ def main(argv=None):
         return
     env = environment()
     print(json.dumps(env))
+    if args.speed:
+        for row in speed(args, env):
+            print(json.dumps(row), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        return
     rows = []
     for task in (["fashion", "text"] if args.task == "both" else [args.task]):
         data = task_data(task, args)
