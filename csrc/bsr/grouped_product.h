@@ -55,7 +55,7 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
   // Pack B: group i, sub-tile s, member q at ((offsets[i] * nsub) + s * count_i + q) * strip.
   at::Tensor b_buf = at::empty({std::max<int64_t>(1, nnz * nsub * strip)}, scalar_type_of<C>());
   C* bp = b_buf.data_ptr<C>();
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+  parallel_for_work(G, nnz * br * bc, [&](int64_t g0, int64_t g1) {
     for (int64_t i = g0; i < g1; ++i) {
       const int64_t first = offsets[i], count = offsets[i + 1] - first;
       for (int64_t q = 0; q < count; ++q) {
@@ -78,6 +78,16 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
 
   // Work items (group, m-tile range) in panel / m-block / group order.
   int64_t mblock = std::max<int64_t>(1, kABlockBytes / std::max<int64_t>(1, Ka * MR * int64_t(sizeof(C))));
+  // No item may hold more than 1/8 of a thread's share, or one heavy block row
+  // (power-law rows) could not be split evenly across the threads.
+  int64_t per_tile_total = 0, per_tile_max = 1;
+  for (int64_t i = 0; i < G; ++i) {
+    const int64_t c = ((offsets[i + 1] - offsets[i]) * w + kItemOverhead) * nsub;
+    per_tile_total += c;
+    per_tile_max = std::max(per_tile_max, c);
+  }
+  const int64_t threads = threads_for(per_tile_total * mtiles * MR * NR);
+  if (threads > 1) mblock = std::min(mblock, std::max<int64_t>(1, per_tile_total * mtiles / (8 * threads * per_tile_max)));
   mblock = std::max(mblock, (mtiles * G + kMaxItems - 1) / kMaxItems);
   struct Item { int64_t group, t0, t1; };
   std::vector<Item> items;
@@ -93,7 +103,7 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
       for (int64_t i = p0; i < p1; ++i) {
         items.push_back({i, t0, t1});
         const int64_t count = offsets[i + 1] - offsets[i];
-        prefix.push_back(prefix.back() + (count * w + kItemOverhead) * nsub * (t1 - t0));
+        prefix.push_back(prefix.back() + (count * w + kItemOverhead) * nsub * NR * (t1 - t0) * MR);
       }
     }
     p0 = p1;

@@ -10,16 +10,32 @@
 namespace sparsekern {
 namespace bsr {
 
+constexpr int64_t kMinWorkPerThread = 1 << 17;  // multiply-adds; below this a thread costs more than it saves
+
+// Threads worth using for `work` multiply-adds (or element copies). Small calls
+// stay on the caller's thread: waking the pool costs more than they do, and on
+// a busy machine a parallel region waits for every thread to be scheduled.
+inline int64_t threads_for(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
+}
+
+// at::parallel_for over [0, n) in at most threads_for(work) chunks.
+template <typename F>
+void parallel_for_work(int64_t n, int64_t work, const F& fn) {
+  const int64_t threads = threads_for(work);
+  at::parallel_for(0, n, (n + threads - 1) / threads, fn);
+}
+
 // Runs fn(item) for every item of [0, n), in order within a thread, giving each
-// of the at::get_num_threads() threads one contiguous range of about equal total
-// cost. `prefix` holds the n + 1 running sums of the item costs. Power-law block
-// rows are why this is by cost and not by item count.
+// thread one contiguous range of about equal total cost. `prefix` holds the
+// n + 1 running sums of the item costs (multiply-adds). Power-law block rows are
+// why this is by cost and not by item count.
 template <typename F>
 void parallel_by_cost(const std::vector<int64_t>& prefix, const F& fn) {
   const int64_t n = static_cast<int64_t>(prefix.size()) - 1;
   if (n <= 0) return;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   const int64_t total = prefix.back();
+  const int64_t parts = std::min<int64_t>(threads_for(total), n);
   auto start = [&](int64_t p) -> int64_t {
     if (p >= parts) return n;
     const int64_t target = total / parts * p + (total % parts) * p / parts;

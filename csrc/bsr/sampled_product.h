@@ -21,6 +21,7 @@
 
 #include "bsr/grouped_product.h"
 #include "bsr/microkernel.h"
+#include "bsr/parallel.h"
 
 namespace sparsekern {
 namespace bsr {
@@ -71,7 +72,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
     const bool add = m0 > 0;
     // Pack: items [0, RB) are block rows of dY, [RB, RB + CB) block columns of X.
     // Sub-blocks of kRowsPerPass tokens keep the rows being read in L1/L2.
-    at::parallel_for(0, RB + CB, 1, [&](int64_t i0, int64_t i1) {
+    parallel_for_work(RB + CB, (N + K) * len, [&](int64_t i0, int64_t i1) {
       for (int64_t t0 = 0; t0 < len; t0 += kRowsPerPass) {
         const int64_t t1 = std::min(len, t0 + kRowsPerPass);
         for (int64_t item = i0; item < i1; ++item) {
@@ -97,7 +98,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
         }
       }
     });
-    at::parallel_for(0, nnz, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_work(nnz, nnz * block * len, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         C* ob = acc + b * block;
         for (int64_t s = 0; s < nsub; ++s) {
@@ -125,7 +126,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
     });
   }
   if (!std::is_same<S, C>::value) {
-    at::parallel_for(0, nnz * block, 4096, [&](int64_t i0, int64_t i1) {
+    parallel_for_work(nnz * block, nnz * block, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) dvalues[i] = S(acc[i]);
     });
   }

@@ -1,0 +1,195 @@
+"""The C++ ``cpu`` backend of the block-sparse products (csrc/bsr/) against the
+reference kernels and the dense masked computation, on both microkernels
+(AVX2/FMA where the CPU has it, and the portable one)."""
+import pytest
+import torch
+
+import sparsekern as sk
+from helpers import TOLERANCES, random_bsr
+from sparsekern._extension import load_extension
+from sparsekern.kernels.bsr import cpu, reference
+
+CPU = torch.device("cpu")
+_REASON = cpu.unavailable(CPU, torch.float32)
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend not built: {_REASON}")
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight")
+
+
+@pytest.fixture(params=["native", "portable"])
+def isa(request):
+    """Run a test on the run-time selected microkernel, then on the portable fallback."""
+    ext = load_extension("bsr")
+    ext.set_portable_only(request.param == "portable")
+    yield request.param
+    ext.set_portable_only(False)
+
+
+def _layout_from_rows(grid, cols_per_row):
+    mask = torch.zeros(grid, dtype=torch.bool)
+    for r, cols in enumerate(cols_per_row):
+        mask[r, list(cols)] = True
+    return mask
+
+
+def _power_law_mask(grid):
+    """Block row 0 full, row 1 one block, the others empty or nearly: DST's power-law rows."""
+    rows = [range(grid[1]), [3], [], [0, grid[1] - 1]] + [[] for _ in range(grid[0] - 4)]
+    return _layout_from_rows(grid, rows)
+
+
+# name: (shape (out, in), block, density or explicit block mask builder, tokens M)
+STRUCTURES = {
+    "sq16-uneven-M": ((64, 96), 16, 0.5, 37),
+    "sq32": ((128, 160), 32, 0.3, 50),
+    "sq64-dense": ((128, 192), 64, 1.0, 13),
+    "rect16x8": ((48, 80), (16, 8), 0.6, 5),
+    "rect8x24": ((40, 72), (8, 24), 0.4, 19),
+    "rect5x3": ((35, 33), (5, 3), 0.5, 7),
+    "rect24x40": ((72, 120), (24, 40), 0.5, 11),
+    "density0": ((32, 48), 16, 0.0, 9),
+    "single-block": ((32, 32), 32, 1.0, 1),
+    "power-law-rows": ((8 * 16, 12 * 16), 16, _power_law_mask, 23),
+    "huge-block-count": ((256, 256), (2, 2), 0.5, 6),  # 8192 stored blocks
+}
+
+
+def _weight(name, dtype):
+    shape, block, density, m = STRUCTURES[name]
+    if callable(density):
+        bs = (block, block) if isinstance(block, int) else block
+        mask = density((shape[0] // bs[0], shape[1] // bs[1]))
+        dense = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+        return sk.BlockSparseMatrix.from_dense(dense, block, block_mask=mask), m
+    return random_bsr(shape, block, density, dtype=dtype, seed=5), m
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_kernels_match_reference(isa, name, dtype):
+    weight, m = _weight(name, dtype)
+    layout, (n, k) = weight.layout, weight.shape
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(m, n, generator=g, dtype=torch.float64).to(dtype)
+    args = {"bsr_forward": (x, weight.values, layout), "bsr_grad_input": (dy, weight.values, layout),
+            "bsr_grad_weight": (dy, x, layout)}
+    for product in PRODUCTS:
+        got = getattr(cpu, product)(*args[product])
+        want = getattr(reference, product)(*(a.double() if torch.is_tensor(a) else a for a in args[product]))
+        assert got.dtype == dtype and got.shape == want.shape, product
+        torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype], msg=lambda s: f"{product}: {s}")
+
+
+def test_empty_block_rows_and_columns_give_zero_outputs(isa):
+    mask = _layout_from_rows((4, 5), [[1, 3], [], [1], []])  # block rows 1, 3 and columns 0, 2, 4 empty
+    weight = sk.BlockSparseMatrix.from_dense(torch.randn(32, 40), 8, block_mask=mask)
+    x, dy = torch.randn(10, 40), torch.randn(10, 32)
+    y = cpu.bsr_forward(x, weight.values, weight.layout).view(10, 4, 8)
+    dx = cpu.bsr_grad_input(dy, weight.values, weight.layout).view(10, 5, 8)
+    assert (y[:, [1, 3]] == 0).all() and (dx[:, [0, 2, 4]] == 0).all()
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("m", [0, 1])
+def test_degenerate_token_counts(isa, m):
+    weight = random_bsr((32, 48), 16, 0.5, dtype=torch.float32)
+    x, dy = torch.randn(m, 48), torch.randn(m, 32)
+    assert cpu.bsr_forward(x, weight.values, weight.layout).shape == (m, 32)
+    assert cpu.bsr_grad_input(dy, weight.values, weight.layout).shape == (m, 48)
+    dw = cpu.bsr_grad_weight(dy, x, weight.layout)
+    torch.testing.assert_close(dw, reference.bsr_grad_weight(dy, x, weight.layout))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_results_do_not_depend_on_thread_count(threads):
+    weight, _ = _weight("power-law-rows", torch.float64)
+    m = 400  # enough work for the kernels to use every thread and split the heavy block row
+    x, dy = torch.randn(m, weight.shape[1], dtype=torch.float64), torch.randn(m, weight.shape[0], dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = [cpu.bsr_forward(x, weight.values, weight.layout), cpu.bsr_grad_input(dy, weight.values, weight.layout),
+               cpu.bsr_grad_weight(dy, x, weight.layout)]
+    finally:
+        torch.set_num_threads(before)
+    want = [reference.bsr_forward(x, weight.values, weight.layout),
+            reference.bsr_grad_input(dy, weight.values, weight.layout), reference.bsr_grad_weight(dy, x, weight.layout)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
+
+
+def _dense_masked(x, weight, bias, dy, probe=None):
+    x = x.detach().double().requires_grad_()
+    w = weight.to_dense().detach().double().requires_grad_()
+    y = x @ w.T + bias.detach().double()
+    y.backward(dy.double())
+    return y, x.grad, w.grad
+
+
+def _blocks(dense, layout):
+    (rb, cb), (br, bc) = layout.grid, layout.block_size
+    return dense.reshape(rb, br, cb, bc).transpose(1, 2)[layout.row_indices, layout.col_indices]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("lead", [(9,), (2, 3, 5)], ids=["M9", "batch2x3x5"])
+def test_op_with_cpu_backend_matches_dense_masked(dtype, lead):
+    weight = random_bsr((48, 80), (16, 8), 0.5, dtype=dtype, seed=2, empty_rows=(1,), empty_cols=(0, 4))
+    weight.values.requires_grad_()
+    probe = sk.BlockSparseMatrix.zeros(sk.BlockLayout.from_block_mask(
+        torch.ones(weight.layout.grid, dtype=torch.bool), weight.shape, weight.block_size), dtype=dtype)
+    probe.values.requires_grad_()
+    g = torch.Generator().manual_seed(3)
+    # Non-contiguous x: a transposed view; bsr_linear makes it contiguous once.
+    x = torch.randn(80, *lead, generator=g, dtype=torch.float64).to(dtype).movedim(0, -1).requires_grad_()
+    bias = torch.randn(48, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    dy = torch.randn(*lead, 48, generator=g, dtype=torch.float64).to(dtype)
+    assert not x.is_contiguous()
+    with sk.use_backend("cpu"):
+        y = sk.ops.bsr_linear(x, weight, bias, grad_probe=probe)
+        y.backward(dy)
+    y_ref, dx_ref, dw_ref = _dense_masked(x.reshape(-1, 80), weight, bias, dy.reshape(-1, 48))
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(y.reshape(-1, 48).double(), y_ref, **tol)
+    torch.testing.assert_close(x.grad.reshape(-1, 80).double(), dx_ref, **tol)
+    torch.testing.assert_close(weight.values.grad.double(), _blocks(dw_ref, weight.layout), **tol)
+    torch.testing.assert_close(probe.values.grad.double(), _blocks(dw_ref, probe.layout), **tol)
+
+
+def test_sparse_linear_uses_cpu_backend_by_default():
+    assert sk.kernels.select_kernel("bsr_forward", CPU, torch.float32)[0] == "cpu"
+    layer = sk.SparseLinear(50, 70, block_size=16, density=0.5)
+    x = torch.randn(4, 50, requires_grad=True)
+    layer(x).sum().backward()
+    with sk.use_backend("reference"):
+        x_ref = x.detach().clone().requires_grad_()
+        ref = layer(x_ref)
+    torch.testing.assert_close(layer(x), ref)
+
+
+def test_gradcheck_fp64_cpu_backend():
+    weight = random_bsr((24, 40), (8, 5), 0.5, seed=4)
+    x = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    values = weight.values.clone().requires_grad_()
+
+    def f(x, values, bias):
+        return sk.ops.bsr_linear(x, sk.BlockSparseMatrix(values, weight.layout), bias)
+
+    with sk.use_backend("cpu"):
+        assert torch.autograd.gradcheck(f, (x, values, bias))
+
+
+def test_bad_layout_is_rejected_by_the_extension():
+    weight = random_bsr((32, 32), 16, 1.0, dtype=torch.float32)
+    bad_cols = weight.layout.col_indices.clone()
+    bad_cols[0] = 7
+    with pytest.raises(RuntimeError, match="col_indices"):
+        load_extension("bsr").forward(torch.randn(2, 32), weight.values, weight.layout.row_offsets, bad_cols, 32)
+
+
+def test_unavailable_reasons():
+    assert "CPU tensors only" in cpu.unavailable(torch.device("cuda"), torch.float32)
+    assert "not supported" in cpu.unavailable(CPU, torch.int32)
