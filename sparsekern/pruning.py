@@ -14,6 +14,7 @@ import itertools
 import torch
 
 _PATTERNS = {}
+_TILES_PER_CHUNK = 4096
 
 
 def transposable_patterns(device=torch.device("cpu")):
@@ -53,13 +54,20 @@ def prune_2to4(weight, transposable=False):
     magnitude = weight.detach().to(dtype).abs()
     rows, cols = weight.shape
     if not transposable:
-        groups = magnitude.view(rows, cols // 4, 4)
-        keep = groups.topk(2, dim=-1).indices
-        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-        return mask.view(rows, cols)
+        # Rank of each entry in its group = how many beat it (larger, or equal and earlier);
+        # keep ranks 0 and 1. Ties go to the lower index, as in the Triton kernel.
+        a0, a1, a2, a3 = magnitude.view(rows, cols // 4, 4).unbind(-1)
+        r0 = (a1 > a0).to(torch.uint8) + (a2 > a0) + (a3 > a0)
+        r1 = (a0 >= a1).to(torch.uint8) + (a2 > a1) + (a3 > a1)
+        r2 = (a0 >= a2).to(torch.uint8) + (a1 >= a2) + (a3 > a2)
+        r3 = (a0 >= a3).to(torch.uint8) + (a1 >= a3) + (a2 >= a3)
+        return torch.stack([r0 < 2, r1 < 2, r2 < 2, r3 < 2], dim=-1).view(rows, cols)
     tiles = magnitude.view(rows // 4, 4, cols // 4, 4).transpose(1, 2).reshape(rows // 4 * (cols // 4), 16)
     patterns = transposable_patterns(weight.device)
-    best = (tiles @ patterns.T.to(dtype)).argmax(dim=1)
+    scoring = patterns.T.to(dtype)
+    # In chunks: the (tiles, 90) scores of a chunk stay in cache until their argmax.
+    best = torch.cat([(part @ scoring).argmax(dim=1) for part in tiles.split(_TILES_PER_CHUNK)]) \
+        if tiles.shape[0] else torch.zeros(0, dtype=torch.int64, device=weight.device)
     mask = patterns[best].view(rows // 4, cols // 4, 4, 4).transpose(1, 2)
     return mask.reshape(rows, cols)
 

@@ -105,3 +105,21 @@ def test_rowwise_allows_any_out_features_and_bad_input():
     with pytest.raises(TypeError, match="nn.Linear"):
         sk.SemiSparseLinear.from_dense(layer)
     assert "mode='static'" in repr(layer)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_layer_matches_masked_linear(mode, dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128, device="cuda", dtype=dtype)
+    layer = sk.SemiSparseLinear.from_dense(linear, mode=mode)
+    x = torch.randn(64, 256, device="cuda", dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), F.linear(x_ref, layer.dense_weight().detach(), linear.bias.detach())
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(y, y_ref, **tol)
+    y.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)

@@ -20,10 +20,10 @@ from ..pruning import check_2to4_shape, prune_2to4
 def pack_indices(positions):
     """(rows, n) ints in [0, 4) -> uint8 (rows, ceil(n/4)), entry j in bits 2*(j%4) of byte j//4."""
     rows, n = positions.shape
-    padded = torch.zeros(rows, -(-n // 4) * 4, dtype=torch.uint8, device=positions.device)
-    padded[:, :n] = positions.to(torch.uint8)
-    fields = padded.view(rows, padded.shape[1] // 4, 4)
-    return fields[..., 0] | (fields[..., 1] << 2) | (fields[..., 2] << 4) | (fields[..., 3] << 6)
+    padded = torch.zeros(rows, -(-n // 4) * 4, dtype=torch.int32, device=positions.device)
+    padded[:, :n] = positions
+    weights = torch.tensor([1, 4, 16, 64], dtype=torch.int32, device=positions.device)
+    return (padded.view(rows, padded.shape[1] // 4, 4) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
 
 
 def unpack_columns(indices, cols):
@@ -35,11 +35,18 @@ def unpack_columns(indices, cols):
     return in_group + group_start
 
 
+# Group mask as a 4-bit code (bit p = position p kept) -> the two kept positions, ascending.
+# Codes with other than two bits never occur (callers pass exactly-2:4 masks).
+_POSITIONS = [([p for p in range(4) if code >> p & 1] + [0, 0])[:2] for code in range(16)]
+
+
 def kept_positions(mask):
     """For a mask with exactly two True per group of 4: (rows, cols/2) positions in [0, 4), ascending."""
     rows, cols = mask.shape
-    order = torch.sort(mask.view(rows, cols // 4, 4).to(torch.int8), dim=-1, descending=True, stable=True)
-    return order.indices[..., :2].sort(dim=-1).values.reshape(rows, cols // 2)
+    bits = torch.tensor([1, 2, 4, 8], dtype=torch.uint8, device=mask.device)
+    codes = (mask.view(rows, cols // 4, 4).to(torch.uint8) * bits).sum(-1, dtype=torch.uint8).long()
+    table = torch.tensor(_POSITIONS, dtype=torch.int64, device=mask.device)
+    return table[codes].view(rows, cols // 2)
 
 
 def compress(dense, mask):

@@ -21,6 +21,7 @@ fp32. M may be 0.
 from . import reference  # noqa: F401  (registers the reference backend)
 from . import cpu  # noqa: F401  (registers the C++ backend, loaded on first use)
 from . import triton_prune  # noqa: F401  (registers the Triton prune+compress kernel, built on first use)
+from . import cuda  # noqa: F401  (registers torch's semi-structured GPU matmul)
 
 
 PRODUCTS = ("semi_forward", "semi_grad_input", "semi_grad_weight", "semi_prune_compress")

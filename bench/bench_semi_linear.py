@@ -1,0 +1,172 @@
+"""2:4 (SemiSparseLinear) vs dense nn.Linear: forward, forward+backward, prune+compress.
+
+    python bench/bench_semi_linear.py                     # CPU fp32: 2048 tokens, 4096 -> 4096
+    python bench/bench_semi_linear.py --device cuda --dtype bfloat16 \\
+        --shapes 13008,1024,4096 13008,4096,1024          # the GPU shapes (ViT-L MLP, batch 13008 tokens)
+    python bench/bench_semi_linear.py --json bench/results/semi_linear.json
+    pytest bench/bench_semi_linear.py --benchmark-only    # small-shape microbenchmarks
+
+Shapes are ``tokens,in_features,out_features``. Rows (each timed in the same
+process as its dense baseline, alternating, ratio = median over repeats of
+dense_ms / sparse_ms for the pair measured back to back):
+
+* ``fwd``: inference forward (no autograd), static transposable 2:4.
+* ``fwd+bwd static``: y = layer(x); y.backward(dy), x requiring grad, bias on;
+  static mode (compressed parameter, dX through Wᵀ's compression, sampled dW).
+* ``fwd+bwd static rowwise``: the same with row-wise 2:4 (dX by the scatter kernel).
+* ``fwd+bwd dynamic``: dense master weight re-pruned (transposable) every call,
+  dense straight-through dW.
+* ``prune``: one prune+compress (transposable, W and Wᵀ) of the weight; its
+  ``ratio`` is prune_ms / dense forward ms (the fraction of a matmul it costs).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import sparsekern as sk  # noqa: E402
+from sparsekern.kernels import select_kernel  # noqa: E402
+
+CASES = ("fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune")
+
+
+def _versions():
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads())
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _forward(layer, x):
+    def run():
+        with torch.no_grad():
+            layer(x)
+    return run
+
+
+def _fwd_bwd(layer, x, dy):
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(dy)
+    return run
+
+
+def _prune(weight):
+    _, fn = select_kernel("semi_prune_compress", weight.device, weight.dtype)
+    return lambda: fn(weight, True)
+
+
+def compare(name, dense_fn, sparse_fn, repeats, device, row, as_fraction=False):
+    """Alternate dense and sparse runs (after one warm-up each); median times and ratio."""
+    dense_fn(), sparse_fn()
+    dense_ms, sparse_ms, ratios = [], [], []
+    for _ in range(repeats):
+        d = _timed(dense_fn, device)
+        s = _timed(sparse_fn, device)
+        dense_ms.append(d)
+        sparse_ms.append(s)
+        ratios.append(s / d if as_fraction else d / s)
+    return dict(row, case=name, dense_ms=statistics.median(dense_ms), sparse_ms=statistics.median(sparse_ms),
+                ratio=statistics.median(ratios), repeats=repeats)
+
+
+def run(shapes, repeats, dtype, device, cases):
+    rows = []
+    for tokens, in_features, out_features in shapes:
+        torch.manual_seed(0)
+        factory = dict(device=device, dtype=dtype)
+        x = torch.randn(tokens, in_features, **factory, requires_grad=True)
+        dy = torch.randn(tokens, out_features, **factory)
+        dense = nn.Linear(in_features, out_features, **factory)
+        row = dict(device=_device_name(device), dtype=str(dtype).replace("torch.", ""), tokens=tokens,
+                   in_features=in_features, out_features=out_features, sparsity="2:4", **_versions())
+        layers = {
+            "fwd": lambda: sk.SemiSparseLinear.from_dense(dense),
+            "fwd+bwd static": lambda: sk.SemiSparseLinear.from_dense(dense),
+            "fwd+bwd static rowwise": lambda: sk.SemiSparseLinear.from_dense(dense, transposable=False),
+            "fwd+bwd dynamic": lambda: sk.SemiSparseLinear.from_dense(dense, mode="dynamic"),
+        }
+        for case in cases:
+            if case == "prune":
+                rows.append(compare(case, _forward(dense, x), _prune(dense.weight.detach()), repeats, device,
+                                    row, as_fraction=True))
+            elif case == "fwd":
+                rows.append(compare(case, _forward(dense, x), _forward(layers[case](), x), repeats, device, row))
+            else:
+                rows.append(compare(case, _fwd_bwd(dense, x, dy), _fwd_bwd(layers[case](), x, dy), repeats,
+                                    device, row))
+    return rows
+
+
+def _shape(text):
+    parts = tuple(int(p) for p in text.split(","))
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"shape must be tokens,in_features,out_features, got {text!r}")
+    return parts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", type=_shape, nargs="+", default=[(2048, 4096, 4096)])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    rows = run(args.shapes, args.repeats, getattr(torch, args.dtype), torch.device(args.device), args.cases)
+    print(f"{'case':<24} {'shape (tokens,in,out)':>22} {'dense ms':>10} {'2:4 ms':>9} {'ratio':>7}")
+    for r in rows:
+        shape = f"{r['tokens']},{r['in_features']},{r['out_features']}"
+        ratio = f"{r['ratio']:.3f} of fwd" if r["case"] == "prune" else f"{r['ratio']:.2f}x"
+        print(f"{r['case']:<24} {shape:>22} {r['dense_ms']:>10.1f} {r['sparse_ms']:>9.1f} {ratio:>7}")
+    for r in rows:
+        print(json.dumps(r))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+# pytest-benchmark microbenchmarks (small shapes; `pytest bench/bench_semi_linear.py --benchmark-only`).
+def test_bench_semi_linear_fwd_bwd(benchmark):
+    layer = sk.SemiSparseLinear(512, 512)
+    x = torch.randn(256, 512, requires_grad=True)
+    benchmark(_fwd_bwd(layer, x, torch.randn(256, 512)))
+
+
+def test_bench_semi_prune(benchmark):
+    benchmark(_prune(torch.randn(512, 512)))
+
+
+if __name__ == "__main__":
+    main()
