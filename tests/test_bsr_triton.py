@@ -1,13 +1,16 @@
 """The triton backend of the block-sparse products.
 
 On CPU the kernels run in triton's interpreter (TRITON_INTERPRET=1, set per test
-so other test modules keep their backend lists), at small shapes, against the
-dense masked computation with the tolerances every backend uses. Every buffer
-``torch.empty`` hands out is NaN-filled, so a block (or partial sum) a kernel
-fails to write fails the test. GPU tests (autotuned kernels) are marked ``gpu``.
+by the ``interpreter`` fixture so other test modules keep their backend lists),
+at small shapes, against the dense masked computation with the tolerances every
+backend uses. There every buffer ``torch.empty`` hands out is NaN-filled, so a
+block (or partial sum) a kernel fails to write fails the test. GPU tests
+(autotuned kernels) are marked ``gpu``.
 """
 import importlib.util
 import inspect
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -23,11 +26,16 @@ from sparsekern.kernels.bsr import reference
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 CPU = torch.device("cpu")
+TESTS = pathlib.Path(__file__).resolve().parent
 _empty = torch.empty
 
 
-@pytest.fixture(autouse=True)
-def interpret_and_nan_fill(monkeypatch):
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Run kernels in triton's interpreter, with NaN-filled ``torch.empty`` buffers."""
+    from sparsekern.kernels.bsr.triton_backend import _interpreter_missing
+    if _interpreter_missing():
+        pytest.skip(_interpreter_missing())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     def nan_empty(*args, **kwargs):
@@ -35,6 +43,9 @@ def interpret_and_nan_fill(monkeypatch):
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+uses_interpreter = pytest.mark.usefixtures("interpreter")
 
 
 def _kernels():
@@ -76,6 +87,7 @@ PRODUCT_CASES = [pytest.param(name, torch.float32, id=f"{name}-fp32") for name i
     for dtype, label in [(torch.float16, "fp16"), (torch.bfloat16, "bf16")] for name in ("b16-half", "rect16x32")]
 
 
+@uses_interpreter
 @pytest.mark.parametrize("name,dtype", PRODUCT_CASES)
 def test_products_match_dense_masked(name, dtype):
     forward, grad = _kernels()
@@ -91,6 +103,7 @@ def test_products_match_dense_masked(name, dtype):
     torch.testing.assert_close(dw.double(), dw_ref, **tol)
 
 
+@uses_interpreter
 def test_zero_tokens_and_zero_blocks():
     forward, grad = _kernels()
     weight, x, dy = _case("b16-half", torch.float32, m=0)
@@ -102,6 +115,7 @@ def test_zero_tokens_and_zero_blocks():
     assert grad.bsr_grad_weight(dy, x, empty.layout).shape == (0, 16, 16)
 
 
+@uses_interpreter
 class TestLoadBalance:
     def test_plan_splits_long_segments_and_runs_longest_first(self):
         forward, _ = _kernels()
@@ -150,6 +164,7 @@ class TestLoadBalance:
                                    _dense_products(weight, x, dy)[2], **TOLERANCES[torch.float32])
 
 
+@uses_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("probe", [None, "dense", "partial"])
 def test_bsr_linear_on_triton_matches_reference(dtype, probe):
@@ -179,6 +194,7 @@ def test_bsr_linear_on_triton_matches_reference(dtype, probe):
 
 
 class TestAvailability:
+    @uses_interpreter
     def test_cpu_needs_the_interpreter(self, monkeypatch):
         from sparsekern.kernels.bsr.triton_backend import unavailable
         assert unavailable(CPU, torch.float32) is None
@@ -186,8 +202,9 @@ class TestAvailability:
         assert "TRITON_INTERPRET=1" in unavailable(CPU, torch.float32)
         assert "triton" not in sk.kernels.available_backends("bsr_forward", CPU, torch.float32)
 
-    def test_dtypes_and_devices(self):
+    def test_dtypes_and_devices(self, monkeypatch):
         from sparsekern.kernels.bsr.triton_backend import unavailable
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert "torch.float64" in unavailable(CPU, torch.float64)
         assert unavailable(torch.device("cuda"), torch.bfloat16) is None  # no CUDA query: a probe only
         assert "mps" in unavailable(torch.device("mps"), torch.float16)
@@ -203,11 +220,32 @@ class TestAvailability:
         subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_for_gpu_targets(arch, monkeypatch):
-    """Without a GPU, still compile both kernels to cubin (ptxas included) for sm_80 and
-    sm_90, so GPU-only code paths (tensor-core dots, bf16, tf32) are at least valid."""
-    monkeypatch.delenv("TRITON_INTERPRET")
+@uses_interpreter
+def test_interpreter_and_compiled_modes_share_a_process(tmp_path):
+    """triton imported first without TRITON_INTERPRET, then interpreted kernels, then a
+    compiled one: the order of a GPU test run (CPU interpreter tests, then GPU tests)."""
+    code = f"""
+import os, sys
+sys.path[:0] = [{repr(str(TESTS))}, {repr(str(TESTS.parent))}]
+import triton
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, sparsekern as sk
+from sparsekern.kernels.bsr import triton_forward, triton_grad
+w = sk.BlockSparseMatrix.from_dense(torch.randn(32, 48), 16)
+x = torch.randn(5, 48)
+torch.testing.assert_close(triton_forward.bsr_forward(x, w.values, w.layout), x @ w.to_dense().T)
+triton_grad.bsr_grad_weight(torch.randn(5, 32), x, w.layout)
+del os.environ["TRITON_INTERPRET"]
+import test_bsr_triton
+test_bsr_triton.compile_for_gpu(80)
+"""
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def compile_for_gpu(arch):
+    """Compile both kernels to cubin for sm_<arch> (ptxas ships with triton); no GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -229,12 +267,21 @@ def test_kernels_compile_for_gpu_targets(arch, monkeypatch):
         assert compiled.asm["cubin"]
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_gpu_targets(arch, monkeypatch, tmp_path):
+    """Without a GPU, still compile both kernels to cubin (ptxas included) for sm_80 and
+    sm_90, so GPU-only code paths (tensor-core dots, bf16, tf32) are at least valid."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # private: other processes compile too
+    compile_for_gpu(arch)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("block", [16, 32, 64, 128, (32, 64)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_gpu_autotuned_products_match_reference(block, dtype, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     forward, grad = _kernels()
     torch.manual_seed(0)
     weight = random_bsr((512, 768), block, 0.3, dtype=dtype, seed=6)

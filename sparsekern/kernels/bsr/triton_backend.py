@@ -7,8 +7,10 @@ On CPU the backend runs only under the interpreter (tests); the registry never
 picks it there on its own.
 """
 import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -27,12 +29,31 @@ def _triton_missing():
     return None if importlib.util.find_spec("triton") else "triton is not installed (pip install 'triton>=3.6')"
 
 
+def _version(package):
+    return tuple(int(part) for part in re.findall(r"\d+", importlib.metadata.version(package))[:2])
+
+
+@functools.cache
+def _interpreter_missing():
+    """Why triton's interpreter cannot run these kernels here, or None (read without importing triton)."""
+    if _triton_missing():
+        return _triton_missing()
+    # Before 3.9 the interpreter turns loop bounds into ints with int() of 1-element
+    # arrays, which numpy >= 2.4 rejects (seen with triton 3.6; 3.9 squeezes first).
+    if _version("triton") < (3, 9) and _version("numpy") >= (2, 4):
+        return (f"the interpreter of triton {importlib.metadata.version('triton')} fails with numpy "
+                f"{importlib.metadata.version('numpy')}; use triton >= 3.9 or numpy < 2.4 for CPU runs")
+    return None
+
+
 def unavailable(device, dtype):
     if dtype not in _DTYPES:
         return f"the triton kernels support {', '.join(map(str, _DTYPES))}, not {dtype}"
-    if device.type == "cpu" and not interpreting():
-        return "CPU tensors need TRITON_INTERPRET=1 (the triton interpreter, for tests)"
-    if device.type not in ("cpu", "cuda"):
+    if device.type == "cpu":
+        if not interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1 (the triton interpreter, for tests)"
+        return _interpreter_missing()
+    if device.type != "cuda":
         return f"triton kernels run on CUDA tensors, not {device.type}"
     return _triton_missing()
 

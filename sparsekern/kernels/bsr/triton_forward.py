@@ -14,6 +14,10 @@ host side (only for those rows), so one dense row of W does not leave the GPU
 waiting on a single program. The schedule is built once per layout and cached.
 
 This module imports triton: it is loaded on the first kernel call (triton_backend).
+The kernels use only core builtins of triton.language (tl.full, not tl.zeros/tl.cdiv):
+the @jit functions of triton's standard library are fixed to interpreter or compiled
+mode when triton is imported, which breaks one mode or the other in a process that
+uses both (tests: interpreter on CPU, then compiled kernels on a GPU).
 """
 import functools
 import math
@@ -51,7 +55,7 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, work_ptr, n_work, ids_ptr, gath
     offs_k = tl.arange(0, BK)
     mask_m, mask_n = offs_m < M, offs_n < OUT_B
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.full((BM, BN), 0.0, tl.float32)
     for p in range(start, end):
         block = p if IDENTITY else tl.load(ids_ptr + p)
         a_block = a_rows + tl.load(gather_ptr + p) * IN_B

@@ -37,7 +37,7 @@ def _sdd_kernel(dy_ptr, x_ptr, out_ptr, rows_ptr, cols_ptr, nnz, M, stride_dy, s
     m_hi = tl.minimum(M, m_lo + m_per_split)
     dy_cols = dy_ptr + row * BR + offs_r[None, :]
     x_cols = x_ptr + col * BC + offs_c[None, :]
-    acc = tl.zeros((TR, TC), dtype=tl.float32)
+    acc = tl.full((TR, TC), 0.0, tl.float32)
     for m0 in range(m_lo, m_hi, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < m_hi
