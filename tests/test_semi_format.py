@@ -42,6 +42,9 @@ def test_transpose_copy(shape):
     assert torch.equal(decompress(m.values_t, m.indices_t, shape[0]), dense.T)
     perm = transpose_permutation(m.indices, m.indices_t, shape)
     assert torch.equal(m.values.reshape(-1)[perm], m.values_t)
+    assert torch.equal(m.transpose_map(), perm) and m.transpose_map() is m.transpose_map()
+    with pytest.raises(ValueError, match="no transpose"):
+        sk.SemiStructuredMatrix.from_dense(dense).transpose_map()
 
 
 @pytest.mark.parametrize("dtype,limit", [(torch.float32, 0.57), (torch.bfloat16, 0.6), (torch.float16, 0.6)], ids=str)

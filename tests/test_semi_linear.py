@@ -85,11 +85,7 @@ def test_gradcheck(transposable):
     bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
 
     def f(x, values, bias):
-        values_t = None
-        if transposable:
-            perm = sk.formats.semi_structured.transpose_permutation(weight.indices, weight.indices_t, weight.shape)
-            values_t = values.reshape(-1)[perm]
-        w = sk.SemiStructuredMatrix(values, weight.indices, weight.shape, values_t, weight.indices_t)
+        w = sk.SemiStructuredMatrix(values, weight.indices, weight.shape, indices_t=weight.indices_t)
         return semi_linear(x, w, bias)
 
     assert torch.autograd.gradcheck(f, (x, values, bias))

@@ -78,11 +78,16 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(x.grad, torch.ones(3, 8) @ a.dense_weight().detach())
 
 
-def test_inference_skips_transpose():
+def test_sparse_weight_cached_per_structure():
     layer = sk.SemiSparseLinear(8, 8)
+    first = layer.sparse_weight()
+    assert first.has_transpose and layer.sparse_weight() is first
     with torch.no_grad():
-        assert not layer.sparse_weight().has_transpose
-    assert layer.sparse_weight().has_transpose
+        layer.values.mul_(2.0)          # optimizer-style in-place update: same structure
+    assert layer.sparse_weight() is first
+    layer.load_state_dict(sk.SemiSparseLinear(8, 8).state_dict())
+    assert layer.sparse_weight() is not first
+    assert not sk.SemiSparseLinear(8, 6, transposable=False).sparse_weight().has_transpose
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

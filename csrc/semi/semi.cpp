@@ -135,10 +135,13 @@ struct PackedWeight {
   torch::Tensor values, offsets;
 };
 
-PackedWeight pack_weight(const torch::Tensor& values, const torch::Tensor& indices, int64_t nb, int64_t kc) {
-  const int64_t N = values.size(0), half = values.size(1), ib = indices.size(1);
-  PackedWeight out{torch::empty_like(values), torch::empty({N, half}, values.options().dtype(torch::kInt16))};
-  const float* V = values.data_ptr<float>();
+// V holds the kept values row after row, or (perm given) entry (n, j) is V[perm[n * half + j]]:
+// that is how dX reads Wᵀ's values straight out of W's, with no transposed copy.
+PackedWeight pack_weight(const float* V, const int64_t* perm, const torch::Tensor& indices, int64_t half,
+                         int64_t nb, int64_t kc) {
+  const int64_t N = indices.size(0), ib = indices.size(1);
+  const auto options = torch::TensorOptions().dtype(torch::kFloat32);
+  PackedWeight out{torch::empty({N, half}, options), torch::empty({N, half}, options.dtype(torch::kInt16))};
   const uint8_t* I = indices.data_ptr<uint8_t>();
   float* PV = out.values.data_ptr<float>();
   uint16_t* PO = reinterpret_cast<uint16_t*>(out.offsets.data_ptr<int16_t>());
@@ -148,12 +151,16 @@ PackedWeight pack_weight(const torch::Tensor& values, const torch::Tensor& indic
       for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
         const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
         for (int64_t r = 0; r < rows; ++r) {
-          const float* v = V + (n0 + r) * half;
+          const int64_t row_start = (n0 + r) * half + j0;
           const uint8_t* idx = I + (n0 + r) * ib;
-          for (int64_t e = 0; e < cnt; ++e) {
-            PV[start + r * cnt + e] = v[j0 + e];
-            PO[start + r * cnt + e] = uint16_t((kept_column(idx, j0 + e) - 2 * j0) * MR);
+          float* pv = PV + start + r * cnt;
+          if (perm) {
+            for (int64_t e = 0; e < cnt; ++e) pv[e] = V[perm[row_start + e]];
+          } else {
+            std::copy(V + row_start, V + row_start + cnt, pv);
           }
+          for (int64_t e = 0; e < cnt; ++e)
+            PO[start + r * cnt + e] = uint16_t((kept_column(idx, j0 + e) - 2 * j0) * MR);
         }
       }
     }
@@ -176,16 +183,16 @@ void check_inputs(const torch::Tensor& a, const torch::Tensor& values, const tor
 
 // y (M, N) = x (M, K) @ W.T. Blocking: kc panel columns (kc x 96 x 4 B in L1), nb weight rows
 // per task (their partial outputs, nb x 96 floats, stay in L1 across the kc blocks).
-torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor indices, int64_t kc = 32, int64_t nb = 32,
-                      bool allow_avx512 = true) {
-  const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
-  check_inputs(x, values, indices, K);
+// W is (N = indices.size(0), K): its values are V (read through perm if given, see pack_weight).
+torch::Tensor forward_impl(const torch::Tensor& x, const float* V, const int64_t* perm, const torch::Tensor& indices,
+                           int64_t kc, int64_t nb, bool allow_avx512) {
+  const int64_t M = x.size(0), K = x.size(1), N = indices.size(0);
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
   TORCH_CHECK(kc % 4 == 0 && kc >= 4 && kc * MR < 65536 && nb >= 1 && nb <= NB_MAX, "semi: bad blocking");
   const auto panels = pack_panels(x);
-  const auto w = pack_weight(values, indices, nb, kc);
+  const auto w = pack_weight(V, perm, indices, K / 2, nb, kc);
   const float* P = panels.data_ptr<float>();
   const float* PV = w.values.data_ptr<float>();
   const uint16_t* PO = reinterpret_cast<const uint16_t*>(w.offsets.data_ptr<int16_t>());
@@ -213,6 +220,28 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor indic
     }
   });
   return y;
+}
+
+torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor indices, int64_t kc, int64_t nb,
+                      bool allow_avx512) {
+  check_inputs(x, values, indices, x.size(1));
+  return forward_impl(x, values.data_ptr<float>(), nullptr, indices, kc, nb, allow_avx512);
+}
+
+// dx (M, K) = dy (M, N) @ W for a transposable W: the forward on Wᵀ (indices_t (K, ceil(N/8))),
+// its values gathered from W's values (N, K/2) through perm (K, N/2) while packing.
+torch::Tensor grad_input_transposed(torch::Tensor dy, torch::Tensor values, torch::Tensor indices_t,
+                                    torch::Tensor perm) {
+  const int64_t N = dy.size(1), K = values.size(1) * 2;
+  TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous() && dy.scalar_type() == torch::kFloat32 && values.size(0) == N &&
+                  values.is_contiguous() && values.scalar_type() == torch::kFloat32,
+              "semi: dy (M, N) and values (N, K/2) must be contiguous float32");
+  TORCH_CHECK(N % 4 == 0 && indices_t.dim() == 2 && indices_t.size(0) == K && indices_t.size(1) == (N + 7) / 8 &&
+                  indices_t.scalar_type() == torch::kUInt8 && indices_t.is_contiguous(),
+              "semi: indices_t must be contiguous uint8 (K, ceil(N/8))");
+  TORCH_CHECK(perm.scalar_type() == torch::kInt64 && perm.is_contiguous() && perm.numel() == K * (N / 2),
+              "semi: perm must be contiguous int64 with K * N/2 entries");
+  return forward_impl(dy, values.data_ptr<float>(), perm.data_ptr<int64_t>(), indices_t, 32, 32, true);
 }
 
 // dx (M, K) = dy (M, N) @ W: every kept w[n, j] scatters w * dy[:, n] into column col(j) of a
@@ -332,6 +361,7 @@ torch::Tensor grad_weight(torch::Tensor dy, torch::Tensor x, torch::Tensor indic
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "2:4 semi-structured linear products on CPU (fp32, AVX2 + FMA)";
   m.def("forward", &forward, py::arg("x"), py::arg("v"), py::arg("i"), py::arg("kc")=32, py::arg("nb")=32, py::arg("allow_avx512")=true, "y = x @ W.T with W 2:4-compressed (values, packed indices)");
-  m.def("grad_input", &grad_input, "dx = dy @ W with W 2:4-compressed");
+  m.def("grad_input", &grad_input, "dx = dy @ W with W 2:4-compressed (row-wise: scatter)");
+  m.def("grad_input_transposed", &grad_input_transposed, "dx = dy @ W through Wᵀ's compression (gather map)");
   m.def("grad_weight", &grad_weight, "dvalues = (dy.T @ x) at W's kept positions");
 }

@@ -89,10 +89,12 @@ class SemiStructuredMatrix:
         if indices.dtype != torch.uint8 or tuple(indices.shape) != (rows, -(-cols // 8)):
             raise ValueError(f"indices must be uint8 of shape {(rows, -(-cols // 8))}, got "
                              f"{indices.dtype} {tuple(indices.shape)}")
-        if (values_t is None) != (indices_t is None):
-            raise ValueError("give both values_t and indices_t, or neither")
+        if values_t is not None and indices_t is None:
+            raise ValueError("values_t needs indices_t")
         self.values, self.indices, self.shape = values, indices, (int(rows), int(cols))
+        # Wᵀ's indices; its values either stored (values_t) or gathered from ``values`` (transpose_map).
         self.values_t, self.indices_t = values_t, indices_t
+        self._transpose_map = None
 
     @classmethod
     def from_dense(cls, dense, *, mask=None, with_transpose=False):
@@ -131,13 +133,19 @@ class SemiStructuredMatrix:
     device = property(lambda self: self.values.device)
     has_transpose = property(lambda self: self.indices_t is not None)
 
+    def transpose_map(self):
+        """int64 (cols, rows/2), cached: ``values.reshape(-1)[map]`` are Wᵀ's compressed values."""
+        if self.indices_t is None:
+            raise ValueError("this matrix carries no transpose (build it with with_transpose=True)")
+        if self._transpose_map is None:
+            self._transpose_map = transpose_permutation(self.indices, self.indices_t, self.shape)
+        return self._transpose_map
+
     @property
     def nbytes(self):
         """Bytes actually stored (values and indices, and those of Wᵀ when kept)."""
-        tensors = [self.values, self.indices]
-        if self.has_transpose:
-            tensors += [self.values_t, self.indices_t]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self.values, self.indices, self.values_t, self.indices_t]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
     def mask(self):

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..formats.semi_structured import SemiStructuredMatrix, compress, decompress, transpose_permutation
+from ..formats.semi_structured import SemiStructuredMatrix, compress, decompress
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
 from ..pruning import check_2to4_shape, prune_2to4
 
@@ -55,7 +55,7 @@ class SemiSparseLinear(nn.Module):
         dense = torch.empty(out_features, in_features, device=device, dtype=dtype).uniform_(-bound, bound)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)) \
             if bias else None
-        self._perm_key, self._perm = None, None
+        self._cached = None  # (structure key, SemiStructuredMatrix) for sparse_weight()
         if mode == "dynamic":
             self.weight = nn.Parameter(dense)
         else:
@@ -103,29 +103,22 @@ class SemiSparseLinear(nn.Module):
             return self.weight * self.mask
         return decompress(self.values, self.indices, self.in_features)
 
-    def sparse_weight(self, with_transpose=None):
+    def sparse_weight(self):
         """The weight as a SemiStructuredMatrix sharing ``values`` (static mode).
 
-        Wᵀ's values are gathered from ``values`` when ``with_transpose`` (default:
-        when transposable and autograd is recording, i.e. when dX will be needed).
+        Cached per structure (the optimizer updates ``values`` in place), so Wᵀ's
+        gather map is built once per mask, not per step.
         """
         if self.mode == "dynamic":
             raise RuntimeError("sparse_weight() is for mode='static'; a dynamic layer re-prunes every call")
-        shape = (self.out_features, self.in_features)
-        if with_transpose is None:
-            with_transpose = self.transposable and torch.is_grad_enabled()
-        if not (with_transpose and self.transposable):
-            return SemiStructuredMatrix(self.values, self.indices, shape)
-        values_t = self.values.detach().reshape(-1)[self._transpose_perm()].view(self.in_features, -1)
-        return SemiStructuredMatrix(self.values, self.indices, shape, values_t, self.indices_t)
-
-    def _transpose_perm(self):
-        # Cached per structure: the index buffers only change by assignment or load_state_dict.
-        key = (self.indices.data_ptr(), self.indices._version, self.indices_t.data_ptr(), self.indices_t._version)
-        if key != self._perm_key:
-            self._perm = transpose_permutation(self.indices, self.indices_t, (self.out_features, self.in_features))
-            self._perm_key = key
-        return self._perm
+        key = [id(self.values), self.values.data_ptr(), self.indices.data_ptr(), self.indices._version]
+        if self.transposable:
+            key += [self.indices_t.data_ptr(), self.indices_t._version]
+        if self._cached is None or self._cached[0] != key:
+            matrix = SemiStructuredMatrix(self.values, self.indices, (self.out_features, self.in_features),
+                                          indices_t=self.indices_t if self.transposable else None)
+            self._cached = (key, matrix)
+        return self._cached[1]
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:

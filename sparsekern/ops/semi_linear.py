@@ -2,8 +2,9 @@
 
 Static weights (:func:`semi_linear`): W is a :class:`SemiStructuredMatrix`
 whose ``values`` receive dW sampled at the kept positions only. dX = dY W runs
-the forward kernel on Wᵀ's compression when the matrix carries it (transposable
-2:4), else the row-wise scatter kernel.
+the forward kernel on Wᵀ's compression when the matrix carries Wᵀ's indices
+(transposable 2:4; the values are gathered from W's while the kernel packs
+them), else the row-wise scatter kernel.
 
 Dynamic weights (:func:`semi_linear_dynamic`): a dense master weight is pruned
 and compressed by one fused kernel on every call; forward and dX use the 2:4
@@ -21,15 +22,35 @@ def _kernel(product, like, backend):
     return select_kernel(product, like.device, like.dtype, backend)[1]
 
 
-def _grad_input(dy, values, indices, values_t, indices_t, backend):
-    if values_t is not None:
-        return _kernel("semi_forward", dy, backend)(dy, values_t, indices_t)
-    return _kernel("semi_grad_input", dy, backend)(dy, values, indices)
+def _grad_input(dy, values, indices, indices_t, transpose_map, backend):
+    return _kernel("semi_grad_input", dy, backend)(dy, values, indices, indices_t, transpose_map)
 
 
 class _SemiLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, values, bias, indices, values_t, indices_t, backend):
+    def forward(ctx, x, values, bias, indices, indices_t, transpose_map, backend):
+        y = _kernel("semi_forward", x, backend)(x, values, indices)
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x, values, indices, indices_t, transpose_map)
+        ctx.backend, ctx.has_bias = backend, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values, indices, indices_t, transpose_map = ctx.saved_tensors
+        dy = dy.contiguous()
+        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+        dx = _grad_input(dy, values, indices, indices_t, transpose_map, ctx.backend) if needs_dx else None
+        dw = _kernel("semi_grad_weight", dy, ctx.backend)(dy, x, indices) if needs_dw else None
+        db = dy.sum(0) if ctx.has_bias and needs_db else None
+        return dx, dw, db, None, None, None, None
+
+
+class _SemiLinearDynamic(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, transposable, backend):
+        values, indices, values_t, indices_t = _kernel("semi_prune_compress", weight, backend)(weight, transposable)
         y = _kernel("semi_forward", x, backend)(x, values, indices)
         if bias is not None:
             y += bias
@@ -42,30 +63,11 @@ class _SemiLinear(torch.autograd.Function):
         x, values, indices, values_t, indices_t = ctx.saved_tensors
         dy = dy.contiguous()
         needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        dx = _grad_input(dy, values, indices, values_t, indices_t, ctx.backend) if needs_dx else None
-        dw = _kernel("semi_grad_weight", dy, ctx.backend)(dy, x, indices) if needs_dw else None
-        db = dy.sum(0) if ctx.has_bias and needs_db else None
-        return dx, dw, db, None, None, None, None
-
-
-class _SemiLinearDynamic(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, transposable, backend):
-        compressed = _kernel("semi_prune_compress", weight, backend)(weight, transposable)
-        values, indices = compressed[:2]
-        y = _kernel("semi_forward", x, backend)(x, values, indices)
-        if bias is not None:
-            y += bias
-        ctx.save_for_backward(x, *compressed)
-        ctx.backend, ctx.has_bias = backend, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, values, indices, values_t, indices_t = ctx.saved_tensors
-        dy = dy.contiguous()
-        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        dx = _grad_input(dy, values, indices, values_t, indices_t, ctx.backend) if needs_dx else None
+        dx = None
+        if needs_dx and values_t is not None:   # transposable: the forward product on the fresh Wᵀ
+            dx = _kernel("semi_forward", dy, ctx.backend)(dy, values_t, indices_t)
+        elif needs_dx:
+            dx = _grad_input(dy, values, indices, None, None, ctx.backend)
         dw = dy.T.mm(x) if needs_dw else None  # straight-through: the dense gradient
         db = dy.sum(0) if ctx.has_bias and needs_db else None
         return dx, dw, db, None, None
@@ -96,16 +98,17 @@ def semi_linear(x, weight, bias=None):
     x: (..., in_features); weight (out_features, in_features); returns
     (..., out_features). ``weight.values`` (if it requires grad) receives dYᵀX at
     the kept positions only, shape (out, in/2). If the matrix carries Wᵀ's
-    compression (``values_t``/``indices_t``), it must match ``values``: dX uses it.
+    indices (transposable 2:4), dX = dY W runs the forward product on Wᵀ, with
+    Wᵀ's values read out of ``values`` through ``weight.transpose_map()``.
     """
     if not isinstance(weight, SemiStructuredMatrix):
         raise TypeError(f"weight must be a sparsekern.SemiStructuredMatrix, got {type(weight).__name__}")
     _check_inputs(x, weight.shape, weight.dtype, weight.device, bias)
     n, k = weight.shape
     lead = x.shape[:-1]
-    values_t = None if weight.values_t is None else weight.values_t.detach().contiguous()
+    transpose_map = None if weight.indices_t is None else weight.transpose_map()
     y = _SemiLinear.apply(x.reshape(-1, k).contiguous(), weight.values.contiguous(), bias,
-                          weight.indices, values_t, weight.indices_t, forced_backend())
+                          weight.indices, weight.indices_t, transpose_map, forced_backend())
     return y.view(*lead, n)
 
 

@@ -4,10 +4,12 @@ W (N, K) is given compressed as ``values`` (N, K/2) and packed 2-bit ``indices``
 uint8 (N, ceil(K/8)) (see :mod:`sparsekern.formats.semi_structured`).
 
 ``semi_forward(x, values, indices) -> y``
-    x (M, K): y = x @ W.T, (M, N). With Wᵀ's compression it also gives dX = dY W
-    for a transposable W (the layer does this).
-``semi_grad_input(dy, values, indices) -> dx``
-    dy (M, N): dx = dy @ W, (M, K), walking W by rows (for a row-wise-only W).
+    x (M, K): y = x @ W.T, (M, N).
+``semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None) -> dx``
+    dy (M, N): dx = dy @ W, (M, K). With Wᵀ's indices (cols, ceil(rows/8)) and
+    the gather map (cols, rows/2) into ``values`` (transposable W), it is the
+    forward product on Wᵀ, whose values are read out of W's; otherwise W is
+    walked by rows (scatter).
 ``semi_grad_weight(dy, x, indices) -> dvalues``
     The sampled product (dy.T @ x) at the kept positions of W only: (N, K/2).
 ``semi_prune_compress(dense, transposable) -> (values, indices, values_t, indices_t)``

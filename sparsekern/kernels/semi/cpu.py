@@ -31,7 +31,9 @@ def semi_forward(x, values, indices):
     return _module().forward(x, values, indices)
 
 
-def semi_grad_input(dy, values, indices):
+def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
+    if indices_t is not None:
+        return _module().grad_input_transposed(dy, values, indices_t, transpose_map)
     return _module().grad_input(dy, values, indices)
 
 

@@ -6,9 +6,9 @@ metadata layout) and multiplies with the sparse tensor cores. Where those
 cannot run (GPU older than sm80, float32/float64, shapes the kernels do not
 tile) it computes the same product densely: correct, not faster.
 
-The op layer calls this product for dX too when W is transposable (on Wᵀ's
-compression), so forward and dX both use the sparse tensor cores; dW (sampled)
-and row-wise dX stay on the reference products (dense matmul + gather).
+``semi_grad_input`` for a transposable W is the same product on Wᵀ's
+compression, so forward and dX both use the sparse tensor cores; row-wise dX is
+dense, and dW (sampled) stays on the reference product (dense matmul + gather).
 
 Untested on this project's CPU-only CI: the tests exercising it are marked ``gpu``.
 """
@@ -46,4 +46,11 @@ def semi_forward(x, values, indices):
     return x @ weight.T
 
 
+def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
+    if indices_t is not None:   # transposable: dX = dY W is the forward product on Wᵀ
+        return semi_forward(dy, values.reshape(-1)[transpose_map], indices_t)
+    return dy @ decompress(values, indices, 2 * values.shape[1])
+
+
 register_kernel("semi_forward", "cuda", semi_forward, _unavailable)
+register_kernel("semi_grad_input", "cuda", semi_grad_input, _unavailable)

@@ -24,7 +24,9 @@ def semi_forward(x, values, indices):
     return (x.to(acc) @ _dense(values, indices, acc).T).to(x.dtype)
 
 
-def semi_grad_input(dy, values, indices):
+def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
+    if indices_t is not None:
+        return semi_forward(dy, values.reshape(-1)[transpose_map], indices_t)
     acc = _acc_dtype(dy.dtype)
     return (dy.to(acc) @ _dense(values, indices, acc)).to(dy.dtype)
 
