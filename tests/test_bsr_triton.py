@@ -164,6 +164,24 @@ class TestLoadBalance:
                                    _dense_products(weight, x, dy)[2], **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("block", [(16, 16), (8, 24), (32, 64), (128, 128)], ids=str)
+def test_autotune_has_several_configs_fitted_to_the_block(block, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the compiled-mode (autotuned) kernels
+    forward, grad = _kernels()
+    dsd, sdd = forward._kernel(False), grad._kernel(False)
+    assert dsd.keys == ["M_BUCKET", "OUT_B", "IN_B", "V_STRIDE_OUT"] and sdd.keys == ["M_BUCKET", "BR", "BC"]
+    for configs, (rows, cols) in [(forward._prune(dsd.configs, {}, OUT_B=block[0], IN_B=block[1]), ("BN", "BK")),
+                                  (grad._prune(sdd.configs, {}, BR=block[0], BC=block[1]), ("TR", "TC"))]:
+        shapes = {(c.kwargs[rows], c.kwargs[cols]) for c in configs}
+        assert len(configs) >= 5 and len({str(c) for c in configs}) == len(configs)
+        assert all(16 <= r <= max(16, triton_next_pow2(block[0])) and 16 <= c <= max(16, triton_next_pow2(block[1]))
+                   for r, c in shapes)
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
 @uses_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("probe", [None, "dense", "partial"])
