@@ -28,7 +28,7 @@
 namespace sparsekern {
 namespace bsr {
 
-constexpr int64_t kABlockBytes = 512 << 10;  // rows of A kept hot in L2 (1 MiB+ per core)
+constexpr int64_t kABlockBytes = 384 << 10;  // rows of A kept hot in L2 (1 MiB per core: this + the next + B)
 constexpr int64_t kBPanelBytes = 4 << 20;    // packed B strips kept hot in L3
 constexpr int64_t kItemOverhead = 32;        // cost of writing an output tile, in K-steps
 constexpr int64_t kMaxItems = 1 << 18;
@@ -89,7 +89,7 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
   const int64_t threads = threads_for(per_tile_total * mtiles * MR * NR);
   if (threads > 1) mblock = std::min(mblock, std::max<int64_t>(1, per_tile_total * mtiles / (8 * threads * per_tile_max)));
   mblock = std::max(mblock, (mtiles * G + kMaxItems - 1) / kMaxItems);
-  struct Item { int64_t group, t0, t1; };
+  struct Item { int64_t group, t0, t1, share, shares; };  // share of the next m-block to prefetch
   std::vector<Item> items;
   std::vector<int64_t> prefix{0};
   for (int64_t p0 = 0; p0 < G;) {
@@ -101,7 +101,7 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
     for (int64_t t0 = 0; t0 < mtiles; t0 += mblock) {
       const int64_t t1 = std::min(mtiles, t0 + mblock);
       for (int64_t i = p0; i < p1; ++i) {
-        items.push_back({i, t0, t1});
+        items.push_back({i, t0, t1, i - p0, p1 - p0});
         const int64_t count = offsets[i + 1] - offsets[i];
         prefix.push_back(prefix.back() + (count * w + kItemOverhead) * nsub * NR * (t1 - t0) * MR);
       }
@@ -113,6 +113,16 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
   const Microkernel<C> last_kernel = microkernel_rows<C, true>(int(M - (mtiles - 1) * MR));
   parallel_by_cost(prefix, [&](int64_t idx) {
     const Item& it = items[idx];
+    // The groups of a panel read A's rows in scattered segments, so a first touch
+    // from DRAM would stall the microkernel: each item instead prefetches its
+    // share of the next m-block's rows (one contiguous range of A) into L2.
+    const int64_t next_end = std::min(M, (2 * it.t1 - it.t0) * MR);
+    if (it.t1 * MR < next_end) {
+      const char* region = reinterpret_cast<const char*>(a + it.t1 * MR * Ka);
+      const int64_t bytes = (next_end - it.t1 * MR) * Ka * int64_t(sizeof(C));
+      const int64_t lo = bytes * it.share / it.shares, hi = bytes * (it.share + 1) / it.shares;
+      for (int64_t off = lo & ~int64_t(63); off < hi; off += 64) __builtin_prefetch(region + off, 0, 2);
+    }
     const int64_t first = offsets[it.group], count = offsets[it.group + 1] - first;
     for (int64_t s = 0; s < nsub; ++s) {
       const int64_t c0 = it.group * g + s * NR, ncols = std::min<int64_t>(NR, g - s * NR);
