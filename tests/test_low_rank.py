@@ -227,3 +227,22 @@ def test_layer_bad_arguments():
         sk.LowRankLinear.from_dense(nn.Linear(4, 4), rank=2, tol=0.1)
     with pytest.raises(ValueError, match="expected last dim 4"):
         sk.LowRankLinear(4, 6, 2)(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("kl_grads", [False, True], ids=["factors", "kl"])
+def test_torch_compile_traces_without_graph_breaks(kl_grads):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(sk.LowRankLinear(12, 10, 3), nn.ReLU(), sk.LowRankLinear(10, 7, 2, bias=False))
+    for layer in (model[0], model[2]):
+        layer.kl_grads = kl_grads
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    results = []
+    for run in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        y = run(x)
+        y.square().sum().backward()
+        results.append([y, x.grad] + [p.grad for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)

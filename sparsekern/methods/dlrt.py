@@ -77,7 +77,7 @@ class DLRT:
         self.model, self.lr, self.tol, self.rmin, self.rmax = model, float(lr), float(tol), rmin, rmax
         self.absolute, self.optimizer, self.betas, self.eps = absolute, optimizer, betas, eps
         self.steps = 0
-        self.state = {}  # layer -> {"K": (m, v), "L": (m, v), "S": (m, v)}; other param -> (m, v)
+        self.state = {}  # Adam: (layer, "K" / "L" / "S") -> (m, v); other parameter -> (m, v)
         for layer in self.layers:
             layer.kl_grads = True
 

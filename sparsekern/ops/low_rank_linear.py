@@ -4,35 +4,76 @@ The forward keeps a = X V and b = a Sᵀ; the backward computes G = dY U and
 H = G S once and derives every gradient from them (see
 ``sparsekern/kernels/lowrank``). No (out, in) matrix is ever formed.
 """
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from ..kernels import forced_backend, select_kernel
+
+# torch.library custom ops with fake implementations, so torch.compile traces
+# low_rank_linear as graph nodes (no graph break) and the registry dispatches at
+# run time. The forward op also returns a = x V and b = a Sᵀ for the backward.
+
+
+def _traced_backend():
+    return forced_backend()
+
+
+# = torch.compiler.assume_constant_result(_traced_backend) without importing torch._dynamo
+# (and with it triton) at `import sparsekern`: a compiled graph keeps the backend forced at trace time.
+_traced_backend._dynamo_marked_constant = True
 
 
 def _kernel(product, like, backend):
     return select_kernel(product, like.device, like.dtype, backend)[1]
 
 
-class _LowRankLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, U, S, V, bias, kl_grads, backend):
-        y, a, b = _kernel("lowrank_forward", x, backend)(x, U, S, V, bias)
-        needs_b = ctx.needs_input_grad[1] and not kl_grads
-        ctx.save_for_backward(x, a, b if needs_b else None, U, S, V)
-        ctx.kl_grads, ctx.backend, ctx.has_bias = kl_grads, backend, bias is not None
-        return y
+@torch.library.custom_op("sparsekern::low_rank_linear", mutates_args=())
+def _forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor], kl_grads: bool,
+             backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernel("lowrank_forward", x, backend)(x, U, S, V, bias)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, a, b, U, S, V = ctx.saved_tensors
-        dy = dy.contiguous()
-        needs = tuple(ctx.needs_input_grad[:4])
-        dx, du, ds, dv = (None,) * 4
-        if any(needs):
-            dx, du, ds, dv = _kernel("lowrank_backward", dy, ctx.backend)(
-                dy, x, a, b, U, S, V, ctx.kl_grads, needs)
-        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-        return dx, du, ds, dv, db, None, None
+
+@torch.library.custom_op("sparsekern::low_rank_linear_backward", mutates_args=())
+def _backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, U: Tensor, S: Tensor, V: Tensor, kl_grads: bool,
+                 needs: list[bool], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dU, dS, dV); an output not in ``needs`` is an empty tensor (custom ops cannot return None)."""
+    grads = _kernel("lowrank_backward", dy, backend)(dy, x, a, b, U, S, V, kl_grads, tuple(needs))
+    return tuple(dy.new_empty(0) if g is None else g for g in grads)
+
+
+@_forward.register_fake
+def _(x, U, S, V, bias, kl_grads, backend):
+    m, r = x.shape[0], S.shape[0]
+    return x.new_empty(m, U.shape[0]), x.new_empty(m, r), x.new_empty(m, r)
+
+
+@_backward_op.register_fake
+def _(dy, x, a, b, U, S, V, kl_grads, needs, backend):
+    shapes = (x.shape, U.shape, S.shape, V.shape)
+    return tuple(dy.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, U, S, V, bias, kl_grads, backend = inputs
+    _, a, b = output
+    ctx.save_for_backward(x, a, b, U, S, V)
+    ctx.kl_grads, ctx.backend, ctx.has_bias = kl_grads, backend, bias is not None
+
+
+def _backward(ctx, dy, _da, _db):
+    x, a, b, U, S, V = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    grads = [None] * 4
+    if any(needs):
+        computed = _backward_op(dy.contiguous(), x, a, b, U, S, V, ctx.kl_grads, needs, ctx.backend)
+        grads = [g if need else None for g, need in zip(computed, needs)]
+    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return (*grads, db, None, None)
+
+
+torch.library.register_autograd("sparsekern::low_rank_linear", _backward, setup_context=_setup_context)
 
 
 def _check_inputs(x, U, S, V, bias):
@@ -75,6 +116,5 @@ def low_rank_linear(x, U, S, V, bias=None, *, kl_grads=False):
     _check_inputs(x, U, S, V, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, V.shape[0]).contiguous()
-    y = _LowRankLinear.apply(x2d, U.contiguous(), S.contiguous(), V.contiguous(), bias,
-                             bool(kl_grads), forced_backend())
+    y, _, _ = _forward(x2d, U.contiguous(), S.contiguous(), V.contiguous(), bias, bool(kl_grads), _traced_backend())
     return y.view(*lead, U.shape[0])
