@@ -32,7 +32,13 @@ import sys
 import time
 import warnings
 
-import torch
+# Large outputs (32 MiB at the shape) are fresh allocations on every call;
+# without huge pages their page faults cost ~13 ms per product on both the dense
+# and the sparse side, capping every ratio. torch reads this once, at its first
+# allocation; set THP_MEM_ALLOC_ENABLE=0 to measure without.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
@@ -53,6 +59,8 @@ def _parse(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for dense and sparse")
     parser.add_argument("--reps", type=int, default=5, help="timed alternating rounds per configuration")
+    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                        help="wall clock, or CPU time of the whole process (robust on a shared, busy machine)")
     parser.add_argument("--no-torch-bsr", action="store_true", help="skip torch's BSR forward (the peer)")
     parser.add_argument("--json", default=DEFAULT_JSON, help="append JSON rows here ('' to skip)")
     return parser.parse_args(argv)
@@ -69,10 +77,13 @@ def _device_name():
     return platform.processor() or platform.machine()
 
 
+_clock = time.perf_counter
+
+
 def _ms(fn):
-    start = time.perf_counter()
+    start = _clock()
     fn()
-    return (time.perf_counter() - start) * 1e3
+    return (_clock() - start) * 1e3
 
 
 def _random_mask(grid, density, generator):
@@ -153,7 +164,8 @@ def run_case(args, block, density, dtype, generator):
     stored_flop = 2 * m * case.layout.nnz_blocks * block * block
     row = {"bench": "bsr_linear", "device": _device_name(), "isa": _isa(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "dtype": str(dtype).split(".")[-1], "tokens": m, "in_features": k,
-           "out_features": n, "block": block, "density": case.layout.density, "reps": args.reps}
+           "out_features": n, "block": block, "density": case.layout.density, "reps": args.reps,
+           "timer": args.timer, "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     for p in PRODUCTS:
         d, s = times[f"dense_{p}"], times[f"sparse_{p}"]
         row[f"{p}_dense_ms"], row[f"{p}_sparse_ms"] = statistics.median(d), statistics.median(s)
@@ -192,6 +204,8 @@ def _format(row):
 
 def main(argv=None):
     args = _parse(argv)
+    global _clock
+    _clock = time.perf_counter if args.timer == "wall" else time.process_time
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     for b in args.blocks:
@@ -200,7 +214,8 @@ def main(argv=None):
                              f"must be multiples of block {b}")
     print(f"# {_device_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, microkernel {_isa()}, "
           f"{args.dtype}, X {args.tokens}x{args.in_features}, W {args.out_features}x{args.in_features}, "
-          f"median of {args.reps} alternating rounds")
+          f"median of {args.reps} alternating rounds, {args.timer} time, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     print("# ratios = dense ms / sparse ms (fwd, dx, dw, fwd+bwd step); ideal = 1/density; limit = step x density;")
     print("# bsr = torch BSR fwd ms / ours; tBSR = dense / torch BSR fwd; GF/s on stored blocks; "
           "max err = relative error vs dense masked")
