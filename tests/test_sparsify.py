@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern as sk
-from sparsekern.methods import block_scores, compute_block_masks, erk_densities, expand_block_mask
+from sparsekern.methods import block_scores, compute_block_masks, erk_densities, expand_block_mask, global_magnitude_mask
 
 METHODS = ["uniform", "er", "erk", "random", "magnitude", "snip", "grasp", "synflow"]
 
@@ -50,12 +50,25 @@ def test_erk_uses_erk_densities():
         assert layer.nnz_blocks == round(d * layer.block_mask.numel())
 
 
-def test_magnitude_global_keeps_largest_blocks():
+def test_magnitude_global_share_then_largest_blocks_per_layer():
     dense = _mlp()
     masks = compute_block_masks(dense, density=0.2, method="magnitude", block_size=8)
-    scores = torch.cat([block_scores(dense[i].weight.detach(), 8).flatten() for i in (0, 2, 4)])
-    kept = torch.cat([masks[n].flatten() for n in ("0", "2", "4")])
-    assert scores[kept].min() >= scores[~kept].max()
+    weights = [dense[i].weight.detach() for i in (0, 2, 4)]
+    shares = global_magnitude_mask(weights, 0.8)  # element-level global ranking sets each layer's share
+    for w, share, name in zip(weights, shares, ("0", "2", "4")):
+        scores, kept = block_scores(w.abs(), 8).flatten(), masks[name].flatten()
+        assert int(kept.sum()) == round(float(share.float().mean()) * kept.numel())
+        if kept.any() and (~kept).any():
+            assert scores[kept].min() >= scores[~kept].max()
+
+
+def test_global_scores_do_not_collapse_a_layer():
+    # Layer 2 has a smaller init scale, so ranking block norms across layers would give it nothing.
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(0.7)
+    masks = compute_block_masks(model, density=0.3, method="magnitude", block_size=8)
+    assert all(m.any() for m in masks.values())
 
 
 def test_dense_layers_and_allocation():

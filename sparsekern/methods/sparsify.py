@@ -7,8 +7,10 @@ and which ones (the *scores*).
   (the static-sparse start of SET/RigL). "random" is random blocks too, allocation
   "uniform" unless given.
 - method "magnitude" / "snip" / "grasp" / "synflow": scores from saliency.py; by
-  default ranked globally across layers (as in the papers), or layer-wise at an
-  ``allocation`` ("uniform", "er", "erk") when given.
+  default ranked globally across layers as in the papers (the global element-level
+  ranking sets each layer's share, the blocks are then chosen inside each layer;
+  SynFlow runs its iterative schedule on block scores directly), or layer-wise at
+  an ``allocation`` ("uniform", "er", "erk") when given.
 
 Scores are computed on the dense model once, then each layer becomes a
 ``SparseLinear`` holding only its kept blocks: training from then on runs on the
@@ -17,8 +19,6 @@ kernels are then no faster than dense (slower, in fact), and reported as such.
 Only nn.Linear is converted (there is no sparse convolution layer yet); other
 layers are left as they are.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +26,7 @@ from torch import nn
 from ..formats.block_sparse import _as_block_size
 from ..nn.sparse_linear import SparseLinear
 from .density import layer_densities
-from .masks import block_grid, block_scores, global_topk_masks, layerwise_topk_masks
+from .masks import block_scores, global_topk_masks, layerwise_topk_masks
 from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks, synflow_scores,
                        prunable_weights)
 
@@ -90,7 +90,6 @@ def compute_block_masks(model, *, density, method="erk", block_size=32, dense_la
         method, allocation = "random", method
     elif method == "random" and allocation is None:
         allocation = "uniform"
-    grids = [block_grid(m.weight.shape, block_size) for _, m in layers]
 
     if allocation is not None:
         # Layer-wise: the allocation solves for the budget with dense layers counted in it.
@@ -117,12 +116,16 @@ def compute_block_masks(model, *, density, method="erk", block_size=32, dense_la
         scores = _scores(model, method, generator, inputs, targets, loss_fn)
     reduce = "sum" if method == "grasp" else "norm"
     grid_scores = [block_scores(scores[f"{n}.weight"], block_size, reduce) for n in names]
-    if allocation is not None:
-        kept = layerwise_topk_masks(grid_scores, [densities[i] for i in sparse])
-    else:
-        cells = sum(math.prod(grids[i]) for i in sparse)
-        kept = global_topk_masks(grid_scores, int(round(min(density, 1.0) * cells)))
-    return dict(zip(names, kept))
+    if allocation is None:
+        # Global ranking decides each layer's share at the element level; blocks are then
+        # picked inside each layer. Ranking block scores across layers directly would not
+        # do: a block's score sums ~b*b element scores, so it barely varies inside a layer
+        # and whichever layer has the larger mean score takes the whole budget (the other
+        # layers collapse to zero blocks, e.g. the 2048x2048 layer under SNIP at 10%).
+        element = [scores[f"{n}.weight"] for n in names]
+        shares = global_topk_masks(element, int(round(min(density, 1.0) * sum(e.numel() for e in element))))
+        densities = {i: float(m.float().mean()) for i, m in zip(sparse, shares)}
+    return dict(zip(names, layerwise_topk_masks(grid_scores, [densities[i] for i in sparse])))
 
 
 def sparsify(model, *, density, method="erk", block_size=32, dense_layers=(), allocation=None, **kwargs):
