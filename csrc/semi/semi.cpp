@@ -8,10 +8,14 @@
 // Then every kept weight w[n, j] at column k is one broadcast and 12 FMAs of a
 // 96-wide row of the panel: the 2-bit index only picks *which* panel row to load,
 // so the microkernel is a dense register-blocked axpy over the kept half of K.
-// Panels are cut into KC columns so the rows in use stay in L1.
+// Panels are cut into kc columns so the rows in use stay in L1, and the weight is
+// repacked per call into the order the tasks read it, its indices decoded to panel
+// offsets. The loop is bound by L1 load bandwidth (one 32-byte panel load per FMA),
+// not by the FMAs: that is the price of the data-dependent rows.
 //
 //   forward  y = x Wᵀ      acc (96 tokens of row n) in 12 ymm, panel rows gathered by index
-//   dX       dy W          (transposable W: the forward on Wᵀ's compression; else scatter below)
+//   dX       dy W          the forward on Wᵀ's compression (transposable W only), Wᵀ's values
+//                          gathered from W's while packing
 //   dW       (dyᵀ x)[kept] 8 kept entries of row n at a time: 8 ymm dot-product accumulators
 //                          over 4 x 96 tokens, reduced with one hadd tree
 #include <torch/extension.h>
@@ -29,8 +33,7 @@
 namespace {
 
 constexpr int64_t MR = 96;       // tokens per panel block = 12 ymm accumulators
-constexpr int64_t KC = 64;       // dX scatter: dxᵀ tile columns (64 x 96 x 4 B = 24 KiB)
-constexpr int64_t NB_MAX = 128;
+constexpr int64_t NB_MAX = 128;  // forward: most weight rows per task
 
 constexpr int64_t KC_DW = 16;    // dW: 8 kept entries per row per step
 constexpr int64_t MSUPER = 4;    // dW: panel blocks accumulated in registers before a reduction
@@ -61,7 +64,7 @@ torch::Tensor pack_panels(const torch::Tensor& src) {
   return out;
 }
 
-// Column (inside its block of KC, relative to k0 = 2*j0) of kept entry j of a row.
+// Column of kept entry j of a row (4 * its group + its 2-bit position).
 inline int64_t kept_column(const uint8_t* idx, int64_t j) {
   return 4 * (j >> 1) + ((idx[j >> 2] >> (2 * (j & 3))) & 3);
 }
@@ -244,54 +247,6 @@ torch::Tensor grad_input_transposed(torch::Tensor dy, torch::Tensor values, torc
   return forward_impl(dy, values.data_ptr<float>(), perm.data_ptr<int64_t>(), indices_t, 32, 32, true);
 }
 
-// dx (M, K) = dy (M, N) @ W: every kept w[n, j] scatters w * dy[:, n] into column col(j) of a
-// (KC x 96) dxᵀ tile held in L1 (used when W is 2:4 along rows only).
-torch::Tensor grad_input(torch::Tensor dy, torch::Tensor values, torch::Tensor indices) {
-  const int64_t M = dy.size(0), N = dy.size(1), K = values.size(1) * 2;
-  check_inputs(dy, values, indices, K);
-  TORCH_CHECK(values.size(0) == N, "semi: dy and values disagree on N");
-  auto dx = torch::empty({M, K}, dy.options());
-  if (M == 0 || K == 0) return dx;
-  if (N == 0) return dx.zero_();
-  const auto panels = pack_panels(dy);
-  const float* P = panels.data_ptr<float>();
-  const float* V = values.data_ptr<float>();
-  const uint8_t* I = indices.data_ptr<uint8_t>();
-  float* DX = dx.data_ptr<float>();
-  const int64_t nbm = (M + MR - 1) / MR, nbk = (K + KC - 1) / KC, half = K / 2, ib = indices.size(1);
-  at::parallel_for(0, nbm * nbk, 1, [&](int64_t t0, int64_t t1) {
-    alignas(64) float tile[KC * MR];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nbk, k0 = (t % nbk) * KC, cols = std::min(KC, K - k0);
-      const int64_t j0 = k0 / 2, j1 = (k0 + cols) / 2;
-      std::fill(tile, tile + cols * MR, 0.f);
-      for (int64_t n = 0; n < N; ++n) {
-        const float* d = P + (b * N + n) * MR;
-        __m256 d0 = _mm256_loadu_ps(d + 0), d1 = _mm256_loadu_ps(d + 8), d2 = _mm256_loadu_ps(d + 16);
-        __m256 d3 = _mm256_loadu_ps(d + 24), d4 = _mm256_loadu_ps(d + 32), d5 = _mm256_loadu_ps(d + 40);
-        __m256 d6 = _mm256_loadu_ps(d + 48), d7 = _mm256_loadu_ps(d + 56), d8 = _mm256_loadu_ps(d + 64);
-        __m256 d9 = _mm256_loadu_ps(d + 72), d10 = _mm256_loadu_ps(d + 80), d11 = _mm256_loadu_ps(d + 88);
-        const float* v = V + n * half;
-        const uint8_t* idx = I + n * ib;
-        for (int64_t j = j0; j < j1; ++j) {
-          const __m256 w = _mm256_broadcast_ss(v + j);
-          float* o = tile + (kept_column(idx, j) - k0) * MR;
-#define SK_AXPY(r, dr) _mm256_storeu_ps(o + 8 * r, _mm256_fmadd_ps(w, dr, _mm256_loadu_ps(o + 8 * r)))
-          SK_AXPY(0, d0); SK_AXPY(1, d1); SK_AXPY(2, d2); SK_AXPY(3, d3); SK_AXPY(4, d4); SK_AXPY(5, d5);
-          SK_AXPY(6, d6); SK_AXPY(7, d7); SK_AXPY(8, d8); SK_AXPY(9, d9); SK_AXPY(10, d10); SK_AXPY(11, d11);
-#undef SK_AXPY
-        }
-      }
-      const int64_t tokens = std::min(MR, M - b * MR);
-      for (int64_t i = 0; i < tokens; ++i) {
-        float* out = DX + (b * MR + i) * K + k0;
-        for (int64_t k = 0; k < cols; ++k) out[k] = tile[k * MR + i];
-      }
-    }
-  });
-  return dx;
-}
-
 // Sum of each of 8 vectors, as one vector [sum a0, ..., sum a7].
 inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5,
                               __m256 a6, __m256 a7) {
@@ -361,7 +316,6 @@ torch::Tensor grad_weight(torch::Tensor dy, torch::Tensor x, torch::Tensor indic
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "2:4 semi-structured linear products on CPU (fp32, AVX2 + FMA)";
   m.def("forward", &forward, py::arg("x"), py::arg("v"), py::arg("i"), py::arg("kc")=32, py::arg("nb")=32, py::arg("allow_avx512")=true, "y = x @ W.T with W 2:4-compressed (values, packed indices)");
-  m.def("grad_input", &grad_input, "dx = dy @ W with W 2:4-compressed (row-wise: scatter)");
   m.def("grad_input_transposed", &grad_input_transposed, "dx = dy @ W through Wᵀ's compression (gather map)");
   m.def("grad_weight", &grad_weight, "dvalues = (dy.T @ x) at W's kept positions");
 }
