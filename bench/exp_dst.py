@@ -165,8 +165,10 @@ def run(task, method, density, data, args):
         if args.sparse_init:
             # Keep the activation scale of the dense init: fan-in shrank to density * in_features.
             with torch.no_grad():
-                for _, layer in driver.layers:
+                for name, layer in driver.layers:
                     layer.values.mul_(layer.density ** -0.5)
+                    if hasattr(driver, "shadow"):  # Top-KAST's exploration blocks: same scale
+                        driver.shadow[name][0].mul_(layer.density ** -0.5)
     order = torch.cat([torch.randperm(len(train_x), generator=torch.Generator().manual_seed(e))
                        for e in range(args.epochs)])
     times, updates = [], []

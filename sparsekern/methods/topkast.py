@@ -10,6 +10,8 @@ the driver's shadow blocks; dW is computed on B only (the probe). Every
 the weakest ``drop_fraction`` of B \\ A leave B for as many random blocks from
 outside B, which start at zero (the paper's weights outside B are frozen at
 their old values; ours are not kept, so exploration re-enters through zero).
+B \\ A starts with random values of the forward blocks' scale, as the paper's
+dense init would give it.
 The penalty on A is the optimizer's weight decay; B \\ A gets ``penalty / D``.
 """
 import torch
@@ -36,6 +38,18 @@ class TopKAST(ShadowDriver):
         noise = torch.rand(mask.shape, generator=self.generator).to(mask.device)
         return drop_and_grow(mask, noise, noise, 0, extra) & ~mask
 
+    def _setup(self):
+        # The paper's θ is dense at init, so B \ A starts just below A's magnitudes:
+        # exploration blocks get values of the forward blocks' scale, not zero.
+        super()._setup()
+        with torch.no_grad():
+            for name, layer in self.layers:
+                param = self.shadow[name][0]
+                rms = float(block_rms(layer.values).pow(2).mean().sqrt()) if layer.nnz_blocks else 0.0
+                noise = torch.rand(param.shape, generator=self.generator).to(param.device, param.dtype)
+                param.copy_((2 * noise - 1) * (3 ** 0.5 * rms))
+                _zero_padding(layer, param, self.shadow[name][1])
+
     def _shadow_penalty(self, name, param):
         if self.penalty == 0:
             return None
@@ -54,3 +68,13 @@ class TopKAST(ShadowDriver):
             noise = torch.rand(kept.shape, generator=self.generator).to(kept.device)
             shadow = drop_and_grow(kept, noise, noise, 0, n) & ~forward
             self._restructure(name, layer, forward, shadow, sources)
+
+
+def _zero_padding(layer, values, layout):
+    """Zero the parts of edge blocks outside (out_features, in_features), as SparseLinear does."""
+    (br, bc), (rows, cols) = layout.block_size, layer.padded_shape
+    pad_rows, pad_cols = rows - layer.out_features, cols - layer.in_features
+    if pad_rows:
+        values[layout.row_indices == layout.grid[0] - 1, br - pad_rows:, :] = 0
+    if pad_cols:
+        values[layout.col_indices == layout.grid[1] - 1, :, bc - pad_cols:] = 0
