@@ -37,14 +37,18 @@ def block_scores(score, block_size, reduce="norm"):
     if reduce not in ("norm", "sum"):
         raise ValueError(f"reduce must be 'norm' or 'sum', got {reduce!r}")
     matrix, (br, bc) = _as_matrix(score), _as_block_size(block_size)
-    rb, cb = block_grid(score.shape, (br, bc))
-    pad = (0, cb * bc - matrix.shape[1], 0, rb * br - matrix.shape[0])
-    blocks = F.pad(matrix, pad).reshape(rb, br, cb, bc)
-    real = F.pad(torch.ones_like(matrix), pad).reshape(rb, br, cb, bc).sum((1, 3))
-    scale = (br * bc) / real
-    if reduce == "sum":
-        return blocks.sum((1, 3)) * scale
-    return blocks.pow(2).sum((1, 3)).sqrt() * scale.sqrt()
+    (rows, cols), (rb, cb) = matrix.shape, block_grid(score.shape, (br, bc))
+    if rows % br or cols % bc:
+        matrix = F.pad(matrix, (0, cb * bc - cols, 0, rb * br - rows))
+    blocks = matrix.reshape(rb, br, cb, bc)
+    out = blocks.sum((1, 3)) if reduce == "sum" else blocks.pow(2).sum((1, 3))
+    if rows % br or cols % bc:
+        real_rows = torch.full((rb,), br, dtype=out.dtype, device=out.device)
+        real_rows[-1] = rows - (rb - 1) * br
+        real_cols = torch.full((cb,), bc, dtype=out.dtype, device=out.device)
+        real_cols[-1] = cols - (cb - 1) * bc
+        out = out * ((br * bc) / torch.outer(real_rows, real_cols))
+    return out if reduce == "sum" else out.sqrt()
 
 
 def expand_block_mask(block_mask, block_size, shape):

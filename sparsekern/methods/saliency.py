@@ -94,21 +94,31 @@ def synflow_scores(model, input_shape, masks=None):
     With a bias-free ReLU MLP the score sums of all layers are equal (each equals R):
     the conservation law that makes iterative SynFlow avoid layer collapse.
     """
-    named = _require_prunable(model)
-    net = copy.deepcopy(model).double().eval()
-    with torch.no_grad():
-        for param in net.parameters():
-            param.abs_()
-        if masks:
-            params = dict(net.named_parameters())
-            for name, mask in masks.items():
-                params[name].mul_(mask.to(params[name].device))
-    weights = [w for _, w in prunable_weights(net)]
-    device = weights[0].device
-    out = net(torch.ones(1, *input_shape, dtype=torch.float64, device=device))
-    grads = torch.autograd.grad(out.sum(), weights)
-    # float64 scores: products of many |w| lose precision (or underflow) in float32.
-    return {name: (g * w).detach().abs() for (name, _), w, g in zip(named, weights, grads)}
+    return _SynFlowNet(model, input_shape).scores(masks)
+
+
+class _SynFlowNet:
+    """The |θ| float64 copy of a model, built once and re-masked for each SynFlow round."""
+
+    def __init__(self, model, input_shape):
+        self.names = [name for name, _ in _require_prunable(model)]
+        self.net = copy.deepcopy(model).double().eval()
+        self.abs_params = {}
+        with torch.no_grad():
+            for name, param in self.net.named_parameters():
+                param.abs_()
+                self.abs_params[name] = param.detach().clone()
+        self.weights = [w for _, w in prunable_weights(self.net)]
+        self.ones = torch.ones(1, *input_shape, dtype=torch.float64, device=self.weights[0].device)
+
+    def scores(self, masks=None):
+        params = dict(self.net.named_parameters())
+        with torch.no_grad():
+            for name, mask in (masks or {}).items():
+                params[name].copy_(self.abs_params[name] * mask.to(params[name].device))
+        grads = torch.autograd.grad(self.net(self.ones).sum(), self.weights)
+        # float64 scores: products of many |w| lose precision (or underflow) in float32.
+        return {name: (g * w).detach().abs() for name, w, g in zip(self.names, self.weights, grads)}
 
 
 def synflow_masks(model, input_shape, density, *, block_size=1, iterations=100, skip=()):
@@ -122,11 +132,11 @@ def synflow_masks(model, input_shape, density, *, block_size=1, iterations=100, 
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     named = [(n, w) for n, w in _require_prunable(model) if n not in skip]
     cells = sum(math.prod(block_grid(w.shape, block_size)) for _, w in named)
-    block_masks = None
+    net, block_masks = _SynFlowNet(model, input_shape), None
     for k in range(1, iterations + 1):
         element_masks = None if block_masks is None else {
             n: expand_block_mask(block_masks[n], block_size, w.shape) for n, w in named}
-        scores = synflow_scores(model, input_shape, element_masks)
+        scores = net.scores(element_masks)
         grids = [block_scores(scores[n], block_size) for n, _ in named]
         if block_masks is not None:  # pruned blocks stay pruned, even at score ties
             grids = [g.masked_fill(~block_masks[n], -1.0) for g, (n, _) in zip(grids, named)]
