@@ -2,6 +2,7 @@
 
     python bench/bench_low_rank.py                      # CPU fp32, 4096x4096, 2048 tokens, r = 256 and 64
     python bench/bench_low_rank.py --ranks 256 --repeats 9 --json bench/results/low_rank.json
+    python bench/bench_low_rank.py --threads 1          # steadier on a machine shared with other jobs
     pytest bench/bench_low_rank.py --benchmark-only     # small-shape microbenchmarks
 
 Rows (each timed in the same process as its dense baseline, alternating, ratio =
@@ -148,8 +149,11 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", nargs="+", default=["fwd+bwd", "unfused", "step"],
                         choices=["fwd+bwd", "unfused", "step"])
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args.tokens, args.in_features, args.out_features, args.ranks, args.repeats,
                getattr(torch, args.dtype), torch.device(args.device), args.cases)
     print(f"{'case':<16} {'rank':>5} {'dense ms':>10} {'lowrank ms':>11} {'ratio':>7}")
