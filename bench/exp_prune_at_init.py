@@ -2,7 +2,8 @@
 
 MLP 784-2048-2048-10 (ReLU), every Linear made block-sparse (block 32 by default)
 at densities 0.1 / 0.05 / 0.02, for: dense, random (uniform), ERK (random blocks),
-magnitude, SNIP, GraSP, SynFlow (global ranking, as in the papers), K-starts,
+magnitude, SNIP, GraSP, SynFlow (global ranking, as in the papers), magnitude
+ranked inside each layer at ERK densities, K-starts,
 dissipating gradients, K-starts + dissipating, IMP with weight rewinding, the
 IMP-mask random re-init control, and freezing (dense forward, a random block
 subset of that density trainable).
@@ -22,6 +23,7 @@ for IMP rows it includes the dense round 0).
     python bench/exp_prune_at_init.py                 # all rows -> bench/results/prune_at_init.{json,md,png}
     python bench/exp_prune_at_init.py --timing        # dense vs sparse step time, alternating, one process
     python bench/exp_prune_at_init.py --run-one snip --density 0.02   # one row (JSON on stdout)
+    python bench/exp_prune_at_init.py --from-json a.json b.json       # table + plot; later files' rows win
 
 Data: Debian package ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist).
 The PNG needs matplotlib (``pip install matplotlib``); without it only JSON/markdown are written.
@@ -49,7 +51,7 @@ from sparsekern.methods import (DissipatingGradients, apply_masks, freeze, itera
                                 k_starts, linear_weights)
 
 FASHION = "/usr/share/datasets/fashion-mnist"
-METHODS = ("dense", "random", "erk", "magnitude", "snip", "grasp", "synflow", "kstarts", "dissipating",
+METHODS = ("dense", "random", "erk", "magnitude", "magnitude-erk", "snip", "grasp", "synflow", "kstarts", "dissipating",
            "kstarts+dissipating", "imp", "freezing")
 IMP_WARMUP_DENSITY = 0.3  # first IMP round prunes 1 -> 0.3, then down the requested densities
 
@@ -170,6 +172,8 @@ def run_one(method, density, args):
     elif method in ("magnitude", "snip", "grasp", "synflow"):
         model = sk.sparsify(make_model(), density=density, method=method, block_size=bs,
                             inputs=batch[0], targets=batch[1], synflow_iterations=args.synflow_iterations)
+    elif method == "magnitude-erk":  # layer-wise magnitude at ERK densities (global magnitude collapses layers)
+        model = sk.sparsify(make_model(), density=density, method="magnitude", allocation="erk", block_size=bs)
     elif method in ("kstarts", "kstarts+dissipating"):
         start_density = density if method == "kstarts" else min(1.0, 2 * density)
         short = max(1, trainer.total // 8)
@@ -239,9 +243,8 @@ def run_all(args):
     jobs = [("dense", 1.0)] + [(m, d) for d in args.densities for m in METHODS if m not in ("dense", "imp")]
     jobs.append(("imp", min(args.densities)))
     rows, env = [], environment()
+    jobs = [(m, d) for m, d in jobs if not args.methods or m in args.methods]
     for method, density in jobs:
-        if args.methods and method not in args.methods:
-            continue
         cmd = [sys.executable, os.path.abspath(__file__), "--run-one", method, "--density", str(density)]
         cmd += forward_args(args)
         begin = time.perf_counter()
@@ -257,11 +260,27 @@ def run_all(args):
                   f"({time.perf_counter() - begin:.0f}s)", flush=True)
         with open(os.path.join(args.out, "prune_at_init.json"), "w") as f:
             json.dump(rows, f, indent=1)
+    report(rows, args.out)
+
+
+def report(rows, out):
     table = markdown(rows)
-    with open(os.path.join(args.out, "prune_at_init.md"), "w") as f:
+    with open(os.path.join(out, "prune_at_init.md"), "w") as f:
         f.write(table)
     print(table)
-    plot(rows, os.path.join(args.out, "prune_at_init.png"))
+    plot(rows, os.path.join(out, "prune_at_init.png"))
+
+
+def merge(paths, out):
+    """Rows of several result files, a later file's (method, density) rows replacing earlier ones."""
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            rows.update({(r["method"], r["density"]): r for r in json.load(f)})
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "prune_at_init.json"), "w") as f:
+        json.dump(list(rows.values()), f, indent=1)
+    report(list(rows.values()), out)
 
 
 def forward_args(args):
@@ -363,9 +382,12 @@ def main():
     p.add_argument("--density", type=float)
     p.add_argument("--timing", action="store_true")
     p.add_argument("--timing-steps", type=int, default=30)
+    p.add_argument("--from-json", nargs="+", metavar="FILE", help="only rebuild table and plot from result files")
     args = p.parse_args()
     torch.manual_seed(0)
-    if args.timing:
+    if args.from_json:
+        merge(args.from_json, args.out)
+    elif args.timing:
         timing(args)
     elif args.run_one:
         rows = run_one(args.run_one, args.density, args)

@@ -76,9 +76,23 @@ def test_dissipating_prunes_least_moved_blocks():
         model[2].values.mul_(1.01)
         moved = model[0].layout().positions_of(model[0].layout())[1]  # index of block (0, 1)
         model[0].values[moved] *= 3.0
-    densities = dg.prune(density=1 / 16)  # 16 blocks of layer 0 + 4 of layer 2 -> keep round(20/16) = 1
+    densities = dg.prune(density=1 / 16, scope="global")  # 16 + 4 blocks -> keep round(20/16) = 1
     assert model[0].nnz_blocks == 1 and bool(model[0].block_mask[0, 1]) and model[2].nnz_blocks == 0
     assert densities["0"] == pytest.approx(1 / 12)
+
+
+def test_dissipating_layer_scope_keeps_allocation():
+    model = sk.sparsify(_make(), density=1.0, method="uniform", block_size=8)
+    dg = DissipatingGradients(model)
+    with torch.no_grad():
+        model[0].values.mul_(1.01)  # layer 0 moves less than layer 2: global ranking would empty it
+        model[2].values.mul_(1.5)
+        model[0].values[3] *= 2.0
+    dg.prune(density=0.5)
+    assert model[0].nnz_blocks == 6 and model[2].nnz_blocks == 2  # 12 and 4 blocks, halved each
+    assert bool(model[0].block_mask.flatten()[3])
+    with pytest.raises(ValueError, match="scope"):
+        dg.prune(density=0.5, scope="bogus")
 
 
 def test_dissipating_tolerance_and_training_flow():

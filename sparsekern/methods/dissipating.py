@@ -5,7 +5,8 @@ From "What to prune and what not to prune at initialization" (Haroon, arXiv
 fraction of its initial value received gradients that dissipated; it is pruned.
 Our version works at block granularity on SparseLinear layers: a block's score is
 its relative change ||W_t - W_0|| / ||W_0|| since the snapshot, and the blocks that
-moved least are removed (globally, to a target density, or below a tolerance).
+moved least are removed (the same fraction in every layer, or globally, or below
+a tolerance).
 Starting from a denser sparse network (e.g. a K-starts winner at 2-4x the target
 density) keeps the early epochs on the sparse kernels too: that is the
 combination of the two methods.
@@ -13,7 +14,7 @@ combination of the two methods.
 import torch
 
 from ..nn.sparse_linear import SparseLinear
-from .masks import global_topk_masks
+from .masks import global_topk_masks, topk_mask
 
 
 def relative_change(initial, current, eps=1e-12):
@@ -28,8 +29,8 @@ class DissipatingGradients:
     """Snapshot a sparse model's weights now, prune its least-moved blocks later.
 
     Usage: ``dg = DissipatingGradients(model)``; train the first epochs;
-    ``dg.prune(density=0.02)`` (global, fraction of all blocks of the model's
-    SparseLinear layers) or ``dg.prune(tolerance=0.05)`` (drop every block whose
+    ``dg.prune(density=0.02)`` (fraction of all blocks of the model's SparseLinear
+    layers, each layer shrunk by the same factor) or ``dg.prune(tolerance=0.05)`` (drop every block whose
     relative change is <= 5%). Rebuild the optimizer afterwards: the ``values``
     parameters change shape.
     """
@@ -51,20 +52,31 @@ class DissipatingGradients:
             out[name] = grid
         return out
 
-    def prune(self, *, density=None, tolerance=None):
-        """Keep the most-moved blocks: the global top ``density`` fraction of all blocks, or every
-        block whose relative change exceeds ``tolerance``. Returns {layer name: new density}."""
+    def prune(self, *, density=None, tolerance=None, scope="layer"):
+        """Keep the most-moved blocks. With ``density`` (fraction of all blocks of the
+        SparseLinear layers): ``scope="layer"`` shrinks every layer by the same factor,
+        keeping its least-moved blocks out (the allocation, e.g. ERK, is preserved);
+        ``scope="global"`` ranks all blocks together, which can empty whole layers, since
+        under Adam a layer with a larger init scale moves less *relatively*. With
+        ``tolerance``: drop every block whose relative change is <= tolerance.
+        Returns {layer name: new density}."""
         if (density is None) == (tolerance is None):
             raise ValueError("give exactly one of density or tolerance")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
         scores = self.scores()
         names = list(scores)
-        if density is not None:
-            cells = sum(g.numel() for g in scores.values())
-            stored = sum(int((g >= 0).sum()) for g in scores.values())
-            keep = min(int(round(density * cells)), stored)
-            masks = dict(zip(names, global_topk_masks([scores[n] for n in names], keep)))
-        else:
+        if tolerance is not None:
             masks = {n: scores[n] > tolerance for n in names}
+        else:
+            cells = sum(g.numel() for g in scores.values())
+            stored = [int((scores[n] >= 0).sum()) for n in names]
+            keep = min(int(round(density * cells)), sum(stored))
+            if scope == "global":
+                masks = dict(zip(names, global_topk_masks([scores[n] for n in names], keep)))
+            else:
+                factor = keep / max(1, sum(stored))
+                masks = {n: topk_mask(scores[n], int(round(factor * k))) for n, k in zip(names, stored)}
         for name, layer in self.layers:
             layer.set_block_mask(masks[name])
         self.initial = [(m.values.detach().clone(), m.layout()) for _, m in self.layers]
