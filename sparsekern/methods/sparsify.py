@@ -19,7 +19,6 @@ kernels are then no faster than dense (slower, in fact), and reported as such.
 Only nn.Linear is converted (there is no sparse convolution layer yet); other
 layers are left as they are.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 
