@@ -59,8 +59,9 @@ def _parse(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for dense and sparse")
     parser.add_argument("--reps", type=int, default=5, help="timed alternating rounds per configuration")
-    parser.add_argument("--timer", choices=("wall", "cpu"), default="wall",
-                        help="wall clock, or CPU time of the whole process (robust on a shared, busy machine)")
+    parser.add_argument("--timer", choices=("wall", "cpu", "thread"), default="wall",
+                        help="wall clock; or CPU time of the process (cpu) or of the calling thread (thread, "
+                             "needs --threads 1): robust on a shared, busy machine")
     parser.add_argument("--no-torch-bsr", action="store_true", help="skip torch's BSR forward (the peer)")
     parser.add_argument("--json", default=DEFAULT_JSON, help="append JSON rows here ('' to skip)")
     return parser.parse_args(argv)
@@ -205,7 +206,9 @@ def _format(row):
 def main(argv=None):
     args = _parse(argv)
     global _clock
-    _clock = time.perf_counter if args.timer == "wall" else time.process_time
+    _clock = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}[args.timer]
+    if args.timer == "thread" and args.threads != 1:
+        raise SystemExit("--timer thread measures the calling thread only: use it with --threads 1")
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     for b in args.blocks:

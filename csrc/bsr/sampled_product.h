@@ -5,8 +5,9 @@
 // apart) and defeat the prefetchers, so tokens are walked in chunks and each
 // chunk is packed once, GotoBLAS style: dYᵀ into row tiles of every block row
 // ([chunk][mr], mr <= MR), X into zero-padded NR-column strips of every block
-// column ([chunk][NR]). A tile of a block is then one microkernel call over two
-// contiguous streams, accumulating into the output across chunks. Stored
+// column ([chunk][NR]), double-buffered so packing chunk c+1 and computing chunk c
+// share one parallel region. A tile of a block is then one microkernel call over
+// two contiguous streams, accumulating into the output across chunks. Stored
 // blocks all cost the same, so an even split over blocks is balanced whatever
 // the row structure.
 #pragma once
@@ -61,67 +62,81 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
   std::vector<Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(microkernel_rows<C, false>(tile.second));
   const int64_t chunk = std::min(kTokenChunk, M), RB = N / br, zero = 0;
-  // Per chunk: block row r's tile (o, mr) at (r * br + o) * chunk, [chunk][mr];
-  // block column c's sub-tile s at (c * nsub + s) * chunk * NR, [chunk][NR].
-  at::Tensor dy_buf = at::empty({std::max<int64_t>(1, N * chunk)}, scalar_type_of<C>());
-  at::Tensor x_buf = at::empty({std::max<int64_t>(1, CB * nsub * NR * chunk)}, scalar_type_of<C>());
-  C* pdy = dy_buf.data_ptr<C>();
-  C* px = x_buf.data_ptr<C>();
-  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
-    const int64_t len = std::min(chunk, M - m0);
-    const bool add = m0 > 0;
-    // Pack: items [0, RB) are block rows of dY, [RB, RB + CB) block columns of X.
-    // Sub-blocks of kRowsPerPass tokens keep the rows being read in L1/L2.
-    parallel_for_work(RB + CB, (N + K) * len, [&](int64_t i0, int64_t i1) {
-      for (int64_t t0 = 0; t0 < len; t0 += kRowsPerPass) {
-        const int64_t t1 = std::min(len, t0 + kRowsPerPass);
-        for (int64_t item = i0; item < i1; ++item) {
-          if (item < RB) {
-            for (const auto& tile : tiles) {
-              C* dst = pdy + (item * br + tile.first) * chunk;
-              const C* src = dy + m0 * N + item * br + tile.first;
-              for (int64_t m = t0; m < t1; ++m) {
-                for (int i = 0; i < tile.second; ++i) dst[m * tile.second + i] = src[m * N + i];
-              }
+  const int64_t nchunks = M == 0 ? 0 : (M + chunk - 1) / chunk;
+  // Two buffers (chunk c in buffer c % 2), each: block row r's tile (o, mr) at
+  // (r * br + o) * chunk, [chunk][mr]; then block column c's sub-tile s at
+  // dy_size + (c * nsub + s) * chunk * NR, [chunk][NR].
+  const int64_t dy_size = N * chunk, buf_size = dy_size + CB * nsub * NR * chunk;
+  at::Tensor buf = at::empty({std::max<int64_t>(1, 2 * buf_size)}, scalar_type_of<C>());
+
+  // Items [i0, i1) of chunk c's packing: [0, RB) block rows of dY, [RB, RB + CB) block columns of X.
+  // Passes of kRowsPerPass tokens keep the rows being read in L1/L2.
+  auto pack = [&](int64_t c, int64_t i0, int64_t i1) {
+    const int64_t m0 = c * chunk, len = std::min(chunk, M - m0);
+    C* pdy = buf.data_ptr<C>() + (c % 2) * buf_size;
+    C* px = pdy + dy_size;
+    for (int64_t t0 = 0; t0 < len; t0 += kRowsPerPass) {
+      const int64_t t1 = std::min(len, t0 + kRowsPerPass);
+      for (int64_t item = i0; item < i1; ++item) {
+        if (item < RB) {
+          for (const auto& tile : tiles) {
+            C* dst = pdy + (item * br + tile.first) * chunk;
+            const C* src = dy + m0 * N + item * br + tile.first;
+            for (int64_t m = t0; m < t1; ++m) {
+              for (int i = 0; i < tile.second; ++i) dst[m * tile.second + i] = src[m * N + i];
             }
-          } else {
-            const int64_t c = item - RB;
-            for (int64_t s = 0; s < nsub; ++s) {
-              C* dst = px + (c * nsub + s) * chunk * NR;
-              const C* src = x + m0 * K + c * bc + s * NR;
-              const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
-              for (int64_t m = t0; m < t1; ++m) {
-                for (int64_t n = 0; n < NR; ++n) dst[m * NR + n] = n < ncols ? src[m * K + n] : C(0);
-              }
+          }
+        } else {
+          const int64_t col = item - RB;
+          for (int64_t s = 0; s < nsub; ++s) {
+            C* dst = px + (col * nsub + s) * chunk * NR;
+            const C* src = x + m0 * K + col * bc + s * NR;
+            const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
+            for (int64_t m = t0; m < t1; ++m) {
+              for (int64_t n = 0; n < NR; ++n) dst[m * NR + n] = n < ncols ? src[m * K + n] : C(0);
             }
           }
         }
       }
-    });
-    parallel_for_work(nnz, nnz * block * len, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        C* ob = acc + b * block;
-        for (int64_t s = 0; s < nsub; ++s) {
-          const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
-          const C* bs = px + (cols[b] * nsub + s) * chunk * NR;
-          for (size_t t = 0; t < tiles.size(); ++t) {
-            const int64_t o = tiles[t].first;
-            const int mr = tiles[t].second;
-            const C* as = pdy + (rows[b] * br + o) * chunk;
-            C* out = ob + o * bc + s * NR;
-            if (ncols == NR) {
-              kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add);
-            } else {
-              alignas(64) C tmp[kMR * NR];
-              kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false);
-              for (int i = 0; i < mr; ++i) {
-                for (int64_t n = 0; n < ncols; ++n) {
-                  out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];
-                }
-              }
+    }
+  };
+  // Stored blocks [b0, b1) accumulate chunk c.
+  auto compute = [&](int64_t c, int64_t b0, int64_t b1) {
+    const int64_t m0 = c * chunk, len = std::min(chunk, M - m0);
+    const bool add = c > 0;
+    const C* pdy = buf.data_ptr<C>() + (c % 2) * buf_size;
+    const C* px = pdy + dy_size;
+    for (int64_t b = b0; b < b1; ++b) {
+      C* ob = acc + b * block;
+      for (int64_t s = 0; s < nsub; ++s) {
+        const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
+        const C* bs = px + (cols[b] * nsub + s) * chunk * NR;
+        for (size_t t = 0; t < tiles.size(); ++t) {
+          const int64_t o = tiles[t].first;
+          const int mr = tiles[t].second;
+          const C* as = pdy + (rows[b] * br + o) * chunk;
+          C* out = ob + o * bc + s * NR;
+          if (ncols == NR) {
+            kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add);
+          } else {
+            alignas(64) C tmp[kMR * NR];
+            kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false);
+            for (int i = 0; i < mr; ++i) {
+              for (int64_t n = 0; n < ncols; ++n) out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];
             }
           }
         }
+      }
+    }
+  };
+  // Region c packs chunk c and computes chunk c - 1: one barrier per chunk, and
+  // the memory-bound packing overlaps the other thread's FMAs.
+  const int64_t parts = threads_for(std::max(nnz * block, N + K) * chunk);
+  for (int64_t c = 0; c <= nchunks; ++c) {
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        if (c < nchunks) pack(c, (RB + CB) * p / parts, (RB + CB) * (p + 1) / parts);
+        if (c > 0) compute(c - 1, nnz * p / parts, nnz * (p + 1) / parts);
       }
     });
   }
