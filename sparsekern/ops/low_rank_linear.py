@@ -60,10 +60,13 @@ def _setup_context(ctx, inputs, output):
     _, a, b = output
     ctx.save_for_backward(x, a, b, U, S, V)
     ctx.kl_grads, ctx.backend, ctx.has_bias = kl_grads, backend, bias is not None
+    ctx.set_materialize_grads(False)  # a and b are internal outputs: no zero gradients for them
 
 
 def _backward(ctx, dy, _da, _db):
     x, a, b, U, S, V = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 7
     needs = [bool(n) for n in ctx.needs_input_grad[:4]]
     grads = [None] * 4
     if any(needs):
