@@ -56,13 +56,33 @@ def test_op_matches_dense_masked(backend, dtype, shape, transposable):
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512_if_present", "avx2"])
-def test_cpu_forward_both_microkernels(avx512):
+@pytest.mark.parametrize("blocking", [(32, 32), (5, 12)], ids=["default", "odd"])
+def test_cpu_forward_microkernels_and_blocking(avx512, blocking):
     _skip_unavailable("cpu", torch.float32)
     from sparsekern._extension import load_extension
+    ext = load_extension("semi")
     weight = _weight(72, 200, torch.float32, False)
     x = torch.randn(197, 200)
-    y = load_extension("semi").forward(x, weight.values, weight.indices, allow_avx512=avx512)
+    offsets, source = ext.plan(weight.indices, None, 100, *blocking)
+    y = ext.forward(x, weight.values, offsets, source, *blocking, avx512)
     torch.testing.assert_close(y, x @ weight.to_dense().T, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_plan_cache_follows_structure():
+    _skip_unavailable("cpu", torch.float32)
+    from sparsekern.kernels.semi import cpu
+    a, b = _weight(8, 16, torch.float32, False, seed=0), _weight(8, 16, torch.float32, False, seed=1)
+    x = torch.randn(3, 16)
+    with sk.use_backend("cpu"):
+        torch.testing.assert_close(semi_linear(x, a), x @ a.to_dense().T)
+        a.indices.copy_(b.indices)          # in-place structure change: the plan is rebuilt
+        a.values.copy_(b.values)
+        torch.testing.assert_close(semi_linear(x, a), x @ b.to_dense().T)
+    key = (id(b.indices), id(None))
+    semi_linear(x, b)
+    assert key in cpu._plans
+    del b
+    assert key not in cpu._plans
 
 
 def test_forced_cpu_backend_rejects_float64():

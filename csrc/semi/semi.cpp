@@ -130,45 +130,51 @@ RowKernel row_kernel(bool allow_avx512) {
   return allow_avx512 && __builtin_cpu_supports("avx512f") ? fwd_row_avx512 : fwd_row;
 }
 
-// The weight stream in the order the forward reads it: chunk (n-block, kc-block) holds its
-// rows' kept values back to back, with each one's panel offset (column within the block x MR)
-// decoded from the 2-bit index. Chunk of rows [n0, n0+rows) and kept entries [j0, j0+cnt)
+// The weight stream, in the order the forward reads it: chunk (n-block, kc-block) holds its
+// rows' kept entries back to back. Chunk of rows [n0, n0+rows) and kept entries [j0, j0+cnt)
 // starts at n0*half + rows*j0; entry (r, e) sits at + r*cnt + e.
-struct PackedWeight {
-  torch::Tensor values, offsets;
-};
-
-// V holds the kept values row after row, or (perm given) entry (n, j) is V[perm[n * half + j]]:
-// that is how dX reads Wᵀ's values straight out of W's, with no transposed copy.
-PackedWeight pack_weight(const float* V, const int64_t* perm, const torch::Tensor& indices, int64_t half,
-                         int64_t nb, int64_t kc) {
+//
+// plan() builds, once per structure (the caller caches it), each stream slot's panel offset
+// (column within its kc block x MR, decoded from the 2-bit index) and, when values are read
+// through perm (entry (n, j) = values[perm[n, j]], which is how dX reads Wᵀ's values out of
+// W's with no transposed copy), the flat position of each slot's value (else empty: values
+// row-major). Per call, only the values are gathered into the stream (a sequential pass).
+std::vector<torch::Tensor> plan(torch::Tensor indices, c10::optional<torch::Tensor> perm, int64_t half,
+                                int64_t nb, int64_t kc) {
+  TORCH_CHECK(indices.dim() == 2 && indices.is_contiguous() && indices.scalar_type() == torch::kUInt8 &&
+                  indices.size(1) == (2 * half + 7) / 8,
+              "semi: indices must be contiguous uint8 (rows, ceil(cols/8))");
+  TORCH_CHECK(kc % 4 == 0 && kc >= 4 && kc * MR < 65536 && nb >= 1 && nb <= NB_MAX, "semi: bad blocking");
   const int64_t N = indices.size(0), ib = indices.size(1);
-  const auto options = torch::TensorOptions().dtype(torch::kFloat32);
-  PackedWeight out{torch::empty({N, half}, options), torch::empty({N, half}, options.dtype(torch::kInt16))};
+  const int64_t* P = nullptr;
+  if (perm.has_value()) {
+    TORCH_CHECK(perm->scalar_type() == torch::kInt64 && perm->is_contiguous() && perm->numel() == N * half,
+                "semi: perm must be contiguous int64 with rows * cols/2 entries");
+    TORCH_CHECK(N * half < (int64_t(1) << 31), "semi: too many kept entries for int32 positions");
+    P = perm->data_ptr<int64_t>();
+  }
+  auto offsets = torch::empty({N, half}, torch::TensorOptions().dtype(torch::kInt16));
+  auto source = torch::empty({P ? N : 0, half}, torch::TensorOptions().dtype(torch::kInt32));
   const uint8_t* I = indices.data_ptr<uint8_t>();
-  float* PV = out.values.data_ptr<float>();
-  uint16_t* PO = reinterpret_cast<uint16_t*>(out.offsets.data_ptr<int16_t>());
+  uint16_t* PO = reinterpret_cast<uint16_t*>(offsets.data_ptr<int16_t>());
+  int32_t* PS = source.data_ptr<int32_t>();
   at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t n0 = t0 * nb; n0 < std::min(N, t1 * nb); n0 += nb) {
       const int64_t rows = std::min(nb, N - n0);
       for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
         const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t row_start = (n0 + r) * half + j0;
+          const int64_t natural = (n0 + r) * half + j0;
           const uint8_t* idx = I + (n0 + r) * ib;
-          float* pv = PV + start + r * cnt;
-          if (perm) {
-            for (int64_t e = 0; e < cnt; ++e) pv[e] = V[perm[row_start + e]];
-          } else {
-            std::copy(V + row_start, V + row_start + cnt, pv);
-          }
-          for (int64_t e = 0; e < cnt; ++e)
+          for (int64_t e = 0; e < cnt; ++e) {
             PO[start + r * cnt + e] = uint16_t((kept_column(idx, j0 + e) - 2 * j0) * MR);
+            if (P) PS[start + r * cnt + e] = int32_t(P[natural + e]);
+          }
         }
       }
     }
   });
-  return out;
+  return {offsets, source};
 }
 
 void check_inputs(const torch::Tensor& a, const torch::Tensor& values, const torch::Tensor& indices,
@@ -184,24 +190,49 @@ void check_inputs(const torch::Tensor& a, const torch::Tensor& values, const tor
               "semi: inconsistent shapes");
 }
 
-// y (M, N) = x (M, K) @ W.T. Blocking: kc panel columns (kc x 96 x 4 B in L1), nb weight rows
-// per task (their partial outputs, nb x 96 floats, stay in L1 across the kc blocks).
-// W is (N = indices.size(0), K): its values are V (read through perm if given, see pack_weight).
-torch::Tensor forward_impl(const torch::Tensor& x, const float* V, const int64_t* perm, const torch::Tensor& indices,
-                           int64_t kc, int64_t nb, bool allow_avx512) {
-  const int64_t M = x.size(0), K = x.size(1), N = indices.size(0);
+// y (M, N) = x (M, K) @ W.T, W (N, K) given by its values and its plan (see plan()).
+// Blocking: kc panel columns (kc x 96 x 4 B in L1), nb weight rows per task (their partial
+// outputs, nb x 96 floats, stay in L1 across the kc blocks); must match the plan's.
+torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offsets, torch::Tensor source,
+                      int64_t nb, int64_t kc, bool allow_avx512) {
+  const int64_t M = x.size(0), K = x.size(1), N = offsets.size(0), half = K / 2;
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32 && K % 4 == 0,
+              "semi: x must be contiguous float32 (M, K), K a multiple of 4");
+  TORCH_CHECK(values.is_contiguous() && values.scalar_type() == torch::kFloat32 && values.numel() == N * half,
+              "semi: values must be contiguous float32 with N * K/2 entries");
+  TORCH_CHECK(offsets.dim() == 2 && offsets.size(1) == half && offsets.scalar_type() == torch::kInt16 &&
+                  source.scalar_type() == torch::kInt32 && (source.numel() == N * half || source.numel() == 0),
+              "semi: offsets/source do not match x (make them with plan())");
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
   TORCH_CHECK(kc % 4 == 0 && kc >= 4 && kc * MR < 65536 && nb >= 1 && nb <= NB_MAX, "semi: bad blocking");
   const auto panels = pack_panels(x);
-  const auto w = pack_weight(V, perm, indices, K / 2, nb, kc);
+  auto stream = torch::empty({N, half}, x.options());
+  const float* V = values.data_ptr<float>();
+  const int32_t* S = source.data_ptr<int32_t>();
+  float* PV = stream.data_ptr<float>();
+  if (source.numel()) {
+    at::parallel_for(0, N * half, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) PV[i] = V[S[i]];
+    });
+  } else {
+    at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t n0 = t0 * nb; n0 < std::min(N, t1 * nb); n0 += nb) {
+        const int64_t rows = std::min(nb, N - n0);
+        for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
+          const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
+          for (int64_t r = 0; r < rows; ++r)
+            std::copy_n(V + (n0 + r) * half + j0, cnt, PV + start + r * cnt);
+        }
+      }
+    });
+  }
   const float* P = panels.data_ptr<float>();
-  const float* PV = w.values.data_ptr<float>();
-  const uint16_t* PO = reinterpret_cast<const uint16_t*>(w.offsets.data_ptr<int16_t>());
+  const uint16_t* PO = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
   float* Y = y.data_ptr<float>();
   const RowKernel kernel = row_kernel(allow_avx512);
-  const int64_t nbm = (M + MR - 1) / MR, nbn = (N + nb - 1) / nb, half = K / 2;
+  const int64_t nbm = (M + MR - 1) / MR, nbn = (N + nb - 1) / nb;
   // Tasks in m-block-major order: the threads share one activation panel (in L2), and the
   // weight streams through once per m-block.
   at::parallel_for(0, nbm * nbn, 1, [&](int64_t t0, int64_t t1) {
@@ -223,28 +254,6 @@ torch::Tensor forward_impl(const torch::Tensor& x, const float* V, const int64_t
     }
   });
   return y;
-}
-
-torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor indices, int64_t kc, int64_t nb,
-                      bool allow_avx512) {
-  check_inputs(x, values, indices, x.size(1));
-  return forward_impl(x, values.data_ptr<float>(), nullptr, indices, kc, nb, allow_avx512);
-}
-
-// dx (M, K) = dy (M, N) @ W for a transposable W: the forward on Wᵀ (indices_t (K, ceil(N/8))),
-// its values gathered from W's values (N, K/2) through perm (K, N/2) while packing.
-torch::Tensor grad_input_transposed(torch::Tensor dy, torch::Tensor values, torch::Tensor indices_t,
-                                    torch::Tensor perm) {
-  const int64_t N = dy.size(1), K = values.size(1) * 2;
-  TORCH_CHECK(dy.dim() == 2 && dy.is_contiguous() && dy.scalar_type() == torch::kFloat32 && values.size(0) == N &&
-                  values.is_contiguous() && values.scalar_type() == torch::kFloat32,
-              "semi: dy (M, N) and values (N, K/2) must be contiguous float32");
-  TORCH_CHECK(N % 4 == 0 && indices_t.dim() == 2 && indices_t.size(0) == K && indices_t.size(1) == (N + 7) / 8 &&
-                  indices_t.scalar_type() == torch::kUInt8 && indices_t.is_contiguous(),
-              "semi: indices_t must be contiguous uint8 (K, ceil(N/8))");
-  TORCH_CHECK(perm.scalar_type() == torch::kInt64 && perm.is_contiguous() && perm.numel() == K * (N / 2),
-              "semi: perm must be contiguous int64 with K * N/2 entries");
-  return forward_impl(dy, values.data_ptr<float>(), perm.data_ptr<int64_t>(), indices_t, 32, 32, true);
 }
 
 // Sum of each of 8 vectors, as one vector [sum a0, ..., sum a7].
@@ -315,7 +324,7 @@ torch::Tensor grad_weight(torch::Tensor dy, torch::Tensor x, torch::Tensor indic
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "2:4 semi-structured linear products on CPU (fp32, AVX2 + FMA)";
-  m.def("forward", &forward, py::arg("x"), py::arg("v"), py::arg("i"), py::arg("kc")=32, py::arg("nb")=32, py::arg("allow_avx512")=true, "y = x @ W.T with W 2:4-compressed (values, packed indices)");
-  m.def("grad_input_transposed", &grad_input_transposed, "dx = dy @ W through Wᵀ's compression (gather map)");
+  m.def("plan", &plan, "per-structure weight stream layout: (panel offsets, value positions)");
+  m.def("forward", &forward, "y = x @ W.T with W 2:4-compressed (values + plan)");
   m.def("grad_weight", &grad_weight, "dvalues = (dy.T @ x) at W's kept positions");
 }
