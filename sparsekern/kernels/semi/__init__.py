@@ -8,8 +8,8 @@ uint8 (N, ceil(K/8)) (see :mod:`sparsekern.formats.semi_structured`).
 ``semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None) -> dx``
     dy (M, N): dx = dy @ W, (M, K). With Wᵀ's indices (cols, ceil(rows/8)) and
     the gather map (cols, rows/2) into ``values`` (transposable W), it is the
-    forward product on Wᵀ, whose values are read out of W's; otherwise W is
-    walked by rows (scatter).
+    forward product on Wᵀ, whose values are read out of W's; otherwise the
+    product with W as stored (row-wise 2:4).
 ``semi_grad_weight(dy, x, indices) -> dvalues``
     The sampled product (dy.T @ x) at the kept positions of W only: (N, K/2).
 ``semi_prune_compress(dense, transposable) -> (values, indices, values_t, indices_t)``
@@ -24,6 +24,5 @@ from . import reference  # noqa: F401  (registers the reference backend)
 from . import cpu  # noqa: F401  (registers the C++ backend, loaded on first use)
 from . import triton_prune  # noqa: F401  (registers the Triton prune+compress kernel, built on first use)
 from . import cuda  # noqa: F401  (registers torch's semi-structured GPU matmul)
-
 
 PRODUCTS = ("semi_forward", "semi_grad_input", "semi_grad_weight", "semi_prune_compress")
