@@ -95,7 +95,7 @@ def compile_for_sm90():
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    _, mm_kernel, chain_kernel = triton_lowrank._kernels()
+    _, mm_kernel, chain_kernel = triton_lowrank._kernels(False)
     for fn, dtype, constants in [(mm_kernel, "fp32", dict(HAS_BIAS=True, BM=128, BN=128, BK=32, PRECISION="tf32")),
                                  (chain_kernel, "bf16", dict(BM=64, BK=32, BR=128, PRECISION="ieee"))]:
         constants["WIDEN"] = False

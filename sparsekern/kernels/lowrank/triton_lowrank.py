@@ -10,6 +10,10 @@ two ``_mm`` launches. Accumulation is fp32; fp32 operands use TF32 only when
 ``torch.backends.cuda.matmul.allow_tf32`` says so, like torch.
 
 triton is imported and the kernels are compiled on first use, never at import.
+The kernels use only core builtins of triton.language (tl.full, not tl.zeros):
+the @jit functions of triton's standard library are fixed to interpreter or
+compiled mode when triton is imported, which breaks one mode or the other in a
+process that imported triton before setting TRITON_INTERPRET (e.g. torch.compile).
 """
 import functools
 import os
@@ -39,7 +43,8 @@ def _unavailable(device, dtype):
 
 
 @functools.cache
-def _kernels():
+def _kernels(interpret):
+    """The jitted kernels, one set per mode: triton.jit reads TRITON_INTERPRET when it decorates."""
     import triton
     import triton.language as tl
 
@@ -52,7 +57,7 @@ def _kernels():
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc = tl.full((BM, BN), 0.0, tl.float32)
         for k0 in range(0, K, BK):
             kk = k0 + rk
             a = tl.load(a_ptr + rm[:, None] * sam + kk[None, :] * sak,
@@ -74,7 +79,7 @@ def _kernels():
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rr = tl.arange(0, BR)
         rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        acc = tl.full((BM, BR), 0.0, tl.float32)
         for k0 in range(0, K, BK):
             kk = k0 + rk
             a = tl.load(a_ptr + rm[:, None] * sam + kk[None, :] * sak,
@@ -116,7 +121,7 @@ def _blocks(m, n):
 
 def _mm(a, b, bias=None):
     """a (M, K) @ b (K, N) [+ bias] for strided a, b."""
-    triton, mm_kernel, _ = _kernels()
+    triton, mm_kernel, _ = _kernels(_interpreting())
     (m, k), n = a.shape, b.shape[1]
     c = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
@@ -131,7 +136,7 @@ def _mm(a, b, bias=None):
 
 def _chain(a, b, c):
     """(a @ b, (a @ b) @ c) for a (M, K), b (K, r), c (r, r); one launch when r is small."""
-    triton, _, chain_kernel = _kernels()
+    triton, _, chain_kernel = _kernels(_interpreting())
     (m, k), r = a.shape, b.shape[1]
     if r > _CHAIN_MAX_R:
         p = _mm(a, b)
