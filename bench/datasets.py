@@ -41,7 +41,8 @@ class Dataset:
         return int(self.train_y.max()) + 1
 
     def __repr__(self):
-        return f"Dataset({self.name}: {len(self.train_y)} train, {len(self.test_y)} test, {self.train_x.shape[1]} features)"
+        return (f"Dataset({self.name}: {len(self.train_y)} train, {len(self.test_y)} test, "
+                f"{self.train_x.shape[1]} features)")
 
 
 def _standardised(name, train_x, train_y, test_x, test_y):

@@ -118,7 +118,8 @@ class LowRankLinear(nn.Module):
         identity). New rank: replaced by new Parameters of the new shape. Gradients
         are cleared either way."""
         r = S.shape[0]
-        if tuple(U.shape) != (self.out_features, r) or tuple(S.shape) != (r, r) or tuple(V.shape) != (self.in_features, r):
+        expected = ((self.out_features, r), (r, r), (self.in_features, r))
+        if (tuple(U.shape), tuple(S.shape), tuple(V.shape)) != expected:
             raise ValueError(f"factors of shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)} do not fit a "
                              f"{self.out_features}x{self.in_features} layer")
         for name, value in (("U", U), ("S", S), ("V", V)):

@@ -130,7 +130,8 @@ def _mm(a, b, bias=None):
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     mm_kernel[grid](a, b, c, bias if bias is not None else c, m, n, k,
                     a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-                    HAS_BIAS=bias is not None, PRECISION=_precision(a.dtype), WIDEN=_widen(a.dtype), BM=bm, BN=bn, BK=bk)
+                    HAS_BIAS=bias is not None, PRECISION=_precision(a.dtype), WIDEN=_widen(a.dtype),
+                    BM=bm, BN=bn, BK=bk)
     return c
 
 
