@@ -3,6 +3,7 @@
     python bench/bench_low_rank.py                      # CPU fp32, 4096x4096, 2048 tokens, r = 256 and 64
     python bench/bench_low_rank.py --ranks 256 --repeats 9 --json bench/results/low_rank.json
     python bench/bench_low_rank.py --threads 1          # steadier on a machine shared with other jobs
+    python bench/bench_low_rank.py --keep-freed-memory  # no page faults for fresh 32 MB outputs (both sides)
     pytest bench/bench_low_rank.py --benchmark-only     # small-shape microbenchmarks
 
 Rows (each timed in the same process as its dense baseline, alternating, ratio =
@@ -30,6 +31,19 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
+
+
+def keep_freed_memory():
+    """Make glibc keep freed large blocks mapped (no mmap/munmap per >= 32 MB tensor).
+
+    By default every fresh y / dx of 2048 x 4096 fp32 is a new mapping that is
+    page-faulted in again (~35 ms per 32 MB on the 2-core test VM, half the time
+    of y = b Uᵀ at r = 64). Applies to dense and low-rank alike; Linux/glibc only.
+    """
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def _versions():
@@ -150,12 +164,17 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="+", default=["fwd+bwd", "unfused", "step"],
                         choices=["fwd+bwd", "unfused", "step"])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc mallopt: keep freed large blocks mapped (see keep_freed_memory)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("mallopt refused the thresholds")
     rows = run(args.tokens, args.in_features, args.out_features, args.ranks, args.repeats,
                getattr(torch, args.dtype), torch.device(args.device), args.cases)
+    rows = [dict(r, keep_freed_memory=args.keep_freed_memory) for r in rows]
     print(f"{'case':<16} {'rank':>5} {'dense ms':>10} {'lowrank ms':>11} {'ratio':>7}")
     for r in rows:
         print(f"{r['case']:<16} {r['rank']:>5} {r['dense_ms']:>10.1f} {r['lowrank_ms']:>11.1f} {r['ratio']:>6.2f}x")
