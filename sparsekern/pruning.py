@@ -14,7 +14,7 @@ import itertools
 import torch
 
 _PATTERNS = {}
-_TILES_PER_CHUNK = 4096
+_TILES_PER_CHUNK = 65536
 
 
 def transposable_patterns(device=torch.device("cpu")):
