@@ -239,6 +239,23 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def quality_pivot(rows):
+    """Quality per method (rows) and density (columns), one table per task."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        sub = [r for r in rows if r["task"] == task]
+        dens = sorted({r["density"] for r in sub if r["method"] != "dense"}, reverse=True)
+        out += [f"{task} ({sub[0]['metric']})", "",
+                "| method | " + " | ".join(f"density {d}" for d in dens) + " |", "|---|" + "---|" * len(dens)]
+        for method in dict.fromkeys(r["method"] for r in sub):
+            q = {r["density"]: r["quality"] for r in sub if r["method"] == method}
+            cells = [f"{q[1.0]:.4f}"] * len(dens) if method == "dense" else [
+                f"{q[d]:.4f}" if d in q else "-" for d in dens]
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def speed(args, env):
     """Dense vs DST training on the Fashion-MNIST MLP, alternating chunks of ΔT steps
     (one full update period: the probe step and the rebuild included) in one process.
@@ -358,6 +375,7 @@ def main(argv=None):
     if args.from_json:
         rows = [json.loads(line) for line in open(args.from_json) if line.strip()]
         print(markdown(rows))
+        print(quality_pivot(rows))
         if args.plot:
             svg_plot(rows, args.plot)
         return
@@ -382,6 +400,7 @@ def main(argv=None):
                     with open(args.json, "a") as f:
                         f.write(json.dumps(row) + "\n")
     print(markdown(rows))
+    print(quality_pivot(rows))
     if args.plot:
         svg_plot(rows, args.plot)
 
