@@ -2,9 +2,10 @@
 
 Frankle & Carbin (2019), Frankle et al. (2020, rewinding to step k), Renda et al.
 (2020, learning-rate rewinding). Each round trains, prunes a fraction of the
-remaining blocks globally by magnitude, then either rewinds the surviving weights
-to their values at step k ("weights") or keeps the trained weights and restarts
-the learning-rate schedule ("lr"). Only round 0 trains dense; every later round
+remaining weights globally by magnitude (at block granularity: the global ranking
+sets each layer's share, blocks are picked inside each layer), then either
+rewinds the surviving weights to their values at step k ("weights") or keeps the
+trained weights and restarts the learning-rate schedule ("lr"). Only round 0 trains dense; every later round
 trains on ``SparseLinear`` layers, so IMP's repeated trainings get cheaper as the
 network thins instead of costing a dense training each.
 """
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..formats.block_sparse import _as_block_size
 from ..nn.sparse_linear import SparseLinear
-from .masks import block_grid, block_scores
+from .masks import block_grid, block_scores, expand_block_mask, global_topk_masks, topk_mask
 from .sparsify import linear_layers, replace_module
 
 
@@ -39,6 +40,25 @@ def geometric_schedule(density, rounds):
     if rounds < 1 or not 0.0 < density <= 1.0:
         raise ValueError(f"need rounds >= 1 and density in (0, 1], got rounds={rounds}, density={density}")
     return [density ** (r / rounds) for r in range(1, rounds + 1)]
+
+
+def _global_magnitude_round(trained, masks, names, target, block_size):
+    """Masks at ``target`` density: the global element-level magnitude ranking sets each
+    layer's share (as element-wise IMP would), then each layer keeps its largest alive blocks.
+
+    Ranking block norms across layers directly would empty whole layers: a block norm
+    aggregates b*b weights, so it barely varies inside a layer, and the layer with the
+    larger weights (here the 784-input one) would take the whole budget.
+    """
+    shapes = {n: trained[n][0].shape for n in names}
+    elements = [trained[n][0].abs() * expand_block_mask(masks[n], block_size, shapes[n]) for n in names]
+    shares = global_topk_masks(elements, int(round(target * sum(e.numel() for e in elements))))
+    out = {}
+    for n, share in zip(names, shares):
+        keep = min(int(masks[n].sum()), int(round(float(share.float().mean()) * masks[n].numel())))
+        scores = block_scores(trained[n][0].abs(), block_size).masked_fill(~masks[n], -1.0)
+        out[n] = topk_mask(scores, keep)
+    return out
 
 
 def linear_weights(model):
@@ -133,11 +153,7 @@ def iterative_magnitude_pruning(model, train, *, density=None, rounds=None, sche
     run(0, 1.0, masks)
     for r, target in enumerate(schedule, start=1):
         trained = linear_weights(model)
-        cells = sum(m.numel() for m in masks.values())
-        alive = sum(int(m.sum()) for m in masks.values())
-        fraction = 1.0 - min(1.0, round(target * cells) / alive) if alive else 0.0
-        scores = [block_scores(trained[n][0].abs(), block_size) for n in names]
-        masks = dict(zip(names, prune_remaining(scores, [masks[n] for n in names], fraction)))
+        masks = _global_magnitude_round(trained, masks, names, target, block_size)
         source = rewind_point["weights"] if rewind == "weights" else trained
         apply_masks(model, masks, source, block_size)
         run(r, target, masks)
