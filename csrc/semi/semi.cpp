@@ -11,7 +11,8 @@
 // Panels are cut into kc columns so the rows in use stay in L1, and the weight is
 // repacked per call into the order the tasks read it, its indices decoded to panel
 // offsets. The loop is bound by L1 load bandwidth (one 32-byte panel load per FMA),
-// not by the FMAs: that is the price of the data-dependent rows.
+// not by the FMAs: that is the price of the data-dependent rows. With AVX-512 (picked at
+// run time) the same loop runs on zmm registers, two weight rows at a time.
 //
 //   forward  y = x Wᵀ      acc (96 tokens of row n) in 12 ymm, panel rows gathered by index
 //   dX       dy W          the forward on Wᵀ's compression (transposable W only), Wᵀ's values
