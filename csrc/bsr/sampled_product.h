@@ -43,6 +43,14 @@ inline std::vector<std::pair<int64_t, int>> row_tiles(int64_t br) {
   return tiles;
 }
 
+// dst[m * MR + i] = src[m * ld + i] for tokens m in [t0, t1): one row tile of dYᵀ.
+template <int MR, typename C>
+inline void copy_tile(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1) {
+  for (int64_t m = t0; m < t1; ++m) {
+    for (int i = 0; i < MR; ++i) dst[m * MR + i] = src[m * ld + i];
+  }
+}
+
 // dy (M, N) and x (M, K) in the compute type; dvalues (nnz, br, bc) in the storage type.
 template <typename S, typename C>
 void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, int64_t br, int64_t bc,
@@ -82,8 +90,13 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
           for (const auto& tile : tiles) {
             C* dst = pdy + (item * br + tile.first) * chunk;
             const C* src = dy + m0 * N + item * br + tile.first;
-            for (int64_t m = t0; m < t1; ++m) {
-              for (int i = 0; i < tile.second; ++i) dst[m * tile.second + i] = src[m * N + i];
+            switch (tile.second) {  // constant widths let the copies vectorise
+              case kMR: copy_tile<kMR>(dst, src, N, t0, t1); break;
+              case 4: copy_tile<4>(dst, src, N, t0, t1); break;
+              default:
+                for (int64_t m = t0; m < t1; ++m) {
+                  for (int i = 0; i < tile.second; ++i) dst[m * tile.second + i] = src[m * N + i];
+                }
             }
           }
         } else {
@@ -93,7 +106,11 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
             const C* src = x + m0 * K + col * bc + s * NR;
             const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
             for (int64_t m = t0; m < t1; ++m) {
-              for (int64_t n = 0; n < NR; ++n) dst[m * NR + n] = n < ncols ? src[m * K + n] : C(0);
+              if (ncols == NR) {
+                std::copy(src + m * K, src + m * K + NR, dst + m * NR);
+              } else {
+                for (int64_t n = 0; n < NR; ++n) dst[m * NR + n] = n < ncols ? src[m * K + n] : C(0);
+              }
             }
           }
         }
