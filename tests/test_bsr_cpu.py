@@ -120,7 +120,7 @@ def test_results_do_not_depend_on_thread_count(threads):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
 
 
-def _dense_masked(x, weight, bias, dy, probe=None):
+def _dense_masked(x, weight, bias, dy):
     x = x.detach().double().requires_grad_()
     w = weight.to_dense().detach().double().requires_grad_()
     y = x @ w.T + bias.detach().double()
@@ -161,12 +161,17 @@ def test_op_with_cpu_backend_matches_dense_masked(dtype, lead):
 def test_sparse_linear_uses_cpu_backend_by_default():
     assert sk.kernels.select_kernel("bsr_forward", CPU, torch.float32)[0] == "cpu"
     layer = sk.SparseLinear(50, 70, block_size=16, density=0.5)
-    x = torch.randn(4, 50, requires_grad=True)
-    layer(x).sum().backward()
-    with sk.use_backend("reference"):
-        x_ref = x.detach().clone().requires_grad_()
-        ref = layer(x_ref)
-    torch.testing.assert_close(layer(x), ref)
+    x = torch.randn(4, 50)
+    results = []
+    for backend in (None, "reference"):  # None: automatic selection
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        with sk.use_backend(backend):
+            y = layer(xg)
+        y.backward(torch.ones_like(y))
+        results.append((y, xg.grad, layer.values.grad))
+    for auto, ref in zip(*results):
+        torch.testing.assert_close(auto, ref)
 
 
 def test_gradcheck_fp64_cpu_backend():
