@@ -184,12 +184,11 @@ std::vector<torch::Tensor> plan(torch::Tensor indices, c10::optional<torch::Tens
               "semi: indices must be contiguous uint8 (rows, ceil(cols/8))");
   TORCH_CHECK(kc % 4 == 0 && kc >= 4 && kc * MR < 65536 && nb >= 1 && nb <= NB_MAX, "semi: bad blocking");
   const int64_t N = indices.size(0), ib = indices.size(1);
-  const int64_t* P = nullptr;
+  const int32_t* P = nullptr;
   if (perm.has_value()) {
-    TORCH_CHECK(perm->scalar_type() == torch::kInt64 && perm->is_contiguous() && perm->numel() == N * half,
-                "semi: perm must be contiguous int64 with rows * cols/2 entries");
-    TORCH_CHECK(N * half < (int64_t(1) << 31), "semi: too many kept entries for int32 positions");
-    P = perm->data_ptr<int64_t>();
+    TORCH_CHECK(perm->scalar_type() == torch::kInt32 && perm->is_contiguous() && perm->numel() == N * half,
+                "semi: perm must be contiguous int32 with rows * cols/2 entries");
+    P = perm->data_ptr<int32_t>();
   }
   auto offsets = torch::empty({N, half}, torch::TensorOptions().dtype(torch::kInt16));
   auto source = torch::empty({P ? N : 0, half}, torch::TensorOptions().dtype(torch::kInt32));
@@ -206,7 +205,7 @@ std::vector<torch::Tensor> plan(torch::Tensor indices, c10::optional<torch::Tens
           const uint8_t* idx = I + (n0 + r) * ib;
           for (int64_t e = 0; e < cnt; ++e) {
             PO[start + r * cnt + e] = uint16_t((kept_column(idx, j0 + e) - 2 * j0) * MR);
-            if (P) PS[start + r * cnt + e] = int32_t(P[natural + e]);
+            if (P) PS[start + r * cnt + e] = P[natural + e];
           }
         }
       }

@@ -134,11 +134,13 @@ class SemiStructuredMatrix:
     has_transpose = property(lambda self: self.indices_t is not None)
 
     def transpose_map(self):
-        """int64 (cols, rows/2), cached: ``values.reshape(-1)[map]`` are Wᵀ's compressed values."""
+        """int32 (cols, rows/2), cached: ``values.reshape(-1)[map]`` are Wᵀ's compressed values."""
         if self.indices_t is None:
             raise ValueError("this matrix carries no transpose (build it with with_transpose=True)")
         if self._transpose_map is None:
-            self._transpose_map = transpose_permutation(self.indices, self.indices_t, self.shape)
+            if self.values.numel() >= 2 ** 31:
+                raise ValueError(f"a {self.shape} matrix has too many kept values for an int32 transpose map")
+            self._transpose_map = transpose_permutation(self.indices, self.indices_t, self.shape).to(torch.int32)
         return self._transpose_map
 
     @property
