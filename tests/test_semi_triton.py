@@ -1,18 +1,21 @@
 """Triton 2:4 prune+compress under the interpreter (CPU), against the reference; GPU tests marked."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are first built (lazily, on first use)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import sparsekern as sk  # noqa: E402
-from sparsekern.formats.semi_structured import decompress  # noqa: E402
-from sparsekern.kernels.semi import reference, triton_prune  # noqa: E402
+import sparsekern as sk
+from sparsekern.formats.semi_structured import decompress
+from sparsekern.kernels.semi import reference, triton_prune
 
 pytest.importorskip("triton")
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="CPU run of Triton kernels needs TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """CPU runs of the Triton kernels: set per test (not per process) so other modules keep their backends."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+interpreted = pytest.mark.usefixtures("interpreter")
 
 
 def _assert_same(actual, expected):

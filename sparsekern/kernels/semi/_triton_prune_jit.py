@@ -31,7 +31,7 @@ def prune_rows(w_ptr, values_ptr, indices_ptr, rows, cols, index_cols, BLOCK: tl
     """Row-wise 2:4. Program (row, block of BLOCK group pairs): one index byte per pair."""
     row = tl.program_id(0)
     pair = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    nibbles = tl.zeros([BLOCK], dtype=tl.int32)
+    nibbles = tl.full([BLOCK], 0, tl.int32)  # core builtin: tl.zeros is std-lib, fixed to one mode at import
     for half in tl.static_range(2):
         group = 2 * pair + half
         valid = group < cols // 4
@@ -54,7 +54,17 @@ def _tile_bits(w_ptr, patterns, bias, bits_ptr, tile_row, tile_col, cols, valid,
     offs = (4 * tile_row + lane[None, :] // 4) * cols + 4 * tile_col[:, None] + lane[None, :] % 4
     tile = tl.load(w_ptr + offs, mask=valid[:, None] & (lane[None, :] >= 0), other=0.0).to(tl.float32)
     scores = tl.dot(tl.abs(tile), patterns, input_precision="ieee") + bias[None, :]
-    return tl.load(bits_ptr + tl.argmax(scores, axis=1))
+    lanes = tl.arange(0, 128)[None, :] + tl.full(scores.shape, 0, tl.int32)
+    _, best = tl.reduce((scores, lanes), 1, _first_max)
+    return tl.load(bits_ptr + best)
+
+
+@triton.jit
+def _first_max(score_a, lane_a, score_b, lane_b):
+    """Combine step of an argmax with torch's tie rule (first maximum). Written out instead of
+    tl.argmax, a std-lib function that triton fixes to compiled or interpreted mode at import."""
+    take_a = (score_a > score_b) | ((score_a == score_b) & (lane_a < lane_b))
+    return tl.where(take_a, score_a, score_b), tl.where(take_a, lane_a, lane_b)
 
 
 @triton.jit

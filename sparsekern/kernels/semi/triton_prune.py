@@ -22,6 +22,11 @@ from ...pruning import check_2to4_shape, transposable_patterns
 from ..registry import register_kernel
 
 _BLOCK = 64  # group pairs (row-wise) or tile pairs (transposable) per program
+_INTERPRETER_BLOCK = 4  # the interpreter runs the argmax combine per element: keep programs small
+
+
+def _block():
+    return _INTERPRETER_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else _BLOCK
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,15 +60,17 @@ def semi_prune_compress(dense, transposable):
                    torch.empty(cols, -(-rows // 8), dtype=torch.uint8, device=dense.device))
         return (values, indices) + (empty_t if transposable else (None, None))
     if not transposable:
-        grid = (rows, -(-indices.shape[1] // _BLOCK))
-        prune_rows[grid](dense, values, indices, rows, cols, indices.shape[1], BLOCK=_BLOCK)
+        block = _block()
+        grid = (rows, -(-indices.shape[1] // block))
+        prune_rows[grid](dense, values, indices, rows, cols, indices.shape[1], BLOCK=block)
         return values, indices, None, None
     values_t = torch.empty(cols, rows // 2, dtype=dense.dtype, device=dense.device)
     indices_t = torch.empty(cols, -(-rows // 8), dtype=torch.uint8, device=dense.device)
     patterns, bias, bits = _pattern_table(dense.device)
-    grid = (-(-rows // 8), -(-indices.shape[1] // _BLOCK))
+    block = _block()
+    grid = (-(-rows // 8), -(-indices.shape[1] // block))
     prune_tiles[grid](dense, patterns, bias, bits, values, indices, values_t, indices_t, rows, cols,
-                      indices.shape[1], indices_t.shape[1], BLOCK=_BLOCK)
+                      indices.shape[1], indices_t.shape[1], BLOCK=block)
     return values, indices, values_t, indices_t
 
 
