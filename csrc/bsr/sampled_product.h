@@ -3,10 +3,9 @@
 // The reduction runs over the tokens M. Read in place, every token step of a
 // microkernel would land on a new page of dY and X (rows are 4N / 4K bytes
 // apart) and defeat the prefetchers, so tokens are walked in chunks and each
-// chunk is packed once, GotoBLAS style: dYᵀ into row tiles of every block row
-// ([chunk][mr], mr <= MR), X into zero-padded NR-column strips of every block
-// column ([chunk][NR]), double-buffered so packing chunk c+1 and computing chunk c
-// share one parallel region. A tile of a block is then one microkernel call over
+// chunk is packed once, GotoBLAS style: dYᵀ into row tiles of the block rows
+// ([chunk][mr], mr <= MR), X into zero-padded NR-column strips of the block
+// columns ([chunk][NR]). A tile of a block is then one microkernel call over
 // two contiguous streams, accumulating into the output across chunks. Stored
 // blocks all cost the same, so an even split over blocks is balanced whatever
 // the row structure.
@@ -69,27 +68,35 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
   const auto tiles = row_tiles(br);
   std::vector<Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(microkernel_rows<C, false>(tile.second));
-  const int64_t chunk = std::min(kTokenChunk, M), RB = N / br, zero = 0;
-  const int64_t nchunks = M == 0 ? 0 : (M + chunk - 1) / chunk;
-  // Two buffers (chunk c in buffer c % 2), each: block row r's tile (o, mr) at
-  // (r * br + o) * chunk, [chunk][mr]; then block column c's sub-tile s at
-  // dy_size + (c * nsub + s) * chunk * NR, [chunk][NR].
-  const int64_t dy_size = N * chunk, buf_size = dy_size + CB * nsub * NR * chunk;
-  at::Tensor buf = at::empty({std::max<int64_t>(1, 2 * buf_size)}, scalar_type_of<C>());
-
-  // Items [i0, i1) of chunk c's packing: [0, RB) block rows of dY, [RB, RB + CB) block columns of X.
-  // Passes of kRowsPerPass tokens keep the rows being read in L1/L2.
-  auto pack = [&](int64_t c, int64_t i0, int64_t i1) {
-    const int64_t m0 = c * chunk, len = std::min(chunk, M - m0);
-    C* pdy = buf.data_ptr<C>() + (c % 2) * buf_size;
+  const int64_t chunk = std::min(kTokenChunk, M), zero = 0;
+  // One parallel region for the whole call: each thread takes a contiguous range
+  // of stored blocks and packs, chunk by chunk, only the block rows and columns
+  // those blocks touch into its own buffers. Threads never wait for each other
+  // (on a loaded machine every extra region costs a scheduling delay), at the
+  // price of packing a block column twice when both threads' blocks use it.
+  auto run_part = [&](int64_t b0, int64_t b1) {
+    if (b0 >= b1 || M == 0) return;
+    int64_t r_lo = rows[b0], r_hi = rows[b0];
+    std::vector<int64_t> slot(CB, -1), used;  // packed position of each block column used here
+    for (int64_t b = b0; b < b1; ++b) {
+      r_lo = std::min(r_lo, rows[b]), r_hi = std::max(r_hi, rows[b]);
+      if (slot[cols[b]] < 0) slot[cols[b]] = int64_t(used.size()), used.push_back(cols[b]);
+    }
+    // Block row r's tile (o, mr) at ((r - r_lo) * br + o) * chunk, [chunk][mr];
+    // used column u's sub-tile s at dy_size + (u * nsub + s) * chunk * NR, [chunk][NR].
+    const int64_t dy_size = (r_hi - r_lo + 1) * br * chunk;
+    at::Tensor buf = at::empty({dy_size + int64_t(used.size()) * nsub * NR * chunk}, scalar_type_of<C>());
+    C* pdy = buf.data_ptr<C>();
     C* px = pdy + dy_size;
-    for (int64_t t0 = 0; t0 < len; t0 += kRowsPerPass) {
-      const int64_t t1 = std::min(len, t0 + kRowsPerPass);
-      for (int64_t item = i0; item < i1; ++item) {
-        if (item < RB) {
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+      const int64_t len = std::min(chunk, M - m0);
+      // Passes of kRowsPerPass tokens keep the rows being read in L1/L2.
+      for (int64_t t0 = 0; t0 < len; t0 += kRowsPerPass) {
+        const int64_t t1 = std::min(len, t0 + kRowsPerPass);
+        for (int64_t r = r_lo; r <= r_hi; ++r) {
           for (const auto& tile : tiles) {
-            C* dst = pdy + (item * br + tile.first) * chunk;
-            const C* src = dy + m0 * N + item * br + tile.first;
+            C* dst = pdy + ((r - r_lo) * br + tile.first) * chunk;
+            const C* src = dy + m0 * N + r * br + tile.first;
             switch (tile.second) {  // constant widths let the copies vectorise
               case kMR: copy_tile<kMR>(dst, src, N, t0, t1); break;
               case 4: copy_tile<4>(dst, src, N, t0, t1); break;
@@ -99,11 +106,11 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
                 }
             }
           }
-        } else {
-          const int64_t col = item - RB;
+        }
+        for (size_t u = 0; u < used.size(); ++u) {
           for (int64_t s = 0; s < nsub; ++s) {
-            C* dst = px + (col * nsub + s) * chunk * NR;
-            const C* src = x + m0 * K + col * bc + s * NR;
+            C* dst = px + (int64_t(u) * nsub + s) * chunk * NR;
+            const C* src = x + m0 * K + used[u] * bc + s * NR;
             const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
             for (int64_t m = t0; m < t1; ++m) {
               if (ncols == NR) {
@@ -115,48 +122,35 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
           }
         }
       }
-    }
-  };
-  // Stored blocks [b0, b1) accumulate chunk c.
-  auto compute = [&](int64_t c, int64_t b0, int64_t b1) {
-    const int64_t m0 = c * chunk, len = std::min(chunk, M - m0);
-    const bool add = c > 0;
-    const C* pdy = buf.data_ptr<C>() + (c % 2) * buf_size;
-    const C* px = pdy + dy_size;
-    for (int64_t b = b0; b < b1; ++b) {
-      C* ob = acc + b * block;
-      for (int64_t s = 0; s < nsub; ++s) {
-        const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
-        const C* bs = px + (cols[b] * nsub + s) * chunk * NR;
-        for (size_t t = 0; t < tiles.size(); ++t) {
-          const int64_t o = tiles[t].first;
-          const int mr = tiles[t].second;
-          const C* as = pdy + (rows[b] * br + o) * chunk;
-          C* out = ob + o * bc + s * NR;
-          if (ncols == NR) {
-            kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add);
-          } else {
-            alignas(64) C tmp[kMR * NR];
-            kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false);
-            for (int i = 0; i < mr; ++i) {
-              for (int64_t n = 0; n < ncols; ++n) out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];
+      const bool add = m0 > 0;
+      for (int64_t b = b0; b < b1; ++b) {
+        C* ob = acc + b * block;
+        for (int64_t s = 0; s < nsub; ++s) {
+          const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
+          const C* bs = px + (slot[cols[b]] * nsub + s) * chunk * NR;
+          for (size_t t = 0; t < tiles.size(); ++t) {
+            const int64_t o = tiles[t].first;
+            const int mr = tiles[t].second;
+            const C* as = pdy + ((rows[b] - r_lo) * br + o) * chunk;
+            C* out = ob + o * bc + s * NR;
+            if (ncols == NR) {
+              kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add);
+            } else {
+              alignas(64) C tmp[kMR * NR];
+              kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false);
+              for (int i = 0; i < mr; ++i) {
+                for (int64_t n = 0; n < ncols; ++n) out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];
+              }
             }
           }
         }
       }
     }
   };
-  // Region c packs chunk c and computes chunk c - 1: one barrier per chunk, and
-  // the memory-bound packing overlaps the other thread's FMAs.
-  const int64_t parts = threads_for(std::max(nnz * block, N + K) * chunk);
-  for (int64_t c = 0; c <= nchunks; ++c) {
-    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        if (c < nchunks) pack(c, (RB + CB) * p / parts, (RB + CB) * (p + 1) / parts);
-        if (c > 0) compute(c - 1, nnz * p / parts, nnz * (p + 1) / parts);
-      }
-    });
-  }
+  const int64_t parts = std::min(nnz, threads_for(nnz * block * M));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) run_part(nnz * p / parts, nnz * (p + 1) / parts);
+  });
   if (!std::is_same<S, C>::value) {
     parallel_for_work(nnz * block, nnz * block, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) dvalues[i] = S(acc[i]);
