@@ -29,7 +29,6 @@ Data: Debian package ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnis
 The PNG needs matplotlib (``pip install matplotlib``); without it only JSON/markdown are written.
 """
 import argparse
-import gzip
 import json
 import math
 import os
@@ -40,44 +39,25 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import datasets  # noqa: E402  (bench/datasets.py: this script's folder is on sys.path)
 import sparsekern as sk  # noqa: E402
 from sparsekern.methods import (DissipatingGradients, apply_masks, freeze, iterative_magnitude_pruning,  # noqa: E402
                                 k_starts, linear_weights)
 
-FASHION = "/usr/share/datasets/fashion-mnist"
 METHODS = ("dense", "random", "erk", "magnitude", "magnitude-erk", "snip", "grasp", "synflow", "kstarts", "dissipating",
            "kstarts+dissipating", "imp", "freezing")
 IMP_WARMUP_DENSITY = 0.3  # first IMP round prunes 1 -> 0.3, then down the requested densities
 
 
-def load_fashion_mnist(train_samples=None, root=FASHION):
-    """(train_x, train_y, test_x, test_y): images as standardised float32 (N, 784), labels int64.
-
-    Only the first ``train_samples`` training images are converted to float, so the
-    loader's own memory peak stays below the training's (the RSS columns measure that).
-    """
-    def read(name, offset):
-        path = os.path.join(root, name)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} missing: apt-get install -y dataset-fashion-mnist")
-        with gzip.open(path, "rb") as f:
-            return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
-    tx = read("train-images-idx3-ubyte.gz", 16).reshape(-1, 784)[:train_samples]
-    ty = torch.from_numpy(read("train-labels-idx1-ubyte.gz", 8)[:train_samples].astype(np.int64))
-    ex = read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 784)
-    ey = torch.from_numpy(read("t10k-labels-idx1-ubyte.gz", 8).astype(np.int64))
-    mean, std = float(tx.mean()) / 255, float(tx.std()) / 255
-
-    def standardise(images):
-        x = torch.from_numpy(images.astype(np.float32))
-        return x.div_(255).sub_(mean).div_(std)
-    return standardise(tx), ty, standardise(ex), ey
+def load_fashion_mnist(train_samples=None):
+    """(train_x, train_y, test_x, test_y): standardised float32 (N, 784) images, int64 labels."""
+    data = datasets.load_fashion_mnist(train_samples=train_samples)
+    return data.train_x, data.train_y, data.test_x, data.test_y
 
 
 def make_model(seed=0):
