@@ -55,7 +55,10 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
   // Pack B: group i, sub-tile s, member q at ((offsets[i] * nsub) + s * count_i + q) * strip.
   at::Tensor b_buf = at::empty({std::max<int64_t>(1, nnz * nsub * strip)}, scalar_type_of<C>());
   C* bp = b_buf.data_ptr<C>();
-  parallel_for_work(G, nnz * br * bc, [&](int64_t g0, int64_t g1) {
+  // Packing is ~1/M of the product's work: it gets its own parallel region only
+  // when it is large (~2M elements), since each region costs a scheduling delay
+  // on a loaded machine.
+  parallel_for_work(G, nnz * br * bc / 16, [&](int64_t g0, int64_t g1) {
     for (int64_t i = g0; i < g1; ++i) {
       const int64_t first = offsets[i], count = offsets[i + 1] - first;
       for (int64_t q = 0; q < count; ++q) {
