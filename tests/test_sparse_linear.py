@@ -111,6 +111,17 @@ def test_set_block_mask_keeps_surviving_values_and_parameter_identity():
     assert layer.values.grad.shape == layer.values.shape
 
 
+def test_structure_change_while_an_old_graph_is_alive():
+    layer = sk.SparseLinear(32, 32, block_size=16, density=0.5)
+    x = torch.randn(3, 32)
+    loss = layer(x).sum()  # kept alive across the change, as a training loop's variable is
+    loss.backward()
+    layer.set_block_mask(torch.ones_like(layer.block_mask))
+    loss = layer(x).sum()
+    loss.backward()
+    assert layer.values.grad.shape == (4, 16, 16)
+
+
 def test_state_dict_round_trip_adopts_a_different_structure():
     source = sk.SparseLinear(64, 48, block_size=16, density=0.75)
     target = sk.SparseLinear(64, 48, block_size=16, density=0.25)

@@ -188,7 +188,6 @@ def values_to_dense(values, layout):
 def carry_values(values, old_layout, new_layout):
     """Values for ``new_layout``: blocks also in ``old_layout`` copied, the others zero."""
     pos = old_layout.positions_of(new_layout)
-    kept = pos >= 0
+    kept = (pos >= 0).nonzero().squeeze(1)
     new_values = values.new_zeros(new_layout.nnz_blocks, *new_layout.block_size)
-    new_values[kept] = values[pos[kept]]
-    return new_values
+    return new_values.index_copy_(0, kept, values[pos[kept]])

@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..formats.block_sparse import BlockLayout, BlockSparseMatrix
+from ..nn.parameter import replace_data_
 from ..nn.sparse_linear import SparseLinear
 from ..ops.bsr_linear import bsr_linear
 from .density import erk_densities
@@ -104,19 +105,6 @@ def new_state(sources, target):
     return state
 
 
-def refresh_autograd(param):
-    """Drop ``param``'s cached AccumulateGrad after its shape changed through ``.data``.
-
-    Autograd caches one AccumulateGrad node per leaf, holding the leaf's old shape;
-    if any old graph is still alive (e.g. the previous ``loss`` variable), the next
-    backward fails with "invalid gradient ... expected shape compatible with <old>".
-    Assigning ``.data`` of another dtype is what makes torch drop that cache.
-    """
-    data = param.data
-    param.data = data.new_empty(0, dtype=torch.float32 if data.dtype == torch.float64 else torch.float64)
-    param.data = data
-
-
 def restructure(layer, optimizer, block_mask, sources=None, state_sources=None):
     """Give ``layer`` the structure ``block_mask``: values and optimizer state of
     surviving blocks are carried (from ``sources`` if given, else from the layer),
@@ -128,8 +116,7 @@ def restructure(layer, optimizer, block_mask, sources=None, state_sources=None):
     state = new_state(state_sources, target)
     layer.set_block_mask(target.block_mask)  # carries the layer's own surviving blocks
     if values is not None:
-        layer.values.data = values
-    refresh_autograd(layer.values)
+        replace_data_(layer.values, values)
     if state:
         optimizer.state[layer.values] = state
     else:
@@ -420,8 +407,7 @@ class ShadowDriver(DynamicSparsity):
         shadow_values = gather_blocks(sources, new_layout, layer.values.detach())
         shadow_state = new_state(state_sources, new_layout)
         restructure(layer, self.optimizer, forward_mask, sources, state_sources)
-        param.data, param.grad = shadow_values, None
-        refresh_autograd(param)
+        replace_data_(param, shadow_values)
         self.shadow_optimizer.state[param] = shadow_state
         self.shadow[name] = (param, new_layout)
 
@@ -435,8 +421,7 @@ class ShadowDriver(DynamicSparsity):
         for (name, layer) in self.layers:
             mask, values = state["shadow"][name]
             param = self.shadow[name][0]
-            param.data = values.to(param.device, param.dtype).clone()
-            refresh_autograd(param)
+            replace_data_(param, values.to(param.device, param.dtype).clone())
             layout = BlockLayout.from_block_mask(mask.to(param.device), layer.padded_shape, layer.block_size)
             self.shadow[name] = (param, layout)
         self.shadow_optimizer.load_state_dict(state["shadow_optimizer"])

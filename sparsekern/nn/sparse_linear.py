@@ -13,6 +13,7 @@ from torch import nn
 
 from ..formats.block_sparse import BlockLayout, BlockSparseMatrix, _as_block_size, carry_values, values_to_dense
 from ..ops.bsr_linear import bsr_linear
+from .parameter import replace_data_
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -136,8 +137,7 @@ class SparseLinear(nn.Module):
     def _adopt(self, block_mask, values, layout=None):
         self.block_mask = block_mask
         self._layout = layout or BlockLayout.from_block_mask(block_mask, self.padded_shape, self.block_size)
-        self.values.data = values.to(self.values.dtype)
-        self.values.grad = None
+        replace_data_(self.values, values.to(self.values.dtype))
 
     def _zero_padding(self):
         """Zero the parts of edge blocks that lie outside (out_features, in_features)."""
