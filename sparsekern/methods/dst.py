@@ -19,8 +19,7 @@ every block whose values require grad, passed to ``bsr_linear(...,
 grad_probe=probe)``. The backward of the next step then fills ``probe.values.grad``
 with dYᵀX sampled on those blocks; ``values`` itself still gets only its own
 blocks (taken from the probe product, not computed twice). The probe is
-installed by overriding the layer's ``forward`` on the instance and removed
-afterwards.
+installed as the layer's ``grad_probe`` attribute and removed afterwards.
 
 Structure changes go through :func:`restructure`: ``set_block_mask`` keeps the
 ``values`` Parameter's identity, and every optimizer state tensor shaped like
@@ -39,12 +38,10 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..formats.block_sparse import BlockLayout, BlockSparseMatrix
 from ..nn.parameter import replace_data_
 from ..nn.sparse_linear import SparseLinear
-from ..ops.bsr_linear import bsr_linear
 from .density import erk_densities
 from .functional import ggr_update, rigl_update, set_update, snfs_update
 from .schedules import DropSchedule
@@ -133,33 +130,18 @@ def all_reduce_mean(tensor, group=None):
 
 # ---------------------------------------------------------------- probes
 
-def _probed_forward(layer, probe):
-    """SparseLinear.forward with ``grad_probe``: same padding, same output."""
-    def forward(x):
-        if x.shape[-1] != layer.in_features:
-            raise ValueError(f"input has shape {tuple(x.shape)}, expected last dim {layer.in_features}")
-        pad_in = layer.padded_shape[1] - layer.in_features
-        if pad_in:
-            x = F.pad(x, (0, pad_in))
-        if layer.padded_shape[0] == layer.out_features:
-            return bsr_linear(x, layer.sparse_weight(), layer.bias, grad_probe=probe)
-        y = bsr_linear(x, layer.sparse_weight(), grad_probe=probe)[..., :layer.out_features]
-        return y if layer.bias is None else y + layer.bias
-    return forward
-
-
 def install_probe(layer, block_mask):
     """Make ``layer``'s next backward also compute dYᵀX on ``block_mask``; returns the probe."""
     layout = BlockLayout.from_block_mask(block_mask.to(layer.block_mask.device), layer.padded_shape,
                                          layer.block_size)
     probe = BlockSparseMatrix(torch.zeros(layout.nnz_blocks, *layout.block_size, dtype=layer.values.dtype,
                                           device=layout.device, requires_grad=True), layout)
-    layer.forward = _probed_forward(layer, probe)
+    layer.grad_probe = probe
     return probe
 
 
 def remove_probe(layer):
-    layer.__dict__.pop("forward", None)
+    layer.grad_probe = None
 
 
 def probe_grad(probe, name):

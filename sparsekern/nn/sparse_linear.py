@@ -65,6 +65,9 @@ class SparseLinear(nn.Module):
         self._layout = BlockLayout.from_block_mask(self.block_mask, self.padded_shape, self.block_size)
         self.values = nn.Parameter(torch.empty(self._layout.nnz_blocks, br, bc, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        # Optional BlockSparseMatrix over the padded weight whose values receive dYᵀX on its
+        # blocks at the next backward (see bsr_linear): how DST methods get gradient scores.
+        self.grad_probe = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -156,8 +159,8 @@ class SparseLinear(nn.Module):
         if pad_in:
             x = F.pad(x, (0, pad_in))
         if self.padded_shape[0] == self.out_features:
-            return bsr_linear(x, self.sparse_weight(), self.bias)
-        y = bsr_linear(x, self.sparse_weight())[..., :self.out_features]
+            return bsr_linear(x, self.sparse_weight(), self.bias, grad_probe=self.grad_probe)
+        y = bsr_linear(x, self.sparse_weight(), grad_probe=self.grad_probe)[..., :self.out_features]
         return y if self.bias is None else y + self.bias
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
