@@ -27,7 +27,6 @@ Data: ``apt-get install -y dataset-fashion-mnist fortunes``.
 """
 import argparse
 import glob
-import gzip
 import json
 import math
 import os
@@ -36,17 +35,16 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import datasets  # noqa: E402  (bench/datasets.py: this script's folder is on sys.path)
 import sparsekern as sk  # noqa: E402
 from sparsekern.kernels import select_kernel  # noqa: E402
 from sparsekern.methods import DPF, GGR, SET, SNFS, DynamicSparsity, RigL, TopKAST  # noqa: E402
 
-FASHION = "/usr/share/datasets/fashion-mnist"
 FORTUNES = "/usr/share/games/fortunes"
 METHODS = {"static": DynamicSparsity, "set": SET, "rigl": RigL, "snfs": SNFS, "topkast": TopKAST, "ggr": GGR,
            "dpf": DPF}
@@ -54,20 +52,10 @@ METHODS = {"static": DynamicSparsity, "set": SET, "rigl": RigL, "snfs": SNFS, "t
 
 # ------------------------------------------------------------------ data
 
-def load_fashion_mnist(root=FASHION):
+def load_fashion_mnist():
     """(train_x, train_y, test_x, test_y), images standardised float32 (N, 784)."""
-    def read(name, offset):
-        path = os.path.join(root, name)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} missing: apt-get install -y dataset-fashion-mnist")
-        with gzip.open(path, "rb") as f:
-            return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
-    tx = torch.from_numpy(read("train-images-idx3-ubyte.gz", 16).reshape(-1, 784).astype(np.float32) / 255)
-    ex = torch.from_numpy(read("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 784).astype(np.float32) / 255)
-    ty = torch.from_numpy(read("train-labels-idx1-ubyte.gz", 8).astype(np.int64))
-    ey = torch.from_numpy(read("t10k-labels-idx1-ubyte.gz", 8).astype(np.int64))
-    mean, std = tx.mean(), tx.std()
-    return (tx - mean) / std, ty, (ex - mean) / std, ey
+    data = datasets.load_fashion_mnist()
+    return data.train_x, data.train_y, data.test_x, data.test_y
 
 
 def load_fortunes(root=FORTUNES):
