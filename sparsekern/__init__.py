@@ -4,13 +4,11 @@ Importing is cheap: no GPU query, no compiled extension and no triton is loaded
 until a kernel first runs.
 """
 from . import kernels, ops
-from .formats import BlockLayout, BlockSparseMatrix
+from .formats import BlockLayout, BlockSparseMatrix, SemiStructuredMatrix
 from .kernels import BackendUnavailableError, use_backend
-from .nn import LowRankLinear, SparseLinear
-from .formats import SemiStructuredMatrix  # noqa: F401  (2:4)
-from .nn import SemiSparseLinear  # noqa: F401  (2:4)
-from .pruning import prune_2to4  # noqa: F401  (2:4)
-from . import methods  # noqa: E402  (after nn: methods build on it)
+from .nn import LowRankLinear, SemiSparseLinear, SparseLinear
+from .pruning import prune_2to4
+from . import methods  # after nn: methods build on the layers
 from .methods import DLRT, sparsify
 
 __version__ = "0.1.0"
@@ -21,10 +19,13 @@ __all__ = [
     "BlockSparseMatrix",
     "DLRT",
     "LowRankLinear",
+    "SemiSparseLinear",
+    "SemiStructuredMatrix",
     "SparseLinear",
     "kernels",
     "methods",
     "ops",
+    "prune_2to4",
     "sparsify",
     "use_backend",
 ]

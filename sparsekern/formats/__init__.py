@@ -1,4 +1,5 @@
+"""Storage formats: block-CSR, 2:4 compressed."""
 from .block_sparse import BlockLayout, BlockSparseMatrix
-from .semi_structured import SemiStructuredMatrix  # noqa: F401  (2:4)
+from .semi_structured import SemiStructuredMatrix
 
-__all__ = ["BlockLayout", "BlockSparseMatrix"]
+__all__ = ["BlockLayout", "BlockSparseMatrix", "SemiStructuredMatrix"]
