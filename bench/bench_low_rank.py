@@ -20,10 +20,8 @@ median over repeats of dense_ms / lowrank_ms for the pair measured back to back)
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
+from timing import device_name, timed, versions  # noqa: E402  (bench/timing.py)
 
 
 def keep_freed_memory():
@@ -44,34 +43,6 @@ def keep_freed_memory():
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
-
-
-def _versions():
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return dict(torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads())
-
-
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3
 
 
 def _fwd_bwd(layer, x, dy):
@@ -117,8 +88,8 @@ def compare(name, dense_fn, lowrank_fn, repeats, device, row):
     dense_fn(), lowrank_fn()
     dense_ms, lowrank_ms, ratios = [], [], []
     for _ in range(repeats):
-        d = _timed(dense_fn, device)
-        s = _timed(lowrank_fn, device)
+        d = timed(dense_fn, device)
+        s = timed(lowrank_fn, device)
         dense_ms.append(d)
         lowrank_ms.append(s)
         ratios.append(d / s)
@@ -132,8 +103,8 @@ def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases)
     x = torch.randn(tokens, in_features, **factory, requires_grad=True)
     dy = torch.randn(tokens, out_features, **factory)
     dense = nn.Linear(in_features, out_features, **factory)
-    base = dict(device=_device_name(device), dtype=str(dtype).replace("torch.", ""), tokens=tokens,
-                in_features=in_features, out_features=out_features, **_versions())
+    base = dict(device=device_name(device), dtype=str(dtype).replace("torch.", ""), tokens=tokens,
+                in_features=in_features, out_features=out_features, **versions())
     rows = []
     for rank in ranks:
         row = dict(base, rank=rank, params_vs_dense=rank * (in_features + out_features + rank)

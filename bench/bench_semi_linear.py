@@ -22,47 +22,18 @@ dense_ms / sparse_ms for the pair measured back to back):
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
+from timing import device_name, timed, versions  # noqa: E402  (bench/timing.py)
 from sparsekern.kernels import select_kernel  # noqa: E402
 
 CASES = ("fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune")
-
-
-def _versions():
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return dict(torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads())
-
-
-def _device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3
 
 
 def _forward(layer, x):
@@ -90,8 +61,8 @@ def compare(name, dense_fn, sparse_fn, repeats, device, row, as_fraction=False):
     dense_fn(), sparse_fn()
     dense_ms, sparse_ms, ratios = [], [], []
     for _ in range(repeats):
-        d = _timed(dense_fn, device)
-        s = _timed(sparse_fn, device)
+        d = timed(dense_fn, device)
+        s = timed(sparse_fn, device)
         dense_ms.append(d)
         sparse_ms.append(s)
         ratios.append(s / d if as_fraction else d / s)
@@ -107,8 +78,8 @@ def run(shapes, repeats, dtype, device, cases):
         x = torch.randn(tokens, in_features, **factory, requires_grad=True)
         dy = torch.randn(tokens, out_features, **factory)
         dense = nn.Linear(in_features, out_features, **factory)
-        row = dict(device=_device_name(device), dtype=str(dtype).replace("torch.", ""), tokens=tokens,
-                   in_features=in_features, out_features=out_features, sparsity="2:4", **_versions())
+        row = dict(device=device_name(device), dtype=str(dtype).replace("torch.", ""), tokens=tokens,
+                   in_features=in_features, out_features=out_features, sparsity="2:4", **versions())
         layers = {
             "fwd": lambda: sk.SemiSparseLinear.from_dense(dense),
             "fwd+bwd static": lambda: sk.SemiSparseLinear.from_dense(dense),
