@@ -12,16 +12,7 @@ import sparsekern as sk
 from sparsekern.methods import dlrt as dlrt_module
 from sparsekern.nn.low_rank_linear import truncation_rank
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from threads, and on a loaded machine every small
-    parallel op waits for a descheduled thread (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(n_in, n_out, r, seed=0, dtype=torch.float64, bias=False):

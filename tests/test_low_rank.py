@@ -18,16 +18,7 @@ BACKENDS = ("reference", "cpu")
 # (lead dims of x, in, out, rank)
 SHAPES = [((5,), 7, 6, 3), ((3, 4), 33, 17, 5), ((0,), 9, 8, 2), ((11,), 10, 13, 1), ((6,), 12, 9, 9)]
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from threads, and on a loaded machine every small
-    parallel op waits for a descheduled thread (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _operands(lead, k, n, r, dtype, bias=True, seed=0):
