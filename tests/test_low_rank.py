@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import sparsekern as sk
-from helpers import TOLERANCES, relative_error
+from helpers import relative_error
 from sparsekern.nn.low_rank_linear import truncation_rank
 from sparsekern.ops import low_rank_linear
 
