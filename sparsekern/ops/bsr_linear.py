@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..formats.block_sparse import BlockLayout, BlockSparseMatrix
 from ..kernels import forced_backend, select_kernel
+from .checks import check_linear_inputs
 
 # The ops below are torch.library custom ops with fake implementations, so
 # torch.compile traces bsr_linear as single graph nodes (no graph break) and the
@@ -128,22 +129,7 @@ torch.library.register_autograd("sparsekern::bsr_linear", _backward, setup_conte
 def _check_inputs(x, weight, bias, grad_probe):
     if not isinstance(weight, BlockSparseMatrix):
         raise TypeError(f"weight must be a sparsekern.BlockSparseMatrix, got {type(weight).__name__}")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    n, k = weight.shape
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"x has shape {tuple(x.shape)} but weight of shape {(n, k)} needs a last dim of {k}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but weight values have dtype {weight.dtype}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"bsr_linear needs floating tensors, got {x.dtype}")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
-    if bias is not None:
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},) for weight of shape {(n, k)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias is {bias.dtype} on {bias.device}, expected {x.dtype} on {x.device}")
+    check_linear_inputs("bsr_linear", x, weight.shape, weight.dtype, weight.device, bias)
     if grad_probe is not None:
         if not isinstance(grad_probe, BlockSparseMatrix):
             raise TypeError(f"grad_probe must be a BlockSparseMatrix, got {type(grad_probe).__name__}")

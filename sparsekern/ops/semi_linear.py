@@ -16,6 +16,7 @@ import torch
 from ..formats.semi_structured import SemiStructuredMatrix
 from ..kernels import forced_backend, select_kernel
 from ..pruning import check_2to4_shape
+from .checks import check_linear_inputs
 
 
 def _kernel(product, like, backend):
@@ -73,25 +74,6 @@ class _SemiLinearDynamic(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def _check_inputs(x, shape, dtype, device, bias):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    n, k = shape
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"x has shape {tuple(x.shape)} but weight of shape {(n, k)} needs a last dim of {k}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"semi_linear needs floating tensors, got {x.dtype}")
-    if x.dtype != dtype:
-        raise TypeError(f"x has dtype {x.dtype} but the weight has dtype {dtype}")
-    if x.device != device:
-        raise ValueError(f"x is on {x.device} but the weight is on {device}")
-    if bias is not None:
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},) for weight of shape {(n, k)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias is {bias.dtype} on {bias.device}, expected {x.dtype} on {x.device}")
-
-
 def semi_linear(x, weight, bias=None):
     """Y = x @ weight.to_dense().T + bias with ``weight`` a :class:`SemiStructuredMatrix`.
 
@@ -103,7 +85,7 @@ def semi_linear(x, weight, bias=None):
     """
     if not isinstance(weight, SemiStructuredMatrix):
         raise TypeError(f"weight must be a sparsekern.SemiStructuredMatrix, got {type(weight).__name__}")
-    _check_inputs(x, weight.shape, weight.dtype, weight.device, bias)
+    check_linear_inputs("semi_linear", x, weight.shape, weight.dtype, weight.device, bias)
     n, k = weight.shape
     lead = x.shape[:-1]
     transpose_map = None if weight.indices_t is None else weight.transpose_map()
@@ -122,7 +104,7 @@ def semi_linear_dynamic(x, weight, bias=None, *, transposable=True):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
     check_2to4_shape(weight.shape, transposable)
-    _check_inputs(x, tuple(weight.shape), weight.dtype, weight.device, bias)
+    check_linear_inputs("semi_linear_dynamic", x, tuple(weight.shape), weight.dtype, weight.device, bias)
     n, k = weight.shape
     lead = x.shape[:-1]
     y = _SemiLinearDynamic.apply(x.reshape(-1, k).contiguous(), weight.contiguous(), bias, bool(transposable),

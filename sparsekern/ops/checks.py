@@ -1,0 +1,22 @@
+"""Input checks shared by the linear ops: one wording for the same mistakes."""
+import torch
+
+
+def check_linear_inputs(op, x, weight_shape, weight_dtype, weight_device, bias):
+    """x (..., in) against a weight of ``weight_shape`` (out, in) and an optional bias (out,)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    n, k = weight_shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x has shape {tuple(x.shape)} but weight of shape {(n, k)} needs a last dim of {k}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{op} needs floating tensors, got {x.dtype}")
+    if x.dtype != weight_dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the weight has dtype {weight_dtype}")
+    if x.device != weight_device:
+        raise ValueError(f"x is on {x.device} but the weight is on {weight_device}")
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},) for weight of shape {(n, k)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias is {bias.dtype} on {bias.device}, expected {x.dtype} on {x.device}")
