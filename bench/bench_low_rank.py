@@ -18,7 +18,6 @@ median over repeats of dense_ms / lowrank_ms for the pair measured back to back)
   with tol=0 and rmax=r so the rank stays r and every step does the full work.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
-from timing import device_name, timed, versions  # noqa: E402  (bench/timing.py)
+from timing import device_name, emit_rows, timed, versions  # noqa: E402  (bench/timing.py)
 
 
 def keep_freed_memory():
@@ -149,12 +148,7 @@ def main(argv=None):
     print(f"{'case':<16} {'rank':>5} {'dense ms':>10} {'lowrank ms':>11} {'ratio':>7}")
     for r in rows:
         print(f"{r['case']:<16} {r['rank']:>5} {r['dense_ms']:>10.1f} {r['lowrank_ms']:>11.1f} {r['ratio']:>6.2f}x")
-    for r in rows:
-        print(json.dumps(r))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit_rows(rows, args.json)
 
 
 # pytest-benchmark microbenchmarks (small shapes; `pytest bench/bench_low_rank.py --benchmark-only`).

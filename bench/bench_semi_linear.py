@@ -20,7 +20,6 @@ dense_ms / sparse_ms for the pair measured back to back):
   ``ratio`` is prune_ms / dense forward ms (the fraction of a matmul it costs).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
-from timing import device_name, timed, versions  # noqa: E402  (bench/timing.py)
+from timing import device_name, emit_rows, timed, versions  # noqa: E402  (bench/timing.py)
 from sparsekern.kernels import select_kernel  # noqa: E402
 
 CASES = ("fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune")
@@ -120,12 +119,7 @@ def main(argv=None):
         shape = f"{r['tokens']},{r['in_features']},{r['out_features']}"
         ratio = f"{r['ratio']:.3f} of fwd" if r["case"] == "prune" else f"{r['ratio']:.2f}x"
         print(f"{r['case']:<24} {shape:>22} {r['dense_ms']:>10.1f} {r['sparse_ms']:>9.1f} {ratio:>7}")
-    for r in rows:
-        print(json.dumps(r))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit_rows(rows, args.json)
 
 
 # pytest-benchmark microbenchmarks (small shapes; `pytest bench/bench_semi_linear.py --benchmark-only`).

@@ -1,4 +1,6 @@
-"""Shared helpers of the layer benchmarks: environment fields of the JSON rows, and one timed call."""
+"""Shared helpers of the layer benchmarks: environment fields of the JSON rows, one timed call,
+and printing/writing the rows."""
+import json
 import os
 import platform
 import time
@@ -33,3 +35,13 @@ def timed(fn, device):
     fn()
     _sync(device)
     return (time.perf_counter() - start) * 1e3
+
+
+def emit_rows(rows, path):
+    """Print the rows as JSON lines and, if ``path`` is given, also write them there as a JSON list."""
+    for r in rows:
+        print(json.dumps(r))
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
