@@ -19,7 +19,6 @@ median over repeats of dense_ms / lowrank_ms for the pair measured back to back)
 """
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
-from timing import device_name, emit_rows, timed, versions  # noqa: E402  (bench/timing.py)
+from timing import compare, device_name, emit_rows, versions  # noqa: E402  (bench/timing.py)
 
 
 def keep_freed_memory():
@@ -82,20 +81,6 @@ def _dlrt_step(layer, x, dy, lr, rank):
     return run
 
 
-def compare(name, dense_fn, lowrank_fn, repeats, device, row):
-    """Alternate dense and low-rank runs (after one warm-up each); median times and ratio."""
-    dense_fn(), lowrank_fn()
-    dense_ms, lowrank_ms, ratios = [], [], []
-    for _ in range(repeats):
-        d = timed(dense_fn, device)
-        s = timed(lowrank_fn, device)
-        dense_ms.append(d)
-        lowrank_ms.append(s)
-        ratios.append(d / s)
-    return dict(row, case=name, dense_ms=statistics.median(dense_ms), lowrank_ms=statistics.median(lowrank_ms),
-                ratio=statistics.median(ratios), repeats=repeats)
-
-
 def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases):
     torch.manual_seed(0)
     factory = dict(device=device, dtype=dtype)
@@ -110,14 +95,15 @@ def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases)
                    / (in_features * out_features))
         layer = sk.LowRankLinear(in_features, out_features, rank, **factory)
         if "fwd+bwd" in cases:
-            rows.append(compare("fwd+bwd", _fwd_bwd(dense, x, dy), _fwd_bwd(layer, x, dy), repeats, device, row))
+            rows.append(compare("fwd+bwd", _fwd_bwd(dense, x, dy), _fwd_bwd(layer, x, dy), repeats, device, row,
+                                sparse_key="lowrank_ms"))
         if "unfused" in cases:
             rows.append(compare("fwd+bwd unfused", _fwd_bwd(dense, x, dy), _unfused(layer, x, dy),
-                                repeats, device, row))
+                                repeats, device, row, sparse_key="lowrank_ms"))
         if "step" in cases:
             # Tiny lr: the factors stay well-scaled however many steps are timed.
             rows.append(compare("step", _dense_step(dense, x, dy, 1e-6), _dlrt_step(layer, x, dy, 1e-6, rank),
-                                repeats, device, row))
+                                repeats, device, row, sparse_key="lowrank_ms"))
         layer.kl_grads = False
     return rows
 

@@ -21,7 +21,6 @@ dense_ms / sparse_ms for the pair measured back to back):
 """
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -29,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
-from timing import device_name, emit_rows, timed, versions  # noqa: E402  (bench/timing.py)
+from timing import compare, device_name, emit_rows, versions  # noqa: E402  (bench/timing.py)
 from sparsekern.kernels import select_kernel  # noqa: E402
 
 CASES = ("fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune")
@@ -53,20 +52,6 @@ def _fwd_bwd(layer, x, dy):
 def _prune(weight):
     _, fn = select_kernel("semi_prune_compress", weight.device, weight.dtype)
     return lambda: fn(weight, True)
-
-
-def compare(name, dense_fn, sparse_fn, repeats, device, row, as_fraction=False):
-    """Alternate dense and sparse runs (after one warm-up each); median times and ratio."""
-    dense_fn(), sparse_fn()
-    dense_ms, sparse_ms, ratios = [], [], []
-    for _ in range(repeats):
-        d = timed(dense_fn, device)
-        s = timed(sparse_fn, device)
-        dense_ms.append(d)
-        sparse_ms.append(s)
-        ratios.append(s / d if as_fraction else d / s)
-    return dict(row, case=name, dense_ms=statistics.median(dense_ms), sparse_ms=statistics.median(sparse_ms),
-                ratio=statistics.median(ratios), repeats=repeats)
 
 
 def run(shapes, repeats, dtype, device, cases):

@@ -3,6 +3,7 @@ and printing/writing the rows."""
 import json
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -35,6 +36,21 @@ def timed(fn, device):
     fn()
     _sync(device)
     return (time.perf_counter() - start) * 1e3
+
+
+def compare(name, dense_fn, sparse_fn, repeats, device, row, *, sparse_key="sparse_ms", as_fraction=False):
+    """Alternate dense and sparse runs (after one warm-up each): a row with median times and the
+    median of the per-pair ratios (dense / sparse, or sparse / dense with ``as_fraction``)."""
+    dense_fn(), sparse_fn()
+    dense_ms, sparse_ms, ratios = [], [], []
+    for _ in range(repeats):
+        d = timed(dense_fn, device)
+        s = timed(sparse_fn, device)
+        dense_ms.append(d)
+        sparse_ms.append(s)
+        ratios.append(s / d if as_fraction else d / s)
+    return dict(row, case=name, dense_ms=statistics.median(dense_ms), **{sparse_key: statistics.median(sparse_ms)},
+                ratio=statistics.median(ratios), repeats=repeats)
 
 
 def emit_rows(rows, path):
