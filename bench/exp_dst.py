@@ -84,17 +84,17 @@ def hidden(sparse, n_in, n_out, block):
     return sk.SparseLinear(n_in, n_out, block_size=block) if sparse else nn.Linear(n_in, n_out)
 
 
-def fashion_model(sparse, args):
-    torch.manual_seed(0)
+def fashion_model(sparse, args, seed=0):
+    torch.manual_seed(seed)
     h = args.hidden
     return nn.Sequential(hidden(sparse, 784, h, args.block_size), nn.ReLU(),
                          hidden(sparse, h, h, args.block_size), nn.ReLU(), nn.Linear(h, 10))
 
 
 class CharMLP(nn.Module):
-    def __init__(self, sparse, vocab, args):
+    def __init__(self, sparse, vocab, args, seed=0):
         super().__init__()
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         self.embed = nn.Embedding(vocab, args.embed)
         self.body = nn.Sequential(hidden(sparse, args.context * args.embed, args.text_hidden, args.block_size),
                                   nn.ReLU(), hidden(sparse, args.text_hidden, args.text_hidden, args.block_size),
@@ -139,17 +139,17 @@ def evaluate(task, model, x, y):
     return total / n
 
 
-def run(task, method, density, data, args):
+def run(task, method, density, data, args, seed=0):
     train_x, train_y, test_x, test_y, make = data
     sparse = method != "dense"
-    model = make(sparse)
+    model = make(sparse, seed)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     steps = args.epochs * (len(train_x) // args.batch)
     delta, t_end = args.delta, int(0.75 * steps)
     driver = None
     if sparse:
         driver = METHODS[method](model, opt, density=density, delta=delta, alpha=args.alpha,
-                                 t_end=0 if method == "static" else t_end)
+                                 t_end=0 if method == "static" else t_end, seed=seed)
         if args.sparse_init:
             # Keep the activation scale of the dense init: fan-in shrank to density * in_features.
             with torch.no_grad():
@@ -157,7 +157,7 @@ def run(task, method, density, data, args):
                     layer.values.mul_(layer.density ** -0.5)
                     if hasattr(driver, "shadow"):  # Top-KAST's exploration blocks: same scale
                         driver.shadow[name][0].mul_(layer.density ** -0.5)
-    order = torch.cat([torch.randperm(len(train_x), generator=torch.Generator().manual_seed(e))
+    order = torch.cat([torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1000 * seed + e))
                        for e in range(args.epochs)])
     times, updates = [], []
     for step in range(steps):
@@ -177,7 +177,8 @@ def run(task, method, density, data, args):
     extra = [max(times[i] - median, 0.0) / median for i in updates]
     cost_steps = statistics.mean(extra) if extra else 0.0
     quality = evaluate(task, model, test_x, test_y)
-    return {"task": task, "method": method, "density": density if sparse else 1.0,
+    return {"task": task, "method": method, "density": density if sparse else 1.0, "seed": seed,
+            "epochs": args.epochs, "delta": delta, "train_samples": len(train_x),
             "stored_density": round(stored_density(model), 4), "block_size": args.block_size if sparse else None,
             "quality": round(quality, 4), "metric": "test_acc" if task == "fashion" else "val_bits_per_char",
             "train_s": round(sum(times), 3), "step_ms": round(1000 * median, 3), "steps": steps,
@@ -204,12 +205,13 @@ def environment():
 def task_data(task, args):
     if task == "fashion":
         tx, ty, ex, ey = load_fashion_mnist()
-        return tx[:args.train_samples], ty[:args.train_samples], ex, ey, lambda sparse: fashion_model(sparse, args)
+        return (tx[:args.train_samples], ty[:args.train_samples], ex, ey,
+                lambda sparse, seed: fashion_model(sparse, args, seed))
     tx, ty, vx, vy, vocab = text_windows(load_fortunes(), args.context)
     g = torch.Generator().manual_seed(0)
     train = torch.randperm(len(tx), generator=g)[:args.text_samples]
     val = torch.randperm(len(vx), generator=g)[:args.val_samples]
-    return tx[train], ty[train], vx[val], vy[val], lambda sparse: CharMLP(sparse, vocab, args)
+    return tx[train], ty[train], vx[val], vy[val], lambda sparse, seed: CharMLP(sparse, vocab, args, seed)
 
 
 def markdown(rows):
@@ -227,18 +229,32 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def mean_quality(rows):
+    """{(task, method, density): (mean, sample sd or None, n)} over seeds."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"], r["density"]), []).append(r["quality"])
+    return {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None, len(v)) for k, v in groups.items()}
+
+
+def _cell(stat):
+    mean, sd, n = stat
+    return f"{mean:.4f}" if sd is None else f"{mean:.4f} ± {sd:.4f} ({n})"
+
+
 def quality_pivot(rows):
-    """Quality per method (rows) and density (columns), one table per task."""
-    out = []
+    """Quality per method (rows) and density (columns), one table per task; with several
+    seeds, mean ± sample standard deviation (number of seeds)."""
+    out, stats = [], mean_quality(rows)
     for task in dict.fromkeys(r["task"] for r in rows):
         sub = [r for r in rows if r["task"] == task]
         dens = sorted({r["density"] for r in sub if r["method"] != "dense"}, reverse=True)
         out += [f"{task} ({sub[0]['metric']})", "",
                 "| method | " + " | ".join(f"density {d}" for d in dens) + " |", "|---|" + "---|" * len(dens)]
         for method in dict.fromkeys(r["method"] for r in sub):
-            q = {r["density"]: r["quality"] for r in sub if r["method"] == method}
-            cells = [f"{q[1.0]:.4f}"] * len(dens) if method == "dense" else [
-                f"{q[d]:.4f}" if d in q else "-" for d in dens]
+            q = {d: stat for (t, m, d), stat in stats.items() if t == task and m == method}
+            cells = [_cell(q[1.0])] * len(dens) if method == "dense" else [
+                _cell(q[d]) if d in q else "-" for d in dens]
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -285,7 +301,10 @@ def speed(args, env):
 
 
 def svg_plot(rows, path):
-    """Quality vs density, one line per method, one panel per task (plain SVG, no matplotlib)."""
+    """Quality (mean over seeds) vs density, one line per method, one panel per task (plain SVG)."""
+    rows = [{"task": t, "method": m, "density": d, "quality": q, "metric": metric[t]}
+            for metric in [{r["task"]: r["metric"] for r in rows}]
+            for (t, m, d), (q, _, _) in mean_quality(rows).items()]
     colors = ["#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
     tasks = sorted({r["task"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -335,6 +354,8 @@ def main(argv=None):
     p.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.05, 0.02])
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="seed of the initial weights, masks, driver choices and data order (one run per seed)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--delta", type=int, default=20, help="steps between mask updates (short runs: < 100)")
@@ -379,9 +400,9 @@ def main(argv=None):
     rows = []
     for task in (["fashion", "text"] if args.task == "both" else [args.task]):
         data = task_data(task, args)
-        for method in args.methods:
+        for seed, method in ((s, m) for s in args.seeds for m in args.methods):
             for density in ([1.0] if method == "dense" else args.densities):
-                row = {**run(task, method, density, data, args), **env}
+                row = {**run(task, method, density, data, args, seed), **env}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.json:

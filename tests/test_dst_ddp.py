@@ -16,6 +16,12 @@ import sparsekern as sk
 from sparsekern.methods import DPF, GGR, SET, SNFS, RigL, TopKAST
 
 DRIVERS = {"SET": SET, "RigL": RigL, "SNFS": SNFS, "GGR": GGR, "TopKAST": TopKAST, "DPF": DPF}
+SEMI_DRIVERS = {"SET-2:4": SET, "RigL-2:4": RigL}  # a SemiSparseLinear layer besides a SparseLinear one
+
+
+def _model(name):
+    first = sk.SemiSparseLinear(12, 16) if name in SEMI_DRIVERS else sk.SparseLinear(12, 16, block_size=4)
+    return torch.nn.Sequential(first, torch.nn.ReLU(), sk.SparseLinear(16, 5, block_size=4))
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -23,10 +29,9 @@ def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
-        for name, cls in DRIVERS.items():
+        for name, cls in {**DRIVERS, **SEMI_DRIVERS}.items():
             torch.manual_seed(0)
-            model = torch.nn.Sequential(sk.SparseLinear(12, 16, block_size=4), torch.nn.ReLU(),
-                                        sk.SparseLinear(16, 5, block_size=4))
+            model = _model(name)
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             dst = cls(model, opt, density=0.4, delta=2, t_end=8, seed=123)
             ddp = DDP(model)
@@ -40,8 +45,9 @@ def _worker(rank, world, init_file, out_dir):
                 if dst.step():
                     ddp = DDP(model)
                     rebuilds += 1
-            results[name] = {"masks": [layer.block_mask.clone() for _, layer in dst.layers],
-                             "values": [layer.values.detach().clone() for _, layer in dst.layers],
+            results[name] = {"masks": [layer.block_mask.clone() for _, layer in dst.layers] +
+                                      [layer.mask for _, layer in dst.semi_layers],
+                             "values": [layer.values.detach().clone() for _, layer in dst.layers + dst.semi_layers],
                              "rebuilds": rebuilds}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -51,7 +57,7 @@ def _worker(rank, world, init_file, out_dir):
 def test_two_gloo_ranks_take_identical_decisions(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for name in DRIVERS:
+    for name in {**DRIVERS, **SEMI_DRIVERS}:
         assert r0[name]["rebuilds"] == 3, name  # updates at steps 2, 4, 6
         for a, b in zip(r0[name]["masks"], r1[name]["masks"]):
             assert torch.equal(a, b), name

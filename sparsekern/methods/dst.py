@@ -12,6 +12,10 @@ Usage (the same for every driver)::
 Granularity is the layer's: a block of (br, bc) is the unit that is dropped or
 grown (block size 1 gives element granularity: correct, not fast). Block
 scores are RMS values over the block (so blocks of different sizes compare).
+Static :class:`sparsekern.SemiSparseLinear` layers are handled at 2:4
+granularity (drop and regrow inside each group of four, or 4x4 tile if
+transposable: :func:`~sparsekern.methods.functional.semi_drop_and_grow`; the
+probe and the structure change are in :mod:`sparsekern.methods.dst_semi`).
 
 Scores without a dense weight update: on the step *before* an update step
 the driver installs a *probe* on each layer: a zero BlockSparseMatrix covering
@@ -41,9 +45,11 @@ import torch.distributed as dist
 
 from ..formats.block_sparse import BlockLayout, BlockSparseMatrix
 from ..nn.parameter import replace_data_
+from ..nn.semi_sparse_linear import SemiSparseLinear
 from ..nn.sparse_linear import SparseLinear
 from .density import erk_densities
-from .functional import ggr_update, rigl_update, set_update, snfs_update
+from .dst_semi import SemiProbe, restructure_semi
+from .functional import ggr_update, rigl_update, semi_rigl_update, semi_set_update, set_update, snfs_update
 from .schedules import DropSchedule
 
 
@@ -157,10 +163,12 @@ class DynamicSparsity:
     """Base driver: finds the SparseLinear layers, owns the schedule and the generator.
 
     Args:
-        model: module holding SparseLinear layers (not a DDP wrapper: pass ``ddp.module``).
+        model: module holding SparseLinear and/or static SemiSparseLinear layers (not a
+            DDP wrapper: pass ``ddp.module``).
         optimizer: the optimizer stepping the model's parameters.
-        density: global weight density; layers get ERK densities (rounded to whole
-            blocks) and fresh random masks and weights. None keeps the current masks.
+        density: global weight density of the SparseLinear layers; they get ERK densities
+            (rounded to whole blocks) and fresh random masks and weights. None keeps the
+            current masks. SemiSparseLinear layers keep their 2:4 mask (density 1/2) either way.
         delta, alpha, t_end: update every ``delta`` steps while step < ``t_end``,
             dropping ``alpha`` (cosine-annealed, or constant with ``schedule="constant"``).
         seed: seeds the masks and all random choices (identical on every rank).
@@ -172,15 +180,20 @@ class DynamicSparsity:
                  seed=0, process_group=None):
         self.model, self.optimizer = model, optimizer
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
-        if not self.layers:
-            raise ValueError(f"{type(model).__name__} holds no sparsekern.SparseLinear layer")
+        self.semi_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SemiSparseLinear)]
+        for name, layer in self.semi_layers:
+            if layer.mode != "static":
+                raise ValueError(f"SemiSparseLinear {name!r} has mode={layer.mode!r}: it re-prunes every step; "
+                                 "dynamic sparse training needs mode='static'")
+        if not self.layers and not self.semi_layers:
+            raise ValueError(f"{type(model).__name__} holds no sparsekern.SparseLinear or SemiSparseLinear layer")
         self.schedule = DropSchedule(delta=delta, alpha=alpha, t_end=t_end, kind=schedule)
         self.generator = torch.Generator().manual_seed(seed)
         self.group = process_group
         self.t = 0
         self.update_seconds = []
-        self._probes = {}
-        if density is not None:
+        self._probes, self._semi_probes = {}, {}
+        if density is not None and self.layers:
             self._init_masks(density)
         self._setup()
         self._arm()
@@ -226,10 +239,13 @@ class DynamicSparsity:
         """Install dense probes iff the next step is an update step that needs scores."""
         for _, layer in self.layers:
             remove_probe(layer)
-        self._probes = {}
+        for probe in self._semi_probes.values():
+            probe.remove()
+        self._probes, self._semi_probes = {}, {}
         if self.needs_scores and self.schedule.is_update_step(self.t + 1):
             for name, layer in self.layers:
                 self._probes[name] = install_probe(layer, torch.ones_like(layer.block_mask))
+            self._semi_probes = {name: SemiProbe(layer) for name, layer in self.semi_layers}
 
     # -- scores --------------------------------------------------------------
     def _weight_scores(self, layer):
@@ -237,6 +253,8 @@ class DynamicSparsity:
 
     def _grad_scores(self):
         """Dense block-RMS gradient scores on each layer's grid, averaged over ranks."""
+        if not self.layers:
+            return []
         scores = [block_rms(probe_grad(self._probes[n], n)) for n, _ in self.layers]
         flat = all_reduce_mean(torch.cat(scores), self.group)
         out, start = [], 0
@@ -245,6 +263,27 @@ class DynamicSparsity:
             out.append(on_grid(probe.layout, flat[start:start + s.numel()]))
             start += s.numel()
         return out
+
+    def _semi_grad_scores(self):
+        """Dense gradients (rows, cols) of the SemiSparseLinear layers, averaged over ranks."""
+        if not self.semi_layers:
+            return []
+        grads = [self._semi_probes[n].dense_grad(n) for n, _ in self.semi_layers]
+        flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]), self.group)
+        return list(flat.split([g.numel() for g in grads]))
+
+    def _update_semi(self, drop_fraction, random_growth=False):
+        """2:4 layers: drop the smallest |w|, regrow inside their groups (by gradient, or at random)."""
+        grads = [None] * len(self.semi_layers) if random_growth else self._semi_grad_scores()
+        for (_, layer), grad in zip(self.semi_layers, grads):
+            weight = layer.dense_weight().detach()
+            if random_growth:
+                mask, _ = semi_set_update(weight, layer.mask, drop_fraction, generator=self.generator,
+                                          transposable=layer.transposable)
+            else:
+                mask, _ = semi_rigl_update(weight, layer.mask, grad.view_as(weight), drop_fraction,
+                                           transposable=layer.transposable)
+            restructure_semi(layer, self.optimizer, mask)
 
     # -- checkpoints ---------------------------------------------------------
     def state_dict(self):
@@ -258,7 +297,7 @@ class DynamicSparsity:
         self._arm()
 
     def densities(self):
-        return {n: layer.density for n, layer in self.layers}
+        return {**{n: layer.density for n, layer in self.layers}, **{n: 0.5 for n, _ in self.semi_layers}}
 
 
 class SET(DynamicSparsity):
@@ -269,6 +308,7 @@ class SET(DynamicSparsity):
             mask, _ = set_update(self._weight_scores(layer), layer.block_mask, drop_fraction,
                                  generator=self.generator)
             restructure(layer, self.optimizer, mask)
+        self._update_semi(drop_fraction, random_growth=True)
 
 
 class RigL(DynamicSparsity):
@@ -279,6 +319,7 @@ class RigL(DynamicSparsity):
         for (_, layer), grad in zip(self.layers, self._grad_scores()):
             mask, _ = rigl_update(self._weight_scores(layer), layer.block_mask, grad, drop_fraction)
             restructure(layer, self.optimizer, mask)
+        self._update_semi(drop_fraction)
 
 
 class SNFS(DynamicSparsity):
@@ -302,6 +343,7 @@ class SNFS(DynamicSparsity):
                               grow_scores=grads)
         for (_, layer), (mask, _) in zip(self.layers, results):
             restructure(layer, self.optimizer, mask)
+        self._update_semi(drop_fraction)  # 2:4 fixes each layer's density: nothing to redistribute
 
 
 class GGR(DynamicSparsity):
@@ -310,10 +352,12 @@ class GGR(DynamicSparsity):
     needs_scores = True
 
     def _update(self, drop_fraction):
-        results = ggr_update([self._weight_scores(l) for _, l in self.layers],
-                             [l.block_mask for _, l in self.layers], self._grad_scores(), drop_fraction)
-        for (_, layer), (mask, _) in zip(self.layers, results):
-            restructure(layer, self.optimizer, mask)
+        if self.layers:
+            results = ggr_update([self._weight_scores(l) for _, l in self.layers],
+                                 [l.block_mask for _, l in self.layers], self._grad_scores(), drop_fraction)
+            for (_, layer), (mask, _) in zip(self.layers, results):
+                restructure(layer, self.optimizer, mask)
+        self._update_semi(drop_fraction)  # 2:4 fixes each layer's density: nothing to redistribute
 
 
 class ShadowDriver(DynamicSparsity):
@@ -328,6 +372,9 @@ class ShadowDriver(DynamicSparsity):
     """
 
     def _setup(self):
+        if self.semi_layers:
+            raise ValueError(f"{type(self).__name__} is not implemented at 2:4 granularity (SemiSparseLinear "
+                             f"{self.semi_layers[0][0]!r}); use SET, RigL, SNFS or GGR")
         self.shadow = {}
         for name, layer in self.layers:
             mask = self._initial_shadow_mask(layer)

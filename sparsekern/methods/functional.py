@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from ..pruning import check_2to4_shape, transposable_patterns
+
 
 def _check_pair(weight, mask):
     if not isinstance(weight, torch.Tensor) or not isinstance(mask, torch.Tensor):
@@ -239,3 +241,106 @@ def topkast_penalty_grad(weight, forward_mask, forward_density, scale):
 def dpf_mask(dense_weight, density):
     """DPF (Lin et al. 2020): the mask is the top-``density`` |w| of the dense weight."""
     return topk_mask(dense_weight.abs(), int(round(density * dense_weight.numel())))
+
+
+# ---------------------------------------------------------------- 2:4 granularity
+
+# The six ways to keep two of four, in order of their kept positions: (0,1), (0,2), ... (2,3).
+_ROW_PATTERNS = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]],
+                             dtype=torch.bool)
+_GROUPS_PER_CHUNK = 16384
+
+
+def _to_groups(t, transposable):
+    """(rows, cols) -> (groups, 4) row groups of four, or (tiles, 16) 4x4 tiles (row-major inside)."""
+    rows, cols = t.shape
+    if not transposable:
+        return t.reshape(rows * cols // 4, 4)
+    return t.reshape(rows // 4, 4, cols // 4, 4).transpose(1, 2).reshape(-1, 16)
+
+
+def _from_groups(g, shape, transposable):
+    rows, cols = shape
+    if not transposable:
+        return g.reshape(rows, cols)
+    return g.reshape(rows // 4, cols // 4, 4, 4).transpose(1, 2).reshape(rows, cols)
+
+
+def _check_semi_mask(mask, transposable):
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    check_2to4_shape(mask.shape, transposable)
+    groups = _to_groups(mask, transposable)
+    ok = (groups.view(-1, 4, 4).sum(1) == 2).all() & (groups.view(-1, 4, 4).sum(2) == 2).all() if transposable \
+        else (groups.sum(1) == 2).all()
+    if not bool(ok):
+        what = "transposable 2:4 (2 per row and column of every 4x4 tile)" if transposable else "2:4 (2 of every 4)"
+        raise ValueError(f"mask of shape {tuple(mask.shape)} is not exactly {what}")
+
+
+def semi_drop_and_grow(mask, drop_score, grow_score, n_drop, *, transposable=False):
+    """Drop and grow inside a 2:4 structure: the result is 2:4 again (transposable if asked).
+
+    Drop: the ``n_drop`` kept entries of smallest ``drop_score`` over the whole
+    tensor leave (ties: lower flat index first), exactly as :func:`drop_and_grow`.
+    Grow: every group (a row group of four, or a 4x4 tile if ``transposable``)
+    then takes, among the 2:4 patterns (6 per group; 90 transposable per tile)
+    that contain its surviving entries, the one of largest total ``grow_score``
+    over its new entries; ties go to the first pattern in a fixed order
+    (:data:`_ROW_PATTERNS`, :func:`sparsekern.pruning.transposable_patterns`).
+    Each group so regrows exactly as many entries as it lost, so nnz and the
+    pattern are preserved; just-dropped entries are eligible (the old pattern
+    is always a candidate). In a row group this is: regrow the top-d
+    ``grow_score`` among its 2 + d non-kept positions.
+
+    mask: bool (rows, cols), exactly two True in every group of four along rows
+    (and in every column of a 4x4 tile if transposable); scores alike. Returns
+    the new bool mask.
+    """
+    _check_semi_mask(mask, transposable)
+    for name, score in (("drop_score", drop_score), ("grow_score", grow_score)):
+        if not isinstance(score, torch.Tensor) or score.shape != mask.shape:
+            raise ValueError(f"{name} must be a tensor of the mask's shape {tuple(mask.shape)}, got "
+                             f"{tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__}")
+    flat = mask.reshape(-1)
+    if not 0 <= n_drop <= int(flat.sum()):
+        raise ValueError(f"cannot drop {n_drop} of {int(flat.sum())} active entries")
+    kept = flat.clone()
+    kept[_smallest(drop_score.reshape(-1), flat, n_drop)] = False
+    kept = kept.view(mask.shape)
+    patterns = (transposable_patterns(mask.device) if transposable else _ROW_PATTERNS.to(mask.device))
+    members = patterns.T.double()                                  # (group size, patterns)
+    kept_groups = _to_groups(kept, transposable)
+    gain_groups = _to_groups(torch.where(kept, torch.zeros_like(grow_score, dtype=torch.float64),
+                                         grow_score.double()), transposable)
+    best = []
+    for k, g in zip(kept_groups.split(_GROUPS_PER_CHUNK), gain_groups.split(_GROUPS_PER_CHUNK)):
+        k = k.double()
+        contains = (k @ members) == k.sum(1, keepdim=True)          # pattern keeps every survivor
+        gain = torch.where(contains, g @ members, torch.full_like(contains, -math.inf, dtype=torch.float64))
+        best.append(gain.argmax(1))                                 # first maximal pattern on ties
+    chosen = patterns[torch.cat(best)] if best else kept_groups
+    return _from_groups(chosen, mask.shape, transposable)
+
+
+def semi_rigl_update(weight, mask, grad, drop_fraction, *, transposable=False):
+    """RigL at 2:4 granularity: drop ``floor(active * drop_fraction)`` smallest |w| over
+    the tensor, regrow inside each group by |grad| (:func:`semi_drop_and_grow`).
+    Returns ``(new_mask, new_weight)`` with the conventions of :func:`rigl_update`."""
+    _check_pair(weight, mask)
+    if not isinstance(grad, torch.Tensor) or grad.shape != weight.shape:
+        raise ValueError(f"grad must be a tensor of the weight's shape {tuple(weight.shape)}, got "
+                         f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
+    n = n_to_drop(int(mask.sum()), _check_fraction(drop_fraction))
+    new_mask = semi_drop_and_grow(mask, weight.abs(), grad.abs(), n, transposable=transposable)
+    return new_mask, _new_weight(weight, mask, new_mask)
+
+
+def semi_set_update(weight, mask, drop_fraction, generator=None, *, transposable=False):
+    """SET at 2:4 granularity: drop as :func:`semi_rigl_update`, regrow inside each group
+    by uniform random scores from ``generator`` (the best-scoring candidate pattern)."""
+    _check_pair(weight, mask)
+    n = n_to_drop(int(mask.sum()), _check_fraction(drop_fraction))
+    noise = torch.rand(mask.shape, generator=generator).to(weight.device)
+    new_mask = semi_drop_and_grow(mask, weight.abs(), noise, n, transposable=transposable)
+    return new_mask, _new_weight(weight, mask, new_mask)

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..formats.semi_structured import SemiStructuredMatrix, compress, decompress
+from ..formats.semi_structured import SemiStructuredMatrix, _check_exact_2to4, compress, decompress
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
 from ..pruning import check_2to4_shape, prune_2to4
 
@@ -88,6 +88,29 @@ class SemiSparseLinear(nn.Module):
         self.indices = indices
         if self.transposable:
             self.indices_t = compress(dense.T, mask.T)[1]
+
+    def set_mask(self, mask):
+        """Change the 2:4 structure of a static layer (dynamic sparse training does this).
+
+        mask: bool (out_features, in_features) with exactly two True in every group
+        of four along a row (and two per column of every 4x4 tile if ``transposable``).
+        Weights kept before and after keep their values; newly kept ones start at
+        zero. ``values`` keeps its identity and its shape (out, in/2), its slots are
+        refilled in the new order, and its ``.grad`` is cleared; optimizer state shaped
+        like it must be remapped by the caller (``sparsekern.methods`` does).
+        """
+        if self.mode != "static":
+            raise RuntimeError("set_mask() is for mode='static'; a dynamic layer re-prunes every call")
+        shape = (self.out_features, self.in_features)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            raise ValueError(f"mask must be a bool tensor of shape {shape}, got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        mask = mask.to(self.values.device)
+        _check_exact_2to4(mask, shape, self.transposable)
+        with torch.no_grad():
+            self._set_static(self.dense_weight(), mask)  # zero outside the old mask: new weights start at 0
+        self.values.grad = None
+        self._cached = None
 
     @property
     def mask(self):

@@ -1,0 +1,75 @@
+"""DST at 2:4 granularity: the parts of the drivers that act on static
+:class:`sparsekern.SemiSparseLinear` layers.
+
+- **Scores without a dense update.** A layer's dense gradient dYᵀX splits into
+  its kept positions (the ``values`` gradient the normal backward computes
+  anyway) and the others: the complement of a 2:4 mask is itself 2:4 (and
+  transposable if the mask is), so :class:`SemiProbe` gets the rest with the
+  same sampled-dW 2:4 kernel on the complement's indices, from the layer's
+  input and output gradient captured by hooks for that one step. Nothing of
+  W's dense shape is updated.
+- **Structure change.** :func:`restructure_semi` calls ``set_mask`` (``values``
+  keeps identity and shape; its slots are refilled) and moves every optimizer
+  state tensor shaped like the values the same way: surviving weights keep
+  their state, regrown ones start at zero, scalar state (Adam's ``step``) is kept.
+"""
+import torch
+
+from ..formats.semi_structured import compress, decompress, kept_positions, pack_indices
+from ..kernels import forced_backend, select_kernel
+
+
+def carry(tensor, old_indices, new_mask):
+    """A (rows, cols/2) tensor laid out on ``old_indices``, moved to the 2:4 ``new_mask``:
+    entries kept in both keep their value, new ones are zero."""
+    return compress(decompress(tensor, old_indices, new_mask.shape[1]), new_mask)[0].contiguous()
+
+
+def restructure_semi(layer, optimizer, new_mask):
+    """Give the static SemiSparseLinear ``layer`` the 2:4 structure ``new_mask``, carrying
+    values and the optimizer's per-weight state (zero for regrown weights)."""
+    old_indices = layer.indices.clone()
+    state = optimizer.state.get(layer.values, {})
+    for key, value in list(state.items()):
+        if torch.is_tensor(value) and value.dim() >= 1 and tuple(value.shape) == tuple(layer.values.shape):
+            state[key] = carry(value, old_indices, new_mask)
+    layer.set_mask(new_mask)
+
+
+class SemiProbe:
+    """For one step: dYᵀX of a static SemiSparseLinear on the complement of its mask.
+
+    ``grad`` (rows, cols/2) holds it after the backward, laid out on
+    ``indices`` (the complement's); :meth:`dense_grad` merges it with the
+    layer's own ``values.grad`` into the dense (rows, cols) gradient.
+    """
+
+    def __init__(self, layer):
+        self.layer, self.grad, self.indices = layer, None, None
+        self._handle = layer.register_forward_hook(self._forward)
+
+    def _forward(self, module, inputs, output):
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        complement = ~module.mask
+        self.indices = pack_indices(kept_positions(complement))
+        x = inputs[0].detach().reshape(-1, module.in_features).contiguous()
+        output.register_hook(lambda dy: self._backward(dy, x))
+
+    def _backward(self, dy, x):
+        dy = dy.reshape(-1, dy.shape[-1]).contiguous()
+        kernel = select_kernel("semi_grad_weight", dy.device, dy.dtype, forced_backend())[1]
+        grad = kernel(dy, x, self.indices)
+        self.grad = grad if self.grad is None else self.grad + grad
+
+    def dense_grad(self, name):
+        """The dense (rows, cols) gradient of the last backward: kept part from ``values.grad``."""
+        own = self.layer.values.grad
+        if self.grad is None or own is None:
+            raise RuntimeError(f"no gradient reached the probe of layer {name!r}: run forward and backward "
+                               "between two calls of step()")
+        cols = self.layer.in_features
+        return decompress(own.detach(), self.layer.indices, cols) + decompress(self.grad, self.indices, cols)
+
+    def remove(self):
+        self._handle.remove()
