@@ -38,13 +38,14 @@ at::ScalarType scalar_type_of() {
   return std::is_same<C, double>::value ? at::kDouble : at::kFloat;
 }
 
-// out (M, G * g) = [sum_p A[:, seg[p]*w : +w] @ B_p for each group]; see above.
+// out (M, G * g) = [sum_p A[:, seg[p]*w : +w] @ B_p for each group] (+ bias[col]); see above.
 // transpose: B_p = values[blk[p]]ᵀ (w = bc, g = br), else B_p = values[blk[p]] (w = br, g = bc).
 // offsets (G + 1): members of group i are p in [offsets[i], offsets[i+1]); blk null = identity.
+// bias (G * g, or null) is added to every row: it seeds the accumulators (no extra pass over out).
 template <typename S, typename C>
 void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t br, int64_t bc,
                      bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
-                     const int64_t* seg, S* out) {
+                     const int64_t* seg, S* out, const S* bias = nullptr) {
   constexpr int MR = kMR, NR = kNR<C>;
   constexpr bool kDirect = std::is_same<S, C>::value;  // full tiles are stored straight into `out`
   const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
@@ -133,19 +134,24 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
       for (int64_t t = it.t0; t < it.t1; ++t) {
         const int64_t r0 = t * MR, rows = std::min<int64_t>(MR, M - r0);
         S* o = out + r0 * N + c0;
-        if (count == 0) {  // empty block row/column: its output is zero
-          for (int64_t i = 0; i < rows; ++i) std::fill(o + i * N, o + i * N + ncols, S(0));
+        if (count == 0) {  // empty block row/column: its output is zero (or the bias)
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t n = 0; n < ncols; ++n) o[i * N + n] = bias ? bias[c0 + n] : S(0);
+          }
           continue;
         }
         const C* arows = a + r0 * Ka;
         const Microkernel<C> kern = rows == MR ? kernel : last_kernel;
         if (kDirect && ncols == NR) {
-          kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, reinterpret_cast<C*>(o), N, false);
+          kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, reinterpret_cast<C*>(o), N, false,  // S == C here
+               reinterpret_cast<const C*>(bias ? bias + c0 : nullptr));
         } else {
           alignas(64) C tmp[MR * NR];
-          kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, tmp, NR, false);
+          kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, tmp, NR, false, nullptr);
           for (int64_t i = 0; i < rows; ++i) {
-            for (int64_t n = 0; n < ncols; ++n) o[i * N + n] = S(tmp[i * NR + n]);
+            for (int64_t n = 0; n < ncols; ++n) {
+              o[i * N + n] = bias ? S(tmp[i * NR + n] + C(bias[c0 + n])) : S(tmp[i * NR + n]);
+            }
           }
         }
       }

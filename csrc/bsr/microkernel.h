@@ -13,6 +13,7 @@
 // build's baseline ISA) runs everywhere else.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -33,15 +34,21 @@ constexpr int kNR = 64 / sizeof(C);  // 16 floats or 8 doubles: two 256-bit vect
 //   kRowsA:  A_j(i, k) = a[seg_off[j] + i * lda + k]   (rows of a row-major matrix: X or dY as they are)
 //   !kRowsA: A_j(i, k) = a[seg_off[j] + k * lda + i]   (k-major packed tiles: dYᵀ for dW)
 // and B's rows follow each other across segments with stride ldb (NR when packed).
+// init (NR values, or null) starts every row's accumulators: a bias, added in registers.
 template <typename C>
 using Microkernel = void (*)(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen,
-                             const C* b, int64_t ldb, C* out, int64_t ldo, bool add);
+                             const C* b, int64_t ldb, C* out, int64_t ldo, bool add, const C* init);
 
 template <typename C, int MR, bool kRowsA>
 void microkernel_portable(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen,
-                          const C* b, int64_t ldb, C* out, int64_t ldo, bool add) {
+                          const C* b, int64_t ldb, C* out, int64_t ldo, bool add, const C* init) {
   constexpr int NR = kNR<C>;
   C acc[MR][NR] = {};
+  if (init) {
+    for (int i = 0; i < MR; ++i) {
+      for (int n = 0; n < NR; ++n) acc[i][n] = init[n];
+    }
+  }
   for (int64_t j = 0; j < nseg; ++j) {
     const C* aj = a + seg_off[j];
     for (int64_t k = 0; k < seglen; ++k, b += ldb) {
@@ -85,12 +92,17 @@ template <> struct Avx2<double> : Avx2Double {};
 
 template <typename C, int MR, bool kRowsA>
 SPARSEKERN_AVX2 void microkernel_avx2(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg,
-                                      int64_t seglen, const C* b, int64_t ldb, C* out, int64_t ldo, bool add) {
+                                      int64_t seglen, const C* b, int64_t ldb, C* out, int64_t ldo, bool add,
+                                      const C* init) {
   using T = Avx2<C>;
   constexpr int W = T::W;
   typename T::V c0[MR], c1[MR];
+  const typename T::V i0 = init ? T::load(init) : T::zero(), i1 = init ? T::load(init + W) : T::zero();
 #pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = T::zero();
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = i0;
+    c1[i] = i1;
+  }
   for (int64_t j = 0; j < nseg; ++j) {
     if (kRowsA) {
       const C* rows[MR];
@@ -134,8 +146,23 @@ SPARSEKERN_AVX2 void microkernel_avx2(const C* a, int64_t lda, const int64_t* se
 #endif
 
 // Which implementation runs: decided once from the CPU, overridable for tests.
-bool use_avx2();
-void set_portable_only(bool portable_only);
+// Inline (one flag per extension module that includes this header).
+inline std::atomic<bool>& portable_only_flag() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+inline bool cpu_has_avx2() {
+#ifdef SPARSEKERN_X86
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+inline bool use_avx2() { return cpu_has_avx2() && !portable_only_flag().load(std::memory_order_relaxed); }
+inline void set_portable_only(bool portable_only) { portable_only_flag() = portable_only; }
 
 template <typename C, int MR, bool kRowsA>
 Microkernel<C> microkernel() {

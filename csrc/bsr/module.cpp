@@ -7,7 +7,6 @@
 // computed in fp32), int64 indices of a valid BlockLayout (checked in O(nnz)).
 #include <torch/extension.h>
 
-#include <atomic>
 #include <string>
 
 #include "bsr/grouped_product.h"
@@ -16,22 +15,6 @@
 
 namespace sparsekern {
 namespace bsr {
-
-namespace {
-std::atomic<bool> g_portable_only{false};
-
-bool cpu_has_avx2() {
-#ifdef SPARSEKERN_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
-}  // namespace
-
-bool use_avx2() { return cpu_has_avx2() && !g_portable_only.load(std::memory_order_relaxed); }
-void set_portable_only(bool portable_only) { g_portable_only = portable_only; }
 
 namespace {
 

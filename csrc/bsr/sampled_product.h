@@ -134,10 +134,10 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
             const C* as = pdy + ((rows[b] - r_lo) * br + o) * chunk;
             C* out = ob + o * bc + s * NR;
             if (ncols == NR) {
-              kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add);
+              kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add, nullptr);
             } else {
               alignas(64) C tmp[kMR * NR];
-              kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false);
+              kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false, nullptr);
               for (int i = 0; i < mr; ++i) {
                 for (int64_t n = 0; n < ncols; ++n) out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];
               }

@@ -1,0 +1,73 @@
+"""The C++ products of the low-rank cpu backend (sparsekern._C_lowrank.matmul).
+
+a @ b and a @ bᵀ (+ bias) against torch on shapes that leave partial output
+tiles (tokens not a multiple of 6, widths not a multiple of 16), empty and
+one-wide operands, every dtype, on the AVX2/FMA microkernel and the portable one.
+"""
+import pytest
+import torch
+
+from helpers import relative_error
+from sparsekern._extension import load_extension
+
+ext = load_extension("lowrank")
+pytestmark = [pytest.mark.skipif(ext is None, reason="sparsekern._C_lowrank is not built"),
+              pytest.mark.usefixtures("one_thread")]
+
+# (tokens, inner, width): width is r for a @ b with b (inner, r), N for a @ bᵀ with b (N, r)
+SHAPES = [(1, 1, 1), (7, 5, 3), (37, 29, 70), (64, 48, 16), (13, 130, 33), (6, 16, 48), (200, 64, 17)]
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(params=["native", "portable"])
+def microkernel(request):
+    ext.set_portable_only(request.param == "portable")
+    yield request.param
+    ext.set_portable_only(False)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("transpose_b", [False, True], ids=["ab", "abT"])
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_matmul_matches_torch(microkernel, shape, transpose_b, dtype, with_bias):
+    m, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g, dtype=torch.float64)
+    b = torch.randn(n, k, generator=g, dtype=torch.float64) if transpose_b else torch.randn(k, n, generator=g, dtype=torch.float64)
+    bias = torch.randn(n, generator=g, dtype=torch.float64) if with_bias else None
+    want = a @ (b.T if transpose_b else b) + (0 if bias is None else bias)
+    got = ext.matmul(a.to(dtype), b.to(dtype), transpose_b, None if bias is None else bias.to(dtype))
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert relative_error(got, want) < TOL[dtype]
+
+
+def test_matmul_threads_split_tokens_exactly():
+    a, b, bias = torch.randn(1001, 96), torch.randn(300, 96), torch.randn(300)
+    torch.set_num_threads(2)
+    try:
+        got = ext.matmul(a, b, True, bias)
+    finally:
+        torch.set_num_threads(1)
+    assert relative_error(got, torch.addmm(bias, a, b.T)) < 1e-5
+
+
+@pytest.mark.parametrize("m,k,n", [(0, 4, 3), (5, 0, 3), (5, 4, 0)])
+def test_matmul_empty_operands(m, k, n):
+    a, b, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
+    torch.testing.assert_close(ext.matmul(a, b, False), a @ b)
+    torch.testing.assert_close(ext.matmul(a, b, False, bias), a @ b + bias)
+
+
+def test_matmul_rejects_bad_operands():
+    a = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match=r"cannot multiply"):
+        ext.matmul(a, torch.randn(5, 2), False)
+    with pytest.raises(RuntimeError, match=r"dtype mismatch"):
+        ext.matmul(a, torch.randn(3, 2, dtype=torch.float64), False)
+    with pytest.raises(RuntimeError, match=r"contiguous"):
+        ext.matmul(a, torch.randn(2, 3).T, False)
+    with pytest.raises(RuntimeError, match=r"bias must be .* 2 entries"):
+        ext.matmul(a, torch.randn(3, 2), False, torch.randn(3))
+    with pytest.raises(RuntimeError, match=r"unsupported dtype"):
+        ext.matmul(a.int(), torch.randn(3, 2).int(), False)
