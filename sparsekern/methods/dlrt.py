@@ -136,8 +136,8 @@ class DLRT:
         P, sigma, Qh = _svd(S_hat)
         r1 = self._new_rank(layer, sigma)
         P, sigma, Q = P[:, :r1], sigma[:r1], Qh[:r1].T
-        U1 = torch.addmm(U @ P[:r], QK, P[r:])  # Û P without concatenating Û
-        V1 = torch.addmm(V @ Q[:r], QL, Q[r:])
+        U1 = torch.mm(U, P[:r]).addmm_(QK, P[r:])  # Û P without concatenating Û (in place: no copy)
+        V1 = torch.mm(V, Q[:r]).addmm_(QL, Q[r:])
         S1 = torch.diag(sigma)
         if self.steps % _REORTH_EVERY == 0:
             U1, S1, V1 = _reorthonormalize(U1, S1, V1)
@@ -163,7 +163,7 @@ class DLRT:
 def _new_directions(U, direction, coeffs):
     """Orthonormal Q ⟂ U and R with (I - UUᵀ) direction = Q R, given coeffs = Uᵀ direction."""
     n, r = U.shape
-    D = torch.addmm(direction, U, coeffs, alpha=-1)
+    D = direction.addmm_(U, coeffs, alpha=-1)  # consumes direction (a gradient set_factors clears anyway)
     if direction.shape[1] > n - r:
         # More new directions than the complement of U holds (small layers): use all of it.
         Q = torch.linalg.qr(U, mode="complete").Q[:, r:]
