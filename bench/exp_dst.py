@@ -111,7 +111,10 @@ def state_mb(model, optimizer, driver):
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     if driver is not None:
-        tensors += [p.values for p in driver._probes.values()]
+        probes = [getattr(p, "product", p) for p in driver._probes.values()]  # ScoreProbe or BlockSparseMatrix
+        tensors += [p.values for p in probes if p is not None]
+        tensors += [t for p in driver._probes.values() for t in getattr(p, "xs", []) + getattr(p, "dys", [])
+                    if t is not None]
         if hasattr(driver, "shadow"):
             tensors += [p for p, _ in driver.shadow.values()]
             tensors += [t for s in driver.shadow_optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
@@ -148,8 +151,9 @@ def run(task, method, density, data, args, seed=0):
     delta, t_end = args.delta, int(0.75 * steps)
     driver = None
     if sparse:
+        options = {"score_method": args.score_method} if method in ("rigl", "snfs", "ggr") else {}
         driver = METHODS[method](model, opt, density=density, delta=delta, alpha=args.alpha,
-                                 t_end=0 if method == "static" else t_end, seed=seed)
+                                 t_end=0 if method == "static" else t_end, seed=seed, **options)
         if args.sparse_init:
             # Keep the activation scale of the dense init: fan-in shrank to density * in_features.
             with torch.no_grad():
@@ -183,6 +187,7 @@ def run(task, method, density, data, args, seed=0):
             "quality": round(quality, 4), "metric": "test_acc" if task == "fashion" else "val_bits_per_char",
             "train_s": round(sum(times), 3), "step_ms": round(1000 * median, 3), "steps": steps,
             "updates": len(updates), "update_cost_steps": round(cost_steps, 3),
+            "score_method": args.score_method if method in ("rigl", "snfs", "ggr") else None,
             "update_frac_dt100": round(cost_steps / 100, 5),
             "rebuild_ms": round(1000 * statistics.mean(driver.update_seconds), 3)
             if driver is not None and driver.update_seconds else 0.0,
@@ -272,8 +277,9 @@ def speed(args, env):
             for name in ("dense", args.speed_method):
                 model = fashion_model(name != "dense", args)
                 opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+                options = {"score_method": args.score_method} if name in ("rigl", "snfs", "ggr") else {}
                 driver = None if name == "dense" else METHODS[name](
-                    model, opt, density=density, delta=args.speed_delta, alpha=args.alpha, t_end=10 ** 9)
+                    model, opt, density=density, delta=args.speed_delta, alpha=args.alpha, t_end=10 ** 9, **options)
                 runners[name] = (model, opt, driver)
             chunk_s = {name: [] for name in runners}
             g = torch.Generator().manual_seed(0)
@@ -369,6 +375,8 @@ def main(argv=None):
     p.add_argument("--val-samples", type=int, default=20000)
     p.add_argument("--dense-init", dest="sparse_init", action="store_false",
                    help="keep nn.Linear's init on sparse layers (default: scale by density**-0.5)")
+    p.add_argument("--score-method", default="auto", choices=["auto", "gram", "product"],
+                   help="how RigL/SNFS/GGR get dense-gradient block scores (sparsekern.methods.dst_scores)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--speed", action="store_true", help="only time dense vs --speed-method (alternating chunks)")
     p.add_argument("--speed-method", default="rigl", choices=list(METHODS))

@@ -43,11 +43,12 @@ def _block_rms_grid(dense, padded_shape, block):
     return dense.reshape(r // br, br, c // bc, bc).pow(2).mean((1, 3)).sqrt()
 
 
+@pytest.mark.parametrize("score_method", ["product", "gram", "auto"])
 @pytest.mark.parametrize("block", [1, 4], ids=["element", "block4-padded"])
-def test_rigl_driver_decision_equals_rule_on_dense_gradient(block):
+def test_rigl_driver_decision_equals_rule_on_dense_gradient(block, score_method):
     model = _mlp(block=block)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    dst = RigL(model, opt, density=None, delta=1, alpha=0.4, t_end=10)
+    dst = RigL(model, opt, density=None, delta=1, alpha=0.4, t_end=10, score_method=score_method)
     x, y = _data()
     dense = [layer.dense_weight().detach().clone().requires_grad_() for layer in (model[0], model[2])]
     biases = [model[0].bias.detach(), model[2].bias.detach()]
@@ -202,3 +203,41 @@ def test_errors():
     dst = RigL(model, opt, density=0.5, delta=1, t_end=10)
     with pytest.raises(RuntimeError, match="no gradient reached the probe"):
         dst.step()
+
+
+@pytest.mark.parametrize("block", [(1, 1), (4, 4), (2, 3)], ids=["element", "block4", "block2x3"])
+def test_gram_block_scores_equal_the_dense_gradient_block_rms(block):
+    from sparsekern.methods.dst_scores import gram_block_rms
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(9, 10, generator=g, dtype=torch.float64), torch.randn(9, 7, generator=g, dtype=torch.float64)
+    padded = (-(-7 // block[0]) * block[0], -(-10 // block[1]) * block[1])
+    expected = _block_rms_grid(dy.T @ x, padded, block)
+    torch.testing.assert_close(gram_block_rms(x, dy, padded, block), expected, rtol=1e-12, atol=1e-12)
+    # float32: the squared norm is a sum of N² products, so its absolute error scales with the
+    # largest score; scores far below it (cancellation over the batch) lose relative accuracy
+    got = gram_block_rms(x.float(), dy.float(), padded, block)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-4 * float(expected.max()))
+
+
+def test_gram_scores_of_a_layer_called_twice_are_those_of_the_summed_gradient():
+    from sparsekern.methods.dst_scores import ScoreProbe
+    model = _mlp()
+    layer = model[2]
+    probe = ScoreProbe(layer, "gram")
+    x, _ = _data()
+    h = F.relu(model[0](x))
+    (layer(h[:10]).pow(2).sum() + 3 * layer(h[10:]).sum()).backward()
+    dense = layer.dense_weight().detach().clone().requires_grad_()
+    (F.linear(h[:10].detach(), dense, layer.bias).pow(2).sum() + 3 * F.linear(h[10:].detach(), dense).sum()).backward()
+    torch.testing.assert_close(probe.scores("2"), _block_rms_grid(dense.grad, layer.padded_shape, layer.block_size))
+    probe.remove()
+    assert not layer._forward_hooks and not layer._forward_pre_hooks and layer.grad_probe is None
+
+
+def test_auto_score_method_takes_gram_only_where_it_is_cheaper():
+    from sparsekern.methods.dst_scores import gram_cheaper
+    assert gram_cheaper(sk.SparseLinear(2048, 2048, block_size=32, density=0.1), 128)
+    assert not gram_cheaper(sk.SparseLinear(2048, 2048, block_size=32, density=0.1), 2048)
+    assert not gram_cheaper(sk.SparseLinear(64, 64, block_size=1, density=0.1), 128)
+    with pytest.raises(ValueError, match="score_method must be one of"):
+        RigL(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), density=0.5, t_end=10, score_method="dense")

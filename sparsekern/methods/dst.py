@@ -48,6 +48,7 @@ from ..nn.parameter import replace_data_
 from ..nn.semi_sparse_linear import SemiSparseLinear
 from ..nn.sparse_linear import SparseLinear
 from .density import erk_densities
+from .dst_scores import SCORE_METHODS, ScoreProbe, block_rms, install_probe, probe_grad, remove_probe
 from .dst_semi import SemiProbe, restructure_semi
 from .functional import ggr_update, rigl_update, semi_rigl_update, semi_set_update, set_update, snfs_update
 from .schedules import DropSchedule
@@ -55,13 +56,6 @@ from .schedules import DropSchedule
 
 # ---------------------------------------------------------------- block helpers
 
-def block_rms(values):
-    """(nnz, br, bc) -> (nnz,) RMS of each block, in float32 (fp64 stays fp64)."""
-    v = values.detach()
-    dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
-    if v.shape[0] == 0:
-        return v.new_zeros(0, dtype=dtype)
-    return torch.linalg.vector_norm(v, dim=(1, 2), dtype=dtype) / (v.shape[1] * v.shape[2]) ** 0.5
 
 
 def on_grid(layout, scores):
@@ -136,25 +130,10 @@ def all_reduce_mean(tensor, group=None):
 
 # ---------------------------------------------------------------- probes
 
-def install_probe(layer, block_mask):
-    """Make ``layer``'s next backward also compute dYᵀX on ``block_mask``; returns the probe."""
-    layout = BlockLayout.from_block_mask(block_mask.to(layer.block_mask.device), layer.padded_shape,
-                                         layer.block_size)
-    probe = BlockSparseMatrix(torch.zeros(layout.nnz_blocks, *layout.block_size, dtype=layer.values.dtype,
-                                          device=layout.device, requires_grad=True), layout)
-    layer.grad_probe = probe
-    return probe
 
 
-def remove_probe(layer):
-    layer.grad_probe = None
 
 
-def probe_grad(probe, name):
-    if probe.values.grad is None:
-        raise RuntimeError(f"no gradient reached the probe of layer {name!r}: run forward and backward "
-                           "between two calls of step()")
-    return probe.values.grad
 
 
 # ---------------------------------------------------------------- drivers
@@ -173,12 +152,19 @@ class DynamicSparsity:
             dropping ``alpha`` (cosine-annealed, or constant with ``schedule="constant"``).
         seed: seeds the masks and all random choices (identical on every rank).
         process_group: for the score all-reduce (default: the world).
+        score_method: how RigL/SNFS/GGR get dense-gradient block scores on SparseLinear
+            layers: "product" (sampled dW on every block), "gram" (the same norms from
+            Gram matrices, never forming dW) or "auto" (gram where it is at most half
+            the work); see :mod:`sparsekern.methods.dst_scores`.
     """
     needs_scores = False
 
     def __init__(self, model, optimizer, *, density, delta=100, alpha=0.3, t_end, schedule="cosine",
-                 seed=0, process_group=None):
+                 seed=0, process_group=None, score_method="auto"):
+        if score_method not in SCORE_METHODS:
+            raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}")
         self.model, self.optimizer = model, optimizer
+        self.score_method = score_method
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
         self.semi_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SemiSparseLinear)]
         for name, layer in self.semi_layers:
@@ -237,14 +223,11 @@ class DynamicSparsity:
 
     def _arm(self):
         """Install dense probes iff the next step is an update step that needs scores."""
-        for _, layer in self.layers:
-            remove_probe(layer)
-        for probe in self._semi_probes.values():
+        for probe in [*self._probes.values(), *self._semi_probes.values()]:
             probe.remove()
         self._probes, self._semi_probes = {}, {}
         if self.needs_scores and self.schedule.is_update_step(self.t + 1):
-            for name, layer in self.layers:
-                self._probes[name] = install_probe(layer, torch.ones_like(layer.block_mask))
+            self._probes = {name: ScoreProbe(layer, self.score_method) for name, layer in self.layers}
             self._semi_probes = {name: SemiProbe(layer) for name, layer in self.semi_layers}
 
     # -- scores --------------------------------------------------------------
@@ -255,14 +238,9 @@ class DynamicSparsity:
         """Dense block-RMS gradient scores on each layer's grid, averaged over ranks."""
         if not self.layers:
             return []
-        scores = [block_rms(probe_grad(self._probes[n], n)) for n, _ in self.layers]
-        flat = all_reduce_mean(torch.cat(scores), self.group)
-        out, start = [], 0
-        for (n, _), s in zip(self.layers, scores):
-            probe = self._probes[n]
-            out.append(on_grid(probe.layout, flat[start:start + s.numel()]))
-            start += s.numel()
-        return out
+        scores = [self._probes[n].scores(n) for n, _ in self.layers]
+        flat = all_reduce_mean(torch.cat([s.reshape(-1) for s in scores]), self.group)
+        return [part.view_as(s) for part, s in zip(flat.split([s.numel() for s in scores]), scores)]
 
     def _semi_grad_scores(self):
         """Dense gradients (rows, cols) of the SemiSparseLinear layers, averaged over ranks."""
