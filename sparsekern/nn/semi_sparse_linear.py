@@ -134,14 +134,19 @@ class SemiSparseLinear(nn.Module):
         """
         if self.mode == "dynamic":
             raise RuntimeError("sparse_weight() is for mode='static'; a dynamic layer re-prunes every call")
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace the data_ptr cache key: a compiled graph rebuilds Wᵀ's map per call.
+            return self._build_sparse_weight()
         key = [id(self.values), self.values.data_ptr(), self.indices.data_ptr(), self.indices._version]
         if self.transposable:
             key += [self.indices_t.data_ptr(), self.indices_t._version]
         if self._cached is None or self._cached[0] != key:
-            matrix = SemiStructuredMatrix(self.values, self.indices, (self.out_features, self.in_features),
-                                          indices_t=self.indices_t if self.transposable else None)
-            self._cached = (key, matrix)
+            self._cached = (key, self._build_sparse_weight())
         return self._cached[1]
+
+    def _build_sparse_weight(self):
+        return SemiStructuredMatrix(self.values, self.indices, (self.out_features, self.in_features),
+                                    indices_t=self.indices_t if self.transposable else None)
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:

@@ -11,67 +11,161 @@ and compressed by one fused kernel on every call; forward and dX use the 2:4
 copy, and the dense weight gets the straight-through gradient dYᵀX (dense, as in
 torchao's recipe: pruned weights keep learning and may come back).
 """
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from ..formats.semi_structured import SemiStructuredMatrix
 from ..kernels import forced_backend, select_kernel
 from ..pruning import check_2to4_shape
 from .checks import check_linear_inputs
 
+# torch.library custom ops with fake implementations, as for bsr_linear: torch.compile
+# traces both linears as graph nodes (no graph break) and the registry dispatches at
+# run time. Optional outputs cross the op boundary as empty tensors.
+
+
+def _traced_backend():
+    return forced_backend()
+
+
+# = torch.compiler.assume_constant_result(_traced_backend) without importing torch._dynamo at import time.
+_traced_backend._dynamo_marked_constant = True
+
 
 def _kernel(product, like, backend):
     return select_kernel(product, like.device, like.dtype, backend)[1]
 
 
-def _grad_input(dy, values, indices, indices_t, transpose_map, backend):
+@torch.library.custom_op("sparsekern::semi_matmul", mutates_args=())
+def _matmul(x: Tensor, values: Tensor, indices: Tensor, backend: Optional[str]) -> Tensor:
+    """x @ Wᵀ for W = (values, indices) compressed 2:4."""
+    return _kernel("semi_forward", x, backend)(x, values, indices)
+
+
+@torch.library.custom_op("sparsekern::semi_grad_input", mutates_args=())
+def _grad_input(dy: Tensor, values: Tensor, indices: Tensor, indices_t: Optional[Tensor],
+                transpose_map: Optional[Tensor], backend: Optional[str]) -> Tensor:
     return _kernel("semi_grad_input", dy, backend)(dy, values, indices, indices_t, transpose_map)
 
 
-class _SemiLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, values, bias, indices, indices_t, transpose_map, backend):
-        y = _kernel("semi_forward", x, backend)(x, values, indices)
-        if bias is not None:
-            y += bias
-        ctx.save_for_backward(x, values, indices, indices_t, transpose_map)
-        ctx.backend, ctx.has_bias = backend, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, values, indices, indices_t, transpose_map = ctx.saved_tensors
-        dy = dy.contiguous()
-        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        dx = _grad_input(dy, values, indices, indices_t, transpose_map, ctx.backend) if needs_dx else None
-        dw = _kernel("semi_grad_weight", dy, ctx.backend)(dy, x, indices) if needs_dw else None
-        db = dy.sum(0) if ctx.has_bias and needs_db else None
-        return dx, dw, db, None, None, None, None
+@torch.library.custom_op("sparsekern::semi_grad_weight", mutates_args=())
+def _grad_weight(dy: Tensor, x: Tensor, indices: Tensor, backend: Optional[str]) -> Tensor:
+    return _kernel("semi_grad_weight", dy, backend)(dy, x, indices)
 
 
-class _SemiLinearDynamic(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, transposable, backend):
-        values, indices, values_t, indices_t = _kernel("semi_prune_compress", weight, backend)(weight, transposable)
-        y = _kernel("semi_forward", x, backend)(x, values, indices)
-        if bias is not None:
-            y += bias
-        ctx.save_for_backward(x, values, indices, values_t, indices_t)
-        ctx.backend, ctx.has_bias = backend, bias is not None
-        return y
+@torch.library.custom_op("sparsekern::semi_prune_compress", mutates_args=())
+def _prune_compress(weight: Tensor, transposable: bool, backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(values, indices, values_t, indices_t); the last two are empty unless ``transposable``."""
+    values, indices, values_t, indices_t = _kernel("semi_prune_compress", weight, backend)(weight, transposable)
+    if values_t is None:
+        values_t, indices_t = weight.new_empty(0), indices.new_empty(0)
+    return values, indices, values_t, indices_t
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, values, indices, values_t, indices_t = ctx.saved_tensors
-        dy = dy.contiguous()
-        needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-        dx = None
-        if needs_dx and values_t is not None:   # transposable: the forward product on the fresh Wᵀ
-            dx = _kernel("semi_forward", dy, ctx.backend)(dy, values_t, indices_t)
-        elif needs_dx:
-            dx = _grad_input(dy, values, indices, None, None, ctx.backend)
-        dw = dy.T.mm(x) if needs_dw else None  # straight-through: the dense gradient
-        db = dy.sum(0) if ctx.has_bias and needs_db else None
-        return dx, dw, db, None, None
+
+@torch.library.custom_op("sparsekern::semi_linear", mutates_args=())
+def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indices: Tensor, indices_t: Optional[Tensor],
+            transpose_map: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    y = _kernel("semi_forward", x, backend)(x, values, indices)
+    if bias is not None:
+        y += bias
+    return y
+
+
+@torch.library.custom_op("sparsekern::semi_linear_dynamic", mutates_args=())
+def _linear_dynamic(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposable: bool,
+                    backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, values, indices, values_t, indices_t): the 2:4 copy is returned for the backward."""
+    values, indices, values_t, indices_t = _prune_compress(weight, transposable, backend)
+    y = _kernel("semi_forward", x, backend)(x, values, indices)
+    if bias is not None:
+        y += bias
+    return y, values, indices, values_t, indices_t
+
+
+def _compressed_shapes(weight, transposable):
+    (n, k), packed = weight.shape, lambda cols: (cols + 7) // 8  # noqa: E731
+    shapes = [((n, k // 2), weight.dtype), ((n, packed(k)), torch.uint8)]
+    if transposable:
+        shapes += [((k, n // 2), weight.dtype), ((k, packed(n)), torch.uint8)]
+    else:
+        shapes += [((0,), weight.dtype), ((0,), torch.uint8)]
+    return [weight.new_empty(shape, dtype=dtype) for shape, dtype in shapes]
+
+
+@_matmul.register_fake
+def _(x, values, indices, backend):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+@_grad_input.register_fake
+def _(dy, values, indices, indices_t, transpose_map, backend):
+    return dy.new_empty(dy.shape[0], 2 * values.shape[1])
+
+
+@_grad_weight.register_fake
+def _(dy, x, indices, backend):
+    return x.new_empty(dy.shape[1], x.shape[1] // 2)
+
+
+@_prune_compress.register_fake
+def _(weight, transposable, backend):
+    return tuple(_compressed_shapes(weight, transposable))
+
+
+@_linear.register_fake
+def _(x, values, bias, indices, indices_t, transpose_map, backend):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+@_linear_dynamic.register_fake
+def _(x, weight, bias, transposable, backend):
+    return (x.new_empty(x.shape[0], weight.shape[0]), *_compressed_shapes(weight, transposable))
+
+
+def _setup_static(ctx, inputs, output):
+    x, values, bias, indices, indices_t, transpose_map, backend = inputs
+    ctx.save_for_backward(x, values, indices, indices_t, transpose_map)
+    ctx.backend, ctx.has_bias = backend, bias is not None
+
+
+def _backward_static(ctx, dy):
+    x, values, indices, indices_t, transpose_map = ctx.saved_tensors
+    dy = dy.contiguous()
+    needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+    dx = _grad_input(dy, values, indices, indices_t, transpose_map, ctx.backend) if needs_dx else None
+    dw = _grad_weight(dy, x, indices, ctx.backend) if needs_dw else None
+    db = dy.sum(0) if ctx.has_bias and needs_db else None
+    return dx, dw, db, None, None, None, None
+
+
+def _setup_dynamic(ctx, inputs, output):
+    x, weight, bias, transposable, backend = inputs
+    _, values, indices, values_t, indices_t = output
+    ctx.save_for_backward(x, values, indices, values_t, indices_t)
+    ctx.backend, ctx.has_bias = backend, bias is not None
+    ctx.set_materialize_grads(False)  # the compressed copy is an internal output: no zero gradients for it
+
+
+def _backward_dynamic(ctx, dy, *_compressed_grads):
+    x, values, indices, values_t, indices_t = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None, None
+    dy = dy.contiguous()
+    needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+    dx = None
+    if needs_dx and values_t.numel() > 0:   # transposable: the forward product on the fresh Wᵀ
+        dx = _matmul(dy, values_t, indices_t, ctx.backend)
+    elif needs_dx:
+        dx = _grad_input(dy, values, indices, None, None, ctx.backend)
+    dw = dy.T.mm(x) if needs_dw else None  # straight-through: the dense gradient
+    db = dy.sum(0) if ctx.has_bias and needs_db else None
+    return dx, dw, db, None, None
+
+
+torch.library.register_autograd("sparsekern::semi_linear", _backward_static, setup_context=_setup_static)
+torch.library.register_autograd("sparsekern::semi_linear_dynamic", _backward_dynamic, setup_context=_setup_dynamic)
 
 
 def semi_linear(x, weight, bias=None):
@@ -89,8 +183,8 @@ def semi_linear(x, weight, bias=None):
     n, k = weight.shape
     lead = x.shape[:-1]
     transpose_map = None if weight.indices_t is None else weight.transpose_map()
-    y = _SemiLinear.apply(x.reshape(-1, k).contiguous(), weight.values.contiguous(), bias,
-                          weight.indices, weight.indices_t, transpose_map, forced_backend())
+    y = _linear(x.reshape(-1, k).contiguous(), weight.values.contiguous(), bias, weight.indices, weight.indices_t,
+                transpose_map, _traced_backend())
     return y.view(*lead, n)
 
 
@@ -107,6 +201,6 @@ def semi_linear_dynamic(x, weight, bias=None, *, transposable=True):
     check_linear_inputs("semi_linear_dynamic", x, tuple(weight.shape), weight.dtype, weight.device, bias)
     n, k = weight.shape
     lead = x.shape[:-1]
-    y = _SemiLinearDynamic.apply(x.reshape(-1, k).contiguous(), weight.contiguous(), bias, bool(transposable),
-                                 forced_backend())
+    y = _linear_dynamic(x.reshape(-1, k).contiguous(), weight.contiguous(), bias, bool(transposable),
+                        _traced_backend())[0]
     return y.view(*lead, n)
