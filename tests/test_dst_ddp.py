@@ -17,6 +17,8 @@ from sparsekern.methods import DPF, GGR, SET, SNFS, RigL, TopKAST
 
 DRIVERS = {"SET": SET, "RigL": RigL, "SNFS": SNFS, "GGR": GGR, "TopKAST": TopKAST, "DPF": DPF}
 SEMI_DRIVERS = {"SET-2:4": SET, "RigL-2:4": RigL}  # a SemiSparseLinear layer besides a SparseLinear one
+OPTIONS = {"RigL-gram": (RigL, {"score_method": "gram"}), "GGR-gram": (GGR, {"score_method": "gram"})}
+CASES = {**{n: (c, {}) for n, c in {**DRIVERS, **SEMI_DRIVERS}.items()}, **OPTIONS}
 
 
 def _model(name):
@@ -29,11 +31,11 @@ def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
-        for name, cls in {**DRIVERS, **SEMI_DRIVERS}.items():
+        for name, (cls, options) in CASES.items():
             torch.manual_seed(0)
             model = _model(name)
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-            dst = cls(model, opt, density=0.4, delta=2, t_end=8, seed=123)
+            dst = cls(model, opt, density=0.4, delta=2, t_end=8, seed=123, **options)
             ddp = DDP(model)
             g = torch.Generator().manual_seed(1000 + rank)  # different data on each rank
             rebuilds = 0
@@ -57,7 +59,7 @@ def _worker(rank, world, init_file, out_dir):
 def test_two_gloo_ranks_take_identical_decisions(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for name in {**DRIVERS, **SEMI_DRIVERS}:
+    for name in CASES:
         assert r0[name]["rebuilds"] == 3, name  # updates at steps 2, 4, 6
         for a, b in zip(r0[name]["masks"], r1[name]["masks"]):
             assert torch.equal(a, b), name

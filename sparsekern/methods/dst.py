@@ -18,12 +18,12 @@ transposable: :func:`~sparsekern.methods.functional.semi_drop_and_grow`; the
 probe and the structure change are in :mod:`sparsekern.methods.dst_semi`).
 
 Scores without a dense weight update: on the step *before* an update step
-the driver installs a *probe* on each layer: a zero BlockSparseMatrix covering
-every block whose values require grad, passed to ``bsr_linear(...,
-grad_probe=probe)``. The backward of the next step then fills ``probe.values.grad``
-with dYᵀX sampled on those blocks; ``values`` itself still gets only its own
-blocks (taken from the probe product, not computed twice). The probe is
-installed as the layer's ``grad_probe`` attribute and removed afterwards.
+the driver installs a :class:`~sparsekern.methods.dst_scores.ScoreProbe` on
+each layer. It gets the block RMS of the dense gradient dYᵀX either from the
+sampled-dW product on every block (``grad_probe``; ``values`` takes its own
+blocks' gradient from that product, not computed twice) or, where cheaper,
+from Gram matrices of X and dY without forming dYᵀX (``score_method``; see
+:mod:`sparsekern.methods.dst_scores`). The probe is removed afterwards.
 
 Structure changes go through :func:`restructure`: ``set_block_mask`` keeps the
 ``values`` Parameter's identity, and every optimizer state tensor shaped like
@@ -43,7 +43,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..formats.block_sparse import BlockLayout, BlockSparseMatrix
+from ..formats.block_sparse import BlockLayout
 from ..nn.parameter import replace_data_
 from ..nn.semi_sparse_linear import SemiSparseLinear
 from ..nn.sparse_linear import SparseLinear
