@@ -82,6 +82,20 @@ def test_kernels_match_reference(isa, name, dtype):
         torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype], msg=lambda s: f"{product}: {s}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", ["mixed", "empty rows"])
+def test_forward_adds_the_bias_in_registers(isa, name, dtype):
+    mask = {"mixed": _layout_from_rows((4, 5), [[0, 2, 4], [1], [0, 1, 2, 3, 4], [3]]),
+            "empty rows": _layout_from_rows((4, 5), [[1, 3], [], [1], []])}[name]
+    weight = sk.BlockSparseMatrix.from_dense(torch.randn(40, 50, dtype=torch.float64).to(dtype), 10, block_mask=mask)
+    x, bias = torch.randn(13, 50, dtype=torch.float64).to(dtype), torch.randn(40, dtype=torch.float64).to(dtype)
+    got = cpu.bsr_forward(x, weight.values, weight.layout, bias)
+    want = reference.bsr_forward(x.double(), weight.values.double(), weight.layout, bias.double())
+    torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype])
+    with pytest.raises(RuntimeError, match="bias has 39 entries, expected 40"):
+        cpu.bsr_forward(x, weight.values, weight.layout, bias[:39].contiguous())
+
+
 def test_empty_block_rows_and_columns_give_zero_outputs(isa):
     mask = _layout_from_rows((4, 5), [[1, 3], [], [1], []])  # block rows 1, 3 and columns 0, 2, 4 empty
     weight = sk.BlockSparseMatrix.from_dense(torch.randn(32, 40), 8, block_mask=mask)

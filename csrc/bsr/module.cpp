@@ -1,6 +1,6 @@
 // sparsekern._C_bsr: CPU kernels of the block-sparse linear products.
 //
-// forward(x, values, row_offsets, col_indices, out_features)          -> y = x Wᵀ
+// forward(x, values, row_offsets, col_indices, out_features, bias)    -> y = x Wᵀ (+ bias, in registers)
 // grad_input(dy, values, col_offsets, t_block_ids, t_row_indices, in) -> dx = dy W
 // grad_weight(dy, x, row_indices, col_indices, br, bc)                -> dvalues (sampled dyᵀ x)
 // Tensors: CPU, contiguous, float64 / float32 / bfloat16 / float16 (half types
@@ -58,7 +58,7 @@ void check_same(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets,
-                   const at::Tensor& col_indices, int64_t out_features) {
+                   const at::Tensor& col_indices, int64_t out_features, const c10::optional<at::Tensor>& bias) {
   check_dense(x, "x", 2);
   check_dense(values, "values", 3);
   check_same(x, values);
@@ -68,12 +68,19 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const int64_t RB = out_features / br;
   check_offsets(row_offsets, "row_offsets", RB, nnz);
   check_index(col_indices, "col_indices", nnz, K / bc);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    check_dense(*bias, "bias", 1);
+    check_same(x, *bias);
+    TORCH_CHECK(bias->size(0) == out_features, "bias has ", bias->size(0), " entries, expected ", out_features);
+  }
   at::Tensor y = at::empty({M, out_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_forward", [&] {
     using C = Compute<scalar_t>;
     grouped_product<scalar_t, C>(
         in_compute_type<C>(x).data_ptr<C>(), M, K, values.data_ptr<scalar_t>(), br, bc, /*transpose=*/true,
-        row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<scalar_t>());
+        row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<scalar_t>(),
+        has_bias ? bias->data_ptr<scalar_t>() : nullptr);
   });
   return y;
 }
@@ -130,7 +137,9 @@ std::string isa() { return use_avx2() ? "avx2-fma" : "portable"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace sparsekern::bsr;
-  m.def("forward", &forward, "y = x @ W.T for block-sparse W (block-CSR)");
+  m.def("forward", &forward, "y = x @ W.T (+ bias) for block-sparse W (block-CSR)", pybind11::arg("x"),
+        pybind11::arg("values"), pybind11::arg("row_offsets"), pybind11::arg("col_indices"),
+        pybind11::arg("out_features"), pybind11::arg("bias") = pybind11::none());
   m.def("grad_input", &grad_input, "dx = dy @ W through the transpose metadata");
   m.def("grad_weight", &grad_weight, "dy.T @ x sampled on the stored blocks");
   m.def("isa", &isa, "which microkernel runs: 'avx2-fma' or 'portable'");

@@ -72,10 +72,7 @@ def _grad_weight_probe(dy: Tensor, x: Tensor, layout: list[Tensor], probe_layout
 @torch.library.custom_op("sparsekern::bsr_linear", mutates_args=())
 def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Optional[Tensor], layout: list[Tensor],
             probe_layout: list[Tensor], shape: list[int], block: list[int], backend: Optional[str]) -> Tensor:
-    y = _kernel("bsr_forward", x, backend)(x, values, _layout(layout, shape, block))
-    if bias is not None:
-        y += bias
-    return y
+    return _kernel("bsr_forward", x, backend)(x, values, _layout(layout, shape, block), bias)
 
 
 @_grad_input.register_fake

@@ -1,7 +1,7 @@
 """Block-sparse linear products. Every backend implements the same three:
 
-``bsr_forward(x, values, layout) -> y``
-    x (M, K) dense, W = (values, layout) of shape (N, K): y = x @ W.T, (M, N).
+``bsr_forward(x, values, layout, bias=None) -> y``
+    x (M, K) dense, W = (values, layout) of shape (N, K): y = x @ W.T (+ bias), (M, N).
 ``bsr_grad_input(dy, values, layout) -> dx``
     dy (M, N): dx = dy @ W, (M, K). Walks W by block columns (transpose metadata).
 ``bsr_grad_weight(dy, x, layout) -> dvalues``

@@ -27,8 +27,8 @@ def unavailable(device, dtype):
     return None
 
 
-def bsr_forward(x, values, layout):
-    return _ext().forward(x, values, layout.row_offsets, layout.col_indices, layout.shape[0])
+def bsr_forward(x, values, layout, bias=None):
+    return _ext().forward(x, values, layout.row_offsets, layout.col_indices, layout.shape[0], bias)
 
 
 def bsr_grad_input(dy, values, layout):

@@ -21,7 +21,7 @@ def _chunks(nnz, rows, width):
         yield slice(start, min(nnz, start + step))
 
 
-def bsr_forward(x, values, layout):
+def bsr_forward(x, values, layout, bias=None):
     (n, k), (br, bc), m = layout.shape, layout.block_size, x.shape[0]
     acc = _acc_dtype(x.dtype)
     x_blocks = x.view(m, k // bc, bc)
@@ -30,7 +30,10 @@ def bsr_forward(x, values, layout):
         gathered = x_blocks[:, layout.col_indices[part]].to(acc)            # (m, b, bc)
         y.index_add_(1, layout.row_indices[part],
                      torch.einsum("mbk,bik->mbi", gathered, values[part].to(acc)))
-    return y.view(m, n).to(x.dtype)
+    y = y.view(m, n)
+    if bias is not None:
+        y += bias.to(acc)
+    return y.to(x.dtype)
 
 
 def bsr_grad_input(dy, values, layout):

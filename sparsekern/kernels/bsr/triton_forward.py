@@ -206,10 +206,13 @@ def _dsd(a, values, offsets, ids, gather, out_b, in_b, v_strides):
     return out
 
 
-def bsr_forward(x, values, layout):
-    """x (M, K), W (N, K) as (values (nnz, br, bc), layout) -> y = x @ W.T, (M, N)."""
+def bsr_forward(x, values, layout, bias=None):
+    """x (M, K), W (N, K) as (values (nnz, br, bc), layout) -> y = x @ W.T (+ bias), (M, N)."""
     br, bc = layout.block_size
-    return _dsd(x, values, layout.row_offsets, None, layout.col_indices, br, bc, (bc, 1))
+    y = _dsd(x, values, layout.row_offsets, None, layout.col_indices, br, bc, (bc, 1))
+    if bias is not None:  # one more pass over y; on the GPU it is small next to the product
+        y += bias
+    return y
 
 
 def bsr_grad_input(dy, values, layout):
