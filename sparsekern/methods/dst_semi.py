@@ -15,24 +15,36 @@
 """
 import torch
 
-from ..formats.semi_structured import compress, decompress, kept_positions, pack_indices
+from ..formats.semi_structured import compress, decompress, kept_positions, pack_indices, unpack_columns
 from ..kernels import forced_backend, select_kernel
 
 
-def carry(tensor, old_indices, new_mask):
-    """A (rows, cols/2) tensor laid out on ``old_indices``, moved to the 2:4 ``new_mask``:
-    entries kept in both keep their value, new ones are zero."""
-    return compress(decompress(tensor, old_indices, new_mask.shape[1]), new_mask)[0].contiguous()
+def slot_map(old_indices, new_mask):
+    """int64 (rows, cols/2): for every slot of the 2:4 ``new_mask``, the flat slot holding the
+    same weight under ``old_indices``, or -1 for a weight that is new."""
+    rows, cols = new_mask.shape
+    old = torch.full((rows, cols), -1, dtype=torch.int64, device=new_mask.device)
+    old.scatter_(1, unpack_columns(old_indices, cols),
+                 torch.arange(rows * (cols // 2), device=new_mask.device).view(rows, cols // 2))
+    return compress(old, new_mask)[0]
+
+
+def carry(tensor, slots):
+    """``tensor`` (rows, cols/2) moved by a :func:`slot_map`: new weights' entries are zero."""
+    moved = tensor.reshape(-1)[slots.clamp_min(0)].view_as(slots)
+    return torch.where(slots >= 0, moved, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
 
 def restructure_semi(layer, optimizer, new_mask):
     """Give the static SemiSparseLinear ``layer`` the 2:4 structure ``new_mask``, carrying
     values and the optimizer's per-weight state (zero for regrown weights)."""
-    old_indices = layer.indices.clone()
     state = optimizer.state.get(layer.values, {})
-    for key, value in list(state.items()):
-        if torch.is_tensor(value) and value.dim() >= 1 and tuple(value.shape) == tuple(layer.values.shape):
-            state[key] = carry(value, old_indices, new_mask)
+    tensors = [k for k, v in state.items()
+               if torch.is_tensor(v) and v.dim() >= 1 and tuple(v.shape) == tuple(layer.values.shape)]
+    if tensors:
+        slots = slot_map(layer.indices, new_mask)
+        for key in tensors:
+            state[key] = carry(state[key], slots)
     layer.set_mask(new_mask)
 
 

@@ -245,10 +245,7 @@ def dpf_mask(dense_weight, density):
 
 # ---------------------------------------------------------------- 2:4 granularity
 
-# The six ways to keep two of four, in order of their kept positions: (0,1), (0,2), ... (2,3).
-_ROW_PATTERNS = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]],
-                             dtype=torch.bool)
-_GROUPS_PER_CHUNK = 16384
+_TILES_PER_CHUNK = 65536
 
 
 def _to_groups(t, transposable):
@@ -278,49 +275,83 @@ def _check_semi_mask(mask, transposable):
         raise ValueError(f"mask of shape {tuple(mask.shape)} is not exactly {what}")
 
 
+def _smallest_mask(score, eligible, k):
+    """Bool mask of the k smallest ``score`` among ``eligible`` (ties: lower flat index first).
+
+    Same choice as :func:`_smallest`, in O(n) (a k-th value instead of a sort).
+    """
+    out = torch.zeros(eligible.numel(), dtype=torch.bool, device=eligible.device)
+    if k > 0:
+        where = eligible.reshape(-1).nonzero().squeeze(1)
+        values = score.reshape(-1)[where]
+        threshold = values.kthvalue(k).values
+        below, tied = values < threshold, values == threshold
+        take = below | (tied & (tied.cumsum(0) <= k - int(below.sum())))
+        out[where[take]] = True
+    return out.view(eligible.shape)
+
+
+def _grow_in_rows(kept, score):
+    """(groups, 4): each group regrows 2 - kept of its free positions, largest ``score`` first
+    (ties: lower position)."""
+    free, s = (~kept).unbind(1), score.unbind(1)
+    need = 2 - kept.sum(1, dtype=torch.uint8)
+    grown = []
+    for i in range(4):
+        # free entries ahead of entry i: larger score, or equal score at a lower position
+        ahead = sum((free[j] & ((s[j] >= s[i]) if j < i else (s[j] > s[i]))).to(torch.uint8)
+                    for j in range(4) if j != i)
+        grown.append(free[i] & (ahead < need))
+    return kept | torch.stack(grown, 1)
+
+
+def _grow_in_tiles(kept, score):
+    """(tiles, 16): each tile takes the transposable pattern containing its survivors with the
+    largest total ``score`` over its new entries (ties: first in transposable_patterns())."""
+    patterns = transposable_patterns(kept.device)                         # (90, 16)
+    dtype = torch.float64 if score.dtype == torch.float64 else torch.float32
+    members, outside = patterns.T.to(dtype), (~patterns).T.to(dtype)
+    best = []
+    for k, g in zip(kept.split(_TILES_PER_CHUNK), score.split(_TILES_PER_CHUNK)):
+        lost = k.to(dtype) @ outside                                       # survivors a pattern lacks
+        gain = torch.where(k, torch.zeros((), dtype=dtype), g.to(dtype)) @ members
+        best.append(gain.masked_fill_(lost > 0, -math.inf).argmax(1))      # first maximal on ties
+    return patterns[torch.cat(best)] if best else kept
+
+
 def semi_drop_and_grow(mask, drop_score, grow_score, n_drop, *, transposable=False):
     """Drop and grow inside a 2:4 structure: the result is 2:4 again (transposable if asked).
 
     Drop: the ``n_drop`` kept entries of smallest ``drop_score`` over the whole
     tensor leave (ties: lower flat index first), exactly as :func:`drop_and_grow`.
-    Grow: every group (a row group of four, or a 4x4 tile if ``transposable``)
-    then takes, among the 2:4 patterns (6 per group; 90 transposable per tile)
-    that contain its surviving entries, the one of largest total ``grow_score``
-    over its new entries; ties go to the first pattern in a fixed order
-    (:data:`_ROW_PATTERNS`, :func:`sparsekern.pruning.transposable_patterns`).
-    Each group so regrows exactly as many entries as it lost, so nnz and the
-    pattern are preserved; just-dropped entries are eligible (the old pattern
-    is always a candidate). In a row group this is: regrow the top-d
-    ``grow_score`` among its 2 + d non-kept positions.
+    Grow, so that every group regrows exactly as many entries as it lost
+    (just-dropped entries are eligible):
 
-    mask: bool (rows, cols), exactly two True in every group of four along rows
-    (and in every column of a 4x4 tile if transposable); scores alike. Returns
-    the new bool mask.
+    - row groups of four (not transposable): a group that lost d entries regrows
+      the d largest ``grow_score`` among its 2 + d non-kept positions (ties:
+      lower position);
+    - 4x4 tiles (transposable): among the 90 transposable patterns that contain
+      the tile's surviving entries (the old pattern always does), the one of
+      largest total ``grow_score`` over its new entries (ties: the first in
+      :func:`sparsekern.pruning.transposable_patterns`' order).
+
+    nnz and the (transposable) 2:4 pattern are preserved. mask: bool (rows, cols)
+    with exactly two True in every group of four along rows (and per column of
+    every 4x4 tile if transposable); scores alike. Returns the new bool mask.
+    O(numel): a k-th value for the drop, a fixed amount of work per group.
     """
     _check_semi_mask(mask, transposable)
     for name, score in (("drop_score", drop_score), ("grow_score", grow_score)):
         if not isinstance(score, torch.Tensor) or score.shape != mask.shape:
             raise ValueError(f"{name} must be a tensor of the mask's shape {tuple(mask.shape)}, got "
                              f"{tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__}")
-    flat = mask.reshape(-1)
-    if not 0 <= n_drop <= int(flat.sum()):
-        raise ValueError(f"cannot drop {n_drop} of {int(flat.sum())} active entries")
-    kept = flat.clone()
-    kept[_smallest(drop_score.reshape(-1), flat, n_drop)] = False
-    kept = kept.view(mask.shape)
-    patterns = (transposable_patterns(mask.device) if transposable else _ROW_PATTERNS.to(mask.device))
-    members = patterns.T.double()                                  # (group size, patterns)
-    kept_groups = _to_groups(kept, transposable)
-    gain_groups = _to_groups(torch.where(kept, torch.zeros_like(grow_score, dtype=torch.float64),
-                                         grow_score.double()), transposable)
-    best = []
-    for k, g in zip(kept_groups.split(_GROUPS_PER_CHUNK), gain_groups.split(_GROUPS_PER_CHUNK)):
-        k = k.double()
-        contains = (k @ members) == k.sum(1, keepdim=True)          # pattern keeps every survivor
-        gain = torch.where(contains, g @ members, torch.full_like(contains, -math.inf, dtype=torch.float64))
-        best.append(gain.argmax(1))                                 # first maximal pattern on ties
-    chosen = patterns[torch.cat(best)] if best else kept_groups
-    return _from_groups(chosen, mask.shape, transposable)
+    active = int(mask.sum())
+    if not 0 <= n_drop <= active:
+        raise ValueError(f"cannot drop {n_drop} of {active} active entries")
+    kept = mask & ~_smallest_mask(drop_score, mask, n_drop)
+    grow = _grow_in_tiles if transposable else _grow_in_rows
+    new = grow(_to_groups(kept, transposable), _to_groups(grow_score, transposable))
+    return _from_groups(new, mask.shape, transposable)
 
 
 def semi_rigl_update(weight, mask, grad, drop_fraction, *, transposable=False):
