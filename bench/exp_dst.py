@@ -80,15 +80,20 @@ def text_windows(text, context):
 
 # ------------------------------------------------------------------ models
 
-def hidden(sparse, n_in, n_out, block):
-    return sk.SparseLinear(n_in, n_out, block_size=block) if sparse else nn.Linear(n_in, n_out)
+def hidden(sparse, n_in, n_out, args):
+    """A hidden layer: nn.Linear (dense runs), SparseLinear, or 2:4 SemiSparseLinear (``--hidden-layer``)."""
+    if not sparse:
+        return nn.Linear(n_in, n_out)
+    if args.hidden_layer == "block":
+        return sk.SparseLinear(n_in, n_out, block_size=args.block_size)
+    return sk.SemiSparseLinear(n_in, n_out, transposable=args.hidden_layer == "semi-transposable")
 
 
 def fashion_model(sparse, args, seed=0):
     torch.manual_seed(seed)
     h = args.hidden
-    return nn.Sequential(hidden(sparse, 784, h, args.block_size), nn.ReLU(),
-                         hidden(sparse, h, h, args.block_size), nn.ReLU(), nn.Linear(h, 10))
+    return nn.Sequential(hidden(sparse, 784, h, args), nn.ReLU(),
+                         hidden(sparse, h, h, args), nn.ReLU(), nn.Linear(h, 10))
 
 
 class CharMLP(nn.Module):
@@ -96,8 +101,8 @@ class CharMLP(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.embed = nn.Embedding(vocab, args.embed)
-        self.body = nn.Sequential(hidden(sparse, args.context * args.embed, args.text_hidden, args.block_size),
-                                  nn.ReLU(), hidden(sparse, args.text_hidden, args.text_hidden, args.block_size),
+        self.body = nn.Sequential(hidden(sparse, args.context * args.embed, args.text_hidden, args),
+                                  nn.ReLU(), hidden(sparse, args.text_hidden, args.text_hidden, args),
                                   nn.ReLU(), nn.Linear(args.text_hidden, vocab))
 
     def forward(self, x):
@@ -127,6 +132,9 @@ def stored_density(model):
         if isinstance(m, sk.SparseLinear):
             stored += m.nnz_blocks * math.prod(m.block_size)
             total += m.padded_shape[0] * m.padded_shape[1]
+        elif isinstance(m, sk.SemiSparseLinear):
+            stored += m.values.numel()
+            total += m.in_features * m.out_features
     return stored / total if total else 1.0
 
 
@@ -157,7 +165,7 @@ def run(task, method, density, data, args, seed=0):
         if args.sparse_init:
             # Keep the activation scale of the dense init: fan-in shrank to density * in_features.
             with torch.no_grad():
-                for name, layer in driver.layers:
+                for name, layer in driver.layers:  # random block masks (2:4 layers keep their magnitude pruning)
                     layer.values.mul_(layer.density ** -0.5)
                     if hasattr(driver, "shadow"):  # Top-KAST's exploration blocks: same scale
                         driver.shadow[name][0].mul_(layer.density ** -0.5)
@@ -183,7 +191,8 @@ def run(task, method, density, data, args, seed=0):
     quality = evaluate(task, model, test_x, test_y)
     return {"task": task, "method": method, "density": density if sparse else 1.0, "seed": seed,
             "epochs": args.epochs, "delta": delta, "train_samples": len(train_x),
-            "stored_density": round(stored_density(model), 4), "block_size": args.block_size if sparse else None,
+            "stored_density": round(stored_density(model), 4),
+            "block_size": (args.block_size if args.hidden_layer == "block" else args.hidden_layer) if sparse else None,
             "quality": round(quality, 4), "metric": "test_acc" if task == "fashion" else "val_bits_per_char",
             "train_s": round(sum(times), 3), "step_ms": round(1000 * median, 3), "steps": steps,
             "updates": len(updates), "update_cost_steps": round(cost_steps, 3),
@@ -359,6 +368,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=["dense", *METHODS], choices=["dense", *METHODS])
     p.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.05, 0.02])
     p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--hidden-layer", choices=["block", "semi", "semi-transposable"], default="block",
+                   help="sparse hidden layers: SparseLinear (--block-size), or 2:4 SemiSparseLinear "
+                        "(row-wise or transposable; density fixed at 0.5, --densities ignored by them)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--seeds", nargs="+", type=int, default=[0],
                    help="seed of the initial weights, masks, driver choices and data order (one run per seed)")

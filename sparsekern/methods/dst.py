@@ -1,4 +1,5 @@
-"""Dynamic sparse training drivers acting on :class:`sparsekern.SparseLinear` layers.
+"""Dynamic sparse training drivers acting on :class:`sparsekern.SparseLinear` layers
+(block or element granularity) and static :class:`sparsekern.SemiSparseLinear` layers (2:4).
 
 Usage (the same for every driver)::
 
