@@ -21,6 +21,8 @@
 //                          over 4 x 96 tokens, reduced with one hadd tree
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "semi/prune.h"
 #include <immintrin.h>
 
 #include <algorithm>
@@ -369,4 +371,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan, "per-structure weight stream layout: (panel offsets, value positions)");
   m.def("forward", &forward, "y = x @ W.T with W 2:4-compressed (values + plan)");
   m.def("grad_weight", &grad_weight, "dvalues = (dy.T @ x) at W's kept positions");
+  m.def("prune_compress", &sparsekern::semi::prune_compress,
+        "2:4 prune (row-wise or transposable) + compress of W (and of W.T when transposable)");
+  m.def("transposable_pattern_table", &sparsekern::semi::transposable_pattern_table,
+        "the 90 transposable 4x4 patterns, (90, 16) bool, in scoring order");
 }

@@ -1,4 +1,4 @@
-"""C++ 2:4 products on CPU (``sparsekern._C_semi``, csrc/semi/semi.cpp): fp32 with AVX2 + FMA.
+"""C++ 2:4 products and prune+compress on CPU (``sparsekern._C_semi``, csrc/semi/): fp32, AVX2 + FMA.
 
 The extension is loaded on first use; without it (or on a CPU without AVX2, or
 for another dtype) this backend reports itself unavailable and the registry
@@ -16,7 +16,6 @@ import torch
 from ..._extension import extension_failure, load_extension
 from ...formats.semi_structured import decompress
 from ..registry import register_kernel
-from .reference import semi_prune_compress
 
 _NB, _KC = 32, 32     # forward blocking: weight rows per task, panel columns per L1 block
 _plans = {}           # (id(indices), id(map)) -> (weak refs, indices version, plan)
@@ -69,8 +68,12 @@ def semi_grad_weight(dy, x, indices):
     return _module().grad_weight(dy, x, indices)
 
 
+def semi_prune_compress(dense, transposable):
+    compressed = _module().prune_compress(dense, transposable)
+    return tuple(compressed) if transposable else (*compressed, None, None)
+
+
 register_kernel("semi_forward", "cpu", semi_forward, _unavailable)
 register_kernel("semi_grad_input", "cpu", semi_grad_input, _unavailable)
 register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _unavailable)
-# Pruning is a few vectorised torch ops (comparisons, one small matmul), already fast on CPU.
 register_kernel("semi_prune_compress", "cpu", semi_prune_compress, _unavailable)

@@ -1,0 +1,60 @@
+"""The C++ prune+compress of the 2:4 cpu backend against sparsekern.prune_2to4 + compress.
+
+Integer-valued weights (many exact ties) must give bit-identical masks, values
+and packed indices, for W and Wᵀ: the same tie-breaking as the reference (lower
+index first; the first of the 90 transposable patterns in their order). On
+random weights the kept magnitude is the optimum up to fp32 rounding.
+"""
+import pytest
+import torch
+
+import sparsekern as sk
+from sparsekern._extension import load_extension
+from sparsekern.kernels.semi import cpu, reference
+from sparsekern.pruning import transposable_patterns
+
+ext = load_extension("semi")
+pytestmark = [pytest.mark.skipif(cpu._unavailable(torch.device("cpu"), torch.float32) is not None,
+                                 reason="the 2:4 cpu backend cannot run here"),
+              pytest.mark.usefixtures("one_thread")]
+
+SHAPES = [(4, 4), (8, 12), (36, 20), (12, 260), (132, 64)]
+
+
+def test_pattern_order_is_the_reference_order():
+    assert torch.equal(ext.transposable_pattern_table(), transposable_patterns())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])
+def test_ties_and_compression_match_the_reference_exactly(shape, transposable):
+    w = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(0)).float()
+    got = cpu.semi_prune_compress(w, transposable)
+    want = reference.semi_prune_compress(w, transposable)
+    for g, r in zip(got, want):
+        assert (g is None) == (r is None)
+        if r is not None:
+            assert g.dtype == r.dtype and torch.equal(g, r)
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])
+def test_random_weights_keep_the_optimal_magnitude(transposable):
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
+    values, indices, values_t, indices_t = cpu.semi_prune_compress(w, transposable)
+    matrix = sk.SemiStructuredMatrix(values, indices, tuple(w.shape), values_t=values_t, indices_t=indices_t)
+    mask = matrix.mask
+    sk.SemiStructuredMatrix.from_dense(w * mask, mask=mask, with_transpose=transposable)  # a valid pattern
+    assert torch.equal(matrix.to_dense(), w * mask)
+    if transposable:
+        assert torch.equal(sk.SemiStructuredMatrix(values_t, indices_t, (512, 256)).to_dense(), (w * mask).T)
+    best = w.abs()[sk.prune_2to4(w, transposable=transposable)].sum()
+    assert w.abs()[mask].sum() >= best * (1 - 1e-6)
+
+
+def test_rejects_what_the_kernel_cannot_prune():
+    with pytest.raises(RuntimeError, match="multiples of 4"):
+        ext.prune_compress(torch.randn(6, 8), True)
+    with pytest.raises(RuntimeError, match="last dim a multiple of 4"):
+        ext.prune_compress(torch.randn(6, 10), False)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.prune_compress(torch.randn(8, 8, dtype=torch.float64), False)
