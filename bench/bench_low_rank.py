@@ -21,9 +21,14 @@ import argparse
 import os
 import sys
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+# Huge pages for torch's large CPU allocations, on both sides, as in bench_bsr_linear.py:
+# every fresh 32 MB output is otherwise page-faulted in 4 KB at a time. torch reads this
+# once, at its first allocation; THP_MEM_ALLOC_ENABLE=0 measures without.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402

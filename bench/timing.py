@@ -15,7 +15,8 @@ def versions():
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return dict(torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads())
+    return dict(torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads(),
+                thp_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"))
 
 
 def device_name(device):
