@@ -36,3 +36,12 @@ def random_bsr(shape, block_size, density, dtype=torch.float64, seed=0, **mask_k
 def relative_error(actual, expected):
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def output_and_grads(model, x):
+    """(model(x), a copy of every parameter's gradient of sum(y²)); gradients are cleared after."""
+    y = model(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return y, grads

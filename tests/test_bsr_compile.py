@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import sparsekern as sk
+from helpers import output_and_grads
 
 
 class _Model(nn.Module):
@@ -22,14 +23,6 @@ class _Model(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def _run(model, x):
-    y = model(x)
-    y.square().sum().backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return y, grads
-
-
 @pytest.mark.parametrize("backend", [None, "reference"], ids=["auto", "reference"])
 def test_compiled_model_matches_eager_without_graph_breaks(backend):
     torch._dynamo.reset()
@@ -37,8 +30,8 @@ def test_compiled_model_matches_eager_without_graph_breaks(backend):
     model = _Model()
     x = torch.randn(2, 5, 40)
     with sk.use_backend(backend):
-        y_eager, grads_eager = _run(model, x)
-        y_compiled, grads_compiled = _run(torch.compile(model, fullgraph=True, backend="aot_eager"), x)
+        y_eager, grads_eager = output_and_grads(model, x)
+        y_compiled, grads_compiled = output_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"), x)
     torch.testing.assert_close(y_compiled, y_eager)
     for got, want in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(got, want)
