@@ -315,6 +315,33 @@ def speed(args, env):
                    "rebuild_ms": round(1000 * statistics.median(driver.update_seconds), 3), **env}
 
 
+def paired_differences(rows, baseline="static"):
+    """Per task: each method's quality minus ``baseline``'s at the same density and seed (same
+    initial weights and data order), as mean ± sd over seeds and the count of seeds it is ahead."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        sub = [r for r in rows if r["task"] == task]
+        base = {(r["density"], r["seed"]): r["quality"] for r in sub if r["method"] == baseline}
+        dens = sorted({d for d, _ in base}, reverse=True)
+        sign = -1 if sub[0]["metric"] == "val_bits_per_char" else 1  # positive = better
+        out += [f"{task}: {sub[0]['metric']} minus {baseline}'s, same seed (positive = better; "
+                "mean ± sd, seeds ahead/seeds)", "",
+                "| method | " + " | ".join(f"density {d}" for d in dens) + " |", "|---|" + "---|" * len(dens)]
+        for method in dict.fromkeys(r["method"] for r in sub if r["method"] not in ("dense", baseline)):
+            cells = []
+            for d in dens:
+                diff = [sign * (r["quality"] - base[(d, r["seed"])]) for r in sub
+                        if r["method"] == method and r["density"] == d and (d, r["seed"]) in base]
+                if not diff:
+                    cells.append("-")
+                    continue
+                sd = f" ± {statistics.stdev(diff):.4f}" if len(diff) > 1 else ""
+                cells.append(f"{statistics.mean(diff):+.4f}{sd} ({sum(x > 0 for x in diff)}/{len(diff)})")
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def svg_plot(rows, path):
     """Quality (mean over seeds) vs density, one line per method, one panel per task (plain SVG)."""
     rows = [{"task": t, "method": m, "density": d, "quality": q, "metric": metric[t]}
@@ -405,6 +432,8 @@ def main(argv=None):
         rows = [json.loads(line) for line in open(args.from_json) if line.strip()]
         print(markdown(rows))
         print(quality_pivot(rows))
+        if any(r["method"] == "static" and "seed" in r for r in rows):
+            print(paired_differences(rows))
         if args.plot:
             svg_plot(rows, args.plot)
         return
