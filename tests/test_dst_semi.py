@@ -129,8 +129,11 @@ def test_set_mask_carries_values_and_refreshes_the_cached_matrix(transposable):
     old_dense, old_mask = layer.dense_weight().detach().clone(), layer.mask
     x = torch.randn(5, 16, dtype=torch.float64)
     layer(x).sum().backward()
+    old_values = values.detach().clone()
     new_mask = prune_2to4(torch.randn(8, 16), transposable=transposable)
-    layer.set_mask(new_mask)
+    slots = layer.set_mask(new_mask)
+    assert slots.shape == (8, 8) and int((slots < 0).sum()) == int((new_mask & ~old_mask).sum())
+    assert torch.equal(layer.values.detach()[slots >= 0], old_values.reshape(-1)[slots[slots >= 0]])
     assert layer.values is values and layer.values.shape == (8, 8) and layer.values.grad is None
     assert torch.equal(layer.mask, new_mask)
     assert torch.equal(layer.dense_weight().detach(), old_dense * new_mask)  # survivors kept, new ones zero

@@ -15,22 +15,13 @@
 """
 import torch
 
-from ..formats.semi_structured import compress, decompress, kept_positions, pack_indices, unpack_columns
+from ..formats.semi_structured import decompress, kept_positions, pack_indices
 from ..kernels import forced_backend, select_kernel
 
 
-def slot_map(old_indices, new_mask):
-    """int64 (rows, cols/2): for every slot of the 2:4 ``new_mask``, the flat slot holding the
-    same weight under ``old_indices``, or -1 for a weight that is new."""
-    rows, cols = new_mask.shape
-    old = torch.full((rows, cols), -1, dtype=torch.int64, device=new_mask.device)
-    old.scatter_(1, unpack_columns(old_indices, cols),
-                 torch.arange(rows * (cols // 2), device=new_mask.device).view(rows, cols // 2))
-    return compress(old, new_mask)[0]
-
-
 def carry(tensor, slots):
-    """``tensor`` (rows, cols/2) moved by a :func:`slot_map`: new weights' entries are zero."""
+    """``tensor`` (rows, cols/2) moved by the slot map ``SemiSparseLinear.set_mask`` returns:
+    new weights' entries are zero."""
     moved = tensor.reshape(-1)[slots.clamp_min(0)].view_as(slots)
     return torch.where(slots >= 0, moved, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
@@ -41,11 +32,9 @@ def restructure_semi(layer, optimizer, new_mask):
     state = optimizer.state.get(layer.values, {})
     tensors = [k for k, v in state.items()
                if torch.is_tensor(v) and v.dim() >= 1 and tuple(v.shape) == tuple(layer.values.shape)]
-    if tensors:
-        slots = slot_map(layer.indices, new_mask)
-        for key in tensors:
-            state[key] = carry(state[key], slots)
-    layer.set_mask(new_mask)
+    slots = layer.set_mask(new_mask)
+    for key in tensors:
+        state[key] = carry(state[key], slots)
 
 
 class SemiProbe:

@@ -16,7 +16,8 @@ import math
 import torch
 from torch import nn
 
-from ..formats.semi_structured import SemiStructuredMatrix, _check_exact_2to4, compress, decompress
+from ..formats.semi_structured import (SemiStructuredMatrix, _check_exact_2to4, compress, decompress, kept_positions,
+                                       pack_indices, unpack_columns)
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
 from ..pruning import check_2to4_shape, prune_2to4
 
@@ -96,8 +97,11 @@ class SemiSparseLinear(nn.Module):
         of four along a row (and two per column of every 4x4 tile if ``transposable``).
         Weights kept before and after keep their values; newly kept ones start at
         zero. ``values`` keeps its identity and its shape (out, in/2), its slots are
-        refilled in the new order, and its ``.grad`` is cleared; optimizer state shaped
-        like it must be remapped by the caller (``sparsekern.methods`` does).
+        refilled in the new order, and its ``.grad`` is cleared.
+
+        Returns int64 (out, in/2): for every slot of the new ``values``, the flat slot
+        that held the same weight before, or -1 for a new weight. Optimizer state
+        shaped like ``values`` must be moved with it (``sparsekern.methods`` does).
         """
         if self.mode != "static":
             raise RuntimeError("set_mask() is for mode='static'; a dynamic layer re-prunes every call")
@@ -107,10 +111,18 @@ class SemiSparseLinear(nn.Module):
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
         mask = mask.to(self.values.device)
         _check_exact_2to4(mask, shape, self.transposable)
+        positions = kept_positions(mask)
+        slots = _slot_map(self.indices, positions, self.in_features)
         with torch.no_grad():
-            self._set_static(self.dense_weight(), mask)  # zero outside the old mask: new weights start at 0
+            moved = self.values.detach().reshape(-1)[slots.clamp_min(0)].view_as(slots)
+            self.values.data = torch.where(slots >= 0, moved, torch.zeros((), dtype=moved.dtype,
+                                                                          device=moved.device)).contiguous()
+        self.indices = pack_indices(positions)
+        if self.transposable:
+            self.indices_t = pack_indices(kept_positions(mask.T.contiguous()))
         self.values.grad = None
         self._cached = None
+        return slots
 
     @property
     def mask(self):
@@ -158,3 +170,16 @@ class SemiSparseLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"transposable={self.transposable}, mode={self.mode!r}")
+
+
+def _slot_map(old_indices, new_positions, cols):
+    """int64 (rows, cols/2): for each new kept weight (``new_positions``, in-group positions of a
+    2:4 layout) the flat slot of the same weight under ``old_indices``, or -1. Groups of four
+    keep two weights each in both layouts, so this compares two against two per group."""
+    rows, groups = new_positions.shape[0], cols // 4
+    old = (unpack_columns(old_indices, cols) % 4).view(rows, groups, 2)
+    new = new_positions.view(rows, groups, 2)
+    first = torch.arange(0, rows * (cols // 2), 2, device=new.device).view(rows, groups, 1)  # old slot 0
+    none = torch.full((), -1, dtype=torch.int64, device=new.device)
+    slots = torch.where(new == old[..., :1], first, torch.where(new == old[..., 1:], first + 1, none))
+    return slots.view(rows, cols // 2)
