@@ -5,9 +5,9 @@
 // transposable masks, Wᵀ's, in the formats of sparsekern.formats.semi_structured.
 // The choice is exactly sparsekern.pruning.prune_2to4's: row-wise keeps the two
 // largest |w| (ties to the lower index); transposable scores the 90 patterns of
-// transposable_patterns() in their order and keeps the first best one. The plain
-// torch version (reference backend) costs more than a dense forward at 4096²;
-// this one is a few per cent of it.
+// transposable_patterns() in their order and keeps the first best one. At 4096²
+// (transposable, W and Wᵀ) the plain torch version costs 1.6 dense forwards
+// (2048 tokens), this one 0.17 (docs/semi_structured.md).
 #include "semi/prune.h"
 
 #include <ATen/Parallel.h>
