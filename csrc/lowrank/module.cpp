@@ -6,10 +6,10 @@
 // (x V, b Uᵀ + bias, dY U, H Vᵀ) have one narrow side r. They run on the
 // block-sparse driver (csrc/bsr/grouped_product.h) with one block holding the
 // whole narrow factor: the factor is packed once into NR-column strips, the
-// tokens are read in place, six rows at a time, and the bias is added while an
-// output tile is still in L1 (MKL's addmm instead copies the bias into the
-// whole output first, one more pass over 32 MB at 2048 x 4096). At r = 64 this
-// runs at 180-190 GFLOP/s on 2 Zen3 cores where MKL's sgemm reaches 140-165 at
+// tokens are read in place, six rows at a time, and the bias seeds the
+// accumulators (MKL's addmm instead copies the bias into the whole output
+// first, one more pass over 32 MB at 2048 x 4096). At r = 64 this
+// runs at 152-174 GFLOP/s on 2 Zen3 cores where MKL's sgemm reaches 134-160 at
 // these shapes (docs/low_rank.md). The two token reductions (dYᵀ a, Xᵀ G) stay
 // on BLAS, which is as fast there.
 #include <torch/extension.h>
