@@ -34,3 +34,15 @@ def load_extension(name):
 def extension_failure(name):
     """Why ``load_extension(name)`` returned None (after it was tried), else None."""
     return _failures.get(name)
+
+
+def cpu_extension_unavailable(name, dtypes, device, dtype):
+    """The availability probe of a C++ cpu backend on ``sparsekern._C_<name>``: None,
+    or why it cannot run tensors of ``device`` / ``dtype``."""
+    if device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors only, not {device.type}"
+    if dtype not in dtypes:
+        return f"dtype {dtype} is not supported (supported: {', '.join(str(d) for d in dtypes)})"
+    if load_extension(name) is None:
+        return f"the compiled extension sparsekern._C_{name} is unavailable ({extension_failure(name)})"
+    return None

@@ -7,7 +7,7 @@ and accumulated in float32, and rounded once on output. Sources: csrc/bsr/.
 """
 import torch
 
-from ..._extension import extension_failure, load_extension
+from ..._extension import cpu_extension_unavailable, load_extension
 from ..registry import register_kernel
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -18,13 +18,7 @@ def _ext():
 
 
 def unavailable(device, dtype):
-    if device.type != "cpu":
-        return f"the cpu backend runs on CPU tensors only, not {device.type}"
-    if dtype not in _DTYPES:
-        return f"dtype {dtype} is not supported (supported: {', '.join(str(d) for d in _DTYPES)})"
-    if _ext() is None:
-        return f"the compiled extension sparsekern._C_bsr is unavailable ({extension_failure('bsr')})"
-    return None
+    return cpu_extension_unavailable("bsr", _DTYPES, device, dtype)
 
 
 def bsr_forward(x, values, layout, bias=None):

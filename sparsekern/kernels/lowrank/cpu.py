@@ -14,7 +14,7 @@ N r²), and transposes are passed as strided views so no operand is copied.
 """
 import torch
 
-from ..._extension import extension_failure, load_extension
+from ..._extension import cpu_extension_unavailable, load_extension
 from ..registry import register_kernel
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -25,13 +25,7 @@ def _ext():
 
 
 def _unavailable(device, dtype):
-    if device.type != "cpu":
-        return f"the cpu backend runs on cpu tensors, got {device.type}"
-    if dtype not in _DTYPES:
-        return f"the cpu backend supports {_DTYPES}, got {dtype}"
-    if _ext() is None:
-        return f"the compiled extension sparsekern._C_lowrank is unavailable ({extension_failure('lowrank')})"
-    return None
+    return cpu_extension_unavailable("lowrank", _DTYPES, device, dtype)
 
 
 def lowrank_forward(x, U, S, V, bias):
