@@ -32,7 +32,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
-from timing import compare, device_name, emit_rows, versions  # noqa: E402  (bench/timing.py)
+from timing import compare, device_name, emit_rows, fwd_bwd, versions  # noqa: E402  (bench/timing.py)
 
 
 def keep_freed_memory():
@@ -46,14 +46,6 @@ def keep_freed_memory():
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
-
-
-def _fwd_bwd(layer, x, dy):
-    def run():
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        layer(x).backward(dy)
-    return run
 
 
 def _unfused(layer, x, dy):
@@ -100,10 +92,10 @@ def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases)
                    / (in_features * out_features))
         layer = sk.LowRankLinear(in_features, out_features, rank, **factory)
         if "fwd+bwd" in cases:
-            rows.append(compare("fwd+bwd", _fwd_bwd(dense, x, dy), _fwd_bwd(layer, x, dy), repeats, device, row,
+            rows.append(compare("fwd+bwd", fwd_bwd(dense, x, dy), fwd_bwd(layer, x, dy), repeats, device, row,
                                 sparse_key="lowrank_ms"))
         if "unfused" in cases:
-            rows.append(compare("fwd+bwd unfused", _fwd_bwd(dense, x, dy), _unfused(layer, x, dy),
+            rows.append(compare("fwd+bwd unfused", fwd_bwd(dense, x, dy), _unfused(layer, x, dy),
                                 repeats, device, row, sparse_key="lowrank_ms"))
         if "step" in cases:
             # Tiny lr: the factors stay well-scaled however many steps are timed.
@@ -146,7 +138,7 @@ def main(argv=None):
 def test_bench_low_rank_fwd_bwd(benchmark):
     layer = sk.LowRankLinear(512, 512, 32)
     x = torch.randn(256, 512, requires_grad=True)
-    benchmark(_fwd_bwd(layer, x, torch.randn(256, 512)))
+    benchmark(fwd_bwd(layer, x, torch.randn(256, 512)))
 
 
 def test_bench_dlrt_step(benchmark):

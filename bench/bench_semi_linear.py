@@ -33,7 +33,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
-from timing import compare, device_name, emit_rows, versions  # noqa: E402  (bench/timing.py)
+from timing import compare, device_name, emit_rows, fwd_bwd, versions  # noqa: E402  (bench/timing.py)
 from sparsekern.kernels import select_kernel  # noqa: E402
 
 CASES = ("fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune")
@@ -43,14 +43,6 @@ def _forward(layer, x):
     def run():
         with torch.no_grad():
             layer(x)
-    return run
-
-
-def _fwd_bwd(layer, x, dy):
-    def run():
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        layer(x).backward(dy)
     return run
 
 
@@ -82,7 +74,7 @@ def run(shapes, repeats, dtype, device, cases):
             elif case == "fwd":
                 rows.append(compare(case, _forward(dense, x), _forward(layers[case](), x), repeats, device, row))
             else:
-                rows.append(compare(case, _fwd_bwd(dense, x, dy), _fwd_bwd(layers[case](), x, dy), repeats,
+                rows.append(compare(case, fwd_bwd(dense, x, dy), fwd_bwd(layers[case](), x, dy), repeats,
                                     device, row))
     return rows
 
@@ -116,7 +108,7 @@ def main(argv=None):
 def test_bench_semi_linear_fwd_bwd(benchmark):
     layer = sk.SemiSparseLinear(512, 512)
     x = torch.randn(256, 512, requires_grad=True)
-    benchmark(_fwd_bwd(layer, x, torch.randn(256, 512)))
+    benchmark(fwd_bwd(layer, x, torch.randn(256, 512)))
 
 
 def test_bench_semi_prune(benchmark):

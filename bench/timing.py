@@ -19,6 +19,16 @@ def versions():
                 thp_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"))
 
 
+
+def fwd_bwd(layer, x, dy):
+    """A timed callable: y = layer(x); y.backward(dy), gradients of layer and x cleared first."""
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(dy)
+    return run
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
