@@ -43,7 +43,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import datasets  # noqa: E402  (bench/datasets.py: this script's folder is on sys.path)
 import sparsekern as sk  # noqa: E402
 from sparsekern.kernels import select_kernel  # noqa: E402
-from sparsekern.methods import DPF, GGR, SET, SNFS, DynamicSparsity, RigL, TopKAST  # noqa: E402
+from sparsekern.methods import DPF, GGR, SET, SNFS, DynamicSparsity, RigL, TopKAST, erk_densities  # noqa: E402
+from sparsekern.methods.functional import dpf_mask  # noqa: E402
+from sparsekern.methods.schedules import DropSchedule, gradual_density  # noqa: E402
 
 FORTUNES = "/usr/share/games/fortunes"
 METHODS = {"static": DynamicSparsity, "set": SET, "rigl": RigL, "snfs": SNFS, "topkast": TopKAST, "ggr": GGR,
@@ -109,6 +111,53 @@ class CharMLP(nn.Module):
         return self.body(self.embed(x).flatten(1))
 
 
+# ------------------------------------------------------------------ reference: DPF on masked dense layers
+
+class _StraightThroughMask(nn.Module):
+    """Forward value W ⊙ M; the gradient reaches all of W unmasked (DPF's error feedback)."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, weight):
+        return weight + (weight * self.mask - weight).detach()
+
+
+class MaskedDPF:
+    """Reference only, not a sparsekern driver: DPF as the paper's code runs it, on the dense
+    nn.Linear hidden layers at element granularity (the last Linear stays dense). Forward with
+    W ⊙ M, the gradient there updates all of W; every ``delta`` steps until ``t_end``, M = the
+    top |w| at Zhu & Gupta's cubic density (ERK targets), reached at ``ramp_end`` (None: at the
+    last update). Everything is dense, so it is no faster than dense: for quality only (element
+    granularity on SparseLinear with DPF's dense probe is too slow on this CPU)."""
+
+    def __init__(self, model, *, density, delta, t_end, ramp_end=None):
+        self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]
+        self.targets = erk_densities([tuple(layer.weight.shape) for layer in self.layers], density)
+        self.schedule = DropSchedule(delta=delta, t_end=t_end)
+        self.ramp_end = ramp_end if ramp_end is not None else ((t_end - 1) // delta) * delta
+        self.masks = [torch.ones_like(layer.weight, dtype=torch.bool) for layer in self.layers]
+        for layer, mask in zip(self.layers, self.masks):
+            torch.nn.utils.parametrize.register_parametrization(layer, "weight", _StraightThroughMask(mask))
+        self.t, self.update_seconds, self._probes = 0, [], {}
+
+    def step(self):
+        self.t += 1
+        if not self.schedule.is_update_step(self.t):
+            return False
+        start = time.perf_counter()
+        with torch.no_grad():
+            for layer, mask, target in zip(self.layers, self.masks, self.targets):
+                density = gradual_density(self.t, target, t_end=self.ramp_end)
+                mask.copy_(dpf_mask(layer.parametrizations.weight.original, density))
+        self.update_seconds.append(time.perf_counter() - start)
+        return True
+
+    def stored_density(self):
+        return sum(int(m.sum()) for m in self.masks) / sum(m.numel() for m in self.masks)
+
+
 # ------------------------------------------------------------------ one run
 
 def state_mb(model, optimizer, driver):
@@ -152,16 +201,23 @@ def evaluate(task, model, x, y):
 
 def run(task, method, density, data, args, seed=0):
     train_x, train_y, test_x, test_y, make = data
-    sparse = method != "dense"
+    sparse = method not in ("dense", "dpf-masked")  # SparseLinear hidden layers
     model = make(sparse, seed)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     steps = args.epochs * (len(train_x) // args.batch)
-    delta, t_end = args.delta, int(0.75 * steps)
+    delta, t_end = args.delta, int(args.t_end * steps)
+    ramp_end = int(args.dpf_ramp_end * steps) if method.startswith("dpf") and args.dpf_ramp_end is not None \
+        else None
     driver = None
-    if sparse:
+    if method == "dpf-masked":
+        driver = MaskedDPF(model, density=density, delta=delta, t_end=t_end, ramp_end=ramp_end)
+    elif sparse:
         options = {"score_method": args.score_method} if method in ("rigl", "snfs", "ggr") else {}
+        if ramp_end is not None:
+            options["ramp_end"] = ramp_end
         driver = METHODS[method](model, opt, density=density, delta=delta, alpha=args.alpha,
-                                 t_end=0 if method == "static" else t_end, seed=seed, **options)
+                                 t_end=0 if method == "static" else t_end, schedule=args.schedule, seed=seed,
+                                 **options)
         if args.sparse_init:
             # Keep the activation scale of the dense init: fan-in shrank to density * in_features.
             with torch.no_grad():
@@ -189,10 +245,12 @@ def run(task, method, density, data, args, seed=0):
     extra = [max(times[i] - median, 0.0) / median for i in updates]
     cost_steps = statistics.mean(extra) if extra else 0.0
     quality = evaluate(task, model, test_x, test_y)
-    return {"task": task, "method": method, "density": density if sparse else 1.0, "seed": seed,
+    return {"task": task, "method": method + args.tag, "density": 1.0 if method == "dense" else density, "seed": seed,
             "epochs": args.epochs, "delta": delta, "train_samples": len(train_x),
-            "stored_density": round(stored_density(model), 4),
-            "block_size": (args.block_size if args.hidden_layer == "block" else args.hidden_layer) if sparse else None,
+            "t_end": t_end, "schedule": args.schedule, "ramp_end": ramp_end,
+            "stored_density": round(driver.stored_density() if method == "dpf-masked" else stored_density(model), 4),
+            "block_size": "masked-element" if method == "dpf-masked" else
+            (args.block_size if args.hidden_layer == "block" else args.hidden_layer) if sparse else None,
             "quality": round(quality, 4), "metric": "test_acc" if task == "fashion" else "val_bits_per_char",
             "train_s": round(sum(times), 3), "step_ms": round(1000 * median, 3), "steps": steps,
             "updates": len(updates), "update_cost_steps": round(cost_steps, 3),
@@ -392,7 +450,8 @@ def svg_plot(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["fashion", "text", "both"], default="both")
-    p.add_argument("--methods", nargs="+", default=["dense", *METHODS], choices=["dense", *METHODS])
+    p.add_argument("--methods", nargs="+", default=["dense", *METHODS], choices=["dense", *METHODS, "dpf-masked"],
+                   help="dpf-masked: reference DPF on masked dense layers at element granularity (MaskedDPF)")
     p.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.05, 0.02])
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--hidden-layer", choices=["block", "semi", "semi-transposable"], default="block",
@@ -405,6 +464,11 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--delta", type=int, default=20, help="steps between mask updates (short runs: < 100)")
     p.add_argument("--alpha", type=float, default=0.3)
+    p.add_argument("--t-end", type=float, default=0.75, help="last mask update at this fraction of the steps")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="drop-fraction schedule")
+    p.add_argument("--dpf-ramp-end", type=float, default=None,
+                   help="DPF reaches its target density at this fraction of the steps (default: at --t-end); "
+                        "the paper's setting: --delta 16 --t-end 1 --dpf-ramp-end <fraction>")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--train-samples", type=int, default=25600)
     p.add_argument("--context", type=int, default=16)
@@ -422,6 +486,7 @@ def main(argv=None):
     p.add_argument("--speed-block-sizes", nargs="+", type=int, default=[32])
     p.add_argument("--speed-delta", type=int, default=100)
     p.add_argument("--speed-rounds", type=int, default=5)
+    p.add_argument("--tag", default="", help="appended to the method name in the rows (to tell settings apart)")
     p.add_argument("--json", default=None, help="append JSON rows to this file")
     p.add_argument("--plot", default=None, help="write quality vs density as an SVG file")
     p.add_argument("--from-json", default=None, help="no training: table and plot from saved JSON rows")

@@ -170,6 +170,52 @@ def test_dpf_feedback_updates_pruned_blocks_with_gradient_at_masked_weight():
     assert dst.densities()[name] == pytest.approx(dst.targets[name], abs=1.0 / layer.block_mask.numel())
 
 
+def _dpf_dense_rms(dst, name, layer):
+    """Block RMS grid of DPF's dense weight: the forward blocks plus the shadow blocks."""
+    param, layout = dst.shadow[name]
+    r, c = layer.padded_shape
+    forward = F.pad(layer.dense_weight().detach(), (0, c - layer.in_features, 0, r - layer.out_features))
+    return _block_rms_grid(forward + values_to_dense(param.detach(), layout), layer.padded_shape, layer.block_size)
+
+
+def test_dpf_ramp_end_reaches_the_target_early_then_keeps_recomputing_the_mask():
+    model = _mlp(block=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    dst = DPF(model, opt, density=0.3, delta=2, t_end=24, ramp_end=10)
+    _train(model, opt, dst, 4)
+    name, layer = dst.layers[0]
+    cells = layer.block_mask.numel()
+    assert dst.densities()[name] > dst.targets[name] + 2.0 / cells  # still ramping at step 4
+    masks = []
+    for step in range(4, 22, 2):  # the updates are at steps 6, 8, ..., 22
+        _train(model, opt, dst, 2, seed=step)
+        if dst.t < 10:
+            continue
+        for name, layer in dst.layers:  # at the target from ramp_end on, mask = top blocks of the dense weight
+            assert layer.nnz_blocks == round(dst.targets[name] * layer.block_mask.numel())
+            expected = Fn.topk_mask(_dpf_dense_rms(dst, name, layer), layer.nnz_blocks)
+            assert torch.equal(layer.block_mask, expected)
+        masks.append(torch.cat([l.block_mask.flatten() for _, l in dst.layers]))
+    assert any(not torch.equal(a, b) for a, b in zip(masks, masks[1:]))  # the mask keeps moving after ramp_end
+
+
+def test_dpf_default_ramp_reaches_the_target_at_the_last_update():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dst = DPF(model, opt, density=0.3, delta=4, t_end=15)
+    name, _ = dst.layers[0]
+    target = dst.targets[name]
+    assert dst.current_density(name, 8) > target and dst.current_density(name, 12) == target
+    assert DPF(_mlp(), opt, density=0.3, delta=4, t_end=15, ramp_end=8).current_density(name, 8) == target
+
+
+@pytest.mark.parametrize("ramp_end", [0, 13, 2.5], ids=["zero", "after-last-update", "float"])
+def test_dpf_ramp_end_errors(ramp_end):
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"ramp_end must be an int in \(0, 12\]"):
+        DPF(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.3, delta=4, t_end=15, ramp_end=ramp_end)
+
+
 @pytest.mark.parametrize("cls", [SET, RigL, GGR, TopKAST, DPF], ids=lambda c: c.__name__)
 def test_checkpoint_resume_is_exact(cls):
     def make(seed):

@@ -1,4 +1,4 @@
-"""DPF, dynamic pruning with feedback (Lin et al. 2020), on block-sparse layers.
+"""DPF, dynamic pruning with feedback (Lin et al. 2020, arXiv 2006.07253), on block-sparse layers.
 
 The forward (and dX) use the pruned weight W ⊙ M; the gradient computed there
 updates the *dense* weight (error feedback), so pruned blocks keep learning
@@ -6,10 +6,18 @@ and can come back. Dense weights are part of the method: the pruned blocks
 live in the driver's shadow Parameter and dW is computed on every block (a
 dense probe) at every step. Every ``delta`` steps until ``t_end`` the mask is
 recomputed as the top blocks by RMS of the dense weight, at a density that
-follows Zhu & Gupta's cubic schedule from 1 down to the layer's target (ERK).
+follows Zhu & Gupta's cubic schedule from 1 down to the layer's target (ERK),
+reached at step ``ramp_end``.
+
+The paper recomputes the mask every 16 iterations through the whole of
+training, reaching the target density part-way and fine-tuning afterwards with
+the mask still recomputed: ``delta=16, t_end=total_steps, ramp_end=<a step
+part-way>``. With ``ramp_end=None`` (default) the target is reached at the
+last update before ``t_end``.
 """
 import torch
 
+from .density import erk_densities
 from .dst import ShadowDriver, on_grid, block_rms
 from .functional import topk_mask
 from .schedules import gradual_density
@@ -17,11 +25,20 @@ from .schedules import gradual_density
 
 class DPF(ShadowDriver):
     """Args as :class:`~sparsekern.methods.dst.DynamicSparsity` (``alpha`` unused): the
-    layers start dense and reach their ERK density at the last update before ``t_end``."""
+    layers start dense and reach their ERK density at step ``ramp_end`` (None: at the last
+    update before ``t_end``); updates after ``ramp_end`` recompute the mask at the target."""
+
+    def __init__(self, model, optimizer, *, density, delta=100, alpha=0.3, t_end, ramp_end=None, **options):
+        last = ((t_end - 1) // delta) * delta if isinstance(t_end, int) and isinstance(delta, int) and delta > 0 \
+            else None
+        if ramp_end is not None and (not isinstance(ramp_end, int) or last is None or not 0 < ramp_end <= last):
+            raise ValueError(f"ramp_end must be an int in (0, {last}] (the last update step before "
+                             f"t_end={t_end!r} with delta={delta!r}), got {ramp_end!r}")
+        self.ramp_end = ramp_end
+        super().__init__(model, optimizer, density=density, delta=delta, alpha=alpha, t_end=t_end, **options)
 
     def _init_masks(self, density):
         shapes = [(layer.out_features, layer.in_features) for _, layer in self.layers]
-        from .density import erk_densities
         self.targets = dict(zip((n for n, _ in self.layers), erk_densities(shapes, density)))
         for _, layer in self.layers:
             self._init_layer(layer, torch.ones_like(layer.block_mask))
@@ -36,8 +53,8 @@ class DPF(ShadowDriver):
 
     def current_density(self, name, t):
         s = self.schedule
-        last = ((s.t_end - 1) // s.delta) * s.delta  # the last update step
-        return gradual_density(t, self.targets[name], t_end=last)
+        end = self.ramp_end if self.ramp_end is not None else ((s.t_end - 1) // s.delta) * s.delta
+        return gradual_density(t, self.targets[name], t_end=end)
 
     def _update(self, drop_fraction):
         for name, layer in self.layers:
