@@ -100,6 +100,18 @@ def test_only_requested_gradients_are_computed(backend):
     assert U.grad is not None and V.grad is not None and b.grad is not None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_gradient_alone(backend):
+    """Only the bias trains (the cpu backend otherwise takes db from dU's pass over dy)."""
+    x, U, S, V, b = _operands((3, 4), 6, 5, 2, torch.float64)
+    for t in (x, U, S, V):
+        t.requires_grad_(False)
+    dy = torch.randn(3, 4, 5, dtype=torch.float64)
+    with sk.use_backend(backend):
+        low_rank_linear(x, U, S, V, b).backward(dy)
+    torch.testing.assert_close(b.grad, dy.sum((0, 1)))
+
+
 def test_bad_inputs_name_the_problem():
     x, U, S, V, b = (t.detach() for t in _operands((4,), 6, 5, 3, torch.float32))
     with pytest.raises(ValueError, match=r"last dim of 6"):

@@ -1,7 +1,8 @@
-"""The C++ products of the low-rank cpu backend (sparsekern._C_lowrank.matmul).
+"""The C++ products of the low-rank cpu backend (sparsekern._C_lowrank).
 
-a @ b and a @ bᵀ (+ bias) against torch on shapes that leave partial output
-tiles (tokens not a multiple of 6, widths not a multiple of 16), empty and
+matmul: a @ b and a @ bᵀ (+ bias); transposed_matmul: aᵀ b (+ a's column sums).
+Against torch on shapes that leave partial output tiles (rows not a multiple of
+6, widths not a multiple of 16), several token and column blocks, empty and
 one-wide operands, every dtype, on the AVX2/FMA microkernel and the portable one.
 """
 import pytest
@@ -71,3 +72,53 @@ def test_matmul_rejects_bad_operands():
         ext.matmul(a, torch.randn(3, 2), False, torch.randn(3))
     with pytest.raises(RuntimeError, match=r"unsupported dtype"):
         ext.matmul(a.int(), torch.randn(3, 2).int(), False)
+
+
+# (tokens, features, r) for aᵀ b with a (tokens, features), b (tokens, r): more than one
+# token block (256) and column block (192), partial 6 x 16 tiles.
+REDUCTION_SHAPES = [(1, 1, 1), (7, 13, 5), (300, 389, 17), (513, 200, 33), (257, 6, 16), (40, 193, 70)]
+
+
+@pytest.mark.parametrize("shape", REDUCTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("column_sums", [False, True], ids=["nosums", "sums"])
+def test_transposed_matmul_matches_torch(microkernel, shape, dtype, column_sums):
+    t, m, n = shape
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(t, m, generator=g, dtype=torch.float64), torch.randn(t, n, generator=g, dtype=torch.float64)
+    got, sums = ext.transposed_matmul(a.to(dtype), b.to(dtype), column_sums)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert relative_error(got, a.T @ b) < TOL[dtype]
+    if column_sums:
+        assert sums.dtype == dtype and sums.shape == (m,)
+        assert relative_error(sums, a.sum(0)) < TOL[dtype]
+    else:
+        assert sums is None
+
+
+def test_transposed_matmul_threads_split_columns_exactly():
+    a, b = torch.randn(700, 1001), torch.randn(700, 40)
+    torch.set_num_threads(2)
+    try:
+        got, sums = ext.transposed_matmul(a, b, True)
+    finally:
+        torch.set_num_threads(1)
+    assert relative_error(got, a.T @ b) < 1e-5 and relative_error(sums, a.sum(0)) < 1e-5
+
+
+@pytest.mark.parametrize("t,m,n", [(0, 4, 3), (5, 0, 3), (5, 4, 0)])
+def test_transposed_matmul_empty_operands(t, m, n):
+    a, b = torch.randn(t, m), torch.randn(t, n)
+    got, sums = ext.transposed_matmul(a, b, True)
+    torch.testing.assert_close(got, a.T @ b)
+    torch.testing.assert_close(sums, a.sum(0))
+
+
+def test_transposed_matmul_rejects_bad_operands():
+    a = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match=r"as many rows.*\[4, 3\].*\[5, 2\]"):
+        ext.transposed_matmul(a, torch.randn(5, 2))
+    with pytest.raises(RuntimeError, match=r"dtype mismatch"):
+        ext.transposed_matmul(a, torch.randn(4, 2, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"contiguous"):
+        ext.transposed_matmul(a, torch.randn(2, 4).T)

@@ -18,6 +18,7 @@
 
 #include "bsr/grouped_product.h"
 #include "bsr/microkernel.h"
+#include "lowrank/token_reduction.h"
 
 namespace sparsekern {
 namespace lowrank {
@@ -67,6 +68,33 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool transpose_b, co
   return out;
 }
 
+// aᵀ b and, if asked, the column sums of a (in a's dtype; half types accumulate in float).
+std::tuple<at::Tensor, c10::optional<at::Tensor>> transposed_matmul(const at::Tensor& a, const at::Tensor& b,
+                                                                   bool column_sums) {
+  check_matrix(a, "a");
+  check_matrix(b, "b");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "dtype mismatch: a is ", a.scalar_type(), ", b is ",
+              b.scalar_type());
+  TORCH_CHECK(a.size(0) == b.size(0), "aᵀ b needs as many rows in a as in b: a has shape ", a.sizes(),
+              ", b has shape ", b.sizes());
+  const int64_t T = a.size(0), M = a.size(1), N = b.size(1);
+  at::Tensor out, sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "lowrank_transposed_matmul", [&] {
+    using C = Compute<scalar_t>;
+    const auto ct = bsr::scalar_type_of<C>();
+    const at::Tensor a_c = a.scalar_type() == ct ? a : a.to(ct), b_c = b.scalar_type() == ct ? b : b.to(ct);
+    out = at::empty({M, N}, a.options().dtype(ct));
+    if (column_sums) sums = at::empty({M}, a.options().dtype(ct));
+    token_reduction<C>(a_c.data_ptr<C>(), b_c.data_ptr<C>(), T, M, N, out.data_ptr<C>(),
+                       column_sums ? sums.data_ptr<C>() : nullptr);
+  });
+  if (out.scalar_type() != a.scalar_type()) {
+    out = out.to(a.scalar_type());
+    if (column_sums) sums = sums.to(a.scalar_type());
+  }
+  return {out, column_sums ? c10::optional<at::Tensor>(sums) : c10::nullopt};
+}
+
 std::string isa() { return bsr::use_avx2() ? "avx2-fma" : "portable"; }
 
 }  // namespace
@@ -77,6 +105,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace sparsekern;
   m.def("matmul", &lowrank::matmul, "a @ b (or a @ b.T) + bias for a narrow b", pybind11::arg("a"),
         pybind11::arg("b"), pybind11::arg("transpose_b"), pybind11::arg("bias") = pybind11::none());
+  m.def("transposed_matmul", &lowrank::transposed_matmul, "a.T @ b for a narrow b, and a's column sums if asked",
+        pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("column_sums") = false);
   m.def("isa", &lowrank::isa, "which microkernel runs: 'avx2-fma' or 'portable'");
   m.def("set_portable_only", &bsr::set_portable_only, "force the portable microkernel (tests)");
 }

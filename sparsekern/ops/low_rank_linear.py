@@ -37,8 +37,8 @@ def _forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor],
 
 @torch.library.custom_op("sparsekern::low_rank_linear_backward", mutates_args=())
 def _backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, U: Tensor, S: Tensor, V: Tensor, kl_grads: bool,
-                 needs: list[bool], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dU, dS, dV); an output not in ``needs`` is an empty tensor (custom ops cannot return None)."""
+                 needs: list[bool], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dU, dS, dV, dbias); an output not in ``needs`` is an empty tensor (custom ops cannot return None)."""
     grads = _kernel("lowrank_backward", dy, backend)(dy, x, a, b, U, S, V, kl_grads, tuple(needs))
     return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
@@ -51,7 +51,7 @@ def _(x, U, S, V, bias, kl_grads, backend):
 
 @_backward_op.register_fake
 def _(dy, x, a, b, U, S, V, kl_grads, needs, backend):
-    shapes = (x.shape, U.shape, S.shape, V.shape)
+    shapes = (x.shape, U.shape, S.shape, V.shape, dy.shape[1:])
     return tuple(dy.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
 
@@ -67,13 +67,12 @@ def _backward(ctx, dy, _da, _db):
     x, a, b, U, S, V = ctx.saved_tensors
     if dy is None:
         return (None,) * 7
-    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-    grads = [None] * 4
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]] + [ctx.has_bias and bool(ctx.needs_input_grad[4])]
+    grads = [None] * 5
     if any(needs):
         computed = _backward_op(dy.contiguous(), x, a, b, U, S, V, ctx.kl_grads, needs, ctx.backend)
         grads = [g if need else None for g, need in zip(computed, needs)]
-    db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-    return (*grads, db, None, None)
+    return (*grads, None, None)
 
 
 torch.library.register_autograd("sparsekern::low_rank_linear", _backward, setup_context=_setup_context)

@@ -27,7 +27,7 @@ def lowrank_forward(x, U, S, V, bias):
 def lowrank_backward(dy, x, a, b, U, S, V, kl_grads, needs):
     dtype = dy.dtype
     dy, x, U, S, V = map(_acc, (dy, x, U, S, V))
-    need_dx, need_du, need_ds, need_dv = needs
+    need_dx, need_du, need_ds, need_dv, need_db = needs
     out = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     dx = (dy @ U) @ S @ V.T if need_dx else None
     ds = (dy @ U).T @ (x @ V) if need_ds else None
@@ -37,7 +37,8 @@ def lowrank_backward(dy, x, a, b, U, S, V, kl_grads, needs):
     else:
         du = dy.T @ (x @ V @ S.T) if need_du else None           # dW V Sᵀ
         dv = x.T @ (dy @ U @ S) if need_dv else None             # dWᵀ U S
-    return out(dx), out(du), out(ds), out(dv)
+    db = dy.sum(0) if need_db else None
+    return out(dx), out(du), out(ds), out(dv), out(db)
 
 
 register_kernel("lowrank_forward", "reference", lowrank_forward)

@@ -161,13 +161,14 @@ def lowrank_forward(x, U, S, V, bias):
 
 
 def lowrank_backward(dy, x, a, b, U, S, V, kl_grads, needs):
-    need_dx, need_du, need_ds, need_dv = needs
+    need_dx, need_du, need_ds, need_dv, need_db = needs
     g, h = _chain(dy, U, S)
     dx = _mm(h, V.t()) if need_dx else None
     ds = _mm(g.t(), a) if need_ds else None
     du = _mm(dy.t(), a if kl_grads else b) if need_du else None
     dv = _mm(x.t(), g if kl_grads else h) if need_dv else None
-    return dx, du, ds, dv
+    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_db else None
+    return dx, du, ds, dv, db
 
 
 register_kernel("lowrank_forward", "triton", lowrank_forward, _unavailable)
