@@ -127,7 +127,7 @@ class DLRT:
             cK, cL = U.T @ dirK, V.T @ dirL
         QK, RK = _new_directions(U, dirK, cK)
         QL, RL = _new_directions(V, dirL, cL)
-        r, a, b = S.shape[0], QK.shape[1], QL.shape[1]
+        r, a, b = S.shape[0], QK.width, QL.width
         lr = self.lr
         S_hat = S.new_zeros(r + a, r + b)
         S_hat[:r, :r] = S - lr * dirS
@@ -136,8 +136,8 @@ class DLRT:
         P, sigma, Qh = _svd(S_hat)
         r1 = self._new_rank(layer, sigma)
         P, sigma, Q = P[:, :r1], sigma[:r1], Qh[:r1].T
-        U1 = torch.mm(U, P[:r]).addmm_(QK, P[r:])  # Û P without concatenating Û (in place: no copy)
-        V1 = torch.mm(V, Q[:r]).addmm_(QL, Q[r:])
+        U1 = QK.augmented_times(U, P)  # Û P, without forming Û
+        V1 = QL.augmented_times(V, Q)
         S1 = torch.diag(sigma)
         if self.steps % _REORTH_EVERY == 0:
             U1, S1, V1 = _reorthonormalize(U1, S1, V1)
@@ -160,24 +160,47 @@ class DLRT:
         self.state[(layer, "S")] = (TU.T @ mS @ TV, TU.square().T @ vS @ TV.square())
 
 
+class _NewDirections:
+    """Orthonormal columns Q ⟂ U, held either as Q or as the Householder
+    reflectors of a QR (``geqrf``): then [U, Q] P = U P_top + Q P_bot is one
+    ``ormqr`` (the reflectors applied to P_bot), cheaper than forming Q
+    (``orgqr``) and multiplying by it."""
+
+    def __init__(self, width, q=None, reflectors=None):
+        self.width, self.q, self.reflectors = width, q, reflectors
+
+    def augmented_times(self, U, P):
+        """[U, Q] @ P for P of shape (r + width, k)."""
+        r = U.shape[1]
+        if self.reflectors is None:
+            return torch.mm(U, P[:r]).addmm_(self.q, P[r:])  # in place: no concatenation, no copy
+        householder, tau = self.reflectors
+        padded = P.new_zeros(householder.shape[0], P.shape[1])
+        padded[:self.width] = P[r:]
+        return torch.ormqr(householder, tau, padded).addmm_(U, P[:r])
+
+
 def _new_directions(U, direction, coeffs):
-    """Orthonormal Q ⟂ U and R with (I - UUᵀ) direction = Q R, given coeffs = Uᵀ direction."""
+    """Q ⟂ U (a _NewDirections) and R with (I - UUᵀ) direction = Q R, given coeffs = Uᵀ direction."""
     n, r = U.shape
     D = direction.addmm_(U, coeffs, alpha=-1)  # consumes direction (a gradient set_factors clears anyway)
-    if direction.shape[1] > n - r:
+    k = D.shape[1]
+    if k > n - r:
         # More new directions than the complement of U holds (small layers): use all of it.
         Q = torch.linalg.qr(U, mode="complete").Q[:, r:]
-        return Q, Q.T @ D
-    Q, R = torch.linalg.qr(D)
+        return _NewDirections(n - r, q=Q), Q.T @ D
+    householder, tau = torch.geqrf(D)
+    R = householder[:k].triu()
     # Q is orthonormal, but QR amplifies D's rounding residue along U by up to
     # 1/pivot, and at (near-)zero pivots (a gradient of rank < r) its columns are
     # arbitrary. Then project Q (D = (I - UUᵀ) Q R) and orthonormalize once more.
     pivots = R.diagonal().abs()
     column_norms = (coeffs.square().sum(0) + R.square().sum(0)).sqrt()  # ‖direction[:, j]‖, for free
-    if pivots.numel() and float(pivots.min()) <= _PIVOT_RATIO * float(column_norms.max()):
-        Q, R2 = torch.linalg.qr(Q - U @ (U.T @ Q))
-        R = R2 @ R
-    return Q, R
+    if k == 0 or float(pivots.min()) > _PIVOT_RATIO * float(column_norms.max()):
+        return _NewDirections(k, reflectors=(householder, tau)), R
+    Q = torch.linalg.householder_product(householder, tau)
+    Q, R2 = torch.linalg.qr(Q - U @ (U.T @ Q))
+    return _NewDirections(k, q=Q), R2 @ R
 
 
 def _svd(matrix):
