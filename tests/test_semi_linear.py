@@ -10,7 +10,7 @@ from sparsekern.ops import semi_linear, semi_linear_dynamic
 from helpers import TOLERANCES
 
 # (M, N, K): tokens not a multiple of the 96-token panels, N/K not multiples of the CPU blocking.
-SHAPES = [(1, 4, 4), (7, 8, 12), (100, 36, 68), (193, 40, 132), (0, 8, 8)]
+SHAPES = [(1, 4, 4), (7, 8, 12), (100, 36, 68), (193, 40, 132), (97, 140, 264), (0, 8, 8)]
 CASES = [("reference", torch.float64), ("reference", torch.float32), ("reference", torch.bfloat16),
          ("reference", torch.float16), ("cpu", torch.float32)]
 

@@ -17,7 +17,7 @@ from ..._extension import extension_failure, load_extension
 from ...formats.semi_structured import decompress
 from ..registry import register_kernel
 
-_NB, _KC = 32, 32     # forward blocking: weight rows per task, panel columns per L1 block
+_NB, _KC = 64, 64     # forward blocking: weight rows per task, panel columns per block (docs/semi_structured.md)
 _plans = {}           # (id(indices), id(map)) -> (weak refs, indices version, plan)
 
 
