@@ -22,6 +22,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "semi/dst_update.h"
 #include "semi/prune.h"
 #include <immintrin.h>
 
@@ -375,4 +376,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "2:4 prune (row-wise or transposable) + compress of W (and of W.T when transposable)");
   m.def("transposable_pattern_table", &sparsekern::semi::transposable_pattern_table,
         "the 90 transposable 4x4 patterns, (90, 16) bool, in scoring order");
+  m.def("dst_drop_grow", &sparsekern::semi::dst_drop_grow, "2:4 DST drop + in-group grow: (status, mask, weight)");
+  m.def("dst_restructure", &sparsekern::semi::dst_restructure,
+        "new 2:4 mask -> (status, slot map, indices, indices of the transpose)");
+  m.def("dst_carry", &sparsekern::semi::dst_carry, "tensor.flatten()[slots], zero where slots < 0");
+  m.def("dst_decompress_sum", &sparsekern::semi::dst_decompress_sum, "dense sum of 2:4-compressed matrices");
 }

@@ -12,18 +12,46 @@
   keeps identity and shape; its slots are refilled) and moves every optimizer
   state tensor shaped like the values the same way: surviving weights keep
   their state, regrown ones start at zero, scalar state (Adam's ``step``) is kept.
+
+On the CPU the slot moves and the dense-gradient merge run in C++
+(csrc/semi/dst_update.cpp), with the plain-torch code as the fallback.
 """
 import torch
 
-from ..formats.semi_structured import decompress, kept_positions, pack_indices
+from ..formats.semi_structured import decompress
 from ..kernels import forced_backend, select_kernel
+from ..nn import semi_sparse_linear as _semi_layer
 
 
 def carry(tensor, slots):
     """``tensor`` (rows, cols/2) moved by the slot map ``SemiSparseLinear.set_mask`` returns:
     new weights' entries are zero."""
+    ext = _semi_layer._dst_extension(tensor, slots)
+    if ext is not None:
+        return ext.dst_carry(tensor.contiguous(), slots.contiguous())
     moved = tensor.reshape(-1)[slots.clamp_min(0)].view_as(slots)
     return torch.where(slots >= 0, moved, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+
+
+def _complement_nibble(nibble):
+    """Packed positions (lo | hi << 2, lo < hi) of a group's two kept entries -> those of the other
+    two; 0 (padding, never a valid pair) stays 0."""
+    lo, hi = nibble & 3, nibble >> 2
+    if lo >= hi:
+        return 0
+    rest = [p for p in range(4) if p not in (lo, hi)]
+    return rest[0] | rest[1] << 2
+
+
+# Packed-indices byte (two groups) -> the byte of the complement mask's indices.
+_COMPLEMENT = [_complement_nibble(b & 15) | _complement_nibble(b >> 4) << 4 for b in range(256)]
+
+
+def complement_indices(indices):
+    """Packed 2:4 indices of the complement of the mask ``indices`` encode (a 2:4 mask's complement
+    is 2:4, and transposable if the mask is): one table lookup per byte."""
+    table = torch.tensor(_COMPLEMENT, dtype=torch.uint8, device=indices.device)
+    return table[indices.long()]
 
 
 def restructure_semi(layer, optimizer, new_mask):
@@ -52,8 +80,7 @@ class SemiProbe:
     def _forward(self, module, inputs, output):
         if not (torch.is_grad_enabled() and output.requires_grad):
             return
-        complement = ~module.mask
-        self.indices = pack_indices(kept_positions(complement))
+        self.indices = complement_indices(module.indices)
         x = inputs[0].detach().reshape(-1, module.in_features).contiguous()
         output.register_hook(lambda dy: self._backward(dy, x))
 
@@ -69,8 +96,12 @@ class SemiProbe:
         if self.grad is None or own is None:
             raise RuntimeError(f"no gradient reached the probe of layer {name!r}: run forward and backward "
                                "between two calls of step()")
-        cols = self.layer.in_features
-        return decompress(own.detach(), self.layer.indices, cols) + decompress(self.grad, self.indices, cols)
+        cols, own = self.layer.in_features, own.detach()
+        ext = _semi_layer._dst_extension(own, self.grad)
+        if ext is not None and own.dtype in (torch.float32, torch.float64) and own.dtype == self.grad.dtype:
+            return ext.dst_decompress_sum([own.contiguous(), self.grad.contiguous()],
+                                          [self.layer.indices.contiguous(), self.indices.contiguous()], cols)
+        return decompress(own, self.layer.indices, cols) + decompress(self.grad, self.indices, cols)
 
     def remove(self):
         self._handle.remove()

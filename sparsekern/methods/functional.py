@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from ..nn import semi_sparse_linear as _semi_layer
 from ..pruning import check_2to4_shape, transposable_patterns
 
 
@@ -244,6 +245,10 @@ def dpf_mask(dense_weight, density):
 
 
 # ---------------------------------------------------------------- 2:4 granularity
+#
+# Two implementations of one rule: the C++ kernel of sparsekern._C_semi (CPU, float32/float64:
+# a few passes over the layer) and the plain-torch code below (any device and dtype; the fallback
+# when the extension is missing, and the oracle of the tests). Both sum tile totals in float64.
 
 _TILES_PER_CHUNK = 65536
 
@@ -307,16 +312,58 @@ def _grow_in_rows(kept, score):
 
 def _grow_in_tiles(kept, score):
     """(tiles, 16): each tile takes the transposable pattern containing its survivors with the
-    largest total ``score`` over its new entries (ties: first in transposable_patterns())."""
+    largest total ``score`` over its new entries, summed in float64 (ties: first in
+    transposable_patterns())."""
     patterns = transposable_patterns(kept.device)                         # (90, 16)
-    dtype = torch.float64 if score.dtype == torch.float64 else torch.float32
-    members, outside = patterns.T.to(dtype), (~patterns).T.to(dtype)
+    members, outside = patterns.T.double(), (~patterns).T.double()
     best = []
     for k, g in zip(kept.split(_TILES_PER_CHUNK), score.split(_TILES_PER_CHUNK)):
-        lost = k.to(dtype) @ outside                                       # survivors a pattern lacks
-        gain = torch.where(k, torch.zeros((), dtype=dtype), g.to(dtype)) @ members
+        lost = k.double() @ outside                                        # survivors a pattern lacks
+        gain = torch.where(k, torch.zeros((), dtype=torch.float64), g.double()) @ members
         best.append(gain.masked_fill_(lost > 0, -math.inf).argmax(1))      # first maximal on ties
     return patterns[torch.cat(best)] if best else kept
+
+
+def _semi_rule_torch(mask, drop_score, grow_score, n_drop, transposable):
+    """The new mask of :func:`semi_drop_and_grow` in plain torch (the fallback and the oracle)."""
+    kept = mask & ~_smallest_mask(drop_score, mask, n_drop)
+    grow = _grow_in_tiles if transposable else _grow_in_rows
+    new = grow(_to_groups(kept, transposable), _to_groups(grow_score, transposable))
+    return _from_groups(new, mask.shape, transposable)
+
+
+def _semi_rule(mask, drop, grow, n_drop, transposable, absolute=False, with_weight=False):
+    """``(new_mask, new_weight)`` of the 2:4 rule on scores ``|drop|``, ``|grow|`` (or the scores
+    themselves if not ``absolute``); new_weight (only if ``with_weight``, else None) is ``drop``
+    where kept before and after, else zero. The C++ kernel where it applies, else plain torch."""
+    for name, score in (("drop_score", drop), ("grow_score", grow)):
+        if not isinstance(score, torch.Tensor) or score.shape != mask.shape:
+            raise ValueError(f"{name} must be a tensor of the mask's shape {tuple(mask.shape)}, got "
+                             f"{tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__}")
+    ext = _semi_layer._dst_extension(mask, drop, grow)
+    floats = (torch.float32, torch.float64)
+    if ext is not None and drop.dtype in floats and grow.dtype in floats and 0 <= n_drop <= mask.numel() // 2:
+        if drop.dtype != grow.dtype:  # float32 -> float64 is exact: same order, same decisions
+            drop_in, grow_in = drop.double(), grow.double()
+        else:
+            drop_in, grow_in = drop, grow
+        status, new_mask, new_weight = ext.dst_drop_grow(drop_in.contiguous(), mask.contiguous(),
+                                                         grow_in.contiguous(), n_drop, transposable, absolute,
+                                                         with_weight)
+        if status:
+            _check_semi_mask(mask, transposable)  # raises the error naming the mask
+            raise ValueError(f"mask of shape {tuple(mask.shape)} is not exactly 2:4")
+        return new_mask, new_weight.to(drop.dtype) if with_weight else None
+    _check_semi_mask(mask, transposable)
+    active = mask.numel() // 2  # exactly two of every four
+    if not 0 <= n_drop <= active:
+        raise ValueError(f"cannot drop {n_drop} of {active} active entries")
+    if absolute:
+        drop_score, grow_score = drop.abs(), grow.abs()
+    else:
+        drop_score, grow_score = drop, grow
+    new_mask = _semi_rule_torch(mask, drop_score, grow_score, n_drop, transposable)
+    return new_mask, _new_weight(drop, mask, new_mask) if with_weight else None
 
 
 def semi_drop_and_grow(mask, drop_score, grow_score, n_drop, *, transposable=False):
@@ -332,26 +379,28 @@ def semi_drop_and_grow(mask, drop_score, grow_score, n_drop, *, transposable=Fal
       lower position);
     - 4x4 tiles (transposable): among the 90 transposable patterns that contain
       the tile's surviving entries (the old pattern always does), the one of
-      largest total ``grow_score`` over its new entries (ties: the first in
-      :func:`sparsekern.pruning.transposable_patterns`' order).
+      largest total ``grow_score`` over its new entries, summed in float64 (ties:
+      the first in :func:`sparsekern.pruning.transposable_patterns`' order).
 
     nnz and the (transposable) 2:4 pattern are preserved. mask: bool (rows, cols)
     with exactly two True in every group of four along rows (and per column of
     every 4x4 tile if transposable); scores alike. Returns the new bool mask.
-    O(numel): a k-th value for the drop, a fixed amount of work per group.
+    O(numel): a k-th value for the drop, a fixed amount of work per group; on CPU
+    with float32/float64 scores a C++ kernel (a few passes over the layer).
     """
-    _check_semi_mask(mask, transposable)
-    for name, score in (("drop_score", drop_score), ("grow_score", grow_score)):
-        if not isinstance(score, torch.Tensor) or score.shape != mask.shape:
-            raise ValueError(f"{name} must be a tensor of the mask's shape {tuple(mask.shape)}, got "
-                             f"{tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__}")
-    active = int(mask.sum())
-    if not 0 <= n_drop <= active:
-        raise ValueError(f"cannot drop {n_drop} of {active} active entries")
-    kept = mask & ~_smallest_mask(drop_score, mask, n_drop)
-    grow = _grow_in_tiles if transposable else _grow_in_rows
-    new = grow(_to_groups(kept, transposable), _to_groups(grow_score, transposable))
-    return _from_groups(new, mask.shape, transposable)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    check_2to4_shape(mask.shape, transposable)
+    return _semi_rule(mask, drop_score, grow_score, n_drop, transposable)[0]
+
+
+def _semi_update(weight, mask, grow, drop_fraction, transposable):
+    """Drop ``floor(active * drop_fraction)`` smallest |w|, regrow in the groups by |grow|."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    check_2to4_shape(mask.shape, transposable)
+    n = n_to_drop(mask.numel() // 2, _check_fraction(drop_fraction))  # a 2:4 mask keeps half
+    return _semi_rule(mask, weight, grow, n, transposable, absolute=True, with_weight=True)
 
 
 def semi_rigl_update(weight, mask, grad, drop_fraction, *, transposable=False):
@@ -362,16 +411,12 @@ def semi_rigl_update(weight, mask, grad, drop_fraction, *, transposable=False):
     if not isinstance(grad, torch.Tensor) or grad.shape != weight.shape:
         raise ValueError(f"grad must be a tensor of the weight's shape {tuple(weight.shape)}, got "
                          f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
-    n = n_to_drop(int(mask.sum()), _check_fraction(drop_fraction))
-    new_mask = semi_drop_and_grow(mask, weight.abs(), grad.abs(), n, transposable=transposable)
-    return new_mask, _new_weight(weight, mask, new_mask)
+    return _semi_update(weight, mask, grad, drop_fraction, transposable)
 
 
 def semi_set_update(weight, mask, drop_fraction, generator=None, *, transposable=False):
     """SET at 2:4 granularity: drop as :func:`semi_rigl_update`, regrow inside each group
     by uniform random scores from ``generator`` (the best-scoring candidate pattern)."""
     _check_pair(weight, mask)
-    n = n_to_drop(int(mask.sum()), _check_fraction(drop_fraction))
     noise = torch.rand(mask.shape, generator=generator).to(weight.device)
-    new_mask = semi_drop_and_grow(mask, weight.abs(), noise, n, transposable=transposable)
-    return new_mask, _new_weight(weight, mask, new_mask)
+    return _semi_update(weight, mask, noise, drop_fraction, transposable)

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from .._extension import load_extension
 from ..formats.semi_structured import (SemiStructuredMatrix, _check_exact_2to4, compress, decompress, kept_positions,
                                        pack_indices, unpack_columns)
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
@@ -110,16 +111,28 @@ class SemiSparseLinear(nn.Module):
             raise ValueError(f"mask must be a bool tensor of shape {shape}, got "
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
         mask = mask.to(self.values.device)
-        _check_exact_2to4(mask, shape, self.transposable)
-        positions = kept_positions(mask)
-        slots = _slot_map(self.indices, positions, self.in_features)
+        values = self.values.detach()
+        ext = _dst_extension(mask, values)
+        if ext is None:
+            _check_exact_2to4(mask, shape, self.transposable)
+            positions = kept_positions(mask)
+            slots = _slot_map(self.indices, positions, self.in_features)
+            moved = values.reshape(-1)[slots.clamp_min(0)].view_as(slots)
+            new_values = torch.where(slots >= 0, moved, torch.zeros((), dtype=moved.dtype, device=moved.device))
+            indices = pack_indices(positions)
+            indices_t = pack_indices(kept_positions(mask.T.contiguous())) if self.transposable else None
+        else:
+            status, slots, indices, indices_t = ext.dst_restructure(mask.contiguous(), self.indices.contiguous(),
+                                                                    self.transposable)
+            if status:
+                _check_exact_2to4(mask, shape, self.transposable)  # raises the error naming the mask
+                raise ValueError(f"mask of shape {shape} is not exactly 2:4")
+            new_values = ext.dst_carry(values.contiguous(), slots)
         with torch.no_grad():
-            moved = self.values.detach().reshape(-1)[slots.clamp_min(0)].view_as(slots)
-            self.values.data = torch.where(slots >= 0, moved, torch.zeros((), dtype=moved.dtype,
-                                                                          device=moved.device)).contiguous()
-        self.indices = pack_indices(positions)
+            self.values.data = new_values.contiguous()
+        self.indices = indices
         if self.transposable:
-            self.indices_t = pack_indices(kept_positions(mask.T.contiguous()))
+            self.indices_t = indices_t
         self.values.grad = None
         self._cached = None
         return slots
@@ -170,6 +183,16 @@ class SemiSparseLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"transposable={self.transposable}, mode={self.mode!r}")
+
+
+def _dst_extension(*tensors):
+    """``sparsekern._C_semi`` when its DST kernels (csrc/semi/dst_update.cpp) can take ``tensors``
+    (all on the CPU), else None: callers then run their plain-torch code. Used by ``set_mask`` and
+    the 2:4 rules of :mod:`sparsekern.methods`."""
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    module = load_extension("semi")
+    return module if hasattr(module, "dst_drop_grow") else None
 
 
 def _slot_map(old_indices, new_positions, cols):

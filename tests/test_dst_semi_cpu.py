@@ -1,0 +1,174 @@
+"""The C++ 2:4 DST kernels (csrc/semi/dst_update.cpp) take exactly the decisions of the
+plain-torch code they replace on the CPU: the rule, set_mask's bookkeeping, the optimizer-state
+carry, the probe's complement indices and dense gradient. Ties included."""
+import pytest
+import torch
+
+import sparsekern as sk
+from sparsekern.formats.semi_structured import decompress, kept_positions, pack_indices
+from sparsekern.methods import functional as Fn
+from sparsekern.methods.dst_semi import SemiProbe, carry, complement_indices
+from sparsekern.nn import semi_sparse_linear
+from sparsekern.pruning import prune_2to4
+
+pytestmark = pytest.mark.skipif(semi_sparse_linear._dst_extension(torch.zeros(1)) is None,
+                                reason="sparsekern._C_semi (with its DST kernels) is not built")
+
+
+@pytest.fixture
+def plain_torch(monkeypatch):
+    """Run the block under the plain-torch fallback (as without the extension)."""
+    def use():
+        monkeypatch.setattr(semi_sparse_linear, "_dst_extension", lambda *tensors: None)
+    return use
+
+
+def both_paths(plain_torch, fn):
+    """fn() with the C++ kernels, then with plain torch."""
+    fast = fn()
+    plain_torch()
+    return fast, fn()
+
+
+def _case(rows, cols, transposable, dtype, ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = prune_2to4(torch.randn(rows, cols, generator=g), transposable=transposable)
+    if ties:  # few distinct values: ties at the drop threshold and inside groups and tiles
+        weight = torch.randint(-2, 3, (rows, cols), generator=g).to(dtype)
+        grad = torch.randint(-2, 3, (rows, cols), generator=g).to(dtype)
+    else:
+        weight, grad = torch.randn(rows, cols, generator=g, dtype=dtype), torch.randn(rows, cols, generator=g,
+                                                                                      dtype=dtype)
+    return weight * mask, mask, grad
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["rows", "transposable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
+def test_rigl_rule_same_as_plain_torch(plain_torch, transposable, dtype, ties, fraction):
+    weight, mask, grad = _case(20, 24, transposable, dtype, ties, seed=int(fraction * 10))
+    fast, plain = both_paths(plain_torch, lambda: Fn.semi_rigl_update(weight, mask, grad, fraction,
+                                                                      transposable=transposable))
+    assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1], plain[1])
+    assert fast[1].dtype == weight.dtype
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["rows", "transposable"])
+def test_every_drop_count_on_a_tied_layer(plain_torch, transposable):
+    # all |w| in {0, 1, 2}: the k-th value is tied for most k, and the lower flat index must go first
+    weight, mask, grad = _case(12, 16, transposable, torch.float32, ties=True, seed=5)
+    active = int(mask.sum())
+    fast = [Fn.semi_drop_and_grow(mask, weight.abs(), grad.abs(), n, transposable=transposable)
+            for n in range(active + 1)]
+    plain_torch()
+    for n in range(active + 1):
+        assert torch.equal(fast[n], Fn.semi_drop_and_grow(mask, weight.abs(), grad.abs(), n,
+                                                          transposable=transposable)), n
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["rows", "transposable"])
+def test_signed_scores_and_negative_zero(plain_torch, transposable):
+    # semi_drop_and_grow takes the scores as given: negative values, -0.0 == +0.0
+    g = torch.Generator().manual_seed(2)
+    mask = prune_2to4(torch.randn(16, 16, generator=g), transposable=transposable)
+    drop = torch.randint(-3, 3, (16, 16), generator=g).float()
+    drop[drop == 0] = torch.where(torch.rand(int((drop == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+    grow = torch.randn(16, 16, generator=g) - 1.0
+    fast, plain = both_paths(plain_torch, lambda: Fn.semi_drop_and_grow(mask, drop, grow, 40,
+                                                                        transposable=transposable))
+    assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["rows", "transposable"])
+def test_set_rule_same_as_plain_torch_with_float64_weights(plain_torch, transposable):
+    # float32 noise against float64 weights: the kernel compares in float64 (exact)
+    weight, mask, _ = _case(16, 32, transposable, torch.float64, ties=False, seed=3)
+    fast, plain = both_paths(plain_torch, lambda: Fn.semi_set_update(
+        weight, mask, 0.4, generator=torch.Generator().manual_seed(7), transposable=transposable))
+    assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1], plain[1])
+
+
+def test_multithreaded_kernel_same_decision(plain_torch):
+    weight, mask, grad = _case(256, 64, True, torch.float32, ties=True, seed=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = [Fn.semi_rigl_update(weight, mask, grad, 0.3, transposable=t)[0] for t in (False, True)]
+    finally:
+        torch.set_num_threads(threads)
+    plain_torch()
+    assert all(torch.equal(f, Fn.semi_rigl_update(weight, mask, grad, 0.3, transposable=t)[0])
+               for f, t in zip(fast, (False, True)))
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["rows", "transposable"])
+def test_rule_errors_on_both_paths(plain_torch, transposable):
+    bad = torch.tensor([[1, 1, 1, 0, 1, 1, 0, 0]] * 4, dtype=torch.bool)
+    row_only = torch.tensor([[1, 1, 0, 0, 1, 1, 0, 0]] * 4, dtype=torch.bool)
+    ones = torch.ones(4, 8)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="transposable" if transposable else "not exactly 2:4"):
+            Fn.semi_drop_and_grow(bad, ones, ones, 1, transposable=transposable)
+        if transposable:
+            with pytest.raises(ValueError, match="not exactly transposable"):
+                Fn.semi_drop_and_grow(row_only, ones, ones, 1, transposable=True)
+        plain_torch()
+
+
+# ---------------------------------------------------------------- set_mask, carry, probe
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["rows", "transposable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("shape", [(12, 20), (16, 24)], ids=["odd-groups", "even-groups"])
+def test_set_mask_same_as_plain_torch(plain_torch, transposable, dtype, shape):
+    out_features, in_features = shape  # 20 and 12 columns: rows of W and Wᵀ end in half a byte
+    new_mask = prune_2to4(torch.randn(out_features, in_features), transposable=transposable)
+
+    def run():
+        torch.manual_seed(0)
+        layer = sk.SemiSparseLinear(in_features, out_features, transposable=transposable, dtype=dtype)
+        slots = layer.set_mask(new_mask)
+        return slots, layer.values.detach(), layer.indices, layer.indices_t
+
+    fast, plain = both_paths(plain_torch, run)
+    for a, b in zip(fast, plain):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_set_mask_errors_on_both_paths(plain_torch):
+    for _ in range(2):
+        layer = sk.SemiSparseLinear(8, 4, transposable=True)
+        with pytest.raises(ValueError, match="exactly 2 of every 4"):
+            layer.set_mask(torch.tensor([[1, 1, 1, 0, 1, 1, 0, 0]] * 4, dtype=torch.bool))
+        with pytest.raises(ValueError, match="transposable"):
+            layer.set_mask(torch.tensor([[1, 1, 0, 0, 1, 1, 0, 0]] * 4, dtype=torch.bool))
+        plain_torch()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_carry_same_as_plain_torch(plain_torch, dtype):
+    g = torch.Generator().manual_seed(0)
+    tensor = torch.randn(6, 10, generator=g).to(dtype)
+    slots = torch.randint(-1, 60, (6, 10), generator=g)
+    fast, plain = both_paths(plain_torch, lambda: carry(tensor, slots))
+    assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("cols", [12, 16])
+def test_complement_indices(cols):
+    mask = prune_2to4(torch.randn(8, cols), transposable=True)
+    assert torch.equal(complement_indices(pack_indices(kept_positions(mask))), pack_indices(kept_positions(~mask)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_probe_dense_grad_same_as_plain_torch(plain_torch, dtype):
+    torch.manual_seed(1)
+    layer = sk.SemiSparseLinear(20, 8, transposable=False, dtype=dtype)
+    layer.values.grad = torch.randn_like(layer.values)
+    probe = SemiProbe(layer)
+    probe.indices, probe.grad = complement_indices(layer.indices), torch.randn_like(layer.values)
+    fast, plain = both_paths(plain_torch, lambda: probe.dense_grad("layer"))
+    probe.remove()
+    assert torch.equal(fast, plain)
+    assert torch.equal(plain, decompress(layer.values.grad, layer.indices, 20) + decompress(probe.grad, probe.indices, 20))
