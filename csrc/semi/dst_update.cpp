@@ -29,6 +29,7 @@ namespace semi {
 namespace {
 
 // Order-preserving unsigned keys: a < b (as floats, -0 == +0, no NaN) iff key(a) < key(b).
+// The 16 top bits of a key pick the histogram bucket of the selection below.
 template <typename scalar_t>
 struct Keys;
 
@@ -41,6 +42,12 @@ struct Keys<float> {
     std::memcpy(&b, &x, sizeof b);
     return (b >> 31) ? ~b : (b | 0x80000000u);
   }
+  static type of_magnitude(float x) {  // |x|: its bits already sort as the values do
+    uint32_t b;
+    x = std::abs(x);
+    std::memcpy(&b, &x, sizeof b);
+    return b;
+  }
 };
 
 template <>
@@ -52,7 +59,19 @@ struct Keys<double> {
     std::memcpy(&b, &x, sizeof b);
     return (b >> 63) ? ~b : (b | 0x8000000000000000ull);
   }
+  static type of_magnitude(double x) {
+    uint64_t b;
+    x = std::abs(x);
+    std::memcpy(&b, &x, sizeof b);
+    return b;
+  }
 };
+
+// The drop key of x: of |x| if kAbsolute (one call's keys all come from one of the two maps).
+template <typename scalar_t, bool kAbsolute>
+inline typename Keys<scalar_t>::type drop_key(scalar_t x) {
+  return kAbsolute ? Keys<scalar_t>::of_magnitude(x) : Keys<scalar_t>::of(x);
+}
 
 // The rule "drop key index i": key < threshold, or key == threshold and i <= cut.
 template <typename key_t>
@@ -70,7 +89,7 @@ DropRule<key_t> smallest(const std::vector<key_t>& keys, int64_t k) {
   const int64_t n = int64_t(keys.size());
   if (k <= 0) return {key_t(0), -1};
   constexpr int kShift = 8 * sizeof(key_t) - 16;
-  std::vector<int64_t> hist(1 << 16, 0);
+  std::vector<uint32_t> hist(1 << 16, 0);  // callers stay far below 2^32 keys
   for (key_t key : keys) ++hist[key >> kShift];
   int64_t bucket = 0, before = 0;
   while (before + hist[bucket] < k) before += hist[bucket++];
@@ -212,8 +231,8 @@ bool collect(const bool* __restrict m, const scalar_t* __restrict d, uint8_t* __
     codes[grp] = uint8_t(code);
     ok &= bit_count(code) == 2;
     const int lo = code ? low_bit(code) : 0, hi = code ? high_bit(code) : 0;
-    keys[2 * grp] = Keys<scalar_t>::of(score_of<scalar_t, kAbsolute>(d[4 * grp + lo]));
-    keys[2 * grp + 1] = Keys<scalar_t>::of(score_of<scalar_t, kAbsolute>(d[4 * grp + hi]));
+    keys[2 * grp] = drop_key<scalar_t, kAbsolute>(d[4 * grp + lo]);
+    keys[2 * grp + 1] = drop_key<scalar_t, kAbsolute>(d[4 * grp + hi]);
   }
   return ok;
 }
@@ -359,6 +378,7 @@ std::tuple<int64_t, at::Tensor, at::Tensor> dst_drop_grow(const at::Tensor& drop
   TORCH_CHECK(drop.is_contiguous() && mask.is_contiguous() && grow.is_contiguous() && drop.device().is_cpu(),
               "dst_drop_grow: contiguous CPU tensors");
   TORCH_CHECK(n_drop >= 0 && n_drop <= drop.numel() / 2, "dst_drop_grow: n_drop out of range");
+  TORCH_CHECK(drop.numel() / 2 < (int64_t(1) << 32), "dst_drop_grow: more than 2^32 kept entries");
   TORCH_CHECK(drop.scalar_type() == at::kFloat || drop.scalar_type() == at::kDouble,
               "dst_drop_grow: float32 or float64 scores");
   at::Tensor out = at::empty(mask.sizes(), mask.options());
