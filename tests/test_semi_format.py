@@ -58,6 +58,17 @@ def test_nbytes(dtype, limit):
     assert with_t.nbytes == 2 * m.nbytes
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.bool], ids=str)
+def test_decompress_cpu_fast_path_matches_scatter(dtype):
+    """Without autograd, CPU decompress runs in C++ (when built); it must equal the scatter."""
+    w = torch.randn(12, 40, generator=torch.Generator().manual_seed(3))
+    m = sk.SemiStructuredMatrix.from_dense(w * sk.prune_2to4(w, transposable=True))
+    values = torch.ones(m.values.shape, dtype=torch.bool) if dtype is torch.bool else m.values.to(dtype)
+    want = values.new_zeros(12, 40).scatter(1, unpack_columns(m.indices, 40), values)
+    got = decompress(values, m.indices, 40)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 def test_values_gradient_lands_on_kept():
     m = sk.SemiStructuredMatrix.from_dense(_pruned((4, 8)))
     m.values.requires_grad_(True)

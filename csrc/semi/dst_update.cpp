@@ -489,7 +489,7 @@ at::Tensor dst_decompress_sum(const std::vector<at::Tensor>& values, const std::
                 "dst_decompress_sum: contiguous uint8 indices (rows, ceil(cols/8))");
   }
   at::Tensor out = at::empty({rows, cols}, values[0].options());
-  AT_DISPATCH_FLOATING_TYPES(values[0].scalar_type(), "dst_decompress_sum", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, values[0].scalar_type(), "dst_decompress_sum", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     std::vector<const scalar_t*> sources;
     std::vector<const uint8_t*> positions;
