@@ -22,6 +22,9 @@ Usage (a few minutes on 2 cores at the defaults):
     python bench/exp_dst.py --json dst.jsonl
     python bench/exp_dst.py --task fashion --densities 0.1 --methods dense rigl --epochs 3
     python bench/exp_dst.py --speed --densities 0.1   # dense vs RigL, alternating ΔT=100-step chunks
+    # DPF with the paper's schedule, on block-32 layers and as the element-granularity reference
+    python bench/exp_dst.py --task fashion --densities 0.1 --methods dpf dpf-masked \
+        --delta 16 --t-end 1 --dpf-ramp-end 0.5 --tag=-paper
 
 Data: ``apt-get install -y dataset-fashion-mnist fortunes``.
 """
