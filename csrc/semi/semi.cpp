@@ -323,12 +323,17 @@ torch::Tensor grad_weight(torch::Tensor dy, torch::Tensor x, torch::Tensor indic
   const uint8_t* I = indices.data_ptr<uint8_t>();
   float* DV = dvalues.data_ptr<float>();
   const int64_t nbm = (M + MR - 1) / MR, half = K / 2, ib = indices.size(1);
-  const int64_t nbn = (N + 63) / 64;
+  // Rows of W per task: each task streams the whole x super-panel once (from L3), so fewer,
+  // larger tasks read less (512 rows measured ~10% faster than 64 at 4096 x 4096); their dy
+  // rows (rows x MSUPER x 96 floats) stay in L2. At least 4 tasks per thread for balance.
+  const int64_t rows_per_task = std::max<int64_t>(
+      64, std::min<int64_t>(512, (N / (4 * at::get_num_threads()) + 7) / 8 * 8));
+  const int64_t nbn = (N + rows_per_task - 1) / rows_per_task;
   for (int64_t s0 = 0; s0 < nbm; s0 += MSUPER) {
     const int64_t s1 = std::min(nbm, s0 + MSUPER);
     at::parallel_for(0, nbn, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t n0 = t0 * 64; n0 < std::min(N, t1 * 64); n0 += 64) {
-        const int64_t n1 = std::min(N, n0 + 64);
+      for (int64_t n0 = t0 * rows_per_task; n0 < std::min(N, t1 * rows_per_task); n0 += rows_per_task) {
+        const int64_t n1 = std::min(N, n0 + rows_per_task);
         for (int64_t k0 = 0; k0 < K; k0 += KC_DW) {
           const int64_t j0 = k0 / 2, count = std::min(KC_DW, K - k0) / 2;
           for (int64_t n = n0; n < n1; ++n) {
