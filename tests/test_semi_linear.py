@@ -56,7 +56,7 @@ def test_op_matches_dense_masked(backend, dtype, shape, transposable):
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512_if_present", "avx2"])
-@pytest.mark.parametrize("blocking", [(32, 32), (5, 12)], ids=["default", "odd"])
+@pytest.mark.parametrize("blocking", [(64, 64), (32, 32), (5, 12)], ids=["default", "previous", "odd"])
 def test_cpu_forward_microkernels_and_blocking(avx512, blocking):
     _skip_unavailable("cpu", torch.float32)
     from sparsekern._extension import load_extension
@@ -66,6 +66,24 @@ def test_cpu_forward_microkernels_and_blocking(avx512, blocking):
     offsets, source = ext.plan(weight.indices, None, 100, *blocking)
     y = ext.forward(x, weight.values, offsets, source, *blocking, avx512)
     torch.testing.assert_close(y, x @ weight.to_dense().T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [36, 1000, 4100], ids=lambda r: f"out{r}")
+def test_cpu_grad_weight_task_split(threads, rows):
+    """dW splits W's rows into tasks of 64..512 rows by the thread count: every split is exact."""
+    _skip_unavailable("cpu", torch.float32)
+    from sparsekern._extension import load_extension
+    weight = _weight(rows, 40, torch.float32, False)
+    x, dy = torch.randn(200, 40), torch.randn(200, rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = load_extension("semi").grad_weight(dy, x, weight.indices)
+    finally:
+        torch.set_num_threads(before)
+    want = (dy.T @ x)[weight.to_dense() != 0].view(rows, 20)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_plan_cache_follows_structure():
