@@ -1,6 +1,7 @@
 // sparsekern._C_lowrank: the token-streaming products of a low-rank layer.
 //
 // matmul(a, b, transpose_b, bias) -> a @ b (b: (K, N)) or a @ bᵀ (b: (N, K)), + bias
+// transposed_matmul(a, b, column_sums) -> (aᵀ b, a's column sums or None)
 //
 // A low-rank layer's four products that stream a (tokens x features) matrix
 // (x V, b Uᵀ + bias, dY U, H Vᵀ) have one narrow side r. They run on the
@@ -10,8 +11,8 @@
 // accumulators (MKL's addmm instead copies the bias into the whole output
 // first, one more pass over 32 MB at 2048 x 4096). At r = 64 this
 // runs at 152-174 GFLOP/s on 2 Zen3 cores where MKL's sgemm reaches 134-160 at
-// these shapes (docs/low_rank.md). The two token reductions (dYᵀ a, Xᵀ G) stay
-// on BLAS, which is as fast there.
+// these shapes (docs/low_rank.md). The two token reductions (dYᵀ a, Xᵀ G) have
+// their own driver on the same microkernel (lowrank/token_reduction.h).
 #include <torch/extension.h>
 
 #include <string>
