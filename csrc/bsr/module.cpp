@@ -12,6 +12,7 @@
 #include "bsr/grouped_product.h"
 #include "bsr/microkernel.h"
 #include "bsr/sampled_product.h"
+#include "common/huge_page_output.h"
 
 namespace sparsekern {
 namespace bsr {
@@ -74,7 +75,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
     check_same(x, *bias);
     TORCH_CHECK(bias->size(0) == out_features, "bias has ", bias->size(0), " entries, expected ", out_features);
   }
-  at::Tensor y = at::empty({M, out_features}, x.options());
+  at::Tensor y = empty_output({M, out_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_forward", [&] {
     using C = Compute<scalar_t>;
     grouped_product<scalar_t, C>(
@@ -97,7 +98,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   check_offsets(col_offsets, "col_offsets", CB, nnz);
   check_index(t_block_ids, "t_block_ids", nnz, nnz);
   check_index(t_row_indices, "t_row_indices", nnz, N / br);
-  at::Tensor dx = at::empty({M, in_features}, dy.options());
+  at::Tensor dx = empty_output({M, in_features}, dy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bsr_grad_input", [&] {
     using C = Compute<scalar_t>;
     grouped_product<scalar_t, C>(
@@ -119,7 +120,7 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
               ") is not divisible by block size (", br, ", ", bc, ")");
   check_index(row_indices, "row_indices", nnz, N / br);
   check_index(col_indices, "col_indices", nnz, K / bc);
-  at::Tensor dvalues = at::empty({nnz, br, bc}, x.options());
+  at::Tensor dvalues = empty_output({nnz, br, bc}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_grad_weight", [&] {
     using C = Compute<scalar_t>;
     sampled_product<scalar_t, C>(

@@ -19,6 +19,7 @@
 
 #include "bsr/grouped_product.h"
 #include "bsr/microkernel.h"
+#include "common/huge_page_output.h"
 #include "lowrank/token_reduction.h"
 
 namespace sparsekern {
@@ -54,7 +55,7 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool transpose_b, co
     TORCH_CHECK(bias->scalar_type() == a.scalar_type(), "bias has dtype ", bias->scalar_type(), ", a has ",
                 a.scalar_type());
   }
-  at::Tensor out = at::empty({M, N}, a.options());
+  at::Tensor out = empty_output({M, N}, a.options());
   if (M == 0 || N == 0) return out;
   if (K == 0) return has_bias ? out.copy_(bias->expand({M, N})) : out.zero_();
   // One group, one member: the whole of b is block 0, taken as (K, N) or, transposed, from (N, K).

@@ -22,6 +22,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "common/huge_page_output.h"
 #include "semi/dst_update.h"
 #include "semi/prune.h"
 #include <immintrin.h>
@@ -243,7 +244,7 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
   TORCH_CHECK(offsets.dim() == 2 && offsets.size(1) == half && offsets.scalar_type() == torch::kInt16 &&
                   source.scalar_type() == torch::kInt32 && (source.numel() == N * half || source.numel() == 0),
               "semi: offsets/source do not match x (make them with plan())");
-  auto y = torch::empty({M, N}, x.options());
+  auto y = sparsekern::empty_output({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
   TORCH_CHECK(kc % 4 == 0 && kc >= 4 && kc * MR < 65536 && nb >= 1 && nb <= NB_MAX, "semi: bad blocking");
