@@ -53,3 +53,16 @@ def test_huge_page_outputs_resize():
         y.resize_(2 * TOKENS, FEATURES)  # storage keeps its allocator, so it can grow
         y[TOKENS:].fill_(1.0)
         assert y.shape == (2 * TOKENS, FEATURES) and bool((y[TOKENS:] == 1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_huge_page_outputs_keep_the_dtype(dtype):
+    layer = sk.LowRankLinear(FEATURES, FEATURES, 16, dtype=dtype)
+    tokens = HUGE_PAGE // (FEATURES * dtype.itemsize)  # the smallest huge-page output in this dtype
+    x = torch.randn(tokens, FEATURES, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+        expected = torch.nn.functional.linear(x.double(), layer.dense_weight().double(), layer.bias.double())
+    assert y.dtype == dtype and y.untyped_storage().nbytes() == HUGE_PAGE
+    assert y.data_ptr() % HUGE_PAGE == 0
+    torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
