@@ -13,8 +13,10 @@ data order, initial seed and SGD(momentum 0.9) with a cosine learning rate;
 sparse layers' initial weights are scaled by density**-0.5 (the dense init's
 activation scale at the reduced fan-in; ``--dense-init`` turns this off).
 Columns: quality, train wall-clock and its ratio to dense, training-state
-memory (parameters, gradients, optimizer state, driver shadows and probes; not
-process RSS), and the *mask-update cost*: the extra time of an update step over
+memory (parameters, gradients, optimizer state, driver shadows and probes),
+peak memory (the process's peak resident memory during model building and
+training, above its resident memory before: activations and temporaries
+included; bench/timing.py ``PeakMemory``), and the *mask-update cost*: the extra time of an update step over
 a median step (probe backward + rebuild), in steps, and as a fraction of the
 ΔT=100 steps it is amortized over in RigL's default schedule.
 
@@ -44,6 +46,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import datasets  # noqa: E402  (bench/datasets.py: this script's folder is on sys.path)
+from timing import PeakMemory  # noqa: E402  (bench/timing.py)
 import sparsekern as sk  # noqa: E402
 from sparsekern.kernels import select_kernel  # noqa: E402
 from sparsekern.methods import DPF, GGR, SET, SNFS, DynamicSparsity, RigL, TopKAST, erk_densities  # noqa: E402
@@ -203,6 +206,15 @@ def evaluate(task, model, x, y):
 
 
 def run(task, method, density, data, args, seed=0):
+    with PeakMemory() as peak:
+        row, model = _train(task, method, density, data, args, seed)
+    row["peak_mb"] = None if peak.mb is None else round(peak.mb, 1)
+    row["quality"] = round(evaluate(task, model, data[2], data[3]), 4)
+    return row
+
+
+def _train(task, method, density, data, args, seed):
+    """One training run: (its JSON row without quality and peak memory, the trained model)."""
     train_x, train_y, test_x, test_y, make = data
     sparse = method not in ("dense", "dpf-masked")  # SparseLinear hidden layers
     model = make(sparse, seed)
@@ -247,21 +259,20 @@ def run(task, method, density, data, args, seed=0):
     median = statistics.median(t for i, t in enumerate(times) if i not in set(updates))
     extra = [max(times[i] - median, 0.0) / median for i in updates]
     cost_steps = statistics.mean(extra) if extra else 0.0
-    quality = evaluate(task, model, test_x, test_y)
     return {"task": task, "method": method + args.tag, "density": 1.0 if method == "dense" else density, "seed": seed,
             "epochs": args.epochs, "delta": delta, "train_samples": len(train_x),
             "t_end": t_end, "schedule": args.schedule, "ramp_end": ramp_end,
             "stored_density": round(driver.stored_density() if method == "dpf-masked" else stored_density(model), 4),
             "block_size": "masked-element" if method == "dpf-masked" else
             (args.block_size if args.hidden_layer == "block" else args.hidden_layer) if sparse else None,
-            "quality": round(quality, 4), "metric": "test_acc" if task == "fashion" else "val_bits_per_char",
+            "metric": "test_acc" if task == "fashion" else "val_bits_per_char",
             "train_s": round(sum(times), 3), "step_ms": round(1000 * median, 3), "steps": steps,
             "updates": len(updates), "update_cost_steps": round(cost_steps, 3),
             "score_method": args.score_method if method in ("rigl", "snfs", "ggr") else None,
             "update_frac_dt100": round(cost_steps / 100, 5),
             "rebuild_ms": round(1000 * statistics.mean(driver.update_seconds), 3)
             if driver is not None and driver.update_seconds else 0.0,
-            "state_mb": round(state_mb(model, opt, driver), 2), "final_loss": round(loss.item(), 4)}
+            "state_mb": round(state_mb(model, opt, driver), 2), "final_loss": round(loss.item(), 4)}, model
 
 
 # ------------------------------------------------------------------ driver
@@ -291,7 +302,7 @@ def task_data(task, args):
 
 def markdown(rows):
     lines = ["| task | method | density | quality | train s | vs dense | median step ms | vs dense | state MB "
-             "| update cost (steps) | % of ΔT=100 | rebuild ms |", "|" + "---|" * 12]
+             "| peak MB | update cost (steps) | % of ΔT=100 | rebuild ms |", "|" + "---|" * 13]
     dense = {r["task"]: r for r in rows if r["method"] == "dense"}
     for r in rows:
         base = dense.get(r["task"])
@@ -299,6 +310,7 @@ def markdown(rows):
         step = f"{base['step_ms'] / r['step_ms']:.2f}x" if base else "-"
         lines.append(f"| {r['task']} | {r['method']} | {r['density']} | {r['quality']:.4f} {r['metric']} | "
                      f"{r['train_s']:.1f} | {speed} | {r['step_ms']:.1f} | {step} | {r['state_mb']:.1f} | "
+                     f"{'-' if r.get('peak_mb') is None else format(r['peak_mb'], '.1f')} | "
                      f"{r['update_cost_steps']:.2f} | "
                      f"{100 * r['update_frac_dt100']:.2f} | {r['rebuild_ms']:.1f} |")
     return "\n".join(lines)

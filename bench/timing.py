@@ -1,5 +1,7 @@
 """Shared helpers of the layer benchmarks: environment fields of the JSON rows, one timed call,
-and printing/writing the rows."""
+peak memory of a run, and printing/writing the rows."""
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -18,6 +20,50 @@ def versions():
     return dict(torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads(),
                 thp_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"))
 
+
+
+class PeakMemory:
+    """Peak resident memory of a block of work, above the resident memory at its start (MiB).
+
+    Linux only (None elsewhere): freed memory is first handed back to the OS (gc, malloc_trim),
+    then the kernel's high-water mark is reset (``/proc/self/clear_refs``) and read back at the
+    end (``VmHWM``). On CPU this is the real peak of training: weights, gradients, optimizer
+    state, activations and temporaries, with whatever the allocator keeps.
+
+        with PeakMemory() as peak:
+            train()
+        peak.mb
+    """
+
+    def __init__(self):
+        self.mb = None
+
+    @staticmethod
+    def _status_kib(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    def __enter__(self):
+        self._start = None
+        if not os.path.exists("/proc/self/clear_refs"):
+            return self
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:  # a sandbox may forbid it: no figure rather than a wrong one
+            return self
+        self._start = self._status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is not None:
+            self.mb = (self._status_kib("VmHWM") - self._start) / 1024
+        return False
 
 
 def fwd_bwd(layer, x, dy):
