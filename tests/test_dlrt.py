@@ -56,6 +56,17 @@ def test_one_step_is_the_projected_gradient_step(n_in, n_out, r, tokens):
     assert _orthonormality_error(layer) < 1e-12
 
 
+@pytest.mark.parametrize("tol,rmax", [(0.0, 4), (0.5, None)], ids=["same-rank", "rank-change"])
+def test_factors_stay_row_major_contiguous(tol, rmax):
+    """The fused op needs contiguous factors: a column-major U from LAPACK would be copied in every forward."""
+    layer = _layer(40, 30, 4)
+    dlrt = sk.DLRT(layer, 0.1, tol=tol, rmin=1, rmax=rmax)
+    for _ in range(dlrt_module._REORTH_EVERY + 1):  # the re-orthonormalization's QR is column-major too
+        _backward(layer, torch.randn(16, 40, dtype=torch.float64), torch.randn(16, 30, dtype=torch.float64))
+        dlrt.step()
+        assert all(p.is_contiguous() for p in (layer.U, layer.S, layer.V))
+
+
 @pytest.mark.parametrize("tol", [0.05, 0.3])
 def test_truncation_keeps_the_best_rank_given_by_tol(tol):
     layer = _layer(20, 16, 5)

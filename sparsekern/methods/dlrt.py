@@ -177,7 +177,11 @@ class _NewDirections:
         householder, tau = self.reflectors
         padded = P.new_zeros(householder.shape[0], P.shape[1])
         padded[:self.width] = P[r:]
-        return torch.ormqr(householder, tau, padded).addmm_(U, P[:r])
+        # LAPACK works on column-major matrices: Q padded would come back column-major, and
+        # every later forward would pay a transposing copy of the factor. (Q padded)ᵀ =
+        # paddedᵀ Qᵀ, computed on paddedᵀ (a column-major view), comes back as the
+        # column-major transpose of a row-major result.
+        return torch.ormqr(householder, tau, padded.T, left=False, transpose=True).T.addmm_(U, P[:r])
 
 
 def _new_directions(U, direction, coeffs):

@@ -124,12 +124,14 @@ class LowRankLinear(nn.Module):
                              f"{self.out_features}x{self.in_features} layer")
         for name, value in (("U", U), ("S", S), ("V", V)):
             param = getattr(self, name)
+            # Row-major once here rather than a copy in every forward (the fused op needs it;
+            # LAPACK's QR factors come back column-major).
+            value = value.detach().to(param.dtype).contiguous()
             if param.shape == value.shape:
-                param.data = value.detach().to(param.dtype)
+                param.data = value
                 param.grad = None
             else:
-                setattr(self, name, nn.Parameter(value.detach().to(param.dtype).clone(),
-                                                 requires_grad=param.requires_grad))
+                setattr(self, name, nn.Parameter(value.clone(), requires_grad=param.requires_grad))
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
