@@ -4,6 +4,7 @@
     python bench/bench_low_rank.py --ranks 256 --repeats 9 --json bench/results/low_rank.json
     python bench/bench_low_rank.py --threads 1          # steadier on a machine shared with other jobs
     python bench/bench_low_rank.py --keep-freed-memory  # no page faults for fresh 32 MB outputs (both sides)
+    python bench/bench_low_rank.py --balanced           # steady state: low-rank timed in blocks of back-to-back calls
     pytest bench/bench_low_rank.py --benchmark-only     # small-shape microbenchmarks
 
 Rows (each timed in the same process as its dense baseline, alternating, ratio =
@@ -78,7 +79,7 @@ def _dlrt_step(layer, x, dy, lr, rank):
     return run
 
 
-def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases):
+def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases, balanced=False):
     torch.manual_seed(0)
     factory = dict(device=device, dtype=dtype)
     x = torch.randn(tokens, in_features, **factory, requires_grad=True)
@@ -93,14 +94,14 @@ def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases)
         layer = sk.LowRankLinear(in_features, out_features, rank, **factory)
         if "fwd+bwd" in cases:
             rows.append(compare("fwd+bwd", fwd_bwd(dense, x, dy), fwd_bwd(layer, x, dy), repeats, device, row,
-                                sparse_key="lowrank_ms"))
+                                sparse_key="lowrank_ms", balanced=balanced))
         if "unfused" in cases:
             rows.append(compare("fwd+bwd unfused", fwd_bwd(dense, x, dy), _unfused(layer, x, dy),
-                                repeats, device, row, sparse_key="lowrank_ms"))
+                                repeats, device, row, sparse_key="lowrank_ms", balanced=balanced))
         if "step" in cases:
             # Tiny lr: the factors stay well-scaled however many steps are timed.
             rows.append(compare("step", _dense_step(dense, x, dy, 1e-6), _dlrt_step(layer, x, dy, 1e-6, rank),
-                                repeats, device, row, sparse_key="lowrank_ms"))
+                                repeats, device, row, sparse_key="lowrank_ms", balanced=balanced))
         layer.kl_grads = False
     return rows
 
@@ -119,6 +120,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc mallopt: keep freed large blocks mapped (see keep_freed_memory)")
+    parser.add_argument("--balanced", action="store_true",
+                        help="time the low-rank side in blocks of back-to-back calls as long as one dense call "
+                             "(steady state, as in training; default: one call per sample)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -126,8 +130,8 @@ def main(argv=None):
     if args.keep_freed_memory and not keep_freed_memory():
         raise SystemExit("mallopt refused the thresholds")
     rows = run(args.tokens, args.in_features, args.out_features, args.ranks, args.repeats,
-               getattr(torch, args.dtype), torch.device(args.device), args.cases)
-    rows = [dict(r, keep_freed_memory=args.keep_freed_memory) for r in rows]
+               getattr(torch, args.dtype), torch.device(args.device), args.cases, args.balanced)
+    rows = [dict(r, keep_freed_memory=args.keep_freed_memory, balanced=args.balanced) for r in rows]
     print(f"{'case':<16} {'rank':>5} {'dense ms':>10} {'lowrank ms':>11} {'ratio':>7}")
     for r in rows:
         print(f"{r['case']:<16} {r['rank']:>5} {r['dense_ms']:>10.1f} {r['lowrank_ms']:>11.1f} {r['ratio']:>6.2f}x")

@@ -95,19 +95,31 @@ def timed(fn, device):
     return (time.perf_counter() - start) * 1e3
 
 
-def compare(name, dense_fn, sparse_fn, repeats, device, row, *, sparse_key="sparse_ms", as_fraction=False):
+def compare(name, dense_fn, sparse_fn, repeats, device, row, *, sparse_key="sparse_ms", as_fraction=False,
+            balanced=False):
     """Alternate dense and sparse runs (after one warm-up each): a row with median times and the
-    median of the per-pair ratios (dense / sparse, or sparse / dense with ``as_fraction``)."""
+    median of the per-pair ratios (dense / sparse, or sparse / dense with ``as_fraction``).
+
+    ``balanced``: each sample of the faster side is the mean of k back-to-back calls, k chosen
+    from the warm-up so that both sides' samples take about the same wall time (as a training
+    loop runs a layer: step after step). Otherwise every sample is one call, right after one
+    call of the other side, so a fast side's sample also carries what a long call of the
+    other side left behind (cold caches, memory the system has to hand out again)."""
     dense_fn(), sparse_fn()
+    dense_calls = sparse_calls = 1
+    if balanced:
+        d, s = timed(dense_fn, device), timed(sparse_fn, device)
+        dense_calls, sparse_calls = max(1, round(s / d)), max(1, round(d / s))
     dense_ms, sparse_ms, ratios = [], [], []
     for _ in range(repeats):
-        d = timed(dense_fn, device)
-        s = timed(sparse_fn, device)
+        d = sum(timed(dense_fn, device) for _ in range(dense_calls)) / dense_calls
+        s = sum(timed(sparse_fn, device) for _ in range(sparse_calls)) / sparse_calls
         dense_ms.append(d)
         sparse_ms.append(s)
         ratios.append(s / d if as_fraction else d / s)
     return dict(row, case=name, dense_ms=statistics.median(dense_ms), **{sparse_key: statistics.median(sparse_ms)},
-                ratio=statistics.median(ratios), repeats=repeats)
+                ratio=statistics.median(ratios), repeats=repeats, dense_calls_per_sample=dense_calls,
+                sparse_calls_per_sample=sparse_calls)
 
 
 def emit_rows(rows, path):
