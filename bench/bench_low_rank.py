@@ -8,7 +8,9 @@
     pytest bench/bench_low_rank.py --benchmark-only     # small-shape microbenchmarks
 
 Rows (each timed in the same process as its dense baseline, alternating, ratio =
-median over repeats of dense_ms / lowrank_ms for the pair measured back to back):
+median over repeats of dense_ms / lowrank_ms for the pair measured back to back;
+with ``--balanced`` a low-rank sample is the mean of the back-to-back calls that
+fill about one dense call's wall time, fields ``*_calls_per_sample``):
 
 * ``fwd+bwd``: ``nn.Linear`` vs ``LowRankLinear`` (x requires grad, bias on),
   y = layer(x); y.backward(dy).
