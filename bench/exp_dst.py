@@ -16,9 +16,10 @@ Columns: quality, train wall-clock and its ratio to dense, training-state
 memory (parameters, gradients, optimizer state, driver shadows and probes),
 peak memory (the process's peak resident memory during model building and
 training, above its resident memory before: activations and temporaries
-included; bench/timing.py ``PeakMemory``), and the *mask-update cost*: the extra time of an update step over
-a median step (probe backward + rebuild), in steps, and as a fraction of the
-ΔT=100 steps it is amortized over in RigL's default schedule.
+included; bench/timing.py ``PeakMemory``), and the *mask-update cost*: the
+extra time of an update step over a median step (probe backward + rebuild),
+in steps, and as a fraction of the ΔT=100 steps it is amortized over in
+RigL's default schedule.
 
 Usage (a few minutes on 2 cores at the defaults):
     python bench/exp_dst.py --json dst.jsonl
@@ -215,7 +216,7 @@ def run(task, method, density, data, args, seed=0):
 
 def _train(task, method, density, data, args, seed):
     """One training run: (its JSON row without quality and peak memory, the trained model)."""
-    train_x, train_y, test_x, test_y, make = data
+    train_x, train_y, _, _, make = data
     sparse = method not in ("dense", "dpf-masked")  # SparseLinear hidden layers
     model = make(sparse, seed)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)

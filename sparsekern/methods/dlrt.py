@@ -29,8 +29,6 @@ permutations and sign flips a truncation SVD mostly produces, and never
 negative). Every other trainable parameter of the model (biases, dense layers)
 gets the same rule (SGD or Adam) from ``step()``.
 """
-import math
-
 import torch
 
 from ..nn.low_rank_linear import LowRankLinear, truncation_rank
