@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace sparsekern {
@@ -31,36 +32,21 @@ namespace {
 // Order-preserving unsigned keys: a < b (as floats, -0 == +0, no NaN) iff key(a) < key(b).
 // The 16 top bits of a key pick the histogram bucket of the selection below.
 template <typename scalar_t>
-struct Keys;
+struct Keys {
+  // The unsigned integer of scalar_t's width (float: 32 bits, double: 64).
+  using type = typename std::conditional<sizeof(scalar_t) == 4, uint32_t, uint64_t>::type;
+  static_assert(std::is_floating_point<scalar_t>::value && sizeof(scalar_t) == sizeof(type),
+                "keys are defined for IEEE float and double");
+  static constexpr type kSign = type(1) << (8 * sizeof(type) - 1);
 
-template <>
-struct Keys<float> {
-  using type = uint32_t;
-  static type of(float x) {
-    uint32_t b;
-    x += 0.0f;  // -0 -> +0
+  static type of(scalar_t x) {
+    type b;
+    x += scalar_t(0);  // -0 -> +0
     std::memcpy(&b, &x, sizeof b);
-    return (b >> 31) ? ~b : (b | 0x80000000u);
+    return (b & kSign) ? ~b : (b | kSign);
   }
-  static type of_magnitude(float x) {  // |x|: its bits already sort as the values do
-    uint32_t b;
-    x = std::abs(x);
-    std::memcpy(&b, &x, sizeof b);
-    return b;
-  }
-};
-
-template <>
-struct Keys<double> {
-  using type = uint64_t;
-  static type of(double x) {
-    uint64_t b;
-    x += 0.0;
-    std::memcpy(&b, &x, sizeof b);
-    return (b >> 63) ? ~b : (b | 0x8000000000000000ull);
-  }
-  static type of_magnitude(double x) {
-    uint64_t b;
+  static type of_magnitude(scalar_t x) {  // |x|: its bits already sort as the values do
+    type b;
     x = std::abs(x);
     std::memcpy(&b, &x, sizeof b);
     return b;
