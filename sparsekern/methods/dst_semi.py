@@ -21,16 +21,7 @@ import torch
 from ..formats.semi_structured import decompress
 from ..kernels import forced_backend, select_kernel
 from ..nn import semi_sparse_linear as _semi_layer
-
-
-def carry(tensor, slots):
-    """``tensor`` (rows, cols/2) moved by the slot map ``SemiSparseLinear.set_mask`` returns:
-    new weights' entries are zero."""
-    ext = _semi_layer._dst_extension(tensor, slots)
-    if ext is not None:
-        return ext.dst_carry(tensor.contiguous(), slots.contiguous())
-    moved = tensor.reshape(-1)[slots.clamp_min(0)].view_as(slots)
-    return torch.where(slots >= 0, moved, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+from ..nn.semi_sparse_linear import carry
 
 
 def _complement_nibble(nibble):

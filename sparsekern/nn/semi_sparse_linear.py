@@ -111,14 +111,11 @@ class SemiSparseLinear(nn.Module):
             raise ValueError(f"mask must be a bool tensor of shape {shape}, got "
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
         mask = mask.to(self.values.device)
-        values = self.values.detach()
-        ext = _dst_extension(mask, values)
+        ext = _dst_extension(mask, self.values)
         if ext is None:
             _check_exact_2to4(mask, shape, self.transposable)
             positions = kept_positions(mask)
             slots = _slot_map(self.indices, positions, self.in_features)
-            moved = values.reshape(-1)[slots.clamp_min(0)].view_as(slots)
-            new_values = torch.where(slots >= 0, moved, torch.zeros((), dtype=moved.dtype, device=moved.device))
             indices = pack_indices(positions)
             indices_t = pack_indices(kept_positions(mask.T.contiguous())) if self.transposable else None
         else:
@@ -127,9 +124,8 @@ class SemiSparseLinear(nn.Module):
             if status:
                 _check_exact_2to4(mask, shape, self.transposable)  # raises the error naming the mask
                 raise ValueError(f"mask of shape {shape} is not exactly 2:4")
-            new_values = ext.dst_carry(values.contiguous(), slots)
         with torch.no_grad():
-            self.values.data = new_values.contiguous()
+            self.values.data = carry(self.values.detach(), slots).contiguous()
         self.indices = indices
         if self.transposable:
             self.indices_t = indices_t
@@ -193,6 +189,17 @@ def _dst_extension(*tensors):
         return None
     module = load_extension("semi")
     return module if hasattr(module, "dst_drop_grow") else None
+
+
+def carry(tensor, slots):
+    """``tensor`` (rows, cols/2) moved by the slot map ``SemiSparseLinear.set_mask`` returns:
+    new weights' entries are zero. The layer's values move this way, and so must optimizer
+    state shaped like them (``sparsekern.methods`` does)."""
+    ext = _dst_extension(tensor, slots)
+    if ext is not None:
+        return ext.dst_carry(tensor.contiguous(), slots.contiguous())
+    moved = tensor.reshape(-1)[slots.clamp_min(0)].view_as(slots)
+    return torch.where(slots >= 0, moved, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
 
 def _slot_map(old_indices, new_positions, cols):
