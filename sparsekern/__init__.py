@@ -5,6 +5,7 @@ until a kernel first runs.
 """
 from . import kernels, ops
 from .formats import BlockLayout, BlockSparseMatrix, SemiStructuredMatrix
+from .memory import empty_output_cache, output_cache_info
 from .kernels import BackendUnavailableError, use_backend
 from .nn import LowRankLinear, SemiSparseLinear, SparseLinear
 from .pruning import prune_2to4
@@ -23,8 +24,10 @@ __all__ = [
     "SemiStructuredMatrix",
     "SparseLinear",
     "kernels",
+    "empty_output_cache",
     "methods",
     "ops",
+    "output_cache_info",
     "prune_2to4",
     "sparsify",
     "use_backend",

@@ -46,3 +46,8 @@ def cpu_extension_unavailable(name, dtypes, device, dtype):
     if load_extension(name) is None:
         return f"the compiled extension sparsekern._C_{name} is unavailable ({extension_failure(name)})"
     return None
+
+
+def loaded_extensions():
+    """The compiled extensions loaded so far (never triggers a load)."""
+    return [module for module in _loaded.values() if module is not None]

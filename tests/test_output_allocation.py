@@ -2,9 +2,15 @@
 
 Promises: outputs of at least 2 MB start on a 2 MB boundary (Linux), they are
 ordinary tensors (correct values, resizable), and their
-gradients flow like any other.
+gradients flow like any other. A freed output's block is reused for the next
+output of the same size, the cache stays within SPARSEKERN_OUTPUT_CACHE_MB
+(0: off), and ``sparsekern.empty_output_cache()`` releases it.
 """
+import gc
+import os
+import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -18,18 +24,23 @@ TOKENS, FEATURES = 512, 1024
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are Linux-only")
 
 
-def _layers():
+def _layer(name):
     torch.manual_seed(0)
-    return {
-        "low_rank": sk.LowRankLinear(FEATURES, FEATURES, 16),
-        "block_sparse": sk.SparseLinear(FEATURES, FEATURES, block_size=32, density=0.25),
-        "semi_structured": sk.SemiSparseLinear(FEATURES, FEATURES),
-    }
+    if name == "low_rank":
+        return sk.LowRankLinear(FEATURES, FEATURES, 16)
+    if name == "block_sparse":
+        return sk.SparseLinear(FEATURES, FEATURES, block_size=32, density=0.25)
+    return sk.SemiSparseLinear(FEATURES, FEATURES)
+
+
+def _empty_cache():
+    gc.collect()  # tensors of earlier tests caught in reference cycles
+    sk.empty_output_cache()
 
 
 @pytest.mark.parametrize("name", ["low_rank", "block_sparse", "semi_structured"])
 def test_large_outputs_are_huge_page_aligned_and_correct(name):
-    layer = _layers()[name]
+    layer = _layer(name)
     x = torch.randn(TOKENS, FEATURES, requires_grad=True)
     y = layer(x)
     assert y.data_ptr() % HUGE_PAGE == 0
@@ -41,13 +52,13 @@ def test_large_outputs_are_huge_page_aligned_and_correct(name):
 
 
 def test_small_outputs_use_the_default_allocator():
-    layer = _layers()["low_rank"]
+    layer = _layer("low_rank")
     y = layer(torch.randn(3, FEATURES))
     assert y.shape == (3, FEATURES) and torch.isfinite(y).all()
 
 
 def test_huge_page_outputs_resize():
-    layer = _layers()["low_rank"]
+    layer = _layer("low_rank")
     with torch.no_grad():
         y = layer(torch.randn(TOKENS, FEATURES))
         y.resize_(2 * TOKENS, FEATURES)  # storage keeps its allocator, so it can grow
@@ -66,3 +77,82 @@ def test_huge_page_outputs_keep_the_dtype(dtype):
     assert y.dtype == dtype and y.untyped_storage().nbytes() == HUGE_PAGE
     assert y.data_ptr() % HUGE_PAGE == 0
     torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_a_freed_output_block_is_reused_with_fresh_values():
+    layer = _layer("low_rank")
+    _empty_cache()
+    with torch.no_grad():
+        first = layer(torch.randn(TOKENS, FEATURES))
+        address = first.data_ptr()
+        del first
+        assert sk.output_cache_info() == {"bytes": HUGE_PAGE, "blocks": 1}
+        x = torch.randn(TOKENS, FEATURES)
+        second = layer(x)
+        assert second.data_ptr() == address and sk.output_cache_info()["blocks"] == 0
+        torch.testing.assert_close(second, torch.nn.functional.linear(x, layer.dense_weight(), layer.bias),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_other_sizes_do_not_take_a_cached_block():
+    layer = _layer("low_rank")
+    _empty_cache()
+    with torch.no_grad():
+        del_me = layer(torch.randn(TOKENS, FEATURES))
+        address = del_me.data_ptr()
+        del del_me
+        bigger = layer(torch.randn(2 * TOKENS, FEATURES))
+        assert bigger.data_ptr() != address
+        assert sk.output_cache_info() == {"bytes": HUGE_PAGE, "blocks": 1}
+
+
+def test_empty_output_cache_releases_every_block():
+    layer = _layer("block_sparse")
+    x = torch.randn(TOKENS, FEATURES, requires_grad=True)
+    layer(x).backward(torch.ones(TOKENS, FEATURES))
+    x.grad = None
+    assert sk.output_cache_info()["bytes"] >= 2 * HUGE_PAGE  # y and dx
+    sk.empty_output_cache()
+    assert sk.output_cache_info() == {"bytes": 0, "blocks": 0}
+
+
+def test_concurrent_threads_get_distinct_correct_outputs():
+    layer = _layer("low_rank")
+    inputs = [torch.randn(TOKENS, FEATURES) for _ in range(4)]
+    errors = []
+
+    def work(x):
+        with torch.no_grad():
+            for _ in range(5):
+                y = layer(x)
+                if not torch.allclose(y, torch.nn.functional.linear(x, layer.dense_weight(), layer.bias),
+                                      rtol=1e-4, atol=1e-4):
+                    errors.append("wrong values")
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+_CACHE_LIMIT_SCRIPT = """
+import torch, sparsekern as sk
+layer = sk.LowRankLinear(1024, 1024, 16)
+with torch.no_grad():
+    outputs = [layer(torch.randn(512 * k, 1024)) for k in (1, 2, 3)]  # 2, 4 and 6 MB
+    del outputs
+print(sk.output_cache_info()["bytes"] >> 20)
+"""
+
+
+@pytest.mark.parametrize("limit_mb, held_mb", [("0", 0), ("7", 6), ("12", 12)])
+def test_the_cache_stays_within_its_limit(limit_mb, held_mb):
+    # Freed in list order (2, 4, 6 MB): over the limit, the oldest go first.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sk.__file__)))
+    env = dict(os.environ, SPARSEKERN_OUTPUT_CACHE_MB=limit_mb,
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", _CACHE_LIMIT_SCRIPT], env=env, capture_output=True, text=True,
+                            check=True)
+    assert int(result.stdout.split()[-1]) == held_mb

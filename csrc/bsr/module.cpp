@@ -138,6 +138,7 @@ std::string isa() { return use_avx2() ? "avx2-fma" : "portable"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace sparsekern::bsr;
+  sparsekern::def_output_cache(m);
   m.def("forward", &forward, "y = x @ W.T (+ bias) for block-sparse W (block-CSR)", pybind11::arg("x"),
         pybind11::arg("values"), pybind11::arg("row_offsets"), pybind11::arg("col_indices"),
         pybind11::arg("out_features"), pybind11::arg("bias") = pybind11::none());

@@ -1,4 +1,4 @@
-// Output tensors on transparent huge pages.
+// Output tensors on transparent huge pages, with a bounded cache of freed blocks.
 //
 // A fresh 32 MB output (2048 tokens x 4096 features, fp32) is new anonymous
 // memory: its first write takes 8192 page faults, each zeroing a 4 KB page.
@@ -7,8 +7,16 @@
 // pages (madvise MADV_HUGEPAGE on a 2 MB-aligned block) cuts the faults 512x
 // and the cost to ~3 ms. torch does the same for every tensor when the
 // environment sets THP_MEM_ALLOC_ENABLE=1; this allocator does it for our
-// outputs only, by default. Memory is freed on release like any tensor's: no
-// cache, no pool. Where THP is off ("never") the advice is a no-op.
+// outputs only, by default. Where THP is off ("never") the advice is a no-op.
+//
+// Even on huge pages, a block that glibc unmaps on free is faulted (zeroed) in
+// again at the next step, and on a VM right after another large job frees its
+// memory those faults intermittently cost 2-3x more. A training loop asks for
+// the same output sizes every step, so freed blocks are kept, most recently
+// freed first, up to SPARSEKERN_OUTPUT_CACHE_MB (default 128, read once; 0
+// disables) per extension; beyond it the oldest are freed. It is the CPU
+// counterpart of a CUDA caching allocator: reuse is by exact (2 MB-rounded)
+// size, and `empty_output_cache()` returns everything to the system.
 #pragma once
 
 #include <ATen/EmptyTensor.h>
@@ -17,10 +25,19 @@
 #include <torch/extension.h>
 
 #include <cstdlib>
+#include <list>
+#include <mutex>
+#include <string>
+#include <utility>
 
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+
+// Hidden: each extension (.so) keeps its own cache. With default visibility the
+// linker would merge the function-local statics of all three into one
+// (STB_GNU_UNIQUE), and whether that happens would depend on build flags.
+#pragma GCC visibility push(hidden)
 
 namespace sparsekern {
 
@@ -32,10 +49,14 @@ class HugePageAllocator final : public c10::Allocator {
 #ifdef __linux__
     if (nbytes >= kHugePage) {
       const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-      void* data = nullptr;
-      TORCH_CHECK(posix_memalign(&data, kHugePage, rounded) == 0, "out of memory allocating ", nbytes, " bytes");
-      madvise(data, rounded, MADV_HUGEPAGE);  // advice only: a failure leaves 4 KB pages
-      return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+      Block* block = cache().take(rounded);
+      if (block == nullptr) {
+        void* data = nullptr;
+        TORCH_CHECK(posix_memalign(&data, kHugePage, rounded) == 0, "out of memory allocating ", nbytes, " bytes");
+        madvise(data, rounded, MADV_HUGEPAGE);  // advice only: a failure leaves 4 KB pages
+        block = new Block{data, rounded};
+      }
+      return {block->data, block, &release, c10::Device(c10::DeviceType::CPU)};
     }
 #endif
     return c10::GetCPUAllocator()->allocate(nbytes);
@@ -45,8 +66,76 @@ class HugePageAllocator final : public c10::Allocator {
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
+  // Bytes and blocks held by the cache (not in any tensor).
+  static std::pair<size_t, size_t> cached() { return cache().stats(); }
+  static void empty_cache() { cache().trim(0); }
+
  private:
-  static void release(void* data) { std::free(data); }
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+
+  class Cache {
+   public:
+    Cache() {
+      const char* mb = std::getenv("SPARSEKERN_OUTPUT_CACHE_MB");
+      limit_ = (mb != nullptr && *mb != '\0') ? size_t(std::strtoull(mb, nullptr, 10)) << 20 : size_t(128) << 20;
+    }
+
+    Block* take(size_t bytes) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = blocks_.begin(); it != blocks_.end(); ++it) {
+        if ((*it)->bytes == bytes) {
+          Block* block = *it;
+          blocks_.erase(it);
+          held_ -= bytes;
+          return block;
+        }
+      }
+      return nullptr;
+    }
+
+    void give(Block* block) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks_.push_front(block);
+      held_ += block->bytes;
+      trim_locked(limit_);
+    }
+
+    void trim(size_t limit) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      trim_locked(limit);
+    }
+
+    std::pair<size_t, size_t> stats() {
+      std::lock_guard<std::mutex> lock(mutex_);
+      return {held_, blocks_.size()};
+    }
+
+   private:
+    void trim_locked(size_t limit) {
+      while (held_ > limit) {
+        Block* oldest = blocks_.back();
+        blocks_.pop_back();
+        held_ -= oldest->bytes;
+        std::free(oldest->data);
+        delete oldest;
+      }
+    }
+
+    std::mutex mutex_;
+    std::list<Block*> blocks_;  // most recently freed first
+    size_t held_ = 0, limit_ = 0;
+  };
+
+  // Never destroyed: tensors may be freed during interpreter shutdown, after static destructors ran.
+  static Cache& cache() {
+    static Cache* instance = new Cache();
+    return *instance;
+  }
+
+  static void release(void* ctx) { cache().give(static_cast<Block*>(ctx)); }
 };
 
 inline HugePageAllocator* huge_page_allocator() {
@@ -60,4 +149,13 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
 
+// The Python functions every extension that uses empty_output exports.
+inline void def_output_cache(pybind11::module& m) {
+  m.def("output_cache_info", &HugePageAllocator::cached,
+        "(bytes, blocks) of freed huge-page outputs this extension keeps for reuse");
+  m.def("empty_output_cache", &HugePageAllocator::empty_cache, "free every cached output block");
+}
+
 }  // namespace sparsekern
+
+#pragma GCC visibility pop

@@ -105,6 +105,7 @@ std::string isa() { return bsr::use_avx2() ? "avx2-fma" : "portable"; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace sparsekern;
+  sparsekern::def_output_cache(m);
   m.def("matmul", &lowrank::matmul, "a @ b (or a @ b.T) + bias for a narrow b", pybind11::arg("a"),
         pybind11::arg("b"), pybind11::arg("transpose_b"), pybind11::arg("bias") = pybind11::none());
   m.def("transposed_matmul", &lowrank::transposed_matmul, "a.T @ b for a narrow b, and a's column sums if asked",

@@ -375,6 +375,7 @@ torch::Tensor grad_weight(torch::Tensor dy, torch::Tensor x, torch::Tensor indic
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "2:4 semi-structured linear products on CPU (fp32, AVX2 + FMA)";
+  sparsekern::def_output_cache(m);
   m.def("plan", &plan, "per-structure weight stream layout: (panel offsets, value positions)");
   m.def("forward", &forward, "y = x @ W.T with W 2:4-compressed (values + plan)");
   m.def("grad_weight", &grad_weight, "dvalues = (dy.T @ x) at W's kept positions");
