@@ -24,6 +24,7 @@
 
 #include "bsr/microkernel.h"
 #include "bsr/parallel.h"
+#include "common/huge_page_output.h"
 
 namespace sparsekern {
 namespace bsr {
@@ -54,7 +55,9 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
   if (M == 0 || N == 0) return;
 
   // Pack B: group i, sub-tile s, member q at ((offsets[i] * nsub) + s * count_i + q) * strip.
-  at::Tensor b_buf = at::empty({std::max<int64_t>(1, nnz * nsub * strip)}, scalar_type_of<C>());
+  // Scratch from the output allocator: at 4096 x 256 the packed factor is 4 MB, which
+  // would otherwise be faulted in afresh on every call.
+  at::Tensor b_buf = empty_output({std::max<int64_t>(1, nnz * nsub * strip)}, at::TensorOptions(scalar_type_of<C>()));
   C* bp = b_buf.data_ptr<C>();
   // Packing is ~1/M of the product's work: it gets its own parallel region only
   // when it is large (~2M elements), since each region costs a scheduling delay

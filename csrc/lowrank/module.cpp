@@ -85,7 +85,7 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> transposed_matmul(const at::Te
     using C = Compute<scalar_t>;
     const auto ct = bsr::scalar_type_of<C>();
     const at::Tensor a_c = a.scalar_type() == ct ? a : a.to(ct), b_c = b.scalar_type() == ct ? b : b.to(ct);
-    out = at::empty({M, N}, a.options().dtype(ct));
+    out = empty_output({M, N}, a.options().dtype(ct));
     if (column_sums) sums = at::empty({M}, a.options().dtype(ct));
     token_reduction<C>(a_c.data_ptr<C>(), b_c.data_ptr<C>(), T, M, N, out.data_ptr<C>(),
                        column_sums ? sums.data_ptr<C>() : nullptr);

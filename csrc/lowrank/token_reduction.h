@@ -28,6 +28,7 @@
 #include "bsr/grouped_product.h"
 #include "bsr/microkernel.h"
 #include "bsr/parallel.h"
+#include "common/huge_page_output.h"
 
 namespace sparsekern {
 namespace lowrank {
@@ -50,7 +51,7 @@ void token_reduction(const C* a, const C* b, int64_t T, int64_t M, int64_t N, C*
   }
 
   // b packed as strip s, token t at (s * T + t) * NR.
-  at::Tensor b_buf = at::empty({std::max<int64_t>(1, nsub * T * NR)}, bsr::scalar_type_of<C>());
+  at::Tensor b_buf = empty_output({std::max<int64_t>(1, nsub * T * NR)}, at::TensorOptions(bsr::scalar_type_of<C>()));
   C* bp = b_buf.data_ptr<C>();
   bsr::parallel_for_work(T, T * N / 16, [&](int64_t t0, int64_t t1) {
     for (int64_t s = 0; s < nsub; ++s) {
