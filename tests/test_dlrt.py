@@ -67,6 +67,24 @@ def test_factors_stay_row_major_contiguous(tol, rmax):
         assert all(p.is_contiguous() for p in (layer.U, layer.S, layer.V))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["drifted", "rank-deficient"])
+def test_orthonormalize_gives_q_r_with_positive_diagonal(dtype, case):
+    """The periodic re-orthonormalization: Cholesky QR on a drifted basis, Householder on a degenerate one."""
+    torch.manual_seed(0)
+    A = torch.linalg.qr(torch.randn(300, 12, dtype=torch.float64)).Q
+    if case == "drifted":
+        A = A + 1e-5 * torch.randn_like(A)
+    else:
+        A[:, 5] = A[:, 2]  # AᵀA singular: no Cholesky factor
+    A = A.to(dtype)
+    Q, R = dlrt_module._orthonormalize(A)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(Q @ R, A, rtol=0, atol=100 * eps)
+    assert torch.equal(R, R.triu()) and bool((R.diagonal() >= 0).all())
+    assert float((Q.T @ Q - torch.eye(12, dtype=dtype)).abs().max()) < 100 * eps
+
+
 @pytest.mark.parametrize("tol", [0.05, 0.3])
 def test_truncation_keeps_the_best_rank_given_by_tol(tol):
     layer = _layer(20, 16, 5)

@@ -222,8 +222,25 @@ def _svd(matrix):
 
 def _reorthonormalize(U, S, V):
     """Reset rounding drift: U, V ← their QR Q factors (positive R diagonal), S absorbs the Rs."""
-    QU, RU = torch.linalg.qr(U)
-    QV, RV = torch.linalg.qr(V)
-    su, sv = RU.diagonal().sign(), RV.diagonal().sign()
-    su[su == 0], sv[sv == 0] = 1, 1
-    return QU * su, (su[:, None] * RU) @ S @ (sv[:, None] * RV).T, QV * sv
+    QU, RU = _orthonormalize(U)
+    QV, RV = _orthonormalize(V)
+    return QU, RU @ S @ RV.T, QV
+
+
+def _orthonormalize(A):
+    """A = Q R with orthonormal Q and R upper triangular with a positive diagonal.
+
+    A is orthonormal up to rounding drift (κ(A) ≈ 1), so Cholesky QR (R from
+    AᵀA = RᵀR, Q = A R⁻¹) is as accurate as Householder (its error is ~eps κ²)
+    and costs two GEMMs instead of a QR and the formation of its Q (~7 against
+    ~18 ms at 4096 x 256, 2 threads). Householder where A is far from orthonormal
+    (the Cholesky fails, or R's diagonal spreads beyond 2x)."""
+    R, info = torch.linalg.cholesky_ex(A.T @ A, upper=True)
+    diagonal = R.diagonal()
+    if int(info) == 0 and float(diagonal.min()) > 0.5 * float(diagonal.max()):
+        eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+        return A @ torch.linalg.solve_triangular(R, eye, upper=True), R
+    Q, R = torch.linalg.qr(A)
+    signs = R.diagonal().sign()
+    signs[signs == 0] = 1
+    return Q * signs, signs[:, None] * R
