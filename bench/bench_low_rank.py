@@ -41,9 +41,10 @@ from timing import compare, device_name, emit_rows, fwd_bwd, versions  # noqa: E
 def keep_freed_memory():
     """Make glibc keep freed large blocks mapped (no mmap/munmap per >= 32 MB tensor).
 
-    By default every fresh y / dx of 2048 x 4096 fp32 is a new mapping that is
-    page-faulted in again (~35 ms per 32 MB on the 2-core test VM, half the time
-    of y = b Uᵀ at r = 64). Applies to dense and low-rank alike; Linux/glibc only.
+    By default every fresh y / dx of 2048 x 4096 fp32 that torch allocates is a
+    new mapping that is page-faulted in again (the dense side's; sparsekern's
+    kernels reuse their own freed outputs, see sparsekern.output_cache_info).
+    Applies to everything torch allocates on both sides; Linux/glibc only.
     """
     import ctypes
     libc = ctypes.CDLL("libc.so.6")
