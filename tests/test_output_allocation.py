@@ -79,15 +79,20 @@ def test_huge_page_outputs_keep_the_dtype(dtype):
     torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
 
 
-def test_a_freed_output_block_is_reused_with_fresh_values():
-    layer = _layer("low_rank")
+def _address_of_one_freed_output(layer):
+    """Start from an empty cache, free one 2 MB output; the cache then holds its block."""
     _empty_cache()
     with torch.no_grad():
-        first = layer(torch.randn(TOKENS, FEATURES))
-        address = first.data_ptr()
-        del first
-        assert sk.output_cache_info() == {"bytes": HUGE_PAGE, "blocks": 1}
-        x = torch.randn(TOKENS, FEATURES)
+        address = layer(torch.randn(TOKENS, FEATURES)).data_ptr()
+    assert sk.output_cache_info() == {"bytes": HUGE_PAGE, "blocks": 1}
+    return address
+
+
+def test_a_freed_output_block_is_reused_with_fresh_values():
+    layer = _layer("low_rank")
+    address = _address_of_one_freed_output(layer)
+    x = torch.randn(TOKENS, FEATURES)
+    with torch.no_grad():
         second = layer(x)
         assert second.data_ptr() == address and sk.output_cache_info()["blocks"] == 0
         torch.testing.assert_close(second, torch.nn.functional.linear(x, layer.dense_weight(), layer.bias),
@@ -96,14 +101,11 @@ def test_a_freed_output_block_is_reused_with_fresh_values():
 
 def test_other_sizes_do_not_take_a_cached_block():
     layer = _layer("low_rank")
-    _empty_cache()
+    address = _address_of_one_freed_output(layer)
     with torch.no_grad():
-        del_me = layer(torch.randn(TOKENS, FEATURES))
-        address = del_me.data_ptr()
-        del del_me
         bigger = layer(torch.randn(2 * TOKENS, FEATURES))
-        assert bigger.data_ptr() != address
-        assert sk.output_cache_info() == {"bytes": HUGE_PAGE, "blocks": 1}
+    assert bigger.data_ptr() != address
+    assert sk.output_cache_info() == {"bytes": HUGE_PAGE, "blocks": 1}
 
 
 def test_empty_output_cache_releases_every_block():
