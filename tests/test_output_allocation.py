@@ -158,3 +158,29 @@ def test_the_cache_stays_within_its_limit(limit_mb, held_mb):
     result = subprocess.run([sys.executable, "-c", _CACHE_LIMIT_SCRIPT], env=env, capture_output=True, text=True,
                             check=True)
     assert int(result.stdout.split()[-1]) == held_mb
+
+
+def _child_cache_report(queue):
+    fresh = sk.output_cache_info()
+    # OpenMP's pool does not survive a fork (a plain torch matmul hangs there too), so
+    # one thread, as torch's DataLoader workers run.
+    torch.set_num_threads(1)
+    layer = _layer("low_rank")
+    with torch.no_grad():
+        layer(torch.randn(TOKENS, FEATURES))
+    queue.put((fresh, sk.output_cache_info()))
+
+
+def test_a_forked_child_starts_with_its_own_empty_cache():
+    import multiprocessing
+    layer = _layer("low_rank")
+    _address_of_one_freed_output(layer)  # the parent's cache holds a block
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_cache_report, args=(queue,))
+    child.start()
+    fresh, after = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert fresh == {"bytes": 0, "blocks": 0} and after == {"bytes": HUGE_PAGE, "blocks": 1}
+    assert sk.output_cache_info() == {"bytes": HUGE_PAGE, "blocks": 1}  # the parent's is untouched

@@ -31,6 +31,7 @@
 #include <utility>
 
 #ifdef __linux__
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -129,10 +130,25 @@ class HugePageAllocator final : public c10::Allocator {
     size_t held_ = 0, limit_ = 0;
   };
 
-  // Never destroyed: tensors may be freed during interpreter shutdown, after static destructors ran.
+  // Never destroyed: tensors may be freed during interpreter shutdown, after static
+  // destructors ran. A forked child starts a fresh cache: another thread of the
+  // parent may have held the mutex at the fork (the parent's blocks stay mapped
+  // in the child, unused).
   static Cache& cache() {
-    static Cache* instance = new Cache();
-    return *instance;
+    static const bool created = [] {
+      slot() = new Cache();
+#ifdef __linux__
+      pthread_atfork(nullptr, nullptr, [] { slot() = new Cache(); });
+#endif
+      return true;
+    }();
+    (void)created;
+    return *slot();
+  }
+
+  static Cache*& slot() {
+    static Cache* current = nullptr;
+    return current;
   }
 
   static void release(void* ctx) { cache().give(static_cast<Block*>(ctx)); }
