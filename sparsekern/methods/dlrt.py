@@ -194,8 +194,7 @@ def _new_directions(U, direction, coeffs):
     # small, fold R⁻¹ into P; where it is not (a gradient of (nearly) rank < r),
     # Householder's Q has arbitrary, U-contaminated columns: project Q
     # (D = (I - UUᵀ) Q R) and orthonormalize once more.
-    eye = torch.eye(k, dtype=R.dtype, device=R.device)
-    R_inv = torch.linalg.solve_triangular(R, eye, upper=True)
+    R_inv = _upper_inverse(R)
     direction_norm = (coeffs.square().sum() + R.square().sum()).sqrt()  # ‖direction‖_F, for free
     if bool(torch.isfinite(R_inv).all()) and float(direction_norm * R_inv.norm()) <= _MAX_AMPLIFICATION * k:
         return _NewDirections(D, R_inv), R
@@ -238,9 +237,14 @@ def _orthonormalize(A):
     R, info = torch.linalg.cholesky_ex(A.T @ A, upper=True)
     diagonal = R.diagonal()
     if int(info) == 0 and float(diagonal.min()) > 0.5 * float(diagonal.max()):
-        eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-        return A @ torch.linalg.solve_triangular(R, eye, upper=True), R
+        return A @ _upper_inverse(R), R
     Q, R = torch.linalg.qr(A)
     signs = R.diagonal().sign()
     signs[signs == 0] = 1
     return Q * signs, signs[:, None] * R
+
+
+def _upper_inverse(R):
+    """R⁻¹ for an upper-triangular R (k x k, small: one triangular solve)."""
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    return torch.linalg.solve_triangular(R, eye, upper=True)
