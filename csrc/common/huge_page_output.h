@@ -27,7 +27,6 @@
 #include <cstdlib>
 #include <list>
 #include <mutex>
-#include <string>
 #include <utility>
 
 #ifdef __linux__
@@ -134,20 +133,15 @@ class HugePageAllocator final : public c10::Allocator {
   // destructors ran. A forked child starts a fresh cache: another thread of the
   // parent may have held the mutex at the fork (the parent's blocks stay mapped
   // in the child, unused).
-  static Cache& cache() {
-    static const bool created = [] {
-      slot() = new Cache();
+  static Cache& cache() { return *slot(); }
+
+  static Cache*& slot() {
+    static Cache* current = [] {
 #ifdef __linux__
       pthread_atfork(nullptr, nullptr, [] { slot() = new Cache(); });
 #endif
-      return true;
+      return new Cache();
     }();
-    (void)created;
-    return *slot();
-  }
-
-  static Cache*& slot() {
-    static Cache* current = nullptr;
     return current;
   }
 
