@@ -5,10 +5,10 @@ until a kernel first runs.
 """
 from . import kernels, ops
 from .formats import BlockLayout, BlockSparseMatrix, SemiStructuredMatrix
-from .memory import empty_output_cache, output_cache_info
+from .kernels.output_cache import empty_output_cache, output_cache_info
 from .kernels import BackendUnavailableError, use_backend
 from .nn import LowRankLinear, SemiSparseLinear, SparseLinear
-from .pruning import prune_2to4
+from .formats.semi_prune import prune_2to4
 from . import methods  # after nn: methods build on the layers
 from .methods import DLRT, sparsify
 

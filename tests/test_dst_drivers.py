@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import sparsekern as sk
-from sparsekern.formats.block_sparse import values_to_dense
+from sparsekern.formats.bsr import values_to_dense
 from sparsekern.methods import DPF, GGR, SET, SNFS, RigL, TopKAST
 from sparsekern.methods import functional as Fn
-from sparsekern.methods.dst import restructure
+from sparsekern.methods.dst.state import restructure
 
 DST = [SET, RigL, SNFS, GGR, TopKAST]
 
@@ -253,7 +253,7 @@ def test_errors():
 
 @pytest.mark.parametrize("block", [(1, 1), (4, 4), (2, 3)], ids=["element", "block4", "block2x3"])
 def test_gram_block_scores_equal_the_dense_gradient_block_rms(block):
-    from sparsekern.methods.dst_scores import gram_block_rms
+    from sparsekern.methods.dst.scores import gram_block_rms
     g = torch.Generator().manual_seed(0)
     x, dy = torch.randn(9, 10, generator=g, dtype=torch.float64), torch.randn(9, 7, generator=g, dtype=torch.float64)
     padded = (-(-7 // block[0]) * block[0], -(-10 // block[1]) * block[1])
@@ -266,7 +266,7 @@ def test_gram_block_scores_equal_the_dense_gradient_block_rms(block):
 
 
 def test_gram_scores_of_a_layer_called_twice_are_those_of_the_summed_gradient():
-    from sparsekern.methods.dst_scores import ScoreProbe
+    from sparsekern.methods.dst.scores import ScoreProbe
     model = _mlp()
     layer = model[2]
     probe = ScoreProbe(layer, "gram")
@@ -281,7 +281,7 @@ def test_gram_scores_of_a_layer_called_twice_are_those_of_the_summed_gradient():
 
 
 def test_auto_score_method_takes_gram_only_where_it_is_cheaper():
-    from sparsekern.methods.dst_scores import gram_cheaper
+    from sparsekern.methods.dst.scores import gram_cheaper
     assert gram_cheaper(sk.SparseLinear(2048, 2048, block_size=32, density=0.1), 128)
     assert not gram_cheaper(sk.SparseLinear(2048, 2048, block_size=32, density=0.1), 2048)
     assert not gram_cheaper(sk.SparseLinear(64, 64, block_size=1, density=0.1), 128)

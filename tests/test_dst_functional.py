@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparsekern.methods import functional as Fn
-from sparsekern.methods.schedules import DropSchedule, gradual_density
+from sparsekern.methods.dst.schedules import DropSchedule, gradual_density
 
 
 def _w():

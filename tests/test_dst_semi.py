@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import sparsekern as sk
 from sparsekern.methods import DPF, GGR, SET, SNFS, RigL, TopKAST
 from sparsekern.methods import functional as Fn
-from sparsekern.pruning import prune_2to4, transposable_patterns
+from sparsekern.formats.semi_prune import prune_2to4, transposable_patterns
 
 
 def _bool(rows):

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 import sparsekern as sk
-from sparsekern.formats.semi_structured import decompress, kept_positions, pack_indices
+from sparsekern.formats.semi import decompress, kept_positions, pack_indices
 from sparsekern.methods import functional as Fn
-from sparsekern.methods.dst_semi import SemiProbe, carry, complement_indices
-from sparsekern.nn import semi_sparse_linear
-from sparsekern.pruning import prune_2to4
+from sparsekern.methods.dst.semi_probe import SemiProbe, complement_indices
+from sparsekern.nn.semi_linear import carry
+from sparsekern.nn import semi_linear
+from sparsekern.formats.semi_prune import prune_2to4
 
-pytestmark = pytest.mark.skipif(semi_sparse_linear._dst_extension(torch.zeros(1)) is None,
+pytestmark = pytest.mark.skipif(semi_linear._dst_extension(torch.zeros(1)) is None,
                                 reason="sparsekern._C_semi (with its DST kernels) is not built")
 
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(semi_sparse_linear._dst_extension(torch.zeros(1)
 def plain_torch(monkeypatch):
     """Run the block under the plain-torch fallback (as without the extension)."""
     def use():
-        monkeypatch.setattr(semi_sparse_linear, "_dst_extension", lambda *tensors: None)
+        monkeypatch.setattr(semi_linear, "_dst_extension", lambda *tensors: None)
     return use
 
 

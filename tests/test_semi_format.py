@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparsekern as sk
-from sparsekern.formats.semi_structured import decompress, pack_indices, transpose_permutation, unpack_columns
+from sparsekern.formats.semi import decompress, pack_indices, transpose_permutation, unpack_columns
 
 
 def _pruned(shape, dtype=torch.float32, transposable=False, seed=0):

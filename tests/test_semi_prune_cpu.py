@@ -11,7 +11,7 @@ import torch
 import sparsekern as sk
 from sparsekern._extension import load_extension
 from sparsekern.kernels.semi import cpu, reference
-from sparsekern.pruning import transposable_patterns
+from sparsekern.formats.semi_prune import transposable_patterns
 
 ext = load_extension("semi")
 pytestmark = [pytest.mark.skipif(cpu._unavailable(torch.device("cpu"), torch.float32) is not None,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparsekern as sk
-from sparsekern.formats.semi_structured import decompress
+from sparsekern.formats.semi import decompress
 from sparsekern.kernels.semi import reference, triton_prune
 
 pytest.importorskip("triton")

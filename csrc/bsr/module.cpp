@@ -9,8 +9,8 @@
 
 #include <string>
 
-#include "bsr/grouped_product.h"
-#include "bsr/microkernel.h"
+#include "common/grouped_product.h"
+#include "common/microkernel.h"
 #include "bsr/sampled_product.h"
 #include "common/huge_page_output.h"
 

@@ -19,9 +19,9 @@
 #include <utility>
 #include <vector>
 
-#include "bsr/grouped_product.h"
-#include "bsr/microkernel.h"
-#include "bsr/parallel.h"
+#include "common/grouped_product.h"
+#include "common/microkernel.h"
+#include "common/parallel.h"
 
 namespace sparsekern {
 namespace bsr {

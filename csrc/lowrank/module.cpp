@@ -17,8 +17,8 @@
 
 #include <string>
 
-#include "bsr/grouped_product.h"
-#include "bsr/microkernel.h"
+#include "common/grouped_product.h"
+#include "common/microkernel.h"
 #include "common/huge_page_output.h"
 #include "lowrank/token_reduction.h"
 

@@ -25,9 +25,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "bsr/grouped_product.h"
-#include "bsr/microkernel.h"
-#include "bsr/parallel.h"
+#include "common/grouped_product.h"
+#include "common/microkernel.h"
+#include "common/parallel.h"
 #include "common/huge_page_output.h"
 
 namespace sparsekern {

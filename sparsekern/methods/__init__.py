@@ -1,16 +1,14 @@
-"""Methods: pure functions (densities, scores, masks) and thin drivers that apply them to sparsekern layers."""
-from .density import er_densities, erk_densities, layer_densities, uniform_densities  # noqa: F401
-from .masks import (block_scores, expand_block_mask, global_magnitude_mask, global_topk_masks,  # noqa: F401
-                    layerwise_topk_masks, nm_mask, topk_mask)
-from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks,  # noqa: F401
-                       synflow_scores)
-from .sparsify import compute_block_masks, sparsify  # noqa: F401
-from .freezing import PartiallyTrainableLinear, freeze  # noqa: F401
+"""Methods: pure functions (densities, scores, masks, update rules) and thin drivers that apply
+them to sparsekern layers, by purpose: ``pruning`` (at initialization, lottery tickets,
+K-starts, dissipating gradients, freezing), ``dst`` (dynamic sparse training) and
+``lowrank`` (DLRT)."""
+from ..nn.partially_trainable_linear import PartiallyTrainableLinear  # noqa: F401
 from . import functional  # noqa: F401
-from .dpf import DPF  # noqa: F401
-from .dst import GGR, SET, SNFS, DynamicSparsity, RigL  # noqa: F401
-from .topkast import TopKAST  # noqa: F401
-from .lottery import apply_masks, geometric_schedule, iterative_magnitude_pruning, linear_weights, prune_remaining  # noqa: F401,E501
-from .kstarts import k_starts, select_fittest  # noqa: F401
-from .dissipating import DissipatingGradients, relative_change  # noqa: F401
-from .dlrt import DLRT  # noqa: F401
+from .dst import DPF, GGR, SET, SNFS, DynamicSparsity, RigL, TopKAST  # noqa: F401
+from .lowrank import DLRT  # noqa: F401
+from .pruning import (DissipatingGradients, apply_masks, block_scores, compute_block_masks, er_densities,  # noqa: F401
+                      erk_densities, expand_block_mask, freeze, geometric_schedule, global_magnitude_mask,
+                      global_topk_masks, grasp_scores, iterative_magnitude_pruning, k_starts, layer_densities,
+                      layerwise_topk_masks, linear_weights, magnitude_scores, nm_mask, prune_remaining,
+                      random_scores, relative_change, select_fittest, snip_scores, sparsify, synflow_masks,
+                      synflow_scores, topk_mask, uniform_densities)

@@ -1,6 +1,7 @@
 """Drop-in modules whose weights live in sparsekern formats."""
-from .low_rank_linear import LowRankLinear
-from .semi_sparse_linear import SemiSparseLinear
-from .sparse_linear import SparseLinear
+from .bsr_linear import SparseLinear
+from .lowrank_linear import LowRankLinear
+from .partially_trainable_linear import PartiallyTrainableLinear
+from .semi_linear import SemiSparseLinear
 
-__all__ = ["LowRankLinear", "SemiSparseLinear", "SparseLinear"]
+__all__ = ["LowRankLinear", "PartiallyTrainableLinear", "SemiSparseLinear", "SparseLinear"]

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..formats.block_sparse import BlockLayout, BlockSparseMatrix
+from ..formats.bsr import BlockLayout, BlockSparseMatrix
 from ..kernels import forced_backend, select_kernel
 from .checks import check_linear_inputs
 

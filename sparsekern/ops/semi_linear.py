@@ -16,9 +16,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..formats.semi_structured import SemiStructuredMatrix
+from ..formats.semi import SemiStructuredMatrix
 from ..kernels import forced_backend, select_kernel
-from ..pruning import check_2to4_shape
+from ..formats.semi_prune import check_2to4_shape
 from .checks import check_linear_inputs
 
 # torch.library custom ops with fake implementations, as for bsr_linear: torch.compile

@@ -1,7 +1,7 @@
 """2:4 semi-structured products. Every backend implements the same ones:
 
 W (N, K) is given compressed as ``values`` (N, K/2) and packed 2-bit ``indices``
-uint8 (N, ceil(K/8)) (see :mod:`sparsekern.formats.semi_structured`).
+uint8 (N, ceil(K/8)) (see :mod:`sparsekern.formats.semi`).
 
 ``semi_forward(x, values, indices) -> y``
     x (M, K): y = x @ W.T, (M, N).

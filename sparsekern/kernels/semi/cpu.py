@@ -14,7 +14,7 @@ import weakref
 import torch
 
 from ..._extension import extension_failure, load_extension
-from ...formats.semi_structured import decompress
+from ...formats.semi import decompress
 from ..registry import register_kernel
 
 _NB, _KC = 64, 64     # forward blocking: weight rows per task, panel columns per block (docs/semi_structured.md)

@@ -15,7 +15,7 @@ Untested on this project's CPU-only CI: the tests exercising it are marked ``gpu
 import torch
 import torch.nn.functional as F
 
-from ...formats.semi_structured import decompress
+from ...formats.semi import decompress
 from ..registry import register_kernel
 
 _SPARSE_DTYPES = (torch.float16, torch.bfloat16)

@@ -6,8 +6,8 @@ simple, and no faster than dense.
 """
 import torch
 
-from ...formats.semi_structured import compress, decompress, unpack_columns
-from ...pruning import prune_2to4
+from ...formats.semi import compress, decompress, unpack_columns
+from ...formats.semi_prune import prune_2to4
 from ..registry import register_kernel
 
 

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ...pruning import check_2to4_shape, transposable_patterns
+from ...formats.semi_prune import check_2to4_shape, transposable_patterns
 from ..registry import register_kernel
 
 _BLOCK = 64  # group pairs (row-wise) or tile pairs (transposable) per program

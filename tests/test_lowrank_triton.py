@@ -113,5 +113,5 @@ def test_kernels_compile_for_sm90(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    code = "import test_low_rank_triton as t; t.compile_for_sm90()"
+    code = "import test_lowrank_triton as t; t.compile_for_sm90()"
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(__file__))

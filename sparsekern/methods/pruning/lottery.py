@@ -12,8 +12,8 @@ network thins instead of costing a dense training each.
 import torch
 from torch import nn
 
-from ..formats.block_sparse import _as_block_size
-from ..nn.sparse_linear import SparseLinear
+from ...formats.bsr import _as_block_size
+from ...nn.bsr_linear import SparseLinear
 from .masks import block_grid, block_scores, expand_block_mask, global_topk_masks, topk_mask
 from .sparsify import linear_layers, replace_module
 

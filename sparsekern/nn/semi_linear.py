@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from .._extension import load_extension
-from ..formats.semi_structured import (SemiStructuredMatrix, _check_exact_2to4, compress, decompress, kept_positions,
+from ..formats.semi import (SemiStructuredMatrix, _check_exact_2to4, compress, decompress, kept_positions,
                                        pack_indices, unpack_columns)
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
-from ..pruning import check_2to4_shape, prune_2to4
+from ..formats.semi_prune import check_2to4_shape, prune_2to4
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _MODES = ("static", "dynamic")

@@ -31,7 +31,8 @@ gets the same rule (SGD or Adam) from ``step()``.
 """
 import torch
 
-from ..nn.low_rank_linear import LowRankLinear, truncation_rank
+from ...formats.lowrank import truncation_rank
+from ...nn.lowrank_linear import LowRankLinear
 
 # Largest ‖direction‖_F ‖R⁻¹‖_F / k (k columns; ~1 for a well-conditioned direction)
 # for which the new directions are used as D R⁻¹; beyond it, a second projection +

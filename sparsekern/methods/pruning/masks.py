@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..formats.block_sparse import _as_block_size
+from ...formats.bsr import _as_block_size
 
 
 def _as_matrix(score):

@@ -6,7 +6,7 @@ loop asks for the same sizes every step), up to ``SPARSEKERN_OUTPUT_CACHE_MB``
 (default 128, read at the extension's first use; 0 disables) per compiled
 extension. These functions report and release what the caches hold.
 """
-from ._extension import loaded_extensions
+from .._extension import loaded_extensions
 
 
 def output_cache_info():

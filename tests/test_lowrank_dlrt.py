@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import sparsekern as sk
-from sparsekern.methods import dlrt as dlrt_module
-from sparsekern.nn.low_rank_linear import truncation_rank
+from sparsekern.methods.lowrank import dlrt as dlrt_module
+from sparsekern.formats.lowrank import truncation_rank
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,8 +16,9 @@ The penalty on A is the optimizer's weight decay; B \\ A gets ``penalty / D``.
 """
 import torch
 
-from .dst import ShadowDriver, on_grid, block_rms
-from .functional import drop_and_grow, n_to_drop
+from .drivers import ShadowDriver, on_grid
+from .rules import drop_and_grow, n_to_drop
+from .scores import block_rms
 
 
 class TopKAST(ShadowDriver):

@@ -22,8 +22,8 @@ layers are left as they are.
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.block_sparse import _as_block_size
-from ..nn.sparse_linear import SparseLinear
+from ...formats.bsr import _as_block_size
+from ...nn.bsr_linear import SparseLinear
 from .density import layer_densities
 from .masks import block_scores, global_topk_masks, layerwise_topk_masks
 from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks, synflow_scores,

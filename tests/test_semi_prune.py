@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparsekern as sk
-from sparsekern.pruning import transposable_patterns
+from sparsekern.formats.semi_prune import transposable_patterns
 
 
 def _greedy_transposable(tile):

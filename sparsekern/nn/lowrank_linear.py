@@ -10,7 +10,8 @@ import math
 import torch
 from torch import nn
 
-from ..ops.low_rank_linear import low_rank_linear
+from ..formats.lowrank import truncation_rank
+from ..ops.lowrank_linear import low_rank_linear
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -18,20 +19,6 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 def _check_features(name, value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def truncation_rank(singular_values, tol, *, absolute=False):
-    """Smallest r with ‖σ[r:]‖₂ <= tol·‖σ‖₂ (or <= tol if ``absolute``), σ sorted descending.
-
-    This is DLRT's truncation rule: the dropped tail is at most a fraction
-    ``tol`` of the matrix's Frobenius norm. Returns at least 1 for a nonzero σ.
-    """
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    s = singular_values.detach().double()
-    tails = torch.cat([s.flip(0).pow(2).cumsum(0).flip(0), s.new_zeros(1)]).sqrt()  # tails[r] = ‖σ[r:]‖
-    bound = tol if absolute else tol * float(tails[0])
-    return int((tails > bound).sum())
 
 
 class LowRankLinear(nn.Module):

@@ -22,8 +22,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "bsr/microkernel.h"
-#include "bsr/parallel.h"
+#include "common/microkernel.h"
+#include "common/parallel.h"
 #include "common/huge_page_output.h"
 
 namespace sparsekern {

@@ -18,10 +18,9 @@ On the CPU the slot moves and the dense-gradient merge run in C++
 """
 import torch
 
-from ..formats.semi_structured import decompress
-from ..kernels import forced_backend, select_kernel
-from ..nn import semi_sparse_linear as _semi_layer
-from ..nn.semi_sparse_linear import carry
+from ...formats.semi import decompress
+from ...kernels import forced_backend, select_kernel
+from ...nn import semi_linear as _semi_layer
 
 
 def _complement_nibble(nibble):
@@ -43,17 +42,6 @@ def complement_indices(indices):
     is 2:4, and transposable if the mask is): one table lookup per byte."""
     table = torch.tensor(_COMPLEMENT, dtype=torch.uint8, device=indices.device)
     return table[indices.long()]
-
-
-def restructure_semi(layer, optimizer, new_mask):
-    """Give the static SemiSparseLinear ``layer`` the 2:4 structure ``new_mask``, carrying
-    values and the optimizer's per-weight state (zero for regrown weights)."""
-    state = optimizer.state.get(layer.values, {})
-    tensors = [k for k, v in state.items()
-               if torch.is_tensor(v) and v.dim() >= 1 and tuple(v.shape) == tuple(layer.values.shape)]
-    slots = layer.set_mask(new_mask)
-    for key in tensors:
-        state[key] = carry(state[key], slots)
 
 
 class SemiProbe:

@@ -23,7 +23,7 @@ their gradient from the normal sampled dW either way.
 """
 import torch
 
-from ..formats.block_sparse import BlockLayout, BlockSparseMatrix
+from ...formats.bsr import BlockLayout, BlockSparseMatrix
 
 SCORE_METHODS = ("auto", "gram", "product")
 

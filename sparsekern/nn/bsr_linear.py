@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.block_sparse import BlockLayout, BlockSparseMatrix, _as_block_size, carry_values, values_to_dense
+from ..formats.bsr import BlockLayout, BlockSparseMatrix, _as_block_size, carry_values, values_to_dense
 from ..ops.bsr_linear import bsr_linear
 from .parameter import replace_data_
 

@@ -1,4 +1,4 @@
-"""Freezing: the forward pass uses the full dense weight, only a block subset trains.
+"""``PartiallyTrainableLinear``: the forward pass uses the full dense weight, only a block subset trains.
 
 ``PartiallyTrainableLinear`` holds the frozen dense weight as a *buffer* (no
 gradient, no optimizer state) and the trainable part as a zero-initialised
@@ -12,16 +12,10 @@ no dW compute and no optimizer memory. Compared with dense training it saves the
 dense dW product (one of the three GEMMs of a training step), so it is at best
 ~1.5x faster per step; its point is the optimizer memory and the dW work.
 """
-import math
-
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.block_sparse import _as_block_size
-from ..nn.sparse_linear import SparseLinear
-from .masks import block_grid, block_scores, topk_mask
-from .sparsify import linear_layers, replace_module
+from .bsr_linear import SparseLinear
 
 
 class PartiallyTrainableLinear(nn.Module):
@@ -70,26 +64,3 @@ class PartiallyTrainableLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, trainable={self.trainable_fraction:.4f}")
-
-
-def freeze(model, *, density, block_size=32, scores=None, dense_layers=(), generator=None):
-    """Replace each nn.Linear by a PartiallyTrainableLinear training a ``density`` fraction of its blocks.
-
-    The trainable blocks are chosen at random, or as the top blocks of ``scores``
-    (a dict weight name -> element scores, e.g. from ``snip_scores``). Layers in
-    ``dense_layers`` (module names) stay fully trainable nn.Linear. Returns the model.
-    """
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
-        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
-    block_size = _as_block_size(block_size)
-    for name, linear in linear_layers(model):
-        if name in dense_layers:
-            continue
-        if scores is not None:
-            grid = block_scores(scores[f"{name}.weight"], block_size)
-        else:
-            grid = torch.rand(block_grid(linear.weight.shape, block_size), generator=generator)
-        mask = topk_mask(grid, int(round(density * math.prod(grid.shape))))
-        replace_module(model, name, PartiallyTrainableLinear.from_dense(linear, mask.to(linear.weight.device),
-                                                                        block_size=block_size))
-    return model

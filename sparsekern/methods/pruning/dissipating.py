@@ -13,7 +13,7 @@ combination of the two methods.
 """
 import torch
 
-from ..nn.sparse_linear import SparseLinear
+from ...nn.bsr_linear import SparseLinear
 from .masks import global_topk_masks, topk_mask
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import sparsekern as sk
 from helpers import relative_error
-from sparsekern.nn.low_rank_linear import truncation_rank
+from sparsekern.formats.lowrank import truncation_rank
 from sparsekern.ops import low_rank_linear
 
 BACKENDS = ("reference", "cpu")

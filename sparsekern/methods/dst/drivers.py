@@ -44,19 +44,17 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..formats.block_sparse import BlockLayout
-from ..nn.parameter import replace_data_
-from ..nn.semi_sparse_linear import SemiSparseLinear
-from ..nn.sparse_linear import SparseLinear
-from .density import erk_densities
-from .dst_scores import SCORE_METHODS, ScoreProbe, block_rms, install_probe, probe_grad, remove_probe
-from .dst_semi import SemiProbe, restructure_semi
-from .functional import ggr_update, rigl_update, semi_rigl_update, semi_set_update, set_update, snfs_update
+from ...formats.bsr import BlockLayout
+from ...nn.bsr_linear import SparseLinear
+from ...nn.parameter import replace_data_
+from ...nn.semi_linear import SemiSparseLinear
+from ..pruning.density import erk_densities
+from .rules import ggr_update, rigl_update, set_update, snfs_update
 from .schedules import DropSchedule
-
-
-# ---------------------------------------------------------------- block helpers
-
+from .scores import SCORE_METHODS, ScoreProbe, block_rms, install_probe, probe_grad, remove_probe
+from .semi_probe import SemiProbe
+from .semi_rules import semi_rigl_update, semi_set_update
+from .state import gather_blocks, new_state, restructure, restructure_semi
 
 
 def on_grid(layout, scores):
@@ -64,61 +62,6 @@ def on_grid(layout, scores):
     grid = scores.new_zeros(layout.grid)
     grid[layout.row_indices, layout.col_indices] = scores
     return grid
-
-
-def gather_blocks(sources, target, like):
-    """Rows of ``target`` (a BlockLayout) taken from disjoint ``sources`` [(tensor, layout)];
-    blocks found in no source are zero. O(nnz log nnz), never dense."""
-    out = like.new_zeros((target.nnz_blocks, *like.shape[1:]))
-    for tensor, layout in sources:
-        pos = layout.positions_of(target)
-        hit = (pos >= 0).nonzero().squeeze(1)
-        out.index_copy_(0, hit, tensor.index_select(0, pos[hit]).to(out.dtype))
-    return out
-
-
-def _block_state(optimizer, param):
-    """The optimizer's per-block state tensors for ``param`` (shaped like it), and its scalars."""
-    state = optimizer.state.get(param, {})
-    tensors = {k: v for k, v in state.items()
-               if torch.is_tensor(v) and v.dim() >= 1 and tuple(v.shape) == tuple(param.shape)}
-    scalars = {k: v for k, v in state.items() if k not in tensors}
-    return tensors, scalars
-
-
-def new_state(sources, target):
-    """Optimizer state for a parameter on layout ``target`` from [(optimizer, param, layout)].
-
-    Must be called before the source parameters change shape.
-    """
-    tensors, scalars = {}, {}
-    for optimizer, param, layout in sources:
-        t, s = _block_state(optimizer, param)
-        for key, value in t.items():
-            tensors.setdefault(key, []).append((value, layout))
-        for key, value in s.items():
-            scalars.setdefault(key, value)
-    state = {k: gather_blocks(v, target, v[0][0]) for k, v in tensors.items()}
-    state.update(scalars)
-    return state
-
-
-def restructure(layer, optimizer, block_mask, sources=None, state_sources=None):
-    """Give ``layer`` the structure ``block_mask``: values and optimizer state of
-    surviving blocks are carried (from ``sources`` if given, else from the layer),
-    new blocks start at zero with zero optimizer state."""
-    old = layer.layout()
-    target = BlockLayout.from_block_mask(block_mask.to(old.device), layer.padded_shape, layer.block_size)
-    state_sources = state_sources or [(optimizer, layer.values, old)]
-    values = None if sources is None else gather_blocks(sources, target, layer.values.detach())
-    state = new_state(state_sources, target)
-    layer.set_block_mask(target.block_mask)  # carries the layer's own surviving blocks
-    if values is not None:
-        replace_data_(layer.values, values)
-    if state:
-        optimizer.state[layer.values] = state
-    else:
-        optimizer.state.pop(layer.values, None)
 
 
 def all_reduce_mean(tensor, group=None):
@@ -129,15 +72,6 @@ def all_reduce_mean(tensor, group=None):
     return tensor
 
 
-# ---------------------------------------------------------------- probes
-
-
-
-
-
-
-
-# ---------------------------------------------------------------- drivers
 
 class DynamicSparsity:
     """Base driver: finds the SparseLinear layers, owns the schedule and the generator.

@@ -14,7 +14,7 @@ every 4x4 tile) can also carry the same compression of its transpose
 """
 import torch
 
-from ..pruning import check_2to4_shape, prune_2to4
+from .semi_prune import check_2to4_shape, prune_2to4
 
 
 def pack_indices(positions):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekern.formats.block_sparse import values_to_dense
+from sparsekern.formats.bsr import values_to_dense
 from sparsekern.methods import PartiallyTrainableLinear, expand_block_mask, freeze, snip_scores
 
 

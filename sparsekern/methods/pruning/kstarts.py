@@ -12,7 +12,7 @@ trainings. The fitness functions are pure (tensors in, float out).
 """
 import torch
 
-from ..nn.sparse_linear import SparseLinear
+from ...nn.bsr_linear import SparseLinear
 from .sparsify import sparsify
 
 CRITERIA = ("magnitude", "gradient", "both")

@@ -17,10 +17,11 @@ last update before ``t_end``.
 """
 import torch
 
-from .density import erk_densities
-from .dst import ShadowDriver, on_grid, block_rms
-from .functional import topk_mask
+from ..pruning.density import erk_densities
+from .drivers import ShadowDriver, on_grid
+from .rules import topk_mask
 from .schedules import gradual_density
+from .scores import block_rms
 
 
 class DPF(ShadowDriver):

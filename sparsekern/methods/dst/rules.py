@@ -1,0 +1,242 @@
+"""Pure update rules of dynamic sparse training at element and block granularity: tensors in, tensors out.
+
+Every rule works elementwise on tensors of any shape; the drivers in
+:mod:`sparsekern.methods.dst.drivers` apply the same rules to *block scores* (block
+norms laid out on the block grid), so element, block and coarser granularities
+share one implementation.
+
+Conventions shared by every rule:
+- ``mask`` is bool, same shape as ``weight``; weights outside the mask are ignored.
+- ``n_drop = floor(active * drop_fraction)`` of the active entries with the
+  smallest |weight| leave the mask, and as many enter it (nnz preserved).
+- Entries that just left are eligible to come back. An entry that was active
+  before and after keeps its weight; newly activated entries start at zero.
+- Ties are broken deterministically: among equal scores the lower flat index
+  (row-major) is dropped first and grown first.
+"""
+import math
+
+import torch
+
+
+
+def _check_pair(weight, mask):
+    if not isinstance(weight, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        raise TypeError(f"weight and mask must be tensors, got {type(weight).__name__} and {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if weight.shape != mask.shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but mask has shape {tuple(mask.shape)}")
+
+
+def _check_fraction(drop_fraction):
+    if not isinstance(drop_fraction, (int, float)) or not 0.0 <= float(drop_fraction) <= 1.0:
+        raise ValueError(f"drop_fraction must be a number in [0, 1], got {drop_fraction!r}")
+    return float(drop_fraction)
+
+
+def n_to_drop(active, drop_fraction):
+    """floor(active * drop_fraction), robust to float round-off (0.3 * 10 is 3, not 2)."""
+    return int(math.floor(active * drop_fraction + 1e-9))
+
+
+def _smallest(score, eligible, k):
+    """Flat indices of the k smallest ``score`` among ``eligible`` (ties: lower index first)."""
+    score = torch.where(eligible, score.double(), torch.full_like(score, math.inf, dtype=torch.float64))
+    return torch.sort(score, stable=True).indices[:k]
+
+
+def _largest(score, eligible, k):
+    """Flat indices of the k largest ``score`` among ``eligible`` (ties: lower index first)."""
+    score = torch.where(eligible, score.double(), torch.full_like(score, -math.inf, dtype=torch.float64))
+    return torch.sort(score, descending=True, stable=True).indices[:k]
+
+
+def drop_and_grow(mask, drop_score, grow_score, n_drop, n_grow):
+    """The mask after removing the ``n_drop`` active entries of smallest ``drop_score``
+    and adding the ``n_grow`` entries of largest ``grow_score`` among the others.
+
+    Shapes: all three tensors alike; returns a new bool mask of that shape.
+    """
+    flat = mask.reshape(-1)
+    active = int(flat.sum())
+    if not 0 <= n_drop <= active:
+        raise ValueError(f"cannot drop {n_drop} of {active} active entries")
+    kept = flat.clone()
+    kept[_smallest(drop_score.reshape(-1), flat, n_drop)] = False
+    free = int((~kept).sum())
+    if not 0 <= n_grow <= free:
+        raise ValueError(f"cannot grow {n_grow} entries: only {free} are free")
+    new = kept.clone()
+    new[_largest(grow_score.reshape(-1), ~kept, n_grow)] = True
+    return new.view(mask.shape)
+
+
+def _new_weight(weight, mask, new_mask):
+    """Survivors keep their value; everything else (dropped, grown) is zero."""
+    return torch.where(new_mask & mask, weight, torch.zeros_like(weight))
+
+
+def rigl_update(weight, mask, grad, drop_fraction):
+    """RigL (Evci et al. 2020): drop the smallest |w|, grow the largest |dense grad|.
+
+    Args:
+        weight: any shape; mask: bool, same shape; grad: the dense gradient, same shape.
+        drop_fraction: in [0, 1]; ``floor(active * drop_fraction)`` entries move.
+
+    Returns ``(new_mask, new_weight)``: nnz preserved; new_weight is zero outside
+    new_mask and at grown entries (new_mask & ~mask).
+    """
+    _check_pair(weight, mask)
+    if not isinstance(grad, torch.Tensor) or grad.shape != weight.shape:
+        raise ValueError(f"grad must be a tensor of the weight's shape {tuple(weight.shape)}, got "
+                         f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
+    n = n_to_drop(int(mask.sum()), _check_fraction(drop_fraction))
+    new_mask = drop_and_grow(mask, weight.abs(), grad.abs(), n, n)
+    return new_mask, _new_weight(weight, mask, new_mask)
+
+
+def set_update(weight, mask, drop_fraction, generator=None):
+    """SET (Mocanu et al. 2018): drop the smallest |w|, grow at random among the inactive.
+
+    Same conventions as :func:`rigl_update`; ``generator`` (a torch.Generator on
+    the CPU) makes the random regrowth reproducible and identical across ranks.
+    """
+    _check_pair(weight, mask)
+    n = n_to_drop(int(mask.sum()), _check_fraction(drop_fraction))
+    noise = torch.rand(mask.shape, generator=generator).to(weight.device)
+    new_mask = drop_and_grow(mask, weight.abs(), noise, n, n)
+    return new_mask, _new_weight(weight, mask, new_mask)
+
+
+def allocate(total, weights, capacity):
+    """Split the integer ``total`` over layers proportionally to ``weights``, at most
+    ``capacity[i]`` each; what a full layer cannot take goes to the others
+    (water-filling), remainders by largest fraction then lower index.
+
+    Returns a list of ints summing to min(total, sum(capacity)).
+    """
+    n = len(weights)
+    out = [0] * n
+    left = min(int(total), sum(capacity))
+    open_ = [i for i in range(n) if capacity[i] > 0]
+    while left > 0 and open_:
+        w = [max(float(weights[i]), 0.0) for i in open_]
+        if sum(w) == 0:
+            w = [1.0] * len(open_)
+        share = [left * wi / sum(w) for wi in w]
+        room = [capacity[i] - out[i] for i in open_]
+        take = [min(int(math.floor(s)), r) for s, r in zip(share, room)]
+        # Largest remainders get one more, while they have room.
+        order = sorted(range(len(open_)), key=lambda j: (-(share[j] - math.floor(share[j])), open_[j]))
+        extra = left - sum(take)
+        for j in order:
+            if extra == 0:
+                break
+            if take[j] < room[j]:
+                take[j] += 1
+                extra -= 1
+        for j, i in enumerate(open_):
+            out[i] += take[j]
+        left -= sum(take)
+        open_ = [i for i in open_ if out[i] < capacity[i]]
+    return out
+
+
+def snfs_update(weights, masks, momenta, drop_fraction, grow_scores=None):
+    """Sparse momentum / SNFS (Dettmers & Zettlemoyer 2019) over a list of layers.
+
+    Each layer drops ``floor(active * drop_fraction)`` entries of smallest |w|.
+    The dropped total is redistributed over layers in proportion to each layer's
+    mean |momentum| over its active entries (capped by free room), then each
+    layer grows its share at the largest ``grow_scores`` (default |momentum|)
+    among its non-kept entries. Total nnz is preserved; layer nnz may change.
+
+    Returns a list of ``(new_mask, new_weight)``, one per layer.
+    """
+    fraction = _check_fraction(drop_fraction)
+    grow_scores = momenta if grow_scores is None else grow_scores
+    if not len(weights) == len(masks) == len(momenta) == len(grow_scores):
+        raise ValueError("weights, masks, momenta and grow_scores need one entry per layer")
+    kept, dropped = [], 0
+    for w, m in zip(weights, masks):
+        _check_pair(w, m)
+        n = n_to_drop(int(m.sum()), fraction)
+        kept.append(drop_and_grow(m, w.abs(), w.abs(), n, 0))
+        dropped += n
+    importance = [float(mo.abs()[m].mean()) if bool(m.any()) else 0.0 for mo, m in zip(momenta, masks)]
+    shares = allocate(dropped, importance, [int((~k).sum()) for k in kept])
+    out = []
+    for w, m, k, s, g in zip(weights, masks, kept, shares, grow_scores):
+        new_mask = drop_and_grow(k, w.abs(), g.abs(), 0, s)
+        out.append((new_mask, _new_weight(w, m, new_mask)))
+    return out
+
+
+def ggr_update(weights, masks, grads, drop_fraction, min_active=1):
+    """Global gradient-based redistribution (GGR, after Parger et al. 2022).
+
+    Drop: each layer drops ``floor(active * drop_fraction)`` entries of smallest
+    |w| (as RigL), but never below ``min_active`` active entries.
+    Grow: the dropped total is regrown *globally*: the entries of largest |grad|
+    over every layer's non-kept entries together (just-dropped ones eligible).
+    Layers whose gradients are larger gain density, the others lose it; total
+    nnz is preserved. ``grads`` must be comparable across layers (the drivers
+    pass block RMS scores).
+
+    Returns a list of ``(new_mask, new_weight)``, one per layer.
+    """
+    fraction = _check_fraction(drop_fraction)
+    if not len(weights) == len(masks) == len(grads):
+        raise ValueError("weights, masks and grads need one entry per layer")
+    kept, dropped = [], 0
+    for w, m in zip(weights, masks):
+        _check_pair(w, m)
+        active = int(m.sum())
+        n = min(n_to_drop(active, fraction), max(0, active - min_active))
+        kept.append(drop_and_grow(m, w.abs(), w.abs(), n, 0))
+        dropped += n
+    free = torch.cat([(~k).reshape(-1) for k in kept])
+    scores = torch.cat([g.abs().reshape(-1).double().to(free.device) for g in grads])
+    grown = torch.zeros_like(free)
+    grown[_largest(scores, free, dropped)] = True
+    out, start = [], 0
+    for w, m, k in zip(weights, masks, kept):
+        new_mask = k | grown[start:start + k.numel()].view(k.shape)
+        start += k.numel()
+        out.append((new_mask, _new_weight(w, m, new_mask)))
+    return out
+
+
+def topk_mask(score, k):
+    """Bool mask of the k largest ``score`` entries (ties: lower index first)."""
+    flat = score.reshape(-1)
+    if not 0 <= k <= flat.numel():
+        raise ValueError(f"k={k} out of range for {flat.numel()} entries")
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    mask[_largest(flat, torch.ones_like(mask), k)] = True
+    return mask.view(score.shape)
+
+
+def topkast_masks(weight, forward_density, backward_density):
+    """Top-KAST (Jayakumar et al. 2020): forward set A = top-D by |w|, backward set
+    B = top-(D+M) by |w|, so A ⊆ B. Returns ``(forward_mask, backward_mask)``."""
+    if not 0.0 <= forward_density <= backward_density <= 1.0:
+        raise ValueError(f"need 0 <= forward_density <= backward_density <= 1, got "
+                         f"{forward_density} and {backward_density}")
+    n = weight.numel()
+    forward = topk_mask(weight.abs(), int(round(forward_density * n)))
+    backward = topk_mask(weight.abs(), int(round(backward_density * n)))
+    return forward, backward
+
+
+def topkast_penalty_grad(weight, forward_mask, forward_density, scale):
+    """Gradient of Top-KAST's exploration penalty: ``scale * w`` on A and
+    ``scale * w / D`` on B \\ A, so exploration weights must earn their place."""
+    factor = torch.where(forward_mask, torch.ones_like(weight), torch.full_like(weight, 1.0 / max(forward_density, 1e-12)))
+    return scale * factor * weight
+
+
+def dpf_mask(dense_weight, density):
+    """DPF (Lin et al. 2020): the mask is the top-``density`` |w| of the dense weight."""
+    return topk_mask(dense_weight.abs(), int(round(density * dense_weight.numel())))
