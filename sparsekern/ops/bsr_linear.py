@@ -4,7 +4,8 @@ Forward, dX and dW each run a block-sparse kernel from the registry; nothing
 dense of W's shape is formed. dW is the *sampled* product dYᵀX computed on the
 stored blocks only. An optional ``grad_probe`` asks for dW on another set of
 blocks (a superset, or every block for dense scores) without changing the
-forward: this is how RigL/SNFS/Top-KAST/DPF obtain their scores.
+forward: this is how RigL/SNFS/Top-KAST/DPF obtain their scores. The probe is a
+second op (``bsr_linear_probed``), so the core op's schema carries no probe.
 """
 from typing import Optional
 
@@ -57,21 +58,20 @@ def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], shape: list[int], 
     return _kernel("bsr_grad_weight", dy, backend)(dy, x, _layout(layout, shape, block))
 
 
-@torch.library.custom_op("sparsekern::bsr_grad_weight_probe", mutates_args=())
-def _grad_weight_probe(dy: Tensor, x: Tensor, layout: list[Tensor], probe_layout: list[Tensor], shape: list[int],
-                       block: list[int], backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    """(dW on ``layout``, dW on ``probe_layout``); blocks the probe covers are not computed twice."""
-    layout, probe_layout = _layout(layout, shape, block), _layout(probe_layout, shape, block)
-    grad_weight = _kernel("bsr_grad_weight", dy, backend)
-    dprobe = grad_weight(dy, x, probe_layout)
-    pos = probe_layout.positions_of(layout)
-    dw = dprobe[pos] if bool((pos >= 0).all()) else grad_weight(dy, x, layout)
-    return dw, dprobe
-
-
 @torch.library.custom_op("sparsekern::bsr_linear", mutates_args=())
-def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Optional[Tensor], layout: list[Tensor],
-            probe_layout: list[Tensor], shape: list[int], block: list[int], backend: Optional[str]) -> Tensor:
+def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], layout: list[Tensor], shape: list[int],
+            block: list[int], backend: Optional[str]) -> Tensor:
+    return _kernel("bsr_forward", x, backend)(x, values, _layout(layout, shape, block), bias)
+
+
+@torch.library.custom_op("sparsekern::bsr_linear_probed", mutates_args=())
+def _linear_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Tensor, layout: list[Tensor],
+                   probe_layout: list[Tensor], own_positions: Optional[Tensor], shape: list[int], block: list[int],
+                   backend: Optional[str]) -> Tensor:
+    """bsr_linear whose backward also gives ``probe_values`` dYᵀX on the probe's blocks.
+
+    ``own_positions`` (nnz,): where each of the weight's blocks sits in the probe, when the
+    probe holds them all; the weight's gradient is then read out of the probe's."""
     return _kernel("bsr_forward", x, backend)(x, values, _layout(layout, shape, block), bias)
 
 
@@ -85,42 +85,75 @@ def _(dy, x, layout, shape, block, backend):
     return x.new_empty(layout[2].shape[0], *block)
 
 
-@_grad_weight_probe.register_fake
-def _(dy, x, layout, probe_layout, shape, block, backend):
-    return x.new_empty(layout[2].shape[0], *block), x.new_empty(probe_layout[2].shape[0], *block)
-
-
 @_linear.register_fake
-def _(x, values, bias, probe_values, layout, probe_layout, shape, block, backend):
+def _(x, values, bias, layout, shape, block, backend):
+    return x.new_empty(x.shape[0], shape[0])
+
+
+@_linear_probed.register_fake
+def _(x, values, bias, probe_values, layout, probe_layout, own_positions, shape, block, backend):
     return x.new_empty(x.shape[0], shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, bias, _, layout, probe_layout, shape, block, backend = inputs
+    x, values, bias, layout, shape, block, backend = inputs
     ctx.save_for_backward(x, values)
-    ctx.meta = layout, probe_layout, shape, block, backend
+    ctx.meta = layout, shape, block, backend
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy):
     x, values = ctx.saved_tensors
+    layout, shape, block, backend = ctx.meta
+    dy = dy.contiguous()
+    needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+    dx = _grad_input(dy, values, layout, shape, block, backend) if needs_dx else None
+    dw = _grad_weight(dy, x, layout, shape, block, backend) if needs_dw else None
+    db = dy.sum(0) if ctx.has_bias and needs_db else None
+    # Gradients mirror the inputs' structure: one None per layout index tensor.
+    return dx, dw, db, [None] * len(layout), None, None, None
+
+
+def _setup_probed(ctx, inputs, output):
+    x, values, bias, _, layout, probe_layout, own_positions, shape, block, backend = inputs
+    ctx.save_for_backward(x, values, own_positions)
+    ctx.meta = layout, probe_layout, shape, block, backend
+    ctx.has_bias = bias is not None
+
+
+def _backward_probed(ctx, dy):
+    x, values, own_positions = ctx.saved_tensors
     layout, probe_layout, shape, block, backend = ctx.meta
     dy = dy.contiguous()
     needs_dx, needs_dw, needs_db, needs_probe = ctx.needs_input_grad[:4]
     dx = _grad_input(dy, values, layout, shape, block, backend) if needs_dx else None
     db = dy.sum(0) if ctx.has_bias and needs_db else None
-    dw = dprobe = None
-    if needs_probe and needs_dw:
-        dw, dprobe = _grad_weight_probe(dy, x, layout, probe_layout, shape, block, backend)
-    elif needs_probe:
-        dprobe = _grad_weight(dy, x, probe_layout, shape, block, backend)
-    elif needs_dw:
-        dw = _grad_weight(dy, x, layout, shape, block, backend)
-    # Gradients mirror the inputs' structure: one None per layout index tensor.
-    return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None
+    dprobe = _grad_weight(dy, x, probe_layout, shape, block, backend) if needs_probe else None
+    dw = None
+    if needs_dw:
+        shared = dprobe is not None and own_positions is not None
+        dw = dprobe[own_positions] if shared else _grad_weight(dy, x, layout, shape, block, backend)
+    return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None, None
 
 
 torch.library.register_autograd("sparsekern::bsr_linear", _backward, setup_context=_setup_context)
+torch.library.register_autograd("sparsekern::bsr_linear_probed", _backward_probed, setup_context=_setup_probed)
+
+
+def _own_positions(probe, layout):
+    """Index in ``probe`` of each block of ``layout`` if the probe holds them all, else None.
+
+    One host sync per (probe, layout) pair, cached on the probe; a compiled graph skips the
+    sharing (the weight's gradient is then computed on its own)."""
+    if torch.compiler.is_compiling():
+        return None
+    cached = getattr(probe, "_own_positions", None)
+    if cached is not None and cached[0] is layout:
+        return cached[1]
+    positions = probe.layout.positions_of(layout)
+    positions = positions if bool((positions >= 0).all()) else None
+    probe._own_positions = (layout, positions)
+    return positions
 
 
 def _check_inputs(x, weight, bias, grad_probe):
@@ -155,8 +188,11 @@ def bsr_linear(x, weight, bias=None, *, grad_probe=None):
     n, k = weight.shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k).contiguous()
-    probe_values = None if grad_probe is None else grad_probe.values
-    probe_layout = [] if grad_probe is None else _flat(grad_probe.layout)
-    y = _linear(x2d, weight.values.contiguous(), bias, probe_values, _flat(weight.layout), probe_layout,
-                list(weight.shape), list(weight.block_size), _traced_backend())
+    values, layout, shape, block = weight.values.contiguous(), _flat(weight.layout), list(weight.shape), \
+        list(weight.block_size)
+    if grad_probe is None:
+        y = _linear(x2d, values, bias, layout, shape, block, _traced_backend())
+    else:
+        y = _linear_probed(x2d, values, bias, grad_probe.values, layout, _flat(grad_probe.layout),
+                           _own_positions(grad_probe, weight.layout), shape, block, _traced_backend())
     return y.view(*lead, n)
