@@ -152,8 +152,8 @@ def _blocks(dense, layout):
 def test_op_with_cpu_backend_matches_dense_masked(dtype, lead):
     weight = random_bsr((48, 80), (16, 8), 0.5, dtype=dtype, seed=2, empty_rows=(1,), empty_cols=(0, 4))
     weight.values.requires_grad_()
-    probe = sk.BlockSparseMatrix.zeros(sk.BlockLayout.from_block_mask(
-        torch.ones(weight.layout.grid, dtype=torch.bool), weight.shape, weight.block_size), dtype=dtype)
+    probe = sk.BlockSparseMatrix.from_dense(torch.zeros(weight.shape, dtype=dtype), weight.block_size,
+                                            block_mask=torch.ones(weight.layout.grid, dtype=torch.bool))
     probe.values.requires_grad_()
     g = torch.Generator().manual_seed(3)
     # Non-contiguous x: a transposed view; bsr_linear makes it contiguous once.

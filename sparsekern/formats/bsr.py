@@ -147,10 +147,6 @@ class BlockSparseMatrix:
         layout = BlockLayout.from_block_mask(block_mask.to(dense.device), dense.shape, block_size)
         return cls(blocks[layout.block_mask].contiguous(), layout)
 
-    @classmethod
-    def zeros(cls, layout, dtype=torch.float32):
-        return cls(torch.zeros(layout.nnz_blocks, *layout.block_size, dtype=dtype, device=layout.device), layout)
-
     shape = property(lambda self: self.layout.shape)
     block_size = property(lambda self: self.layout.block_size)
     block_mask = property(lambda self: self.layout.block_mask)
@@ -166,7 +162,7 @@ class BlockSparseMatrix:
     def with_block_mask(self, block_mask):
         """A new matrix on ``block_mask``: surviving blocks keep their values, new blocks are zero."""
         layout = BlockLayout.from_block_mask(block_mask.to(self.device), self.shape, self.block_size)
-        return BlockSparseMatrix(carry_values(self.values.detach(), self.layout, layout), layout)
+        return BlockSparseMatrix(carry_blocks(self.values.detach(), self.layout.positions_of(layout)), layout)
 
     def __repr__(self):
         return (f"BlockSparseMatrix(shape={self.shape}, block_size={self.block_size}, "
@@ -185,9 +181,10 @@ def values_to_dense(values, layout):
     return blocks.transpose(1, 2).reshape(layout.shape)
 
 
-def carry_values(values, old_layout, new_layout):
-    """Values for ``new_layout``: blocks also in ``old_layout`` copied, the others zero."""
-    pos = old_layout.positions_of(new_layout)
-    kept = (pos >= 0).nonzero().squeeze(1)
-    new_values = values.new_zeros(new_layout.nnz_blocks, *new_layout.block_size)
-    return new_values.index_copy_(0, kept, values[pos[kept]])
+def carry_blocks(tensor, slots):
+    """``tensor`` (old nnz, ...) moved to a new structure: row i of the result is
+    ``tensor[slots[i]]``, or zero where ``slots[i] < 0`` (a new block). ``slots`` is
+    ``old_layout.positions_of(new_layout)``; values and optimizer state move this way."""
+    out = tensor.new_zeros((slots.numel(), *tensor.shape[1:]))
+    kept = (slots >= 0).nonzero().squeeze(1)
+    return out.index_copy_(0, kept, tensor.index_select(0, slots[kept]))

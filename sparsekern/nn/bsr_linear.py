@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.bsr import BlockLayout, BlockSparseMatrix, _as_block_size, carry_values, values_to_dense
+from ..formats.bsr import BlockLayout, BlockSparseMatrix, _as_block_size, carry_blocks, values_to_dense
 from ..ops.bsr_linear import bsr_linear
 from .parameter import replace_data_
 
@@ -98,7 +98,7 @@ class SparseLinear(nn.Module):
             mask = torch.zeros(norms.numel(), dtype=torch.bool, device=weight.device)
             mask[keep] = True
             dense = BlockSparseMatrix.from_dense(padded, layer.block_size, block_mask=mask.view(norms.shape))
-        layer._adopt(dense.block_mask, dense.values)
+        layer._adopt(dense.layout, dense.values)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
@@ -126,20 +126,54 @@ class SparseLinear(nn.Module):
         """The dense (out_features, in_features) weight this layer represents."""
         return values_to_dense(self.values, self.layout())[:self.out_features, :self.in_features]
 
+    @property
+    def mask(self):
+        """The structure the methods act on: the bool block grid (alias of ``block_mask``)."""
+        return self.block_mask
+
     def set_block_mask(self, block_mask):
         """Change the structure: surviving blocks keep their values, new blocks start at zero.
 
         The ``values`` parameter keeps its identity (optimizers still hold it) but
         changes shape; its ``.grad`` is cleared. Optimizer state for it must be
-        reset by the caller (the method layer does this).
+        moved by the caller (:meth:`restructure` returns the map; the method layer does this).
         """
-        layout = BlockLayout.from_block_mask(block_mask.to(self.block_mask.device), self.padded_shape,
-                                             self.block_size)
-        self._adopt(layout.block_mask, carry_values(self.values.detach(), self.layout(), layout), layout)
+        self.restructure(block_mask)
 
-    def _adopt(self, block_mask, values, layout=None):
-        self.block_mask = block_mask
-        self._layout = layout or BlockLayout.from_block_mask(block_mask, self.padded_shape, self.block_size)
+    def restructure(self, structure, values=None):
+        """Install ``structure`` (a bool block grid, or a BlockLayout of this layer's padded
+        shape and block size), built once; returns the slot map.
+
+        ``values`` (new nnz, br, bc) if given, else surviving blocks keep theirs and new
+        blocks start at zero. Returns int64 (new nnz,): for each new block, its index in
+        the old ``values``, or -1 for a new block; :meth:`carry` moves optimizer state with it.
+        """
+        if isinstance(structure, BlockLayout):
+            if structure.shape != self.padded_shape or structure.block_size != self.block_size:
+                raise ValueError(f"layout of shape {structure.shape} and block size {structure.block_size} does "
+                                 f"not fit this layer ({self.padded_shape}, {self.block_size})")
+            layout = structure.to(self.block_mask.device)
+        else:
+            layout = BlockLayout.from_block_mask(structure.to(self.block_mask.device), self.padded_shape,
+                                                 self.block_size)
+        slots = self.layout().positions_of(layout)
+        if values is None:
+            values = self.carry(self.values.detach(), slots)
+        elif tuple(values.shape) != (layout.nnz_blocks, *self.block_size):
+            raise ValueError(f"values has shape {tuple(values.shape)}, the layout needs "
+                             f"{(layout.nnz_blocks, *self.block_size)}")
+        self._adopt(layout, values)
+        return slots
+
+    @staticmethod
+    def carry(tensor, slots):
+        """``tensor`` shaped like the old ``values`` moved by :meth:`restructure`'s slot map
+        (zero for new blocks)."""
+        return carry_blocks(tensor, slots)
+
+    def _adopt(self, layout, values):
+        self.block_mask = layout.block_mask
+        self._layout = layout
         replace_data_(self.values, values.to(self.values.dtype))
 
     def _zero_padding(self):

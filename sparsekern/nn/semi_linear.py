@@ -133,6 +133,16 @@ class SemiSparseLinear(nn.Module):
         self._cached = None
         return slots
 
+    def restructure(self, mask):
+        """The structure protocol of the sparse layers (:mod:`sparsekern.methods.dst.state`):
+        :meth:`set_mask`, returning its slot map."""
+        return self.set_mask(mask)
+
+    @staticmethod
+    def carry(tensor, slots):
+        """``tensor`` shaped like the old ``values`` moved by the slot map (zero for new weights)."""
+        return carry(tensor, slots)
+
     @property
     def mask(self):
         """Bool (out_features, in_features): the weights in use (recomputed from ``weight`` if dynamic)."""

@@ -16,21 +16,20 @@ scores are RMS values over the block (so blocks of different sizes compare).
 Static :class:`sparsekern.SemiSparseLinear` layers are handled at 2:4
 granularity (drop and regrow inside each group of four, or 4x4 tile if
 transposable: :func:`~sparsekern.methods.functional.semi_drop_and_grow`; the
-probe and the structure change are in :mod:`sparsekern.methods.dst_semi`).
+probe is in :mod:`sparsekern.methods.dst.semi_probe`).
 
 Scores without a dense weight update: on the step *before* an update step
-the driver installs a :class:`~sparsekern.methods.dst_scores.ScoreProbe` on
+the driver installs a :class:`~sparsekern.methods.dst.scores.ScoreProbe` on
 each layer. It gets the block RMS of the dense gradient dYᵀX either from the
 sampled-dW product on every block (``grad_probe``; ``values`` takes its own
 blocks' gradient from that product, not computed twice) or, where cheaper,
 from Gram matrices of X and dY without forming dYᵀX (``score_method``; see
-:mod:`sparsekern.methods.dst_scores`). The probe is removed afterwards.
+:mod:`sparsekern.methods.dst.scores`). The probe is removed afterwards.
 
-Structure changes go through :func:`restructure`: ``set_block_mask`` keeps the
-``values`` Parameter's identity, and every optimizer state tensor shaped like
-the values (SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``/
-``max_exp_avg_sq``) is carried block by block: surviving blocks keep their
-state, regrown blocks start at zero. Scalar state (Adam's ``step``) is kept.
+Structure changes go through :func:`~sparsekern.methods.dst.state.restructure`
+(the layers' structure protocol): the ``values`` Parameter keeps its identity,
+and every optimizer state tensor shaped like the values is carried with its
+weights; regrown weights start at zero with zero state.
 
 Multi-process (DDP): every rank must take the same decision. Probe gradients
 are not DDP parameters, so the driver all-reduces (averages) its scores itself;
@@ -45,8 +44,8 @@ import torch
 import torch.distributed as dist
 
 from ...formats.bsr import BlockLayout
-from ...nn.bsr_linear import SparseLinear
 from ...nn.parameter import replace_data_
+from ...nn.bsr_linear import SparseLinear
 from ...nn.semi_linear import SemiSparseLinear
 from ..pruning.density import erk_densities
 from .rules import ggr_update, rigl_update, set_update, snfs_update
@@ -54,7 +53,7 @@ from .schedules import DropSchedule
 from .scores import SCORE_METHODS, ScoreProbe, block_rms, install_probe, probe_grad, remove_probe
 from .semi_probe import SemiProbe
 from .semi_rules import semi_rigl_update, semi_set_update
-from .state import gather_blocks, new_state, restructure, restructure_semi
+from .state import gather_blocks, new_state, restructure, restructure_from
 
 
 def on_grid(layout, scores):
@@ -90,7 +89,7 @@ class DynamicSparsity:
         score_method: how RigL/SNFS/GGR get dense-gradient block scores on SparseLinear
             layers: "product" (sampled dW on every block), "gram" (the same norms from
             Gram matrices, never forming dW) or "auto" (gram where it is at most half
-            the work); see :mod:`sparsekern.methods.dst_scores`.
+            the work); see :mod:`sparsekern.methods.dst.scores`.
     """
     needs_scores = False
 
@@ -196,7 +195,7 @@ class DynamicSparsity:
             else:
                 mask, _ = semi_rigl_update(weight, layer.mask, grad.view_as(weight), drop_fraction,
                                            transposable=layer.transposable)
-            restructure_semi(layer, self.optimizer, mask)
+            restructure(layer, self.optimizer, mask)
 
     # -- checkpoints ---------------------------------------------------------
     def state_dict(self):
@@ -348,7 +347,7 @@ class ShadowDriver(DynamicSparsity):
         new_layout = BlockLayout.from_block_mask(shadow_mask, layer.padded_shape, layer.block_size)
         shadow_values = gather_blocks(sources, new_layout, layer.values.detach())
         shadow_state = new_state(state_sources, new_layout)
-        restructure(layer, self.optimizer, forward_mask, sources, state_sources)
+        restructure_from(layer, self.optimizer, forward_mask, sources, state_sources)
         replace_data_(param, shadow_values)
         self.shadow_optimizer.state[param] = shadow_state
         self.shadow[name] = (param, new_layout)

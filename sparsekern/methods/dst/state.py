@@ -1,18 +1,17 @@
 """Structure changes with their optimizer state: values and per-weight state follow their weights.
 
-Block layers (:func:`restructure`): ``set_block_mask`` keeps the ``values``
-Parameter's identity, and every optimizer state tensor shaped like the values
-(SGD ``momentum_buffer``, Adam ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``)
-is carried block by block: surviving blocks keep their state, regrown blocks
-start at zero. 2:4 layers (:func:`restructure_semi`): ``set_mask`` returns the
-slot map and the state moves with :func:`carry`. Scalar state (Adam's ``step``)
-is kept.
+Every sparse layer exposes one structure protocol: ``mask`` (the structure the
+methods act on: a block grid, or the 2:4 element mask), ``restructure(mask)``
+(installs it, keeping the ``values`` Parameter's identity, and returns a slot
+map: where each new weight was before, or -1) and ``carry(tensor, slots)``
+(moves a tensor shaped like the old values). :func:`restructure` moves every
+optimizer state tensor shaped like the values (SGD ``momentum_buffer``, Adam
+``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``) with it: surviving weights keep
+their state, regrown ones start at zero. Scalar state (Adam's ``step``) is kept.
 """
 import torch
 
 from ...formats.bsr import BlockLayout
-from ...nn.parameter import replace_data_
-from ...nn.semi_linear import carry
 
 
 def gather_blocks(sources, target, like):
@@ -26,8 +25,8 @@ def gather_blocks(sources, target, like):
     return out
 
 
-def _block_state(optimizer, param):
-    """The optimizer's per-block state tensors for ``param`` (shaped like it), and its scalars."""
+def _per_weight_state(optimizer, param):
+    """The optimizer's state tensors for ``param`` shaped like it (moved with its weights), and the rest."""
     state = optimizer.state.get(param, {})
     tensors = {k: v for k, v in state.items()
                if torch.is_tensor(v) and v.dim() >= 1 and tuple(v.shape) == tuple(param.shape)}
@@ -42,7 +41,7 @@ def new_state(sources, target):
     """
     tensors, scalars = {}, {}
     for optimizer, param, layout in sources:
-        t, s = _block_state(optimizer, param)
+        t, s = _per_weight_state(optimizer, param)
         for key, value in t.items():
             tensors.setdefault(key, []).append((value, layout))
         for key, value in s.items():
@@ -52,30 +51,27 @@ def new_state(sources, target):
     return state
 
 
-def restructure(layer, optimizer, block_mask, sources=None, state_sources=None):
-    """Give ``layer`` the structure ``block_mask``: values and optimizer state of
-    surviving blocks are carried (from ``sources`` if given, else from the layer),
-    new blocks start at zero with zero optimizer state."""
-    old = layer.layout()
-    target = BlockLayout.from_block_mask(block_mask.to(old.device), layer.padded_shape, layer.block_size)
-    state_sources = state_sources or [(optimizer, layer.values, old)]
-    values = None if sources is None else gather_blocks(sources, target, layer.values.detach())
+def restructure(layer, optimizer, mask):
+    """Give ``layer`` (a SparseLinear or a static SemiSparseLinear) the structure ``mask``:
+    surviving weights keep their values and optimizer state, new ones start at zero with
+    zero state; scalar state (Adam's ``step``) is kept. The layout is built once, by the layer."""
+    tensors, _ = _per_weight_state(optimizer, layer.values)
+    slots = layer.restructure(mask)
+    state = optimizer.state.get(layer.values)
+    for key, value in tensors.items():
+        state[key] = layer.carry(value, slots)
+
+
+def restructure_from(layer, optimizer, block_mask, sources, state_sources):
+    """Give the SparseLinear ``layer`` the structure ``block_mask`` with values and optimizer
+    state gathered from several disjoint block sources (a layer's forward blocks and a driver's
+    shadow blocks): ``sources`` [(values, layout)], ``state_sources`` [(optimizer, param, layout)]."""
+    target = BlockLayout.from_block_mask(block_mask.to(layer.block_mask.device), layer.padded_shape,
+                                         layer.block_size)
+    values = gather_blocks(sources, target, layer.values.detach())
     state = new_state(state_sources, target)
-    layer.set_block_mask(target.block_mask)  # carries the layer's own surviving blocks
-    if values is not None:
-        replace_data_(layer.values, values)
+    layer.restructure(target, values=values)
     if state:
         optimizer.state[layer.values] = state
     else:
         optimizer.state.pop(layer.values, None)
-
-
-def restructure_semi(layer, optimizer, new_mask):
-    """Give the static SemiSparseLinear ``layer`` the 2:4 structure ``new_mask``, carrying
-    values and the optimizer's per-weight state (zero for regrown weights)."""
-    state = optimizer.state.get(layer.values, {})
-    tensors = [k for k, v in state.items()
-               if torch.is_tensor(v) and v.dim() >= 1 and tuple(v.shape) == tuple(layer.values.shape)]
-    slots = layer.set_mask(new_mask)
-    for key in tensors:
-        state[key] = carry(state[key], slots)
