@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from sparsekern import methods
 from sparsekern.methods import functional as Fn
 from sparsekern.methods.dst.schedules import DropSchedule, gradual_density
 
@@ -150,3 +151,11 @@ def test_gradual_density():
     assert gradual_density(0, 0.1, t_end=100) == pytest.approx(1.0)
     assert gradual_density(100, 0.1, t_end=100) == pytest.approx(0.1)
     assert gradual_density(50, 0.1, t_end=100) == pytest.approx(0.1 + 0.9 * 0.125)
+
+
+def test_topk_mask_breaks_ties_by_lower_index_in_both_namespaces():
+    score = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0])
+    assert Fn.topk_mask(score, 2).tolist() == [False, True, True, False, False]
+    assert Fn.topk_mask is methods.topk_mask
+    assert methods.topk_mask(score, 0.6).tolist() == [False, True, True, False, True]
+

@@ -19,7 +19,7 @@ import torch
 
 from ..pruning.density import erk_densities
 from .drivers import ShadowDriver, on_grid
-from .rules import topk_mask
+from .rules import dpf_mask
 from .schedules import gradual_density
 from .scores import block_rms
 
@@ -61,7 +61,7 @@ class DPF(ShadowDriver):
         for name, layer in self.layers:
             values, union, sources = self._all_values(name, layer)
             score = on_grid(union, block_rms(values))
-            forward = topk_mask(score, int(round(self.current_density(name, self.t) * score.numel())))
+            forward = dpf_mask(score, self.current_density(name, self.t))
             self._restructure(name, layer, forward, ~forward, sources)
 
     def state_dict(self):

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from ..pruning.masks import topk_mask
+
 
 
 def _check_pair(weight, mask):
@@ -206,16 +208,6 @@ def ggr_update(weights, masks, grads, drop_fraction, min_active=1):
         start += k.numel()
         out.append((new_mask, _new_weight(w, m, new_mask)))
     return out
-
-
-def topk_mask(score, k):
-    """Bool mask of the k largest ``score`` entries (ties: lower index first)."""
-    flat = score.reshape(-1)
-    if not 0 <= k <= flat.numel():
-        raise ValueError(f"k={k} out of range for {flat.numel()} entries")
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-    mask[_largest(flat, torch.ones_like(mask), k)] = True
-    return mask.view(score.shape)
 
 
 def topkast_masks(weight, forward_density, backward_density):

@@ -17,7 +17,7 @@ The penalty on A is the optimizer's weight decay; B \\ A gets ``penalty / D``.
 import torch
 
 from .drivers import ShadowDriver, on_grid
-from .rules import drop_and_grow, n_to_drop
+from .rules import drop_and_grow, n_to_drop, topkast_penalty_grad
 from .scores import block_rms
 
 
@@ -55,7 +55,8 @@ class TopKAST(ShadowDriver):
         if self.penalty == 0:
             return None
         layer = dict(self.layers)[name]
-        return self.penalty / max(layer.density, 1e-12) * param.detach()
+        exploration = torch.zeros(param.shape, dtype=torch.bool, device=param.device)  # every shadow block lies in B minus A
+        return topkast_penalty_grad(param.detach(), exploration, layer.density, self.penalty)
 
     def _update(self, drop_fraction):
         for name, layer in self.layers:

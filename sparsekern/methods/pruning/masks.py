@@ -73,11 +73,16 @@ def _count(amount, total, what):
 
 
 def topk_mask(score, keep):
-    """Bool mask of ``score``'s shape keeping its ``keep`` largest entries (int, or float fraction)."""
-    flat = score.flatten()
+    """Bool mask of ``score``'s shape keeping its ``keep`` largest entries (int count, or float
+    fraction of the entries, rounded to the nearest int). Ties: the lower flat index is kept
+    first, so the result never depends on the sort's whims. O(n): a k-th value, no sort."""
+    flat = score.reshape(-1)
     k = _count(keep, flat.numel(), "keep")
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=score.device)
-    mask[torch.topk(flat, k, sorted=False).indices] = True
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k > 0:
+        threshold = flat.kthvalue(flat.numel() - k + 1).values
+        above, tied = flat > threshold, flat == threshold
+        mask = above | (tied & (tied.cumsum(0) <= k - int(above.sum())))
     return mask.view(score.shape)
 
 
@@ -115,12 +120,3 @@ def nm_mask(score, n=2, m=4):
     mask = torch.zeros_like(groups, dtype=torch.bool)
     mask.scatter_(-1, torch.topk(groups, n, dim=-1).indices, True)
     return mask.reshape(score.shape)
-
-
-def granular_masks(scores, density, block_size=1, *, densities=None, reduce="norm"):
-    """Masks on each score's block grid: global top-``density`` of all blocks, or layer-wise
-    top-``densities[i]`` when ``densities`` is given. Returns (RB, CB) bool grids."""
-    grids = [block_scores(s, block_size, reduce) for s in scores]
-    if densities is not None:
-        return layerwise_topk_masks(grids, densities)
-    return global_topk_masks(grids, float(density))
