@@ -48,7 +48,7 @@ from ...nn.parameter import replace_data_
 from ...nn.bsr_linear import SparseLinear
 from ...nn.semi_linear import SemiSparseLinear
 from ..pruning.density import erk_densities
-from .rules import ggr_update, rigl_update, set_update, snfs_update
+from .rules import ggr_new_masks, rigl_new_mask, set_new_mask, snfs_new_masks
 from .schedules import DropSchedule
 from .scores import SCORE_METHODS, ScoreProbe, block_rms, install_probe, probe_grad, remove_probe
 from .semi_probe import SemiProbe
@@ -217,8 +217,7 @@ class SET(DynamicSparsity):
 
     def _update(self, drop_fraction):
         for _, layer in self.layers:
-            mask, _ = set_update(self._weight_scores(layer), layer.block_mask, drop_fraction,
-                                 generator=self.generator)
+            mask = set_new_mask(self._weight_scores(layer), layer.block_mask, drop_fraction, self.generator)
             restructure(layer, self.optimizer, mask)
         self._update_semi(drop_fraction, random_growth=True)
 
@@ -229,7 +228,7 @@ class RigL(DynamicSparsity):
 
     def _update(self, drop_fraction):
         for (_, layer), grad in zip(self.layers, self._grad_scores()):
-            mask, _ = rigl_update(self._weight_scores(layer), layer.block_mask, grad, drop_fraction)
+            mask = rigl_new_mask(self._weight_scores(layer), layer.block_mask, grad, drop_fraction)
             restructure(layer, self.optimizer, mask)
         self._update_semi(drop_fraction)
 
@@ -249,11 +248,11 @@ class SNFS(DynamicSparsity):
 
     def _update(self, drop_fraction):
         grads = self._grad_scores()
-        results = snfs_update([self._weight_scores(l) for _, l in self.layers],
-                              [l.block_mask for _, l in self.layers],
-                              [self._momentum_scores(l) for _, l in self.layers], drop_fraction,
-                              grow_scores=grads)
-        for (_, layer), (mask, _) in zip(self.layers, results):
+        new_masks = snfs_new_masks([self._weight_scores(l) for _, l in self.layers],
+                                   [l.block_mask for _, l in self.layers],
+                                   [self._momentum_scores(l) for _, l in self.layers], drop_fraction,
+                                   grow_scores=grads)
+        for (_, layer), mask in zip(self.layers, new_masks):
             restructure(layer, self.optimizer, mask)
         self._update_semi(drop_fraction)  # 2:4 fixes each layer's density: nothing to redistribute
 
@@ -265,9 +264,9 @@ class GGR(DynamicSparsity):
 
     def _update(self, drop_fraction):
         if self.layers:
-            results = ggr_update([self._weight_scores(l) for _, l in self.layers],
-                                 [l.block_mask for _, l in self.layers], self._grad_scores(), drop_fraction)
-            for (_, layer), (mask, _) in zip(self.layers, results):
+            new_masks = ggr_new_masks([self._weight_scores(l) for _, l in self.layers],
+                                      [l.block_mask for _, l in self.layers], self._grad_scores(), drop_fraction)
+            for (_, layer), mask in zip(self.layers, new_masks):
                 restructure(layer, self.optimizer, mask)
         self._update_semi(drop_fraction)  # 2:4 fixes each layer's density: nothing to redistribute
 

@@ -89,13 +89,18 @@ def rigl_update(weight, mask, grad, drop_fraction):
     Returns ``(new_mask, new_weight)``: nnz preserved; new_weight is zero outside
     new_mask and at grown entries (new_mask & ~mask).
     """
+    new_mask = rigl_new_mask(weight, mask, grad, drop_fraction)
+    return new_mask, _new_weight(weight, mask, new_mask)
+
+
+def rigl_new_mask(weight, mask, grad, drop_fraction):
+    """The mask of :func:`rigl_update` alone (drivers move the weights themselves)."""
     _check_pair(weight, mask)
     if not isinstance(grad, torch.Tensor) or grad.shape != weight.shape:
         raise ValueError(f"grad must be a tensor of the weight's shape {tuple(weight.shape)}, got "
                          f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
     n = n_to_drop(int(mask.sum()), _check_fraction(drop_fraction))
-    new_mask = drop_and_grow(mask, weight.abs(), grad.abs(), n, n)
-    return new_mask, _new_weight(weight, mask, new_mask)
+    return drop_and_grow(mask, weight.abs(), grad.abs(), n, n)
 
 
 def set_update(weight, mask, drop_fraction, generator=None):
@@ -104,11 +109,16 @@ def set_update(weight, mask, drop_fraction, generator=None):
     Same conventions as :func:`rigl_update`; ``generator`` (a torch.Generator on
     the CPU) makes the random regrowth reproducible and identical across ranks.
     """
+    new_mask = set_new_mask(weight, mask, drop_fraction, generator)
+    return new_mask, _new_weight(weight, mask, new_mask)
+
+
+def set_new_mask(weight, mask, drop_fraction, generator=None):
+    """The mask of :func:`set_update` alone (drivers move the weights themselves)."""
     _check_pair(weight, mask)
     n = n_to_drop(int(mask.sum()), _check_fraction(drop_fraction))
     noise = torch.rand(mask.shape, generator=generator).to(weight.device)
-    new_mask = drop_and_grow(mask, weight.abs(), noise, n, n)
-    return new_mask, _new_weight(weight, mask, new_mask)
+    return drop_and_grow(mask, weight.abs(), noise, n, n)
 
 
 def allocate(total, weights, capacity):
@@ -156,6 +166,12 @@ def snfs_update(weights, masks, momenta, drop_fraction, grow_scores=None):
 
     Returns a list of ``(new_mask, new_weight)``, one per layer.
     """
+    new_masks = snfs_new_masks(weights, masks, momenta, drop_fraction, grow_scores)
+    return [(n, _new_weight(w, m, n)) for w, m, n in zip(weights, masks, new_masks)]
+
+
+def snfs_new_masks(weights, masks, momenta, drop_fraction, grow_scores=None):
+    """The masks of :func:`snfs_update` alone (drivers move the weights themselves)."""
     fraction = _check_fraction(drop_fraction)
     grow_scores = momenta if grow_scores is None else grow_scores
     if not len(weights) == len(masks) == len(momenta) == len(grow_scores):
@@ -168,11 +184,7 @@ def snfs_update(weights, masks, momenta, drop_fraction, grow_scores=None):
         dropped += n
     importance = [float(mo.abs()[m].mean()) if bool(m.any()) else 0.0 for mo, m in zip(momenta, masks)]
     shares = allocate(dropped, importance, [int((~k).sum()) for k in kept])
-    out = []
-    for w, m, k, s, g in zip(weights, masks, kept, shares, grow_scores):
-        new_mask = drop_and_grow(k, w.abs(), g.abs(), 0, s)
-        out.append((new_mask, _new_weight(w, m, new_mask)))
-    return out
+    return [drop_and_grow(k, w.abs(), g.abs(), 0, s) for w, k, s, g in zip(weights, kept, shares, grow_scores)]
 
 
 def ggr_update(weights, masks, grads, drop_fraction, min_active=1):
@@ -188,6 +200,12 @@ def ggr_update(weights, masks, grads, drop_fraction, min_active=1):
 
     Returns a list of ``(new_mask, new_weight)``, one per layer.
     """
+    new_masks = ggr_new_masks(weights, masks, grads, drop_fraction, min_active)
+    return [(n, _new_weight(w, m, n)) for w, m, n in zip(weights, masks, new_masks)]
+
+
+def ggr_new_masks(weights, masks, grads, drop_fraction, min_active=1):
+    """The masks of :func:`ggr_update` alone (drivers move the weights themselves)."""
     fraction = _check_fraction(drop_fraction)
     if not len(weights) == len(masks) == len(grads):
         raise ValueError("weights, masks and grads need one entry per layer")
@@ -203,10 +221,9 @@ def ggr_update(weights, masks, grads, drop_fraction, min_active=1):
     grown = torch.zeros_like(free)
     grown[_largest(scores, free, dropped)] = True
     out, start = [], 0
-    for w, m, k in zip(weights, masks, kept):
-        new_mask = k | grown[start:start + k.numel()].view(k.shape)
+    for k in kept:
+        out.append(k | grown[start:start + k.numel()].view(k.shape))
         start += k.numel()
-        out.append((new_mask, _new_weight(w, m, new_mask)))
     return out
 
 
