@@ -21,18 +21,15 @@ masked weight, so their outputs are the reference). Rows go to a table and to
 JSON lines (``--json``, default bench/results/bsr_linear.jsonl).
 
 pytest-benchmark microbenchmarks of the same products (small shapes) are at the
-end of this file: ``pytest bench/bench_bsr_linear.py --benchmark-only``.
+end of this file; pytest collects them only when given the file:
+``python -m pytest bench/bench_bsr_linear.py -p no:cacheprovider --benchmark-only``.
 """
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
-import time
 import warnings
 
-# Large outputs (32 MiB at the issue's shape) are fresh allocations on every call;
+# Large outputs (32 MiB for 2048 x 4096 fp32) are fresh allocations on every call;
 # without huge pages their page faults cost ~13 ms per product on both the dense
 # and the sparse side, capping every ratio. torch reads this once, at its first
 # allocation; set THP_MEM_ALLOC_ENABLE=0 to measure without.
@@ -40,9 +37,9 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
-from sparsekern.kernels import select_kernel  # noqa: E402
+from timing import (TIMER_HELP, Timer, alternate, append_rows, environment, header, kernel_path,  # noqa: E402
+                    median_ratio)
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 PRODUCTS = ("fwd", "dx", "dw", "step")
@@ -59,32 +56,10 @@ def _parse(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for dense and sparse")
     parser.add_argument("--reps", type=int, default=5, help="timed alternating rounds per configuration")
-    parser.add_argument("--timer", choices=("wall", "cpu", "thread"), default="wall",
-                        help="wall clock; or CPU time of the process (cpu) or of the calling thread (thread, "
-                             "needs --threads 1): robust on a shared, busy machine")
+    parser.add_argument("--timer", choices=("wall", "cpu", "thread"), default="wall", help=TIMER_HELP)
     parser.add_argument("--no-torch-bsr", action="store_true", help="skip torch's BSR forward (the peer)")
     parser.add_argument("--json", default=DEFAULT_JSON, help="append JSON rows here ('' to skip)")
     return parser.parse_args(argv)
-
-
-def _device_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-_clock = time.perf_counter
-
-
-def _ms(fn):
-    start = _clock()
-    fn()
-    return (_clock() - start) * 1e3
 
 
 def _random_mask(grid, density, generator):
@@ -115,7 +90,7 @@ class Case:
         self.weight = self.sparse.sparse_weight()
         self.layout, self.values = self.weight.layout, self.weight.values.detach()
         self.w = self.dense.weight.detach()
-        self.kernels = {p: select_kernel(p, self.x.device, dtype)[1]
+        self.kernels = {p: sk.kernels.select_kernel(p, self.x.device, dtype)[1]
                         for p in ("bsr_forward", "bsr_grad_input", "bsr_grad_weight")}
         self.torch_bsr = None if args.no_torch_bsr else self.w.to_sparse_bsr((block, block))
 
@@ -146,46 +121,30 @@ class Case:
                 "dw": _rel_err(sparse["dw"](), dw_blocks) if self.layout.nnz_blocks else 0.0}
 
 
-def run_case(args, block, density, dtype, generator):
+def run_case(args, block, density, dtype, generator, measure, context):
+    """One block x density: ``context`` (the environment fields) plus times, ratios and errors."""
     case = Case(args, block, density, dtype, generator)
     dense, sparse = case.dense_fns(), case.sparse_fns()
-    times = {f"{side}_{p}": [] for side in ("dense", "sparse") for p in PRODUCTS}
-    times["torch_bsr_fwd"] = []
-    for rep in range(args.reps + 1):  # round 0 warms up (packing buffers, thread pool, caches)
-        for p in PRODUCTS:
-            d_ms, s_ms = _ms(dense[p]), _ms(sparse[p])
-            if rep:
-                times[f"dense_{p}"].append(d_ms)
-                times[f"sparse_{p}"].append(s_ms)
-        if case.torch_bsr is not None:
-            t_ms = _ms(lambda: case.torch_bsr @ case.x.T)
-            if rep:
-                times["torch_bsr_fwd"].append(t_ms)
+    fns = {f"{side}_{p}": fn for p in PRODUCTS for side, fn in (("dense", dense[p]), ("sparse", sparse[p]))}
+    if case.torch_bsr is not None:
+        fns["torch_bsr_fwd"] = lambda: case.torch_bsr @ case.x.T
+    times, _ = alternate(fns, args.reps, measure)
     m, n, k = args.tokens, args.out_features, args.in_features
     stored_flop = 2 * m * case.layout.nnz_blocks * block * block
-    row = {"bench": "bsr_linear", "device": _device_name(), "isa": _isa(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "dtype": str(dtype).split(".")[-1], "tokens": m, "in_features": k,
-           "out_features": n, "block": block, "density": case.layout.density, "reps": args.reps,
-           "timer": args.timer, "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE")}
+    row = dict(context, dtype=str(dtype).split(".")[-1], tokens=m, in_features=k, out_features=n, block=block,
+               density=case.layout.density, reps=args.reps, timer=args.timer)
     for p in PRODUCTS:
         d, s = times[f"dense_{p}"], times[f"sparse_{p}"]
         row[f"{p}_dense_ms"], row[f"{p}_sparse_ms"] = statistics.median(d), statistics.median(s)
-        row[f"{p}_ratio"] = statistics.median(a / b for a, b in zip(d, s))
+        row[f"{p}_ratio"] = median_ratio(d, s)
         row[f"{p}_gflops_stored"] = stored_flop * (3 if p == "step" else 1) / row[f"{p}_sparse_ms"] / 1e6
     row["step_limit_frac"] = row["step_ratio"] * case.layout.density
-    if times["torch_bsr_fwd"]:
+    if "torch_bsr_fwd" in times:
         row["torch_bsr_fwd_ms"] = statistics.median(times["torch_bsr_fwd"])
-        row["fwd_ratio_vs_torch_bsr"] = statistics.median(
-            t / s for t, s in zip(times["torch_bsr_fwd"], times["sparse_fwd"]))
-        row["torch_bsr_fwd_ratio_vs_dense"] = statistics.median(
-            d / t for d, t in zip(times["dense_fwd"], times["torch_bsr_fwd"]))
+        row["fwd_ratio_vs_torch_bsr"] = median_ratio(times["torch_bsr_fwd"], times["sparse_fwd"])
+        row["torch_bsr_fwd_ratio_vs_dense"] = median_ratio(times["dense_fwd"], times["torch_bsr_fwd"])
     row.update({f"{p}_rel_err": e for p, e in case.errors().items()})
     return row
-
-
-def _isa():
-    ext = sk._extension.load_extension("bsr")
-    return ext.isa() if ext is not None else "unavailable"
 
 
 HEADER = (f"{'block':>5} {'density':>7} | {'fwd':>6} {'dx':>6} {'dw':>6} {'step':>6} {'ideal':>6} {'limit':>6} | "
@@ -205,17 +164,16 @@ def _format(row):
 
 def main(argv=None):
     args = _parse(argv)
-    global _clock
-    _clock = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}[args.timer]
-    if args.timer == "thread" and args.threads != 1:
-        raise SystemExit("--timer thread measures the calling thread only: use it with --threads 1")
     torch.set_num_threads(args.threads)
+    measure = Timer(args.timer)
     dtype = DTYPES[args.dtype]
     for b in args.blocks:
         if args.in_features % b or args.out_features % b:
             raise SystemExit(f"--in-features {args.in_features} and --out-features {args.out_features} "
                              f"must be multiples of block {b}")
-    print(f"# {_device_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, microkernel {_isa()}, "
+    env, path = environment(), kernel_path("bsr_forward", torch.device("cpu"), dtype)
+    context = {"bench": "bsr_linear", **env, **path}
+    print(f"# {header(env, path)}, "
           f"{args.dtype}, X {args.tokens}x{args.in_features}, W {args.out_features}x{args.in_features}, "
           f"median of {args.reps} alternating rounds, {args.timer} time, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
@@ -229,18 +187,13 @@ def main(argv=None):
         warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
         for block in args.blocks:
             for density in args.densities:
-                rows.append(run_case(args, block, density, dtype, generator))
+                rows.append(run_case(args, block, density, dtype, generator, measure, context))
                 print(_format(rows[-1]), flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"# {len(rows)} JSON rows appended to {args.json}")
+    append_rows(rows, args.json)
     return rows
 
 
-# --- pytest-benchmark microbenchmarks (pytest bench/bench_bsr_linear.py --benchmark-only) ---
+# --- pytest-benchmark microbenchmarks (see the module docstring for the command) ---
 
 def _micro_case(density):
     args = _parse(["--tokens", "512", "--in-features", "1024", "--out-features", "1024", "--no-torch-bsr"])
@@ -250,9 +203,9 @@ def _micro_case(density):
 try:
     import pytest
 
-    _cpu_missing = sk.kernels.bsr.cpu.unavailable(torch.device("cpu"), torch.float32)
+    _cpu_built = "cpu" in sk.kernels.available_backends("bsr_forward", torch.device("cpu"), torch.float32)
 
-    @pytest.mark.skipif(_cpu_missing is not None, reason=f"cpu backend not built: {_cpu_missing}")
+    @pytest.mark.skipif(not _cpu_built, reason="the cpu backend (sparsekern._C_bsr) is not built")
     @pytest.mark.parametrize("product", PRODUCTS)
     @pytest.mark.parametrize("density", [1.0, 0.25, 0.05])
     def test_sparse_cpu(benchmark, product, density):

@@ -2,6 +2,7 @@
 
     python bench/bench_bsr_triton.py                                   # full sweep (~10 min incl. autotuning)
     python bench/bench_bsr_triton.py --dtypes bf16 --blocks 64 128 --json bench/results/bsr_triton.jsonl
+    python bench/bench_bsr_triton.py --features 256 --tokens 256 --blocks 32 --dtypes fp32 --rounds 1  # smoke run
 
 Shapes: W is (features x features) = 4096 x 4096, X is (tokens x features) with
 8192 tokens. For every dtype x block x density (random uniform block mask of that
@@ -19,8 +20,8 @@ times; a ratio is the median over rounds of dense_ms / sparse_ms:
 Reported: ms, ratios, ``limit_frac`` = step ratio / (1/density) (1.0 = the
 speed-up of doing exactly the stored work), TFLOP/s on the stored blocks, and the
 relative error of the sparse forward against the dense masked product. Density
-0.7 is in the default sweep for the break-even target; the issue's sweep is
-{0.5, 0.25, 0.1, 0.05}. Rows are printed as a table and as JSON lines.
+0.7 is in the default sweep to find the break-even density. Rows are printed as a
+table and as JSON lines (``--json`` appends them to a file).
 """
 import argparse
 import json
@@ -30,13 +31,14 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import sparsekern as sk  # noqa: E402
+import sparsekern as sk
+from timing import alternate, append_rows, environment, header, kernel_path, median_ratio
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRODUCTS = {"fwd": "bsr_forward", "dx": "bsr_grad_input", "dw": "bsr_grad_weight"}
 
 
-def _parse():
+def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.7, 0.5, 0.25, 0.1, 0.05])
     parser.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64, 128])
@@ -45,7 +47,7 @@ def _parse():
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=3, help="alternating sparse/dense rounds per pair")
     parser.add_argument("--json", help="append JSON rows to this file")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def _do_bench(fn):
@@ -65,10 +67,10 @@ def _torch_bsr_forward(dense_w, block, x):
         return None, f"{type(error).__name__}: {error}"
 
 
-def _measure(args, dtype_name, block, density, device):
-    from sparsekern.kernels.bsr import triton_forward, triton_grad
-
+def _measure(args, dtype_name, block, density, device, env):
     dtype, f, t = DTYPES[dtype_name], args.features, args.tokens
+    kernels = {name: sk.kernels.select_kernel(product, device, dtype, backend="triton")[1]
+               for name, product in PRODUCTS.items()}
     grid = f // block
     gen = torch.Generator().manual_seed(0)
     cells = grid * grid
@@ -82,9 +84,9 @@ def _measure(args, dtype_name, block, density, device):
     dy = torch.randn(t, f, device=device, dtype=dtype)
 
     products = {
-        "fwd": (lambda: x @ masked_w.T, lambda: triton_forward.bsr_forward(x, values, layout)),
-        "dx": (lambda: dy @ masked_w, lambda: triton_forward.bsr_grad_input(dy, values, layout)),
-        "dw": (lambda: dy.T @ x, lambda: triton_grad.bsr_grad_weight(dy, x, layout)),
+        "fwd": (lambda: x @ masked_w.T, lambda: kernels["fwd"](x, values, layout)),
+        "dx": (lambda: dy @ masked_w, lambda: kernels["dx"](dy, values, layout)),
+        "dw": (lambda: dy.T @ x, lambda: kernels["dw"](dy, x, layout)),
     }
     pairs = dict(products, step=(lambda: [dense() for dense, _ in products.values()],
                                  lambda: [sparse() for _, sparse in products.values()]))
@@ -92,37 +94,26 @@ def _measure(args, dtype_name, block, density, device):
     if torch_bsr is not None:
         pairs["torch_bsr_fwd"] = (torch_bsr, pairs["fwd"][1])
 
-    # First calls autotune (and compile): keep them out of the timings.
-    for dense, sparse in pairs.values():
-        dense(), sparse()
-    torch.cuda.synchronize(device)
-    y = triton_forward.bsr_forward(x, values, layout).float()
+    # alternate's warm-up calls autotune (and compile) every kernel: out of the timings.
+    fns = {(name, side): fn for name, pair in pairs.items() for side, fn in zip(("baseline", "sparse"), pair)}
+    times, _ = alternate(fns, args.rounds, _do_bench)
+    y = kernels["fwd"](x, values, layout).float()
     y_ref = x.float() @ masked_w.float().T
     rel_err = ((y - y_ref).norm() / y_ref.norm().clamp_min(1e-30)).item()
-
-    times = {name: ([], []) for name in pairs}
-    for _ in range(args.rounds):
-        for name, (baseline, sparse) in pairs.items():
-            times[name][0].append(_do_bench(baseline))
-            times[name][1].append(_do_bench(sparse))
     stored_flop = 2.0 * t * layout.nnz_blocks * block * block
-    row = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, triton=_triton_version(),
+    row = dict(env, **kernel_path("bsr_forward", device, dtype), bench="bsr_triton",
                allow_tf32=torch.backends.cuda.matmul.allow_tf32, dtype=dtype_name, tokens=t, out_features=f,
                in_features=f, block=block, density=layout.density, nnz_blocks=layout.nnz_blocks,
                rel_err_fwd=rel_err, torch_bsr_error=torch_bsr_error)
-    for name, (baseline_ms, sparse_ms) in times.items():
+    for name in pairs:
+        baseline_ms, sparse_ms = times[name, "baseline"], times[name, "sparse"]
         row[f"{name}_baseline_ms"] = statistics.median(baseline_ms)
         row[f"{name}_sparse_ms"] = statistics.median(sparse_ms)
-        row[f"{name}_ratio"] = statistics.median(b / s for b, s in zip(baseline_ms, sparse_ms))
+        row[f"{name}_ratio"] = median_ratio(baseline_ms, sparse_ms)
     for name, products in (("fwd", 1), ("dx", 1), ("dw", 1), ("step", 3)):
         row[f"{name}_tflops_stored"] = products * stored_flop / row[f"{name}_sparse_ms"] / 1e9
     row["limit_frac"] = row["step_ratio"] * layout.density
     return row
-
-
-def _triton_version():
-    import triton
-    return triton.__version__
 
 
 def _print_header():
@@ -137,8 +128,8 @@ def _print_row(row):
           f"| {row['step_tflops_stored']:6.1f} | {vs_torch} | {row['rel_err_fwd']:7.1e}", flush=True)
 
 
-def main():
-    args = _parse()
+def main(argv=None):
+    args = _parse(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_bsr_triton.py needs a CUDA GPU (torch.cuda.is_available() is False); the triton kernels' "
                  "correctness on CPU is covered by tests/test_bsr_triton.py under TRITON_INTERPRET=1.")
@@ -147,7 +138,9 @@ def main():
     bad = [b for b in args.blocks if args.features % b]
     if bad:
         sys.exit(f"--features {args.features} is not divisible by block sizes {bad}")
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {_triton_version()}, "
+    device = torch.device("cuda")
+    env = environment(device)
+    print(f"# {header(env, kernel_path('bsr_forward', device, DTYPES[args.dtypes[0]]))}, triton {env['triton']}, "
           f"W {args.features}x{args.features}, {args.tokens} tokens; ratios = dense ms / sparse ms "
           f"(vsTorchBSR = torch BSR fwd ms / ours), %lim = step ratio x density, TF/s on stored blocks (step)")
     _print_header()
@@ -155,14 +148,12 @@ def main():
     for dtype_name in args.dtypes:
         for block in args.blocks:
             for density in args.densities:
-                rows.append(_measure(args, dtype_name, block, density, torch.device("cuda")))
+                rows.append(_measure(args, dtype_name, block, density, device, env))
                 _print_row(rows[-1])
-                if args.json:
-                    with open(args.json, "a") as out:
-                        out.write(json.dumps(rows[-1]) + "\n")
     print("# JSON rows")
     for row in rows:
         print(json.dumps(row))
+    append_rows(rows, args.json)
 
 
 if __name__ == "__main__":

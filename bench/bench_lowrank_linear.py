@@ -1,11 +1,11 @@
 """Low-rank vs dense linear layers: forward+backward and a full training step.
 
-    python bench/bench_low_rank.py                      # CPU fp32, 4096x4096, 2048 tokens, r = 256 and 64
-    python bench/bench_low_rank.py --ranks 256 --repeats 9 --json bench/results/low_rank.json
-    python bench/bench_low_rank.py --threads 1          # steadier on a machine shared with other jobs
-    python bench/bench_low_rank.py --keep-freed-memory  # no page faults for fresh 32 MB outputs (both sides)
-    python bench/bench_low_rank.py --balanced           # steady state: low-rank timed in blocks of back-to-back calls
-    pytest bench/bench_low_rank.py --benchmark-only     # small-shape microbenchmarks
+    python bench/bench_lowrank_linear.py                      # CPU fp32, 4096x4096, 2048 tokens, r = 256 and 64
+    python bench/bench_lowrank_linear.py --ranks 256 --repeats 9 --json bench/results/lowrank_linear.jsonl
+    python bench/bench_lowrank_linear.py --threads 1          # steadier on a machine shared with other jobs
+    python bench/bench_lowrank_linear.py --keep-freed-memory  # no page faults for fresh 32 MB outputs (both sides)
+    python bench/bench_lowrank_linear.py --balanced           # steady state: low-rank timed in blocks of calls
+    python -m pytest bench/bench_lowrank_linear.py -p no:cacheprovider --benchmark-only   # small-shape microbenchmarks
 
 Rows (each timed in the same process as its dense baseline, alternating, ratio =
 median over repeats of dense_ms / lowrank_ms for the pair measured back to back;
@@ -19,10 +19,12 @@ fill about one dense call's wall time, fields ``*_calls_per_sample``):
 * ``step``: dense fwd+bwd + ``torch.optim.SGD.step`` vs ``LowRankLinear`` fwd+bwd +
   ``DLRT.step`` (K/L/S updates, two QRs, SVD of the 2r x 2r matrix, truncation),
   with tol=0 and rmax=r so the rank stays r and every step does the full work.
+
+Rows are printed as a table and as JSON lines (``--json`` appends them to a file).
 """
 import argparse
+import json
 import os
-import sys
 
 # Huge pages for torch's large CPU allocations, on both sides, as in bench_bsr_linear.py:
 # every fresh 32 MB output is otherwise page-faulted in 4 KB at a time. torch reads this
@@ -33,9 +35,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
-from timing import compare, device_name, emit_rows, fwd_bwd, versions  # noqa: E402  (bench/timing.py)
+from timing import TIMER_HELP, Timer, append_rows, compare, environment, fwd_bwd, header, kernel_path  # noqa: E402
 
 
 def keep_freed_memory():
@@ -82,29 +83,29 @@ def _dlrt_step(layer, x, dy, lr, rank):
     return run
 
 
-def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases, balanced=False):
+def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases, measure, context, balanced=False):
     torch.manual_seed(0)
     factory = dict(device=device, dtype=dtype)
     x = torch.randn(tokens, in_features, **factory, requires_grad=True)
     dy = torch.randn(tokens, out_features, **factory)
     dense = nn.Linear(in_features, out_features, **factory)
-    base = dict(device=device_name(device), dtype=str(dtype).replace("torch.", ""), tokens=tokens,
-                in_features=in_features, out_features=out_features, **versions())
+    base = dict(context, dtype=str(dtype).replace("torch.", ""), tokens=tokens, in_features=in_features,
+                out_features=out_features)
     rows = []
     for rank in ranks:
         row = dict(base, rank=rank, params_vs_dense=rank * (in_features + out_features + rank)
                    / (in_features * out_features))
         layer = sk.LowRankLinear(in_features, out_features, rank, **factory)
         if "fwd+bwd" in cases:
-            rows.append(compare("fwd+bwd", fwd_bwd(dense, x, dy), fwd_bwd(layer, x, dy), repeats, device, row,
+            rows.append(compare("fwd+bwd", fwd_bwd(dense, x, dy), fwd_bwd(layer, x, dy), repeats, measure, row,
                                 sparse_key="lowrank_ms", balanced=balanced))
         if "unfused" in cases:
             rows.append(compare("fwd+bwd unfused", fwd_bwd(dense, x, dy), _unfused(layer, x, dy),
-                                repeats, device, row, sparse_key="lowrank_ms", balanced=balanced))
+                                repeats, measure, row, sparse_key="lowrank_ms", balanced=balanced))
         if "step" in cases:
             # Tiny lr: the factors stay well-scaled however many steps are timed.
             rows.append(compare("step", _dense_step(dense, x, dy, 1e-6), _dlrt_step(layer, x, dy, 1e-6, rank),
-                                repeats, device, row, sparse_key="lowrank_ms", balanced=balanced))
+                                repeats, measure, row, sparse_key="lowrank_ms", balanced=balanced))
         layer.kl_grads = False
     return rows
 
@@ -126,23 +127,30 @@ def main(argv=None):
     parser.add_argument("--balanced", action="store_true",
                         help="time the low-rank side in blocks of back-to-back calls as long as one dense call "
                              "(steady state, as in training; default: one call per sample)")
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--timer", choices=("wall", "cpu", "thread"), default="wall", help=TIMER_HELP)
+    parser.add_argument("--json", help="append the JSON rows to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory and not keep_freed_memory():
         raise SystemExit("mallopt refused the thresholds")
-    rows = run(args.tokens, args.in_features, args.out_features, args.ranks, args.repeats,
-               getattr(torch, args.dtype), torch.device(args.device), args.cases, args.balanced)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    env, path = environment(device), kernel_path("lowrank_forward", device, dtype)
+    print(f"# {header(env, path)}, {args.dtype}, median of {args.repeats} alternating rounds, {args.timer} time"
+          f"{', balanced' if args.balanced else ''}")
+    rows = run(args.tokens, args.in_features, args.out_features, args.ranks, args.repeats, dtype, device,
+               args.cases, Timer(args.timer, device), {"bench": "lowrank_linear", **env, **path}, args.balanced)
     rows = [dict(r, keep_freed_memory=args.keep_freed_memory, balanced=args.balanced) for r in rows]
     print(f"{'case':<16} {'rank':>5} {'dense ms':>10} {'lowrank ms':>11} {'ratio':>7}")
     for r in rows:
         print(f"{r['case']:<16} {r['rank']:>5} {r['dense_ms']:>10.1f} {r['lowrank_ms']:>11.1f} {r['ratio']:>6.2f}x")
-    emit_rows(rows, args.json)
+    for r in rows:
+        print(json.dumps(r))
+    append_rows(rows, args.json)
 
 
-# pytest-benchmark microbenchmarks (small shapes; `pytest bench/bench_low_rank.py --benchmark-only`).
-def test_bench_low_rank_fwd_bwd(benchmark):
+# pytest-benchmark microbenchmarks (small shapes; the command is in the module docstring).
+def test_bench_lowrank_fwd_bwd(benchmark):
     layer = sk.LowRankLinear(512, 512, 32)
     x = torch.randn(256, 512, requires_grad=True)
     benchmark(fwd_bwd(layer, x, torch.randn(256, 512)))

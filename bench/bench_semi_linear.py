@@ -3,8 +3,8 @@
     python bench/bench_semi_linear.py                     # CPU fp32: 2048 tokens, 4096 -> 4096
     python bench/bench_semi_linear.py --device cuda --dtype bfloat16 \\
         --shapes 13008,1024,4096 13008,4096,1024          # the GPU shapes (ViT-L MLP, batch 13008 tokens)
-    python bench/bench_semi_linear.py --json bench/results/semi_linear.json
-    pytest bench/bench_semi_linear.py --benchmark-only    # small-shape microbenchmarks
+    python bench/bench_semi_linear.py --timer thread --threads 1 --json bench/results/semi_linear.jsonl
+    python -m pytest bench/bench_semi_linear.py -p no:cacheprovider --benchmark-only   # small-shape microbenchmarks
 
 Shapes are ``tokens,in_features,out_features``. Rows (each timed in the same
 process as its dense baseline, alternating, ratio = median over repeats of
@@ -18,10 +18,12 @@ dense_ms / sparse_ms for the pair measured back to back):
   dense straight-through dW.
 * ``prune``: one prune+compress (transposable, W and Wᵀ) of the weight; its
   ``ratio`` is prune_ms / dense forward ms (the fraction of a matmul it costs).
+
+Rows are printed as a table and as JSON lines (``--json`` appends them to a file).
 """
 import argparse
+import json
 import os
-import sys
 
 # Huge pages for torch's large CPU allocations, on both sides, as in bench_bsr_linear.py:
 # every fresh 32 MB output is otherwise page-faulted in 4 KB at a time. torch reads this
@@ -31,10 +33,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sparsekern as sk  # noqa: E402
-from timing import compare, device_name, emit_rows, fwd_bwd, versions  # noqa: E402  (bench/timing.py)
-from sparsekern.kernels import select_kernel  # noqa: E402
+from timing import TIMER_HELP, Timer, append_rows, compare, environment, fwd_bwd, header, kernel_path  # noqa: E402
 
 CASES = ("fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune")
 
@@ -47,11 +47,11 @@ def _forward(layer, x):
 
 
 def _prune(weight):
-    _, fn = select_kernel("semi_prune_compress", weight.device, weight.dtype)
+    _, fn = sk.kernels.select_kernel("semi_prune_compress", weight.device, weight.dtype)
     return lambda: fn(weight, True)
 
 
-def run(shapes, repeats, dtype, device, cases):
+def run(shapes, repeats, dtype, device, cases, measure, context):
     rows = []
     for tokens, in_features, out_features in shapes:
         torch.manual_seed(0)
@@ -59,8 +59,8 @@ def run(shapes, repeats, dtype, device, cases):
         x = torch.randn(tokens, in_features, **factory, requires_grad=True)
         dy = torch.randn(tokens, out_features, **factory)
         dense = nn.Linear(in_features, out_features, **factory)
-        row = dict(device=device_name(device), dtype=str(dtype).replace("torch.", ""), tokens=tokens,
-                   in_features=in_features, out_features=out_features, sparsity="2:4", **versions())
+        row = dict(context, dtype=str(dtype).replace("torch.", ""), tokens=tokens, in_features=in_features,
+                   out_features=out_features, sparsity="2:4")
         layers = {
             "fwd": lambda: sk.SemiSparseLinear.from_dense(dense),
             "fwd+bwd static": lambda: sk.SemiSparseLinear.from_dense(dense),
@@ -69,13 +69,13 @@ def run(shapes, repeats, dtype, device, cases):
         }
         for case in cases:
             if case == "prune":
-                rows.append(compare(case, _forward(dense, x), _prune(dense.weight.detach()), repeats, device,
+                rows.append(compare(case, _forward(dense, x), _prune(dense.weight.detach()), repeats, measure,
                                     row, as_fraction=True))
             elif case == "fwd":
-                rows.append(compare(case, _forward(dense, x), _forward(layers[case](), x), repeats, device, row))
+                rows.append(compare(case, _forward(dense, x), _forward(layers[case](), x), repeats, measure, row))
             else:
                 rows.append(compare(case, fwd_bwd(dense, x, dy), fwd_bwd(layers[case](), x, dy), repeats,
-                                    device, row))
+                                    measure, row))
     return rows
 
 
@@ -93,18 +93,28 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--timer", choices=("wall", "cpu", "thread"), default="wall", help=TIMER_HELP)
+    parser.add_argument("--json", help="append the JSON rows to this file")
     args = parser.parse_args(argv)
-    rows = run(args.shapes, args.repeats, getattr(torch, args.dtype), torch.device(args.device), args.cases)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    env, path = environment(device), kernel_path("semi_forward", device, dtype)
+    print(f"# {header(env, path)}, {args.dtype}, median of {args.repeats} alternating rounds, {args.timer} time")
+    rows = run(args.shapes, args.repeats, dtype, device, args.cases, Timer(args.timer, device),
+               {"bench": "semi_linear", **env, **path})
     print(f"{'case':<24} {'shape (tokens,in,out)':>22} {'dense ms':>10} {'2:4 ms':>9} {'ratio':>7}")
     for r in rows:
         shape = f"{r['tokens']},{r['in_features']},{r['out_features']}"
         ratio = f"{r['ratio']:.3f} of fwd" if r["case"] == "prune" else f"{r['ratio']:.2f}x"
         print(f"{r['case']:<24} {shape:>22} {r['dense_ms']:>10.1f} {r['sparse_ms']:>9.1f} {ratio:>7}")
-    emit_rows(rows, args.json)
+    for r in rows:
+        print(json.dumps(r))
+    append_rows(rows, args.json)
 
 
-# pytest-benchmark microbenchmarks (small shapes; `pytest bench/bench_semi_linear.py --benchmark-only`).
+# pytest-benchmark microbenchmarks (small shapes; the command is in the module docstring).
 def test_bench_semi_linear_fwd_bwd(benchmark):
     layer = sk.SemiSparseLinear(512, 512)
     x = torch.randn(256, 512, requires_grad=True)

@@ -20,19 +20,17 @@ Writes bench/results/dlrt.{json,md}.
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import datasets
+import sparsekern as sk
+from timing import environment, header, kernel_path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-import datasets  # noqa: E402
-import sparsekern as sk  # noqa: E402
 
 HIDDEN = (500, 500)
 EPOCHS = {"mnist5k": 20, "fashion-mnist": 2, "synthetic": 3}
@@ -79,11 +77,9 @@ def count_params(net):
     return sum(p.numel() for p in net.parameters())
 
 
-def run(name, thetas, epochs, batch, lr, rank, optimizer):
+def run(name, thetas, epochs, batch, lr, rank, optimizer, env):
     data = datasets.load(name)
-    rows, base = [], dict(dataset=name, epochs=epochs, batch=batch, lr=lr, optimizer=optimizer,
-                          torch=torch.__version__, threads=torch.get_num_threads(),
-                          device=f"cpu ({platform.machine()}, {os.cpu_count()} cores)")
+    rows, base = [], dict(env, dataset=name, epochs=epochs, batch=batch, lr=lr, optimizer=optimizer)
     dense = make_net(data.train_x.shape[1], data.num_classes)
     dense_params = count_params(dense)
     seconds = train(dense, data, epochs, batch, lr, optimizer=optimizer)
@@ -126,10 +122,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    env, path = environment(), kernel_path("lowrank_forward", torch.device("cpu"), torch.float32)
+    print(f"# {header(env, path)}")
     rows = []
     for name in args.datasets:
         epochs = getattr(args, f"epochs_{name.replace('-', '_')}")
-        rows += run(name, args.thetas, epochs, args.batch, args.lr, args.rank, args.optimizer)
+        rows += run(name, args.thetas, epochs, args.batch, args.lr, args.rank, args.optimizer, {**env, **path})
     table = markdown(rows)
     print(table)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -43,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import datasets  # noqa: E402  (bench/datasets.py: this script's folder is on sys.path)
-import sparsekern as sk  # noqa: E402
-from sparsekern.methods import (DissipatingGradients, apply_masks, freeze, iterative_magnitude_pruning,  # noqa: E402
-                                k_starts, linear_weights)
+import datasets
+import sparsekern as sk
+import timing
+from sparsekern.methods import (DissipatingGradients, apply_masks, freeze, iterative_magnitude_pruning, k_starts,
+                                linear_weights)
 
 METHODS = ("dense", "random", "erk", "magnitude", "magnitude-erk", "snip", "grasp", "synflow", "kstarts", "dissipating",
            "kstarts+dissipating", "imp", "freezing")
@@ -213,9 +212,8 @@ def _max_rss_mb():
 
 
 def environment():
-    x = torch.empty(1)
-    return dict(device=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch=torch.__version__,
-                backend=sk.kernels.select_kernel("bsr_forward", x.device, x.dtype)[0], dtype="float32")
+    return dict(timing.environment(), **timing.kernel_path("bsr_forward", torch.device("cpu"), torch.float32),
+                dtype="float32")
 
 
 def run_all(args):
@@ -223,6 +221,7 @@ def run_all(args):
     jobs = [("dense", 1.0)] + [(m, d) for d in args.densities for m in METHODS if m not in ("dense", "imp")]
     jobs.append(("imp", min(args.densities)))
     rows, env = [], environment()
+    print(f"# {timing.header(env, env)}")
     jobs = [(m, d) for m, d in jobs if not args.methods or m in args.methods]
     for method, density in jobs:
         cmd = [sys.executable, os.path.abspath(__file__), "--run-one", method, "--density", str(density)]
@@ -318,41 +317,49 @@ def plot(rows, path):
     print(f"wrote {path}")
 
 
-def timing(args):
-    """Dense vs sparse training steps on real batches, alternating in one process; median step ratios."""
+def _train_step(model, opt, x, y, batch):
+    """A callable: one training step, on the next batch of (x, y) at each call."""
+    step = iter(range(10 ** 9))
+
+    def run():
+        start = next(step) * batch % (len(x) - batch)
+        loss = F.cross_entropy(model(x[start:start + batch]), y[start:start + batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
+def step_times(args):
+    """Dense vs sparse training steps on real batches, alternating in one process (bench/timing.py):
+    median step times and the median of the per-round ratios to dense."""
     x, y = load_fashion_mnist()[:2]
     models = {"dense": make_model(),
               "erk": sk.sparsify(make_model(), density=0.1, method="erk", block_size=args.block_size),
               "uniform": sk.sparsify(make_model(), density=0.1, method="uniform", block_size=args.block_size),
               "freezing": freeze(make_model(), density=0.1, block_size=args.block_size),
-              # Unstructured = 1x1 blocks: exact, but no faster than dense (much slower): timed on 5 steps only.
               "unstructured": sk.sparsify(make_model(), density=0.1, method="uniform", block_size=1)}
     make_opt = (lambda ps: torch.optim.Adam(ps, lr=args.lr)) if args.optimizer == "adam" else (
         lambda ps: torch.optim.SGD(ps, lr=args.lr, momentum=0.9))
-    opts = {k: make_opt(m.parameters()) for k, m in models.items()}
-    times = {k: [] for k in models}
-    for step in range(args.timing_steps):
-        idx = slice(step * args.batch_size % 59904, step * args.batch_size % 59904 + args.batch_size)
-        for name, model in models.items():
-            if name == "unstructured" and step >= 8:
-                continue
-            begin = time.perf_counter()
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opts[name].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[name].step()
-            if step >= 3:  # warm-up steps (first packing, thread pools) are not timed
-                times[name].append(time.perf_counter() - begin)
+    steps = {k: _train_step(m, make_opt(m.parameters()), x, y, args.batch_size) for k, m in models.items()}
+    # Unstructured = 1x1 blocks: exact, but much slower than dense: timed in the first 5 rounds only.
+    measure = timing.Timer()
+    times, _ = timing.alternate(steps, 5, measure)
+    rest = {k: fn for k, fn in steps.items() if k != "unstructured"}
+    for name, ms in timing.alternate(rest, args.timing_steps - 5, measure)[0].items():
+        times[name] += ms
     steps_per_epoch = math.ceil(60000 / args.batch_size)
-    dense = statistics.median(times["dense"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(json.dumps({**environment(), "model": name, "density": 0.1 if name != "dense" else 1.0,
-                          "block_size": 1 if name == "unstructured" else args.block_size, "batch": args.batch_size, "median_step_ms": round(1e3 * med, 2),
-                          "epoch_s_estimate": round(med * steps_per_epoch, 1), "speedup_vs_dense": round(dense / med, 2)}))
+    env = environment()
+    print(f"# {timing.header(env, env)}")
+    for name, ms in times.items():
+        med = statistics.median(ms)
+        print(json.dumps({**env, "model": name, "density": 0.1 if name != "dense" else 1.0,
+                          "block_size": 1 if name == "unstructured" else args.block_size, "batch": args.batch_size,
+                          "median_step_ms": round(med, 2), "epoch_s_estimate": round(med * steps_per_epoch / 1e3, 1),
+                          "speedup_vs_dense": round(timing.median_ratio(times["dense"], ms), 2)}))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.05, 0.02])
     p.add_argument("--methods", nargs="*", help="subset of rows to run (default: all)")
@@ -370,14 +377,14 @@ def main():
     p.add_argument("--run-one", metavar="METHOD")
     p.add_argument("--density", type=float)
     p.add_argument("--timing", action="store_true")
-    p.add_argument("--timing-steps", type=int, default=30)
+    p.add_argument("--timing-steps", type=int, default=30, help="alternating rounds (at least 5)")
     p.add_argument("--from-json", nargs="+", metavar="FILE", help="only rebuild table and plot from result files")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.from_json:
         merge(args.from_json, args.out)
     elif args.timing:
-        timing(args)
+        step_times(args)
     elif args.run_one:
         rows = run_one(args.run_one, args.density, args)
         peak = _max_rss_mb()

@@ -1,6 +1,12 @@
-"""Shared helpers of the layer benchmarks: environment fields of the JSON rows, one timed call,
-peak memory of a run, and printing/writing the rows."""
+"""What every benchmark shares: the machine and kernel path named in its header and JSON rows,
+alternating same-process timing of a baseline against a candidate, peak memory, writing rows.
+
+Timing protocol: one untimed warm-up call of every callable, then rounds that time each callable
+once, in a fixed order, so both sides see the same machine state (a busy neighbour, thermal
+drift); a ratio is the median over rounds of the per-round ratios.
+"""
 import ctypes
+import functools
 import gc
 import json
 import os
@@ -10,17 +16,151 @@ import time
 
 import torch
 
+import sparsekern as sk
 
-def versions():
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}
+TIMER_HELP = ("wall clock; or CPU time of the process (cpu) or of the calling thread (thread, needs --threads 1): "
+              "robust on a shared, busy machine")
+
+
+# ------------------------------------------------------------------ environment
+
+def _cpuinfo(field):
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == field:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model():
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    """Which of the ISA extensions that decide the microkernels this CPU has."""
+    present = set((_cpuinfo("flags") or "").split())
+    return {flag: flag in present for flag in ISA_FLAGS}
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+@functools.cache
+def _triton_version():
     try:
         import triton
-        triton_version = triton.__version__
     except ImportError:
-        triton_version = None
-    return dict(torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads(),
+        return None
+    return triton.__version__
+
+
+def environment(device=torch.device("cpu")):
+    """The machine and software fields of every JSON row (read when called: threads may have been set)."""
+    return dict(device=device_name(device), cpu=cpu_model(), cpu_cores=os.cpu_count(), cpu_flags=cpu_flags(),
+                threads=torch.get_num_threads(), torch=torch.__version__, triton=_triton_version(),
                 thp_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"))
 
 
+def kernel_path(product, device, dtype):
+    """The backend the registry picks for ``product`` (a forced ``sk.use_backend`` included) and, on
+    CPU, the ISA of the compiled family's microkernel ("unavailable" when it is not built)."""
+    backend = sk.kernels.select_kernel(product, device, dtype)[0]
+    isa = None
+    if device.type == "cpu":
+        extension = sk._extension.load_extension(product.split("_")[0])  # bsr_* -> _C_bsr, ...
+        isa = "unavailable" if extension is None else getattr(extension, "isa", lambda: None)()
+    return {"backend": backend, "isa": isa}
+
+
+def header(env, path):
+    """The first header line: device, CPU model and ISA flags, versions, threads, kernel path."""
+    have = " ".join(f for f, on in env["cpu_flags"].items() if on)
+    lack = " ".join(f for f, on in env["cpu_flags"].items() if not on)
+    flags = " ".join(filter(None, [have, lack and (f"(no {lack})" if have else f"no {lack}")]))
+    host = f" (host {env['cpu']})" if env["device"] != env["cpu"] else ""
+    text = (f"{env['device']}{host}, {flags}, torch {env['torch']}, {env['threads']} threads, "
+            f"backend {path['backend']}")
+    return text + (f", microkernel {path['isa']}" if path.get("isa") else "")
+
+
+# ------------------------------------------------------------------ timing
+
+class Timer:
+    """Milliseconds of one call on the ``clock`` of CLOCKS, the device synchronised around it."""
+
+    def __init__(self, clock="wall", device=torch.device("cpu")):
+        if clock == "thread" and torch.get_num_threads() != 1:
+            raise SystemExit("the thread timer measures the calling thread only: use it with --threads 1")
+        self.name, self._clock, self._device = clock, CLOCKS[clock], device
+
+    def _sync(self):
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    def __call__(self, fn):
+        self._sync()
+        start = self._clock()
+        fn()
+        self._sync()
+        return (self._clock() - start) * 1e3
+
+
+def alternate(fns, rounds, measure, *, balanced=False):
+    """Time the callables ``fns`` ({name: fn}) in turn, ``rounds`` times, after one untimed
+    warm-up call of each: ({name: [ms per round]}, {name: calls per sample}).
+
+    ``measure(fn)`` returns the ms of ``fn`` (a Timer, or e.g. triton's do_bench). ``balanced``:
+    a sample is the mean of k back-to-back calls, k chosen from one timed call so that every
+    sample takes about as long as one call of the slowest (as a training loop runs a layer,
+    step after step). Otherwise a fast callable's sample also carries what a long call of the
+    previous one left behind (cold caches, memory the system hands out again)."""
+    for fn in fns.values():
+        fn()
+    calls = dict.fromkeys(fns, 1)
+    if balanced:
+        once = {name: measure(fn) for name, fn in fns.items()}
+        calls = {name: max(1, round(max(once.values()) / ms)) for name, ms in once.items()}
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(sum(measure(fn) for _ in range(calls[name])) / calls[name])
+    return samples, calls
+
+
+def median_ratio(numerators, denominators):
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
+def compare(name, dense_fn, sparse_fn, repeats, measure, row, *, sparse_key="sparse_ms", as_fraction=False,
+            balanced=False):
+    """``row`` with the case ``name``: median times of the dense and sparse callables, timed
+    alternately, and the median of the per-round ratios dense / sparse (sparse / dense with
+    ``as_fraction``)."""
+    samples, calls = alternate({"dense": dense_fn, "sparse": sparse_fn}, repeats, measure, balanced=balanced)
+    dense, sparse = samples["dense"], samples["sparse"]
+    return dict(row, case=name, dense_ms=statistics.median(dense), **{sparse_key: statistics.median(sparse)},
+                ratio=median_ratio(sparse, dense) if as_fraction else median_ratio(dense, sparse),
+                repeats=repeats, timer=getattr(measure, "name", None), dense_calls_per_sample=calls["dense"],
+                sparse_calls_per_sample=calls["sparse"])
+
+
+def fwd_bwd(layer, x, dy):
+    """A callable: y = layer(x); y.backward(dy), the gradients of layer and x cleared first."""
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(dy)
+    return run
+
+
+# ------------------------------------------------------------------ memory
 
 class PeakMemory:
     """Peak resident memory of a block of work, above the resident memory at its start (MiB).
@@ -66,67 +206,14 @@ class PeakMemory:
         return False
 
 
-def fwd_bwd(layer, x, dy):
-    """A timed callable: y = layer(x); y.backward(dy), gradients of layer and x cleared first."""
-    def run():
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        layer(x).backward(dy)
-    return run
+# ------------------------------------------------------------------ rows
 
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    """Wall-clock milliseconds of ``fn()``, the device synchronised before and after."""
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3
-
-
-def compare(name, dense_fn, sparse_fn, repeats, device, row, *, sparse_key="sparse_ms", as_fraction=False,
-            balanced=False):
-    """Alternate dense and sparse runs (after one warm-up each): a row with median times and the
-    median of the per-pair ratios (dense / sparse, or sparse / dense with ``as_fraction``).
-
-    ``balanced``: each sample of the faster side is the mean of k back-to-back calls, k chosen
-    from the warm-up so that both sides' samples take about the same wall time (as a training
-    loop runs a layer: step after step). Otherwise every sample is one call, right after one
-    call of the other side, so a fast side's sample also carries what a long call of the
-    other side left behind (cold caches, memory the system has to hand out again)."""
-    dense_fn(), sparse_fn()
-    dense_calls = sparse_calls = 1
-    if balanced:
-        d, s = timed(dense_fn, device), timed(sparse_fn, device)
-        dense_calls, sparse_calls = max(1, round(s / d)), max(1, round(d / s))
-    dense_ms, sparse_ms, ratios = [], [], []
-    for _ in range(repeats):
-        d = sum(timed(dense_fn, device) for _ in range(dense_calls)) / dense_calls
-        s = sum(timed(sparse_fn, device) for _ in range(sparse_calls)) / sparse_calls
-        dense_ms.append(d)
-        sparse_ms.append(s)
-        ratios.append(s / d if as_fraction else d / s)
-    return dict(row, case=name, dense_ms=statistics.median(dense_ms), **{sparse_key: statistics.median(sparse_ms)},
-                ratio=statistics.median(ratios), repeats=repeats, dense_calls_per_sample=dense_calls,
-                sparse_calls_per_sample=sparse_calls)
-
-
-def emit_rows(rows, path):
-    """Print the rows as JSON lines and, if ``path`` is given, also write them there as a JSON list."""
-    for r in rows:
-        print(json.dumps(r))
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
+def append_rows(rows, path):
+    """Append the rows to ``path`` as JSON lines (nothing if ``path`` is empty)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"# {len(rows)} JSON rows appended to {path}")
