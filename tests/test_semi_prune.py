@@ -94,3 +94,14 @@ def test_bad_shapes_name_the_shape(shape, transposable):
 def test_non_tensor_is_type_error():
     with pytest.raises(TypeError):
         sk.prune_2to4([[1.0, 2.0, 3.0, 4.0]])
+
+
+@pytest.mark.parametrize("transposable", [False, True])
+def test_nan_weights_still_keep_exactly_two_per_group(transposable):
+    weight = torch.tensor([[float("nan"), 1.0, 2.0, 3.0, float("nan"), float("nan"), 5.0, float("nan")]] * 4)
+    mask = sk.prune_2to4(weight, transposable=transposable)
+    assert mask.view(4, 2, 4).sum(-1).eq(2).all()
+    if transposable:
+        assert mask.T.reshape(8, 1, 4).sum(-1).eq(2).all()
+    else:
+        assert not mask[:, 0].any()  # a NaN ranks below every number

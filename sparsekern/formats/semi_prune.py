@@ -10,6 +10,7 @@ them is one (tiles, 16) x (16, 90) matmul, and the argmax is the optimal tile
 mask: it keeps at least as much magnitude as any greedy largest-first choice.
 """
 import itertools
+import math
 
 import torch
 
@@ -51,7 +52,8 @@ def prune_2to4(weight, transposable=False):
         raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
     check_2to4_shape(weight.shape, transposable)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    magnitude = weight.detach().to(dtype).abs()
+    # A NaN ranks below every number (and NaNs tie), so every group still keeps exactly two.
+    magnitude = weight.detach().to(dtype).abs().nan_to_num(nan=-1.0, posinf=math.inf)
     rows, cols = weight.shape
     if not transposable:
         # Rank of each entry in its group = how many beat it (larger, or equal and earlier);

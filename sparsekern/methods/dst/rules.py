@@ -43,15 +43,20 @@ def n_to_drop(active, drop_fraction):
 
 
 def _smallest(score, eligible, k):
-    """Flat indices of the k smallest ``score`` among ``eligible`` (ties: lower index first)."""
-    score = torch.where(eligible, score.double(), torch.full_like(score, math.inf, dtype=torch.float64))
-    return torch.sort(score, stable=True).indices[:k]
+    """Flat indices of the k smallest ``score`` among ``eligible`` (ties: lower index first).
+
+    Only eligible entries are ranked, so a NaN score can never pull an ineligible entry in
+    (NaN ranks last here)."""
+    where = eligible.reshape(-1).nonzero().squeeze(1)
+    return where[torch.sort(score.reshape(-1)[where].double(), stable=True).indices[:k]]
 
 
 def _largest(score, eligible, k):
-    """Flat indices of the k largest ``score`` among ``eligible`` (ties: lower index first)."""
-    score = torch.where(eligible, score.double(), torch.full_like(score, -math.inf, dtype=torch.float64))
-    return torch.sort(score, descending=True, stable=True).indices[:k]
+    """Flat indices of the k largest ``score`` among ``eligible`` (ties: lower index first; NaN
+    ranks last)."""
+    where = eligible.reshape(-1).nonzero().squeeze(1)
+    values = score.reshape(-1)[where].double().nan_to_num(nan=-math.inf)
+    return where[torch.sort(values, descending=True, stable=True).indices[:k]]
 
 
 def drop_and_grow(mask, drop_score, grow_score, n_drop, n_grow):
@@ -124,7 +129,8 @@ def set_new_mask(weight, mask, drop_fraction, generator=None):
 def allocate(total, weights, capacity):
     """Split the integer ``total`` over layers proportionally to ``weights``, at most
     ``capacity[i]`` each; what a full layer cannot take goes to the others
-    (water-filling), remainders by largest fraction then lower index.
+    (water-filling), remainders by largest fraction then lower index. A weight that is not a
+    finite number (NaN momentum) counts as 0.
 
     Returns a list of ints summing to min(total, sum(capacity)).
     """
@@ -133,7 +139,7 @@ def allocate(total, weights, capacity):
     left = min(int(total), sum(capacity))
     open_ = [i for i in range(n) if capacity[i] > 0]
     while left > 0 and open_:
-        w = [max(float(weights[i]), 0.0) for i in open_]
+        w = [max(float(weights[i]), 0.0) if math.isfinite(float(weights[i])) else 0.0 for i in open_]
         if sum(w) == 0:
             w = [1.0] * len(open_)
         share = [left * wi / sum(w) for wi in w]

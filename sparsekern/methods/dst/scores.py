@@ -68,7 +68,7 @@ def gram_cheaper(layer, n):
 def _column_grams(a, width):
     """(N, K*width) -> (K, N*N): the Gram matrix of every group of ``width`` columns, flattened."""
     n = a.shape[0]
-    groups = a.view(n, -1, width).transpose(0, 1)
+    groups = a.view(n, a.shape[1] // width, width).transpose(0, 1)  # explicit count: n may be 0
     return torch.bmm(groups, groups.transpose(1, 2)).reshape(groups.shape[0], n * n)
 
 
