@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -166,3 +168,35 @@ class TestBadArguments:
         layer = sk.SparseLinear(32, 32, block_size=16)
         with pytest.raises(ValueError, match=r"\(3, 3\).*\(2, 2\)"):
             layer.set_block_mask(torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_a_checkpoint_of_another_feature_count_is_refused():
+    padded_alike = sk.SparseLinear(60, 32), sk.SparseLinear(50, 32)  # same padded storage (32, 64)
+    with pytest.raises(RuntimeError, match=r"size mismatch.*\(32, 60\).*\(32, 50\)"):
+        padded_alike[1].load_state_dict(padded_alike[0].state_dict())
+    buffer = io.BytesIO()
+    torch.save(padded_alike[0].state_dict(), buffer)
+    buffer.seek(0)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        padded_alike[1].load_state_dict(torch.load(buffer))
+    padded_alike[1].load_state_dict(sk.SparseLinear(50, 32).state_dict())
+
+
+def test_a_0d_input_gets_a_clear_error():
+    with pytest.raises(ValueError, match=r"input has shape \(\), expected last dim"):
+        sk.SparseLinear(8, 4, block_size=4)(torch.tensor(1.0))
+
+
+def test_padded_output_is_contiguous_like_nn_linear():
+    layer = sk.SparseLinear(50, 40, block_size=32)
+    y = layer(torch.randn(3, 50))
+    assert y.is_contiguous() and y.view(-1).shape == (120,)
+    layer_no_bias = sk.SparseLinear(50, 40, bias=False, block_size=32)
+    assert layer_no_bias(torch.randn(2, 3, 50)).is_contiguous()
+
+
+def test_a_non_contiguous_bias_is_accepted():
+    weight = sk.BlockSparseMatrix.from_dense(torch.randn(32, 48, dtype=torch.float64), 16)
+    bias = torch.randn(64, dtype=torch.float64)[::2]
+    x = torch.randn(5, 48, dtype=torch.float64)
+    torch.testing.assert_close(sk.ops.bsr_linear(x, weight, bias), x @ weight.to_dense().T + bias)

@@ -249,3 +249,12 @@ def test_torch_compile_traces_without_graph_breaks(kl_grads):
         x.grad = None
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
+
+
+def test_a_non_contiguous_bias_is_accepted_and_a_0d_input_refused():
+    g = torch.Generator().manual_seed(0)
+    U, S, V = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((8, 2), (2, 2), (6, 2)))
+    x, bias = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)[::2]
+    torch.testing.assert_close(sk.ops.low_rank_linear(x, U, S, V, bias), x @ (U @ S @ V.T).T + bias)
+    with pytest.raises(ValueError, match=r"input has shape \(\), expected last dim"):
+        sk.LowRankLinear(6, 8, 2)(torch.tensor(1.0))

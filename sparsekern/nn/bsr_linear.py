@@ -13,6 +13,7 @@ from torch import nn
 
 from ..formats.bsr import BlockLayout, BlockSparseMatrix, _as_block_size, carry_blocks, values_to_dense
 from ..ops.bsr_linear import bsr_linear
+from ..ops.checks import check_layer_input
 from .parameter import replace_data_
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -187,18 +188,30 @@ class SparseLinear(nn.Module):
             self.values.data[layout.col_indices == layout.grid[1] - 1, :, bc - pad_cols:] = 0
 
     def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has shape {tuple(x.shape)}, expected last dim {self.in_features}")
+        check_layer_input(x, self.in_features)
         pad_in = self.padded_shape[1] - self.in_features
         if pad_in:
             x = F.pad(x, (0, pad_in))
         if self.padded_shape[0] == self.out_features:
             return bsr_linear(x, self.sparse_weight(), self.bias, grad_probe=self.grad_probe)
         y = bsr_linear(x, self.sparse_weight(), grad_probe=self.grad_probe)[..., :self.out_features]
-        return y if self.bias is None else y + self.bias
+        return y.contiguous() if self.bias is None else y + self.bias  # contiguous, as nn.Linear's
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The padded storage cannot tell 50 from 60 input features: the true shape goes into
+        # the module's state-dict metadata, checked on load.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", {}).get(prefix[:-1])
+        if metadata is not None:
+            metadata["features"] = (self.out_features, self.in_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        saved = local_metadata.get("features")
+        if saved is not None and tuple(saved) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {prefix}values: copying a SparseLinear of (out, in) = "
+                              f"{tuple(saved)} into one of {(self.out_features, self.in_features)}")
+            return
         # Adopt the saved structure first, so a checkpoint whose number of stored
         # blocks differs from ours (after DST/GGR updates) loads into this layer.
         saved_mask = state_dict.get(prefix + "block_mask")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..formats.lowrank import truncation_rank
+from ..ops.checks import check_layer_input
 from ..ops.lowrank_linear import low_rank_linear
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -121,8 +122,7 @@ class LowRankLinear(nn.Module):
                 setattr(self, name, nn.Parameter(value.clone(), requires_grad=param.requires_grad))
 
     def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has shape {tuple(x.shape)}, expected last dim {self.in_features}")
+        check_layer_input(x, self.in_features)
         return low_rank_linear(x, self.U, self.S, self.V, self.bias, kl_grads=self.kl_grads)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

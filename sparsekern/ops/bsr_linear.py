@@ -190,6 +190,7 @@ def bsr_linear(x, weight, bias=None, *, grad_probe=None):
     x2d = x.reshape(-1, k).contiguous()
     values, layout, shape, block = weight.values.contiguous(), _flat(weight.layout), list(weight.shape), \
         list(weight.block_size)
+    bias = None if bias is None else bias.contiguous()
     if grad_probe is None:
         y = _linear(x2d, values, bias, layout, shape, block, _traced_backend())
     else:

@@ -20,3 +20,11 @@ def check_linear_inputs(op, x, weight_shape, weight_dtype, weight_device, bias):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},) for weight of shape {(n, k)}")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise TypeError(f"bias is {bias.dtype} on {bias.device}, expected {x.dtype} on {x.device}")
+
+
+def check_layer_input(x, in_features):
+    """A layer's input: a tensor of at least 1 dim whose last dim is ``in_features``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"input has shape {tuple(x.shape)}, expected last dim {in_features} (and at least 1 dim)")

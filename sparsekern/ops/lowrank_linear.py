@@ -118,5 +118,6 @@ def low_rank_linear(x, U, S, V, bias=None, *, kl_grads=False):
     _check_inputs(x, U, S, V, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, V.shape[0]).contiguous()
+    bias = None if bias is None else bias.contiguous()
     y, _, _ = _forward(x2d, U.contiguous(), S.contiguous(), V.contiguous(), bias, bool(kl_grads), _traced_backend())
     return y.view(*lead, U.shape[0])
