@@ -200,3 +200,17 @@ def test_a_non_contiguous_bias_is_accepted():
     bias = torch.randn(64, dtype=torch.float64)[::2]
     x = torch.randn(5, 48, dtype=torch.float64)
     torch.testing.assert_close(sk.ops.bsr_linear(x, weight, bias), x @ weight.to_dense().T + bias)
+
+
+@pytest.mark.parametrize("same_nnz", [True, False])
+def test_backward_across_a_restructure_is_refused(same_nnz):
+    torch.manual_seed(0)
+    layer = sk.SparseLinear(32, 32, block_size=8, density=0.5)
+    loss = layer(torch.randn(2, 32)).sum()
+    new_mask = layer.block_mask.flip(0) if same_nnz else torch.ones_like(layer.block_mask)
+    layer.set_block_mask(new_mask)
+    with pytest.raises(RuntimeError, match="replaced or modified in place before the backward"):
+        loss.backward()
+    assert layer.values.grad is None
+    layer(torch.randn(2, 32)).sum().backward()  # a fresh forward trains the new structure
+    assert layer.values.grad.shape == layer.values.shape

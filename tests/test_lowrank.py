@@ -258,3 +258,11 @@ def test_a_non_contiguous_bias_is_accepted_and_a_0d_input_refused():
     torch.testing.assert_close(sk.ops.low_rank_linear(x, U, S, V, bias), x @ (U @ S @ V.T).T + bias)
     with pytest.raises(ValueError, match=r"input has shape \(\), expected last dim"):
         sk.LowRankLinear(6, 8, 2)(torch.tensor(1.0))
+
+
+def test_backward_across_new_factors_is_refused():
+    layer = sk.LowRankLinear(6, 8, 2)
+    loss = layer(torch.randn(3, 6)).sum()
+    layer.set_factors(layer.U.detach() * 2, layer.S.detach(), layer.V.detach())
+    with pytest.raises(RuntimeError, match="replaced or modified in place before the backward"):
+        loss.backward()

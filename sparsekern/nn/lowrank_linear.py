@@ -118,6 +118,7 @@ class LowRankLinear(nn.Module):
             if param.shape == value.shape:
                 param.data = value
                 param.grad = None
+                torch.autograd.graph.increment_version(param)  # a pending backward must not use the old factors
             else:
                 setattr(self, name, nn.Parameter(value.clone(), requires_grad=param.requires_grad))
 

@@ -16,3 +16,6 @@ def replace_data_(param, data):
     param.data = data.new_empty(0, dtype=other)
     param.data = data
     param.grad = None
+    # A graph recorded before the swap must not put its gradient on the new structure:
+    # a new version makes its backward refuse (ops.checks.saved_tensors says why).
+    torch.autograd.graph.increment_version(param)

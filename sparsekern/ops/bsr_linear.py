@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..formats.bsr import BlockLayout, BlockSparseMatrix
 from ..kernels import forced_backend, select_kernel
-from .checks import check_linear_inputs
+from .checks import check_linear_inputs, saved_tensors
 
 # The ops below are torch.library custom ops with fake implementations, so
 # torch.compile traces bsr_linear as single graph nodes (no graph break) and the
@@ -103,7 +103,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy):
-    x, values = ctx.saved_tensors
+    x, values = saved_tensors(ctx, "bsr_linear")
     layout, shape, block, backend = ctx.meta
     dy = dy.contiguous()
     needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
@@ -122,7 +122,7 @@ def _setup_probed(ctx, inputs, output):
 
 
 def _backward_probed(ctx, dy):
-    x, values, own_positions = ctx.saved_tensors
+    x, values, own_positions = saved_tensors(ctx, "bsr_linear")
     layout, probe_layout, shape, block, backend = ctx.meta
     dy = dy.contiguous()
     needs_dx, needs_dw, needs_db, needs_probe = ctx.needs_input_grad[:4]

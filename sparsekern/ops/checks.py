@@ -28,3 +28,17 @@ def check_layer_input(x, in_features):
         raise TypeError(f"input must be a tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"input has shape {tuple(x.shape)}, expected last dim {in_features} (and at least 1 dim)")
+
+
+def saved_tensors(ctx, op):
+    """``ctx.saved_tensors``, with the reason spelled out when a weight of the forward was
+    replaced before the backward (restructuring a layer bumps its values' version, so autograd
+    refuses rather than putting the old structure's gradient on the new one)."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as exc:
+        if "modified by an inplace operation" not in str(exc):
+            raise
+        raise RuntimeError(f"{op}: a weight used by this forward was replaced or modified in place before "
+                           "the backward (set_block_mask, set_mask, set_factors or a sparse-training update "
+                           "between forward and backward?); run the backward first") from exc

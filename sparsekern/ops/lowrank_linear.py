@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import forced_backend, select_kernel
+from .checks import saved_tensors
 
 # torch.library custom ops with fake implementations, so torch.compile traces
 # low_rank_linear as graph nodes (no graph break) and the registry dispatches at
@@ -64,7 +65,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _da, _db):
-    x, a, b, U, S, V = ctx.saved_tensors
+    x, a, b, U, S, V = saved_tensors(ctx, "low_rank_linear")
     if dy is None:
         return (None,) * 7
     needs = [bool(n) for n in ctx.needs_input_grad[:4]] + [ctx.has_bias and bool(ctx.needs_input_grad[4])]

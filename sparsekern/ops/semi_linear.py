@@ -19,7 +19,7 @@ from torch import Tensor
 from ..formats.semi import SemiStructuredMatrix
 from ..kernels import forced_backend, select_kernel
 from ..formats.semi_prune import check_2to4_shape
-from .checks import check_linear_inputs
+from .checks import check_linear_inputs, saved_tensors
 
 # torch.library custom ops with fake implementations, as for bsr_linear: torch.compile
 # traces both linears as graph nodes (no graph break) and the registry dispatches at
@@ -131,7 +131,7 @@ def _setup_static(ctx, inputs, output):
 
 
 def _backward_static(ctx, dy):
-    x, values, indices, indices_t, transpose_map = ctx.saved_tensors
+    x, values, indices, indices_t, transpose_map = saved_tensors(ctx, "semi_linear")
     dy = dy.contiguous()
     needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
     dx = _grad_input(dy, values, indices, indices_t, transpose_map, ctx.backend) if needs_dx else None
@@ -149,7 +149,7 @@ def _setup_dynamic(ctx, inputs, output):
 
 
 def _backward_dynamic(ctx, dy, *_compressed_grads):
-    x, values, indices, values_t, indices_t = ctx.saved_tensors
+    x, values, indices, values_t, indices_t = saved_tensors(ctx, "semi_linear_dynamic")
     if dy is None:
         return None, None, None, None, None
     dy = dy.contiguous()
