@@ -236,3 +236,39 @@ def test_svd_failure_falls_back_to_float64(monkeypatch):
     dlrt.step()
     assert calls == [torch.float32, torch.float64] and layer.S.dtype == torch.float32
     torch.testing.assert_close(layer.dense_weight().detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_from_a_checkpoint_is_bit_exact(optimizer, tmp_path):
+    def run(model, dlrt, steps, x):
+        for _ in range(steps):
+            (model(x) - 1).square().mean().backward()
+            dlrt.step()
+            dlrt.zero_grad()
+
+    def fresh(seed=0):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(sk.LowRankLinear(20, 16, 8), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        return model, sk.DLRT(model, 0.05, tol=0.3, optimizer=optimizer)
+
+    x = torch.randn(32, 20, generator=torch.Generator().manual_seed(1))
+    straight, straight_dlrt = fresh()
+    run(straight, straight_dlrt, 12, x)
+
+    first, first_dlrt = fresh()
+    run(first, first_dlrt, 5, x)
+    torch.save({"model": first.state_dict(), "dlrt": first_dlrt.state_dict()}, tmp_path / "ckpt.pt")
+    resumed, resumed_dlrt = fresh(seed=7)  # other initial values and rank history
+    checkpoint = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_dlrt.load_state_dict(checkpoint["dlrt"])
+    run(resumed, resumed_dlrt, 7, x)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_checkpoint_of_another_model_is_refused():
+    model = torch.nn.Sequential(sk.LowRankLinear(20, 16, 8))
+    dlrt = sk.DLRT(model, 0.05, tol=0.3, optimizer="adam")
+    with pytest.raises(ValueError, match="parameter 'missing'"):
+        dlrt.load_state_dict({"steps": 1, "moments": {"params.missing": (torch.zeros(1), torch.zeros(1))}})

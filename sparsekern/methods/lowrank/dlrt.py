@@ -89,6 +89,37 @@ class DLRT:
         for p in self.model.parameters():
             p.grad = None
 
+    def state_dict(self):
+        """The step count and Adam's moments (copies), keyed by layer index and parameter name.
+
+        With the model's own state dict (which holds the factors at their current ranks) this
+        resumes a run bit-exactly."""
+        layer_index = {id(layer): i for i, layer in enumerate(self.layers)}
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        moments = {}
+        for key, (m, v) in self.state.items():
+            name = f"layers.{layer_index[id(key[0])]}.{key[1]}" if isinstance(key, tuple) else f"params.{names[id(key)]}"
+            moments[name] = (m.clone(), v.clone())
+        return {"steps": self.steps, "moments": moments}
+
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict`'s output; load the model's state dict (the factors) first."""
+        params = dict(self.model.named_parameters())
+        restored = {}
+        for name, (m, v) in state["moments"].items():
+            kind, _, rest = name.partition(".")
+            if kind == "layers":
+                index, factor = rest.split(".")
+                if not 0 <= int(index) < len(self.layers):
+                    raise ValueError(f"DLRT state has moments for layer {index}, the model has {len(self.layers)}")
+                key, like = (self.layers[int(index)], factor), self.layers[int(index)].S
+            elif rest in params:
+                key, like = params[rest], params[rest]
+            else:
+                raise ValueError(f"DLRT state has moments for parameter {rest!r}, which the model does not have")
+            restored[key] = (m.to(like.device).clone(), v.to(like.device).clone())
+        self.steps, self.state = int(state["steps"]), restored
+
     @torch.no_grad()
     def step(self):
         """One integrator step on every layer that received gradients, then the other parameters."""
