@@ -287,3 +287,40 @@ def test_auto_score_method_takes_gram_only_where_it_is_cheaper():
     assert not gram_cheaper(sk.SparseLinear(64, 64, block_size=1, density=0.1), 128)
     with pytest.raises(ValueError, match="score_method must be one of"):
         RigL(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), density=0.5, t_end=10, score_method="dense")
+
+
+def _transformer_like_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.normal_(0.0, 0.02)
+            layer.bias.zero_()
+    return sk.sparsify(model, density=0.25, method="erk", block_size=8)
+
+
+@pytest.mark.parametrize("cls", [RigL, SET, GGR, SNFS])
+def test_a_driver_adopts_a_converted_models_structure_values_and_biases(cls):
+    model = _transformer_like_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cls(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.25, delta=2, t_end=10)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_driver_changing_the_density_keeps_biases_and_the_models_scale():
+    model = _transformer_like_model()
+    biases = [layer.bias.detach().clone() for layer in (model[0], model[2])]
+    RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.5, delta=2, t_end=10)
+    for layer, bias in zip((model[0], model[2]), biases):
+        assert torch.equal(layer.bias, bias)
+        assert 0.01 < float(layer.values.detach().std()) < 0.04  # new blocks drawn at the layer's own scale
+
+
+def test_redraw_reinitialises_with_nn_linear_bounds_and_keeps_biases():
+    model = _transformer_like_model()
+    biases = [layer.bias.detach().clone() for layer in (model[0], model[2])]
+    RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.25, delta=2, t_end=10, redraw=True)
+    for layer, bias in zip((model[0], model[2]), biases):
+        assert torch.equal(layer.bias, bias)
+        assert float(layer.values.detach().abs().max()) > 0.05  # U(±1/sqrt(in)), not the std-0.02 init

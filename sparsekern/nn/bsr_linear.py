@@ -72,13 +72,23 @@ class SparseLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """nn.Linear's initialisation (U(±1/sqrt(in_features))) on the stored blocks."""
+        """nn.Linear's initialisation (U(±1/sqrt(in_features))) on the stored blocks and the bias."""
         bound = 1.0 / math.sqrt(self.in_features)
-        with torch.no_grad():
-            self.values.uniform_(-bound, bound)
-            self._zero_padding()
-            if self.bias is not None:
+        self.reset_values(bound)
+        if self.bias is not None:
+            with torch.no_grad():
                 self.bias.uniform_(-bound, bound)
+
+    def reset_values(self, bound=None, blocks=None):
+        """Draw U(±bound) on the stored blocks (nn.Linear's bound 1/sqrt(in_features) by default),
+        or only on the blocks at indices ``blocks``; the bias is left alone."""
+        bound = 1.0 / math.sqrt(self.in_features) if bound is None else float(bound)
+        with torch.no_grad():
+            if blocks is None:
+                self.values.uniform_(-bound, bound)
+            else:
+                self.values[blocks] = torch.empty_like(self.values[blocks]).uniform_(-bound, bound)
+            self._zero_padding()
 
     @classmethod
     def from_dense(cls, linear, *, block_size=32, density=None, block_mask=None):

@@ -80,8 +80,13 @@ class DynamicSparsity:
             DDP wrapper: pass ``ddp.module``).
         optimizer: the optimizer stepping the model's parameters.
         density: global weight density of the SparseLinear layers; they get ERK densities
-            (rounded to whole blocks) and fresh random masks and weights. None keeps the
-            current masks. SemiSparseLinear layers keep their 2:4 mask (density 1/2) either way.
+            (rounded to whole blocks). A layer that already stores that many blocks keeps its
+            structure and values (e.g. a model converted by ``sparsify``); the others get a
+            random mask from ``seed``, surviving blocks keeping their values and new ones drawn
+            at the scale of the layer's values. Biases are never touched. None keeps every
+            current mask. SemiSparseLinear layers keep their 2:4 mask (density 1/2) either way.
+        redraw: draw fresh random masks for every layer and re-initialise their values with
+            nn.Linear's rule (training from scratch, as in the papers), even where they fit.
         delta, alpha, t_end: update every ``delta`` steps while step < ``t_end``,
             dropping ``alpha`` (cosine-annealed, or constant with ``schedule="constant"``).
         seed: seeds the masks and all random choices (identical on every rank).
@@ -94,11 +99,11 @@ class DynamicSparsity:
     needs_scores = False
 
     def __init__(self, model, optimizer, *, density, delta=100, alpha=0.3, t_end, schedule="cosine",
-                 seed=0, process_group=None, score_method="auto"):
+                 seed=0, process_group=None, score_method="auto", redraw=False):
         if score_method not in SCORE_METHODS:
             raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}")
         self.model, self.optimizer = model, optimizer
-        self.score_method = score_method
+        self.score_method, self.redraw = score_method, bool(redraw)
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
         self.semi_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SemiSparseLinear)]
         for name, layer in self.semi_layers:
@@ -125,14 +130,23 @@ class DynamicSparsity:
         shapes = [(layer.out_features, layer.in_features) for _, layer in self.layers]
         for (_, layer), d in zip(self.layers, erk_densities(shapes, density)):
             cells = layer.block_mask.numel()
-            keep = torch.randperm(cells, generator=self.generator)[:int(round(d * cells))]
+            target = int(round(d * cells))
+            if layer.nnz_blocks == target and not self.redraw:
+                continue  # the model's own structure and values already fit: adopt them
+            keep = torch.randperm(cells, generator=self.generator)[:target]
             mask = torch.zeros(cells, dtype=torch.bool)
             mask[keep] = True
             self._init_layer(layer, mask.view(layer.block_mask.shape))
 
     def _init_layer(self, layer, mask):
-        layer.set_block_mask(mask)
-        layer.reset_parameters()
+        """Give ``layer`` the initial structure ``mask``. Surviving blocks keep their values and new
+        blocks are drawn at the scale of the layer's current values (its own initialisation, e.g. a
+        std-0.02 transformer init), unless ``redraw`` asks for nn.Linear's; biases are never touched."""
+        real = layer.dense_weight().detach()
+        std = float(real.float().std()) if real.numel() > 1 and layer.nnz_blocks else 0.0
+        bound = None if self.redraw or not std > 0 else std * 3 ** 0.5  # U(±b) has std b/sqrt(3)
+        slots = layer.restructure(mask.to(layer.block_mask.device))
+        layer.reset_values(bound, blocks=None if self.redraw else (slots < 0).nonzero().squeeze(1))
         self.optimizer.state.pop(layer.values, None)
 
     # -- the step ------------------------------------------------------------
