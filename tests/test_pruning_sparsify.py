@@ -115,3 +115,21 @@ def test_bad_input(kwargs, error, match):
 def test_no_linear():
     with pytest.raises(ValueError, match="no nn.Linear"):
         sk.sparsify(nn.ReLU(), density=0.5)
+
+
+def test_a_layer_used_twice_becomes_one_sparse_layer():
+    linear = nn.Linear(64, 64)
+    model = nn.Sequential(linear, nn.ReLU(), linear)
+    sk.sparsify(model, density=0.5, block_size=16)
+    assert isinstance(model[0], sk.SparseLinear) and model[0] is model[2]
+
+
+def test_tied_weights_stay_tied_and_dense_with_a_warning():
+    embedding = nn.Embedding(100, 64)
+    head = nn.Linear(64, 100, bias=False)
+    head.weight = embedding.weight
+    model = nn.ModuleDict(dict(embedding=embedding, body=nn.Linear(256, 256), head=head))
+    with pytest.warns(UserWarning, match=r"leaving \['head'\] dense: their weights are tied"):
+        sk.sparsify(model, density=0.5, block_size=16)
+    assert type(model["head"]) is nn.Linear and model["head"].weight is model["embedding"].weight
+    assert isinstance(model["body"], sk.SparseLinear)

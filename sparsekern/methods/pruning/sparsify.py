@@ -19,6 +19,8 @@ kernels are then no faster than dense (slower, in fact), and reported as such.
 Only nn.Linear is converted (there is no sparse convolution layer yet); other
 layers are left as they are.
 """
+import warnings
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -39,9 +41,23 @@ def linear_layers(model):
 
 
 def replace_module(model, name, new):
-    """Put ``new`` at the dotted path ``name`` inside ``model``."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    """Put ``new`` at the dotted path ``name`` inside ``model``, and at every other path that
+    holds the same module (a layer used twice stays one layer)."""
+    old = model.get_submodule(name)
+    for path, module in list(model.named_modules(remove_duplicate=False)):
+        if module is old and path:
+            parent_name, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def tied_linear_names(model):
+    """Names of the nn.Linear layers whose weight is also held by another module (e.g. an LM head
+    tied to the embedding): converting them would silently untie the weights."""
+    holders = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), set()).add(id(module))
+    return [name for name, linear in linear_layers(model) if len(holders[id(linear.weight)]) > 1]
 
 
 def _dense_indices(layers, dense_layers):
@@ -138,6 +154,8 @@ def sparsify(model, *, density, method="erk", block_size=32, dense_layers=(), al
             "magnitude", "snip", "grasp", "synflow" (scores).
         block_size: int or (rows, cols); 1 = unstructured (no faster than dense).
         dense_layers: indices (among the Linear layers) or module names left as nn.Linear.
+            Layers whose weight is tied to another module are left dense too, with a warning;
+            a layer used at several places becomes one SparseLinear at all of them.
         allocation: for scored methods, rank layer-wise at "uniform"/"er"/"erk" densities
             instead of globally.
         kwargs: ``inputs``, ``targets``, ``loss_fn`` (SNIP/GraSP batch, default cross
@@ -145,6 +163,11 @@ def sparsify(model, *, density, method="erk", block_size=32, dense_layers=(), al
             (in_features,) of the first layer and 100); ``generator`` (random masks).
     """
     block_size = _as_block_size(block_size)
+    tied = [name for name in tied_linear_names(model) if name not in dense_layers]
+    if tied:
+        warnings.warn(f"sparsify: leaving {tied} dense: their weights are tied to other modules, and a sparse "
+                      "copy would untie them", UserWarning, stacklevel=2)
+        dense_layers = (*dense_layers, *tied)
     masks = compute_block_masks(model, density=density, method=method, block_size=block_size,
                                 dense_layers=dense_layers, allocation=allocation, **kwargs)
     for name, linear in linear_layers(model):
