@@ -324,3 +324,22 @@ def test_redraw_reinitialises_with_nn_linear_bounds_and_keeps_biases():
     for layer, bias in zip((model[0], model[2]), biases):
         assert torch.equal(layer.bias, bias)
         assert float(layer.values.detach().abs().max()) > 0.05  # U(±1/sqrt(in)), not the std-0.02 init
+
+
+def test_restructure_by_hand_keeps_adam_working():
+    torch.manual_seed(0)
+    layer = sk.SparseLinear(32, 32, block_size=8, density=0.5)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    layer(torch.randn(4, 32)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    kept = layer.block_mask.clone()
+    new_mask = kept.clone()
+    new_mask[0] = True
+    sk.methods.restructure(layer, opt, new_mask)
+    state = opt.state[layer.values]
+    assert state["exp_avg"].shape == layer.values.shape
+    slots = layer.layout().positions_of(sk.BlockLayout.from_block_mask(kept, layer.padded_shape, layer.block_size))
+    assert not bool(state["exp_avg_sq"][torch.ones(layer.nnz_blocks, dtype=torch.bool).index_fill_(0, slots, False)].any())
+    layer(torch.randn(4, 32)).sum().backward()
+    opt.step()  # shapes agree: no size mismatch

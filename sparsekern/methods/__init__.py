@@ -5,6 +5,7 @@ K-starts, dissipating gradients, freezing), ``dst`` (dynamic sparse training) an
 from ..nn.partially_trainable_linear import PartiallyTrainableLinear  # noqa: F401
 from . import functional  # noqa: F401
 from .dst import DPF, GGR, SET, SNFS, DynamicSparsity, RigL, TopKAST  # noqa: F401
+from .dst.state import restructure  # noqa: F401
 from .lowrank import DLRT  # noqa: F401
 from .pruning import (DissipatingGradients, apply_masks, block_scores, compute_block_masks, er_densities,  # noqa: F401
                       erk_densities, expand_block_mask, freeze, geometric_schedule, global_magnitude_mask,
