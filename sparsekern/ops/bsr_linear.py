@@ -13,25 +13,12 @@ import torch
 from torch import Tensor
 
 from ..formats.bsr import BlockLayout, BlockSparseMatrix
-from ..kernels import forced_backend, select_kernel
 from .checks import check_linear_inputs, saved_tensors
+from .dispatch import kernel, traced_backend
 
-# The ops below are torch.library custom ops with fake implementations, so
-# torch.compile traces bsr_linear as single graph nodes (no graph break) and the
-# registry dispatches at run time. A layout crosses the op boundary as its index
-# tensors plus (shape, block size); a compiled graph keeps the backend that was
-# forced when it was traced (`_traced_backend` is a trace-time constant).
+# A layout crosses the op boundary as its index tensors plus (shape, block size).
 _LAYOUT_FIELDS = ("block_mask", "row_offsets", "col_indices", "row_indices", "col_offsets", "t_block_ids",
                   "t_row_indices")
-
-
-def _traced_backend():
-    return forced_backend()
-
-
-# = torch.compiler.assume_constant_result(_traced_backend), which would import torch._dynamo
-# (and with it triton) at `import sparsekern`; the decorator only sets this flag (tested).
-_traced_backend._dynamo_marked_constant = True
 
 
 def _flat(layout):
@@ -42,26 +29,22 @@ def _layout(tensors, shape, block):
     return BlockLayout(tuple(shape), tuple(block), *tensors)
 
 
-def _kernel(product, like, backend):
-    return select_kernel(product, like.device, like.dtype, backend)[1]
-
-
 @torch.library.custom_op("sparsekern::bsr_grad_input", mutates_args=())
 def _grad_input(dy: Tensor, values: Tensor, layout: list[Tensor], shape: list[int], block: list[int],
                 backend: Optional[str]) -> Tensor:
-    return _kernel("bsr_grad_input", dy, backend)(dy, values, _layout(layout, shape, block))
+    return kernel("bsr_grad_input", dy, backend)(dy, values, _layout(layout, shape, block))
 
 
 @torch.library.custom_op("sparsekern::bsr_grad_weight", mutates_args=())
 def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], shape: list[int], block: list[int],
                  backend: Optional[str]) -> Tensor:
-    return _kernel("bsr_grad_weight", dy, backend)(dy, x, _layout(layout, shape, block))
+    return kernel("bsr_grad_weight", dy, backend)(dy, x, _layout(layout, shape, block))
 
 
 @torch.library.custom_op("sparsekern::bsr_linear", mutates_args=())
 def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], layout: list[Tensor], shape: list[int],
             block: list[int], backend: Optional[str]) -> Tensor:
-    return _kernel("bsr_forward", x, backend)(x, values, _layout(layout, shape, block), bias)
+    return kernel("bsr_forward", x, backend)(x, values, _layout(layout, shape, block), bias)
 
 
 @torch.library.custom_op("sparsekern::bsr_linear_probed", mutates_args=())
@@ -72,7 +55,7 @@ def _linear_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_valu
 
     ``own_positions`` (nnz,): where each of the weight's blocks sits in the probe, when the
     probe holds them all; the weight's gradient is then read out of the probe's."""
-    return _kernel("bsr_forward", x, backend)(x, values, _layout(layout, shape, block), bias)
+    return kernel("bsr_forward", x, backend)(x, values, _layout(layout, shape, block), bias)
 
 
 @_grad_input.register_fake
@@ -192,8 +175,8 @@ def bsr_linear(x, weight, bias=None, *, grad_probe=None):
         list(weight.block_size)
     bias = None if bias is None else bias.contiguous()
     if grad_probe is None:
-        y = _linear(x2d, values, bias, layout, shape, block, _traced_backend())
+        y = _linear(x2d, values, bias, layout, shape, block, traced_backend())
     else:
         y = _linear_probed(x2d, values, bias, grad_probe.values, layout, _flat(grad_probe.layout),
-                           _own_positions(grad_probe, weight.layout), shape, block, _traced_backend())
+                           _own_positions(grad_probe, weight.layout), shape, block, traced_backend())
     return y.view(*lead, n)

@@ -9,38 +9,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels import forced_backend, select_kernel
 from .checks import saved_tensors
+from .dispatch import kernel, traced_backend
 
-# torch.library custom ops with fake implementations, so torch.compile traces
-# low_rank_linear as graph nodes (no graph break) and the registry dispatches at
-# run time. The forward op also returns a = x V and b = a Sᵀ for the backward.
-
-
-def _traced_backend():
-    return forced_backend()
-
-
-# = torch.compiler.assume_constant_result(_traced_backend) without importing torch._dynamo
-# (and with it triton) at `import sparsekern`: a compiled graph keeps the backend forced at trace time.
-_traced_backend._dynamo_marked_constant = True
-
-
-def _kernel(product, like, backend):
-    return select_kernel(product, like.device, like.dtype, backend)[1]
+# The forward op also returns a = x V and b = a Sᵀ for the backward.
 
 
 @torch.library.custom_op("sparsekern::low_rank_linear", mutates_args=())
 def _forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor], kl_grads: bool,
              backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernel("lowrank_forward", x, backend)(x, U, S, V, bias)
+    return kernel("lowrank_forward", x, backend)(x, U, S, V, bias)
 
 
 @torch.library.custom_op("sparsekern::low_rank_linear_backward", mutates_args=())
 def _backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, U: Tensor, S: Tensor, V: Tensor, kl_grads: bool,
                  needs: list[bool], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dU, dS, dV, dbias); an output not in ``needs`` is an empty tensor (custom ops cannot return None)."""
-    grads = _kernel("lowrank_backward", dy, backend)(dy, x, a, b, U, S, V, kl_grads, tuple(needs))
+    grads = kernel("lowrank_backward", dy, backend)(dy, x, a, b, U, S, V, kl_grads, tuple(needs))
     return tuple(dy.new_empty(0) if g is None else g for g in grads)
 
 
@@ -120,5 +105,5 @@ def low_rank_linear(x, U, S, V, bias=None, *, kl_grads=False):
     lead = x.shape[:-1]
     x2d = x.reshape(-1, V.shape[0]).contiguous()
     bias = None if bias is None else bias.contiguous()
-    y, _, _ = _forward(x2d, U.contiguous(), S.contiguous(), V.contiguous(), bias, bool(kl_grads), _traced_backend())
+    y, _, _ = _forward(x2d, U.contiguous(), S.contiguous(), V.contiguous(), bias, bool(kl_grads), traced_backend())
     return y.view(*lead, U.shape[0])

@@ -17,48 +17,34 @@ import torch
 from torch import Tensor
 
 from ..formats.semi import SemiStructuredMatrix
-from ..kernels import forced_backend, select_kernel
 from ..formats.semi_prune import check_2to4_shape
 from .checks import check_linear_inputs, saved_tensors
+from .dispatch import kernel, traced_backend
 
-# torch.library custom ops with fake implementations, as for bsr_linear: torch.compile
-# traces both linears as graph nodes (no graph break) and the registry dispatches at
-# run time. Optional outputs cross the op boundary as empty tensors.
-
-
-def _traced_backend():
-    return forced_backend()
-
-
-# = torch.compiler.assume_constant_result(_traced_backend) without importing torch._dynamo at import time.
-_traced_backend._dynamo_marked_constant = True
-
-
-def _kernel(product, like, backend):
-    return select_kernel(product, like.device, like.dtype, backend)[1]
+# Optional outputs cross the op boundary as empty tensors (custom ops cannot return None).
 
 
 @torch.library.custom_op("sparsekern::semi_matmul", mutates_args=())
 def _matmul(x: Tensor, values: Tensor, indices: Tensor, backend: Optional[str]) -> Tensor:
     """x @ Wᵀ for W = (values, indices) compressed 2:4."""
-    return _kernel("semi_forward", x, backend)(x, values, indices)
+    return kernel("semi_forward", x, backend)(x, values, indices)
 
 
 @torch.library.custom_op("sparsekern::semi_grad_input", mutates_args=())
 def _grad_input(dy: Tensor, values: Tensor, indices: Tensor, indices_t: Optional[Tensor],
                 transpose_map: Optional[Tensor], backend: Optional[str]) -> Tensor:
-    return _kernel("semi_grad_input", dy, backend)(dy, values, indices, indices_t, transpose_map)
+    return kernel("semi_grad_input", dy, backend)(dy, values, indices, indices_t, transpose_map)
 
 
 @torch.library.custom_op("sparsekern::semi_grad_weight", mutates_args=())
 def _grad_weight(dy: Tensor, x: Tensor, indices: Tensor, backend: Optional[str]) -> Tensor:
-    return _kernel("semi_grad_weight", dy, backend)(dy, x, indices)
+    return kernel("semi_grad_weight", dy, backend)(dy, x, indices)
 
 
 @torch.library.custom_op("sparsekern::semi_prune_compress", mutates_args=())
 def _prune_compress(weight: Tensor, transposable: bool, backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(values, indices, values_t, indices_t); the last two are empty unless ``transposable``."""
-    values, indices, values_t, indices_t = _kernel("semi_prune_compress", weight, backend)(weight, transposable)
+    values, indices, values_t, indices_t = kernel("semi_prune_compress", weight, backend)(weight, transposable)
     if values_t is None:
         values_t, indices_t = weight.new_empty(0), indices.new_empty(0)
     return values, indices, values_t, indices_t
@@ -67,7 +53,7 @@ def _prune_compress(weight: Tensor, transposable: bool, backend: Optional[str]) 
 @torch.library.custom_op("sparsekern::semi_linear", mutates_args=())
 def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indices: Tensor, indices_t: Optional[Tensor],
             transpose_map: Optional[Tensor], backend: Optional[str]) -> Tensor:
-    y = _kernel("semi_forward", x, backend)(x, values, indices)
+    y = kernel("semi_forward", x, backend)(x, values, indices)
     if bias is not None:
         y += bias
     return y
@@ -78,7 +64,7 @@ def _linear_dynamic(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposa
                     backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, values, indices, values_t, indices_t): the 2:4 copy is returned for the backward."""
     values, indices, values_t, indices_t = _prune_compress(weight, transposable, backend)
-    y = _kernel("semi_forward", x, backend)(x, values, indices)
+    y = kernel("semi_forward", x, backend)(x, values, indices)
     if bias is not None:
         y += bias
     return y, values, indices, values_t, indices_t
@@ -184,7 +170,7 @@ def semi_linear(x, weight, bias=None):
     lead = x.shape[:-1]
     transpose_map = None if weight.indices_t is None else weight.transpose_map()
     y = _linear(x.reshape(-1, k).contiguous(), weight.values.contiguous(), bias, weight.indices, weight.indices_t,
-                transpose_map, _traced_backend())
+                transpose_map, traced_backend())
     return y.view(*lead, n)
 
 
@@ -202,5 +188,5 @@ def semi_linear_dynamic(x, weight, bias=None, *, transposable=True):
     n, k = weight.shape
     lead = x.shape[:-1]
     y = _linear_dynamic(x.reshape(-1, k).contiguous(), weight.contiguous(), bias, bool(transposable),
-                        _traced_backend())[0]
+                        traced_backend())[0]
     return y.view(*lead, n)
