@@ -1,15 +1,19 @@
 """Lazy loading of the compiled extensions (``sparsekern._C_<name>``).
 
 Nothing is imported at ``import sparsekern`` time: a backend asks for its
-extension on first use. A missing or broken build gives one warning line naming
-the module and the reason, and the backend reports itself unavailable, so the
-reference backend keeps working.
+extension on first use. Loading a module registers its kernels as dispatcher ops
+(``torch.ops.sparsekern.<name>_*_cpu``). A missing or broken build gives one
+warning line naming the module and the reason, and the backend reports itself
+unavailable, so the reference backend keeps working.
 """
 import importlib
 import warnings
 
+import torch
+
 _loaded = {}
 _failures = {}
+_with_fakes = set()
 
 
 def load_extension(name):
@@ -29,6 +33,18 @@ def load_extension(name):
         )
     _loaded[name] = module
     return module
+
+
+def load_ops(name, register_fakes):
+    """``torch.ops.sparsekern`` once ``sparsekern._C_<name>`` has registered its ops, or None if it
+    cannot be loaded. ``register_fakes()`` runs once, right after the first load: torch accepts a
+    fake implementation only for an op that already exists."""
+    if load_extension(name) is None:
+        return None
+    if name not in _with_fakes:
+        register_fakes()
+        _with_fakes.add(name)
+    return torch.ops.sparsekern
 
 
 def extension_failure(name):

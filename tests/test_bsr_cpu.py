@@ -6,8 +6,8 @@ import torch
 
 import sparsekern as sk
 from helpers import TOLERANCES, random_bsr
-from sparsekern._extension import load_extension
 from sparsekern.kernels.bsr import cpu, reference
+from sparsekern.kernels.microkernel import set_portable_only
 
 CPU = torch.device("cpu")
 _REASON = cpu.unavailable(CPU, torch.float32)
@@ -20,10 +20,9 @@ PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight")
 @pytest.fixture(params=["native", "portable"])
 def isa(request):
     """Run a test on the run-time selected microkernel, then on the portable fallback."""
-    ext = load_extension("bsr")
-    ext.set_portable_only(request.param == "portable")
+    set_portable_only("bsr", request.param == "portable")
     yield request.param
-    ext.set_portable_only(False)
+    set_portable_only("bsr", False)
 
 
 def _layout_from_rows(grid, cols_per_row):
@@ -206,7 +205,7 @@ def test_bad_layout_is_rejected_by_the_extension():
     bad_cols = weight.layout.col_indices.clone()
     bad_cols[0] = 7
     with pytest.raises(RuntimeError, match="col_indices"):
-        load_extension("bsr").forward(torch.randn(2, 32), weight.values, weight.layout.row_offsets, bad_cols, 32)
+        cpu.ops().bsr_forward_cpu(torch.randn(2, 32), weight.values, weight.layout.row_offsets, bad_cols, 32)
 
 
 def test_unavailable_reasons():

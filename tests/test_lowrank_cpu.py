@@ -1,4 +1,4 @@
-"""The C++ products of the low-rank cpu backend (sparsekern._C_lowrank).
+"""The C++ products of the low-rank cpu backend (csrc/lowrank/, as dispatcher ops).
 
 matmul: a @ b and a @ bᵀ (+ bias); transposed_matmul: aᵀ b (+ a's column sums).
 Against torch on shapes that leave partial output tiles (rows not a multiple of
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from helpers import relative_error
-from sparsekern._extension import load_extension
+from sparsekern.kernels.lowrank import cpu as ext
+from sparsekern.kernels.microkernel import set_portable_only
 
-ext = load_extension("lowrank")
-pytestmark = [pytest.mark.skipif(ext is None, reason="sparsekern._C_lowrank is not built"),
+pytestmark = [pytest.mark.skipif(ext.ops() is None, reason="the compiled low-rank extension is not built"),
               pytest.mark.usefixtures("one_thread")]
 
 # (tokens, inner, width): width is r for a @ b with b (inner, r), N for a @ bᵀ with b (N, r)
@@ -22,9 +22,9 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.fl
 
 @pytest.fixture(params=["native", "portable"])
 def microkernel(request):
-    ext.set_portable_only(request.param == "portable")
+    set_portable_only("lowrank", request.param == "portable")
     yield request.param
-    ext.set_portable_only(False)
+    set_portable_only("lowrank", False)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -59,12 +59,11 @@ def test_op_matches_dense_masked(backend, dtype, shape, transposable):
 @pytest.mark.parametrize("blocking", [(64, 64), (32, 32), (5, 12)], ids=["default", "previous", "odd"])
 def test_cpu_forward_microkernels_and_blocking(avx512, blocking):
     _skip_unavailable("cpu", torch.float32)
-    from sparsekern._extension import load_extension
-    ext = load_extension("semi")
+    from sparsekern.kernels.semi import cpu
     weight = _weight(72, 200, torch.float32, False)
     x = torch.randn(197, 200)
-    offsets, source = ext.plan(weight.indices, None, 100, *blocking)
-    y = ext.forward(x, weight.values, offsets, source, *blocking, avx512)
+    offsets, source = cpu.plan(weight.indices, None, 100, *blocking)
+    y = cpu.forward(x, weight.values, offsets, source, *blocking, avx512)
     torch.testing.assert_close(y, x @ weight.to_dense().T, rtol=1e-4, atol=1e-4)
 
 
@@ -73,13 +72,13 @@ def test_cpu_forward_microkernels_and_blocking(avx512, blocking):
 def test_cpu_grad_weight_task_split(threads, rows):
     """dW splits W's rows into tasks of 64..512 rows by the thread count: every split is exact."""
     _skip_unavailable("cpu", torch.float32)
-    from sparsekern._extension import load_extension
+    from sparsekern.kernels.semi import cpu
     weight = _weight(rows, 40, torch.float32, False)
     x, dy = torch.randn(200, 40), torch.randn(200, rows)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = load_extension("semi").grad_weight(dy, x, weight.indices)
+        got = cpu.semi_grad_weight(dy, x, weight.indices)
     finally:
         torch.set_num_threads(before)
     want = (dy.T @ x)[weight.to_dense() != 0].view(rows, 20)

@@ -1,26 +1,30 @@
-// sparsekern._C_bsr: CPU kernels of the block-sparse linear products.
+// sparsekern._C_bsr: CPU kernels of the block-sparse linear products, as dispatcher ops
+// (fakes in sparsekern/kernels/bsr/cpu.py):
 //
-// forward(x, values, row_offsets, col_indices, out_features, bias)    -> y = x Wᵀ (+ bias, in registers)
-// grad_input(dy, values, col_offsets, t_block_ids, t_row_indices, in) -> dx = dy W
-// grad_weight(dy, x, row_indices, col_indices, br, bc)                -> dvalues (sampled dyᵀ x)
+// sparsekern::bsr_forward_cpu     y = x Wᵀ (+ bias, in registers)
+// sparsekern::bsr_grad_input_cpu  dx = dy W, W walked by block columns (transpose metadata)
+// sparsekern::bsr_grad_weight_cpu dvalues = (dyᵀ x) sampled on the stored blocks
 // Tensors: CPU, contiguous, float64 / float32 / bfloat16 / float16 (half types
 // computed in fp32), int64 indices of a valid BlockLayout (checked in O(nnz)).
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <string>
 
 #include "common/grouped_product.h"
+#include "common/huge_page_output.h"
 #include "common/microkernel.h"
 #include "bsr/sampled_product.h"
-#include "common/huge_page_output.h"
 
 namespace sparsekern {
 namespace bsr {
 
 namespace {
 
-template <typename C>
-using Compute = typename std::conditional<std::is_same<C, double>::value, double, float>::type;
+using common::Compute;
+using common::empty_output;
+using common::grouped_product;
+using common::scalar_type_of;
 
 void check_dense(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
@@ -130,20 +134,31 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   return dvalues;
 }
 
-std::string isa() { return use_avx2() ? "avx2-fma" : "portable"; }
+std::string isa() { return common::use_avx2() ? "avx2-fma" : "portable"; }
 
 }  // namespace
 }  // namespace bsr
 }  // namespace sparsekern
 
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  m.set_python_module("sparsekern.kernels.bsr.cpu");
+  m.def("bsr_forward_cpu(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices, int out_features, "
+        "Tensor? bias=None) -> Tensor");
+  m.def("bsr_grad_input_cpu(Tensor dy, Tensor values, Tensor col_offsets, Tensor t_block_ids, "
+        "Tensor t_row_indices, int in_features) -> Tensor");
+  m.def("bsr_grad_weight_cpu(Tensor dy, Tensor x, Tensor row_indices, Tensor col_indices, int block_rows, "
+        "int block_cols) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("bsr_forward_cpu", &sparsekern::bsr::forward);
+  m.impl("bsr_grad_input_cpu", &sparsekern::bsr::grad_input);
+  m.impl("bsr_grad_weight_cpu", &sparsekern::bsr::grad_weight);
+}
+
+// Controls, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  using namespace sparsekern::bsr;
-  sparsekern::def_output_cache(m);
-  m.def("forward", &forward, "y = x @ W.T (+ bias) for block-sparse W (block-CSR)", pybind11::arg("x"),
-        pybind11::arg("values"), pybind11::arg("row_offsets"), pybind11::arg("col_indices"),
-        pybind11::arg("out_features"), pybind11::arg("bias") = pybind11::none());
-  m.def("grad_input", &grad_input, "dx = dy @ W through the transpose metadata");
-  m.def("grad_weight", &grad_weight, "dy.T @ x sampled on the stored blocks");
-  m.def("isa", &isa, "which microkernel runs: 'avx2-fma' or 'portable'");
-  m.def("set_portable_only", &set_portable_only, "force the portable microkernel (tests)");
+  sparsekern::common::def_output_cache(m);
+  m.def("isa", &sparsekern::bsr::isa, "which microkernel runs: 'avx2-fma' or 'portable'");
+  m.def("set_portable_only", &sparsekern::common::set_portable_only, "force the portable microkernel (tests)");
 }

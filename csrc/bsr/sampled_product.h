@@ -35,7 +35,7 @@ inline std::vector<std::pair<int64_t, int>> row_tiles(int64_t br) {
   std::vector<std::pair<int64_t, int>> tiles;
   for (int64_t o = 0; o < br;) {
     const int64_t rem = br - o;
-    const int t = (rem == 7 || rem == 8) ? int(rem - rem / 2) : int(std::min<int64_t>(kMR, rem));
+    const int t = (rem == 7 || rem == 8) ? int(rem - rem / 2) : int(std::min<int64_t>(common::kMR, rem));
     tiles.emplace_back(o, t);
     o += t;
   }
@@ -54,20 +54,20 @@ inline void copy_tile(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1) 
 template <typename S, typename C>
 void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, int64_t br, int64_t bc,
                      const int64_t* rows, const int64_t* cols, int64_t nnz, S* dvalues) {
-  constexpr int NR = kNR<C>;
+  constexpr int NR = common::kNR<C>;
   const int64_t CB = K / bc, nsub = (bc + NR - 1) / NR, block = br * bc;
   if (nnz == 0) return;
   at::Tensor acc_buf;
   C* acc = reinterpret_cast<C*>(dvalues);
   if (!std::is_same<S, C>::value) {  // half types accumulate in fp32
-    acc_buf = at::empty({nnz * block}, scalar_type_of<C>());
+    acc_buf = at::empty({nnz * block}, common::scalar_type_of<C>());
     acc = acc_buf.data_ptr<C>();
   }
   if (M == 0) std::fill(acc, acc + nnz * block, C(0));
 
   const auto tiles = row_tiles(br);
-  std::vector<Microkernel<C>> kernels;
-  for (const auto& tile : tiles) kernels.push_back(microkernel_rows<C, false>(tile.second));
+  std::vector<common::Microkernel<C>> kernels;
+  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, false>(tile.second));
   const int64_t chunk = std::min(kTokenChunk, M), zero = 0;
   // One parallel region for the whole call: each thread takes a contiguous range
   // of stored blocks and packs, chunk by chunk, only the block rows and columns
@@ -85,7 +85,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
     // Block row r's tile (o, mr) at ((r - r_lo) * br + o) * chunk, [chunk][mr];
     // used column u's sub-tile s at dy_size + (u * nsub + s) * chunk * NR, [chunk][NR].
     const int64_t dy_size = (r_hi - r_lo + 1) * br * chunk;
-    at::Tensor buf = at::empty({dy_size + int64_t(used.size()) * nsub * NR * chunk}, scalar_type_of<C>());
+    at::Tensor buf = at::empty({dy_size + int64_t(used.size()) * nsub * NR * chunk}, common::scalar_type_of<C>());
     C* pdy = buf.data_ptr<C>();
     C* px = pdy + dy_size;
     for (int64_t m0 = 0; m0 < M; m0 += chunk) {
@@ -98,7 +98,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
             C* dst = pdy + ((r - r_lo) * br + tile.first) * chunk;
             const C* src = dy + m0 * N + r * br + tile.first;
             switch (tile.second) {  // constant widths let the copies vectorise
-              case kMR: copy_tile<kMR>(dst, src, N, t0, t1); break;
+              case common::kMR: copy_tile<common::kMR>(dst, src, N, t0, t1); break;
               case 4: copy_tile<4>(dst, src, N, t0, t1); break;
               default:
                 for (int64_t m = t0; m < t1; ++m) {
@@ -136,7 +136,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
             if (ncols == NR) {
               kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add, nullptr);
             } else {
-              alignas(64) C tmp[kMR * NR];
+              alignas(64) C tmp[common::kMR * NR];
               kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false, nullptr);
               for (int i = 0; i < mr; ++i) {
                 for (int64_t n = 0; n < ncols; ++n) out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];
@@ -147,12 +147,12 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
       }
     }
   };
-  const int64_t parts = std::min(nnz, threads_for(nnz * block * M));
+  const int64_t parts = std::min(nnz, common::threads_for(nnz * block * M));
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) run_part(nnz * p / parts, nnz * (p + 1) / parts);
   });
   if (!std::is_same<S, C>::value) {
-    parallel_for_work(nnz * block, nnz * block, [&](int64_t i0, int64_t i1) {
+    common::parallel_for_work(nnz * block, nnz * block, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) dvalues[i] = S(acc[i]);
     });
   }

@@ -27,12 +27,17 @@
 #include "common/huge_page_output.h"
 
 namespace sparsekern {
-namespace bsr {
+namespace common {
 
 constexpr int64_t kABlockBytes = 384 << 10;  // rows of A kept hot in L2 (1 MiB per core: this + the next + B)
 constexpr int64_t kBPanelBytes = 4 << 20;    // packed B strips kept hot in L3
 constexpr int64_t kItemOverhead = 32;        // cost of writing an output tile, in K-steps
 constexpr int64_t kMaxItems = 1 << 18;
+
+// The type the microkernels compute in for storage type S: double for double, float otherwise
+// (half types are widened to float).
+template <typename S>
+using Compute = typename std::conditional<std::is_same<S, double>::value, double, float>::type;
 
 template <typename C>
 at::ScalarType scalar_type_of() {
@@ -162,5 +167,5 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
   });
 }
 
-}  // namespace bsr
+}  // namespace common
 }  // namespace sparsekern

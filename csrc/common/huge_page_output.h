@@ -40,6 +40,7 @@
 #pragma GCC visibility push(hidden)
 
 namespace sparsekern {
+namespace common {
 
 class HugePageAllocator final : public c10::Allocator {
  public:
@@ -166,6 +167,7 @@ inline void def_output_cache(pybind11::module& m) {
   m.def("empty_output_cache", &HugePageAllocator::empty_cache, "free every cached output block");
 }
 
+}  // namespace common
 }  // namespace sparsekern
 
 #pragma GCC visibility pop

@@ -24,7 +24,7 @@
 #endif
 
 namespace sparsekern {
-namespace bsr {
+namespace common {
 
 constexpr int kMR = 6;
 template <typename C>
@@ -185,5 +185,5 @@ Microkernel<C> microkernel_rows(int mr) {
   }
 }
 
-}  // namespace bsr
+}  // namespace common
 }  // namespace sparsekern

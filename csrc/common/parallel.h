@@ -8,7 +8,7 @@
 #include <vector>
 
 namespace sparsekern {
-namespace bsr {
+namespace common {
 
 constexpr int64_t kMinWorkPerThread = 1 << 17;  // multiply-adds; below this a thread costs more than it saves
 
@@ -49,5 +49,5 @@ void parallel_by_cost(const std::vector<int64_t>& prefix, const F& fn) {
   });
 }
 
-}  // namespace bsr
+}  // namespace common
 }  // namespace sparsekern

@@ -1,11 +1,12 @@
-// sparsekern._C_lowrank: the token-streaming products of a low-rank layer.
+// sparsekern._C_lowrank: the token-streaming products of a low-rank layer, as dispatcher ops
+// (fakes in sparsekern/kernels/lowrank/cpu.py):
 //
-// matmul(a, b, transpose_b, bias) -> a @ b (b: (K, N)) or a @ bᵀ (b: (N, K)), + bias
-// transposed_matmul(a, b, column_sums) -> (aᵀ b, a's column sums or None)
+// sparsekern::lowrank_matmul_cpu             a @ b (b: (K, N)) or a @ bᵀ (b: (N, K)), + bias
+// sparsekern::lowrank_transposed_matmul_cpu  (aᵀ b, a's column sums or None)
 //
 // A low-rank layer's four products that stream a (tokens x features) matrix
 // (x V, b Uᵀ + bias, dY U, H Vᵀ) have one narrow side r. They run on the
-// block-sparse driver (csrc/bsr/grouped_product.h) with one block holding the
+// block-sparse driver (csrc/common/grouped_product.h) with one block holding the
 // whole narrow factor: the factor is packed once into NR-column strips, the
 // tokens are read in place, six rows at a time, and the bias seeds the
 // accumulators (MKL's addmm instead copies the bias into the whole output
@@ -14,12 +15,13 @@
 // these shapes (docs/low_rank.md). The two token reductions (dYᵀ a, Xᵀ G) have
 // their own driver on the same microkernel (lowrank/token_reduction.h).
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <string>
 
 #include "common/grouped_product.h"
-#include "common/microkernel.h"
 #include "common/huge_page_output.h"
+#include "common/microkernel.h"
 #include "lowrank/token_reduction.h"
 
 namespace sparsekern {
@@ -27,8 +29,9 @@ namespace lowrank {
 
 namespace {
 
-template <typename C>
-using Compute = typename std::conditional<std::is_same<C, double>::value, double, float>::type;
+using common::Compute;
+using common::empty_output;
+using common::scalar_type_of;
 
 void check_matrix(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
@@ -62,10 +65,10 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool transpose_b, co
   const int64_t offsets[2] = {0, 1}, seg[1] = {0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "lowrank_matmul", [&] {
     using C = Compute<scalar_t>;
-    const at::Tensor a_c = a.scalar_type() == bsr::scalar_type_of<C>() ? a : a.to(bsr::scalar_type_of<C>());
-    bsr::grouped_product<scalar_t, C>(a_c.data_ptr<C>(), M, K, b.data_ptr<scalar_t>(), b.size(0), b.size(1),
-                                      transpose_b, offsets, 1, nullptr, seg, out.data_ptr<scalar_t>(),
-                                      has_bias ? bias->data_ptr<scalar_t>() : nullptr);
+    const at::Tensor a_c = a.scalar_type() == scalar_type_of<C>() ? a : a.to(scalar_type_of<C>());
+    common::grouped_product<scalar_t, C>(a_c.data_ptr<C>(), M, K, b.data_ptr<scalar_t>(), b.size(0), b.size(1),
+                                         transpose_b, offsets, 1, nullptr, seg, out.data_ptr<scalar_t>(),
+                                         has_bias ? bias->data_ptr<scalar_t>() : nullptr);
   });
   return out;
 }
@@ -83,7 +86,7 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> transposed_matmul(const at::Te
   at::Tensor out, sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "lowrank_transposed_matmul", [&] {
     using C = Compute<scalar_t>;
-    const auto ct = bsr::scalar_type_of<C>();
+    const auto ct = scalar_type_of<C>();
     const at::Tensor a_c = a.scalar_type() == ct ? a : a.to(ct), b_c = b.scalar_type() == ct ? b : b.to(ct);
     out = empty_output({M, N}, a.options().dtype(ct));
     if (column_sums) sums = at::empty({M}, a.options().dtype(ct));
@@ -97,19 +100,26 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> transposed_matmul(const at::Te
   return {out, column_sums ? c10::optional<at::Tensor>(sums) : c10::nullopt};
 }
 
-std::string isa() { return bsr::use_avx2() ? "avx2-fma" : "portable"; }
+std::string isa() { return common::use_avx2() ? "avx2-fma" : "portable"; }
 
 }  // namespace
 }  // namespace lowrank
 }  // namespace sparsekern
 
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  m.set_python_module("sparsekern.kernels.lowrank.cpu");
+  m.def("lowrank_matmul_cpu(Tensor a, Tensor b, bool transpose_b, Tensor? bias=None) -> Tensor");
+  m.def("lowrank_transposed_matmul_cpu(Tensor a, Tensor b, bool column_sums=False) -> (Tensor, Tensor?)");
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("lowrank_matmul_cpu", &sparsekern::lowrank::matmul);
+  m.impl("lowrank_transposed_matmul_cpu", &sparsekern::lowrank::transposed_matmul);
+}
+
+// Controls, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  using namespace sparsekern;
-  sparsekern::def_output_cache(m);
-  m.def("matmul", &lowrank::matmul, "a @ b (or a @ b.T) + bias for a narrow b", pybind11::arg("a"),
-        pybind11::arg("b"), pybind11::arg("transpose_b"), pybind11::arg("bias") = pybind11::none());
-  m.def("transposed_matmul", &lowrank::transposed_matmul, "a.T @ b for a narrow b, and a's column sums if asked",
-        pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("column_sums") = false);
-  m.def("isa", &lowrank::isa, "which microkernel runs: 'avx2-fma' or 'portable'");
-  m.def("set_portable_only", &bsr::set_portable_only, "force the portable microkernel (tests)");
+  sparsekern::common::def_output_cache(m);
+  m.def("isa", &sparsekern::lowrank::isa, "which microkernel runs: 'avx2-fma' or 'portable'");
+  m.def("set_portable_only", &sparsekern::common::set_portable_only, "force the portable microkernel (tests)");
 }

@@ -41,7 +41,7 @@ constexpr int64_t kAhead = 8;  // rows of a prefetched ahead of the packing
 // output accumulates across token blocks, so it stays in C until the end.
 template <typename C>
 void token_reduction(const C* a, const C* b, int64_t T, int64_t M, int64_t N, C* out, C* colsum) {
-  constexpr int MR = bsr::kMR, NR = bsr::kNR<C>;
+  constexpr int MR = common::kMR, NR = common::kNR<C>;
   const int64_t nsub = (N + NR - 1) / NR;
   if (M == 0) return;
   if (T == 0 || N == 0) {
@@ -51,9 +51,9 @@ void token_reduction(const C* a, const C* b, int64_t T, int64_t M, int64_t N, C*
   }
 
   // b packed as strip s, token t at (s * T + t) * NR.
-  at::Tensor b_buf = empty_output({std::max<int64_t>(1, nsub * T * NR)}, at::TensorOptions(bsr::scalar_type_of<C>()));
+  at::Tensor b_buf = common::empty_output({std::max<int64_t>(1, nsub * T * NR)}, at::TensorOptions(common::scalar_type_of<C>()));
   C* bp = b_buf.data_ptr<C>();
-  bsr::parallel_for_work(T, T * N / 16, [&](int64_t t0, int64_t t1) {
+  common::parallel_for_work(T, T * N / 16, [&](int64_t t0, int64_t t1) {
     for (int64_t s = 0; s < nsub; ++s) {
       for (int64_t t = t0; t < t1; ++t) {
         C* dst = bp + (s * T + t) * NR;
@@ -67,9 +67,9 @@ void token_reduction(const C* a, const C* b, int64_t T, int64_t M, int64_t N, C*
   constexpr int64_t kLine = 64 / int64_t(sizeof(C));
   const int64_t ld = ((kMB + MR + kLine - 1) / kLine | 1) * kLine;
   const int64_t mblocks = (M + kMB - 1) / kMB;
-  const int64_t threads = bsr::threads_for(T * M * std::max<int64_t>(N, 1));
-  const bsr::Microkernel<C> kernel = bsr::microkernel<C, MR, false>();
-  const bsr::Microkernel<C> last = bsr::microkernel_rows<C, false>(int(M - (M - 1) / MR * MR));
+  const int64_t threads = common::threads_for(T * M * std::max<int64_t>(N, 1));
+  const common::Microkernel<C> kernel = common::microkernel<C, MR, false>();
+  const common::Microkernel<C> last = common::microkernel_rows<C, false>(int(M - (M - 1) / MR * MR));
   at::parallel_for(0, mblocks, (mblocks + threads - 1) / threads, [&](int64_t blk0, int64_t blk1) {
     std::vector<C> sums(kMB), region(kKC * ld);
     for (int64_t blk = blk0; blk < blk1; ++blk) {

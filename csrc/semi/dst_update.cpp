@@ -1,16 +1,22 @@
 // The 2:4 dynamic-sparse-training update on CPU: the drop/grow decision and the new compressed
 // structure in a few passes over the layer, instead of ~30 plain-torch passes over dense tensors.
+// Dispatcher ops (fakes in sparsekern/kernels/semi/cpu.py; the plain-torch twins, which are also
+// the oracle of the tests, in sparsekern/kernels/semi/dst_reference.py):
 //
-// Decisions are exactly those of sparsekern.methods.functional's plain-torch rules (the tests
-// compare both): the drop takes the n smallest scores over the whole tensor (ties: lower flat
+// sparsekern::semi_drop_grow_cpu       drop + in-group grow of a 2:4 mask -> (new mask, new weight?)
+// sparsekern::semi_restructure_cpu     new 2:4 mask -> (slot map, indices, indices of the transpose?)
+// sparsekern::semi_carry_cpu           tensor.flatten()[slots], zero where slots < 0
+// sparsekern::semi_decompress_sum_cpu  dense sum of 2:4-compressed matrices
+//
+// Decisions are exactly those of the plain-torch rules (the tests compare both): the drop takes the n smallest scores over the whole tensor (ties: lower flat
 // index), found by a radix histogram on order-preserving integer keys and a selection inside one
 // bucket; the grow works per row group of 4, or per 4x4 tile over the transposable patterns that
 // contain the tile's survivors (listed once per survivor set, in transposable_patterns() order;
 // totals summed in double, ties to the first pattern).
-#include "semi/dst_update.h"
-
-#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include "semi/prune.h"
 
@@ -21,6 +27,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -28,6 +37,11 @@ namespace sparsekern {
 namespace semi {
 
 namespace {
+
+// Outcome of the checks the passes make on the mask (the op raises the error naming the mask).
+constexpr int64_t kMaskOk = 0;
+constexpr int64_t kMaskNotRows = 1;          // some group of 4 along a row does not keep exactly 2
+constexpr int64_t kMaskNotTransposable = 2;  // some tile column does not keep exactly 2
 
 // Order-preserving unsigned keys: a < b (as floats, -0 == +0, no NaN) iff key(a) < key(b).
 // The 16 top bits of a key pick the histogram bucket of the selection below.
@@ -350,44 +364,69 @@ void decompress_rows(const std::vector<const scalar_t*>& values, const std::vect
   }
 }
 
-}  // namespace
+// "(rows, cols)": a shape as the Python side writes it, so both backends raise the same message.
+std::string shape_of(const at::Tensor& t) {
+  return "(" + std::to_string(t.size(0)) + ", " + std::to_string(t.size(1)) + ")";
+}
 
-std::tuple<int64_t, at::Tensor, at::Tensor> dst_drop_grow(const at::Tensor& drop, const at::Tensor& mask,
-                                                          const at::Tensor& grow, int64_t n_drop,
-                                                          bool transposable, bool absolute, bool with_weight) {
-  TORCH_CHECK(drop.dim() == 2 && drop.sizes() == mask.sizes() && drop.sizes() == grow.sizes(),
-              "dst_drop_grow: drop, mask and grow must be 2-D of one shape");
-  TORCH_CHECK(drop.size(1) % 4 == 0 && (!transposable || drop.size(0) % 4 == 0),
-              "dst_drop_grow: dims must be multiples of 4");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && drop.scalar_type() == grow.scalar_type(),
-              "dst_drop_grow: a bool mask and scores of one dtype");
-  TORCH_CHECK(drop.is_contiguous() && mask.is_contiguous() && grow.is_contiguous() && drop.device().is_cpu(),
-              "dst_drop_grow: contiguous CPU tensors");
-  TORCH_CHECK(n_drop >= 0 && n_drop <= drop.numel() / 2, "dst_drop_grow: n_drop out of range");
-  TORCH_CHECK(drop.numel() / 2 < (int64_t(1) << 32), "dst_drop_grow: more than 2^32 kept entries");
-  TORCH_CHECK(drop.scalar_type() == at::kFloat || drop.scalar_type() == at::kDouble,
-              "dst_drop_grow: float32 or float64 scores");
+void check_cpu_contiguous(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// The n_drop smallest scores of `drop` (|drop| if absolute) leave the bool 2:4 `mask`, and each
+// row group (4x4 tile if transposable) regrows what it lost by `grow`. Returns the new mask and,
+// if with_weight, the new weight: `drop` where kept before and after, else zero.
+std::tuple<at::Tensor, std::optional<at::Tensor>> drop_grow(const at::Tensor& drop, const at::Tensor& mask,
+                                                            const at::Tensor& grow, int64_t n_drop,
+                                                            bool transposable, bool absolute, bool with_weight) {
+  constexpr const char* op = "semi_drop_grow_cpu";
+  check_cpu_contiguous(drop, op, "drop");
+  check_cpu_contiguous(mask, op, "mask");
+  check_cpu_contiguous(grow, op, "grow");
+  TORCH_CHECK(mask.dim() == 2 && drop.sizes() == mask.sizes() && grow.sizes() == mask.sizes(), op,
+              ": drop, mask and grow must be 2-D of one shape, got ", drop.sizes(), ", ", mask.sizes(), ", ",
+              grow.sizes());
+  TORCH_CHECK(mask.size(1) % 4 == 0 && (!transposable || mask.size(0) % 4 == 0), op, ": mask of shape ",
+              shape_of(mask), transposable ? " needs both dims multiples of 4" : " needs columns a multiple of 4");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(drop.scalar_type() == grow.scalar_type() &&
+                  (drop.scalar_type() == at::kFloat || drop.scalar_type() == at::kDouble),
+              op, ": scores of one dtype, float32 or float64, got ", drop.scalar_type(), " and ",
+              grow.scalar_type());
+  const int64_t active = mask.numel() / 2;
+  TORCH_CHECK_VALUE(n_drop >= 0 && n_drop <= active, "cannot drop ", n_drop, " of ", active, " active entries");
+  TORCH_CHECK(active < (int64_t(1) << 32), op, ": more than 2^32 kept entries");
   at::Tensor out = at::empty(mask.sizes(), mask.options());
   at::Tensor weight = with_weight ? at::empty(drop.sizes(), drop.options()) : at::Tensor();
   int64_t status;
-  AT_DISPATCH_FLOATING_TYPES(drop.scalar_type(), "dst_drop_grow", [&] {
+  AT_DISPATCH_FLOATING_TYPES(drop.scalar_type(), op, [&] {
     status = absolute ? drop_grow_impl<scalar_t, true>(drop, mask, grow, n_drop, transposable, out, weight)
                       : drop_grow_impl<scalar_t, false>(drop, mask, grow, n_drop, transposable, out, weight);
   });
-  if (status != kMaskOk) return {status, at::Tensor(), at::Tensor()};
-  return {status, out, weight};
+  TORCH_CHECK_VALUE(status == kMaskOk, "mask of shape ", shape_of(mask), " is not exactly ",
+                    transposable ? "transposable 2:4 (2 per row and column of every 4x4 tile)"
+                                 : "2:4 (2 of every 4)");
+  return {out, with_weight ? std::optional<at::Tensor>(weight) : std::nullopt};
 }
 
-std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor> dst_restructure(const at::Tensor& mask,
-                                                                        const at::Tensor& old_indices,
-                                                                        bool transposable) {
-  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.device().is_cpu(),
-              "dst_restructure: a contiguous 2-D bool CPU mask");
+// SemiSparseLinear.set_mask's bookkeeping for the new bool (rows, cols) 2:4 `mask`: the slot under
+// `old_indices` of each new kept weight, or -1 (int64 (rows, cols/2)), the new packed indices, and
+// those of the transpose if `transposable`.
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> restructure(const at::Tensor& mask,
+                                                                          const at::Tensor& old_indices,
+                                                                          bool transposable) {
+  constexpr const char* op = "semi_restructure_cpu";
+  check_cpu_contiguous(mask, op, "mask");
+  check_cpu_contiguous(old_indices, op, "old_indices");
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kBool, op, ": mask must be 2-D bool, got ",
+              mask.scalar_type(), " of shape ", mask.sizes());
   const int64_t rows = mask.size(0), cols = mask.size(1), per_row = cols / 4, bytes = (cols / 2 + 3) / 4;
-  TORCH_CHECK(cols % 4 == 0 && (!transposable || rows % 4 == 0), "dst_restructure: dims must be multiples of 4");
-  TORCH_CHECK(old_indices.scalar_type() == at::kByte && old_indices.is_contiguous() &&
-                  old_indices.sizes() == at::IntArrayRef({rows, bytes}),
-              "dst_restructure: old_indices must be contiguous uint8 (rows, ceil(cols/8))");
+  TORCH_CHECK(cols % 4 == 0 && (!transposable || rows % 4 == 0), op, ": mask of shape ", shape_of(mask),
+              transposable ? " needs both dims multiples of 4" : " needs columns a multiple of 4");
+  TORCH_CHECK(old_indices.scalar_type() == at::kByte && old_indices.sizes() == at::IntArrayRef({rows, bytes}), op,
+              ": old_indices must be uint8 of shape (", rows, ", ", bytes, "), got ", old_indices.scalar_type(),
+              " of shape ", old_indices.sizes());
   const bool* m = mask.data_ptr<bool>();
   const uint8_t* old = old_indices.data_ptr<uint8_t>();
   at::Tensor slots = at::empty({rows, cols / 2}, mask.options().dtype(at::kLong));
@@ -437,23 +476,28 @@ std::tuple<int64_t, at::Tensor, at::Tensor, at::Tensor> dst_restructure(const at
     });
   }
   const int flags = bad.load();
-  const int64_t status = flags & 1 ? kMaskNotRows : flags & 2 ? kMaskNotTransposable : kMaskOk;
-  return {status, slots, indices, indices_t};
+  TORCH_CHECK_VALUE(!(flags & 1), "mask of shape ", shape_of(mask), " must keep exactly 2 of every 4 along rows");
+  TORCH_CHECK_VALUE(!(flags & 2), "mask of shape ", shape_of(mask),
+                    " is not transposable 2:4 (2 per column of every 4x4 tile)");
+  return {slots, indices, transposable ? std::optional<at::Tensor>(indices_t) : std::nullopt};
 }
 
-at::Tensor dst_carry(const at::Tensor& tensor, const at::Tensor& slots) {
-  TORCH_CHECK(tensor.is_contiguous() && slots.is_contiguous() && slots.scalar_type() == at::kLong &&
-                  tensor.device().is_cpu() && slots.device().is_cpu(),
-              "dst_carry: contiguous CPU tensors, int64 slots");
+// tensor.flatten()[slots] where slots >= 0, else 0 (shape of slots): values and optimizer state
+// moved to a new structure.
+at::Tensor carry(const at::Tensor& tensor, const at::Tensor& slots) {
+  constexpr const char* op = "semi_carry_cpu";
+  check_cpu_contiguous(tensor, op, "tensor");
+  check_cpu_contiguous(slots, op, "slots");
+  TORCH_CHECK(slots.scalar_type() == at::kLong, op, ": slots must be int64, got ", slots.scalar_type());
   const int64_t n = slots.numel(), size = tensor.numel();
   at::Tensor out = at::empty(slots.sizes(), tensor.options());
   const int64_t* s = slots.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensor.scalar_type(), "dst_carry", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensor.scalar_type(), op, [&] {
     const scalar_t* src = tensor.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1 << 14, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        TORCH_CHECK(s[i] < size, "dst_carry: slot ", s[i], " out of range for ", size, " entries");
+        TORCH_CHECK_INDEX(s[i] < size, op, ": slot ", s[i], " is out of range for ", size, " entries");
         dst[i] = s[i] >= 0 ? src[s[i]] : scalar_t(0);
       }
     });
@@ -461,21 +505,28 @@ at::Tensor dst_carry(const at::Tensor& tensor, const at::Tensor& slots) {
   return out;
 }
 
-at::Tensor dst_decompress_sum(const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& indices,
-                              int64_t cols) {
-  TORCH_CHECK(!values.empty() && values.size() == indices.size(), "dst_decompress_sum: one indices per values");
+// The dense (rows, cols) sum of 2:4-compressed (values, packed indices) pairs of one dtype.
+at::Tensor decompress_sum(at::TensorList values, at::TensorList indices, int64_t cols) {
+  constexpr const char* op = "semi_decompress_sum_cpu";
+  TORCH_CHECK(!values.empty() && values.size() == indices.size(), op,
+              ": one indices tensor per values tensor, and at least one, got ", values.size(), " and ",
+              indices.size());
+  TORCH_CHECK(cols >= 0 && cols % 4 == 0, op, ": cols must be a multiple of 4, got ", cols);
+  TORCH_CHECK(values[0].dim() == 2, op, ": values must be 2-D, got shape ", values[0].sizes());
   const int64_t rows = values[0].size(0), per_row = cols / 4, bytes = (cols / 2 + 3) / 4;
   for (size_t k = 0; k < values.size(); ++k) {
-    TORCH_CHECK(values[k].is_contiguous() && values[k].device().is_cpu() &&
-                    values[k].scalar_type() == values[0].scalar_type() &&
+    check_cpu_contiguous(values[k], op, "values");
+    check_cpu_contiguous(indices[k], op, "indices");
+    TORCH_CHECK(values[k].scalar_type() == values[0].scalar_type() &&
                     values[k].sizes() == at::IntArrayRef({rows, cols / 2}),
-                "dst_decompress_sum: contiguous CPU values (rows, cols/2) of one dtype");
-    TORCH_CHECK(indices[k].is_contiguous() && indices[k].scalar_type() == at::kByte &&
-                    indices[k].sizes() == at::IntArrayRef({rows, bytes}),
-                "dst_decompress_sum: contiguous uint8 indices (rows, ceil(cols/8))");
+                op, ": values[", k, "] must be ", values[0].scalar_type(), " of shape (", rows, ", ", cols / 2,
+                "), got ", values[k].scalar_type(), " of shape ", values[k].sizes());
+    TORCH_CHECK(indices[k].scalar_type() == at::kByte && indices[k].sizes() == at::IntArrayRef({rows, bytes}), op,
+                ": indices[", k, "] must be uint8 of shape (", rows, ", ", bytes, "), got ",
+                indices[k].scalar_type(), " of shape ", indices[k].sizes());
   }
   at::Tensor out = at::empty({rows, cols}, values[0].options());
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, values[0].scalar_type(), "dst_decompress_sum", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, values[0].scalar_type(), op, [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     std::vector<const scalar_t*> sources;
     std::vector<const uint8_t*> positions;
@@ -490,5 +541,23 @@ at::Tensor dst_decompress_sum(const std::vector<at::Tensor>& values, const std::
   return out;
 }
 
+}  // namespace
+
 }  // namespace semi
 }  // namespace sparsekern
+
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  m.set_python_module("sparsekern.kernels.semi.cpu");
+  m.def("semi_drop_grow_cpu(Tensor drop, Tensor mask, Tensor grow, int n_drop, bool transposable, bool absolute, "
+        "bool with_weight) -> (Tensor, Tensor?)");
+  m.def("semi_restructure_cpu(Tensor mask, Tensor old_indices, bool transposable) -> (Tensor, Tensor, Tensor?)");
+  m.def("semi_carry_cpu(Tensor tensor, Tensor slots) -> Tensor");
+  m.def("semi_decompress_sum_cpu(Tensor[] values, Tensor[] indices, int cols) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("semi_drop_grow_cpu", &sparsekern::semi::drop_grow);
+  m.impl("semi_restructure_cpu", &sparsekern::semi::restructure);
+  m.impl("semi_carry_cpu", &sparsekern::semi::carry);
+  m.impl("semi_decompress_sum_cpu", &sparsekern::semi::decompress_sum);
+}

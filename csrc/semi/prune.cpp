@@ -1,9 +1,10 @@
-// 2:4 prune + compress on CPU (fp32), the dynamic mode's per-step kernel.
+// 2:4 prune + compress on CPU (fp32), the dynamic mode's per-step kernel: the dispatcher op
+// sparsekern::semi_prune_compress_cpu (fake in sparsekern/kernels/semi/cpu.py).
 //
 // One pass over the dense weight: choose the kept entries of each group of 4
 // (row-wise) or 4x4 tile (transposable), and write W's compression and, for
-// transposable masks, Wᵀ's, in the formats of sparsekern.formats.semi_structured.
-// The choice is exactly sparsekern.pruning.prune_2to4's: row-wise keeps the two
+// transposable masks, Wᵀ's, in the format of sparsekern.formats.semi.
+// The choice is exactly sparsekern.formats.semi_prune.prune_2to4's: row-wise keeps the two
 // largest |w| (ties to the lower index); transposable scores the 90 patterns of
 // transposable_patterns() in their order and keeps the first best one. At 4096²
 // (transposable, W and Wᵀ) the plain torch version costs 1.6 dense forwards
@@ -11,10 +12,13 @@
 #include "semi/prune.h"
 
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 // Compiled for AVX2 like semi.cpp (the backend runs only where the CPU has it): the
@@ -35,7 +39,7 @@ struct Pattern {
   int col_rows[4][2];  // the two tile rows that keep each tile column, ascending
 };
 
-// The 90 transposable patterns in sparsekern.pruning.transposable_patterns() order:
+// The 90 transposable patterns in sparsekern.formats.semi_prune.transposable_patterns() order:
 // rows as itertools.product(pairs, repeat=4) (row 0 slowest), two ones per column.
 const std::vector<Pattern>& patterns() {
   static const std::vector<Pattern> table = [] {
@@ -117,9 +121,10 @@ inline void put_group(float* values, uint8_t* indices, int64_t group, float v_lo
   }
 }
 
-}  // namespace
-
-std::vector<at::Tensor> prune_compress(const at::Tensor& dense, bool transposable) {
+// dense (N, K) float32 -> values (N, K/2), indices uint8 (N, ceil(K/8)) and, if transposable,
+// values_t (K, N/2), indices_t (K, ceil(N/8)): Wᵀ's compression (else None).
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> prune_compress(
+    const at::Tensor& dense, bool transposable) {
   TORCH_CHECK(dense.device().is_cpu() && dense.dim() == 2 && dense.is_contiguous() &&
                   dense.scalar_type() == at::kFloat,
               "semi prune_compress: dense must be a contiguous 2-D float32 CPU tensor, got ", dense.scalar_type(),
@@ -143,7 +148,7 @@ std::vector<at::Tensor> prune_compress(const at::Tensor& dense, bool transposabl
         }
       }
     });
-    return {values, indices};
+    return {values, indices, std::nullopt, std::nullopt};
   }
   at::Tensor values_t = at::empty({K, N / 2}, dense.options());
   at::Tensor indices_t = at::empty({K, (N + 7) / 8}, dense.options().dtype(at::kByte));
@@ -179,6 +184,8 @@ std::vector<at::Tensor> prune_compress(const at::Tensor& dense, bool transposabl
   return {values, indices, values_t, indices_t};
 }
 
+}  // namespace
+
 at::Tensor transposable_pattern_table() {
   const auto& table = patterns();
   at::Tensor out = at::zeros({int64_t(table.size()), 16}, at::kBool);
@@ -196,3 +203,12 @@ at::Tensor transposable_pattern_table() {
 }  // namespace sparsekern
 
 #pragma GCC pop_options
+
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  m.set_python_module("sparsekern.kernels.semi.cpu");
+  m.def("semi_prune_compress_cpu(Tensor dense, bool transposable) -> (Tensor, Tensor, Tensor?, Tensor?)");
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("semi_prune_compress_cpu", &sparsekern::semi::prune_compress);
+}

@@ -1,4 +1,10 @@
 // 2:4 semi-structured linear products on CPU (fp32, AVX2 + FMA), module sparsekern._C_semi.
+// Dispatcher ops (fakes in sparsekern/kernels/semi/cpu.py):
+//
+// sparsekern::semi_plan_cpu         per-structure weight stream layout (panel offsets, value positions)
+// sparsekern::semi_forward_cpu      y = x Wᵀ with W given by its values and its plan
+// sparsekern::semi_grad_weight_cpu  dvalues = (dyᵀ x) at W's kept positions
+// and, in prune.cpp and dst_update.cpp, prune+compress and the 2:4 DST update kernels.
 //
 // W (N, K) arrives compressed: values (N, K/2) and packed 2-bit in-group positions
 // (N, ceil(K/8)) uint8, four kept entries per byte, lowest bits first.
@@ -20,17 +26,18 @@
 //   dW       (dyᵀ x)[kept] 8 kept entries of row n at a time: 8 ymm dot-product accumulators
 //                          over 4 x 96 tokens, reduced with one hadd tree
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include "common/huge_page_output.h"
-#include "semi/dst_update.h"
 #include "semi/prune.h"
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 
-// Everything up to the module definition is compiled for AVX2 + FMA (lambdas included); the
+// Everything up to the op registration is compiled for AVX2 + FMA (lambdas included); the
 // Python side calls in only after checking the CPU supports them, and importing runs none of it.
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -181,8 +188,8 @@ RowKernel row_kernel(bool allow_avx512) {
 // through perm (entry (n, j) = values[perm[n, j]], which is how dX reads Wᵀ's values out of
 // W's with no transposed copy), the flat position of each slot's value (else empty: values
 // row-major). Per call, only the values are gathered into the stream (a sequential pass).
-std::vector<torch::Tensor> plan(torch::Tensor indices, c10::optional<torch::Tensor> perm, int64_t half,
-                                int64_t nb, int64_t kc) {
+std::tuple<torch::Tensor, torch::Tensor> plan(torch::Tensor indices, c10::optional<torch::Tensor> perm,
+                                              int64_t half, int64_t nb, int64_t kc) {
   TORCH_CHECK(indices.dim() == 2 && indices.is_contiguous() && indices.scalar_type() == torch::kUInt8 &&
                   indices.size(1) == (2 * half + 7) / 8,
               "semi: indices must be contiguous uint8 (rows, ceil(cols/8))");
@@ -244,7 +251,7 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
   TORCH_CHECK(offsets.dim() == 2 && offsets.size(1) == half && offsets.scalar_type() == torch::kInt16 &&
                   source.scalar_type() == torch::kInt32 && (source.numel() == N * half || source.numel() == 0),
               "semi: offsets/source do not match x (make them with plan())");
-  auto y = sparsekern::empty_output({M, N}, x.options());
+  auto y = sparsekern::common::empty_output({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
   TORCH_CHECK(kc % 4 == 0 && kc >= 4 && kc * MR < 65536 && nb >= 1 && nb <= NB_MAX, "semi: bad blocking");
@@ -373,19 +380,24 @@ torch::Tensor grad_weight(torch::Tensor dy, torch::Tensor x, torch::Tensor indic
 
 #pragma GCC pop_options
 
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  m.set_python_module("sparsekern.kernels.semi.cpu");
+  m.def("semi_plan_cpu(Tensor indices, Tensor? perm, int half, int nb, int kc) -> (Tensor, Tensor)");
+  m.def("semi_forward_cpu(Tensor x, Tensor values, Tensor offsets, Tensor source, int nb, int kc, "
+        "bool allow_avx512) -> Tensor");
+  m.def("semi_grad_weight_cpu(Tensor dy, Tensor x, Tensor indices) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("semi_plan_cpu", &plan);
+  m.impl("semi_forward_cpu", &forward);
+  m.impl("semi_grad_weight_cpu", &grad_weight);
+}
+
+// Controls and tables, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "2:4 semi-structured linear products on CPU (fp32, AVX2 + FMA)";
-  sparsekern::def_output_cache(m);
-  m.def("plan", &plan, "per-structure weight stream layout: (panel offsets, value positions)");
-  m.def("forward", &forward, "y = x @ W.T with W 2:4-compressed (values + plan)");
-  m.def("grad_weight", &grad_weight, "dvalues = (dy.T @ x) at W's kept positions");
-  m.def("prune_compress", &sparsekern::semi::prune_compress,
-        "2:4 prune (row-wise or transposable) + compress of W (and of W.T when transposable)");
+  m.doc() = "2:4 semi-structured kernels on CPU; the products are sparsekern::semi_*_cpu dispatcher ops";
+  sparsekern::common::def_output_cache(m);
   m.def("transposable_pattern_table", &sparsekern::semi::transposable_pattern_table,
         "the 90 transposable 4x4 patterns, (90, 16) bool, in scoring order");
-  m.def("dst_drop_grow", &sparsekern::semi::dst_drop_grow, "2:4 DST drop + in-group grow: (status, mask, weight)");
-  m.def("dst_restructure", &sparsekern::semi::dst_restructure,
-        "new 2:4 mask -> (status, slot map, indices, indices of the transpose)");
-  m.def("dst_carry", &sparsekern::semi::dst_carry, "tensor.flatten()[slots], zero where slots < 0");
-  m.def("dst_decompress_sum", &sparsekern::semi::dst_decompress_sum, "dense sum of 2:4-compressed matrices");
 }

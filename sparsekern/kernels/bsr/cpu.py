@@ -1,20 +1,45 @@
-"""``cpu`` backend of the block-sparse products: C++ kernels of ``sparsekern._C_bsr``.
+"""``cpu`` backend of the block-sparse products: the dispatcher ops of ``sparsekern._C_bsr``.
 
 AVX2/FMA register-blocked microkernels (portable loops where the CPU lacks
 them) over packed operands, threads through ATen's pool (``torch.set_num_threads``).
 float32/float64 run natively; bfloat16/float16 are packed to float32, computed
 and accumulated in float32, and rounded once on output. Sources: csrc/bsr/.
+
+The ops (``torch.ops.sparsekern.bsr_*_cpu``) and their fakes, registered on first use:
+
+``bsr_forward_cpu(x, values, row_offsets, col_indices, out_features, bias=None)``
+``bsr_grad_input_cpu(dy, values, col_offsets, t_block_ids, t_row_indices, in_features)``
+``bsr_grad_weight_cpu(dy, x, row_indices, col_indices, block_rows, block_cols)``
 """
 import torch
 
-from ..._extension import cpu_extension_unavailable, load_extension
+from ..._extension import cpu_extension_unavailable, load_ops
 from ..registry import register_kernel
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _ext():
-    return load_extension("bsr")
+def _register_fakes():
+    torch.library.register_fake("sparsekern::bsr_forward_cpu", _forward_fake)
+    torch.library.register_fake("sparsekern::bsr_grad_input_cpu", _grad_input_fake)
+    torch.library.register_fake("sparsekern::bsr_grad_weight_cpu", _grad_weight_fake)
+
+
+def _forward_fake(x, values, row_offsets, col_indices, out_features, bias=None):
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _grad_input_fake(dy, values, col_offsets, t_block_ids, t_row_indices, in_features):
+    return dy.new_empty(dy.shape[0], in_features)
+
+
+def _grad_weight_fake(dy, x, row_indices, col_indices, block_rows, block_cols):
+    return x.new_empty(row_indices.shape[0], block_rows, block_cols)
+
+
+def ops():
+    """``torch.ops.sparsekern`` with the block-sparse ops and their fakes registered, or None."""
+    return load_ops("bsr", _register_fakes)
 
 
 def unavailable(device, dtype):
@@ -22,16 +47,16 @@ def unavailable(device, dtype):
 
 
 def bsr_forward(x, values, layout, bias=None):
-    return _ext().forward(x, values, layout.row_offsets, layout.col_indices, layout.shape[0], bias)
+    return ops().bsr_forward_cpu(x, values, layout.row_offsets, layout.col_indices, layout.shape[0], bias)
 
 
 def bsr_grad_input(dy, values, layout):
-    return _ext().grad_input(dy, values, layout.col_offsets, layout.t_block_ids, layout.t_row_indices,
-                             layout.shape[1])
+    return ops().bsr_grad_input_cpu(dy, values, layout.col_offsets, layout.t_block_ids, layout.t_row_indices,
+                                    layout.shape[1])
 
 
 def bsr_grad_weight(dy, x, layout):
-    return _ext().grad_weight(dy, x, layout.row_indices, layout.col_indices, *layout.block_size)
+    return ops().bsr_grad_weight_cpu(dy, x, layout.row_indices, layout.col_indices, *layout.block_size)
 
 
 register_kernel("bsr_forward", "cpu", bsr_forward, unavailable)

@@ -2,7 +2,15 @@
 
 The extension is loaded on first use; without it (or on a CPU without AVX2, or
 for another dtype) this backend reports itself unavailable and the registry
-picks the reference one.
+picks the reference one. Its kernels are dispatcher ops, whose fakes are
+registered here (the DST update kernels' too: one extension, one place):
+
+``semi_plan_cpu(indices, perm, half, nb, kc) -> (offsets, source)``
+``semi_forward_cpu(x, values, offsets, source, nb, kc, allow_avx512) -> y``
+``semi_grad_weight_cpu(dy, x, indices) -> dvalues``
+``semi_prune_compress_cpu(dense, transposable) -> (values, indices, values_t?, indices_t?)``
+``semi_drop_grow_cpu``, ``semi_restructure_cpu``, ``semi_carry_cpu``, ``semi_decompress_sum_cpu``:
+    see :mod:`sparsekern.kernels.semi.dst_cpu`.
 
 The kernels read W through a *plan* (its indices decoded to panel offsets, and
 where each value of the weight stream comes from), built once per structure and
@@ -13,16 +21,70 @@ import weakref
 
 import torch
 
-from ..._extension import extension_failure, load_extension
-from ...formats.semi import decompress
+from ..._extension import extension_failure, load_extension, load_ops
 from ..registry import register_kernel
 
 _NB, _KC = 64, 64     # forward blocking: weight rows per task, panel columns per block (docs/semi_structured.md)
 _plans = {}           # (id(indices), id(map)) -> (weak refs, indices version, plan)
 
 
-def _module():
-    return load_extension("semi")
+def _register_fakes():
+    fakes = {"semi_plan_cpu": _plan_fake, "semi_forward_cpu": _forward_fake,
+             "semi_grad_weight_cpu": _grad_weight_fake, "semi_prune_compress_cpu": _prune_compress_fake,
+             "semi_drop_grow_cpu": _drop_grow_fake, "semi_restructure_cpu": _restructure_fake,
+             "semi_carry_cpu": _carry_fake, "semi_decompress_sum_cpu": _decompress_sum_fake}
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"sparsekern::{name}", fake)
+
+
+def _index_bytes(cols):
+    return -(-cols // 8)  # packed 2-bit positions of cols/2 kept entries, four per byte
+
+
+def _plan_fake(indices, perm, half, nb, kc):
+    rows = indices.shape[0]
+    return (indices.new_empty(rows, half, dtype=torch.int16),
+            indices.new_empty(rows if perm is not None else 0, half, dtype=torch.int32))
+
+
+def _forward_fake(x, values, offsets, source, nb, kc, allow_avx512):
+    return x.new_empty(x.shape[0], offsets.shape[0])
+
+
+def _grad_weight_fake(dy, x, indices):
+    return x.new_empty(dy.shape[1], x.shape[1] // 2)
+
+
+def _prune_compress_fake(dense, transposable):
+    rows, cols = dense.shape
+    values, indices = dense.new_empty(rows, cols // 2), dense.new_empty(rows, _index_bytes(cols), dtype=torch.uint8)
+    if not transposable:
+        return values, indices, None, None
+    return values, indices, dense.new_empty(cols, rows // 2), dense.new_empty(cols, _index_bytes(rows),
+                                                                               dtype=torch.uint8)
+
+
+def _drop_grow_fake(drop, mask, grow, n_drop, transposable, absolute, with_weight):
+    return torch.empty_like(mask), torch.empty_like(drop) if with_weight else None
+
+
+def _restructure_fake(mask, old_indices, transposable):
+    rows, cols = mask.shape
+    indices_t = mask.new_empty(cols, _index_bytes(rows), dtype=torch.uint8) if transposable else None
+    return mask.new_empty(rows, cols // 2, dtype=torch.int64), torch.empty_like(old_indices), indices_t
+
+
+def _carry_fake(tensor, slots):
+    return tensor.new_empty(slots.shape)
+
+
+def _decompress_sum_fake(values, indices, cols):
+    return values[0].new_empty(values[0].shape[0], cols)
+
+
+def ops():
+    """``torch.ops.sparsekern`` with the 2:4 ops and their fakes registered, or None."""
+    return load_ops("semi", _register_fakes)
 
 
 def _unavailable(device, dtype):
@@ -32,45 +94,58 @@ def _unavailable(device, dtype):
         return f"supports float32 only, got {dtype}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"needs AVX2 + FMA, this CPU reports {torch.backends.cpu.get_cpu_capability()}"
-    if _module() is None:
+    if ops() is None:
         return f"extension sparsekern._C_semi not loaded ({extension_failure('semi')})"
     return None
 
 
-def _plan(indices, transpose_map, half):
+def plan(indices, transpose_map, half, nb=_NB, kc=_KC):
+    """(panel offsets, value positions) of the weight stream of the structure ``indices``
+    (values read through ``transpose_map`` when given), for the forward blocking ``nb``, ``kc``."""
+    return ops().semi_plan_cpu(indices, transpose_map, half, nb, kc)
+
+
+def forward(x, values, offsets, source, nb=_NB, kc=_KC, allow_avx512=True):
+    """y = x Wᵀ with W given by ``values`` and a plan made with the same blocking."""
+    return ops().semi_forward_cpu(x, values, offsets, source, nb, kc, allow_avx512)
+
+
+def _cached_plan(indices, transpose_map, half):
     key = (id(indices), id(transpose_map))
     hit = _plans.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], (indices, transpose_map))) \
             and hit[1] == indices._version:
         return hit[2]
-    plan = _module().plan(indices, transpose_map, half, _NB, _KC)
+    result = plan(indices, transpose_map, half)
     refs = tuple(weakref.ref(t, lambda _, k=key: _plans.pop(k, None)) if t is not None else (lambda: None)
                  for t in (indices, transpose_map))
-    _plans[key] = (refs, indices._version, plan)
-    return plan
+    _plans[key] = (refs, indices._version, result)
+    return result
 
 
 def semi_forward(x, values, indices):
-    offsets, source = _plan(indices, None, x.shape[1] // 2)
-    return _module().forward(x, values, offsets, source, _NB, _KC, True)
+    return forward(x, values, *_cached_plan(indices, None, x.shape[1] // 2))
 
 
 def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
     if indices_t is not None:   # transposable: the forward on Wᵀ, values read out of W's
-        offsets, source = _plan(indices_t, transpose_map, dy.shape[1] // 2)
-        return _module().forward(dy, values, offsets, source, _NB, _KC, True)
+        return forward(dy, values, *_cached_plan(indices_t, transpose_map, dy.shape[1] // 2))
     # Row-wise-only 2:4: W's columns are irregular, and a scatter kernel reached less than
     # half of MKL's dense speed here, so dX is the dense product (use transposable 2:4).
-    return dy @ decompress(values, indices, 2 * values.shape[1])
+    return dy @ ops().semi_decompress_sum_cpu([values], [indices], 2 * values.shape[1])
 
 
 def semi_grad_weight(dy, x, indices):
-    return _module().grad_weight(dy, x, indices)
+    return ops().semi_grad_weight_cpu(dy, x, indices)
 
 
 def semi_prune_compress(dense, transposable):
-    compressed = _module().prune_compress(dense, transposable)
-    return tuple(compressed) if transposable else (*compressed, None, None)
+    return ops().semi_prune_compress_cpu(dense, transposable)
+
+
+def transposable_pattern_table():
+    """The 90 transposable 4x4 patterns in the order the C++ prune scores them, (90, 16) bool."""
+    return load_extension("semi").transposable_pattern_table()
 
 
 register_kernel("semi_forward", "cpu", semi_forward, _unavailable)
