@@ -1,6 +1,9 @@
-"""The C++ 2:4 DST kernels (csrc/semi/dst_update.cpp) take exactly the decisions of the
-plain-torch code they replace on the CPU: the rule, set_mask's bookkeeping, the optimizer-state
-carry, the probe's complement indices and dense gradient. Ties included."""
+"""The C++ 2:4 DST kernels (csrc/semi/dst_update.cpp, the ``cpu`` backend of the
+semi_drop_grow / semi_restructure / semi_carry / semi_decompress_sum products) take exactly
+the decisions of the plain-torch ``reference`` backend: the rule, set_mask's bookkeeping, the
+optimizer-state carry, the probe's complement indices and dense gradient. Ties included."""
+import contextlib
+
 import pytest
 import torch
 
@@ -9,24 +12,24 @@ from sparsekern.formats.semi import decompress, kept_positions, pack_indices
 from sparsekern.methods import functional as Fn
 from sparsekern.methods.dst.semi_probe import SemiProbe, complement_indices
 from sparsekern.nn.semi_linear import carry
-from sparsekern.nn import semi_linear
 from sparsekern.formats.semi_prune import prune_2to4
 
-pytestmark = pytest.mark.skipif(semi_linear._dst_extension(torch.zeros(1)) is None,
-                                reason="sparsekern._C_semi (with its DST kernels) is not built")
+pytestmark = pytest.mark.skipif(
+    "cpu" not in sk.kernels.available_backends("semi_drop_grow", torch.device("cpu"), torch.float32),
+    reason="the compiled 2:4 extension (with its DST kernels) is not built")
 
 
 @pytest.fixture
-def plain_torch(monkeypatch):
-    """Run the block under the plain-torch fallback (as without the extension)."""
-    def use():
-        monkeypatch.setattr(semi_linear, "_dst_extension", lambda *tensors: None)
-    return use
+def plain_torch():
+    """Call it to run the rest of the test on the reference (plain-torch) backend."""
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(sk.use_backend("reference"))
 
 
 def both_paths(plain_torch, fn):
     """fn() with the C++ kernels, then with plain torch."""
-    fast = fn()
+    with sk.use_backend("cpu"):
+        fast = fn()
     plain_torch()
     return fast, fn()
 

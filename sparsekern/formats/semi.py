@@ -58,14 +58,11 @@ def compress(dense, mask):
 
 
 def decompress(values, indices, cols):
-    """Dense (rows, cols) from compressed values/indices; differentiable with respect to ``values``."""
-    if values.device.type == "cpu" and not (values.requires_grad and torch.is_grad_enabled()):
-        # One pass in C++ (the DST drivers read layers' dense weights and masks this way at every
-        # update); the scatter below stays the path autograd and other devices take.
-        from .._extension import load_extension
-        ext = load_extension("semi")
-        if hasattr(ext, "dst_decompress_sum"):  # None, or a build older than the kernel: scatter
-            return ext.dst_decompress_sum([values.contiguous()], [indices.contiguous()], cols)
+    """Dense (rows, cols) from compressed values/indices; differentiable with respect to ``values``.
+
+    One scatter. Layers and methods that need no gradient call the
+    ``semi_decompress_sum`` kernel instead (:func:`sparsekern.kernels.semi.decompress_sum`).
+    """
     rows = values.shape[0]
     return values.new_zeros(rows, cols).scatter(1, unpack_columns(indices, cols), values)
 

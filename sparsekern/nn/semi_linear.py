@@ -16,11 +16,10 @@ import math
 import torch
 from torch import nn
 
-from .._extension import load_extension
-from ..formats.semi import (SemiStructuredMatrix, _check_exact_2to4, compress, decompress, kept_positions,
-                                       pack_indices, unpack_columns)
-from ..ops.semi_linear import semi_linear, semi_linear_dynamic
+from ..formats.semi import SemiStructuredMatrix, compress, decompress
 from ..formats.semi_prune import check_2to4_shape, prune_2to4
+from ..kernels import semi as semi_kernels
+from ..ops.semi_linear import semi_linear, semi_linear_dynamic
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _MODES = ("static", "dynamic")
@@ -111,19 +110,7 @@ class SemiSparseLinear(nn.Module):
             raise ValueError(f"mask must be a bool tensor of shape {shape}, got "
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
         mask = mask.to(self.values.device)
-        ext = _dst_extension(mask, self.values)
-        if ext is None:
-            _check_exact_2to4(mask, shape, self.transposable)
-            positions = kept_positions(mask)
-            slots = _slot_map(self.indices, positions, self.in_features)
-            indices = pack_indices(positions)
-            indices_t = pack_indices(kept_positions(mask.T.contiguous())) if self.transposable else None
-        else:
-            status, slots, indices, indices_t = ext.dst_restructure(mask.contiguous(), self.indices.contiguous(),
-                                                                    self.transposable)
-            if status:
-                _check_exact_2to4(mask, shape, self.transposable)  # raises the error naming the mask
-                raise ValueError(f"mask of shape {shape} is not exactly 2:4")
+        slots, indices, indices_t = semi_kernels.restructure(mask, self.indices, self.transposable)
         with torch.no_grad():
             self.values.data = carry(self.values.detach(), slots).contiguous()
         self.indices = indices
@@ -149,13 +136,16 @@ class SemiSparseLinear(nn.Module):
         if self.mode == "dynamic":
             return prune_2to4(self.weight.detach(), transposable=self.transposable)
         ones = torch.ones(self.values.shape, dtype=torch.bool, device=self.values.device)
-        return decompress(ones, self.indices, self.in_features)
+        return semi_kernels.decompress_sum([ones], [self.indices], self.in_features)
 
     def dense_weight(self):
-        """The effective dense (out_features, in_features) weight."""
+        """The effective dense (out_features, in_features) weight (differentiable where autograd records)."""
         if self.mode == "dynamic":
             return self.weight * self.mask
-        return decompress(self.values, self.indices, self.in_features)
+        if torch.is_grad_enabled() and self.values.requires_grad:
+            return decompress(self.values, self.indices, self.in_features)
+        # The DST drivers read every layer's dense weight at each update: one kernel pass.
+        return semi_kernels.decompress_sum([self.values], [self.indices], self.in_features)
 
     def sparse_weight(self):
         """The weight as a SemiStructuredMatrix sharing ``values`` (static mode).
@@ -191,35 +181,8 @@ class SemiSparseLinear(nn.Module):
                 f"transposable={self.transposable}, mode={self.mode!r}")
 
 
-def _dst_extension(*tensors):
-    """``sparsekern._C_semi`` when its DST kernels (csrc/semi/dst_update.cpp) can take ``tensors``
-    (all on the CPU), else None: callers then run their plain-torch code. Used by ``set_mask`` and
-    the 2:4 rules of :mod:`sparsekern.methods`."""
-    if any(t.device.type != "cpu" for t in tensors):
-        return None
-    module = load_extension("semi")
-    return module if hasattr(module, "dst_drop_grow") else None
-
-
 def carry(tensor, slots):
     """``tensor`` (rows, cols/2) moved by the slot map ``SemiSparseLinear.set_mask`` returns:
     new weights' entries are zero. The layer's values move this way, and so must optimizer
     state shaped like them (``sparsekern.methods`` does)."""
-    ext = _dst_extension(tensor, slots)
-    if ext is not None:
-        return ext.dst_carry(tensor.contiguous(), slots.contiguous())
-    moved = tensor.reshape(-1)[slots.clamp_min(0)].view_as(slots)
-    return torch.where(slots >= 0, moved, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
-
-
-def _slot_map(old_indices, new_positions, cols):
-    """int64 (rows, cols/2): for each new kept weight (``new_positions``, in-group positions of a
-    2:4 layout) the flat slot of the same weight under ``old_indices``, or -1. Groups of four
-    keep two weights each in both layouts, so this compares two against two per group."""
-    rows, groups = new_positions.shape[0], cols // 4
-    old = (unpack_columns(old_indices, cols) % 4).view(rows, groups, 2)
-    new = new_positions.view(rows, groups, 2)
-    first = torch.arange(0, rows * (cols // 2), 2, device=new.device).view(rows, groups, 1)  # old slot 0
-    none = torch.full((), -1, dtype=torch.int64, device=new.device)
-    slots = torch.where(new == old[..., :1], first, torch.where(new == old[..., 1:], first + 1, none))
-    return slots.view(rows, cols // 2)
+    return semi_kernels.carry(tensor, slots)

@@ -19,10 +19,36 @@ uint8 (N, ceil(K/8)) (see :mod:`sparsekern.formats.semi`).
 Inputs arrive contiguous, on one device, of one floating dtype (checked by the
 op layer). Outputs are new tensors of the input dtype; half types accumulate in
 fp32. M may be 0.
+
+The dynamic-sparse-training products (``reference`` and ``cpu``), which the layer
+and the DST methods call through the functions of :mod:`.products`:
+
+``semi_drop_grow(mask, drop, grow, n_drop, transposable, absolute, with_weight) -> (new_mask, new_weight)``
+    The ``n_drop`` kept entries of the bool 2:4 ``mask`` with the smallest ``drop``
+    (``|drop|`` if ``absolute``) leave, ties to the lower flat index; each row group
+    of four (4x4 tile if ``transposable``) regrows what it lost by largest ``grow``
+    (``|grow|``): in a group, ties to the lower position; in a tile, the first of the
+    transposable patterns containing its survivors with the largest total, summed in
+    float64. new_weight (None unless ``with_weight``) is ``drop`` where kept before and
+    after, else zero. ValueError if the mask is not exactly (transposable) 2:4 or
+    ``n_drop`` is not in [0, kept entries].
+``semi_restructure(mask, old_indices, transposable) -> (slots, indices, indices_t)``
+    A new exact 2:4 bool mask (rows, cols) as packed ``indices``, those of its
+    transpose (None unless ``transposable``), and the slot map int64 (rows, cols/2):
+    for each new kept weight, its flat slot under ``old_indices``, or -1. ValueError
+    naming the mask if it is not exactly (transposable) 2:4.
+``semi_carry(tensor, slots) -> moved``
+    ``tensor.flatten()[slots]``, zero where ``slots`` < 0 (shape of ``slots``).
+``semi_decompress_sum(values, indices, cols) -> dense``
+    The dense (rows, cols) sum of the compressed matrices ``zip(values, indices)``.
 """
-from . import reference  # noqa: F401  (registers the reference backend)
-from . import cpu  # noqa: F401  (registers the C++ backend, loaded on first use)
+from . import reference, dst_reference  # noqa: F401  (register the reference backend)
+from . import cpu, dst_cpu  # noqa: F401  (register the C++ backend, loaded on first use)
 from . import triton_prune  # noqa: F401  (registers the Triton prune+compress kernel, built on first use)
 from . import cuda  # noqa: F401  (registers torch's semi-structured GPU matmul)
+from .products import carry, decompress_sum, drop_grow, grad_weight, restructure
 
-PRODUCTS = ("semi_forward", "semi_grad_input", "semi_grad_weight", "semi_prune_compress")
+PRODUCTS = ("semi_forward", "semi_grad_input", "semi_grad_weight", "semi_prune_compress",
+            "semi_drop_grow", "semi_restructure", "semi_carry", "semi_decompress_sum")
+
+__all__ = ["PRODUCTS", "carry", "decompress_sum", "drop_grow", "grad_weight", "restructure"]

@@ -14,13 +14,13 @@
   their state, regrown ones start at zero, scalar state (Adam's ``step``) is kept.
 
 On the CPU the slot moves and the dense-gradient merge run in C++
-(csrc/semi/dst_update.cpp), with the plain-torch code as the fallback.
+(csrc/semi/dst_update.cpp), with the plain-torch code as the fallback
+(the ``semi_carry`` and ``semi_decompress_sum`` kernels).
 """
 import torch
 
-from ...formats.semi import decompress
-from ...kernels import forced_backend, select_kernel
-from ...nn import semi_linear as _semi_layer
+from ...kernels import forced_backend
+from ...kernels import semi as semi_kernels
 
 
 def _complement_nibble(nibble):
@@ -61,12 +61,12 @@ class SemiProbe:
             return
         self.indices = complement_indices(module.indices)
         x = inputs[0].detach().reshape(-1, module.in_features).contiguous()
-        output.register_hook(lambda dy: self._backward(dy, x))
+        backend = forced_backend()  # the hook may run where the forward's forced backend is not set
+        output.register_hook(lambda dy: self._backward(dy, x, backend))
 
-    def _backward(self, dy, x):
+    def _backward(self, dy, x, backend):
         dy = dy.reshape(-1, dy.shape[-1]).contiguous()
-        kernel = select_kernel("semi_grad_weight", dy.device, dy.dtype, forced_backend())[1]
-        grad = kernel(dy, x, self.indices)
+        grad = semi_kernels.grad_weight(dy, x, self.indices, backend)
         self.grad = grad if self.grad is None else self.grad + grad
 
     def dense_grad(self, name):
@@ -75,12 +75,8 @@ class SemiProbe:
         if self.grad is None or own is None:
             raise RuntimeError(f"no gradient reached the probe of layer {name!r}: run forward and backward "
                                "between two calls of step()")
-        cols, own = self.layer.in_features, own.detach()
-        ext = _semi_layer._dst_extension(own, self.grad)
-        if ext is not None and own.dtype in (torch.float32, torch.float64) and own.dtype == self.grad.dtype:
-            return ext.dst_decompress_sum([own.contiguous(), self.grad.contiguous()],
-                                          [self.layer.indices.contiguous(), self.indices.contiguous()], cols)
-        return decompress(own, self.layer.indices, cols) + decompress(self.grad, self.indices, cols)
+        return semi_kernels.decompress_sum([own.detach(), self.grad], [self.layer.indices, self.indices],
+                                           self.layer.in_features)
 
     def remove(self):
         self._handle.remove()
