@@ -8,11 +8,12 @@
 // sparsekern::semi_carry_cpu           tensor.flatten()[slots], zero where slots < 0
 // sparsekern::semi_decompress_sum_cpu  dense sum of 2:4-compressed matrices
 //
-// Decisions are exactly those of the plain-torch rules (the tests compare both): the drop takes the n smallest scores over the whole tensor (ties: lower flat
-// index), found by a radix histogram on order-preserving integer keys and a selection inside one
-// bucket; the grow works per row group of 4, or per 4x4 tile over the transposable patterns that
-// contain the tile's survivors (listed once per survivor set, in transposable_patterns() order;
-// totals summed in double, ties to the first pattern).
+// Decisions are exactly those of the plain-torch twins (the tests compare both): the drop takes
+// the n smallest scores over the whole tensor (ties: lower flat index), found by a radix histogram
+// on order-preserving integer keys and a selection inside one bucket; the grow works per row group
+// of 4, or per 4x4 tile over the transposable patterns that contain the tile's survivors (listed
+// once per survivor set, in transposable_patterns() order; totals summed in double, ties to the
+// first pattern).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
