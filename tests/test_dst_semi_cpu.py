@@ -85,6 +85,23 @@ def test_signed_scores_and_negative_zero(plain_torch, transposable):
 
 
 @pytest.mark.parametrize("transposable", [False, True], ids=["rows", "transposable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_nan_drop_scores_leave_last(plain_torch, transposable, dtype):
+    # NaNs of both signs (0/0 gives a negative one on x86) rank after every number, signed or |.|
+    weight, mask, grad = _case(16, 16, transposable, dtype, ties=True, seed=6)
+    nan = torch.tensor(float("nan"), dtype=dtype)
+    kept = mask.nonzero()[:8]
+    weight[kept[:, 0], kept[:, 1]] = torch.stack([nan, -nan] * 4)
+    assert weight[kept[1, 0], kept[1, 1]].signbit()
+    fast, plain = both_paths(plain_torch, lambda: (
+        Fn.semi_drop_and_grow(mask, weight, grad, 40, transposable=transposable),
+        Fn.semi_rigl_update(weight, mask, grad, 0.5, transposable=transposable)))
+    assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1][0], plain[1][0])
+    assert fast[1][1].isnan().sum() == plain[1][1].isnan().sum() == 8  # the NaN weights all stay
+    torch.testing.assert_close(fast[1][1], plain[1][1], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["rows", "transposable"])
 def test_set_rule_same_as_plain_torch_with_float64_weights(plain_torch, transposable):
     # float32 noise against float64 weights: the kernel compares in float64 (exact)
     weight, mask, _ = _case(16, 32, transposable, torch.float64, ties=False, seed=3)

@@ -44,7 +44,9 @@ constexpr int64_t kMaskOk = 0;
 constexpr int64_t kMaskNotRows = 1;          // some group of 4 along a row does not keep exactly 2
 constexpr int64_t kMaskNotTransposable = 2;  // some tile column does not keep exactly 2
 
-// Order-preserving unsigned keys: a < b (as floats, -0 == +0, no NaN) iff key(a) < key(b).
+// Order-preserving unsigned keys: a < b (as floats, -0 == +0) iff key(a) < key(b). Every NaN,
+// of either sign (0/0 gives a negative one on x86), gets the largest key: NaNs rank after every
+// number and tie among themselves, as the plain-torch rule ranks them.
 // The 16 top bits of a key pick the histogram bucket of the selection below.
 template <typename scalar_t>
 struct Keys {
@@ -53,18 +55,19 @@ struct Keys {
   static_assert(std::is_floating_point<scalar_t>::value && sizeof(scalar_t) == sizeof(type),
                 "keys are defined for IEEE float and double");
   static constexpr type kSign = type(1) << (8 * sizeof(type) - 1);
+  static constexpr type kNaN = ~type(0);
 
   static type of(scalar_t x) {
     type b;
     x += scalar_t(0);  // -0 -> +0
     std::memcpy(&b, &x, sizeof b);
-    return (b & kSign) ? ~b : (b | kSign);
+    return x != x ? kNaN : (b & kSign) ? ~b : (b | kSign);
   }
   static type of_magnitude(scalar_t x) {  // |x|: its bits already sort as the values do
     type b;
     x = std::abs(x);
     std::memcpy(&b, &x, sizeof b);
-    return b;
+    return x != x ? kNaN : b;
   }
 };
 
