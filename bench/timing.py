@@ -74,8 +74,7 @@ def kernel_path(product, device, dtype):
     backend = sk.kernels.select_kernel(product, device, dtype)[0]
     isa = None
     if device.type == "cpu":
-        extension = sk._extension.load_extension(product.split("_")[0])  # bsr_* -> _C_bsr, ...
-        isa = "unavailable" if extension is None else getattr(extension, "isa", lambda: None)()
+        isa = sk.kernels.microkernel.microkernel_isa(product.split("_")[0])  # bsr_* -> the bsr family
     return {"backend": backend, "isa": isa}
 
 
