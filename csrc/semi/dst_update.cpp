@@ -409,8 +409,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> drop_grow(const at::Tensor& dr
                       : drop_grow_impl<scalar_t, false>(drop, mask, grow, n_drop, transposable, out, weight);
   });
   TORCH_CHECK_VALUE(status == kMaskOk, "mask of shape ", shape_of(mask), " is not exactly ",
-                    transposable ? "transposable 2:4 (2 per row and column of every 4x4 tile)"
-                                 : "2:4 (2 of every 4)");
+                    transposable ? "transposable 2:4: it must keep exactly 2 of every 4 along rows and 2 per column "
+                                   "of every 4x4 tile"
+                                 : "2:4: it must keep exactly 2 of every 4 along rows");
   return {out, with_weight ? std::optional<at::Tensor>(weight) : std::nullopt};
 }
 
@@ -480,9 +481,10 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> restructure(const 
     });
   }
   const int flags = bad.load();
-  TORCH_CHECK_VALUE(!(flags & 1), "mask of shape ", shape_of(mask), " must keep exactly 2 of every 4 along rows");
+  TORCH_CHECK_VALUE(!(flags & 1), "mask of shape ", shape_of(mask), " is not exactly ",
+                    transposable ? "transposable 2:4" : "2:4", ": it must keep exactly 2 of every 4 along rows");
   TORCH_CHECK_VALUE(!(flags & 2), "mask of shape ", shape_of(mask),
-                    " is not transposable 2:4 (2 per column of every 4x4 tile)");
+                    " is not exactly transposable 2:4: it must keep exactly 2 per column of every 4x4 tile");
   return {slots, indices, transposable ? std::optional<at::Tensor>(indices_t) : std::nullopt};
 }
 

@@ -14,7 +14,7 @@ every 4x4 tile) can also carry the same compression of its transpose
 """
 import torch
 
-from .semi_prune import check_2to4_shape, prune_2to4
+from .semi_prune import check_2to4_mask, check_2to4_shape, prune_2to4
 
 
 def pack_indices(positions):
@@ -120,7 +120,7 @@ class SemiStructuredMatrix:
         elif mask.dtype != torch.bool or mask.shape != dense.shape:
             raise ValueError(f"mask must be bool of shape {tuple(dense.shape)}, got {mask.dtype} {tuple(mask.shape)}")
         else:
-            _check_exact_2to4(mask, dense.shape, with_transpose)
+            check_2to4_mask(mask, with_transpose)
         lost = nonzero & ~mask
         if bool(lost.any()):
             row, col = (int(i) for i in lost.nonzero()[0])
@@ -166,11 +166,3 @@ class SemiStructuredMatrix:
     def __repr__(self):
         return (f"SemiStructuredMatrix(shape={self.shape}, dtype={self.dtype}, device={self.device}, "
                 f"with_transpose={self.has_transpose})")
-
-
-def _check_exact_2to4(mask, shape, transposable):
-    per_group = mask.view(shape[0], shape[1] // 4, 4).sum(-1)
-    if not bool((per_group == 2).all()):
-        raise ValueError(f"mask of shape {tuple(shape)} must keep exactly 2 of every 4 along rows")
-    if transposable and not bool((mask.T.reshape(shape[1], shape[0] // 4, 4).sum(-1) == 2).all()):
-        raise ValueError(f"mask of shape {tuple(shape)} is not transposable 2:4 (2 per column of every 4x4 tile)")

@@ -40,6 +40,22 @@ def check_2to4_shape(shape, transposable):
         raise ValueError(f"transposable 2:4 needs both dims to be multiples of 4, got shape {shape}")
 
 
+def check_2to4_mask(mask, transposable):
+    """ValueError naming the mask unless it keeps exactly two of every four entries along rows
+    (and, if ``transposable``, two per column of every 4x4 tile): the one check of a 2:4
+    structure (the C++ kernels word their refusals the same way)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    check_2to4_shape(mask.shape, transposable)
+    (rows, cols), what = mask.shape, "transposable 2:4" if transposable else "2:4"
+    if not bool((mask.reshape(rows, cols // 4, 4).sum(-1) == 2).all()):
+        raise ValueError(f"mask of shape {(rows, cols)} is not exactly {what}: it must keep exactly 2 of every 4 "
+                         "along rows")
+    if transposable and not bool((mask.T.reshape(cols, rows // 4, 4).sum(-1) == 2).all()):
+        raise ValueError(f"mask of shape {(rows, cols)} is not exactly transposable 2:4: it must keep exactly 2 per "
+                         "column of every 4x4 tile")
+
+
 def prune_2to4(weight, transposable=False):
     """Bool mask (same shape as ``weight``) keeping 2 of every 4 weights by magnitude.
 

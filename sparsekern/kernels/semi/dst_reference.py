@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from ...formats.semi import _check_exact_2to4, decompress, kept_positions, pack_indices, unpack_columns
+from ...formats.semi import decompress, kept_positions, pack_indices, unpack_columns
+from ...formats.semi_prune import check_2to4_mask
 from ...formats.semi_prune import transposable_patterns
 from ..registry import register_kernel
 
@@ -30,67 +31,74 @@ def _from_groups(g, shape, transposable):
     return g.reshape(rows // 4, cols // 4, 4, 4).transpose(1, 2).reshape(rows, cols)
 
 
-def _check_rule_mask(mask, transposable):
-    groups = _to_groups(mask, transposable)
-    ok = (groups.view(-1, 4, 4).sum(1) == 2).all() & (groups.view(-1, 4, 4).sum(2) == 2).all() if transposable \
-        else (groups.sum(1) == 2).all()
-    if not bool(ok):
-        what = "transposable 2:4 (2 per row and column of every 4x4 tile)" if transposable else "2:4 (2 of every 4)"
-        raise ValueError(f"mask of shape {tuple(mask.shape)} is not exactly {what}")
-
-
 def _smallest_mask(score, eligible, k):
-    """Bool mask of the k smallest ``score`` among ``eligible`` (ties: lower flat index first),
-    in O(n): a k-th value instead of a sort."""
+    """Bool mask of the k smallest ``score`` among ``eligible`` (ties: lower flat index first;
+    every NaN ranks after every number, as in the C++ kernel), in O(n): a k-th value, no sort."""
     out = torch.zeros(eligible.numel(), dtype=torch.bool, device=eligible.device)
     if k > 0:
         where = eligible.reshape(-1).nonzero().squeeze(1)
         values = score.reshape(-1)[where]
-        threshold = values.kthvalue(k).values
-        below, tied = values < threshold, values == threshold
-        take = below | (tied & (tied.cumsum(0) <= k - int(below.sum())))
+        nan = values.isnan()
+        numbers = int((~nan).sum())
+        if k > numbers:  # every number goes, then the first NaNs
+            take = ~nan | (nan & (nan.cumsum(0) <= k - numbers))
+        else:
+            threshold = values[~nan].kthvalue(k).values
+            below, tied = values < threshold, values == threshold
+            take = below | (tied & (tied.cumsum(0) <= k - int(below.sum())))
         out[where[take]] = True
     return out.view(eligible.shape)
 
 
 def _grow_in_rows(kept, score):
     """(groups, 4): each group regrows 2 - kept of its free positions, largest ``score`` first
-    (ties: lower position)."""
+    (ties: lower position). Every pair of positions is decided by one comparison, as in the C++
+    kernel, so a NaN (never larger) still leaves exactly two kept."""
     free, s = (~kept).unbind(1), score.unbind(1)
     need = 2 - kept.sum(1, dtype=torch.uint8)
     grown = []
     for i in range(4):
-        # free entries ahead of entry i: larger score, or equal score at a lower position
-        ahead = sum((free[j] & ((s[j] >= s[i]) if j < i else (s[j] > s[i]))).to(torch.uint8)
+        # free entries ahead of entry i: a later one if strictly larger, an earlier one unless i is
+        ahead = sum((free[j] & (~(s[i] > s[j]) if j < i else (s[j] > s[i]))).to(torch.uint8)
                     for j in range(4) if j != i)
         grown.append(free[i] & (ahead < need))
     return kept | torch.stack(grown, 1)
 
 
-def _grow_in_tiles(kept, score):
+def _grow_in_tiles(kept, old, score):
     """(tiles, 16): each tile takes the transposable pattern containing its survivors with the
-    largest total ``score`` over its new entries, summed in float64 (ties: first in
-    transposable_patterns())."""
-    patterns = transposable_patterns(kept.device)                         # (90, 16)
-    members, outside = patterns.T.double(), (~patterns).T.double()
+    largest total ``score`` over its new cells, summed in float64 cell by cell as the C++ kernel
+    does (ties: first in transposable_patterns(); a NaN or -inf total never wins, and a tile
+    where none wins keeps its ``old`` pattern)."""
+    patterns = transposable_patterns(kept.device)                          # (90, 16)
+    cells = patterns.nonzero()[:, 1].view(-1, 8)                            # (90, 8) ascending
+    outside = (~patterns).T.to(torch.float32)
     best = []
-    for k, g in zip(kept.split(_TILES_PER_CHUNK), score.split(_TILES_PER_CHUNK)):
-        lost = k.double() @ outside                                        # survivors a pattern lacks
-        gain = torch.where(k, torch.zeros((), dtype=torch.float64), g.double()) @ members
-        best.append(gain.masked_fill_(lost > 0, -math.inf).argmax(1))      # first maximal on ties
-    return patterns[torch.cat(best)] if best else kept
+    for k, o, g in zip(kept.split(_TILES_PER_CHUNK), old.split(_TILES_PER_CHUNK), score.split(_TILES_PER_CHUNK)):
+        fresh = torch.where(k, torch.zeros((), dtype=torch.float64), g.double())
+        gain = fresh[:, cells[:, 0]]
+        for j in range(1, 8):
+            gain = gain + fresh[:, cells[:, j]]
+        gain = gain.nan_to_num(nan=-math.inf).masked_fill_((k.to(torch.float32) @ outside) > 0, -math.inf)
+        choice = gain.argmax(1)                                             # the first maximal on ties
+        won = gain.gather(1, choice[:, None]).squeeze(1) > -math.inf
+        best.append(torch.where(won[:, None], patterns[choice], o))
+    return torch.cat(best) if best else kept
 
 
 def semi_drop_grow(mask, drop, grow, n_drop, transposable, absolute, with_weight):
     active = mask.numel() // 2  # an exact 2:4 mask keeps half
     if not 0 <= n_drop <= active:
         raise ValueError(f"cannot drop {n_drop} of {active} active entries")
-    _check_rule_mask(mask, transposable)
+    check_2to4_mask(mask, transposable)
     drop_score, grow_score = (drop.abs(), grow.abs()) if absolute else (drop, grow)
     kept = mask & ~_smallest_mask(drop_score, mask, n_drop)
-    regrow = _grow_in_tiles if transposable else _grow_in_rows
-    new_mask = _from_groups(regrow(_to_groups(kept, transposable), _to_groups(grow_score, transposable)),
-                            mask.shape, transposable)
+    kept_groups, grow_groups = _to_groups(kept, transposable), _to_groups(grow_score, transposable)
+    if transposable:
+        regrown = _grow_in_tiles(kept_groups, _to_groups(mask, True), grow_groups)
+    else:
+        regrown = _grow_in_rows(kept_groups, grow_groups)
+    new_mask = _from_groups(regrown, mask.shape, transposable)
     if not with_weight:
         return new_mask, None
     return new_mask, torch.where(mask & new_mask, drop, torch.zeros((), dtype=drop.dtype, device=drop.device))
@@ -110,7 +118,7 @@ def _slot_map(old_indices, new_positions, cols):
 
 
 def semi_restructure(mask, old_indices, transposable):
-    _check_exact_2to4(mask, mask.shape, transposable)
+    check_2to4_mask(mask, transposable)
     positions = kept_positions(mask)
     indices_t = pack_indices(kept_positions(mask.T.contiguous())) if transposable else None
     return _slot_map(old_indices, positions, mask.shape[1]), pack_indices(positions), indices_t
