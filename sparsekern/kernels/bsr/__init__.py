@@ -14,5 +14,3 @@ M, N, K and nnz may be 0.
 from . import reference  # noqa: F401  (registers the reference backend)
 from . import cpu  # noqa: F401  (registers the C++ cpu backend; loads it on first use)
 from . import triton_backend  # noqa: F401  (registers the triton backend; triton loads on first use)
-
-PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight")

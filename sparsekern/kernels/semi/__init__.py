@@ -48,7 +48,4 @@ from . import triton_prune  # noqa: F401  (registers the Triton prune+compress k
 from . import cuda  # noqa: F401  (registers torch's semi-structured GPU matmul)
 from .products import carry, decompress_sum, drop_grow, grad_weight, restructure
 
-PRODUCTS = ("semi_forward", "semi_grad_input", "semi_grad_weight", "semi_prune_compress",
-            "semi_drop_grow", "semi_restructure", "semi_carry", "semi_decompress_sum")
-
-__all__ = ["PRODUCTS", "carry", "decompress_sum", "drop_grow", "grad_weight", "restructure"]
+__all__ = ["carry", "decompress_sum", "drop_grow", "grad_weight", "restructure"]
