@@ -159,3 +159,21 @@ def test_op_bad_inputs():
         semi_linear(torch.randn(3, 12), weight.to_dense())
     with pytest.raises(ValueError, match=r"\(8, 10\)"):
         semi_linear_dynamic(torch.randn(3, 10), torch.randn(8, 10))
+
+
+@pytest.mark.skipif("cpu" not in available_backends("semi_forward", torch.device("cpu"), torch.float32),
+                    reason="the cpu backend is not built")
+def test_the_cpu_kernels_refuse_out_of_range_transpose_maps_instead_of_reading_outside():
+    from sparsekern.kernels.semi import cpu
+    rows, cols = 8, 16
+    weight = sk.SemiStructuredMatrix.from_dense(
+        torch.randn(rows, cols) * sk.prune_2to4(torch.randn(rows, cols), transposable=True), with_transpose=True)
+    bad_map = weight.transpose_map().clone()
+    bad_map[0, 0] = -1
+    with pytest.raises(ValueError, match="transpose map entry 0 = -1 is outside"):
+        cpu.plan(weight.indices_t, bad_map, rows // 2)
+    offsets, source = cpu.plan(weight.indices_t, weight.transpose_map(), rows // 2)
+    source = source.clone()
+    source[1, 1] = weight.values.numel()
+    with pytest.raises(ValueError, match="source holds entries outside"):
+        cpu.forward(torch.randn(3, rows), weight.values, offsets, source)

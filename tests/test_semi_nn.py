@@ -128,3 +128,39 @@ def test_gpu_layer_matches_masked_linear(mode, dtype):
     y.sum().backward()
     y_ref.sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+
+
+def _transposable_layer(seed):
+    torch.manual_seed(seed)
+    return sk.SemiSparseLinear(16, 8, transposable=True)
+
+
+def test_a_transpose_from_another_layer_is_refused_by_the_matrix_and_by_load_state_dict():
+    a, b = _transposable_layer(0), _transposable_layer(1)
+    with pytest.raises(ValueError, match="indices_t is not the transpose of indices"):
+        sk.SemiStructuredMatrix(a.values.detach(), a.indices, (8, 16), indices_t=b.indices_t)
+    mixed = {**a.state_dict(), "indices_t": b.indices_t}
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    with pytest.raises(RuntimeError, match="bad 2:4 structure.*not the transpose"):
+        a.load_state_dict(mixed)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, before[key]), key  # nothing was copied in
+    a.load_state_dict(b.state_dict())  # a consistent pair loads
+
+
+def test_malformed_indices_are_refused():
+    layer = _transposable_layer(0)
+    bad = layer.indices.clone()
+    bad[0, 0] = 0  # both positions of group 0 at 0
+    with pytest.raises(ValueError, match="group 0 of row 0 does not hold two distinct ascending positions"):
+        sk.SemiStructuredMatrix(layer.values.detach(), bad, (8, 16))
+
+
+def test_backward_across_set_mask_is_refused_and_0d_input_gets_a_clear_error():
+    layer = _transposable_layer(0)
+    loss = layer(torch.randn(3, 16)).sum()
+    layer.set_mask(sk.prune_2to4(torch.randn(8, 16), transposable=True))
+    with pytest.raises(RuntimeError, match="replaced or modified in place before the backward"):
+        loss.backward()
+    with pytest.raises(ValueError, match=r"input has shape \(\), expected last dim 16"):
+        layer(torch.tensor(1.0))

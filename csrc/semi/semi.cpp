@@ -34,6 +34,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 
@@ -200,6 +201,10 @@ std::tuple<torch::Tensor, torch::Tensor> plan(torch::Tensor indices, c10::option
     TORCH_CHECK(perm->scalar_type() == torch::kInt32 && perm->is_contiguous() && perm->numel() == N * half,
                 "semi: perm must be contiguous int32 with rows * cols/2 entries");
     P = perm->data_ptr<int32_t>();
+    // perm indexes W's values (as many as Wᵀ's): refuse it here rather than read outside them later.
+    for (int64_t i = 0; i < N * half; ++i)
+      TORCH_CHECK_VALUE(P[i] >= 0 && P[i] < N * half, "semi: transpose map entry ", i, " = ", P[i],
+                        " is outside the ", N * half, " values (indices_t is not the transpose of indices?)");
   }
   auto offsets = torch::empty({N, half}, torch::TensorOptions().dtype(torch::kInt16));
   auto source = torch::empty({P ? N : 0, half}, torch::TensorOptions().dtype(torch::kInt32));
@@ -261,9 +266,20 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
   const int32_t* S = source.data_ptr<int32_t>();
   float* PV = stream.data_ptr<float>();
   if (source.numel()) {
+    // Never read outside values, whatever source holds: out-of-range entries read values[0]
+    // and the call fails (an unsigned compare, free next to the gather).
+    const uint32_t total = uint32_t(N * half);
+    std::atomic<bool> outside{false};
     at::parallel_for(0, N * half, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) PV[i] = V[S[i]];
+      bool bad = false;
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint32_t s = uint32_t(S[i]);
+        bad |= s >= total;
+        PV[i] = V[s < total ? s : 0];
+      }
+      if (bad) outside = true;
     });
+    TORCH_CHECK_VALUE(!outside.load(), "semi: source holds entries outside the ", N * half, " values (make it with plan())");
   } else {
     at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t n0 = t0 * nb; n0 < std::min(N, t1 * nb); n0 += nb) {

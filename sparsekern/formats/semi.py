@@ -79,6 +79,31 @@ def transpose_permutation(indices, indices_t, shape):
     return slots.T.gather(1, unpack_columns(indices_t, rows))
 
 
+def check_indices(indices, cols, name="indices"):
+    """ValueError unless every group's two packed positions are distinct and ascending (the only
+    encoding compress() writes): anything else would place two values on one weight."""
+    positions = (unpack_columns(indices, cols) % 4).view(indices.shape[0], cols // 4, 2)
+    if positions.numel() and not bool((positions[..., 0] < positions[..., 1]).all()):
+        row, group = (int(i) for i in (positions[..., 0] >= positions[..., 1]).nonzero()[0])
+        raise ValueError(f"{name} of shape {tuple(indices.shape)}: group {group} of row {row} does not hold two "
+                         "distinct ascending positions")
+
+
+def _checked_transpose_map(indices, indices_t, shape):
+    """int32 transpose map, or ValueError if ``indices_t`` is not the transpose of ``indices``
+    (the map would point outside ``values``; a compiled graph skips the check, the C++ kernels
+    refuse such a map themselves)."""
+    rows, cols = shape
+    if rows * (cols // 2) >= 2 ** 31:
+        raise ValueError(f"a {shape} matrix has too many kept values for an int32 transpose map")
+    perm = transpose_permutation(indices, indices_t, shape)
+    if not torch.compiler.is_compiling() and perm.numel() and not bool((perm >= 0).all()):
+        col, slot = (int(i) for i in (perm < 0).nonzero()[0])
+        raise ValueError(f"indices_t is not the transpose of indices for a {shape} matrix: kept value {slot} of "
+                         f"Wᵀ's row {col} is not kept in W (a state dict or matrix mixed from two layers?)")
+    return perm.to(torch.int32)
+
+
 class SemiStructuredMatrix:
     """A 2:4 sparse (rows, cols) matrix in compressed form (see the module docstring).
 
@@ -95,10 +120,18 @@ class SemiStructuredMatrix:
                              f"{indices.dtype} {tuple(indices.shape)}")
         if values_t is not None and indices_t is None:
             raise ValueError("values_t needs indices_t")
+        if indices_t is not None and (indices_t.dtype != torch.uint8 or tuple(indices_t.shape) != (cols, -(-rows // 8))):
+            raise ValueError(f"indices_t must be uint8 of shape {(cols, -(-rows // 8))}, got "
+                             f"{indices_t.dtype} {tuple(indices_t.shape)}")
         self.values, self.indices, self.shape = values, indices, (int(rows), int(cols))
         # Wᵀ's indices; its values either stored (values_t) or gathered from ``values`` (transpose_map).
         self.values_t, self.indices_t = values_t, indices_t
         self._transpose_map = None
+        if not torch.compiler.is_compiling():  # a compiled layer's indices were checked when it got them
+            check_indices(indices, cols, "indices")
+            if indices_t is not None:
+                check_indices(indices_t, rows, "indices_t")
+                self._transpose_map = _checked_transpose_map(indices, indices_t, self.shape)
 
     @classmethod
     def from_dense(cls, dense, *, mask=None, with_transpose=False):
@@ -142,9 +175,7 @@ class SemiStructuredMatrix:
         if self.indices_t is None:
             raise ValueError("this matrix carries no transpose (build it with with_transpose=True)")
         if self._transpose_map is None:
-            if self.values.numel() >= 2 ** 31:
-                raise ValueError(f"a {self.shape} matrix has too many kept values for an int32 transpose map")
-            self._transpose_map = transpose_permutation(self.indices, self.indices_t, self.shape).to(torch.int32)
+            self._transpose_map = _checked_transpose_map(self.indices, self.indices_t, self.shape)
         return self._transpose_map
 
     @property

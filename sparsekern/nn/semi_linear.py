@@ -19,6 +19,7 @@ from torch import nn
 from ..formats.semi import SemiStructuredMatrix, compress, decompress
 from ..formats.semi_prune import check_2to4_shape, prune_2to4
 from ..kernels import semi as semi_kernels
+from ..ops.checks import check_layer_input
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -113,6 +114,8 @@ class SemiSparseLinear(nn.Module):
         slots, indices, indices_t = semi_kernels.restructure(mask, self.indices, self.transposable)
         with torch.no_grad():
             self.values.data = carry(self.values.detach(), slots).contiguous()
+        # A graph recorded before the change must not put its gradient on the new slots.
+        torch.autograd.graph.increment_version(self.values)
         self.indices = indices
         if self.transposable:
             self.indices_t = indices_t
@@ -170,11 +173,26 @@ class SemiSparseLinear(nn.Module):
                                     indices_t=self.indices_t if self.transposable else None)
 
     def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has shape {tuple(x.shape)}, expected last dim {self.in_features}")
+        check_layer_input(x, self.in_features)
         if self.mode == "dynamic":
             return semi_linear_dynamic(x, self.weight, self.bias, transposable=self.transposable)
         return semi_linear(x, self.sparse_weight(), self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The kernels trust indices and indices_t to describe one structure: refuse a pair that
+        # does not (e.g. taken from two layers) before anything is copied in.
+        indices, indices_t = state_dict.get(prefix + "indices"), state_dict.get(prefix + "indices_t")
+        if self.mode == "static" and indices is not None and (indices_t is not None or not self.transposable):
+            try:
+                SemiStructuredMatrix(self.values.detach(), indices.to(self.values.device),
+                                     (self.out_features, self.in_features),
+                                     indices_t=indices_t.to(self.values.device) if self.transposable else None)
+            except ValueError as exc:
+                error_msgs.append(f"bad 2:4 structure for {prefix}indices: {exc}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
