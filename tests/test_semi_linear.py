@@ -177,3 +177,28 @@ def test_the_cpu_kernels_refuse_out_of_range_transpose_maps_instead_of_reading_o
     source[1, 1] = weight.values.numel()
     with pytest.raises(ValueError, match="source holds entries outside"):
         cpu.forward(torch.randn(3, rows), weight.values, offsets, source)
+
+
+@pytest.mark.parametrize("transposable", [False, True])
+def test_inf_and_nan_inputs_give_the_dense_masked_result_on_every_backend(transposable):
+    torch.manual_seed(0)
+    layer = sk.SemiSparseLinear(64, 40, transposable=transposable, bias=False)
+    x = torch.randn(200, 64)
+    x[3, 5], x[7, 9], x[7, 30], x[150, 1] = float("inf"), float("-inf"), float("inf"), float("nan")
+    dy = torch.randn(200, 40)
+    dy[11, 2] = float("inf")
+    dense = layer.dense_weight().detach()
+    expected_y, expected_dx = x @ dense.T, dy @ dense
+
+    def same_ieee(a, b):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isposinf(), b.isposinf())
+        assert torch.equal(a.isneginf(), b.isneginf())
+        torch.testing.assert_close(a.nan_to_num(0, 0, 0), b.nan_to_num(0, 0, 0), rtol=1e-4, atol=1e-4)
+
+    for backend in available_backends("semi_forward", torch.device("cpu"), torch.float32):
+        with sk.use_backend(backend):
+            xx = x.clone().requires_grad_()
+            y = layer(xx)
+            y.backward(dy)
+        same_ieee(y.detach(), expected_y)
+        same_ieee(xx.grad, expected_dx)

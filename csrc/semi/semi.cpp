@@ -35,8 +35,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 // Everything up to the op registration is compiled for AVX2 + FMA (lambdas included); the
 // Python side calls in only after checking the CPU supports them, and importing runs none of it.
@@ -51,8 +53,22 @@ constexpr int64_t NB_MAX = 128;  // forward: most weight rows per task
 constexpr int64_t KC_DW = 16;    // dW: 8 kept entries per row per step
 constexpr int64_t MSUPER = 4;    // dW: panel blocks accumulated in registers before a reduction
 
-// P[b][k][i] = src[b*MR + i][k] (0 past the last row). src (M, K) row-major.
-torch::Tensor pack_panels(const torch::Tensor& src) {
+// Whether n floats are all finite: x - x is 0 for a number and NaN for an inf or NaN.
+inline bool all_finite(const float* a, int64_t n) {
+  __m256 bad = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = _mm256_loadu_ps(a + k);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+  }
+  bool tail = false;
+  for (; k < n; ++k) tail |= !std::isfinite(a[k]);
+  return !tail && _mm256_movemask_ps(bad) == 0;
+}
+
+// P[b][k][i] = src[b*MR + i][k] (0 past the last row). src (M, K) row-major. With `nonfinite`
+// (M entries), also marks the rows holding an inf or NaN, on the chunk just read (still in L1).
+torch::Tensor pack_panels(const torch::Tensor& src, uint8_t* nonfinite = nullptr) {
   const int64_t M = src.size(0), K = src.size(1), nbm = (M + MR - 1) / MR;
   auto out = torch::empty({nbm, K, MR}, src.options());
   const float* s = src.data_ptr<float>();
@@ -67,6 +83,7 @@ torch::Tensor pack_panels(const torch::Tensor& src) {
           if (i < rows) {
             const float* row = s + (b * MR + i) * K;
             for (int64_t k = k0; k < k1; ++k) pb[k * MR + i] = row[k];
+            if (nonfinite && !all_finite(row + k0, k1 - k0)) nonfinite[b * MR + i] = 1;
           } else {
             for (int64_t k = k0; k < k1; ++k) pb[k * MR + i] = 0.f;
           }
@@ -75,6 +92,39 @@ torch::Tensor pack_panels(const torch::Tensor& src) {
     }
   });
   return out;
+}
+
+// Where kept entry j of weight row n sits in the weight stream of forward(): tasks of nb rows,
+// each cut into kc/2-entry blocks stored row after row.
+inline int64_t stream_index(int64_t n, int64_t j, int64_t N, int64_t half, int64_t nb, int64_t kc) {
+  const int64_t n0 = n / nb * nb, rows = std::min(nb, N - n0), j0 = j / (kc / 2) * (kc / 2);
+  return n0 * half + rows * j0 + (n - n0) * std::min(kc / 2, half - j0) + (j - j0);
+}
+
+// Output row y[m, :] for an activation row holding an inf or NaN, as the dense product with W's
+// zeros gives it: x * 0 is NaN at every dropped position, which the sparse loop never visits.
+// Every backend then returns the same IEEE result; finite rows never come here.
+void nonfinite_row(const float* xm, int64_t K, const float* PV, const uint16_t* PO, int64_t N, int64_t nb,
+                   int64_t kc, float* ym) {
+  const int64_t half = K / 2;
+  std::vector<int64_t> bad;
+  for (int64_t k = 0; k < K; ++k)
+    if (!std::isfinite(xm[k])) bad.push_back(k);
+  for (int64_t n = 0; n < N; ++n) {
+    const auto column = [&](int64_t j, int64_t i) {
+      return 2 * (j / (kc / 2) * (kc / 2)) + PO[i] / MR;  // panel offset back to W's column
+    };
+    float acc = 0.f;
+    for (int64_t j = 0; j < half; ++j) {
+      const int64_t i = stream_index(n, j, N, half, nb, kc);
+      acc += xm[column(j, i)] * PV[i];
+    }
+    for (int64_t k : bad) {
+      const int64_t j = 2 * (k / 4), i0 = stream_index(n, j, N, half, nb, kc), i1 = stream_index(n, j + 1, N, half, nb, kc);
+      if (column(j, i0) != k && column(j + 1, i1) != k) acc += xm[k] * 0.f;
+    }
+    ym[n] = acc;
+  }
 }
 
 // Column of kept entry j of a row (4 * its group + its 2-bit position).
@@ -260,7 +310,8 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
   TORCH_CHECK(kc % 4 == 0 && kc >= 4 && kc * MR < 65536 && nb >= 1 && nb <= NB_MAX, "semi: bad blocking");
-  const auto panels = pack_panels(x);
+  std::vector<uint8_t> nonfinite(M, 0);
+  const auto panels = pack_panels(x, nonfinite.data());
   auto stream = torch::empty({N, half}, x.options());
   const float* V = values.data_ptr<float>();
   const int32_t* S = source.data_ptr<int32_t>();
@@ -321,6 +372,11 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
         for (int64_t r = 0; r < rows; ++r) out[r] = tile[r * MR + i];
       }
     }
+  });
+  const float* X = x.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      if (nonfinite[m]) nonfinite_row(X + m * K, K, PV, PO, N, nb, kc, Y + m * N);
   });
   return y;
 }
