@@ -19,13 +19,7 @@ DROP_FRACTIONS = st.one_of(st.sampled_from([0.0, 0.3, 0.5, 1.0]), st.floats(0.0,
 SMALL_SHAPES = st.one_of(st.tuples(st.integers(0, 12)), st.tuples(st.integers(1, 5), st.integers(1, 6)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny shapes gain nothing from threads, and a loaded machine makes each parallel op wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes gain nothing from threads
 
 
 def assert_update(weight, mask, new_mask, new_weight):

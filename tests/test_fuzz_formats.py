@@ -9,13 +9,7 @@ from fuzz_strategies import (as_pair, block_sizes, bool_tensor, dtypes, fuzz_set
                              special_tensor)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny shapes gain nothing from threads, and a loaded machine makes each parallel op wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes gain nothing from threads
 
 
 def expand_blocks(block_mask, block_size):

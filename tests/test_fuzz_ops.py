@@ -21,13 +21,7 @@ OP_DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch
 GRAD_WANTS = st.tuples(st.booleans(), st.booleans(), st.booleans())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny shapes gain nothing from threads, and a loaded machine makes each parallel op wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes gain nothing from threads
 
 
 def backend_context(backend):
