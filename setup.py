@@ -27,7 +27,7 @@ def _cuda_available_for_build():
 
 def _extensions():
     with_cuda = _cuda_available_for_build()
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is torch's own choice (its headers need it)
     extensions = []
     for folder in sorted(glob.glob(os.path.join(HERE, "csrc", "*"))):
         if not os.path.isdir(folder):
