@@ -11,7 +11,6 @@ Selection: a backend forced with :func:`use_backend` is used or an error is
 raised (never a silent fallback); otherwise the first available backend in the
 device's priority list wins, and ``reference`` always can.
 """
-import contextlib
 import contextvars
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -52,21 +51,31 @@ def register_kernel(product, backend, fn, unavailable=_always_available):
     _kernels.setdefault(product, {})[backend] = _Registration(fn, unavailable)
 
 
-@contextlib.contextmanager
-def use_backend(name):
-    """Force every sparsekern kernel inside the block to run on backend ``name``.
+class use_backend:  # noqa: N801  (a function to its callers; a class so it works both ways)
+    """Force every sparsekern kernel to run on backend ``name``.
 
-    ``name`` is one of "reference", "cpu", "triton", "cuda" (or None to restore
-    automatic selection). Kernels that the backend cannot run on the given
-    tensors raise :class:`BackendUnavailableError` instead of falling back.
+    ``name`` is one of "reference", "cpu", "triton", "cuda", or None for automatic
+    selection. As a context manager it holds for the block only::
+
+        with sparsekern.use_backend("reference"):
+            y = layer(x)
+
+    As a plain call it holds from then on (in this thread or task), until
+    ``use_backend(None)``. Kernels that the backend cannot run on the given tensors
+    raise :class:`BackendUnavailableError` instead of falling back.
     """
-    if name is not None and name not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES} or None")
-    token = _forced.set(name)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
+
+    def __init__(self, name):
+        if name is not None and name not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES} or None")
+        self._token = _forced.set(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _forced.reset(self._token)
+        return False
 
 
 def forced_backend():
