@@ -166,6 +166,16 @@ class SemiStructuredMatrix:
             values_t, indices_t = compress(dense.T, mask.T)
         return cls(values, indices, dense.shape, values_t, indices_t)
 
+    def with_values(self, values):
+        """The same structure (indices, transpose map already built) holding ``values`` instead,
+        e.g. the same weights cast for autocast; nothing is checked or rebuilt again."""
+        if tuple(values.shape) != tuple(self.values.shape):
+            raise ValueError(f"values has shape {tuple(values.shape)}, expected {tuple(self.values.shape)}")
+        other = SemiStructuredMatrix.__new__(SemiStructuredMatrix)
+        other.__dict__.update(self.__dict__)
+        other.values = values
+        return other
+
     dtype = property(lambda self: self.values.dtype)
     device = property(lambda self: self.values.device)
     has_transpose = property(lambda self: self.indices_t is not None)

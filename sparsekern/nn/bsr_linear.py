@@ -14,6 +14,7 @@ from torch import nn
 from ..formats.bsr import BlockLayout, BlockSparseMatrix, _as_block_size, carry_blocks, values_to_dense
 from ..ops.bsr_linear import bsr_linear
 from ..ops.checks import check_layer_input
+from .autocast import autocast_dtype, cast, outside_autocast
 from .parameter import replace_data_
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -199,13 +200,24 @@ class SparseLinear(nn.Module):
 
     def forward(self, x):
         check_layer_input(x, self.in_features)
+        weight, bias, probe = self.sparse_weight(), self.bias, self.grad_probe
+        dtype = autocast_dtype(x, self.values.dtype)
+        if dtype is not None:
+            x, bias = cast(x, dtype), cast(bias, dtype)
+            weight = BlockSparseMatrix(cast(weight.values, dtype), weight.layout)
+            probe = None if probe is None else BlockSparseMatrix(cast(probe.values, dtype), probe.layout)
+            with outside_autocast(x):
+                return self._product(x, weight, bias, probe)
+        return self._product(x, weight, bias, probe)
+
+    def _product(self, x, weight, bias, probe):
         pad_in = self.padded_shape[1] - self.in_features
         if pad_in:
             x = F.pad(x, (0, pad_in))
         if self.padded_shape[0] == self.out_features:
-            return bsr_linear(x, self.sparse_weight(), self.bias, grad_probe=self.grad_probe)
-        y = bsr_linear(x, self.sparse_weight(), grad_probe=self.grad_probe)[..., :self.out_features]
-        return y.contiguous() if self.bias is None else y + self.bias  # contiguous, as nn.Linear's
+            return bsr_linear(x, weight, bias, grad_probe=probe)
+        y = bsr_linear(x, weight, grad_probe=probe)[..., :self.out_features]
+        return y.contiguous() if bias is None else y + bias  # contiguous, as nn.Linear's
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The padded storage cannot tell 50 from 60 input features: the true shape goes into

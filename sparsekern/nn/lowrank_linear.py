@@ -13,6 +13,7 @@ from torch import nn
 from ..formats.lowrank import truncation_rank
 from ..ops.checks import check_layer_input
 from ..ops.lowrank_linear import low_rank_linear
+from .autocast import autocast_dtype, cast, outside_autocast
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -124,7 +125,12 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x):
         check_layer_input(x, self.in_features)
-        return low_rank_linear(x, self.U, self.S, self.V, self.bias, kl_grads=self.kl_grads)
+        dtype = autocast_dtype(x, self.S.dtype)
+        if dtype is None:
+            return low_rank_linear(x, self.U, self.S, self.V, self.bias, kl_grads=self.kl_grads)
+        with outside_autocast(x):
+            U, S, V, bias = (cast(t, dtype) for t in (self.U, self.S, self.V, self.bias))
+            return low_rank_linear(cast(x, dtype), U, S, V, bias, kl_grads=self.kl_grads)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

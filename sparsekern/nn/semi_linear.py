@@ -21,6 +21,7 @@ from ..formats.semi_prune import check_2to4_shape, prune_2to4
 from ..kernels import semi as semi_kernels
 from ..ops.checks import check_layer_input
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
+from .autocast import autocast_dtype, cast, outside_autocast
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _MODES = ("static", "dynamic")
@@ -174,9 +175,17 @@ class SemiSparseLinear(nn.Module):
 
     def forward(self, x):
         check_layer_input(x, self.in_features)
+        dtype = autocast_dtype(x, (self.weight if self.mode == "dynamic" else self.values).dtype)
+        if dtype is None:
+            return self._product(x, self.bias, None)
+        with outside_autocast(x):
+            return self._product(cast(x, dtype), cast(self.bias, dtype), dtype)
+
+    def _product(self, x, bias, dtype):
         if self.mode == "dynamic":
-            return semi_linear_dynamic(x, self.weight, self.bias, transposable=self.transposable)
-        return semi_linear(x, self.sparse_weight(), self.bias)
+            return semi_linear_dynamic(x, cast(self.weight, dtype), bias, transposable=self.transposable)
+        weight = self.sparse_weight()
+        return semi_linear(x, weight if dtype is None else weight.with_values(cast(weight.values, dtype)), bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -1,0 +1,59 @@
+"""Every sparse layer behaves as nn.Linear does under torch.autocast (CPU bf16): low-precision
+output, low-precision input accepted, fp32 master weights receiving their gradients."""
+import pytest
+import torch
+from torch import nn
+
+import sparsekern as sk
+
+
+def _layers():
+    torch.manual_seed(0)
+    return {
+        "bsr": sk.SparseLinear(64, 48, block_size=16, density=0.5),
+        "bsr-padded": sk.SparseLinear(60, 45, block_size=16, density=0.5),
+        "semi-static": sk.SemiSparseLinear(64, 48),
+        "semi-dynamic": sk.SemiSparseLinear(64, 48, mode="dynamic"),
+        "lowrank": sk.LowRankLinear(64, 48, 8),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layers()))
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_matches_nn_linear(name, input_dtype):
+    layer = _layers()[name]
+    dense = nn.Linear(layer.in_features, layer.out_features)
+    with torch.no_grad():
+        weight = layer.dense_weight().detach()
+        if name == "semi-dynamic":  # re-pruned in bf16: the kept set is the bf16 weight's
+            weight = layer.weight.detach() * sk.prune_2to4(layer.weight.detach().bfloat16(), transposable=True)
+        dense.weight.copy_(weight)
+        dense.bias.copy_(layer.bias)
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(1)).to(input_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = layer(x), dense(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    for param in layer.parameters():
+        assert param.dtype == torch.float32 and param.grad is not None and param.grad.dtype == torch.float32
+
+
+def test_outside_autocast_a_dtype_mismatch_is_still_refused():
+    with pytest.raises(TypeError, match="x has dtype torch.bfloat16 but the weight has dtype torch.float32"):
+        sk.SparseLinear(64, 48, block_size=16)(torch.randn(2, 64).bfloat16())
+
+
+def test_a_dst_probe_step_runs_under_autocast():
+    torch.manual_seed(0)
+    model = nn.Sequential(sk.SparseLinear(64, 64, block_size=16, density=0.5), nn.ReLU(),
+                          sk.SparseLinear(64, 10, block_size=16, density=0.5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rigl = sk.methods.RigL(model, opt, density=0.5, delta=1, t_end=10, score_method="product")
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.randn(8, 64)).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert rigl.step()
