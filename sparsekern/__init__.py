@@ -10,7 +10,7 @@ from .kernels import BackendUnavailableError, use_backend
 from .nn import LowRankLinear, SemiSparseLinear, SparseLinear
 from .formats.semi_prune import prune_2to4
 from . import methods  # after nn: methods build on the layers
-from .methods import DLRT, sparsify
+from .methods import DLRT, densify, sparsify
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "SemiSparseLinear",
     "SemiStructuredMatrix",
     "SparseLinear",
+    "densify",
     "kernels",
     "empty_output_cache",
     "methods",

@@ -133,3 +133,24 @@ def test_tied_weights_stay_tied_and_dense_with_a_warning():
         sk.sparsify(model, density=0.5, block_size=16)
     assert type(model["head"]) is nn.Linear and model["head"].weight is model["embedding"].weight
     assert isinstance(model["body"], sk.SparseLinear)
+
+
+def test_densify_round_trips_every_sparse_layer_kind():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 24),
+                          nn.ReLU(), nn.Linear(24, 8))
+    sk.sparsify(model, density=0.7, block_size=16, dense_layers=[1, 2, 3])
+    model[2] = sk.SemiSparseLinear.from_dense(model[2])
+    model[4] = sk.LowRankLinear.from_dense(model[4], rank=6)
+    model[6] = sk.methods.PartiallyTrainableLinear.from_dense(model[6], torch.tensor([[True, False]]), block_size=16)
+    with torch.no_grad():
+        model[6].delta.values.normal_()  # trained deltas on the frozen weight
+    x = torch.randn(5, 40)
+    expected = model(x)
+    dense = sk.densify(model)
+    assert dense is model and all(type(m) in (nn.Linear, nn.ReLU, nn.Sequential) for m in dense.modules())
+    torch.testing.assert_close(dense(x), expected, rtol=1e-5, atol=1e-5)
+    reference = nn.Sequential(*(type(m)(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m
+                                for m in dense))
+    reference.load_state_dict(dense.state_dict())  # a dense checkpoint of the same architecture
+    torch.testing.assert_close(reference(x), expected, rtol=1e-5, atol=1e-5)

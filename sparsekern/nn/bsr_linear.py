@@ -15,6 +15,7 @@ from ..formats.bsr import BlockLayout, BlockSparseMatrix, _as_block_size, carry_
 from ..ops.bsr_linear import bsr_linear
 from ..ops.checks import check_layer_input
 from .autocast import autocast_dtype, cast, outside_autocast
+from .dense_export import dense_linear
 from .parameter import replace_data_
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -137,6 +138,11 @@ class SparseLinear(nn.Module):
     def dense_weight(self):
         """The dense (out_features, in_features) weight this layer represents."""
         return values_to_dense(self.values, self.layout())[:self.out_features, :self.in_features]
+
+    def to_dense(self):
+        """The ``nn.Linear`` this layer stands for (effective weight and bias, same device and dtype),
+        e.g. to load a sparse-trained model where a dense checkpoint is expected."""
+        return dense_linear(self)
 
     @property
     def mask(self):

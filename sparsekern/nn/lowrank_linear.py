@@ -14,6 +14,7 @@ from ..formats.lowrank import truncation_rank
 from ..ops.checks import check_layer_input
 from ..ops.lowrank_linear import low_rank_linear
 from .autocast import autocast_dtype, cast, outside_autocast
+from .dense_export import dense_linear
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -101,6 +102,11 @@ class LowRankLinear(nn.Module):
     def dense_weight(self):
         """The dense (out_features, in_features) weight U S Vᵀ (for inspection; training never forms it)."""
         return self.U @ self.S @ self.V.T
+
+    def to_dense(self):
+        """The ``nn.Linear`` this layer stands for (effective weight and bias, same device and dtype),
+        e.g. to load a sparse-trained model where a dense checkpoint is expected."""
+        return dense_linear(self)
 
     def set_factors(self, U, S, V):
         """Install new factors. Same rank: written in place (Parameters keep their

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bsr_linear import SparseLinear
+from .dense_export import dense_linear
 
 
 class PartiallyTrainableLinear(nn.Module):
@@ -57,6 +58,11 @@ class PartiallyTrainableLinear(nn.Module):
     def dense_weight(self):
         """The weight the forward uses: frozen part plus the trained deltas."""
         return self.frozen_weight + self.delta.dense_weight()
+
+    def to_dense(self):
+        """The ``nn.Linear`` this layer stands for (effective weight and bias, same device and dtype),
+        e.g. to load a sparse-trained model where a dense checkpoint is expected."""
+        return dense_linear(self)
 
     def forward(self, x):
         return F.linear(x, self.frozen_weight, self.bias) + self.delta(x)

@@ -22,6 +22,7 @@ from ..kernels import semi as semi_kernels
 from ..ops.checks import check_layer_input
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
 from .autocast import autocast_dtype, cast, outside_autocast
+from .dense_export import dense_linear
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _MODES = ("static", "dynamic")
@@ -150,6 +151,11 @@ class SemiSparseLinear(nn.Module):
             return decompress(self.values, self.indices, self.in_features)
         # The DST drivers read every layer's dense weight at each update: one kernel pass.
         return semi_kernels.decompress_sum([self.values], [self.indices], self.in_features)
+
+    def to_dense(self):
+        """The ``nn.Linear`` this layer stands for (effective weight and bias, same device and dtype),
+        e.g. to load a sparse-trained model where a dense checkpoint is expected."""
+        return dense_linear(self)
 
     def sparse_weight(self):
         """The weight as a SemiStructuredMatrix sharing ``values`` (static mode).

@@ -9,4 +9,4 @@ from .masks import (block_scores, expand_block_mask, global_magnitude_mask, glob
                     layerwise_topk_masks, nm_mask, topk_mask)
 from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks,  # noqa: F401
                        synflow_scores)
-from .sparsify import compute_block_masks, sparsify  # noqa: F401
+from .sparsify import compute_block_masks, densify, sparsify  # noqa: F401

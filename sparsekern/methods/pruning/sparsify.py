@@ -26,6 +26,9 @@ from torch import nn
 
 from ...formats.bsr import _as_block_size
 from ...nn.bsr_linear import SparseLinear
+from ...nn.lowrank_linear import LowRankLinear
+from ...nn.partially_trainable_linear import PartiallyTrainableLinear
+from ...nn.semi_linear import SemiSparseLinear
 from .density import layer_densities
 from .masks import block_scores, global_topk_masks, layerwise_topk_masks
 from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks, synflow_scores,
@@ -174,4 +177,18 @@ def sparsify(model, *, density, method="erk", block_size=32, dense_layers=(), al
         if name in masks:
             replace_module(model, name, SparseLinear.from_dense(linear, block_size=block_size,
                                                                 block_mask=masks[name]))
+    return model
+
+
+def densify(model):
+    """Replace every sparse layer of ``model`` (SparseLinear, SemiSparseLinear, LowRankLinear,
+    PartiallyTrainableLinear) by the ``nn.Linear`` it stands for, in place, and return the model:
+    a sparse-trained model then loads where a dense checkpoint is expected."""
+    sparse = (SparseLinear, SemiSparseLinear, LowRankLinear, PartiallyTrainableLinear)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        inside_replaced = any(name.startswith(outer + ".") for outer in replaced)  # e.g. a frozen layer's delta
+        if name and isinstance(module, sparse) and not inside_replaced:
+            replace_module(model, name, module.to_dense())
+            replaced.append(name)
     return model
