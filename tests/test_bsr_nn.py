@@ -1,4 +1,5 @@
 import io
+import warnings
 
 import pytest
 import torch
@@ -214,3 +215,15 @@ def test_backward_across_a_restructure_is_refused(same_nnz):
     assert layer.values.grad is None
     layer(torch.randn(2, 32)).sum().backward()  # a fresh forward trains the new structure
     assert layer.values.grad.shape == layer.values.shape
+
+
+def test_a_structure_that_cripples_the_layer_gets_a_warning_saying_what_to_change():
+    with pytest.warns(UserWarning, match=r"stores no block .*use a smaller block_size or a higher density"):
+        sk.SparseLinear(64, 64, block_size=300, density=0.1)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"output block rows store no block, so those outputs are the bias alone"):
+        sk.SparseLinear(64, 64, block_size=16, density=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.SparseLinear(512, 512, block_size=32, density=0.5)
+        sk.SparseLinear(64, 64, block_size=16, density=0.0)  # empty on purpose (converters fill it)

@@ -6,6 +6,7 @@ multiples of the block size are padded up internally: edge blocks carry zero
 rows/columns that stay zero under training (their gradients are exactly zero).
 """
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,8 @@ class SparseLinear(nn.Module):
         # blocks at the next backward (see bsr_linear): how DST methods get gradient scores.
         self.grad_probe = None
         self.reset_parameters()
+        if density > 0:
+            _warn_if_crippled(self, density)
 
     def reset_parameters(self):
         """nn.Linear's initialisation (U(±1/sqrt(in_features))) on the stored blocks and the bias."""
@@ -252,6 +255,21 @@ class SparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, block_size={self.block_size}, "
                 f"density={self.density:.4f} ({self.nnz_blocks} blocks)")
+
+
+def _warn_if_crippled(layer, density):
+    """Warn when the drawn structure leaves the layer (nearly) without inputs: no block at all,
+    or a tenth of its output block rows empty (those outputs would be the bias alone)."""
+    what = (f"SparseLinear({layer.in_features}, {layer.out_features}, block_size={layer.block_size}, "
+            f"density={density})")
+    rows = layer.block_mask.any(1)
+    if not bool(rows.any()):
+        warnings.warn(f"{what} stores no block (its {layer.block_mask.numel()}-block grid rounds density to 0): "
+                      "use a smaller block_size or a higher density", UserWarning, stacklevel=3)
+    elif int((~rows).sum()) >= max(1, rows.numel() // 10):
+        warnings.warn(f"{what}: {int((~rows).sum())} of {rows.numel()} output block rows store no block, so those "
+                      "outputs are the bias alone; use a smaller block_size or a higher density",
+                      UserWarning, stacklevel=3)
 
 
 def _block_norms(dense, block_size):
