@@ -1,7 +1,23 @@
 """sparsekern: kernels that make dimensionality-reduced training faster than dense.
 
-Importing is cheap: no GPU query, no compiled extension and no triton is loaded
-until a kernel first runs.
+Quickstart::
+
+    import torch, sparsekern as sk
+
+    layer = sk.SparseLinear(4096, 4096, block_size=32, density=0.1)  # drop-in nn.Linear, 10% of blocks
+    model = sk.sparsify(model, density=0.1, method="erk", block_size=32)  # every nn.Linear of a model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rigl = sk.methods.RigL(model, optimizer, density=0.1, delta=100, t_end=total_steps)
+    for x, t in loader:
+        loss_fn(model(x), t).backward(); optimizer.step(); optimizer.zero_grad()
+        rigl.step()                                   # drop/grow blocks, optimizer state moved with them
+    sk.methods.restructure(layer, optimizer, mask)    # a structure change by hand (mask: bool block grid)
+    dense_model = sk.densify(model)                   # back to nn.Linear for any dense consumer
+
+Also: 2:4 layers (``SemiSparseLinear``), low-rank layers and DLRT (``LowRankLinear``, ``DLRT``),
+pruning at initialization in ``sk.methods``; ``sk.use_backend(name)`` forces a kernel backend.
+Importing is cheap: no GPU query, no compiled extension and no triton is loaded until a
+kernel first runs.
 """
 from . import kernels, ops
 from .formats import BlockLayout, BlockSparseMatrix, SemiStructuredMatrix
