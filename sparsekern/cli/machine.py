@@ -1,0 +1,79 @@
+"""The machine and software a measurement ran on: CPU model and ISA flags, versions, threads, and
+the kernel path the registry picks. Named in every table header and JSON row (the CLI's and
+bench/'s: bench/timing.py re-exports these)."""
+import functools
+import os
+import platform
+
+import torch
+
+from .. import kernels
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo(field):
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == field:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model():
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    """Which of the ISA extensions that decide the microkernels this CPU has."""
+    present = set((_cpuinfo("flags") or "").split())
+    return {flag: flag in present for flag in ISA_FLAGS}
+
+
+def describe_flags(flags):
+    """"avx2 fma (no avx512f avx512_bf16 amx_bf16)" from a cpu_flags() dict."""
+    have = " ".join(f for f, on in flags.items() if on)
+    lack = " ".join(f for f, on in flags.items() if not on)
+    return " ".join(filter(None, [have, lack and (f"(no {lack})" if have else f"no {lack}")]))
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+@functools.cache
+def triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def environment(device=torch.device("cpu")):
+    """The machine and software fields of every JSON row (read when called: threads may have been set)."""
+    return dict(device=device_name(device), cpu=cpu_model(), cpu_cores=os.cpu_count(), cpu_flags=cpu_flags(),
+                threads=torch.get_num_threads(), torch=torch.__version__, triton=triton_version(),
+                thp_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"))
+
+
+def kernel_path(product, device, dtype):
+    """The backend the registry picks for ``product`` (a forced ``sk.use_backend`` included) and, on
+    CPU, the ISA of the compiled family's microkernel ("unavailable" when it is not built)."""
+    backend = kernels.select_kernel(product, device, dtype)[0]
+    isa = None
+    if device.type == "cpu":
+        isa = kernels.microkernel.microkernel_isa(product.split("_")[0])  # bsr_* -> the bsr family
+    return {"backend": backend, "isa": isa}
+
+
+def header(env, path):
+    """The first header line: device, CPU model and ISA flags, versions, threads, kernel path."""
+    host = f" (host {env['cpu']})" if env["device"] != env["cpu"] else ""
+    text = (f"{env['device']}{host}, {describe_flags(env['cpu_flags'])}, torch {env['torch']}, "
+            f"{env['threads']} threads, backend {path['backend']}")
+    return text + (f", microkernel {path['isa']}" if path.get("isa") else "")

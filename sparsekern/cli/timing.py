@@ -1,0 +1,66 @@
+"""Alternating same-process timing of a baseline against a candidate (the CLI's and bench/'s).
+
+Protocol: one untimed warm-up call of every callable, then rounds that time each callable
+once, in a fixed order, so both sides see the same machine state (a busy neighbour, thermal
+drift); a ratio is the median over rounds of the per-round ratios.
+"""
+import statistics
+import time
+
+import torch
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}
+TIMER_HELP = ("wall clock; or CPU time of the process (cpu) or of the calling thread (thread, needs --threads 1): "
+              "robust on a shared, busy machine")
+
+
+class Timer:
+    """Milliseconds of one call on the ``clock`` of CLOCKS, the device synchronised around it."""
+
+    def __init__(self, clock="wall", device=torch.device("cpu")):
+        if clock == "thread" and torch.get_num_threads() != 1:
+            raise SystemExit("the thread timer measures the calling thread only: use it with --threads 1")
+        self.name, self._clock, self._device = clock, CLOCKS[clock], device
+
+    def _sync(self):
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    def __call__(self, fn):
+        self._sync()
+        start = self._clock()
+        fn()
+        self._sync()
+        return (self._clock() - start) * 1e3
+
+
+def alternate(fns, rounds, measure, *, balanced=False, on_round=None):
+    """Time the callables ``fns`` ({name: fn}) in turn, ``rounds`` times, after one untimed
+    warm-up call of each: ({name: [ms per round]}, {name: calls per sample}).
+
+    ``measure(fn)`` returns the ms of ``fn`` (a Timer, or e.g. triton's do_bench). ``balanced``:
+    a sample is the mean of k back-to-back calls, k chosen from one timed call so that every
+    sample takes about as long as one call of the slowest (as a training loop runs a layer,
+    step after step). Otherwise a fast callable's sample also carries what a long call of the
+    previous one left behind (cold caches, memory the system hands out again).
+    ``on_round(done, rounds)`` is called after the warm-up (done = 0) and after every round
+    (progress displays)."""
+    for fn in fns.values():
+        fn()
+    calls = dict.fromkeys(fns, 1)
+    if balanced:
+        once = {name: measure(fn) for name, fn in fns.items()}
+        calls = {name: max(1, round(max(once.values()) / ms)) for name, ms in once.items()}
+    samples = {name: [] for name in fns}
+    if on_round is not None:
+        on_round(0, rounds)
+    for done in range(1, rounds + 1):
+        for name, fn in fns.items():
+            samples[name].append(sum(measure(fn) for _ in range(calls[name])) / calls[name])
+        if on_round is not None:
+            on_round(done, rounds)
+    return samples, calls
+
+
+def median_ratio(numerators, denominators):
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
