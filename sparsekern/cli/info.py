@@ -1,0 +1,114 @@
+"""``sparsekern info``: what this installation will run on this machine, on one screen.
+
+Versions, the CPU and the ISA flags that decide the microkernels, threads, which compiled
+extensions are built, the backend the registry picks for every product on CPU float32 and
+bfloat16 (and CUDA when there is a GPU), and why the other backends cannot run.
+"""
+import os
+import platform
+
+import torch
+
+from .. import __file__ as package_file
+from .. import __version__, kernels
+from ..kernels.registry import BACKEND_NAMES
+from .machine import cpu_flags, cpu_model, describe_flags, triton_version
+
+PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight", "semi_forward", "semi_grad_input",
+            "semi_grad_weight", "lowrank_forward", "lowrank_backward")
+FAMILIES = ("bsr", "semi", "lowrank")
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("info", help="versions, CPU and ISA flags, built extensions, kernel backends",
+                              description=__doc__.split("\n\n")[0])
+    p.set_defaults(run=run)
+    return p
+
+
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def unavailable_reason(product, backend, device, dtype):
+    """None when ``backend`` can run ``product`` on such tensors, "" when it does not implement
+    it, else the registry probe's sentence."""
+    try:
+        kernels.select_kernel(product, device, dtype, backend=backend)
+    except kernels.BackendUnavailableError as exc:
+        message = str(exc)
+        if "does not implement" in message:
+            return ""
+        # "backend 'x' cannot run 'p' on cpu torch.float32: <the probe's sentence>"
+        return message.partition(f"{dtype}: ")[2] or message
+    return None
+
+
+def _extensions():
+    parts = []
+    for family in FAMILIES:
+        isa = kernels.microkernel.microkernel_isa(family)
+        if isa == "unavailable":
+            parts.append(f"_C_{family} NOT BUILT")
+        else:
+            parts.append(f"_C_{family} built" + (f" (microkernel {isa})" if isa else ""))
+    return ", ".join(parts)
+
+
+def _gpu_lines():
+    if not torch.cuda.is_available():
+        built = "torch built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build"
+        return [f"GPU: none ({built})"]
+    lines = []
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        lines.append(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    return lines
+
+
+def _backend_table(devices):
+    columns = [(device, dtype) for device in devices for dtype in DTYPES]
+    names = [f"{device.type} {_dtype_name(dtype)}" for device, dtype in columns]
+    lines = [f"  {'product':18} " + " ".join(f"{n:>16}" for n in names)]
+    reasons = {}  # (backend, sentence) -> {product: set of dtype names}
+    for product in PRODUCTS:
+        picked = []
+        for device, dtype in columns:
+            picked.append(kernels.select_kernel(product, device, dtype)[0])
+            for backend in BACKEND_NAMES:
+                reason = unavailable_reason(product, backend, device, dtype)
+                if reason:
+                    reasons.setdefault((backend, f"on {device.type}: {reason}"), {}).setdefault(
+                        product, set()).add(_dtype_name(dtype))
+        lines.append(f"  {product:18} " + " ".join(f"{p:>16}" for p in picked))
+    lines.append("not available:")
+    for (backend, reason), products in reasons.items():
+        dtypes = set().union(*products.values())
+        scope = "" if len(dtypes) == len(DTYPES) else f" ({', '.join(sorted(dtypes))})"
+        lines.append(f"  {backend} for {', '.join(products)}{scope} {reason}")
+    return lines
+
+
+def report():
+    """The info text."""
+    flags = cpu_flags()
+    triton = triton_version()
+    lines = [
+        f"sparsekern {__version__} ({os.path.dirname(package_file)})",
+        f"torch {torch.__version__}, triton {triton or 'not installed'}, python {platform.python_version()}",
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; {describe_flags(flags)}",
+        f"threads: torch {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"
+        + "".join(f", {v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ),
+        f"compiled extensions: {_extensions()}",
+        *_gpu_lines(),
+    ]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    lines.append("backend the registry picks for each product (sparsekern.use_backend forces another):")
+    lines += _backend_table(devices)
+    return "\n".join(lines)
+
+
+def run(args):
+    print(report())
+    return 0
