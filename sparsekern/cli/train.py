@@ -178,6 +178,11 @@ def run(args):
           f"{data.name} ({len(data.train_y)} train / {len(data.test_y)} test), {labels[1]}, "
           f"{args.steps} steps of batch {args.batch_size}, {_threads(torch.get_num_threads())}; writing to {folder}",
           flush=True)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load_start is not None and load_start > (os.cpu_count() or 1) / 2 and torch.get_num_threads() > 1:
+        print(f"note: load average {load_start:.1f} on {os.cpu_count()} cores: other jobs are running, and with "
+              f"{torch.get_num_threads()} threads every parallel operation waits for a descheduled thread: times "
+              "inflate several-fold, small sparse steps most; --threads 1 measures more steadily here", flush=True)
     if args.method in models.DRIVERS and args.delta >= int(0.75 * args.steps):
         print(f"note: no mask update happens: updates come every --delta {args.delta} steps until 75 % of "
               f"--steps {args.steps}", flush=True)
@@ -185,7 +190,6 @@ def run(args):
     progress = Progress(labels)
     runs = {}
     start_wall = time.perf_counter()
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     def on_step(r):
         # Both runs alternate until the end: the time left is the sum of both runs' remaining steps.
