@@ -57,16 +57,7 @@ def _extensions():
     return extensions
 
 
-class PersistentBuildExt(BuildExtension.with_options(use_ninja=True)):
-    """Object files in build/temp of the source tree rather than pip's throw-away directory, so
-    a second install (e.g. the README's two commands) lets ninja rebuild only what changed."""
-
-    def finalize_options(self):
-        super().finalize_options()
-        self.build_temp = os.path.join(HERE, "build", "temp")
-
-
 setup(
     ext_modules=_extensions(),
-    cmdclass={"build_ext": PersistentBuildExt},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
