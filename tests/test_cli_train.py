@@ -61,7 +61,10 @@ def test_every_method_runs(tmp_path, capsys, monkeypatch, method):
     expected = {"2:4": "2:4", "lowrank": "rank 8"}.get(method, "block 32")
     assert expected in kinds
     if method in ("set", "topkast", "dpf"):
-        assert report["runs"][report["labels"][1]]["mask_updates"] == 1  # at step 2 (t_end = 3)
+        sparse = report["runs"][report["labels"][1]]
+        assert sparse["mask_updates"] == 1  # at step 2 (t_end = 3), the first chunk's last step
+        if sparse["peak_mb"] is not None:  # None where the kernel's peak cannot be reset
+            assert sparse["peak_mb_before_first_update"] is not None
 
 
 def test_without_matplotlib_the_table_still_prints_with_a_hint(tmp_path, capsys, monkeypatch):

@@ -1,15 +1,22 @@
 """The PNG figures of ``sparsekern train`` and ``sparsekern bench`` (matplotlib, passed in as
 ``plt`` so that importing this module needs nothing)."""
+import math
 
 COLORS = {"dense": "#555555", "sparse": "#d62728"}
 
 
-def _smooth(values, span):
-    """Exponential moving average (the per-step training loss is noisy)."""
-    alpha, out, level = 2 / (span + 1), [], None
-    for v in values:
-        level = v if level is None else alpha * v + (1 - alpha) * level
-        out.append(level)
+def _smooth(values, window):
+    """Centred moving geometric mean (the per-step loss is noisy and drawn on a log axis; a trailing
+    average would lag). The window narrows symmetrically at both ends, so the curve starts and ends
+    on the measured values."""
+    logs = [math.log(max(v, 1e-12)) for v in values]
+    sums = [0.0]
+    for v in logs:
+        sums.append(sums[-1] + v)
+    out = []
+    for i in range(len(logs)):
+        half = min(window // 2, i, len(logs) - 1 - i)
+        out.append(math.exp((sums[i + half + 1] - sums[i - half]) / (2 * half + 1)))
     return out
 
 
@@ -35,19 +42,19 @@ def train_figure(plt, report, path):
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [2.2, 1, 1]})
 
     ax = axes[0]
-    span = max(5, min(50, len(report["curves"][labels[0]]["loss"]) // 20))
+    window = max(5, min(51, len(report["curves"][labels[0]]["loss"]) // 20))
     for label, color in zip(labels, colors):
         curve = report["curves"][label]
         acc = 100 * runs[label]["test_accuracy"]
         ax.plot(curve["time_s"], curve["loss"], color=color, alpha=0.2, linewidth=0.8)
-        ax.plot(curve["time_s"], _smooth(curve["loss"], span), color=color, linewidth=2,
+        ax.plot(curve["time_s"], _smooth(curve["loss"], window), color=color, linewidth=2,
                 label=f"{label} (test accuracy {acc:.1f} %)")
     ax.set_yscale("log")
     losses = [x for label in labels for x in report["curves"][label]["loss"] if x > 0]
     _plain_log_ticks(ax.yaxis, min(losses, default=1), max(losses, default=1))
     ax.set_xlabel("training time (s, wall clock of the run's own steps)")
     ax.set_ylabel("training loss (cross-entropy, log scale)")
-    ax.set_title(f"Training loss vs time (faint: per step; line: moving average of {span})")
+    ax.set_title(f"Training loss vs time (faint: per step; line: geometric mean of {window} steps)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right")
 
@@ -70,12 +77,18 @@ def train_figure(plt, report, path):
         bars = ax.bar(xs, [v or 0 for v in values], width=0.38, color=color, label=label)
         _annotate_bars(ax, bars, ["n/a" if v is None else f"{v:.1f}" for v in values])
         top = max(top, *(v or 0 for v in values))
+        before = runs[label].get("peak_mb_before_first_update")
+        if before is not None:  # the part of the peak that the mask update's scores add
+            ax.hlines(before, xs[0] - 0.19, xs[0] + 0.19, colors="black", linestyles="--",
+                      label=f"{label} before its first mask update")
+            ax.annotate(f"{before:.1f}", (xs[0], before), xytext=(0, -12), textcoords="offset points",
+                        ha="center", fontsize=9, color="white")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
-    ax.set_ylim(0, top * 1.18)
+    ax.set_ylim(0, top * 1.5)  # room for the legend above the bars
     ax.set_ylabel("memory (MiB)")
     ax.set_title("Memory of training")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper right", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
 
     method = {"2:4": "2:4 semi-structured", "lowrank": f"low-rank r={cfg['rank']}"}.get(

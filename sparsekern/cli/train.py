@@ -82,6 +82,7 @@ class Run:
         self.step_s, self.loss, self.clock = [], [], []
         self.chunk_s = []
         self.peak_mb = None
+        self.peak_mb_before_last_step = None  # of the first chunk: without a mask update at its end
 
     @property
     def done(self):
@@ -216,7 +217,13 @@ def run(args):
             progress.write(f"warning: at density {args.density} with {args.block_size}-blocks the sparse "
                            f"{args.hidden}-wide network has no path from input to output and cannot learn; "
                            "raise --density or --hidden, or lower --block-size", stream=sys.stderr)
-        runs[label].train(chunk, data, batches, schedule, on_step)
+
+        def on_first_chunk_step(r, growth=growth):
+            if r.done == chunk - 1:  # a DST update (and its score probe) falls on the chunk's last step
+                r.peak_mb_before_last_step = growth.mb
+            on_step(r)
+
+        runs[label].train(chunk, data, batches, schedule, on_first_chunk_step)
         runs[label].peak_mb = growth.mb
     # Then alternate chunk by chunk, swapping the order each round.
     order = list(labels)
@@ -264,10 +271,13 @@ def _report(args, data, runs, labels, results, chunk, wall_s, load_start):
     path = kernel_path(FAMILY_PRODUCTS[family][0], cpu, torch.float32)
     side = {}
     for label, r in ((labels[0], dense), (labels[1], sparse)):
+        updated = r.driver is not None and len(r.driver.update_seconds) > 0  # the first one ends chunk 0
         side[label] = {
             "step_ms_median": round(_median_ms(r.step_s, warm), 3),
             "train_s": round(sum(r.step_s), 3),
             "peak_mb": None if r.peak_mb is None else round(r.peak_mb, 1),
+            "peak_mb_before_first_update": None if r.peak_mb_before_last_step is None or not updated
+            else round(r.peak_mb_before_last_step, 1),
             "parameters": models.parameter_count(r.model, r.driver),
             "state_mb": round(models.training_state_mb(r.model, r.optimizer, r.driver), 2),
             "final_train_loss": round(statistics.fmean(r.loss[-10:]), 5),
@@ -336,9 +346,10 @@ def format_table(report):
         + ("; the warm-up pair left out" if report["warmup_left_out"] else ""),
         f"sparse layers: {layers}" + (f"; {sparse['mask_updates']} mask update{'s' * (sparse['mask_updates'] != 1)}"
                                       if sparse["mask_updates"] else ""),
-        "peak memory: growth of the process RSS from building the model through its first chunk"
-        + (" (a mask update included)" if cfg["method"] in models.DRIVERS and sparse["mask_updates"] else "")
-        + ", each run measured alone",
+        "peak memory: growth of the process RSS from building the model through its first chunk, each run "
+        "measured alone"
+        + (f"; {sl} before its first mask update: {_fmt_mb(sparse['peak_mb_before_first_update'])} (the update's "
+           "dense-gradient block scores are the rest)" if sparse.get("peak_mb_before_first_update") else ""),
         f"data: {report['dataset']['name']}, {cfg['steps']} steps of batch {cfg['batch_size']}, "
         f"{report['optimizer']} from lr {cfg['lr']}",
         f"CPU: {env['cpu']}, {env['cpu_cores']} cores, {describe_flags(env['cpu_flags'])}; "
