@@ -311,3 +311,11 @@ def test_driver_carries_values_and_optimizer_state(model, driver, optimizer, del
         else:  # redistributed over layers
             assert sum(layer.nnz_blocks for layer in sparse_layers) == sum(nnz)
 
+
+
+def test_plain_torch_transposable_rule_keeps_the_old_pattern_when_every_total_is_minus_inf():
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1], [0, 1, 0, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    grow_score = torch.full((4, 4), float("-inf"))
+    with sk.use_backend("reference"):
+        new_mask = Fn.semi_drop_and_grow(mask, torch.zeros(4, 4), grow_score, 4, transposable=True)
+    assert torch.equal(new_mask, mask)  # no pattern total beats -inf: the tile keeps its pattern, as in C++

@@ -79,7 +79,7 @@ def _grow_in_tiles(kept, old, score):
         gain = fresh[:, cells[:, 0]]
         for j in range(1, 8):
             gain = gain + fresh[:, cells[:, j]]
-        gain = gain.nan_to_num(nan=-math.inf).masked_fill_((k.to(torch.float32) @ outside) > 0, -math.inf)
+        gain = gain.masked_fill_(gain.isnan() | ((k.to(torch.float32) @ outside) > 0), -math.inf)
         choice = gain.argmax(1)                                             # the first maximal on ties
         won = gain.gather(1, choice[:, None]).squeeze(1) > -math.inf
         best.append(torch.where(won[:, None], patterns[choice], o))

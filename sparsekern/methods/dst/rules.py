@@ -55,7 +55,8 @@ def _largest(score, eligible, k):
     """Flat indices of the k largest ``score`` among ``eligible`` (ties: lower index first; NaN
     ranks last)."""
     where = eligible.reshape(-1).nonzero().squeeze(1)
-    values = score.reshape(-1)[where].double().nan_to_num(nan=-math.inf)
+    values = score.reshape(-1)[where].double()
+    values = values.masked_fill(values.isnan(), -math.inf)  # nan_to_num would also clamp the infinities
     return where[torch.sort(values, descending=True, stable=True).indices[:k]]
 
 
