@@ -76,3 +76,13 @@ def test_an_empty_batch_on_a_probe_step_gives_zero_scores(score_method):
         opt.zero_grad()
         dst.step()
     assert model[0].nnz_blocks == nnz
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_nan_grow_score_cannot_make_a_2to4_group_regrow_too_few(backend):
+    weight = torch.zeros(1, 12)
+    mask = torch.tensor([[1, 0, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0]], dtype=torch.bool)
+    grad = torch.tensor([[1.0, 1, 1, 1, 0, NAN, 1, 1, 1, 1, 1, 1]])
+    with sk.use_backend(backend):
+        new_mask, _ = Fn.semi_rigl_update(weight, mask, grad, 0.5)
+    assert new_mask.view(3, 4).sum(1).tolist() == [2, 2, 2]

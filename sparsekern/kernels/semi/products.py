@@ -26,6 +26,9 @@ def drop_grow(mask, drop, grow, n_drop, transposable, absolute=False, with_weigh
     """The 2:4 drop-and-grow rule: ``(new_mask, new_weight)`` (new_weight None unless
     ``with_weight``); see :mod:`sparsekern.kernels.semi`."""
     fn = select_kernel("semi_drop_grow", mask.device, _dtype((drop, grow)))[1]
+    # A NaN grow score ranks last (as -inf, or as 0 among magnitudes): compared pairwise, NaN
+    # would make the in-group ranking cyclic and a group could regrow fewer than it lost.
+    grow = grow.masked_fill(grow.isnan(), 0.0 if absolute else float("-inf"))
     return fn(mask, drop, grow, n_drop, transposable, absolute, with_weight)
 
 
