@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsekern.cli import datasets, main, train
+from sparsekern.cli import datasets, main, memory, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,7 @@ def test_train_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
 def test_every_method_runs(tmp_path, capsys, monkeypatch, method):
     pytest.importorskip("sklearn")
     monkeypatch.setattr(train, "matplotlib_or_none", lambda: None)  # the plot is tested above
+    monkeypatch.setattr(train, "in_fresh_process", lambda fn, *args: fn(*args))  # spawning is tested above
     code, out, err = _train(tmp_path, capsys, "--method", method, "--rank", "8", "--steps", "5")
     assert code == 0, err
     report = json.loads((tmp_path / "train.json").read_text())
@@ -65,6 +66,12 @@ def test_every_method_runs(tmp_path, capsys, monkeypatch, method):
         assert sparse["mask_updates"] == 1  # at step 2 (t_end = 3), the first chunk's last step
         if sparse["peak_mb"] is not None:  # None where the kernel's peak cannot be reset
             assert sparse["peak_mb_before_first_update"] is not None
+
+
+def test_memory_is_measured_in_a_fresh_process_that_returns_freed_blocks():
+    assert memory.in_fresh_process(os.getpid) != os.getpid()
+    assert memory.in_fresh_process(os.getenv, "MALLOC_MMAP_THRESHOLD_") == str(64 * 1024)
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ or os.environ["MALLOC_MMAP_THRESHOLD_"] != "65536"
 
 
 def test_without_matplotlib_the_table_still_prints_with_a_hint(tmp_path, capsys, monkeypatch):

@@ -6,9 +6,13 @@ the real peak of training: weights, gradients, optimizer state, activations and 
 with whatever the allocator keeps. Elsewhere, or where a sandbox forbids the reset, every
 figure is None: no figure rather than a wrong one.
 """
+import concurrent.futures
 import ctypes
 import gc
+import multiprocessing
 import os
+
+_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 
 
 def _status_kib(field):
@@ -94,3 +98,21 @@ class GrowthSincePeak:
     @property
     def mb(self):
         return (peak_kib() - self._start) / 1024 if self._armed else None
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a newly spawned Python process whose allocator returns every block of
+    64 KiB or more to the OS when it is freed (glibc's ``MALLOC_MMAP_THRESHOLD_``): its peak RSS
+    is then the peak of live memory, not of what an earlier computation left in the heap."""
+    ctx = multiprocessing.get_context("spawn")
+    saved = os.environ.get(_MMAP_THRESHOLD)
+    os.environ[_MMAP_THRESHOLD] = str(64 * 1024)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            future = pool.submit(fn, *args)
+    finally:
+        if saved is None:
+            del os.environ[_MMAP_THRESHOLD]
+        else:
+            os.environ[_MMAP_THRESHOLD] = saved
+    return future.result()

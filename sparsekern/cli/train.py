@@ -5,9 +5,12 @@ batches in the same order and the same number of steps. They run alternately in 
 in chunks of ``--delta`` steps (one mask-update period of the DST methods, so every chunk
 pays its share of the updates): dense chunk, sparse chunk, then the other order, and so on.
 The speed ratio is the median over chunk pairs of dense time / sparse time, so a busy
-neighbour slows both sides of a pair alike. The first pair is also the warm-up and the memory
-measurement (peak RSS growth while building the model and running its first chunk, each run
-on its own), and is left out of the ratio and the step-time medians when there are others.
+neighbour slows both sides of a pair alike; the first pair is the warm-up and is left out of
+the ratio and the step-time medians when there are others.
+
+Peak memory is measured apart, each run's first chunk in a fresh process (see ``memory``):
+in the timing process the allocator keeps what the other run freed, and its figure would
+depend on which run went first.
 """
 import math
 import os
@@ -23,7 +26,7 @@ from ..kernels.output_cache import empty_output_cache
 from . import arguments, datasets, models
 from .errors import CliError
 from .machine import describe_flags, environment, kernel_path
-from .memory import GrowthSincePeak
+from .memory import GrowthSincePeak, in_fresh_process
 from .output import PLOT_HINT, matplotlib_or_none, out_dir, timestamp, write_json
 from .progress import Progress, format_duration
 
@@ -82,7 +85,7 @@ class Run:
         self.step_s, self.loss, self.clock = [], [], []
         self.chunk_s = []
         self.peak_mb = None
-        self.peak_mb_before_last_step = None  # of the first chunk: without a mask update at its end
+        self.peak_mb_before_first_update = None  # of the first chunk, without the update at its end
 
     @property
     def done(self):
@@ -146,15 +149,35 @@ def _build(label, args, data, *, sparse, delta=None, t_end=None):
     return Run(label, model, optimizer, driver)
 
 
-def _warm_up(args, data, batches):
-    """Two steps of throwaway copies of both runs, a mask update included, then freed: the memory
-    measured next is then the runs' own, not library code paged in by first calls, nor kernel
-    outputs cached by the throwaway run."""
-    for sparse in (False, True):
-        run = _build("warm-up", args, data, sparse=sparse, delta=1, t_end=10 ** 9)  # delta 1: step 1 updates
-        run.train(min(2, args.steps), data, batches, lambda step: args.lr, lambda r: None)
-    del run
+def _schedule(args):
+    return lambda step: 0.5 * args.lr * (1 + math.cos(math.pi * step / args.steps))
+
+
+def first_chunk_peak(args, sparse, threads):
+    """(peak MiB, peak MiB before the chunk's last step) of building one run and training its
+    first chunk, RSS growth above the process before the build. Run in a fresh process
+    (``in_fresh_process``): two throwaway steps first page in the library code and fill the
+    kernel output cache, so the figures are the run's own."""
+    torch.set_num_threads(threads)
+    data = datasets.load(args.data, seed=args.seed)
+    batches = _batches(len(data.train_y), args.batch_size, args.steps, args.seed)
+    schedule, chunk = _schedule(args), min(args.delta, args.steps)
+    warm = _build("warm-up", args, data, sparse=sparse, delta=1, t_end=10 ** 9)  # delta 1: step 1 updates
+    warm.train(min(2, args.steps), data, batches, schedule, lambda r: None)
+    del warm
     empty_output_cache()
+    growth = GrowthSincePeak()
+    run = _build("measured", args, data, sparse=sparse)
+    growth.arm()
+    before_last = []
+
+    def on_step(r):
+        if r.done == chunk - 1:  # a DST update (and its score probe) falls on the chunk's last step
+            before_last.append(growth.mb)
+
+    run.train(chunk, data, batches, schedule, on_step)
+    updated = run.driver is not None and len(run.driver.update_seconds) > 0
+    return growth.mb, before_last[0] if before_last and updated else None
 
 
 # ------------------------------------------------------------------ the command
@@ -172,7 +195,7 @@ def run(args):
         raise CliError(str(exc)) from exc
     folder = out_dir(args.out, "train")
     batches = _batches(len(data.train_y), args.batch_size, args.steps, args.seed)
-    schedule = lambda step: 0.5 * args.lr * (1 + math.cos(math.pi * step / args.steps))  # noqa: E731
+    schedule = _schedule(args)
     chunk = min(args.delta, args.steps)
     labels = ("dense", _sparse_label(args))
     print(f"sparsekern train: {args.model} {data.features}-{args.hidden}-{args.hidden}-{data.classes} on "
@@ -194,44 +217,32 @@ def run(args):
 
     def on_step(r):
         # Both runs alternate until the end: the time left is the sum of both runs' remaining steps.
-        left = sum((args.steps - x.done) * statistics.fmean(x.step_s[-50:]) for x in runs.values() if x.step_s)
-        if len(runs) < 2:  # the sparse run has not started: guess it as fast as dense
-            left += args.steps * statistics.fmean(r.step_s[-50:])
+        # A run that has not started yet is guessed as fast as this one.
+        left = sum((args.steps - x.done) * statistics.fmean((x.step_s or r.step_s)[-50:]) for x in runs.values())
         rate = r.done / r.clock[-1] if r.clock[-1] > 0 else float("inf")
         eta = f"ETA {format_duration(left)}" if r.done < args.steps else "done"
         progress.update(r.label, f"step {r.done}/{args.steps}  {rate:6.1f} steps/s  loss {r.loss[-1]:.4f}  {eta}",
                         force=r.done == args.steps)
 
-    for label in labels:
-        progress.update(label, "warming up", force=True)
-    _warm_up(args, data, batches)
-    for label in labels:
-        progress.update(label, "waiting: the first chunk of each run runs alone, to measure its memory", force=True)
-    # Round 0: each run built and run on its own, its peak memory measured.
+    peaks = {}
     for label, sparse in zip(labels, (False, True)):
-        progress.update(label, "building the model", force=True)
-        growth = GrowthSincePeak()
+        progress.update(label, "measuring peak memory: the first chunk alone, in a fresh process", force=True)
+        peaks[label] = in_fresh_process(first_chunk_peak, args, sparse, torch.get_num_threads())
+        progress.update(label, "peak memory measured; waiting", force=True)
+    for label, sparse in zip(labels, (False, True)):
         runs[label] = _build(label, args, data, sparse=sparse)
-        growth.arm()
-        if not models.connects_input_to_output(runs[label].model):
-            progress.write(f"warning: at density {args.density} with {args.block_size}-blocks the sparse "
-                           f"{args.hidden}-wide network has no path from input to output and cannot learn; "
-                           "raise --density or --hidden, or lower --block-size", stream=sys.stderr)
-
-        def on_first_chunk_step(r, growth=growth):
-            if r.done == chunk - 1:  # a DST update (and its score probe) falls on the chunk's last step
-                r.peak_mb_before_last_step = growth.mb
-            on_step(r)
-
-        runs[label].train(chunk, data, batches, schedule, on_first_chunk_step)
-        runs[label].peak_mb = growth.mb
-    # Then alternate chunk by chunk, swapping the order each round.
+        runs[label].peak_mb, runs[label].peak_mb_before_first_update = peaks[label]
+    if not models.connects_input_to_output(runs[labels[1]].model):
+        progress.write(f"warning: at density {args.density} with {args.block_size}-blocks the sparse "
+                       f"{args.hidden}-wide network has no path from input to output and cannot learn; "
+                       "raise --density or --hidden, or lower --block-size", stream=sys.stderr)
+    # Alternate chunk by chunk, swapping the order each round.
     order = list(labels)
     while runs[labels[0]].done < args.steps:
-        order.reverse()
         stop = min(runs[labels[0]].done + chunk, args.steps)
         for label in order:
             runs[label].train(stop, data, batches, schedule, on_step)
+        order.reverse()
     for label in labels:
         progress.update(label, progress.text[label] + "  evaluating", force=True)
     results = {label: runs[label].evaluate(data.test_x, data.test_y) for label in labels}
@@ -271,13 +282,12 @@ def _report(args, data, runs, labels, results, chunk, wall_s, load_start):
     path = kernel_path(FAMILY_PRODUCTS[family][0], cpu, torch.float32)
     side = {}
     for label, r in ((labels[0], dense), (labels[1], sparse)):
-        updated = r.driver is not None and len(r.driver.update_seconds) > 0  # the first one ends chunk 0
         side[label] = {
             "step_ms_median": round(_median_ms(r.step_s, warm), 3),
             "train_s": round(sum(r.step_s), 3),
             "peak_mb": None if r.peak_mb is None else round(r.peak_mb, 1),
-            "peak_mb_before_first_update": None if r.peak_mb_before_last_step is None or not updated
-            else round(r.peak_mb_before_last_step, 1),
+            "peak_mb_before_first_update": None if r.peak_mb_before_first_update is None
+            else round(r.peak_mb_before_first_update, 1),
             "parameters": models.parameter_count(r.model, r.driver),
             "state_mb": round(models.training_state_mb(r.model, r.optimizer, r.driver), 2),
             "final_train_loss": round(statistics.fmean(r.loss[-10:]), 5),
@@ -347,7 +357,7 @@ def format_table(report):
         f"sparse layers: {layers}" + (f"; {sparse['mask_updates']} mask update{'s' * (sparse['mask_updates'] != 1)}"
                                       if sparse["mask_updates"] else ""),
         "peak memory: growth of the process RSS from building the model through its first chunk, each run "
-        "measured alone"
+        "alone in a fresh process"
         + (f"; {sl} before its first mask update: {_fmt_mb(sparse['peak_mb_before_first_update'])} (the update's "
            "dense-gradient block scores are the rest)" if sparse.get("peak_mb_before_first_update") else ""),
         f"data: {report['dataset']['name']}, {cfg['steps']} steps of batch {cfg['batch_size']}, "
