@@ -23,7 +23,7 @@ from . import kernels, ops
 from .formats import BlockLayout, BlockSparseMatrix, SemiStructuredMatrix
 from .kernels.output_cache import empty_output_cache, output_cache_info
 from .kernels import BackendUnavailableError, use_backend
-from .nn import LowRankLinear, SemiSparseLinear, SparseLinear
+from .nn import LowRankConv2d, LowRankLinear, SemiSparseLinear, SparseLinear
 from .formats.semi_prune import prune_2to4
 from . import methods  # after nn: methods build on the layers
 from .methods import DLRT, densify, sparsify
@@ -35,6 +35,7 @@ __all__ = [
     "BlockLayout",
     "BlockSparseMatrix",
     "DLRT",
+    "LowRankConv2d",
     "LowRankLinear",
     "SemiSparseLinear",
     "SemiStructuredMatrix",

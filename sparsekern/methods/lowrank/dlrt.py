@@ -1,4 +1,4 @@
-"""DLRT: rank-adaptive training of ``LowRankLinear`` layers, one forward/backward per step.
+"""DLRT: rank-adaptive training of ``LowRankLinear`` and ``LowRankConv2d`` layers, one forward/backward per step.
 
 Integrator: the *parallel* rank-adaptive BUG integrator of Ceruti, Kusch and
 Lubich (arXiv:2304.05660, SIAM J. Sci. Comput. 2024), applied as in the
@@ -28,10 +28,15 @@ second moments with the elementwise-squared rotation (exact for the
 permutations and sign flips a truncation SVD mostly produces, and never
 negative). Every other trainable parameter of the model (biases, dense layers)
 gets the same rule (SGD or Adam) from ``step()``.
+
+A managed layer provides factors U (n, r), S (r, r), V (m, r) of its weight as an
+n x m matrix, ``kl_grads`` (U.grad, V.grad then hold dK, dL) and ``set_factors``;
+LowRankConv2d's matrix is its kernel reshaped to (out, in·kh·kw).
 """
 import torch
 
 from ...formats.lowrank import truncation_rank
+from ...nn.lowrank_conv2d import LowRankConv2d
 from ...nn.lowrank_linear import LowRankLinear
 
 # Largest ‖direction‖_F ‖R⁻¹‖_F / k (k columns; ~1 for a well-conditioned direction)
@@ -42,13 +47,13 @@ _REORTH_EVERY = 10  # rounding drifts UᵀU from I by a few eps per step; reset 
 
 
 class DLRT:
-    """Rank-adaptive trainer for every ``LowRankLinear`` in ``model``.
+    """Rank-adaptive trainer for every ``LowRankLinear`` and ``LowRankConv2d`` in ``model``.
 
     Args:
-        model: an nn.Module; its LowRankLinear layers are switched to K/L-gradient mode.
+        model: an nn.Module; its low-rank layers are switched to K/L-gradient mode.
         lr: step size.
         tol: truncation tolerance θ >= 0 (relative to ‖S‖ unless ``absolute``).
-        rmin, rmax: bounds of every layer's rank (rmax None: min(in, out)).
+        rmin, rmax: bounds of every layer's rank (rmax None: the smaller side of its weight matrix).
         absolute: truncate the tail to <= tol instead of <= tol·‖S‖.
         optimizer: "sgd" (plain gradient steps, default) or "adam".
         betas, eps: Adam's constants.
@@ -71,9 +76,9 @@ class DLRT:
             raise ValueError(f"rmax must be None or an int >= rmin={rmin}, got {rmax!r}")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        self.layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+        self.layers = [m for m in model.modules() if isinstance(m, (LowRankLinear, LowRankConv2d))]
         if not self.layers:
-            raise ValueError(f"{type(model).__name__} contains no sparsekern.LowRankLinear layer")
+            raise ValueError(f"{type(model).__name__} contains no sparsekern.LowRankLinear or LowRankConv2d layer")
         self.model, self.lr, self.tol, self.rmin, self.rmax = model, float(lr), float(tol), rmin, rmax
         self.absolute, self.optimizer, self.betas, self.eps = absolute, optimizer, betas, eps
         self.steps = 0
@@ -178,7 +183,7 @@ class DLRT:
 
     def _new_rank(self, layer, sigma):
         r1 = max(1, truncation_rank(sigma, self.tol, absolute=self.absolute))
-        cap = min(layer.in_features, layer.out_features, sigma.numel())
+        cap = min(layer.U.shape[0], layer.V.shape[0], sigma.numel())
         if self.rmax is not None:
             cap = min(cap, self.rmax)
         return max(min(self.rmin, cap), min(r1, cap))

@@ -26,6 +26,7 @@ from torch import nn
 
 from ...formats.bsr import _as_block_size
 from ...nn.bsr_linear import SparseLinear
+from ...nn.lowrank_conv2d import LowRankConv2d
 from ...nn.lowrank_linear import LowRankLinear
 from ...nn.partially_trainable_linear import PartiallyTrainableLinear
 from ...nn.semi_linear import SemiSparseLinear
@@ -182,9 +183,9 @@ def sparsify(model, *, density, method="erk", block_size=32, dense_layers=(), al
 
 def densify(model):
     """Replace every sparse layer of ``model`` (SparseLinear, SemiSparseLinear, LowRankLinear,
-    PartiallyTrainableLinear) by the ``nn.Linear`` it stands for, in place, and return the model:
-    a sparse-trained model then loads where a dense checkpoint is expected."""
-    sparse = (SparseLinear, SemiSparseLinear, LowRankLinear, PartiallyTrainableLinear)
+    PartiallyTrainableLinear, LowRankConv2d) by the ``nn.Linear`` / ``nn.Conv2d`` it stands for, in
+    place, and return the model: a sparse-trained model then loads where a dense checkpoint is expected."""
+    sparse = (SparseLinear, SemiSparseLinear, LowRankLinear, PartiallyTrainableLinear, LowRankConv2d)
     replaced = []
     for name, module in list(model.named_modules()):
         inside_replaced = any(name.startswith(outer + ".") for outer in replaced)  # e.g. a frozen layer's delta

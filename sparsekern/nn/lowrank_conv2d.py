@@ -1,0 +1,257 @@
+"""``LowRankConv2d``: a drop-in ``nn.Conv2d`` whose kernel, as an (out, in·kh·kw) matrix, is W = U S Vᵀ.
+
+Computed as a rank-r convolution with Vᵀ (reshaped to (r, in, kh, kw)) giving
+a = conv(x, Vᵀ), then a 1x1 convolution with K = U S and the bias; the dense
+kernel is never formed. S is folded into the 1x1 side rather than the rank-r
+conv because DLRT's K-gradient dW V = Σ_tokens dy aᵀ needs a itself.
+
+Both products are ``F.conv2d`` calls (and their ``torch.nn.grad`` adjoints):
+the rank-r conv is a convolution, and the 1x1 one is a linear map over channels
+whose tokens (batch x pixels) are not contiguous rows unless the input is
+channels-last; going through ``ops.low_rank_linear`` instead would need the
+im2col matrix of x (in·kh·kw times the input's memory).
+
+U, S, V and the DLRT interface (``kl_grads``, ``set_factors``, ``rank``) are
+those of ``LowRankLinear``, with V's rows indexed by (in channel, ky, kx).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..formats.lowrank import truncation_rank
+from ..ops.checks import saved_tensors
+from .autocast import autocast_dtype, cast, outside_autocast
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _pair(name, value, minimum):
+    """``value`` as an (h, w) pair of ints >= minimum."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return tuple(pair)
+
+
+def _conv_padding(padding, kernel_size, stride, dilation):
+    """(symmetric padding for the conv, extra right/bottom padding) for nn.Conv2d's ``padding``.
+
+    "same" with an odd total padding puts the extra pixel on the right/bottom, as torch does."""
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1, got stride={stride}")
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        return tuple(t // 2 for t in total), tuple(t % 2 for t in total)
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be 'same', 'valid', an int >= 0 or a pair of them, got {padding!r}")
+    return _pair("padding", padding, 0), (0, 0)
+
+
+class _LowRankConv2dFunction(torch.autograd.Function):
+    """y = conv1x1(conv(x, Vᵀ), U S) + bias with LowRankLinear's gradients of U, S, V.
+
+    Backward with G = Uᵀ dy (per token) and dK = Σ dy aᵀ = dW V (dW never formed):
+    dS = Uᵀ dK, dL = Σ patch(x) Gᵀ = dWᵀ U (conv weight gradient), dx = convᵀ(G, S Vᵀ);
+    kl_grads: dU = dK, dV = dL; else dU = dK Sᵀ, dV = dL S. r x r products act on
+    the weight side (out·r² or in·kh·kw·r² flops), never on the tokens."""
+
+    @staticmethod
+    def forward(ctx, x, U, S, V, bias, kernel_size, stride, padding, dilation, kl_grads):
+        r = S.shape[0]
+        a = F.conv2d(x, V.T.reshape(r, x.shape[1], *kernel_size), None, stride, padding, dilation)
+        y = F.conv2d(a, (U @ S)[:, :, None, None], bias)
+        ctx.save_for_backward(x, a, U, S, V)
+        ctx.conv = (stride, padding, dilation)
+        ctx.kernel_size, ctx.kl_grads, ctx.has_bias = kernel_size, kl_grads, bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, a, U, S, V = saved_tensors(ctx, "LowRankConv2d")
+        need_x, need_U, need_S, need_V, need_bias = ctx.needs_input_grad[:5]
+        r, rank_weight_shape = S.shape[0], (S.shape[0], x.shape[1], *ctx.kernel_size)
+        dx = dU = dS = dV = dbias = None
+        if need_U or need_S:
+            dK = torch.einsum("nohw,nrhw->or", dy, a)
+            dS = U.T @ dK if need_S else None
+            dU = (dK if ctx.kl_grads else dK @ S.T) if need_U else None
+        if need_x or need_V:
+            G = F.conv2d(dy, U.T[:, :, None, None])
+            if need_V:
+                dL = torch.nn.grad.conv2d_weight(x, rank_weight_shape, G, *ctx.conv).reshape(r, -1).T
+                dV = dL if ctx.kl_grads else dL @ S
+            if need_x:
+                dx = torch.nn.grad.conv2d_input(x.shape, (S @ V.T).reshape(rank_weight_shape), G, *ctx.conv)
+        if need_bias and ctx.has_bias:
+            dbias = dy.sum((0, 2, 3))
+        return dx, dU, dS, dV, dbias, None, None, None, None, None
+
+
+class LowRankConv2d(nn.Module):
+    """nn.Conv2d (groups 1, zero padding) with its kernel in low-rank form, never forming the dense kernel.
+
+    Args:
+        in_channels, out_channels: any positive ints.
+        kernel_size, stride, dilation: an int or an (h, w) pair, as nn.Conv2d.
+        rank: r, 1 <= r <= min(out_channels, in_channels·kh·kw).
+        padding: an int >= 0, a pair, "valid" or "same" (stride 1), as nn.Conv2d.
+        bias: learn an additive bias.
+        device, dtype: of the parameters (float32, float64, bfloat16 or float16).
+
+    Parameters: U (out, r), S (r, r), V (in·kh·kw, r), bias (out,). Cost per
+    output pixel: 2 r (in·kh·kw + out) flops against 2 out·in·kh·kw dense.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1,
+                 bias=True, *, device=None, dtype=None):
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.kernel_size = _pair("kernel_size", kernel_size, 1)
+        self.stride = _pair("stride", stride, 1)
+        self.dilation = _pair("dilation", dilation, 1)
+        self.padding = padding if isinstance(padding, str) else _pair("padding", padding, 0)
+        self._padding, self._extra_padding = _conv_padding(padding, self.kernel_size, self.stride, self.dilation)
+        patch = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(out_channels, patch):
+            raise ValueError(f"rank must be an int in [1, {min(out_channels, patch)}] for a kernel of "
+                             f"{out_channels}x{patch} (out x in·kh·kw), got {rank!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"LowRankConv2d supports dtypes {_DTYPES}, got {dtype}")
+        factory = dict(device=device, dtype=dtype)
+        self.U = nn.Parameter(torch.empty(out_channels, rank, **factory))
+        self.S = nn.Parameter(torch.empty(rank, rank, **factory))
+        self.V = nn.Parameter(torch.empty(patch, rank, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        # Set by sparsekern.DLRT: U and V then receive the K/L gradients dW V and dWᵀ U.
+        self.kl_grads = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Random orthonormal U, V and S = σ I, with σ chosen so each output channel has
+        nn.Conv2d's initial variance (row norm² of W = 1/3); bias as nn.Conv2d."""
+        r = self.rank
+        with torch.no_grad():
+            for factor in (self.U, self.V):
+                factor.copy_(torch.linalg.qr(torch.randn(factor.shape, dtype=torch.float64)).Q)
+            self.S.copy_(torch.eye(r) * math.sqrt(self.out_channels / (3.0 * r)))
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.V.shape[0])
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_dense(cls, conv, *, rank=None, tol=None):
+        """Convert an ``nn.Conv2d`` (groups 1, zero padding) by truncated SVD of its kernel as an
+        (out, in·kh·kw) matrix: ``rank`` keeps that many singular triplets, ``tol`` the fewest whose
+        dropped tail is <= tol·‖W‖_F (the DLRT rule); neither keeps all of them, which is exact."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"from_dense needs groups=1 and padding_mode='zeros', got groups={conv.groups}, "
+                             f"padding_mode={conv.padding_mode!r}")
+        if rank is not None and tol is not None:
+            raise ValueError("give either rank or tol, not both")
+        weight = conv.weight.detach()
+        u, s, vh = torch.linalg.svd(weight.reshape(weight.shape[0], -1).double(), full_matrices=False)
+        if tol is not None:
+            rank = max(1, truncation_rank(s, tol))
+        rank = s.numel() if rank is None else rank
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride, conv.padding,
+                    conv.dilation, conv.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.set_factors(u[:, :rank], torch.diag(s[:rank]), vh[:rank].T)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    @property
+    def rank(self):
+        return self.S.shape[0]
+
+    def dense_weight(self):
+        """The dense (out, in, kh, kw) kernel U S Vᵀ (for inspection; training never forms it)."""
+        return (self.U @ self.S @ self.V.T).reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def to_dense(self):
+        """The ``nn.Conv2d`` this layer stands for (effective kernel and bias, same device and dtype)."""
+        weight = self.dense_weight().detach()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def set_factors(self, U, S, V):
+        """Install new factors. Same rank: written in place (Parameters keep their identity).
+        New rank: replaced by new Parameters of the new shape. Gradients are cleared either way."""
+        r = S.shape[0]
+        expected = ((self.out_channels, r), (r, r), (self.V.shape[0], r))
+        if (tuple(U.shape), tuple(S.shape), tuple(V.shape)) != expected:
+            raise ValueError(f"factors of shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)} do not fit "
+                             f"a kernel of {self.out_channels}x{self.V.shape[0]} (out x in·kh·kw)")
+        for name, value in (("U", U), ("S", S), ("V", V)):
+            param = getattr(self, name)
+            value = value.detach().to(param.dtype).contiguous()
+            if param.shape == value.shape:
+                param.data = value
+                param.grad = None
+                torch.autograd.graph.increment_version(param)  # a pending backward must not use the old factors
+            else:
+                setattr(self, name, nn.Parameter(value.clone(), requires_grad=param.requires_grad))
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a tensor, got {type(x).__name__}")
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"input has shape {tuple(x.shape)}, expected (N, {self.in_channels}, H, W) "
+                             f"or ({self.in_channels}, H, W)")
+        if x.dim() == 3:
+            return self.forward(x[None])[0]
+        if any(self._extra_padding):
+            x = F.pad(x, (0, self._extra_padding[1], 0, self._extra_padding[0]))
+        dtype = autocast_dtype(x, self.S.dtype)
+        if dtype is None:
+            return self._conv(x, self.U, self.S, self.V, self.bias)
+        with outside_autocast(x):
+            return self._conv(*(cast(t, dtype) for t in (x, self.U, self.S, self.V, self.bias)))
+
+    def _conv(self, x, U, S, V, bias):
+        if x.dtype != S.dtype:
+            raise TypeError(f"input has dtype {x.dtype} but the layer's factors have dtype {S.dtype}")
+        return _LowRankConv2dFunction.apply(x, U, S, V, bias, self.kernel_size, self.stride, self._padding,
+                                            self.dilation, self.kl_grads)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Adopt the checkpoint's rank first (it may differ after DLRT truncations).
+        saved = state_dict.get(prefix + "S")
+        if saved is not None and saved.dim() == 2 and saved.shape != self.S.shape:
+            r = saved.shape[0]
+            like = dict(device=self.S.device, dtype=self.S.dtype)
+            self.set_factors(torch.zeros(self.out_channels, r, **like), torch.zeros(r, r, **like),
+                             torch.zeros(self.V.shape[0], r, **like))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self):
+        patch = self.V.shape[0]
+        stored = self.rank * (self.out_channels + patch + self.rank)
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, "
+                f"bias={self.bias is not None}, params={stored / (self.out_channels * patch):.4f} of dense")
