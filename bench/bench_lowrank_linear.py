@@ -7,19 +7,8 @@
     python bench/bench_lowrank_linear.py --balanced           # steady state: low-rank timed in blocks of calls
     python -m pytest bench/bench_lowrank_linear.py -p no:cacheprovider --benchmark-only   # small-shape microbenchmarks
 
-Rows (each timed in the same process as its dense baseline, alternating, ratio =
-median over repeats of dense_ms / lowrank_ms for the pair measured back to back;
-with ``--balanced`` a low-rank sample is the mean of the back-to-back calls that
-fill about one dense call's wall time, fields ``*_calls_per_sample``):
-
-* ``fwd+bwd``: ``nn.Linear`` vs ``LowRankLinear`` (x requires grad, bias on),
-  y = layer(x); y.backward(dy).
-* ``fwd+bwd unfused``: the same low-rank layer as two plain torch GEMMs through
-  autograd, F.linear(F.linear(x, Vᵀ), U S, b), to show what the fused op adds.
-* ``step``: dense fwd+bwd + ``torch.optim.SGD.step`` vs ``LowRankLinear`` fwd+bwd +
-  ``DLRT.step`` (K/L/S updates, two QRs, SVD of the 2r x 2r matrix, truncation),
-  with tol=0 and rmax=r so the rank stays r and every step does the full work.
-
+The cases (``fwd+bwd``, ``unfused``, ``step``) and their timing are the package's
+(``sparsekern.cli.lowrank_bench``, which ``sparsekern bench --product lowrank`` runs too).
 Rows are printed as a table and as JSON lines (``--json`` appends them to a file).
 """
 import argparse
@@ -32,11 +21,10 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
 
 import sparsekern as sk  # noqa: E402
-from timing import TIMER_HELP, Timer, append_rows, compare, environment, fwd_bwd, header, kernel_path  # noqa: E402
+from sparsekern.cli.lowrank_bench import CASES, HEADER, dlrt_step, format_row, run_cases  # noqa: E402
+from timing import TIMER_HELP, Timer, append_rows, environment, fwd_bwd, header, kernel_path  # noqa: E402
 
 
 def keep_freed_memory():
@@ -53,63 +41,6 @@ def keep_freed_memory():
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
-def _unfused(layer, x, dy):
-    def run():
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        F.linear(F.linear(x, layer.V.T), layer.U @ layer.S, layer.bias).backward(dy)
-    return run
-
-
-def _dense_step(layer, x, dy, lr):
-    opt = torch.optim.SGD(layer.parameters(), lr=lr)
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        x.grad = None
-        layer(x).backward(dy)
-        opt.step()
-    return run
-
-
-def _dlrt_step(layer, x, dy, lr, rank):
-    dlrt = sk.DLRT(layer, lr, tol=0.0, rmax=rank)
-
-    def run():
-        dlrt.zero_grad()
-        x.grad = None
-        layer(x).backward(dy)
-        dlrt.step()
-    return run
-
-
-def run(tokens, in_features, out_features, ranks, repeats, dtype, device, cases, measure, context, balanced=False):
-    torch.manual_seed(0)
-    factory = dict(device=device, dtype=dtype)
-    x = torch.randn(tokens, in_features, **factory, requires_grad=True)
-    dy = torch.randn(tokens, out_features, **factory)
-    dense = nn.Linear(in_features, out_features, **factory)
-    base = dict(context, dtype=str(dtype).replace("torch.", ""), tokens=tokens, in_features=in_features,
-                out_features=out_features)
-    rows = []
-    for rank in ranks:
-        row = dict(base, rank=rank, params_vs_dense=rank * (in_features + out_features + rank)
-                   / (in_features * out_features))
-        layer = sk.LowRankLinear(in_features, out_features, rank, **factory)
-        if "fwd+bwd" in cases:
-            rows.append(compare("fwd+bwd", fwd_bwd(dense, x, dy), fwd_bwd(layer, x, dy), repeats, measure, row,
-                                sparse_key="lowrank_ms", balanced=balanced))
-        if "unfused" in cases:
-            rows.append(compare("fwd+bwd unfused", fwd_bwd(dense, x, dy), _unfused(layer, x, dy),
-                                repeats, measure, row, sparse_key="lowrank_ms", balanced=balanced))
-        if "step" in cases:
-            # Tiny lr: the factors stay well-scaled however many steps are timed.
-            rows.append(compare("step", _dense_step(dense, x, dy, 1e-6), _dlrt_step(layer, x, dy, 1e-6, rank),
-                                repeats, measure, row, sparse_key="lowrank_ms", balanced=balanced))
-        layer.kl_grads = False
-    return rows
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048)
@@ -119,8 +50,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cases", nargs="+", default=["fwd+bwd", "unfused", "step"],
-                        choices=["fwd+bwd", "unfused", "step"])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc mallopt: keep freed large blocks mapped (see keep_freed_memory)")
@@ -138,12 +68,13 @@ def main(argv=None):
     env, path = environment(device), kernel_path("lowrank_forward", device, dtype)
     print(f"# {header(env, path)}, {args.dtype}, median of {args.repeats} alternating rounds, {args.timer} time"
           f"{', balanced' if args.balanced else ''}")
-    rows = run(args.tokens, args.in_features, args.out_features, args.ranks, args.repeats, dtype, device,
-               args.cases, Timer(args.timer, device), {"bench": "lowrank_linear", **env, **path}, args.balanced)
-    rows = [dict(r, keep_freed_memory=args.keep_freed_memory, balanced=args.balanced) for r in rows]
-    print(f"{'case':<16} {'rank':>5} {'dense ms':>10} {'lowrank ms':>11} {'ratio':>7}")
-    for r in rows:
-        print(f"{r['case']:<16} {r['rank']:>5} {r['dense_ms']:>10.1f} {r['lowrank_ms']:>11.1f} {r['ratio']:>6.2f}x")
+    print(HEADER)
+    rows = []
+    for row in run_cases(args.tokens, args.in_features, args.out_features, args.ranks, args.repeats, dtype, device,
+                         args.cases, Timer(args.timer, device), {"bench": "lowrank_linear", **env, **path},
+                         args.balanced):
+        rows.append(dict(row, keep_freed_memory=args.keep_freed_memory, balanced=args.balanced))
+        print(format_row(row), flush=True)
     for r in rows:
         print(json.dumps(r))
     append_rows(rows, args.json)
@@ -159,7 +90,7 @@ def test_bench_lowrank_fwd_bwd(benchmark):
 def test_bench_dlrt_step(benchmark):
     layer = sk.LowRankLinear(512, 512, 32)
     x = torch.randn(256, 512, requires_grad=True)
-    benchmark(_dlrt_step(layer, x, torch.randn(256, 512), 1e-6, 32))
+    benchmark(dlrt_step(layer, x, torch.randn(256, 512), 1e-6, 32))
 
 
 if __name__ == "__main__":

@@ -32,10 +32,27 @@ def test_bench_prints_the_ratio_table_and_writes_rows(tmp_path, capsys):
         assert 'pip install "sparsekern[plot]"' in out
 
 
-@pytest.mark.parametrize("product", ["semi", "lowrank"])
-def test_other_products_say_not_yet(capsys, product):
-    assert main(["bench", "--product", product]) == 1
-    assert "not yet" in capsys.readouterr().err
+@pytest.mark.parametrize("product, extra, cases", [
+    ("semi", [], ["fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune"]),
+    ("lowrank", ["--ranks", "8"], ["fwd+bwd", "fwd+bwd unfused", "step"]),
+])
+def test_semi_and_lowrank_print_their_cases_and_write_rows(tmp_path, capsys, product, extra, cases):
+    assert main(["bench", "--product", product, "--tokens", "32", "--features", "64", "--reps", "1",
+                 "--out", str(tmp_path), *extra]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / f"{product}_linear.jsonl").read_text().splitlines()]
+    assert [r["case"] for r in rows] == cases
+    assert all(r["ratio"] > 0 and r["cpu"] and r["backend"] for r in rows)
+    assert all(case in out for case in cases)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--product", "semi", "--features", "66"], "multiple of 4"),
+    (["--product", "lowrank", "--features", "64", "--ranks", "128"], "exceed --features 64"),
+])
+def test_impossible_shapes_are_refused(capsys, argv, message):
+    assert main(["bench", *argv]) == 1
+    assert message in capsys.readouterr().err
 
 
 def test_features_must_be_whole_blocks(capsys):
@@ -59,3 +76,17 @@ def test_the_benchmark_script_still_runs_its_table():
     lines = result.stdout.splitlines()
     assert lines[3].startswith("block density |")
     assert len(lines) == 6 and lines[4].split()[:2] == ["32", "1.000"]
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("bench/bench_semi_linear.py", ["--shapes", "32,64,64"]),
+    ("bench/bench_lowrank_linear.py", ["--tokens", "32", "--in-features", "64", "--out-features", "64",
+                                       "--ranks", "8"]),
+])
+def test_the_semi_and_lowrank_scripts_run_the_package_cases(script, argv):
+    result = subprocess.run([sys.executable, script, "--threads", "1", "--repeats", "1", *argv],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert rows and all(r["ratio"] > 0 for r in rows)

@@ -132,3 +132,31 @@ def bench_figure(plt, rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def case_ratio_figure(plt, rows, path):
+    """One bar per benchmark case (and rank): its speed-up over dense, with the dense level drawn."""
+    labels = [row["case"] + (f", rank {row['rank']}" if "rank" in row else "") for row in rows]
+    ratios = [row["ratio"] for row in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 2.2))
+    # Red where sparse wins, grey where it loses; prune (a cost, lower is better) in blue.
+    colors = ["#1f77b4" if row["case"] == "prune" else COLORS["sparse"] if row["ratio"] >= 1 else COLORS["dense"]
+              for row in rows]
+    bars = ax.barh(labels, ratios, color=colors)
+    for bar, row in zip(bars, rows):
+        text = f"{row['ratio']:.3f} of a dense fwd" if row["case"] == "prune" else f"{row['ratio']:.2f}x"
+        ax.annotate(text, (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(4, 0),
+                    textcoords="offset points", va="center", fontsize=10)
+    ax.axvline(1.0, color="black", linewidth=1, linestyle="--", label="dense speed")
+    ax.invert_yaxis()  # first case on top
+    ax.set_xlim(0, max(ratios + [1.0]) * 1.25)
+    ax.set_xlabel("speed-up (dense ms / sparse ms; prune: its time as a fraction of a dense forward)")
+    first = rows[0]
+    ax.set_title(f"{first['bench']} vs dense nn.Linear: X {first['tokens']}x{first['in_features']}, "
+                 f"W {first['out_features']}x{first['in_features']}, {first['dtype']}\n"
+                 f"{first['cpu']}, {first['threads']} threads", fontsize=11)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

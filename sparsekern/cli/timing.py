@@ -64,3 +64,26 @@ def alternate(fns, rounds, measure, *, balanced=False, on_round=None):
 
 def median_ratio(numerators, denominators):
     return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
+def compare(name, dense_fn, sparse_fn, repeats, measure, row, *, sparse_key="sparse_ms", as_fraction=False,
+            balanced=False, on_round=None):
+    """``row`` with the case ``name``: median times of the dense and sparse callables, timed
+    alternately, and the median of the per-round ratios dense / sparse (sparse / dense with
+    ``as_fraction``)."""
+    samples, calls = alternate({"dense": dense_fn, "sparse": sparse_fn}, repeats, measure, balanced=balanced,
+                               on_round=on_round)
+    dense, sparse = samples["dense"], samples["sparse"]
+    return dict(row, case=name, dense_ms=statistics.median(dense), **{sparse_key: statistics.median(sparse)},
+                ratio=median_ratio(sparse, dense) if as_fraction else median_ratio(dense, sparse),
+                repeats=repeats, timer=getattr(measure, "name", None), dense_calls_per_sample=calls["dense"],
+                sparse_calls_per_sample=calls["sparse"])
+
+
+def fwd_bwd(layer, x, dy):
+    """A callable: y = layer(x); y.backward(dy), the gradients of layer and x cleared first."""
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(dy)
+    return run
