@@ -1,0 +1,209 @@
+// sparsekern._C_conv: CPU kernels of the block-sparse Conv2d products, as dispatcher ops
+// (fakes in sparsekern/kernels/conv/cpu.py):
+//
+// sparsekern::conv_forward_cpu     y = conv2d(x, W) (+ bias, in registers)
+// sparsekern::conv_grad_input_cpu  dx = conv of dy with W's transposed, flipped taps
+// sparsekern::conv_grad_weight_cpu dvalues = the weight gradient sampled on the stored blocks
+// Activations: CPU, 4-D NCHW logical shape, any strides (channels-last is read without a
+// transpose); outputs are channels-last. float64 / float32 / bfloat16 / float16 (half types
+// computed in fp32); int64 indices of a valid BlockLayout (checked in O(nnz)). Geometry: see
+// conv/geometry.h.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "common/grouped_product.h"
+#include "common/huge_page_output.h"
+#include "common/microkernel.h"
+#include "conv/geometry.h"
+#include "conv/implicit_gemm.h"
+#include "conv/sampled_conv.h"
+
+namespace sparsekern {
+namespace conv {
+
+namespace {
+
+using common::Compute;
+
+// An NCHW-shaped tensor whose memory is NHWC, from the allocator of large outputs.
+at::Tensor channels_last_output(int64_t N, int64_t Ch, int64_t H, int64_t W, const at::TensorOptions& options) {
+  return common::empty_output({N, H, W, Ch}, options).permute({0, 3, 1, 2});
+}
+
+void check_activation(const at::Tensor& t, const char* name, int64_t channels, const char* what) {
+  check_float(t, name, 4);
+  TORCH_CHECK(t.size(1) == channels, name, " has ", t.size(1), " channels, expected ", channels, " (", what, ")");
+}
+
+std::vector<int64_t> tap_offsets(const Geometry& geo, int64_t row, int64_t pixel) {
+  std::vector<int64_t> off;
+  for (int64_t kh = 0; kh < geo.KH; ++kh) {
+    for (int64_t kw = 0; kw < geo.KW; ++kw) off.push_back(kh * geo.dh * row + kw * geo.dw * pixel);
+  }
+  return off;
+}
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets,
+                   const at::Tensor& col_indices, at::IntArrayRef geometry, const c10::optional<at::Tensor>& bias) {
+  const Geometry geo = parse_geometry(geometry);
+  check_activation(x, "x", geo.C, "in_channels");
+  check_values(values, geo);
+  check_same_dtype(x, values);
+  const int64_t nnz = values.size(0), RB = geo.RB(), CB = geo.CB();
+  check_offsets(row_offsets, "row_offsets", RB, nnz);
+  check_index(col_indices, "col_indices", nnz, CB);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    check_float(*bias, "bias", 1);
+    check_same_dtype(x, *bias);
+    TORCH_CHECK(bias->size(0) == geo.O, "bias has ", bias->size(0), " entries, expected ", geo.O);
+  }
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), Hp = H + geo.pt + geo.pb, Wp = W + geo.pl + geo.pr;
+  TORCH_CHECK(Hp >= geo.dh * (geo.KH - 1) + 1 && Wp >= geo.dw * (geo.KW - 1) + 1, "padded input (", Hp, ", ", Wp,
+              ") is smaller than the dilated kernel");
+  const int64_t Ho = geo.out_h(H), Wo = geo.out_w(W);
+  at::Tensor y = channels_last_output(N, geo.O, Ho, Wo, x.options());
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_forward", [&] {
+    using C = Compute<scalar_t>;
+    const int64_t Cp = geo.G * geo.Cgp();
+    at::Tensor p = placed_nhwc<C>(x, geo.G, geo.Cgp(), Hp, Wp, geo.pt, geo.pl, 1, 1);
+    GatherProblem<scalar_t, C> pb;
+    pb.p = p.data_ptr<C>();
+    pb.img_stride = Hp * Wp * Cp, pb.row_stride = geo.sh * Wp * Cp, pb.pix_stride = geo.sw * Cp;
+    pb.N = N, pb.Hout = Ho, pb.Wout = Wo;
+    pb.tap_off = tap_offsets(geo, Wp * Cp, Cp);
+    const int64_t* ro = row_offsets.data_ptr<int64_t>();
+    const int64_t* ci = col_indices.data_ptr<int64_t>();
+    for (int64_t r = 0; r < RB; ++r) {
+      pb.groups.push_back({r * geo.bo, std::min(geo.bo, geo.O - r * geo.bo), ro[r], ro[r + 1] - ro[r]});
+      for (int64_t q = ro[r]; q < ro[r + 1]; ++q) {
+        pb.blk.push_back(q);
+        pb.a_chan.push_back(geo.group_of_row(r) * geo.Cgp() + ci[q] * geo.bi);
+      }
+    }
+    pb.values = values.data_ptr<scalar_t>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.forward = true;
+    pb.out = y.data_ptr<scalar_t>(), pb.ldo = geo.O;
+    pb.bias = has_bias ? b.data_ptr<scalar_t>() : nullptr;
+    gather_conv(pb);
+  });
+  return y;
+}
+
+at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& col_offsets,
+                      const at::Tensor& t_block_ids, const at::Tensor& t_row_indices, at::IntArrayRef geometry,
+                      at::IntArrayRef input_size) {
+  const Geometry geo = parse_geometry(geometry);
+  check_activation(dy, "dy", geo.O, "out_channels");
+  check_values(values, geo);
+  check_same_dtype(dy, values);
+  TORCH_CHECK(input_size.size() == 2, "input_size must be (H, W), got ", input_size);
+  const int64_t N = dy.size(0), H = input_size[0], W = input_size[1], nnz = values.size(0);
+  TORCH_CHECK(H > 0 && W > 0 && geo.out_h(H) == dy.size(2) && geo.out_w(W) == dy.size(3), "dy has spatial size (",
+              dy.size(2), ", ", dy.size(3), ") but an input of ", input_size, " gives (", geo.out_h(H), ", ",
+              geo.out_w(W), ")");
+  const int64_t RB = geo.RB(), CB = geo.CB();
+  check_offsets(col_offsets, "col_offsets", CB, nnz);
+  check_index(t_block_ids, "t_block_ids", nnz, nnz);
+  check_index(t_row_indices, "t_row_indices", nnz, RB);
+  at::Tensor dx = channels_last_output(N, geo.C, H, W, dy.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "conv_grad_input", [&] {
+    using C = Compute<scalar_t>;
+    // dy row oh lands on row oh * sh + eh of a buffer of H + dh (KH - 1) rows; output row ih then
+    // reads rows ih + u * dh (u = flipped tap) of it (likewise columns).
+    const int64_t Op = RB * geo.bo, Hq = H + geo.dh * (geo.KH - 1), Wq = W + geo.dw * (geo.KW - 1);
+    const int64_t eh = geo.dh * (geo.KH - 1) - geo.pt, ew = geo.dw * (geo.KW - 1) - geo.pl;
+    at::Tensor p = placed_nhwc<C>(dy, 1, Op, Hq, Wq, eh, ew, geo.sh, geo.sw);
+    GatherProblem<scalar_t, C> pb;
+    pb.p = p.data_ptr<C>();
+    pb.img_stride = Hq * Wq * Op, pb.row_stride = Wq * Op, pb.pix_stride = Op;
+    pb.N = N, pb.Hout = H, pb.Wout = W;
+    pb.tap_off = tap_offsets(geo, Wq * Op, Op);
+    const int64_t* co = col_offsets.data_ptr<int64_t>();
+    const int64_t* tb = t_block_ids.data_ptr<int64_t>();
+    const int64_t* tr = t_row_indices.data_ptr<int64_t>();
+    for (int64_t g = 0; g < geo.G; ++g) {
+      for (int64_t c = 0; c < CB; ++c) {
+        const int64_t first = int64_t(pb.blk.size());
+        for (int64_t q = co[c]; q < co[c + 1]; ++q) {
+          if (geo.group_of_row(tr[q]) != g) continue;
+          pb.blk.push_back(tb[q]);
+          pb.a_chan.push_back(tr[q] * geo.bo);
+        }
+        pb.groups.push_back({g * geo.Cg() + c * geo.bi, std::min(geo.bi, geo.Cg() - c * geo.bi), first,
+                             int64_t(pb.blk.size()) - first});
+      }
+    }
+    pb.values = values.data_ptr<scalar_t>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.forward = false;
+    pb.out = dx.data_ptr<scalar_t>(), pb.ldo = geo.C, pb.bias = nullptr;
+    gather_conv(pb);
+  });
+  return dx;
+}
+
+at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_indices,
+                       const at::Tensor& col_indices, at::IntArrayRef geometry) {
+  const Geometry geo = parse_geometry(geometry);
+  check_activation(dy, "dy", geo.O, "out_channels");
+  check_activation(x, "x", geo.C, "in_channels");
+  check_same_dtype(dy, x);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), nnz = row_indices.numel();
+  TORCH_CHECK(dy.size(0) == N, "dy has batch ", dy.size(0), " but x has ", N);
+  const int64_t Hp = H + geo.pt + geo.pb, Wp = W + geo.pl + geo.pr;
+  TORCH_CHECK(Hp >= geo.dh * (geo.KH - 1) + 1 && Wp >= geo.dw * (geo.KW - 1) + 1 && geo.out_h(H) == dy.size(2) &&
+                  geo.out_w(W) == dy.size(3),
+              "dy has spatial size (", dy.size(2), ", ", dy.size(3), ") but x of (", H, ", ", W, ") gives (",
+              geo.out_h(H), ", ", geo.out_w(W), ")");
+  check_index(row_indices, "row_indices", nnz, geo.RB());
+  check_index(col_indices, "col_indices", nnz, geo.CB());
+  at::Tensor dvalues = common::empty_output({nnz, geo.bo, geo.bi, geo.KH, geo.KW}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_grad_weight", [&] {
+    using C = Compute<scalar_t>;
+    const int64_t Cp = geo.G * geo.Cgp();
+    at::Tensor p = placed_nhwc<C>(x, geo.G, geo.Cgp(), Hp, Wp, geo.pt, geo.pl, 1, 1);
+    const at::Tensor d = dy.permute({0, 2, 3, 1}).to(common::scalar_type_of<C>()).contiguous();
+    SampledProblem<C> pb;
+    pb.dy = d.data_ptr<C>(), pb.O = geo.O, pb.p = p.data_ptr<C>();
+    pb.img_stride = Hp * Wp * Cp, pb.row_stride = geo.sh * Wp * Cp, pb.pix_stride = geo.sw * Cp;
+    pb.N = N, pb.Hout = dy.size(2), pb.Wout = dy.size(3);
+    pb.tap_off = tap_offsets(geo, Wp * Cp, Cp);
+    pb.rows = row_indices.data_ptr<int64_t>();
+    const int64_t* ci = col_indices.data_ptr<int64_t>();
+    for (int64_t q = 0; q < nnz; ++q) pb.a_chan.push_back(geo.group_of_row(pb.rows[q]) * geo.Cgp() + ci[q] * geo.bi);
+    pb.nnz = nnz, pb.bo = geo.bo, pb.bi = geo.bi;
+    sampled_conv<scalar_t, C>(pb, dvalues.data_ptr<scalar_t>());
+  });
+  return dvalues;
+}
+
+std::string isa() { return common::use_avx2() ? "avx2-fma" : "portable"; }
+
+}  // namespace
+}  // namespace conv
+}  // namespace sparsekern
+
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  m.set_python_module("sparsekern.kernels.conv.cpu");
+  m.def("conv_forward_cpu(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices, int[] geometry, "
+        "Tensor? bias=None) -> Tensor");
+  m.def("conv_grad_input_cpu(Tensor dy, Tensor values, Tensor col_offsets, Tensor t_block_ids, "
+        "Tensor t_row_indices, int[] geometry, int[] input_size) -> Tensor");
+  m.def("conv_grad_weight_cpu(Tensor dy, Tensor x, Tensor row_indices, Tensor col_indices, int[] geometry) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("conv_forward_cpu", &sparsekern::conv::forward);
+  m.impl("conv_grad_input_cpu", &sparsekern::conv::grad_input);
+  m.impl("conv_grad_weight_cpu", &sparsekern::conv::grad_weight);
+}
+
+// Controls, not products: plain module functions.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  sparsekern::common::def_output_cache(m);
+  m.def("isa", &sparsekern::conv::isa, "which microkernel runs: 'avx2-fma' or 'portable'");
+  m.def("set_portable_only", &sparsekern::common::set_portable_only, "force the portable microkernel (tests)");
+}

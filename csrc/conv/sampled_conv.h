@@ -1,0 +1,164 @@
+// Weight gradient on the stored blocks only:
+//   dvalues[p][co][ci][t] = sum over output pixels m of dY[m, row_p * bo + co] * P[pix(m) + tap_off[t] + a_chan_p + ci]
+// (P: the zero-padded NHWC input). The reduction runs over all output pixels, split into
+// one contiguous pixel range per thread, each with its own accumulator of the stored blocks
+// (summed at the end), so no operand is packed twice. A thread walks its range in chunks,
+// GotoBLAS style: dYᵀ of every used block row is packed into row tiles ([chunk][mr]), then,
+// one block column at a time, the shifted input of every tap into NR-column strips
+// ([chunk][NR]); each (block, tap, strip, row tile) is one microkernel call over two
+// contiguous streams.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "common/grouped_product.h"
+#include "common/microkernel.h"
+#include "common/parallel.h"
+#include "conv/implicit_gemm.h"
+
+namespace sparsekern {
+namespace conv {
+
+constexpr int64_t kPixelChunk = 256;  // output pixels per packed chunk
+
+template <typename C>
+struct SampledProblem {
+  const C* dy;  // (M, O) NHWC
+  int64_t O;
+  const C* p;   // the placed input
+  int64_t img_stride, row_stride, pix_stride, N, Hout, Wout;
+  std::vector<int64_t> tap_off;
+  const int64_t* rows;     // block row of each stored block
+  std::vector<int64_t> a_chan;  // channel offset in P of each stored block
+  int64_t nnz, bo, bi;
+};
+
+template <typename S, typename C>
+void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
+  constexpr int NR = common::kNR<C>;
+  const int64_t T = int64_t(pb.tap_off.size()), nsub = (pb.bi + NR - 1) / NR, block = pb.bo * pb.bi * T;
+  const int64_t M = pb.N * pb.Hout * pb.Wout, nnz = pb.nnz;
+  if (nnz == 0) return;
+  const auto scalar = at::TensorOptions(common::scalar_type_of<C>());
+  if (M == 0) {
+    std::fill(dvalues, dvalues + nnz * block, S(0));
+    return;
+  }
+  // Blocks by block column (then row), so each column's shifted input is packed once per chunk.
+  std::vector<int64_t> order(nnz);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return pb.a_chan[a] < pb.a_chan[b]; });
+  std::vector<int64_t> used_rows(pb.rows, pb.rows + nnz);
+  std::sort(used_rows.begin(), used_rows.end());
+  used_rows.erase(std::unique(used_rows.begin(), used_rows.end()), used_rows.end());
+  std::vector<int64_t> row_slot(used_rows.back() + 1, -1);
+  for (size_t u = 0; u < used_rows.size(); ++u) row_slot[used_rows[u]] = int64_t(u);
+
+  const auto tiles = pixel_tiles(pb.bo);
+  std::vector<common::Microkernel<C>> kernels;
+  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, false>(tile.second));
+  const int64_t parts = std::min((M + kPixelChunk - 1) / kPixelChunk, common::threads_for(nnz * block * M));
+  std::vector<at::Tensor> accs(parts);
+  std::vector<C*> acc_of(parts);
+  for (int64_t part = 0; part < parts; ++part) {
+    accs[part] = at::empty({nnz * block}, scalar);
+    acc_of[part] = accs[part].data_ptr<C>();
+  }
+  const int64_t zero = 0, HW = pb.Hout * pb.Wout;
+
+  at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t part = q0; part < q1; ++part) {
+      C* acc = acc_of[part];
+      const int64_t m_lo = M * part / parts, m_hi = M * (part + 1) / parts;
+      const int64_t chunk = std::min(kPixelChunk, m_hi - m_lo);
+      at::Tensor buf = at::empty({int64_t(used_rows.size()) * pb.bo * chunk + T * nsub * chunk * NR}, scalar);
+      C* pdy = buf.data_ptr<C>();
+      C* px = pdy + int64_t(used_rows.size()) * pb.bo * chunk;
+      std::vector<int64_t> pix(chunk);
+      for (int64_t m0 = m_lo; m0 < m_hi; m0 += chunk) {
+        const int64_t len = std::min(chunk, m_hi - m0);
+        for (int64_t m = 0; m < len; ++m) {
+          const int64_t mm = m0 + m, n = mm / HW, y = mm % HW / pb.Wout, x = mm % pb.Wout;
+          pix[m] = n * pb.img_stride + y * pb.row_stride + x * pb.pix_stride;
+        }
+        for (size_t u = 0; u < used_rows.size(); ++u) {
+          for (const auto& tile : tiles) {
+            C* dst = pdy + (int64_t(u) * pb.bo + tile.first) * chunk;
+            const int64_t ch = used_rows[u] * pb.bo + tile.first;
+            const C* src = pb.dy + m0 * pb.O + ch;
+            const int mr = tile.second;
+            for (int64_t m = 0; m < len; ++m) {
+              for (int i = 0; i < mr; ++i) dst[m * mr + i] = ch + i < pb.O ? src[m * pb.O + i] : C(0);
+            }
+          }
+        }
+        const bool add = m0 > m_lo;
+        for (int64_t oi = 0; oi < nnz;) {
+          const int64_t chan = pb.a_chan[order[oi]];
+          for (int64_t t = 0; t < T; ++t) {
+            for (int64_t s = 0; s < nsub; ++s) {
+              C* dst = px + (t * nsub + s) * chunk * NR;
+              const int64_t ncols = std::min<int64_t>(NR, pb.bi - s * NR), off = pb.tap_off[t] + chan + s * NR;
+              for (int64_t m = 0; m < len; ++m) {
+                const C* src = pb.p + pix[m] + off;
+                if (ncols == NR) {
+                  std::copy(src, src + NR, dst + m * NR);
+                } else {
+                  for (int64_t n = 0; n < NR; ++n) dst[m * NR + n] = n < ncols ? src[n] : C(0);
+                }
+              }
+            }
+          }
+          for (; oi < nnz && pb.a_chan[order[oi]] == chan; ++oi) {
+            const int64_t b = order[oi];
+            const C* arow = pdy + row_slot[pb.rows[b]] * pb.bo * chunk;
+            for (int64_t t = 0; t < T; ++t) {
+              for (int64_t s = 0; s < nsub; ++s) {
+                const int64_t ncols = std::min<int64_t>(NR, pb.bi - s * NR);
+                const C* bs = px + (t * nsub + s) * chunk * NR;
+                for (size_t ti = 0; ti < tiles.size(); ++ti) {
+                  const int64_t o = tiles[ti].first;
+                  const int mr = tiles[ti].second;
+                  C* out = acc + ((b * T + t) * pb.bo + o) * pb.bi + s * NR;
+                  if (ncols == NR) {
+                    kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, out, pb.bi, add, nullptr);
+                  } else {
+                    alignas(64) C tmp[common::kMR * NR];
+                    kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, tmp, NR, false, nullptr);
+                    for (int i = 0; i < mr; ++i) {
+                      for (int64_t n = 0; n < ncols; ++n) {
+                        out[i * pb.bi + n] = (add ? out[i * pb.bi + n] : C(0)) + tmp[i * NR + n];
+                      }
+                    }
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  // Sum the parts and move the taps innermost, as nn.Conv2d's weight has them.
+  common::parallel_for_work(nnz, nnz * block * parts, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t e = 0; e < pb.bo * pb.bi; ++e) {
+          const int64_t i = (b * T + t) * pb.bo * pb.bi + e;
+          C sum = acc_of[0][i];
+          for (int64_t part = 1; part < parts; ++part) sum += acc_of[part][i];
+          dvalues[(b * pb.bo * pb.bi + e) * T + t] = S(sum);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace conv
+}  // namespace sparsekern

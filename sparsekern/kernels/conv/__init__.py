@@ -1,0 +1,26 @@
+"""Block-sparse Conv2d products (geometry and block structure: ``geometry.py``). Every backend
+implements the same three:
+
+``conv_forward(x, values, layout, geometry, bias=None) -> y``
+    x (N, C, H, W), W = (values, layout) of shape (O, C / groups, kh, kw):
+    y = F.conv2d(x, W, bias, stride, padding, dilation, groups), (N, O, Ho, Wo).
+``conv_grad_input(dy, values, layout, geometry, input_size) -> dx``
+    dy (N, O, Ho, Wo): the gradient of the forward with respect to x, (N, C, H, W) with
+    (H, W) = ``input_size``. Walks W by block columns (transpose metadata).
+``conv_grad_weight(dy, x, layout, geometry) -> dvalues``
+    The weight gradient on the blocks of ``layout`` only: (nnz, bs, bs, kh, kw).
+
+Inputs arrive on one device, of one floating dtype (checked by the op layer), in either
+memory format; ``values`` is contiguous. Outputs are new tensors of the input dtype, in the
+memory format F.conv2d gives for that input (``output_memory_format``); half types
+accumulate in fp32. N and nnz may be 0. Which backend runs a call beyond the registry's
+device/dtype choice (the floor rule: never slower than dense F.conv2d) is ``policy.py``'s.
+"""
+from . import reference  # noqa: F401  (registers the reference backend)
+from . import cpu  # noqa: F401  (registers the C++ cpu backend; loads it on first use)
+from .blocks import block_norms, dense_conv_weight, gather_blocks
+from .geometry import ConvGeometry, output_memory_format
+from .policy import conv_kernel
+
+__all__ = ["ConvGeometry", "block_norms", "conv_kernel", "dense_conv_weight", "gather_blocks",
+           "output_memory_format"]

@@ -1,0 +1,28 @@
+"""Between a conv weight's stored blocks ``values`` (nnz, bs, bs, kh, kw) and its dense form."""
+import torch
+
+
+def dense_conv_weight(values, layout, geometry):
+    """The (out_channels, in_channels / groups, kh, kw) weight: stored blocks in place, zeros
+    elsewhere; differentiable with respect to ``values``."""
+    (rb, cb), bs, (kh, kw) = layout.grid, geometry.block_size, geometry.kernel_size
+    blocks = values.new_zeros(rb, cb, bs, bs, kh, kw).index_put((layout.row_indices, layout.col_indices), values)
+    dense = blocks.transpose(1, 2).reshape(rb * bs, cb * bs, kh, kw)
+    return dense[:geometry.out_channels, :geometry.in_per_group]
+
+
+def gather_blocks(dense, layout, geometry):
+    """The stored blocks of a dense (out_channels, in_channels / groups, kh, kw) tensor: (nnz, bs, bs, kh, kw)."""
+    (rb, cb), bs = layout.grid, geometry.block_size
+    rows, cols = geometry.padded_shape
+    padded = torch.nn.functional.pad(dense, (0, 0, 0, 0, 0, cols - dense.shape[1], 0, rows - dense.shape[0]))
+    blocks = padded.reshape(rb, bs, cb, bs, *dense.shape[2:]).transpose(1, 2)
+    return blocks[layout.row_indices, layout.col_indices]
+
+
+def block_norms(dense, geometry):
+    """Frobenius norm of every block (all taps) of a dense weight: (RB, CB) float32."""
+    (rb, cb), bs = geometry.grid, geometry.block_size
+    rows, cols = geometry.padded_shape
+    padded = torch.nn.functional.pad(dense.float(), (0, 0, 0, 0, 0, cols - dense.shape[1], 0, rows - dense.shape[0]))
+    return padded.reshape(rb, bs, cb, bs, -1).pow(2).sum((1, 3, 4)).sqrt()

@@ -1,0 +1,88 @@
+"""``cpu`` backend of the conv products: the dispatcher ops of ``sparsekern._C_conv``.
+
+Implicit GEMM over the stored channel blocks on a zero-padded NHWC copy of the activation
+(the only copy made; no im2col), with the AVX2/FMA register-tiled microkernel of the
+block-sparse linear kernels (portable loops where the CPU lacks it, or when forced).
+float32/float64 run natively; bfloat16/float16 are widened to float32, accumulated in
+float32 and rounded once. The ops return channels-last outputs; this module hands them on
+in the memory format F.conv2d would give for the input. Sources: csrc/conv/.
+
+``conv_forward_cpu(x, values, row_offsets, col_indices, geometry, bias=None)``
+``conv_grad_input_cpu(dy, values, col_offsets, t_block_ids, t_row_indices, geometry, input_size)``
+``conv_grad_weight_cpu(dy, x, row_indices, col_indices, geometry)``
+(``geometry``: ConvGeometry.as_list()).
+"""
+import torch
+
+from ..._extension import cpu_extension_unavailable, load_extension, load_ops
+from ..registry import register_kernel
+from .geometry import ConvGeometry, output_memory_format
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _register_fakes():
+    torch.library.register_fake("sparsekern::conv_forward_cpu", _forward_fake)
+    torch.library.register_fake("sparsekern::conv_grad_input_cpu", _grad_input_fake)
+    torch.library.register_fake("sparsekern::conv_grad_weight_cpu", _grad_weight_fake)
+
+
+def _channels_last(like, n, channels, height, width):
+    return like.new_empty(n, channels, height, width, memory_format=torch.channels_last)
+
+
+def _forward_fake(x, values, row_offsets, col_indices, geometry, bias=None):
+    geo = ConvGeometry.from_list(geometry)
+    return _channels_last(x, x.shape[0], geo.out_channels, *geo.output_size(x.shape[2], x.shape[3]))
+
+
+def _grad_input_fake(dy, values, col_offsets, t_block_ids, t_row_indices, geometry, input_size):
+    return _channels_last(dy, dy.shape[0], ConvGeometry.from_list(geometry).in_channels, *input_size)
+
+
+def _grad_weight_fake(dy, x, row_indices, col_indices, geometry):
+    geo = ConvGeometry.from_list(geometry)
+    return x.new_empty(row_indices.shape[0], geo.block_size, geo.block_size, *geo.kernel_size)
+
+
+def ops():
+    """``torch.ops.sparsekern`` with the conv ops and their fakes registered, or None."""
+    return load_ops("conv", _register_fakes)
+
+
+def unavailable(device, dtype):
+    return cpu_extension_unavailable("conv", _DTYPES, device, dtype)
+
+
+def isa():
+    """"avx2-fma" or "portable": the microkernel the conv kernels run; "unavailable" when not built."""
+    module = load_extension("conv")
+    return "unavailable" if module is None else module.isa()
+
+
+def set_portable_only(portable_only):
+    """Force (True) or release (False) the portable microkernel of the conv kernels (tests)."""
+    module = load_extension("conv")
+    if module is None:
+        raise RuntimeError("the compiled extension sparsekern._C_conv is unavailable")
+    module.set_portable_only(portable_only)
+
+
+def conv_forward(x, values, layout, geometry, bias=None):
+    y = ops().conv_forward_cpu(x, values, layout.row_offsets, layout.col_indices, geometry.as_list(), bias)
+    return y.contiguous(memory_format=output_memory_format(x))
+
+
+def conv_grad_input(dy, values, layout, geometry, input_size):
+    dx = ops().conv_grad_input_cpu(dy, values, layout.col_offsets, layout.t_block_ids, layout.t_row_indices,
+                                   geometry.as_list(), list(input_size))
+    return dx.contiguous(memory_format=output_memory_format(dy))
+
+
+def conv_grad_weight(dy, x, layout, geometry):
+    return ops().conv_grad_weight_cpu(dy, x, layout.row_indices, layout.col_indices, geometry.as_list())
+
+
+register_kernel("conv_forward", "cpu", conv_forward, unavailable)
+register_kernel("conv_grad_input", "cpu", conv_grad_input, unavailable)
+register_kernel("conv_grad_weight", "cpu", conv_grad_weight, unavailable)

@@ -1,0 +1,56 @@
+"""Reference conv products in plain torch: the oracle, and the composite the op falls back to
+where the compiled kernels would lose (the floor rule, see policy.py).
+
+Dense F.conv2d and its gradients on the weight with every unstored block zero; dW is the
+dense weight gradient read out on the stored blocks. Any device and dtype.
+"""
+import torch
+import torch.nn.functional as F
+
+from ..registry import register_kernel
+from .blocks import dense_conv_weight, gather_blocks
+from .geometry import output_memory_format
+
+
+def _padded(x, geometry):
+    """x and the padding argument of F.conv2d: asymmetric padding is applied to x first."""
+    if geometry.symmetric_padding is not None:
+        return x, geometry.symmetric_padding
+    t, b, l, r = geometry.padding
+    return F.pad(x, (l, r, t, b)), 0
+
+
+def conv_forward(x, values, layout, geometry, bias=None):
+    x, padding = _padded(x, geometry)
+    y = F.conv2d(x, dense_conv_weight(values, layout, geometry), bias, geometry.stride, padding, geometry.dilation,
+                 geometry.groups)
+    return y.contiguous(memory_format=output_memory_format(x))
+
+
+def conv_grad_input(dy, values, layout, geometry, input_size):
+    t, b, l, r = geometry.padding
+    padding = geometry.symmetric_padding or 0
+    height, width = input_size
+    if geometry.symmetric_padding is None:
+        height, width = height + t + b, width + l + r
+    dx = torch.nn.grad.conv2d_input((dy.shape[0], geometry.in_channels, height, width),
+                                    dense_conv_weight(values, layout, geometry), dy, geometry.stride, padding,
+                                    geometry.dilation, geometry.groups)
+    if geometry.symmetric_padding is None:
+        dx = dx[:, :, t:t + input_size[0], l:l + input_size[1]]
+    return dx.contiguous(memory_format=output_memory_format(dy))
+
+
+def conv_grad_weight(dy, x, layout, geometry):
+    x, padding = _padded(x, geometry)
+    (kh, kw), bs = geometry.kernel_size, geometry.block_size
+    if layout.nnz_blocks == 0:
+        return x.new_zeros(0, bs, bs, kh, kw)
+    dw = torch.nn.grad.conv2d_weight(x, (geometry.out_channels, geometry.in_per_group, kh, kw), dy, geometry.stride,
+                                     padding, geometry.dilation, geometry.groups)
+    return gather_blocks(dw, layout, geometry).contiguous()
+
+
+register_kernel("conv_forward", "reference", conv_forward)
+register_kernel("conv_grad_input", "reference", conv_grad_input)
+register_kernel("conv_grad_weight", "reference", conv_grad_weight)

@@ -1,0 +1,153 @@
+"""``sparse_conv2d``: Y = conv2d(X, W) + b with W block-sparse over channels, and its autograd.
+
+Forward, dX and dW each run a conv kernel from the registry, chosen per call by the floor
+rule (kernels/conv/policy.py: the compiled kernels where they beat dense F.conv2d, else the
+composite). dW is computed on the stored blocks only. The ops are torch.library custom ops
+with fake implementations, so torch.compile traces them without graph breaks.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..formats.bsr import BlockLayout
+from ..kernels.conv import ConvGeometry, conv_kernel, output_memory_format
+from .checks import saved_tensors
+from .dispatch import traced_backend
+
+# A layout crosses the op boundary as its index tensors; its shape and block size follow from the geometry.
+_LAYOUT_FIELDS = ("block_mask", "row_offsets", "col_indices", "row_indices", "col_offsets", "t_block_ids",
+                  "t_row_indices")
+
+
+def _flat(layout):
+    return [getattr(layout, field) for field in _LAYOUT_FIELDS]
+
+
+def _unflat(tensors, geometry):
+    bs = geometry.block_size
+    return BlockLayout(geometry.padded_shape, (bs, bs), *tensors)
+
+
+def _channels_last(t):
+    return output_memory_format(t) == torch.channels_last
+
+
+@torch.library.custom_op("sparsekern::conv2d", mutates_args=())
+def _conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], layout: list[Tensor], geometry: list[int],
+            backend: Optional[str]) -> Tensor:
+    geo = ConvGeometry.from_list(geometry)
+    pixels = geo.output_size(x.shape[2], x.shape[3])
+    lay = _unflat(layout, geo)
+    fn = conv_kernel("conv_forward", x, backend, lay, geo, _channels_last(x), pixels[0] * pixels[1])[1]
+    return fn(x, values, lay, geo, bias)
+
+
+@torch.library.custom_op("sparsekern::conv2d_grad_input", mutates_args=())
+def _grad_input(dy: Tensor, values: Tensor, layout: list[Tensor], geometry: list[int], input_size: list[int],
+                backend: Optional[str]) -> Tensor:
+    geo = ConvGeometry.from_list(geometry)
+    lay = _unflat(layout, geo)
+    fn = conv_kernel("conv_grad_input", dy, backend, lay, geo, _channels_last(dy), input_size[0] * input_size[1])[1]
+    return fn(dy, values, lay, geo, tuple(input_size))
+
+
+@torch.library.custom_op("sparsekern::conv2d_grad_weight", mutates_args=())
+def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], geometry: list[int], backend: Optional[str]) -> Tensor:
+    geo = ConvGeometry.from_list(geometry)
+    lay = _unflat(layout, geo)
+    fn = conv_kernel("conv_grad_weight", x, backend, lay, geo, _channels_last(x), dy.shape[2] * dy.shape[3])[1]
+    return fn(dy, x, lay, geo)
+
+
+@_conv2d.register_fake
+def _(x, values, bias, layout, geometry, backend):
+    geo = ConvGeometry.from_list(geometry)
+    return x.new_empty(x.shape[0], geo.out_channels, *geo.output_size(x.shape[2], x.shape[3]),
+                       memory_format=output_memory_format(x))
+
+
+@_grad_input.register_fake
+def _(dy, values, layout, geometry, input_size, backend):
+    geo = ConvGeometry.from_list(geometry)
+    return dy.new_empty(dy.shape[0], geo.in_channels, *input_size, memory_format=output_memory_format(dy))
+
+
+@_grad_weight.register_fake
+def _(dy, x, layout, geometry, backend):
+    geo = ConvGeometry.from_list(geometry)
+    return x.new_empty(layout[2].shape[0], geo.block_size, geo.block_size, *geo.kernel_size)
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, bias, layout, geometry, backend = inputs
+    ctx.save_for_backward(x, values)
+    ctx.meta = layout, geometry, backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, values = saved_tensors(ctx, "sparse_conv2d")
+    layout, geometry, backend = ctx.meta
+    dy = dy.contiguous(memory_format=output_memory_format(x))
+    needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+    dx = _grad_input(dy, values, layout, geometry, list(x.shape[2:]), backend) if needs_dx else None
+    dw = _grad_weight(dy, x, layout, geometry, backend) if needs_dw else None
+    db = dy.sum((0, 2, 3)) if ctx.has_bias and needs_db else None
+    return dx, dw, db, [None] * len(layout), None, None
+
+
+torch.library.register_autograd("sparsekern::conv2d", _backward, setup_context=_setup_context)
+
+
+def _check_inputs(x, values, layout, geometry, bias):
+    if not isinstance(geometry, ConvGeometry):
+        raise TypeError(f"geometry must be a ConvGeometry, got {type(geometry).__name__}")
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    bs = geometry.block_size
+    if layout.shape != geometry.padded_shape or layout.block_size != (bs, bs):
+        raise ValueError(f"layout of shape {layout.shape} and block size {layout.block_size} does not fit the "
+                         f"geometry ({geometry.padded_shape}, block {bs})")
+    expected = (layout.nnz_blocks, bs, bs, *geometry.kernel_size)
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) != expected:
+        raise ValueError(f"values has shape {tuple(getattr(values, 'shape', ()))}, the layout needs {expected}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"sparse_conv2d expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    if x.shape[1] != geometry.in_channels:
+        raise ValueError(f"input has {x.shape[1]} channels (shape {tuple(x.shape)}), expected "
+                         f"in_channels = {geometry.in_channels}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"sparse_conv2d needs floating tensors, got input of dtype {x.dtype}")
+    if x.dtype != values.dtype:
+        raise TypeError(f"input has dtype {x.dtype} but the weight has dtype {values.dtype}")
+    if x.device != values.device:
+        raise ValueError(f"input is on {x.device} but the weight is on {values.device}")
+    height, width = geometry.output_size(x.shape[2], x.shape[3])
+    if height < 1 or width < 1:
+        (t, b, l, r), (kh, kw), (dh, dw) = geometry.padding, geometry.kernel_size, geometry.dilation
+        raise ValueError(f"input of spatial size {tuple(x.shape[2:])} padded by (top, bottom, left, right) = "
+                         f"{(t, b, l, r)} is smaller than the dilated kernel "
+                         f"{(dh * (kh - 1) + 1, dw * (kw - 1) + 1)}")
+    if bias is not None:
+        if tuple(bias.shape) != (geometry.out_channels,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({geometry.out_channels},)")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias is {bias.dtype} on {bias.device}, expected {x.dtype} on {x.device}")
+
+
+def sparse_conv2d(x, values, layout, geometry, bias=None):
+    """F.conv2d(x, W, bias, ...) with W = (values, layout) block-sparse over channels; computed
+    on the stored blocks where that is faster than dense (the floor rule).
+
+    x: (N, C, H, W) in any memory format (channels-last is the fast path); values:
+    (nnz, bs, bs, kh, kw) on ``layout`` (a BlockLayout of ``geometry.padded_shape``);
+    geometry: a ConvGeometry; bias: (out_channels,) or None. Returns (N, O, Ho, Wo) in the
+    memory format F.conv2d would give. Gradients: x gets the input gradient, ``values`` the
+    weight gradient on its stored blocks, bias the sum of dY.
+    """
+    _check_inputs(x, values, layout, geometry, bias)
+    bias = None if bias is None else bias.contiguous()
+    return _conv2d(x, values.contiguous(), bias, _flat(layout), geometry.as_list(), traced_backend())
