@@ -23,7 +23,7 @@ from . import kernels, ops
 from .formats import BlockLayout, BlockSparseMatrix, SemiStructuredMatrix
 from .kernels.output_cache import empty_output_cache, output_cache_info
 from .kernels import BackendUnavailableError, use_backend
-from .nn import LowRankConv2d, LowRankLinear, SemiSparseLinear, SparseLinear
+from .nn import LowRankConv2d, LowRankLinear, SemiSparseLinear, SparseConv2d, SparseLinear
 from .formats.semi_prune import prune_2to4
 from . import methods  # after nn: methods build on the layers
 from .methods import DLRT, densify, sparsify
@@ -39,6 +39,7 @@ __all__ = [
     "LowRankLinear",
     "SemiSparseLinear",
     "SemiStructuredMatrix",
+    "SparseConv2d",
     "SparseLinear",
     "densify",
     "kernels",

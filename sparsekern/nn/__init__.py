@@ -1,8 +1,10 @@
 """Drop-in modules whose weights live in sparsekern formats."""
 from .bsr_linear import SparseLinear
+from .conv2d import SparseConv2d
 from .lowrank_conv2d import LowRankConv2d
 from .lowrank_linear import LowRankLinear
 from .partially_trainable_linear import PartiallyTrainableLinear
 from .semi_linear import SemiSparseLinear
 
-__all__ = ["LowRankConv2d", "LowRankLinear", "PartiallyTrainableLinear", "SemiSparseLinear", "SparseLinear"]
+__all__ = ["LowRankConv2d", "LowRankLinear", "PartiallyTrainableLinear", "SemiSparseLinear", "SparseConv2d",
+           "SparseLinear"]
