@@ -1,0 +1,47 @@
+"""Shared conv test operands: awkward geometries and random block-sparse weights on them."""
+import torch
+
+from helpers import random_block_mask
+from sparsekern.formats.bsr import BlockLayout
+from sparsekern.kernels.conv import ConvGeometry, dense_conv_weight, gather_blocks
+
+# name: (in, out, groups, kernel, stride, padding (t, b, l, r), dilation, block, batch, (H, W), density)
+CASES = {
+    "3x3-uneven-channels": (10, 13, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, 2, (5, 6), 0.6),
+    "stride2": (10, 13, 1, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 4, 2, (7, 6), 0.6),
+    "dilation2": (10, 13, 1, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 4, 2, (7, 9), 0.6),
+    "same-even-kernel": (7, 9, 1, (2, 4), (1, 1), (0, 1, 1, 2), (1, 1), 4, 2, (6, 8), 0.6),
+    "groups2-stride1x2": (12, 16, 2, (3, 3), (1, 2), (1, 1, 0, 1), (1, 1), 4, 3, (7, 9), 0.6),
+    "1x1": (12, 16, 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 8, 3, (7, 9), 0.5),
+    "1x1-pad-beyond-kernel": (6, 6, 1, (1, 1), (2, 2), (2, 2, 1, 1), (1, 1), 4, 2, (4, 5), 1.0),
+    "5x5-stride2x1": (7, 9, 1, (5, 5), (2, 1), (2, 2, 2, 2), (1, 1), 4, 1, (11, 8), 0.6),
+    "valid-non-square": (8, 8, 1, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), 4, 2, (5, 12), 1.0),
+    "batch0": (10, 13, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, 0, (5, 6), 0.6),
+    "empty-block-rows": (16, 24, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, 2, (6, 5), "empty-rows"),
+    "density0": (8, 8, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, 2, (5, 5), 0.0),
+    "wide-blocks": (40, 36, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16, 2, (9, 9), 0.5),
+}
+
+
+def conv_case(name, dtype=torch.float64, seed=0):
+    """(x, values, layout, geometry, bias) for CASES[name]; values are zero on padding channels."""
+    c, o, g, k, s, p, d, bs, n, hw, density = CASES[name]
+    geometry = ConvGeometry(c, o, g, k, s, p, d, bs)
+    gen = torch.Generator().manual_seed(seed)
+    if density == "empty-rows":
+        mask = random_block_mask(geometry.grid, 0.8, gen, empty_rows=(1, 4), empty_cols=(2,))
+    else:
+        mask = random_block_mask(geometry.grid, density, gen)
+    layout = BlockLayout.from_block_mask(mask, geometry.padded_shape, (bs, bs))
+    values = torch.randn(layout.nnz_blocks, bs, bs, *k, generator=gen, dtype=torch.float64)
+    values = gather_blocks(dense_conv_weight(values, layout, geometry), layout, geometry).contiguous().to(dtype)
+    x = torch.randn(n, c, *hw, generator=gen, dtype=torch.float64).to(dtype)
+    bias = torch.randn(o, generator=gen, dtype=torch.float64).to(dtype)
+    return x, values, layout, geometry, bias
+
+
+def output_gradient(x, geometry, seed=1):
+    n, _, h, w = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, geometry.out_channels, *geometry.output_size(h, w), generator=gen,
+                       dtype=torch.float64).to(x.dtype)

@@ -1,0 +1,122 @@
+"""The conv products of every backend the machine runs (reference, C++ cpu on the run-time
+microkernel and on the forced portable one) against the dense masked computation, on
+awkward geometries, every dtype and both memory formats; and the C++ ops' refusal of
+malformed metadata."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conv_cases import CASES, conv_case, output_gradient
+from helpers import relative_error
+from sparsekern.kernels.conv import cpu, dense_conv_weight, gather_blocks, reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU = torch.device("cpu")
+_REASON = cpu.unavailable(CPU, torch.float32)
+needs_cpu = pytest.mark.skipif(_REASON is not None, reason=f"conv cpu backend not built: {_REASON}")
+# Relative error (norm) bounds against the fp64 dense computation.
+BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.fixture(params=["reference", "cpu", "cpu-portable"])
+def backend(request):
+    """The products of one backend; the cpu backend on the selected and the portable microkernel."""
+    if request.param == "reference":
+        yield reference
+        return
+    if _REASON is not None:
+        pytest.skip(f"conv cpu backend not built: {_REASON}")
+    cpu.set_portable_only(request.param == "cpu-portable")
+    yield cpu
+    cpu.set_portable_only(False)
+
+
+def _dense_products(x, values, layout, geometry, bias, dy):
+    """(y, dx, dvalues) from F.conv2d's autograd in fp64 on the dense masked weight."""
+    x64 = x.double().requires_grad_()
+    w = dense_conv_weight(values.double(), layout, geometry).detach().requires_grad_()
+    t, b, l, r = geometry.padding
+    y = F.conv2d(F.pad(x64, (l, r, t, b)), w, bias.double(), geometry.stride, 0, geometry.dilation, geometry.groups)
+    dx, dw = torch.autograd.grad(y, (x64, w), dy.double()) if y.numel() else (torch.zeros_like(x64),
+                                                                              torch.zeros_like(w))
+    return y, dx, gather_blocks(dw, layout, geometry)
+
+
+def _check(actual, expected, dtype):
+    assert actual.shape == expected.shape and actual.dtype == dtype
+    if expected.numel():
+        assert relative_error(actual, expected) < BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_products_match_dense_fp64(backend, name, channels_last):
+    _run(backend, name, torch.float64, channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["3x3-uneven-channels", "groups2-stride1x2", "wide-blocks"])
+def test_products_match_dense_low_precision(backend, name, dtype):
+    _run(backend, name, dtype, True)
+
+
+def _run(backend, name, dtype, channels_last):
+    x, values, layout, geometry, bias = conv_case(name, dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    dy = output_gradient(x, geometry).contiguous(memory_format=fmt)
+    y_ref, dx_ref, dw_ref = _dense_products(x, values, layout, geometry, bias, dy)
+    y = backend.conv_forward(x, values, layout, geometry, bias)
+    dx = backend.conv_grad_input(dy, values, layout, geometry, tuple(x.shape[2:]))
+    dw = backend.conv_grad_weight(dy, x, layout, geometry)
+    _check(y, y_ref, dtype)
+    _check(dx, dx_ref, dtype)
+    _check(dw, dw_ref, dtype)
+    unambiguous = x.shape[0] > 0
+    if unambiguous:  # memory format as F.conv2d's for that input
+        assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+
+
+@needs_cpu
+def test_cpu_microkernel_switch():
+    assert cpu.isa() in ("avx2-fma", "portable")
+    cpu.set_portable_only(True)
+    assert cpu.isa() == "portable"
+    cpu.set_portable_only(False)
+
+
+@needs_cpu
+@pytest.mark.parametrize("field, value, message", [
+    ("col_indices", 99, "col_indices"),
+    ("col_indices", -1, "col_indices"),
+    ("row_offsets", None, "row_offsets"),
+])
+def test_cpu_refuses_malformed_metadata(field, value, message):
+    x, values, layout, geometry, bias = conv_case("3x3-uneven-channels")
+    row_offsets, col_indices = layout.row_offsets.clone(), layout.col_indices.clone()
+    if field == "col_indices":
+        col_indices[0] = value
+    else:
+        row_offsets[1] = row_offsets[2] + 1  # not monotone
+    with pytest.raises(RuntimeError, match=message):
+        cpu.ops().conv_forward_cpu(x, values, row_offsets, col_indices, geometry.as_list(), bias)
+
+
+@needs_cpu
+def test_cpu_refuses_bad_transpose_metadata_and_geometry():
+    x, values, layout, geometry, _ = conv_case("3x3-uneven-channels")
+    dy = output_gradient(x, geometry)
+    ids = layout.t_block_ids.clone()
+    ids[0] = values.shape[0]
+    with pytest.raises(RuntimeError, match="t_block_ids"):
+        cpu.ops().conv_grad_input_cpu(dy, values, layout.col_offsets, ids, layout.t_row_indices,
+                                      geometry.as_list(), list(x.shape[2:]))
+    rows = layout.row_indices.clone()
+    rows[-1] = 1000
+    with pytest.raises(RuntimeError, match="row_indices"):
+        cpu.ops().conv_grad_weight_cpu(dy, x, rows, layout.col_indices, geometry.as_list())
+    straddling = geometry.as_list()
+    straddling[:3] = [10, 26, 2]  # 13 output channels per group, blocks of 4: a block row would span groups
+    with pytest.raises(RuntimeError, match="multiple of the block size"):
+        cpu.ops().conv_forward_cpu(x, values, layout.row_offsets, layout.col_indices, straddling, None)
