@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conv_cases import CASES, conv_case, output_gradient
+from test_conv_cases import CASES, conv_case, output_gradient
 from helpers import relative_error
 from sparsekern.kernels.conv import cpu, dense_conv_weight, gather_blocks, reference
 

@@ -1,5 +1,8 @@
-"""Shared conv test operands: awkward geometries and random block-sparse weights on them."""
+"""Shared conv test operands (awkward geometries, random block-sparse weights on them), and
+the check that each geometry describes the convolution F.conv2d computes."""
+import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import random_block_mask
 from sparsekern.formats.bsr import BlockLayout
@@ -45,3 +48,13 @@ def output_gradient(x, geometry, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, geometry.out_channels, *geometry.output_size(h, w), generator=gen,
                        dtype=torch.float64).to(x.dtype)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_case_geometry_matches_f_conv2d(name):
+    x, values, layout, geometry, bias = conv_case(name)
+    t, b, l, r = geometry.padding
+    y = F.conv2d(F.pad(x, (l, r, t, b)), dense_conv_weight(values, layout, geometry), bias, geometry.stride, 0,
+                 geometry.dilation, geometry.groups)
+    assert tuple(y.shape[2:]) == geometry.output_size(*x.shape[2:])
+    assert values.shape[0] == layout.nnz_blocks == int(layout.block_mask.sum())
