@@ -18,6 +18,7 @@ device/dtype choice (the floor rule: never slower than dense F.conv2d) is ``poli
 """
 from . import reference  # noqa: F401  (registers the reference backend)
 from . import cpu  # noqa: F401  (registers the C++ cpu backend; loads it on first use)
+from . import triton_backend  # noqa: F401  (registers the triton backend; triton loads on first use)
 from .blocks import block_norms, dense_conv_weight, gather_blocks
 from .geometry import ConvGeometry, output_memory_format
 from .policy import conv_kernel
