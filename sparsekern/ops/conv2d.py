@@ -63,14 +63,15 @@ def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], geometry: list[int
 @_conv2d.register_fake
 def _(x, values, bias, layout, geometry, backend):
     geo = ConvGeometry.from_list(geometry)
-    return x.new_empty(x.shape[0], geo.out_channels, *geo.output_size(x.shape[2], x.shape[3]),
-                       memory_format=output_memory_format(x))
+    return torch.empty(x.shape[0], geo.out_channels, *geo.output_size(x.shape[2], x.shape[3]), dtype=x.dtype,
+                       device=x.device, memory_format=output_memory_format(x))
 
 
 @_grad_input.register_fake
 def _(dy, values, layout, geometry, input_size, backend):
     geo = ConvGeometry.from_list(geometry)
-    return dy.new_empty(dy.shape[0], geo.in_channels, *input_size, memory_format=output_memory_format(dy))
+    return torch.empty(dy.shape[0], geo.in_channels, *input_size, dtype=dy.dtype, device=dy.device,
+                       memory_format=output_memory_format(dy))
 
 
 @_grad_weight.register_fake

@@ -28,7 +28,8 @@ def _register_fakes():
 
 
 def _channels_last(like, n, channels, height, width):
-    return like.new_empty(n, channels, height, width, memory_format=torch.channels_last)
+    return torch.empty(n, channels, height, width, dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last)
 
 
 def _forward_fake(x, values, row_offsets, col_indices, geometry, bias=None):
