@@ -10,7 +10,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sparsekern"
 # Lowest first; a module may import its own layer and the ones before it.
 LAYERS = ("formats", "kernels", "ops", "nn", "methods")
-FAMILIES = ("bsr", "semi", "lowrank")
+# family token: the stem of its op, layer and benchmark files
+FAMILIES = {"bsr": "bsr_linear", "semi": "semi_linear", "lowrank": "lowrank_linear", "conv": "conv2d"}
 # An import of a compiled module, an attribute read off one, or the loader itself (not a mention in prose).
 _COMPILED_USE = re.compile(r"(import|from)\s+sparsekern\._C_|_C_\w+\.\w|load_extension\(|load_ops\(")
 
@@ -78,12 +79,12 @@ def test_compiled_modules_are_reached_only_through_the_kernels_layer(folder):
 
 
 def test_one_folder_per_family_at_every_level():
-    for family in FAMILIES:
+    for family, stem in FAMILIES.items():
         assert (PACKAGE / "kernels" / family / "__init__.py").exists()
         assert (ROOT / "csrc" / family).is_dir()
-        assert (PACKAGE / "ops" / f"{family}_linear.py").exists()
-        assert (PACKAGE / "nn" / f"{family}_linear.py").exists()
+        assert (PACKAGE / "ops" / f"{stem}.py").exists()
+        assert (PACKAGE / "nn" / f"{stem}.py").exists()
         assert list((ROOT / "tests").glob(f"test_{family}_*.py"))
-        assert list((ROOT / "bench").glob(f"bench_{family}_*.py"))
+        assert list((ROOT / "bench").glob(f"bench_{stem}*.py"))
     assert (PACKAGE / "formats" / "bsr.py").exists() and (PACKAGE / "formats" / "semi.py").exists()
     assert (PACKAGE / "formats" / "lowrank.py").exists()
