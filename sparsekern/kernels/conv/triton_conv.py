@@ -225,8 +225,8 @@ _SDD_CONFIGS = [
     (32, 32, 64, 4, 4),
 ]
 # Fixed tiles under the interpreter: small, narrower than a 32 block so sub-tiles and K chunks run.
-_INTERPRET_GEMM = dict(BP=16, BN=16, BK=16)
-_INTERPRET_SDD = dict(TR=16, TC=16, BM=16)
+_INTERPRET_GEMM = dict(BP=32, BN=16, BK=16)
+_INTERPRET_SDD = dict(TR=16, TC=16, BM=32)
 # Output pixels per dW chunk on a GPU: a multiple of every BM, large next to the partial-sum pass.
 _GPU_GRAIN = 512
 

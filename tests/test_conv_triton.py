@@ -1,0 +1,245 @@
+"""The triton backend of the conv products.
+
+On CPU the kernels run in triton's interpreter (TRITON_INTERPRET=1, set per test by the
+``interpreter`` fixture), on the shared awkward geometries, against the reference backend
+in fp64. There every buffer ``torch.empty`` hands out is NaN-filled, so an output element
+a kernel fails to write fails the test. Without a GPU the kernels are still compiled to
+cubin for sm_80 and sm_90; tests on a real GPU (autotuned kernels) are marked ``gpu``.
+"""
+import importlib.util
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparsekern as sk
+from helpers import relative_error
+from sparsekern.formats.bsr import BlockLayout
+from sparsekern.kernels.conv import output_memory_format, reference
+from test_conv_cases import CASES, conv_case, output_gradient
+
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+              pytest.mark.usefixtures("one_thread")]
+
+CPU = torch.device("cpu")
+# Relative error (norm) bounds against the fp64 reference.
+BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+# A block wider than the interpreter's 16-wide tiles: output sub-tiles and K chunks run.
+BLOCK32 = (64, 64, 2, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 32, 2, (5, 6), 0.75)
+_empty = torch.empty
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Run kernels in triton's interpreter, with NaN-filled ``torch.empty`` buffers."""
+    from sparsekern.kernels.bsr.triton_backend import _interpreter_missing
+    if _interpreter_missing():
+        pytest.skip(_interpreter_missing())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def nan_empty(*args, **kwargs):
+        out = _empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+uses_interpreter = pytest.mark.usefixtures("interpreter")
+
+
+def _kernels():
+    from sparsekern.kernels.conv import triton_conv
+    return triton_conv
+
+
+def _wide(values):
+    return values.double() if isinstance(values, torch.Tensor) and values.is_floating_point() else values
+
+
+def _check_products(x, values, layout, geometry, bias, dy):
+    """The three triton products against the reference backend in fp64."""
+    kernels, dtype = _kernels(), x.dtype
+    calls = [("conv_forward", (x, values, layout, geometry, bias), output_memory_format(x)),
+             ("conv_grad_input", (dy, values, layout, geometry, tuple(x.shape[2:])), output_memory_format(dy)),
+             ("conv_grad_weight", (dy, x, layout, geometry), torch.contiguous_format)]
+    for product, args, memory_format in calls:
+        got = getattr(kernels, product)(*args)
+        want = getattr(reference, product)(*map(_wide, args))
+        assert got.shape == want.shape and got.dtype == dtype, product
+        assert got.is_contiguous(memory_format=memory_format), product
+        if want.numel():
+            assert relative_error(got, want) < BOUNDS[dtype], product
+
+
+# The shared geometries minus the two slowest in the interpreter (5x5 and a 5x12 image add no path).
+FP32_CASES = [name for name in CASES if name not in ("5x5-stride2x1", "valid-non-square")]
+
+
+@uses_interpreter
+@pytest.mark.parametrize("name", FP32_CASES)
+def test_products_match_reference_fp32(name):
+    x, values, layout, geometry, bias = conv_case(name, torch.float32)
+    # Both memory formats across the cases: the kernels read and write through strides.
+    fmt = torch.channels_last if FP32_CASES.index(name) % 2 else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    _check_products(x, values, layout, geometry, bias, output_gradient(x, geometry).contiguous(memory_format=fmt))
+
+
+@uses_interpreter
+@pytest.mark.parametrize("name,dtype", [("groups2-stride1x2", torch.float16), ("3x3-uneven-channels", torch.bfloat16),
+                                        ("block32-stride2-groups2", torch.float32)], ids=str)
+def test_products_match_reference_half_and_wide_blocks(name, dtype, monkeypatch):
+    monkeypatch.setitem(CASES, "block32-stride2-groups2", BLOCK32)
+    x, values, layout, geometry, bias = conv_case(name, dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    _check_products(x, values, layout, geometry, bias, output_gradient(x, geometry))
+
+
+@uses_interpreter
+def test_metadata_outside_the_grid_is_never_read():
+    """A block whose column (forward, dW) or row (dX) lies outside the grid contributes
+    nothing and reads nothing: every load is masked by the channel and block bounds."""
+    kernels = _kernels()
+    x, values, layout, geometry, bias = conv_case("stride2", torch.float32)
+    dy = output_gradient(x, geometry)
+    bad = 2 if layout.nnz_blocks > 2 else 0
+    cols, t_rows = layout.col_indices.clone(), layout.t_row_indices.clone()
+    cols[bad] = 10**6
+    t_rows[(layout.t_block_ids == bad).nonzero()[0, 0]] = -10**6
+    corrupt = BlockLayout(layout.shape, layout.block_size, layout.block_mask, layout.row_offsets, cols,
+                          layout.row_indices, layout.col_offsets, layout.t_block_ids, t_rows)
+    without = values.clone()
+    without[bad] = 0
+    input_size = tuple(x.shape[2:])
+    torch.testing.assert_close(kernels.conv_forward(x, values, corrupt, geometry, bias),
+                               reference.conv_forward(x, without, layout, geometry, bias))
+    torch.testing.assert_close(kernels.conv_grad_input(dy, values, corrupt, geometry, input_size),
+                               reference.conv_grad_input(dy, without, layout, geometry, input_size))
+    dw = kernels.conv_grad_weight(dy, x, corrupt, geometry)
+    assert torch.equal(dw[bad], torch.zeros_like(dw[bad]))
+
+
+@uses_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sparse_conv2d_on_triton_matches_reference(dtype):
+    """The whole op (autograd: dX, dW, bias) forced onto triton."""
+    x, values, layout, geometry, bias = conv_case("groups2-stride1x2", dtype, seed=3)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    values.requires_grad_()
+    bias.requires_grad_()
+    dy = output_gradient(x, geometry)
+    results = {}
+    for backend in ("triton", "reference"):
+        for leaf in (x, values, bias):
+            leaf.grad = None
+        with sk.use_backend(backend):
+            y = sk.ops.sparse_conv2d(x, values, layout, geometry, bias)
+            y.backward(dy)
+        results[backend] = [y.detach(), x.grad, values.grad, bias.grad]
+    for got, want in zip(results["triton"], results["reference"]):
+        assert relative_error(got, want) < BOUNDS[dtype]
+
+
+class TestAvailability:
+    @uses_interpreter
+    def test_the_bsr_rule_cpu_needs_the_interpreter(self, monkeypatch):
+        name, _ = sk.kernels.select_kernel("conv_forward", CPU, torch.float32, "triton")
+        assert name == "triton"
+        assert "triton" not in sk.kernels.select_kernel("conv_grad_weight", CPU, torch.float32)[0]
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(sk.kernels.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+            sk.kernels.select_kernel("conv_grad_input", CPU, torch.float32, "triton")
+        with pytest.raises(sk.kernels.BackendUnavailableError, match="float64"):
+            sk.kernels.select_kernel("conv_forward", torch.device("cuda"), torch.float64, "triton")
+
+    def test_cuda_tensors_prefer_triton(self):
+        for product in ("conv_forward", "conv_grad_input", "conv_grad_weight"):
+            assert sk.kernels.select_kernel(product, torch.device("cuda"), torch.bfloat16)[0] == "triton"
+
+    def test_import_loads_no_triton(self):
+        code = ("import sys, sparsekern; "
+                "assert 'triton' not in sys.modules, 'import sparsekern loaded triton'; "
+                "assert 'sparsekern.kernels.conv.triton_conv' not in sys.modules")
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _compile_for_gpu(arch):
+    """Compile the three kernels to cubin for sm_<arch> (ptxas ships with triton); no GPU needed.
+    Returns {kernel name: ptx}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    kernels = _kernels()
+    ints = ("nnz n_rows n_cols GROUPS P PA A B HO WO H W CIN_G COUT COUT_G sxn sxc sxh sxw syn syc syh syw sdn sdc "
+            "sdh sdw SH SW PT PL DH DW p_per_split P_BUCKET").split()
+    common = dict(BS=32, KH=3, KW=3, UPCAST=False)
+    ptx = {}
+    for fn, pointers, constants in [
+        (kernels._forward_kernel, dict(x_ptr="*bf16", v_ptr="*bf16", bias_ptr="*bf16", y_ptr="*bf16",
+                                       offsets_ptr="*i64", cols_ptr="*i64"),
+         dict(HAS_BIAS=True, PRECISION="ieee", BP=64, BN=32, BK=32, **common)),
+        (kernels._grad_input_kernel, dict(dy_ptr="*fp16", v_ptr="*fp16", dx_ptr="*fp16", offsets_ptr="*i64",
+                                          ids_ptr="*i64", rows_ptr="*i64"),
+         dict(PRECISION="ieee", BP=64, BN=32, BK=32, **common)),
+        (kernels._grad_weight_kernel, dict(dy_ptr="*fp32", x_ptr="*fp32", out_ptr="*fp32", rows_ptr="*i64",
+                                           cols_ptr="*i64"),
+         dict(PRECISION="tf32", TR=32, TC=32, BM=64, **common)),
+    ]:
+        # In the kernel's argument order: ASTSource matches the signature by position.
+        types = {**dict.fromkeys(ints, "i32"), **pointers}
+        signature = {name: types.get(name, "constexpr") for name in inspect.signature(fn).parameters}
+        compiled = triton.compile(ASTSource(triton.jit(fn), signature, constants),
+                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=3))
+        assert compiled.asm["cubin"]
+        ptx[fn.__name__] = compiled.asm["ptx"]
+    return ptx
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_gpu_targets(arch, monkeypatch, tmp_path):
+    """Without a GPU, still compile the kernels to cubin (ptxas included) for sm_80 and sm_90;
+    the half-precision products must reach the tensor cores (mma / wgmma)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # private: other processes compile too
+    ptx = _compile_for_gpu(arch)
+    assert "mma" in ptx["_forward_kernel"] and "mma" in ptx["_grad_input_kernel"]
+
+
+def test_autotune_configs_fit_the_block(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the compiled-mode (autotuned) kernels
+    kernels = _kernels()
+    for name, edges in [("forward", ("BN", "BK")), ("grad_input", ("BN", "BK")), ("grad_weight", ("TR", "TC"))]:
+        tuned = kernels._kernel(name, False)
+        assert tuned.keys == ["P_BUCKET", "BS", "KH", "KW"]
+        for bs in (8, 32, 128):
+            configs = kernels._pruner(edges)(tuned.configs, {}, BS=bs)
+            assert len(configs) >= 4 and len({str(c) for c in configs}) == len(configs)
+            assert all(16 <= c.kwargs[e] <= max(16, bs) for c in configs for e in edges)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block,groups,stride", [(16, 1, 1), (32, 2, 2), (64, 1, 1)], ids=str)
+def test_gpu_autotuned_products_match_reference(block, groups, stride, dtype, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernels = _kernels()
+    spec = (256, 192, groups, (3, 3), (stride, stride), (1, 1, 1, 1), (1, 1), block, 8, (28, 28), 0.4)
+    monkeypatch.setitem(CASES, "gpu", spec)
+    x, values, layout, geometry, bias = (t.cuda() if isinstance(t, torch.Tensor) else t
+                                         for t in conv_case("gpu", dtype))
+    layout = layout.to("cuda")
+    x = x.contiguous(memory_format=torch.channels_last)
+    dy = output_gradient(x, geometry).cuda()
+    bound = 1e-3 if dtype == torch.float32 else 2e-2  # TF32 may be on for fp32
+    for got, want in [
+        (kernels.conv_forward(x, values, layout, geometry, bias),
+         reference.conv_forward(x.double(), values.double(), layout, geometry, bias.double())),
+        (kernels.conv_grad_input(dy, values, layout, geometry, (28, 28)),
+         reference.conv_grad_input(dy.double(), values.double(), layout, geometry, (28, 28))),
+        (kernels.conv_grad_weight(dy, x, layout, geometry),
+         reference.conv_grad_weight(dy.double(), x.double(), layout, geometry)),
+    ]:
+        assert relative_error(got, want) < bound
