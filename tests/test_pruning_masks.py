@@ -3,6 +3,7 @@ import torch
 
 from sparsekern.methods import (block_scores, expand_block_mask, global_magnitude_mask, global_topk_masks,
                                 layerwise_topk_masks, nm_mask, topk_mask)
+from sparsekern.methods.pruning.masks import block_grid
 
 
 def test_block_scores_norm_and_sum_with_padding():
@@ -17,9 +18,18 @@ def test_block_scores_norm_and_sum_with_padding():
         block_scores(s, 2, reduce="max")
 
 
-def test_block_scores_conv_as_matrix():
-    s = torch.ones(4, 2, 3, 3)
-    assert block_scores(s, (2, 9)).shape == (2, 2)
+def test_conv_blocks_are_channel_blocks_with_all_their_taps():
+    # The blocks SparseConv2d stores: br output channels x bc input channels x every tap.
+    s = torch.randn(40, 20, 3, 3)
+    grid = block_scores(s, 16)
+    assert grid.shape == (3, 2) and block_grid(s.shape, 16) == (3, 2)
+    assert torch.allclose(grid[0, 0], s[:16, :16].norm())
+    edge = s[32:, 16:].norm() * (16 * 16 / (8 * 4)) ** 0.5  # edge blocks scaled to a whole block's worth
+    assert torch.allclose(grid[2, 1], edge)
+    mask = torch.tensor([[True, False], [False, True], [True, True]])
+    full = expand_block_mask(mask, 16, s.shape)
+    assert full.shape == s.shape
+    assert full[:16, :16].all() and not full[:16, 16:].any() and full[16:32, 16:].all() and full[32:].all()
 
 
 def test_expand_block_mask_roundtrip():

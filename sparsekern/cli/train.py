@@ -368,9 +368,12 @@ def format_table(report):
         + (f", microkernel {kernel['isa']}" if kernel.get("isa") else ""),
     ]
     if load["start"] is not None:
-        # The load when the run started is other jobs' (by the end it counts this run's threads too).
-        busy = load["start"] > env["cpu_cores"] / 2
-        lines.append(f"load average {load['start']:.1f} when the run started, on {env['cpu_cores']} cores"
-                     + ("; the machine was busy: times are inflated and noisy" if busy else "")
-                     + ("; --threads 1 is steadier on a shared machine" if busy and env["threads"] > 1 else ""))
+        # At the start the load is other jobs'; by the end it also counts this run's own threads.
+        end, threads = load["end"], env["threads"]
+        busy = load["start"] > env["cpu_cores"] / 2 or (end is not None and end - threads > env["cpu_cores"] / 2)
+        lines.append(f"load average {load['start']:.1f} when the run started"
+                     + (f", {end:.1f} at the end (this run's {threads} threads included)" if end is not None else "")
+                     + f", on {env['cpu_cores']} cores"
+                     + ("; other jobs were running: times are inflated and noisy" if busy else "")
+                     + ("; --threads 1 is steadier on a shared machine" if busy and threads > 1 else ""))
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 Pure functions. A *granularity* is a block size (rows, cols): (1, 1) is unstructured
 (correct, but the kernels are then no faster than dense), (b, b) is block-sparse.
-Conv weights (out, in, kh, kw) are scored as the (out, in*kh*kw) matrix.
+Conv weights (out, in, kh, kw) are scored as the (out, in*kh*kw) matrix whose blocks are
+br output channels x bc input channels with all their kh*kw taps (bc*kh*kw columns): the
+blocks ``SparseConv2d`` stores, so the block grid of a conv weight is (out/br, in/bc).
 A block's score is the L2 norm of its element scores (``reduce="norm"``), or their
 sum for signed scores such as GraSP (``reduce="sum"``). Edge blocks of a matrix
 whose dims are not multiples of the block are scaled to a whole block's worth.
@@ -21,9 +23,16 @@ def _as_matrix(score):
     return score.reshape(score.shape[0], -1)
 
 
+def _matrix_block(shape, block_size):
+    """The block of ``_as_matrix(weight)`` that one block of a weight of ``shape`` covers:
+    (br, bc) for a matrix, (br, bc * kh * kw) for a conv kernel (every tap of bc channels)."""
+    br, bc = _as_block_size(block_size)
+    return br, bc * math.prod(shape[2:])
+
+
 def block_grid(shape, block_size):
     """Block grid of a weight of ``shape`` (padded up to whole blocks)."""
-    (br, bc), rows, cols = _as_block_size(block_size), shape[0], math.prod(shape[1:])
+    (br, bc), rows, cols = _matrix_block(shape, block_size), shape[0], math.prod(shape[1:])
     return math.ceil(rows / br), math.ceil(cols / bc)
 
 
@@ -36,8 +45,8 @@ def block_scores(score, block_size, reduce="norm"):
     """
     if reduce not in ("norm", "sum"):
         raise ValueError(f"reduce must be 'norm' or 'sum', got {reduce!r}")
-    matrix, (br, bc) = _as_matrix(score), _as_block_size(block_size)
-    (rows, cols), (rb, cb) = matrix.shape, block_grid(score.shape, (br, bc))
+    matrix, (br, bc) = _as_matrix(score), _matrix_block(score.shape, block_size)
+    (rows, cols), (rb, cb) = matrix.shape, block_grid(score.shape, block_size)
     if rows % br or cols % bc:
         matrix = F.pad(matrix, (0, cb * bc - cols, 0, rb * br - rows))
     blocks = matrix.reshape(rb, br, cb, bc)
@@ -53,7 +62,7 @@ def block_scores(score, block_size, reduce="norm"):
 
 def expand_block_mask(block_mask, block_size, shape):
     """Element mask of ``shape`` from a (RB, CB) block mask (padding cut off)."""
-    br, bc = _as_block_size(block_size)
+    br, bc = _matrix_block(shape, block_size)
     rows, cols = shape[0], math.prod(shape[1:])
     full = block_mask.repeat_interleave(br, 0).repeat_interleave(bc, 1)
     return full[:rows, :cols].reshape(shape)
