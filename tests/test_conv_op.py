@@ -70,14 +70,19 @@ def test_opcheck_compiled_ops(dtype, channels_last, batch):
 @needs_cpu
 def test_floor_rule_chooses_the_composite_where_kernels_lose():
     x, values, layout, geometry, _ = conv_case("wide-blocks", torch.float32)
+    mask = torch.zeros_like(layout.block_mask)
+    mask[0, 1] = mask[2, 0] = True  # effective density 2 * 16² / (36 * 40) = 0.36
+    layout = type(layout).from_block_mask(mask, layout.shape, layout.block_size)
     nhwc = x.contiguous(memory_format=torch.channels_last)
     pick = lambda product, like, lay=layout, geo=geometry, pixels=256, forced=None: policy.conv_kernel(  # noqa: E731
         product, like, forced, lay, geo, conv_op._channels_last(like), pixels)[0]
     assert pick("conv_forward", nhwc) == "cpu"
-    assert pick("conv_forward", x) == "reference"  # channels-first input
-    assert pick("conv_forward", nhwc, pixels=16) == "reference"  # tiny images
+    assert pick("conv_grad_input", nhwc) == pick("conv_grad_weight", nhwc) == "cpu"
+    assert pick("conv_forward", nhwc, pixels=1) == "reference"  # one-pixel images
     _, _, dense_layout, dense_geometry, _ = conv_case("valid-non-square", torch.float32)
-    assert pick("conv_grad_weight", nhwc, dense_layout, dense_geometry) == "reference"  # density 1
+    assert pick("conv_forward", nhwc, dense_layout, dense_geometry) == "reference"  # density 1
+    assert pick("conv_grad_input", x, dense_layout, dense_geometry) == "reference"  # density 1, NCHW
+    assert pick("conv_grad_weight", nhwc, dense_layout, dense_geometry) == "cpu"
     _, _, strided_layout, strided_geometry, _ = conv_case("stride2", torch.float32)
     strided_layout = type(strided_layout).from_block_mask(strided_layout.block_mask & False, strided_layout.shape,
                                                           strided_layout.block_size)

@@ -2,22 +2,46 @@
 
 The registry picks a backend by device and dtype; on top of that, an automatic choice of the
 compiled ``cpu`` kernels falls back to the composite (the ``reference`` backend: dense
-F.conv2d on the densified weight, gradient masked to the stored blocks) where measurement
+F.conv2d on the densified weight, gradient read out on the stored blocks) where measurement
 says the kernels lose. A forced backend (``use_backend``) is always obeyed.
+
+The rule reads the *effective* density: the multiply-adds the kernels do (stored blocks,
+padding channels included) over those of the dense conv, so a 16-channel conv in 32-channel
+blocks counts 4x. Crossovers measured on a 2-core Zen3 (AVX2/FMA), fp32, batch 64, block 32,
+against F.conv2d (oneDNN), ratios dense / sparse (docs/conv.md has the table):
+  forward 3x3: 0.80-0.89 at density 1, 1.01-1.13 at 0.75, 1.27-1.29 at 0.6 (both formats alike);
+  forward 1x1 (a plain GEMM, where dense is strongest): 0.94 at 0.5 (128 ch), 1.57 at 0.125;
+  dX and dW 3x3: 1.10-1.51 / 1.23-1.26 at density 1 channels-last, 0.92-1.12 / 1.03-1.20 NCHW;
+  dX 1x1: 3-6 at any density; images of one pixel: dX 0.93 at density 0.5;
+  almost no work (e.g. 64 channels 1x1, no stored block): placement and output passes lose.
 """
 from ..registry import select_kernel
 
-# Crossovers measured on a 2-core Zen3 (AVX2/FMA), fp32, channels-last, batch 64, 3x3 and
-# 1x1 convs, block 32, against F.conv2d (oneDNN): see docs/conv.md.
-_MAX_DENSITY = {"conv_forward": 0.75, "conv_grad_input": 0.75, "conv_grad_weight": 0.75}
-_MIN_PIXELS = 64  # output (forward, dW) or input (dX) pixels per image below which dense wins
+_FORWARD_MAX = {True: 0.7, False: 0.3}   # by "the kernel has more than one tap"
+_GRAD_INPUT_MAX = {True: 1.0, False: 0.75}  # by "channels-last"
+_GRAD_WEIGHT_MAX = 1.0
+_MIN_PIXELS = 4          # per image: output pixels (forward, dW), input pixels (dX)
+_MIN_WORK_PER_INPUT = 8  # multiply-adds per input element below which the memory passes dominate
+
+
+def effective_density(layout, geometry):
+    """Multiply-adds of the stored blocks (padding channels included) over those of the dense conv."""
+    dense = geometry.out_channels * geometry.in_per_group
+    return layout.nnz_blocks * geometry.block_size ** 2 / dense
 
 
 def kernel_wins(product, layout, geometry, channels_last, pixels):
     """Whether the compiled kernels beat dense F.conv2d for such a call (the floor rule)."""
-    if product == "conv_grad_input" and geometry.stride != (1, 1):
-        return False  # dX spreads dY over a stride-dilated buffer: stride^2 more work than needed
-    return channels_last and pixels >= _MIN_PIXELS and layout.density <= _MAX_DENSITY[product]
+    density = effective_density(layout, geometry)
+    taps = geometry.kernel_size[0] * geometry.kernel_size[1]
+    if pixels < _MIN_PIXELS or geometry.in_per_group * taps * density < _MIN_WORK_PER_INPUT:
+        return False
+    if product == "conv_forward":
+        return density <= _FORWARD_MAX[taps > 1]
+    if product == "conv_grad_input":
+        # dX spreads dY over a stride-dilated buffer: stride^2 more work than needed.
+        return geometry.stride == (1, 1) and (taps == 1 or density <= _GRAD_INPUT_MAX[channels_last])
+    return density <= _GRAD_WEIGHT_MAX
 
 
 def conv_kernel(product, like, backend, layout, geometry, channels_last, pixels):
