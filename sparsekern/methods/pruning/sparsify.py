@@ -1,4 +1,5 @@
-"""``sparsify``: convert a model's ``nn.Linear`` layers to ``SparseLinear`` with a pruning-at-init method.
+"""``sparsify``: convert a model's ``nn.Linear`` and ``nn.Conv2d`` layers to ``SparseLinear`` and
+``SparseConv2d`` with a pruning-at-init method.
 
 Two questions decide a mask: how many blocks each layer keeps (the *allocation*)
 and which ones (the *scores*).
@@ -13,11 +14,13 @@ and which ones (the *scores*).
   an ``allocation`` ("uniform", "er", "erk") when given.
 
 Scores are computed on the dense model once, then each layer becomes a
-``SparseLinear`` holding only its kept blocks: training from then on runs on the
+``SparseLinear`` (or ``SparseConv2d``: blocks of output x input channels, each with all
+its taps) holding only its kept blocks: training from then on runs on the
 block-sparse kernels. ``block_size=1`` is unstructured pruning: exact, but the
 kernels are then no faster than dense (slower, in fact), and reported as such.
-Only nn.Linear is converted (there is no sparse convolution layer yet); other
-layers are left as they are.
+A convolution with fewer input channels per group than the block (a stem conv on RGB
+images, a depthwise conv) would be mostly padding: it is kept dense, with a warning.
+Other layers are left as they are.
 """
 import warnings
 
@@ -26,6 +29,7 @@ from torch import nn
 
 from ...formats.bsr import _as_block_size
 from ...nn.bsr_linear import SparseLinear
+from ...nn.conv2d import SparseConv2d
 from ...nn.lowrank_conv2d import LowRankConv2d
 from ...nn.lowrank_linear import LowRankLinear
 from ...nn.partially_trainable_linear import PartiallyTrainableLinear
@@ -44,6 +48,21 @@ def linear_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def sparsifiable_layers(model):
+    """[(module name, nn.Linear or nn.Conv2d)] in module order: what ``sparsify`` converts."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and not (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros")]
+
+
+def unblockable_convs(model, block_size):
+    """Names of the convolutions that channel blocks do not fit: fewer input channels per group
+    than a block (a stem conv on RGB images, a depthwise conv), or grouped with output channels
+    per group that are not whole blocks (a block row would span two groups)."""
+    br, bc = _as_block_size(block_size)
+    return [name for name, m in sparsifiable_layers(model) if isinstance(m, nn.Conv2d)
+            and (m.in_channels // m.groups < bc or (m.groups > 1 and (m.out_channels // m.groups) % br))]
+
+
 def replace_module(model, name, new):
     """Put ``new`` at the dotted path ``name`` inside ``model``, and at every other path that
     holds the same module (a layer used twice stays one layer)."""
@@ -55,13 +74,13 @@ def replace_module(model, name, new):
 
 
 def tied_linear_names(model):
-    """Names of the nn.Linear layers whose weight is also held by another module (e.g. an LM head
-    tied to the embedding): converting them would silently untie the weights."""
+    """Names of the nn.Linear / nn.Conv2d layers whose weight is also held by another module (e.g. an
+    LM head tied to the embedding): converting them would silently untie the weights."""
     holders = {}
     for name, module in model.named_modules():
         for param in module.parameters(recurse=False):
             holders.setdefault(id(param), set()).add(id(module))
-    return [name for name, linear in linear_layers(model) if len(holders[id(linear.weight)]) > 1]
+    return [name for name, layer in sparsifiable_layers(model) if len(holders[id(layer.weight)]) > 1]
 
 
 def _dense_indices(layers, dense_layers):
@@ -70,10 +89,11 @@ def _dense_indices(layers, dense_layers):
     for item in dense_layers:
         if isinstance(item, str):
             if item not in names:
-                raise ValueError(f"dense layer {item!r} is not an nn.Linear of the model; linear layers: {names}")
+                raise ValueError(f"dense layer {item!r} is not an nn.Linear or nn.Conv2d of the model; "
+                                 f"those layers: {names}")
             out.add(names.index(item))
         elif not 0 <= int(item) < len(layers):
-            raise ValueError(f"dense layer index {item} out of range for {len(layers)} linear layers")
+            raise ValueError(f"dense layer index {item} out of range for {len(layers)} linear and conv layers")
         else:
             out.add(int(item))
     return out
@@ -100,9 +120,9 @@ def compute_block_masks(model, *, density, method="erk", block_size=32, dense_la
         raise ValueError(f"unknown allocation {allocation!r}; expected one of {ALLOCATIONS} or None (global)")
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1:
         raise ValueError(f"density must be a number in [0, 1], got {density!r}")
-    layers = linear_layers(model)
+    layers = sparsifiable_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to sparsify")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d layer to sparsify")
     dense = _dense_indices(layers, dense_layers)
     sparse = [i for i in range(len(layers)) if i not in dense]
     if method in ALLOCATIONS:
@@ -123,14 +143,18 @@ def compute_block_masks(model, *, density, method="erk", block_size=32, dense_la
         density = left / sum(layers[i][1].weight.numel() for i in sparse) if sparse else 1.0
 
     names = [layers[i][0] for i in sparse]
+    if method == "synflow" and input_shape is None:
+        if isinstance(layers[0][1], nn.Conv2d):
+            raise ValueError("synflow on a model that starts with a convolution needs input_shape=(C, H, W)")
+        input_shape = (layers[0][1].in_features,)
     if method == "synflow" and allocation is None:
         # The paper's iterative global schedule, at the block granularity.
         skip = {n for n, _ in prunable_weights(model)} - {f"{n}.weight" for n in names}
-        by_name = synflow_masks(model, input_shape or (layers[0][1].in_features,), min(density, 1.0),
+        by_name = synflow_masks(model, input_shape, min(density, 1.0),
                                 block_size=block_size, iterations=synflow_iterations, skip=skip)
         return {n: by_name[f"{n}.weight"] for n in names}
     if method == "synflow":  # layer-wise allocation: one-shot scores ranked inside each layer
-        scores = synflow_scores(model, input_shape or (layers[0][1].in_features,))
+        scores = synflow_scores(model, input_shape)
     else:
         scores = _scores(model, method, generator, inputs, targets, loss_fn)
     reduce = "sum" if method == "grasp" else "norm"
@@ -148,23 +172,28 @@ def compute_block_masks(model, *, density, method="erk", block_size=32, dense_la
 
 
 def sparsify(model, *, density, method="erk", block_size=32, dense_layers=(), allocation=None, **kwargs):
-    """Replace the model's ``nn.Linear`` layers by ``SparseLinear`` and return the model.
+    """Replace the model's ``nn.Linear`` and ``nn.Conv2d`` layers by ``SparseLinear`` and
+    ``SparseConv2d`` and return the model.
 
     Args:
         model: any module; converted in place (the same object is returned).
-        density: fraction of the Linear weights kept, over all Linear layers together
-            (blocks at the edge of a non-multiple shape count as whole blocks).
+        density: fraction of the weights kept, over all those layers together (ERK counts the
+            kernel dims of convolutions; blocks at the edge of a non-multiple shape count as
+            whole blocks).
         method: "uniform", "er", "erk" (random blocks at that allocation), or "random",
             "magnitude", "snip", "grasp", "synflow" (scores).
         block_size: int or (rows, cols); 1 = unstructured (no faster than dense).
-        dense_layers: indices (among the Linear layers) or module names left as nn.Linear.
-            Layers whose weight is tied to another module are left dense too, with a warning;
-            a layer used at several places becomes one SparseLinear at all of them.
+        dense_layers: indices (among the Linear and Conv2d layers, in module order) or module
+            names left dense. Layers whose weight is tied to another module, and convolutions
+            with fewer input channels per group than the block, are left dense too, with a
+            warning; a layer used at several places becomes one sparse layer at all of them.
+            Conv2d needs a square block_size.
         allocation: for scored methods, rank layer-wise at "uniform"/"er"/"erk" densities
             instead of globally.
         kwargs: ``inputs``, ``targets``, ``loss_fn`` (SNIP/GraSP batch, default cross
             entropy); ``input_shape`` and ``synflow_iterations`` (SynFlow, default
-            (in_features,) of the first layer and 100); ``generator`` (random masks).
+            (in_features,) of the first layer, required when it is a conv, and 100);
+            ``generator`` (random masks).
     """
     block_size = _as_block_size(block_size)
     tied = [name for name in tied_linear_names(model) if name not in dense_layers]
@@ -172,20 +201,34 @@ def sparsify(model, *, density, method="erk", block_size=32, dense_layers=(), al
         warnings.warn(f"sparsify: leaving {tied} dense: their weights are tied to other modules, and a sparse "
                       "copy would untie them", UserWarning, stacklevel=2)
         dense_layers = (*dense_layers, *tied)
+    unfit = [name for name in unblockable_convs(model, block_size) if name not in dense_layers]
+    if unfit:
+        warnings.warn(f"sparsify: leaving the convolutions {unfit} dense: fewer input channels per group than "
+                      f"the block size {block_size[1]} (each would be one mostly-padding block), or output channels "
+                      "per group that are not whole blocks; list them in dense_layers to silence this, or use a "
+                      "smaller block_size", UserWarning, stacklevel=2)
+        dense_layers = (*dense_layers, *unfit)
     masks = compute_block_masks(model, density=density, method=method, block_size=block_size,
                                 dense_layers=dense_layers, allocation=allocation, **kwargs)
-    for name, linear in linear_layers(model):
-        if name in masks:
-            replace_module(model, name, SparseLinear.from_dense(linear, block_size=block_size,
-                                                                block_mask=masks[name]))
+    for name, layer in sparsifiable_layers(model):
+        if name not in masks:
+            continue
+        if isinstance(layer, nn.Conv2d):
+            if block_size[0] != block_size[1]:
+                raise ValueError(f"SparseConv2d needs a square block; got block_size {block_size} for the "
+                                 f"convolution {name!r} (list it in dense_layers to keep it dense)")
+            new = SparseConv2d.from_dense(layer, block_size=block_size[0], block_mask=masks[name])
+        else:
+            new = SparseLinear.from_dense(layer, block_size=block_size, block_mask=masks[name])
+        replace_module(model, name, new)
     return model
 
 
 def densify(model):
-    """Replace every sparse layer of ``model`` (SparseLinear, SemiSparseLinear, LowRankLinear,
+    """Replace every sparse layer of ``model`` (SparseLinear, SparseConv2d, SemiSparseLinear, LowRankLinear,
     PartiallyTrainableLinear, LowRankConv2d) by the ``nn.Linear`` / ``nn.Conv2d`` it stands for, in
     place, and return the model: a sparse-trained model then loads where a dense checkpoint is expected."""
-    sparse = (SparseLinear, SemiSparseLinear, LowRankLinear, PartiallyTrainableLinear, LowRankConv2d)
+    sparse = (SparseLinear, SparseConv2d, SemiSparseLinear, LowRankLinear, PartiallyTrainableLinear, LowRankConv2d)
     replaced = []
     for name, module in list(model.named_modules()):
         inside_replaced = any(name.startswith(outer + ".") for outer in replaced)  # e.g. a frozen layer's delta
