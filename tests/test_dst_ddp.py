@@ -17,13 +17,23 @@ from sparsekern.methods import DPF, GGR, SET, SNFS, RigL, TopKAST
 
 DRIVERS = {"SET": SET, "RigL": RigL, "SNFS": SNFS, "GGR": GGR, "TopKAST": TopKAST, "DPF": DPF}
 SEMI_DRIVERS = {"SET-2:4": SET, "RigL-2:4": RigL}  # a SemiSparseLinear layer besides a SparseLinear one
+CNN_DRIVERS = {"SET-cnn": SET, "RigL-cnn": RigL, "GGR-cnn": GGR}  # SparseConv2d layers and a SparseLinear head
 OPTIONS = {"RigL-gram": (RigL, {"score_method": "gram"}), "GGR-gram": (GGR, {"score_method": "gram"})}
-CASES = {**{n: (c, {}) for n, c in {**DRIVERS, **SEMI_DRIVERS}.items()}, **OPTIONS}
+CASES = {**{n: (c, {}) for n, c in {**DRIVERS, **SEMI_DRIVERS, **CNN_DRIVERS}.items()}, **OPTIONS}
 
 
 def _model(name):
+    if name in CNN_DRIVERS:
+        return torch.nn.Sequential(sk.SparseConv2d(4, 8, 3, block_size=4), torch.nn.ReLU(),
+                                   sk.SparseConv2d(8, 8, 3, padding=1, stride=2, block_size=4), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), sk.SparseLinear(8, 5, block_size=4))
     first = sk.SemiSparseLinear(12, 16) if name in SEMI_DRIVERS else sk.SparseLinear(12, 16, block_size=4)
     return torch.nn.Sequential(first, torch.nn.ReLU(), sk.SparseLinear(16, 5, block_size=4))
+
+
+def _inputs(name, generator):
+    shape = (16, 4, 6, 6) if name in CNN_DRIVERS else (16, 12)
+    return torch.randn(*shape, generator=generator)
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -40,7 +50,7 @@ def _worker(rank, world, init_file, out_dir):
             g = torch.Generator().manual_seed(1000 + rank)  # different data on each rank
             rebuilds = 0
             for _ in range(9):
-                x, y = torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
+                x, y = _inputs(name, g), torch.randint(0, 5, (16,), generator=g)
                 opt.zero_grad()
                 F.cross_entropy(ddp(x), y).backward()
                 opt.step()

@@ -112,11 +112,21 @@ class SparseConv2d(nn.Module):
     def reset_parameters(self):
         """nn.Conv2d's initialisation (U(±1/sqrt(fan_in)) for weight and bias) on the stored blocks."""
         bound = 1.0 / math.sqrt(self._fan_in())
-        with torch.no_grad():
-            self.values.uniform_(-bound, bound)
-            self._zero_padding()
-            if self.bias is not None:
+        self.reset_values(bound)
+        if self.bias is not None:
+            with torch.no_grad():
                 self.bias.uniform_(-bound, bound)
+
+    def reset_values(self, bound=None, blocks=None):
+        """Draw U(±bound) on the stored blocks (nn.Conv2d's bound 1/sqrt(fan_in) by default), or only
+        on the blocks at indices ``blocks``; the bias is left alone (as SparseLinear.reset_values)."""
+        bound = 1.0 / math.sqrt(self._fan_in()) if bound is None else float(bound)
+        with torch.no_grad():
+            if blocks is None:
+                self.values.uniform_(-bound, bound)
+            else:
+                self.values[blocks] = torch.empty_like(self.values[blocks]).uniform_(-bound, bound)
+            self._zero_padding()
 
     @classmethod
     def from_dense(cls, conv, *, block_size=32, density=None, block_mask=None):

@@ -1,5 +1,7 @@
 """Dynamic sparse training drivers acting on :class:`sparsekern.SparseLinear` layers
-(block or element granularity) and static :class:`sparsekern.SemiSparseLinear` layers (2:4).
+(block or element granularity), :class:`sparsekern.SparseConv2d` layers (blocks of
+output x input channels with all their taps; SET, RigL, SNFS and GGR) and static
+:class:`sparsekern.SemiSparseLinear` layers (2:4).
 
 Usage (the same for every driver)::
 
@@ -24,7 +26,9 @@ each layer. It gets the block RMS of the dense gradient dYᵀX either from the
 sampled-dW product on every block (``grad_probe``; ``values`` takes its own
 blocks' gradient from that product, not computed twice) or, where cheaper,
 from Gram matrices of X and dY without forming dYᵀX (``score_method``; see
-:mod:`sparsekern.methods.dst.scores`). The probe is removed afterwards.
+:mod:`sparsekern.methods.dst.scores`). A SparseConv2d layer's probe keeps the
+step's inputs and output gradients and runs the conv weight-gradient product on every
+block once (:mod:`sparsekern.methods.dst.conv_probe`). The probe is removed afterwards.
 
 Structure changes go through :func:`~sparsekern.methods.dst.state.restructure`
 (the layers' structure protocol): the ``values`` Parameter keeps its identity,
@@ -46,10 +50,12 @@ import torch.distributed as dist
 from ...formats.bsr import BlockLayout
 from ...nn.parameter import replace_data_
 from ...nn.bsr_linear import SparseLinear
+from ...nn.conv2d import SparseConv2d
 from ...nn.semi_linear import SemiSparseLinear
 from ..pruning.density import erk_densities
 from .rules import ggr_new_masks, rigl_new_mask, set_new_mask, snfs_new_masks
 from .schedules import DropSchedule
+from .conv_probe import ConvScoreProbe
 from .scores import SCORE_METHODS, ScoreProbe, block_rms, install_probe, probe_grad, remove_probe
 from .semi_probe import SemiProbe
 from .semi_rules import semi_rigl_update, semi_set_update
@@ -63,6 +69,13 @@ def on_grid(layout, scores):
     return grid
 
 
+def weight_shape(layer):
+    """The dense weight shape a block layer stands for: (out, in), or (out, in / groups, kh, kw)."""
+    if isinstance(layer, SparseConv2d):
+        return (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+    return (layer.out_features, layer.in_features)
+
+
 def all_reduce_mean(tensor, group=None):
     """Average ``tensor`` over the ranks (in place) when a process group is running."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -73,14 +86,14 @@ def all_reduce_mean(tensor, group=None):
 
 
 class DynamicSparsity:
-    """Base driver: finds the SparseLinear layers, owns the schedule and the generator.
+    """Base driver: finds the block layers, owns the schedule and the generator.
 
     Args:
-        model: module holding SparseLinear and/or static SemiSparseLinear layers (not a
-            DDP wrapper: pass ``ddp.module``).
+        model: module holding SparseLinear, SparseConv2d and/or static SemiSparseLinear
+            layers (not a DDP wrapper: pass ``ddp.module``).
         optimizer: the optimizer stepping the model's parameters.
-        density: global weight density of the SparseLinear layers; they get ERK densities
-            (rounded to whole blocks). A layer that already stores that many blocks keeps its
+        density: global weight density of the SparseLinear and SparseConv2d layers; they get
+            ERK densities (kernel dims counted; rounded to whole blocks). A layer that already stores that many blocks keeps its
             structure and values (e.g. a model converted by ``sparsify``); the others get a
             random mask from ``seed``, surviving blocks keeping their values and new ones drawn
             at the scale of the layer's values. Biases are never touched. None keeps every
@@ -92,11 +105,12 @@ class DynamicSparsity:
         seed: seeds the masks and all random choices (identical on every rank).
         process_group: for the score all-reduce (default: the world).
         score_method: how RigL/SNFS/GGR get dense-gradient block scores on SparseLinear
-            layers: "product" (sampled dW on every block), "gram" (the same norms from
+            layers (SparseConv2d layers always run the conv weight-gradient product): "product" (sampled dW on every block), "gram" (the same norms from
             Gram matrices, never forming dW) or "auto" (gram where it is at most half
             the work); see :mod:`sparsekern.methods.dst.scores`.
     """
     needs_scores = False
+    trains_convs = True
 
     def __init__(self, model, optimizer, *, density, delta=100, alpha=0.3, t_end, schedule="cosine",
                  seed=0, process_group=None, score_method="auto", redraw=False):
@@ -104,14 +118,20 @@ class DynamicSparsity:
             raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}")
         self.model, self.optimizer = model, optimizer
         self.score_method, self.redraw = score_method, bool(redraw)
-        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
         self.semi_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SemiSparseLinear)]
         for name, layer in self.semi_layers:
             if layer.mode != "static":
                 raise ValueError(f"SemiSparseLinear {name!r} has mode={layer.mode!r}: it re-prunes every step; "
                                  "dynamic sparse training needs mode='static'")
+        convs = [name for name, layer in self.layers if isinstance(layer, SparseConv2d)]
+        if convs and not self.trains_convs:
+            raise ValueError(f"{type(self).__name__} trains shadow blocks through the linear layers' gradient "
+                             f"probe, which SparseConv2d layers ({convs}) do not have; use SET, RigL, SNFS or GGR "
+                             "on convolutions")
         if not self.layers and not self.semi_layers:
-            raise ValueError(f"{type(model).__name__} holds no sparsekern.SparseLinear or SemiSparseLinear layer")
+            raise ValueError(f"{type(model).__name__} holds no sparsekern.SparseLinear, SparseConv2d or "
+                             "SemiSparseLinear layer")
         self.schedule = DropSchedule(delta=delta, alpha=alpha, t_end=t_end, kind=schedule)
         self.generator = torch.Generator().manual_seed(seed)
         self.group = process_group
@@ -127,7 +147,7 @@ class DynamicSparsity:
         """Hook for drivers with extra state built from the initial structure."""
 
     def _init_masks(self, density):
-        shapes = [(layer.out_features, layer.in_features) for _, layer in self.layers]
+        shapes = [weight_shape(layer) for _, layer in self.layers]
         for (_, layer), d in zip(self.layers, erk_densities(shapes, density)):
             cells = layer.block_mask.numel()
             target = int(round(d * cells))
@@ -175,7 +195,8 @@ class DynamicSparsity:
             probe.remove()
         self._probes, self._semi_probes = {}, {}
         if self.needs_scores and self.schedule.is_update_step(self.t + 1):
-            self._probes = {name: ScoreProbe(layer, self.score_method) for name, layer in self.layers}
+            self._probes = {name: ConvScoreProbe(layer) if isinstance(layer, SparseConv2d)
+                            else ScoreProbe(layer, self.score_method) for name, layer in self.layers}
             self._semi_probes = {name: SemiProbe(layer) for name, layer in self.semi_layers}
 
     # -- scores --------------------------------------------------------------
@@ -295,6 +316,7 @@ class ShadowDriver(DynamicSparsity):
     schedules apply). A probe on F ∪ S is installed at every step: its gradient
     feeds S, and F's own gradient is taken from it (not computed twice).
     """
+    trains_convs = False
 
     def _setup(self):
         if self.semi_layers:

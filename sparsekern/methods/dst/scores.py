@@ -50,12 +50,14 @@ def probe_grad(probe, name):
 
 
 def block_rms(values):
-    """(nnz, br, bc) -> (nnz,) RMS of each block, in float32 (fp64 stays fp64)."""
+    """(nnz, br, bc) -> (nnz,) RMS of each block, in float32 (fp64 stays fp64); a conv layer's
+    (nnz, bs, bs, kh, kw) blocks count every tap."""
     v = values.detach()
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     if v.shape[0] == 0:
         return v.new_zeros(0, dtype=dtype)
-    return torch.linalg.vector_norm(v, dim=(1, 2), dtype=dtype) / (v.shape[1] * v.shape[2]) ** 0.5
+    dims = tuple(range(1, v.dim()))
+    return torch.linalg.vector_norm(v, dim=dims, dtype=dtype) / v[0].numel() ** 0.5
 
 
 def gram_cheaper(layer, n):
