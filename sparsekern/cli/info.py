@@ -14,9 +14,13 @@ from .. import __version__, kernels
 from ..kernels.registry import BACKEND_NAMES
 from .machine import cpu_flags, cpu_model, describe_flags, triton_version
 
-PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight", "semi_forward", "semi_grad_input",
-            "semi_grad_weight", "lowrank_forward", "lowrank_backward")
-FAMILIES = ("bsr", "semi", "lowrank")
+PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight", "conv_forward", "conv_grad_input",
+            "conv_grad_weight", "semi_forward", "semi_grad_input", "semi_grad_weight", "lowrank_forward",
+            "lowrank_backward")
+FAMILIES = ("bsr", "conv", "semi", "lowrank")
+# Families whose automatic choice also depends on the call's shapes (sparsekern.kernels.conv.policy).
+FLOOR_RULE = {"conv": "conv products: where the cpu kernels would lose to dense F.conv2d (density, kernel, "
+                      "memory format, image size), the call runs the reference composite instead"}
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -82,6 +86,7 @@ def _backend_table(devices):
                     reasons.setdefault((backend, f"on {device.type}: {reason}"), {}).setdefault(
                         product, set()).add(_dtype_name(dtype))
         lines.append(f"  {product:18} " + " ".join(f"{p:>16}" for p in picked))
+    lines += [f"  {note}" for family, note in FLOOR_RULE.items() if any(p.startswith(family) for p in PRODUCTS)]
     lines.append("not available:")
     for (backend, reason), products in reasons.items():
         dtypes = set().union(*products.values())
