@@ -5,17 +5,20 @@ Quickstart::
     import torch, sparsekern as sk
 
     layer = sk.SparseLinear(4096, 4096, block_size=32, density=0.1)  # drop-in nn.Linear, 10% of blocks
-    model = sk.sparsify(model, density=0.1, method="erk", block_size=32)  # every nn.Linear of a model
+    conv = sk.SparseConv2d(128, 128, 3, padding=1, block_size=32, density=0.1)  # drop-in nn.Conv2d
+    model = sk.sparsify(model, density=0.1, method="erk", block_size=32)  # every nn.Linear and nn.Conv2d
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     rigl = sk.methods.RigL(model, optimizer, density=0.1, delta=100, t_end=total_steps)
     for x, t in loader:
         loss_fn(model(x), t).backward(); optimizer.step(); optimizer.zero_grad()
         rigl.step()                                   # drop/grow blocks, optimizer state moved with them
     sk.methods.restructure(layer, optimizer, mask)    # a structure change by hand (mask: bool block grid)
-    dense_model = sk.densify(model)                   # back to nn.Linear for any dense consumer
+    dense_model = sk.densify(model)                   # back to nn.Linear / nn.Conv2d for any dense consumer
 
-Also: 2:4 layers (``SemiSparseLinear``), low-rank layers and DLRT (``LowRankLinear``, ``DLRT``),
-pruning at initialization in ``sk.methods``; ``sk.use_backend(name)`` forces a kernel backend.
+Also: 2:4 layers (``SemiSparseLinear``), low-rank layers and DLRT (``LowRankLinear``,
+``LowRankConv2d``, ``DLRT``), pruning at initialization in ``sk.methods``;
+``sk.use_backend(name)`` forces a kernel backend. The ``sparsekern`` command (``info``,
+``train``, ``bench``) shows what runs on this machine and how fast against dense.
 Importing is cheap: no GPU query, no compiled extension and no triton is loaded until a
 kernel first runs.
 """
