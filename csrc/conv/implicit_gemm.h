@@ -9,9 +9,10 @@
 // (block, tap) segment offsets are the same for every pixel: no im2col. B is packed once per
 // call into NR-column strips, members and taps back to back, so a group's strip is one
 // contiguous stream. Loop nest: output rows are split over the threads; inside a thread,
-// chunks of rows whose P rows fit L2, inside them every group and NR strip, inside them
-// every tile of up to MR pixels of each row. The accumulators stay in registers across all
-// blocks and taps of a group, so each output tile is written once.
+// chunks of rows whose P rows fit L2, inside them panels of groups whose packed B fits L2,
+// inside them each output row, and on it every group of the panel, NR strip and tile of up
+// to MR pixels. The accumulators stay in registers across all blocks and taps of a group, so
+// each output tile is written once.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,7 +31,8 @@
 namespace sparsekern {
 namespace conv {
 
-constexpr int64_t kPRowsBytes = 256 << 10;  // rows of P kept hot in L2 while every group sweeps them
+constexpr int64_t kPRowsBytes = 256 << 10;  // rows of P kept hot in L2 while every panel sweeps them
+constexpr int64_t kGroupPanelBytes = 192 << 10;  // packed B of a panel of groups, kept hot in L2
 
 // The NHWC copy of src (N, Cs, H, W; any strides and floating dtype) the kernels read, in
 // compute type C: (N, Hd, Wd, G * Cgp), source pixel (y, x) at (y * sy + ey, x * sx + ex)
@@ -152,39 +154,60 @@ void gather_conv(const GatherProblem<S, C>& pb) {
   const int64_t chunk = std::max<int64_t>(1, kPRowsBytes / std::max<int64_t>(1, pb.row_stride * int64_t(sizeof(C))));
   const int64_t macs_per_row = (members * T * w + int64_t(pb.groups.size()) * common::kItemOverhead) * g * pb.Wout;
 
+  // Panels of consecutive groups whose packed B fits a share of L2: a panel's groups all run
+  // on one output row before the next, so the row's P input and its output stay in L1/L2.
+  std::vector<size_t> panels{0};
+  for (size_t i = 0, bytes = 0; i < pb.groups.size(); ++i) {
+    const size_t b = size_t(pb.groups[i].count * T * nsub * strip) * sizeof(C);
+    if (bytes > 0 && bytes + b > size_t(kGroupPanelBytes)) panels.push_back(i), bytes = 0;
+    bytes += b;
+  }
+  panels.push_back(pb.groups.size());
+
   common::parallel_for_work(rows, rows * macs_per_row, [&](int64_t r0, int64_t r1) {
     for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
       const int64_t c1 = std::min(r1, c0 + chunk);
-      for (const Group& gr : pb.groups) {
-        for (int64_t s = 0; s < nsub; ++s) {
-          const int64_t col0 = gr.out_col + s * NR, ncols = std::min<int64_t>(NR, gr.width - s * NR);
-          if (ncols <= 0) continue;
-          const C* bs = bp + (gr.first * T * nsub + s * gr.count * T) * strip;
-          const int64_t* segs = seg_off.data() + gr.first * T;
-          for (int64_t row = c0; row < c1; ++row) {
-            const int64_t n = row / pb.Hout, y = row % pb.Hout;
-            const C* arow = pb.p + n * pb.img_stride + y * pb.row_stride;
-            S* orow = pb.out + row * pb.Wout * pb.ldo + col0;
-            for (size_t ti = 0; ti < tiles.size(); ++ti) {
-              const int64_t x = tiles[ti].first;
-              const int mr = tiles[ti].second;
-              S* o = orow + x * pb.ldo;
+      for (size_t pi = 0; pi + 1 < panels.size(); ++pi) {
+        for (int64_t row = c0; row < c1; ++row) {
+          const int64_t n = row / pb.Hout, y = row % pb.Hout;
+          const C* arow = pb.p + n * pb.img_stride + y * pb.row_stride;
+          // The first panel pulls the next chunk's rows of P towards L2, a row at a time, so the
+          // broadcasts do not stall on memory.
+          if (pi == 0 && row + chunk < r1) {
+            const int64_t ahead = row + chunk;
+            const char* next = reinterpret_cast<const char*>(pb.p + ahead / pb.Hout * pb.img_stride +
+                                                             ahead % pb.Hout * pb.row_stride);
+            for (int64_t off = 0; off < pb.row_stride * int64_t(sizeof(C)); off += 64) __builtin_prefetch(next + off, 0, 2);
+          }
+          for (size_t gi = panels[pi]; gi < panels[pi + 1]; ++gi) {
+            const Group& gr = pb.groups[gi];
+            const int64_t* segs = seg_off.data() + gr.first * T;
+            for (int64_t s = 0; s < nsub; ++s) {
+              const int64_t col0 = gr.out_col + s * NR, ncols = std::min<int64_t>(NR, gr.width - s * NR);
+              if (ncols <= 0) continue;
+              const C* bs = bp + (gr.first * T * nsub + s * gr.count * T) * strip;
+              S* orow = pb.out + row * pb.Wout * pb.ldo + col0;
               if (gr.count == 0) {  // no stored block: the output is zero (or the bias)
-                for (int i = 0; i < mr; ++i) {
-                  for (int64_t c = 0; c < ncols; ++c) o[i * pb.ldo + c] = pb.bias ? pb.bias[col0 + c] : S(0);
+                for (int64_t x = 0; x < pb.Wout; ++x) {
+                  for (int64_t c = 0; c < ncols; ++c) orow[x * pb.ldo + c] = pb.bias ? pb.bias[col0 + c] : S(0);
                 }
                 continue;
               }
-              const C* a = arow + x * pb.pix_stride;
-              if (kDirect && ncols == NR) {
-                kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.ldo, false,
-                            reinterpret_cast<const C*>(pb.bias ? pb.bias + col0 : nullptr));
-              } else {
-                alignas(64) C tmp[common::kMR * common::kNR<C>];
-                kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, tmp, NR, false, nullptr);
-                for (int i = 0; i < mr; ++i) {
-                  for (int64_t c = 0; c < ncols; ++c) {
-                    o[i * pb.ldo + c] = pb.bias ? S(tmp[i * NR + c] + C(pb.bias[col0 + c])) : S(tmp[i * NR + c]);
+              for (size_t ti = 0; ti < tiles.size(); ++ti) {
+                const int64_t x = tiles[ti].first;
+                const int mr = tiles[ti].second;
+                S* o = orow + x * pb.ldo;
+                const C* a = arow + x * pb.pix_stride;
+                if (kDirect && ncols == NR) {
+                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.ldo, false,
+                              reinterpret_cast<const C*>(pb.bias ? pb.bias + col0 : nullptr));
+                } else {
+                  alignas(64) C tmp[common::kMR * common::kNR<C>];
+                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, tmp, NR, false, nullptr);
+                  for (int i = 0; i < mr; ++i) {
+                    for (int64_t c = 0; c < ncols; ++c) {
+                      o[i * pb.ldo + c] = pb.bias ? S(tmp[i * NR + c] + C(pb.bias[col0 + c])) : S(tmp[i * NR + c]);
+                    }
                   }
                 }
               }
