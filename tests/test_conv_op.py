@@ -83,6 +83,7 @@ def test_floor_rule_chooses_the_composite_where_kernels_lose():
     assert pick("conv_forward", nhwc, dense_layout, dense_geometry) == "reference"  # density 1
     assert pick("conv_grad_input", x, dense_layout, dense_geometry) == "reference"  # density 1, NCHW
     assert pick("conv_grad_weight", nhwc, dense_layout, dense_geometry) == "cpu"
+    assert pick("conv_forward", nhwc.to(torch.bfloat16), dense_layout, dense_geometry) == "cpu"  # dense bf16 is slow
     _, _, strided_layout, strided_geometry, _ = conv_case("stride2", torch.float32)
     strided_layout = type(strided_layout).from_block_mask(strided_layout.block_mask & False, strided_layout.shape,
                                                           strided_layout.block_size)

@@ -14,11 +14,16 @@ against F.conv2d (oneDNN), ratios dense / sparse (docs/conv.md has the table):
   dX and dW 3x3: 1.10-1.51 / 1.23-1.26 at density 1 channels-last, 0.92-1.12 / 1.03-1.20 NCHW;
   dX 1x1: 3-6 at any density; images of one pixel: dX 0.93 at density 0.5;
   almost no work (e.g. 64 channels 1x1, no stored block): placement and output passes lose.
+Dense conv in the other dtypes is far slower here (no native kernels for them on AVX2): at
+density 1 the kernels win fwd/dX/dW 2.3/1.4/2.0x in fp64, 7.3/4.5/3.3x in bf16, 5.9/15/16x in
+fp16 (128 -> 128, 3x3, 16x16), so there the thresholds below apply to fp32 only.
 """
+import torch
+
 from ..registry import select_kernel
 
 _FORWARD_MAX = {True: 0.7, False: 0.3}   # by "the kernel has more than one tap"
-_GRAD_INPUT_MAX = {True: 1.0, False: 0.75}  # by "channels-last"
+_GRAD_INPUT_MAX = {True: 0.85, False: 0.75}  # by "channels-last"
 _GRAD_WEIGHT_MAX = 1.0
 _MIN_PIXELS = 4          # per image: output pixels (forward, dW), input pixels (dX)
 _MIN_WORK_PER_INPUT = 8  # multiply-adds per input element below which the memory passes dominate
@@ -30,12 +35,14 @@ def effective_density(layout, geometry):
     return layout.nnz_blocks * geometry.block_size ** 2 / dense
 
 
-def kernel_wins(product, layout, geometry, channels_last, pixels):
+def kernel_wins(product, layout, geometry, channels_last, pixels, dtype=torch.float32):
     """Whether the compiled kernels beat dense F.conv2d for such a call (the floor rule)."""
     density = effective_density(layout, geometry)
     taps = geometry.kernel_size[0] * geometry.kernel_size[1]
     if pixels < _MIN_PIXELS or geometry.in_per_group * taps * density < _MIN_WORK_PER_INPUT:
         return False
+    if dtype != torch.float32:
+        return density <= 1.0 and (product != "conv_grad_input" or geometry.stride == (1, 1))
     if product == "conv_forward":
         return density <= _FORWARD_MAX[taps > 1]
     if product == "conv_grad_input":
@@ -48,6 +55,7 @@ def conv_kernel(product, like, backend, layout, geometry, channels_last, pixels)
     """(backend name, implementation) of ``product`` for this call: the registry's choice, or
     the composite where the floor rule says the compiled kernels would lose."""
     name, fn = select_kernel(product, like.device, like.dtype, backend)
-    if backend is None and name == "cpu" and not kernel_wins(product, layout, geometry, channels_last, pixels):
+    if backend is None and name == "cpu" and not kernel_wins(product, layout, geometry, channels_last, pixels,
+                                                             like.dtype):
         return select_kernel(product, like.device, like.dtype, "reference")
     return name, fn
