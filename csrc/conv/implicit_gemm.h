@@ -188,8 +188,15 @@ void gather_conv(const GatherProblem<S, C>& pb) {
               const C* bs = bp + (gr.first * T * nsub + s * gr.count * T) * strip;
               S* orow = pb.out + row * pb.Wout * pb.ldo + col0;
               if (gr.count == 0) {  // no stored block: the output is zero (or the bias)
+                S fill[NR];
+                for (int64_t c = 0; c < NR; ++c) fill[c] = pb.bias && c < ncols ? pb.bias[col0 + c] : S(0);
                 for (int64_t x = 0; x < pb.Wout; ++x) {
-                  for (int64_t c = 0; c < ncols; ++c) orow[x * pb.ldo + c] = pb.bias ? pb.bias[col0 + c] : S(0);
+                  S* o = orow + x * pb.ldo;
+                  if (ncols == NR) {  // a constant width: vector stores (a memset per pixel costs ~10x more)
+                    for (int c = 0; c < NR; ++c) o[c] = fill[c];
+                  } else {
+                    for (int64_t c = 0; c < ncols; ++c) o[c] = fill[c];
+                  }
                 }
                 continue;
               }
