@@ -11,6 +11,7 @@ Inputs are float32, standardised with the training set's mean and std (one scala
 labels int64.
 """
 import gzip
+import math
 import os
 from dataclasses import dataclass
 
@@ -44,6 +45,11 @@ class Dataset:
     @property
     def features(self):
         return self.train_x.shape[1]
+
+    @property
+    def image_side(self):
+        """The side of the square one-channel images (8 for digits, 28 for the MNISTs)."""
+        return math.isqrt(self.features)
 
     @property
     def classes(self):

@@ -94,7 +94,7 @@ def train_figure(plt, report, path):
     method = {"2:4": "2:4 semi-structured", "lowrank": f"low-rank r={cfg['rank']}"}.get(
         cfg["method"], f"{cfg['method']}, density {cfg['density']}, block {cfg['block_size']}")
     data = report["dataset"]
-    fig.suptitle(f"sparsekern train: MLP {data['features']}-{cfg['hidden']}-{cfg['hidden']}-{data['classes']} "
+    fig.suptitle(f"sparsekern train: {report['model']} "
                  f"on {data['name']}, dense vs {method}; {cfg['steps']} steps of batch {cfg['batch_size']}\n"
                  f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}; ratio = median over alternating "
                  f"{report['chunk_steps']}-step chunk pairs", fontsize=12)

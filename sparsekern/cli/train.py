@@ -30,9 +30,12 @@ from .memory import GrowthSincePeak, in_fresh_process
 from .output import PLOT_HINT, matplotlib_or_none, out_dir, timestamp, write_json
 from .progress import Progress, format_duration
 
-DEFAULTS = dict(model="mlp", method="rigl", density=0.1, block_size=32, rank=64, hidden=2048, steps=2000,
+WIDTH = {"mlp": 2048, "cnn": 128}  # --hidden's default per model
+BLOCK = {"mlp": 32, "cnn": 16}    # --block-size's: a CNN's narrower layers need finer blocks at density 0.1
+DEFAULTS = dict(model="mlp", method="rigl", density=0.1, block_size=None, rank=64, hidden=None, steps=2000,
                 batch_size=256, lr=0.05, delta=100, data="digits", seed=0)
 FAMILY_PRODUCTS = {"bsr": ("bsr_forward", "bsr_grad_input", "bsr_grad_weight"),
+                   "conv": ("conv_forward", "conv_grad_input", "conv_grad_weight"),
                    "semi": ("semi_forward", "semi_grad_input", "semi_grad_weight"),
                    "lowrank": ("lowrank_forward", "lowrank_backward")}
 
@@ -48,17 +51,20 @@ def add_parser(subparsers):
                     "memory, test accuracy and loss. Prints a table; writes JSON and, with matplotlib, a PNG.",
         formatter_class=arguments.HelpFormatter)
     p.add_argument("--model", choices=models.MODELS, default=d["model"],
-                   help="features -> H -> H -> classes, ReLU")
+                   help="mlp: features -> H -> H -> classes, ReLU; cnn: 3x3 convs at H, H, H, then 2H, 2H "
+                        "channels (2x2 pool between), global pool, linear (methods: "
+                        + ", ".join(models.CNN_METHODS) + ")")
     p.add_argument("--method", choices=models.METHODS, default=d["method"],
                    help="block-sparse static or dynamic sparse training (drivers of sparsekern.methods), "
                         "2:4 semi-structured (static), or low-rank")
     p.add_argument("--density", type=arguments.density, default=d["density"],
                    help="block methods: fraction of the weights kept, ERK over the layers")
     p.add_argument("--block-size", type=arguments.positive_int, default=d["block_size"],
-                   help="block methods: block edge")
+                   help=f"block methods: block edge (default: mlp {BLOCK['mlp']}, cnn {BLOCK['cnn']})")
     p.add_argument("--rank", type=arguments.positive_int, default=d["rank"],
                    help="lowrank: rank of each converted layer")
-    p.add_argument("--hidden", type=arguments.positive_int, default=d["hidden"], help="hidden width H")
+    p.add_argument("--hidden", type=arguments.positive_int, default=d["hidden"],
+                   help=f"width H (default: mlp {WIDTH['mlp']}, cnn {WIDTH['cnn']})")
     p.add_argument("--steps", type=arguments.positive_int, default=d["steps"], help="training steps of each run")
     p.add_argument("--batch-size", type=arguments.positive_int, default=d["batch_size"], help="samples per step")
     p.add_argument("--lr", type=arguments.positive_float, default=d["lr"], help="peak learning rate (cosine decay)")
@@ -136,7 +142,7 @@ def _batches(n, batch, steps, seed):
 
 
 def _build(label, args, data, *, sparse, delta=None, t_end=None):
-    model = models.mlp(data.features, args.hidden, data.classes, args.seed)
+    model = models.build(args.model, data, args.hidden, args.seed)
     if sparse:
         model = models.sparse_model(model, args.method, density=args.density, block_size=args.block_size,
                                     rank=args.rank)
@@ -189,6 +195,11 @@ def _sparse_label(args):
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model == "cnn" and args.method not in models.CNN_METHODS:
+        raise CliError(f"--model cnn trains with --method {' / '.join(models.CNN_METHODS)}; {args.method} "
+                       "acts on linear layers only")
+    args.hidden = args.hidden or WIDTH[args.model]
+    args.block_size = args.block_size or BLOCK[args.model]
     try:
         data = datasets.load(args.data, seed=args.seed)
     except datasets.DatasetUnavailable as exc:
@@ -198,7 +209,7 @@ def run(args):
     schedule = _schedule(args)
     chunk = min(args.delta, args.steps)
     labels = ("dense", _sparse_label(args))
-    print(f"sparsekern train: {args.model} {data.features}-{args.hidden}-{args.hidden}-{data.classes} on "
+    print(f"sparsekern train: {models.describe_model(args.model, data, args.hidden)} on "
           f"{data.name} ({len(data.train_y)} train / {len(data.test_y)} test), {labels[1]}, "
           f"{args.steps} steps of batch {args.batch_size}, {_threads(torch.get_num_threads())}; writing to {folder}",
           flush=True)
@@ -232,7 +243,7 @@ def run(args):
     for label, sparse in zip(labels, (False, True)):
         runs[label] = _build(label, args, data, sparse=sparse)
         runs[label].peak_mb, runs[label].peak_mb_before_first_update = peaks[label]
-    if not models.connects_input_to_output(runs[labels[1]].model):
+    if args.model == "mlp" and not models.connects_input_to_output(runs[labels[1]].model):
         progress.write(f"warning: at density {args.density} with {args.block_size}-blocks the sparse "
                        f"{args.hidden}-wide network has no path from input to output and cannot learn; "
                        "raise --density or --hidden, or lower --block-size", stream=sys.stderr)
@@ -276,7 +287,7 @@ def _report(args, data, runs, labels, results, chunk, wall_s, load_start):
     pairs = range(1, len(dense.chunk_s)) if warmup_left_out else range(1)
     ratios = [dense.chunk_s[i] / sparse.chunk_s[i] for i in pairs]
     warm = chunk if warmup_left_out else 0
-    family = models.family(args.method)
+    family = models.family(args.method, args.model)
     cpu = torch.device("cpu")
     env = environment()
     path = kernel_path(FAMILY_PRODUCTS[family][0], cpu, torch.float32)
@@ -297,6 +308,7 @@ def _report(args, data, runs, labels, results, chunk, wall_s, load_start):
         }
     return {
         "command": "sparsekern train",
+        "model": models.describe_model(args.model, data, args.hidden),
         "time": timestamp(),
         "config": {k: getattr(args, k) for k in ("model", "method", "density", "block_size", "rank", "hidden",
                                                  "steps", "batch_size", "lr", "delta", "data", "seed")},
