@@ -80,13 +80,13 @@ def count_params(net):
 def run(name, thetas, epochs, batch, lr, rank, optimizer, env):
     data = datasets.load(name)
     rows, base = [], dict(env, dataset=name, epochs=epochs, batch=batch, lr=lr, optimizer=optimizer)
-    dense = make_net(data.train_x.shape[1], data.num_classes)
+    dense = make_net(data.train_x.shape[1], data.classes)
     dense_params = count_params(dense)
     seconds = train(dense, data, epochs, batch, lr, optimizer=optimizer)
     rows.append(dict(base, method="dense", theta=None, accuracy=accuracy(dense, data), ranks=None,
                      compression=0.0, train_s=seconds, time_vs_dense=1.0))
     for theta in thetas:
-        net = make_net(data.train_x.shape[1], data.num_classes, rank)
+        net = make_net(data.train_x.shape[1], data.classes, rank)
         seconds = train(net, data, epochs, batch, lr, theta, optimizer)
         ranks = [m.rank for m in net.modules() if isinstance(m, sk.LowRankLinear)]
         rows.append(dict(base, method="dlrt", theta=theta, initial_rank=rank, accuracy=accuracy(net, data),
