@@ -12,20 +12,16 @@ channels-last; going through ``ops.low_rank_linear`` instead would need the
 im2col matrix of x (in·kh·kw times the input's memory).
 
 U, S, V and the DLRT interface (``kl_grads``, ``set_factors``, ``rank``) are
-those of ``LowRankLinear``, with V's rows indexed by (in channel, ky, kx).
+``LowRankFactors``' (``lowrank_factors.py``), shared with ``LowRankLinear``, with
+V's rows indexed by (in channel, ky, kx).
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..formats.lowrank import truncation_rank
 from ..ops.checks import saved_tensors
-from .autocast import autocast_dtype, cast, outside_autocast
-
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+from .lowrank_factors import LowRankFactors
 
 
 def _positive_int(name, value):
@@ -100,7 +96,7 @@ class _LowRankConv2dFunction(torch.autograd.Function):
         return dx, dU, dS, dV, dbias, None, None, None, None, None
 
 
-class LowRankConv2d(nn.Module):
+class LowRankConv2d(LowRankFactors):
     """nn.Conv2d (groups 1, zero padding) with its kernel in low-rank form, never forming the dense kernel.
 
     Args:
@@ -115,6 +111,8 @@ class LowRankConv2d(nn.Module):
     output pixel: 2 r (in·kh·kw + out) flops against 2 out·in·kh·kw dense.
     """
 
+    _MATRIX_NAME = "a kernel of {rows}x{cols} (out x in·kh·kw)"
+
     def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1,
                  bias=True, *, device=None, dtype=None):
         super().__init__()
@@ -126,32 +124,7 @@ class LowRankConv2d(nn.Module):
         self.padding = padding if isinstance(padding, str) else _pair("padding", padding, 0)
         self._padding, self._extra_padding = _conv_padding(padding, self.kernel_size, self.stride, self.dilation)
         patch = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(out_channels, patch):
-            raise ValueError(f"rank must be an int in [1, {min(out_channels, patch)}] for a kernel of "
-                             f"{out_channels}x{patch} (out x in·kh·kw), got {rank!r}")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in _DTYPES:
-            raise TypeError(f"LowRankConv2d supports dtypes {_DTYPES}, got {dtype}")
-        factory = dict(device=device, dtype=dtype)
-        self.U = nn.Parameter(torch.empty(out_channels, rank, **factory))
-        self.S = nn.Parameter(torch.empty(rank, rank, **factory))
-        self.V = nn.Parameter(torch.empty(patch, rank, **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        # Set by sparsekern.DLRT: U and V then receive the K/L gradients dW V and dWᵀ U.
-        self.kl_grads = False
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        """Random orthonormal U, V and S = σ I, with σ chosen so each output channel has
-        nn.Conv2d's initial variance (row norm² of W = 1/3); bias as nn.Conv2d."""
-        r = self.rank
-        with torch.no_grad():
-            for factor in (self.U, self.V):
-                factor.copy_(torch.linalg.qr(torch.randn(factor.shape, dtype=torch.float64)).Q)
-            self.S.copy_(torch.eye(r) * math.sqrt(self.out_channels / (3.0 * r)))
-            if self.bias is not None:
-                bound = 1.0 / math.sqrt(self.V.shape[0])
-                self.bias.uniform_(-bound, bound)
+        self._init_factors(out_channels, patch, rank, bias, device, dtype)
 
     @classmethod
     def from_dense(cls, conv, *, rank=None, tol=None):
@@ -163,24 +136,9 @@ class LowRankConv2d(nn.Module):
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError(f"from_dense needs groups=1 and padding_mode='zeros', got groups={conv.groups}, "
                              f"padding_mode={conv.padding_mode!r}")
-        if rank is not None and tol is not None:
-            raise ValueError("give either rank or tol, not both")
-        weight = conv.weight.detach()
-        u, s, vh = torch.linalg.svd(weight.reshape(weight.shape[0], -1).double(), full_matrices=False)
-        if tol is not None:
-            rank = max(1, truncation_rank(s, tol))
-        rank = s.numel() if rank is None else rank
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride, conv.padding,
-                    conv.dilation, conv.bias is not None, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            layer.set_factors(u[:, :rank], torch.diag(s[:rank]), vh[:rank].T)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer
-
-    @property
-    def rank(self):
-        return self.S.shape[0]
+        return cls._from_dense_matrix(conv.weight.reshape(conv.out_channels, -1), conv.bias, rank, tol,
+                                      conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                                      padding=conv.padding, dilation=conv.dilation)
 
     def dense_weight(self):
         """The dense (out, in, kh, kw) kernel U S Vᵀ (for inspection; training never forms it)."""
@@ -197,24 +155,6 @@ class LowRankConv2d(nn.Module):
                 conv.bias.copy_(self.bias)
         return conv
 
-    def set_factors(self, U, S, V):
-        """Install new factors. Same rank: written in place (Parameters keep their identity).
-        New rank: replaced by new Parameters of the new shape. Gradients are cleared either way."""
-        r = S.shape[0]
-        expected = ((self.out_channels, r), (r, r), (self.V.shape[0], r))
-        if (tuple(U.shape), tuple(S.shape), tuple(V.shape)) != expected:
-            raise ValueError(f"factors of shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)} do not fit "
-                             f"a kernel of {self.out_channels}x{self.V.shape[0]} (out x in·kh·kw)")
-        for name, value in (("U", U), ("S", S), ("V", V)):
-            param = getattr(self, name)
-            value = value.detach().to(param.dtype).contiguous()
-            if param.shape == value.shape:
-                param.data = value
-                param.grad = None
-                torch.autograd.graph.increment_version(param)  # a pending backward must not use the old factors
-            else:
-                setattr(self, name, nn.Parameter(value.clone(), requires_grad=param.requires_grad))
-
     def forward(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a tensor, got {type(x).__name__}")
@@ -225,11 +165,7 @@ class LowRankConv2d(nn.Module):
             return self.forward(x[None])[0]
         if any(self._extra_padding):
             x = F.pad(x, (0, self._extra_padding[1], 0, self._extra_padding[0]))
-        dtype = autocast_dtype(x, self.S.dtype)
-        if dtype is None:
-            return self._conv(x, self.U, self.S, self.V, self.bias)
-        with outside_autocast(x):
-            return self._conv(*(cast(t, dtype) for t in (x, self.U, self.S, self.V, self.bias)))
+        return self._apply_factors(self._conv, x)
 
     def _conv(self, x, U, S, V, bias):
         if x.dtype != S.dtype:
@@ -237,21 +173,6 @@ class LowRankConv2d(nn.Module):
         return _LowRankConv2dFunction.apply(x, U, S, V, bias, self.kernel_size, self.stride, self._padding,
                                             self.dilation, self.kl_grads)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # Adopt the checkpoint's rank first (it may differ after DLRT truncations).
-        saved = state_dict.get(prefix + "S")
-        if saved is not None and saved.dim() == 2 and saved.shape != self.S.shape:
-            r = saved.shape[0]
-            like = dict(device=self.S.device, dtype=self.S.dtype)
-            self.set_factors(torch.zeros(self.out_channels, r, **like), torch.zeros(r, r, **like),
-                             torch.zeros(self.V.shape[0], r, **like))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
     def extra_repr(self):
-        patch = self.V.shape[0]
-        stored = self.rank * (self.out_channels + patch + self.rank)
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, rank={self.rank}, "
-                f"bias={self.bias is not None}, params={stored / (self.out_channels * patch):.4f} of dense")
+                f"padding={self.padding}, dilation={self.dilation}, {self._factors_repr()}")
