@@ -31,7 +31,7 @@
 namespace sparsekern {
 namespace conv {
 
-constexpr int64_t kPRowsBytes = 256 << 10;  // rows of P kept hot in L2 while every panel sweeps them
+constexpr int64_t kPRowsBytes = 96 << 10;  // rows of P kept hot in L2 while every panel sweeps them
 constexpr int64_t kGroupPanelBytes = 192 << 10;  // packed B of a panel of groups, kept hot in L2
 
 // The NHWC copy of src (N, Cs, H, W; any strides and floating dtype) the kernels read, in
