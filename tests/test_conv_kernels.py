@@ -78,6 +78,20 @@ def _run(backend, name, dtype, channels_last):
         assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_composite_backward_gives_both_gradients_at_once(name, channels_last):
+    x, values, layout, geometry, bias = conv_case(name)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    dy = output_gradient(x, geometry).contiguous(memory_format=fmt)
+    _, dx_ref, dw_ref = _dense_products(x, values, layout, geometry, bias, dy)
+    dx, dw = reference.conv_grads(dy, x, values, layout, geometry)
+    _check(dx, dx_ref, torch.float64)
+    _check(dw, dw_ref, torch.float64)
+    assert x.shape[0] == 0 or dx.is_contiguous(memory_format=fmt)
+
+
 @needs_cpu
 def test_cpu_microkernel_switch():
     assert cpu.isa() in ("avx2-fma", "portable")

@@ -51,6 +51,7 @@ def test_opcheck_autograd_ops(backend, channels_last, batch):
     dy = output_gradient(x.detach(), geometry).contiguous(memory_format=conv_op.output_memory_format(x))
     torch.library.opcheck(conv_op._grad_input, (dy, values.detach(), flat, geo, list(x.shape[2:]), backend))
     torch.library.opcheck(conv_op._grad_weight, (dy, x.detach(), flat, geo, backend))
+    torch.library.opcheck(conv_op._grads, (dy, x.detach(), values.detach(), flat, geo, backend))
 
 
 @needs_cpu

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..formats.bsr import BlockLayout
+from ..kernels import select_kernel
 from ..kernels.conv import ConvGeometry, conv_kernel, output_memory_format
 from .checks import saved_tensors
 from .dispatch import traced_backend
@@ -60,6 +61,20 @@ def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], geometry: list[int
     return fn(dy, x, lay, geo)
 
 
+@torch.library.custom_op("sparsekern::conv2d_grads", mutates_args=())
+def _grads(dy: Tensor, x: Tensor, values: Tensor, layout: list[Tensor], geometry: list[int],
+           backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    """dX and dW of one backward: where the floor rule sends dX to the composite, both come from one
+    dense convolution backward (as nn.Conv2d's); otherwise each from its own product."""
+    geo = ConvGeometry.from_list(geometry)
+    lay = _unflat(layout, geo)
+    name, _ = conv_kernel("conv_grad_input", dy, backend, lay, geo, _channels_last(dy), x.shape[2] * x.shape[3])
+    if name == "reference":
+        return select_kernel("conv_grads", dy.device, dy.dtype, "reference")[1](dy, x, values, lay, geo)
+    return (_grad_input(dy, values, layout, geometry, list(x.shape[2:]), backend),
+            _grad_weight(dy, x, layout, geometry, backend))
+
+
 @_conv2d.register_fake
 def _(x, values, bias, layout, geometry, backend):
     geo = ConvGeometry.from_list(geometry)
@@ -80,6 +95,13 @@ def _(dy, x, layout, geometry, backend):
     return x.new_empty(layout[2].shape[0], geo.block_size, geo.block_size, *geo.kernel_size)
 
 
+@_grads.register_fake
+def _(dy, x, values, layout, geometry, backend):
+    geo = ConvGeometry.from_list(geometry)
+    dx = torch.empty(x.shape, dtype=dy.dtype, device=dy.device, memory_format=output_memory_format(dy))
+    return dx, values.new_empty(values.shape)
+
+
 def _setup_context(ctx, inputs, output):
     x, values, bias, layout, geometry, backend = inputs
     ctx.save_for_backward(x, values)
@@ -92,8 +114,11 @@ def _backward(ctx, dy):
     layout, geometry, backend = ctx.meta
     dy = dy.contiguous(memory_format=output_memory_format(x))
     needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
-    dx = _grad_input(dy, values, layout, geometry, list(x.shape[2:]), backend) if needs_dx else None
-    dw = _grad_weight(dy, x, layout, geometry, backend) if needs_dw else None
+    if needs_dx and needs_dw:
+        dx, dw = _grads(dy, x, values, layout, geometry, backend)
+    else:
+        dx = _grad_input(dy, values, layout, geometry, list(x.shape[2:]), backend) if needs_dx else None
+        dw = _grad_weight(dy, x, layout, geometry, backend) if needs_dw else None
     db = dy.sum((0, 2, 3)) if ctx.has_bias and needs_db else None
     return dx, dw, db, [None] * len(layout), None, None
 
