@@ -15,7 +15,8 @@ fp32. In one process, rounds time the dense and the sparse version back to back
 * ``step`` forward + backward of the layer: nn.Conv2d vs SparseConv2d (bias on)
 
 ``path`` is the backend the floor rule picked for the product ("cpu": the compiled kernels;
-"reference": the dense composite); ``target`` is 0.7 / density for ``step``. The dense side
+"reference": the dense composite; in a step, "reference dX+dW": one dense backward gives both);
+``target`` is 0.7 / density for ``step``. The dense side
 uses the masked weight, so both compute the same convolution.
 """
 import argparse
@@ -77,6 +78,12 @@ class Case:
             self.paths[key], self.kernels[key] = conv_kernel(product, self.x, None, layout, geometry, True, size * size)
         self.values = self.sparse.values.detach()
 
+    def step_path(self):
+        """The paths of a layer step: dX and dW come from one dense backward where dX is the composite's."""
+        paths = self.paths
+        backward = "reference dX+dW" if paths["dx"] == "reference" else f"{paths['dx']}+{paths['dw']}"
+        return f"{paths['fwd']}+{backward}"
+
     def dense_fns(self):
         x, w, dy = self.x, self.w, self.dy
         return {"fwd": lambda: F.conv2d(x, w, padding=1),
@@ -110,7 +117,7 @@ def main(argv=None):
             case = Case(channels, size, density, args, generator)
             dense, sparse = case.dense_fns(), case.sparse_fns()
             for op in ("fwd", "dx", "dw", "step"):
-                path = "+".join(case.paths.values()) if op == "step" else case.paths[op]
+                path = case.step_path() if op == "step" else case.paths[op]
                 context = {"bench": "conv2d", **env, "isa": isa, "channels": channels, "size": size,
                            "batch": args.batch, "block": args.block, "density": density,
                            "nnz_blocks": case.sparse.nnz_blocks, "op": op, "path": path}
