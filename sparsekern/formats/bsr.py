@@ -66,7 +66,9 @@ class BlockLayout:
                 f"block_mask has shape {tuple(block_mask.shape)} but a {shape} matrix with block size "
                 f"{block_size} has a block grid of {grid}")
         block_mask = block_mask.detach().clone()
-        rows, cols = block_mask.nonzero(as_tuple=True)  # row-major: the order of ``values``
+        # Row-major: the order of ``values``. Own storage, not views into one nonzero() result:
+        # a view's storage offset (nnz) would be one more symbol for torch.compile to guard on.
+        rows, cols = (t.clone() for t in block_mask.nonzero(as_tuple=True))
         device = block_mask.device
         row_offsets = torch.zeros(grid[0] + 1, dtype=torch.int64, device=device)
         row_offsets[1:] = torch.cumsum(block_mask.sum(1), 0)

@@ -6,6 +6,7 @@ multiples of the block size are padded up internally: edge blocks carry zero
 rows/columns that stay zero under training (their gradients are exactly zero).
 """
 import math
+import sys
 import warnings
 
 import torch
@@ -193,9 +194,25 @@ class SparseLinear(nn.Module):
         return carry_blocks(tensor, slots)
 
     def _adopt(self, layout, values):
+        count_changes = layout.nnz_blocks != self.values.shape[0]
         self.block_mask = layout.block_mask
         self._layout = layout
         replace_data_(self.values, values.to(self.values.dtype))
+        if count_changes:
+            self.mark_block_count_dynamic()
+
+    def mark_block_count_dynamic(self):
+        """Let torch.compile treat the number of stored blocks as a symbol, so that a graph traced
+        after this serves every later count instead of one graph per count (done on each change
+        of the count). ``values`` is a Parameter: dynamo keeps its shape static unless
+        ``torch._dynamo.config.force_parameter_static_shapes`` is off."""
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None:  # nothing compiled yet; importing it would cost eager users a second
+            return
+        layout = self._layout
+        for tensor in (self.values, layout.col_indices, layout.row_indices, layout.t_block_ids,
+                       layout.t_row_indices):
+            dynamo.maybe_mark_dynamic(tensor, 0)
 
     def _zero_padding(self):
         """Zero the parts of edge blocks that lie outside (out_features, in_features)."""

@@ -177,11 +177,21 @@ class DynamicSparsity:
         changed = self.schedule.is_update_step(self.t)
         if changed:
             start = time.perf_counter()
+            counts = self._block_counts()
             with torch.no_grad():
                 self._update(self.schedule.drop_fraction(self.t))
+            if self._block_counts() != counts:
+                # Every layer's count becomes a symbol at the first change anywhere: a compiled
+                # model then recompiles once, not again for each layer whose count changes later.
+                for _, layer in self.layers:
+                    if isinstance(layer, SparseLinear):
+                        layer.mark_block_count_dynamic()
             self.update_seconds.append(time.perf_counter() - start)
         self._arm()
         return changed
+
+    def _block_counts(self):
+        return [layer.nnz_blocks for _, layer in self.layers]
 
     def _after_optimizer_step(self):
         """Per-step work of drivers with shadow weights (Top-KAST, DPF)."""

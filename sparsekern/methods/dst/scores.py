@@ -19,7 +19,8 @@ dW = dYᵀX over every block (they grow where it is largest). Two exact ways:
 ``"auto"`` (the default) picks "gram" for a layer when it needs at most half
 the product's multiply-adds at the step's batch size (decided at the first
 forward of the probe step), else "product". The layer's own blocks still get
-their gradient from the normal sampled dW either way.
+their gradient from the normal sampled dW either way. A layer traced by
+torch.compile always takes "product" (see :class:`ScoreProbe`).
 """
 import torch
 
@@ -90,29 +91,37 @@ def gram_block_rms(x, dy, padded_shape, block_size):
 class ScoreProbe:
     """Dense-gradient block-RMS scores of one SparseLinear layer for the next step.
 
-    ``method``: "gram", "product" or "auto" (see the module docstring). Installs
-    hooks (and, for "product", the layer's ``grad_probe``); :meth:`scores` returns
-    the (R, C) grid after the backward; :meth:`remove` uninstalls everything.
+    ``method``: "gram", "product" or "auto" (see the module docstring). Installs the
+    layer's ``grad_probe`` and hooks; :meth:`scores` returns the (R, C) grid after the
+    backward; :meth:`remove` uninstalls everything.
     """
 
     def __init__(self, layer, method="auto"):
         if method not in SCORE_METHODS:
             raise ValueError(f"score method must be one of {SCORE_METHODS}, got {method!r}")
         self.layer, self.method = layer, method
-        self.product = None          # the BlockSparseMatrix probe, on the "product" route
         self.xs, self.dys = [], []   # inputs and output gradients, on the "gram" route
         self._gram = None
+        # Installed before any forward, for every method: a compiled forward does not run these
+        # hooks (dynamo neither replays their per-call state nor sees hooks added after tracing)
+        # but reads ``grad_probe`` into the traced op, recompiling once into a variant with the
+        # probe. So compiled layers take the "product" route; in eager the first forward still
+        # picks the route and drops this probe for "gram".
+        self.product = install_probe(layer, torch.ones_like(layer.block_mask))
         self._handles = [layer.register_forward_pre_hook(self._before), layer.register_forward_hook(self._after)]
 
     def _before(self, module, args):
-        if not torch.is_grad_enabled() or self._gram is not None:
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled() or self._gram is not None:
             return
         n = args[0].numel() // max(args[0].shape[-1], 1)
         self._gram = self.method == "gram" or (self.method == "auto" and gram_cheaper(module, n))
-        if not self._gram:
-            self.product = install_probe(module, torch.ones_like(module.block_mask))
+        if self._gram:
+            self.product = None
+            remove_probe(module)
 
     def _after(self, module, args, output):
+        if torch.compiler.is_compiling():
+            return
         if self._gram and torch.is_grad_enabled() and output.requires_grad:
             call = len(self.xs)
             self.xs.append(args[0].detach().reshape(-1, module.in_features))

@@ -1,0 +1,119 @@
+"""The DST drivers on a torch.compile'd model: the same masks and losses as eager, and a bounded
+number of compiled graphs however the structure changes.
+
+Parameters have static shapes under dynamo unless ``force_parameter_static_shapes`` is off, so a
+driver that changes a layer's number of stored blocks (SNFS, GGR, DPF) runs with it off
+(docs/methods_dst.md, "Compiled training"). The graphs are counted by a backend that wraps
+aot_eager (inductor once, slow).
+"""
+import pytest
+import torch
+from torch import nn
+
+import sparsekern as sk
+from sparsekern import methods
+
+
+@pytest.fixture(autouse=True)
+def dynamic_parameters():
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+        yield
+    torch._dynamo.reset()
+
+
+class Counting:
+    """A torch.compile backend that counts the graphs it compiles."""
+
+    def __init__(self, backend="aot_eager"):
+        self.graphs, self.backend = 0, backend
+
+    def __call__(self, graph, example_inputs):
+        self.graphs += 1
+        return torch._dynamo.lookup_backend(self.backend)(graph, example_inputs)
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    return sk.sparsify(model, density=0.3, block_size=8)  # 10 outputs: a padded edge block row
+
+
+def _train(driver, steps, compile_with=None, delta=2, t_end=1000, **options):
+    """Losses and per-update stored-block counts of ``steps`` SGD steps; the final masks."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    dst = getattr(methods, driver)(model, opt, density=0.3, delta=delta, alpha=0.4, t_end=t_end, seed=0,
+                                      **options)
+    forward = model if compile_with is None else torch.compile(model, backend=compile_with)
+    data = torch.Generator().manual_seed(1)
+    losses, nnz = [], []
+    for _ in range(steps):
+        x, y = torch.randn(6, 24, generator=data), torch.randint(0, 10, (6,), generator=data)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(forward(x), y)
+        loss.backward()
+        opt.step()
+        if dst.step():
+            nnz.append(tuple(layer.nnz_blocks for _, layer in dst.layers))
+        losses.append(loss.item())
+    return torch.tensor(losses), nnz, [layer.block_mask.clone() for _, layer in dst.layers]
+
+
+def _check_matches_eager(driver, steps=12, **options):
+    counting = Counting()
+    got = _train(driver, steps, counting, **options)
+    want = _train(driver, steps, **options)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert got[1] == want[1]
+    for mask, expected in zip(got[2], want[2]):
+        assert torch.equal(mask, expected)
+    return counting.graphs, got[1]
+
+
+# Graphs: one without and one with a probe (installed the step before each update); the numbers
+# of stored blocks are symbols in both.
+@pytest.mark.parametrize("driver, options, most", [
+    ("SET", {}, 1),                            # no probe
+    ("RigL", {"score_method": "gram"}, 2),     # eager takes the Gram route, compiled the product
+    ("SNFS", {}, 2),
+    ("GGR", {"score_method": "auto"}, 2),
+    ("TopKAST", {}, 1),                        # a probe at every step
+    ("DPF", {"t_end": 13}, 1),                 # a probe at every step; dense down to 0.3 by step 12
+])
+def test_driver_on_compiled_model_matches_eager(driver, options, most):
+    graphs, nnz = _check_matches_eager(driver, **options)
+    assert len(nnz) == 6
+    assert graphs <= most
+
+
+def test_changing_block_counts_compile_a_bounded_number_of_graphs():
+    counting = Counting()
+    _, nnz, _ = _train("GGR", 20, counting, delta=1)
+    assert len(nnz) == 20 and len(set(nnz)) > 5  # the layers' block counts kept changing
+    assert counting.graphs <= 2
+
+
+def test_set_block_mask_does_not_recompile_per_change():
+    torch.manual_seed(0)
+    layer = sk.SparseLinear(24, 40, block_size=8, density=0.5)
+    counting = Counting()
+    forward = torch.compile(layer, backend=counting)
+    x = torch.randn(5, 24)
+    for cells in (8, 4, 10, 6, 12, 3):
+        mask = torch.zeros(15, dtype=torch.bool)
+        mask[torch.randperm(15)[:cells]] = True
+        layer.set_block_mask(mask.view(5, 3))
+        torch.testing.assert_close(forward(x), layer(x))
+    assert counting.graphs <= 2
+
+
+@pytest.mark.slow
+def test_ggr_under_inductor_matches_eager():
+    counting = Counting("inductor")
+    got = _train("GGR", 7, counting)
+    want = _train("GGR", 7)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    for mask, expected in zip(got[2], want[2]):
+        assert torch.equal(mask, expected)
+    assert counting.graphs <= 2
