@@ -1,5 +1,5 @@
-"""The DST drivers on a torch.compile'd model: the same masks and losses as eager, and a bounded
-number of compiled graphs however the structure changes.
+"""The DST drivers and DLRT on a torch.compile'd model: the same masks (ranks) and losses as eager,
+and a bounded number of compiled graphs however the structure changes.
 
 Parameters have static shapes under dynamo unless ``force_parameter_static_shapes`` is off, so a
 driver that changes a layer's number of stored blocks (SNFS, GGR, DPF) runs with it off
@@ -105,6 +105,35 @@ def test_set_block_mask_does_not_recompile_per_change():
         mask[torch.randperm(15)[:cells]] = True
         layer.set_block_mask(mask.view(5, 3))
         torch.testing.assert_close(forward(x), layer(x))
+    assert counting.graphs <= 2
+
+
+def _train_dlrt(steps, compile_with=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(sk.LowRankLinear(24, 32, rank=8), nn.ReLU(), sk.LowRankLinear(32, 10, rank=6))
+    dlrt = methods.DLRT(model, lr=0.1, tol=0.5)
+    forward = model if compile_with is None else torch.compile(model, backend=compile_with)
+    data = torch.Generator().manual_seed(1)
+    losses, ranks = [], []
+    for _ in range(steps):
+        x, y = torch.randn(6, 24, generator=data), torch.randint(0, 10, (6,), generator=data)
+        loss = nn.functional.cross_entropy(forward(x), y)
+        loss.backward()
+        dlrt.step()
+        dlrt.zero_grad()
+        losses.append(loss.item())
+        ranks.append(tuple(layer.rank for layer in dlrt.layers))
+    return torch.tensor(losses), ranks
+
+
+def test_dlrt_on_compiled_model_matches_eager():
+    # Each rank change replaces the factor Parameters; automatic dynamic shapes make the ranks
+    # symbols at the first change.
+    counting = Counting()
+    losses, ranks = _train_dlrt(8, counting)
+    want_losses, want_ranks = _train_dlrt(8)
+    torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
+    assert ranks == want_ranks and len(set(ranks)) > 2
     assert counting.graphs <= 2
 
 
