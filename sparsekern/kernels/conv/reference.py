@@ -43,9 +43,13 @@ def conv_grad_input(dy, values, layout, geometry, input_size):
     height, width = input_size
     if geometry.symmetric_padding is None:
         height, width = height + t + b, width + l + r
-    dx = torch.nn.grad.conv2d_input((dy.shape[0], geometry.in_channels, height, width),
-                                    dense_conv_weight(values, layout, geometry), dy, geometry.stride, padding,
-                                    geometry.dilation, geometry.groups)
+    # The input enters the backward only through its shape and memory format: an unwritten
+    # stand-in in dY's format makes dX come out in that format (no conversion pass).
+    stand_in = torch.empty(dy.shape[0], geometry.in_channels, height, width, dtype=dy.dtype, device=dy.device,
+                           memory_format=output_memory_format(dy))
+    dx = torch.ops.aten.convolution_backward(
+        dy, stand_in, dense_conv_weight(values, layout, geometry), None, list(geometry.stride),
+        list(_pair(padding)), list(geometry.dilation), False, [0, 0], geometry.groups, [True, False, False])[0]
     return _unpadded(dx, geometry, input_size, output_memory_format(dy))
 
 
