@@ -7,23 +7,25 @@ says the kernels lose. A forced backend (``use_backend``) is always obeyed.
 
 The rule reads the *effective* density: the multiply-adds the kernels do (stored blocks,
 padding channels included) over those of the dense conv, so a 16-channel conv in 32-channel
-blocks counts 4x. Crossovers measured on a 2-core Zen3 (AVX2/FMA), fp32, batch 64, block 32,
-against F.conv2d (oneDNN), ratios dense / sparse (docs/conv.md has the table):
-  forward 3x3: 0.80-0.89 at density 1, 1.01-1.13 at 0.75, 1.27-1.29 at 0.6 (both formats alike);
-  forward 1x1 (a plain GEMM, where dense is strongest): 0.94 at 0.5 (128 ch), 1.57 at 0.125;
-  dX and dW 3x3: 1.10-1.51 / 1.23-1.26 at density 1 channels-last, 0.92-1.12 / 1.03-1.20 NCHW;
-  dX 1x1: 3-6 at any density; images of one pixel: dX 0.93 at density 0.5;
+blocks counts 4x. Crossovers measured on a 2-core Zen3 (AVX2/FMA), fp32, batch 64, block 32, one thread, against
+the fastest dense call (F.conv2d; for dX, convolution_backward in the input's memory format),
+ratios dense / sparse (docs/conv.md has the table):
+  forward and dX, 3x3: 0.77-0.88 at density 1, 1.07-1.16 at 0.75, 1.26-1.40 at 0.6; dX NCHW
+  1.02 at 0.75;
+  1x1 (a plain GEMM, where dense is strongest): forward 0.94-1.02, dX 0.97 at 0.5; 1.57 at 0.125;
+  dW: 1.10-1.31 at density 1 in either format;
+  images of one pixel: dX 0.93 at density 0.5;
   almost no work (e.g. 64 channels 1x1, no stored block): placement and output passes lose.
-Dense conv in the other dtypes is far slower here (no native kernels for them on AVX2): at
-density 1 the kernels win fwd/dX/dW 2.3/1.4/2.0x in fp64, 7.3/4.5/3.3x in bf16, 5.9/15/16x in
-fp16 (128 -> 128, 3x3, 16x16), so there the thresholds below apply to fp32 only.
+Dense conv in the other dtypes is slower here (no native kernels for them on AVX2): at
+density 1 the kernels win fwd/dX/dW 1.3-2.5/1.1-1.2/1.3-2.1x in fp64, 7.8/39/3.9x in bf16,
+5.9/25/17x in fp16, so there the thresholds below apply to fp32 only.
 """
 import torch
 
 from ..registry import select_kernel
 
 _FORWARD_MAX = {True: 0.7, False: 0.3}   # by "the kernel has more than one tap"
-_GRAD_INPUT_MAX = {True: 0.85, False: 0.75}  # by "channels-last"
+_GRAD_INPUT_MAX = {(True, True): 0.7, (True, False): 0.6, (False, True): 0.3, (False, False): 0.3}  # (taps > 1, NHWC)
 _GRAD_WEIGHT_MAX = 1.0
 _MIN_PIXELS = 4          # per image: output pixels (forward, dW), input pixels (dX)
 _MIN_WORK_PER_INPUT = 8  # multiply-adds per input element below which the memory passes dominate
@@ -47,7 +49,7 @@ def kernel_wins(product, layout, geometry, channels_last, pixels, dtype=torch.fl
         return density <= _FORWARD_MAX[taps > 1]
     if product == "conv_grad_input":
         # dX spreads dY over a stride-dilated buffer: stride^2 more work than needed.
-        return geometry.stride == (1, 1) and (taps == 1 or density <= _GRAD_INPUT_MAX[channels_last])
+        return geometry.stride == (1, 1) and density <= _GRAD_INPUT_MAX[taps > 1, channels_last]
     return density <= _GRAD_WEIGHT_MAX
 
 
