@@ -6,7 +6,10 @@ def dense_conv_weight(values, layout, geometry):
     """The (out_channels, in_channels / groups, kh, kw) weight: stored blocks in place, zeros
     elsewhere; differentiable with respect to ``values``."""
     (rb, cb), bs, (kh, kw) = layout.grid, geometry.block_size, geometry.kernel_size
-    blocks = values.new_zeros(rb, cb, bs, bs, kh, kw).index_put((layout.row_indices, layout.col_indices), values)
+    if layout.nnz_blocks == rb * cb:  # every block stored, in row-major order: no scatter pass
+        blocks = values.reshape(rb, cb, bs, bs, kh, kw)
+    else:
+        blocks = values.new_zeros(rb, cb, bs, bs, kh, kw).index_put((layout.row_indices, layout.col_indices), values)
     dense = blocks.transpose(1, 2).reshape(rb * bs, cb * bs, kh, kw)
     return dense[:geometry.out_channels, :geometry.in_per_group]
 
