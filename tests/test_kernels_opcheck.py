@@ -7,9 +7,11 @@ import torch
 
 import sparsekern as sk
 from helpers import random_bsr
+from test_conv_cases import conv_case, output_gradient
 from sparsekern.formats.semi import compress, transpose_permutation
 from sparsekern.formats.semi_prune import prune_2to4
 from sparsekern.kernels.bsr import cpu as bsr_cpu
+from sparsekern.kernels.conv import cpu as conv_cpu
 from sparsekern.kernels.lowrank import cpu as lowrank_cpu
 from sparsekern.kernels.semi import cpu as semi_cpu
 
@@ -168,13 +170,33 @@ def test_semi_decompress_sum(dtype, rows, pairs):
     torch.library.opcheck(ops.semi_decompress_sum_cpu.default, (values, [i for _, i, _ in matrices], 20))
 
 
+# ---------------------------------------------------------------- block-sparse conv
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("case", ["stride2", "groups2-stride1x2", "batch0", "empty-block-rows"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_conv_products(dtype, case, channels_last):
+    ops = _ops(conv_cpu, "conv")
+    x, values, layout, geometry, bias = conv_case(case, dtype)
+    dy = output_gradient(x, geometry)
+    if channels_last:
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    geo = geometry.as_list()
+    torch.library.opcheck(ops.conv_forward_cpu.default, (x, values, layout.row_offsets, layout.col_indices, geo, bias))
+    torch.library.opcheck(ops.conv_grad_input_cpu.default,
+                          (dy, values, layout.col_offsets, layout.t_block_ids, layout.t_row_indices, geo,
+                           list(x.shape[2:])))
+    torch.library.opcheck(ops.conv_grad_weight_cpu.default, (dy, x, layout.row_indices, layout.col_indices, geo))
+
+
 def test_every_compiled_op_is_checked():
     """A new op in csrc/ must get a test here."""
-    for module, family in ((bsr_cpu, "bsr"), (lowrank_cpu, "lowrank"), (semi_cpu, "semi")):
+    for module, family in ((bsr_cpu, "bsr"), (conv_cpu, "conv"), (lowrank_cpu, "lowrank"), (semi_cpu, "semi")):
         _ops(module, family)
     names = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
              if name.startswith("sparsekern::") and name.endswith("_cpu")}
-    checked = {"bsr_forward_cpu", "bsr_grad_input_cpu", "bsr_grad_weight_cpu", "lowrank_matmul_cpu",
+    checked = {"bsr_forward_cpu", "bsr_grad_input_cpu", "bsr_grad_weight_cpu", "conv_forward_cpu",
+               "conv_grad_input_cpu", "conv_grad_weight_cpu", "lowrank_matmul_cpu",
                "lowrank_transposed_matmul_cpu", "semi_plan_cpu", "semi_forward_cpu", "semi_grad_weight_cpu",
                "semi_prune_compress_cpu", "semi_drop_grow_cpu", "semi_restructure_cpu", "semi_carry_cpu",
                "semi_decompress_sum_cpu"}
