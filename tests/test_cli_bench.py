@@ -46,9 +46,21 @@ def test_semi_and_lowrank_print_their_cases_and_write_rows(tmp_path, capsys, pro
     assert all(case in out for case in cases)
 
 
+def test_conv_prints_each_product_with_the_floor_rule_path_and_writes_rows(tmp_path, capsys):
+    assert main(["bench", "--product", "conv", "--conv-shapes", "16x6", "--batch", "2", "--blocks", "8",
+                 "--densities", "1", "0.25", "--reps", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "C  HW density     op" in out
+    rows = [json.loads(line) for line in (tmp_path / "conv2d.jsonl").read_text().splitlines()]
+    assert [(r["density"], r["op"]) for r in rows] == [(d, op) for d in (1.0, 0.25) for op in ("fwd", "dx", "dw", "step")]
+    assert all(r["ratio"] > 0 and r["path"] and r["isa"] for r in rows)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--product", "semi", "--features", "66"], "multiple of 4"),
     (["--product", "lowrank", "--features", "64", "--ranks", "128"], "exceed --features 64"),
+    (["--product", "conv", "--conv-shapes", "16by6"], "--conv-shapes: shapes must be CxH pairs"),
+    (["--product", "conv", "--dtype", "bf16"], "fp32 only"),
 ])
 def test_impossible_shapes_are_refused(capsys, argv, message):
     assert main(["bench", *argv]) == 1

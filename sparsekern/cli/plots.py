@@ -103,35 +103,56 @@ def train_figure(plt, report, path):
     plt.close(fig)
 
 
-def bench_figure(plt, rows, path):
-    """Training-step speed-up vs density, one line per block size, with the 1/density limit."""
+def _speedup_vs_density(plt, series, title, path):
+    """Step speed-up vs density, one line per ``series`` {label: [(density, ratio)]}, with the
+    1/density limit and the dense level drawn, sparser to the right."""
     fig, ax = plt.subplots(figsize=(8.5, 6))
-    blocks = sorted({row["block"] for row in rows})
-    densities = sorted({row["density"] for row in rows if row["density"] > 0})
-    for block in blocks:
-        points = sorted((row["density"], row["step_ratio"]) for row in rows if row["block"] == block)
-        ax.plot([d for d, _ in points], [r for _, r in points], marker="o", linewidth=2, label=f"block {block}")
+    densities = sorted({d for points in series.values() for d, _ in points if d > 0})
+    for label, points in series.items():
+        points = sorted(points)
+        ax.plot([d for d, _ in points], [r for _, r in points], marker="o", linewidth=2, label=label)
     if densities:
         ax.plot(densities, [1 / d for d in densities], linestyle="--", color="black", label="ideal: 1 / density")
     ax.axhline(1.0, color="grey", linewidth=1, linestyle=":", label="dense speed")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ratios = [row["step_ratio"] for row in rows] + [1.0] + [1 / d for d in densities]
+    ratios = [r for points in series.values() for _, r in points] + [1.0] + [1 / d for d in densities]
     _plain_log_ticks(ax.yaxis, min(ratios), max(ratios))
     ax.set_xticks(densities, [f"{d:g}" for d in densities])
     ax.set_xticks([], minor=True)
     ax.invert_xaxis()  # sparser to the right
     ax.set_xlabel("density (fraction of blocks stored, log scale)")
     ax.set_ylabel("speed-up of a training step (dense ms / sparse ms, log scale)")
-    first = rows[0]
-    ax.set_title(f"Block-sparse layer vs dense nn.Linear: forward + dX + dW\n"
-                 f"X {first['tokens']}x{first['in_features']}, W {first['out_features']}x{first['in_features']}, "
-                 f"{first['dtype']}, {first['cpu']}, {first['threads']} threads", fontsize=11)
+    ax.set_title(title, fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def bench_figure(plt, rows, path):
+    """Block-sparse linear: training-step speed-up vs density, one line per block size."""
+    series = {}
+    for row in rows:
+        series.setdefault(f"block {row['block']}", []).append((row["density"], row["step_ratio"]))
+    first = rows[0]
+    _speedup_vs_density(plt, series, f"Block-sparse layer vs dense nn.Linear: forward + dX + dW\n"
+                        f"X {first['tokens']}x{first['in_features']}, W {first['out_features']}x{first['in_features']}, "
+                        f"{first['dtype']}, {first['cpu']}, {first['threads']} threads", path)
+
+
+def conv_figure(plt, rows, path):
+    """Block-sparse conv: layer-step speed-up vs density, one line per conv shape and block."""
+    series = {}
+    for row in rows:
+        if row["op"] == "step":
+            label = f"{row['channels']} ch, {row['size']}x{row['size']}, block {row['block']}"
+            series.setdefault(label, []).append((row["density"], row["ratio"]))
+    first = rows[0]
+    _speedup_vs_density(plt, series, f"SparseConv2d vs dense F.conv2d (3x3): forward + dX + dW\n"
+                        f"batch {first['batch']}, channels-last, fp32, {first['cpu']}, {first['threads']} threads",
+                        path)
 
 
 def case_ratio_figure(plt, rows, path):

@@ -1,0 +1,112 @@
+"""The block-sparse Conv2d microbenchmark (``sparsekern bench --product conv`` and
+bench/bench_conv2d.py): SparseConv2d vs dense F.conv2d, timed alternately.
+
+Channels-last input of ``batch`` images, 3x3 convs (padding 1) C -> C at H x H for each
+(C, H) of the shapes, random uniform block masks of each density, fp32. A ratio is the median
+over rounds of dense_ms / sparse_ms (> 1: sparse is faster):
+
+* ``fwd``  y = conv2d(x, W)   dense: F.conv2d                 sparse: the conv_forward the op picks
+* ``dx``   input gradient     dense: convolution_backward     sparse: conv_grad_input
+* ``dw``   weight gradient    dense: conv2d_weight            sparse: conv_grad_weight (stored blocks)
+* ``step`` forward + backward of the layer: nn.Conv2d vs SparseConv2d (bias on)
+
+``path`` is the backend the floor rule picked for the product ("cpu": the compiled kernels;
+"reference": the dense composite); ``target`` is 0.7 / density for ``step``. The dense side
+uses the masked weight, so both compute the same convolution.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.conv import conv_kernel
+from ..nn import SparseConv2d
+from .timing import compare, fwd_bwd
+
+PRODUCTS = {"fwd": "conv_forward", "dx": "conv_grad_input", "dw": "conv_grad_weight"}
+OPS = ("fwd", "dx", "dw", "step")
+_TABLE = "{:>5} {:>3} {:>7} {:>6} {:>10} {:>10} {:>7} {:>7} {:>10}"
+HEADER = _TABLE.format("C", "HW", "density", "op", "dense ms", "sparse ms", "ratio", "target", "path")
+
+
+def parse_shapes(text):
+    """"128x16,256x8" -> [(128, 16), (256, 8)] (channels x spatial size)."""
+    try:
+        shapes = [tuple(int(v) for v in part.split("x")) for part in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"shapes must be CxH pairs separated by commas, e.g. 128x16,256x8; got {text!r}")
+    return shapes
+
+
+def _mask(grid, density, generator):
+    cells = grid[0] * grid[1]
+    mask = torch.zeros(cells, dtype=torch.bool)
+    mask[torch.randperm(cells, generator=generator)[:round(density * cells)]] = True
+    return mask.view(grid)
+
+
+class Case:
+    """One 3x3 conv, dense and block-sparse with the same (masked) weight, and the timed callables."""
+
+    def __init__(self, channels, size, density, batch, block, generator):
+        self.dense = nn.Conv2d(channels, channels, 3, padding=1)
+        mask = _mask((-(-channels // block),) * 2, density, generator)
+        self.sparse = SparseConv2d.from_dense(self.dense, block_size=block, block_mask=mask)
+        with torch.no_grad():
+            self.dense.weight.copy_(self.sparse.dense_weight())
+        self.x = torch.randn(batch, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
+        self.dy = torch.randn(batch, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
+        self.w = self.dense.weight.detach()
+        layout, geometry = self.sparse.layout(), self.sparse.geometry
+        self.paths, self.kernels = {}, {}
+        for key, product in PRODUCTS.items():
+            self.paths[key], self.kernels[key] = conv_kernel(product, self.x, None, layout, geometry, True, size * size)
+        self.values = self.sparse.values.detach()
+
+    def step_path(self):
+        """The paths of a layer step: dX and dW come from one dense backward where dX is the composite's."""
+        paths = self.paths
+        backward = "reference dX+dW" if paths["dx"] == "reference" else f"{paths['dx']}+{paths['dw']}"
+        return f"{paths['fwd']}+{backward}"
+
+    def dense_fns(self):
+        x, w, dy = self.x, self.w, self.dy
+        return {"fwd": lambda: F.conv2d(x, w, padding=1),
+                "dx": lambda: torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                                  1, [True, False, False])[0],
+                "dw": lambda: torch.nn.grad.conv2d_weight(x, w.shape, dy, padding=1),
+                "step": fwd_bwd(self.dense, self.x.requires_grad_(), dy)}
+
+    def sparse_fns(self):
+        k, v, layout, geo = self.kernels, self.values, self.sparse.layout(), self.sparse.geometry
+        return {"fwd": lambda: k["fwd"](self.x, v, layout, geo),
+                "dx": lambda: k["dx"](self.dy, v, layout, geo, tuple(self.x.shape[2:])),
+                "dw": lambda: k["dw"](self.dy, self.x, layout, geo),
+                "step": fwd_bwd(self.sparse, self.x.requires_grad_(), self.dy)}
+
+
+def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=None, on_round=None):
+    """Yield one row per (shape, density, op); ``on_case(index, count, name)`` before each case."""
+    generator = torch.Generator().manual_seed(0)
+    count = len(shapes) * len(densities)
+    for s, (channels, size) in enumerate(shapes):
+        for d, density in enumerate(densities):
+            if on_case is not None:
+                on_case(s * len(densities) + d, count, f"{channels}x{size}, density {density}")
+            case = Case(channels, size, density, batch, block, generator)
+            dense, sparse = case.dense_fns(), case.sparse_fns()
+            for op in OPS:
+                row = dict(context, channels=channels, size=size, batch=batch, block=block, density=density,
+                           nnz_blocks=case.sparse.nnz_blocks, op=op,
+                           path=case.step_path() if op == "step" else case.paths[op])
+                row = compare(f"{channels}x{size}-d{density}-{op}", dense[op], sparse[op], reps, measure, row,
+                              on_round=on_round)
+                row["target"] = 0.7 / density if op == "step" and density > 0 else None
+                yield row
+
+
+def format_row(r):
+    target = "" if r["target"] is None else f"{r['target']:.2f}"
+    return _TABLE.format(r["channels"], r["size"], r["density"], r["op"], f"{r['dense_ms']:.2f}",
+                         f"{r['sparse_ms']:.2f}", f"{r['ratio']:.2f}", target, r["path"])
