@@ -1,4 +1,4 @@
-"""Back to dense: the ``nn.Linear`` a sparse layer stands for (``to_dense()`` of every layer)."""
+"""Back to dense: the ``nn.Linear`` / ``nn.Conv2d`` a sparse layer stands for (``to_dense()`` of every layer)."""
 import torch
 from torch import nn
 
@@ -6,10 +6,22 @@ from torch import nn
 def dense_linear(layer):
     """The ``nn.Linear`` a sparse layer stands for: its effective weight and bias, same device and dtype."""
     weight = layer.dense_weight().detach()
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                       device=weight.device, dtype=weight.dtype)
+    return _filled(nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                             device=weight.device, dtype=weight.dtype), weight, layer.bias)
+
+
+def dense_conv2d(layer, groups=1):
+    """The ``nn.Conv2d`` a conv layer stands for: its configuration, effective kernel and bias, same
+    device and dtype."""
+    weight = layer.dense_weight().detach()
+    return _filled(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                             layer.dilation, groups, layer.bias is not None, device=weight.device,
+                             dtype=weight.dtype), weight, layer.bias)
+
+
+def _filled(module, weight, bias):
     with torch.no_grad():
-        linear.weight.copy_(weight)
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
-    return linear
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module

@@ -21,6 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..ops.checks import saved_tensors
+from .dense_export import dense_conv2d
 from .lowrank_factors import LowRankFactors
 
 
@@ -146,14 +147,7 @@ class LowRankConv2d(LowRankFactors):
 
     def to_dense(self):
         """The ``nn.Conv2d`` this layer stands for (effective kernel and bias, same device and dtype)."""
-        weight = self.dense_weight().detach()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, bias=self.bias is not None, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return dense_conv2d(self)
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor):
