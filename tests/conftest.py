@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+_empty = torch.empty  # the real one, for the interpreter fixture's NaN-filled stand-in
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -20,3 +22,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Run kernels in triton's interpreter, with NaN-filled ``torch.empty`` buffers."""
+    from sparsekern.kernels.bsr.triton_backend import _interpreter_missing
+    if _interpreter_missing():
+        pytest.skip(_interpreter_missing())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def nan_empty(*args, **kwargs):
+        out = _empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)

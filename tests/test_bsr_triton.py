@@ -27,22 +27,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 CPU = torch.device("cpu")
 TESTS = pathlib.Path(__file__).resolve().parent
-_empty = torch.empty
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """Run kernels in triton's interpreter, with NaN-filled ``torch.empty`` buffers."""
-    from sparsekern.kernels.bsr.triton_backend import _interpreter_missing
-    if _interpreter_missing():
-        pytest.skip(_interpreter_missing())
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-    def nan_empty(*args, **kwargs):
-        out = _empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 uses_interpreter = pytest.mark.usefixtures("interpreter")

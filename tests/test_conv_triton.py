@@ -28,22 +28,6 @@ CPU = torch.device("cpu")
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 # A block wider than the interpreter's 16-wide tiles: output sub-tiles and K chunks run.
 BLOCK32 = (64, 64, 2, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 32, 2, (5, 6), 0.75)
-_empty = torch.empty
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """Run kernels in triton's interpreter, with NaN-filled ``torch.empty`` buffers."""
-    from sparsekern.kernels.bsr.triton_backend import _interpreter_missing
-    if _interpreter_missing():
-        pytest.skip(_interpreter_missing())
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-    def nan_empty(*args, **kwargs):
-        out = _empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 uses_interpreter = pytest.mark.usefixtures("interpreter")
