@@ -17,7 +17,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as bench_bsr_linear.py: hu
 import torch  # noqa: E402
 
 from sparsekern.cli.conv_bench import HEADER, format_row, parse_shapes, run_cases  # noqa: E402
-from sparsekern.kernels.conv import cpu as conv_cpu  # noqa: E402
+from sparsekern.kernels.microkernel import microkernel_isa  # noqa: E402
 from timing import TIMER_HELP, Timer, append_rows, environment, header  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     measure = Timer(args.timer)
     env = environment()
-    isa = conv_cpu.isa()
+    isa = microkernel_isa("conv")
     print(header(env, {"backend": "cpu (floor rule: composite where dense wins)", "isa": isa}))
     print(f"# batch {args.batch}, fp32, channels-last, 3x3 pad 1, block {args.block}, {args.reps} rounds; "
           "ratio = dense ms / sparse ms")

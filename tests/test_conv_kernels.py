@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from test_conv_cases import CASES, conv_case, output_gradient
 from helpers import relative_error
 from sparsekern.kernels.conv import cpu, dense_conv_weight, gather_blocks, reference
+from sparsekern.kernels.microkernel import microkernel_isa, set_portable_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,9 +28,9 @@ def backend(request):
         return
     if _REASON is not None:
         pytest.skip(f"conv cpu backend not built: {_REASON}")
-    cpu.set_portable_only(request.param == "cpu-portable")
+    set_portable_only("conv", request.param == "cpu-portable")
     yield cpu
-    cpu.set_portable_only(False)
+    set_portable_only("conv", False)
 
 
 def _dense_products(x, values, layout, geometry, bias, dy):
@@ -94,10 +95,10 @@ def test_composite_backward_gives_both_gradients_at_once(name, channels_last):
 
 @needs_cpu
 def test_cpu_microkernel_switch():
-    assert cpu.isa() in ("avx2-fma", "portable")
-    cpu.set_portable_only(True)
-    assert cpu.isa() == "portable"
-    cpu.set_portable_only(False)
+    assert microkernel_isa("conv") in ("avx2-fma", "portable")
+    set_portable_only("conv", True)
+    assert microkernel_isa("conv") == "portable"
+    set_portable_only("conv", False)
 
 
 @needs_cpu

@@ -14,7 +14,7 @@ in the memory format F.conv2d would give for the input. Sources: csrc/conv/.
 """
 import torch
 
-from ..._extension import cpu_extension_unavailable, load_extension, load_ops
+from ..._extension import cpu_extension_unavailable, load_ops
 from ..registry import register_kernel
 from .geometry import ConvGeometry, output_memory_format
 
@@ -53,20 +53,6 @@ def ops():
 
 def unavailable(device, dtype):
     return cpu_extension_unavailable("conv", _DTYPES, device, dtype)
-
-
-def isa():
-    """"avx2-fma" or "portable": the microkernel the conv kernels run; "unavailable" when not built."""
-    module = load_extension("conv")
-    return "unavailable" if module is None else module.isa()
-
-
-def set_portable_only(portable_only):
-    """Force (True) or release (False) the portable microkernel of the conv kernels (tests)."""
-    module = load_extension("conv")
-    if module is None:
-        raise RuntimeError("the compiled extension sparsekern._C_conv is unavailable")
-    module.set_portable_only(portable_only)
 
 
 def conv_forward(x, values, layout, geometry, bias=None):
