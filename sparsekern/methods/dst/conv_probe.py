@@ -44,12 +44,11 @@ class ConvScoreProbe:
         full = BlockLayout.from_block_mask(torch.ones_like(layer.block_mask), geometry.padded_shape,
                                            (layer.block_size, layer.block_size))
         dtype = torch.float64 if layer.values.dtype == torch.float64 else torch.float32
+        _, grad_weight = kernels.select_kernel("conv_grad_weight", self.xs[0].device, dtype)
         # Several calls in one step: dW sums over all of them.
         grad = None
         for x, dy in zip(self.xs, self.dys):
-            x, dy = x.to(dtype), dy.to(dtype)
-            _, grad_weight = kernels.select_kernel("conv_grad_weight", x.device, dtype)
-            part = grad_weight(dy, x, full, geometry)
+            part = grad_weight(dy.to(dtype), x.to(dtype), full, geometry)
             grad = part if grad is None else grad + part
         grid = grad.new_zeros(full.grid)
         grid[full.row_indices, full.col_indices] = block_rms(grad)
