@@ -1,4 +1,4 @@
-"""``sparsekern train``: the same MLP trained dense (nn.Linear) and sparse, side by side.
+"""``sparsekern train``: the same MLP or CNN trained dense and sparse (or low-rank), side by side.
 
 Both runs get the same initialisation, optimizer (SGD, momentum 0.9, cosine learning rate),
 batches in the same order and the same number of steps. They run alternately in one process,
@@ -45,8 +45,8 @@ FAMILY_PRODUCTS = {"bsr": ("bsr_forward", "bsr_grad_input", "bsr_grad_weight"),
 def add_parser(subparsers):
     d = DEFAULTS
     p = subparsers.add_parser(
-        "train", help="train an MLP dense and sparse side by side: speed, memory, accuracy",
-        description="Train the same MLP dense (nn.Linear) and sparse, side by side in one process, with the "
+        "train", help="train an MLP or CNN dense and sparse side by side: speed, memory, accuracy",
+        description="Train the same MLP or CNN dense and sparse (or low-rank), side by side in one process, with the "
                     "same initialisation, optimizer, batches and steps: median step time, speed ratio, peak "
                     "memory, test accuracy and loss. Prints a table; writes JSON and, with matplotlib, a PNG.",
         formatter_class=arguments.HelpFormatter)
