@@ -163,8 +163,8 @@ def describe_layers(model):
         elif isinstance(module, SemiSparseLinear):
             rows.append({"shape": shape, "kind": "2:4", "stored": 0.5})
         elif isinstance(module, (LowRankLinear, LowRankConv2d)):
-            r, (rows_, cols) = module.S.shape[0], (module.U.shape[0], module.V.shape[0])
-            rows.append({"shape": shape, "kind": f"rank {r}", "stored": round(r * (rows_ + cols + r) / (rows_ * cols), 4)})
+            r, out, patch = module.S.shape[0], module.U.shape[0], module.V.shape[0]  # W = U S Vᵀ is out x patch
+            rows.append({"shape": shape, "kind": f"rank {r}", "stored": round(r * (out + patch + r) / (out * patch), 4)})
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             rows.append({"shape": shape, "kind": "dense", "stored": 1.0})
     return rows

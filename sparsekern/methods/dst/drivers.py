@@ -93,8 +93,9 @@ class DynamicSparsity:
             layers (not a DDP wrapper: pass ``ddp.module``).
         optimizer: the optimizer stepping the model's parameters.
         density: global weight density of the SparseLinear and SparseConv2d layers; they get
-            ERK densities (kernel dims counted; rounded to whole blocks). A layer that already stores that many blocks keeps its
-            structure and values (e.g. a model converted by ``sparsify``); the others get a
+            ERK densities (kernel dims counted; rounded to whole blocks). A layer that already
+            stores that many blocks keeps its structure and values (e.g. a model converted by
+            ``sparsify``); the others get a
             random mask from ``seed``, surviving blocks keeping their values and new ones drawn
             at the scale of the layer's values. Biases are never touched. None keeps every
             current mask. SemiSparseLinear layers keep their 2:4 mask (density 1/2) either way.
@@ -105,9 +106,10 @@ class DynamicSparsity:
         seed: seeds the masks and all random choices (identical on every rank).
         process_group: for the score all-reduce (default: the world).
         score_method: how RigL/SNFS/GGR get dense-gradient block scores on SparseLinear
-            layers (SparseConv2d layers always run the conv weight-gradient product): "product" (sampled dW on every block), "gram" (the same norms from
+            layers: "product" (sampled dW on every block), "gram" (the same norms from
             Gram matrices, never forming dW) or "auto" (gram where it is at most half
-            the work); see :mod:`sparsekern.methods.dst.scores`.
+            the work); see :mod:`sparsekern.methods.dst.scores`. SparseConv2d layers
+            always run the conv weight-gradient product.
     """
     needs_scores = False
     trains_convs = True
