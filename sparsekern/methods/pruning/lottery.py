@@ -5,17 +5,19 @@ Frankle & Carbin (2019), Frankle et al. (2020, rewinding to step k), Renda et al
 remaining weights globally by magnitude (at block granularity: the global ranking
 sets each layer's share, blocks are picked inside each layer), then either
 rewinds the surviving weights to their values at step k ("weights") or keeps the
-trained weights and restarts the learning-rate schedule ("lr"). Only round 0 trains dense; every later round
-trains on ``SparseLinear`` layers, so IMP's repeated trainings get cheaper as the
-network thins instead of costing a dense training each.
+trained weights and restarts the learning-rate schedule ("lr"). Only round 0 trains dense; every
+later round trains on ``SparseLinear`` / ``SparseConv2d`` layers (a convolution's blocks are output x
+input channel blocks with all their taps), so IMP's repeated trainings get cheaper as the network
+thins instead of costing a dense training each.
 """
 import torch
 from torch import nn
 
 from ...formats.bsr import _as_block_size
 from ...nn.bsr_linear import SparseLinear
+from ...nn.conv2d import SparseConv2d
 from .masks import block_grid, block_scores, expand_block_mask, global_topk_masks, topk_mask
-from .sparsify import linear_layers, replace_module
+from .sparsify import dense_by_default, replace_module, sparsifiable_layers, to_sparse
 
 
 def prune_remaining(scores, masks, fraction):
@@ -62,40 +64,44 @@ def _global_magnitude_round(trained, masks, names, target, block_size):
 
 
 def linear_weights(model):
-    """{linear name: (dense weight, bias)} detached copies, for Linear and SparseLinear layers."""
+    """{layer name: (dense weight, bias)} detached copies, for the Linear and Conv2d layers, dense
+    (nn.Linear, nn.Conv2d) or block-sparse (SparseLinear, SparseConv2d)."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            out[name] = (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
-        elif isinstance(m, SparseLinear):
-            out[name] = (m.dense_weight().detach().clone(), None if m.bias is None else m.bias.detach().clone())
+        if isinstance(m, (nn.Linear, nn.Conv2d, SparseLinear, SparseConv2d)):
+            weight = m.weight if isinstance(m, (nn.Linear, nn.Conv2d)) else m.dense_weight()
+            out[name] = (weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
     return out
 
 
-def _as_linear(weight, bias):
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                       dtype=weight.dtype)
+def _fill(layer, weight, bias):
     with torch.no_grad():
-        linear.weight.copy_(weight)
+        layer.weight.copy_(weight)
         if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
+            layer.bias.copy_(bias)
+    return layer
 
 
 def apply_masks(model, block_masks, weights, block_size):
-    """Replace each layer named in ``block_masks`` by a SparseLinear with ``weights[name]`` on that mask;
-    other layers named in ``weights`` get those weights (dense)."""
+    """Replace each layer named in ``block_masks`` by a SparseLinear / SparseConv2d with
+    ``weights[name]`` on that mask; other layers named in ``weights`` get those weights (dense)."""
+    block_size = _as_block_size(block_size)
     modules = dict(model.named_modules())
     for name, (weight, bias) in weights.items():
+        layer = modules[name]
         if name in block_masks:
-            replace_module(model, name, SparseLinear.from_dense(_as_linear(weight, bias), block_size=block_size,
-                                                                block_mask=block_masks[name]))
-        elif isinstance(modules[name], nn.Linear):
-            with torch.no_grad():
-                modules[name].weight.copy_(weight)
-                if bias is not None:
-                    modules[name].bias.copy_(bias)
+            dense = layer.to_dense() if isinstance(layer, (SparseLinear, SparseConv2d)) else layer
+            replace_module(model, name, to_sparse(_fill(dense, weight, bias), block_masks[name], block_size))
+        elif isinstance(layer, (nn.Linear, nn.Conv2d)):
+            _fill(layer, weight, bias)
     return model
+
+
+def _rest_of_state(model, layers):
+    """Every parameter and buffer outside the Linear / Conv2d ``layers`` (BatchNorm, embeddings...):
+    weight rewinding resets them to step k too."""
+    return {key: value.detach().clone() for key, value in model.state_dict().items()
+            if key.rpartition(".")[0] not in layers}
 
 
 def iterative_magnitude_pruning(model, train, *, density=None, rounds=None, schedule=None, block_size=32,
@@ -107,16 +113,19 @@ def iterative_magnitude_pruning(model, train, *, density=None, rounds=None, sche
     model with ``apply_masks(fresh, masks, linear_weights(fresh), block_size)``.
 
     Args:
-        model: a model with nn.Linear layers (trained dense in round 0).
+        model: a model with nn.Linear / nn.Conv2d layers (trained dense in round 0).
         train: ``train(model, snapshot)`` trains in place with a fresh optimizer and the
             full learning-rate schedule, calls ``snapshot()`` once at the rewind step k
             (not calling it means k = 0), and returns anything (recorded in history).
         density, rounds: target density reached in ``rounds`` geometric prunings; or
         schedule: explicit list of decreasing densities, one per round.
         block_size: pruning granularity (1 = unstructured, no faster than dense).
-        rewind: "weights" (reset to step k) or "lr" (keep trained weights; ``train``
-            restarts its schedule).
-        dense_layers: linear module names never pruned.
+        rewind: "weights" (reset to step k: the layers' weights and every other parameter
+            and buffer, e.g. BatchNorm's) or "lr" (keep trained weights; ``train`` restarts
+            its schedule).
+        dense_layers: Linear / Conv2d module names never pruned. Tied layers and the
+            convolutions channel blocks do not fit (a stem conv) stay dense too, with a
+            warning, as in ``sparsify``; a convolution needs a square ``block_size``.
         on_round: optional ``on_round(round, density, model, result)`` after each training.
 
     History: one dict per training: round, density (target fraction of the pruned
@@ -132,11 +141,22 @@ def iterative_magnitude_pruning(model, train, *, density=None, rounds=None, sche
     if any(not 0.0 < d <= 1.0 for d in schedule) or any(b > a for a, b in zip(schedule, schedule[1:])):
         raise ValueError(f"schedule must be decreasing densities in (0, 1], got {schedule}")
     block_size = _as_block_size(block_size)
-    names = [n for n, _ in linear_layers(model) if n not in dense_layers]
-    rewind_point = {"weights": linear_weights(model)}
+    sparse = [n for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
+    if sparse:
+        raise ValueError(f"iterative_magnitude_pruning starts from a dense model (round 0 trains it dense), but "
+                         f"{sparse} are already block-sparse: pass the model before sparsify")
+    dense_layers = dense_by_default(model, block_size, dense_layers, "iterative_magnitude_pruning")
+    layers = dict(sparsifiable_layers(model))
+    names = [n for n in layers if n not in dense_layers]
+
+    def rewind_point():
+        weights = linear_weights(model)
+        return weights, _rest_of_state(model, weights)
+
+    rewind_to = {"point": rewind_point()}
 
     def snapshot():
-        rewind_point["weights"] = linear_weights(model)
+        rewind_to["point"] = rewind_point()
 
     history = []
 
@@ -147,14 +167,17 @@ def iterative_magnitude_pruning(model, train, *, density=None, rounds=None, sche
         if on_round is not None:
             on_round(round_index, target, model, result)
 
-    linears = dict(linear_layers(model))
-    masks = {n: torch.ones(block_grid(linears[n].weight.shape, block_size), dtype=torch.bool,
-                           device=linears[n].weight.device) for n in names}
+    masks = {n: torch.ones(block_grid(layers[n].weight.shape, block_size), dtype=torch.bool,
+                           device=layers[n].weight.device) for n in names}
     run(0, 1.0, masks)
     for r, target in enumerate(schedule, start=1):
         trained = linear_weights(model)
         masks = _global_magnitude_round(trained, masks, names, target, block_size)
-        source = rewind_point["weights"] if rewind == "weights" else trained
-        apply_masks(model, masks, source, block_size)
+        if rewind == "weights":
+            weights, rest = rewind_to["point"]
+            apply_masks(model, masks, weights, block_size)
+            model.load_state_dict(rest, strict=False)
+        else:
+            apply_masks(model, masks, trained, block_size)
         run(r, target, masks)
     return model, history

@@ -99,6 +99,40 @@ def _dense_indices(layers, dense_layers):
     return out
 
 
+def dense_by_default(model, block_size, dense_layers, caller):
+    """The names of the Linear / Conv2d layers ``caller`` leaves dense: ``dense_layers`` (names or
+    indices) plus, each group with a warning, those whose weight is tied to another module and the
+    convolutions channel blocks do not fit. Raises before any work is done if a convolution to
+    convert would need a non-square block."""
+    tied = [name for name in tied_linear_names(model) if name not in dense_layers]
+    if tied:
+        warnings.warn(f"{caller}: leaving {tied} dense: their weights are tied to other modules, and a sparse "
+                      "copy would untie them", UserWarning, stacklevel=3)
+        dense_layers = (*dense_layers, *tied)
+    unfit = [name for name in unblockable_convs(model, block_size) if name not in dense_layers]
+    if unfit:
+        warnings.warn(f"{caller}: leaving the convolutions {unfit} dense: fewer input channels per group than "
+                      f"the block size {block_size[1]} (each would be one mostly-padding block), or output channels "
+                      "per group that are not whole blocks; list them in dense_layers to silence this, or use a "
+                      "smaller block_size", UserWarning, stacklevel=3)
+        dense_layers = (*dense_layers, *unfit)
+    layers = sparsifiable_layers(model)
+    dense = _dense_indices(layers, dense_layers)
+    convs = [name for i, (name, m) in enumerate(layers) if isinstance(m, nn.Conv2d) and i not in dense]
+    if convs and block_size[0] != block_size[1]:
+        raise ValueError(f"SparseConv2d needs a square block; got block_size {block_size} for the convolutions "
+                         f"{convs} (list them in dense_layers to keep them dense)")
+    return tuple(layers[i][0] for i in sorted(dense))
+
+
+def to_sparse(layer, block_mask, block_size):
+    """The ``SparseLinear`` / ``SparseConv2d`` holding the blocks ``block_mask`` of the nn.Linear /
+    nn.Conv2d ``layer`` (``block_size`` a pair; square for a convolution)."""
+    if isinstance(layer, nn.Conv2d):
+        return SparseConv2d.from_dense(layer, block_size=block_size[0], block_mask=block_mask)
+    return SparseLinear.from_dense(layer, block_size=block_size, block_mask=block_mask)
+
+
 def _scores(model, method, generator, inputs, targets, loss_fn):
     if method == "random":
         return random_scores(model, generator)
@@ -196,31 +230,12 @@ def sparsify(model, *, density, method="erk", block_size=32, dense_layers=(), al
             ``generator`` (random masks).
     """
     block_size = _as_block_size(block_size)
-    tied = [name for name in tied_linear_names(model) if name not in dense_layers]
-    if tied:
-        warnings.warn(f"sparsify: leaving {tied} dense: their weights are tied to other modules, and a sparse "
-                      "copy would untie them", UserWarning, stacklevel=2)
-        dense_layers = (*dense_layers, *tied)
-    unfit = [name for name in unblockable_convs(model, block_size) if name not in dense_layers]
-    if unfit:
-        warnings.warn(f"sparsify: leaving the convolutions {unfit} dense: fewer input channels per group than "
-                      f"the block size {block_size[1]} (each would be one mostly-padding block), or output channels "
-                      "per group that are not whole blocks; list them in dense_layers to silence this, or use a "
-                      "smaller block_size", UserWarning, stacklevel=2)
-        dense_layers = (*dense_layers, *unfit)
+    dense_layers = dense_by_default(model, block_size, dense_layers, "sparsify")
     masks = compute_block_masks(model, density=density, method=method, block_size=block_size,
                                 dense_layers=dense_layers, allocation=allocation, **kwargs)
     for name, layer in sparsifiable_layers(model):
-        if name not in masks:
-            continue
-        if isinstance(layer, nn.Conv2d):
-            if block_size[0] != block_size[1]:
-                raise ValueError(f"SparseConv2d needs a square block; got block_size {block_size} for the "
-                                 f"convolution {name!r} (list it in dense_layers to keep it dense)")
-            new = SparseConv2d.from_dense(layer, block_size=block_size[0], block_mask=masks[name])
-        else:
-            new = SparseLinear.from_dense(layer, block_size=block_size, block_mask=masks[name])
-        replace_module(model, name, new)
+        if name in masks:
+            replace_module(model, name, to_sparse(layer, masks[name], block_size))
     return model
 
 
