@@ -1,0 +1,177 @@
+"""Structure changes under FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+FSDP2 shards every parameter along dim 0: a block-sparse layer's ``values``
+(nnz, br, bc, ...) by blocks, a 2:4 layer's (out, in/2) by rows, the low-rank
+factors by rows. The layout metadata (``block_mask``, 2:4 ``indices``) are
+buffers, which FSDP2 leaves replicated. A step that changes a structure (a DST
+mask update, a DLRT rank change) needs whole tensors and gives parameters new
+shapes, which FSDP2's per-parameter sharding metadata cannot follow by itself.
+
+The mechanism, :func:`gathered`: on entry every sharded parameter of the model
+(with its gradient) and every optimizer state tensor shaped like it are
+all-gathered and installed as plain full tensors, the optimizer re-keyed to
+them; the driver then runs unchanged (its score all-reduce, seeded generator
+and index tie-breaks make every rank decide the same structure, exactly as
+under DDP); on exit every parameter is sharded again at its new shape, the
+optimizer state carried by the driver sharded with it. Ranks are checked to
+agree on every shape. Gradients are dropped on exit (the optimizer has used
+them). :func:`structure_step` wraps a driver's ``step()`` so that only update
+steps pay for this.
+
+Peak memory during the update is the full sparse model and its optimizer state
+on every rank (what DDP holds all the time), every ΔT steps.
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+__all__ = ["gathered", "structure_step", "fsdp_params"]
+
+
+def fsdp_params(model):
+    """The FSDP2 parameter records (one per sharded parameter) of ``model``, in module order."""
+    from torch.distributed.fsdp import FSDPModule
+    records = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            for group in module._get_fsdp_state()._fsdp_param_groups:
+                records += [(group, fp) for fp in group.fsdp_params]
+    return records
+
+
+def _full(tensor):
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local_chunk(tensor, fp):
+    """The rows of the full ``tensor`` that FSDP2 keeps on this rank for the parameter ``fp``."""
+    world, rank = fp.mesh_info.shard_mesh_size, fp.mesh_info.shard_mesh_rank
+    chunks = torch.chunk(tensor, world, dim=0)
+    local = chunks[rank] if rank < len(chunks) else tensor[:0]
+    return fp.to_sharded_dtensor(local.contiguous())
+
+
+def _remap_optimizer(optimizer, mapping, convert, records=False):
+    """Point ``optimizer`` at new parameter objects: ``mapping`` old -> new parameter, or old ->
+    FSDP2 record (``records``; the new parameter is its sharded one). State values go through
+    ``convert(value, target)``, target being the new parameter or the record."""
+    if optimizer is None:
+        return
+    new_param = (lambda t: t.sharded_param) if records else (lambda t: t)
+    for group in optimizer.param_groups:
+        group["params"] = [new_param(mapping[p]) if p in mapping else p for p in group["params"]]
+    for old in [p for p in optimizer.state if p in mapping]:
+        target = mapping[old]
+        optimizer.state[new_param(target)] = {k: convert(v, target) for k, v in optimizer.state.pop(old).items()}
+
+
+def _check_idle(records):
+    for group, _ in records:
+        if not group.is_sharded:
+            raise RuntimeError("gathered() needs every FSDP2 module resharded: call it between iterations "
+                               "(after optimizer.step()), not inside a forward or backward")
+        if group.offload_policy.__class__.__name__ == "CPUOffloadPolicy":
+            raise NotImplementedError("gathered() does not support FSDP2 CPU offloading")
+
+
+def _check_ranks_agree(records):
+    shapes = [tuple(getattr(fp._module_info.module, fp._module_info.param_name).shape) for _, fp in records]
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, shapes)
+    if any(other != shapes for other in every):
+        bad = next(i for i in range(len(shapes)) if len({tuple(e[i]) for e in every}) > 1)
+        raise RuntimeError(f"ranks disagree on the new shape of {records[bad][1]._param_fqn or bad}: "
+                           f"{[e[bad] for e in every]}; the structure decision must be identical on every "
+                           "rank (same seed, scores all-reduced)")
+
+
+@contextmanager
+def gathered(model, optimizer=None):
+    """Run a structure change of the FSDP2-sharded ``model`` on whole tensors, then re-shard.
+
+    Inside, every parameter FSDP2 manages is a plain full ``nn.Parameter`` (gradient included),
+    and ``optimizer`` (if given) holds them with full state. A driver may change parameter shapes
+    in place (DST ``restructure``) or replace parameters (DLRT rank changes); on exit every
+    parameter is sharded at its new shape (dim 0, FSDP2's default placement), ``optimizer`` holds
+    the new sharded parameters and state, and gradients are cleared. Collective: every rank must
+    enter, in the same order. Also works on a model without FSDP2 modules (does nothing).
+    """
+    records = fsdp_params(model)
+    _check_idle(records)
+    for _, fp in records:
+        if fp.fsdp_placement.dim != 0 or fp.is_dtensor:
+            raise NotImplementedError(f"gathered() handles FSDP2's default Shard(0) placement of plain "
+                                      f"parameters; {fp._param_fqn} has {fp.fsdp_placement}"
+                                      f"{' and is a DTensor (tensor parallel)' if fp.is_dtensor else ''}")
+    entry = {}
+    for _, fp in records:
+        sharded = fp.sharded_param
+        entry[fp] = plain = _plain_for(fp, sharded.full_tensor())
+        plain.grad = None if sharded.grad is None else _full(sharded.grad)
+        fp._setattr_on_modules(plain)
+    mapping = {fp.sharded_param: plain for fp, plain in entry.items()}
+    _remap_optimizer(optimizer, mapping, lambda value, fp: _full(value))
+    try:
+        yield model
+    finally:
+        _reshard(records, optimizer, entry)
+
+
+def _plain_for(fp, full):
+    """The plain Parameter standing for ``fp`` while gathered: the same object at every entry, so
+    that state a driver keys by parameter (DLRT's Adam moments of biases) survives re-sharding."""
+    plain = getattr(fp, "_sparsekern_plain", None)
+    if plain is None:
+        plain = fp._sparsekern_plain = nn.Parameter(full, requires_grad=fp.sharded_param.requires_grad)
+    else:
+        plain.data = full
+    return plain
+
+
+def _reshard(records, optimizer, entry):
+    _check_ranks_agree(records)
+    mapping = {}
+    for group, fp in records:
+        info = fp._module_info
+        current = getattr(info.module, info.param_name)
+        if current.requires_grad and current.numel() == 0:
+            raise RuntimeError(f"{fp._param_fqn or info.param_name} has no element left (a layer without "
+                               "stored blocks): FSDP2 cannot reduce-scatter an empty gradient; keep at least "
+                               "one block per layer (higher density or smaller blocks)")
+        fp._init_sharded_param(current.detach(), fp.device, None, fp.mesh_info)
+        fp.sharded_param.requires_grad_(current.requires_grad)
+        if fp.post_forward_mesh_info is not None:
+            fp._init_sharded_post_forward_param_metadata(fp.sharded_param)
+        fp._init_extensions()
+        fp.all_gather_outputs = []  # sized for the old shape
+        if hasattr(fp, "_unsharded_param"):
+            del fp._unsharded_param
+        fp.init_dtype_attrs(group.mp_policy)
+        # The optimizer holds the object installed on entry; a driver may also have replaced it (DLRT).
+        mapping[entry[fp]] = mapping[current] = fp
+        current.grad = None
+        entry[fp].data = entry[fp].data.new_empty(0)  # keep the object (see _plain_for), not its memory
+
+    def convert(value, fp):
+        if torch.is_tensor(value) and value.dim() >= 1 and tuple(value.shape) == tuple(fp._orig_size):
+            return _local_chunk(value.detach(), fp)
+        return value
+    _remap_optimizer(optimizer, mapping, convert, records=True)
+
+
+def structure_step(driver, model, optimizer=None):
+    """``driver.step()`` for an FSDP2 model: inside :func:`gathered` on the steps that change the
+    structure (a DST driver's update steps; every step of DLRT, whose integrator needs whole
+    factors), directly otherwise. Returns what ``step()`` returns."""
+    schedule = getattr(driver, "schedule", None)
+    if schedule is not None and not schedule.is_update_step(driver.t + 1):
+        return driver.step()
+    if optimizer is None:  # a DST driver's optimizer; DLRT is its own (its ``optimizer`` names the rule)
+        optimizer = getattr(driver, "optimizer", None)
+    with gathered(model, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None):
+        return driver.step()

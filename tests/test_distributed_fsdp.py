@@ -1,0 +1,189 @@
+"""FSDP2 (``fully_shard``) on every sparse layer kind, with 2 gloo processes on CPU.
+
+Static models: forward, backward and Adam steps on the sharded model match the
+single-process run on the whole batch. Structure changes (RigL, GGR, 2:4 RigL,
+DLRT) go through ``sparsekern.methods.distributed.structure_step``: both ranks
+end with identical structures, and the sharded run takes the decisions of the
+same run under DDP (the driver's averaged scores are the same in both).
+"""
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sparsekern as sk
+from sparsekern.methods import DLRT, GGR, RigL
+from sparsekern.methods.distributed import fsdp_params, gathered, structure_step
+
+STEPS = 7
+
+
+def static_model():
+    return torch.nn.Sequential(
+        sk.SparseConv2d(4, 8, 3, block_size=4, density=0.5), torch.nn.ReLU(),
+        sk.LowRankConv2d(8, 8, 3, rank=3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        sk.SparseLinear(8, 16, block_size=4, density=0.5), torch.nn.ReLU(),
+        sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.LowRankLinear(16, 5, rank=3))
+
+
+def dst_model():
+    return torch.nn.Sequential(sk.SparseConv2d(4, 8, 3, block_size=2), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               sk.SparseLinear(8, 16, block_size=4), torch.nn.ReLU(),
+                               sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.SparseLinear(16, 5, block_size=4))
+
+
+def dlrt_model():
+    return torch.nn.Sequential(sk.LowRankConv2d(4, 8, 3, rank=4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               sk.LowRankLinear(8, 16, rank=6), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+
+
+def shard(model):
+    for layer in model:
+        if any(True for _ in layer.parameters(recurse=False)):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def batch(step, rank=None):
+    """The step's whole batch of 8, or the rank's half of it."""
+    g = torch.Generator().manual_seed(100 + step)
+    x, y = torch.randn(8, 4, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+    return (x, y) if rank is None else (x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4])
+
+
+def full_state(model):
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def run_static(rank):
+    torch.manual_seed(0)
+    reference = static_model()
+    torch.manual_seed(0)
+    model = shard(static_model())
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (reference, model)]
+    views = []
+    for step in range(3):
+        for m, opt, (x, y) in ((reference, opts[0], batch(step)), (model, opts[1], batch(step, rank))):
+            opt.zero_grad()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                F.cross_entropy(m(x), y).backward()
+            views += [str(w.message) for w in caught if "view tensor" in str(w.message) and m is model]
+            opt.step()
+    return {"reference": full_state(reference), "sharded": full_state(model), "views": views}
+
+
+def run_dst(rank, cls, engine):
+    torch.manual_seed(0)
+    model = dst_model()
+    if engine == "fsdp":
+        shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with gathered(model, opt):  # the initial ERK masks change shapes too
+            dst = cls(model, opt, density=0.4, delta=2, t_end=8, seed=123)
+        wrapped = model
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        dst = cls(model, opt, density=0.4, delta=2, t_end=8, seed=123)
+        wrapped = DDP(model)
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        opt.zero_grad()
+        F.cross_entropy(wrapped(x), y).backward()
+        opt.step()
+        if engine == "fsdp":
+            structure_step(dst, model, opt)
+        elif dst.step():
+            wrapped = DDP(model)
+    state = full_state(model)
+    moments = {}
+    for _, layer in dst.layers + dst.semi_layers:
+        buf = opt.state[layer.values]["momentum_buffer"]
+        moments[len(moments)] = (buf.full_tensor() if hasattr(buf, "full_tensor") else buf).clone()
+    sharded = all(isinstance(layer.values, DTensor) for _, layer in dst.layers + dst.semi_layers)
+    return {"state": state, "moments": moments, "sharded": sharded or engine == "ddp"}
+
+
+def run_dlrt(rank, engine):
+    torch.manual_seed(0)
+    model = dlrt_model()
+    dlrt = DLRT(model, lr=0.2, tol=0.15, rmin=2, optimizer="adam")
+    wrapped = shard(model) if engine == "fsdp" else DDP(model)
+    ranks = []
+    for step in range(STEPS):
+        x, y = batch(step, rank)
+        F.cross_entropy(wrapped(x), y).backward()
+        if engine == "fsdp":
+            structure_step(dlrt, model)
+        else:
+            before = dlrt.ranks()
+            dlrt.step()
+            if dlrt.ranks() != before:  # new factor Parameters: re-wrap
+                wrapped = DDP(model)
+        dlrt.zero_grad()
+        ranks.append(dlrt.ranks())
+    return {"state": full_state(model), "ranks": ranks, "sharded": len(fsdp_params(model))}
+
+
+def _worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {"static": run_static(rank)}
+        for name, cls in (("RigL", RigL), ("GGR", GGR)):
+            for engine in ("fsdp", "ddp"):
+                results[f"{name}-{engine}"] = run_dst(rank, cls, engine)
+        for engine in ("fsdp", "ddp"):
+            results[f"DLRT-{engine}"] = run_dlrt(rank, engine)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _close(a, b, name):
+    assert a.keys() == b.keys(), name
+    for key in a:
+        if a[key].dtype.is_floating_point:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+        else:
+            assert torch.equal(a[key], b[key]), f"{name} {key}"
+
+
+def _equal(a, b, name):
+    assert a.keys() == b.keys(), name
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{name} {key}"
+
+
+@torch.no_grad()
+def test_fsdp2_two_gloo_ranks(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    # Static: every layer kind sharded gives the single-process run on the whole batch.
+    for r in (r0, r1):
+        _close(r["static"]["sharded"], r["static"]["reference"], "static")
+        assert not [w for w in r["static"]["views"] if "SemiSparseLinear" in w]
+    # Structure changes: identical on both ranks, and the decisions DDP takes.
+    for name in ("RigL", "GGR"):
+        assert r0[f"{name}-fsdp"]["sharded"]  # re-sharded after every change
+        _equal(r0[f"{name}-fsdp"]["state"], r1[f"{name}-fsdp"]["state"], f"{name} ranks")
+        _close(r0[f"{name}-fsdp"]["state"], r0[f"{name}-ddp"]["state"], f"{name} fsdp/ddp")
+        _close(r0[f"{name}-fsdp"]["moments"], r0[f"{name}-ddp"]["moments"], f"{name} momentum")
+    counts = {name: [int(r0[f"{name}-fsdp"]["state"][f"{i}.block_mask"].sum()) for i in (0, 4, 8)]
+              for name in ("RigL", "GGR")}
+    assert counts["GGR"] != counts["RigL"]  # GGR moved blocks between layers: nnz changed under FSDP
+    assert r0["DLRT-fsdp"]["sharded"] > 0
+    assert r0["DLRT-fsdp"]["ranks"] == r1["DLRT-fsdp"]["ranks"] == r0["DLRT-ddp"]["ranks"]
+    assert len({tuple(r) for r in r0["DLRT-fsdp"]["ranks"]}) > 1  # the ranks did change
+    _equal(r0["DLRT-fsdp"]["state"], r1["DLRT-fsdp"]["state"], "DLRT ranks")
+    _close(r0["DLRT-fsdp"]["state"], r0["DLRT-ddp"]["state"], "DLRT fsdp/ddp")
