@@ -10,6 +10,8 @@ from torch import nn
 import sparsekern as sk
 from sparsekern.methods import apply_masks, iterative_magnitude_pruning, linear_weights
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BS = 4
 STEM_WARNING = r"leaving the convolutions \['0'\] dense"
 
@@ -54,7 +56,7 @@ def _state(model):
     return out
 
 
-def _block_norms(weight):
+def block_norms(weight):
     """Block norms over output x input channel blocks with all taps, edge blocks scaled to a
     whole block's worth of elements (plain torch)."""
     out_ch, in_ch = weight.shape[:2]
@@ -67,7 +69,8 @@ def _block_norms(weight):
     return (per_block(weight.square()) * full / per_block(torch.ones_like(weight))).sqrt()
 
 
-def _element_mask(block_mask, shape):
+def element_mask(block_mask, shape):
+    """The weights of ``shape`` (out, in, *taps) that the (RB, CB) ``block_mask`` keeps (plain torch)."""
     full = block_mask.repeat_interleave(BS, 0).repeat_interleave(BS, 1)[:shape[0], :shape[1]]
     return full.reshape(*full.shape, *[1] * (len(shape) - 2)).expand(shape)
 
@@ -76,7 +79,7 @@ def _expected_masks(trained, alive, target):
     """IMP's rule: the global |w| ranking over the alive weights sets each layer's share; each
     layer keeps its largest-norm alive blocks."""
     names = list(alive)
-    scores = [trained[n].abs() * _element_mask(alive[n], trained[n].shape) for n in names]
+    scores = [trained[n].abs() * element_mask(alive[n], trained[n].shape) for n in names]
     flat = torch.cat([s.flatten() for s in scores])
     keep = round(target * flat.numel())
     kept = torch.zeros_like(flat, dtype=torch.bool)
@@ -84,7 +87,7 @@ def _expected_masks(trained, alive, target):
     out = {}
     for n, share in zip(names, kept.split([s.numel() for s in scores])):
         count = min(int(alive[n].sum()), round(float(share.float().mean()) * alive[n].numel()))
-        norms = _block_norms(trained[n]).masked_fill(~alive[n], -1.0).flatten()
+        norms = block_norms(trained[n]).masked_fill(~alive[n], -1.0).flatten()
         mask = torch.zeros_like(norms, dtype=torch.bool)
         mask[torch.topk(norms, count).indices] = True
         out[n] = mask.view(alive[n].shape)
@@ -111,10 +114,10 @@ def test_imp_prunes_conv_blocks_by_their_norm_over_all_taps_and_rewinds(rewind):
         source = log[0]["at_k"] if rewind == "weights" else log[r - 1]["after"]
         start = log[r]["before"]
         for name, weight in start.items():
-            mask = _element_mask(masks[name], weight.shape) if name in masks else 1
+            mask = element_mask(masks[name], weight.shape) if name in masks else 1
             torch.testing.assert_close(weight, source[name] * mask, msg=f"round {r}, {name}")
         alive = masks
-    kept = [_element_mask(model[i].block_mask, model[i].dense_weight().shape) for i in (3, 5, 9)]
+    kept = [element_mask(model[i].block_mask, model[i].dense_weight().shape) for i in (3, 5, 9)]
     # The density is a fraction of the weights; whole blocks of 144, 48 and 16 weights round it.
     assert sum(int(k.sum()) for k in kept) / sum(k.numel() for k in kept) == pytest.approx(0.25, abs=0.02)
     assert all(math.isfinite(h["result"]) for h in history)
@@ -128,9 +131,9 @@ def test_the_reinit_control_puts_the_masks_on_a_fresh_cnn():
     control = apply_masks(fresh, history[-1]["block_masks"], init, BS)
     assert type(control[0]) is nn.Conv2d and torch.equal(control[0].weight, init["0"][0])
     for i in (3, 5, 9):
-        mask = history[-1]["block_masks"][str(i)]
+        mask, weight = history[-1]["block_masks"][str(i)], init[str(i)][0]
         assert torch.equal(control[i].block_mask, mask)
-        torch.testing.assert_close(control[i].dense_weight(), init[str(i)][0] * _element_mask(mask, init[str(i)][0].shape))
+        torch.testing.assert_close(control[i].dense_weight(), weight * element_mask(mask, weight.shape))
     x, _ = _batch()
     assert control(x).shape == (16, 6)
 

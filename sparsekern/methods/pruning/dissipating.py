@@ -3,7 +3,8 @@
 From "What to prune and what not to prune at initialization" (Haroon, arXiv
 2209.02201): after the first epochs, a weight whose value stays within a small
 fraction of its initial value received gradients that dissipated; it is pruned.
-Our version works at block granularity on SparseLinear layers: a block's score is
+Our version works at block granularity on SparseLinear and SparseConv2d layers (a
+convolution's block: output x input channels with all their taps): a block's score is
 its relative change ||W_t - W_0|| / ||W_0|| since the snapshot, and the blocks that
 moved least are removed (the same fraction in every layer, or globally, or below
 a tolerance).
@@ -13,12 +14,13 @@ combination of the two methods.
 """
 import torch
 
-from ...nn.bsr_linear import SparseLinear
+from ...nn.block_structure import BlockStructured
+from ..dst.state import restructure
 from .masks import global_topk_masks, topk_mask
 
 
 def relative_change(initial, current, eps=1e-12):
-    """Per stored block: ||current - initial|| / ||initial|| over the block (values (nnz, br, bc))."""
+    """Per stored block: ||current - initial|| / ||initial|| over the block (values (nnz, br, bc, *taps))."""
     if initial.shape != current.shape:
         raise ValueError(f"initial {tuple(initial.shape)} and current {tuple(current.shape)} differ in shape")
     change = (current.detach() - initial).flatten(1).float().norm(dim=1)
@@ -29,16 +31,16 @@ class DissipatingGradients:
     """Snapshot a sparse model's weights now, prune its least-moved blocks later.
 
     Usage: ``dg = DissipatingGradients(model)``; train the first epochs;
-    ``dg.prune(density=0.02)`` (fraction of all blocks of the model's SparseLinear
-    layers, each layer shrunk by the same factor) or ``dg.prune(tolerance=0.05)`` (drop every block whose
-    relative change is <= 5%). Rebuild the optimizer afterwards: the ``values``
-    parameters change shape.
+    ``dg.prune(density=0.02, optimizer=opt)`` (fraction of all blocks of the model's
+    SparseLinear and SparseConv2d layers, each layer shrunk by the same factor) or
+    ``dg.prune(tolerance=0.05, optimizer=opt)`` (drop every block whose relative change is
+    <= 5%). The surviving blocks keep their values and their state in ``opt``.
     """
 
     def __init__(self, model):
-        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BlockStructured)]
         if not self.layers:
-            raise ValueError(f"{type(model).__name__} has no SparseLinear layer; sparsify it first")
+            raise ValueError(f"{type(model).__name__} has no SparseLinear or SparseConv2d layer; sparsify it first")
         self.initial = [(m.values.detach().clone(), m.layout()) for _, m in self.layers]
 
     def scores(self):
@@ -52,13 +54,15 @@ class DissipatingGradients:
             out[name] = grid
         return out
 
-    def prune(self, *, density=None, tolerance=None, scope="layer"):
+    def prune(self, *, density=None, tolerance=None, scope="layer", optimizer=None):
         """Keep the most-moved blocks. With ``density`` (fraction of all blocks of the
-        SparseLinear layers): ``scope="layer"`` shrinks every layer by the same factor,
+        block-sparse layers): ``scope="layer"`` shrinks every layer by the same factor,
         keeping its least-moved blocks out (the allocation, e.g. ERK, is preserved);
         ``scope="global"`` ranks all blocks together, which can empty whole layers, since
         under Adam a layer with a larger init scale moves less *relatively*. With
-        ``tolerance``: drop every block whose relative change is <= tolerance.
+        ``tolerance``: drop every block whose relative change is <= tolerance. ``optimizer``:
+        its per-weight state (momentum, Adam moments) follows the surviving blocks; without
+        it, rebuild the optimizer (the ``values`` parameters change shape).
         Returns {layer name: new density}."""
         if (density is None) == (tolerance is None):
             raise ValueError("give exactly one of density or tolerance")
@@ -78,6 +82,9 @@ class DissipatingGradients:
                 factor = keep / max(1, sum(stored))
                 masks = {n: topk_mask(scores[n], int(round(factor * k))) for n, k in zip(names, stored)}
         for name, layer in self.layers:
-            layer.set_block_mask(masks[name])
+            if optimizer is None:
+                layer.set_block_mask(masks[name])
+            else:
+                restructure(layer, optimizer, masks[name])
         self.initial = [(m.values.detach().clone(), m.layout()) for _, m in self.layers]
         return {name: layer.density for name, layer in self.layers}

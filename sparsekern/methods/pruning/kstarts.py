@@ -7,12 +7,13 @@ whose weights are the fittest by magnitude (mean |w| of the kept weights), by
 accumulated gradient (mean over the kept weights of the summed |dL/dw|), or by
 both (the sum of the two, each normalised by its best candidate).
 
-Every candidate trains on SparseLinear layers, so k starts cost k short *sparse*
-trainings. The fitness functions are pure (tensors in, float out).
+Every candidate trains on SparseLinear / SparseConv2d layers (a convolution's blocks are output x
+input channel blocks with all their taps), so k starts cost k short *sparse* trainings. The
+fitness functions are pure (tensors in, float out).
 """
 import torch
 
-from ...nn.bsr_linear import SparseLinear
+from ...nn.block_structure import BlockStructured
 from .sparsify import sparsify
 
 CRITERIA = ("magnitude", "gradient", "both")
@@ -45,10 +46,10 @@ def select_fittest(magnitudes, gradients, criterion="magnitude"):
 
 
 class _GradientAccumulator:
-    """Sums |grad| of each SparseLinear's values during training (a tensor hook, no copy of the model)."""
+    """Sums |grad| of each block-sparse layer's values during training (a tensor hook, no copy of the model)."""
 
     def __init__(self, model):
-        self.layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+        self.layers = [m for m in model.modules() if isinstance(m, BlockStructured)]
         self.sums = [torch.zeros_like(m.values, dtype=torch.float32) for m in self.layers]
         self.handles = [m.values.register_hook(self._adder(i)) for i, m in enumerate(self.layers)]
 
@@ -67,7 +68,8 @@ def k_starts(make_model, train, *, k, density, method="erk", block_size=32, crit
     """Train ``k`` random sparse starts briefly and return (fittest model, report).
 
     Args:
-        make_model: ``make_model()`` returns a fresh dense model (nn.Linear layers).
+        make_model: ``make_model()`` returns a fresh dense model (nn.Linear / nn.Conv2d layers;
+            ``sparsify`` converts them, leaving a stem conv dense with a warning).
         train: ``train(model)`` the short training, in place.
         k: number of starts; density, method, block_size, dense_layers: as in ``sparsify``
             (method "uniform", "er" or "erk": random masks at that allocation).
