@@ -35,17 +35,13 @@ from ...nn.lowrank_linear import LowRankLinear
 from ...nn.partially_trainable_linear import PartiallyTrainableLinear
 from ...nn.semi_linear import SemiSparseLinear
 from .density import layer_densities
+from .partially_trainable_conv2d import PartiallyTrainableConv2d
 from .masks import block_scores, global_topk_masks, layerwise_topk_masks
 from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks, synflow_scores,
                        prunable_weights)
 
 ALLOCATIONS = ("uniform", "er", "erk")
 SCORED = ("random", "magnitude", "snip", "grasp", "synflow")
-
-
-def linear_layers(model):
-    """[(module name, nn.Linear)] in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def sparsifiable_layers(model):
@@ -241,9 +237,11 @@ def sparsify(model, *, density, method="erk", block_size=32, dense_layers=(), al
 
 def densify(model):
     """Replace every sparse layer of ``model`` (SparseLinear, SparseConv2d, SemiSparseLinear, LowRankLinear,
-    PartiallyTrainableLinear, LowRankConv2d) by the ``nn.Linear`` / ``nn.Conv2d`` it stands for, in
-    place, and return the model: a sparse-trained model then loads where a dense checkpoint is expected."""
-    sparse = (SparseLinear, SparseConv2d, SemiSparseLinear, LowRankLinear, PartiallyTrainableLinear, LowRankConv2d)
+    PartiallyTrainableLinear, PartiallyTrainableConv2d, LowRankConv2d) by the ``nn.Linear`` / ``nn.Conv2d``
+    it stands for, in place, and return the model: a sparse-trained model then loads where a dense
+    checkpoint is expected."""
+    sparse = (SparseLinear, SparseConv2d, SemiSparseLinear, LowRankLinear, PartiallyTrainableLinear,
+              PartiallyTrainableConv2d, LowRankConv2d)
     replaced = []
     for name, module in list(model.named_modules()):
         inside_replaced = any(name.startswith(outer + ".") for outer in replaced)  # e.g. a frozen layer's delta
