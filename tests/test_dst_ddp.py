@@ -1,8 +1,10 @@
-"""DST under DistributedDataParallel: 2 gloo processes on CPU take identical decisions.
+"""DDP with every sparse layer kind and every driver: 2 gloo processes on CPU take identical decisions.
 
 Each rank sees different data; scores are all-reduced by the driver, random
 choices come from identically seeded generators, and the DDP wrapper is rebuilt
-whenever ``step()`` reports a structure change (parameter shapes changed).
+whenever ``step()`` reports a structure change (parameter shapes changed), or
+when DLRT changes a rank (new factor Parameters). Static models with every
+layer kind match the single-process run on the whole batch.
 """
 import os
 
@@ -13,11 +15,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsekern as sk
-from sparsekern.methods import DPF, GGR, SET, SNFS, RigL, TopKAST
+from sparsekern.methods import DLRT, DPF, GGR, SET, SNFS, RigL, TopKAST
 
 DRIVERS = {"SET": SET, "RigL": RigL, "SNFS": SNFS, "GGR": GGR, "TopKAST": TopKAST, "DPF": DPF}
-SEMI_DRIVERS = {"SET-2:4": SET, "RigL-2:4": RigL}  # a SemiSparseLinear layer besides a SparseLinear one
-CNN_DRIVERS = {"SET-cnn": SET, "RigL-cnn": RigL, "GGR-cnn": GGR}  # SparseConv2d layers and a SparseLinear head
+# a SemiSparseLinear layer besides a SparseLinear one
+SEMI_DRIVERS = {"SET-2:4": SET, "RigL-2:4": RigL, "SNFS-2:4": SNFS, "GGR-2:4": GGR}
+# SparseConv2d layers and a SparseLinear head
+CNN_DRIVERS = {"SET-cnn": SET, "RigL-cnn": RigL, "SNFS-cnn": SNFS, "GGR-cnn": GGR}
 OPTIONS = {"RigL-gram": (RigL, {"score_method": "gram"}), "GGR-gram": (GGR, {"score_method": "gram"})}
 CASES = {**{n: (c, {}) for n, c in {**DRIVERS, **SEMI_DRIVERS, **CNN_DRIVERS}.items()}, **OPTIONS}
 
@@ -36,11 +40,70 @@ def _inputs(name, generator):
     return torch.randn(*shape, generator=generator)
 
 
+def _static_model():
+    """Every layer kind, no driver."""
+    return torch.nn.Sequential(
+        sk.SparseConv2d(4, 8, 3, block_size=2, density=0.5), torch.nn.ReLU(),
+        sk.LowRankConv2d(8, 8, 3, rank=3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        sk.SparseLinear(8, 16, block_size=4, density=0.5), torch.nn.ReLU(),
+        sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.LowRankLinear(16, 5, rank=3))
+
+
+def _dlrt_model():
+    return torch.nn.Sequential(sk.LowRankConv2d(4, 8, 3, rank=4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               sk.LowRankLinear(8, 16, rank=6), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+
+
+def _halves(rank, generator):
+    """A batch of 8 (the same on every rank) and this rank's half of it."""
+    x, y = torch.randn(8, 4, 6, 6, generator=generator), torch.randint(0, 5, (8,), generator=generator)
+    return (x, y), (x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4])
+
+
+def _static(rank):
+    """DDP on half batches against one process on the whole batch, Adam, 3 steps."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(_static_model())
+    reference, model = models
+    ddp = DDP(model)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in models]
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        whole, half = _halves(rank, g)
+        for m, opt, (x, y) in ((reference, opts[0], whole), (ddp, opts[1], half)):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    return {"reference": reference.state_dict(), "ddp": model.state_dict()}
+
+
+def _dlrt(rank):
+    """DLRT (Adam) on half batches; DDP re-wrapped whenever a rank changes."""
+    torch.manual_seed(0)
+    model = _dlrt_model()
+    dlrt = DLRT(model, lr=0.2, tol=0.15, rmin=2, optimizer="adam")
+    ddp, g, ranks, rebuilds = DDP(model), torch.Generator().manual_seed(7), [], 0
+    for _ in range(7):
+        _, (x, y) = _halves(rank, g)
+        F.cross_entropy(ddp(x), y).backward()
+        before = dlrt.ranks()
+        dlrt.step()
+        dlrt.zero_grad()
+        if dlrt.ranks() != before:
+            ddp, rebuilds = DDP(model), rebuilds + 1
+        ranks.append(dlrt.ranks())
+    return {"ranks": ranks, "rebuilds": rebuilds, "state": model.state_dict()}
+
+
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        results = {}
+        results = {"static": _static(rank), "DLRT": _dlrt(rank)}
         for name, (cls, options) in CASES.items():
             torch.manual_seed(0)
             model = _model(name)
@@ -69,6 +132,13 @@ def _worker(rank, world, init_file, out_dir):
 def test_two_gloo_ranks_take_identical_decisions(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for r in (r0, r1):  # every layer kind, static: the single-process run on the whole batch
+        for key, value in r["static"]["reference"].items():
+            torch.testing.assert_close(r["static"]["ddp"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert r0["DLRT"]["ranks"] == r1["DLRT"]["ranks"]
+    assert r0["DLRT"]["rebuilds"] > 0  # the ranks did change
+    for key, value in r0["DLRT"]["state"].items():
+        assert torch.equal(value, r1["DLRT"]["state"][key]), key
     for name in CASES:
         assert r0[name]["rebuilds"] == 3, name  # updates at steps 2, 4, 6
         for a, b in zip(r0[name]["masks"], r1[name]["masks"]):
