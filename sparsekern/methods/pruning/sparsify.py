@@ -143,7 +143,7 @@ def _scores(model, method, generator, inputs, targets, loss_fn):
 def compute_block_masks(model, *, density, method="erk", block_size=32, dense_layers=(), allocation=None,
                         inputs=None, targets=None, loss_fn=None, input_shape=None, synflow_iterations=100,
                         generator=None):
-    """{linear module name: (RB, CB) bool block mask} for the layers to sparsify (dense ones are absent)."""
+    """{Linear / Conv2d module name: (RB, CB) bool block mask} for the layers to sparsify (dense ones are absent)."""
     if method not in ALLOCATIONS + SCORED:
         raise ValueError(f"unknown method {method!r}; expected one of {ALLOCATIONS + SCORED}")
     if allocation is not None and allocation not in ALLOCATIONS:
