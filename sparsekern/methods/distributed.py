@@ -123,8 +123,8 @@ def gathered(model, optimizer=None):
 
 
 def _plain_for(fp, full):
-    """The plain Parameter standing for ``fp`` while gathered: the same object at every entry, so
-    that state a driver keys by parameter (DLRT's Adam moments of biases) survives re-sharding."""
+    """The plain Parameter standing for ``fp`` while gathered: the same object at every entry (its
+    data dropped in between), so that whatever a driver keys by parameter object stays valid."""
     plain = getattr(fp, "_sparsekern_plain", None)
     if plain is None:
         plain = fp._sparsekern_plain = nn.Parameter(full, requires_grad=fp.sharded_param.requires_grad)

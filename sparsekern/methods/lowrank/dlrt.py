@@ -82,7 +82,9 @@ class DLRT:
         self.model, self.lr, self.tol, self.rmin, self.rmax = model, float(lr), float(tol), rmin, rmax
         self.absolute, self.optimizer, self.betas, self.eps = absolute, optimizer, betas, eps
         self.steps = 0
-        self.state = {}  # Adam: (layer, "K" / "L" / "S") -> (m, v); other parameter -> (m, v)
+        # Adam: (layer, "K" / "L" / "S") -> (m, v); other parameters by name -> (m, v): a name survives
+        # the parameter being replaced (FSDP2 re-sharding, see sparsekern.methods.distributed)
+        self.state = {}
         for layer in self.layers:
             layer.kl_grads = True
 
@@ -100,10 +102,9 @@ class DLRT:
         With the model's own state dict (which holds the factors at their current ranks) this
         resumes a run bit-exactly."""
         layer_index = {id(layer): i for i, layer in enumerate(self.layers)}
-        names = {id(p): name for name, p in self.model.named_parameters()}
         moments = {}
         for key, (m, v) in self.state.items():
-            name = f"layers.{layer_index[id(key[0])]}.{key[1]}" if isinstance(key, tuple) else f"params.{names[id(key)]}"
+            name = f"layers.{layer_index[id(key[0])]}.{key[1]}" if isinstance(key, tuple) else f"params.{key}"
             moments[name] = (m.clone(), v.clone())
         return {"steps": self.steps, "moments": moments}
 
@@ -119,7 +120,7 @@ class DLRT:
                     raise ValueError(f"DLRT state has moments for layer {index}, the model has {len(self.layers)}")
                 key, like = (self.layers[int(index)], factor), self.layers[int(index)].S
             elif rest in params:
-                key, like = params[rest], params[rest]
+                key, like = rest, params[rest]
             else:
                 raise ValueError(f"DLRT state has moments for parameter {rest!r}, which the model does not have")
             restored[key] = (m.to(like.device).clone(), v.to(like.device).clone())
@@ -133,9 +134,9 @@ class DLRT:
             if layer.U.grad is not None and layer.S.grad is not None and layer.V.grad is not None:
                 self._step_layer(layer)
         factors = {id(p) for layer in self.layers for p in (layer.U, layer.S, layer.V)}
-        for p in self.model.parameters():
+        for name, p in self.model.named_parameters():
             if p.requires_grad and p.grad is not None and id(p) not in factors:
-                p.sub_(self._direction(p, p.grad), alpha=self.lr)
+                p.sub_(self._direction(name, p.grad), alpha=self.lr)
 
     def _direction(self, key, grad):
         """The update direction for ``grad`` (SGD: grad itself; Adam: m̂ / (√v̂ + eps))."""
