@@ -1,8 +1,9 @@
 """FSDP2 (``fully_shard``) on every sparse layer kind, with 2 gloo processes on CPU.
 
 Static models: forward, backward and Adam steps on the sharded model match the
-single-process run on the whole batch. Structure changes (RigL, GGR, 2:4 RigL,
-DLRT) go through ``sparsekern.methods.distributed.structure_step``: both ranks
+single-process run on the whole batch. Structure changes (SET, RigL, SNFS, GGR
+on conv, linear and 2:4 layers; Top-KAST and DPF on linear layers; DLRT rank
+changes) go through ``sparsekern.methods.distributed.structure_step``: both ranks
 end with identical structures, and the sharded run takes the decisions of the
 same run under DDP (the driver's averaged scores are the same in both).
 """
@@ -18,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsekern as sk
-from sparsekern.methods import DLRT, GGR, RigL
+from sparsekern.methods import DLRT, DPF, GGR, SET, SNFS, RigL, TopKAST
 from sparsekern.methods.distributed import fsdp_params, gathered, structure_step
 
 STEPS = 7
@@ -38,6 +39,16 @@ def dst_model():
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                sk.SparseLinear(8, 16, block_size=4), torch.nn.ReLU(),
                                sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.SparseLinear(16, 5, block_size=4))
+
+
+def linear_model():
+    """For the drivers with shadow blocks (Top-KAST, DPF), which train SparseLinear layers."""
+    return torch.nn.Sequential(torch.nn.Flatten(), sk.SparseLinear(144, 16, block_size=4), torch.nn.ReLU(),
+                               sk.SparseLinear(16, 5, block_size=4))
+
+
+DRIVERS = {"SET": (SET, dst_model), "RigL": (RigL, dst_model), "SNFS": (SNFS, dst_model),
+           "GGR": (GGR, dst_model), "TopKAST": (TopKAST, linear_model), "DPF": (DPF, linear_model)}
 
 
 def dlrt_model():
@@ -83,9 +94,10 @@ def run_static(rank):
     return {"reference": full_state(reference), "sharded": full_state(model), "views": views}
 
 
-def run_dst(rank, cls, engine):
+def run_dst(rank, name, engine):
+    cls, build = DRIVERS[name]
     torch.manual_seed(0)
-    model = dst_model()
+    model = build()
     if engine == "fsdp":
         shard(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -140,9 +152,9 @@ def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {"static": run_static(rank)}
-        for name, cls in (("RigL", RigL), ("GGR", GGR)):
+        for name in DRIVERS:
             for engine in ("fsdp", "ddp"):
-                results[f"{name}-{engine}"] = run_dst(rank, cls, engine)
+                results[f"{name}-{engine}"] = run_dst(rank, name, engine)
         for engine in ("fsdp", "ddp"):
             results[f"DLRT-{engine}"] = run_dlrt(rank, engine)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -174,7 +186,7 @@ def test_fsdp2_two_gloo_ranks(tmp_path):
         _close(r["static"]["sharded"], r["static"]["reference"], "static")
         assert not [w for w in r["static"]["views"] if "SemiSparseLinear" in w]
     # Structure changes: identical on both ranks, and the decisions DDP takes.
-    for name in ("RigL", "GGR"):
+    for name in DRIVERS:
         assert r0[f"{name}-fsdp"]["sharded"]  # re-sharded after every change
         _equal(r0[f"{name}-fsdp"]["state"], r1[f"{name}-fsdp"]["state"], f"{name} ranks")
         _close(r0[f"{name}-fsdp"]["state"], r0[f"{name}-ddp"]["state"], f"{name} fsdp/ddp")
