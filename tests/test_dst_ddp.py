@@ -94,7 +94,7 @@ def _dlrt(rank):
         dlrt.step()
         dlrt.zero_grad()
         if dlrt.ranks() != before:
-            ddp, rebuilds = DDP(model), rebuilds + 1
+            ddp, rebuilds = DDP(model, init_sync=False), rebuilds + 1
         ranks.append(dlrt.ranks())
     return {"ranks": ranks, "rebuilds": rebuilds, "state": model.state_dict()}
 
@@ -117,8 +117,8 @@ def _worker(rank, world, init_file, out_dir):
                 opt.zero_grad()
                 F.cross_entropy(ddp(x), y).backward()
                 opt.step()
-                if dst.step():
-                    ddp = DDP(model)
+                if dst.step():  # the ranks agree already: no broadcast of the new parameters needed
+                    ddp = DDP(model, init_sync=False)
                     rebuilds += 1
             results[name] = {"masks": [layer.block_mask.clone() for _, layer in dst.layers] +
                                       [layer.mask for _, layer in dst.semi_layers],

@@ -7,19 +7,21 @@ buffers, which FSDP2 leaves replicated. A step that changes a structure (a DST
 mask update, a DLRT rank change) needs whole tensors and gives parameters new
 shapes, which FSDP2's per-parameter sharding metadata cannot follow by itself.
 
-The mechanism, :func:`gathered`: on entry every sharded parameter of the model
-(with its gradient) and every optimizer state tensor shaped like it are
-all-gathered and installed as plain full tensors, the optimizer re-keyed to
-them; the driver then runs unchanged (its score all-reduce, seeded generator
-and index tie-breaks make every rank decide the same structure, exactly as
-under DDP); on exit every parameter is sharded again at its new shape, the
-optimizer state carried by the driver sharded with it. Ranks are checked to
-agree on every shape. Gradients are dropped on exit (the optimizer has used
-them). :func:`structure_step` wraps a driver's ``step()`` so that only update
-steps pay for this.
+The mechanism, :func:`gathered`: on entry every sharded parameter of the
+model (or only of the layers a driver changes), with its gradient, and every
+optimizer state tensor shaped like it are all-gathered and installed as plain
+full tensors, the optimizer re-keyed to them; the driver then runs unchanged
+(its score all-reduce, seeded generator and index tie-breaks make every rank
+decide the same structure, exactly as under DDP); on exit every parameter is
+sharded again at its new shape, each rank slicing its own rows (no
+communication), the optimizer state carried by the driver sharded with it.
+Ranks are checked to agree on every shape. Gradients are dropped on exit (the
+optimizer has used them). :func:`structure_step` wraps a driver's ``step()``
+so that only update steps pay for this, and only for the sparse layers.
 
-Peak memory during the update is the full sparse model and its optimizer state
-on every rank (what DDP holds all the time), every ΔT steps.
+Peak memory during an update is the sparse layers' values, gradients and
+optimizer state in full on every rank (what DDP holds all the time), every ΔT
+steps; DLRT, which changes its factors at every step, gathers every step.
 """
 from contextlib import contextmanager
 
@@ -91,7 +93,7 @@ def _check_ranks_agree(records):
 
 
 @contextmanager
-def gathered(model, optimizer=None):
+def gathered(model, optimizer=None, modules=None):
     """Run a structure change of the FSDP2-sharded ``model`` on whole tensors, then re-shard.
 
     Inside, every parameter FSDP2 manages is a plain full ``nn.Parameter`` (gradient included),
@@ -100,8 +102,13 @@ def gathered(model, optimizer=None):
     parameter is sharded at its new shape (dim 0, FSDP2's default placement), ``optimizer`` holds
     the new sharded parameters and state, and gradients are cleared. Collective: every rank must
     enter, in the same order. Also works on a model without FSDP2 modules (does nothing).
+    ``modules`` (optional): only the parameters of these modules are gathered and re-sharded (the
+    sparse layers a DST driver changes), the rest of the model stays sharded.
     """
     records = fsdp_params(model)
+    if modules is not None:
+        chosen = {id(m) for m in modules}
+        records = [(group, fp) for group, fp in records if id(fp._module_info.module) in chosen]
     _check_idle(records)
     for _, fp in records:
         if fp.fsdp_placement.dim != 0 or fp.is_dtensor:
@@ -173,5 +180,8 @@ def structure_step(driver, model, optimizer=None):
         return driver.step()
     if optimizer is None:  # a DST driver's optimizer; DLRT is its own (its ``optimizer`` names the rule)
         optimizer = getattr(driver, "optimizer", None)
-    with gathered(model, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None):
+    # A DST driver changes its sparse layers only; DLRT steps every parameter of the model.
+    layers = getattr(driver, "semi_layers", None)
+    modules = None if layers is None else [m for _, m in driver.layers + layers]
+    with gathered(model, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None, modules):
         return driver.step()
