@@ -1,5 +1,6 @@
 """Dynamic sparse training on SparseConv2d layers: the dense-gradient block scores of the conv
-probe, and SET / RigL / SNFS / GGR restructuring convolutions with their optimizer state."""
+probe, every driver restructuring convolutions with their optimizer state, and Top-KAST's and
+DPF's shadow blocks trained with the dense weight gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +8,8 @@ from torch import nn
 
 import sparsekern as sk
 from sparsekern.methods import DPF, GGR, SET, SNFS, RigL, TopKAST
-from sparsekern.methods.dst.conv_probe import ConvScoreProbe
+from sparsekern.methods.dst.scores import ScoreProbe
+from sparsekern.kernels.conv import gather_blocks
 from sparsekern.methods.pruning.masks import block_scores
 
 
@@ -33,17 +35,22 @@ def _dense_grad_block_rms(layer, xs):
 def test_conv_probe_scores_are_the_dense_weight_gradient_block_rms(kwargs):
     torch.manual_seed(0)
     layer = sk.SparseConv2d(**kwargs, block_size=4, density=0.8, dtype=torch.float64)
-    probe = ConvScoreProbe(layer)
+    probe = ScoreProbe(layer, "gram")  # a convolution always takes the product route
     xs = [torch.randn(3, kwargs["in_channels"], 9, 7, dtype=torch.float64) for _ in range(2)]  # two calls
     sum(layer(x).pow(2).sum() for x in xs).backward()
     torch.testing.assert_close(probe.scores("conv"), _dense_grad_block_rms(layer, xs))
+    # The weight's own gradient is read out of the probe's: the same as without a probe.
+    own = layer.values.grad.clone()
     probe.remove()
-    assert not layer._forward_hooks
+    assert layer.grad_probe is None and not layer._forward_hooks and not layer._forward_pre_hooks
+    layer.values.grad = None
+    sum(layer(x).pow(2).sum() for x in xs).backward()
+    torch.testing.assert_close(own, layer.values.grad)
 
 
 def test_conv_probe_without_a_backward_says_so():
     layer = sk.SparseConv2d(8, 8, 3, block_size=4)
-    probe = ConvScoreProbe(layer)
+    probe = ScoreProbe(layer)
     with pytest.raises(RuntimeError, match="no gradient reached the probe of layer 'c'"):
         probe.scores("c")
 
@@ -67,7 +74,7 @@ def _train(model, driver, optimizer, steps):
     return changes
 
 
-@pytest.mark.parametrize("cls", [SET, RigL, SNFS, GGR])
+@pytest.mark.parametrize("cls", [SET, RigL, SNFS, GGR, TopKAST, DPF])
 def test_drivers_restructure_convolutions_with_their_optimizer_state(cls):
     model = _cnn()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -75,7 +82,11 @@ def test_drivers_restructure_convolutions_with_their_optimizer_state(cls):
     total = sum(layer.nnz_blocks for _, layer in driver.layers)
     before = [layer.block_mask.clone() for _, layer in driver.layers]
     assert _train(model, driver, opt, 13) == 3  # steps 3, 6, 9 (t_end 12)
-    assert sum(layer.nnz_blocks for _, layer in driver.layers) == total  # GGR moves blocks between layers
+    if cls is DPF:  # starts dense, reaches the ERK targets at its last update
+        for name, layer in driver.layers:
+            assert layer.nnz_blocks == round(driver.targets[name] * layer.block_mask.numel())
+    else:
+        assert sum(layer.nnz_blocks for _, layer in driver.layers) == total  # GGR moves blocks between layers
     assert any(not torch.equal(b, layer.block_mask) for b, (_, layer) in zip(before, driver.layers))
     for _, layer in driver.layers:
         state = opt.state[layer.values]
@@ -96,12 +107,38 @@ def test_rigl_grows_the_conv_blocks_of_largest_dense_gradient(monkeypatch):
     assert scores[grown].min() >= scores[still_empty].max()
 
 
-@pytest.mark.parametrize("cls", [TopKAST, DPF])
-def test_shadow_drivers_refuse_convolutions_before_touching_the_model(cls):
+def _dense_weight_grads(model, x, y):
+    """Autograd's dense weight gradient of every SparseConv2d at the model's masked weights."""
+    convs = [m for m in model if isinstance(m, sk.SparseConv2d)]
+    weights = [c.dense_weight().detach().requires_grad_() for c in convs]
+    h = x
+    for module in model:
+        if isinstance(module, sk.SparseConv2d):
+            w = weights[convs.index(module)]
+            h = F.conv2d(h, w, module.bias, module.stride, module.padding, module.dilation, module.groups)
+        else:
+            h = module(h)
+    F.cross_entropy(h, y).backward()
+    return [w.grad for w in weights]
+
+
+@pytest.mark.parametrize("cls, options", [(TopKAST, {"penalty": 0.0}), (DPF, {})], ids=["TopKAST", "DPF"])
+def test_shadow_drivers_train_conv_shadow_blocks_with_the_dense_weight_gradient(cls, options):
     model = _cnn()
-    masks = [m.block_mask.clone() for m in model if isinstance(m, (sk.SparseConv2d, sk.SparseLinear))]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match=r"SparseConv2d layers \(\['0', '2'\]\).*SET, RigL, SNFS or GGR"):
-        cls(model, opt, density=0.2, delta=2, t_end=10)
-    after = [m.block_mask for m in model if isinstance(m, (sk.SparseConv2d, sk.SparseLinear))]
-    assert all(torch.equal(a, b) for a, b in zip(masks, after))
+    dst = cls(model, opt, density=0.4, delta=2, t_end=20, seed=0, **options)
+    assert _train(model, dst, opt, 2) == 1  # the step-2 update moved blocks between F and S
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 8, 9, 9, generator=g), torch.randint(0, 10, (16,), generator=g)
+    grads = _dense_weight_grads(model, x, y)
+    convs = [(name, layer) for name, layer in dst.layers if isinstance(layer, sk.SparseConv2d)]
+    before = {name: dst.shadow[name][0].detach().clone() for name, _ in convs}
+    _train(model, dst, opt, 1)  # step 3: no update, every shadow block takes one SGD step
+    for (name, layer), grad in zip(convs, grads):
+        param, layout = dst.shadow[name]
+        assert layout.nnz_blocks > 0 and not bool((layout.block_mask & layer.block_mask).any())
+        expected = gather_blocks(grad, layout, layer.geometry)
+        torch.testing.assert_close(param.detach(), before[name] - 0.1 * expected)
+    assert _train(model, dst, opt, 5) == 3
+    for _, layer in dst.layers:
+        assert layer.values.shape[0] == layer.nnz_blocks

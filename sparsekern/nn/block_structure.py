@@ -7,6 +7,7 @@ BlockLayout, structure changes (``restructure`` / ``carry``), value initialisati
 zeroing, loading a checkpoint of another nnz and the crippled-layer warning. The layer says
 what its blocks are through :meth:`_block_structure`.
 """
+import sys
 import warnings
 
 import torch
@@ -107,14 +108,17 @@ class BlockStructured(nn.Module):
             self._zero_padding()
 
     def _zero_padding(self):
-        """Zero the parts of edge blocks that lie outside the true (rows, cols) extent."""
+        self.zero_edge_padding(self.values.data, self._layout)
+
+    def zero_edge_padding(self, values, layout):
+        """Zero, in place, the parts of ``values``' edge blocks (blocks of this layer's grid on
+        ``layout``, e.g. a driver's shadow blocks) that lie outside the true (rows, cols) extent."""
         (rows, cols), padded_shape, (br, bc), _ = self._block_structure()
-        layout = self._layout
         pad_rows, pad_cols = padded_shape[0] - rows, padded_shape[1] - cols
         if pad_rows:
-            self.values.data[layout.row_indices == layout.grid[0] - 1, br - pad_rows:] = 0
+            values[layout.row_indices == layout.grid[0] - 1, br - pad_rows:] = 0
         if pad_cols:
-            self.values.data[layout.col_indices == layout.grid[1] - 1, :, bc - pad_cols:] = 0
+            values[layout.col_indices == layout.grid[1] - 1, :, bc - pad_cols:] = 0
 
     @property
     def density(self):
@@ -181,10 +185,20 @@ class BlockStructured(nn.Module):
         self._layout = layout
         replace_data_(self.values, values.to(self.values.dtype))
         if count_changes:
-            self._block_count_changed()
+            self.mark_block_count_dynamic()
 
-    def _block_count_changed(self):
-        """Called after a structure change that altered the number of stored blocks."""
+    def mark_block_count_dynamic(self):
+        """Let torch.compile treat the number of stored blocks as a symbol, so that a graph traced
+        after this serves every later count instead of one graph per count (done on each change
+        of the count). ``values`` is a Parameter: dynamo keeps its shape static unless
+        ``torch._dynamo.config.force_parameter_static_shapes`` is off."""
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None:  # nothing compiled yet; importing it would cost eager users a second
+            return
+        layout = self._layout
+        for tensor in (self.values, layout.col_indices, layout.row_indices, layout.t_block_ids,
+                       layout.t_row_indices):
+            dynamo.maybe_mark_dynamic(tensor, 0)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The padded storage cannot tell 50 from 60 input features: the true shape goes into

@@ -6,7 +6,6 @@ multiples of the block size are padded up internally: edge blocks carry zero
 rows/columns that stay zero under training (their gradients are exactly zero).
 """
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -96,22 +95,6 @@ class SparseLinear(BlockStructured):
         """The ``nn.Linear`` this layer stands for (effective weight and bias, same device and dtype),
         e.g. to load a sparse-trained model where a dense checkpoint is expected."""
         return dense_linear(self)
-
-    def _block_count_changed(self):
-        self.mark_block_count_dynamic()
-
-    def mark_block_count_dynamic(self):
-        """Let torch.compile treat the number of stored blocks as a symbol, so that a graph traced
-        after this serves every later count instead of one graph per count (done on each change
-        of the count). ``values`` is a Parameter: dynamo keeps its shape static unless
-        ``torch._dynamo.config.force_parameter_static_shapes`` is off."""
-        dynamo = sys.modules.get("torch._dynamo")
-        if dynamo is None:  # nothing compiled yet; importing it would cost eager users a second
-            return
-        layout = self._layout
-        for tensor in (self.values, layout.col_indices, layout.row_indices, layout.t_block_ids,
-                       layout.t_row_indices):
-            dynamo.maybe_mark_dynamic(tensor, 0)
 
     def forward(self, x):
         check_layer_input(x, self.in_features)

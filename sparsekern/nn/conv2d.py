@@ -18,6 +18,7 @@ from torch.nn.modules.utils import _pair
 from ..formats.bsr import BlockLayout
 from ..kernels.conv import ConvGeometry, block_norms, dense_conv_weight, gather_blocks
 from ..ops.conv2d import sparse_conv2d
+from ..ops.probe import BlockProbe
 from .autocast import autocast_dtype, cast, outside_autocast
 from .block_structure import DTYPES as _DTYPES
 from .block_structure import BlockStructured, check_density, check_from_dense, top_block_mask, warn_if_crippled
@@ -92,6 +93,9 @@ class SparseConv2d(BlockStructured):
                                      self.dilation, block_size)
         self._init_blocks(density, device, dtype)
         self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        # Optional BlockProbe whose values receive the weight gradient on its blocks at the next
+        # backward (see sparse_conv2d): how DST methods get gradient scores and shadow gradients.
+        self.grad_probe = None
         self.reset_parameters()
         if density > 0:
             warn_if_crippled(self.block_mask, f"SparseConv2d({in_channels}, {out_channels}, "
@@ -125,6 +129,11 @@ class SparseConv2d(BlockStructured):
                 layer.bias.copy_(conv.bias)
         return layer
 
+    @property
+    def padded_shape(self):
+        """(rows, cols) of the blocked weight matrix: channels padded up to whole blocks."""
+        return self.geometry.padded_shape
+
     def dense_weight(self):
         """The dense (out_channels, in_channels / groups, kh, kw) weight, zero outside stored blocks."""
         return dense_conv_weight(self.values, self.layout(), self.geometry)
@@ -142,14 +151,15 @@ class SparseConv2d(BlockStructured):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        values, bias = self.values, self.bias
+        values, bias, probe = self.values, self.bias, self.grad_probe
         dtype = autocast_dtype(x, values.dtype)
         if dtype is not None:
             x, values, bias = cast(x, dtype), cast(values, dtype), cast(bias, dtype)
+            probe = None if probe is None else BlockProbe(cast(probe.values, dtype), probe.layout)
             with outside_autocast(x):
-                y = sparse_conv2d(x, values, self.layout(), self.geometry, bias)
+                y = sparse_conv2d(x, values, self.layout(), self.geometry, bias, grad_probe=probe)
         else:
-            y = sparse_conv2d(x, values, self.layout(), self.geometry, bias)
+            y = sparse_conv2d(x, values, self.layout(), self.geometry, bias, grad_probe=probe)
         return y.squeeze(0) if unbatched else y
 
     _shape_metadata, _shape_description = "conv_shape", "SparseConv2d of (out, in, kh, kw, groups)"

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..formats.bsr import BlockLayout, BlockSparseMatrix
 from .checks import check_linear_inputs, saved_tensors
 from .dispatch import kernel, traced_backend
+from .probe import own_positions
 
 # A layout crosses the op boundary as its index tensors plus (shape, block size).
 _LAYOUT_FIELDS = ("block_mask", "row_offsets", "col_indices", "row_indices", "col_offsets", "t_block_ids",
@@ -123,22 +124,6 @@ torch.library.register_autograd("sparsekern::bsr_linear", _backward, setup_conte
 torch.library.register_autograd("sparsekern::bsr_linear_probed", _backward_probed, setup_context=_setup_probed)
 
 
-def _own_positions(probe, layout):
-    """Index in ``probe`` of each block of ``layout`` if the probe holds them all, else None.
-
-    One host sync per (probe, layout) pair, cached on the probe; a compiled graph skips the
-    sharing (the weight's gradient is then computed on its own)."""
-    if torch.compiler.is_compiling():
-        return None
-    cached = getattr(probe, "_own_positions", None)
-    if cached is not None and cached[0] is layout:
-        return cached[1]
-    positions = probe.layout.positions_of(layout)
-    positions = positions if bool((positions >= 0).all()) else None
-    probe._own_positions = (layout, positions)
-    return positions
-
-
 def _check_inputs(x, weight, bias, grad_probe):
     if not isinstance(weight, BlockSparseMatrix):
         raise TypeError(f"weight must be a sparsekern.BlockSparseMatrix, got {type(weight).__name__}")
@@ -178,5 +163,5 @@ def bsr_linear(x, weight, bias=None, *, grad_probe=None):
         y = _linear(x2d, values, bias, layout, shape, block, traced_backend())
     else:
         y = _linear_probed(x2d, values, bias, grad_probe.values, layout, _flat(grad_probe.layout),
-                           _own_positions(grad_probe, weight.layout), shape, block, traced_backend())
+                           own_positions(grad_probe, weight.layout), shape, block, traced_backend())
     return y.view(*lead, n)

@@ -15,6 +15,7 @@ from ..kernels import select_kernel
 from ..kernels.conv import ConvGeometry, conv_kernel, output_memory_format
 from .checks import saved_tensors
 from .dispatch import traced_backend
+from .probe import BlockProbe, own_positions
 
 # A layout crosses the op boundary as its index tensors; its shape and block size follow from the geometry.
 _LAYOUT_FIELDS = ("block_mask", "row_offsets", "col_indices", "row_indices", "col_offsets", "t_block_ids",
@@ -34,14 +35,29 @@ def _channels_last(t):
     return output_memory_format(t) == torch.channels_last
 
 
-@torch.library.custom_op("sparsekern::conv2d", mutates_args=())
-def _conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], layout: list[Tensor], geometry: list[int],
-            backend: Optional[str]) -> Tensor:
+def _forward(x, values, bias, layout, geometry, backend):
     geo = ConvGeometry.from_list(geometry)
     pixels = geo.output_size(x.shape[2], x.shape[3])
     lay = _unflat(layout, geo)
     fn = conv_kernel("conv_forward", x, backend, lay, geo, _channels_last(x), pixels[0] * pixels[1])[1]
     return fn(x, values, lay, geo, bias)
+
+
+@torch.library.custom_op("sparsekern::conv2d", mutates_args=())
+def _conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], layout: list[Tensor], geometry: list[int],
+            backend: Optional[str]) -> Tensor:
+    return _forward(x, values, bias, layout, geometry, backend)
+
+
+@torch.library.custom_op("sparsekern::conv2d_probed", mutates_args=())
+def _conv2d_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Tensor, layout: list[Tensor],
+                   probe_layout: list[Tensor], own_positions: Optional[Tensor], geometry: list[int],
+                   backend: Optional[str]) -> Tensor:
+    """conv2d whose backward also gives ``probe_values`` the weight gradient on the probe's blocks.
+
+    ``own_positions`` (nnz,): where each of the weight's blocks sits in the probe, when the
+    probe holds them all; the weight's gradient is then read out of the probe's."""
+    return _forward(x, values, bias, layout, geometry, backend)
 
 
 @torch.library.custom_op("sparsekern::conv2d_grad_input", mutates_args=())
@@ -75,11 +91,20 @@ def _grads(dy: Tensor, x: Tensor, values: Tensor, layout: list[Tensor], geometry
             _grad_weight(dy, x, layout, geometry, backend))
 
 
-@_conv2d.register_fake
-def _(x, values, bias, layout, geometry, backend):
+def _fake_output(x, geometry):
     geo = ConvGeometry.from_list(geometry)
     return torch.empty(x.shape[0], geo.out_channels, *geo.output_size(x.shape[2], x.shape[3]), dtype=x.dtype,
                        device=x.device, memory_format=output_memory_format(x))
+
+
+@_conv2d.register_fake
+def _(x, values, bias, layout, geometry, backend):
+    return _fake_output(x, geometry)
+
+
+@_conv2d_probed.register_fake
+def _(x, values, bias, probe_values, layout, probe_layout, own_positions, geometry, backend):
+    return _fake_output(x, geometry)
 
 
 @_grad_input.register_fake
@@ -123,7 +148,30 @@ def _backward(ctx, dy):
     return dx, dw, db, [None] * len(layout), None, None
 
 
+def _setup_probed(ctx, inputs, output):
+    x, values, bias, _, layout, probe_layout, own_positions, geometry, backend = inputs
+    ctx.save_for_backward(x, values, own_positions)
+    ctx.meta = layout, probe_layout, geometry, backend
+    ctx.has_bias = bias is not None
+
+
+def _backward_probed(ctx, dy):
+    x, values, own_positions = saved_tensors(ctx, "sparse_conv2d")
+    layout, probe_layout, geometry, backend = ctx.meta
+    dy = dy.contiguous(memory_format=output_memory_format(x))
+    needs_dx, needs_dw, needs_db, needs_probe = ctx.needs_input_grad[:4]
+    dx = _grad_input(dy, values, layout, geometry, list(x.shape[2:]), backend) if needs_dx else None
+    db = dy.sum((0, 2, 3)) if ctx.has_bias and needs_db else None
+    dprobe = _grad_weight(dy, x, probe_layout, geometry, backend) if needs_probe else None
+    dw = None
+    if needs_dw:
+        shared = dprobe is not None and own_positions is not None
+        dw = dprobe[own_positions] if shared else _grad_weight(dy, x, layout, geometry, backend)
+    return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None
+
+
 torch.library.register_autograd("sparsekern::conv2d", _backward, setup_context=_setup_context)
+torch.library.register_autograd("sparsekern::conv2d_probed", _backward_probed, setup_context=_setup_probed)
 
 
 def _check_inputs(x, values, layout, geometry, bias):
@@ -164,7 +212,22 @@ def _check_inputs(x, values, layout, geometry, bias):
             raise TypeError(f"bias is {bias.dtype} on {bias.device}, expected {x.dtype} on {x.device}")
 
 
-def sparse_conv2d(x, values, layout, geometry, bias=None):
+def _check_probe(grad_probe, values, layout):
+    if not isinstance(grad_probe, BlockProbe):
+        raise TypeError(f"grad_probe must be a sparsekern.ops.BlockProbe, got {type(grad_probe).__name__}")
+    probe_values, probe_layout = grad_probe.values, grad_probe.layout
+    if probe_layout.shape != layout.shape or probe_layout.block_size != layout.block_size:
+        raise ValueError(f"grad_probe's layout has shape {probe_layout.shape} and block size "
+                         f"{probe_layout.block_size}, expected {layout.shape} and {layout.block_size} like the weight's")
+    if tuple(probe_values.shape[1:]) != tuple(values.shape[1:]):
+        raise ValueError(f"grad_probe's values have blocks of shape {tuple(probe_values.shape[1:])}, the weight's "
+                         f"are {tuple(values.shape[1:])}")
+    if probe_values.dtype != values.dtype or probe_values.device != values.device:
+        raise TypeError(f"grad_probe is {probe_values.dtype} on {probe_values.device}, expected {values.dtype} "
+                        f"on {values.device}")
+
+
+def sparse_conv2d(x, values, layout, geometry, bias=None, *, grad_probe=None):
     """F.conv2d(x, W, bias, ...) with W = (values, layout) block-sparse over channels; computed
     on the stored blocks where that is faster than dense (the floor rule).
 
@@ -172,8 +235,15 @@ def sparse_conv2d(x, values, layout, geometry, bias=None):
     (nnz, bs, bs, kh, kw) on ``layout`` (a BlockLayout of ``geometry.padded_shape``);
     geometry: a ConvGeometry; bias: (out_channels,) or None. Returns (N, O, Ho, Wo) in the
     memory format F.conv2d would give. Gradients: x gets the input gradient, ``values`` the
-    weight gradient on its stored blocks, bias the sum of dY.
+    weight gradient on its stored blocks, bias the sum of dY. ``grad_probe`` (optional, a
+    BlockProbe on the same grid, values requiring grad) receives the weight gradient on *its*
+    blocks, e.g. every block for dense gradient scores; its values are not read.
     """
     _check_inputs(x, values, layout, geometry, bias)
     bias = None if bias is None else bias.contiguous()
-    return _conv2d(x, values.contiguous(), bias, _flat(layout), geometry.as_list(), traced_backend())
+    values = values.contiguous()
+    if grad_probe is None:
+        return _conv2d(x, values, bias, _flat(layout), geometry.as_list(), traced_backend())
+    _check_probe(grad_probe, values, layout)
+    return _conv2d_probed(x, values, bias, grad_probe.values, _flat(layout), _flat(grad_probe.layout),
+                          own_positions(grad_probe, layout), geometry.as_list(), traced_backend())

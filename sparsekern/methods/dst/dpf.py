@@ -18,7 +18,7 @@ last update before ``t_end``.
 import torch
 
 from ..pruning.density import erk_densities
-from .drivers import ShadowDriver, on_grid
+from .drivers import ShadowDriver, on_grid, weight_shape
 from .rules import dpf_mask
 from .schedules import gradual_density
 from .scores import block_rms
@@ -39,7 +39,7 @@ class DPF(ShadowDriver):
         super().__init__(model, optimizer, density=density, delta=delta, alpha=alpha, t_end=t_end, **options)
 
     def _init_masks(self, density):
-        shapes = [(layer.out_features, layer.in_features) for _, layer in self.layers]
+        shapes = [weight_shape(layer) for _, layer in self.layers]
         self.targets = dict(zip((n for n, _ in self.layers), erk_densities(shapes, density)))
         for _, layer in self.layers:
             self._init_layer(layer, torch.ones_like(layer.block_mask))

@@ -1,7 +1,7 @@
 """Dynamic sparse training drivers acting on :class:`sparsekern.SparseLinear` layers
 (block or element granularity), :class:`sparsekern.SparseConv2d` layers (blocks of
-output x input channels with all their taps; SET, RigL, SNFS and GGR) and static
-:class:`sparsekern.SemiSparseLinear` layers (2:4).
+output x input channels with all their taps) and static
+:class:`sparsekern.SemiSparseLinear` layers (2:4; SET, RigL, SNFS and GGR).
 
 Usage (the same for every driver)::
 
@@ -26,9 +26,9 @@ each layer. It gets the block RMS of the dense gradient dYᵀX either from the
 sampled-dW product on every block (``grad_probe``; ``values`` takes its own
 blocks' gradient from that product, not computed twice) or, where cheaper,
 from Gram matrices of X and dY without forming dYᵀX (``score_method``; see
-:mod:`sparsekern.methods.dst.scores`). A SparseConv2d layer's probe keeps the
-step's inputs and output gradients and runs the conv weight-gradient product on every
-block once (:mod:`sparsekern.methods.dst.conv_probe`). The probe is removed afterwards.
+:mod:`sparsekern.methods.dst.scores`). A SparseConv2d layer's probe runs the conv
+weight-gradient product on every block (all taps) inside its backward. The probe is
+removed afterwards.
 
 Structure changes go through :func:`~sparsekern.methods.dst.state.restructure`
 (the layers' structure protocol): the ``values`` Parameter keeps its identity,
@@ -55,7 +55,6 @@ from ...nn.semi_linear import SemiSparseLinear
 from ..pruning.density import erk_densities
 from .rules import ggr_new_masks, rigl_new_mask, set_new_mask, snfs_new_masks
 from .schedules import DropSchedule
-from .conv_probe import ConvScoreProbe
 from .scores import SCORE_METHODS, ScoreProbe, block_rms, install_probe, probe_grad, remove_probe
 from .semi_probe import SemiProbe
 from .semi_rules import semi_rigl_update, semi_set_update
@@ -112,7 +111,6 @@ class DynamicSparsity:
             always run the conv weight-gradient product.
     """
     needs_scores = False
-    trains_convs = True
 
     def __init__(self, model, optimizer, *, density, delta=100, alpha=0.3, t_end, schedule="cosine",
                  seed=0, process_group=None, score_method="auto", redraw=False):
@@ -126,11 +124,6 @@ class DynamicSparsity:
             if layer.mode != "static":
                 raise ValueError(f"SemiSparseLinear {name!r} has mode={layer.mode!r}: it re-prunes every step; "
                                  "dynamic sparse training needs mode='static'")
-        convs = [name for name, layer in self.layers if isinstance(layer, SparseConv2d)]
-        if convs and not self.trains_convs:
-            raise ValueError(f"{type(self).__name__} trains shadow blocks through the linear layers' gradient "
-                             f"probe, which SparseConv2d layers ({convs}) do not have; use SET, RigL, SNFS or GGR "
-                             "on convolutions")
         if not self.layers and not self.semi_layers:
             raise ValueError(f"{type(model).__name__} holds no sparsekern.SparseLinear, SparseConv2d or "
                              "SemiSparseLinear layer")
@@ -186,8 +179,7 @@ class DynamicSparsity:
                 # Every layer's count becomes a symbol at the first change anywhere: a compiled
                 # model then recompiles once, not again for each layer whose count changes later.
                 for _, layer in self.layers:
-                    if isinstance(layer, SparseLinear):
-                        layer.mark_block_count_dynamic()
+                    layer.mark_block_count_dynamic()
             self.update_seconds.append(time.perf_counter() - start)
         self._arm()
         return changed
@@ -207,8 +199,7 @@ class DynamicSparsity:
             probe.remove()
         self._probes, self._semi_probes = {}, {}
         if self.needs_scores and self.schedule.is_update_step(self.t + 1):
-            self._probes = {name: ConvScoreProbe(layer) if isinstance(layer, SparseConv2d)
-                            else ScoreProbe(layer, self.score_method) for name, layer in self.layers}
+            self._probes = {name: ScoreProbe(layer, self.score_method) for name, layer in self.layers}
             self._semi_probes = {name: SemiProbe(layer) for name, layer in self.semi_layers}
 
     # -- scores --------------------------------------------------------------
@@ -328,8 +319,6 @@ class ShadowDriver(DynamicSparsity):
     schedules apply). A probe on F ∪ S is installed at every step: its gradient
     feeds S, and F's own gradient is taken from it (not computed twice).
     """
-    trains_convs = False
-
     def _setup(self):
         if self.semi_layers:
             raise ValueError(f"{type(self).__name__} is not implemented at 2:4 granularity (SemiSparseLinear "
@@ -338,7 +327,7 @@ class ShadowDriver(DynamicSparsity):
         for name, layer in self.layers:
             mask = self._initial_shadow_mask(layer)
             layout = BlockLayout.from_block_mask(mask, layer.padded_shape, layer.block_size)
-            param = torch.nn.Parameter(layer.values.new_zeros(layout.nnz_blocks, *layout.block_size))
+            param = torch.nn.Parameter(layer.values.new_zeros(layout.nnz_blocks, *layer.values.shape[1:]))
             self.shadow[name] = (param, layout)
         self.shadow_optimizer = type(self.optimizer)([p for p, _ in self.shadow.values()],
                                                      **self.optimizer.defaults)

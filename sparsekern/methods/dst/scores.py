@@ -1,4 +1,4 @@
-"""Dense-gradient block scores of a SparseLinear layer for one step, without a dense weight update.
+"""Dense-gradient block scores of a block-sparse layer for one step, without a dense weight update.
 
 RigL, SNFS and GGR need, at an update step, the RMS of the dense gradient
 dW = dYᵀX over every block (they grow where it is largest). Two exact ways:
@@ -20,21 +20,27 @@ dW = dYᵀX over every block (they grow where it is largest). Two exact ways:
 the product's multiply-adds at the step's batch size (decided at the first
 forward of the probe step), else "product". The layer's own blocks still get
 their gradient from the normal sampled dW either way. A layer traced by
-torch.compile always takes "product" (see :class:`ScoreProbe`).
+torch.compile always takes "product" (see :class:`ScoreProbe`), and so does a
+SparseConv2d layer: its probe runs the conv weight-gradient product on every
+block (all taps) inside the backward of ``sparse_conv2d``.
 """
 import torch
 
 from ...formats.bsr import BlockLayout, BlockSparseMatrix
+from ...nn.conv2d import SparseConv2d
+from ...ops.probe import BlockProbe
 
 SCORE_METHODS = ("auto", "gram", "product")
 
 
 def install_probe(layer, block_mask):
-    """Make ``layer``'s next backward also compute dYᵀX on ``block_mask``; returns the probe."""
+    """Make ``layer``'s next backward also compute its weight gradient on the blocks of
+    ``block_mask`` (a SparseLinear's dYᵀX, a SparseConv2d's with all taps); returns the probe."""
     layout = BlockLayout.from_block_mask(block_mask.to(layer.block_mask.device), layer.padded_shape,
                                          layer.block_size)
-    probe = BlockSparseMatrix(torch.zeros(layout.nnz_blocks, *layout.block_size, dtype=layer.values.dtype,
-                                          device=layout.device, requires_grad=True), layout)
+    values = torch.zeros(layout.nnz_blocks, *layer.values.shape[1:], dtype=layer.values.dtype,
+                         device=layout.device, requires_grad=True)
+    probe = BlockProbe(values, layout) if isinstance(layer, SparseConv2d) else BlockSparseMatrix(values, layout)
     layer.grad_probe = probe
     return probe
 
@@ -89,7 +95,7 @@ def gram_block_rms(x, dy, padded_shape, block_size):
 
 
 class ScoreProbe:
-    """Dense-gradient block-RMS scores of one SparseLinear layer for the next step.
+    """Dense-gradient block-RMS scores of one SparseLinear or SparseConv2d layer for the next step.
 
     ``method``: "gram", "product" or "auto" (see the module docstring). Installs the
     layer's ``grad_probe`` and hooks; :meth:`scores` returns the (R, C) grid after the
@@ -99,20 +105,24 @@ class ScoreProbe:
     def __init__(self, layer, method="auto"):
         if method not in SCORE_METHODS:
             raise ValueError(f"score method must be one of {SCORE_METHODS}, got {method!r}")
+        if isinstance(layer, SparseConv2d):
+            method = "product"  # the Gram identity is a linear layer's (no taps, no spatial shifts)
         self.layer, self.method = layer, method
         self.xs, self.dys = [], []   # inputs and output gradients, on the "gram" route
-        self._gram = None
+        self._gram = False if method == "product" else None  # None: decided at the first forward
         # Installed before any forward, for every method: a compiled forward does not run these
         # hooks (dynamo neither replays their per-call state nor sees hooks added after tracing)
         # but reads ``grad_probe`` into the traced op, recompiling once into a variant with the
         # probe. So compiled layers take the "product" route; in eager the first forward still
         # picks the route and drops this probe for "gram".
         self.product = install_probe(layer, torch.ones_like(layer.block_mask))
-        self._handles = [layer.register_forward_pre_hook(self._before), layer.register_forward_hook(self._after)]
+        self._handles = [] if method == "product" else [layer.register_forward_pre_hook(self._before),
+                                                         layer.register_forward_hook(self._after)]
 
     def _before(self, module, args):
         if torch.compiler.is_compiling() or not torch.is_grad_enabled() or self._gram is not None:
             return
+
         n = args[0].numel() // max(args[0].shape[-1], 1)
         self._gram = self.method == "gram" or (self.method == "auto" and gram_cheaper(module, n))
         if self._gram:

@@ -49,7 +49,7 @@ class TopKAST(ShadowDriver):
                 rms = float(block_rms(layer.values).pow(2).mean().sqrt()) if layer.nnz_blocks else 0.0
                 noise = torch.rand(param.shape, generator=self.generator).to(param.device, param.dtype)
                 param.copy_((2 * noise - 1) * (3 ** 0.5 * rms))
-                _zero_padding(layer, param, self.shadow[name][1])
+                layer.zero_edge_padding(param, self.shadow[name][1])
 
     def _shadow_penalty(self, name, param):
         if self.penalty == 0:
@@ -71,12 +71,3 @@ class TopKAST(ShadowDriver):
             shadow = drop_and_grow(kept, noise, noise, 0, n) & ~forward
             self._restructure(name, layer, forward, shadow, sources)
 
-
-def _zero_padding(layer, values, layout):
-    """Zero the parts of edge blocks outside (out_features, in_features), as SparseLinear does."""
-    (br, bc), (rows, cols) = layout.block_size, layer.padded_shape
-    pad_rows, pad_cols = rows - layer.out_features, cols - layer.in_features
-    if pad_rows:
-        values[layout.row_indices == layout.grid[0] - 1, br - pad_rows:, :] = 0
-    if pad_cols:
-        values[layout.col_indices == layout.grid[1] - 1, :, bc - pad_cols:] = 0
