@@ -68,7 +68,7 @@ def test_every_method_runs(tmp_path, capsys, monkeypatch, method):
             assert sparse["peak_mb_before_first_update"] is not None
 
 
-@pytest.mark.parametrize("method, kind", [("rigl", "block 8"), ("lowrank", "rank 4")])
+@pytest.mark.parametrize("method, kind", [("rigl", "block 8"), ("topkast", "block 8"), ("lowrank", "rank 4")])
 def test_the_cnn_trains_on_sparse_or_low_rank_convolutions(tmp_path, capsys, monkeypatch, method, kind):
     pytest.importorskip("sklearn")
     monkeypatch.setattr(train, "matplotlib_or_none", lambda: None)
@@ -79,15 +79,15 @@ def test_the_cnn_trains_on_sparse_or_low_rank_convolutions(tmp_path, capsys, mon
     report = json.loads((tmp_path / "train.json").read_text())
     layers = report["runs"][report["labels"][1]]["layers"]
     assert layers[0]["shape"] == "1-16 3x3"
-    assert layers[0]["kind"] == ("dense" if method == "rigl" else kind)  # sparsify leaves the 1-channel stem
+    assert layers[0]["kind"] == ("dense" if kind.startswith("block") else kind)  # sparsify leaves the 1-channel stem
     assert {layer["kind"] for layer in layers[1:-1]} == {kind}
     assert report["model"].startswith("CNN on 1x8x8 images")
-    if method == "rigl":
+    if kind.startswith("block"):
         assert report["kernel"]["family"] == "conv" and "kernel: conv backend" in out
 
 
 def test_the_cnn_refuses_methods_for_linear_layers_only(capsys):
-    assert main(["train", "--model", "cnn", "--method", "topkast"]) == 1
+    assert main(["train", "--model", "cnn", "--method", "2:4"]) == 1
     assert "--model cnn trains with --method" in capsys.readouterr().err
 
 

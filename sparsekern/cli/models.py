@@ -22,7 +22,7 @@ DRIVERS = {"rigl": methods.RigL, "set": methods.SET, "snfs": methods.SNFS, "ggr"
 BLOCK_METHODS = ("static", *DRIVERS)
 METHODS = (*BLOCK_METHODS, "2:4", "lowrank")
 MODELS = ("mlp", "cnn")
-CNN_METHODS = ("static", "rigl", "set", "snfs", "ggr", "lowrank")  # Top-KAST, DPF: linear layers only
+CNN_METHODS = (*BLOCK_METHODS, "lowrank")  # 2:4 has no convolution layer
 
 
 def build(model, data, width, seed):
