@@ -54,8 +54,9 @@ def build(args, engine):
 def run(args, name, engine, rank):
     model = build(args, engine)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    options = {"ramp_end": args.delta} if name == "DPF" else {}  # at its target density from the first update
     with gathered(model, opt):
-        driver = METHODS[name](model, opt, density=args.density, delta=args.delta, t_end=10 ** 9, seed=1)
+        driver = METHODS[name](model, opt, density=args.density, delta=args.delta, t_end=10 ** 6, seed=1, **options)
     wrapped = DDP(model, init_sync=False) if engine == "ddp" else model
     g = torch.Generator().manual_seed(rank)
     times = {"train": [], "step": [], "update": [], "rewrap": [], "rewrap_sync": []}
@@ -103,7 +104,7 @@ def bare_collectives(sizes):
         gathered_out = torch.empty(numel * dist.get_world_size())
         for kind in ("all_reduce", "all_gather"):
             runs = []
-            for _ in range(5):
+            for _ in range(21):
                 dist.barrier()
                 start = time.perf_counter()
                 if kind == "all_reduce":
