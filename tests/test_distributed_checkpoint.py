@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 import sparsekern as sk
 from sparsekern.methods import DLRT, RigL
 from sparsekern.methods.distributed import gathered, structure_step
-from sparsekern.methods.distributed_checkpoint import load, save
+from sparsekern.methods.distributed_checkpoint import adopt_structure, load, save, structure_of
 
 CASES = ("RigL", "DLRT")
 STEPS, SAVE_AT = 8, 4
@@ -145,3 +145,12 @@ def test_one_rank_to_two(runs, case):
     _, single, ranks = runs
     for r in ranks:
         _equal(r[f"{case}-from-1"], single[case], case)
+
+
+def test_a_structure_that_does_not_fit_the_model_is_refused():
+    model = build("RigL", sharded=False)[0]
+    structure = structure_of(model)
+    with pytest.raises(ValueError, match="layers the model does not have: \\['9'\\]"):
+        adopt_structure(model, {**structure, "9": structure["4"]})
+    with pytest.raises(ValueError, match="4: saved block grid \\(2, 2\\), the layer has \\(4, 2\\)"):
+        adopt_structure(model, {**structure, "4": ("blocks", torch.ones(2, 2, dtype=torch.bool))})

@@ -147,11 +147,29 @@ def run_dlrt(rank, engine):
     return {"state": full_state(model), "ranks": ranks, "sharded": len(fsdp_params(model))}
 
 
+def run_errors(rank):
+    """Structure changes FSDP2 cannot take give clear errors, on every rank."""
+    messages = []
+    for bad in ("disagree", "empty"):
+        torch.manual_seed(0)
+        model = shard(dst_model())
+        layer = model[4]
+        try:
+            with gathered(model):
+                mask = torch.zeros_like(layer.block_mask)
+                if bad == "disagree":
+                    mask[0, rank] = True  # a different block on each rank
+                layer.restructure(mask)
+        except RuntimeError as exc:
+            messages.append(str(exc))
+    return messages
+
+
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        results = {"static": run_static(rank)}
+        results = {"static": run_static(rank), "errors": run_errors(rank)}
         for name in DRIVERS:
             for engine in ("fsdp", "ddp"):
                 results[f"{name}-{engine}"] = run_dst(rank, name, engine)
@@ -194,6 +212,10 @@ def test_fsdp2_two_gloo_ranks(tmp_path):
     counts = {name: [int(r0[f"{name}-fsdp"]["state"][f"{i}.block_mask"].sum()) for i in (0, 4, 8)]
               for name in ("RigL", "GGR")}
     assert counts["GGR"] != counts["RigL"]  # GGR moved blocks between layers: nnz changed under FSDP
+    for r in (r0, r1):
+        disagree, empty = r["errors"]
+        assert "ranks disagree on the new structure of 4.values" in disagree
+        assert "4.values has no element left" in empty
     assert r0["DLRT-fsdp"]["sharded"] > 0
     assert r0["DLRT-fsdp"]["ranks"] == r1["DLRT-fsdp"]["ranks"] == r0["DLRT-ddp"]["ranks"]
     assert len({tuple(r) for r in r0["DLRT-fsdp"]["ranks"]}) > 1  # the ranks did change

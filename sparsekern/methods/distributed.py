@@ -15,7 +15,7 @@ full tensors, the optimizer re-keyed to them; the driver then runs unchanged
 decide the same structure, exactly as under DDP); on exit every parameter is
 sharded again at its new shape, each rank slicing its own rows (no
 communication), the optimizer state carried by the driver sharded with it.
-Ranks are checked to agree on every shape. Gradients are dropped on exit (the
+Ranks are checked to agree on every shape and layout buffer. Gradients are dropped on exit (the
 optimizer has used them). :func:`structure_step` wraps a driver's ``step()``
 so that only update steps pay for this, and only for the sparse layers.
 
@@ -23,6 +23,7 @@ Peak memory during an update is the sparse layers' values, gradients and
 optimizer state in full on every rank (what DDP holds all the time), every ΔT
 steps; DLRT, which changes its factors at every step, gathers every step.
 """
+import hashlib
 from contextlib import contextmanager
 
 import torch
@@ -79,17 +80,28 @@ def _check_idle(records):
             raise NotImplementedError("gathered() does not support FSDP2 CPU offloading")
 
 
-def _check_ranks_agree(records):
-    shapes = [tuple(getattr(fp._module_info.module, fp._module_info.param_name).shape) for _, fp in records]
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+def _structure_key(fp):
+    """What must agree across ranks after a change: the parameter's shape and a digest of its
+    module's own buffers (block masks, 2:4 indices), which decide the layout of the values."""
+    module = fp._module_info.module
+    digest = hashlib.sha1()
+    for buffer in module.buffers(recurse=False):
+        digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
+    return tuple(getattr(module, fp._module_info.param_name).shape), digest.hexdigest()
+
+
+def _check_ranks_agree(records, names):
+    if not (records and dist.is_initialized() and dist.get_world_size() > 1):
         return
+    keys = [_structure_key(fp) for _, fp in records]
     every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, shapes)
-    if any(other != shapes for other in every):
-        bad = next(i for i in range(len(shapes)) if len({tuple(e[i]) for e in every}) > 1)
-        raise RuntimeError(f"ranks disagree on the new shape of {records[bad][1]._param_fqn or bad}: "
-                           f"{[e[bad] for e in every]}; the structure decision must be identical on every "
-                           "rank (same seed, scores all-reduced)")
+    dist.all_gather_object(every, keys)
+    for i, (_, fp) in enumerate(records):
+        if len({e[i] for e in every}) > 1:
+            raise RuntimeError(f"ranks disagree on the new structure of {names[fp]} (shapes "
+                               f"{[e[i][0] for e in every]}, layout buffers equal: {len({e[i][1] for e in every}) == 1}); "
+                               "the structure decision must be identical on every rank (same seed, scores "
+                               "all-reduced)")
 
 
 @contextmanager
@@ -113,8 +125,10 @@ def gathered(model, optimizer=None, modules=None):
     for _, fp in records:
         if fp.fsdp_placement.dim != 0 or fp.is_dtensor:
             raise NotImplementedError(f"gathered() handles FSDP2's default Shard(0) placement of plain "
-                                      f"parameters; {fp._param_fqn} has {fp.fsdp_placement}"
+                                      f"parameters; {fp._module_info.param_name} has {fp.fsdp_placement}"
                                       f"{' and is a DTensor (tensor parallel)' if fp.is_dtensor else ''}")
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    names = {fp: by_id.get(id(fp.sharded_param), fp._module_info.param_name) for _, fp in records}
     entry = {}
     for _, fp in records:
         sharded = fp.sharded_param
@@ -126,7 +140,7 @@ def gathered(model, optimizer=None, modules=None):
     try:
         yield model
     finally:
-        _reshard(records, optimizer, entry)
+        _reshard(records, optimizer, entry, names)
 
 
 def _plain_for(fp, full):
@@ -140,14 +154,14 @@ def _plain_for(fp, full):
     return plain
 
 
-def _reshard(records, optimizer, entry):
-    _check_ranks_agree(records)
+def _reshard(records, optimizer, entry, names):
+    _check_ranks_agree(records, names)
     mapping = {}
     for group, fp in records:
         info = fp._module_info
         current = getattr(info.module, info.param_name)
         if current.requires_grad and current.numel() == 0:
-            raise RuntimeError(f"{fp._param_fqn or info.param_name} has no element left (a layer without "
+            raise RuntimeError(f"{names[fp]} has no element left (a layer without "
                                "stored blocks): FSDP2 cannot reduce-scatter an empty gradient; keep at least "
                                "one block per layer (higher density or smaller blocks)")
         fp._init_sharded_param(current.detach(), fp.device, None, fp.mesh_info)
