@@ -62,6 +62,11 @@ class DLRT:
     the factors (possibly changing their rank and replacing the Parameters) and
     all other trainable parameters of ``model``; optimizers built on the old
     factor Parameters go stale, so let DLRT own them.
+
+    Distributed: every rank computes the same ranks from the averaged gradients. Under DDP,
+    re-wrap the model when :meth:`ranks` changed (new Parameters); under FSDP2, call
+    ``sparsekern.methods.distributed.structure_step(dlrt, model)`` instead of ``step()``
+    (see docs/distributed.md).
     """
 
     def __init__(self, model, lr, *, tol, rmin=2, rmax=None, absolute=False, optimizer="sgd",
