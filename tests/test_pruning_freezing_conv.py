@@ -9,7 +9,7 @@ from torch import nn
 
 import sparsekern as sk
 from sparsekern.methods import PartiallyTrainableLinear, freeze, snip_scores
-from sparsekern.methods.pruning import PartiallyTrainableConv2d
+from sparsekern.nn import PartiallyTrainableConv2d
 from test_pruning_lottery_conv import BS, block_norms, element_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,7 +2,7 @@
 them to sparsekern layers, by purpose: ``pruning`` (at initialization, lottery tickets,
 K-starts, dissipating gradients, freezing), ``dst`` (dynamic sparse training) and
 ``lowrank`` (DLRT)."""
-from ..nn.partially_trainable_linear import PartiallyTrainableLinear  # noqa: F401
+from ..nn import PartiallyTrainableConv2d, PartiallyTrainableLinear  # noqa: F401
 from . import functional  # noqa: F401
 from .dst import DPF, GGR, SET, SNFS, DynamicSparsity, RigL, TopKAST  # noqa: F401
 from .dst.state import restructure  # noqa: F401

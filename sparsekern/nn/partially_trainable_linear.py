@@ -17,9 +17,10 @@ from torch import nn
 
 from .bsr_linear import SparseLinear
 from .dense_export import dense_linear
+from .partially_trainable import PartiallyTrainable
 
 
-class PartiallyTrainableLinear(nn.Module):
+class PartiallyTrainableLinear(PartiallyTrainable):
     """A linear layer with a frozen dense weight and trainable block deltas on ``block_mask``.
 
     Args:
@@ -35,29 +36,15 @@ class PartiallyTrainableLinear(nn.Module):
             raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
         out_features, in_features = weight.shape
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("frozen_weight", weight.detach().clone())
-        self.delta = SparseLinear(in_features, out_features, bias=False, block_size=block_size, density=0.0,
-                                  device=weight.device, dtype=weight.dtype)
-        self.delta.set_block_mask(block_mask)  # new blocks start at zero: Δ = 0
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self._init_parts(weight, bias, SparseLinear(in_features, out_features, bias=False, block_size=block_size,
+                                                    density=0.0, device=weight.device, dtype=weight.dtype),
+                         block_mask)
 
     @classmethod
     def from_dense(cls, linear, block_mask, *, block_size=32):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
         return cls(linear.weight, linear.bias, block_mask, block_size=block_size)
-
-    @property
-    def block_mask(self):
-        return self.delta.block_mask
-
-    @property
-    def trainable_fraction(self):
-        return self.delta.density
-
-    def dense_weight(self):
-        """The weight the forward uses: frozen part plus the trained deltas."""
-        return self.frozen_weight + self.delta.dense_weight()
 
     def to_dense(self):
         """The ``nn.Linear`` this layer stands for (effective weight and bias, same device and dtype),

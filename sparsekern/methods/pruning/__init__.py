@@ -7,7 +7,6 @@ from .kstarts import k_starts, select_fittest  # noqa: F401
 from .lottery import apply_masks, geometric_schedule, iterative_magnitude_pruning, linear_weights, prune_remaining  # noqa: F401,E501
 from .masks import (block_scores, expand_block_mask, global_magnitude_mask, global_topk_masks,  # noqa: F401
                     layerwise_topk_masks, nm_mask, topk_mask)
-from .partially_trainable_conv2d import PartiallyTrainableConv2d  # noqa: F401
 from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks,  # noqa: F401
                        synflow_scores)
 from .sparsify import compute_block_masks, densify, sparsify  # noqa: F401

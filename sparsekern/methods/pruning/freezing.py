@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from ...formats.bsr import _as_block_size
+from ...nn.partially_trainable_conv2d import PartiallyTrainableConv2d
 from ...nn.partially_trainable_linear import PartiallyTrainableLinear
 from .masks import block_grid, block_scores, topk_mask
-from .partially_trainable_conv2d import PartiallyTrainableConv2d
 from .sparsify import dense_by_default, replace_module, sparsifiable_layers
 
 

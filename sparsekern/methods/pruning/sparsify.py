@@ -32,11 +32,11 @@ from ...nn.bsr_linear import SparseLinear
 from ...nn.conv2d import SparseConv2d
 from ...nn.lowrank_conv2d import LowRankConv2d
 from ...nn.lowrank_linear import LowRankLinear
+from ...nn.partially_trainable_conv2d import PartiallyTrainableConv2d
 from ...nn.partially_trainable_linear import PartiallyTrainableLinear
 from ...nn.semi_linear import SemiSparseLinear
 from .density import layer_densities
 from .masks import block_scores, global_topk_masks, layerwise_topk_masks
-from .partially_trainable_conv2d import PartiallyTrainableConv2d
 from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks, synflow_scores,
                        prunable_weights)
 

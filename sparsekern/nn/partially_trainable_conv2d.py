@@ -1,8 +1,7 @@
 """``PartiallyTrainableConv2d``: the convolution counterpart of ``PartiallyTrainableLinear`` (freezing).
 
-The full dense kernel is a *buffer* (no gradient, no optimizer state); the trainable part is a
-zero-initialised ``SparseConv2d`` of block deltas (output x input channel blocks with all their
-taps):
+The full dense kernel is a buffer; the trainable part is a zero-initialised ``SparseConv2d``
+of block deltas (output x input channel blocks with all their taps; see partially_trainable.py):
 
     y = conv(x, W_frozen) + conv(x, Δ) + b,   Δ block-sparse on the trainable set T.
 
@@ -12,11 +11,12 @@ gradient only on T, so frozen blocks cost no dW work and no optimizer memory.
 import torch.nn.functional as F
 from torch import nn
 
-from ...nn.conv2d import SparseConv2d
-from ...nn.dense_export import dense_conv2d
+from .conv2d import SparseConv2d
+from .dense_export import dense_conv2d
+from .partially_trainable import PartiallyTrainable
 
 
-class PartiallyTrainableConv2d(nn.Module):
+class PartiallyTrainableConv2d(PartiallyTrainable):
     """An ``nn.Conv2d`` with a frozen dense kernel and trainable block deltas on ``block_mask``.
 
     Args:
@@ -32,24 +32,10 @@ class PartiallyTrainableConv2d(nn.Module):
         weight = conv.weight.detach()
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
             setattr(self, name, getattr(conv, name))
-        self.register_buffer("frozen_weight", weight.clone())
-        self.delta = SparseConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                                  conv.dilation, conv.groups, bias=False, block_size=block_size, density=0.0,
-                                  padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
-        self.delta.set_block_mask(block_mask)  # new blocks start at zero: Δ = 0
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
-
-    @property
-    def block_mask(self):
-        return self.delta.block_mask
-
-    @property
-    def trainable_fraction(self):
-        return self.delta.density
-
-    def dense_weight(self):
-        """The kernel the forward uses: frozen part plus the trained deltas."""
-        return self.frozen_weight + self.delta.dense_weight()
+        delta = SparseConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                             conv.dilation, conv.groups, bias=False, block_size=block_size, density=0.0,
+                             padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+        self._init_parts(weight, conv.bias, delta, block_mask)
 
     def to_dense(self):
         """The ``nn.Conv2d`` this layer stands for (effective kernel and bias, same device and dtype)."""
