@@ -31,7 +31,8 @@ def static_model():
         sk.LowRankConv2d(8, 8, 3, rank=3, padding=1), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
         sk.SparseLinear(8, 16, block_size=4, density=0.5), torch.nn.ReLU(),
-        sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.LowRankLinear(16, 5, rank=3))
+        sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.SemiSparseLinear(16, 16, mode="dynamic"), torch.nn.ReLU(),
+        sk.LowRankLinear(16, 5, rank=3))
 
 
 def dst_model():
@@ -82,7 +83,7 @@ def run_static(rank):
     torch.manual_seed(0)
     model = shard(static_model())
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (reference, model)]
-    views = []
+    views, grads = [], []
     for step in range(3):
         for m, opt, (x, y) in ((reference, opts[0], batch(step)), (model, opts[1], batch(step, rank))):
             opt.zero_grad()
@@ -90,8 +91,12 @@ def run_static(rank):
                 warnings.simplefilter("always")
                 F.cross_entropy(m(x), y).backward()
             views += [str(w.message) for w in caught if "view tensor" in str(w.message) and m is model]
+            if step == 0:  # the gradients themselves, before any optimizer step
+                grads.append({n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                              for n, p in m.named_parameters()})
             opt.step()
-    return {"reference": full_state(reference), "sharded": full_state(model), "views": views}
+    return {"reference": full_state(reference), "sharded": full_state(model), "views": views,
+            "grads": grads}
 
 
 def run_dst(rank, name, engine):
@@ -201,6 +206,7 @@ def test_fsdp2_two_gloo_ranks(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     # Static: every layer kind sharded gives the single-process run on the whole batch.
     for r in (r0, r1):
+        _close(r["static"]["grads"][1], r["static"]["grads"][0], "static gradients")
         _close(r["static"]["sharded"], r["static"]["reference"], "static")
         assert not [w for w in r["static"]["views"] if "SemiSparseLinear" in w]
     # Structure changes: identical on both ranks, and the decisions DDP takes.
