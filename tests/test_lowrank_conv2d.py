@@ -266,3 +266,20 @@ def test_bad_inputs_and_conversions_name_the_problem():
         sk.LowRankConv2d.from_dense(nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(ValueError, match="either rank or tol"):
         sk.LowRankConv2d.from_dense(nn.Conv2d(3, 6, 3), rank=2, tol=0.1)
+
+
+def test_torch_compile_traces_forward_and_backward_without_graph_breaks():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(sk.LowRankConv2d(3, 8, 3, 2, padding=1), nn.ReLU(),
+                          sk.LowRankConv2d(8, 5, (3, 2), 3, stride=2, bias=False))
+    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    results = []
+    for run in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        y = run(x)
+        y.square().sum().backward()
+        results.append([y, x.grad] + [p.grad for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)
