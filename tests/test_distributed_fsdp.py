@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -167,6 +167,18 @@ def run_errors(rank):
                 layer.restructure(mask)
         except RuntimeError as exc:
             messages.append(str(exc))
+    torch.manual_seed(0)
+    model = dst_model()
+    for layer in model:
+        if any(True for _ in layer.parameters(recurse=False)):
+            fully_shard(layer, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gathered(model, opt):
+        dst = GGR(model, opt, density=0.4, delta=2, t_end=8)
+    try:
+        structure_step(dst, model, opt)
+    except NotImplementedError as exc:
+        messages.append(str(exc))
     return messages
 
 
@@ -219,7 +231,8 @@ def test_fsdp2_two_gloo_ranks(tmp_path):
               for name in ("RigL", "GGR")}
     assert counts["GGR"] != counts["RigL"]  # GGR moved blocks between layers: nnz changed under FSDP
     for r in (r0, r1):
-        disagree, empty = r["errors"]
+        disagree, empty, precision = r["errors"]
+        assert "MixedPrecisionPolicy runs its layers in torch.bfloat16" in precision
         assert "ranks disagree on the new structure of 4.values" in disagree
         assert "4.values has no element left" in empty
     assert r0["DLRT-fsdp"]["sharded"] > 0

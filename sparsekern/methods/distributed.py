@@ -24,6 +24,7 @@ optimizer state in full on every rank (what DDP holds all the time), every ΔT
 steps; DLRT, which changes its factors at every step, gathers every step.
 """
 import hashlib
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -185,17 +186,39 @@ def _reshard(records, optimizer, entry, names):
     _remap_optimizer(optimizer, mapping, convert, records=True)
 
 
+_checked = weakref.WeakSet()  # drivers whose FSDP2 setup passed _check_precision
+
+
+def _check_precision(driver, model, modules):
+    """The score probes of RigL/SNFS/GGR and the shadow drivers are built in the parameters'
+    dtype; FSDP2 mixed precision runs the layers in ``param_dtype``, which the probes' ops refuse."""
+    if driver in _checked:
+        return
+    if getattr(driver, "needs_scores", False) or hasattr(driver, "shadow"):
+        chosen = {id(m) for m in modules}
+        for group, fp in fsdp_params(model):
+            dtype = group.mp_policy.param_dtype
+            if id(fp._module_info.module) in chosen and dtype is not None and dtype != fp.sharded_param.dtype:
+                raise NotImplementedError(
+                    f"{type(driver).__name__} probes dense gradients in the parameters' dtype "
+                    f"({fp.sharded_param.dtype}), but FSDP2's MixedPrecisionPolicy runs its layers in {dtype}; "
+                    "use SET, or keep param_dtype=None on the sparse layers")
+    _checked.add(driver)
+
+
 def structure_step(driver, model, optimizer=None):
     """``driver.step()`` for an FSDP2 model: inside :func:`gathered` on the steps that change the
     structure (a DST driver's update steps; every step of DLRT, whose integrator needs whole
     factors), directly otherwise. Returns what ``step()`` returns."""
+    # A DST driver changes its sparse layers only; DLRT steps every parameter of the model.
+    layers = getattr(driver, "semi_layers", None)
+    modules = None if layers is None else [m for _, m in driver.layers + layers]
+    if modules is not None:
+        _check_precision(driver, model, modules)
     schedule = getattr(driver, "schedule", None)
     if schedule is not None and not schedule.is_update_step(driver.t + 1):
         return driver.step()
     if optimizer is None:  # a DST driver's optimizer; DLRT is its own (its ``optimizer`` names the rule)
         optimizer = getattr(driver, "optimizer", None)
-    # A DST driver changes its sparse layers only; DLRT steps every parameter of the model.
-    layers = getattr(driver, "semi_layers", None)
-    modules = None if layers is None else [m for _, m in driver.layers + layers]
     with gathered(model, optimizer if isinstance(optimizer, torch.optim.Optimizer) else None, modules):
         return driver.step()
