@@ -47,8 +47,8 @@ def _static_model():
         sk.LowRankConv2d(8, 8, 3, rank=3, padding=1), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
         sk.SparseLinear(8, 16, block_size=4, density=0.5), torch.nn.ReLU(),
-        sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.SemiSparseLinear(16, 16, mode="dynamic"), torch.nn.ReLU(),
-        sk.LowRankLinear(16, 5, rank=3))
+        sk.SemiSparseLinear(16, 16), torch.nn.ReLU(),
+        sk.SemiSparseLinear(16, 16, mode="dynamic"), torch.nn.ReLU(), sk.LowRankLinear(16, 5, rank=3))
 
 
 def _dlrt_model():

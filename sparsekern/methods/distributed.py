@@ -15,9 +15,10 @@ full tensors, the optimizer re-keyed to them; the driver then runs unchanged
 decide the same structure, exactly as under DDP); on exit every parameter is
 sharded again at its new shape, each rank slicing its own rows (no
 communication), the optimizer state carried by the driver sharded with it.
-Ranks are checked to agree on every shape and layout buffer. Gradients are dropped on exit (the
-optimizer has used them). :func:`structure_step` wraps a driver's ``step()``
-so that only update steps pay for this, and only for the sparse layers.
+Ranks are checked to agree on every shape and layout buffer. Gradients are
+dropped on exit (the optimizer has used them). :func:`structure_step` wraps a
+driver's ``step()`` so that only update steps pay for this, and only for the
+sparse layers.
 
 Peak memory during an update is the sparse layers' values, gradients and
 optimizer state in full on every rank (what DDP holds all the time), every ΔT
@@ -30,6 +31,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 from torch.distributed.tensor import DTensor
 
 __all__ = ["gathered", "structure_step", "fsdp_params"]
@@ -37,7 +39,6 @@ __all__ = ["gathered", "structure_step", "fsdp_params"]
 
 def fsdp_params(model):
     """The FSDP2 parameter records (one per sharded parameter) of ``model``, in module order."""
-    from torch.distributed.fsdp import FSDPModule
     records = []
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -77,7 +78,7 @@ def _check_idle(records):
         if not group.is_sharded:
             raise RuntimeError("gathered() needs every FSDP2 module resharded: call it between iterations "
                                "(after optimizer.step()), not inside a forward or backward")
-        if group.offload_policy.__class__.__name__ == "CPUOffloadPolicy":
+        if isinstance(group.offload_policy, CPUOffloadPolicy):
             raise NotImplementedError("gathered() does not support FSDP2 CPU offloading")
 
 
@@ -99,10 +100,10 @@ def _check_ranks_agree(records, names):
     dist.all_gather_object(every, keys)
     for i, (_, fp) in enumerate(records):
         if len({e[i] for e in every}) > 1:
+            same_layout = len({e[i][1] for e in every}) == 1
             raise RuntimeError(f"ranks disagree on the new structure of {names[fp]} (shapes "
-                               f"{[e[i][0] for e in every]}, layout buffers equal: {len({e[i][1] for e in every}) == 1}); "
-                               "the structure decision must be identical on every rank (same seed, scores "
-                               "all-reduced)")
+                               f"{[e[i][0] for e in every]}, layout buffers equal: {same_layout}); the "
+                               "structure decision must be identical on every rank (same seed, scores all-reduced)")
 
 
 @contextmanager
