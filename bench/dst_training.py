@@ -33,11 +33,12 @@ def state_mb(model, optimizer, driver):
 
 
 def stored_density(model):
+    """Stored weights over the dense weights of the sparse layers (block, conv and 2:4)."""
     stored = total = 0
     for m in model.modules():
-        if isinstance(m, sk.SparseLinear):
-            stored += m.nnz_blocks * math.prod(m.block_size)
-            total += m.padded_shape[0] * m.padded_shape[1]
+        if isinstance(m, (sk.SparseLinear, sk.SparseConv2d)):
+            stored += m.values.numel()  # nnz blocks x block (x kh x kw taps)
+            total += m.padded_shape[0] * m.padded_shape[1] * math.prod(getattr(m, "kernel_size", ()))
         elif isinstance(m, sk.SemiSparseLinear):
             stored += m.values.numel()
             total += m.in_features * m.out_features
@@ -76,6 +77,8 @@ def _driver(method, model, opt, density, delta, t_end, ramp_end, args, seed):
         # Keep the activation scale of the dense init: fan-in shrank to density * in_features.
         with torch.no_grad():
             for name, layer in driver.layers:  # random block masks (2:4 layers keep their magnitude pruning)
+                if layer.density == 0:  # ERK rounded a small block grid to no block: nothing to scale
+                    continue
                 layer.values.mul_(layer.density ** -0.5)
                 if hasattr(driver, "shadow"):  # Top-KAST's exploration blocks: same scale
                     driver.shadow[name][0].mul_(layer.density ** -0.5)
@@ -87,11 +90,14 @@ def _train(task, method, density, data, args, seed):
     train_x, train_y, _, _, make = data
     sparse = method != "dense"
     model = make(sparse, seed)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9,
+                          weight_decay=getattr(args, "weight_decay", 0.0))
     steps = args.epochs * (len(train_x) // args.batch)
     delta, t_end = args.delta, int(args.t_end * steps)
     ramp_end = int(args.dpf_ramp_end * steps) if method == "dpf" and args.dpf_ramp_end is not None else None
-    driver = _driver(method, model, opt, density, delta, t_end, ramp_end, args, seed) if sparse else None
+    # Methods without a driver (e.g. pruning at init) got their structure from ``make``.
+    driver = _driver(method, model, opt, density, delta, t_end, ramp_end, args, seed) \
+        if sparse and method in METHODS else None
     order = torch.cat([torch.randperm(len(train_x), generator=torch.Generator().manual_seed(1000 * seed + e))
                        for e in range(args.epochs)])
     times, updates = [], []
@@ -115,7 +121,8 @@ def _train(task, method, density, data, args, seed):
             "epochs": args.epochs, "delta": delta, "train_samples": len(train_x),
             "t_end": t_end, "schedule": args.schedule, "ramp_end": ramp_end,
             "stored_density": round(stored_density(model), 4),
-            "block_size": (args.block_size if args.hidden_layer == "block" else args.hidden_layer) if sparse else None,
+            "block_size": (args.block_size if getattr(args, "hidden_layer", "block") == "block" else args.hidden_layer)
+            if sparse else None,
             "metric": "test_acc" if task == "fashion" else "val_bits_per_char",
             "train_s": round(sum(times), 3), "step_ms": round(1000 * median, 3), "steps": steps,
             "updates": len(updates), "update_cost_steps": round(cost_steps, 3),
