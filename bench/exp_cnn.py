@@ -54,7 +54,7 @@ import time
 import torch
 
 import datasets
-from cnn_models import RESNET_DENSE, LeNet5, ResNet, ranks
+from cnn_models import RESNET_DENSE, LeNet5, ResNet, conv_macs, ranks
 from dst_tables import mean_quality, paired_differences, quality_pivot
 from dst_training import evaluate, run
 from exp_dlrt import count_params, markdown as dlrt_markdown, train as dlrt_train
@@ -246,6 +246,9 @@ def main(argv=None):
     path = kernel_path("conv_forward", torch.device("cpu"), torch.float32)
     env.update(path, dtype="float32")
     print(f"# {header(env, path)}")
+    print(f"# ResNet {args.widths} x {args.blocks} blocks: {conv_macs(ResNet(args.widths, args.blocks)) / 1e6:.1f}M "
+          f"multiply-adds per image forward (dense); LeNet-5 {args.lenet_widths}: "
+          f"{conv_macs(LeNet5(args.lenet_widths)) / 1e6:.2f}M")
     data = datasets.load_fashion_mnist()  # standardised with the full training set's statistics
     rows = resnet_runs(args, env, data) if args.methods else []
     if args.dlrt_tols:
