@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern as sk
+from helpers import output_and_grads
 from sparsekern.formats.lowrank import truncation_rank
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -271,15 +272,12 @@ def test_bad_inputs_and_conversions_name_the_problem():
 def test_torch_compile_traces_forward_and_backward_without_graph_breaks():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = nn.Sequential(sk.LowRankConv2d(3, 8, 3, 2, padding=1), nn.ReLU(),
+    # Each low-rank layer's input gradient reaches a parameter below it (the leading 1x1 conv's).
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), sk.LowRankConv2d(3, 8, 3, 2, padding=1), nn.ReLU(),
                           sk.LowRankConv2d(8, 5, (3, 2), 3, stride=2, bias=False))
-    x = torch.randn(2, 3, 9, 8, requires_grad=True)
-    results = []
-    for run in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
-        y = run(x)
-        y.square().sum().backward()
-        results.append([y, x.grad] + [p.grad for p in model.parameters()])
-        model.zero_grad(set_to_none=True)
-        x.grad = None
-    for got, want in zip(results[1], results[0]):
+    x = torch.randn(2, 3, 9, 8)
+    y_eager, grads_eager = output_and_grads(model, x)
+    y_compiled, grads_compiled = output_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"), x)
+    torch.testing.assert_close(y_compiled, y_eager)
+    for got, want in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(got, want)
