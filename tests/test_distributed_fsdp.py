@@ -49,7 +49,8 @@ def linear_model():
 
 
 DRIVERS = {"SET": (SET, dst_model), "RigL": (RigL, dst_model), "SNFS": (SNFS, dst_model),
-           "GGR": (GGR, dst_model), "TopKAST": (TopKAST, linear_model), "DPF": (DPF, linear_model)}
+           "GGR": (GGR, dst_model), "TopKAST": (TopKAST, linear_model), "DPF": (DPF, linear_model),
+           "GGR-root": (GGR, dst_model)}  # fully_shard on the root only: one group, partly gathered
 
 
 def dlrt_model():
@@ -104,7 +105,7 @@ def run_dst(rank, name, engine):
     torch.manual_seed(0)
     model = build()
     if engine == "fsdp":
-        shard(model)
+        fully_shard(model) if name.endswith("-root") else shard(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         with gathered(model, opt):  # the initial ERK masks change shapes too
             dst = cls(model, opt, density=0.4, delta=2, t_end=8, seed=123)
