@@ -7,7 +7,7 @@ Model: ``--layers`` SparseLinear(d, d) layers, block ``--block``, density ``--de
 FSDP2 (updates through ``sparsekern.methods.distributed.structure_step``). Per method and
 engine it reports the median time of a training step (forward, backward, optimizer step),
 of ``driver.step()`` on non-update and on update steps (the decision, its all-reduce, the
-restructure and, under FSDP2, the gather and re-shard), of a DDP re-wrap with and without
+restructure and, under FSDP2, the gather and re-shard, also timed apart), of a DDP re-wrap with and without
 the initial broadcast, and the bytes each rank sends for the method's own collectives
 (counted from the model's sizes: the formulas of docs/distributed.md). It also times bare
 gloo all-reduce and all-gather at those sizes. Prints a table; ``--json`` writes the rows.
@@ -59,7 +59,8 @@ def run(args, name, engine, rank):
         driver = METHODS[name](model, opt, density=args.density, delta=args.delta, t_end=10 ** 6, seed=1, **options)
     wrapped = DDP(model, init_sync=False) if engine == "ddp" else model
     g = torch.Generator().manual_seed(rank)
-    times = {"train": [], "step": [], "update": [], "rewrap": [], "rewrap_sync": []}
+    times = {"train": [], "step": [], "update": [], "rewrap": [], "rewrap_sync": [], "gather": [], "decide": [],
+             "reshard": []}
     for t in range(args.steps):
         x = torch.randn(args.batch, args.dim, generator=g)
         start = time.perf_counter()
@@ -70,7 +71,18 @@ def run(args, name, engine, rank):
         update = driver.schedule.is_update_step(driver.t + 1)
         dist.barrier()
         start = time.perf_counter()
-        changed = structure_step(driver, model, opt) if engine == "fsdp" else driver.step()
+        if engine == "fsdp" and update:  # structure_step's update path, timed in its three phases
+            context = gathered(model, opt, [m for _, m in driver.layers + driver.semi_layers])
+            context.__enter__()
+            entered = time.perf_counter()
+            changed = driver.step()
+            decided = time.perf_counter()
+            context.__exit__(None, None, None)
+            for key, value in (("gather", entered - start), ("decide", decided - entered),
+                               ("reshard", time.perf_counter() - decided)):
+                times[key].append(value)
+        else:
+            changed = structure_step(driver, model, opt) if engine == "fsdp" else driver.step()
         times["update" if update else "step"].append(time.perf_counter() - start)
         if changed and engine == "ddp":
             for key, sync in (("rewrap_sync", True), ("rewrap", False)):
@@ -157,10 +169,11 @@ def main():
     ms = lambda v: f"{'-':>8}" if v is None else f"{1e3 * v:8.2f}"  # noqa: E731
     print(f"{args.world} gloo processes x {args.threads} thread(s); {args.layers} x SparseLinear({args.dim}, "
           f"{args.dim}), block {args.block}, density {args.density}, batch {args.batch}/rank; times in ms (median)")
-    print(f"{'method':8} {'engine':6} {'train':>8} {'step':>8} {'update':>8} {'rewrap':>8} {'+sync':>8} "
-          f"{'B/update':>10} {'B/step':>10}")
+    print(f"{'method':8} {'engine':6} {'train':>8} {'step':>8} {'update':>8} {'gather':>8} {'decide':>8} "
+          f"{'reshard':>8} {'rewrap':>8} {'+sync':>8} {'B/update':>10} {'B/step':>10}")
     for r in result["rows"]:
         print(f"{r['method']:8} {r['engine']:6} {ms(r['train'])} {ms(r['step'])} {ms(r['update'])} "
+              f"{ms(r['gather'])} {ms(r['decide'])} {ms(r['reshard'])} "
               f"{ms(r['rewrap'])} {ms(r['rewrap_sync'])} {r['bytes_per_update']:10.0f} {r['bytes_per_step']:10.0f}")
     print("bare gloo collectives (fp32 elements -> ms):",
           ", ".join(f"{k} {1e3 * v:.2f}" for k, v in result["bare"].items()))

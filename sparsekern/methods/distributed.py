@@ -131,18 +131,64 @@ def gathered(model, optimizer=None, modules=None):
                                       f"{' and is a DTensor (tensor parallel)' if fp.is_dtensor else ''}")
     by_id = {id(p): name for name, p in model.named_parameters()}
     names = {fp: by_id.get(id(fp.sharded_param), fp._module_info.param_name) for _, fp in records}
+    full = _gather(records, optimizer)
     entry = {}
     for _, fp in records:
-        sharded = fp.sharded_param
-        entry[fp] = plain = _plain_for(fp, sharded.full_tensor())
-        plain.grad = None if sharded.grad is None else _full(sharded.grad)
+        entry[fp] = plain = _plain_for(fp, full[fp, "param"])
+        plain.grad = full.get((fp, "grad"))
         fp._setattr_on_modules(plain)
-    mapping = {fp.sharded_param: plain for fp, plain in entry.items()}
-    _remap_optimizer(optimizer, mapping, lambda value, fp: _full(value))
+    mapping = {fp.sharded_param: (fp, plain) for fp, plain in entry.items()}
+    _remap_optimizer(optimizer, {old: plain for old, (_, plain) in mapping.items()},
+                     lambda value, plain: value)
+    if optimizer is not None:
+        for old, (fp, plain) in mapping.items():
+            state = optimizer.state.get(plain, {})
+            for key in state:
+                state[key] = full.get((fp, key), _full(state[key]))
     try:
         yield model
     finally:
         _reshard(records, optimizer, entry, names)
+
+
+@torch.no_grad()
+def _gather(records, optimizer):
+    """{(record, "param" | "grad" | optimizer state key): full tensor} for every record's parameter,
+    its gradient and its optimizer state tensors shaped like it: one all-gather per process group
+    and dtype instead of one per tensor (FSDP2's shards are its rows in order, padded at the end,
+    so the gathered padded shards are the full tensor followed by padding)."""
+    buckets = {}
+    for _, fp in records:
+        sharded = fp.sharded_param
+        tensors = {"param": sharded, "grad": sharded.grad}
+        if optimizer is not None:
+            tensors.update(optimizer.state.get(sharded, {}))
+        for key, tensor in tensors.items():
+            if isinstance(tensor, DTensor) and tuple(tensor.shape) == tuple(sharded.shape):
+                group = fp.mesh_info.shard_process_group
+                buckets.setdefault((group, tensor.dtype), []).append((fp, key, tensor.to_local().detach()))
+    full = {}
+    for (group, _), bucket in buckets.items():
+        flat = torch.cat([_padded(local, fp.padded_sharded_param_size).reshape(-1) for fp, _, local in bucket])
+        world = dist.get_world_size(group)
+        out = flat.new_empty(world * flat.numel())
+        dist.all_gather_into_tensor(out, flat, group=group)
+        out, offset = out.view(world, -1), 0
+        for fp, key, _ in bucket:
+            padded = fp.padded_sharded_param_size
+            n = padded.numel()
+            rows = out[:, offset:offset + n].reshape(world * padded[0], *padded[1:])
+            full[fp, key] = rows[:fp._orig_size[0]].contiguous()
+            offset += n
+    return full
+
+
+def _padded(local, size):
+    if tuple(local.shape) == tuple(size):
+        return local
+    padded = local.new_zeros(size)
+    padded[:local.shape[0]] = local
+    return padded
 
 
 def _plain_for(fp, full):
