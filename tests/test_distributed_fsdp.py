@@ -5,7 +5,9 @@ single-process run on the whole batch. Structure changes (SET, RigL, SNFS, GGR
 on conv, linear and 2:4 layers; Top-KAST and DPF on linear layers; DLRT rank
 changes) go through ``sparsekern.methods.distributed.structure_step``: both ranks
 end with identical structures, and the sharded run takes the decisions of the
-same run under DDP (the driver's averaged scores are the same in both).
+same run under DDP (the driver's averaged scores are the same in both). What
+the mechanism cannot take (ranks that disagree, a layer left without blocks,
+mixed precision with probes) raises a clear error on every rank.
 """
 import os
 import warnings
