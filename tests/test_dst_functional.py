@@ -159,3 +159,29 @@ def test_topk_mask_breaks_ties_by_lower_index_in_both_namespaces():
     assert Fn.topk_mask is methods.topk_mask
     assert methods.topk_mask(score, 0.6).tolist() == [False, True, True, False, True]
 
+
+
+@pytest.mark.parametrize("rule", ["snfs", "ggr"])
+def test_redistribution_counts_weights_when_blocks_differ_in_size(rule):
+    # Layer 0's blocks hold 9 weights (a 3x3 conv's), layer 1's hold 1; layer 1 has the larger
+    # gradients and momentum, so it gains entries. Both rules keep the stored weights within one
+    # block of the target, below it, and equal the block-count rule when the sizes agree.
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 4, dtype=torch.bool)]
+    masks[0].view(-1)[:8] = True
+    masks[1].view(-1)[8:] = True
+    weights = [torch.rand(4, 4, generator=g) * m for m in masks]
+    scores = [torch.rand(4, 4, generator=g), 10 + torch.rand(4, 4, generator=g)]
+
+    def update(**kwargs):
+        if rule == "snfs":
+            return [m for m, _ in Fn.snfs_update(weights, masks, scores, 0.5, grow_scores=scores, **kwargs)]
+        return [m for m, _ in Fn.ggr_update(weights, masks, scores, 0.5, **kwargs)]
+
+    sizes, target = [9, 1], 8 * 9 + 8
+    new = update(cell_sizes=sizes, target=target)
+    stored = sum(int(m.sum()) * c for m, c in zip(new, sizes))
+    assert target - 9 < stored <= target
+    assert int(new[1].sum()) > 8  # the important layer grew
+    assert all(torch.equal(a, b) for a, b in zip(update(cell_sizes=[4, 4]), update()))
+    assert sum(int(m.sum()) for m in update(cell_sizes=[2, 2], target=2 * 20)) == 20  # a target in weights

@@ -42,6 +42,7 @@ come from the driver's own generator seeded identically (``seed``). Ties are
 broken by index, never by noise. After a structure change ``step()`` returns
 True: parameter shapes changed, so a DDP wrapper must be rebuilt.
 """
+import math
 import time
 
 import torch
@@ -135,6 +136,9 @@ class DynamicSparsity:
         self._probes, self._semi_probes = {}, {}
         if density is not None and self.layers:
             self._init_masks(density)
+        # What SNFS and GGR hold constant while moving blocks between layers: stored weights,
+        # not blocks (a conv block holds kh x kw times a linear block's weights).
+        self.target_weights = sum(layer.values.numel() for _, layer in self.layers)
         self._setup()
         self._arm()
 
@@ -187,6 +191,10 @@ class DynamicSparsity:
     def _block_counts(self):
         return [layer.nnz_blocks for _, layer in self.layers]
 
+    def _cell_sizes(self):
+        """Weights per block of each layer (all taps of a conv block)."""
+        return [math.prod(layer.values.shape[1:]) for _, layer in self.layers]
+
     def _after_optimizer_step(self):
         """Per-step work of drivers with shadow weights (Top-KAST, DPF)."""
 
@@ -237,12 +245,14 @@ class DynamicSparsity:
 
     # -- checkpoints ---------------------------------------------------------
     def state_dict(self):
-        return {"t": self.t, "generator": self.generator.get_state(), "update_seconds": list(self.update_seconds)}
+        return {"t": self.t, "generator": self.generator.get_state(), "update_seconds": list(self.update_seconds),
+                "target_weights": self.target_weights}
 
     def load_state_dict(self, state):
         """Restore the driver; load the model (its structure) and optimizer states too."""
         self.t = int(state["t"])
         self.generator.set_state(state["generator"])
+        self.target_weights = int(state.get("target_weights", self.target_weights))
         self.update_seconds = list(state.get("update_seconds", []))
         self._arm()
 
@@ -289,7 +299,7 @@ class SNFS(DynamicSparsity):
         new_masks = snfs_new_masks([self._weight_scores(l) for _, l in self.layers],
                                    [l.block_mask for _, l in self.layers],
                                    [self._momentum_scores(l) for _, l in self.layers], drop_fraction,
-                                   grow_scores=grads)
+                                   grow_scores=grads, cell_sizes=self._cell_sizes(), target=self.target_weights)
         for (_, layer), mask in zip(self.layers, new_masks):
             restructure(layer, self.optimizer, mask)
         self._update_semi(drop_fraction)  # 2:4 fixes each layer's density: nothing to redistribute
@@ -303,7 +313,8 @@ class GGR(DynamicSparsity):
     def _update(self, drop_fraction):
         if self.layers:
             new_masks = ggr_new_masks([self._weight_scores(l) for _, l in self.layers],
-                                      [l.block_mask for _, l in self.layers], self._grad_scores(), drop_fraction)
+                                      [l.block_mask for _, l in self.layers], self._grad_scores(), drop_fraction,
+                                      cell_sizes=self._cell_sizes(), target=self.target_weights)
             for (_, layer), mask in zip(self.layers, new_masks):
                 restructure(layer, self.optimizer, mask)
         self._update_semi(drop_fraction)  # 2:4 fixes each layer's density: nothing to redistribute

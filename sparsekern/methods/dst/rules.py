@@ -60,6 +60,32 @@ def _largest(score, eligible, k):
     return where[torch.sort(values, descending=True, stable=True).indices[:k]]
 
 
+def _largest_within(score, eligible, sizes, budget):
+    """Flat indices of eligible entries taken by decreasing ``score`` (as :func:`_largest`)
+    while their ``sizes`` (one per entry) fit in ``budget``: an entry too large is passed
+    over, a smaller one further down may still fit."""
+    order = _largest(score, eligible, int(eligible.sum()))
+    taken, left, smallest = [], int(budget), int(sizes.min()) if sizes.numel() else 0
+    for index, size in zip(order.tolist(), sizes.reshape(-1)[order].tolist()):
+        if left < smallest:
+            break
+        if size <= left:
+            taken.append(index)
+            left -= size
+    return torch.tensor(taken, dtype=torch.long, device=eligible.device)
+
+
+def _regrow_budget(masks, kept, cell_sizes, target):
+    """(weights per cell of each layer, weights to regrow): ``target`` (default: the stored
+    weights before the drop) minus what the kept cells hold."""
+    sizes = [1] * len(masks) if cell_sizes is None else [int(c) for c in cell_sizes]
+    if len(sizes) != len(masks) or min(sizes, default=1) < 1:
+        raise ValueError(f"cell_sizes needs one positive int per layer, got {cell_sizes!r}")
+    before = sum(int(m.sum()) * c for m, c in zip(masks, sizes))
+    target = before if target is None else int(target)
+    return sizes, max(0, target - sum(int(k.sum()) * c for k, c in zip(kept, sizes)))
+
+
 def drop_and_grow(mask, drop_score, grow_score, n_drop, n_grow):
     """The mask after removing the ``n_drop`` active entries of smallest ``drop_score``
     and adding the ``n_grow`` entries of largest ``grow_score`` among the others.
@@ -162,7 +188,7 @@ def allocate(total, weights, capacity):
     return out
 
 
-def snfs_update(weights, masks, momenta, drop_fraction, grow_scores=None):
+def snfs_update(weights, masks, momenta, drop_fraction, grow_scores=None, *, cell_sizes=None, target=None):
     """Sparse momentum / SNFS (Dettmers & Zettlemoyer 2019) over a list of layers.
 
     Each layer drops ``floor(active * drop_fraction)`` entries of smallest |w|.
@@ -170,31 +196,47 @@ def snfs_update(weights, masks, momenta, drop_fraction, grow_scores=None):
     mean |momentum| over its active entries (capped by free room), then each
     layer grows its share at the largest ``grow_scores`` (default |momentum|)
     among its non-kept entries. Total nnz is preserved; layer nnz may change.
+    ``cell_sizes`` / ``target``: count the budget in weights (see :func:`snfs_new_masks`).
 
     Returns a list of ``(new_mask, new_weight)``, one per layer.
     """
-    new_masks = snfs_new_masks(weights, masks, momenta, drop_fraction, grow_scores)
+    new_masks = snfs_new_masks(weights, masks, momenta, drop_fraction, grow_scores, cell_sizes=cell_sizes,
+                               target=target)
     return [(n, _new_weight(w, m, n)) for w, m, n in zip(weights, masks, new_masks)]
 
 
-def snfs_new_masks(weights, masks, momenta, drop_fraction, grow_scores=None):
-    """The masks of :func:`snfs_update` alone (drivers move the weights themselves)."""
+def snfs_new_masks(weights, masks, momenta, drop_fraction, grow_scores=None, *, cell_sizes=None, target=None):
+    """The masks of :func:`snfs_update` alone (drivers move the weights themselves).
+
+    ``cell_sizes`` (one int per layer, default 1): the weights one mask entry stands for (a
+    block of a linear layer, or of a convolution with all its taps). The regrown budget is
+    counted in weights: ``target`` stored weights after the update (default: as many as
+    before), so layers whose blocks differ in size exchange weights, not blocks; where
+    block sizes differ it is met to within one block."""
     fraction = _check_fraction(drop_fraction)
     grow_scores = momenta if grow_scores is None else grow_scores
     if not len(weights) == len(masks) == len(momenta) == len(grow_scores):
         raise ValueError("weights, masks, momenta and grow_scores need one entry per layer")
-    kept, dropped = [], 0
+    kept = []
     for w, m in zip(weights, masks):
         _check_pair(w, m)
-        n = n_to_drop(int(m.sum()), fraction)
-        kept.append(drop_and_grow(m, w.abs(), w.abs(), n, 0))
-        dropped += n
+        kept.append(drop_and_grow(m, w.abs(), w.abs(), n_to_drop(int(m.sum()), fraction), 0))
+    sizes, budget = _regrow_budget(masks, kept, cell_sizes, target)
     importance = [float(mo.abs()[m].mean()) if bool(m.any()) else 0.0 for mo, m in zip(momenta, masks)]
-    shares = allocate(dropped, importance, [int((~k).sum()) for k in kept])
+    free = [int((~k).sum()) for k in kept]
+    if len(set(sizes)) == 1:
+        shares = allocate(budget // sizes[0], importance, free)
+    else:  # split the weights, whole blocks per layer, then what is left block by block by importance
+        shares = [w // c for w, c in zip(allocate(budget, importance, [f * c for f, c in zip(free, sizes)]), sizes)]
+        left = budget - sum(n * c for n, c in zip(shares, sizes))
+        for i in sorted(range(len(sizes)), key=lambda i: (-importance[i] if math.isfinite(importance[i]) else 0, i)):
+            extra = min(left // sizes[i], free[i] - shares[i])
+            shares[i] += extra
+            left -= extra * sizes[i]
     return [drop_and_grow(k, w.abs(), g.abs(), 0, s) for w, k, s, g in zip(weights, kept, shares, grow_scores)]
 
 
-def ggr_update(weights, masks, grads, drop_fraction, min_active=1):
+def ggr_update(weights, masks, grads, drop_fraction, min_active=1, *, cell_sizes=None, target=None):
     """Global gradient-based redistribution (GGR, after Parger et al. 2022).
 
     Drop: each layer drops ``floor(active * drop_fraction)`` entries of smallest
@@ -203,30 +245,36 @@ def ggr_update(weights, masks, grads, drop_fraction, min_active=1):
     over every layer's non-kept entries together (just-dropped ones eligible).
     Layers whose gradients are larger gain density, the others lose it; total
     nnz is preserved. ``grads`` must be comparable across layers (the drivers
-    pass block RMS scores).
+    pass block RMS scores). ``cell_sizes`` / ``target``: count the budget in weights (see
+    :func:`snfs_new_masks`).
 
     Returns a list of ``(new_mask, new_weight)``, one per layer.
     """
-    new_masks = ggr_new_masks(weights, masks, grads, drop_fraction, min_active)
+    new_masks = ggr_new_masks(weights, masks, grads, drop_fraction, min_active, cell_sizes=cell_sizes,
+                              target=target)
     return [(n, _new_weight(w, m, n)) for w, m, n in zip(weights, masks, new_masks)]
 
 
-def ggr_new_masks(weights, masks, grads, drop_fraction, min_active=1):
-    """The masks of :func:`ggr_update` alone (drivers move the weights themselves)."""
+def ggr_new_masks(weights, masks, grads, drop_fraction, min_active=1, *, cell_sizes=None, target=None):
+    """The masks of :func:`ggr_update` alone (drivers move the weights themselves).
+    ``cell_sizes`` and ``target``: as :func:`snfs_new_masks` (the regrown budget in weights)."""
     fraction = _check_fraction(drop_fraction)
     if not len(weights) == len(masks) == len(grads):
         raise ValueError("weights, masks and grads need one entry per layer")
-    kept, dropped = [], 0
+    kept = []
     for w, m in zip(weights, masks):
         _check_pair(w, m)
         active = int(m.sum())
-        n = min(n_to_drop(active, fraction), max(0, active - min_active))
-        kept.append(drop_and_grow(m, w.abs(), w.abs(), n, 0))
-        dropped += n
+        kept.append(drop_and_grow(m, w.abs(), w.abs(), min(n_to_drop(active, fraction), max(0, active - min_active)), 0))
+    sizes, budget = _regrow_budget(masks, kept, cell_sizes, target)
     free = torch.cat([(~k).reshape(-1) for k in kept])
     scores = torch.cat([g.abs().reshape(-1).double().to(free.device) for g in grads])
     grown = torch.zeros_like(free)
-    grown[_largest(scores, free, dropped)] = True
+    if len(set(sizes)) == 1:
+        grown[_largest(scores, free, budget // sizes[0])] = True
+    else:
+        per_entry = torch.cat([torch.full((k.numel(),), c, dtype=torch.long) for k, c in zip(kept, sizes)])
+        grown[_largest_within(scores, free, per_entry.to(free.device), budget)] = True
     out, start = [], 0
     for k in kept:
         out.append(k | grown[start:start + k.numel()].view(k.shape))
