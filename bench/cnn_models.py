@@ -41,7 +41,8 @@ class ResNet(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.side = side
-        self.to_image = nn.Sequential(nn.Unflatten(1, (1, side, side)), ChannelsLast())
+        self.to_image = nn.Unflatten(1, (1, side, side))
+        self.channels_last = ChannelsLast()  # after the one-channel stem (see ChannelsLast)
         self.stem = nn.Conv2d(1, widths[0], 3, padding=1, bias=False)
         self.stem_bn = nn.BatchNorm2d(widths[0])
         stages, c_in = [], widths[0]
@@ -53,7 +54,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(c_in, classes)
 
     def forward(self, x):
-        x = F.relu(self.stem_bn(self.stem(self.to_image(x))))
+        x = F.relu(self.stem_bn(self.channels_last(self.stem(self.to_image(x)))))
         return self.fc(F.adaptive_avg_pool2d(self.stages(x), 1).flatten(1))
 
 

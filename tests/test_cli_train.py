@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from sparsekern.cli import datasets, main, memory, train
+from sparsekern.cli import datasets, main, memory, models, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,17 @@ def test_bad_argument_exit_status_from_the_command_line():
                             text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2
     assert "argument --block-size: expected a positive integer" in result.stderr
+
+
+def test_the_cnn_hands_every_conv_after_the_stem_channels_last_activations():
+    # A one-channel image is contiguous and channels-last at once: F.conv2d then answers NCHW,
+    # and without the conversion after the stem every later conv would copy to and from NHWC.
+    model = models.cnn(8, 16, 10, seed=0)
+    seen = []
+    for module in model:
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, args, out: seen.append(
+                (args[0].shape[1], args[0].is_contiguous(memory_format=torch.channels_last)
+                 and not args[0].is_contiguous())))
+    model(torch.randn(4, 64))
+    assert seen[0][0] == 1 and all(channels_last for _, channels_last in seen[1:]) and len(seen) == 5
