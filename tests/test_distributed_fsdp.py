@@ -2,7 +2,7 @@
 
 Static models: forward, backward and Adam steps on the sharded model match the
 single-process run on the whole batch. Structure changes (SET, RigL, SNFS, GGR
-on conv, linear and 2:4 layers; Top-KAST and DPF on linear layers; DLRT rank
+on conv, linear and 2:4 layers; Top-KAST and DPF on conv and linear layers; DLRT rank
 changes) go through ``sparsekern.methods.distributed.structure_step``: both ranks
 end with identical structures, and the sharded run takes the decisions of the
 same run under DDP (the driver's averaged scores are the same in both). What
@@ -44,14 +44,15 @@ def dst_model():
                                sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.SparseLinear(16, 5, block_size=4))
 
 
-def linear_model():
-    """For the drivers with shadow blocks (Top-KAST, DPF), which train SparseLinear layers."""
-    return torch.nn.Sequential(torch.nn.Flatten(), sk.SparseLinear(144, 16, block_size=4), torch.nn.ReLU(),
-                               sk.SparseLinear(16, 5, block_size=4))
+def shadow_model():
+    """For the drivers with shadow blocks (Top-KAST, DPF), which have no 2:4 variant."""
+    return torch.nn.Sequential(sk.SparseConv2d(4, 8, 3, block_size=2), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               sk.SparseLinear(8, 16, block_size=4), torch.nn.ReLU(), sk.SparseLinear(16, 5, block_size=4))
 
 
 DRIVERS = {"SET": (SET, dst_model), "RigL": (RigL, dst_model), "SNFS": (SNFS, dst_model),
-           "GGR": (GGR, dst_model), "TopKAST": (TopKAST, linear_model), "DPF": (DPF, linear_model),
+           "GGR": (GGR, dst_model), "TopKAST": (TopKAST, shadow_model), "DPF": (DPF, shadow_model),
            "GGR-root": (GGR, dst_model)}  # fully_shard on the root only: one group, partly gathered
 
 

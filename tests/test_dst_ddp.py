@@ -21,7 +21,8 @@ DRIVERS = {"SET": SET, "RigL": RigL, "SNFS": SNFS, "GGR": GGR, "TopKAST": TopKAS
 # a SemiSparseLinear layer besides a SparseLinear one
 SEMI_DRIVERS = {"SET-2:4": SET, "RigL-2:4": RigL, "SNFS-2:4": SNFS, "GGR-2:4": GGR}
 # SparseConv2d layers and a SparseLinear head
-CNN_DRIVERS = {"SET-cnn": SET, "RigL-cnn": RigL, "SNFS-cnn": SNFS, "GGR-cnn": GGR}
+CNN_DRIVERS = {"SET-cnn": SET, "RigL-cnn": RigL, "SNFS-cnn": SNFS, "GGR-cnn": GGR, "TopKAST-cnn": TopKAST,
+               "DPF-cnn": DPF}
 OPTIONS = {"RigL-gram": (RigL, {"score_method": "gram"}), "GGR-gram": (GGR, {"score_method": "gram"})}
 CASES = {**{n: (c, {}) for n, c in {**DRIVERS, **SEMI_DRIVERS, **CNN_DRIVERS}.items()}, **OPTIONS}
 
