@@ -343,3 +343,16 @@ def test_restructure_by_hand_keeps_adam_working():
     assert not bool(state["exp_avg_sq"][torch.ones(layer.nnz_blocks, dtype=torch.bool).index_fill_(0, slots, False)].any())
     layer(torch.randn(4, 32)).sum().backward()
     opt.step()  # shapes agree: no size mismatch
+
+
+@pytest.mark.parametrize("cls", [TopKAST, DPF], ids=lambda c: c.__name__)
+def test_shadow_drivers_keep_adams_step_counters_apart(cls):
+    # The forward blocks' state and the shadow blocks' state are rebuilt from both optimizers at an
+    # update: a shared step counter would be advanced twice per step.
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dst = cls(model, opt, density=0.4, delta=2, t_end=20)
+    _train(model, opt, dst, 5)  # updates at steps 2 and 4
+    for name, layer in dst.layers:
+        ours, shadow = opt.state[layer.values]["step"], dst.shadow_optimizer.state[dst.shadow[name][0]]["step"]
+        assert ours is not shadow and int(ours) == int(shadow) == 5

@@ -189,10 +189,9 @@ class SemiSparseLinear(nn.Module):
 
     def _product(self, x, bias, dtype):
         if self.mode == "dynamic":
-            return _fresh(semi_linear_dynamic(x, cast(self.weight, dtype), bias, transposable=self.transposable))
+            return semi_linear_dynamic(x, cast(self.weight, dtype), bias, transposable=self.transposable)
         weight = self.sparse_weight()
-        return _fresh(semi_linear(x, weight if dtype is None else weight.with_values(cast(weight.values, dtype)),
-                                  bias))
+        return semi_linear(x, weight if dtype is None else weight.with_values(cast(weight.values, dtype)), bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -214,15 +213,6 @@ class SemiSparseLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"transposable={self.transposable}, mode={self.mode!r}")
 
-
-def _fresh(y):
-    """``y`` as a tensor that is not a view. The ops return their (tokens, out) result viewed as
-    (..., out); FSDP2 warns on a module output that is a view, since an in-place op on it would
-    skip the pre-backward hook. Same storage, no copy: torch.matmul's output is made the same way.
-    A compiled graph's outputs are the compiler's business (dynamo cannot trace ``_is_view``)."""
-    if torch.compiler.is_compiling() or not y._is_view():
-        return y
-    return torch.ops.aten._unsafe_view(y, y.shape)
 
 
 def carry(tensor, slots):

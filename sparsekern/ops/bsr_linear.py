@@ -15,6 +15,7 @@ from torch import Tensor
 from ..formats.bsr import BlockLayout, BlockSparseMatrix
 from .checks import check_linear_inputs, saved_tensors
 from .dispatch import kernel, traced_backend
+from .outputs import with_leading_dims
 from .probe import own_positions
 
 # A layout crosses the op boundary as its index tensors plus (shape, block size).
@@ -164,4 +165,4 @@ def bsr_linear(x, weight, bias=None, *, grad_probe=None):
     else:
         y = _linear_probed(x2d, values, bias, grad_probe.values, layout, _flat(grad_probe.layout),
                            own_positions(grad_probe, weight.layout), shape, block, traced_backend())
-    return y.view(*lead, n)
+    return with_leading_dims(y, lead, n)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .checks import saved_tensors
 from .dispatch import kernel, traced_backend
+from .outputs import with_leading_dims
 
 # The forward op also returns a = x V and b = a Sᵀ for the backward.
 
@@ -106,4 +107,4 @@ def low_rank_linear(x, U, S, V, bias=None, *, kl_grads=False):
     x2d = x.reshape(-1, V.shape[0]).contiguous()
     bias = None if bias is None else bias.contiguous()
     y, _, _ = _forward(x2d, U.contiguous(), S.contiguous(), V.contiguous(), bias, bool(kl_grads), traced_backend())
-    return y.view(*lead, U.shape[0])
+    return with_leading_dims(y, lead, U.shape[0])

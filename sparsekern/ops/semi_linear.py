@@ -20,6 +20,7 @@ from ..formats.semi import SemiStructuredMatrix
 from ..formats.semi_prune import check_2to4_shape
 from .checks import check_linear_inputs, saved_tensors
 from .dispatch import kernel, traced_backend
+from .outputs import with_leading_dims
 
 # Optional outputs cross the op boundary as empty tensors (custom ops cannot return None).
 
@@ -171,7 +172,7 @@ def semi_linear(x, weight, bias=None):
     transpose_map = None if weight.indices_t is None else weight.transpose_map()
     y = _linear(x.reshape(-1, k).contiguous(), weight.values.contiguous(), bias, weight.indices, weight.indices_t,
                 transpose_map, traced_backend())
-    return y.view(*lead, n)
+    return with_leading_dims(y, lead, n)
 
 
 def semi_linear_dynamic(x, weight, bias=None, *, transposable=True):
@@ -189,4 +190,4 @@ def semi_linear_dynamic(x, weight, bias=None, *, transposable=True):
     lead = x.shape[:-1]
     y = _linear_dynamic(x.reshape(-1, k).contiguous(), weight.contiguous(), bias, bool(transposable),
                         traced_backend())[0]
-    return y.view(*lead, n)
+    return with_leading_dims(y, lead, n)

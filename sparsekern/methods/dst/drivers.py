@@ -35,12 +35,14 @@ Structure changes go through :func:`~sparsekern.methods.dst.state.restructure`
 and every optimizer state tensor shaped like the values is carried with its
 weights; regrown weights start at zero with zero state.
 
-Multi-process (DDP): every rank must take the same decision. Probe gradients
-are not DDP parameters, so the driver all-reduces (averages) its scores itself;
-weights and optimizer state are already identical on every rank; random choices
-come from the driver's own generator seeded identically (``seed``). Ties are
-broken by index, never by noise. After a structure change ``step()`` returns
-True: parameter shapes changed, so a DDP wrapper must be rebuilt.
+Multi-process (docs/distributed.md): every rank must take the same decision. Probe
+gradients are not DDP parameters, so the driver all-reduces (averages) its scores
+itself; weights and optimizer state are already identical on every rank; random
+choices come from the driver's own generator seeded identically (``seed``). Ties are
+broken by index, never by noise. After a structure change ``step()`` returns True:
+parameter shapes changed, so a DDP wrapper must be rebuilt (``init_sync=False``: the
+ranks already agree). Under FSDP2, call :func:`sparsekern.methods.distributed.structure_step`
+instead of ``step()``.
 """
 import math
 import time

@@ -44,8 +44,8 @@ def new_state(sources, target):
         t, s = _per_weight_state(optimizer, param)
         for key, value in t.items():
             tensors.setdefault(key, []).append((value, layout))
-        for key, value in s.items():
-            scalars.setdefault(key, value)
+        for key, value in s.items():  # a copy: two optimizers must not step one shared counter
+            scalars.setdefault(key, value.clone() if torch.is_tensor(value) else value)
     state = {k: gather_blocks(v, target, v[0][0]) for k, v in tensors.items()}
     state.update(scalars)
     return state
