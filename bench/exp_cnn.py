@@ -33,10 +33,10 @@ layer, compression (1 - parameters / dense parameters, whole network), training 
 
 Usage:
     # the default experiment: 3 seeds x (dense + 7 methods x 2 densities) ResNet runs of 10 epochs
-    # of 60,000 images, plus LeNet-5 / DLRT (9-14 days on 2 shared cores: docs/conv.md)
+    # of 60,000 images, plus LeNet-5 / DLRT (about two days on 2 cores: docs/conv.md)
     python bench/exp_cnn.py --json bench/results/exp_cnn.jsonl --plot bench/results/exp_cnn.png
     # reduced: one seed, 2,560 training images, 2 epochs at batch 64 (80 steps per run), 2,000 test
-    # images (40 minutes at 1.7 s per step; 1.5 hours on 2 cores at load average 6)
+    # images (about 12 minutes on 2 quiet cores)
     python bench/exp_cnn.py --seeds 0 --train-samples 2560 --epochs 2 --batch 64 --prune-batch 64 \
         --delta 5 --test-samples 2000 --json bench/results/exp_cnn.jsonl --plot bench/results/exp_cnn.png
     # smoke run (1-4 minutes on 2 shared cores)
