@@ -143,6 +143,41 @@ def test_driver_on_compiled_conv_model_matches_eager_in_one_graph_per_variant(dr
     assert counting.graphs <= 2
 
 
+@pytest.mark.parametrize("driver", ["SET", "RigL", "SNFS", "GGR"])
+def test_driver_with_a_2to4_layer_on_compiled_model_matches_eager(driver):
+    # The 2:4 probe (dYᵀX on the complement of the mask) is an input of the traced 2:4 op too.
+    def train(compile_with=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(sk.SemiSparseLinear(24, 32), nn.ReLU(), sk.SparseLinear(32, 10, block_size=8))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        dst = getattr(methods, driver)(model, opt, density=0.5, delta=2, t_end=1000, seed=0)
+        forward = model if compile_with is None else torch.compile(model, backend=compile_with, fullgraph=True)
+        data = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(9):
+            x, y = torch.randn(6, 24, generator=data), torch.randint(0, 10, (6,), generator=data)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(forward(x), y)
+            loss.backward()
+            opt.step()
+            dst.step()
+            losses.append(loss.item())
+        return torch.tensor(losses), [model[0].indices.clone(), model[2].block_mask.clone()]
+
+    counting = Counting()
+    losses, structure = train(counting)
+    want_losses, want_structure = train()
+    torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(structure, want_structure))
+    assert not torch.equal(structure[0], _initial_2to4_indices())  # the 2:4 mask did change
+    assert counting.graphs <= 4
+
+
+def _initial_2to4_indices():
+    torch.manual_seed(0)
+    return sk.SemiSparseLinear(24, 32).indices
+
+
 def _train_dlrt(steps, compile_with=None):
     torch.manual_seed(0)
     model = nn.Sequential(sk.LowRankLinear(24, 32, rank=8), nn.ReLU(), sk.LowRankLinear(32, 10, rank=6))

@@ -60,6 +60,9 @@ class SemiSparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)) \
             if bias else None
         self._cached = None  # (structure key, SemiStructuredMatrix) for sparse_weight()
+        # Optional SemiStructuredMatrix whose values receive dYᵀX at its kept positions at the
+        # next backward (see semi_linear): how DST methods get the dense gradient (static mode).
+        self.grad_probe = None
         if mode == "dynamic":
             self.weight = nn.Parameter(dense)
         else:
@@ -190,8 +193,11 @@ class SemiSparseLinear(nn.Module):
     def _product(self, x, bias, dtype):
         if self.mode == "dynamic":
             return semi_linear_dynamic(x, cast(self.weight, dtype), bias, transposable=self.transposable)
-        weight = self.sparse_weight()
-        return semi_linear(x, weight if dtype is None else weight.with_values(cast(weight.values, dtype)), bias)
+        weight, probe = self.sparse_weight(), self.grad_probe
+        if dtype is not None:
+            weight = weight.with_values(cast(weight.values, dtype))
+            probe = None if probe is None else probe.with_values(cast(probe.values, dtype))
+        return semi_linear(x, weight, bias, grad_probe=probe)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

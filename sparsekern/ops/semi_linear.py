@@ -60,6 +60,15 @@ def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indices: Tensor, 
     return y
 
 
+@torch.library.custom_op("sparsekern::semi_linear_probed", mutates_args=())
+def _linear_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Tensor, indices: Tensor,
+                   indices_t: Optional[Tensor], transpose_map: Optional[Tensor], probe_indices: Tensor,
+                   backend: Optional[str]) -> Tensor:
+    """semi_linear whose backward also gives ``probe_values`` dYᵀX at ``probe_indices``' kept
+    positions (the DST methods' probe on the complement of the mask)."""
+    return _linear(x, values, bias, indices, indices_t, transpose_map, backend)
+
+
 @torch.library.custom_op("sparsekern::semi_linear_dynamic", mutates_args=())
 def _linear_dynamic(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposable: bool,
                     backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -106,6 +115,11 @@ def _(x, values, bias, indices, indices_t, transpose_map, backend):
     return x.new_empty(x.shape[0], values.shape[0])
 
 
+@_linear_probed.register_fake
+def _(x, values, bias, probe_values, indices, indices_t, transpose_map, probe_indices, backend):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
 @_linear_dynamic.register_fake
 def _(x, weight, bias, transposable, backend):
     return (x.new_empty(x.shape[0], weight.shape[0]), *_compressed_shapes(weight, transposable))
@@ -125,6 +139,23 @@ def _backward_static(ctx, dy):
     dw = _grad_weight(dy, x, indices, ctx.backend) if needs_dw else None
     db = dy.sum(0) if ctx.has_bias and needs_db else None
     return dx, dw, db, None, None, None, None
+
+
+def _setup_probed(ctx, inputs, output):
+    x, values, bias, _, indices, indices_t, transpose_map, probe_indices, backend = inputs
+    ctx.save_for_backward(x, values, indices, indices_t, transpose_map, probe_indices)
+    ctx.backend, ctx.has_bias = backend, bias is not None
+
+
+def _backward_probed(ctx, dy):
+    x, values, indices, indices_t, transpose_map, probe_indices = saved_tensors(ctx, "semi_linear")
+    dy = dy.contiguous()
+    needs_dx, needs_dw, needs_db, needs_probe = ctx.needs_input_grad[:4]
+    dx = _grad_input(dy, values, indices, indices_t, transpose_map, ctx.backend) if needs_dx else None
+    dw = _grad_weight(dy, x, indices, ctx.backend) if needs_dw else None
+    db = dy.sum(0) if ctx.has_bias and needs_db else None
+    dprobe = _grad_weight(dy, x, probe_indices, ctx.backend) if needs_probe else None
+    return dx, dw, db, dprobe, None, None, None, None, None
 
 
 def _setup_dynamic(ctx, inputs, output):
@@ -152,10 +183,11 @@ def _backward_dynamic(ctx, dy, *_compressed_grads):
 
 
 torch.library.register_autograd("sparsekern::semi_linear", _backward_static, setup_context=_setup_static)
+torch.library.register_autograd("sparsekern::semi_linear_probed", _backward_probed, setup_context=_setup_probed)
 torch.library.register_autograd("sparsekern::semi_linear_dynamic", _backward_dynamic, setup_context=_setup_dynamic)
 
 
-def semi_linear(x, weight, bias=None):
+def semi_linear(x, weight, bias=None, *, grad_probe=None):
     """Y = x @ weight.to_dense().T + bias with ``weight`` a :class:`SemiStructuredMatrix`.
 
     x: (..., in_features); weight (out_features, in_features); returns
@@ -163,6 +195,9 @@ def semi_linear(x, weight, bias=None):
     the kept positions only, shape (out, in/2). If the matrix carries Wᵀ's
     indices (transposable 2:4), dX = dY W runs the forward product on Wᵀ, with
     Wᵀ's values read out of ``values`` through ``weight.transpose_map()``.
+    ``grad_probe`` (optional, a SemiStructuredMatrix of the same shape, values requiring
+    grad) receives dYᵀX at *its* kept positions, e.g. the complement of the mask for
+    dense-gradient scores; its values are not read.
     """
     if not isinstance(weight, SemiStructuredMatrix):
         raise TypeError(f"weight must be a sparsekern.SemiStructuredMatrix, got {type(weight).__name__}")
@@ -170,8 +205,18 @@ def semi_linear(x, weight, bias=None):
     n, k = weight.shape
     lead = x.shape[:-1]
     transpose_map = None if weight.indices_t is None else weight.transpose_map()
-    y = _linear(x.reshape(-1, k).contiguous(), weight.values.contiguous(), bias, weight.indices, weight.indices_t,
-                transpose_map, traced_backend())
+    args = (x.reshape(-1, k).contiguous(), weight.values.contiguous(), bias)
+    if grad_probe is None:
+        y = _linear(*args, weight.indices, weight.indices_t, transpose_map, traced_backend())
+    else:
+        if not isinstance(grad_probe, SemiStructuredMatrix) or grad_probe.shape != weight.shape:
+            raise ValueError(f"grad_probe must be a SemiStructuredMatrix of shape {weight.shape}, got "
+                             f"{getattr(grad_probe, 'shape', type(grad_probe).__name__)}")
+        if grad_probe.dtype != weight.dtype or grad_probe.values.device != weight.values.device:
+            raise TypeError(f"grad_probe is {grad_probe.dtype} on {grad_probe.values.device}, expected "
+                            f"{weight.dtype} on {weight.values.device}")
+        y = _linear_probed(*args, grad_probe.values, weight.indices, weight.indices_t, transpose_map,
+                           grad_probe.indices, traced_backend())
     return with_leading_dims(y, lead, n)
 
 

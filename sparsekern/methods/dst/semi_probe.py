@@ -5,9 +5,9 @@
   its kept positions (the ``values`` gradient the normal backward computes
   anyway) and the others: the complement of a 2:4 mask is itself 2:4 (and
   transposable if the mask is), so :class:`SemiProbe` gets the rest with the
-  same sampled-dW 2:4 kernel on the complement's indices, from the layer's
-  input and output gradient captured by hooks for that one step. Nothing of
-  W's dense shape is updated.
+  same sampled-dW 2:4 kernel on the complement's indices, inside the layer's
+  backward (the probe is an input of ``semi_linear``'s op). Nothing of W's
+  dense shape is updated.
 - **Structure change.** :func:`restructure_semi` calls ``set_mask`` (``values``
   keeps identity and shape; its slots are refilled) and moves every optimizer
   state tensor shaped like the values the same way: surviving weights keep
@@ -19,7 +19,7 @@ On the CPU the slot moves and the dense-gradient merge run in C++
 """
 import torch
 
-from ...kernels import forced_backend
+from ...formats.semi import SemiStructuredMatrix
 from ...kernels import semi as semi_kernels
 
 
@@ -47,36 +47,29 @@ def complement_indices(indices):
 class SemiProbe:
     """For one step: dYᵀX of a static SemiSparseLinear on the complement of its mask.
 
-    ``grad`` (rows, cols/2) holds it after the backward, laid out on
-    ``indices`` (the complement's); :meth:`dense_grad` merges it with the
-    layer's own ``values.grad`` into the dense (rows, cols) gradient.
+    Installs the layer's ``grad_probe`` (zero values on the complement's indices, an input of
+    the traced op, so a compiled model computes it too); after the backward
+    :meth:`dense_grad` merges its gradient with the layer's own ``values.grad`` into the
+    dense (rows, cols) gradient.
     """
 
     def __init__(self, layer):
-        self.layer, self.grad, self.indices = layer, None, None
-        self._handle = layer.register_forward_hook(self._forward)
-
-    def _forward(self, module, inputs, output):
-        if not (torch.is_grad_enabled() and output.requires_grad):
-            return
-        self.indices = complement_indices(module.indices)
-        x = inputs[0].detach().reshape(-1, module.in_features).contiguous()
-        backend = forced_backend()  # the hook may run where the forward's forced backend is not set
-        output.register_hook(lambda dy: self._backward(dy, x, backend))
-
-    def _backward(self, dy, x, backend):
-        dy = dy.reshape(-1, dy.shape[-1]).contiguous()
-        grad = semi_kernels.grad_weight(dy, x, self.indices, backend)
-        self.grad = grad if self.grad is None else self.grad + grad
+        self.layer = layer
+        # A plain tensor of the full shape (under FSDP2 the layer's values are a sharded DTensor).
+        values = torch.zeros(tuple(layer.values.shape), dtype=layer.values.dtype, device=layer.indices.device,
+                             requires_grad=True)
+        self.probe = SemiStructuredMatrix(values, complement_indices(layer.indices),
+                                          (layer.out_features, layer.in_features))
+        layer.grad_probe = self.probe
 
     def dense_grad(self, name):
         """The dense (rows, cols) gradient of the last backward: kept part from ``values.grad``."""
-        own = self.layer.values.grad
-        if self.grad is None or own is None:
+        own, rest = self.layer.values.grad, self.probe.values.grad
+        if rest is None or own is None:
             raise RuntimeError(f"no gradient reached the probe of layer {name!r}: run forward and backward "
                                "between two calls of step()")
-        return semi_kernels.decompress_sum([own.detach(), self.grad], [self.layer.indices, self.indices],
+        return semi_kernels.decompress_sum([own.detach(), rest], [self.layer.indices, self.probe.indices],
                                            self.layer.in_features)
 
     def remove(self):
-        self._handle.remove()
+        self.layer.grad_probe = None
