@@ -108,69 +108,60 @@ def test_set_block_mask_does_not_recompile_per_change():
     assert counting.graphs <= 2
 
 
+def _compiled_against_eager(build, driver, options, input_shape, steps):
+    """Train ``build()`` (model, driver density) with ``driver`` eager and compiled (fullgraph, graphs
+    counted) on the same batches: (graphs, both runs' final structures); the losses must agree."""
+    def train(compile_with=None):
+        torch.manual_seed(0)
+        model, density = build()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        dst = getattr(methods, driver)(model, opt, density=density, **{"delta": 2, "t_end": 1000, "seed": 0,
+                                                                        **options})
+        forward = model if compile_with is None else torch.compile(model, backend=compile_with, fullgraph=True)
+        data = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(steps):
+            x, y = torch.randn(*input_shape, generator=data), torch.randint(0, 10, (input_shape[0],), generator=data)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(forward(x), y)
+            loss.backward()
+            opt.step()
+            dst.step()
+            losses.append(loss.item())
+        structure = [getattr(m, "block_mask", getattr(m, "indices", None)) for m in model.modules()]
+        return torch.tensor(losses), [t.clone() for t in structure if t is not None]
+
+    counting = Counting()
+    losses, structure = train(counting)
+    want_losses, want_structure = train()
+    torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
+    assert len(structure) == len(want_structure)
+    assert all(torch.equal(a, b) for a, b in zip(structure, want_structure))
+    return counting.graphs, structure
+
+
 @pytest.mark.parametrize("driver, options", [
     ("SET", {}), ("RigL", {}), ("SNFS", {}), ("GGR", {}), ("TopKAST", {}), ("DPF", {"t_end": 11}),
 ])
 def test_driver_on_compiled_conv_model_matches_eager_in_one_graph_per_variant(driver, options):
     # The conv probe is an input of the traced conv op, like the linear one: fullgraph holds
     # (no hook breaks the graph) and the graphs are those of the linear model.
-    def train(compile_with=None):
-        torch.manual_seed(0)
-        model = sk.sparsify(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                                          nn.Conv2d(16, 16, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
-                                          nn.Linear(16 * 4, 10)), density=0.3, block_size=4)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        dst = getattr(methods, driver)(model, opt, density=0.3, **{"delta": 2, "t_end": 1000, **options})
-        forward = model if compile_with is None else torch.compile(model, backend=compile_with, fullgraph=True)
-        data = torch.Generator().manual_seed(1)
-        losses = []
-        for _ in range(12):
-            x, y = torch.randn(4, 8, 4, 4, generator=data), torch.randint(0, 10, (4,), generator=data)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(forward(x), y)
-            loss.backward()
-            opt.step()
-            dst.step()
-            losses.append(loss.item())
-        return torch.tensor(losses), [layer.block_mask.clone() for _, layer in dst.layers]
-
-    counting = Counting()
-    losses, masks = train(counting)
-    want_losses, want_masks = train()
-    torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
-    for mask, expected in zip(masks, want_masks):
-        assert torch.equal(mask, expected)
-    assert counting.graphs <= 2
+    def build():
+        return sk.sparsify(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                                         nn.Conv2d(16, 16, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                                         nn.Linear(16 * 4, 10)), density=0.3, block_size=4), 0.3
+    graphs, _ = _compiled_against_eager(build, driver, options, (4, 8, 4, 4), 12)
+    assert graphs <= 2
 
 
 @pytest.mark.parametrize("driver", ["SET", "RigL", "SNFS", "GGR"])
 def test_driver_with_a_2to4_layer_on_compiled_model_matches_eager(driver):
     # The 2:4 probe (dYᵀX on the complement of the mask) is an input of the traced 2:4 op too.
-    def train(compile_with=None):
-        torch.manual_seed(0)
-        model = nn.Sequential(sk.SemiSparseLinear(24, 32), nn.ReLU(), sk.SparseLinear(32, 10, block_size=8))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        dst = getattr(methods, driver)(model, opt, density=0.5, delta=2, t_end=1000, seed=0)
-        forward = model if compile_with is None else torch.compile(model, backend=compile_with, fullgraph=True)
-        data = torch.Generator().manual_seed(1)
-        losses = []
-        for _ in range(9):
-            x, y = torch.randn(6, 24, generator=data), torch.randint(0, 10, (6,), generator=data)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(forward(x), y)
-            loss.backward()
-            opt.step()
-            dst.step()
-            losses.append(loss.item())
-        return torch.tensor(losses), [model[0].indices.clone(), model[2].block_mask.clone()]
-
-    counting = Counting()
-    losses, structure = train(counting)
-    want_losses, want_structure = train()
-    torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
-    assert all(torch.equal(a, b) for a, b in zip(structure, want_structure))
+    def build():
+        return nn.Sequential(sk.SemiSparseLinear(24, 32), nn.ReLU(), sk.SparseLinear(32, 10, block_size=8)), 0.5
+    graphs, structure = _compiled_against_eager(build, driver, {}, (6, 24), 9)
     assert not torch.equal(structure[0], _initial_2to4_indices())  # the 2:4 mask did change
-    assert counting.graphs <= 4
+    assert graphs <= 4
 
 
 def _initial_2to4_indices():
