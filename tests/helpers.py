@@ -45,3 +45,15 @@ def output_and_grads(model, x):
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     return y, grads
+
+
+def every_layer_kind(conv_block_size=4):
+    """A small model with one layer of every kind (block-sparse and low-rank conv, block-sparse,
+    2:4 static and dynamic, low-rank linear) on (N, 4, H, W) inputs, 5 outputs."""
+    return torch.nn.Sequential(
+        sk.SparseConv2d(4, 8, 3, block_size=conv_block_size, density=0.5), torch.nn.ReLU(),
+        sk.LowRankConv2d(8, 8, 3, rank=3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        sk.SparseLinear(8, 16, block_size=4, density=0.5), torch.nn.ReLU(),
+        sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.SemiSparseLinear(16, 16, mode="dynamic"), torch.nn.ReLU(),
+        sk.LowRankLinear(16, 5, rank=3))

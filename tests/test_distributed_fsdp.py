@@ -22,19 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsekern as sk
 from sparsekern.methods import DLRT, DPF, GGR, SET, SNFS, RigL, TopKAST
+from helpers import every_layer_kind
 from sparsekern.methods.distributed import fsdp_params, gathered, structure_step
 
 STEPS = 7
-
-
-def static_model():
-    return torch.nn.Sequential(
-        sk.SparseConv2d(4, 8, 3, block_size=4, density=0.5), torch.nn.ReLU(),
-        sk.LowRankConv2d(8, 8, 3, rank=3, padding=1), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-        sk.SparseLinear(8, 16, block_size=4, density=0.5), torch.nn.ReLU(),
-        sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.SemiSparseLinear(16, 16, mode="dynamic"), torch.nn.ReLU(),
-        sk.LowRankLinear(16, 5, rank=3))
 
 
 def dst_model():
@@ -83,9 +74,9 @@ def full_state(model):
 
 def run_static(rank):
     torch.manual_seed(0)
-    reference = static_model()
+    reference = every_layer_kind()
     torch.manual_seed(0)
-    model = shard(static_model())
+    model = shard(every_layer_kind())
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (reference, model)]
     views, grads = [], []
     for step in range(3):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsekern as sk
+from helpers import every_layer_kind
 from sparsekern.methods import DLRT, DPF, GGR, SET, SNFS, RigL, TopKAST
 
 DRIVERS = {"SET": SET, "RigL": RigL, "SNFS": SNFS, "GGR": GGR, "TopKAST": TopKAST, "DPF": DPF}
@@ -41,17 +42,6 @@ def _inputs(name, generator):
     return torch.randn(*shape, generator=generator)
 
 
-def _static_model():
-    """Every layer kind, no driver."""
-    return torch.nn.Sequential(
-        sk.SparseConv2d(4, 8, 3, block_size=2, density=0.5), torch.nn.ReLU(),
-        sk.LowRankConv2d(8, 8, 3, rank=3, padding=1), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-        sk.SparseLinear(8, 16, block_size=4, density=0.5), torch.nn.ReLU(),
-        sk.SemiSparseLinear(16, 16), torch.nn.ReLU(),
-        sk.SemiSparseLinear(16, 16, mode="dynamic"), torch.nn.ReLU(), sk.LowRankLinear(16, 5, rank=3))
-
-
 def _dlrt_model():
     return torch.nn.Sequential(sk.LowRankConv2d(4, 8, 3, rank=4), torch.nn.ReLU(),
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
@@ -69,7 +59,7 @@ def _static(rank):
     models = []
     for _ in range(2):
         torch.manual_seed(0)
-        models.append(_static_model())
+        models.append(every_layer_kind(conv_block_size=2))
     reference, model = models
     ddp = DDP(model)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in models]

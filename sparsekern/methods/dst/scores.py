@@ -122,7 +122,6 @@ class ScoreProbe:
     def _before(self, module, args):
         if torch.compiler.is_compiling() or not torch.is_grad_enabled() or self._gram is not None:
             return
-
         n = args[0].numel() // max(args[0].shape[-1], 1)
         self._gram = self.method == "gram" or (self.method == "auto" and gram_cheaper(module, n))
         if self._gram:
