@@ -51,13 +51,17 @@ def _prune_compress(weight: Tensor, transposable: bool, backend: Optional[str]) 
     return values, indices, values_t, indices_t
 
 
-@torch.library.custom_op("sparsekern::semi_linear", mutates_args=())
-def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indices: Tensor, indices_t: Optional[Tensor],
-            transpose_map: Optional[Tensor], backend: Optional[str]) -> Tensor:
+def _forward(x, values, bias, indices, backend):
     y = kernel("semi_forward", x, backend)(x, values, indices)
     if bias is not None:
         y += bias
     return y
+
+
+@torch.library.custom_op("sparsekern::semi_linear", mutates_args=())
+def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indices: Tensor, indices_t: Optional[Tensor],
+            transpose_map: Optional[Tensor], backend: Optional[str]) -> Tensor:
+    return _forward(x, values, bias, indices, backend)
 
 
 @torch.library.custom_op("sparsekern::semi_linear_probed", mutates_args=())
@@ -66,7 +70,7 @@ def _linear_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_valu
                    backend: Optional[str]) -> Tensor:
     """semi_linear whose backward also gives ``probe_values`` dYᵀX at ``probe_indices``' kept
     positions (the DST methods' probe on the complement of the mask)."""
-    return _linear(x, values, bias, indices, indices_t, transpose_map, backend)
+    return _forward(x, values, bias, indices, backend)
 
 
 @torch.library.custom_op("sparsekern::semi_linear_dynamic", mutates_args=())
@@ -74,10 +78,7 @@ def _linear_dynamic(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposa
                     backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, values, indices, values_t, indices_t): the 2:4 copy is returned for the backward."""
     values, indices, values_t, indices_t = _prune_compress(weight, transposable, backend)
-    y = kernel("semi_forward", x, backend)(x, values, indices)
-    if bias is not None:
-        y += bias
-    return y, values, indices, values_t, indices_t
+    return _forward(x, values, bias, indices, backend), values, indices, values_t, indices_t
 
 
 def _compressed_shapes(weight, transposable):
