@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# The kernels run on every call whatever the floor rule would measure, in this process and
+# in the ones tests spawn: a test of a backend must exercise it (tests/test_floor.py turns
+# the rule on).
+os.environ.setdefault("SPARSEKERN_FLOOR", "off")
 
 _empty = torch.empty  # the real one, for the interpreter fixture's NaN-filled stand-in
 

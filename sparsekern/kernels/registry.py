@@ -1,7 +1,8 @@
 """Backend registry: which implementation of a product runs on which tensors.
 
 A *product* is one kernel contract (e.g. ``"bsr_forward"``); a *backend* is one
-implementation of it (``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``). Each
+implementation of it (``"reference"``, ``"dense"``, ``"cpu"``, ``"triton"``, ``"cuda"``;
+``dense`` is the dense masked GEMM where the reference is not already that composite). Each
 registration carries an ``unavailable(device, dtype)`` probe that returns None
 when the backend can run on such tensors, or a sentence saying why not. Probes
 are called at dispatch time, never at import time, so importing sparsekern
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+BACKEND_NAMES = ("reference", "dense", "cpu", "triton", "cuda")
 # Fastest first. Triton on CPU (TRITON_INTERPRET=1) is for tests only: forced, never chosen.
 _PRIORITY = {
     "cpu": ("cpu", "reference"),
@@ -54,8 +55,8 @@ def register_kernel(product, backend, fn, unavailable=_always_available):
 class use_backend:  # noqa: N801  (a function to its callers; a class so it works both ways)
     """Force every sparsekern kernel to run on backend ``name``.
 
-    ``name`` is one of "reference", "cpu", "triton", "cuda", or None for automatic
-    selection. As a context manager it holds for the block only::
+    ``name`` is one of "reference", "dense", "cpu", "triton", "cuda", or None for
+    automatic selection. As a context manager it holds for the block only::
 
         with sparsekern.use_backend("reference"):
             y = layer(x)

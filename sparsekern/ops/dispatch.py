@@ -5,6 +5,7 @@ linear as graph nodes (no graph break) and the registry dispatches at run time; 
 graph keeps the backend that was forced when it was traced.
 """
 from ..kernels import forced_backend, select_kernel
+from ..kernels.floor import with_floor
 
 
 def traced_backend():
@@ -18,5 +19,9 @@ traced_backend._dynamo_marked_constant = True
 
 
 def kernel(product, like, backend):
-    """The registry's implementation of ``product`` for tensors like ``like``."""
-    return select_kernel(product, like.device, like.dtype, backend)[1]
+    """The registry's implementation of ``product`` for tensors like ``like``; an automatic
+    choice of the compiled cpu kernels is subject to the floor rule (kernels/floor.py)."""
+    name, fn = select_kernel(product, like.device, like.dtype, backend)
+    if name == "cpu" and backend is None and forced_backend() is None:
+        return with_floor(product, fn, like)
+    return fn

@@ -12,5 +12,6 @@ layer). Outputs are new tensors of the input dtype; half types accumulate in fp3
 M, N, K and nnz may be 0.
 """
 from . import reference  # noqa: F401  (registers the reference backend)
+from . import dense  # noqa: F401  (registers the dense masked-GEMM composite)
 from . import cpu  # noqa: F401  (registers the C++ cpu backend; loads it on first use)
 from . import triton_backend  # noqa: F401  (registers the triton backend; triton loads on first use)

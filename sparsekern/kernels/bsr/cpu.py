@@ -14,6 +14,7 @@ The ops (``torch.ops.sparsekern.bsr_*_cpu``) and their fakes, registered on firs
 import torch
 
 from ..._extension import cpu_extension_unavailable, load_ops
+from ..floor import density_bucket, register_floor, tokens_bucket
 from ..registry import register_kernel
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -62,3 +63,13 @@ def bsr_grad_weight(dy, x, layout):
 register_kernel("bsr_forward", "cpu", bsr_forward, unavailable)
 register_kernel("bsr_grad_input", "cpu", bsr_grad_input, unavailable)
 register_kernel("bsr_grad_weight", "cpu", bsr_grad_weight, unavailable)
+
+
+def _shape_class(a, _, layout, bias=None):
+    grid = layout.grid
+    return (tokens_bucket(a.shape[0]), layout.shape, layout.block_size,
+            density_bucket(layout.nnz_blocks, grid[0] * grid[1]), bias is not None)
+
+
+for _product in ("bsr_forward", "bsr_grad_input", "bsr_grad_weight"):
+    register_floor(_product, "dense", _shape_class)

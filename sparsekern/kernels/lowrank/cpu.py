@@ -19,6 +19,7 @@ N r²), and transposes are never copied.
 import torch
 
 from ..._extension import cpu_extension_unavailable, load_ops
+from ..floor import register_floor, tokens_bucket
 from ..registry import register_kernel
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -78,3 +79,8 @@ def lowrank_backward(dy, x, a, b, U, S, V, kl_grads, needs):
 
 register_kernel("lowrank_forward", "cpu", lowrank_forward, _unavailable)
 register_kernel("lowrank_backward", "cpu", lowrank_backward, _unavailable)
+register_floor("lowrank_forward", "reference",
+               lambda x, U, S, V, bias: (tokens_bucket(x.shape[0]), U.shape, V.shape, bias is not None))
+register_floor("lowrank_backward", "reference",
+               lambda dy, x, a, b, U, S, V, kl_grads, needs: (tokens_bucket(dy.shape[0]), U.shape, V.shape,
+                                                              kl_grads, tuple(needs)))

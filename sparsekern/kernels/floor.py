@@ -1,0 +1,131 @@
+"""The floor rule: a compiled CPU kernel never runs where the dense composite is faster.
+
+The block-sparse, 2:4 and low-rank kernels win by doing less work, but by how much
+depends on the CPU: on a Xeon whose MKL runs AVX-512 a kernel that beats MKL's AVX2
+code elsewhere can lose at high density. So the choice is measured on the machine
+itself, like ``torch.backends.cudnn.benchmark``: the first calls of each *shape
+class* (product, dtype, threads, shapes with the token count rounded up to a power of
+two, density in steps of 1/16) alternate between the kernel and the composite, both
+of which give the right answer, and after ``SAMPLES`` timings of each the faster one
+is kept for the class for the rest of the process. The first timing of each side is
+a warm-up (first-touch pages, packing buffers) and is not counted.
+
+Applies where the registry chose the ``cpu`` backend automatically: a backend forced
+with ``use_backend`` is always obeyed. Modes (``set_floor_mode`` or the environment
+variable ``SPARSEKERN_FLOOR``): ``"measure"`` (default) as above; ``"off"``: the
+kernels always. While ``torch.use_deterministic_algorithms(True)`` is on the kernels
+run always too, so the numerics of a run never depend on timings.
+
+The conv family keeps its own rule (kernels/conv/policy.py): crossovers measured per
+geometry, since its composite is a different algorithm per memory format.
+"""
+import math
+import os
+import threading
+import time
+
+import torch
+
+from .registry import select_kernel
+
+SAMPLES = 3
+MODES = ("measure", "off")
+
+_composites = {}     # product -> (composite backend, shape-class key function)
+_classes = {}        # shape-class key -> _Class
+_lock = threading.Lock()
+_mode = None
+
+
+def register_floor(product, composite, key):
+    """``product``'s cpu kernel competes with backend ``composite``; ``key(*args)`` gives the
+    shape class of a call (without product, dtype and threads, which are added)."""
+    _composites[product] = (composite, key)
+
+
+def tokens_bucket(m):
+    """The token count rounded up to a power of two (batches of one size share a class)."""
+    return 1 << max(0, int(m) - 1).bit_length()
+
+
+def density_bucket(stored, total):
+    """Density in steps of 1/16, rounded up: a dynamic-sparsity layer keeps its class."""
+    return math.ceil(16 * stored / max(1, total))
+
+
+def set_floor_mode(mode):
+    """``"measure"`` (the floor rule, default) or ``"off"`` (the compiled kernels always)."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"unknown floor mode {mode!r}; expected one of {MODES}")
+    _mode = mode
+
+
+def floor_mode():
+    if _mode is None:
+        set_floor_mode(os.environ.get("SPARSEKERN_FLOOR", "measure"))
+    return _mode
+
+
+def reset_floor():
+    """Forget every decision (they are measured again on the next calls)."""
+    with _lock:
+        _classes.clear()
+
+
+def floor_decisions():
+    """{shape class: "cpu" | "<composite>" | "measuring"}: what the rule decided so far."""
+    with _lock:
+        return {key: cls.choice or "measuring" for key, cls in _classes.items()}
+
+
+class _Class:
+    __slots__ = ("samples", "choice")
+
+    def __init__(self):
+        self.samples = {}
+        self.choice = None
+
+    def next_side(self, sides):
+        """The side with the fewest timings (the kernel first), or None once each has SAMPLES."""
+        counts = [len(self.samples.get(side, ())) for side in sides]
+        return None if min(counts) >= SAMPLES else sides[counts.index(min(counts))]
+
+    def record(self, side, seconds, sides):
+        self.samples.setdefault(side, []).append(seconds)
+        if self.next_side(sides) is None:
+            best = {s: min(self.samples[s][1:]) for s in sides}
+            self.choice = sides[0] if best[sides[0]] <= best[sides[1]] else sides[1]
+
+
+_clock = time.perf_counter
+
+
+def with_floor(product, fn, like):
+    """``fn`` (the automatically chosen cpu kernel of ``product``) under the floor rule."""
+    entry = _composites.get(product)
+    if entry is None or floor_mode() == "off":
+        return fn
+    composite_name, key_fn = entry
+    composite = select_kernel(product, like.device, like.dtype, composite_name)[1]
+    sides = ("cpu", composite_name)
+    implementations = {"cpu": fn, composite_name: composite}
+
+    def call(*args):
+        if torch.are_deterministic_algorithms_enabled():
+            return fn(*args)
+        key = (product, like.dtype, torch.get_num_threads(), key_fn(*args))
+        with _lock:
+            cls = _classes.setdefault(key, _Class())
+            side = cls.choice or cls.next_side(sides)
+        if cls.choice is not None:
+            return implementations[side](*args)
+        start = _clock()
+        out = implementations[side](*args)
+        elapsed = _clock() - start
+        with _lock:
+            if cls.choice is None:
+                cls.record(side, elapsed, sides)
+        return out
+
+    return call

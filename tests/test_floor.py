@@ -1,0 +1,155 @@
+"""The floor rule (kernels/floor.py): per shape class, the faster of the cpu kernel and the
+dense composite, decided from timings of real calls; forced backends and the off and
+deterministic modes bypass it."""
+import pytest
+import torch
+
+import sparsekern as sk
+from sparsekern.kernels import floor, registry
+from sparsekern.kernels.floor import SAMPLES
+
+from helpers import random_bsr
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def measuring(monkeypatch):
+    floor.reset_floor()
+    monkeypatch.setattr(floor, "_mode", "measure")
+    yield
+    floor.reset_floor()
+
+
+@pytest.fixture
+def toy(monkeypatch, measuring):
+    """A product "toy" whose cpu kernel and composite cost what ``costs`` says on a fake clock."""
+    now, costs, ran = [0.0], {"cpu": 1.0, "dense": 1.0}, []
+
+    def side(name):
+        def fn(x):
+            now[0] += costs[name]
+            ran.append(name)
+            return x + 1
+        return fn
+
+    monkeypatch.setitem(registry._kernels, "toy", {})
+    registry.register_kernel("toy", "dense", side("dense"))
+    monkeypatch.setitem(floor._composites, "toy", ("dense", lambda x: (floor.tokens_bucket(x.shape[0]),)))
+    monkeypatch.setattr(floor, "_clock", lambda: now[0])
+    return side("cpu"), costs, ran
+
+
+@pytest.mark.parametrize("kernel_cost,winner", [(2.0, "dense"), (0.5, "cpu"), (1.0, "cpu")])
+def test_the_faster_side_is_kept_after_the_measured_calls(toy, kernel_cost, winner):
+    kernel, costs, ran = toy
+    costs["cpu"] = kernel_cost
+    x = torch.zeros(5)
+    for _ in range(2 * SAMPLES + 4):
+        torch.testing.assert_close(floor.with_floor("toy", kernel, x)(x), x + 1)
+    assert ran[:2 * SAMPLES] == ["cpu", "dense"] * SAMPLES   # alternating, the kernel first
+    assert ran[2 * SAMPLES:] == [winner] * 4
+    assert list(floor.floor_decisions().values()) == [winner]
+
+
+def test_warm_up_timings_are_not_counted(toy):
+    kernel, costs, ran = toy
+    x = torch.zeros(5)
+    for i in range(2 * SAMPLES):
+        costs["cpu"] = 100.0 if i == 0 else 1.0   # only its first call is slow
+        floor.with_floor("toy", kernel, x)(x)
+    assert list(floor.floor_decisions().values()) == ["cpu"]
+
+
+def test_shape_classes_bucket_tokens_and_are_decided_apart(toy):
+    kernel, costs, ran = toy
+    for m in (3, 4, 5):
+        x = torch.zeros(m)
+        floor.with_floor("toy", kernel, x)(x)
+    keys = sorted(key[-1] for key in floor.floor_decisions())
+    assert keys == [(4,), (8,)]
+    assert floor.tokens_bucket(1) == 1 and floor.tokens_bucket(1000) == 1024 and floor.tokens_bucket(0) == 1
+    assert floor.density_bucket(1, 100) == 1 and floor.density_bucket(100, 100) == 16
+
+
+def test_off_mode_and_deterministic_algorithms_run_the_kernel_unmeasured(toy, monkeypatch):
+    kernel, costs, ran = toy
+    costs["cpu"] = 10.0
+    x = torch.zeros(5)
+    monkeypatch.setattr(floor, "_mode", "off")
+    assert floor.with_floor("toy", kernel, x) is kernel
+    monkeypatch.setattr(floor, "_mode", "measure")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2 * SAMPLES + 1):
+            floor.with_floor("toy", kernel, x)(x)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert ran == ["cpu"] * (2 * SAMPLES + 1) and floor.floor_decisions() == {}
+
+
+def test_mode_is_read_from_the_environment_and_checked(monkeypatch):
+    monkeypatch.setattr(floor, "_mode", None)
+    monkeypatch.setenv("SPARSEKERN_FLOOR", "off")
+    assert floor.floor_mode() == "off"
+    with pytest.raises(ValueError, match="unknown floor mode 'sometimes'"):
+        floor.set_floor_mode("sometimes")
+
+
+def _families():
+    cases = []
+    if "cpu" in sk.kernels.available_backends("bsr_forward", CPU, torch.float32):
+        cases.append(pytest.param(lambda: sk.SparseLinear(64, 96, block_size=16, density=0.75),
+                      {"bsr_forward", "bsr_grad_input", "bsr_grad_weight"}, id="bsr"))
+    if "cpu" in sk.kernels.available_backends("lowrank_forward", CPU, torch.float32):
+        cases.append(pytest.param(lambda: sk.LowRankLinear(64, 96, rank=8), {"lowrank_forward", "lowrank_backward"}, id="lowrank"))
+    if "cpu" in sk.kernels.available_backends("semi_forward", CPU, torch.float32):
+        cases.append(pytest.param(lambda: sk.SemiSparseLinear(64, 96),
+                      {"semi_forward", "semi_grad_input", "semi_grad_weight"}, id="semi"))
+    return cases
+
+
+@pytest.mark.parametrize("make,products", _families())
+def test_layers_are_right_on_every_call_while_the_rule_measures(make, products, measuring):
+    torch.manual_seed(0)
+    sparse = make()
+    reference = make()
+    reference.load_state_dict(sparse.state_dict())
+    x = torch.randn(40, 64)
+    for _ in range(2 * SAMPLES + 1):
+        x_sparse, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        sparse(x_sparse).square().sum().backward()
+        with sk.use_backend("reference"):
+            reference(x_ref).square().sum().backward()
+        torch.testing.assert_close(x_sparse.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+        for got, want in zip(sparse.parameters(), reference.parameters()):
+            if want.grad is not None:
+                torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
+        sparse.zero_grad()
+        reference.zero_grad()
+    decisions = floor.floor_decisions()
+    assert {key[0] for key in decisions} == products
+    assert set(decisions.values()) <= {"cpu", "dense", "reference"} and "measuring" not in decisions.values()
+
+
+def test_a_forced_backend_is_obeyed_and_not_measured(measuring):
+    if "cpu" not in sk.kernels.available_backends("bsr_forward", CPU, torch.float32):
+        pytest.skip("the cpu backend is not built")
+    layer = sk.SparseLinear(64, 96, block_size=16, density=0.75)
+    with sk.use_backend("cpu"):
+        layer(torch.randn(8, 64)).sum().backward()
+    assert floor.floor_decisions() == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dense_composite_matches_the_reference(dtype):
+    from sparsekern.kernels.bsr import dense, reference
+    weight = random_bsr((96, 64), 16, 0.4, dtype=dtype, seed=3)
+    x, dy, bias = torch.randn(7, 64, dtype=dtype), torch.randn(7, 96, dtype=dtype), torch.randn(96, dtype=dtype)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
+    for product, args in [("bsr_forward", (x, weight.values, weight.layout, bias)),
+                          ("bsr_grad_input", (dy, weight.values, weight.layout)),
+                          ("bsr_grad_weight", (dy, x, weight.layout))]:
+        torch.testing.assert_close(getattr(dense, product)(*args), getattr(reference, product)(*args), **tol)
