@@ -1,4 +1,8 @@
 """Triton 2:4 prune+compress under the interpreter (CPU), against the reference; GPU tests marked."""
+import contextlib
+import inspect
+import re
+
 import pytest
 import torch
 
@@ -67,3 +71,98 @@ def test_unavailable_reasons():
 def test_gpu_matches_reference(transposable):
     w = torch.randn(256, 512, device="cuda")
     _assert_same(triton_prune.semi_prune_compress(w, transposable), reference.semi_prune_compress(w, transposable))
+
+
+@interpreted
+@pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])
+@pytest.mark.parametrize("view", ["column-strided", "transposed"])
+def test_strided_input_matches_reference(view, transposable):
+    """The kernels read W row-major: a strided view is made contiguous first."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(12, 40, generator=g)[:, ::2] if view == "column-strided" else torch.randn(20, 12, generator=g).T
+    assert not w.is_contiguous()
+    _assert_same(triton_prune.semi_prune_compress(w, transposable),
+                 reference.semi_prune_compress(w.contiguous(), transposable))
+
+
+_SSA = re.compile(r"^\s*(%[\w.#]+)(?::\d+)? = ([\w.]+)\s*(.*)$")
+
+
+def _narrow_offsets(ttir, sizes):
+    """Lines of the TTIR where an index built from a program id and a size argument (``sizes``)
+    is computed or used as a pointer offset in 32 bits: such a product (row * cols) passes
+    2**31 on a large matrix. Loaded values are data, not indices: they start no dependency."""
+    pid, size = set(), {f"%{name}" for name in sizes}
+    found = []
+    for line in ttir.splitlines():
+        match = _SSA.match(line)
+        if match is None:
+            continue
+        name, op, rest = match.groups()
+        body, _, types = rest.partition(" loc(")[0].rpartition(" : ")
+        operands = set(re.findall(r"%[\w.#]+", body))
+        if op == "tt.get_program_id":
+            pid.add(name)
+            continue
+        if op == "tt.load":
+            continue
+        if op == "tt.addptr":  # (pointer, offset): the offset is the index; a pointer is no index
+            operands = set(re.findall(r"%[\w.#]+", body)[1:])
+        from_pid, from_size = bool(operands & pid), bool(operands & size)
+        narrow = re.search(r"(^|[x<\s,])i32>?\s*$", types) is not None
+        if op in ("arith.muli", "tt.addptr") and from_pid and from_size and narrow:
+            found.append(line.strip())
+        if op == "tt.addptr":
+            continue
+        if from_pid:
+            pid.add(name)
+        if from_size:
+            size.add(name)
+    return found
+
+
+@pytest.mark.parametrize("kernel", ["prune_rows", "prune_tiles"])
+def test_offsets_are_computed_in_64_bits(kernel, monkeypatch, tmp_path):
+    """Compiled for sm_90 without a GPU: no program-id x size product in 32 bits (a weight of
+    more than 2**31 elements would wrap around). The checker flags such a kernel."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from sparsekern.kernels.semi import _triton_prune_jit as jit
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # private: other processes compile too
+    sizes = ("rows", "cols", "index_cols", "index_rows")
+    types = dict(w_ptr="*fp32", values_ptr="*fp32", indices_ptr="*u8", patterns_ptr="*fp32", bias_ptr="*fp32",
+                 bits_ptr="*i32", values_t_ptr="*fp32", indices_t_ptr="*u8", **dict.fromkeys(sizes, "i32"))
+    fn = getattr(jit, kernel)
+    params = list(inspect.signature(fn.fn).parameters)
+    source = ASTSource(fn, {name: types.get(name, "constexpr") for name in params}, {"BLOCK": 64})
+    ttir = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ttir"]
+    assert _narrow_offsets(ttir, sizes) == []
+    assert len(_narrow_offsets(_WRAPPING_TTIR, sizes)) == 2
+
+
+# The row-wise kernel's row offset as it was compiled before the widening.
+_WRAPPING_TTIR = """
+    %row = tt.get_program_id x : i32 loc(#loc83)
+    %base = arith.muli %row, %cols : i32 loc(#loc88)
+    %base_12 = tt.addptr %w_ptr, %base : !tt.ptr<f32>, i32 loc(#loc89)
+"""
+
+
+def test_launches_on_the_tensors_device(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    triton_prune._on_device(torch.device("cuda", 1))
+    assert entered == [torch.device("cuda", 1)]
+    with triton_prune._on_device(torch.device("cpu")):
+        pass
+    assert len(entered) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_runs_on_a_tensor_off_the_current_device():
+    w = torch.randn(64, 128, device="cuda:1")
+    with torch.cuda.device(0):
+        _assert_same(triton_prune.semi_prune_compress(w, True), reference.semi_prune_compress(w, True))

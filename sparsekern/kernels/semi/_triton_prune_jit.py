@@ -29,7 +29,7 @@ def _positions(k0, k1, k2, k3, a0, a1, a2, a3):
 @triton.jit
 def prune_rows(w_ptr, values_ptr, indices_ptr, rows, cols, index_cols, BLOCK: tl.constexpr):
     """Row-wise 2:4. Program (row, block of BLOCK group pairs): one index byte per pair."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * cols passes 2**31 on large weights
     pair = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     nibbles = tl.full([BLOCK], 0, tl.int32)  # core builtin: tl.zeros is std-lib, fixed to one mode at import
     for half in tl.static_range(2):
@@ -100,8 +100,9 @@ def _emit(w_ptr, first_lo, first_hi, step, bits_lo, bits_hi, bit0, bit_step, val
 def prune_tiles(w_ptr, patterns_ptr, bias_ptr, bits_ptr, values_ptr, indices_ptr, values_t_ptr,
                 indices_t_ptr, rows, cols, index_cols, index_rows, BLOCK: tl.constexpr):
     """Transposable 2:4. Program (tile-row pair q, BLOCK tile-column pairs): 2 x 2 tiles per lane."""
-    q = tl.program_id(0)
-    tpair = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    # int64 tile coordinates: the offsets row * cols and col * rows pass 2**31 on large weights.
+    q = tl.program_id(0).to(tl.int64)
+    tpair = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     lane = tl.arange(0, 16)
     npat = tl.arange(0, 128)
     patterns = tl.load(patterns_ptr + lane[:, None] * 128 + npat[None, :])      # (16, 128) 0/1

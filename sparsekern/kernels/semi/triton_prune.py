@@ -13,6 +13,7 @@ does) and writes both compressions.
 
 Triton is imported, and the kernels are built, on first use only.
 """
+import contextlib
 import functools
 import os
 
@@ -49,10 +50,20 @@ def _pattern_table(device):
     return table.contiguous(), bias, bits
 
 
+def _on_device(device):
+    """Launch on ``device``: triton launches on the current CUDA device, which need not be the tensor's."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def semi_prune_compress(dense, transposable):
+    check_2to4_shape(dense.shape, transposable)
+    with _on_device(dense.device):
+        return _prune_compress(dense.contiguous(), transposable)  # the kernels read W row-major
+
+
+def _prune_compress(dense, transposable):
     prune_rows, prune_tiles = _kernels()
     rows, cols = dense.shape
-    check_2to4_shape(dense.shape, transposable)
     values = torch.empty(rows, cols // 2, dtype=dense.dtype, device=dense.device)
     indices = torch.empty(rows, -(-cols // 8), dtype=torch.uint8, device=dense.device)
     if rows == 0 or cols == 0:
