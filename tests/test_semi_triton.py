@@ -1,5 +1,6 @@
 """Triton 2:4 prune+compress under the interpreter (CPU), against the reference; GPU tests marked."""
 import contextlib
+import importlib.util
 import inspect
 import re
 
@@ -128,9 +129,13 @@ def test_offsets_are_computed_in_64_bits(kernel, monkeypatch, tmp_path):
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from sparsekern.kernels.semi import _triton_prune_jit as jit
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # private: other processes compile too
+    # A fresh copy of the module: triton.jit fixes each function to the mode in force when it
+    # decorates, and an interpreter test may have imported the module first.
+    spec = importlib.util.find_spec("sparsekern.kernels.semi._triton_prune_jit")
+    jit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jit)
     sizes = ("rows", "cols", "index_cols", "index_rows")
     types = dict(w_ptr="*fp32", values_ptr="*fp32", indices_ptr="*u8", patterns_ptr="*fp32", bias_ptr="*fp32",
                  bits_ptr="*i32", values_t_ptr="*fp32", indices_t_ptr="*u8", **dict.fromkeys(sizes, "i32"))
