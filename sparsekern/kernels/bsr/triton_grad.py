@@ -92,6 +92,7 @@ def _sdd_kernel(dy_ptr, x_ptr, out_ptr, rows_ptr, cols_ptr, items_ptr, nnz, M,
 # TC = the block's width (clamped) times GROUP blocks, or a sub-tile of a wide block.
 _CONFIGS = [
     (128, 256, 64, 8, 3),
+    (128, 256, 32, 8, 3),
     (64, 256, 64, 8, 3),
     (128, 128, 64, 8, 3),
     (128, 128, 32, 8, 4),
