@@ -126,6 +126,92 @@ def test_sparse_conv2d_on_triton_matches_reference():
         assert relative_error(got, want) < BOUNDS[dtype]
 
 
+def _strided(t, dim):
+    """``t`` as a view with every other element along ``dim`` of a twice-as-large buffer."""
+    shape = list(t.shape)
+    shape[dim] *= 2
+    wide = torch.full(shape, float("nan") if t.is_floating_point() else 10 ** 9, dtype=t.dtype)
+    index = [slice(None)] * t.dim()
+    index[dim] = slice(None, None, 2)
+    view = wide[tuple(index)]
+    view.copy_(t)
+    return view
+
+
+@uses_interpreter
+@pytest.mark.parametrize("dim", [1, 3], ids=["channel-strided", "column-strided"])
+def test_strided_inputs_match_reference(dim):
+    """Views that are in no memory format (every other channel or column of a larger buffer):
+    x and dy are read through their strides; bias and the metadata are made dense."""
+    x, values, layout, geometry, bias = conv_case("groups2-stride1x2", torch.float32)
+    dy = output_gradient(x, geometry)
+    x, dy, bias = _strided(x, dim), _strided(dy, dim), _strided(bias, 0)
+    assert not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or bias.is_contiguous())
+    strided = BlockLayout(layout.shape, layout.block_size, layout.block_mask,
+                          *(_strided(t, 0) for t in (layout.row_offsets, layout.col_indices, layout.row_indices,
+                                                     layout.col_offsets, layout.t_block_ids, layout.t_row_indices)))
+    kernels, input_size = _kernels(), tuple(x.shape[2:])
+    for got, want in [
+        (kernels.conv_forward(x, values, strided, geometry, bias),
+         reference.conv_forward(x.double(), values.double(), layout, geometry, bias.double())),
+        (kernels.conv_grad_input(dy, values, strided, geometry, input_size),
+         reference.conv_grad_input(dy.double(), values.double(), layout, geometry, input_size)),
+        (kernels.conv_grad_weight(dy, x, strided, geometry),
+         reference.conv_grad_weight(dy.double(), x.double(), layout, geometry)),
+    ]:
+        assert relative_error(got, want) < BOUNDS[torch.float32]
+
+
+@uses_interpreter
+def test_more_pixels_than_32_bit_indices_are_refused_before_allocating():
+    """Batches of 2**31 pixels, as stride-0 views (no memory): refused with a reason, not wrapped."""
+    kernels = _kernels()
+    _, values, layout, geometry, _ = conv_case("stride2", torch.float32)
+    c, (h, w) = geometry.in_channels, (64, 64)
+    ho, wo = geometry.output_size(h, w)
+    n = -(-2 ** 31 // (ho * wo))
+    x = torch.zeros(1, c, h, w).expand(n, c, h, w)
+    dy = torch.zeros(1, geometry.out_channels, ho, wo).expand(n, -1, -1, -1)
+    with pytest.raises(ValueError, match="32-bit pixel index"):
+        kernels.conv_forward(x, values, layout, geometry)
+    with pytest.raises(ValueError, match="32-bit pixel index"):
+        kernels.conv_grad_weight(dy, x, layout, geometry)
+    n = -(-2 ** 31 // (-(-h // 2) * -(-w // 2)))  # dX indexes the pixels of one stride phase
+    with pytest.raises(ValueError, match="32-bit pixel index"):
+        kernels.conv_grad_input(dy[:1].expand(n, -1, -1, -1), values, layout, geometry, (h, w))
+
+
+def test_grids_past_32_bit_program_ids_are_refused():
+    kernels = _kernels()
+    assert kernels._grid(2 ** 31 - 1) == (2 ** 31 - 1,)
+    with pytest.raises(ValueError, match="programs"):
+        kernels._grid(2 ** 31)
+
+
+def test_launches_on_the_tensors_device(monkeypatch):
+    """triton launches on the current CUDA device: each launch enters the tensors' device."""
+    import contextlib
+    from types import SimpleNamespace
+    kernels, events = _kernels(), []
+
+    @contextlib.contextmanager
+    def device(index):
+        events.append(("enter", index))
+        yield
+        events.append(("exit", index))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: events.append(("launch", grid({"BP": 32}) if callable(grid) else grid))
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(kernels, "_kernel", lambda name, interpret: Kernel())
+    on_gpu1 = SimpleNamespace(device=torch.device("cuda", 1))
+    kernels._launch("forward", lambda cfg: 3 * cfg["BP"], (on_gpu1,), {}, {"BP": 16})
+    assert events == [("enter", torch.device("cuda", 1)), ("launch", (96,)), ("exit", torch.device("cuda", 1))]
+
+
 class TestAvailability:
     @uses_interpreter
     def test_the_bsr_rule_cpu_needs_the_interpreter(self, monkeypatch):
@@ -227,3 +313,16 @@ def test_gpu_autotuned_products_match_reference(block, groups, stride, dtype, mo
          reference.conv_grad_weight(dy.double(), x.double(), layout, geometry)),
     ]:
         assert relative_error(got, want) < bound
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_products_on_a_device_other_than_the_current_one(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernels = _kernels()
+    x, values, layout, geometry, bias = conv_case("stride2", torch.float32)
+    on_gpu1 = [t.to("cuda:1") for t in (x, values, bias)]
+    with torch.cuda.device(0):
+        y = kernels.conv_forward(on_gpu1[0], on_gpu1[1], layout.to("cuda:1"), geometry, on_gpu1[2])
+    want = reference.conv_forward(x.double(), values.double(), layout, geometry, bias.double())
+    assert y.device == torch.device("cuda", 1) and relative_error(y.cpu(), want) < 1e-3

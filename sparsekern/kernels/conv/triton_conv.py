@@ -17,11 +17,14 @@ partial sums are added afterwards.
 
 The stored blocks are repacked per call to (nnz, kh, kw, k, n) so the weight tile of every
 product is contiguous along its output edge. Every load is masked by the channel, pixel and
-block bounds, so no metadata can make a kernel read outside its tensors.
+block bounds, so no metadata can make a kernel read outside its tensors. Pixel and program
+indices are 32-bit (a launch past that is refused); every product of an index with a stride
+or a block's extent is 64-bit, so tensors of more than 2**31 elements are addressed right.
 
 This module imports triton: it is loaded on the first kernel call (triton_backend). Like
 the bsr kernels it uses only core builtins of triton.language (see bsr/triton_forward.py).
 """
+import contextlib
 import functools
 
 import torch
@@ -264,13 +267,32 @@ def _kernel(name, interpret):
                            prune_configs_by=dict(early_config_prune=_pruner(edges)))(kernel)
 
 
+def _grid(programs):
+    """A 1-D grid of ``programs``: the kernels decode the program id in 32 bits."""
+    if programs >= 2 ** 31:
+        raise ValueError(f"this conv needs {programs} programs, more than the kernels index (2**31 - 1): "
+                         "split the batch")
+    return (programs,)
+
+
+def _check_pixels(pixels):
+    """Pixel indices are 32-bit in the kernels (their products with strides are 64-bit); the
+    margin leaves room for the last tile's lanes past the end."""
+    if pixels >= 2 ** 31 - 1024:
+        raise ValueError(f"{pixels} pixels (batch x height x width) exceed the kernels' 32-bit pixel index: "
+                         "split the batch")
+
+
 def _launch(name, programs, args, meta, interpret_tile):
-    """Run kernel ``name`` on ``programs(tile config)`` programs."""
+    """Run kernel ``name`` on ``programs(tile config)`` programs, on the device of ``args[0]``
+    (triton launches on the current CUDA device)."""
     kernel = _kernel(name, interpreting())
-    if interpreting():
-        kernel[(programs(interpret_tile),)](*args, **meta, **interpret_tile)
-    else:
-        kernel[lambda cfg: (programs(cfg),)](*args, **meta)
+    device = args[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if interpreting():
+            kernel[_grid(programs(interpret_tile))](*args, **meta, **interpret_tile)
+        else:
+            kernel[lambda cfg: _grid(programs(cfg))](*args, **meta)
 
 
 def _common(geometry, dtype):
@@ -281,6 +303,11 @@ def _common(geometry, dtype):
     return (sh, sw, pt, pl, dh, dw), meta
 
 
+def _dense(*tensors):
+    """Metadata as the kernels index it: element i at pointer + i."""
+    return [t.contiguous() for t in tensors]
+
+
 def _channels(geometry):
     return geometry.in_per_group, geometry.out_channels, geometry.out_per_group
 
@@ -288,6 +315,7 @@ def _channels(geometry):
 def conv_forward(x, values, layout, geometry, bias=None):
     n, _, h, w = x.shape
     (ho, wo), bs, (rb, _) = geometry.output_size(h, w), geometry.block_size, layout.grid
+    _check_pixels(n * ho * wo)
     y = torch.empty(n, geometry.out_channels, ho, wo, dtype=x.dtype, device=x.device,
                     memory_format=output_memory_format(x))
     if y.numel() == 0:
@@ -297,7 +325,8 @@ def conv_forward(x, values, layout, geometry, bias=None):
         return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
     pixels, (conv, meta) = n * ho * wo, _common(geometry, x.dtype)
     weight = values.permute(0, 3, 4, 2, 1).contiguous()  # (nnz, kh, kw, in, out)
-    args = (x, weight, y if bias is None else bias, y, layout.row_offsets, layout.col_indices, layout.nnz_blocks, rb,
+    bias = y if bias is None else bias.contiguous()  # x and y are read through their strides, the rest densely
+    args = (x, weight, bias, y, *_dense(layout.row_offsets, layout.col_indices), layout.nnz_blocks, rb,
             pixels, ho, wo, h, w, *_channels(geometry), *x.stride(), *y.stride(), *conv,
             triton.next_power_of_2(pixels))
     _launch("forward", lambda cfg: triton.cdiv(pixels, cfg["BP"]) * rb * triton.cdiv(bs, cfg["BN"]), args,
@@ -308,17 +337,18 @@ def conv_forward(x, values, layout, geometry, bias=None):
 def conv_grad_input(dy, values, layout, geometry, input_size):
     (n, _, ho, wo), (h, w) = dy.shape, input_size
     bs, (sh, sw), (rb, cb), groups = geometry.block_size, geometry.stride, layout.grid, geometry.groups
+    a, b = triton.cdiv(h, sh), triton.cdiv(w, sw)  # input pixels per stride phase: (a, b) of each image
+    _check_pixels(n * a * b)
     dx = torch.empty(n, geometry.in_channels, h, w, dtype=dy.dtype, device=dy.device,
                      memory_format=output_memory_format(dy))
     if dx.numel() == 0:
         return dx
     if layout.nnz_blocks == 0:
         return dx.zero_()
-    a, b = triton.cdiv(h, sh), triton.cdiv(w, sw)
     pixels, (conv, meta) = n * a * b, _common(geometry, dy.dtype)
     weight = values.permute(0, 3, 4, 1, 2).contiguous()  # (nnz, kh, kw, out, in)
-    args = (dy, weight, dx, layout.col_offsets, layout.t_block_ids, layout.t_row_indices, layout.nnz_blocks, rb, cb,
-            groups, pixels, a, b, h, w, ho, wo, *_channels(geometry), *dy.stride(), *dx.stride(), *conv,
+    args = (dy, weight, dx, *_dense(layout.col_offsets, layout.t_block_ids, layout.t_row_indices), layout.nnz_blocks,
+            rb, cb, groups, pixels, a, b, h, w, ho, wo, *_channels(geometry), *dy.stride(), *dx.stride(), *conv,
             triton.next_power_of_2(pixels))
     _launch("grad_input", lambda cfg: triton.cdiv(pixels, cfg["BP"]) * sh * sw * groups * cb
             * triton.cdiv(bs, cfg["BN"]), args, meta, _INTERPRET_GEMM)
@@ -329,6 +359,7 @@ def conv_grad_weight(dy, x, layout, geometry):
     (n, _, ho, wo), (h, w) = dy.shape, x.shape[2:]
     bs, (kh, kw), nnz, (rb, cb) = geometry.block_size, geometry.kernel_size, layout.nnz_blocks, layout.grid
     pixels = n * ho * wo
+    _check_pixels(pixels)
     if nnz == 0 or pixels == 0:
         return torch.zeros(nnz, bs, bs, kh, kw, dtype=x.dtype, device=x.device)
     interpret = interpreting()
@@ -337,7 +368,7 @@ def conv_grad_weight(dy, x, layout, geometry):
     split, per_split = split_m(pixels, programs, parallel_slots(x.device), grain)
     out = torch.empty(split, nnz, bs, bs, kh, kw, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     conv, meta = _common(geometry, x.dtype)
-    args = (dy, x, out, layout.row_indices, layout.col_indices, nnz, rb, cb, pixels, ho, wo, h, w,
+    args = (dy, x, out, *_dense(layout.row_indices, layout.col_indices), nnz, rb, cb, pixels, ho, wo, h, w,
             *_channels(geometry), *dy.stride(), *x.stride(), *conv, per_split, triton.next_power_of_2(pixels))
     _launch("grad_weight", lambda cfg: triton.cdiv(bs, cfg["TR"]) * triton.cdiv(bs, cfg["TC"]) * kh * kw * nnz * split,
             args, meta, _INTERPRET_SDD)
