@@ -15,6 +15,7 @@ import torch
 import sparsekern as sk
 from helpers import every_layer_kind, relative_error
 from sparsekern.methods.dst.scores import install_probe
+from sparsekern.methods.dst.semi_probe import SemiProbe
 from sparsekern.ops import probe as probe_module
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -69,12 +70,14 @@ def test_every_layer_kind_steps_without_host_reads(host_reads):
 
 
 def test_autocast_steps_without_host_reads(host_reads):
-    """Under autocast the layers cast their weights (and probes) on every call."""
+    """Under autocast the layers cast their weights (and probes, 2:4 ones included) on every call."""
     torch.manual_seed(0)
     model = every_layer_kind()
     for layer in model:
         if isinstance(layer, (sk.SparseLinear, sk.SparseConv2d)):
             install_probe(layer, torch.ones_like(layer.block_mask))
+        elif isinstance(layer, sk.SemiSparseLinear) and layer.mode == "static":
+            SemiProbe(layer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _steady_reads(model, torch.randn(2, 4, 6, 6), host_reads) == []
 
