@@ -1,7 +1,7 @@
 """GPU benchmark of the triton block-sparse products against cuBLAS and torch's block-sparse kernels.
 
-    python bench/bench_bsr_triton.py --quick --json bench/results/bsr_triton.jsonl   # one config (~5 min)
-    python bench/bench_bsr_triton.py --json bench/results/bsr_triton.jsonl           # the full sweep (hours)
+    python bench/bench_bsr_triton.py --quick --json bench/results/bsr_triton.jsonl   # one small config
+    python bench/bench_bsr_triton.py --json bench/results/bsr_triton.jsonl           # the sweep: 216 configs
     python bench/bench_bsr_triton.py --tokens 8192 --shapes 4096x11008 --blocks 64 --masks skewed
 
 Sweep (every combination): tokens 4096 / 8192 / 16384; W (out x in) 4096x4096, 4096x11008,
