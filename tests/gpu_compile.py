@@ -11,8 +11,10 @@ directory (compiles from several processes share the default cache).
     wgmma_shapes(compiled)   # e.g. {(64, 128, 16)}
     spills(compiled)         # (spill store bytes, spill load bytes), (0, 0) when none
 """
+import contextlib
 import functools
 import inspect
+import io
 import re
 import subprocess
 import tempfile
@@ -51,8 +53,19 @@ def compile_kernel(fn, signature, constexprs, arch=90, num_warps=4, num_stages=3
     full = {name: signature.get(name, "constexpr") for name in params}
     attrs = {(params.index(name),): _DIVISIBLE_16 for name in aligned}
     source = ASTSource(jitted, full, dict(constexprs), attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    # Keep the ptxas report of the compile itself (printed when the knob is set); a
+    # cache hit runs no ptxas, and ptxas_report then assembles the PTX again.
+    from triton import knobs
+    dump, log = knobs.nvidia.dump_ptxas_log, io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+    finally:
+        knobs.nvidia.dump_ptxas_log = dump
+    compiled.ptxas_log = log.getvalue() if "spill stores" in log.getvalue() else None
+    return compiled
 
 
 _ALLOC = re.compile(r"ttg\.local_alloc\s*(?:\{[^}]*\})?\s*:\s*\(\)\s*->\s*!ttg\.memdesc<([0-9x]+)x[a-z]")
@@ -100,6 +113,8 @@ def _ptxas(arch):
 
 def ptxas_report(compiled):
     """The ``ptxas -v`` report of the kernel's PTX for its target (registers, spills)."""
+    if getattr(compiled, "ptxas_log", None):
+        return compiled.ptxas_log
     arch = compiled.metadata.target.arch
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as tmp:

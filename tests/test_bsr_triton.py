@@ -7,6 +7,7 @@ backend uses. There every buffer ``torch.empty`` hands out is NaN-filled, so a
 block (or partial sum) a kernel fails to write fails the test. GPU tests
 (autotuned kernels) are marked ``gpu``.
 """
+import dataclasses
 import importlib.util
 import inspect
 import os
@@ -42,6 +43,8 @@ STRUCTURES = {
     "b16-half": ((64, 96), 16, 0.5, (), ()),
     "b32-empty-row-col": ((96, 64), 32, 0.7, (1,), (0,)),
     "b64-dense": ((64, 128), 64, 1.0, (), ()),
+    "b128-empty-row": ((256, 128), 128, 1.0, (1,), ()),
+    "rect32x64": ((64, 128), (32, 64), 0.5, (), ()),
     "rect16x32": ((48, 96), (16, 32), 0.5, (), ()),
     "rect32x16-empty-cols": ((64, 48), (32, 16), 0.8, (), (0, 2)),
     "rect8x24-narrow": ((40, 72), (8, 24), 0.4, (), ()),
@@ -68,7 +71,7 @@ def _dense_products(weight, x, dy):
 # fp32 on every structure; the half types on two (the interpreter is slow).
 PRODUCT_CASES = [pytest.param(name, torch.float32, id=f"{name}-fp32") for name in STRUCTURES] + [
     pytest.param(name, dtype, id=f"{name}-{label}")
-    for dtype, label in [(torch.float16, "fp16"), (torch.bfloat16, "bf16")] for name in ("b16-half", "rect16x32")]
+    for dtype, label in [(torch.float16, "fp16"), (torch.bfloat16, "bf16")] for name in ("b16-half", "rect32x64")]
 
 
 @uses_interpreter
@@ -76,9 +79,11 @@ PRODUCT_CASES = [pytest.param(name, torch.float32, id=f"{name}-fp32") for name i
 def test_products_match_dense_masked(name, dtype):
     forward, grad = _kernels()
     weight, x, dy = _case(name, dtype, m=19)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(7)).to(dtype)
     y_ref, dx_ref, dw_ref = _dense_products(weight, x, dy)
+    y_ref = y_ref + bias.double()
     tol = TOLERANCES[dtype]
-    y = forward.bsr_forward(x, weight.values, weight.layout)
+    y = forward.bsr_forward(x, weight.values, weight.layout, bias)
     dx = forward.bsr_grad_input(dy, weight.values, weight.layout)
     dw = grad.bsr_grad_weight(dy, x, weight.layout)
     assert (y.dtype, dx.dtype, dw.dtype) == (dtype,) * 3
@@ -100,6 +105,69 @@ def test_zero_tokens_and_zero_blocks():
 
 
 @uses_interpreter
+@pytest.mark.parametrize("view", ["transposed", "every-other-column"])
+def test_column_strided_dense_operand(view):
+    """Called below the op layer with an x (or dy) whose columns are not contiguous."""
+    forward, _ = _kernels()
+    weight, x, dy = _case("rect16x32", torch.float32, m=11)
+
+    def strided(t):
+        if view == "transposed":
+            return t.T.contiguous().T
+        wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype)
+        wide[:, ::2] = t
+        return wide[:, ::2]
+
+    sx, sdy = strided(x), strided(dy)
+    assert sx.stride(1) != 1 and sdy.stride(1) != 1
+    y_ref, dx_ref, _ = _dense_products(weight, x, dy)
+    tol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(forward.bsr_forward(sx, weight.values, weight.layout).double(), y_ref, **tol)
+    torch.testing.assert_close(forward.bsr_grad_input(sdy, weight.values, weight.layout).double(), dx_ref, **tol)
+
+
+@uses_interpreter
+class TestRefusedAtTheBoundary:
+    """A corrupt layout or mismatched operand raises before any kernel reads out of bounds."""
+
+    def _corrupt(self, weight, **fields):
+        layout = weight.layout
+        return dataclasses.replace(layout, **{name: fn(getattr(layout, name)) for name, fn in fields.items()})
+
+    @pytest.mark.parametrize("field,product", [
+        ("col_indices", "forward"), ("t_row_indices", "grad_input"), ("t_block_ids", "grad_input")])
+    @pytest.mark.parametrize("value", [-1, 99])
+    def test_index_out_of_range(self, field, product, value):
+        forward, _ = _kernels()
+        weight, x, dy = _case("b16-half", torch.float32, m=3)
+        layout = self._corrupt(weight, **{field: lambda t: torch.where(torch.arange(t.numel()) == 1, value, t)})
+        with pytest.raises(ValueError, match="corrupt"):
+            if product == "forward":
+                forward.bsr_forward(x, weight.values, layout)
+            else:
+                forward.bsr_grad_input(dy, weight.values, layout)
+
+    def test_offsets_that_do_not_cover_the_blocks(self):
+        forward, _ = _kernels()
+        weight, x, _ = _case("b16-half", torch.float32, m=3)
+        layout = self._corrupt(weight, row_offsets=lambda t: torch.cat([t[:-1], t[-1:] + 5]))
+        with pytest.raises(ValueError, match="corrupt"):
+            forward.bsr_forward(x, weight.values, layout)
+
+    def test_mismatched_operands(self):
+        forward, _ = _kernels()
+        weight, x, dy = _case("b16-half", torch.float32, m=3)
+        with pytest.raises(ValueError, match="dense operand"):
+            forward.bsr_forward(x[:, :-16], weight.values, weight.layout)
+        with pytest.raises(ValueError, match="values"):
+            forward.bsr_grad_input(dy, weight.values[1:], weight.layout)
+        with pytest.raises(ValueError, match="bias"):
+            forward.bsr_forward(x, weight.values, weight.layout, torch.zeros(3))
+        with pytest.raises(ValueError, match="dtypes"):
+            forward.bsr_forward(x, weight.values.double(), weight.layout)
+
+
+@uses_interpreter
 class TestLoadBalance:
     def test_plan_splits_long_segments_and_runs_longest_first(self):
         forward, _ = _kernels()
@@ -118,7 +186,8 @@ class TestLoadBalance:
 
     @pytest.mark.parametrize("skew", ["row", "col"])
     def test_skewed_layout_goes_through_partial_sums(self, skew):
-        # One full block row (forward) or column (dX) of 24 blocks, the rest nearly empty.
+        # One full block row (forward) or column (dX) of 24 blocks, the rest nearly empty:
+        # the long segment is cut in pieces whose partials the merge kernel adds (with the bias).
         forward, _ = _kernels()
         mask = torch.zeros(4, 24, dtype=torch.bool)
         mask[0] = True
@@ -127,39 +196,61 @@ class TestLoadBalance:
             mask = mask.T.contiguous()
         dense = torch.randn(mask.shape[0] * 16, mask.shape[1] * 16, dtype=torch.float64)
         weight = sk.BlockSparseMatrix.from_dense(dense.float(), 16, block_mask=mask)
-        offsets = weight.layout.row_offsets if skew == "row" else weight.layout.col_offsets
-        assert forward.schedule(offsets).n_slots > 1
-        assert forward.schedule(offsets) is forward.schedule(offsets)  # built once per layout
+        layout = weight.layout
+        if skew == "row":
+            args = (layout.row_offsets, None, layout.col_indices, layout.grid[1])
+        else:
+            args = (layout.col_offsets, layout.t_block_ids, layout.t_row_indices, layout.grid[0])
+        plan = forward.schedule(*args)
+        assert plan.n_slots > 1 and plan.split_rows.tolist() == [0]
+        assert forward.schedule(*args) is plan  # built once per layout
         g = torch.Generator().manual_seed(3)
         x = torch.randn(9, weight.shape[1], generator=g)
         dy = torch.randn(9, weight.shape[0], generator=g)
         y_ref, dx_ref, _ = _dense_products(weight, x, dy)
-        product = forward.bsr_forward if skew == "row" else forward.bsr_grad_input
-        got = product(x if skew == "row" else dy, weight.values, weight.layout)
-        torch.testing.assert_close(got.double(), y_ref if skew == "row" else dx_ref, **TOLERANCES[torch.float32])
+        if skew == "row":
+            bias = torch.randn(weight.shape[0], generator=g)
+            got, want = forward.bsr_forward(x, weight.values, layout, bias), y_ref + bias.double()
+        else:
+            got, want = forward.bsr_grad_input(dy, weight.values, layout), dx_ref
+        torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
 
-    def test_few_blocks_split_the_token_dimension(self):
-        _, grad = _kernels()
-        assert grad.split_m(100, programs=2, slots=4, grain=16) == (4, 32)
-        assert grad.split_m(100, programs=64, slots=4, grain=16) == (1, 112)
-        assert grad.split_m(10, programs=1, slots=132, grain=512) == (1, 512)
-        weight, x, dy = _case("b64-dense", torch.float32, m=100)  # 2 blocks, interpreter: 4 slots
-        torch.testing.assert_close(grad.bsr_grad_weight(dy, x, weight.layout).double(),
-                                   _dense_products(weight, x, dy)[2], **TOLERANCES[torch.float32])
+    @pytest.mark.parametrize("m", [1, 40])
+    def test_programs_split_the_unit_sequence(self, m, monkeypatch):
+        """More units than programs, and more programs than units: every unit is
+        written once, whichever program's range holds its first step."""
+        forward, _ = _kernels()
+        for programs in (1, 3, 64):
+            monkeypatch.setattr(forward, "parallel_slots", lambda device, n=programs: n)
+            weight, x, dy = _case("b32-empty-row-col", torch.float32, m=m)
+            y_ref, dx_ref, _ = _dense_products(weight, x, dy)
+            torch.testing.assert_close(forward.bsr_forward(x, weight.values, weight.layout).double(), y_ref,
+                                       **TOLERANCES[torch.float32])
+            torch.testing.assert_close(forward.bsr_grad_input(dy, weight.values, weight.layout).double(), dx_ref,
+                                       **TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("block", [(16, 16), (8, 24), (32, 64), (128, 128)], ids=str)
 def test_autotune_has_several_configs_fitted_to_the_block(block, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the compiled-mode (autotuned) kernels
-    forward, grad = _kernels()
-    dsd, sdd = forward._kernel(False), grad._kernel(False)
-    assert dsd.keys == ["M_BUCKET", "OUT_B", "IN_B", "V_STRIDE_OUT"] and sdd.keys == ["M_BUCKET", "BR", "BC"]
-    for configs, (rows, cols) in [(forward._prune(dsd.configs, {}, OUT_B=block[0], IN_B=block[1]), ("BN", "BK")),
-                                  (grad._prune(sdd.configs, {}, BR=block[0], BC=block[1]), ("TR", "TC"))]:
-        shapes = {(c.kwargs[rows], c.kwargs[cols]) for c in configs}
-        assert len(configs) >= 5 and len({str(c) for c in configs}) == len(configs)
-        assert all(16 <= r <= max(16, triton_next_pow2(block[0])) and 16 <= c <= max(16, triton_next_pow2(block[1]))
-                   for r, c in shapes)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the compiled-mode (autotuned) kernel
+    forward, _ = _kernels()
+    dsd, _ = forward._kernel(False)
+    assert dsd.keys == ["M_BUCKET", "D_BUCKET", "OUT_B", "IN_B", "V_STRIDE_OUT", "HAS_BIAS"]
+    configs = forward.configs_for(block[0], block[1], 2, forward.SM90_SHARED)
+    assert len(configs) >= 5 and len({str(c) for c in configs}) == len(configs)
+    assert all(16 <= c.kwargs["BO"] <= max(16, triton_next_pow2(block[0]))
+               and 16 <= c.kwargs["BK"] <= max(16, triton_next_pow2(block[1])) for c in configs)
+
+
+def test_configs_fit_the_shared_memory_they_are_given():
+    forward, _ = _kernels()
+    a100 = 166912
+    for elem_size in (2, 4):
+        kept = forward.configs_for(64, 64, elem_size, a100)
+        assert kept and all(forward.shared_bytes(c.kwargs["BT"], c.kwargs["BO"], c.kwargs["BK"], c.num_stages,
+                                                 elem_size) <= a100 for c in kept)
+    assert len(forward.configs_for(64, 64, 4, a100)) < len(forward.configs_for(64, 64, 2, a100))
+    assert len(forward.configs_for(64, 64, 4, 1024)) == 1  # nothing fits: the smallest stays
 
 
 def triton_next_pow2(n):
@@ -247,31 +338,28 @@ test_bsr_triton.compile_for_gpu(80)
 
 
 def compile_for_gpu(arch):
-    """Compile both kernels to cubin for sm_<arch> (ptxas ships with triton); no GPU needed."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    forward, grad = _kernels()
-    common = dict(PRECISION="tf32", UPCAST=False)
-    dsd = dict(a_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", work_ptr="*i32", n_work="i32",
-               ids_ptr="*i64", gather_ptr="*i64", M="i32", stride_am="i32", stride_om="i32", M_BUCKET="i32")
-    sdd = dict(dy_ptr="*fp32", x_ptr="*fp32", out_ptr="*fp32", rows_ptr="*i64", cols_ptr="*i64", nnz="i32", M="i32",
-               stride_dy="i32", stride_x="i32", m_per_split="i32", M_BUCKET="i32")
-    for fn, signature, constants in [
-        (forward._dsd_kernel, dsd, dict(OUT_B=64, IN_B=32, V_STRIDE_OUT=1, V_STRIDE_IN=64, IDENTITY=False,
-                                         BM=64, BN=64, BK=32, **common)),
-        (grad._sdd_kernel, sdd, dict(BR=32, BC=64, TR=32, TC=64, BM=32, **common)),
-    ]:
-        # In the kernel's argument order: ASTSource matches the signature by position.
-        signature = {name: signature.get(name, "constexpr") for name in inspect.signature(fn).parameters}
-        source = ASTSource(triton.jit(fn), signature, constants)
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=3))
+    """Compile the DSD kernel and its merge kernel to cubin for sm_<arch> (ptxas ships with
+    triton); no GPU needed. DSD at a rectangular block, dX orientation (W read transposed),
+    fp32 (tf32). The SDD kernel has its own compile tests."""
+    import gpu_compile
+    from test_bsr_triton_compile import dsd_signature
+    forward, _ = _kernels()
+    signature, aligned = dsd_signature("fp32")
+    dsd = gpu_compile.compile_kernel(
+        forward._dsd_kernel, signature,
+        dict(OUT_B=64, IN_B=32, V_STRIDE_OUT=1, V_STRIDE_IN=64, IDENTITY=False, HAS_BIAS=False, PRECISION="tf32",
+             UPCAST=False, stride_ak=1, BT=128, BO=64, BK=32), arch=arch, num_warps=4, num_stages=3, aligned=aligned)
+    merge = gpu_compile.compile_kernel(
+        forward._merge_kernel, dict(part_ptr="*fp32", out_ptr="*bf16", bias_ptr="*bf16", rows_ptr="*i64",
+                                    slot_offsets_ptr="*i32", M="i32", stride_om="i32"),
+        dict(OUT_B=64, HAS_BIAS=True, **forward._MERGE_TILE), arch=arch)
+    for compiled in (dsd, merge):
         assert compiled.asm["cubin"]
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_for_gpu_targets(arch, monkeypatch, tmp_path):
-    """Without a GPU, still compile both kernels to cubin (ptxas included) for sm_80 and
+    """Without a GPU, still compile the DSD and merge kernels to cubin (ptxas included) for sm_80 and
     sm_90, so GPU-only code paths (tensor-core dots, bf16, tf32) are at least valid."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # private: other processes compile too
@@ -291,10 +379,14 @@ def test_gpu_autotuned_products_match_reference(block, dtype, monkeypatch):
     values = weight.values.cuda()
     x = torch.randn(1000, 768, device="cuda", dtype=dtype)
     dy = torch.randn(1000, 512, device="cuda", dtype=dtype)
+    bias = torch.randn(512, device="cuda", dtype=dtype)
+    x_columns = x.T.contiguous().T  # column-strided: the kernel reads it through its strides
     # Reference in fp64 on the same inputs; tolerances scale with the reduction length.
     tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
     for got, want in [
-        (forward.bsr_forward(x, values, layout), reference.bsr_forward(x.double(), values.double(), layout)),
+        (forward.bsr_forward(x, values, layout, bias),
+         reference.bsr_forward(x.double(), values.double(), layout, bias.double())),
+        (forward.bsr_forward(x_columns, values, layout), reference.bsr_forward(x.double(), values.double(), layout)),
         (forward.bsr_grad_input(dy, values, layout), reference.bsr_grad_input(dy.double(), values.double(), layout)),
         (grad.bsr_grad_weight(dy, x, layout), reference.bsr_grad_weight(dy.double(), x.double(), layout)),
     ]:

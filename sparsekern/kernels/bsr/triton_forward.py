@@ -4,14 +4,28 @@ columns through the transpose metadata, never forming Wᵀ).
 
 Both are one kernel: an output block column ``j`` of width OUT_B is the sum, over
 the stored blocks of one "segment" (a block row of W for the forward, a block
-column for dX), of a (BM, IN_B) slice of the dense operand times that block.
+column for dX), of a (tokens, IN_B) slice of the dense operand times that block.
 The two uses differ only in which index arrays list the segments and in which
 stride of a stored block is "out" and which is "in".
 
-Load balance: work items are segments, launched longest first, and a segment far
-longer than the mean is split in pieces whose fp32 partial sums are added on the
-host side (only for those rows), so one dense row of W does not leave the GPU
-waiting on a single program. The schedule is built once per layout and cached.
+Tile orientation: the kernel computes the transposed tile ``W_block · aᵀ``
+(BO output features x BT tokens) and stores it transposed, so tokens are the MMA
+N dimension (wgmma m64nBTk16 with BT = 128 or 256) however narrow the block is.
+
+Persistence and balance: a *unit* is (token tile, output sub-tile, work item), a
+work item being a segment or, for segments far longer than the mean, a piece of
+one (host-built, cached per layout). A unit costs max(1, blocks) x K-chunks
+steps. The units, token tiles slowest, form one sequence of steps that is cut
+into one contiguous, near-equal range per program (a unit belongs to the program
+whose range holds its first step); each program runs all its steps in one flat
+loop, so the load pipeline runs across unit boundaries instead of restarting
+for every short segment. The block index of the next step is loaded one step
+ahead (a loop-carried scalar), so the tile loads that feed the dot are plain
+pointer loads the software pipeliner multi-buffers to the full num_stages.
+
+Split segments write fp32 partial sums per piece; ``_merge_kernel`` adds the
+pieces of each row in a fixed order (deterministic, no atomics), adds the bias
+and writes the output. Other rows get the bias in the main kernel's epilogue.
 
 This module imports triton: it is loaded on the first kernel call (triton_backend).
 The kernels use only core builtins of triton.language (tl.full, not tl.zeros/tl.cdiv):
@@ -19,6 +33,7 @@ the @jit functions of triton's standard library are fixed to interpreter or comp
 mode when triton is imported, which breaks one mode or the other in a process that
 uses both (tests: interpreter on CPU, then compiled kernels on a GPU).
 """
+import contextlib
 import functools
 import math
 import weakref
@@ -28,68 +43,168 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import dot_precision, interpreting, upcast
+from .triton_backend import dot_precision, interpreting, parallel_slots, upcast
 
 # A segment is split when longer than twice max(mean segment, MIN_SEGMENT) blocks.
 MIN_SEGMENT = 8
 
 
-def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, work_ptr, n_work, ids_ptr, gather_ptr, M, stride_am,
-                stride_om, M_BUCKET, OUT_B: tl.constexpr, IN_B: tl.constexpr, V_STRIDE_OUT: tl.constexpr,
-                V_STRIDE_IN: tl.constexpr, IDENTITY: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # Token tiles slowest: the programs in flight share one (BM, K) slice of the dense
-    # operand in L2 across all segments; within a token tile, segments run longest first.
-    n_sub: tl.constexpr = (OUT_B + BN - 1) // BN
-    per_m = n_work * n_sub
-    pid = tl.program_id(0)
-    pid_m, rest = pid // per_m, pid % per_m
-    item, pid_n = rest // n_sub, rest % n_sub
-    out_block = tl.load(work_ptr + item)
-    start = tl.load(work_ptr + n_work + item)
-    end = tl.load(work_ptr + 2 * n_work + item)
-    slot = tl.load(work_ptr + 3 * n_work + item)
+def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, bias_ptr, items_ptr, prefix_ptr, ids_ptr, gather_ptr, n_items,
+                per_row, n_programs, M, stride_am, stride_ak, stride_om, M_BUCKET, D_BUCKET,
+                OUT_B: tl.constexpr, IN_B: tl.constexpr, V_STRIDE_OUT: tl.constexpr, V_STRIDE_IN: tl.constexpr,
+                IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                BT: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
+    N_SUB: tl.constexpr = (OUT_B + BO - 1) // BO
+    KC: tl.constexpr = (IN_B + BK - 1) // BK
+    # This program's units: those whose first block-step lies in [lo, hi) of the
+    # n_rows x per_row block-steps (row = token tile x output sub-tile).
+    pid = tl.program_id(0).to(tl.int64)
+    n_rows = ((M + BT - 1) // BT) * N_SUB
+    total = n_rows.to(tl.int64) * per_row
+    lo = pid * total // n_programs
+    hi = (pid + 1) * total // n_programs
+    row, item = lo // per_row, lo % per_row
+    row_end, item_end = hi // per_row, hi % per_row
+    # First item starting at or after the in-row offsets (prefix: n_items + 1 ascending starts).
+    a_lo, a_hi = 0, n_items
+    b_lo, b_hi = 0, n_items
+    while a_lo < a_hi:
+        mid = (a_lo + a_hi) // 2
+        if tl.load(prefix_ptr + mid) >= item:
+            a_hi = mid
+        else:
+            a_lo = mid + 1
+    while b_lo < b_hi:
+        mid = (b_lo + b_hi) // 2
+        if tl.load(prefix_ptr + mid) >= item_end:
+            b_hi = mid
+        else:
+            b_lo = mid + 1
+    first = row * per_row + tl.load(prefix_ptr + a_lo)
+    last = row_end * per_row + tl.load(prefix_ptr + b_lo)
+    n_steps = ((last - first) * KC).to(tl.int32)
+    i = a_lo
+    if i == n_items:  # the range starts in the next row
+        i = 0
+        row += 1
 
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
-    mask_m, mask_n = offs_m < M, offs_n < OUT_B
-    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-    acc = tl.full((BM, BN), 0.0, tl.float32)
-    for p in range(start, end):
-        block = p if IDENTITY else tl.load(ids_ptr + p)
-        a_block = a_rows + tl.load(gather_ptr + p) * IN_B
-        v_block = v_ptr + block.to(tl.int64) * (OUT_B * IN_B) + offs_n[None, :] * V_STRIDE_OUT
-        for k0 in tl.static_range(0, IN_B, BK):
-            kk = k0 + offs_k
-            a = tl.load(a_block + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < IN_B), other=0.0)
-            v = tl.load(v_block + kk[:, None] * V_STRIDE_IN, mask=(kk[:, None] < IN_B) & mask_n[None, :], other=0.0)
-            if UPCAST:
-                a, v = a.to(tl.float32), v.to(tl.float32)
-            acc = tl.dot(a, v, acc, input_precision=PRECISION)
+    # Loop-carried state of the loads: unit (row, item i), position p in the segment
+    # arrays and its end q, K-chunk kc, and the stored block / gathered block column.
+    # The epilogue walks the same units with its own (e_row, e_i): offsets derived from
+    # the loads' state would be tensors carried through every pipeline stage.
+    e_row, e_i = row, i
+    start = tl.load(items_ptr + n_items + i)
+    end = tl.load(items_ptr + 2 * n_items + i)
+    p = start
+    q = tl.maximum(end, start + 1)  # an empty segment takes one (masked) step: its output is zeros
+    kc = 0
+    # K extent of the current step: 0 masks the step of an empty segment off.
+    k_lim = tl.where(p < end, IN_B, 0)
+    block = p.to(tl.int64) if IDENTITY else tl.load(ids_ptr + p, mask=p < end, other=0).to(tl.int64)
+    col = tl.load(gather_ptr + p, mask=p < end, other=0).to(tl.int64)
+    acc = tl.full((BO, BT), 0.0, tl.float32)
+    for _ in range(0, n_steps):
+        offs_o = (row % N_SUB) * BO + tl.arange(0, BO)
+        offs_t = (row // N_SUB) * BT + tl.arange(0, BT)
+        mask_o, mask_t = offs_o < OUT_B, offs_t < M
+        kk = kc * BK + offs_k
+        mask_k = kk < k_lim
+        v = tl.load(v_ptr + block * (OUT_B * IN_B) + offs_o[:, None] * V_STRIDE_OUT + kk[None, :] * V_STRIDE_IN,
+                    mask=mask_o[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(a_ptr + offs_t.to(tl.int64)[None, :] * stride_am + (col * IN_B + kk)[:, None] * stride_ak,
+                    mask=mask_k[:, None] & mask_t[None, :], other=0.0)
+        if UPCAST:
+            v, a = v.to(tl.float32), a.to(tl.float32)
+        acc = tl.dot(v, a, acc, input_precision=PRECISION)
 
-    mask = mask_m[:, None] & mask_n[None, :]
-    if slot < 0:
-        out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + out_block * OUT_B + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        part = part_ptr + (slot.to(tl.int64) * M + offs_m[:, None]) * OUT_B + offs_n[None, :]
-        tl.store(part, acc, mask=mask)
+        kc += 1
+        if kc == KC:
+            kc = 0
+            p += 1
+        # Unit done: the epilogue, then the next unit's item. Two ifs: the epilogue needs
+        # the dot (last pipeline stage), the item loads feed the next loads (first stage).
+        done = p == q
+        if done:
+            out_block = tl.load(items_ptr + e_i)
+            slot = tl.load(items_ptr + 3 * n_items + e_i)
+            e_o = (e_row % N_SUB) * BO + tl.arange(0, BO)
+            e_t = (e_row // N_SUB) * BT + tl.arange(0, BT)
+            mask = (e_o < OUT_B)[:, None] & (e_t < M)[None, :]
+            if slot < 0:
+                result = acc
+                if HAS_BIAS:
+                    bias = tl.load(bias_ptr + out_block * OUT_B + e_o, mask=e_o < OUT_B, other=0.0)
+                    result = acc + bias.to(tl.float32)[:, None]
+                out = out_ptr + e_t.to(tl.int64)[None, :] * stride_om + (out_block * OUT_B + e_o)[:, None]
+                tl.store(out, result.to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                part = part_ptr + (slot.to(tl.int64) * M + e_t[None, :]) * OUT_B + e_o[:, None]
+                tl.store(part, acc, mask=mask)
+            e_i += 1
+            if e_i == n_items:
+                e_i = 0
+                e_row += 1
+        acc = tl.where(done, 0.0, acc)
+        if done:
+            i += 1
+            if i == n_items:
+                i = 0
+                row += 1
+            start = tl.load(items_ptr + n_items + i)
+            end = tl.load(items_ptr + 2 * n_items + i)
+            p = start
+            q = tl.maximum(end, start + 1)
+        # The next step's block index, one step ahead of the loads that use it.
+        k_lim = tl.where(p < end, IN_B, 0)
+        block = p.to(tl.int64) if IDENTITY else tl.load(ids_ptr + p, mask=p < end, other=0).to(tl.int64)
+        col = tl.load(gather_ptr + p, mask=p < end, other=0).to(tl.int64)
 
 
-# (BM, BN, BK, num_warps, num_stages); BN/BK are clamped to the block by _prune.
+def _merge_kernel(part_ptr, out_ptr, bias_ptr, rows_ptr, slot_offsets_ptr, M, stride_om,
+                  OUT_B: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BO: tl.constexpr):
+    """out[:, row block] = sum of the row's partial slots, in slot order (+ bias)."""
+    N_SUB: tl.constexpr = (OUT_B + BO - 1) // BO
+    pid_t, pid_r = tl.program_id(0), tl.program_id(1)
+    out_block = tl.load(rows_ptr + pid_r // N_SUB)
+    lo = tl.load(slot_offsets_ptr + pid_r // N_SUB)
+    hi = tl.load(slot_offsets_ptr + pid_r // N_SUB + 1)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_o = (pid_r % N_SUB) * BO + tl.arange(0, BO)
+    mask = (offs_t < M)[:, None] & (offs_o < OUT_B)[None, :]
+    acc = tl.full((BT, BO), 0.0, tl.float32)
+    base = lo.to(tl.int64) * M
+    for _ in range(lo, hi):
+        acc += tl.load(part_ptr + (base + offs_t[:, None]) * OUT_B + offs_o[None, :], mask=mask, other=0.0)
+        base += M
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_block * OUT_B + offs_o, mask=offs_o < OUT_B, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_t.to(tl.int64)[:, None] * stride_om + out_block * OUT_B + offs_o[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# (BT tokens, BO outputs, BK, num_warps, num_stages); BO/BK are clamped to the block,
+# then configs_for drops those that overflow shared memory or give a warpgroup fewer
+# than 128 tokens of MMA N.
 _CONFIGS = [
-    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3),
     (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (128, 128, 32, 8, 4),
-    (64, 64, 64, 4, 3),
-    (128, 32, 32, 4, 4),
-    (64, 32, 32, 4, 5),
+    (128, 64, 64, 4, 5),
+    (128, 64, 32, 4, 4),
+    (128, 64, 32, 4, 6),
+    (128, 64, 32, 4, 7),
+    (256, 64, 64, 8, 3),
+    (256, 64, 64, 8, 4),
+    (256, 64, 32, 8, 6),
+    (256, 64, 32, 8, 7),
+    (128, 128, 64, 8, 4),
 ]
 # Fixed tile under the interpreter: small, and narrower than the tested blocks so
 # the sub-tile and K-chunk loops are exercised.
-_INTERPRET_TILE = dict(BM=16, BN=16, BK=16)
+_INTERPRET_TILE = dict(BT=16, BO=16, BK=16)
+_MERGE_TILE = dict(BT=64, BO=64)
+# Shared memory of an sm_90 block (opt-in); the bound for the compile-time configs.
+SM90_SHARED = 232448
 
 
 def tile(limit, width):
@@ -97,50 +212,86 @@ def tile(limit, width):
     return min(limit, max(16, triton.next_power_of_2(width)))
 
 
+def shared_bytes(bt, bo, bk, stages, elem_size):
+    """Shared memory of a config: ``stages`` buffers of both operand tiles, plus the
+    (BO, BT) tile the epilogue transposes through shared memory."""
+    return stages * (bo * bk + bk * bt) * elem_size + bo * bt * elem_size
+
+
+def warpgroup_n(bt, bo, warps):
+    """Tokens (MMA N) per warpgroup: warpgroups split the outputs in rows of 64 first,
+    then the tokens."""
+    groups = max(1, warps // 4)
+    along_outputs = max(1, min(groups, bo // 64))
+    return bt // (groups // along_outputs)
+
+
+def configs_for(out_b, in_b, elem_size, shared_limit):
+    """The configs for a block of (OUT_B, IN_B): tiles clamped to it, then duplicates,
+    configs whose warpgroups get N < 128 and configs over ``shared_limit`` bytes removed
+    (the smallest stays if none fits, so a small device still gets a kernel)."""
+    keys = []
+    for bt, bo, bk, warps, stages in _CONFIGS:
+        key = (bt, tile(bo, out_b), tile(bk, in_b), warps, stages)
+        if key not in keys and warpgroup_n(*key[:2], warps) >= 128:
+            keys.append(key)
+    def shared(key):
+        return shared_bytes(*key[:3], key[4], elem_size)
+    fitting = [key for key in keys if shared(key) <= shared_limit] or [min(keys, key=shared)]
+    return [triton.Config(dict(BT=bt, BO=bo, BK=bk), num_warps=warps, num_stages=stages)
+            for bt, bo, bk, warps, stages in fitting]
+
+
+@functools.cache
+def _shared_limit(index):
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    seen, kept = set(), []
-    for config in configs:
-        bn, bk = tile(config.kwargs["BN"], args["OUT_B"]), tile(config.kwargs["BK"], args["IN_B"])
-        key = (config.kwargs["BM"], bn, bk, config.num_warps, config.num_stages)
-        if key not in seen:
-            seen.add(key)
-            kept.append(triton.Config(dict(BM=key[0], BN=bn, BK=bk), num_warps=key[3], num_stages=key[4]))
-    return kept
+    a = args["a_ptr"]
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    return configs_for(args["OUT_B"], args["IN_B"], a.element_size(), _shared_limit(index))
 
 
 @functools.cache
 def _kernel(interpret):
-    """The jitted kernel (triton.jit reads TRITON_INTERPRET when it decorates, hence one per
-    mode); under the interpreter untuned, since autotuning would run every config."""
-    kernel = triton.jit(_dsd_kernel)
+    """The jitted kernels (triton.jit reads TRITON_INTERPRET when it decorates, hence one
+    pair per mode); the DSD kernel autotuned outside the interpreter (it would run every config)."""
+    kernel, merge = triton.jit(_dsd_kernel), triton.jit(_merge_kernel)
     if interpret:
-        return kernel
-    configs = [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=s) for bm, bn, bk, w, s in _CONFIGS]
-    return triton.autotune(configs, key=["M_BUCKET", "OUT_B", "IN_B", "V_STRIDE_OUT"],
-                           prune_configs_by=dict(early_config_prune=_prune))(kernel)
+        return kernel, merge
+    configs = [triton.Config(dict(BT=bt, BO=bo, BK=bk), num_warps=w, num_stages=s) for bt, bo, bk, w, s in _CONFIGS]
+    tuned = triton.autotune(configs, key=["M_BUCKET", "D_BUCKET", "OUT_B", "IN_B", "V_STRIDE_OUT", "HAS_BIAS"],
+                            prune_configs_by=dict(early_config_prune=_prune))(kernel)
+    return tuned, merge
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """Work items of a DSD launch. ``work`` (4, W) int32 rows: output block, first and
-    end position in the segment arrays, partial slot (-1: write the output directly).
-    Split output blocks are ``split_rows``; partial slot s belongs to split_rows[slot_to_row[s]]."""
-    work: torch.Tensor
-    split_rows: torch.Tensor
-    slot_to_row: torch.Tensor
+    """Work items of a DSD launch, built once per layout.
 
-    @property
-    def n_slots(self):
-        return self.slot_to_row.numel()
+    ``items`` (4, W) int32 rows: output block, first and end position in the segment
+    arrays, partial slot (-1: write the output directly). ``prefix`` (W + 1) int32: the
+    first block-step of each item within a row of units (an item takes max(1, blocks)
+    steps), ``per_row`` its total. Split output blocks are ``split_rows``; the partial
+    slots of split_rows[r] are slot_offsets[r]:slot_offsets[r + 1]. ``density``: the
+    autotune bucket, mean blocks per segment rounded up to a power of two."""
+    items: torch.Tensor
+    prefix: torch.Tensor
+    split_rows: torch.Tensor
+    slot_offsets: torch.Tensor
+    per_row: int
+    n_slots: int
+    density: int
 
 
 def plan(counts, min_segment=MIN_SEGMENT):
     """Work items ``(out_block, start, end, slot)`` for segments of ``counts`` blocks, longest first.
 
     Segments longer than twice the target length max(mean, min_segment) are cut in
-    near-equal pieces, each with its own partial slot. Empty segments stay (their
-    output block must be written with zeros).
+    near-equal pieces, each with its own partial slot (a row's slots are consecutive).
+    Empty segments stay (their output block must be written with zeros).
     """
     target = max(min_segment, math.ceil(sum(counts) / max(1, len(counts))))
     items, start = [], 0
@@ -162,60 +313,103 @@ def plan(counts, min_segment=MIN_SEGMENT):
 _schedules = {}
 
 
-def schedule(offsets):
-    """The cached :class:`Schedule` of a segment-offsets tensor (one host copy per layout)."""
+def _check_indices(name, indices, bound):
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= bound):
+        raise ValueError(f"{name} has entries outside [0, {bound}): the layout is corrupt")
+
+
+def schedule(offsets, ids, gather, n_gather):
+    """The cached :class:`Schedule` of a segment-offsets tensor: one host copy per layout,
+    which also checks the layout's index arrays once (a kernel would read out of bounds)."""
     entry = _schedules.get(id(offsets))
     if entry is not None and entry[0]() is offsets:
         return entry[1]
-    items, slot_rows = plan(torch.diff(offsets).tolist())
-    split_rows, slot_to_row = torch.unique(torch.tensor(slot_rows, dtype=torch.int64), return_inverse=True)
+    counts = torch.diff(offsets).tolist()
+    nnz = gather.numel()
+    if offsets.numel() == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != nnz or min(counts, default=0) < 0:
+        raise ValueError(f"segment offsets must rise from 0 to the {nnz} stored blocks: the layout is corrupt")
+    _check_indices("the gathered block index", gather, n_gather)
+    if ids is not None:
+        _check_indices("the stored-block index", ids, nnz)
+    items, slot_rows = plan(counts)
+    steps = [max(1, end - start) for _, start, end, _ in items]
+    prefix = [0]
+    for step in steps:
+        prefix.append(prefix[-1] + step)
+    if prefix[-1] >= 2 ** 31:
+        raise ValueError(f"{nnz} stored blocks: more than the int32 positions of the work items allow")
+    split_rows, per_row_slots = torch.unique(torch.tensor(slot_rows, dtype=torch.int64), return_counts=True)
+    slot_offsets = torch.zeros(split_rows.numel() + 1, dtype=torch.int32)
+    slot_offsets[1:] = torch.cumsum(per_row_slots, 0)
     device = offsets.device
-    work = torch.tensor(items, dtype=torch.int32).reshape(-1, 4).T.contiguous()
-    result = Schedule(work.to(device), split_rows.to(device), slot_to_row.to(device))
+    mean = sum(counts) / max(1, len(counts))
+    result = Schedule(torch.tensor(items, dtype=torch.int32).reshape(-1, 4).T.contiguous().to(device),
+                      torch.tensor(prefix, dtype=torch.int32).to(device), split_rows.to(device),
+                      slot_offsets.to(device), prefix[-1], len(slot_rows), triton.next_power_of_2(math.ceil(mean)))
     key = id(offsets)
     _schedules[key] = (weakref.ref(offsets, lambda _: _schedules.pop(key, None)), result)
     return result
 
 
-def _dsd(a, values, offsets, ids, gather, out_b, in_b, v_strides):
-    """Launch: ``out[:, j*OUT_B:(j+1)*OUT_B] = sum over segment j of a-slice @ block``."""
-    m, n_out = a.shape[0], offsets.numel() - 1
+def _device_guard(device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _dsd(a, values, offsets, ids, gather, out_b, in_b, v_strides, bias=None):
+    """Launch: ``out[:, j*OUT_B:(j+1)*OUT_B] = sum over segment j of a-slice @ block (+ bias)``."""
+    m, n_out, n_in = a.shape[0], offsets.numel() - 1, a.shape[1] // in_b
+    if values.dtype != a.dtype or (bias is not None and bias.dtype != a.dtype):
+        raise ValueError(f"dtypes differ: dense {a.dtype}, values {values.dtype}"
+                         + ("" if bias is None else f", bias {bias.dtype}"))
+    if bias is not None and bias.shape != (n_out * out_b,):
+        raise ValueError(f"bias must have shape ({n_out * out_b},), got {tuple(bias.shape)}")
+    # The kernel indexes values and the metadata as dense arrays; the dense operand by its strides.
+    values, gather = values.contiguous(), gather.contiguous()
+    ids = None if ids is None else ids.contiguous()
+    bias = None if bias is None else bias.contiguous()
     out = torch.empty(m, n_out * out_b, dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
-    plan_ = schedule(offsets)
-    n_work = plan_.work.shape[1]
+    plan_ = schedule(offsets, ids, gather, n_in)
+    n_items = plan_.items.shape[1]
     part = torch.empty(plan_.n_slots, m, out_b, dtype=torch.float32, device=a.device) if plan_.n_slots else out
-    args = (a, values, out, part, plan_.work, n_work, gather if ids is None else ids, gather, m, a.stride(0),
-            out.stride(0), triton.next_power_of_2(m))
-    meta = dict(OUT_B=out_b, IN_B=in_b, V_STRIDE_OUT=v_strides[0], V_STRIDE_IN=v_strides[1],
-                IDENTITY=ids is None, PRECISION=dot_precision(a.dtype), UPCAST=upcast(a.dtype))
-    kernel = _kernel(interpreting())
-    def grid(cfg):
-        return (triton.cdiv(m, cfg["BM"]) * triton.cdiv(out_b, cfg["BN"]) * n_work,)
-
-    if interpreting():
-        kernel[grid(_INTERPRET_TILE)](*args, **meta, **_INTERPRET_TILE)
-    else:
-        kernel[grid](*args, **meta)
-    if plan_.n_slots:
-        # The split output blocks were not written by the kernel: their partials sum to them.
-        total = torch.zeros(plan_.split_rows.numel(), m, out_b, dtype=torch.float32, device=a.device)
-        total.index_add_(0, plan_.slot_to_row, part)
-        out.view(m, n_out, out_b)[:, plan_.split_rows] = total.transpose(0, 1).to(out.dtype)
+    programs = parallel_slots(a.device)
+    args = (a, values, out, part, out if bias is None else bias, plan_.items, plan_.prefix,
+            gather if ids is None else ids, gather, n_items, plan_.per_row, programs, m, a.stride(0), a.stride(1),
+            out.stride(0), triton.next_power_of_2(m), plan_.density)
+    meta = dict(OUT_B=out_b, IN_B=in_b, V_STRIDE_OUT=v_strides[0], V_STRIDE_IN=v_strides[1], IDENTITY=ids is None,
+                HAS_BIAS=bias is not None, PRECISION=dot_precision(a.dtype), UPCAST=upcast(a.dtype))
+    kernel, merge = _kernel(interpreting())
+    with _device_guard(a.device):
+        if interpreting():
+            kernel[(programs,)](*args, **meta, **_INTERPRET_TILE)
+        else:
+            kernel[(programs,)](*args, **meta)
+        if plan_.n_slots:
+            n_sub = triton.cdiv(out_b, _MERGE_TILE["BO"])
+            grid = (triton.cdiv(m, _MERGE_TILE["BT"]), plan_.split_rows.numel() * n_sub)
+            merge[grid](part, out, out if bias is None else bias, plan_.split_rows, plan_.slot_offsets, m,
+                        out.stride(0), OUT_B=out_b, HAS_BIAS=bias is not None, **_MERGE_TILE)
     return out
 
 
 def bsr_forward(x, values, layout, bias=None):
     """x (M, K), W (N, K) as (values (nnz, br, bc), layout) -> y = x @ W.T (+ bias), (M, N)."""
     br, bc = layout.block_size
-    y = _dsd(x, values, layout.row_offsets, None, layout.col_indices, br, bc, (bc, 1))
-    if bias is not None:  # one more pass over y; on the GPU it is small next to the product
-        y += bias
-    return y
+    _check_operands(x, values, layout, layout.shape[1])
+    return _dsd(x, values, layout.row_offsets, None, layout.col_indices, br, bc, (bc, 1), bias)
 
 
 def bsr_grad_input(dy, values, layout):
     """dy (M, N), W (N, K) -> dx = dy @ W, (M, K), walking W's block columns."""
     br, bc = layout.block_size
+    _check_operands(dy, values, layout, layout.shape[0])
     return _dsd(dy, values, layout.col_offsets, layout.t_block_ids, layout.t_row_indices, bc, br, (1, bc))
+
+
+def _check_operands(a, values, layout, width):
+    if a.dim() != 2 or a.shape[1] != width:
+        raise ValueError(f"the dense operand must be (tokens, {width}), got {tuple(a.shape)}")
+    if tuple(values.shape) != (layout.nnz_blocks, *layout.block_size):
+        raise ValueError(f"values must be (nnz, br, bc) = {(layout.nnz_blocks, *layout.block_size)}, "
+                         f"got {tuple(values.shape)}")
