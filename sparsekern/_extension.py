@@ -31,6 +31,9 @@ def load_extension(name):
             RuntimeWarning,
             stacklevel=2,
         )
+    if module is not None:
+        from .kernels.microkernel import apply_requested_isa  # noqa: PLC0415  (kernels imports this module)
+        apply_requested_isa(name, module)
     _loaded[name] = module
     return module
 

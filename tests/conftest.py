@@ -44,3 +44,18 @@ def interpreter(monkeypatch):
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Name the CPU paths this machine could not run, so a green run says what it covered."""
+    from sparsekern.kernels import microkernel
+    if microkernel.microkernel_isa("bsr") == "unavailable":
+        terminalreporter.write_line("CPU kernels: not built, so no microkernel path ran")
+        return
+    runnable = microkernel.runnable_isas()
+    skipped = [name for name in microkernel.ISAS if name not in runnable]
+    line = f"CPU microkernel paths run natively: {', '.join(runnable)}"
+    if skipped:
+        line += (f"; not run: {', '.join(skipped)} (this CPU's best is {runnable[0]}; the AVX-512 tile geometry "
+                 "ran on the portable loops, its SIMD loops need a CPU with AVX-512F)")
+    terminalreporter.write_line(line)

@@ -11,6 +11,33 @@ TOLERANCES = {
 }
 
 
+def microkernel_paths():
+    """pytest params (isa, portable_loops) for every microkernel path this CPU can check: each
+    path it runs natively, and the AVX-512 tile geometry on the portable loops where it lacks
+    AVX-512F (its SIMD loops then run only on a CPU that has it)."""
+    import pytest
+    from sparsekern.kernels import microkernel
+    paths = [pytest.param((name, False), id=name) for name in microkernel.runnable_isas()]
+    if "avx512" not in microkernel.runnable_isas():
+        paths.append(pytest.param(("avx512", True), id="avx512-tiles-portable-loops"))
+    return paths
+
+
+def on_path(family, path):
+    """Context: ``family``'s compiled kernels on ``path`` (from :func:`microkernel_paths`)."""
+    import contextlib
+    from sparsekern.kernels import microkernel
+
+    @contextlib.contextmanager
+    def switched():
+        microkernel.set_isa(family, *path)
+        try:
+            yield path
+        finally:
+            microkernel.set_isa(family, None)
+    return switched()
+
+
 def random_block_mask(grid, density, generator=None, empty_rows=(), empty_cols=()):
     """Bool grid with round(density * cells) blocks, then whole rows/columns cleared."""
     cells = grid[0] * grid[1]

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import sparsekern as sk
-from helpers import TOLERANCES, random_bsr
+from helpers import TOLERANCES, microkernel_paths, on_path, random_bsr
 from sparsekern.kernels.bsr import cpu, reference
-from sparsekern.kernels.microkernel import set_portable_only
 
 CPU = torch.device("cpu")
 _REASON = cpu.unavailable(CPU, torch.float32)
@@ -17,12 +16,11 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight")
 
 
-@pytest.fixture(params=["native", "portable"])
+@pytest.fixture(params=microkernel_paths() if _REASON is None else [None])
 def isa(request):
-    """Run a test on the run-time selected microkernel, then on the portable fallback."""
-    set_portable_only("bsr", request.param == "portable")
-    yield request.param
-    set_portable_only("bsr", False)
+    """Run a test on every microkernel path this CPU can check (tests/helpers.py)."""
+    with on_path("bsr", request.param) as path:
+        yield path
 
 
 def _layout_from_rows(grid, cols_per_row):

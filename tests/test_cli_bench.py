@@ -86,8 +86,9 @@ def test_the_benchmark_script_still_runs_its_table():
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[3].startswith("block density |")
-    assert len(lines) == 6 and lines[4].split()[:2] == ["32", "1.000"]
+    assert lines[4].startswith("block density |")
+    assert len(lines) == 7 and lines[5].split()[:2] == ["32", "1.000"]
+    assert lines[5].split("|")[-1].strip() == "-/-/-"  # tests run the kernels unmeasured (SPARSEKERN_FLOOR=off)
 
 
 @pytest.mark.parametrize("script, argv", [

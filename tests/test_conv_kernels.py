@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from test_conv_cases import CASES, conv_case, output_gradient
-from helpers import relative_error
+from helpers import microkernel_paths, on_path, relative_error
+from sparsekern.kernels import microkernel
 from sparsekern.kernels.conv import cpu, dense_conv_weight, gather_blocks, reference
-from sparsekern.kernels.microkernel import microkernel_isa, set_portable_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,17 +20,19 @@ needs_cpu = pytest.mark.skipif(_REASON is not None, reason=f"conv cpu backend no
 BOUNDS = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
-@pytest.fixture(params=["reference", "cpu", "cpu-portable"])
+_PATHS = microkernel_paths() if _REASON is None else [pytest.param(None, id="cpu")]
+
+
+@pytest.fixture(params=[pytest.param("reference", id="reference")] + _PATHS)
 def backend(request):
-    """The products of one backend; the cpu backend on the selected and the portable microkernel."""
+    """The products of one backend; the cpu backend on every microkernel path this CPU can check."""
     if request.param == "reference":
         yield reference
         return
     if _REASON is not None:
         pytest.skip(f"conv cpu backend not built: {_REASON}")
-    set_portable_only("conv", request.param == "cpu-portable")
-    yield cpu
-    set_portable_only("conv", False)
+    with on_path("conv", request.param):
+        yield cpu
 
 
 def _dense_products(x, values, layout, geometry, bias, dy):
@@ -95,10 +97,13 @@ def test_composite_backward_gives_both_gradients_at_once(name, channels_last):
 
 @needs_cpu
 def test_cpu_microkernel_switch():
-    assert microkernel_isa("conv") in ("avx2-fma", "portable")
-    set_portable_only("conv", True)
-    assert microkernel_isa("conv") == "portable"
-    set_portable_only("conv", False)
+    best = microkernel.microkernel_isa("conv")
+    assert best == {"avx512": "avx512f", "avx2": "avx2-fma", "portable": "portable"}[microkernel.cpu_isa()]
+    for name, portable_loops, runs in [("portable", False, "portable"), ("avx512", True, "portable-wide")]:
+        microkernel.set_isa("conv", name, portable_loops)
+        assert microkernel.microkernel_isa("conv") == runs
+    microkernel.set_isa("conv", None)
+    assert microkernel.microkernel_isa("conv") == best
 
 
 @needs_cpu

@@ -8,9 +8,8 @@ one-wide operands, every dtype, on the AVX2/FMA microkernel and the portable one
 import pytest
 import torch
 
-from helpers import relative_error
+from helpers import microkernel_paths, on_path, relative_error
 from sparsekern.kernels.lowrank import cpu as ext
-from sparsekern.kernels.microkernel import set_portable_only
 
 pytestmark = [pytest.mark.skipif(ext.ops() is None, reason="the compiled low-rank extension is not built"),
               pytest.mark.usefixtures("one_thread")]
@@ -20,11 +19,10 @@ SHAPES = [(1, 1, 1), (7, 5, 3), (37, 29, 70), (64, 48, 16), (13, 130, 33), (6, 1
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-@pytest.fixture(params=["native", "portable"])
+@pytest.fixture(params=microkernel_paths() if ext.ops() is not None else [None])
 def microkernel(request):
-    set_portable_only("lowrank", request.param == "portable")
-    yield request.param
-    set_portable_only("lowrank", False)
+    with on_path("lowrank", request.param) as path:
+        yield path
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

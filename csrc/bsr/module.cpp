@@ -82,10 +82,13 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   at::Tensor y = empty_output({M, out_features}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_forward", [&] {
     using C = Compute<scalar_t>;
-    grouped_product<scalar_t, C>(
-        in_compute_type<C>(x).data_ptr<C>(), M, K, values.data_ptr<scalar_t>(), br, bc, /*transpose=*/true,
-        row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<scalar_t>(),
-        has_bias ? bias->data_ptr<scalar_t>() : nullptr);
+    const at::Tensor xc = in_compute_type<C>(x);
+    common::with_strip_width<C>([&](auto nr) {
+      grouped_product<scalar_t, C, decltype(nr)::value>(xc.data_ptr<C>(), M, K, values.data_ptr<scalar_t>(), br, bc,
+                                         /*transpose=*/true, row_offsets.data_ptr<int64_t>(), RB, nullptr,
+                                         col_indices.data_ptr<int64_t>(), y.data_ptr<scalar_t>(),
+                                         has_bias ? bias->data_ptr<scalar_t>() : nullptr);
+    });
   });
   return y;
 }
@@ -105,10 +108,13 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   at::Tensor dx = empty_output({M, in_features}, dy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bsr_grad_input", [&] {
     using C = Compute<scalar_t>;
-    grouped_product<scalar_t, C>(
-        in_compute_type<C>(dy).data_ptr<C>(), M, N, values.data_ptr<scalar_t>(), br, bc, /*transpose=*/false,
-        col_offsets.data_ptr<int64_t>(), CB, t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(),
-        dx.data_ptr<scalar_t>());
+    const at::Tensor dyc = in_compute_type<C>(dy);
+    common::with_strip_width<C>([&](auto nr) {
+      grouped_product<scalar_t, C, decltype(nr)::value>(dyc.data_ptr<C>(), M, N, values.data_ptr<scalar_t>(), br, bc,
+                                         /*transpose=*/false, col_offsets.data_ptr<int64_t>(), CB,
+                                         t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(),
+                                         dx.data_ptr<scalar_t>());
+    });
   });
   return dx;
 }
@@ -127,14 +133,15 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   at::Tensor dvalues = empty_output({nnz, br, bc}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_grad_weight", [&] {
     using C = Compute<scalar_t>;
-    sampled_product<scalar_t, C>(
-        in_compute_type<C>(dy).data_ptr<C>(), in_compute_type<C>(x).data_ptr<C>(), M, N, K, br, bc, row_indices.data_ptr<int64_t>(),
-        col_indices.data_ptr<int64_t>(), nnz, dvalues.data_ptr<scalar_t>());
+    const at::Tensor dyc = in_compute_type<C>(dy), xc = in_compute_type<C>(x);
+    common::with_strip_width<C>([&](auto nr) {
+      sampled_product<scalar_t, C, decltype(nr)::value>(dyc.data_ptr<C>(), xc.data_ptr<C>(), M, N, K, br, bc,
+                                         row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(), nnz,
+                                         dvalues.data_ptr<scalar_t>());
+    });
   });
   return dvalues;
 }
-
-std::string isa() { return common::use_avx2() ? "avx2-fma" : "portable"; }
 
 }  // namespace
 }  // namespace bsr
@@ -159,6 +166,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 // Controls, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sparsekern::common::def_output_cache(m);
-  m.def("isa", &sparsekern::bsr::isa, "which microkernel runs: 'avx2-fma' or 'portable'");
-  m.def("set_portable_only", &sparsekern::common::set_portable_only, "force the portable microkernel (tests)");
+  sparsekern::common::def_path_controls(m);
 }

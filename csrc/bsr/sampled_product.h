@@ -51,10 +51,9 @@ inline void copy_tile(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1) 
 }
 
 // dy (M, N) and x (M, K) in the compute type; dvalues (nnz, br, bc) in the storage type.
-template <typename S, typename C>
+template <typename S, typename C, int NR>
 void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, int64_t br, int64_t bc,
                      const int64_t* rows, const int64_t* cols, int64_t nnz, S* dvalues) {
-  constexpr int NR = common::kNR<C>;
   const int64_t CB = K / bc, nsub = (bc + NR - 1) / NR, block = br * bc;
   if (nnz == 0) return;
   at::Tensor acc_buf;
@@ -67,7 +66,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
 
   const auto tiles = row_tiles(br);
   std::vector<common::Microkernel<C>> kernels;
-  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, false>(tile.second));
+  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
   const int64_t chunk = std::min(kTokenChunk, M), zero = 0;
   // One parallel region for the whole call: each thread takes a contiguous range
   // of stored blocks and packs, chunk by chunk, only the block rows and columns

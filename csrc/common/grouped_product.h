@@ -48,11 +48,11 @@ at::ScalarType scalar_type_of() {
 // transpose: B_p = values[blk[p]]ᵀ (w = bc, g = br), else B_p = values[blk[p]] (w = br, g = bc).
 // offsets (G + 1): members of group i are p in [offsets[i], offsets[i+1]); blk null = identity.
 // bias (G * g, or null) is added to every row: it seeds the accumulators (no extra pass over out).
-template <typename S, typename C>
+template <typename S, typename C, int NR>
 void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t br, int64_t bc,
                      bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
                      const int64_t* seg, S* out, const S* bias = nullptr) {
-  constexpr int MR = kMR, NR = kNR<C>;
+  constexpr int MR = kMR;
   constexpr bool kDirect = std::is_same<S, C>::value;  // full tiles are stored straight into `out`
   const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
   const int64_t nsub = (g + NR - 1) / NR, mtiles = (M + MR - 1) / MR, nnz = offsets[G];
@@ -121,8 +121,8 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
     p0 = p1;
   }
 
-  const Microkernel<C> kernel = microkernel<C, MR, true>();
-  const Microkernel<C> last_kernel = microkernel_rows<C, true>(int(M - (mtiles - 1) * MR));
+  const Microkernel<C> kernel = microkernel<C, MR, NR, true>();
+  const Microkernel<C> last_kernel = microkernel_rows<C, NR, true>(int(M - (mtiles - 1) * MR));
   parallel_by_cost(prefix, [&](int64_t idx) {
     const Item& it = items[idx];
     // The groups of a panel read A's rows in scattered segments, so a first touch

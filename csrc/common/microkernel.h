@@ -1,26 +1,38 @@
-// Register-blocked microkernels shared by the three block-sparse products.
+// Register-blocked microkernels shared by the block-sparse, conv and low-rank products.
 //
 // Every product reduces to the same inner step: an MR x NR tile of the output
 // accumulates, over a list of K-segments, A(i, k) * B(k, n): A is the broadcast
 // operand (X or dY read in place for the forward and dX, packed dYᵀ for dW), B
-// the vector operand (NR = two 256-bit vectors: packed values, or packed X).
+// the vector operand (NR = two SIMD vectors: packed values, or packed X).
 // The accumulators stay in registers across all segments (all stored blocks of
-// a block row), so the output tile is written once. With MR = 6: 12 accumulators + 2 B vectors + 1 broadcast = 15
-// of the 16 AVX2 registers, 12 FMAs per 8 loads.
+// a block row), so the output tile is written once. With MR = 6: 12 accumulators
+// + 2 B vectors + 1 broadcast, 12 FMAs per 8 loads, on either ISA:
+//   AVX2/FMA   NR = 16 floats / 8 doubles (two ymm), 15 of the 16 registers;
+//   AVX-512F   NR = 32 floats / 16 doubles (two zmm): twice the work per instruction,
+//              15 of the 32 registers (the load ports, not the registers, bound MR).
+// The products take NR as a template parameter: the strip width of the packed B
+// operand follows the chosen path ("wide" tiles for AVX-512).
 //
-// The AVX2/FMA version is compiled with a function-level target attribute and
-// chosen at run time; a portable version (plain loops, auto-vectorised for the
-// build's baseline ISA) runs everywhere else.
+// The SIMD versions are compiled with function-level target attributes and chosen
+// at run time from the CPU's features; a portable version (plain loops, auto-
+// vectorised for the build's baseline ISA) runs everywhere else. A lower path can be
+// forced (SPARSEKERN_CPU_ISA, tests), and the portable loops can run at the AVX-512
+// tile geometry, so the wide packing is checked on a CPU without AVX-512.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define SPARSEKERN_X86 1
 #define SPARSEKERN_AVX2 __attribute__((target("avx2,fma")))
 #define SPARSEKERN_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+#define SPARSEKERN_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define SPARSEKERN_AVX512_INLINE __attribute__((target("avx512f,avx2,fma"), always_inline)) inline
 #endif
 
 namespace sparsekern {
@@ -28,7 +40,9 @@ namespace common {
 
 constexpr int kMR = 6;
 template <typename C>
-constexpr int kNR = 64 / sizeof(C);  // 16 floats or 8 doubles: two 256-bit vectors
+constexpr int kNR = 64 / sizeof(C);       // 16 floats or 8 doubles: two 256-bit vectors
+template <typename C>
+constexpr int kWideNR = 128 / sizeof(C);  // 32 floats or 16 doubles: two 512-bit vectors
 
 // out[i * ldo + n] (+)= sum_j sum_k A_j(i, k) * b[(j * seglen + k) * ldb + n], where segment j of A is
 //   kRowsA:  A_j(i, k) = a[seg_off[j] + i * lda + k]   (rows of a row-major matrix: X or dY as they are)
@@ -39,10 +53,9 @@ template <typename C>
 using Microkernel = void (*)(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen,
                              const C* b, int64_t ldb, C* out, int64_t ldo, bool add, const C* init);
 
-template <typename C, int MR, bool kRowsA>
+template <typename C, int MR, int NR, bool kRowsA>
 void microkernel_portable(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen,
                           const C* b, int64_t ldb, C* out, int64_t ldo, bool add, const C* init) {
-  constexpr int NR = kNR<C>;
   C acc[MR][NR] = {};
   if (init) {
     for (int i = 0; i < MR; ++i) {
@@ -90,98 +103,188 @@ template <typename C> struct Avx2;
 template <> struct Avx2<float> : Avx2Float {};
 template <> struct Avx2<double> : Avx2Double {};
 
-template <typename C, int MR, bool kRowsA>
-SPARSEKERN_AVX2 void microkernel_avx2(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg,
-                                      int64_t seglen, const C* b, int64_t ldb, C* out, int64_t ldo, bool add,
-                                      const C* init) {
-  using T = Avx2<C>;
-  constexpr int W = T::W;
-  typename T::V c0[MR], c1[MR];
-  const typename T::V i0 = init ? T::load(init) : T::zero(), i1 = init ? T::load(init + W) : T::zero();
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    c0[i] = i0;
-    c1[i] = i1;
-  }
-  for (int64_t j = 0; j < nseg; ++j) {
-    if (kRowsA) {
-      const C* rows[MR];
-#pragma GCC unroll 6
-      for (int i = 0; i < MR; ++i) rows[i] = a + seg_off[j] + i * lda;
-#pragma GCC unroll 2
-      for (int64_t k = 0; k < seglen; ++k, b += ldb) {
-        const typename T::V b0 = T::load(b), b1 = T::load(b + W);
-#pragma GCC unroll 6
-        for (int i = 0; i < MR; ++i) {
-          const typename T::V ai = T::broadcast(rows[i] + k);
-          c0[i] = T::fma(ai, b0, c0[i]);
-          c1[i] = T::fma(ai, b1, c1[i]);
-        }
-      }
-    } else {
-      const C* ap = a + seg_off[j];
-#pragma GCC unroll 2
-      for (int64_t k = 0; k < seglen; ++k, ap += lda, b += ldb) {
-        const typename T::V b0 = T::load(b), b1 = T::load(b + W);
-#pragma GCC unroll 6
-        for (int i = 0; i < MR; ++i) {
-          const typename T::V ai = T::broadcast(ap + i);
-          c0[i] = T::fma(ai, b0, c0[i]);
-          c1[i] = T::fma(ai, b1, c1[i]);
-        }
-      }
-    }
-  }
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    C* o = out + i * ldo;
-    if (add) {
-      c0[i] = T::add(T::load(o), c0[i]);
-      c1[i] = T::add(T::load(o + W), c1[i]);
-    }
-    T::store(o, c0[i]);
-    T::store(o + W, c1[i]);
-  }
-}
+struct Avx512Float {
+  using V = __m512;
+  static constexpr int W = 16;
+  static SPARSEKERN_AVX512_INLINE V zero() { return _mm512_setzero_ps(); }
+  static SPARSEKERN_AVX512_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  static SPARSEKERN_AVX512_INLINE V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static SPARSEKERN_AVX512_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static SPARSEKERN_AVX512_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static SPARSEKERN_AVX512_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
+
+struct Avx512Double {
+  using V = __m512d;
+  static constexpr int W = 8;
+  static SPARSEKERN_AVX512_INLINE V zero() { return _mm512_setzero_pd(); }
+  static SPARSEKERN_AVX512_INLINE V load(const double* p) { return _mm512_loadu_pd(p); }
+  static SPARSEKERN_AVX512_INLINE V broadcast(const double* p) { return _mm512_set1_pd(*p); }
+  static SPARSEKERN_AVX512_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static SPARSEKERN_AVX512_INLINE V add(V a, V b) { return _mm512_add_pd(a, b); }
+  static SPARSEKERN_AVX512_INLINE void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+};
+
+template <typename C> struct Avx512;
+template <> struct Avx512<float> : Avx512Float {};
+template <> struct Avx512<double> : Avx512Double {};
+
+// One body for both SIMD ISAs: the target attribute cannot depend on a template
+// parameter, so the function is stamped out once per (name, target, vector traits).
+#define SPARSEKERN_SIMD_MICROKERNEL(NAME, TARGET, TRAITS)                                                   \
+  template <typename C, int MR, bool kRowsA>                                                               \
+  TARGET void NAME(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen, const C* b, \
+                   int64_t ldb, C* out, int64_t ldo, bool add, const C* init) {                              \
+    using T = TRAITS<C>;                                                                                    \
+    constexpr int W = T::W;                                                                                    \
+    typename T::V c0[MR], c1[MR];                                                                              \
+    const typename T::V i0 = init ? T::load(init) : T::zero(), i1 = init ? T::load(init + W) : T::zero();      \
+    _Pragma("GCC unroll 6")                                                                                    \
+    for (int i = 0; i < MR; ++i) {                                                                             \
+      c0[i] = i0;                                                                                              \
+      c1[i] = i1;                                                                                              \
+    }                                                                                                          \
+    for (int64_t j = 0; j < nseg; ++j) {                                                                       \
+      if (kRowsA) {                                                                                            \
+        const C* rows[MR];                                                                                     \
+    _Pragma("GCC unroll 6")                                                                                    \
+        for (int i = 0; i < MR; ++i) rows[i] = a + seg_off[j] + i * lda;                                       \
+    _Pragma("GCC unroll 2")                                                                                    \
+        for (int64_t k = 0; k < seglen; ++k, b += ldb) {                                                       \
+          const typename T::V b0 = T::load(b), b1 = T::load(b + W);                                            \
+    _Pragma("GCC unroll 6")                                                                                    \
+          for (int i = 0; i < MR; ++i) {                                                                       \
+            const typename T::V ai = T::broadcast(rows[i] + k);                                                \
+            c0[i] = T::fma(ai, b0, c0[i]);                                                                     \
+            c1[i] = T::fma(ai, b1, c1[i]);                                                                     \
+          }                                                                                                    \
+        }                                                                                                      \
+      } else {                                                                                                 \
+        const C* ap = a + seg_off[j];                                                                          \
+    _Pragma("GCC unroll 2")                                                                                    \
+        for (int64_t k = 0; k < seglen; ++k, ap += lda, b += ldb) {                                            \
+          const typename T::V b0 = T::load(b), b1 = T::load(b + W);                                            \
+    _Pragma("GCC unroll 6")                                                                                    \
+          for (int i = 0; i < MR; ++i) {                                                                       \
+            const typename T::V ai = T::broadcast(ap + i);                                                     \
+            c0[i] = T::fma(ai, b0, c0[i]);                                                                     \
+            c1[i] = T::fma(ai, b1, c1[i]);                                                                     \
+          }                                                                                                    \
+        }                                                                                                      \
+      }                                                                                                        \
+    }                                                                                                          \
+    _Pragma("GCC unroll 6")                                                                                    \
+    for (int i = 0; i < MR; ++i) {                                                                             \
+      C* o = out + i * ldo;                                                                                    \
+      if (add) {                                                                                               \
+        c0[i] = T::add(T::load(o), c0[i]);                                                                     \
+        c1[i] = T::add(T::load(o + W), c1[i]);                                                                 \
+      }                                                                                                        \
+      T::store(o, c0[i]);                                                                                      \
+      T::store(o + W, c1[i]);                                                                                  \
+    }                                                                                                          \
+  }                                                                                                           
+
+SPARSEKERN_SIMD_MICROKERNEL(microkernel_avx2, SPARSEKERN_AVX2, Avx2)
+SPARSEKERN_SIMD_MICROKERNEL(microkernel_avx512, SPARSEKERN_AVX512, Avx512)
+#undef SPARSEKERN_SIMD_MICROKERNEL
 #endif
 
-// Which implementation runs: decided once from the CPU, overridable for tests.
-// Inline (one flag per extension module that includes this header).
-inline std::atomic<bool>& portable_only_flag() {
-  static std::atomic<bool> flag{false};
-  return flag;
+// Which implementation runs. The path is an ISA (its tile geometry: NR) and whether its
+// SIMD loops or the portable ones execute; decided once from the CPU, then only lowered
+// on request (SPARSEKERN_CPU_ISA, tests). One setting per extension module.
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "portable";
 }
 
-inline bool cpu_has_avx2() {
+// The best path this CPU runs natively (AVX-512F needs AVX2/FMA too: the tails use them).
+inline Isa cpu_isa() {
 #ifdef SPARSEKERN_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  static const Isa isa = !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::kPortable
+                         : __builtin_cpu_supports("avx512f")                                  ? Isa::kAvx512
+                                                                                              : Isa::kAvx2;
+  return isa;
 #else
-  return false;
+  return Isa::kPortable;
 #endif
 }
 
-inline bool use_avx2() { return cpu_has_avx2() && !portable_only_flag().load(std::memory_order_relaxed); }
-inline void set_portable_only(bool portable_only) { portable_only_flag() = portable_only; }
+// isa * 2 + (portable loops ? 1 : 0)
+inline std::atomic<int>& path_state() {
+  static std::atomic<int> state{int(cpu_isa()) * 2};
+  return state;
+}
 
-template <typename C, int MR, bool kRowsA>
+inline Isa path_isa() { return Isa(path_state().load(std::memory_order_relaxed) / 2); }
+inline bool portable_loops() {
+  return path_isa() == Isa::kPortable || path_state().load(std::memory_order_relaxed) % 2 == 1;
+}
+// The AVX-512 geometry: packed strips of kWideNR columns.
+inline bool wide_tiles() { return path_isa() == Isa::kAvx512; }
+
+// Force path `name` ("portable", "avx2", "avx512"); its SIMD loops must run on this CPU
+// unless `portable` asks for the portable loops at that path's geometry.
+inline void set_path(const std::string& name, bool portable) {
+  Isa isa;
+  if (name == "portable") isa = Isa::kPortable;
+  else if (name == "avx2") isa = Isa::kAvx2;
+  else if (name == "avx512") isa = Isa::kAvx512;
+  else throw std::invalid_argument("unknown CPU ISA '" + name + "'; expected portable, avx2 or avx512");
+  if (!portable && int(isa) > int(cpu_isa())) {
+    throw std::invalid_argument(std::string("this CPU cannot run the ") + name + " kernels (the best it runs is " +
+                                isa_name(cpu_isa()) + ")");
+  }
+  path_state() = int(isa) * 2 + (portable ? 1 : 0);
+}
+
+// What runs now: "avx512f", "avx2-fma", "portable", or "portable-wide" (portable loops, AVX-512 tiles).
+inline std::string path_name() {
+  if (!portable_loops()) return wide_tiles() ? "avx512f" : "avx2-fma";
+  return wide_tiles() ? "portable-wide" : "portable";
+}
+
+// Strip width NR of the current path, as a compile-time constant: f(std::integral_constant<int, NR>).
+template <typename C, typename F>
+void with_strip_width(const F& f) {
+  if (wide_tiles()) {
+    f(std::integral_constant<int, kWideNR<C>>{});
+  } else {
+    f(std::integral_constant<int, kNR<C>>{});
+  }
+}
+
+// The Python functions of every extension on these microkernels (Module: pybind11::module).
+template <typename Module>
+void def_path_controls(Module& m) {
+  m.def("isa", &path_name, "what runs: 'avx512f', 'avx2-fma', 'portable' or 'portable-wide'");
+  m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); }, "the best path this CPU runs");
+  m.def("set_isa", &set_path, "force a path: 'portable', 'avx2' or 'avx512' (portable loops if the flag is set)");
+}
+
+template <typename C, int MR, int NR, bool kRowsA>
 Microkernel<C> microkernel() {
+  static_assert(NR == kNR<C> || NR == kWideNR<C>, "strip width of no path");
 #ifdef SPARSEKERN_X86
-  if (use_avx2()) return &microkernel_avx2<C, MR, kRowsA>;
+  if (!portable_loops()) {
+    if (NR == kWideNR<C>) return &microkernel_avx512<C, MR, kRowsA>;
+    return &microkernel_avx2<C, MR, kRowsA>;
+  }
 #endif
-  return &microkernel_portable<C, MR, kRowsA>;
+  return &microkernel_portable<C, MR, NR, kRowsA>;
 }
 
 // Microkernel for a tile of `mr` (1..MR) rows.
-template <typename C, bool kRowsA>
+template <typename C, int NR, bool kRowsA>
 Microkernel<C> microkernel_rows(int mr) {
   switch (mr) {
-    case 1: return microkernel<C, 1, kRowsA>();
-    case 2: return microkernel<C, 2, kRowsA>();
-    case 3: return microkernel<C, 3, kRowsA>();
-    case 4: return microkernel<C, 4, kRowsA>();
-    case 5: return microkernel<C, 5, kRowsA>();
-    default: return microkernel<C, 6, kRowsA>();
+    case 1: return microkernel<C, 1, NR, kRowsA>();
+    case 2: return microkernel<C, 2, NR, kRowsA>();
+    case 3: return microkernel<C, 3, NR, kRowsA>();
+    case 4: return microkernel<C, 4, NR, kRowsA>();
+    case 5: return microkernel<C, 5, NR, kRowsA>();
+    default: return microkernel<C, 6, NR, kRowsA>();
   }
 }
 

@@ -106,9 +106,8 @@ inline std::vector<std::pair<int64_t, int>> pixel_tiles(int64_t W) {
   return tiles;
 }
 
-template <typename S, typename C>
+template <typename S, typename C, int NR>
 void gather_conv(const GatherProblem<S, C>& pb) {
-  constexpr int NR = common::kNR<C>;
   constexpr bool kDirect = std::is_same<S, C>::value;
   const int64_t T = int64_t(pb.tap_off.size()), w = pb.forward ? pb.bi : pb.bo, g = pb.forward ? pb.bo : pb.bi;
   const int64_t nsub = (g + NR - 1) / NR, strip = w * NR, members = int64_t(pb.blk.size());
@@ -150,7 +149,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
 
   const auto tiles = pixel_tiles(pb.Wout);
   std::vector<common::Microkernel<C>> kernels;
-  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, true>(tile.second));
+  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, true>(tile.second));
   const int64_t chunk = std::max<int64_t>(1, kPRowsBytes / std::max<int64_t>(1, pb.row_stride * int64_t(sizeof(C))));
   const int64_t macs_per_row = (members * T * w + int64_t(pb.groups.size()) * common::kItemOverhead) * g * pb.Wout;
 
@@ -209,7 +208,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
                   kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.ldo, false,
                               reinterpret_cast<const C*>(pb.bias ? pb.bias + col0 : nullptr));
                 } else {
-                  alignas(64) C tmp[common::kMR * common::kNR<C>];
+                  alignas(64) C tmp[common::kMR * NR];
                   kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, tmp, NR, false, nullptr);
                   for (int i = 0; i < mr; ++i) {
                     for (int64_t c = 0; c < ncols; ++c) {

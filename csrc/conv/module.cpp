@@ -88,7 +88,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
     pb.values = values.data_ptr<scalar_t>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.forward = true;
     pb.out = y.data_ptr<scalar_t>(), pb.ldo = geo.O;
     pb.bias = has_bias ? b.data_ptr<scalar_t>() : nullptr;
-    gather_conv(pb);
+    common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); });
   });
   return y;
 }
@@ -139,7 +139,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
     }
     pb.values = values.data_ptr<scalar_t>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.forward = false;
     pb.out = dx.data_ptr<scalar_t>(), pb.ldo = geo.C, pb.bias = nullptr;
-    gather_conv(pb);
+    common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); });
   });
   return dx;
 }
@@ -174,12 +174,12 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
     const int64_t* ci = col_indices.data_ptr<int64_t>();
     for (int64_t q = 0; q < nnz; ++q) pb.a_chan.push_back(geo.group_of_row(pb.rows[q]) * geo.Cgp() + ci[q] * geo.bi);
     pb.nnz = nnz, pb.bo = geo.bo, pb.bi = geo.bi;
-    sampled_conv<scalar_t, C>(pb, dvalues.data_ptr<scalar_t>());
+    common::with_strip_width<C>([&](auto nr) {
+      sampled_conv<scalar_t, C, decltype(nr)::value>(pb, dvalues.data_ptr<scalar_t>());
+    });
   });
   return dvalues;
 }
-
-std::string isa() { return common::use_avx2() ? "avx2-fma" : "portable"; }
 
 }  // namespace
 }  // namespace conv
@@ -204,6 +204,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 // Controls, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sparsekern::common::def_output_cache(m);
-  m.def("isa", &sparsekern::conv::isa, "which microkernel runs: 'avx2-fma' or 'portable'");
-  m.def("set_portable_only", &sparsekern::common::set_portable_only, "force the portable microkernel (tests)");
+  sparsekern::common::def_path_controls(m);
 }

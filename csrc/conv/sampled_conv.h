@@ -59,9 +59,8 @@ struct SampledProblem {
   int64_t nnz, bo, bi;
 };
 
-template <typename S, typename C>
+template <typename S, typename C, int NR>
 void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
-  constexpr int NR = common::kNR<C>;
   const int64_t T = int64_t(pb.tap_off.size()), nsub = (pb.bi + NR - 1) / NR, block = pb.bo * pb.bi * T;
   const int64_t M = pb.N * pb.Hout * pb.Wout, nnz = pb.nnz;
   if (nnz == 0) return;
@@ -82,7 +81,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
 
   const auto tiles = pixel_tiles(pb.bo);
   std::vector<common::Microkernel<C>> kernels;
-  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, false>(tile.second));
+  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
   const int64_t parts = std::min((M + kPixelChunk - 1) / kPixelChunk, common::threads_for(nnz * block * M));
   std::vector<at::Tensor> accs(parts);
   std::vector<C*> acc_of(parts);

@@ -66,9 +66,12 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool transpose_b, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "lowrank_matmul", [&] {
     using C = Compute<scalar_t>;
     const at::Tensor a_c = a.scalar_type() == scalar_type_of<C>() ? a : a.to(scalar_type_of<C>());
-    common::grouped_product<scalar_t, C>(a_c.data_ptr<C>(), M, K, b.data_ptr<scalar_t>(), b.size(0), b.size(1),
-                                         transpose_b, offsets, 1, nullptr, seg, out.data_ptr<scalar_t>(),
-                                         has_bias ? bias->data_ptr<scalar_t>() : nullptr);
+    common::with_strip_width<C>([&](auto nr) {
+      common::grouped_product<scalar_t, C, decltype(nr)::value>(a_c.data_ptr<C>(), M, K, b.data_ptr<scalar_t>(), b.size(0),
+                                                 b.size(1), transpose_b, offsets, 1, nullptr, seg,
+                                                 out.data_ptr<scalar_t>(),
+                                                 has_bias ? bias->data_ptr<scalar_t>() : nullptr);
+    });
   });
   return out;
 }
@@ -90,8 +93,10 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> transposed_matmul(const at::Te
     const at::Tensor a_c = a.scalar_type() == ct ? a : a.to(ct), b_c = b.scalar_type() == ct ? b : b.to(ct);
     out = empty_output({M, N}, a.options().dtype(ct));
     if (column_sums) sums = at::empty({M}, a.options().dtype(ct));
-    token_reduction<C>(a_c.data_ptr<C>(), b_c.data_ptr<C>(), T, M, N, out.data_ptr<C>(),
-                       column_sums ? sums.data_ptr<C>() : nullptr);
+    common::with_strip_width<C>([&](auto nr) {
+      token_reduction<C, decltype(nr)::value>(a_c.data_ptr<C>(), b_c.data_ptr<C>(), T, M, N, out.data_ptr<C>(),
+                               column_sums ? sums.data_ptr<C>() : nullptr);
+    });
   });
   if (out.scalar_type() != a.scalar_type()) {
     out = out.to(a.scalar_type());
@@ -99,8 +104,6 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> transposed_matmul(const at::Te
   }
   return {out, column_sums ? c10::optional<at::Tensor>(sums) : c10::nullopt};
 }
-
-std::string isa() { return common::use_avx2() ? "avx2-fma" : "portable"; }
 
 }  // namespace
 }  // namespace lowrank
@@ -120,6 +123,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 // Controls, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sparsekern::common::def_output_cache(m);
-  m.def("isa", &sparsekern::lowrank::isa, "which microkernel runs: 'avx2-fma' or 'portable'");
-  m.def("set_portable_only", &sparsekern::common::set_portable_only, "force the portable microkernel (tests)");
+  sparsekern::common::def_path_controls(m);
 }

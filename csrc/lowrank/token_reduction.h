@@ -39,9 +39,9 @@ constexpr int64_t kAhead = 8;  // rows of a prefetched ahead of the packing
 
 // out (M, N) = aᵀ b; colsum (M, or null) = aᵀ 1. Half types are widened by the caller: the
 // output accumulates across token blocks, so it stays in C until the end.
-template <typename C>
+template <typename C, int NR>
 void token_reduction(const C* a, const C* b, int64_t T, int64_t M, int64_t N, C* out, C* colsum) {
-  constexpr int MR = common::kMR, NR = common::kNR<C>;
+  constexpr int MR = common::kMR;
   const int64_t nsub = (N + NR - 1) / NR;
   if (M == 0) return;
   if (T == 0 || N == 0) {
@@ -68,8 +68,8 @@ void token_reduction(const C* a, const C* b, int64_t T, int64_t M, int64_t N, C*
   const int64_t ld = ((kMB + MR + kLine - 1) / kLine | 1) * kLine;
   const int64_t mblocks = (M + kMB - 1) / kMB;
   const int64_t threads = common::threads_for(T * M * std::max<int64_t>(N, 1));
-  const common::Microkernel<C> kernel = common::microkernel<C, MR, false>();
-  const common::Microkernel<C> last = common::microkernel_rows<C, false>(int(M - (M - 1) / MR * MR));
+  const common::Microkernel<C> kernel = common::microkernel<C, MR, NR, false>();
+  const common::Microkernel<C> last = common::microkernel_rows<C, NR, false>(int(M - (M - 1) / MR * MR));
   at::parallel_for(0, mblocks, (mblocks + threads - 1) / threads, [&](int64_t blk0, int64_t blk1) {
     std::vector<C> sums(kMB), region(kKC * ld);
     for (int64_t blk = blk0; blk < blk1; ++blk) {

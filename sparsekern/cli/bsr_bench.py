@@ -12,6 +12,10 @@ dense_ms / sparse_ms (> 1: sparse is faster):
 * ``step`` forward + backward of the layer: nn.Linear vs sparsekern.SparseLinear (bias on).
 * ``bsr``  torch's own BSR forward (``W.to_sparse_bsr(block) @ X.T``) vs our forward.
 
+``fwd``/``dx``/``dw`` time the kernels themselves; ``step`` times the layer as a user runs
+it, so it includes the floor rule's choice per product (kernels/floor.py: the kernel, or
+the dense composite where it measured the kernel slower), reported as ``floor``.
+
 The options object (an argparse namespace) carries ``tokens``, ``in_features``,
 ``out_features``, ``reps``, ``timer`` and ``no_torch_bsr``.
 """
@@ -22,6 +26,7 @@ import warnings
 import torch
 
 from .. import kernels
+from ..kernels import floor
 from ..formats import BlockSparseMatrix
 from ..nn import SparseLinear
 from .machine import header
@@ -94,7 +99,11 @@ def run_case(args, block, density, dtype, generator, measure, context, on_round=
     """One block x density: ``context`` (the environment fields) plus times, ratios and errors.
     ``on_round(done, rounds)`` reports the timing rounds as they finish."""
     case = Case(args, block, density, dtype, generator)
+    floor.reset_floor()
     dense, sparse = case.dense_fns(), case.sparse_fns()
+    if floor.floor_mode() == "measure":  # the layer's first steps measure both sides; time it once settled
+        for _ in range(2 * floor.SAMPLES):
+            sparse["step"]()
     fns = {f"{side}_{p}": fn for p in PRODUCTS for side, fn in (("dense", dense[p]), ("sparse", sparse[p]))}
     if case.torch_bsr is not None:
         fns["torch_bsr_fwd"] = lambda: case.torch_bsr @ case.x.T
@@ -114,14 +123,17 @@ def run_case(args, block, density, dtype, generator, measure, context, on_round=
         row["fwd_ratio_vs_torch_bsr"] = median_ratio(times["torch_bsr_fwd"], times["sparse_fwd"])
         row["torch_bsr_fwd_ratio_vs_dense"] = median_ratio(times["dense_fwd"], times["torch_bsr_fwd"])
     row.update({f"{p}_rel_err": e for p, e in case.errors().items()})
+    row["floor"] = {key[0]: choice for key, choice in floor.floor_decisions().items()}
     return row
 
 
 HEADER = (f"{'block':>5} {'density':>7} | {'fwd':>6} {'dx':>6} {'dw':>6} {'step':>6} {'ideal':>6} {'limit':>6} | "
-          f"{'bsr':>6} {'tBSR':>6} | {'GF/s fwd':>8} {'step':>6} | {'dense ms':>8} {'sparse':>7} | {'max err':>8}")
+          f"{'bsr':>6} {'tBSR':>6} | {'GF/s fwd':>8} {'step':>6} | {'dense ms':>8} {'sparse':>7} | {'max err':>8} | "
+          f"floor")
 LEGEND = ("# ratios = dense ms / sparse ms (fwd, dx, dw, fwd+bwd step); ideal = 1/density; limit = step x density;\n"
           "# bsr = torch BSR fwd ms / ours; tBSR = dense / torch BSR fwd; GF/s on stored blocks; "
-          "max err = relative error vs dense masked")
+          "max err = relative error vs dense masked;\n# floor = the floor rule's choice in the step for fwd/dx/dw: "
+          "k = kernel, d = dense composite, ? = still measuring")
 
 
 def format_row(row):
@@ -133,7 +145,13 @@ def format_row(row):
             f"{opt('fwd_ratio_vs_torch_bsr')} {opt('torch_bsr_fwd_ratio_vs_dense')} | "
             f"{row['fwd_gflops_stored']:8.1f} {row['step_gflops_stored']:6.1f} | "
             f"{row['step_dense_ms']:8.1f} {row['step_sparse_ms']:7.1f} | "
-            f"{max(row['fwd_rel_err'], row['dx_rel_err'], row['dw_rel_err']):8.1e}")
+            f"{max(row['fwd_rel_err'], row['dx_rel_err'], row['dw_rel_err']):8.1e} | {_floor_column(row)}")
+
+
+def _floor_column(row):
+    choices = row.get("floor", {})
+    letter = {"cpu": "k", "dense": "d", "measuring": "?"}
+    return "/".join(letter.get(choices.get(p), "-") for p in ("bsr_forward", "bsr_grad_input", "bsr_grad_weight"))
 
 
 def title(env, path, args):

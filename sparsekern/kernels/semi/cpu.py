@@ -23,6 +23,7 @@ import torch
 
 from ..._extension import extension_failure, load_extension, load_ops
 from ..floor import register_floor, tokens_bucket
+from ..microkernel import requested_isa
 from ..registry import register_kernel
 
 _NB, _KC = 64, 64     # forward blocking: weight rows per task, panel columns per block (docs/semi_structured.md)
@@ -95,6 +96,11 @@ def _unavailable(device, dtype):
         return f"supports float32 only, got {dtype}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"needs AVX2 + FMA, this CPU reports {torch.backends.cpu.get_cpu_capability()}"
+    if requested_isa() == "portable":
+        return "SPARSEKERN_CPU_ISA=portable, and the 2:4 kernels have no portable path (AVX2/FMA at least)"
+    if requested_isa() == "avx512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        raise ValueError("SPARSEKERN_CPU_ISA=avx512: this CPU cannot run the avx512 kernels "
+                         f"(torch reports {torch.backends.cpu.get_cpu_capability()})")
     if ops() is None:
         return f"extension sparsekern._C_semi not loaded ({extension_failure('semi')})"
     return None
@@ -106,8 +112,12 @@ def plan(indices, transpose_map, half, nb=_NB, kc=_KC):
     return ops().semi_plan_cpu(indices, transpose_map, half, nb, kc)
 
 
-def forward(x, values, offsets, source, nb=_NB, kc=_KC, allow_avx512=True):
-    """y = x Wᵀ with W given by ``values`` and a plan made with the same blocking."""
+def forward(x, values, offsets, source, nb=_NB, kc=_KC, allow_avx512=None):
+    """y = x Wᵀ with W given by ``values`` and a plan made with the same blocking; the AVX-512
+    row kernels where the CPU has them, unless ``allow_avx512`` is False or SPARSEKERN_CPU_ISA
+    asks for avx2."""
+    if allow_avx512 is None:
+        allow_avx512 = requested_isa() != "avx2"
     return ops().semi_forward_cpu(x, values, offsets, source, nb, kc, allow_avx512)
 
 
