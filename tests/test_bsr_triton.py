@@ -246,10 +246,11 @@ def test_configs_fit_the_shared_memory_they_are_given():
     forward, _ = _kernels()
     a100 = 166912
     for elem_size in (2, 4):
-        kept = forward.configs_for(64, 64, elem_size, a100)
+        kept = forward.configs_for(64, 64, elem_size, a100, hopper=False)
         assert kept and all(forward.shared_bytes(c.kwargs["BT"], c.kwargs["BO"], c.kwargs["BK"], c.num_stages,
-                                                 elem_size) <= a100 for c in kept)
-    assert len(forward.configs_for(64, 64, 4, a100)) < len(forward.configs_for(64, 64, 2, a100))
+                                                 elem_size, hopper=False) <= a100 for c in kept)
+        assert len(kept) < len(forward.configs_for(64, 64, elem_size, forward.SM90_SHARED))
+    assert len(forward.configs_for(64, 64, 4, a100, False)) < len(forward.configs_for(64, 64, 2, a100, False))
     assert len(forward.configs_for(64, 64, 4, 1024)) == 1  # nothing fits: the smallest stays
 
 

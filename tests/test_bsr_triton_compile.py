@@ -18,6 +18,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 SM90_BUFFERS = 3
+A100_SHARED = 166912
 MIN_TOKENS_N = 128
 
 
@@ -120,8 +121,12 @@ def test_sm90_main_loop_is_pipelined_on_wgmma_without_spills(compiler, block, ke
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_compiles_for_sm80(compiler, dtype):
+    """sm_80 pipelines with one buffer fewer than num_stages; the prune's estimate for
+    it must still bound the shared memory used."""
     import gpu_compile
-    config = _shipped(64, 4 if dtype == "fp32" else 2)[0]
+    forward, size = _forward(), 4 if dtype == "fp32" else 2
+    config = forward.configs_for(64, 64, size, A100_SHARED, hopper=False)[0]
     compiled = compiler(64, config, arch=80, dtype=dtype, forward=False)
     assert compiled.asm["cubin"] and gpu_compile.mma_shapes(compiled)
-    assert len(gpu_compile.smem_buffers(compiled)) == 2
+    assert gpu_compile.smem_buffers(compiled) == [config.num_stages - 1] * 2
+    assert compiled.metadata.shared <= forward.shared_bytes(*_key(config)[:3], config.num_stages, size, hopper=False)

@@ -212,10 +212,12 @@ def tile(limit, width):
     return min(limit, max(16, triton.next_power_of_2(width)))
 
 
-def shared_bytes(bt, bo, bk, stages, elem_size):
-    """Shared memory of a config: ``stages`` buffers of both operand tiles, plus the
-    (BO, BT) tile the epilogue transposes through shared memory."""
-    return stages * (bo * bk + bk * bt) * elem_size + bo * bt * elem_size
+def shared_bytes(bt, bo, bk, stages, elem_size, hopper=True):
+    """Shared memory of a config, an upper bound: the operand tiles' buffers (as many
+    as stages on sm_90, one fewer before) and the fp32 (BO, BT) tile that the epilogue
+    may convert through shared memory."""
+    buffers = stages if hopper else stages - 1
+    return buffers * (bo * bk + bk * bt) * elem_size + bo * bt * 4
 
 
 def warpgroup_n(bt, bo, warps):
@@ -226,7 +228,7 @@ def warpgroup_n(bt, bo, warps):
     return bt // (groups // along_outputs)
 
 
-def configs_for(out_b, in_b, elem_size, shared_limit):
+def configs_for(out_b, in_b, elem_size, shared_limit, hopper=True):
     """The configs for a block of (OUT_B, IN_B): tiles clamped to it, then duplicates,
     configs whose warpgroups get N < 128 and configs over ``shared_limit`` bytes removed
     (the smallest stays if none fits, so a small device still gets a kernel)."""
@@ -236,22 +238,24 @@ def configs_for(out_b, in_b, elem_size, shared_limit):
         if key not in keys and warpgroup_n(*key[:2], warps) >= 128:
             keys.append(key)
     def shared(key):
-        return shared_bytes(*key[:3], key[4], elem_size)
+        return shared_bytes(*key[:3], key[4], elem_size, hopper)
     fitting = [key for key in keys if shared(key) <= shared_limit] or [min(keys, key=shared)]
     return [triton.Config(dict(BT=bt, BO=bo, BK=bk), num_warps=warps, num_stages=stages)
             for bt, bo, bk, warps, stages in fitting]
 
 
 @functools.cache
-def _shared_limit(index):
-    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+def _shared_memory(index):
+    """(opt-in shared memory bytes per block, sm_90 or later) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    return props.shared_memory_per_block_optin, props.major >= 9
 
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     a = args["a_ptr"]
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    return configs_for(args["OUT_B"], args["IN_B"], a.element_size(), _shared_limit(index))
+    return configs_for(args["OUT_B"], args["IN_B"], a.element_size(), *_shared_memory(index))
 
 
 @functools.cache
