@@ -4,12 +4,15 @@ bench/'s: bench/timing.py re-exports these)."""
 import functools
 import os
 import platform
+import re
+import subprocess
+import sys
 
 import torch
 
 from .. import kernels
 
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
 
 
 def _cpuinfo(field):
@@ -54,11 +57,28 @@ def triton_version():
     return triton.__version__
 
 
+@functools.cache
+def mkl_path():
+    """The code path MKL takes on this CPU, from its verbose log of one small GEMM in a child
+    process (e.g. "Intel(R) Advanced Vector Extensions 2 (Intel(R) AVX2) enabled processors";
+    "Intel(R) Architecture processors" is its generic path), or None if unknown."""
+    if not torch.backends.mkl.is_available():
+        return None
+    code = "import torch; a = torch.ones(64, 64); a @ a"
+    try:
+        log = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "MKL_VERBOSE": "1"}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"for Intel\(R\) 64 architecture (.*?), Lnx", log)
+    return found.group(1) if found else None
+
+
 def environment(device=torch.device("cpu")):
     """The machine and software fields of every JSON row (read when called: threads may have been set)."""
     return dict(device=device_name(device), cpu=cpu_model(), cpu_cores=os.cpu_count(), cpu_flags=cpu_flags(),
                 threads=torch.get_num_threads(), torch=torch.__version__, triton=triton_version(),
-                thp_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"))
+                thp_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"), mkl=mkl_path())
 
 
 def kernel_path(product, device, dtype):
@@ -76,4 +96,5 @@ def header(env, path):
     host = f" (host {env['cpu']})" if env["device"] != env["cpu"] else ""
     text = (f"{env['device']}{host}, {describe_flags(env['cpu_flags'])}, torch {env['torch']}, "
             f"{env['threads']} threads, backend {path['backend']}")
-    return text + (f", microkernel {path['isa']}" if path.get("isa") else "")
+    text += f", microkernel {path['isa']}" if path.get("isa") else ""
+    return text + (f"; MKL path: {env['mkl']}" if env.get("mkl") else "")
