@@ -201,6 +201,12 @@ def _blocks(m, n):
     return (128 if m >= 128 else 64), (128 if n >= 128 else 64), 32
 
 
+def _warps(accumulated):
+    """8 warps where the fp32 accumulators of a program pass 64 per thread of 4 warps
+    (the 128 x 128 GEMM tile, the chain's two 64 x 128 tiles), which spill otherwise."""
+    return 8 if accumulated > 64 * 128 else 4
+
+
 def _mm(a, b, bias=None):
     """a (M, K) @ b (K, N) [+ bias] for strided a, b."""
     triton, mm_kernel, _, _ = _kernels(_interpreting())
@@ -213,7 +219,7 @@ def _mm(a, b, bias=None):
     mm_kernel[grid](a, b, c, bias if bias is not None else c, m, n, k,
                     a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
                     HAS_BIAS=bias is not None, PRECISION=_precision(a.dtype), WIDEN=_widen(a.dtype),
-                    BM=bm, BN=bn, BK=bk)
+                    BM=bm, BN=bn, BK=bk, num_warps=_warps(bm * bn))
     return c
 
 
@@ -233,7 +239,7 @@ def _chain(a, b, c):
     chain_kernel[(triton.cdiv(m, bm),)](
         a, b, c, p, q, m, k, r, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         c.stride(0), c.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        PRECISION=_precision(a.dtype), WIDEN=_widen(a.dtype), BM=bm, BK=bk, BR=br)
+        PRECISION=_precision(a.dtype), WIDEN=_widen(a.dtype), BM=bm, BK=bk, BR=br, num_warps=_warps(2 * bm * br))
     return p, q
 
 
