@@ -63,7 +63,7 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, bias_ptr, items_ptr, prefix_ptr
     total = n_rows.to(tl.int64) * per_row
     lo = pid * total // n_programs
     hi = (pid + 1) * total // n_programs
-    row, item = lo // per_row, lo % per_row
+    row, item = (lo // per_row).to(tl.int32), lo % per_row  # rows (token tiles x sub-tiles) fit int32
     row_end, item_end = hi // per_row, hi % per_row
     # First item starting at or after the in-row offsets (prefix: n_items + 1 ascending starts).
     a_lo, a_hi = 0, n_items
@@ -80,7 +80,7 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, bias_ptr, items_ptr, prefix_ptr
             b_hi = mid
         else:
             b_lo = mid + 1
-    first = row * per_row + tl.load(prefix_ptr + a_lo)
+    first = row.to(tl.int64) * per_row + tl.load(prefix_ptr + a_lo)
     last = row_end * per_row + tl.load(prefix_ptr + b_lo)
     n_steps = ((last - first) * KC).to(tl.int32)
     i = a_lo
@@ -377,7 +377,9 @@ def _dsd(a, values, offsets, ids, gather, out_b, in_b, v_strides, bias=None):
     plan_ = schedule(offsets, ids, gather, n_in)
     n_items = plan_.items.shape[1]
     part = torch.empty(plan_.n_slots, m, out_b, dtype=torch.float32, device=a.device) if plan_.n_slots else out
-    programs = parallel_slots(a.device)
+    # Two programs per SM: a second one runs where shared memory allows, else it forms
+    # a second wave of equal ranges.
+    programs = 2 * parallel_slots(a.device)
     args = (a, values, out, part, out if bias is None else bias, plan_.items, plan_.prefix,
             gather if ids is None else ids, gather, n_items, plan_.per_row, programs, m, a.stride(0), a.stride(1),
             out.stride(0), triton.next_power_of_2(m), plan_.density)
