@@ -153,3 +153,16 @@ def test_dense_composite_matches_the_reference(dtype):
                           ("bsr_grad_input", (dy, weight.values, weight.layout)),
                           ("bsr_grad_weight", (dy, x, weight.layout))]:
         torch.testing.assert_close(getattr(dense, product)(*args), getattr(reference, product)(*args), **tol)
+
+
+def test_benchmarks_time_the_settled_choice(measuring):
+    from sparsekern.cli.timing import describe_floor, settle_floor
+    if "cpu" not in sk.kernels.available_backends("bsr_forward", CPU, torch.float32):
+        pytest.skip("the cpu backend is not built")
+    layer = sk.SparseLinear(64, 96, block_size=16, density=0.75)
+    x = torch.randn(8, 64, requires_grad=True)
+    choices = settle_floor(lambda: layer(x).sum().backward())
+    assert set(choices) == {"bsr_forward", "bsr_grad_input", "bsr_grad_weight"}
+    assert set(choices.values()) <= {"cpu", "dense"}
+    assert describe_floor({}) == "-" and describe_floor({"a": "cpu"}) == "kernels"
+    assert describe_floor({"b": "dense", "a": "cpu"}) == "composite: b"

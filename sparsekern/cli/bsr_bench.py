@@ -26,11 +26,10 @@ import warnings
 import torch
 
 from .. import kernels
-from ..kernels import floor
 from ..formats import BlockSparseMatrix
 from ..nn import SparseLinear
 from .machine import header
-from .timing import alternate, median_ratio
+from .timing import alternate, median_ratio, settle_floor
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 PRODUCTS = ("fwd", "dx", "dw", "step")
@@ -99,11 +98,8 @@ def run_case(args, block, density, dtype, generator, measure, context, on_round=
     """One block x density: ``context`` (the environment fields) plus times, ratios and errors.
     ``on_round(done, rounds)`` reports the timing rounds as they finish."""
     case = Case(args, block, density, dtype, generator)
-    floor.reset_floor()
     dense, sparse = case.dense_fns(), case.sparse_fns()
-    if floor.floor_mode() == "measure":  # the layer's first steps measure both sides; time it once settled
-        for _ in range(2 * floor.SAMPLES):
-            sparse["step"]()
+    choices = settle_floor(sparse["step"])
     fns = {f"{side}_{p}": fn for p in PRODUCTS for side, fn in (("dense", dense[p]), ("sparse", sparse[p]))}
     if case.torch_bsr is not None:
         fns["torch_bsr_fwd"] = lambda: case.torch_bsr @ case.x.T
@@ -123,7 +119,7 @@ def run_case(args, block, density, dtype, generator, measure, context, on_round=
         row["fwd_ratio_vs_torch_bsr"] = median_ratio(times["torch_bsr_fwd"], times["sparse_fwd"])
         row["torch_bsr_fwd_ratio_vs_dense"] = median_ratio(times["dense_fwd"], times["torch_bsr_fwd"])
     row.update({f"{p}_rel_err": e for p, e in case.errors().items()})
-    row["floor"] = {key[0]: choice for key, choice in floor.floor_decisions().items()}
+    row["floor"] = choices
     return row
 
 

@@ -19,10 +19,10 @@ from torch import nn
 
 from ..methods import DLRT
 from ..nn import LowRankLinear
-from .timing import compare, fwd_bwd
+from .timing import compare, describe_floor, fwd_bwd
 
 CASES = ("fwd+bwd", "unfused", "step")
-HEADER = f"{'case':<16} {'rank':>5} {'dense ms':>10} {'lowrank ms':>11} {'ratio':>7}"
+HEADER = f"{'case':<16} {'rank':>5} {'dense ms':>10} {'lowrank ms':>11} {'ratio':>7}  floor rule"
 
 
 def _unfused(layer, x, dy):
@@ -86,4 +86,5 @@ def run_cases(tokens, in_features, out_features, ranks, repeats, dtype, device, 
 
 
 def format_row(r):
-    return f"{r['case']:<16} {r['rank']:>5} {r['dense_ms']:>10.1f} {r['lowrank_ms']:>11.1f} {r['ratio']:>6.2f}x"
+    return (f"{r['case']:<16} {r['rank']:>5} {r['dense_ms']:>10.1f} {r['lowrank_ms']:>11.1f} {r['ratio']:>6.2f}x  "
+            f"{describe_floor(r.get('floor'))}")

@@ -17,10 +17,10 @@ from torch import nn
 
 from .. import kernels
 from ..nn import SemiSparseLinear
-from .timing import compare, fwd_bwd
+from .timing import compare, describe_floor, fwd_bwd
 
 CASES = ("fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune")
-HEADER = f"{'case':<24} {'shape (tokens,in,out)':>22} {'dense ms':>10} {'2:4 ms':>9} {'ratio':>12}"
+HEADER = f"{'case':<24} {'shape (tokens,in,out)':>22} {'dense ms':>10} {'2:4 ms':>9} {'ratio':>12}  floor rule"
 _LAYERS = {
     "fwd": lambda dense: SemiSparseLinear.from_dense(dense),
     "fwd+bwd static": lambda dense: SemiSparseLinear.from_dense(dense),
@@ -69,4 +69,5 @@ def run_cases(shapes, repeats, dtype, device, cases, measure, context, on_case=N
 def format_row(r):
     shape = f"{r['tokens']},{r['in_features']},{r['out_features']}"
     ratio = f"{r['ratio']:.3f} of fwd" if r["case"] == "prune" else f"{r['ratio']:.2f}x"
-    return f"{r['case']:<24} {shape:>22} {r['dense_ms']:>10.1f} {r['sparse_ms']:>9.1f} {ratio:>12}"
+    return (f"{r['case']:<24} {shape:>22} {r['dense_ms']:>10.1f} {r['sparse_ms']:>9.1f} {ratio:>12}  "
+            f"{describe_floor(r.get('floor'))}")

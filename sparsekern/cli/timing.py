@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from ..kernels import floor
+
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}
 TIMER_HELP = ("wall clock; or CPU time of the process (cpu) or of the calling thread (thread, needs --threads 1): "
               "robust on a shared, busy machine")
@@ -66,18 +68,39 @@ def median_ratio(numerators, denominators):
     return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
+def settle_floor(fn):
+    """Run ``fn`` until the floor rule (kernels/floor.py) has decided every shape class it
+    reaches, so that timings see the settled choice, not its first alternating calls.
+    Returns {product: "cpu" or the composite's backend} as decided for ``fn``."""
+    floor.reset_floor()
+    if floor.floor_mode() == "measure":
+        for _ in range(2 * floor.SAMPLES):
+            fn()
+    return {key[0]: choice for key, choice in floor.floor_decisions().items()}
+
+
+def describe_floor(choices):
+    """A table cell for settle_floor's result: "kernels", "composite: <products>", or "-"
+    (nothing under the rule, or the rule off)."""
+    if not choices:
+        return "-"
+    lost = sorted(product for product, choice in choices.items() if choice != "cpu")
+    return f"composite: {', '.join(lost)}" if lost else "kernels"
+
+
 def compare(name, dense_fn, sparse_fn, repeats, measure, row, *, sparse_key="sparse_ms", as_fraction=False,
             balanced=False, on_round=None):
     """``row`` with the case ``name``: median times of the dense and sparse callables, timed
     alternately, and the median of the per-round ratios dense / sparse (sparse / dense with
-    ``as_fraction``)."""
+    ``as_fraction``); ``floor``: the floor rule's choice for each product the sparse side runs."""
+    choices = settle_floor(sparse_fn)
     samples, calls = alternate({"dense": dense_fn, "sparse": sparse_fn}, repeats, measure, balanced=balanced,
                                on_round=on_round)
     dense, sparse = samples["dense"], samples["sparse"]
     return dict(row, case=name, dense_ms=statistics.median(dense), **{sparse_key: statistics.median(sparse)},
                 ratio=median_ratio(sparse, dense) if as_fraction else median_ratio(dense, sparse),
                 repeats=repeats, timer=getattr(measure, "name", None), dense_calls_per_sample=calls["dense"],
-                sparse_calls_per_sample=calls["sparse"])
+                sparse_calls_per_sample=calls["sparse"], floor=choices)
 
 
 def fwd_bwd(layer, x, dy):
