@@ -7,6 +7,7 @@ tiles of every group size, partly filled groups, sub-tiles of wide blocks, split
 token chunks, strided inputs. Also the tile schedule, the autotune space, and the
 dense route with its dispatch rule (plain torch). GPU tests are marked ``gpu``.
 """
+import dataclasses
 import importlib.util
 
 import pytest
@@ -122,7 +123,7 @@ def test_few_blocks_split_the_tokens():
     """Two blocks, 200 tokens: the interpreter's 4 slots ask for M chunks (fp32 partials)."""
     grad = _grad()
     layout, x, dy = _case((64, 128), 64, 1.0, 200)
-    plan = grad.schedule(layout.row_offsets)
+    plan = grad.schedule(layout)
     tc, group = grad.group_shape(128, 64, plan.fill)
     assert grad.split_m(200, plan.n_items[grad.GROUPS.index(group)], 4, 16)[0] > 1
     torch.testing.assert_close(grad.bsr_grad_weight(dy, x, layout).double(), _want(dy, x, layout),
@@ -142,7 +143,7 @@ class TestSchedule:
     def test_tiles_of_each_group_size(self):
         grad = _grad()
         mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 0, 1, 1]], dtype=torch.bool)
-        plan = grad.plan(_mask_layout(mask, (16, 16)).row_offsets)
+        plan = grad.plan(_mask_layout(mask, (16, 16)))
         tiles = {g: plan.items[s, :, :plan.n_items[s]].T.tolist() for s, g in enumerate(grad.GROUPS)}
         assert tiles[1] == [[i, 1] for i in range(8)]
         assert tiles[2] == [[0, 2], [2, 2], [4, 1], [5, 2], [7, 1]]
@@ -153,8 +154,21 @@ class TestSchedule:
     def test_cached_per_layout(self):
         grad = _grad()
         layout, _, _ = _case((64, 96), 16, 0.5, 1)
-        assert grad.schedule(layout.row_offsets) is grad.schedule(layout.row_offsets)
-        assert grad.schedule(layout.row_offsets.clone()) is not grad.schedule(layout.row_offsets)
+        assert grad.schedule(layout) is grad.schedule(layout)
+        other = dataclasses.replace(layout, col_indices=layout.col_indices.flip(0))
+        assert grad.schedule(other) is not grad.schedule(layout)
+
+    @pytest.mark.parametrize("corruption", ["column", "row", "offsets"])
+    def test_corrupt_layout_raises(self, corruption):
+        layout, _, _ = _case((64, 96), 16, 0.5, 1)
+        if corruption == "column":
+            bad = dataclasses.replace(layout, col_indices=layout.col_indices + layout.grid[1])
+        elif corruption == "row":
+            bad = dataclasses.replace(layout, row_indices=layout.row_indices - 1)
+        else:
+            bad = dataclasses.replace(layout, row_offsets=layout.row_offsets.flip(0))
+        with pytest.raises(ValueError, match="corrupt block layout"):
+            _grad().schedule(bad)
 
 
 class _Tensor:

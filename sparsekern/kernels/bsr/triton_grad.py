@@ -158,22 +158,29 @@ class Schedule:
     fill: int
 
 
-def plan(row_offsets):
-    """The :class:`Schedule` of a layout's block-row offsets (one host sync)."""
-    counts = torch.diff(row_offsets)
-    nnz = int(row_offsets[-1])
+def plan(layout):
+    """The :class:`Schedule` of a layout (one host sync). Checks the layout once: offsets
+    rising from 0 to nnz, every block row and column in range, so a corrupt layout raises
+    instead of reading out of bounds."""
+    offsets, rows, cols = layout.row_offsets, layout.row_indices, layout.col_indices
+    counts = torch.diff(offsets)
     per_row = torch.stack([(counts + g - 1) // g for g in GROUPS])
-    n_items = per_row.sum(1).tolist()
-    rows_used = int((counts > 0).sum())
-    items = torch.zeros(len(GROUPS), 2, nnz, dtype=torch.int32, device=row_offsets.device)
-    rows = torch.arange(counts.numel(), device=row_offsets.device)
+    valid = ((offsets[0] == 0) & (counts >= 0).all() & (offsets[-1] == cols.numel()) & (rows.numel() == cols.numel())
+             & ((cols >= 0) & (cols < layout.grid[1])).all() & ((rows >= 0) & (rows < layout.grid[0])).all())
+    *n_items, rows_used, valid = torch.cat([per_row.sum(1), (counts > 0).sum().view(1), valid.view(1)]).tolist()
+    if not valid:
+        raise ValueError("corrupt block layout: row offsets must rise from 0 to the number of stored blocks, "
+                         "block rows and columns must lie in the block grid")
+    nnz = cols.numel()
+    items = torch.zeros(len(GROUPS), 2, nnz, dtype=torch.int32, device=offsets.device)
+    block_rows = torch.arange(counts.numel(), device=offsets.device)
     for slot, (g, n) in enumerate(zip(GROUPS, n_items)):
-        row = torch.repeat_interleave(rows, per_row[slot], output_size=n)
+        row = torch.repeat_interleave(block_rows, per_row[slot], output_size=n)
         # Tile t of block row r starts t·g blocks into the row.
         starts = torch.cumsum(per_row[slot], 0) - per_row[slot]
-        first = row_offsets[row] + (torch.arange(n, device=rows.device) - starts[row]) * g
+        first = offsets[row] + (torch.arange(n, device=offsets.device) - starts[row]) * g
         items[slot, 0, :n] = first.to(torch.int32)
-        items[slot, 1, :n] = torch.clamp(row_offsets[row + 1] - first, max=g).to(torch.int32)
+        items[slot, 1, :n] = torch.clamp(offsets[row + 1] - first, max=g).to(torch.int32)
     fill = min(GROUPS[-1], triton.next_power_of_2(-(-nnz // max(1, rows_used))))
     return Schedule(items, tuple(n_items), fill)
 
@@ -181,14 +188,16 @@ def plan(row_offsets):
 _schedules = {}
 
 
-def schedule(row_offsets):
-    """The cached :class:`Schedule` of a row-offsets tensor (built once per layout)."""
-    entry = _schedules.get(id(row_offsets))
-    if entry is not None and entry[0]() is row_offsets:
+def schedule(layout):
+    """The cached :class:`Schedule` of a layout (built once per set of index tensors)."""
+    tensors = (layout.row_offsets, layout.row_indices, layout.col_indices)
+    key = id(layout.row_offsets)
+    entry = _schedules.get(key)
+    if entry is not None and all(ref() is t for ref, t in zip(entry[0], tensors)):
         return entry[1]
-    result = plan(row_offsets)
-    key = id(row_offsets)
-    _schedules[key] = (weakref.ref(row_offsets, lambda _: _schedules.pop(key, None)), result)
+    result = plan(layout)
+    refs = tuple(weakref.ref(t, lambda _: _schedules.pop(key, None)) for t in tensors)
+    _schedules[key] = (refs, result)
     return result
 
 
@@ -253,7 +262,7 @@ def sdd(dy, x, layout, interpret_meta=None):
     """Launch the SDD kernel (autotuned; under the interpreter the fixed tile, or
     ``interpret_meta`` = dict(TR, TC, GROUP, BM))."""
     (br, bc), nnz, m = layout.block_size, layout.nnz_blocks, x.shape[0]
-    plan_ = schedule(layout.row_offsets)
+    plan_ = schedule(layout)
     interpret = interpreting()
     if interpret:
         tc = _INTERPRET_TILE["TC"]
