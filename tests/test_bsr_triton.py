@@ -215,19 +215,38 @@ class TestLoadBalance:
             got, want = forward.bsr_grad_input(dy, weight.values, layout), dx_ref
         torch.testing.assert_close(got.double(), want, **TOLERANCES[torch.float32])
 
-    @pytest.mark.parametrize("m", [1, 40])
-    def test_programs_split_the_unit_sequence(self, m, monkeypatch):
-        """More units than programs, and more programs than units: every unit is
-        written once, whichever program's range holds its first step."""
+    def test_round_slices_cover_a_round_with_no_empty_slice(self):
         forward, _ = _kernels()
-        for programs in (1, 3, 64):
-            monkeypatch.setattr(forward, "parallel_slots", lambda device, n=programs: n)
+        prefix = [0, 5, 8, 9, 10, 12]  # five items of 5, 3, 1, 1, 2 block-steps
+        for programs in (1, 2, 7, 40):
+            rows, table = forward.round_slices(prefix, programs)
+            row, item, pos = table.tolist()
+            assert (row[-1], item[-1], pos[-1]) == (rows, 0, rows * 12) and (row[0], item[0], pos[0]) == (0, 0, 0)
+            assert all(b - a >= 1 for a, b in zip(pos, pos[1:]))  # every slice starts a unit
+            assert all(p == r * 12 + prefix[i] for r, i, p in zip(row, item, pos))
+            assert rows * 12 >= forward.ROUND_UNITS * programs * 5
+
+    @pytest.mark.parametrize("m", [1, 33])
+    def test_programs_split_rounds_of_units(self, m, monkeypatch):
+        """Full rounds (rotated slices) and the last partial round, with more units than
+        programs and more programs than units: every unit is written once."""
+        forward, _ = _kernels()
+        seen = set()
+        for slots in (2, 3, 16):
+            monkeypatch.setattr(forward, "parallel_slots", lambda device, n=slots: n)
             weight, x, dy = _case("b32-empty-row-col", torch.float32, m=m)
             y_ref, dx_ref, _ = _dense_products(weight, x, dy)
             torch.testing.assert_close(forward.bsr_forward(x, weight.values, weight.layout).double(), y_ref,
                                        **TOLERANCES[torch.float32])
             torch.testing.assert_close(forward.bsr_grad_input(dy, weight.values, weight.layout).double(), dx_ref,
                                        **TOLERANCES[torch.float32])
+            layout = weight.layout
+            rows, _ = forward.schedule(layout.row_offsets, None, layout.col_indices, layout.grid[1]).round_slices(
+                2 * slots)
+            n_rows = -(-m // forward._INTERPRET_TILE["BT"]) * 2  # 32-row blocks in 16-row sub-tiles
+            seen.add((min(n_rows // rows, 2), n_rows % rows > 0))
+        if m > 1:  # several full rounds; one full round and a partial one; only a partial one
+            assert {(2, False), (1, True), (0, True)} <= seen, seen
 
 
 @pytest.mark.parametrize("block", [(16, 16), (8, 24), (32, 64), (128, 128)], ids=str)

@@ -31,8 +31,8 @@ def dsd_signature(dtype):
     """Runtime arguments of ``_dsd_kernel`` as a launch on whole tensors specializes them
     (pointers and the row strides 16-aligned, a unit column stride of the dense operand)."""
     signature = dict(a_ptr=f"*{dtype}", v_ptr=f"*{dtype}", out_ptr=f"*{dtype}", part_ptr="*fp32", bias_ptr=f"*{dtype}",
-                     items_ptr="*i32", prefix_ptr="*i32", ids_ptr="*i64", gather_ptr="*i64", n_items="i32",
-                     per_row="i32", n_programs="i32", M="i32", stride_am="i32", stride_om="i32", M_BUCKET="i32",
+                     items_ptr="*i32", prefix_ptr="*i32", slices_ptr="*i32", ids_ptr="*i64", gather_ptr="*i64",
+                     n_items="i32", per_row="i32", rows_per_round="i32", n_programs="i32", M="i32", stride_am="i32", stride_om="i32", M_BUCKET="i32",
                      D_BUCKET="i32")
     aligned = [name for name, kind in signature.items() if kind.startswith("*")] + ["stride_am", "stride_om"]
     return signature, aligned

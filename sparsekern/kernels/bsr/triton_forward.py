@@ -14,18 +14,23 @@ N dimension (wgmma m64nBTk16 with BT = 128 or 256) however narrow the block is.
 
 Persistence and balance: a *unit* is (token tile, output sub-tile, work item), a
 work item being a segment or, for segments far longer than the mean, a piece of
-one (host-built, cached per layout). A unit costs max(1, blocks) x K-chunks
-steps. The units, token tiles slowest, form one sequence of steps that is cut
-into one contiguous, near-equal range per program (a unit belongs to the program
-whose range holds its first step); each program runs all its steps in one flat
-loop, so the load pipeline runs across unit boundaries instead of restarting
-for every short segment. The block index of the next step is loaded one step
-ahead (a loop-carried scalar), so the tile loads that feed the dot are plain
-pointer loads the software pipeliner multi-buffers to the full num_stages.
+one (host-built, cached per layout); it costs max(1, blocks) x K-chunks steps.
+The units of one (token tile, sub-tile) form a row; rows, token tiles slowest,
+come in rounds, and each round is cut into one near-equal slice per program
+(host-built table, cached per layout and program count), rotated by one program
+each round so that a program's slices over consecutive rounds are consecutive
+and its total stays near the mean. All programs work in the same round at a time
+(the dense operand's rows in flight stay few, shared in L2). Each program runs
+all its steps in one flat loop, so the load pipeline runs across unit boundaries
+instead of restarting for every short segment. The block index of the next step
+is loaded one step ahead (a loop-carried scalar), so the tile loads that feed
+the dot are plain pointer loads the software pipeliner multi-buffers to the
+full num_stages.
 
 Split segments write fp32 partial sums per piece; ``_merge_kernel`` adds the
-pieces of each row in a fixed order (deterministic, no atomics), adds the bias
-and writes the output. Other rows get the bias in the main kernel's epilogue.
+pieces of each split output block in a fixed order (deterministic, no atomics),
+adds the bias and writes the output. Other output blocks get the bias in the
+main kernel's epilogue.
 
 This module imports triton: it is loaded on the first kernel call (triton_backend).
 The kernels use only core builtins of triton.language (tl.full, not tl.zeros/tl.cdiv):
@@ -33,11 +38,12 @@ the @jit functions of triton's standard library are fixed to interpreter or comp
 mode when triton is imported, which breaks one mode or the other in a process that
 uses both (tests: interpreter on CPU, then compiled kernels on a GPU).
 """
+import bisect
 import contextlib
 import functools
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -49,51 +55,69 @@ from .triton_backend import dot_precision, interpreting, parallel_slots, upcast
 MIN_SEGMENT = 8
 
 
-def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, bias_ptr, items_ptr, prefix_ptr, ids_ptr, gather_ptr, n_items,
-                per_row, n_programs, M, stride_am, stride_ak, stride_om, M_BUCKET, D_BUCKET,
+def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, bias_ptr, items_ptr, prefix_ptr, slices_ptr, ids_ptr, gather_ptr,
+                n_items, per_row, rows_per_round, n_programs, M, stride_am, stride_ak, stride_om, M_BUCKET, D_BUCKET,
                 OUT_B: tl.constexpr, IN_B: tl.constexpr, V_STRIDE_OUT: tl.constexpr, V_STRIDE_IN: tl.constexpr,
                 IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BT: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr):
     N_SUB: tl.constexpr = (OUT_B + BO - 1) // BO
     KC: tl.constexpr = (IN_B + BK - 1) // BK
-    # This program's units: those whose first block-step lies in [lo, hi) of the
-    # n_rows x per_row block-steps (row = token tile x output sub-tile).
-    pid = tl.program_id(0).to(tl.int64)
+    # Rows (token tile x output sub-tile) of units come in rounds of rows_per_round.
+    # In full round k this program takes slice (pid + k) mod P of the host-built table
+    # (slices_ptr: first row, first item, first block-step of slices 0..P of a round);
+    # the last, partial round is cut into P near-equal ranges here.
+    pid = tl.program_id(0)
     n_rows = ((M + BT - 1) // BT) * N_SUB
-    total = n_rows.to(tl.int64) * per_row
+    n_full = n_rows // rows_per_round
+    last_base = n_full * rows_per_round
+    s_row, s_item, s_pos = slices_ptr, slices_ptr + n_programs + 1, slices_ptr + 2 * (n_programs + 1)
+    round_steps = rows_per_round.to(tl.int64) * per_row
+    # Full rounds: P consecutive slices (mod P) per P rounds sum to one round.
+    extra = n_full % n_programs
+    full_steps = (n_full // n_programs) * round_steps - tl.load(s_pos + pid)
+    if pid + extra <= n_programs:
+        full_steps += tl.load(s_pos + pid + extra)
+    else:
+        full_steps += round_steps + tl.load(s_pos + pid + extra - n_programs)
+    # Last round: units whose first block-step lies in [lo, hi) of its rows.
+    total = (n_rows - last_base).to(tl.int64) * per_row
     lo = pid * total // n_programs
     hi = (pid + 1) * total // n_programs
-    row, item = (lo // per_row).to(tl.int32), lo % per_row  # rows (token tiles x sub-tiles) fit int32
-    row_end, item_end = hi // per_row, hi % per_row
     # First item starting at or after the in-row offsets (prefix: n_items + 1 ascending starts).
     a_lo, a_hi = 0, n_items
     b_lo, b_hi = 0, n_items
     while a_lo < a_hi:
         mid = (a_lo + a_hi) // 2
-        if tl.load(prefix_ptr + mid) >= item:
+        if tl.load(prefix_ptr + mid) >= lo % per_row:
             a_hi = mid
         else:
             a_lo = mid + 1
     while b_lo < b_hi:
         mid = (b_lo + b_hi) // 2
-        if tl.load(prefix_ptr + mid) >= item_end:
+        if tl.load(prefix_ptr + mid) >= hi % per_row:
             b_hi = mid
         else:
             b_lo = mid + 1
-    first = row.to(tl.int64) * per_row + tl.load(prefix_ptr + a_lo)
-    last = row_end * per_row + tl.load(prefix_ptr + b_lo)
-    n_steps = ((last - first) * KC).to(tl.int32)
-    i = a_lo
-    if i == n_items:  # the range starts in the next row
-        i = 0
-        row += 1
+    last_steps = (hi - hi % per_row + tl.load(prefix_ptr + b_lo)) - (lo - lo % per_row + tl.load(prefix_ptr + a_lo))
+    n_steps = ((full_steps + last_steps) * KC).to(tl.int32)
+    # The last round's range as (row, item) from and to, item n_items read as the next row's 0.
+    l_row = last_base + (lo // per_row).to(tl.int32) + a_lo // n_items
+    l_item = a_lo % n_items
+    l_end_row = last_base + (hi // per_row).to(tl.int32) + b_lo // n_items
+    l_end_item = b_lo % n_items
 
-    offs_k = tl.arange(0, BK)
-    # Loop-carried state of the loads: unit (row, item i), position p in the segment
-    # arrays and its end q, K-chunk kc, and the stored block / gathered block column.
-    # The epilogue walks the same units with its own (e_row, e_i): offsets derived from
-    # the loads' state would be tensors carried through every pipeline stage.
-    e_row, e_i = row, i
+    # Loop-carried state of the loads: round k, unit (row, item i) up to the range end
+    # (end_row, end_i), position p in the segment arrays and its end q, K-chunk kc, and
+    # the stored block / gathered block column. The epilogue walks the same units with
+    # its own copies (e_*): offsets derived from the loads' state would be tensors
+    # carried through every pipeline stage.
+    k = 0
+    if n_full > 0:
+        row, i = tl.load(s_row + pid), tl.load(s_item + pid)
+        end_row, end_i = tl.load(s_row + pid + 1), tl.load(s_item + pid + 1)
+    else:
+        row, i, end_row, end_i = l_row, l_item, l_end_row, l_end_item
+    e_k, e_row, e_i, e_end_row, e_end_i = k, row, i, end_row, end_i
     start = tl.load(items_ptr + n_items + i)
     end = tl.load(items_ptr + 2 * n_items + i)
     p = start
@@ -103,6 +127,7 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, bias_ptr, items_ptr, prefix_ptr
     k_lim = tl.where(p < end, IN_B, 0)
     block = p.to(tl.int64) if IDENTITY else tl.load(ids_ptr + p, mask=p < end, other=0).to(tl.int64)
     col = tl.load(gather_ptr + p, mask=p < end, other=0).to(tl.int64)
+    offs_k = tl.arange(0, BK)
     acc = tl.full((BO, BT), 0.0, tl.float32)
     for _ in range(0, n_steps):
         offs_o = (row % N_SUB) * BO + tl.arange(0, BO)
@@ -122,8 +147,8 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, bias_ptr, items_ptr, prefix_ptr
         if kc == KC:
             kc = 0
             p += 1
-        # Unit done: the epilogue, then the next unit's item. Two ifs: the epilogue needs
-        # the dot (last pipeline stage), the item loads feed the next loads (first stage).
+        # Unit done: the epilogue, then the next unit. Two ifs: the epilogue needs the
+        # dot (last pipeline stage), the next unit's loads feed the next tile loads (first).
         done = p == q
         if done:
             out_block = tl.load(items_ptr + e_i)
@@ -145,12 +170,34 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, bias_ptr, items_ptr, prefix_ptr
             if e_i == n_items:
                 e_i = 0
                 e_row += 1
+            if e_row == e_end_row:
+                if e_i == e_end_i:  # the range of this round is done: the next round's
+                    e_k += 1
+                    if e_k < n_full:
+                        s = (pid + e_k) % n_programs
+                        e_row = e_k * rows_per_round + tl.load(s_row + s)
+                        e_i = tl.load(s_item + s)
+                        e_end_row = e_k * rows_per_round + tl.load(s_row + s + 1)
+                        e_end_i = tl.load(s_item + s + 1)
+                    else:
+                        e_row, e_i, e_end_row, e_end_i = l_row, l_item, l_end_row, l_end_item
         acc = tl.where(done, 0.0, acc)
         if done:
             i += 1
             if i == n_items:
                 i = 0
                 row += 1
+            if row == end_row:
+                if i == end_i:
+                    k += 1
+                    if k < n_full:
+                        s = (pid + k) % n_programs
+                        row = k * rows_per_round + tl.load(s_row + s)
+                        i = tl.load(s_item + s)
+                        end_row = k * rows_per_round + tl.load(s_row + s + 1)
+                        end_i = tl.load(s_item + s + 1)
+                    else:
+                        row, i, end_row, end_i = l_row, l_item, l_end_row, l_end_item
             start = tl.load(items_ptr + n_items + i)
             end = tl.load(items_ptr + 2 * n_items + i)
             p = start
@@ -278,16 +325,58 @@ class Schedule:
     ``items`` (4, W) int32 rows: output block, first and end position in the segment
     arrays, partial slot (-1: write the output directly). ``prefix`` (W + 1) int32: the
     first block-step of each item within a row of units (an item takes max(1, blocks)
-    steps), ``per_row`` its total. Split output blocks are ``split_rows``; the partial
-    slots of split_rows[r] are slot_offsets[r]:slot_offsets[r + 1]. ``density``: the
-    autotune bucket, mean blocks per segment rounded up to a power of two."""
+    steps; ``steps`` on the host), ``per_row`` its total. Split output blocks are
+    ``split_rows``; the partial slots of split_rows[r] are slot_offsets[r]:slot_offsets[r + 1].
+    ``density``: the autotune bucket, mean blocks per segment rounded up to a power of two.
+    ``rounds`` caches :func:`round_slices` per program count."""
     items: torch.Tensor
     prefix: torch.Tensor
     split_rows: torch.Tensor
     slot_offsets: torch.Tensor
-    per_row: int
+    steps: list
     n_slots: int
     density: int
+    rounds: dict = field(default_factory=dict)
+
+    @property
+    def per_row(self):
+        return self.steps[-1]
+
+    def round_slices(self, programs):
+        """(rows per round, slice table on the device) for ``programs`` programs, cached."""
+        if programs not in self.rounds:
+            rows, table = round_slices(self.steps, programs)
+            self.rounds[programs] = rows, table.to(self.items.device)
+        return self.rounds[programs]
+
+
+# A program's slice of a full round spans at least this many of the longest units.
+ROUND_UNITS = 2
+
+
+def round_slices(prefix, programs):
+    """Rows of units per round and the (3, programs + 1) int32 table of slice starts.
+
+    A round is ``rows`` consecutive rows of units (rows are alike: the same items for
+    every token tile and output sub-tile). Slice s of a round is the units whose first
+    block-step lies in [s W / P, (s + 1) W / P) of the round's W block-steps, given as
+    (row, item, block-step) of its first unit; slice P is the round's end. Rounds are
+    long enough that every slice holds a unit: W / P >= ROUND_UNITS x the longest unit.
+    """
+    per_row, n_items = prefix[-1], len(prefix) - 1
+    longest = max(b - a for a, b in zip(prefix, prefix[1:]))
+    rows = max(1, math.ceil(ROUND_UNITS * programs * longest / per_row))
+    width = rows * per_row
+    if width >= 2 ** 31:
+        raise ValueError(f"a row of {per_row} block-steps is more than the int32 round table allows")
+    table = []
+    for s in range(programs + 1):
+        row, offset = divmod(s * width // programs, per_row)
+        item = bisect.bisect_left(prefix, offset)
+        if item == n_items:
+            row, item = row + 1, 0
+        table.append((row, item, row * per_row + prefix[item]))
+    return rows, torch.tensor(table, dtype=torch.int32).T.contiguous()
 
 
 def plan(counts, min_segment=MIN_SEGMENT):
@@ -349,7 +438,7 @@ def schedule(offsets, ids, gather, n_gather):
     mean = sum(counts) / max(1, len(counts))
     result = Schedule(torch.tensor(items, dtype=torch.int32).reshape(-1, 4).T.contiguous().to(device),
                       torch.tensor(prefix, dtype=torch.int32).to(device), split_rows.to(device),
-                      slot_offsets.to(device), prefix[-1], len(slot_rows), triton.next_power_of_2(math.ceil(mean)))
+                      slot_offsets.to(device), prefix, len(slot_rows), triton.next_power_of_2(math.ceil(mean)))
     key = id(offsets)
     _schedules[key] = (weakref.ref(offsets, lambda _: _schedules.pop(key, None)), result)
     return result
@@ -377,12 +466,13 @@ def _dsd(a, values, offsets, ids, gather, out_b, in_b, v_strides, bias=None):
     plan_ = schedule(offsets, ids, gather, n_in)
     n_items = plan_.items.shape[1]
     part = torch.empty(plan_.n_slots, m, out_b, dtype=torch.float32, device=a.device) if plan_.n_slots else out
-    # Two programs per SM: a second one runs where shared memory allows, else it forms
-    # a second wave of equal ranges.
+    # Two programs per SM: a second one runs where shared memory allows, else they form
+    # two waves of equal slices.
     programs = 2 * parallel_slots(a.device)
-    args = (a, values, out, part, out if bias is None else bias, plan_.items, plan_.prefix,
-            gather if ids is None else ids, gather, n_items, plan_.per_row, programs, m, a.stride(0), a.stride(1),
-            out.stride(0), triton.next_power_of_2(m), plan_.density)
+    rows_per_round, slices = plan_.round_slices(programs)
+    args = (a, values, out, part, out if bias is None else bias, plan_.items, plan_.prefix, slices,
+            gather if ids is None else ids, gather, n_items, plan_.per_row, rows_per_round, programs, m, a.stride(0),
+            a.stride(1), out.stride(0), triton.next_power_of_2(m), plan_.density)
     meta = dict(OUT_B=out_b, IN_B=in_b, V_STRIDE_OUT=v_strides[0], V_STRIDE_IN=v_strides[1], IDENTITY=ids is None,
                 HAS_BIAS=bias is not None, PRECISION=dot_precision(a.dtype), UPCAST=upcast(a.dtype))
     kernel, merge = _kernel(interpreting())
