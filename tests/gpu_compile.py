@@ -107,7 +107,8 @@ def _ptxas(arch):
     newer ptxas for sm_90+ and works around a register-allocation bug of ptxas 13)."""
     from triton.backends.nvidia import compiler
     tool = compiler.get_ptxas(arch) if inspect.signature(compiler.get_ptxas).parameters else compiler.get_ptxas()
-    flags = ["--regAllocOptLevel=2"] if "regAllocOptLevel=2" in inspect.getsource(compiler.CUDABackend.make_cubin) else []
+    make_cubin = inspect.getsource(compiler.CUDABackend.make_cubin)
+    flags = ["--regAllocOptLevel=2"] if "regAllocOptLevel=2" in make_cubin else []
     return [tool.path, *flags]
 
 
@@ -121,8 +122,8 @@ def ptxas_report(compiled):
         ptx = f"{tmp}/kernel.ptx"
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        result = subprocess.run([*_ptxas(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o", f"{tmp}/kernel.cubin"],
-                                capture_output=True, text=True, check=True)
+        command = [*_ptxas(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", ptx, "-o", f"{tmp}/kernel.cubin"]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
     return result.stderr + result.stdout
 
 

@@ -32,8 +32,8 @@ def dsd_signature(dtype):
     (pointers and the row strides 16-aligned, a unit column stride of the dense operand)."""
     signature = dict(a_ptr=f"*{dtype}", v_ptr=f"*{dtype}", out_ptr=f"*{dtype}", part_ptr="*fp32", bias_ptr=f"*{dtype}",
                      items_ptr="*i32", prefix_ptr="*i32", slices_ptr="*i32", ids_ptr="*i64", gather_ptr="*i64",
-                     n_items="i32", per_row="i32", rows_per_round="i32", n_programs="i32", M="i32", stride_am="i32", stride_om="i32", M_BUCKET="i32",
-                     D_BUCKET="i32")
+                     n_items="i32", per_row="i32", rows_per_round="i32", n_programs="i32", M="i32",
+                     stride_am="i32", stride_om="i32", M_BUCKET="i32", D_BUCKET="i32")
     aligned = [name for name, kind in signature.items() if kind.startswith("*")] + ["stride_am", "stride_om"]
     return signature, aligned
 
@@ -43,7 +43,8 @@ def compile_dsd(block, config, arch=90, dtype="bf16", forward=True):
     or dX (dx = dy W, W read transposed through strides) launch would."""
     import gpu_compile
     signature, aligned = dsd_signature(dtype)
-    constexprs = dict(OUT_B=block, IN_B=block, V_STRIDE_OUT=block if forward else 1, V_STRIDE_IN=1 if forward else block,
+    constexprs = dict(OUT_B=block, IN_B=block, V_STRIDE_OUT=block if forward else 1,
+                      V_STRIDE_IN=1 if forward else block,
                       IDENTITY=forward, HAS_BIAS=forward, PRECISION="tf32" if dtype == "fp32" else "ieee",
                       UPCAST=False, stride_ak=1, **config.kwargs)
     return gpu_compile.compile_kernel(_forward()._dsd_kernel, signature, constexprs, arch=arch,
