@@ -9,6 +9,7 @@ directory (compiles from several processes share the default cache).
                               num_warps=8, num_stages=4)
     smem_buffers(compiled)   # e.g. [4, 4]: buffers of each pipelined shared-memory tile
     wgmma_shapes(compiled)   # e.g. {(64, 128, 16)}
+    wgmma_pendings(compiled) # e.g. [1]: wgmma groups left in flight at each wait
     spills(compiled)         # (spill store bytes, spill load bytes), (0, 0) when none
 """
 import contextlib
@@ -87,6 +88,12 @@ def async_waits(compiled):
     """The ``num`` of every ``ttg.async_wait`` in the TTGIR (0: waits for all copies in
     flight, i.e. no overlap of loads with the following dot)."""
     return [int(n) for n in re.findall(r"ttg\.async_wait[^\n]*\{num = (\d+)", compiled.asm["ttgir"])]
+
+
+def wgmma_pendings(compiled):
+    """The ``pendings`` of every ``ttng.warp_group_dot_wait`` in the TTGIR: how many wgmma
+    groups may stay in flight there (0: each dot is waited for before the next is issued)."""
+    return [int(n) for n in re.findall(r"warp_group_dot_wait[^\n]*\{pendings = (\d+)", compiled.asm["ttgir"])]
 
 
 def wgmma_shapes(compiled):
