@@ -131,3 +131,19 @@ def test_compiles_for_sm80(compiler, dtype):
     assert compiled.asm["cubin"] and gpu_compile.mma_shapes(compiled)
     assert gpu_compile.smem_buffers(compiled) == [config.num_stages - 1] * 2
     assert compiled.metadata.shared <= forward.shared_bytes(*_key(config)[:3], config.num_stages, size, hopper=False)
+
+
+def test_integer_arguments_equal_to_one_compile(compiler):
+    """A launch specializes integer arguments equal to 1 as constexprs (one token, one
+    row per round, one item, a unit row stride ...): the kernel must not call tensor
+    methods on them."""
+    import gpu_compile
+    signature, aligned = dsd_signature("bf16")
+    ones = ["M", "n_items", "per_row", "rows_per_round", "stride_am", "stride_om"]
+    for name in ones:
+        signature.pop(name)
+    constexprs = dict(OUT_B=64, IN_B=64, V_STRIDE_OUT=64, V_STRIDE_IN=1, IDENTITY=True, HAS_BIAS=True,
+                      PRECISION="ieee", UPCAST=False, stride_ak=1, BT=128, BO=64, BK=64, **dict.fromkeys(ones, 1))
+    compiled = gpu_compile.compile_kernel(_forward()._dsd_kernel, signature, constexprs, arch=90,
+                                          aligned=[name for name in aligned if name in signature])
+    assert compiled.asm["cubin"] and gpu_compile.smem_buffers(compiled)

@@ -71,7 +71,9 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, bias_ptr, items_ptr, prefix_ptr
     n_full = n_rows // rows_per_round
     last_base = n_full * rows_per_round
     s_row, s_item, s_pos = slices_ptr, slices_ptr + n_programs + 1, slices_ptr + 2 * (n_programs + 1)
-    round_steps = rows_per_round.to(tl.int64) * per_row
+    # int64 through a tensor: integer arguments equal to 1 arrive as constexprs (no .to).
+    one = tl.full([], 1, tl.int64)
+    round_steps = one * rows_per_round * per_row
     # Full rounds: P consecutive slices (mod P) per P rounds sum to one round.
     extra = n_full % n_programs
     full_steps = (n_full // n_programs) * round_steps - tl.load(s_pos + pid)
@@ -80,7 +82,7 @@ def _dsd_kernel(a_ptr, v_ptr, out_ptr, part_ptr, bias_ptr, items_ptr, prefix_ptr
     else:
         full_steps += round_steps + tl.load(s_pos + pid + extra - n_programs)
     # Last round: units whose first block-step lies in [lo, hi) of its rows.
-    total = (n_rows - last_base).to(tl.int64) * per_row
+    total = one * (n_rows - last_base) * per_row
     lo = pid * total // n_programs
     hi = (pid + 1) * total // n_programs
     # First item starting at or after the in-row offsets (prefix: n_items + 1 ascending starts).
@@ -325,7 +327,7 @@ class Schedule:
     ``items`` (4, W) int32 rows: output block, first and end position in the segment
     arrays, partial slot (-1: write the output directly). ``prefix`` (W + 1) int32: the
     first block-step of each item within a row of units (an item takes max(1, blocks)
-    steps; ``steps`` on the host), ``per_row`` its total. Split output blocks are
+    steps; ``host_prefix`` on the host), ``per_row`` its total. Split output blocks are
     ``split_rows``; the partial slots of split_rows[r] are slot_offsets[r]:slot_offsets[r + 1].
     ``density``: the autotune bucket, mean blocks per segment rounded up to a power of two.
     ``rounds`` caches :func:`round_slices` per program count."""
@@ -333,19 +335,19 @@ class Schedule:
     prefix: torch.Tensor
     split_rows: torch.Tensor
     slot_offsets: torch.Tensor
-    steps: list
+    host_prefix: list
     n_slots: int
     density: int
     rounds: dict = field(default_factory=dict)
 
     @property
     def per_row(self):
-        return self.steps[-1]
+        return self.host_prefix[-1]
 
     def round_slices(self, programs):
         """(rows per round, slice table on the device) for ``programs`` programs, cached."""
         if programs not in self.rounds:
-            rows, table = round_slices(self.steps, programs)
+            rows, table = round_slices(self.host_prefix, programs)
             self.rounds[programs] = rows, table.to(self.items.device)
         return self.rounds[programs]
 
@@ -438,7 +440,7 @@ def schedule(offsets, ids, gather, n_gather):
     mean = sum(counts) / max(1, len(counts))
     result = Schedule(torch.tensor(items, dtype=torch.int32).reshape(-1, 4).T.contiguous().to(device),
                       torch.tensor(prefix, dtype=torch.int32).to(device), split_rows.to(device),
-                      slot_offsets.to(device), prefix, len(slot_rows), triton.next_power_of_2(math.ceil(mean)))
+                      slot_offsets.to(device), prefix, len(slot_rows), triton.next_power_of_2(max(1, math.ceil(mean))))
     key = id(offsets)
     _schedules[key] = (weakref.ref(offsets, lambda _: _schedules.pop(key, None)), result)
     return result
@@ -451,6 +453,9 @@ def _device_guard(device):
 def _dsd(a, values, offsets, ids, gather, out_b, in_b, v_strides, bias=None):
     """Launch: ``out[:, j*OUT_B:(j+1)*OUT_B] = sum over segment j of a-slice @ block (+ bias)``."""
     m, n_out, n_in = a.shape[0], offsets.numel() - 1, a.shape[1] // in_b
+    if values.device != a.device or offsets.device != a.device or (bias is not None and bias.device != a.device):
+        raise ValueError(f"the dense operand is on {a.device}, the values on {values.device}, the layout on "
+                         f"{offsets.device}" + ("" if bias is None else f", the bias on {bias.device}"))
     if values.dtype != a.dtype or (bias is not None and bias.dtype != a.dtype):
         raise ValueError(f"dtypes differ: dense {a.dtype}, values {values.dtype}"
                          + ("" if bias is None else f", bias {bias.dtype}"))
