@@ -411,3 +411,27 @@ def test_gpu_autotuned_products_match_reference(block, dtype, monkeypatch):
         (grad.bsr_grad_weight(dy, x, layout), reference.bsr_grad_weight(dy.double(), x.double(), layout)),
     ]:
         torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 300, 5000])
+def test_gpu_skewed_layout_single_token_and_rounds(m, monkeypatch):
+    """One full block row and one full block column among sparse ones (split segments,
+    the merge kernel), one token (integer arguments specialized to 1), and enough
+    tokens for several full rounds, compiled and autotuned."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    forward, _ = _kernels()
+    mask = torch.rand(16, 24, generator=torch.Generator().manual_seed(8)) < 0.1
+    mask[3], mask[:, 5] = True, True
+    weight = sk.BlockSparseMatrix.from_dense(torch.randn(16 * 64, 24 * 64), 64, block_mask=mask)
+    layout, values = weight.layout.to("cuda"), weight.values.to("cuda", torch.bfloat16)
+    assert forward.schedule(layout.row_offsets, None, layout.col_indices, layout.grid[1]).n_slots > 0
+    x = torch.randn(m, 24 * 64, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, 16 * 64, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(16 * 64, device="cuda", dtype=torch.bfloat16)
+    tol = dict(rtol=3e-2, atol=5e-2)
+    torch.testing.assert_close(forward.bsr_forward(x, values, layout, bias).double(),
+                               reference.bsr_forward(x.double(), values.double(), layout, bias.double()), **tol)
+    torch.testing.assert_close(forward.bsr_grad_input(dy, values, layout).double(),
+                               reference.bsr_grad_input(dy.double(), values.double(), layout), **tol)
