@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from ..bsr.triton_backend import parallel_slots
+from ..bsr.triton_backend import _interpreter_missing, parallel_slots
 from ..registry import register_kernel
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,6 +43,8 @@ def _unavailable(device, dtype):
         return f"the triton backend needs a CUDA device (or TRITON_INTERPRET=1 on cpu), got {device.type}"
     if dtype not in _DTYPES:
         return f"the triton backend supports {_DTYPES}, got {dtype}"
+    if device.type == "cpu":
+        return _interpreter_missing()
     try:
         import triton  # noqa: F401
     except ImportError as exc:
