@@ -37,9 +37,9 @@ from .triton_forward import tile
 GROUPS = (1, 2, 4, 8, 16)
 
 # Floor rule, CUDA only: the dense route (cuBLAS dyᵀx, then a gather of the stored
-# blocks) replaces the SDD kernel from this density on, less when tokens are few
-# (see use_dense). Unmeasured: set from the model below, to be replaced by the
-# crossover measured with bench/bench_bsr_triton.py.
+# blocks) replaces the SDD kernel from this density on when tokens are many; fewer
+# tokens need a higher density (see use_dense). Unmeasured: set from that model, to
+# be replaced by the crossover measured with bench/bench_bsr_triton.py.
 DENSE_DW_DENSITY = 0.7
 # Machine balance assumed by the model: tensor-core flops per byte of DRAM traffic at
 # which both take the same time (H100 SXM bf16: ~990 TFLOP/s over 3.35 TB/s ≈ 300).
@@ -265,8 +265,7 @@ def sdd(dy, x, layout, interpret_meta=None):
     plan_ = schedule(layout)
     interpret = interpreting()
     if interpret:
-        tc = _INTERPRET_TILE["TC"]
-        meta = interpret_meta or dict(_INTERPRET_TILE, GROUP=_INTERPRET_GROUP if tc >= bc else 1)
+        meta = interpret_meta or dict(_INTERPRET_TILE, GROUP=_INTERPRET_GROUP if _INTERPRET_TILE["TC"] >= bc else 1)
         grain = meta["BM"]
     else:
         grain = _GPU_GRAIN
