@@ -148,3 +148,51 @@ def registers(compiled):
     if match is None:
         raise RuntimeError("no register line in the ptxas report")
     return int(match.group(1))
+
+
+_SSA = re.compile(r"\s*(%[\w.#]+)(?::\d+)? = ([\w.]+)(.*)")
+_LOOP = re.compile(r"scf\.for (%[\w.#]+) = (%[\w.#]+) to (%[\w.#]+)")
+_BINDING = re.compile(r"(%[\w.#]+) = (%[\w.#]+)")
+
+
+def narrow_index_products(compiled, sizes):
+    """Lines of the TTIR that multiply, in 32 bits, an index (derived from a program id,
+    a loop counter or a ``tl.arange``) by a value derived from one of the integer
+    arguments ``sizes`` (strides, element counts), or add such a 32-bit value to a
+    pointer: past 2**31 elements the product wraps. Loaded values are data and start
+    no dependency. Empty when every such offset is computed in 64 bits."""
+    index, size = set(), {f"%{name}" for name in sizes}
+    found = []
+    for line in compiled.asm["ttir"].splitlines():
+        match = _SSA.match(line)
+        if match is None:
+            continue
+        name, op, rest = match.groups()
+        body, _, types = rest.partition(" loc(")[0].rpartition(" : ")
+        operands = set(re.findall(r"%[\w.#]+", body))
+        if op in ("tt.get_program_id", "tt.make_range"):
+            index.add(name)
+            continue
+        if op == "tt.load":
+            continue
+        if op == "scf.for":  # the counter and the loop-carried values inherit from their sources
+            counter, low, high = _LOOP.search(line).groups()
+            index.add(counter)
+            if {low, high} & size:
+                size.add(counter)
+            for carried, source in _BINDING.findall(rest.partition("iter_args")[2]):
+                index.update([carried] if source in index else [])
+                size.update([carried] if source in size else [])
+        if op == "tt.addptr":  # (pointer, offset): only the offset is an index
+            operands = set(re.findall(r"%[\w.#]+", body)[1:])
+        from_index, from_size = bool(operands & index), bool(operands & size)
+        narrow = re.search(r"(^|[x<\s,])i32>?\s*$", types) is not None
+        if op in ("arith.muli", "tt.addptr") and from_index and from_size and narrow:
+            found.append(line.strip())
+        if op == "tt.addptr":
+            continue
+        if from_index:
+            index.add(name)
+        if from_size:
+            size.add(name)
+    return found
