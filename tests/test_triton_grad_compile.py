@@ -186,3 +186,50 @@ def test_lowrank_products_compile_without_spills(compiled_mode, dtype, arch):
         chain, signature, dict(BM=64, BK=32, BR=128, sak=1, sbr=1, scr=1, spr=1, sqr=1, **common), arch=arch,
         num_warps=lowrank._warps(2 * 64 * 128), aligned=[f"{n}_ptr" for n in "abcpq"] + _specialized(values))
     _check(compiled, arch, f"chain {dtype} 64 x 32, rank 128")
+
+
+# ---- 64-bit offsets --------------------------------------------------------------
+
+def _compile_all_strides(kernel):
+    """One config of ``kernel`` for sm_90 with every stride a runtime argument, and the
+    stride/size arguments whose products with indices must be 64-bit."""
+    import gpu_compile
+    if kernel == "sdd":
+        config = sdd_configs(64, "bf16")[0]
+        return compile_sdd(64, config, 90, "bf16"), ["stride_dy", "stride_x", "nnz"]
+    if kernel == "reduction":
+        config = reduction_configs(4096, 64, "bf16")[0]
+        return compile_reduction(4096, 64, config, 90, "bf16"), ["sam", "sbm", "scs", "scp"]
+    _, mm, chain, _ = _lowrank()._kernels(False)
+    common = dict(PRECISION="ieee", WIDEN=False)
+    if kernel == "mm":
+        strides = ["sam", "sak", "sbk", "sbn", "scm", "scn"]
+        signature = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", bias_ptr="*bf16",
+                         **{n: "i32" for n in ["M", "N", "K", *strides]})
+        constexprs = dict(HAS_BIAS=True, BM=128, BN=128, BK=32, **common)
+        return gpu_compile.compile_kernel(mm, signature, constexprs, num_warps=8), strides
+    strides = ["sam", "sak", "sbk", "sbr", "scr", "scs", "spm", "spr", "sqm", "sqr"]
+    signature = {**{f"{n}_ptr": "*bf16" for n in "abcpq"}, **{n: "i32" for n in ["M", "K", "R", *strides]}}
+    return gpu_compile.compile_kernel(chain, signature, dict(BM=64, BK=32, BR=64, **common)), strides
+
+
+@pytest.mark.parametrize("kernel", ["sdd", "reduction", "mm", "chain"])
+def test_offsets_are_computed_in_64_bits(compiled_mode, kernel):
+    """No product of an index (program id, loop counter, arange) and a stride or element
+    count is computed in 32 bits: tensors past 2**31 elements would wrap around."""
+    import gpu_compile
+    compiled, sizes = _compile_all_strides(kernel)
+    assert gpu_compile.narrow_index_products(compiled, sizes) == []
+
+
+def test_narrow_offset_check_flags_a_32_bit_product(compiled_mode):
+    import gpu_compile
+    import triton.language as tl
+
+    def wrapping(a_ptr, M, stride, BK):
+        for m0 in range(0, M, BK):
+            rows = m0 + tl.arange(0, BK)
+            tl.store(a_ptr + rows * stride, tl.load(a_ptr + rows))
+
+    compiled = gpu_compile.compile_kernel(wrapping, dict(a_ptr="*fp32", M="i32", stride="i32"), dict(BK=16))
+    assert any("arith.muli" in line for line in gpu_compile.narrow_index_products(compiled, ["stride"]))

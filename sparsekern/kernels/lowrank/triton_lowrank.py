@@ -91,6 +91,7 @@ def _kernels(interpret):
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rm64 = rm.to(tl.int64)
         rr = tl.arange(0, BR)
+        rr64 = rr.to(tl.int64)
         rk = tl.arange(0, BK)
         acc = tl.full((BM, BR), 0.0, tl.float32)
         for k0 in range(0, K, BK):
@@ -98,20 +99,20 @@ def _kernels(interpret):
             kk64 = kk.to(tl.int64)
             a = tl.load(a_ptr + rm64[:, None] * sam + kk64[None, :] * sak,
                         mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            b = tl.load(b_ptr + kk64[:, None] * sbk + rr[None, :] * sbr,
+            b = tl.load(b_ptr + kk64[:, None] * sbk + rr64[None, :] * sbr,
                         mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
             if WIDEN:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc += tl.dot(a, b, input_precision=PRECISION)
         out_mask = (rm[:, None] < M) & (rr[None, :] < R)
         p = acc.to(p_ptr.dtype.element_ty)
-        tl.store(p_ptr + rm64[:, None] * spm + rr[None, :] * spr, p, mask=out_mask)
-        c = tl.load(c_ptr + rr[:, None] * scr + rr[None, :] * scs,
+        tl.store(p_ptr + rm64[:, None] * spm + rr64[None, :] * spr, p, mask=out_mask)
+        c = tl.load(c_ptr + rr64[:, None] * scr + rr64[None, :] * scs,
                     mask=(rr[:, None] < R) & (rr[None, :] < R), other=0.0)
         if WIDEN:
             p, c = p.to(tl.float32), c.to(tl.float32)
         q = tl.dot(p, c, input_precision=PRECISION)  # P rounded like the stored copy, so Q matches two launches
-        tl.store(q_ptr + rm64[:, None] * sqm + rr[None, :] * sqr, q.to(q_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(q_ptr + rm64[:, None] * sqm + rr64[None, :] * sqr, q.to(q_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def reduction_kernel(a_ptr, b_ptr, c_ptr, M, P, R, sam, sbm, scs, scp, m_per_split, M_BUCKET,
