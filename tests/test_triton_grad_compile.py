@@ -7,7 +7,8 @@ leaves them.
 
 Every compiled config must spill no registers; on sm_90 the dots must be wgmma and
 the main loop multi-buffered in shared memory, on sm_80 mma.sync. The instruction
-shapes are printed (``pytest -s``). Compiling is slow on a CPU (1-8 s a kernel), so
+shapes are printed (``pytest -s``). In the TTIR, no index may be multiplied by a
+stride or element count in 32 bits. Compiling is slow on a CPU (1-8 s a kernel), so
 the default run compiles the widest and the narrowest config of each case;
 SPARSEKERN_COMPILE_ALL=1 compiles every shipped config.
 """
