@@ -2,12 +2,13 @@
 import contextlib
 import importlib.util
 import inspect
-import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import sparsekern as sk
+from gpu_compile import narrow_index_products
 from sparsekern.formats.semi import decompress
 from sparsekern.kernels.semi import reference, triton_prune
 
@@ -86,42 +87,6 @@ def test_strided_input_matches_reference(view, transposable):
                  reference.semi_prune_compress(w.contiguous(), transposable))
 
 
-_SSA = re.compile(r"^\s*(%[\w.#]+)(?::\d+)? = ([\w.]+)\s*(.*)$")
-
-
-def _narrow_offsets(ttir, sizes):
-    """Lines of the TTIR where an index built from a program id and a size argument (``sizes``)
-    is computed or used as a pointer offset in 32 bits: such a product (row * cols) passes
-    2**31 on a large matrix. Loaded values are data, not indices: they start no dependency."""
-    pid, size = set(), {f"%{name}" for name in sizes}
-    found = []
-    for line in ttir.splitlines():
-        match = _SSA.match(line)
-        if match is None:
-            continue
-        name, op, rest = match.groups()
-        body, _, types = rest.partition(" loc(")[0].rpartition(" : ")
-        operands = set(re.findall(r"%[\w.#]+", body))
-        if op == "tt.get_program_id":
-            pid.add(name)
-            continue
-        if op == "tt.load":
-            continue
-        if op == "tt.addptr":  # (pointer, offset): the offset is the index; a pointer is no index
-            operands = set(re.findall(r"%[\w.#]+", body)[1:])
-        from_pid, from_size = bool(operands & pid), bool(operands & size)
-        narrow = re.search(r"(^|[x<\s,])i32>?\s*$", types) is not None
-        if op in ("arith.muli", "tt.addptr") and from_pid and from_size and narrow:
-            found.append(line.strip())
-        if op == "tt.addptr":
-            continue
-        if from_pid:
-            pid.add(name)
-        if from_size:
-            size.add(name)
-    return found
-
-
 @pytest.mark.parametrize("kernel", ["prune_rows", "prune_tiles"])
 def test_offsets_are_computed_in_64_bits(kernel, monkeypatch, tmp_path):
     """Compiled for sm_90 without a GPU: no program-id x size product in 32 bits (a weight of
@@ -142,9 +107,9 @@ def test_offsets_are_computed_in_64_bits(kernel, monkeypatch, tmp_path):
     fn = getattr(jit, kernel)
     params = list(inspect.signature(fn.fn).parameters)
     source = ASTSource(fn, {name: types.get(name, "constexpr") for name in params}, {"BLOCK": 64})
-    ttir = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ttir"]
-    assert _narrow_offsets(ttir, sizes) == []
-    assert len(_narrow_offsets(_WRAPPING_TTIR, sizes)) == 2
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    assert narrow_index_products(compiled, sizes) == []
+    assert len(narrow_index_products(SimpleNamespace(asm={"ttir": _WRAPPING_TTIR}), sizes)) == 2
 
 
 # The row-wise kernel's row offset as it was compiled before the widening.
