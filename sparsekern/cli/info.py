@@ -18,9 +18,14 @@ PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight", "conv_forward", 
             "conv_grad_weight", "semi_forward", "semi_grad_input", "semi_grad_weight", "lowrank_forward",
             "lowrank_backward")
 FAMILIES = ("bsr", "conv", "semi", "lowrank")
-# Families whose automatic choice also depends on the call's shapes (sparsekern.kernels.conv.policy).
-FLOOR_RULE = {"conv": "conv products: where the cpu kernels would lose to dense F.conv2d (density, kernel, "
-                      "memory format, image size), the call runs the reference composite instead"}
+# How each family's automatic cpu choice also depends on the call (kernels/floor.py, kernels/conv/policy.py).
+_MEASURED = ("the first calls of each shape class time the cpu kernel against the dense composite and keep the "
+             "faster")
+FLOOR_RULE = {"bsr": f"bsr products: {_MEASURED} (dense masked GEMM)",
+              "conv": "conv products: where the cpu kernels would lose to dense F.conv2d (density, kernel, "
+                      "memory format, image size), the call runs the reference composite instead",
+              "semi": f"semi products: {_MEASURED} (decompressed W and GEMM)",
+              "lowrank": f"lowrank products: {_MEASURED} (torch GEMMs)"}
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -58,6 +63,13 @@ def _extensions():
         else:
             parts.append(f"_C_{family} built" + (f" (microkernel {isa})" if isa else ""))
     return ", ".join(parts)
+
+
+def _cpu_path():
+    best = kernels.microkernel.cpu_isa()
+    requested = os.environ.get("SPARSEKERN_CPU_ISA")
+    text = f"{best} is the best this CPU runs" + (f"; SPARSEKERN_CPU_ISA={requested}" if requested else "")
+    return text + f"; floor rule {kernels.floor.floor_mode()} (SPARSEKERN_FLOOR)"
 
 
 def _gpu_lines():
@@ -106,6 +118,7 @@ def report():
         f"threads: torch {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"
         + "".join(f", {v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ),
         f"compiled extensions: {_extensions()}",
+        f"CPU path: {_cpu_path()}",
         *_gpu_lines(),
     ]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -2,7 +2,7 @@
 
 Importing a family registers its backends; none loads compiled code or triton yet.
 """
-from . import bsr, conv, lowrank, microkernel, output_cache, semi  # noqa: F401  (register the kernels)
+from . import bsr, conv, floor, lowrank, microkernel, output_cache, semi  # noqa: F401  (register the kernels)
 from .registry import BackendUnavailableError, available_backends, forced_backend, select_kernel, use_backend
 
 __all__ = ["BackendUnavailableError", "available_backends", "forced_backend", "select_kernel", "use_backend"]
