@@ -36,7 +36,8 @@ def toy(monkeypatch, measuring):
 
     monkeypatch.setitem(registry._kernels, "toy", {})
     registry.register_kernel("toy", "dense", side("dense"))
-    monkeypatch.setitem(floor._composites, "toy", ("dense", lambda x: (floor.tokens_bucket(x.shape[0]),)))
+    monkeypatch.setitem(floor._composites, "toy", ("dense", lambda x: (floor.tokens_bucket(x.shape[0]),),
+                                                   lambda x: x.shape[0] == 1))
     monkeypatch.setattr(floor, "_clock", lambda: now[0])
     return side("cpu"), costs, ran
 
@@ -88,6 +89,24 @@ def test_off_mode_and_deterministic_algorithms_run_the_kernel_unmeasured(toy, mo
     finally:
         torch.use_deterministic_algorithms(deterministic)
     assert ran == ["cpu"] * (2 * SAMPLES + 1) and floor.floor_decisions() == {}
+
+
+def test_calls_the_kernel_surely_wins_are_not_measured(toy):
+    kernel, costs, ran = toy
+    costs["cpu"] = 10.0
+    x = torch.zeros(1)  # the toy's sure win
+    for _ in range(2 * SAMPLES + 1):
+        floor.with_floor("toy", kernel, x)(x)
+    assert ran == ["cpu"] * (2 * SAMPLES + 1) and floor.floor_decisions() == {}
+
+
+def test_block_sparse_layers_at_a_quarter_density_or_less_are_not_measured(measuring):
+    if "cpu" not in sk.kernels.available_backends("bsr_forward", CPU, torch.float32):
+        pytest.skip("the cpu backend is not built")
+    layer = sk.SparseLinear(64, 64, block_size=16, density=0.25)
+    for _ in range(2 * SAMPLES + 1):
+        layer(torch.randn(8, 64, requires_grad=True)).sum().backward()
+    assert floor.floor_decisions() == {}
 
 
 def test_mode_is_read_from_the_environment_and_checked(monkeypatch):

@@ -37,10 +37,12 @@ _lock = threading.Lock()
 _mode = None
 
 
-def register_floor(product, composite, key):
+def register_floor(product, composite, key, sure_win=None):
     """``product``'s cpu kernel competes with backend ``composite``; ``key(*args)`` gives the
-    shape class of a call (without product, dtype and threads, which are added)."""
-    _composites[product] = (composite, key)
+    shape class of a call (without product, dtype and threads, which are added).
+    ``sure_win(*args)``, if given, is True for calls the kernel wins on every CPU measured:
+    they run the kernel unmeasured (no composite call, so no dense weight is formed)."""
+    _composites[product] = (composite, key, sure_win)
 
 
 def tokens_bucket(m):
@@ -106,13 +108,13 @@ def with_floor(product, fn, like):
     entry = _composites.get(product)
     if entry is None or floor_mode() == "off":
         return fn
-    composite_name, key_fn = entry
+    composite_name, key_fn, sure_win = entry
     composite = select_kernel(product, like.device, like.dtype, composite_name)[1]
     sides = ("cpu", composite_name)
     implementations = {"cpu": fn, composite_name: composite}
 
     def call(*args):
-        if torch.are_deterministic_algorithms_enabled():
+        if torch.are_deterministic_algorithms_enabled() or (sure_win is not None and sure_win(*args)):
             return fn(*args)
         key = (product, like.dtype, torch.get_num_threads(), key_fn(*args))
         with _lock:
