@@ -1,12 +1,14 @@
 """``sparsekern.ops.sparse_conv2d``: fp64 gradcheck on every backend, opcheck of the custom
-ops (the autograd op and the compiled kernels), the floor-rule choice of kernel, and the
-boundary checks."""
+ops (the autograd op and the compiled kernels), the floor rule's choices (measured, and the
+calls it decides without measuring), and the boundary checks."""
 import pytest
 import torch
 
 import sparsekern as sk
 from test_conv_cases import conv_case, output_gradient
-from sparsekern.kernels.conv import cpu, policy
+from sparsekern.kernels import floor
+from sparsekern.kernels.conv import cpu
+from sparsekern.kernels.floor import SAMPLES
 from sparsekern.ops import conv2d as conv_op
 from sparsekern.ops.conv2d import sparse_conv2d
 
@@ -68,28 +70,80 @@ def test_opcheck_compiled_ops(dtype, channels_last, batch):
     torch.library.opcheck(ops.conv_grad_weight_cpu.default, (dy, x, layout.row_indices, layout.col_indices, geo))
 
 
+@pytest.fixture
+def measured(monkeypatch):
+    """The floor rule on, with a clock on which the kernels' calls take ``cost["cpu"]`` and
+    the composite's 1 (the rule measures alternately, the kernels first)."""
+    cost, now, calls = {"cpu": 1.0}, [0.0], [0]
+
+    def clock():
+        calls[0] += 1
+        if calls[0] % 2 == 0:   # the end of a timed call: cpu, composite, cpu, ...
+            now[0] += cost["cpu"] if calls[0] % 4 == 2 else 1.0
+        return now[0]
+
+    floor.reset_floor()
+    monkeypatch.setattr(floor, "_mode", "measure")
+    monkeypatch.setattr(floor, "_clock", clock)
+    yield cost
+    floor.reset_floor()
+
+
+def _layout(mask, like):
+    return type(like).from_block_mask(mask, like.shape, like.block_size)
+
+
+def _decided(product):
+    return {key[-1][1:]: choice for key, choice in floor.floor_decisions().items() if key[0] == product}
+
+
 @needs_cpu
-def test_floor_rule_chooses_the_composite_where_kernels_lose():
-    x, values, layout, geometry, _ = conv_case("wide-blocks", torch.float32)
+@pytest.mark.parametrize("kernel_cost,winner", [(2.0, "reference"), (0.5, "cpu")])
+def test_floor_rule_measures_conv_calls_and_keeps_the_faster(measured, kernel_cost, winner):
+    measured["cpu"] = kernel_cost
+    x, values, layout, geometry, bias = conv_case("valid-non-square", torch.float32)   # density 1
+    x = x.contiguous(memory_format=torch.channels_last)
+    want = conv_case_reference(x, values, layout, geometry, bias)
+    for _ in range(2 * SAMPLES + 1):
+        torch.testing.assert_close(sparse_conv2d(x, values, layout, geometry, bias), want)
+    assert list(_decided("conv_forward").values()) == [winner]
+
+
+@needs_cpu
+def test_conv_calls_decided_without_measuring(measured):
+    measured["cpu"] = 100.0   # the clock would send every measured call to the composite
+    x, values, layout, geometry, bias = conv_case("wide-blocks", torch.float32)   # 40 -> 36, block 16, 3x3
     mask = torch.zeros_like(layout.block_mask)
-    mask[0, 1] = mask[2, 0] = True  # effective density 2 * 16² / (36 * 40) = 0.36
-    layout = type(layout).from_block_mask(mask, layout.shape, layout.block_size)
-    nhwc = x.contiguous(memory_format=torch.channels_last)
-    pick = lambda product, like, lay=layout, geo=geometry, pixels=256, forced=None: policy.conv_kernel(  # noqa: E731
-        product, like, forced, lay, geo, conv_op._channels_last(like), pixels)[0]
-    assert pick("conv_forward", nhwc) == "cpu"
-    assert pick("conv_grad_input", nhwc) == pick("conv_grad_weight", nhwc) == "cpu"
-    assert pick("conv_forward", nhwc, pixels=1) == "reference"  # one-pixel images
-    _, _, dense_layout, dense_geometry, _ = conv_case("valid-non-square", torch.float32)
-    assert pick("conv_forward", nhwc, dense_layout, dense_geometry) == "reference"  # density 1
-    assert pick("conv_grad_input", x, dense_layout, dense_geometry) == "reference"  # density 1, NCHW
-    assert pick("conv_grad_weight", nhwc, dense_layout, dense_geometry) == "cpu"
-    assert pick("conv_forward", nhwc.to(torch.bfloat16), dense_layout, dense_geometry) == "cpu"  # dense bf16 is slow
-    _, _, strided_layout, strided_geometry, _ = conv_case("stride2", torch.float32)
-    strided_layout = type(strided_layout).from_block_mask(strided_layout.block_mask & False, strided_layout.shape,
-                                                          strided_layout.block_size)
-    assert pick("conv_grad_input", nhwc, strided_layout, strided_geometry) == "reference"
-    assert pick("conv_forward", x, forced="cpu") == "cpu"  # a forced backend is obeyed
+    mask[0, 1] = True   # effective density 16² / (36 * 40) = 0.18: a sure win
+    quarter = _layout(mask, layout)
+    values = values[:1].contiguous().requires_grad_()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    sparse_conv2d(x, values, quarter, geometry, bias).sum().backward()
+    assert set(_decided("conv_forward").values()) == set(_decided("conv_grads").values()) == {"cpu"}
+    floor.reset_floor()
+    one_pixel = x.detach()[:, :, :1, :1]   # 1 x 1 images: the composite, surely
+    sparse_conv2d(one_pixel, values.detach(), quarter, geometry, bias)
+    assert set(_decided("conv_forward").values()) == {"reference"}
+
+
+@needs_cpu
+def test_strided_input_gradient_counts_the_stride_spread(measured):
+    x, values, layout, geometry, bias = conv_case("stride2", torch.float32)   # 10 -> 13, block 4, stride 2
+    mask = torch.zeros_like(layout.block_mask)
+    mask[0, 0] = True   # density 16 / 130 (step 2 of 16), x4 for the stride-dilated dY: measured, not sure
+    sparse = _layout(mask, layout)
+    dy = output_gradient(x, geometry).float()
+    decisions = []
+    for _ in range(2 * SAMPLES):
+        conv_op._grad_input(dy, values[:1].contiguous(), conv_op._flat(sparse), geometry.as_list(), list(x.shape[2:]),
+                            None)
+        decisions += _decided("conv_grad_input").values()
+    assert decisions == ["measuring"] * (2 * SAMPLES - 1) + ["cpu"]
+
+
+def conv_case_reference(x, values, layout, geometry, bias):
+    with sk.use_backend("reference"):
+        return sparse_conv2d(x, values, layout, geometry, bias)
 
 
 def test_boundary_errors_name_the_offending_value():

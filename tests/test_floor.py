@@ -37,7 +37,7 @@ def toy(monkeypatch, measuring):
     monkeypatch.setitem(registry._kernels, "toy", {})
     registry.register_kernel("toy", "dense", side("dense"))
     monkeypatch.setitem(floor._composites, "toy", ("dense", lambda x: (floor.tokens_bucket(x.shape[0]),),
-                                                   lambda x: x.shape[0] == 1))
+                                                   lambda x: x.shape[0] == 1, lambda x: x.shape[0] == 2))
     monkeypatch.setattr(floor, "_clock", lambda: now[0])
     return side("cpu"), costs, ran
 
@@ -91,22 +91,22 @@ def test_off_mode_and_deterministic_algorithms_run_the_kernel_unmeasured(toy, mo
     assert ran == ["cpu"] * (2 * SAMPLES + 1) and floor.floor_decisions() == {}
 
 
-def test_calls_the_kernel_surely_wins_are_not_measured(toy):
+@pytest.mark.parametrize("tokens,side", [(1, "cpu"), (2, "dense")])   # the toy's sure win and sure loss
+def test_calls_decided_in_advance_are_not_measured(toy, tokens, side):
     kernel, costs, ran = toy
-    costs["cpu"] = 10.0
-    x = torch.zeros(1)  # the toy's sure win
+    costs["cpu"] = 10.0 if side == "cpu" else 0.1   # the clock would say otherwise
+    x = torch.zeros(tokens)
     for _ in range(2 * SAMPLES + 1):
         floor.with_floor("toy", kernel, x)(x)
-    assert ran == ["cpu"] * (2 * SAMPLES + 1) and floor.floor_decisions() == {}
+    assert ran == [side] * (2 * SAMPLES + 1) and list(floor.floor_decisions().values()) == [side]
 
 
 def test_block_sparse_layers_at_a_quarter_density_or_less_are_not_measured(measuring):
     if "cpu" not in sk.kernels.available_backends("bsr_forward", CPU, torch.float32):
         pytest.skip("the cpu backend is not built")
     layer = sk.SparseLinear(64, 64, block_size=16, density=0.25)
-    for _ in range(2 * SAMPLES + 1):
-        layer(torch.randn(8, 64, requires_grad=True)).sum().backward()
-    assert floor.floor_decisions() == {}
+    layer(torch.randn(8, 64, requires_grad=True)).sum().backward()   # one call decides: nothing to measure
+    assert set(floor.floor_decisions().values()) == {"cpu"}
 
 
 def test_mode_is_read_from_the_environment_and_checked(monkeypatch):
@@ -119,24 +119,29 @@ def test_mode_is_read_from_the_environment_and_checked(monkeypatch):
 
 def _families():
     cases = []
+    linear_input = (40, 64)
     if "cpu" in sk.kernels.available_backends("bsr_forward", CPU, torch.float32):
-        cases.append(pytest.param(lambda: sk.SparseLinear(64, 96, block_size=16, density=0.75),
+        cases.append(pytest.param(lambda: sk.SparseLinear(64, 96, block_size=16, density=0.75), linear_input,
                       {"bsr_forward", "bsr_grad_input", "bsr_grad_weight"}, id="bsr"))
     if "cpu" in sk.kernels.available_backends("lowrank_forward", CPU, torch.float32):
-        cases.append(pytest.param(lambda: sk.LowRankLinear(64, 96, rank=8), {"lowrank_forward", "lowrank_backward"}, id="lowrank"))
+        cases.append(pytest.param(lambda: sk.LowRankLinear(64, 96, rank=8), linear_input,
+                                  {"lowrank_forward", "lowrank_backward"}, id="lowrank"))
     if "cpu" in sk.kernels.available_backends("semi_forward", CPU, torch.float32):
-        cases.append(pytest.param(lambda: sk.SemiSparseLinear(64, 96),
+        cases.append(pytest.param(lambda: sk.SemiSparseLinear(64, 96), linear_input,
                       {"semi_forward", "semi_grad_input", "semi_grad_weight"}, id="semi"))
+    if "cpu" in sk.kernels.available_backends("conv_forward", CPU, torch.float32):
+        cases.append(pytest.param(lambda: sk.SparseConv2d(32, 48, 3, padding=1, block_size=16, density=0.75),
+                                  (3, 32, 6, 7), {"conv_forward", "conv_grads"}, id="conv"))
     return cases
 
 
-@pytest.mark.parametrize("make,products", _families())
-def test_layers_are_right_on_every_call_while_the_rule_measures(make, products, measuring):
+@pytest.mark.parametrize("make,shape,products", _families())
+def test_layers_are_right_on_every_call_while_the_rule_measures(make, shape, products, measuring):
     torch.manual_seed(0)
     sparse = make()
     reference = make()
     reference.load_state_dict(sparse.state_dict())
-    x = torch.randn(40, 64)
+    x = torch.randn(*shape)
     for _ in range(2 * SAMPLES + 1):
         x_sparse, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
         sparse(x_sparse).square().sum().backward()

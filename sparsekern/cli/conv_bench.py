@@ -10,19 +10,23 @@ over rounds of dense_ms / sparse_ms (> 1: sparse is faster):
 * ``dw``   weight gradient    dense: conv2d_weight            sparse: conv_grad_weight (stored blocks)
 * ``step`` forward + backward of the layer: nn.Conv2d vs SparseConv2d (bias on)
 
-``path`` is the backend the floor rule picked for the product ("cpu": the compiled kernels;
-"reference": the dense composite); ``target`` is 0.7 / density for ``step``. The dense side
-uses the masked weight, so both compute the same convolution.
+``path`` is the backend that ran each product after the floor rule settled ("cpu": the
+compiled kernels; "reference": the dense composite); the step's is forward + backward, its
+backward one product (``conv_grads``: the kernels' dX and dW, or one dense backward).
+``target`` is 0.7 / density for ``step``. The dense side uses the masked weight, so both
+compute the same convolution.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.conv import conv_kernel
+from ..kernels import select_kernel
 from ..nn import SparseConv2d
+from ..ops.dispatch import kernel
 from .timing import compare, fwd_bwd
 
-PRODUCTS = {"fwd": "conv_forward", "dx": "conv_grad_input", "dw": "conv_grad_weight"}
+PRODUCTS = {"fwd": ("conv_forward",), "dx": ("conv_grad_input",), "dw": ("conv_grad_weight",),
+            "step": ("conv_forward", "conv_grads")}
 OPS = ("fwd", "dx", "dw", "step")
 _TABLE = "{:>5} {:>3} {:>7} {:>6} {:>10} {:>10} {:>7} {:>7} {:>10}"
 HEADER = _TABLE.format("C", "HW", "density", "op", "dense ms", "sparse ms", "ratio", "target", "path")
@@ -58,17 +62,13 @@ class Case:
         self.x = torch.randn(batch, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
         self.dy = torch.randn(batch, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
         self.w = self.dense.weight.detach()
-        layout, geometry = self.sparse.layout(), self.sparse.geometry
-        self.paths, self.kernels = {}, {}
-        for key, product in PRODUCTS.items():
-            self.paths[key], self.kernels[key] = conv_kernel(product, self.x, None, layout, geometry, True, size * size)
+        self.kernels = {op: kernel(products[0], self.x, None) for op, products in PRODUCTS.items() if op != "step"}
         self.values = self.sparse.values.detach()
 
-    def step_path(self):
-        """The paths of a layer step: dX and dW come from one dense backward where dX is the composite's."""
-        paths = self.paths
-        backward = "reference dX+dW" if paths["dx"] == "reference" else f"{paths['dx']}+{paths['dw']}"
-        return f"{paths['fwd']}+{backward}"
+    def path(self, op, choices):
+        """What ran for ``op``: the floor rule's settled choice per product, else the registry's."""
+        return "+".join(choices.get(product) or select_kernel(product, self.x.device, self.x.dtype)[0]
+                        for product in PRODUCTS[op])
 
     def dense_fns(self):
         x, w, dy = self.x, self.w, self.dy
@@ -98,10 +98,10 @@ def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=N
             dense, sparse = case.dense_fns(), case.sparse_fns()
             for op in OPS:
                 row = dict(context, channels=channels, size=size, batch=batch, block=block, density=density,
-                           nnz_blocks=case.sparse.nnz_blocks, op=op,
-                           path=case.step_path() if op == "step" else case.paths[op])
+                           nnz_blocks=case.sparse.nnz_blocks, op=op)
                 row = compare(f"{channels}x{size}-d{density}-{op}", dense[op], sparse[op], reps, measure, row,
                               on_round=on_round)
+                row["path"] = case.path(op, row["floor"])
                 row["target"] = 0.7 / density if op == "step" and density > 0 else None
                 yield row
 

@@ -18,12 +18,11 @@ PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight", "conv_forward", 
             "conv_grad_weight", "semi_forward", "semi_grad_input", "semi_grad_weight", "lowrank_forward",
             "lowrank_backward")
 FAMILIES = ("bsr", "conv", "semi", "lowrank")
-# How each family's automatic cpu choice also depends on the call (kernels/floor.py, kernels/conv/policy.py).
+# How each family's automatic cpu choice also depends on the call (kernels/floor.py).
 _MEASURED = ("the first calls of each shape class time the cpu kernel against the dense composite and keep the "
              "faster")
 FLOOR_RULE = {"bsr": f"bsr products: {_MEASURED} (dense masked GEMM)",
-              "conv": "conv products: where the cpu kernels would lose to dense F.conv2d (density, kernel, "
-                      "memory format, image size), the call runs the reference composite instead",
+              "conv": f"conv products: {_MEASURED} (dense F.conv2d; dX and dW as one dense backward)",
               "semi": f"semi products: {_MEASURED} (decompressed W and GEMM)",
               "lowrank": f"lowrank products: {_MEASURED} (torch GEMMs)"}
 DTYPES = (torch.float32, torch.bfloat16)

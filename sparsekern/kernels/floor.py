@@ -16,8 +16,9 @@ variable ``SPARSEKERN_FLOOR``): ``"measure"`` (default) as above; ``"off"``: the
 kernels always. While ``torch.use_deterministic_algorithms(True)`` is on the kernels
 run always too, so the numerics of a run never depend on timings.
 
-The conv family keeps its own rule (kernels/conv/policy.py): crossovers measured per
-geometry, since its composite is a different algorithm per memory format.
+A family may name calls that need no measurement: ``sure_win`` (the kernel won there on
+every CPU measured, so no composite call forms a dense weight) and ``sure_lose`` (too
+little work for the kernel's fixed passes). Their outcome is recorded as a decision too.
 """
 import math
 import os
@@ -31,18 +32,20 @@ from .registry import select_kernel
 SAMPLES = 3
 MODES = ("measure", "off")
 
-_composites = {}     # product -> (composite backend, shape-class key function)
+_composites = {}     # product -> (composite backend, shape-class key function, sure_win, sure_lose)
 _classes = {}        # shape-class key -> _Class
 _lock = threading.Lock()
 _mode = None
 
 
-def register_floor(product, composite, key, sure_win=None):
+def register_floor(product, composite, key, sure_win=None, sure_lose=None):
     """``product``'s cpu kernel competes with backend ``composite``; ``key(*args)`` gives the
     shape class of a call (without product, dtype and threads, which are added).
     ``sure_win(*args)``, if given, is True for calls the kernel wins on every CPU measured:
-    they run the kernel unmeasured (no composite call, so no dense weight is formed)."""
-    _composites[product] = (composite, key, sure_win)
+    they run the kernel unmeasured (no composite call, so no dense weight is formed).
+    ``sure_lose(*args)``, if given, is True for calls the composite wins everywhere: they run
+    the composite unmeasured."""
+    _composites[product] = (composite, key, sure_win, sure_lose)
 
 
 def tokens_bucket(m):
@@ -108,17 +111,21 @@ def with_floor(product, fn, like):
     entry = _composites.get(product)
     if entry is None or floor_mode() == "off":
         return fn
-    composite_name, key_fn, sure_win = entry
+    composite_name, key_fn, sure_win, sure_lose = entry
     composite = select_kernel(product, like.device, like.dtype, composite_name)[1]
     sides = ("cpu", composite_name)
     implementations = {"cpu": fn, composite_name: composite}
 
     def call(*args):
-        if torch.are_deterministic_algorithms_enabled() or (sure_win is not None and sure_win(*args)):
+        if torch.are_deterministic_algorithms_enabled():
             return fn(*args)
         key = (product, like.dtype, torch.get_num_threads(), key_fn(*args))
+        sure = ("cpu" if sure_win is not None and sure_win(*args)
+                else composite_name if sure_lose is not None and sure_lose(*args) else None)
         with _lock:
             cls = _classes.setdefault(key, _Class())
+            if sure is not None:
+                cls.choice = sure
             side = cls.choice or cls.next_side(sides)
         if cls.choice is not None:
             return implementations[side](*args)

@@ -1,7 +1,8 @@
 """``sparse_conv2d``: Y = conv2d(X, W) + b with W block-sparse over channels, and its autograd.
 
-Forward, dX and dW each run a conv kernel from the registry, chosen per call by the floor
-rule (kernels/conv/policy.py: the compiled kernels where they beat dense F.conv2d, else the
+Forward, dX and dW each run a conv kernel from the registry; an automatic choice of the
+compiled cpu kernels is subject to the measured floor rule (kernels/floor.py, with the conv
+specifics in kernels/conv/policy.py: the kernels where they beat dense F.conv2d, else the
 composite). dW is computed on the stored blocks only. The ops are torch.library custom ops
 with fake implementations, so torch.compile traces them without graph breaks.
 """
@@ -11,10 +12,9 @@ import torch
 from torch import Tensor
 
 from ..formats.bsr import BlockLayout
-from ..kernels import select_kernel
-from ..kernels.conv import ConvGeometry, conv_kernel, output_memory_format
+from ..kernels.conv import ConvGeometry, output_memory_format
 from .checks import saved_tensors
-from .dispatch import traced_backend
+from .dispatch import kernel, traced_backend
 from .probe import BlockProbe, own_positions
 
 # A layout crosses the op boundary as its index tensors; its shape and block size follow from the geometry.
@@ -31,16 +31,9 @@ def _unflat(tensors, geometry):
     return BlockLayout(geometry.padded_shape, (bs, bs), *tensors)
 
 
-def _channels_last(t):
-    return output_memory_format(t) == torch.channels_last
-
-
 def _forward(x, values, bias, layout, geometry, backend):
     geo = ConvGeometry.from_list(geometry)
-    pixels = geo.output_size(x.shape[2], x.shape[3])
-    lay = _unflat(layout, geo)
-    fn = conv_kernel("conv_forward", x, backend, lay, geo, _channels_last(x), pixels[0] * pixels[1])[1]
-    return fn(x, values, lay, geo, bias)
+    return kernel("conv_forward", x, backend)(x, values, _unflat(layout, geo), geo, bias)
 
 
 @torch.library.custom_op("sparsekern::conv2d", mutates_args=())
@@ -64,31 +57,22 @@ def _conv2d_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_valu
 def _grad_input(dy: Tensor, values: Tensor, layout: list[Tensor], geometry: list[int], input_size: list[int],
                 backend: Optional[str]) -> Tensor:
     geo = ConvGeometry.from_list(geometry)
-    lay = _unflat(layout, geo)
-    fn = conv_kernel("conv_grad_input", dy, backend, lay, geo, _channels_last(dy), input_size[0] * input_size[1])[1]
-    return fn(dy, values, lay, geo, tuple(input_size))
+    return kernel("conv_grad_input", dy, backend)(dy, values, _unflat(layout, geo), geo, tuple(input_size))
 
 
 @torch.library.custom_op("sparsekern::conv2d_grad_weight", mutates_args=())
 def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], geometry: list[int], backend: Optional[str]) -> Tensor:
     geo = ConvGeometry.from_list(geometry)
-    lay = _unflat(layout, geo)
-    fn = conv_kernel("conv_grad_weight", x, backend, lay, geo, _channels_last(x), dy.shape[2] * dy.shape[3])[1]
-    return fn(dy, x, lay, geo)
+    return kernel("conv_grad_weight", x, backend)(dy, x, _unflat(layout, geo), geo)
 
 
 @torch.library.custom_op("sparsekern::conv2d_grads", mutates_args=())
 def _grads(dy: Tensor, x: Tensor, values: Tensor, layout: list[Tensor], geometry: list[int],
            backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    """dX and dW of one backward: where the floor rule sends dX to the composite, both come from one
-    dense convolution backward (as nn.Conv2d's); otherwise each from its own product."""
+    """dX and dW of one backward: the kernels' two products, or (the composite) one dense
+    convolution backward as nn.Conv2d's, whichever the floor rule finds faster."""
     geo = ConvGeometry.from_list(geometry)
-    lay = _unflat(layout, geo)
-    name, _ = conv_kernel("conv_grad_input", dy, backend, lay, geo, _channels_last(dy), x.shape[2] * x.shape[3])
-    if name == "reference":
-        return select_kernel("conv_grads", dy.device, dy.dtype, "reference")[1](dy, x, values, lay, geo)
-    return (_grad_input(dy, values, layout, geometry, list(x.shape[2:]), backend),
-            _grad_weight(dy, x, layout, geometry, backend))
+    return kernel("conv_grads", dy, backend)(dy, x, values, _unflat(layout, geo), geo)
 
 
 def _fake_output(x, geometry):

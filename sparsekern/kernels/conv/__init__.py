@@ -9,19 +9,21 @@ implements the same three:
     (H, W) = ``input_size``. Walks W by block columns (transpose metadata).
 ``conv_grad_weight(dy, x, layout, geometry) -> dvalues``
     The weight gradient on the blocks of ``layout`` only: (nnz, bs, bs, kh, kw).
+``conv_grads(dy, x, values, layout, geometry) -> (dx, dvalues)``
+    Both gradients of one backward (the reference backend: one dense convolution backward).
 
 Inputs arrive on one device, of one floating dtype (checked by the op layer), in either
 memory format; ``values`` is contiguous. Outputs are new tensors of the input dtype, in the
 memory format F.conv2d gives for that input (``output_memory_format``); half types
-accumulate in fp32. N and nnz may be 0. Which backend runs a call beyond the registry's
-device/dtype choice (the floor rule: never slower than dense F.conv2d) is ``policy.py``'s.
+accumulate in fp32. N and nnz may be 0. An automatic choice of the cpu backend runs under the
+measured floor rule (never slower than dense F.conv2d); ``policy.py`` gives it the conv's
+shape classes and the calls it need not measure.
 """
 from . import reference  # noqa: F401  (registers the reference backend)
 from . import cpu  # noqa: F401  (registers the C++ cpu backend; loads it on first use)
 from . import triton_backend  # noqa: F401  (registers the triton backend; triton loads on first use)
+from . import policy  # noqa: F401  (registers the products with the floor rule)
 from .blocks import block_norms, dense_conv_weight, gather_blocks
 from .geometry import ConvGeometry, output_memory_format
-from .policy import conv_kernel
 
-__all__ = ["ConvGeometry", "block_norms", "conv_kernel", "dense_conv_weight", "gather_blocks",
-           "output_memory_format"]
+__all__ = ["ConvGeometry", "block_norms", "dense_conv_weight", "gather_blocks", "output_memory_format"]

@@ -17,6 +17,7 @@ import torch
 from ..._extension import cpu_extension_unavailable, load_ops
 from ..registry import register_kernel
 from .geometry import ConvGeometry, output_memory_format
+from .grads import paired_grads
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -73,3 +74,4 @@ def conv_grad_weight(dy, x, layout, geometry):
 register_kernel("conv_forward", "cpu", conv_forward, unavailable)
 register_kernel("conv_grad_input", "cpu", conv_grad_input, unavailable)
 register_kernel("conv_grad_weight", "cpu", conv_grad_weight, unavailable)
+register_kernel("conv_grads", "cpu", paired_grads(conv_grad_input, conv_grad_weight), unavailable)

@@ -8,6 +8,7 @@ import importlib
 
 from ..bsr.triton_backend import unavailable
 from ..registry import register_kernel
+from .grads import paired_grads
 
 
 def _lazy(name):
@@ -20,3 +21,5 @@ def _lazy(name):
 register_kernel("conv_forward", "triton", _lazy("conv_forward"), unavailable)
 register_kernel("conv_grad_input", "triton", _lazy("conv_grad_input"), unavailable)
 register_kernel("conv_grad_weight", "triton", _lazy("conv_grad_weight"), unavailable)
+register_kernel("conv_grads", "triton", paired_grads(_lazy("conv_grad_input"), _lazy("conv_grad_weight")),
+                unavailable)
