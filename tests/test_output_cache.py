@@ -4,7 +4,8 @@ Promises: outputs of at least 2 MB start on a 2 MB boundary (Linux), they are
 ordinary tensors (correct values, resizable), and their
 gradients flow like any other. A freed output's block is reused for the next
 output of the same size, the cache stays within SPARSEKERN_OUTPUT_CACHE_MB
-(0: off), and ``sparsekern.empty_output_cache()`` releases it.
+(0: off), and ``sparsekern.empty_output_cache()`` releases it. Temporaries (the
+conv kernels' padded copies) share one cached block, the largest so far.
 """
 import gc
 import os
@@ -116,6 +117,22 @@ def test_empty_output_cache_releases_every_block():
     assert sk.output_cache_info()["bytes"] >= 2 * HUGE_PAGE  # y and dx
     sk.empty_output_cache()
     assert sk.output_cache_info() == {"bytes": 0, "blocks": 0}
+
+
+def test_conv_temporaries_share_one_cached_block():
+    if "cpu" not in sk.kernels.available_backends("conv_forward", torch.device("cpu"), torch.float32):
+        pytest.skip("the conv cpu backend is not built")
+    torch.manual_seed(0)
+    layer = sk.SparseConv2d(32, 32, 3, padding=1, block_size=32)
+    _empty_cache()
+    outputs = []  # kept alive: only the padded copies (16 x (H + 2)² x 32 fp32) return to the cache
+    with torch.no_grad(), sk.use_backend("cpu"):
+        for size in (48, 32, 64, 40):   # copies of 5.1, 2.4, 8.9 and 3.6 MB
+            x = torch.randn(16, 32, size, size).to(memory_format=torch.channels_last)
+            outputs.append(layer(x))
+            torch.testing.assert_close(outputs[-1], torch.nn.functional.conv2d(x, layer.dense_weight(), layer.bias,
+                                                                               padding=1), rtol=1e-4, atol=1e-4)
+    assert sk.output_cache_info() == {"bytes": 5 * HUGE_PAGE, "blocks": 1}   # 8.9 MB, in 2 MB pages
 
 
 def test_concurrent_threads_get_distinct_correct_outputs():

@@ -37,13 +37,13 @@ constexpr int64_t kGroupPanelBytes = 192 << 10;  // packed B of a panel of group
 // The NHWC copy of src (N, Cs, H, W; any strides and floating dtype) the kernels read, in
 // compute type C: (N, Hd, Wd, G * Cgp), source pixel (y, x) at (y * sy + ey, x * sx + ex)
 // (dropped where that falls outside), channel g * Cg + j at g * Cgp + j; zero elsewhere.
-// The buffer comes from the cache of large outputs (no fresh page faults every call) and
-// only what the copy does not cover is zeroed.
+// Only what the copy does not cover is zeroed. A temporary: its block is the one cached
+// scratch block, which every layer's copy reuses (no fresh page faults every call).
 template <typename C>
 at::Tensor placed_nhwc(const at::Tensor& src, int64_t G, int64_t Cgp, int64_t Hd, int64_t Wd, int64_t ey,
                        int64_t ex, int64_t sy, int64_t sx) {
   const int64_t N = src.size(0), Cg = src.size(1) / G, H = src.size(2), W = src.size(3);
-  at::Tensor dst = common::empty_output({N, Hd, Wd, G * Cgp}, at::TensorOptions(common::scalar_type_of<C>()));
+  at::Tensor dst = common::empty_scratch({N, Hd, Wd, G * Cgp}, at::TensorOptions(common::scalar_type_of<C>()));
   // Source rows y with 0 <= y * sy + ey < Hd (likewise columns).
   auto first = [](int64_t e, int64_t s) { return e >= 0 ? int64_t(0) : (-e + s - 1) / s; };
   auto end = [](int64_t e, int64_t s, int64_t n, int64_t d) {
