@@ -127,18 +127,19 @@ def test_conv_calls_decided_without_measuring(measured):
 
 
 @needs_cpu
-def test_strided_input_gradient_counts_the_stride_spread(measured):
+def test_input_gradient_density_decides_alike_at_any_stride(measured):
+    # dX runs by stride phases (no stride-dilated copy): its work is the layout's, whatever the stride.
     x, values, layout, geometry, bias = conv_case("stride2", torch.float32)   # 10 -> 13, block 4, stride 2
-    mask = torch.zeros_like(layout.block_mask)
-    mask[0, 0] = True   # density 16 / 130 (step 2 of 16), x4 for the stride-dilated dY: measured, not sure
-    sparse = _layout(mask, layout)
     dy = output_gradient(x, geometry).float()
     decisions = []
-    for _ in range(2 * SAMPLES):
-        conv_op._grad_input(dy, values[:1].contiguous(), conv_op._flat(sparse), geometry.as_list(), list(x.shape[2:]),
-                            None)
+    for nnz in (1, 3):   # density 16 / 130 (2 sixteenths: a sure win), then 48 / 130 (measured)
+        mask = torch.zeros_like(layout.block_mask)
+        mask.view(-1)[:nnz] = True
+        sparse = _layout(mask, layout)
+        conv_op._grad_input(dy, values[:nnz].contiguous(), conv_op._flat(sparse), geometry.as_list(),
+                            list(x.shape[2:]), None)
         decisions += _decided("conv_grad_input").values()
-    assert decisions == ["measuring"] * (2 * SAMPLES - 1) + ["cpu"]
+    assert decisions == ["cpu", "cpu", "measuring"]
 
 
 def conv_case_reference(x, values, layout, geometry, bias):

@@ -35,38 +35,28 @@ constexpr int64_t kPRowsBytes = 96 << 10;  // rows of P kept hot in L2 while eve
 constexpr int64_t kGroupPanelBytes = 192 << 10;  // packed B of a panel of groups, kept hot in L2
 
 // The NHWC copy of src (N, Cs, H, W; any strides and floating dtype) the kernels read, in
-// compute type C: (N, Hd, Wd, G * Cgp), source pixel (y, x) at (y * sy + ey, x * sx + ex)
-// (dropped where that falls outside), channel g * Cg + j at g * Cgp + j; zero elsewhere.
-// Only what the copy does not cover is zeroed. A temporary: its block is the one cached
-// scratch block, which every layer's copy reuses (no fresh page faults every call).
+// compute type C: (N, Hd, Wd, G * Cgp), source pixel (y, x) at (y + ey, x + ex) (dropped where
+// that falls outside), channel g * Cg + j at g * Cgp + j; zero elsewhere. Only what the copy
+// does not cover is zeroed. A temporary: its block is the one cached scratch block, which
+// every layer's copy reuses (no fresh page faults every call).
 template <typename C>
 at::Tensor placed_nhwc(const at::Tensor& src, int64_t G, int64_t Cgp, int64_t Hd, int64_t Wd, int64_t ey,
-                       int64_t ex, int64_t sy, int64_t sx) {
+                       int64_t ex) {
   const int64_t N = src.size(0), Cg = src.size(1) / G, H = src.size(2), W = src.size(3);
   at::Tensor dst = common::empty_scratch({N, Hd, Wd, G * Cgp}, at::TensorOptions(common::scalar_type_of<C>()));
-  // Source rows y with 0 <= y * sy + ey < Hd (likewise columns).
-  auto first = [](int64_t e, int64_t s) { return e >= 0 ? int64_t(0) : (-e + s - 1) / s; };
-  auto end = [](int64_t e, int64_t s, int64_t n, int64_t d) {
-    return d - 1 - e < 0 ? int64_t(0) : std::min(n, (d - 1 - e) / s + 1);
-  };
-  const int64_t y0 = first(ey, sy), y1 = end(ey, sy, H, Hd), x0 = first(ex, sx), x1 = end(ex, sx, W, Wd);
-  if (N == 0 || Cg == 0 || y0 >= y1 || x0 >= x1 || sy > 1 || sx > 1) {
-    dst.zero_();  // a stride-spread copy leaves gaps everywhere
-  } else {
-    const int64_t top = y0 * sy + ey, bottom = (y1 - 1) * sy + ey + 1, left = x0 * sx + ex, right = (x1 - 1) * sx + ex + 1;
-    dst.narrow(1, 0, top).zero_();
-    dst.narrow(1, bottom, Hd - bottom).zero_();
-    at::Tensor rows = dst.narrow(1, top, bottom - top);
-    rows.narrow(2, 0, left).zero_();
-    rows.narrow(2, right, Wd - right).zero_();
-    if (Cgp > Cg) rows.narrow(2, left, right - left).view({N, bottom - top, right - left, G, Cgp}).narrow(4, Cg, Cgp - Cg).zero_();
-  }
-  if (N == 0 || Cg == 0 || y0 >= y1 || x0 >= x1) return dst;
-  at::Tensor into = dst.view({N, Hd, Wd, G, Cgp})
-                        .slice(1, y0 * sy + ey, (y1 - 1) * sy + ey + 1, sy)
-                        .slice(2, x0 * sx + ex, (x1 - 1) * sx + ex + 1, sx)
-                        .narrow(4, 0, Cg);
-  into.copy_(src.slice(2, y0, y1).slice(3, x0, x1).permute({0, 2, 3, 1}).unflatten(3, {G, Cg}));
+  // Source rows y with 0 <= y + ey < Hd (likewise columns).
+  const int64_t y0 = std::max<int64_t>(0, -ey), y1 = std::min(H, Hd - ey);
+  const int64_t x0 = std::max<int64_t>(0, -ex), x1 = std::min(W, Wd - ex);
+  if (N == 0 || Cg == 0 || y0 >= y1 || x0 >= x1) return dst.zero_();
+  const int64_t top = y0 + ey, bottom = y1 + ey, left = x0 + ex, right = x1 + ex;
+  dst.narrow(1, 0, top).zero_();
+  dst.narrow(1, bottom, Hd - bottom).zero_();
+  at::Tensor rows = dst.narrow(1, top, bottom - top);
+  rows.narrow(2, 0, left).zero_();
+  rows.narrow(2, right, Wd - right).zero_();
+  at::Tensor into = rows.narrow(2, left, right - left).view({N, bottom - top, right - left, G, Cgp});
+  if (Cgp > Cg) into.narrow(4, Cg, Cgp - Cg).zero_();
+  into.narrow(4, 0, Cg).copy_(src.slice(2, y0, y1).slice(3, x0, x1).permute({0, 2, 3, 1}).unflatten(3, {G, Cg}));
   return dst;
 }
 
@@ -82,14 +72,15 @@ struct GatherProblem {
   const C* p;                    // the placed operand
   int64_t img_stride, row_stride, pix_stride;  // P: per image, per output row, per output pixel
   int64_t N, Hout, Wout;         // output pixels
-  std::vector<int64_t> tap_off;  // offset in P of each tap
+  std::vector<int64_t> tap_off;  // offset in P of each tap the problem runs
+  std::vector<int64_t> w_tap;    // the weight tap (kh * KW + kw) each of them multiplies by
   std::vector<Group> groups;
   std::vector<int64_t> blk, a_chan;  // per member: block of values, channel offset in P
-  const S* values;               // (nnz, bo, bi, T)
-  int64_t bo, bi;
-  bool forward;                  // B(k, n) = W[n, k, t] (forward, w = bi) or W[k, n, T-1-t] (dX, w = bo)
-  S* out;                        // NHWC, pixel (n, y, x) at ((n * Hout + y) * Wout + x) * ldo
-  int64_t ldo;
+  const S* values;               // (nnz, bo, bi, value_taps)
+  int64_t bo, bi, value_taps;
+  bool forward;                  // B(k, n) = W[n, k, w_tap] (forward, w = bi) or W[k, n, w_tap] (dX, w = bo)
+  S* out;                        // pixel (n, y, x), channel c at n * out_img + y * out_row + x * out_pix + c
+  int64_t out_img, out_row, out_pix;
   const S* bias;                 // per output column, or null
 };
 
@@ -118,7 +109,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
   at::Tensor b_buf = at::empty({std::max<int64_t>(1, members * T * nsub * strip)},
                                at::TensorOptions(common::scalar_type_of<C>()));
   C* bp = b_buf.data_ptr<C>();
-  const int64_t block = pb.bo * pb.bi * T;
+  const int64_t block = pb.bo * pb.bi * pb.value_taps;
   common::parallel_for_work(int64_t(pb.groups.size()), members * block / 16, [&](int64_t g0, int64_t g1) {
     for (int64_t i = g0; i < g1; ++i) {
       const Group& gr = pb.groups[i];
@@ -131,8 +122,8 @@ void gather_conv(const GatherProblem<S, C>& pb) {
               for (int64_t n = 0; n < NR; ++n) {
                 const int64_t col = s * NR + n;
                 dst[k * NR + n] = col >= g ? C(0)
-                                  : pb.forward ? C(v[(col * pb.bi + k) * T + t])
-                                               : C(v[(k * pb.bi + col) * T + (T - 1 - t)]);
+                                  : pb.forward ? C(v[(col * pb.bi + k) * pb.value_taps + pb.w_tap[t]])
+                                               : C(v[(k * pb.bi + col) * pb.value_taps + pb.w_tap[t]]);
               }
             }
           }
@@ -185,12 +176,12 @@ void gather_conv(const GatherProblem<S, C>& pb) {
               const int64_t col0 = gr.out_col + s * NR, ncols = std::min<int64_t>(NR, gr.width - s * NR);
               if (ncols <= 0) continue;
               const C* bs = bp + (gr.first * T * nsub + s * gr.count * T) * strip;
-              S* orow = pb.out + row * pb.Wout * pb.ldo + col0;
+              S* orow = pb.out + n * pb.out_img + y * pb.out_row + col0;
               if (gr.count == 0) {  // no stored block: the output is zero (or the bias)
                 S fill[NR];
                 for (int64_t c = 0; c < NR; ++c) fill[c] = pb.bias && c < ncols ? pb.bias[col0 + c] : S(0);
                 for (int64_t x = 0; x < pb.Wout; ++x) {
-                  S* o = orow + x * pb.ldo;
+                  S* o = orow + x * pb.out_pix;
                   if (ncols == NR) {  // a constant width: vector stores (a memset per pixel costs ~10x more)
                     for (int c = 0; c < NR; ++c) o[c] = fill[c];
                   } else {
@@ -202,17 +193,17 @@ void gather_conv(const GatherProblem<S, C>& pb) {
               for (size_t ti = 0; ti < tiles.size(); ++ti) {
                 const int64_t x = tiles[ti].first;
                 const int mr = tiles[ti].second;
-                S* o = orow + x * pb.ldo;
+                S* o = orow + x * pb.out_pix;
                 const C* a = arow + x * pb.pix_stride;
                 if (kDirect && ncols == NR) {
-                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.ldo, false,
+                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.out_pix, false,
                               reinterpret_cast<const C*>(pb.bias ? pb.bias + col0 : nullptr));
                 } else {
                   alignas(64) C tmp[common::kMR * NR];
                   kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, tmp, NR, false, nullptr);
                   for (int i = 0; i < mr; ++i) {
                     for (int64_t c = 0; c < ncols; ++c) {
-                      o[i * pb.ldo + c] = pb.bias ? S(tmp[i * NR + c] + C(pb.bias[col0 + c])) : S(tmp[i * NR + c]);
+                      o[i * pb.out_pix + c] = pb.bias ? S(tmp[i * NR + c] + C(pb.bias[col0 + c])) : S(tmp[i * NR + c]);
                     }
                   }
                 }

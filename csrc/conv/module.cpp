@@ -46,6 +46,43 @@ std::vector<int64_t> tap_offsets(const Geometry& geo, int64_t row, int64_t pixel
   return off;
 }
 
+// The input gradient by stride phases: input rows ih = p + s * a of phase p receive dY only
+// through the taps k with (p + pad - k * d) divisible by s, from dY row a + shift, shift =
+// (p + pad - k * d) / s. Each phase is a stride-1 gather over dY: no stride-dilated copy, no
+// products with its zeros (stride 1: one phase, every tap). Per dimension, per phase:
+struct Tap {
+  int64_t k, shift;
+};
+
+std::vector<std::vector<Tap>> phase_taps(int64_t s, int64_t pad, int64_t d, int64_t K) {
+  std::vector<std::vector<Tap>> phases(s);
+  for (int64_t p = 0; p < s; ++p) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t lead = p + pad - k * d;
+      if (((lead % s) + s) % s == 0) phases[p].push_back({k, lead / s});
+    }
+  }
+  return phases;
+}
+
+// The placed dY's extent in one dimension: `before` zero rows ahead of dY's first, and `size`
+// rows in all, so every (phase pixel a, tap) reads row a + shift + before inside it.
+struct Margins {
+  int64_t before, size;
+};
+
+Margins margins(const std::vector<std::vector<Tap>>& phases, int64_t n, int64_t s, int64_t dy_size) {
+  int64_t before = 0, after = dy_size;
+  for (int64_t p = 0; p < std::min(s, n); ++p) {
+    const int64_t count = (n - p + s - 1) / s;
+    for (const Tap& t : phases[p]) {
+      before = std::max(before, -t.shift);
+      after = std::max(after, count + t.shift);
+    }
+  }
+  return {before, before + after};
+}
+
 at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets,
                    const at::Tensor& col_indices, at::IntArrayRef geometry, const c10::optional<at::Tensor>& bias) {
   const Geometry geo = parse_geometry(geometry);
@@ -70,12 +107,13 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_forward", [&] {
     using C = Compute<scalar_t>;
     const int64_t Cp = geo.G * geo.Cgp();
-    at::Tensor p = placed_nhwc<C>(x, geo.G, geo.Cgp(), Hp, Wp, geo.pt, geo.pl, 1, 1);
+    at::Tensor p = placed_nhwc<C>(x, geo.G, geo.Cgp(), Hp, Wp, geo.pt, geo.pl);
     GatherProblem<scalar_t, C> pb;
     pb.p = p.data_ptr<C>();
     pb.img_stride = Hp * Wp * Cp, pb.row_stride = geo.sh * Wp * Cp, pb.pix_stride = geo.sw * Cp;
     pb.N = N, pb.Hout = Ho, pb.Wout = Wo;
     pb.tap_off = tap_offsets(geo, Wp * Cp, Cp);
+    for (int64_t t = 0; t < geo.taps(); ++t) pb.w_tap.push_back(t);
     const int64_t* ro = row_offsets.data_ptr<int64_t>();
     const int64_t* ci = col_indices.data_ptr<int64_t>();
     for (int64_t r = 0; r < RB; ++r) {
@@ -85,8 +123,9 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
         pb.a_chan.push_back(geo.group_of_row(r) * geo.Cgp() + ci[q] * geo.bi);
       }
     }
-    pb.values = values.data_ptr<scalar_t>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.forward = true;
-    pb.out = y.data_ptr<scalar_t>(), pb.ldo = geo.O;
+    pb.values = values.data_ptr<scalar_t>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.value_taps = geo.taps();
+    pb.forward = true;
+    pb.out = y.data_ptr<scalar_t>(), pb.out_pix = geo.O, pb.out_row = Wo * geo.O, pb.out_img = Ho * Wo * geo.O;
     pb.bias = has_bias ? b.data_ptr<scalar_t>() : nullptr;
     common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); });
   });
@@ -110,18 +149,15 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   check_index(t_block_ids, "t_block_ids", nnz, nnz);
   check_index(t_row_indices, "t_row_indices", nnz, RB);
   at::Tensor dx = channels_last_output(N, geo.C, H, W, dy.options());
+  const auto rows = phase_taps(geo.sh, geo.pt, geo.dh, geo.KH), cols = phase_taps(geo.sw, geo.pl, geo.dw, geo.KW);
+  const Margins mh = margins(rows, H, geo.sh, dy.size(2)), mw = margins(cols, W, geo.sw, dy.size(3));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "conv_grad_input", [&] {
     using C = Compute<scalar_t>;
-    // dy row oh lands on row oh * sh + eh of a buffer of H + dh (KH - 1) rows; output row ih then
-    // reads rows ih + u * dh (u = flipped tap) of it (likewise columns).
-    const int64_t Op = RB * geo.bo, Hq = H + geo.dh * (geo.KH - 1), Wq = W + geo.dw * (geo.KW - 1);
-    const int64_t eh = geo.dh * (geo.KH - 1) - geo.pt, ew = geo.dw * (geo.KW - 1) - geo.pl;
-    at::Tensor p = placed_nhwc<C>(dy, 1, Op, Hq, Wq, eh, ew, geo.sh, geo.sw);
+    const int64_t Op = RB * geo.bo, Wq = mw.size;
+    at::Tensor p = placed_nhwc<C>(dy, 1, Op, mh.size, Wq, mh.before, mw.before);
     GatherProblem<scalar_t, C> pb;
     pb.p = p.data_ptr<C>();
-    pb.img_stride = Hq * Wq * Op, pb.row_stride = Wq * Op, pb.pix_stride = Op;
-    pb.N = N, pb.Hout = H, pb.Wout = W;
-    pb.tap_off = tap_offsets(geo, Wq * Op, Op);
+    pb.img_stride = mh.size * Wq * Op, pb.row_stride = Wq * Op, pb.pix_stride = Op;
     const int64_t* co = col_offsets.data_ptr<int64_t>();
     const int64_t* tb = t_block_ids.data_ptr<int64_t>();
     const int64_t* tr = t_row_indices.data_ptr<int64_t>();
@@ -137,9 +173,27 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
                              int64_t(pb.blk.size()) - first});
       }
     }
-    pb.values = values.data_ptr<scalar_t>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.forward = false;
-    pb.out = dx.data_ptr<scalar_t>(), pb.ldo = geo.C, pb.bias = nullptr;
-    common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); });
+    pb.values = values.data_ptr<scalar_t>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.value_taps = geo.taps();
+    pb.forward = false, pb.bias = nullptr;
+    pb.N = N, pb.out_pix = geo.sw * geo.C, pb.out_row = geo.sh * W * geo.C, pb.out_img = H * W * geo.C;
+    for (int64_t py = 0; py < std::min(geo.sh, H); ++py) {
+      for (int64_t px = 0; px < std::min(geo.sw, W); ++px) {
+        pb.Hout = (H - py + geo.sh - 1) / geo.sh, pb.Wout = (W - px + geo.sw - 1) / geo.sw;
+        pb.tap_off.clear(), pb.w_tap.clear();
+        for (const Tap& u : rows[py]) {
+          for (const Tap& v : cols[px]) {
+            pb.tap_off.push_back((u.shift + mh.before) * pb.row_stride + (v.shift + mw.before) * pb.pix_stride);
+            pb.w_tap.push_back(u.k * geo.KW + v.k);
+          }
+        }
+        if (pb.tap_off.empty()) {  // no tap reaches this phase's pixels: their gradient is zero
+          dx.slice(2, py, H, geo.sh).slice(3, px, W, geo.sw).zero_();
+          continue;
+        }
+        pb.out = dx.data_ptr<scalar_t>() + (py * W + px) * geo.C;
+        common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); });
+      }
+    }
   });
   return dx;
 }
@@ -163,7 +217,7 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_grad_weight", [&] {
     using C = Compute<scalar_t>;
     const int64_t Cp = geo.G * geo.Cgp();
-    at::Tensor p = placed_nhwc<C>(x, geo.G, geo.Cgp(), Hp, Wp, geo.pt, geo.pl, 1, 1);
+    at::Tensor p = placed_nhwc<C>(x, geo.G, geo.Cgp(), Hp, Wp, geo.pt, geo.pl);
     const at::Tensor d = dy.permute({0, 2, 3, 1}).to(common::scalar_type_of<C>()).contiguous();
     SampledProblem<C> pb;
     pb.dy = d.data_ptr<C>(), pb.O = geo.O, pb.p = p.data_ptr<C>();

@@ -9,8 +9,7 @@ one product, ``conv_grads``: the kernels' dX and dW against one dense convolutio
 (nn.Conv2d's; two separate dense calls cost a dense step 15 % more).
 
 The rule reads the *effective* density: the multiply-adds the kernels do (stored blocks,
-padding channels included; dX with stride s spreads dY over a stride-dilated buffer, s² more)
-over those of the dense conv. Calls decided without measuring:
+padding channels included) over those of the dense conv. Calls decided without measuring:
   sure win: more than one tap and at most a quarter of the dense work. The kernels won
     2.2-4.4x there on a Zen3 (AVX2/FMA) against oneDNN in every product, and the composite
     would form the dense weight to lose;
@@ -51,7 +50,7 @@ def _too_little_work(call):
 
 
 def _sure_win(call):
-    steps = _density_step(call.layout, call.geometry) * call.spread
+    steps = _density_step(call.layout, call.geometry)
     return _taps(call.geometry) > 1 and steps <= _SURE_WIN_WORK and not _too_little_work(call)
 
 
@@ -62,13 +61,12 @@ def _shape_class(call):
 
 class _Call(NamedTuple):
     """What the rule reads of a call: the activation operand (its memory format and batch), the
-    input image size, the pixels per image the kernel loops over, and dX's stride spread."""
+    input image size and the pixels per image the kernel loops over."""
     operand: torch.Tensor
     image: tuple
     pixels: int
     layout: object
     geometry: object
-    spread: int = 1
 
 
 def _forward(x, values, layout, geometry, bias=None):
@@ -77,8 +75,7 @@ def _forward(x, values, layout, geometry, bias=None):
 
 
 def _grad_input(dy, values, layout, geometry, input_size):
-    spread = geometry.stride[0] * geometry.stride[1]
-    return _Call(dy, tuple(input_size), input_size[0] * input_size[1], layout, geometry, spread)
+    return _Call(dy, tuple(input_size), input_size[0] * input_size[1], layout, geometry)
 
 
 def _grad_weight(dy, x, layout, geometry):
