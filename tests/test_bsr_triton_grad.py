@@ -195,7 +195,7 @@ def test_autotune_space(block, dtype, monkeypatch):
             tr, tc, group, bm = (c.kwargs[k] for k in ("TR", "TC", "GROUP", "BM"))
             assert 16 <= tr <= max(16, grad.tile(128, block[0])) and tc == grad.tile(tc, block[1])
             assert group in grad.GROUPS and group <= fill and (group == 1 or tc >= block[1])
-            assert c.num_stages >= 2 and c.num_stages * bm * (tr + group * tc) * size <= grad._SMEM_BUDGET
+            assert c.num_stages >= 2 and c.num_stages * bm * (tr + group * tc) * size <= grad.SMEM_BUDGET
         assert max(c.kwargs["GROUP"] for c in configs) == min(fill, 256 // grad.tile(256, block[1]))
 
 

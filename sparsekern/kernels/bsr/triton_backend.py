@@ -17,6 +17,9 @@ import torch
 from ..registry import register_kernel
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Shared memory the pipelined tiles of a Triton kernel may take (A100 allows 163 KB per
+# block): configs are cut to fewer stages, or dropped below two, to fit.
+SMEM_BUDGET = 160 * 1024
 
 
 def interpreting():

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import dot_precision, interpreting, parallel_slots, upcast
+from .triton_backend import SMEM_BUDGET, dot_precision, interpreting, parallel_slots, upcast
 from .triton_forward import tile
 
 # Group sizes (blocks per gathered tile) with a schedule per layout; the kernel finds
@@ -101,9 +101,6 @@ _CONFIGS = [
     (64, 64, 64, 4, 4),
     (32, 64, 128, 4, 3),
 ]
-# Shared memory the pipelined dy and x tiles may take (A100 allows 163 KB per block):
-# configs are cut to fewer stages, or dropped below two, to fit.
-_SMEM_BUDGET = 160 * 1024
 # Fixed tile under the interpreter: narrower than most tested blocks (sub-tiles and
 # token chunks are exercised) and gathering up to 4 blocks of 16 columns.
 _INTERPRET_TILE = dict(TR=16, TC=16, BM=16)
@@ -128,7 +125,7 @@ def _prune(configs, named_args, **kwargs):
     for config in configs:
         tc, group = group_shape(config.kwargs["TN"], args["BC"], args["FILL"])
         tr, bm = tile(config.kwargs["TR"], args["BR"]), config.kwargs["BM"]
-        stages = min(config.num_stages, _SMEM_BUDGET // (bm * (tr + group * tc) * size))
+        stages = min(config.num_stages, SMEM_BUDGET // (bm * (tr + group * tc) * size))
         key = (tr, tc, group, bm, config.num_warps, stages)
         if stages >= 2 and key not in seen:
             seen.add(key)

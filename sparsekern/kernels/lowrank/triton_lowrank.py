@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from ..bsr.triton_backend import _interpreter_missing, parallel_slots
+from ..bsr.triton_backend import SMEM_BUDGET, _interpreter_missing, parallel_slots
 from ..registry import register_kernel
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -159,8 +159,6 @@ _REDUCTION_CONFIGS = [
     (64, 128, 64, 4, 3),
     (64, 32, 128, 4, 4),
 ]
-# Shared memory the pipelined tiles may take (A100: 163 KB per block).
-_SMEM_BUDGET = 160 * 1024
 # Tokens per split chunk on a GPU: a multiple of every BK, long enough that the
 # partial sums (P x R fp32 per chunk) stay small next to the chunk's reads.
 _GPU_GRAIN = 512
@@ -179,7 +177,7 @@ def _prune_reduction(configs, named_args, **kwargs):
     seen, kept = set(), []
     for config in configs:
         bp, br, bk = _edge(config.kwargs["BP"], args["P"]), _edge(config.kwargs["BR"], args["R"]), config.kwargs["BK"]
-        stages = min(config.num_stages, _SMEM_BUDGET // (bk * (bp + br) * size))
+        stages = min(config.num_stages, SMEM_BUDGET // (bk * (bp + br) * size))
         key = (bp, br, bk, config.num_warps, stages)
         if stages >= 2 and key not in seen:
             seen.add(key)
