@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..kernels.floor import floor_decisions
 from ..kernels.output_cache import empty_output_cache
 from . import arguments, datasets, models
 from .errors import CliError
@@ -35,7 +36,7 @@ BLOCK = {"mlp": 32, "cnn": 16}    # --block-size's: a CNN's narrower layers need
 DEFAULTS = dict(model="mlp", method="rigl", density=0.1, block_size=None, rank=64, hidden=None, steps=2000,
                 batch_size=256, lr=0.05, delta=100, data="digits", seed=0)
 FAMILY_PRODUCTS = {"bsr": ("bsr_forward", "bsr_grad_input", "bsr_grad_weight"),
-                   "conv": ("conv_forward", "conv_grad_input", "conv_grad_weight"),
+                   "conv": ("conv_forward", "conv_grad_input", "conv_grad_weight", "conv_grads"),
                    "semi": ("semi_forward", "semi_grad_input", "semi_grad_weight"),
                    "lowrank": ("lowrank_forward", "lowrank_backward")}
 
@@ -186,6 +187,15 @@ def first_chunk_peak(args, sparse, threads):
     return growth.mb, before_last[0] if before_last and updated else None
 
 
+def floor_choices():
+    """{product: what the floor rule settled on in this process ("cpu", the composite's backend,
+    or several joined by "/" where shape classes differ)}: the products the runs really used."""
+    choices = {}
+    for key, choice in floor_decisions().items():
+        choices.setdefault(key[0], set()).add(choice)
+    return {product: "/".join(sorted(names)) for product, names in sorted(choices.items())}
+
+
 # ------------------------------------------------------------------ the command
 
 def _sparse_label(args):
@@ -317,7 +327,8 @@ def _report(args, data, runs, labels, results, chunk, wall_s, load_start):
         "environment": env,
         "load_average": {"start": load_start, "end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "kernel": {"family": family, **path,
-                   "products": {p: kernels.select_kernel(p, cpu, torch.float32)[0] for p in FAMILY_PRODUCTS[family]}},
+                   "products": {p: kernels.select_kernel(p, cpu, torch.float32)[0] for p in FAMILY_PRODUCTS[family]},
+                   "floor": floor_choices()},
         "labels": list(labels),
         "runs": side,
         "speed_ratio": round(statistics.median(ratios), 3),
