@@ -26,6 +26,7 @@ def _parse(argv=None):
     parser.add_argument("--shapes", default="128x16,256x8", help="channels x spatial size, comma separated")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--block", type=int, default=32)
+    parser.add_argument("--stride", type=int, default=1, choices=(1, 2, 3), help="stride of the 3x3 convs")
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for dense and sparse")
     parser.add_argument("--reps", type=int, default=5, help="timed alternating rounds per product")
@@ -41,13 +42,14 @@ def main(argv=None):
     env = environment()
     isa = microkernel_isa("conv")
     print(header(env, {"backend": "cpu (floor rule: composite where dense wins)", "isa": isa}))
-    print(f"# batch {args.batch}, fp32, channels-last, 3x3 pad 1, block {args.block}, {args.reps} rounds; "
+    print(f"# batch {args.batch}, fp32, channels-last, 3x3 pad 1 stride {args.stride}, block {args.block}, "
+          f"{args.reps} rounds; "
           "ratio = dense ms / sparse ms")
     print(HEADER)
     rows = []
     context = {"bench": "conv2d", **env, "isa": isa}
     for row in run_cases(parse_shapes(args.shapes), args.densities, args.batch, args.block, args.reps, measure,
-                         context):
+                         context, stride=args.stride):
         rows.append(row)
         print(format_row(row), flush=True)
     for row in rows:

@@ -103,3 +103,11 @@ def test_the_semi_and_lowrank_scripts_run_the_package_cases(script, argv):
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert rows and all(r["ratio"] > 0 for r in rows)
+
+
+def test_conv_cases_run_strided():
+    from sparsekern.cli import conv_bench
+    from sparsekern.cli.timing import Timer
+    rows = list(conv_bench.run_cases([(16, 7)], [0.25], 2, 8, 1, Timer("wall"), {}, stride=2))
+    assert [r["op"] for r in rows] == ["fwd", "dx", "dw", "step"]
+    assert all(r["stride"] == 2 and r["ratio"] > 0 and r["case"].startswith("16x7-s2-") for r in rows)

@@ -1,8 +1,8 @@
 """The block-sparse Conv2d microbenchmark (``sparsekern bench --product conv`` and
 bench/bench_conv2d.py): SparseConv2d vs dense F.conv2d, timed alternately.
 
-Channels-last input of ``batch`` images, 3x3 convs (padding 1) C -> C at H x H for each
-(C, H) of the shapes, random uniform block masks of each density, fp32. A ratio is the median
+Channels-last input of ``batch`` images, 3x3 convs (padding 1, ``stride``) C -> C at H x H
+for each (C, H) of the shapes, random uniform block masks of each density, fp32. A ratio is the median
 over rounds of dense_ms / sparse_ms (> 1: sparse is faster):
 
 * ``fwd``  y = conv2d(x, W)   dense: F.conv2d                 sparse: the conv_forward the op picks
@@ -53,14 +53,16 @@ def _mask(grid, density, generator):
 class Case:
     """One 3x3 conv, dense and block-sparse with the same (masked) weight, and the timed callables."""
 
-    def __init__(self, channels, size, density, batch, block, generator):
-        self.dense = nn.Conv2d(channels, channels, 3, padding=1)
+    def __init__(self, channels, size, density, batch, block, generator, stride=1):
+        self.stride = stride
+        self.dense = nn.Conv2d(channels, channels, 3, stride=stride, padding=1)
         mask = _mask((-(-channels // block),) * 2, density, generator)
         self.sparse = SparseConv2d.from_dense(self.dense, block_size=block, block_mask=mask)
         with torch.no_grad():
             self.dense.weight.copy_(self.sparse.dense_weight())
         self.x = torch.randn(batch, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
-        self.dy = torch.randn(batch, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
+        out = (size - 1) // stride + 1
+        self.dy = torch.randn(batch, channels, out, out, generator=generator).to(memory_format=torch.channels_last)
         self.w = self.dense.weight.detach()
         self.kernels = {op: kernel(products[0], self.x, None) for op, products in PRODUCTS.items() if op != "step"}
         self.values = self.sparse.values.detach()
@@ -71,11 +73,11 @@ class Case:
                         for product in PRODUCTS[op])
 
     def dense_fns(self):
-        x, w, dy = self.x, self.w, self.dy
-        return {"fwd": lambda: F.conv2d(x, w, padding=1),
-                "dx": lambda: torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+        x, w, dy, s = self.x, self.w, self.dy, self.stride
+        return {"fwd": lambda: F.conv2d(x, w, stride=s, padding=1),
+                "dx": lambda: torch.ops.aten.convolution_backward(dy, x, w, None, [s, s], [1, 1], [1, 1], False, [0, 0],
                                                                   1, [True, False, False])[0],
-                "dw": lambda: torch.nn.grad.conv2d_weight(x, w.shape, dy, padding=1),
+                "dw": lambda: torch.nn.grad.conv2d_weight(x, w.shape, dy, stride=s, padding=1),
                 "step": fwd_bwd(self.dense, self.x.requires_grad_(), dy)}
 
     def sparse_fns(self):
@@ -86,7 +88,7 @@ class Case:
                 "step": fwd_bwd(self.sparse, self.x.requires_grad_(), self.dy)}
 
 
-def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=None, on_round=None):
+def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=None, on_round=None, stride=1):
     """Yield one row per (shape, density, op); ``on_case(index, count, name)`` before each case."""
     generator = torch.Generator().manual_seed(0)
     count = len(shapes) * len(densities)
@@ -94,12 +96,13 @@ def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=N
         for d, density in enumerate(densities):
             if on_case is not None:
                 on_case(s * len(densities) + d, count, f"{channels}x{size}, density {density}")
-            case = Case(channels, size, density, batch, block, generator)
+            case = Case(channels, size, density, batch, block, generator, stride)
             dense, sparse = case.dense_fns(), case.sparse_fns()
             for op in OPS:
-                row = dict(context, channels=channels, size=size, batch=batch, block=block, density=density,
-                           nnz_blocks=case.sparse.nnz_blocks, op=op)
-                row = compare(f"{channels}x{size}-d{density}-{op}", dense[op], sparse[op], reps, measure, row,
+                row = dict(context, channels=channels, size=size, stride=stride, batch=batch, block=block,
+                           density=density, nnz_blocks=case.sparse.nnz_blocks, op=op)
+                name = f"{channels}x{size}" + (f"-s{stride}" if stride > 1 else "")
+                row = compare(f"{name}-d{density}-{op}", dense[op], sparse[op], reps, measure, row,
                               on_round=on_round)
                 row["path"] = case.path(op, row["floor"])
                 row["target"] = 0.7 / density if op == "step" and density > 0 else None
