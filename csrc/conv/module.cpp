@@ -65,6 +65,9 @@ std::vector<std::vector<Tap>> phase_taps(int64_t s, int64_t pad, int64_t d, int6
   return phases;
 }
 
+// Pixels of phase p in a dimension of n pixels at stride s (p < min(s, n)).
+int64_t phase_count(int64_t n, int64_t p, int64_t s) { return (n - p + s - 1) / s; }
+
 // The placed dY's extent in one dimension: `before` zero rows ahead of dY's first, and `size`
 // rows in all, so every (phase pixel a, tap) reads row a + shift + before inside it.
 struct Margins {
@@ -74,7 +77,7 @@ struct Margins {
 Margins margins(const std::vector<std::vector<Tap>>& phases, int64_t n, int64_t s, int64_t dy_size) {
   int64_t before = 0, after = dy_size;
   for (int64_t p = 0; p < std::min(s, n); ++p) {
-    const int64_t count = (n - p + s - 1) / s;
+    const int64_t count = phase_count(n, p, s);
     for (const Tap& t : phases[p]) {
       before = std::max(before, -t.shift);
       after = std::max(after, count + t.shift);
@@ -178,7 +181,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
     pb.N = N, pb.out_pix = geo.sw * geo.C, pb.out_row = geo.sh * W * geo.C, pb.out_img = H * W * geo.C;
     for (int64_t py = 0; py < std::min(geo.sh, H); ++py) {
       for (int64_t px = 0; px < std::min(geo.sw, W); ++px) {
-        pb.Hout = (H - py + geo.sh - 1) / geo.sh, pb.Wout = (W - px + geo.sw - 1) / geo.sw;
+        pb.Hout = phase_count(H, py, geo.sh), pb.Wout = phase_count(W, px, geo.sw);
         pb.tap_off.clear(), pb.w_tap.clear();
         for (const Tap& u : rows[py]) {
           for (const Tap& v : cols[px]) {

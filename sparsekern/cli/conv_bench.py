@@ -61,8 +61,8 @@ class Case:
         with torch.no_grad():
             self.dense.weight.copy_(self.sparse.dense_weight())
         self.x = torch.randn(batch, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
-        out = (size - 1) // stride + 1
-        self.dy = torch.randn(batch, channels, out, out, generator=generator).to(memory_format=torch.channels_last)
+        out = self.sparse.geometry.output_size(size, size)
+        self.dy = torch.randn(batch, channels, *out, generator=generator).to(memory_format=torch.channels_last)
         self.w = self.dense.weight.detach()
         self.kernels = {op: kernel(products[0], self.x, None) for op, products in PRODUCTS.items() if op != "step"}
         self.values = self.sparse.values.detach()

@@ -28,16 +28,20 @@ _MIN_WORK_PER_INPUT = 8  # multiply-adds per input element below which the memor
 _SURE_WIN_WORK = 4       # at most 1/4 of the dense multiply-adds, in the 1/16 steps of density_bucket
 
 
+def _weights(layout, geometry):
+    """(weights the stored blocks hold, padding channels included; weights of the dense conv), per tap."""
+    return layout.nnz_blocks * geometry.block_size ** 2, geometry.out_channels * geometry.in_per_group
+
+
 def effective_density(layout, geometry):
     """Multiply-adds of the stored blocks (padding channels included) over those of the dense conv."""
-    dense = geometry.out_channels * geometry.in_per_group
-    return layout.nnz_blocks * geometry.block_size ** 2 / dense
+    stored, dense = _weights(layout, geometry)
+    return stored / dense
 
 
 def _density_step(layout, geometry):
     """The effective density in 1/16 steps, rounded up."""
-    dense = geometry.out_channels * geometry.in_per_group
-    return density_bucket(layout.nnz_blocks * geometry.block_size ** 2, dense)
+    return density_bucket(*_weights(layout, geometry))
 
 
 def _taps(geometry):
