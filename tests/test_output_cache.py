@@ -119,20 +119,25 @@ def test_empty_output_cache_releases_every_block():
     assert sk.output_cache_info() == {"bytes": 0, "blocks": 0}
 
 
-def test_conv_temporaries_share_one_cached_block():
+def test_conv_products_cache_no_activation_sized_temporary():
+    # The kernels place the padded input a few rows at a time per thread: with the outputs
+    # kept alive, nothing an image-sized copy would have freed is left in the cache.
     if "cpu" not in sk.kernels.available_backends("conv_forward", torch.device("cpu"), torch.float32):
         pytest.skip("the conv cpu backend is not built")
     torch.manual_seed(0)
     layer = sk.SparseConv2d(32, 32, 3, padding=1, block_size=32)
     _empty_cache()
-    outputs = []  # kept alive: only the padded copies (16 x (H + 2)² x 32 fp32) return to the cache
-    with torch.no_grad(), sk.use_backend("cpu"):
-        for size in (48, 32, 64, 40):   # copies of 5.1, 2.4, 8.9 and 3.6 MB
-            x = torch.randn(16, 32, size, size).to(memory_format=torch.channels_last)
-            outputs.append(layer(x))
-            torch.testing.assert_close(outputs[-1], torch.nn.functional.conv2d(x, layer.dense_weight(), layer.bias,
-                                                                               padding=1), rtol=1e-4, atol=1e-4)
-    assert sk.output_cache_info() == {"bytes": 5 * HUGE_PAGE, "blocks": 1}   # 8.9 MB, in 2 MB pages
+    kept = []
+    with sk.use_backend("cpu"):
+        for size in (48, 32, 64, 40):   # padded inputs of 5.1, 2.4, 8.9 and 3.6 MB
+            x = torch.randn(16, 32, size, size).to(memory_format=torch.channels_last).requires_grad_()
+            y = layer(x)
+            y.backward(torch.ones_like(y))
+            torch.testing.assert_close(y, torch.nn.functional.conv2d(x, layer.dense_weight(), layer.bias, padding=1),
+                                       rtol=1e-4, atol=1e-4)
+            kept += [y, x.grad]
+            layer.zero_grad(set_to_none=True)
+    assert sk.output_cache_info() == {"bytes": 0, "blocks": 0}
 
 
 def test_concurrent_threads_get_distinct_correct_outputs():

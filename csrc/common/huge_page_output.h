@@ -17,11 +17,6 @@
 // disables) per extension; beyond it the oldest are freed. It is the CPU
 // counterpart of a CUDA caching allocator: reuse is by exact (2 MB-rounded)
 // size, and `empty_output_cache()` returns everything to the system.
-//
-// Temporaries that live within one product (the conv kernels' padded copies)
-// come from a second cache of one block, the largest asked for so far: every
-// layer's copy reuses it. Kept by size like the outputs, each layer's copy would
-// stay cached through the forward and raise a CNN's peak memory above dense.
 #pragma once
 
 #include <ATen/EmptyTensor.h>
@@ -47,8 +42,6 @@
 namespace sparsekern {
 namespace common {
 
-// kScratch: the one-block cache of temporaries; else the outputs' cache by size.
-template <bool kScratch>
 class HugePageAllocator final : public c10::Allocator {
  public:
   static constexpr size_t kHugePage = size_t(2) << 20;
@@ -94,7 +87,7 @@ class HugePageAllocator final : public c10::Allocator {
     Block* take(size_t bytes) {
       std::lock_guard<std::mutex> lock(mutex_);
       for (auto it = blocks_.begin(); it != blocks_.end(); ++it) {
-        if (kScratch ? (*it)->bytes >= bytes : (*it)->bytes == bytes) {
+        if ((*it)->bytes == bytes) {
           Block* block = *it;
           blocks_.erase(it);
           held_ -= block->bytes;
@@ -106,16 +99,6 @@ class HugePageAllocator final : public c10::Allocator {
 
     void give(Block* block) {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (kScratch && !blocks_.empty()) {  // keep the larger block only
-        Block* kept = blocks_.front();
-        if (kept->bytes >= block->bytes) {
-          drop(block);
-          return;
-        }
-        blocks_.pop_front();
-        held_ -= kept->bytes;
-        drop(kept);
-      }
       blocks_.push_front(block);
       held_ += block->bytes;
       trim_locked(limit_);
@@ -170,38 +153,22 @@ class HugePageAllocator final : public c10::Allocator {
   static void release(void* ctx) { cache().give(static_cast<Block*>(ctx)); }
 };
 
-template <bool kScratch>
-inline HugePageAllocator<kScratch>* huge_page_allocator() {
-  static HugePageAllocator<kScratch> allocator;
+inline HugePageAllocator* huge_page_allocator() {
+  static HugePageAllocator allocator;
   return &allocator;
-}
-
-template <bool kScratch>
-inline at::Tensor empty_huge_page(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::detail::empty_generic(sizes, huge_page_allocator<kScratch>(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
 
 // at::empty for a CPU output that will be written in full.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return empty_huge_page<false>(sizes, options);
-}
-
-// at::empty for a temporary freed before the product returns.
-inline at::Tensor empty_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return empty_huge_page<true>(sizes, options);
+  return at::detail::empty_generic(sizes, huge_page_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
 
 // The Python functions every extension that uses empty_output exports.
 inline void def_output_cache(pybind11::module& m) {
-  m.def("output_cache_info", [] {
-    const auto outputs = HugePageAllocator<false>::cached(), scratch = HugePageAllocator<true>::cached();
-    return std::make_pair(outputs.first + scratch.first, outputs.second + scratch.second);
-  }, "(bytes, blocks) of freed huge-page outputs and temporaries this extension keeps for reuse");
-  m.def("empty_output_cache", [] {
-    HugePageAllocator<false>::empty_cache();
-    HugePageAllocator<true>::empty_cache();
-  }, "free every cached block");
+  m.def("output_cache_info", [] { return HugePageAllocator::cached(); },
+        "(bytes, blocks) of freed huge-page outputs this extension keeps for reuse");
+  m.def("empty_output_cache", [] { HugePageAllocator::empty_cache(); }, "free every cached block");
 }
 
 }  // namespace common

@@ -1,5 +1,5 @@
 // Forward (Y = conv(X, W)) and input gradient (dX = conv of dY with the transposed, flipped
-// taps): one implicit-GEMM driver for both, over a zero-padded NHWC copy P of the operand.
+// taps): one implicit-GEMM driver for both, over the zero-padded NHWC operand P.
 //
 // An output channel group (a block row of W for the forward; a block column within one
 // conv group for dX) is the sum, over its stored blocks q and the taps t, of
@@ -9,15 +9,17 @@
 // (block, tap) segment offsets are the same for every pixel: no im2col. B is packed once per
 // call into NR-column strips, members and taps back to back, so a group's strip is one
 // contiguous stream. Loop nest: output rows are split over the threads; inside a thread,
-// chunks of rows whose P rows fit L2, inside them panels of groups whose packed B fits L2,
-// inside them each output row, and on it every group of the panel, NR strip and tile of up
-// to MR pixels. The accumulators stay in registers across all blocks and taps of a group, so
-// each output tile is written once.
+// chunks of rows of one image, whose P rows the thread places into its own L2-sized buffer
+// (P never exists as a whole: no padded copy of the activation goes through memory), inside
+// them panels of groups whose packed B fits L2, inside them each output row, and on it every
+// group of the panel, NR strip and tile of up to MR pixels. The accumulators stay in
+// registers across all blocks and taps of a group, so each output tile is written once.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -31,34 +33,53 @@
 namespace sparsekern {
 namespace conv {
 
-constexpr int64_t kPRowsBytes = 96 << 10;  // rows of P kept hot in L2 while every panel sweeps them
 constexpr int64_t kGroupPanelBytes = 192 << 10;  // packed B of a panel of groups, kept hot in L2
 
-// The NHWC copy of src (N, Cs, H, W; any strides and floating dtype) the kernels read, in
-// compute type C: (N, Hd, Wd, G * Cgp), source pixel (y, x) at (y + ey, x + ex) (dropped where
-// that falls outside), channel g * Cg + j at g * Cgp + j; zero elsewhere. Only what the copy
-// does not cover is zeroed. A temporary: its block is the one cached scratch block, which
-// every layer's copy reuses (no fresh page faults every call).
+constexpr int64_t kPRowsBytes = 160 << 10;  // a thread's buffer of P rows, kept hot in L2 while every panel sweeps it
+
+// src (N, Cs, H, W; any strides and floating dtype) as a contiguous NHWC tensor of compute
+// type C: a view of a channels-last fp32 (fp64) input, else one conversion.
 template <typename C>
-at::Tensor placed_nhwc(const at::Tensor& src, int64_t G, int64_t Cgp, int64_t Hd, int64_t Wd, int64_t ey,
-                       int64_t ex) {
-  const int64_t N = src.size(0), Cg = src.size(1) / G, H = src.size(2), W = src.size(3);
-  at::Tensor dst = common::empty_scratch({N, Hd, Wd, G * Cgp}, at::TensorOptions(common::scalar_type_of<C>()));
-  // Source rows y with 0 <= y + ey < Hd (likewise columns).
-  const int64_t y0 = std::max<int64_t>(0, -ey), y1 = std::min(H, Hd - ey);
-  const int64_t x0 = std::max<int64_t>(0, -ex), x1 = std::min(W, Wd - ex);
-  if (N == 0 || Cg == 0 || y0 >= y1 || x0 >= x1) return dst.zero_();
-  const int64_t top = y0 + ey, bottom = y1 + ey, left = x0 + ex, right = x1 + ex;
-  dst.narrow(1, 0, top).zero_();
-  dst.narrow(1, bottom, Hd - bottom).zero_();
-  at::Tensor rows = dst.narrow(1, top, bottom - top);
-  rows.narrow(2, 0, left).zero_();
-  rows.narrow(2, right, Wd - right).zero_();
-  at::Tensor into = rows.narrow(2, left, right - left).view({N, bottom - top, right - left, G, Cgp});
-  if (Cgp > Cg) into.narrow(4, Cg, Cgp - Cg).zero_();
-  into.narrow(4, 0, Cg).copy_(src.slice(2, y0, y1).slice(3, x0, x1).permute({0, 2, 3, 1}).unflatten(3, {G, Cg}));
-  return dst;
+at::Tensor nhwc_compute(const at::Tensor& src) {
+  return src.permute({0, 2, 3, 1}).to(common::scalar_type_of<C>()).contiguous();
 }
+
+// The padded operand P the kernels read, from src (N, H, W, G * Cg), contiguous NHWC:
+// P is (N, Hd, Wd, G * Cgp), source pixel (y, x) at (y + ey, x + ex) (dropped where that
+// falls outside), channel g * Cg + j at g * Cgp + j; zero elsewhere. Only rows are built.
+template <typename C>
+struct Placement {
+  const C* src;
+  int64_t H, W, G, Cg;
+  int64_t Hd, Wd, Cgp, ey, ex;
+
+  int64_t row_elems() const { return Wd * G * Cgp; }
+
+  // P rows [r0, r1) of image n (r1 <= Hd), one after another, into dst.
+  void fill_rows(int64_t n, int64_t r0, int64_t r1, C* dst) const {
+    const int64_t Cp = G * Cgp, re = row_elems();
+    const int64_t x0 = std::max<int64_t>(0, -ex), x1 = std::min(W, Wd - ex);
+    for (int64_t r = r0; r < r1; ++r, dst += re) {
+      const int64_t y = r - ey;
+      if (y < 0 || y >= H || x0 >= x1) {
+        std::fill(dst, dst + re, C(0));
+        continue;
+      }
+      std::fill(dst, dst + (x0 + ex) * Cp, C(0));
+      std::fill(dst + (x1 + ex) * Cp, dst + re, C(0));
+      const C* s = src + ((n * H + y) * W + x0) * G * Cg;
+      C* d = dst + (x0 + ex) * Cp;
+      if (Cgp == Cg) {
+        std::memcpy(d, s, size_t((x1 - x0) * Cp) * sizeof(C));
+        continue;
+      }
+      for (int64_t i = 0; i < (x1 - x0) * G; ++i, s += Cg, d += Cgp) {
+        std::memcpy(d, s, size_t(Cg) * sizeof(C));
+        std::fill(d + Cg, d + Cgp, C(0));
+      }
+    }
+  }
+};
 
 // One output channel group: output columns [out_col, out_col + width) (width <= g), members
 // [first, first + count) of the member arrays.
@@ -69,10 +90,10 @@ struct Group {
 // The problem the driver solves; offsets are in elements of P / out.
 template <typename S, typename C>
 struct GatherProblem {
-  const C* p;                    // the placed operand
-  int64_t img_stride, row_stride, pix_stride;  // P: per image, per output row, per output pixel
+  Placement<C> place;            // the operand
+  int64_t row_step, pix_stride;  // P rows per output row; elements of P per output pixel
   int64_t N, Hout, Wout;         // output pixels
-  std::vector<int64_t> tap_off;  // offset in P of each tap the problem runs
+  std::vector<int64_t> tap_off;  // offset in P (from an output pixel's first P row) of each tap the problem runs
   std::vector<int64_t> w_tap;    // the weight tap (kh * KW + kw) each of them multiplies by
   std::vector<Group> groups;
   std::vector<int64_t> blk, a_chan;  // per member: block of values, channel offset in P
@@ -141,7 +162,11 @@ void gather_conv(const GatherProblem<S, C>& pb) {
   const auto tiles = pixel_tiles(pb.Wout);
   std::vector<common::Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, true>(tile.second));
-  const int64_t chunk = std::max<int64_t>(1, kPRowsBytes / std::max<int64_t>(1, pb.row_stride * int64_t(sizeof(C))));
+  // A chunk of output rows reads P rows [y0 * step, (y1 - 1) * step + span) of its image.
+  const int64_t re = pb.place.row_elems(), step = pb.row_step;
+  const int64_t span = *std::max_element(pb.tap_off.begin(), pb.tap_off.end()) / re + 1;
+  const int64_t budget = std::max<int64_t>(span, kPRowsBytes / (re * int64_t(sizeof(C))));
+  const int64_t chunk = std::min(pb.Hout, std::max<int64_t>(1, (budget - span) / step + 1));
   const int64_t macs_per_row = (members * T * w + int64_t(pb.groups.size()) * common::kItemOverhead) * g * pb.Wout;
 
   // Panels of consecutive groups whose packed B fits a share of L2: a panel's groups all run
@@ -155,20 +180,16 @@ void gather_conv(const GatherProblem<S, C>& pb) {
   panels.push_back(pb.groups.size());
 
   common::parallel_for_work(rows, rows * macs_per_row, [&](int64_t r0, int64_t r1) {
-    for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
-      const int64_t c1 = std::min(r1, c0 + chunk);
+    at::Tensor local = at::empty({((chunk - 1) * step + span) * re}, at::TensorOptions(common::scalar_type_of<C>()));
+    C* buf = local.data_ptr<C>();
+    for (int64_t c0 = r0, c1; c0 < r1; c0 = c1) {
+      const int64_t n = c0 / pb.Hout, y0 = c0 % pb.Hout;
+      c1 = std::min({r1, c0 + chunk, (n + 1) * pb.Hout});
+      pb.place.fill_rows(n, y0 * step, (y0 + c1 - c0 - 1) * step + span, buf);
       for (size_t pi = 0; pi + 1 < panels.size(); ++pi) {
         for (int64_t row = c0; row < c1; ++row) {
-          const int64_t n = row / pb.Hout, y = row % pb.Hout;
-          const C* arow = pb.p + n * pb.img_stride + y * pb.row_stride;
-          // The first panel pulls the next chunk's rows of P towards L2, a row at a time, so the
-          // broadcasts do not stall on memory.
-          if (pi == 0 && row + chunk < r1) {
-            const int64_t ahead = row + chunk;
-            const char* next = reinterpret_cast<const char*>(pb.p + ahead / pb.Hout * pb.img_stride +
-                                                             ahead % pb.Hout * pb.row_stride);
-            for (int64_t off = 0; off < pb.row_stride * int64_t(sizeof(C)); off += 64) __builtin_prefetch(next + off, 0, 2);
-          }
+          const int64_t y = row - n * pb.Hout;
+          const C* arow = buf + (y - y0) * step * re;
           for (size_t gi = panels[pi]; gi < panels[pi + 1]; ++gi) {
             const Group& gr = pb.groups[gi];
             const int64_t* segs = seg_off.data() + gr.first * T;

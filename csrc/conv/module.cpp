@@ -110,10 +110,10 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_forward", [&] {
     using C = Compute<scalar_t>;
     const int64_t Cp = geo.G * geo.Cgp();
-    at::Tensor p = placed_nhwc<C>(x, geo.G, geo.Cgp(), Hp, Wp, geo.pt, geo.pl);
+    const at::Tensor src = nhwc_compute<C>(x);
     GatherProblem<scalar_t, C> pb;
-    pb.p = p.data_ptr<C>();
-    pb.img_stride = Hp * Wp * Cp, pb.row_stride = geo.sh * Wp * Cp, pb.pix_stride = geo.sw * Cp;
+    pb.place = {src.data_ptr<C>(), H, W, geo.G, geo.Cg(), Hp, Wp, geo.Cgp(), geo.pt, geo.pl};
+    pb.row_step = geo.sh, pb.pix_stride = geo.sw * Cp;
     pb.N = N, pb.Hout = Ho, pb.Wout = Wo;
     pb.tap_off = tap_offsets(geo, Wp * Cp, Cp);
     for (int64_t t = 0; t < geo.taps(); ++t) pb.w_tap.push_back(t);
@@ -157,10 +157,10 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "conv_grad_input", [&] {
     using C = Compute<scalar_t>;
     const int64_t Op = RB * geo.bo, Wq = mw.size;
-    at::Tensor p = placed_nhwc<C>(dy, 1, Op, mh.size, Wq, mh.before, mw.before);
+    const at::Tensor src = nhwc_compute<C>(dy);
     GatherProblem<scalar_t, C> pb;
-    pb.p = p.data_ptr<C>();
-    pb.img_stride = mh.size * Wq * Op, pb.row_stride = Wq * Op, pb.pix_stride = Op;
+    pb.place = {src.data_ptr<C>(), dy.size(2), dy.size(3), 1, geo.O, mh.size, Wq, Op, mh.before, mw.before};
+    pb.row_step = 1, pb.pix_stride = Op;
     const int64_t* co = col_offsets.data_ptr<int64_t>();
     const int64_t* tb = t_block_ids.data_ptr<int64_t>();
     const int64_t* tr = t_row_indices.data_ptr<int64_t>();
@@ -185,7 +185,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
         pb.tap_off.clear(), pb.w_tap.clear();
         for (const Tap& u : rows[py]) {
           for (const Tap& v : cols[px]) {
-            pb.tap_off.push_back((u.shift + mh.before) * pb.row_stride + (v.shift + mw.before) * pb.pix_stride);
+            pb.tap_off.push_back((u.shift + mh.before) * Wq * Op + (v.shift + mw.before) * Op);
             pb.w_tap.push_back(u.k * geo.KW + v.k);
           }
         }
@@ -219,17 +219,21 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   at::Tensor dvalues = common::empty_output({nnz, geo.bo, geo.bi, geo.KH, geo.KW}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_grad_weight", [&] {
     using C = Compute<scalar_t>;
-    const int64_t Cp = geo.G * geo.Cgp();
-    at::Tensor p = placed_nhwc<C>(x, geo.G, geo.Cgp(), Hp, Wp, geo.pt, geo.pl);
-    const at::Tensor d = dy.permute({0, 2, 3, 1}).to(common::scalar_type_of<C>()).contiguous();
+    const at::Tensor src = nhwc_compute<C>(x);
+    const at::Tensor d = nhwc_compute<C>(dy);
     SampledProblem<C> pb;
-    pb.dy = d.data_ptr<C>(), pb.O = geo.O, pb.p = p.data_ptr<C>();
-    pb.img_stride = Hp * Wp * Cp, pb.row_stride = geo.sh * Wp * Cp, pb.pix_stride = geo.sw * Cp;
+    pb.dy = d.data_ptr<C>(), pb.O = geo.O, pb.x = src.data_ptr<C>(), pb.H = H, pb.W = W, pb.Cx = geo.C;
+    pb.sh = geo.sh, pb.sw = geo.sw, pb.pt = geo.pt, pb.pl = geo.pl;
     pb.N = N, pb.Hout = dy.size(2), pb.Wout = dy.size(3);
-    pb.tap_off = tap_offsets(geo, Wp * Cp, Cp);
+    for (int64_t kh = 0; kh < geo.KH; ++kh) {
+      for (int64_t kw = 0; kw < geo.KW; ++kw) pb.tap_y.push_back(kh * geo.dh), pb.tap_x.push_back(kw * geo.dw);
+    }
     pb.rows = row_indices.data_ptr<int64_t>();
     const int64_t* ci = col_indices.data_ptr<int64_t>();
-    for (int64_t q = 0; q < nnz; ++q) pb.a_chan.push_back(geo.group_of_row(pb.rows[q]) * geo.Cgp() + ci[q] * geo.bi);
+    for (int64_t q = 0; q < nnz; ++q) {
+      pb.a_chan.push_back(geo.group_of_row(pb.rows[q]) * geo.Cg() + ci[q] * geo.bi);
+      pb.a_width.push_back(std::min(geo.bi, geo.Cg() - ci[q] * geo.bi));
+    }
     pb.nnz = nnz, pb.bo = geo.bo, pb.bi = geo.bi;
     common::with_strip_width<C>([&](auto nr) {
       sampled_conv<scalar_t, C, decltype(nr)::value>(pb, dvalues.data_ptr<scalar_t>());

@@ -1,12 +1,13 @@
 // Weight gradient on the stored blocks only:
-//   dvalues[p][co][ci][t] = sum over output pixels m of dY[m, row_p * bo + co] * P[pix(m) + tap_off[t] + a_chan_p + ci]
-// (P: the zero-padded NHWC input). The reduction runs over all output pixels, split into
+//   dvalues[p][co][ci][t] = sum over output pixels m of dY[m, row_p * bo + co] * X[src(m, t), a_chan_p + ci]
+// (X: the NHWC input; src(m, t) the input pixel output pixel m reads through tap t, none in the
+// padding: those products are zero). The reduction runs over all output pixels, split into
 // one contiguous pixel range per thread, each with its own accumulator of the stored blocks
 // (summed at the end), so no operand is packed twice. A thread walks its range in chunks,
 // GotoBLAS style: dYᵀ of every used block row is packed into row tiles ([chunk][mr]), then,
 // one block column at a time, the shifted input of every tap into NR-column strips
-// ([chunk][NR]); each (block, tap, strip, row tile) is one microkernel call over two
-// contiguous streams.
+// ([chunk][NR], zeros for the padding), straight from X: no padded copy of the input; each
+// (block, tap, strip, row tile) is one microkernel call over two contiguous streams.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -51,17 +52,20 @@ template <typename C>
 struct SampledProblem {
   const C* dy;  // (M, O) NHWC
   int64_t O;
-  const C* p;   // the placed input
-  int64_t img_stride, row_stride, pix_stride, N, Hout, Wout;
-  std::vector<int64_t> tap_off;
-  const int64_t* rows;     // block row of each stored block
-  std::vector<int64_t> a_chan;  // channel offset in P of each stored block
+  const C* x;   // the input (N, H, W, Cx) NHWC
+  int64_t H, W, Cx;
+  int64_t sh, sw, pt, pl;  // output pixel (y, x), tap t reads input pixel (y * sh + tap_y[t] - pt, x * sw + tap_x[t] - pl)
+  int64_t N, Hout, Wout;
+  std::vector<int64_t> tap_y, tap_x;
+  const int64_t* rows;           // block row of each stored block
+  std::vector<int64_t> a_chan;   // first input channel of each stored block in X
+  std::vector<int64_t> a_width;  // its channels that exist (fewer than bi in a group's last block column)
   int64_t nnz, bo, bi;
 };
 
 template <typename S, typename C, int NR>
 void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
-  const int64_t T = int64_t(pb.tap_off.size()), nsub = (pb.bi + NR - 1) / NR, block = pb.bo * pb.bi * T;
+  const int64_t T = int64_t(pb.tap_y.size()), nsub = (pb.bi + NR - 1) / NR, block = pb.bo * pb.bi * T;
   const int64_t M = pb.N * pb.Hout * pb.Wout, nnz = pb.nnz;
   if (nnz == 0) return;
   const auto scalar = at::TensorOptions(common::scalar_type_of<C>());
@@ -99,12 +103,15 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
       at::Tensor buf = at::empty({int64_t(used_rows.size()) * pb.bo * chunk + T * nsub * chunk * NR}, scalar);
       C* pdy = buf.data_ptr<C>();
       C* px = pdy + int64_t(used_rows.size()) * pb.bo * chunk;
-      std::vector<int64_t> pix(chunk);
+      std::vector<int64_t> src(T * chunk);  // where (tap t, pixel m) reads X, or -1 in the padding
       for (int64_t m0 = m_lo; m0 < m_hi; m0 += chunk) {
         const int64_t len = std::min(chunk, m_hi - m0);
         for (int64_t m = 0; m < len; ++m) {
-          const int64_t mm = m0 + m, n = mm / HW, y = mm % HW / pb.Wout, x = mm % pb.Wout;
-          pix[m] = n * pb.img_stride + y * pb.row_stride + x * pb.pix_stride;
+          const int64_t mm = m0 + m, n = mm / HW, y = mm % HW / pb.Wout * pb.sh - pb.pt, x = mm % pb.Wout * pb.sw - pb.pl;
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t iy = y + pb.tap_y[t], ix = x + pb.tap_x[t];
+            src[t * chunk + m] = iy >= 0 && iy < pb.H && ix >= 0 && ix < pb.W ? ((n * pb.H + iy) * pb.W + ix) * pb.Cx : -1;
+          }
         }
         for (size_t u = 0; u < used_rows.size(); ++u) {
           for (const auto& tile : tiles) {
@@ -123,17 +130,22 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
         }
         const bool add = m0 > m_lo;
         for (int64_t oi = 0; oi < nnz;) {
-          const int64_t chan = pb.a_chan[order[oi]];
+          const int64_t chan = pb.a_chan[order[oi]], width = pb.a_width[order[oi]];
           for (int64_t t = 0; t < T; ++t) {
+            const int64_t* at = src.data() + t * chunk;
             for (int64_t s = 0; s < nsub; ++s) {
               C* dst = px + (t * nsub + s) * chunk * NR;
-              const int64_t ncols = std::min<int64_t>(NR, pb.bi - s * NR), off = pb.tap_off[t] + chan + s * NR;
+              const int64_t valid = std::min<int64_t>(NR, width - s * NR);
               for (int64_t m = 0; m < len; ++m) {
-                const C* src = pb.p + pix[m] + off;
-                if (ncols == NR) {  // constant size: inlined vector moves, not a memmove call per pixel
-                  __builtin_memcpy(dst + m * NR, src, NR * sizeof(C));
+                if (at[m] < 0 || valid <= 0) {
+                  for (int n = 0; n < NR; ++n) dst[m * NR + n] = C(0);
+                  continue;
+                }
+                const C* from = pb.x + at[m] + chan + s * NR;
+                if (valid == NR) {  // constant size: inlined vector moves, not a memmove call per pixel
+                  __builtin_memcpy(dst + m * NR, from, NR * sizeof(C));
                 } else {
-                  for (int64_t n = 0; n < NR; ++n) dst[m * NR + n] = n < ncols ? src[n] : C(0);
+                  for (int64_t n = 0; n < NR; ++n) dst[m * NR + n] = n < valid ? from[n] : C(0);
                 }
               }
             }

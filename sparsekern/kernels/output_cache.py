@@ -4,9 +4,7 @@ The CPU kernels put outputs of 2 MB or more on huge pages and, when such an
 output is freed, keep its block for the next output of the same size (a training
 loop asks for the same sizes every step), up to ``SPARSEKERN_OUTPUT_CACHE_MB``
 (default 128, read at the extension's first use; 0 disables) per compiled
-extension. Temporaries within one product (the conv kernels' padded copies) share
-one more cached block, the largest so far. These functions report and release what
-the caches hold.
+extension. These functions report and release what the cache holds.
 """
 from .._extension import loaded_extensions
 
