@@ -133,33 +133,38 @@ def _train(task, method, density, data, args, seed):
             "state_mb": round(state_mb(model, opt, driver), 2), "final_loss": round(loss.item(), 4)}, model
 
 
-def speed(args, env, train_x, train_y):
-    """Dense vs DST training on the Fashion-MNIST MLP, alternating chunks of ΔT steps (one full
-    update period: the probe step and the rebuild included) in one process. Yields JSON rows
-    with the median chunk-time ratio."""
+def speed(args, env, train_x, train_y, make=None, fields=None):
+    """Dense vs DST training, alternating chunks of ΔT steps (one full update period: the
+    probe step and the rebuild included) in one process. Yields JSON rows with the median
+    chunk-time ratio. ``make(sparse, density)`` builds the model (default: the Fashion-MNIST
+    MLP of ``args``), ``fields`` describe it in the rows (default: the MLP's hidden width)."""
+    make = make or (lambda sparse, density: fashion_model(sparse, args))
+    fields = fields or {"hidden": args.hidden}
     for block in args.speed_block_sizes:
         for density in args.densities:
             args.block_size = block
             g = torch.Generator().manual_seed(0)
             chunks, drivers = {}, {}
             for name in ("dense", args.speed_method):
-                model = fashion_model(name != "dense", args)
+                model = make(name != "dense", density)
                 opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
                 options = {"score_method": args.score_method} if name in SCORED else {}
                 drivers[name] = None if name == "dense" else METHODS[name](
-                    model, opt, density=density, delta=args.speed_delta, alpha=args.alpha, t_end=10 ** 9, **options)
+                    model, opt, density=density, delta=args.speed_delta, alpha=args.alpha,
+                    t_end=0 if name == "static" else 10 ** 9, **options)
                 chunks[name] = _chunk(model, opt, drivers[name], train_x, train_y, args, g)
             ms, _ = alternate(chunks, args.speed_rounds, Timer())
             dense, sparse = ms["dense"], ms[args.speed_method]
             driver = drivers[args.speed_method]
             yield {"task": "fashion-speed", "method": args.speed_method, "density": density, "block_size": block,
-                   "hidden": args.hidden, "batch": args.batch, "delta": args.speed_delta,
+                   **fields, "batch": args.batch, "delta": args.speed_delta,
                    "dense_ms_per_step": round(statistics.median(dense) / args.speed_delta, 3),
                    "sparse_ms_per_step": round(statistics.median(sparse) / args.speed_delta, 3),
                    "median_speedup": round(median_ratio(dense, sparse), 3),
                    "ratios": [round(d / s, 3) for d, s in zip(dense, sparse)],
                    "updates": len(driver.update_seconds),
-                   "rebuild_ms": round(1000 * statistics.median(driver.update_seconds), 3), **env}
+                   "rebuild_ms": round(1000 * statistics.median(driver.update_seconds), 3)
+                   if driver.update_seconds else 0.0, **env}
 
 
 def _chunk(model, opt, driver, train_x, train_y, args, generator):

@@ -43,6 +43,8 @@ Usage:
     python bench/exp_cnn.py --seeds 0 --train-samples 640 --epochs 1 --batch 64 --delta 2 --test-samples 500 \
         --densities 0.1 --methods dense erk rigl dpf --dlrt-tols 0.1 --json ''
     python bench/exp_cnn.py --from-json bench/results/exp_cnn.jsonl --plot exp_cnn.png   # tables, plot only
+    # per-epoch speed, dense vs RigL (update steps included) in alternating 20-step chunks, one process
+    python bench/exp_cnn.py --speed --speed-method rigl --densities 0.1 --batch 64 --delta 20
 
 Data: ``apt-get install -y dataset-fashion-mnist`` (bench/datasets.py). The plot needs matplotlib.
 """
@@ -56,7 +58,7 @@ import torch
 import datasets
 from cnn_models import RESNET_DENSE, LeNet5, ResNet, conv_macs, ranks
 from dst_tables import mean_quality, paired_differences, quality_pivot
-from dst_training import evaluate, run
+from dst_training import evaluate, run, speed
 from exp_dlrt import count_params, markdown as dlrt_markdown, train as dlrt_train
 import sparsekern as sk
 from timing import append_rows, environment, header, kernel_path
@@ -116,6 +118,25 @@ def resnet_runs(args, env, data):
                 print(json.dumps(row), flush=True)
                 append_rows([row], args.json)
     return rows
+
+
+def speed_runs(args, env, data):
+    """Per-epoch speed of the ResNet, dense vs ``args.speed_method`` side by side (dst_training.speed)."""
+    args.speed_delta, args.speed_block_sizes = args.delta, [args.block_size]
+    train_x, train_y = data.train_x[:args.train_samples], data.train_y[:args.train_samples]
+
+    def make(sparse, density):
+        return resnet_maker("erk", density, args, train_x, train_y)(sparse, 0)
+
+    print(f"# alternating chunks of {args.delta} steps of batch {args.batch}, {args.speed_rounds} rounds, block "
+          f"{args.block_size}\n| method | density | dense ms / step | sparse ms / step | speedup | mask updates |\n"
+          "|---|---|---|---|---|---|")
+
+    for row in speed(args, env, train_x, train_y, make, {"model": "resnet", "widths": args.widths,
+                                                          "blocks": args.blocks}):
+        print(f"| {row['method']} | {row['density']} | {row['dense_ms_per_step']:.1f} | "
+              f"{row['sparse_ms_per_step']:.1f} | {row['median_speedup']:.2f}x | {row['updates']} |", flush=True)
+        append_rows([row], args.json)
 
 
 def resnet_table(rows):
@@ -231,6 +252,12 @@ def main(argv=None):
                    "LeNet rows)")
     p.add_argument("--dlrt-rank", type=int, default=100, help="initial rank cap of the low-rank layers")
     p.add_argument("--dlrt-lr", type=float, default=0.05)
+    p.add_argument("--speed", action="store_true",
+                   help="only time training dense vs --speed-method at each density: alternating chunks of --delta "
+                        "steps (one mask update each) in one process, the median chunk-time ratio")
+    p.add_argument("--speed-method", default="rigl", choices=["static", "set", "rigl", "ggr"],
+                   help="on the ERK structure of --block-size ('static': no mask updates)")
+    p.add_argument("--speed-rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tag", default="", help="appended to the method name in the rows (to tell settings apart)")
     p.add_argument("--json", default=None, help="append JSON rows to this file")
@@ -250,6 +277,9 @@ def main(argv=None):
           f"multiply-adds per image forward (dense); LeNet-5 {args.lenet_widths}: "
           f"{conv_macs(LeNet5(args.lenet_widths)) / 1e6:.2f}M")
     data = datasets.load_fashion_mnist()  # standardised with the full training set's statistics
+    if args.speed:
+        speed_runs(args, env, data)
+        return
     rows = resnet_runs(args, env, data) if args.methods else []
     if args.dlrt_tols:
         rows += dlrt_runs(args, env, data)
