@@ -26,6 +26,8 @@ CASES = {
     "empty-block-rows": (16, 24, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, 2, (6, 5), "empty-rows"),
     "density0": (8, 8, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4, 2, (5, 5), 0.0),
     "wide-blocks": (40, 36, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16, 2, (9, 9), 0.5),
+    # padded rows spanning several of a thread's row chunks (forward, each dX phase); 3 images: a thread starts mid-image
+    "tall-image-row-chunks": (20, 36, 1, (3, 3), (2, 1), (1, 1, 1, 1), (1, 1), 16, 3, (45, 36), 0.6),
 }
 
 
