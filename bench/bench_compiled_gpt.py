@@ -46,10 +46,12 @@ def batches(args):
 
 
 class Training:
-    """One of the four trainings: its model, optimizer, driver (sparse), batches and losses."""
+    """One training: its model, optimizer, driver (names "sparse ..."), batches and losses; names
+    "... compiled" run under torch.compile, and ``autocast`` (a dtype) runs forward and loss
+    under torch.autocast("cpu", dtype=autocast)."""
 
-    def __init__(self, name, args):
-        self.name = name
+    def __init__(self, name, args, autocast=None):
+        self.name, self.autocast = name, autocast
         self.draw, vocab = batches(args)
         self.model = GPT(vocab, args.context, args.layers, args.d_model, args.heads, seed=args.seed)
         self.driver = None
@@ -68,8 +70,9 @@ class Training:
         for _ in range(self.delta):
             x, y = self.draw()
             self.optimizer.zero_grad(set_to_none=True)
-            logits = self.forward(x)
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+            with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+                logits = self.forward(x)
+                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
             loss.backward()
             self.optimizer.step()
             if self.driver is not None:
