@@ -88,13 +88,14 @@ def _graphs():
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_arguments(description, batch):
+    """The parser of a GPT training benchmark: model, sparsity, RigL and timing options."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--delta", type=int, default=10, help="steps between RigL updates = steps per timed chunk")
@@ -104,7 +105,11 @@ def main(argv=None):
     p.add_argument("--timer", choices=sorted(CLOCKS), default="wall", help=TIMER_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = training_arguments(__doc__, batch=8).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     env, path = environment(), kernel_path("bsr_forward", torch.device("cpu"), torch.float32)

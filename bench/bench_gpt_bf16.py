@@ -20,7 +20,6 @@ steps (bf16 sparse against fp32 sparse: the cost of the lower precision).
 
 Data: character-level windows of the Debian ``fortunes`` text (``apt-get install -y fortunes``).
 """
-import argparse
 import math
 import statistics
 import time
@@ -30,8 +29,8 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 import datasets
-from bench_compiled_gpt import Training
-from timing import CLOCKS, TIMER_HELP, Timer, alternate, append_rows, environment, header, kernel_path, median_ratio
+from bench_compiled_gpt import Training, training_arguments
+from timing import Timer, alternate, append_rows, environment, header, kernel_path, median_ratio
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 VARIANTS = tuple(f"{kind} {precision}" for precision in PRECISIONS for kind in ("dense", "sparse"))
@@ -62,22 +61,7 @@ def validation_bits(training, args, windows=64):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--delta", type=int, default=10, help="steps between RigL updates = steps per timed chunk")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds of one chunk per training")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--timer", choices=sorted(CLOCKS), default="wall", help=TIMER_HELP)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="", help="append the rows to this JSON-lines file")
-    args = p.parse_args(argv)
+    args = training_arguments(__doc__, batch=16).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
