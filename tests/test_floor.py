@@ -101,6 +101,17 @@ def test_calls_decided_in_advance_are_not_measured(toy, tokens, side):
     assert ran == [side] * (2 * SAMPLES + 1) and list(floor.floor_decisions().values()) == [side]
 
 
+def test_a_class_sure_outcome_is_judged_on_its_first_call_only(toy, monkeypatch):
+    kernel, _, ran = toy
+    judged = []
+    _, key, _, _ = floor._composites["toy"]
+    monkeypatch.setitem(floor._composites, "toy", ("dense", key, lambda x: judged.append(x.shape[0]) or True, None))
+    x = torch.zeros(1)
+    for _ in range(5):
+        floor.with_floor("toy", kernel, x)(x)
+    assert judged == [1] and ran == ["cpu"] * 5
+
+
 def test_block_sparse_layers_at_a_quarter_density_or_less_are_not_measured(measuring):
     if "cpu" not in sk.kernels.available_backends("bsr_forward", CPU, torch.float32):
         pytest.skip("the cpu backend is not built")

@@ -18,7 +18,8 @@ run always too, so the numerics of a run never depend on timings.
 
 A family may name calls that need no measurement: ``sure_win`` (the kernel won there on
 every CPU measured, so no composite call forms a dense weight) and ``sure_lose`` (too
-little work for the kernel's fixed passes). Their outcome is recorded as a decision too.
+little work for the kernel's fixed passes), judged on the first call of each shape class.
+Their outcome is recorded as a decision too.
 """
 import math
 import os
@@ -120,12 +121,16 @@ def with_floor(product, fn, like):
         if torch.are_deterministic_algorithms_enabled():
             return fn(*args)
         key = (product, like.dtype, torch.get_num_threads(), key_fn(*args))
-        sure = ("cpu" if sure_win is not None and sure_win(*args)
-                else composite_name if sure_lose is not None and sure_lose(*args) else None)
         with _lock:
-            cls = _classes.setdefault(key, _Class())
-            if sure is not None:
-                cls.choice = sure
+            cls = _classes.get(key)
+        if cls is None:  # a class's sure outcome is settled by its first call, not re-judged on every call
+            sure = ("cpu" if sure_win is not None and sure_win(*args)
+                    else composite_name if sure_lose is not None and sure_lose(*args) else None)
+            with _lock:
+                cls = _classes.setdefault(key, _Class())
+                if sure is not None and cls.choice is None:
+                    cls.choice = sure
+        with _lock:
             side = cls.choice or cls.next_side(sides)
         if cls.choice is not None:
             return implementations[side](*args)
