@@ -38,6 +38,8 @@ void check_activation(const at::Tensor& t, const char* name, int64_t channels, c
   TORCH_CHECK(t.size(1) == channels, name, " has ", t.size(1), " channels, expected ", channels, " (", what, ")");
 }
 
+// Per tap (kh, kw), how far its input lies from the output pixel's first, for `row` elements
+// per input row and `pixel` per input pixel ((1, 0): the tap's row shift; (0, 1): its column shift).
 std::vector<int64_t> tap_offsets(const Geometry& geo, int64_t row, int64_t pixel) {
   std::vector<int64_t> off;
   for (int64_t kh = 0; kh < geo.KH; ++kh) {
@@ -115,7 +117,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
     pb.place = {src.data_ptr<C>(), H, W, geo.G, geo.Cg(), Hp, Wp, geo.Cgp(), geo.pt, geo.pl};
     pb.row_step = geo.sh, pb.pix_stride = geo.sw * Cp;
     pb.N = N, pb.Hout = Ho, pb.Wout = Wo;
-    pb.tap_off = tap_offsets(geo, Wp * Cp, Cp);
+    pb.tap_off = tap_offsets(geo, pb.place.row_elems(), Cp);
     for (int64_t t = 0; t < geo.taps(); ++t) pb.w_tap.push_back(t);
     const int64_t* ro = row_offsets.data_ptr<int64_t>();
     const int64_t* ci = col_indices.data_ptr<int64_t>();
@@ -185,7 +187,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
         pb.tap_off.clear(), pb.w_tap.clear();
         for (const Tap& u : rows[py]) {
           for (const Tap& v : cols[px]) {
-            pb.tap_off.push_back((u.shift + mh.before) * Wq * Op + (v.shift + mw.before) * Op);
+            pb.tap_off.push_back((u.shift + mh.before) * pb.place.row_elems() + (v.shift + mw.before) * Op);
             pb.w_tap.push_back(u.k * geo.KW + v.k);
           }
         }
@@ -225,9 +227,7 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
     pb.dy = d.data_ptr<C>(), pb.O = geo.O, pb.x = src.data_ptr<C>(), pb.H = H, pb.W = W, pb.Cx = geo.C;
     pb.sh = geo.sh, pb.sw = geo.sw, pb.pt = geo.pt, pb.pl = geo.pl;
     pb.N = N, pb.Hout = dy.size(2), pb.Wout = dy.size(3);
-    for (int64_t kh = 0; kh < geo.KH; ++kh) {
-      for (int64_t kw = 0; kw < geo.KW; ++kw) pb.tap_y.push_back(kh * geo.dh), pb.tap_x.push_back(kw * geo.dw);
-    }
+    pb.tap_y = tap_offsets(geo, 1, 0), pb.tap_x = tap_offsets(geo, 0, 1);
     pb.rows = row_indices.data_ptr<int64_t>();
     const int64_t* ci = col_indices.data_ptr<int64_t>();
     for (int64_t q = 0; q < nnz; ++q) {
