@@ -46,12 +46,15 @@ def sparse_op_share(training):
     return own / wall_us
 
 
-def validation_bits(training, args, windows=64):
-    """Mean next-character loss in bits over the first ``windows`` validation windows, in the
-    training's precision."""
+def validation_batch(args, windows=64):
+    """(ids, next-character targets) of the first ``windows`` validation windows."""
     _, _, val_x, val_y, _ = datasets.text_windows(datasets.load_fortunes(), args.context)
     x = val_x[:windows]
-    y = torch.cat([x[:, 1:], val_y[:windows, None]], 1)
+    return x, torch.cat([x[:, 1:], val_y[:windows, None]], 1)
+
+
+def validation_bits(training, x, y):
+    """Mean next-character loss in bits on the batch (x, y), in the training's precision."""
     training.model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=training.autocast, enabled=training.autocast is not None):
         logits = training.model(x)
@@ -77,7 +80,8 @@ def main(argv=None):
         training.chunk()  # warm-up: the floor rule's measurements, first-touch memory
     samples, _ = alternate({name: t.chunk for name, t in trainings.items()}, args.rounds, Timer(args.timer))
     per_step = {name: [ms / args.delta for ms in times] for name, times in samples.items()}
-    bits = {name: validation_bits(t, args) for name, t in trainings.items()}
+    val_x, val_y = validation_batch(args)
+    bits = {name: validation_bits(t, val_x, val_y) for name, t in trainings.items()}
     share = {name: sparse_op_share(t) for name, t in trainings.items() if name.startswith("sparse")}
 
     print(f"{'training':<12} {'ms/step':>9} {'dense/sparse':>13} {'fp32/bf16':>10} {'sparse ops':>11} "

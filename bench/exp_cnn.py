@@ -131,7 +131,6 @@ def speed_runs(args, env, data):
     print(f"# alternating chunks of {args.delta} steps of batch {args.batch}, {args.speed_rounds} rounds, block "
           f"{args.block_size}\n| method | density | dense ms / step | sparse ms / step | speedup | mask updates |\n"
           "|---|---|---|---|---|---|")
-
     for row in speed(args, env, train_x, train_y, make, {"model": "resnet", "widths": args.widths,
                                                           "blocks": args.blocks}):
         print(f"| {row['method']} | {row['density']} | {row['dense_ms_per_step']:.1f} | "
