@@ -163,10 +163,3 @@ def test_the_cnn_hands_every_conv_after_the_stem_channels_last_activations():
                  and not args[0].is_contiguous())))
     model(torch.randn(4, 64))
     assert seen[0][0] == 1 and all(channels_last for _, channels_last in seen[1:]) and len(seen) == 5
-
-
-def test_the_report_names_what_the_floor_rule_settled_on(monkeypatch):
-    decisions = {("conv_forward", torch.float32, 2, "a"): "cpu", ("conv_forward", torch.float32, 2, "b"): "reference",
-                 ("conv_grads", torch.float32, 2, "a"): "cpu"}
-    monkeypatch.setattr(train, "floor_decisions", lambda: decisions)
-    assert train.floor_choices() == {"conv_forward": "cpu/reference", "conv_grads": "cpu"}

@@ -201,3 +201,13 @@ def test_benchmarks_time_the_settled_choice(measuring):
     assert set(choices.values()) <= {"cpu", "dense"}
     assert describe_floor({}) == "-" and describe_floor({"a": "cpu"}) == "kernels"
     assert describe_floor({"b": "dense", "a": "cpu"}) == "composite: b"
+
+
+def test_decisions_are_reported_per_product_with_differing_classes_joined(monkeypatch):
+    from sparsekern.cli.timing import describe_floor
+    decisions = {("conv_forward", torch.float32, 2, "a"): "cpu", ("conv_forward", torch.float32, 2, "b"): "reference",
+                 ("conv_grads", torch.float32, 2, "a"): "cpu"}
+    monkeypatch.setattr(floor, "floor_decisions", lambda: decisions)
+    choices = floor.decisions_by_product()
+    assert choices == {"conv_forward": "cpu/reference", "conv_grads": "cpu"}
+    assert describe_floor(choices) == "composite: conv_forward (cpu/reference)"

@@ -129,7 +129,7 @@ HEADER = (f"{'block':>5} {'density':>7} | {'fwd':>6} {'dx':>6} {'dw':>6} {'step'
 LEGEND = ("# ratios = dense ms / sparse ms (fwd, dx, dw, fwd+bwd step); ideal = 1/density; limit = step x density;\n"
           "# bsr = torch BSR fwd ms / ours; tBSR = dense / torch BSR fwd; GF/s on stored blocks; "
           "max err = relative error vs dense masked;\n# floor = the floor rule's choice in the step for fwd/dx/dw: "
-          "k = kernel, d = dense composite, ? = still measuring, - = not measured (density <= 1/4 "
+          "k = kernel, d = dense composite, ? = still measuring, kd = each for some shapes, - = not measured (density <= 1/4 "
           "or the rule off: the kernel runs)")
 
 
@@ -148,7 +148,8 @@ def format_row(row):
 def _floor_column(row):
     choices = row.get("floor", {})
     letter = {"cpu": "k", "dense": "d", "measuring": "?"}
-    return "/".join(letter.get(choices.get(p), "-") for p in ("bsr_forward", "bsr_grad_input", "bsr_grad_weight"))
+    return "/".join("".join(letter.get(c, "-") for c in choices.get(p, "").split("/"))
+                    for p in ("bsr_forward", "bsr_grad_input", "bsr_grad_weight"))
 
 
 def title(env, path, args):

@@ -71,20 +71,22 @@ def median_ratio(numerators, denominators):
 def settle_floor(fn):
     """Run ``fn`` until the floor rule (kernels/floor.py) has decided every shape class it
     reaches, so that timings see the settled choice, not its first alternating calls.
-    Returns {product: "cpu" or the composite's backend} as decided for ``fn``."""
+    Returns floor.decisions_by_product() as decided for ``fn``."""
     floor.reset_floor()
     if floor.floor_mode() == "measure":
         for _ in range(2 * floor.SAMPLES):
             fn()
-    return {key[0]: choice for key, choice in floor.floor_decisions().items()}
+    return floor.decisions_by_product()
 
 
 def describe_floor(choices):
-    """A table cell for settle_floor's result: "kernels", "composite: <products>", or "-"
-    (nothing under the rule, or the rule off)."""
+    """A table cell for settle_floor's result: "kernels", "composite: <products>" (a product
+    whose shape classes chose differently with its choices), or "-" (nothing under the rule,
+    or the rule off)."""
     if not choices:
         return "-"
-    lost = sorted(product for product, choice in choices.items() if choice != "cpu")
+    lost = sorted(f"{product} ({choice})" if "/" in choice else product
+                  for product, choice in choices.items() if choice != "cpu")
     return f"composite: {', '.join(lost)}" if lost else "kernels"
 
 

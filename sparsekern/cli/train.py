@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels.floor import floor_decisions
+from ..kernels.floor import decisions_by_product
 from ..kernels.output_cache import empty_output_cache
 from . import arguments, datasets, models
 from .errors import CliError
@@ -187,15 +187,6 @@ def first_chunk_peak(args, sparse, threads):
     return growth.mb, before_last[0] if before_last and updated else None
 
 
-def floor_choices():
-    """{product: what the floor rule settled on in this process ("cpu", the composite's backend,
-    or several joined by "/" where shape classes differ)}: the products the runs really used."""
-    choices = {}
-    for key, choice in floor_decisions().items():
-        choices.setdefault(key[0], set()).add(choice)
-    return {product: "/".join(sorted(names)) for product, names in sorted(choices.items())}
-
-
 # ------------------------------------------------------------------ the command
 
 def _sparse_label(args):
@@ -328,7 +319,7 @@ def _report(args, data, runs, labels, results, chunk, wall_s, load_start):
         "load_average": {"start": load_start, "end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "kernel": {"family": family, **path,
                    "products": {p: kernels.select_kernel(p, cpu, torch.float32)[0] for p in FAMILY_PRODUCTS[family]},
-                   "floor": floor_choices()},
+                   "floor": decisions_by_product()},
         "labels": list(labels),
         "runs": side,
         "speed_ratio": round(statistics.median(ratios), 3),

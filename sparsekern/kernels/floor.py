@@ -85,6 +85,15 @@ def floor_decisions():
         return {key: cls.choice or "measuring" for key, cls in _classes.items()}
 
 
+def decisions_by_product():
+    """{product: "cpu", the composite's backend, "measuring", or several joined by "/" where
+    its shape classes differ}: what the products really ran in this process."""
+    names = {}
+    for (product, *_), choice in floor_decisions().items():
+        names.setdefault(product, set()).add(choice)
+    return {product: "/".join(sorted(choices)) for product, choices in sorted(names.items())}
+
+
 class _Class:
     __slots__ = ("samples", "choice")
 
@@ -107,6 +116,17 @@ class _Class:
 _clock = time.perf_counter
 
 
+def _new_class(key, args, sure_win, sure_lose, composite_name):
+    """The class of ``key``, created by its first call; a sure outcome is judged on that call only."""
+    sure = ("cpu" if sure_win is not None and sure_win(*args)
+            else composite_name if sure_lose is not None and sure_lose(*args) else None)
+    with _lock:
+        cls = _classes.setdefault(key, _Class())
+        if sure is not None and cls.choice is None and not cls.samples:
+            cls.choice = sure
+        return cls
+
+
 def with_floor(product, fn, like):
     """``fn`` (the automatically chosen cpu kernel of ``product``) under the floor rule."""
     entry = _composites.get(product)
@@ -121,19 +141,12 @@ def with_floor(product, fn, like):
         if torch.are_deterministic_algorithms_enabled():
             return fn(*args)
         key = (product, like.dtype, torch.get_num_threads(), key_fn(*args))
-        with _lock:
-            cls = _classes.get(key)
-        if cls is None:  # a class's sure outcome is settled by its first call, not re-judged on every call
-            sure = ("cpu" if sure_win is not None and sure_win(*args)
-                    else composite_name if sure_lose is not None and sure_lose(*args) else None)
-            with _lock:
-                cls = _classes.setdefault(key, _Class())
-                if sure is not None and cls.choice is None:
-                    cls.choice = sure
+        cls = _classes.get(key) or _new_class(key, args, sure_win, sure_lose, composite_name)
+        side = cls.choice  # once decided, a class is read without the lock
+        if side is not None:
+            return implementations[side](*args)
         with _lock:
             side = cls.choice or cls.next_side(sides)
-        if cls.choice is not None:
-            return implementations[side](*args)
         start = _clock()
         out = implementations[side](*args)
         elapsed = _clock() - start
