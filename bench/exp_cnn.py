@@ -221,7 +221,8 @@ def report(rows, plot_path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(ALL), choices=ALL)
+    p.add_argument("--methods", nargs="*", default=list(ALL), choices=ALL,
+                   help="ResNet runs (none: only LeNet-5 / DLRT)")
     p.add_argument("--densities", nargs="+", type=float, default=[0.1, 0.05], help="sparsities 0.9 and 0.95")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="seed of the initial weights, masks, driver choices and data order (one run per seed)")

@@ -57,3 +57,24 @@ def test_a_dst_probe_step_runs_under_autocast():
         opt.step()
         opt.zero_grad()
         assert rigl.step()
+
+
+def _training_bytes(layer, optimizer):
+    """Parameters, their gradients, the optimizer state and the layer's buffers (block metadata)."""
+    tensors = [p for p in layer.parameters()] + [p.grad for p in layer.parameters()] + list(layer.buffers())
+    tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("density", [0.5, 0.1])
+def test_training_state_of_a_sparse_layer_is_its_density_of_dense(dtype, density):
+    def trained(layer):
+        optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+        layer(torch.randn(4, 1024, dtype=dtype)).float().sum().backward()
+        optimizer.step()
+        return _training_bytes(layer, optimizer)
+
+    sparse = trained(sk.SparseLinear(1024, 1024, block_size=32, density=density, dtype=dtype))
+    dense = trained(nn.Linear(1024, 1024, dtype=dtype))
+    assert sparse <= (density + 0.05) * dense, f"{sparse} bytes vs {dense} dense at density {density}"
