@@ -50,10 +50,13 @@ def test_conv_prints_each_product_with_the_floor_rule_path_and_writes_rows(tmp_p
     assert main(["bench", "--product", "conv", "--conv-shapes", "16x6", "--batch", "2", "--blocks", "8",
                  "--densities", "1", "0.25", "--reps", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "C  HW density     op" in out
+    assert "C  HW density stored     op" in out
     rows = [json.loads(line) for line in (tmp_path / "conv2d.jsonl").read_text().splitlines()]
     assert [(r["density"], r["op"]) for r in rows] == [(d, op) for d in (1.0, 0.25) for op in ("fwd", "dx", "dw", "step")]
     assert all(r["ratio"] > 0 and r["path"] and r["isa"] for r in rows)
+    # a 2 x 2 grid at density 0.25 stores one block
+    assert all(r["stored_density"] == r["density"] and r["limit"] == pytest.approx(r["ratio"] * r["density"])
+               for r in rows)
 
 
 @pytest.mark.parametrize("argv, message", [

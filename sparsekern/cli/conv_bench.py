@@ -13,7 +13,9 @@ over rounds of dense_ms / sparse_ms (> 1: sparse is faster):
 ``path`` is the backend that ran each product after the floor rule settled ("cpu": the
 compiled kernels; "reference": the dense composite); the step's is forward + backward, its
 backward one product (``conv_grads``: the kernels' dX and dW, or one dense backward).
-``target`` is 0.7 / density for ``step``. The dense side uses the masked weight, so both
+``target`` is 0.7 / density for ``step``. ``stored`` is the density the block grid really
+holds (a 4 x 4 grid at density 0.1 stores 2 blocks: 0.125) and ``limit`` = ratio x stored,
+the fraction of the work-saving bound reached. The dense side uses the masked weight, so both
 compute the same convolution.
 """
 import torch
@@ -28,8 +30,9 @@ from .timing import compare, fwd_bwd
 PRODUCTS = {"fwd": ("conv_forward",), "dx": ("conv_grad_input",), "dw": ("conv_grad_weight",),
             "step": ("conv_forward", "conv_grads")}
 OPS = ("fwd", "dx", "dw", "step")
-_TABLE = "{:>5} {:>3} {:>7} {:>6} {:>10} {:>10} {:>7} {:>7} {:>10}"
-HEADER = _TABLE.format("C", "HW", "density", "op", "dense ms", "sparse ms", "ratio", "target", "path")
+_TABLE = "{:>5} {:>3} {:>7} {:>6} {:>6} {:>10} {:>10} {:>7} {:>7} {:>6} {:>10}"
+HEADER = _TABLE.format("C", "HW", "density", "stored", "op", "dense ms", "sparse ms", "ratio", "target", "limit",
+                       "path")
 
 
 def parse_shapes(text):
@@ -98,18 +101,21 @@ def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=N
                 on_case(s * len(densities) + d, count, f"{channels}x{size}, density {density}")
             case = Case(channels, size, density, batch, block, generator, stride)
             dense, sparse = case.dense_fns(), case.sparse_fns()
+            stored = case.sparse.nnz_blocks / case.sparse.block_mask.numel()
             for op in OPS:
                 row = dict(context, channels=channels, size=size, stride=stride, batch=batch, block=block,
-                           density=density, nnz_blocks=case.sparse.nnz_blocks, op=op)
+                           density=density, nnz_blocks=case.sparse.nnz_blocks, stored_density=stored, op=op)
                 name = f"{channels}x{size}" + (f"-s{stride}" if stride > 1 else "")
                 row = compare(f"{name}-d{density}-{op}", dense[op], sparse[op], reps, measure, row,
                               on_round=on_round)
                 row["path"] = case.path(op, row["floor"])
                 row["target"] = 0.7 / density if op == "step" and density > 0 else None
+                row["limit"] = row["ratio"] * stored
                 yield row
 
 
 def format_row(r):
     target = "" if r["target"] is None else f"{r['target']:.2f}"
-    return _TABLE.format(r["channels"], r["size"], r["density"], r["op"], f"{r['dense_ms']:.2f}",
-                         f"{r['sparse_ms']:.2f}", f"{r['ratio']:.2f}", target, r["path"])
+    return _TABLE.format(r["channels"], r["size"], r["density"], f"{r['stored_density']:.3f}", r["op"],
+                         f"{r['dense_ms']:.2f}", f"{r['sparse_ms']:.2f}", f"{r['ratio']:.2f}", target,
+                         f"{r['limit']:.2f}", r["path"])
