@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import sparsekern as sk
+from sparsekern.cli.models import training_state_mb
 
 
 def _layers():
@@ -60,10 +61,9 @@ def test_a_dst_probe_step_runs_under_autocast():
 
 
 def _training_bytes(layer, optimizer):
-    """Parameters, their gradients, the optimizer state and the layer's buffers (block metadata)."""
-    tensors = [p for p in layer.parameters()] + [p.grad for p in layer.parameters()] + list(layer.buffers())
-    tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """The CLI's training state (parameters, gradients, optimizer state) plus the layer's buffers
+    (block metadata)."""
+    return training_state_mb(layer, optimizer) * 2 ** 20 + sum(b.numel() * b.element_size() for b in layer.buffers())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -129,8 +129,8 @@ HEADER = (f"{'block':>5} {'density':>7} | {'fwd':>6} {'dx':>6} {'dw':>6} {'step'
 LEGEND = ("# ratios = dense ms / sparse ms (fwd, dx, dw, fwd+bwd step); ideal = 1/density; limit = step x density;\n"
           "# bsr = torch BSR fwd ms / ours; tBSR = dense / torch BSR fwd; GF/s on stored blocks; "
           "max err = relative error vs dense masked;\n# floor = the floor rule's choice in the step for fwd/dx/dw: "
-          "k = kernel, d = dense composite, ? = still measuring, kd = each for some shapes, - = not measured (density <= 1/4 "
-          "or the rule off: the kernel runs)")
+          "k = kernel, d = dense composite, ? = still measuring, kd = each for some shapes, "
+          "- = not measured (density <= 1/4 or the rule off: the kernel runs)")
 
 
 def format_row(row):

@@ -101,7 +101,7 @@ def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=N
                 on_case(s * len(densities) + d, count, f"{channels}x{size}, density {density}")
             case = Case(channels, size, density, batch, block, generator, stride)
             dense, sparse = case.dense_fns(), case.sparse_fns()
-            stored = case.sparse.nnz_blocks / case.sparse.block_mask.numel()
+            stored = case.sparse.density
             for op in OPS:
                 row = dict(context, channels=channels, size=size, stride=stride, batch=batch, block=block,
                            density=density, nnz_blocks=case.sparse.nnz_blocks, stored_density=stored, op=op)
