@@ -127,6 +127,22 @@ def test_conv_calls_decided_without_measuring(measured):
 
 
 @needs_cpu
+@pytest.mark.filterwarnings("ignore:.*store no block")
+@pytest.mark.parametrize("in_channels,kernel,density,decision", [
+    (32, 3, 0.0, "cpu"),          # no stored block: the kernels only write the bias, a sure win
+    (32, 1, 0.125, "measuring"),  # one block: 4 multiply-adds per input element; the composite's are 32
+    (4, 1, 1.0, "reference"),     # the dense conv itself does 4 per input element: a sure loss
+])
+def test_low_density_alone_never_sends_a_call_to_the_composite(measured, in_channels, kernel, density, decision):
+    layer = sk.SparseConv2d(in_channels, 64, kernel, padding=kernel // 2, block_size=16, density=density)
+    x = torch.randn(2, in_channels, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = sparse_conv2d(x, layer.values.detach(), layer.layout(), layer.geometry, layer.bias.detach())
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, layer.dense_weight().detach(), layer.bias.detach(),
+                                                             padding=kernel // 2))
+    assert list(_decided("conv_forward").values()) == [decision]
+
+
+@needs_cpu
 def test_input_gradient_density_decides_alike_at_any_stride(measured):
     # dX runs by stride phases (no stride-dilated copy): its work is the layout's, whatever the stride.
     x, values, layout, geometry, bias = conv_case("stride2", torch.float32)   # 10 -> 13, block 4, stride 2

@@ -13,8 +13,11 @@ padding channels included) over those of the dense conv. Calls decided without m
   sure win: more than one tap and at most a quarter of the dense work. The kernels won
     2.2-4.4x there on a Zen3 (AVX2/FMA) against oneDNN in every product, and the composite
     would form the dense weight to lose;
-  sure lose: images under 4 pixels, or under 8 multiply-adds per input element: the
-    placement and output passes cost more than the products save.
+  sure lose: images under 4 pixels, or a dense conv of under 8 multiply-adds per input
+    element: the kernels' placement and output passes cost as much as the whole dense
+    product (a 1x1 conv 4 -> 64 at 28x28, batch 64: the kernels 4.3x slower forward). The density does not enter: the composite does the
+    dense work at any density, so a sparser layer only widens the kernels' lead (at 1/16 of
+    the dense work or less, 1x1 and empty layers included, they won 1.1-22x on the Zen3).
 """
 from typing import NamedTuple
 
@@ -24,19 +27,13 @@ from ..floor import density_bucket, register_floor, tokens_bucket
 from .geometry import output_memory_format
 
 _MIN_PIXELS = 4          # per image: output pixels (forward, dW), input pixels (dX)
-_MIN_WORK_PER_INPUT = 8  # multiply-adds per input element below which the memory passes dominate
+_MIN_WORK_PER_INPUT = 8  # dense multiply-adds per input element below which the memory passes dominate
 _SURE_WIN_WORK = 4       # at most 1/4 of the dense multiply-adds, in the 1/16 steps of density_bucket
 
 
 def _weights(layout, geometry):
     """(weights the stored blocks hold, padding channels included; weights of the dense conv), per tap."""
     return layout.nnz_blocks * geometry.block_size ** 2, geometry.out_channels * geometry.in_per_group
-
-
-def effective_density(layout, geometry):
-    """Multiply-adds of the stored blocks (padding channels included) over those of the dense conv."""
-    stored, dense = _weights(layout, geometry)
-    return stored / dense
 
 
 def _density_step(layout, geometry):
@@ -49,8 +46,7 @@ def _taps(geometry):
 
 
 def _too_little_work(call):
-    work = call.geometry.in_per_group * _taps(call.geometry) * effective_density(call.layout, call.geometry)
-    return call.pixels < _MIN_PIXELS or work < _MIN_WORK_PER_INPUT
+    return call.pixels < _MIN_PIXELS or call.geometry.in_per_group * _taps(call.geometry) < _MIN_WORK_PER_INPUT
 
 
 def _sure_win(call):
