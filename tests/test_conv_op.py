@@ -49,11 +49,11 @@ LAYOUTS = [(True, 2), (False, 0)]  # (channels-last, batch): both memory formats
 def test_opcheck_autograd_ops(backend, channels_last, batch):
     x, values, bias, flat, geometry, _ = _op_args("groups2-stride1x2", torch.float64, channels_last, batch)
     geo = geometry.as_list()
-    torch.library.opcheck(conv_op._conv2d, (x.requires_grad_(), values.requires_grad_(), bias, flat, geo, backend))
+    torch.library.opcheck(conv_op._conv2d.op, (x.requires_grad_(), values.requires_grad_(), bias, flat, geo, backend))
     dy = output_gradient(x.detach(), geometry).contiguous(memory_format=conv_op.output_memory_format(x))
-    torch.library.opcheck(conv_op._grad_input, (dy, values.detach(), flat, geo, list(x.shape[2:]), backend))
-    torch.library.opcheck(conv_op._grad_weight, (dy, x.detach(), flat, geo, backend))
-    torch.library.opcheck(conv_op._grads, (dy, x.detach(), values.detach(), flat, geo, backend))
+    torch.library.opcheck(conv_op._grad_input.op, (dy, values.detach(), flat, geo, list(x.shape[2:]), backend))
+    torch.library.opcheck(conv_op._grad_weight.op, (dy, x.detach(), flat, geo, backend))
+    torch.library.opcheck(conv_op._grads.op, (dy, x.detach(), values.detach(), flat, geo, backend))
 
 
 @needs_cpu

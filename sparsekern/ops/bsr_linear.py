@@ -15,6 +15,7 @@ from torch import Tensor
 from ..formats.bsr import BlockLayout, BlockSparseMatrix
 from .checks import check_linear_inputs, saved_tensors
 from .dispatch import kernel, traced_backend
+from .eager import eager_op
 from .outputs import with_leading_dims
 from .probe import own_positions
 
@@ -31,25 +32,25 @@ def _layout(tensors, shape, block):
     return BlockLayout(tuple(shape), tuple(block), *tensors)
 
 
-@torch.library.custom_op("sparsekern::bsr_grad_input", mutates_args=())
+@eager_op("sparsekern::bsr_grad_input")
 def _grad_input(dy: Tensor, values: Tensor, layout: list[Tensor], shape: list[int], block: list[int],
                 backend: Optional[str]) -> Tensor:
     return kernel("bsr_grad_input", dy, backend)(dy, values, _layout(layout, shape, block))
 
 
-@torch.library.custom_op("sparsekern::bsr_grad_weight", mutates_args=())
+@eager_op("sparsekern::bsr_grad_weight")
 def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], shape: list[int], block: list[int],
                  backend: Optional[str]) -> Tensor:
     return kernel("bsr_grad_weight", dy, backend)(dy, x, _layout(layout, shape, block))
 
 
-@torch.library.custom_op("sparsekern::bsr_linear", mutates_args=())
+@eager_op("sparsekern::bsr_linear")
 def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], layout: list[Tensor], shape: list[int],
             block: list[int], backend: Optional[str]) -> Tensor:
     return kernel("bsr_forward", x, backend)(x, values, _layout(layout, shape, block), bias)
 
 
-@torch.library.custom_op("sparsekern::bsr_linear_probed", mutates_args=())
+@eager_op("sparsekern::bsr_linear_probed")
 def _linear_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Tensor, layout: list[Tensor],
                    probe_layout: list[Tensor], own_positions: Optional[Tensor], shape: list[int], block: list[int],
                    backend: Optional[str]) -> Tensor:
@@ -121,8 +122,8 @@ def _backward_probed(ctx, dy):
     return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None, None
 
 
-torch.library.register_autograd("sparsekern::bsr_linear", _backward, setup_context=_setup_context)
-torch.library.register_autograd("sparsekern::bsr_linear_probed", _backward_probed, setup_context=_setup_probed)
+_linear.register_autograd(_backward, _setup_context)
+_linear_probed.register_autograd(_backward_probed, _setup_probed)
 
 
 def _check_inputs(x, weight, bias, grad_probe):

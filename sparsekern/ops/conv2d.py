@@ -15,6 +15,7 @@ from ..formats.bsr import BlockLayout
 from ..kernels.conv import ConvGeometry, output_memory_format
 from .checks import saved_tensors
 from .dispatch import kernel, traced_backend
+from .eager import eager_op
 from .probe import BlockProbe, own_positions
 
 # A layout crosses the op boundary as its index tensors; its shape and block size follow from the geometry.
@@ -36,13 +37,13 @@ def _forward(x, values, bias, layout, geometry, backend):
     return kernel("conv_forward", x, backend)(x, values, _unflat(layout, geo), geo, bias)
 
 
-@torch.library.custom_op("sparsekern::conv2d", mutates_args=())
+@eager_op("sparsekern::conv2d")
 def _conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], layout: list[Tensor], geometry: list[int],
             backend: Optional[str]) -> Tensor:
     return _forward(x, values, bias, layout, geometry, backend)
 
 
-@torch.library.custom_op("sparsekern::conv2d_probed", mutates_args=())
+@eager_op("sparsekern::conv2d_probed")
 def _conv2d_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Tensor, layout: list[Tensor],
                    probe_layout: list[Tensor], own_positions: Optional[Tensor], geometry: list[int],
                    backend: Optional[str]) -> Tensor:
@@ -53,20 +54,20 @@ def _conv2d_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_valu
     return _forward(x, values, bias, layout, geometry, backend)
 
 
-@torch.library.custom_op("sparsekern::conv2d_grad_input", mutates_args=())
+@eager_op("sparsekern::conv2d_grad_input")
 def _grad_input(dy: Tensor, values: Tensor, layout: list[Tensor], geometry: list[int], input_size: list[int],
                 backend: Optional[str]) -> Tensor:
     geo = ConvGeometry.from_list(geometry)
     return kernel("conv_grad_input", dy, backend)(dy, values, _unflat(layout, geo), geo, tuple(input_size))
 
 
-@torch.library.custom_op("sparsekern::conv2d_grad_weight", mutates_args=())
+@eager_op("sparsekern::conv2d_grad_weight")
 def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], geometry: list[int], backend: Optional[str]) -> Tensor:
     geo = ConvGeometry.from_list(geometry)
     return kernel("conv_grad_weight", x, backend)(dy, x, _unflat(layout, geo), geo)
 
 
-@torch.library.custom_op("sparsekern::conv2d_grads", mutates_args=())
+@eager_op("sparsekern::conv2d_grads")
 def _grads(dy: Tensor, x: Tensor, values: Tensor, layout: list[Tensor], geometry: list[int],
            backend: Optional[str]) -> tuple[Tensor, Tensor]:
     """dX and dW of one backward: the kernels' two products, or (the composite) one dense
@@ -154,8 +155,8 @@ def _backward_probed(ctx, dy):
     return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None
 
 
-torch.library.register_autograd("sparsekern::conv2d", _backward, setup_context=_setup_context)
-torch.library.register_autograd("sparsekern::conv2d_probed", _backward_probed, setup_context=_setup_probed)
+_conv2d.register_autograd(_backward, _setup_context)
+_conv2d_probed.register_autograd(_backward_probed, _setup_probed)
 
 
 def _check_inputs(x, values, layout, geometry, bias):

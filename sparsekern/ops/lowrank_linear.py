@@ -11,18 +11,19 @@ from torch import Tensor
 
 from .checks import saved_tensors
 from .dispatch import kernel, traced_backend
+from .eager import eager_op
 from .outputs import with_leading_dims
 
 # The forward op also returns a = x V and b = a Sᵀ for the backward.
 
 
-@torch.library.custom_op("sparsekern::low_rank_linear", mutates_args=())
+@eager_op("sparsekern::low_rank_linear")
 def _forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor], kl_grads: bool,
              backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     return kernel("lowrank_forward", x, backend)(x, U, S, V, bias)
 
 
-@torch.library.custom_op("sparsekern::low_rank_linear_backward", mutates_args=())
+@eager_op("sparsekern::low_rank_linear_backward")
 def _backward_op(dy: Tensor, x: Tensor, a: Tensor, b: Tensor, U: Tensor, S: Tensor, V: Tensor, kl_grads: bool,
                  needs: list[bool], backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dU, dS, dV, dbias); an output not in ``needs`` is an empty tensor (custom ops cannot return None)."""
@@ -62,7 +63,7 @@ def _backward(ctx, dy, _da, _db):
     return (*grads, None, None)
 
 
-torch.library.register_autograd("sparsekern::low_rank_linear", _backward, setup_context=_setup_context)
+_forward.register_autograd(_backward, _setup_context)
 
 
 def _check_inputs(x, U, S, V, bias):

@@ -20,29 +20,30 @@ from ..formats.semi import SemiStructuredMatrix
 from ..formats.semi_prune import check_2to4_shape
 from .checks import check_linear_inputs, saved_tensors
 from .dispatch import kernel, traced_backend
+from .eager import eager_op
 from .outputs import with_leading_dims
 
 # Optional outputs cross the op boundary as empty tensors (custom ops cannot return None).
 
 
-@torch.library.custom_op("sparsekern::semi_matmul", mutates_args=())
+@eager_op("sparsekern::semi_matmul")
 def _matmul(x: Tensor, values: Tensor, indices: Tensor, backend: Optional[str]) -> Tensor:
     """x @ Wᵀ for W = (values, indices) compressed 2:4."""
     return kernel("semi_forward", x, backend)(x, values, indices)
 
 
-@torch.library.custom_op("sparsekern::semi_grad_input", mutates_args=())
+@eager_op("sparsekern::semi_grad_input")
 def _grad_input(dy: Tensor, values: Tensor, indices: Tensor, indices_t: Optional[Tensor],
                 transpose_map: Optional[Tensor], backend: Optional[str]) -> Tensor:
     return kernel("semi_grad_input", dy, backend)(dy, values, indices, indices_t, transpose_map)
 
 
-@torch.library.custom_op("sparsekern::semi_grad_weight", mutates_args=())
+@eager_op("sparsekern::semi_grad_weight")
 def _grad_weight(dy: Tensor, x: Tensor, indices: Tensor, backend: Optional[str]) -> Tensor:
     return kernel("semi_grad_weight", dy, backend)(dy, x, indices)
 
 
-@torch.library.custom_op("sparsekern::semi_prune_compress", mutates_args=())
+@eager_op("sparsekern::semi_prune_compress")
 def _prune_compress(weight: Tensor, transposable: bool, backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(values, indices, values_t, indices_t); the last two are empty unless ``transposable``."""
     values, indices, values_t, indices_t = kernel("semi_prune_compress", weight, backend)(weight, transposable)
@@ -58,13 +59,13 @@ def _forward(x, values, bias, indices, backend):
     return y
 
 
-@torch.library.custom_op("sparsekern::semi_linear", mutates_args=())
+@eager_op("sparsekern::semi_linear")
 def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indices: Tensor, indices_t: Optional[Tensor],
             transpose_map: Optional[Tensor], backend: Optional[str]) -> Tensor:
     return _forward(x, values, bias, indices, backend)
 
 
-@torch.library.custom_op("sparsekern::semi_linear_probed", mutates_args=())
+@eager_op("sparsekern::semi_linear_probed")
 def _linear_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Tensor, indices: Tensor,
                    indices_t: Optional[Tensor], transpose_map: Optional[Tensor], probe_indices: Tensor,
                    backend: Optional[str]) -> Tensor:
@@ -73,7 +74,7 @@ def _linear_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_valu
     return _forward(x, values, bias, indices, backend)
 
 
-@torch.library.custom_op("sparsekern::semi_linear_dynamic", mutates_args=())
+@eager_op("sparsekern::semi_linear_dynamic")
 def _linear_dynamic(x: Tensor, weight: Tensor, bias: Optional[Tensor], transposable: bool,
                     backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, values, indices, values_t, indices_t): the 2:4 copy is returned for the backward."""
@@ -183,9 +184,9 @@ def _backward_dynamic(ctx, dy, *_compressed_grads):
     return dx, dw, db, None, None
 
 
-torch.library.register_autograd("sparsekern::semi_linear", _backward_static, setup_context=_setup_static)
-torch.library.register_autograd("sparsekern::semi_linear_probed", _backward_probed, setup_context=_setup_probed)
-torch.library.register_autograd("sparsekern::semi_linear_dynamic", _backward_dynamic, setup_context=_setup_dynamic)
+_linear.register_autograd(_backward_static, _setup_static)
+_linear_probed.register_autograd(_backward_probed, _setup_probed)
+_linear_dynamic.register_autograd(_backward_dynamic, _setup_dynamic)
 
 
 def semi_linear(x, weight, bias=None, *, grad_probe=None):
