@@ -2,8 +2,9 @@
 
 A custom op is what torch.compile, export and fake tensors need: a schema, a fake
 implementation, a graph node. In an eager call it costs the dispatcher, the argument
-checks and the pytree walks of its autograd wrapper: ~0.1 ms per op, 0.5-1 ms per layer
-step measured (128 -> 128 3x3 conv at 16x16, batch 64: 7 % of a step at density 0.1).
+checks and the pytree walks of its autograd wrapper: ~0.1 ms per op (128 -> 128 3x3 conv
+at 16x16, batch 64, density 0.1: a layer step's time over its bare kernels fell from
+1.0-1.5 ms to ~0.8 ms, a tiny step's from 854 to 588 us, without them).
 So an eager call of plain tensors, with no dispatch mode active, runs the op's Python body
 itself, under an autograd.Function built from the same setup_context and backward as the
 op's registered autograd; anything else (compiling, fake or other tensor subclasses, a

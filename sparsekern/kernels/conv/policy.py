@@ -15,9 +15,10 @@ padding channels included) over those of the dense conv. Calls decided without m
     would form the dense weight to lose;
   sure lose: images under 4 pixels, or a dense conv of under 8 multiply-adds per input
     element: the kernels' placement and output passes cost as much as the whole dense
-    product (a 1x1 conv 4 -> 64 at 28x28, batch 64: the kernels 4.3x slower forward). The density does not enter: the composite does the
-    dense work at any density, so a sparser layer only widens the kernels' lead (at 1/16 of
-    the dense work or less, 1x1 and empty layers included, they won 1.1-22x on the Zen3).
+    product (a 1x1 conv 4 -> 64 at 28x28, batch 64: the kernels 4.3x slower forward).
+    The density does not enter: the composite does the dense work at any density, so a
+    sparser layer only widens the kernels' lead (at 1/16 of the dense work or less, 1x1
+    and empty layers included, they won 1.1-22x on the Zen3).
 """
 from typing import NamedTuple
 
