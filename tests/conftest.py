@@ -56,6 +56,8 @@ def pytest_terminal_summary(terminalreporter):
     skipped = [name for name in microkernel.ISAS if name not in runnable]
     line = f"CPU microkernel paths run natively: {', '.join(runnable)}"
     if skipped:
-        line += (f"; not run: {', '.join(skipped)} (this CPU's best is {runnable[0]}; the AVX-512 tile geometry "
-                 "ran on the portable loops, its SIMD loops need a CPU with AVX-512F)")
+        line += f"; not run: {', '.join(skipped)} (this CPU's best is {runnable[0]}"
+        if "avx512" in skipped:
+            line += "; the AVX-512 tile geometry ran on the portable loops, its SIMD loops need AVX-512F"
+        line += "; the amx path's bf16 tiles need AMX-TILE, AMX-BF16 and AVX512-BF16)"
     terminalreporter.write_line(line)

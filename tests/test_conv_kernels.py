@@ -98,7 +98,8 @@ def test_composite_backward_gives_both_gradients_at_once(name, channels_last):
 @needs_cpu
 def test_cpu_microkernel_switch():
     best = microkernel.microkernel_isa("conv")
-    assert best == {"avx512": "avx512f", "avx2": "avx2-fma", "portable": "portable"}[microkernel.cpu_isa()]
+    assert best == {"amx": "avx512f", "avx512": "avx512f", "avx2": "avx2-fma",
+                    "portable": "portable"}[microkernel.cpu_isa()]
     for name, portable_loops, runs in [("portable", False, "portable"), ("avx512", True, "portable-wide")]:
         microkernel.set_isa("conv", name, portable_loops)
         assert microkernel.microkernel_isa("conv") == runs

@@ -36,7 +36,8 @@ def test_every_family_runs_the_requested_path(isa):
     result = _run(isa)
     assert result.returncode == 0, result.stderr
     *paths, semi = result.stdout.split()
-    assert paths == [{"avx512": "avx512f", "avx2": "avx2-fma", "portable": "portable"}[isa]] * 3
+    fp32 = {"amx": "avx512f", "avx512": "avx512f", "avx2": "avx2-fma", "portable": "portable"}[isa]
+    assert paths == ["avx512f+amx" if isa == "amx" else fp32, fp32, fp32]  # AMX products: bsr bf16 only
     assert semi == str(isa != "portable")  # the 2:4 kernels have no portable path
 
 
@@ -67,7 +68,8 @@ def test_set_isa_refuses_a_path_the_cpu_lacks_unless_on_portable_loops():
         microkernel.set_isa("bsr", missing[-1])
     microkernel.set_isa("bsr", missing[-1], portable_loops=True)
     try:
-        assert microkernel.microkernel_isa("bsr") == ("portable-wide" if missing[-1] == "avx512" else "portable")
+        wide = missing[-1] in ("avx512", "amx")
+        assert microkernel.microkernel_isa("bsr") == ("portable-wide" if wide else "portable")
     finally:
         microkernel.set_isa("bsr", None)
     assert microkernel.microkernel_isa("bsr") != "portable-wide"

@@ -6,6 +6,7 @@
 // sparsekern::bsr_grad_weight_cpu dvalues = (dyᵀ x) sampled on the stored blocks
 // Tensors: CPU, contiguous, float64 / float32 / bfloat16 / float16 (half types
 // computed in fp32), int64 indices of a valid BlockLayout (checked in O(nnz)).
+// bf16 with block sides that are multiples of 32 runs on AMX tiles on the amx path.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -14,6 +15,7 @@
 #include "common/grouped_product.h"
 #include "common/huge_page_output.h"
 #include "common/microkernel.h"
+#include "bsr/amx_products.h"
 #include "bsr/sampled_product.h"
 
 namespace sparsekern {
@@ -58,6 +60,16 @@ at::Tensor in_compute_type(const at::Tensor& t) {
   return t.scalar_type() == scalar_type_of<C>() ? t : t.to(scalar_type_of<C>());
 }
 
+// bf16 on AMX tiles: the amx path, and blocks made of whole 32 x 32 tiles.
+bool on_amx(const at::Tensor& t, int64_t br, int64_t bc) {
+#ifdef SPARSEKERN_AMX_BUILD
+  return t.scalar_type() == at::kBFloat16 && common::amx_tiles() && br % common::kAmxTile == 0 &&
+         bc % common::kAmxTile == 0;
+#else
+  return false;
+#endif
+}
+
 void check_same(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "dtype mismatch: ", a.scalar_type(), " vs ", b.scalar_type());
 }
@@ -80,6 +92,15 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
     TORCH_CHECK(bias->size(0) == out_features, "bias has ", bias->size(0), " entries, expected ", out_features);
   }
   at::Tensor y = empty_output({M, out_features}, x.options());
+#ifdef SPARSEKERN_AMX_BUILD
+  if (on_amx(x, br, bc)) {
+    using common::bf16;
+    amx_grouped_product(x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true,
+                        row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(),
+                        y.data_ptr<bf16>(), has_bias ? bias->data_ptr<bf16>() : nullptr);
+    return y;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_forward", [&] {
     using C = Compute<scalar_t>;
     const at::Tensor xc = in_compute_type<C>(x);
@@ -88,7 +109,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
                                          /*transpose=*/true, row_offsets.data_ptr<int64_t>(), RB, nullptr,
                                          col_indices.data_ptr<int64_t>(), y.data_ptr<scalar_t>(),
                                          has_bias ? bias->data_ptr<scalar_t>() : nullptr);
-    });
+    }, br);
   });
   return y;
 }
@@ -106,6 +127,15 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   check_index(t_block_ids, "t_block_ids", nnz, nnz);
   check_index(t_row_indices, "t_row_indices", nnz, N / br);
   at::Tensor dx = empty_output({M, in_features}, dy.options());
+#ifdef SPARSEKERN_AMX_BUILD
+  if (on_amx(dy, br, bc)) {
+    using common::bf16;
+    amx_grouped_product(dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc, /*transpose=*/false,
+                        col_offsets.data_ptr<int64_t>(), CB, t_block_ids.data_ptr<int64_t>(),
+                        t_row_indices.data_ptr<int64_t>(), dx.data_ptr<bf16>(), nullptr);
+    return dx;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bsr_grad_input", [&] {
     using C = Compute<scalar_t>;
     const at::Tensor dyc = in_compute_type<C>(dy);
@@ -114,7 +144,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
                                          /*transpose=*/false, col_offsets.data_ptr<int64_t>(), CB,
                                          t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(),
                                          dx.data_ptr<scalar_t>());
-    });
+    }, bc);
   });
   return dx;
 }
@@ -131,6 +161,14 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   check_index(row_indices, "row_indices", nnz, N / br);
   check_index(col_indices, "col_indices", nnz, K / bc);
   at::Tensor dvalues = empty_output({nnz, br, bc}, x.options());
+#ifdef SPARSEKERN_AMX_BUILD
+  if (on_amx(x, br, bc)) {
+    using common::bf16;
+    amx_sampled_product(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc, row_indices.data_ptr<int64_t>(),
+                        col_indices.data_ptr<int64_t>(), nnz, dvalues.data_ptr<bf16>());
+    return dvalues;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_grad_weight", [&] {
     using C = Compute<scalar_t>;
     const at::Tensor dyc = in_compute_type<C>(dy), xc = in_compute_type<C>(x);
@@ -138,7 +176,7 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
       sampled_product<scalar_t, C, decltype(nr)::value>(dyc.data_ptr<C>(), xc.data_ptr<C>(), M, N, K, br, bc,
                                          row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(), nnz,
                                          dvalues.data_ptr<scalar_t>());
-    });
+    }, bc);
   });
   return dvalues;
 }
@@ -166,5 +204,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 // Controls, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sparsekern::common::def_output_cache(m);
-  sparsekern::common::def_path_controls(m);
+  sparsekern::common::def_path_controls(m, /*amx_products=*/true);
 }

@@ -22,9 +22,12 @@
 
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+
+#include "common/amx.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -192,19 +195,21 @@ SPARSEKERN_SIMD_MICROKERNEL(microkernel_avx512, SPARSEKERN_AVX512, Avx512)
 
 // Which implementation runs. The path is an ISA (its tile geometry: NR) and whether its
 // SIMD loops or the portable ones execute; decided once from the CPU, then only lowered
-// on request (SPARSEKERN_CPU_ISA, tests). One setting per extension module.
-enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// on request (SPARSEKERN_CPU_ISA, tests). One setting per extension module. The amx
+// path is the avx512 one plus AMX tiles for the bf16 products that have them.
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 inline const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "portable";
+  return isa == Isa::kAmx ? "amx" : isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "portable";
 }
 
 // The best path this CPU runs natively (AVX-512F needs AVX2/FMA too: the tails use them).
 inline Isa cpu_isa() {
 #ifdef SPARSEKERN_X86
   static const Isa isa = !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::kPortable
-                         : __builtin_cpu_supports("avx512f")                                  ? Isa::kAvx512
-                                                                                              : Isa::kAvx2;
+                         : !__builtin_cpu_supports("avx512f")                                 ? Isa::kAvx2
+                         : amx_bf16_usable()                                                  ? Isa::kAmx
+                                                                                              : Isa::kAvx512;
   return isa;
 #else
   return Isa::kPortable;
@@ -222,16 +227,19 @@ inline bool portable_loops() {
   return path_isa() == Isa::kPortable || path_state().load(std::memory_order_relaxed) % 2 == 1;
 }
 // The AVX-512 geometry: packed strips of kWideNR columns.
-inline bool wide_tiles() { return path_isa() == Isa::kAvx512; }
+inline bool wide_tiles() { return int(path_isa()) >= int(Isa::kAvx512); }
+// bf16 products on AMX tiles (the amx path's SIMD loops).
+inline bool amx_tiles() { return path_isa() == Isa::kAmx && !portable_loops(); }
 
-// Force path `name` ("portable", "avx2", "avx512"); its SIMD loops must run on this CPU
-// unless `portable` asks for the portable loops at that path's geometry.
+// Force path `name` ("portable", "avx2", "avx512", "amx"); its SIMD loops must run on this
+// CPU unless `portable` asks for the portable loops at that path's geometry.
 inline void set_path(const std::string& name, bool portable) {
   Isa isa;
   if (name == "portable") isa = Isa::kPortable;
   else if (name == "avx2") isa = Isa::kAvx2;
   else if (name == "avx512") isa = Isa::kAvx512;
-  else throw std::invalid_argument("unknown CPU ISA '" + name + "'; expected portable, avx2 or avx512");
+  else if (name == "amx") isa = Isa::kAmx;
+  else throw std::invalid_argument("unknown CPU ISA '" + name + "'; expected portable, avx2, avx512 or amx");
   if (!portable && int(isa) > int(cpu_isa())) {
     throw std::invalid_argument(std::string("this CPU cannot run the ") + name + " kernels (the best it runs is " +
                                 isa_name(cpu_isa()) + ")");
@@ -239,16 +247,20 @@ inline void set_path(const std::string& name, bool portable) {
   path_state() = int(isa) * 2 + (portable ? 1 : 0);
 }
 
-// What runs now: "avx512f", "avx2-fma", "portable", or "portable-wide" (portable loops, AVX-512 tiles).
-inline std::string path_name() {
+// What runs now: "avx512f+amx" (AVX-512 fp32, AMX bf16: only an extension with AMX products
+// says so), "avx512f", "avx2-fma", "portable", or "portable-wide" (portable loops, AVX-512 tiles).
+inline std::string path_name(bool amx_products) {
+  if (amx_tiles() && amx_products) return "avx512f+amx";
   if (!portable_loops()) return wide_tiles() ? "avx512f" : "avx2-fma";
   return wide_tiles() ? "portable-wide" : "portable";
 }
 
 // Strip width NR of the current path, as a compile-time constant: f(std::integral_constant<int, NR>).
+// Output groups narrower than a wide strip (`width`: 16-column blocks) take the narrow one,
+// which would otherwise be half zeros.
 template <typename C, typename F>
-void with_strip_width(const F& f) {
-  if (wide_tiles()) {
+void with_strip_width(const F& f, int64_t width = std::numeric_limits<int64_t>::max()) {
+  if (wide_tiles() && width >= kWideNR<C>) {
     f(std::integral_constant<int, kWideNR<C>>{});
   } else {
     f(std::integral_constant<int, kNR<C>>{});
@@ -256,11 +268,14 @@ void with_strip_width(const F& f) {
 }
 
 // The Python functions of every extension on these microkernels (Module: pybind11::module).
+// amx_products: the extension has bf16 products on AMX tiles.
 template <typename Module>
-void def_path_controls(Module& m) {
-  m.def("isa", &path_name, "what runs: 'avx512f', 'avx2-fma', 'portable' or 'portable-wide'");
+void def_path_controls(Module& m, bool amx_products = false) {
+  m.def("isa", [amx_products] { return path_name(amx_products); },
+        "what runs: 'avx512f+amx', 'avx512f', 'avx2-fma', 'portable' or 'portable-wide'");
   m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); }, "the best path this CPU runs");
-  m.def("set_isa", &set_path, "force a path: 'portable', 'avx2' or 'avx512' (portable loops if the flag is set)");
+  m.def("set_isa", &set_path,
+        "force a path: 'portable', 'avx2', 'avx512' or 'amx' (portable loops if the flag is set)");
 }
 
 template <typename C, int MR, int NR, bool kRowsA>

@@ -26,12 +26,12 @@ void parallel_for_work(int64_t n, int64_t work, const F& fn) {
   at::parallel_for(0, n, (n + threads - 1) / threads, fn);
 }
 
-// Runs fn(item) for every item of [0, n), in order within a thread, giving each
-// thread one contiguous range of about equal total cost. `prefix` holds the
-// n + 1 running sums of the item costs (multiply-adds). Power-law block rows are
-// why this is by cost and not by item count.
+// Splits the items of [0, n) into contiguous ranges of about equal total cost, one per
+// thread, and runs fn(begin, end) on each. `prefix` holds the n + 1 running sums of the
+// item costs (multiply-adds). Power-law block rows are why this is by cost and not by
+// item count.
 template <typename F>
-void parallel_by_cost(const std::vector<int64_t>& prefix, const F& fn) {
+void parallel_ranges_by_cost(const std::vector<int64_t>& prefix, const F& fn) {
   const int64_t n = static_cast<int64_t>(prefix.size()) - 1;
   if (n <= 0) return;
   const int64_t total = prefix.back();
@@ -43,9 +43,15 @@ void parallel_by_cost(const std::vector<int64_t>& prefix, const F& fn) {
   };
   // grain 1 over `parts` items: each thread of the pool runs one part.
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t item = start(p), end = start(p + 1); item < end; ++item) fn(item);
-    }
+    for (int64_t p = p0; p < p1; ++p) fn(start(p), start(p + 1));
+  });
+}
+
+// fn(item) for every item, in order within a thread, split as parallel_ranges_by_cost.
+template <typename F>
+void parallel_by_cost(const std::vector<int64_t>& prefix, const F& fn) {
+  parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) fn(item);
   });
 }
 

@@ -1,8 +1,9 @@
 """Which microkernel path the compiled block-sparse, conv and low-rank kernels run
 (csrc/common/microkernel.h), and the 2:4 kernels' ISA.
 
-Paths, best first: ``avx512`` (AVX-512F, 6 x 32 fp32 tiles), ``avx2`` (AVX2/FMA, 6 x 16),
-``portable`` (plain loops). Each extension takes the best its CPU runs when it loads,
+Paths, best first: ``amx`` (the avx512 path, plus AMX tiles for the bf16 block-sparse
+products: AMX-TILE, AMX-BF16 and AVX512-BF16), ``avx512`` (AVX-512F, 6 x 32 fp32 tiles),
+``avx2`` (AVX2/FMA, 6 x 16), ``portable`` (plain loops). Each extension takes the best its CPU runs when it loads,
 unless the environment variable ``SPARSEKERN_CPU_ISA`` asks for a lower one; asking for
 one the CPU cannot run is an error naming both. Tests switch paths per family with
 :func:`set_isa`, and can run the portable loops at the AVX-512 tile geometry on a CPU
@@ -12,7 +13,7 @@ import os
 
 from .._extension import load_extension
 
-ISAS = ("portable", "avx2", "avx512")
+ISAS = ("portable", "avx2", "avx512", "amx")
 _SWITCHED = ("bsr", "conv", "lowrank")  # the 2:4 kernels read requested_isa() themselves
 
 
@@ -44,8 +45,8 @@ def _module(family):
 
 
 def microkernel_isa(family):
-    """What ``family``'s compiled kernels run: "avx512f", "avx2-fma", "portable" or
-    "portable-wide"; "unavailable" when its extension is not built; None for a family
+    """What ``family``'s compiled kernels run: "avx512f+amx" (bsr on the amx path), "avx512f",
+    "avx2-fma", "portable" or "portable-wide"; "unavailable" when its extension is not built; None for a family
     without the switch."""
     module = load_extension(family)
     if module is None:
@@ -54,7 +55,7 @@ def microkernel_isa(family):
 
 
 def cpu_isa():
-    """The best path this CPU runs ("avx512", "avx2" or "portable"), from a compiled extension."""
+    """The best path this CPU runs ("amx", "avx512", "avx2" or "portable"), from a compiled extension."""
     for family in _SWITCHED:
         module = load_extension(family)
         if module is not None:

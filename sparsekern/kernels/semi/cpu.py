@@ -98,8 +98,8 @@ def _unavailable(device, dtype):
         return f"needs AVX2 + FMA, this CPU reports {torch.backends.cpu.get_cpu_capability()}"
     if requested_isa() == "portable":
         return "SPARSEKERN_CPU_ISA=portable, and the 2:4 kernels have no portable path (AVX2/FMA at least)"
-    if requested_isa() == "avx512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
-        raise ValueError("SPARSEKERN_CPU_ISA=avx512: this CPU cannot run the avx512 kernels "
+    if requested_isa() in ("avx512", "amx") and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        raise ValueError(f"SPARSEKERN_CPU_ISA={requested_isa()}: this CPU cannot run the {requested_isa()} kernels "
                          f"(torch reports {torch.backends.cpu.get_cpu_capability()})")
     if ops() is None:
         return f"extension sparsekern._C_semi not loaded ({extension_failure('semi')})"

@@ -1,0 +1,183 @@
+// bf16 block-sparse products on AMX tiles (common/amx.h), for blocks whose sides are
+// multiples of 32: bf16 in and out, fp32 accumulation, one rounding on output.
+//
+// amx_grouped_product: forward and dX, the same loop nest as grouped_product (fp32):
+//   A (X or dY) is read in place, 32 rows a tile (a zero-padded copy of the last
+//   rows when M is not a multiple of 32); the values are packed per call into VNNI
+//   32 x 32 tiles in group order, so one output column group's B is one contiguous
+//   stream. Items (m-block, group) run m-block-major: a group's packed B (a block
+//   row at d = 0.1 is a few KiB) stays in L1 across the m-tiles, the m-block's rows
+//   of A in L2 across the groups.
+// amx_sampled_product: dW on the stored blocks, dYᵀ X with K = tokens. dYᵀ is packed
+//   row-major (tokens padded to 32 with zeros) and X into VNNI row pairs, each block
+//   column's 32 columns contiguous. Tokens run in chunks whose packed X fits L2;
+//   inside a chunk the blocks run in row order, so a block row's dYᵀ slice stays in
+//   L1; the fp32 sums of the chunks accumulate in the output's own tile buffer.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common/amx.h"
+#include "common/parallel.h"
+
+namespace sparsekern {
+namespace bsr {
+
+#ifdef SPARSEKERN_AMX_BUILD
+using common::bf16;
+using common::kAmxTile;
+using common::kVnniTile;
+
+constexpr int64_t kAmxABlockBytes = 1 << 20;   // rows of A kept in L2 across a panel of groups
+constexpr int64_t kAmxTokenChunkBytes = 1 << 20;  // packed X of one dW token chunk, kept in L2
+constexpr int64_t kAmxItemOverhead = 2;          // cost of storing an output tile, in K steps
+
+// dst (VNNI 32 x 32) = B[k][n] = transpose ? v[n * ldv + k] : v[k * ldv + n], k, n < 32.
+inline void pack_vnni_tile(const bf16* v, int64_t ldv, bool transpose, bf16* dst) {
+  for (int64_t k = 0; k < 32; ++k) {
+    for (int64_t n = 0; n < 32; ++n) {
+      dst[(k / 2) * 64 + n * 2 + (k % 2)] = transpose ? v[n * ldv + k] : v[k * ldv + n];
+    }
+  }
+}
+
+// out (M, G * g) = per group i: sum_p A[:, seg[p]*w : +w] @ B_p (+ bias), as grouped_product.
+inline void amx_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* values, int64_t br, int64_t bc,
+                                bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
+                                const int64_t* seg, bf16* out, const bf16* bias) {
+  const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
+  const int64_t nsub = g / kAmxTile, ksteps = w / kAmxTile, nnz = offsets[G];
+  const int64_t mtiles = (M + kAmxTile - 1) / kAmxTile;
+  if (M == 0 || N == 0) return;
+
+  // Packed B: group i, sub-tile s, member q, K step u at ((first_i * nsub + s * count_i + q) * ksteps + u).
+  std::vector<bf16> packed(std::max<int64_t>(1, nnz * nsub * ksteps) * kVnniTile);
+  common::parallel_for_work(G, nnz * br * bc / 16, [&](int64_t g0, int64_t g1) {
+    for (int64_t i = g0; i < g1; ++i) {
+      const int64_t first = offsets[i], count = offsets[i + 1] - first;
+      for (int64_t q = 0; q < count; ++q) {
+        const bf16* v = values + (blk ? blk[first + q] : first + q) * br * bc;
+        for (int64_t s = 0; s < nsub; ++s) {
+          for (int64_t u = 0; u < ksteps; ++u) {
+            const bf16* corner = transpose ? v + s * kAmxTile * bc + u * kAmxTile : v + u * kAmxTile * bc + s * kAmxTile;
+            pack_vnni_tile(corner, bc, transpose, packed.data() + ((first * nsub + s * count + q) * ksteps + u) * kVnniTile);
+          }
+        }
+      }
+    }
+  });
+  std::vector<int64_t> a_off(std::max<int64_t>(1, nnz * ksteps));  // column of A of member p's K step u
+  for (int64_t p = 0; p < nnz; ++p) {
+    for (int64_t u = 0; u < ksteps; ++u) a_off[p * ksteps + u] = seg[p] * w + u * kAmxTile;
+  }
+  // The last rows, zero-padded to a full tile: the tile loads read 32 rows.
+  const int64_t tail_rows = M % kAmxTile;
+  std::vector<bf16> tail(tail_rows ? kAmxTile * Ka : 0, bf16(0.0f));
+  if (tail_rows) std::memcpy(tail.data(), a + (M - tail_rows) * Ka, tail_rows * Ka * sizeof(bf16));
+
+  const int64_t mblock = std::max<int64_t>(1, kAmxABlockBytes / (kAmxTile * Ka * int64_t(sizeof(bf16))));
+  struct Item { int64_t group, t0, t1; };
+  std::vector<Item> items;
+  std::vector<int64_t> prefix{0};
+  for (int64_t t0 = 0; t0 < mtiles; t0 += mblock) {
+    const int64_t t1 = std::min(mtiles, t0 + mblock);
+    for (int64_t i = 0; i < G; ++i) {
+      items.push_back({i, t0, t1});
+      const int64_t count = offsets[i + 1] - offsets[i];
+      prefix.push_back(prefix.back() + (count * ksteps + kAmxItemOverhead) * nsub * (t1 - t0) * kAmxTile * kVnniTile);
+    }
+  }
+  common::parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
+    common::AmxTiles tiles;
+    alignas(64) float acc[kAmxTile * kAmxTile];
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const Item& it = items[idx];
+      const int64_t first = offsets[it.group], count = offsets[it.group + 1] - first;
+      for (int64_t s = 0; s < nsub; ++s) {
+        const int64_t c0 = it.group * g + s * kAmxTile;
+        const bf16* bs = packed.data() + (first * nsub + s * count) * ksteps * kVnniTile;
+        for (int64_t t = it.t0; t < it.t1; ++t) {
+          const int64_t r0 = t * kAmxTile, rows = std::min<int64_t>(kAmxTile, M - r0);
+          const bf16* arows = rows == kAmxTile ? a + r0 * Ka : tail.data();
+          if (count == 0) {
+            std::fill(acc, acc + kAmxTile * kAmxTile, 0.0f);
+          } else {
+            common::amx_tile_32x32(arows, Ka, a_off.data() + first * ksteps, bs, 64, kVnniTile, count * ksteps, acc,
+                                   kAmxTile, false);
+          }
+          common::store_tile_bf16(acc, rows, bias ? bias + c0 : nullptr, out + r0 * N + c0, N);
+        }
+      }
+    }
+  });
+}
+
+// dvalues[p] (br x bc) = (dYᵀ X)[row_idx[p] * br : +br, col_idx[p] * bc : +bc] for every stored block p.
+inline void amx_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_t N, int64_t K, int64_t br,
+                                int64_t bc, const int64_t* row_idx, const int64_t* col_idx, int64_t nnz,
+                                bf16* dvalues) {
+  if (nnz == 0) return;
+  const int64_t Mp = std::max<int64_t>(kAmxTile, (M + kAmxTile - 1) / kAmxTile * kAmxTile);
+  const int64_t CB = K / kAmxTile;  // 32-column strips of X
+  // dYᵀ: (N, Mp) row-major. X: per 32-column strip c, (Mp / 2) rows of 32 VNNI pairs, i.e. at
+  // c * Mp * 32 + (m / 2) * 64 + n * 2 + m % 2. Both zero beyond M.
+  std::vector<bf16> dyt(N * Mp), xv(K * Mp);
+  common::parallel_for_work(N / kAmxTile, N * M, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {  // 32 rows of dYᵀ at a time: whole 64-byte reads of dY
+      bf16* rows = dyt.data() + s * kAmxTile * Mp;
+      for (int64_t m = 0; m < M; ++m) {
+        const bf16* src = dy + m * N + s * kAmxTile;
+        for (int64_t n = 0; n < kAmxTile; ++n) rows[n * Mp + m] = src[n];
+      }
+      for (int64_t n = 0; n < kAmxTile; ++n) std::fill(rows + n * Mp + M, rows + (n + 1) * Mp, bf16(0.0f));
+    }
+  });
+  common::parallel_for_work(CB, K * M, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      bf16* strip = xv.data() + c * Mp * kAmxTile;
+      for (int64_t m = 0; m < Mp; ++m) {
+        const bf16* src = x + m * K + c * kAmxTile;
+        for (int64_t n = 0; n < kAmxTile; ++n) strip[(m / 2) * 64 + n * 2 + (m % 2)] = m < M ? src[n] : bf16(0.0f);
+      }
+    }
+  });
+
+  // Output tiles: (block, 32-row sub i, 32-column sub j), in block order.
+  const int64_t rsub = br / kAmxTile, csub = bc / kAmxTile, tiles_per_block = rsub * csub;
+  const int64_t ntiles = nnz * tiles_per_block;
+  std::vector<float> acc(ntiles * kVnniTile);
+  const int64_t chunk = std::max<int64_t>(
+      kAmxTile, kAmxTokenChunkBytes / (K * int64_t(sizeof(bf16))) / kAmxTile * kAmxTile);
+  const int64_t steps_max = chunk / kAmxTile;
+  std::vector<int64_t> a_off(steps_max);
+  for (int64_t j = 0; j < steps_max; ++j) a_off[j] = j * kAmxTile;
+  std::vector<int64_t> prefix(ntiles + 1);
+  for (int64_t t = 0; t <= ntiles; ++t) prefix[t] = t;
+  common::parallel_ranges_by_cost(prefix, [&](int64_t t0, int64_t t1) {
+    common::AmxTiles tiles;
+    for (int64_t m0 = 0; m0 < Mp; m0 += chunk) {
+      const int64_t steps = std::min(chunk, Mp - m0) / kAmxTile;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p = t / tiles_per_block, i = t % tiles_per_block / csub, j = t % csub;
+        const int64_t row = row_idx[p] * br + i * kAmxTile, col = col_idx[p] * bc / kAmxTile + j;
+        common::amx_tile_32x32(dyt.data() + row * Mp + m0, Mp, a_off.data(),
+                               xv.data() + col * Mp * kAmxTile + (m0 / 2) * 64, 64, 16 * 64, steps,
+                               acc.data() + t * kVnniTile, kAmxTile, m0 > 0);
+      }
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t p = t / tiles_per_block, i = t % tiles_per_block / csub, j = t % csub;
+      common::store_tile_bf16(acc.data() + t * kVnniTile, kAmxTile, nullptr,
+                              dvalues + p * br * bc + i * kAmxTile * bc + j * kAmxTile, bc);
+    }
+  });
+}
+#endif
+
+}  // namespace bsr
+}  // namespace sparsekern

@@ -1,0 +1,136 @@
+// AMX (Advanced Matrix Extensions) bf16 tiles, shared by the bf16 products.
+//
+// One register-blocked step: a 32 x 32 fp32 output tile held in four tile registers
+// (2 x 2 of 16 x 16), fed per 32-deep K step by two A tiles (16 rows x 32 bf16, read
+// in place from a row-major matrix) and two B tiles (16 rows of 16 VNNI pairs: the
+// bf16 layout TDPBF16PS wants, B[k][n] at row k / 2, element 2n + k % 2). Four
+// TDPBF16PS per step: 32 x 32 x 32 multiply-adds for 4 KiB of tile loads, so one of
+// the two operands must stay in L1 for the tile unit to be fed.
+//
+// Tile state is per thread: a worker configures the eight tiles (all 16 rows x 64
+// bytes) once for a run of steps (AmxTiles) and releases them after. Linux hands the
+// tile state to a process only on request (arch_prctl), made once at first use.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SPARSEKERN_AMX_BUILD 1
+#define SPARSEKERN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
+
+namespace sparsekern {
+namespace common {
+
+using bf16 = c10::BFloat16;
+
+constexpr int kAmxTile = 32;          // output tile and K step of amx_tile_32x32
+constexpr int64_t kVnniTile = 32 * 32;  // elements of one packed 32 x 32 B operand
+
+// The CPU has AMX-TILE and AMX-BF16 and the kernel granted this process the tile state.
+inline bool amx_bf16_usable() {
+#ifdef SPARSEKERN_AMX_BUILD
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d & (1u << 24), dot_bf16 = d & (1u << 22);
+    // avx512bf16 (leaf 7 subleaf 1, eax bit 5) rounds the fp32 tiles back to bf16.
+    unsigned a1, b1, c1, d1;
+    if (!tile || !dot_bf16 || !__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) || !(a1 & (1u << 5))) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+#ifdef SPARSEKERN_AMX_BUILD
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Configures this thread's eight tiles for amx_tile_32x32 while alive.
+class AmxTiles {
+ public:
+  SPARSEKERN_AMX AmxTiles() {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {
+      config.colsb[t] = 64;
+      config.rows[t] = 16;
+    }
+    // GCC models LDTILECFG as reading one byte: without this barrier it drops the stores above.
+    __asm__ __volatile__("" : : "r"(&config) : "memory");
+    _tile_loadconfig(&config);
+  }
+  SPARSEKERN_AMX ~AmxTiles() { _tile_release(); }
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+};
+
+// c (32 x 32 fp32, row stride ldc) = [c +] sum_j A_j B_j over `steps` K steps of 32:
+//   A_j = a + a_off[j]: 32 rows x 32 bf16, row stride lda (elements);
+//   B_j = b + j * b_step: VNNI, 16 rows of 64 bf16 (columns 0-15, then 16-31), row stride ldb.
+SPARSEKERN_AMX inline void amx_tile_32x32(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
+                                          int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
+                                          bool accumulate) {
+  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+    _tile_loadd(1, c + 16, sc);
+    _tile_loadd(2, c + 16 * ldc, sc);
+    _tile_loadd(3, c + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t j = 0; j < steps; ++j, b += b_step) {
+    const bf16* aj = a + a_off[j];
+    _tile_loadd(4, aj, sa);
+    _tile_loadd(5, aj + 16 * lda, sa);
+    _tile_loadd(6, b, sb);
+    _tile_loadd(7, b + 32, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, sc);
+  _tile_stored(1, c + 16, sc);
+  _tile_stored(2, c + 16 * ldc, sc);
+  _tile_stored(3, c + 16 * ldc + 16, sc);
+}
+
+// out[i * ldo + n] = bf16(c[i * 32 + n] (+ bias[n])) for rows i < rows, n < 32 (round to nearest even).
+SPARSEKERN_AMX inline void store_tile_bf16(const float* c, int64_t rows, const bf16* bias, bf16* out, int64_t ldo) {
+  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+  if (bias) {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias));
+    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + 16));
+    b0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16));
+    b1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32), b0);
+    const __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32 + 16), b1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ldo), (__m256i)_mm512_cvtneps_pbh(v0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ldo + 16), (__m256i)_mm512_cvtneps_pbh(v1));
+  }
+}
+#endif
+
+}  // namespace common
+}  // namespace sparsekern
