@@ -10,9 +10,10 @@
 //   of A in L2 across the groups.
 // amx_sampled_product: dW on the stored blocks, dYᵀ X with K = tokens. dYᵀ is packed
 //   row-major (tokens padded to 32 with zeros) and X into VNNI row pairs, each block
-//   column's 32 columns contiguous. Tokens run in chunks whose packed X fits L2;
-//   inside a chunk the blocks run in row order, so a block row's dYᵀ slice stays in
-//   L1; the fp32 sums of the chunks accumulate in the output's own tile buffer.
+//   column's 32 columns contiguous (both with AVX-512 shuffles: a scalar transpose cost
+//   more than the products). Tokens run in chunks (512 at 4096 columns: measured faster
+//   than 128 or 2048); inside a chunk the blocks run in row order, so a block row's dYᵀ
+//   slice stays in L1; the fp32 sums of the chunks accumulate in a tile buffer.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -34,7 +35,7 @@ using common::kAmxTile;
 using common::kVnniTile;
 
 constexpr int64_t kAmxABlockBytes = 1 << 20;   // rows of A kept in L2 across a panel of groups
-constexpr int64_t kAmxTokenChunkBytes = 1 << 20;  // packed X of one dW token chunk, kept in L2
+constexpr int64_t kAmxTokenChunkBytes = 4 << 20;  // packed X of one dW token chunk (512 tokens at 4096)
 constexpr int64_t kAmxItemOverhead = 2;          // cost of storing an output tile, in K steps
 
 // dst (VNNI 32 x 32) = B[k][n] = transpose ? v[n * ldv + k] : v[k * ldv + n], k, n < 32.
@@ -117,6 +118,79 @@ inline void amx_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16
   });
 }
 
+// Pair word of tokens 2r and 2r + 1 for 16 consecutive columns (zeros from token M on): the
+// VNNI layout, bf16 of token 2r in the low half.
+SPARSEKERN_AMX inline __m512i token_pair_words(const bf16* src, int64_t ld, int64_t r, int64_t M) {
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i lo = 2 * r < M ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * r * ld)) : zero;
+  const __m256i hi = 2 * r + 1 < M ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (2 * r + 1) * ld))
+                                   : zero;
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+}
+
+// In-register transpose of 16 rows of 16 32-bit words.
+SPARSEKERN_AMX inline void transpose_16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // r[g + i], lane j: rows g..g+3 of column 4j + i
+    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + 4 + i], 0x88);
+      t[h + 4 + i] = _mm512_shuffle_i32x4(r[h + i], r[h + 4 + i], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {  // column c = 4 * lane + i
+    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+
+// Columns 16c..16c+15 of src (M, N) as rows of out (N rows of `pairs` words, row stride ldo
+// words): token pairs transposed 16 x 16.
+SPARSEKERN_AMX inline void transpose_token_pairs(const bf16* src, int64_t M, int64_t N, int64_t pairs, int64_t ldo,
+                                                 int64_t c, int32_t* out) {
+  __m512i r[16];
+  for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+    for (int i = 0; i < 16; ++i) r[i] = token_pair_words(src + c * 16, N, p0 + i, M);
+    transpose_16x16_epi32(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (c * 16 + i) * ldo + p0, r[i]);
+  }
+}
+
+// Strip c (columns 32c..32c+31) of src (M, K) as `pairs` rows of 32 pair words.
+SPARSEKERN_AMX inline void strip_token_pairs(const bf16* src, int64_t M, int64_t K, int64_t pairs, int64_t c,
+                                             int32_t* out) {
+  for (int64_t r = 0; r < pairs; ++r) {
+    int32_t* row = out + (c * pairs + r) * kAmxTile;
+    _mm512_storeu_si512(row, token_pair_words(src + c * kAmxTile, K, r, M));
+    _mm512_storeu_si512(row + 16, token_pair_words(src + c * kAmxTile + 16, K, r, M));
+  }
+}
+
+// dst (N, Mp) bf16, row stride ld = src (M, N)ᵀ, zero beyond M.
+inline void pack_token_pairs_transposed(const bf16* src, int64_t M, int64_t N, int64_t Mp, int64_t ld, bf16* dst) {
+  common::parallel_for_work(N / 16, N * M, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      transpose_token_pairs(src, M, N, Mp / 2, ld / 2, c, reinterpret_cast<int32_t*>(dst));
+    }
+  });
+}
+
+// dst = src (M, K) as VNNI strips of 32 columns: strip c, token pair r at (c * Mp / 2 + r) * 64; zero beyond M.
+inline void pack_token_pairs(const bf16* src, int64_t M, int64_t K, int64_t Mp, bf16* dst) {
+  common::parallel_for_work(K / kAmxTile, K * M, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) strip_token_pairs(src, M, K, Mp / 2, c, reinterpret_cast<int32_t*>(dst));
+  });
+}
+
 // dvalues[p] (br x bc) = (dYᵀ X)[row_idx[p] * br : +br, col_idx[p] * bc : +bc] for every stored block p.
 inline void amx_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_t N, int64_t K, int64_t br,
                                 int64_t bc, const int64_t* row_idx, const int64_t* col_idx, int64_t nnz,
@@ -124,28 +198,14 @@ inline void amx_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_
   if (nnz == 0) return;
   const int64_t Mp = std::max<int64_t>(kAmxTile, (M + kAmxTile - 1) / kAmxTile * kAmxTile);
   const int64_t CB = K / kAmxTile;  // 32-column strips of X
-  // dYᵀ: (N, Mp) row-major. X: per 32-column strip c, (Mp / 2) rows of 32 VNNI pairs, i.e. at
-  // c * Mp * 32 + (m / 2) * 64 + n * 2 + m % 2. Both zero beyond M.
-  std::vector<bf16> dyt(N * Mp), xv(K * Mp);
-  common::parallel_for_work(N / kAmxTile, N * M, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {  // 32 rows of dYᵀ at a time: whole 64-byte reads of dY
-      bf16* rows = dyt.data() + s * kAmxTile * Mp;
-      for (int64_t m = 0; m < M; ++m) {
-        const bf16* src = dy + m * N + s * kAmxTile;
-        for (int64_t n = 0; n < kAmxTile; ++n) rows[n * Mp + m] = src[n];
-      }
-      for (int64_t n = 0; n < kAmxTile; ++n) std::fill(rows + n * Mp + M, rows + (n + 1) * Mp, bf16(0.0f));
-    }
-  });
-  common::parallel_for_work(CB, K * M, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      bf16* strip = xv.data() + c * Mp * kAmxTile;
-      for (int64_t m = 0; m < Mp; ++m) {
-        const bf16* src = x + m * K + c * kAmxTile;
-        for (int64_t n = 0; n < kAmxTile; ++n) strip[(m / 2) * 64 + n * 2 + (m % 2)] = m < M ? src[n] : bf16(0.0f);
-      }
-    }
-  });
+  // dYᵀ: (N, Mp) row-major, rows ldt apart: one cache line more than Mp, or the 32 rows of a
+  // tile pair (4 KiB apart for 2048 tokens) would share one L1 set. X: per 32-column strip c,
+  // (Mp / 2) rows of 32 VNNI pairs, i.e. at c * Mp * 32 + (m / 2) * 64 + n * 2 + m % 2. Both
+  // zero beyond M.
+  const int64_t ldt = Mp + 32;
+  std::vector<bf16> dyt(N * ldt), xv(K * Mp);
+  pack_token_pairs_transposed(dy, M, N, Mp, ldt, dyt.data());
+  pack_token_pairs(x, M, K, Mp, xv.data());
 
   // Output tiles: (block, 32-row sub i, 32-column sub j), in block order.
   const int64_t rsub = br / kAmxTile, csub = bc / kAmxTile, tiles_per_block = rsub * csub;
@@ -165,7 +225,7 @@ inline void amx_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p = t / tiles_per_block, i = t % tiles_per_block / csub, j = t % csub;
         const int64_t row = row_idx[p] * br + i * kAmxTile, col = col_idx[p] * bc / kAmxTile + j;
-        common::amx_tile_32x32(dyt.data() + row * Mp + m0, Mp, a_off.data(),
+        common::amx_tile_32x32(dyt.data() + row * ldt + m0, ldt, a_off.data(),
                                xv.data() + col * Mp * kAmxTile + (m0 / 2) * 64, 64, 16 * 64, steps,
                                acc.data() + t * kVnniTile, kAmxTile, m0 > 0);
       }
