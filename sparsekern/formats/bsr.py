@@ -178,9 +178,12 @@ def _to_blocks(dense, block_size):
 
 def values_to_dense(values, layout):
     (rb, cb), (br, bc) = layout.grid, layout.block_size
-    blocks = values.new_zeros(rb, cb, br, bc)
-    blocks = blocks.index_put((layout.row_indices, layout.col_indices), values)
-    return blocks.transpose(1, 2).reshape(layout.shape)
+    if layout.nnz_blocks == rb * cb:  # every block, in row-major order: one transposing copy
+        return values.view(rb, cb, br, bc).transpose(1, 2).reshape(layout.shape)
+    # Scattered straight into the (rows, cols) layout: zeros, then one pass over the blocks
+    # (building (rb, cb, br, bc) first and transposing it costs two more passes).
+    dense = values.new_zeros(rb, br, cb, bc).transpose(1, 2)
+    return dense.index_put((layout.row_indices, layout.col_indices), values).transpose(1, 2).reshape(layout.shape)
 
 
 def carry_blocks(tensor, slots):
