@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common/amx.h"
+#include "common/huge_page_output.h"
 #include "common/parallel.h"
 
 namespace sparsekern {
@@ -38,84 +39,10 @@ constexpr int64_t kAmxABlockBytes = 1 << 20;   // rows of A kept in L2 across a 
 constexpr int64_t kAmxTokenChunkBytes = 4 << 20;  // packed X of one dW token chunk (512 tokens at 4096)
 constexpr int64_t kAmxItemOverhead = 2;          // cost of storing an output tile, in K steps
 
-// dst (VNNI 32 x 32) = B[k][n] = transpose ? v[n * ldv + k] : v[k * ldv + n], k, n < 32.
-inline void pack_vnni_tile(const bf16* v, int64_t ldv, bool transpose, bf16* dst) {
-  for (int64_t k = 0; k < 32; ++k) {
-    for (int64_t n = 0; n < 32; ++n) {
-      dst[(k / 2) * 64 + n * 2 + (k % 2)] = transpose ? v[n * ldv + k] : v[k * ldv + n];
-    }
-  }
-}
-
-// out (M, G * g) = per group i: sum_p A[:, seg[p]*w : +w] @ B_p (+ bias), as grouped_product.
-inline void amx_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* values, int64_t br, int64_t bc,
-                                bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
-                                const int64_t* seg, bf16* out, const bf16* bias) {
-  const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
-  const int64_t nsub = g / kAmxTile, ksteps = w / kAmxTile, nnz = offsets[G];
-  const int64_t mtiles = (M + kAmxTile - 1) / kAmxTile;
-  if (M == 0 || N == 0) return;
-
-  // Packed B: group i, sub-tile s, member q, K step u at ((first_i * nsub + s * count_i + q) * ksteps + u).
-  std::vector<bf16> packed(std::max<int64_t>(1, nnz * nsub * ksteps) * kVnniTile);
-  common::parallel_for_work(G, nnz * br * bc / 16, [&](int64_t g0, int64_t g1) {
-    for (int64_t i = g0; i < g1; ++i) {
-      const int64_t first = offsets[i], count = offsets[i + 1] - first;
-      for (int64_t q = 0; q < count; ++q) {
-        const bf16* v = values + (blk ? blk[first + q] : first + q) * br * bc;
-        for (int64_t s = 0; s < nsub; ++s) {
-          for (int64_t u = 0; u < ksteps; ++u) {
-            const bf16* corner = transpose ? v + s * kAmxTile * bc + u * kAmxTile : v + u * kAmxTile * bc + s * kAmxTile;
-            pack_vnni_tile(corner, bc, transpose, packed.data() + ((first * nsub + s * count + q) * ksteps + u) * kVnniTile);
-          }
-        }
-      }
-    }
-  });
-  std::vector<int64_t> a_off(std::max<int64_t>(1, nnz * ksteps));  // column of A of member p's K step u
-  for (int64_t p = 0; p < nnz; ++p) {
-    for (int64_t u = 0; u < ksteps; ++u) a_off[p * ksteps + u] = seg[p] * w + u * kAmxTile;
-  }
-  // The last rows, zero-padded to a full tile: the tile loads read 32 rows.
-  const int64_t tail_rows = M % kAmxTile;
-  std::vector<bf16> tail(tail_rows ? kAmxTile * Ka : 0, bf16(0.0f));
-  if (tail_rows) std::memcpy(tail.data(), a + (M - tail_rows) * Ka, tail_rows * Ka * sizeof(bf16));
-
-  const int64_t mblock = std::max<int64_t>(1, kAmxABlockBytes / (kAmxTile * Ka * int64_t(sizeof(bf16))));
-  struct Item { int64_t group, t0, t1; };
-  std::vector<Item> items;
-  std::vector<int64_t> prefix{0};
-  for (int64_t t0 = 0; t0 < mtiles; t0 += mblock) {
-    const int64_t t1 = std::min(mtiles, t0 + mblock);
-    for (int64_t i = 0; i < G; ++i) {
-      items.push_back({i, t0, t1});
-      const int64_t count = offsets[i + 1] - offsets[i];
-      prefix.push_back(prefix.back() + (count * ksteps + kAmxItemOverhead) * nsub * (t1 - t0) * kAmxTile * kVnniTile);
-    }
-  }
-  common::parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
-    common::AmxTiles tiles;
-    alignas(64) float acc[kAmxTile * kAmxTile];
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const Item& it = items[idx];
-      const int64_t first = offsets[it.group], count = offsets[it.group + 1] - first;
-      for (int64_t s = 0; s < nsub; ++s) {
-        const int64_t c0 = it.group * g + s * kAmxTile;
-        const bf16* bs = packed.data() + (first * nsub + s * count) * ksteps * kVnniTile;
-        for (int64_t t = it.t0; t < it.t1; ++t) {
-          const int64_t r0 = t * kAmxTile, rows = std::min<int64_t>(kAmxTile, M - r0);
-          const bf16* arows = rows == kAmxTile ? a + r0 * Ka : tail.data();
-          if (count == 0) {
-            std::fill(acc, acc + kAmxTile * kAmxTile, 0.0f);
-          } else {
-            common::amx_tile_32x32(arows, Ka, a_off.data() + first * ksteps, bs, 64, kVnniTile, count * ksteps, acc,
-                                   kAmxTile, false);
-          }
-          common::store_tile_bf16(acc, rows, bias ? bias + c0 : nullptr, out + r0 * N + c0, N);
-        }
-      }
-    }
-  });
+// Uninitialised scratch from the output allocator (huge pages, reused across calls): packed
+// operands are megabytes, which a zero-filled std::vector would page-fault and clear every call.
+inline at::Tensor scratch(int64_t numel, at::ScalarType dtype) {
+  return common::empty_output({numel}, at::TensorOptions(dtype));
 }
 
 // Pair word of tokens 2r and 2r + 1 for 16 consecutive columns (zeros from token M on): the
@@ -151,6 +78,96 @@ SPARSEKERN_AMX inline void transpose_16x16_epi32(__m512i r[16]) {
     r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
     r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
   }
+}
+
+// dst (VNNI 32 x 32) = B[k][n] = transpose ? v[n * ldv + k] : v[k * ldv + n], k, n < 32.
+SPARSEKERN_AMX inline void pack_vnni_tile(const bf16* v, int64_t ldv, bool transpose, bf16* dst) {
+  int32_t* out = reinterpret_cast<int32_t*>(dst);  // 16 rows (k / 2) of 32 pair words (n)
+  if (transpose) {  // the pair word (k, n) is word k / 2 of row n of v: rows of words, transposed
+    __m512i r[16];
+    for (int h = 0; h < 2; ++h) {
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(v + (16 * h + i) * ldv);
+      transpose_16x16_epi32(r);
+      for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + k * 32 + 16 * h, r[k]);
+    }
+  } else {  // rows 2r and 2r + 1 of v interleaved
+    for (int k = 0; k < 16; ++k) {
+      _mm512_storeu_si512(out + k * 32, token_pair_words(v, ldv, k, 32));
+      _mm512_storeu_si512(out + k * 32 + 16, token_pair_words(v + 16, ldv, k, 32));
+    }
+  }
+}
+
+// out (M, G * g) = per group i: sum_p A[:, seg[p]*w : +w] @ B_p (+ bias), as grouped_product.
+inline void amx_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* values, int64_t br, int64_t bc,
+                                bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
+                                const int64_t* seg, bf16* out, const bf16* bias) {
+  const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
+  const int64_t nsub = g / kAmxTile, ksteps = w / kAmxTile, nnz = offsets[G];
+  const int64_t mtiles = (M + kAmxTile - 1) / kAmxTile;
+  if (M == 0 || N == 0) return;
+
+  // Packed B: group i, sub-tile s, member q, K step u at ((first_i * nsub + s * count_i + q) * ksteps + u).
+  at::Tensor packed_buf = scratch(std::max<int64_t>(1, nnz * nsub * ksteps) * kVnniTile, at::kBFloat16);
+  bf16* packed = packed_buf.data_ptr<bf16>();
+  common::parallel_for_work(G, nnz * br * bc / 16, [&](int64_t g0, int64_t g1) {
+    for (int64_t i = g0; i < g1; ++i) {
+      const int64_t first = offsets[i], count = offsets[i + 1] - first;
+      for (int64_t q = 0; q < count; ++q) {
+        const bf16* v = values + (blk ? blk[first + q] : first + q) * br * bc;
+        for (int64_t s = 0; s < nsub; ++s) {
+          for (int64_t u = 0; u < ksteps; ++u) {
+            const bf16* corner = transpose ? v + s * kAmxTile * bc + u * kAmxTile : v + u * kAmxTile * bc + s * kAmxTile;
+            pack_vnni_tile(corner, bc, transpose, packed + ((first * nsub + s * count + q) * ksteps + u) * kVnniTile);
+          }
+        }
+      }
+    }
+  });
+  std::vector<int64_t> a_off(std::max<int64_t>(1, nnz * ksteps));  // column of A of member p's K step u
+  for (int64_t p = 0; p < nnz; ++p) {
+    for (int64_t u = 0; u < ksteps; ++u) a_off[p * ksteps + u] = seg[p] * w + u * kAmxTile;
+  }
+  // The last rows, zero-padded to a full tile: the tile loads read 32 rows.
+  const int64_t tail_rows = M % kAmxTile;
+  std::vector<bf16> tail(tail_rows ? kAmxTile * Ka : 0, bf16(0.0f));
+  if (tail_rows) std::memcpy(tail.data(), a + (M - tail_rows) * Ka, tail_rows * Ka * sizeof(bf16));
+
+  const int64_t mblock = std::max<int64_t>(1, kAmxABlockBytes / (kAmxTile * Ka * int64_t(sizeof(bf16))));
+  struct Item { int64_t group, t0, t1; };
+  std::vector<Item> items;
+  std::vector<int64_t> prefix{0};
+  for (int64_t t0 = 0; t0 < mtiles; t0 += mblock) {
+    const int64_t t1 = std::min(mtiles, t0 + mblock);
+    for (int64_t i = 0; i < G; ++i) {
+      items.push_back({i, t0, t1});
+      const int64_t count = offsets[i + 1] - offsets[i];
+      prefix.push_back(prefix.back() + (count * ksteps + kAmxItemOverhead) * nsub * (t1 - t0) * kAmxTile * kVnniTile);
+    }
+  }
+  common::parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
+    common::AmxTiles tiles;
+    alignas(64) float acc[kAmxTile * kAmxTile];
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const Item& it = items[idx];
+      const int64_t first = offsets[it.group], count = offsets[it.group + 1] - first;
+      for (int64_t s = 0; s < nsub; ++s) {
+        const int64_t c0 = it.group * g + s * kAmxTile;
+        const bf16* bs = packed + (first * nsub + s * count) * ksteps * kVnniTile;
+        for (int64_t t = it.t0; t < it.t1; ++t) {
+          const int64_t r0 = t * kAmxTile, rows = std::min<int64_t>(kAmxTile, M - r0);
+          const bf16* arows = rows == kAmxTile ? a + r0 * Ka : tail.data();
+          if (count == 0) {
+            std::fill(acc, acc + kAmxTile * kAmxTile, 0.0f);
+          } else {
+            common::amx_tile_32x32(arows, Ka, a_off.data() + first * ksteps, bs, 64, kVnniTile, count * ksteps, acc,
+                                   kAmxTile, false);
+          }
+          common::store_tile_bf16(acc, rows, bias ? bias + c0 : nullptr, out + r0 * N + c0, N);
+        }
+      }
+    }
+  });
 }
 
 // Columns 16c..16c+15 of src (M, N) as rows of out (N rows of `pairs` words, row stride ldo
@@ -203,14 +220,16 @@ inline void amx_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_
   // (Mp / 2) rows of 32 VNNI pairs, i.e. at c * Mp * 32 + (m / 2) * 64 + n * 2 + m % 2. Both
   // zero beyond M.
   const int64_t ldt = Mp + 32;
-  std::vector<bf16> dyt(N * ldt), xv(K * Mp);
-  pack_token_pairs_transposed(dy, M, N, Mp, ldt, dyt.data());
-  pack_token_pairs(x, M, K, Mp, xv.data());
+  const at::Tensor dyt_buf = scratch(N * ldt, at::kBFloat16), xv_buf = scratch(K * Mp, at::kBFloat16);
+  const bf16 *dyt = dyt_buf.data_ptr<bf16>(), *xv = xv_buf.data_ptr<bf16>();
+  pack_token_pairs_transposed(dy, M, N, Mp, ldt, dyt_buf.data_ptr<bf16>());
+  pack_token_pairs(x, M, K, Mp, xv_buf.data_ptr<bf16>());
 
   // Output tiles: (block, 32-row sub i, 32-column sub j), in block order.
   const int64_t rsub = br / kAmxTile, csub = bc / kAmxTile, tiles_per_block = rsub * csub;
   const int64_t ntiles = nnz * tiles_per_block;
-  std::vector<float> acc(ntiles * kVnniTile);
+  const at::Tensor acc_buf = scratch(ntiles * kVnniTile, at::kFloat);
+  float* acc = acc_buf.data_ptr<float>();
   const int64_t chunk = std::max<int64_t>(
       kAmxTile, kAmxTokenChunkBytes / (K * int64_t(sizeof(bf16))) / kAmxTile * kAmxTile);
   const int64_t steps_max = chunk / kAmxTile;
@@ -225,14 +244,13 @@ inline void amx_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p = t / tiles_per_block, i = t % tiles_per_block / csub, j = t % csub;
         const int64_t row = row_idx[p] * br + i * kAmxTile, col = col_idx[p] * bc / kAmxTile + j;
-        common::amx_tile_32x32(dyt.data() + row * ldt + m0, ldt, a_off.data(),
-                               xv.data() + col * Mp * kAmxTile + (m0 / 2) * 64, 64, 16 * 64, steps,
-                               acc.data() + t * kVnniTile, kAmxTile, m0 > 0);
+        common::amx_tile_32x32(dyt + row * ldt + m0, ldt, a_off.data(), xv + col * Mp * kAmxTile + (m0 / 2) * 64,
+                               64, 16 * 64, steps, acc + t * kVnniTile, kAmxTile, m0 > 0);
       }
     }
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = t / tiles_per_block, i = t % tiles_per_block / csub, j = t % csub;
-      common::store_tile_bf16(acc.data() + t * kVnniTile, kAmxTile, nullptr,
+      common::store_tile_bf16(acc + t * kVnniTile, kAmxTile, nullptr,
                               dvalues + p * br * bc + i * kAmxTile * bc + j * kAmxTile, bc);
     }
   });
