@@ -142,7 +142,7 @@ template <> struct Avx512<double> : Avx512Double {};
     constexpr int W = T::W;                                                                                    \
     typename T::V c0[MR], c1[MR];                                                                              \
     const typename T::V i0 = init ? T::load(init) : T::zero(), i1 = init ? T::load(init + W) : T::zero();      \
-    _Pragma("GCC unroll 6")                                                                                    \
+    _Pragma("GCC unroll 16")                                                                                    \
     for (int i = 0; i < MR; ++i) {                                                                             \
       c0[i] = i0;                                                                                              \
       c1[i] = i1;                                                                                              \
@@ -150,12 +150,12 @@ template <> struct Avx512<double> : Avx512Double {};
     for (int64_t j = 0; j < nseg; ++j) {                                                                       \
       if (kRowsA) {                                                                                            \
         const C* rows[MR];                                                                                     \
-    _Pragma("GCC unroll 6")                                                                                    \
+    _Pragma("GCC unroll 16")                                                                                    \
         for (int i = 0; i < MR; ++i) rows[i] = a + seg_off[j] + i * lda;                                       \
     _Pragma("GCC unroll 2")                                                                                    \
         for (int64_t k = 0; k < seglen; ++k, b += ldb) {                                                       \
           const typename T::V b0 = T::load(b), b1 = T::load(b + W);                                            \
-    _Pragma("GCC unroll 6")                                                                                    \
+    _Pragma("GCC unroll 16")                                                                                    \
           for (int i = 0; i < MR; ++i) {                                                                       \
             const typename T::V ai = T::broadcast(rows[i] + k);                                                \
             c0[i] = T::fma(ai, b0, c0[i]);                                                                     \
@@ -167,7 +167,7 @@ template <> struct Avx512<double> : Avx512Double {};
     _Pragma("GCC unroll 2")                                                                                    \
         for (int64_t k = 0; k < seglen; ++k, ap += lda, b += ldb) {                                            \
           const typename T::V b0 = T::load(b), b1 = T::load(b + W);                                            \
-    _Pragma("GCC unroll 6")                                                                                    \
+    _Pragma("GCC unroll 16")                                                                                    \
           for (int i = 0; i < MR; ++i) {                                                                       \
             const typename T::V ai = T::broadcast(ap + i);                                                     \
             c0[i] = T::fma(ai, b0, c0[i]);                                                                     \
@@ -176,7 +176,7 @@ template <> struct Avx512<double> : Avx512Double {};
         }                                                                                                      \
       }                                                                                                        \
     }                                                                                                          \
-    _Pragma("GCC unroll 6")                                                                                    \
+    _Pragma("GCC unroll 16")                                                                                    \
     for (int i = 0; i < MR; ++i) {                                                                             \
       C* o = out + i * ldo;                                                                                    \
       if (add) {                                                                                               \
@@ -290,9 +290,25 @@ Microkernel<C> microkernel() {
   return &microkernel_portable<C, MR, NR, kRowsA>;
 }
 
-// Microkernel for a tile of `mr` (1..MR) rows.
+// Rows of the grouped products' tiles: 6 on AVX2 (12 of 16 ymm accumulate), 12 on the wide
+// AVX-512 strips (24 of 32 zmm: 24 FMAs per 14 loads instead of 12 per 8).
+template <typename C, int NR>
+constexpr int kTileRows = NR == kWideNR<C> ? 12 : kMR;
+
+// Microkernel for a tile of `mr` (1..kTileRows) rows.
 template <typename C, int NR, bool kRowsA>
 Microkernel<C> microkernel_rows(int mr) {
+  if constexpr (kTileRows<C, NR> > kMR) {
+    switch (mr) {
+      case 7: return microkernel<C, 7, NR, kRowsA>();
+      case 8: return microkernel<C, 8, NR, kRowsA>();
+      case 9: return microkernel<C, 9, NR, kRowsA>();
+      case 10: return microkernel<C, 10, NR, kRowsA>();
+      case 11: return microkernel<C, 11, NR, kRowsA>();
+      case 12: return microkernel<C, 12, NR, kRowsA>();
+      default: break;
+    }
+  }
   switch (mr) {
     case 1: return microkernel<C, 1, NR, kRowsA>();
     case 2: return microkernel<C, 2, NR, kRowsA>();
