@@ -29,13 +29,14 @@ namespace bsr {
 constexpr int64_t kTokenChunk = 256;  // tokens per packed chunk: its strips of dY and X stay in L3
 constexpr int64_t kRowsPerPass = 16;  // tokens per packing pass (rows being read stay in L2)
 
-// Row tiles (offset, rows) covering a block of br rows: tiles of MR, the last
-// 7 or 8 rows as two tiles of about 4 so no tile is left with 1-2 rows.
-inline std::vector<std::pair<int64_t, int>> row_tiles(int64_t br) {
+// Row tiles (offset, rows) covering a block of br rows: ceil(br / MR) tiles of near-equal
+// height (32 rows -> 11, 11, 10 at MR = 12; 6, 6, 5, 5, 5, 5 at MR = 6), so no tile is left
+// with 1-2 rows.
+inline std::vector<std::pair<int64_t, int>> row_tiles(int64_t br, int mr) {
   std::vector<std::pair<int64_t, int>> tiles;
-  for (int64_t o = 0; o < br;) {
-    const int64_t rem = br - o;
-    const int t = (rem == 7 || rem == 8) ? int(rem - rem / 2) : int(std::min<int64_t>(common::kMR, rem));
+  const int64_t n = (br + mr - 1) / mr;
+  for (int64_t i = 0, o = 0; i < n; ++i) {
+    const int t = int(br / n + (i < br % n ? 1 : 0));
     tiles.emplace_back(o, t);
     o += t;
   }
@@ -47,6 +48,24 @@ template <int MR, typename C>
 inline void copy_tile(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1) {
   for (int64_t m = t0; m < t1; ++m) {
     for (int i = 0; i < MR; ++i) dst[m * MR + i] = src[m * ld + i];
+  }
+}
+
+// copy_tile for a tile of `mr` rows; the widths row_tiles makes are constants so the copies vectorise.
+template <typename C>
+inline void copy_tile_rows(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1, int mr) {
+  switch (mr) {
+    case 4: return copy_tile<4>(dst, src, ld, t0, t1);
+    case 5: return copy_tile<5>(dst, src, ld, t0, t1);
+    case 6: return copy_tile<6>(dst, src, ld, t0, t1);
+    case 8: return copy_tile<8>(dst, src, ld, t0, t1);
+    case 10: return copy_tile<10>(dst, src, ld, t0, t1);
+    case 11: return copy_tile<11>(dst, src, ld, t0, t1);
+    case 12: return copy_tile<12>(dst, src, ld, t0, t1);
+    default:
+      for (int64_t m = t0; m < t1; ++m) {
+        for (int i = 0; i < mr; ++i) dst[m * mr + i] = src[m * ld + i];
+      }
   }
 }
 
@@ -64,7 +83,8 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
   }
   if (M == 0) std::fill(acc, acc + nnz * block, C(0));
 
-  const auto tiles = row_tiles(br);
+  constexpr int MR = common::kTileRows<C, NR>;
+  const auto tiles = row_tiles(br, MR);
   std::vector<common::Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
   const int64_t chunk = std::min(kTokenChunk, M), zero = 0;
@@ -96,14 +116,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
           for (const auto& tile : tiles) {
             C* dst = pdy + ((r - r_lo) * br + tile.first) * chunk;
             const C* src = dy + m0 * N + r * br + tile.first;
-            switch (tile.second) {  // constant widths let the copies vectorise
-              case common::kMR: copy_tile<common::kMR>(dst, src, N, t0, t1); break;
-              case 4: copy_tile<4>(dst, src, N, t0, t1); break;
-              default:
-                for (int64_t m = t0; m < t1; ++m) {
-                  for (int i = 0; i < tile.second; ++i) dst[m * tile.second + i] = src[m * N + i];
-                }
-            }
+            copy_tile_rows(dst, src, N, t0, t1, tile.second);
           }
         }
         for (size_t u = 0; u < used.size(); ++u) {
@@ -135,7 +148,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
             if (ncols == NR) {
               kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add, nullptr);
             } else {
-              alignas(64) C tmp[common::kMR * NR];
+              alignas(64) C tmp[common::kTileRows<C, NR> * NR];
               kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false, nullptr);
               for (int i = 0; i < mr; ++i) {
                 for (int64_t n = 0; n < ncols; ++n) out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];
