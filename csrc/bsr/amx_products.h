@@ -35,7 +35,7 @@ using common::bf16;
 using common::kAmxTile;
 using common::kVnniTile;
 
-constexpr int64_t kAmxABlockBytes = 1 << 20;   // rows of A kept in L2 across a panel of groups
+constexpr int64_t kAmxABlockBytes = 1 << 20;   // rows of A kept in L2 across the groups (best of 256 KiB-4 MiB)
 constexpr int64_t kAmxTokenChunkBytes = 4 << 20;  // packed X of one dW token chunk (512 tokens at 4096)
 constexpr int64_t kAmxItemOverhead = 2;          // cost of storing an output tile, in K steps
 
