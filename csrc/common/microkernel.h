@@ -192,6 +192,46 @@ template <> struct Avx512<double> : Avx512Double {};
 SPARSEKERN_SIMD_MICROKERNEL(microkernel_avx2, SPARSEKERN_AVX2, Avx2)
 SPARSEKERN_SIMD_MICROKERNEL(microkernel_avx512, SPARSEKERN_AVX512, Avx512)
 #undef SPARSEKERN_SIMD_MICROKERNEL
+
+// The narrow strip (NR = kNR: 16 floats / 8 doubles) on AVX-512F: one zmm per row, so half
+// the FMA instructions of the two-ymm AVX2 body (6 FMAs per 7 loads instead of 12 per 8).
+// 16-column blocks take this strip on AVX-512 machines.
+template <typename C, int MR, bool kRowsA>
+SPARSEKERN_AVX512 void microkernel_avx512_narrow(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg,
+                                                 int64_t seglen, const C* b, int64_t ldb, C* out, int64_t ldo,
+                                                 bool add, const C* init) {
+  using T = Avx512<C>;
+  typename T::V c[MR];
+  const typename T::V i0 = init ? T::load(init) : T::zero();
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) c[i] = i0;
+  for (int64_t j = 0; j < nseg; ++j) {
+    if (kRowsA) {
+      const C* rows[MR];
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) rows[i] = a + seg_off[j] + i * lda;
+#pragma GCC unroll 2
+      for (int64_t k = 0; k < seglen; ++k, b += ldb) {
+        const typename T::V b0 = T::load(b);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) c[i] = T::fma(T::broadcast(rows[i] + k), b0, c[i]);
+      }
+    } else {
+      const C* ap = a + seg_off[j];
+#pragma GCC unroll 2
+      for (int64_t k = 0; k < seglen; ++k, ap += lda, b += ldb) {
+        const typename T::V b0 = T::load(b);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) c[i] = T::fma(T::broadcast(ap + i), b0, c[i]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    C* o = out + i * ldo;
+    T::store(o, add ? T::add(T::load(o), c[i]) : c[i]);
+  }
+}
 #endif
 
 // Which implementation runs. The path is an ISA (its tile geometry: NR) and whether its
@@ -285,6 +325,7 @@ Microkernel<C> microkernel() {
 #ifdef SPARSEKERN_X86
   if (!portable_loops()) {
     if (NR == kWideNR<C>) return &microkernel_avx512<C, MR, kRowsA>;
+    if (wide_tiles()) return &microkernel_avx512_narrow<C, MR, kRowsA>;  // a narrow strip on AVX-512
     return &microkernel_avx2<C, MR, kRowsA>;
   }
 #endif
