@@ -60,15 +60,13 @@ at::Tensor in_compute_type(const at::Tensor& t) {
   return t.scalar_type() == scalar_type_of<C>() ? t : t.to(scalar_type_of<C>());
 }
 
+#ifdef SPARSEKERN_AMX_BUILD
 // bf16 on AMX tiles: the amx path, and blocks made of whole 32 x 32 tiles.
 bool on_amx(const at::Tensor& t, int64_t br, int64_t bc) {
-#ifdef SPARSEKERN_AMX_BUILD
   return t.scalar_type() == at::kBFloat16 && common::amx_tiles() && br % common::kAmxTile == 0 &&
          bc % common::kAmxTile == 0;
-#else
-  return false;
-#endif
 }
+#endif
 
 void check_same(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "dtype mismatch: ", a.scalar_type(), " vs ", b.scalar_type());
