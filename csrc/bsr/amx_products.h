@@ -80,6 +80,16 @@ SPARSEKERN_AMX inline void transpose_16x16_epi32(__m512i r[16]) {
   }
 }
 
+// Strip c (columns 32c..32c+31) of src (M, K) as `pairs` rows of 32 pair words.
+SPARSEKERN_AMX inline void strip_token_pairs(const bf16* src, int64_t M, int64_t K, int64_t pairs, int64_t c,
+                                             int32_t* out) {
+  for (int64_t r = 0; r < pairs; ++r) {
+    int32_t* row = out + (c * pairs + r) * kAmxTile;
+    _mm512_storeu_si512(row, token_pair_words(src + c * kAmxTile, K, r, M));
+    _mm512_storeu_si512(row + 16, token_pair_words(src + c * kAmxTile + 16, K, r, M));
+  }
+}
+
 // dst (VNNI 32 x 32) = B[k][n] = transpose ? v[n * ldv + k] : v[k * ldv + n], k, n < 32.
 SPARSEKERN_AMX inline void pack_vnni_tile(const bf16* v, int64_t ldv, bool transpose, bf16* dst) {
   int32_t* out = reinterpret_cast<int32_t*>(dst);  // 16 rows (k / 2) of 32 pair words (n)
@@ -90,11 +100,8 @@ SPARSEKERN_AMX inline void pack_vnni_tile(const bf16* v, int64_t ldv, bool trans
       transpose_16x16_epi32(r);
       for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + k * 32 + 16 * h, r[k]);
     }
-  } else {  // rows 2r and 2r + 1 of v interleaved
-    for (int k = 0; k < 16; ++k) {
-      _mm512_storeu_si512(out + k * 32, token_pair_words(v, ldv, k, 32));
-      _mm512_storeu_si512(out + k * 32 + 16, token_pair_words(v + 16, ldv, k, 32));
-    }
+  } else {  // rows 2r and 2r + 1 of v interleaved: a strip of 32 tokens
+    strip_token_pairs(v, kAmxTile, ldv, 16, 0, out);
   }
 }
 
@@ -117,7 +124,8 @@ inline void amx_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16
         const bf16* v = values + (blk ? blk[first + q] : first + q) * br * bc;
         for (int64_t s = 0; s < nsub; ++s) {
           for (int64_t u = 0; u < ksteps; ++u) {
-            const bf16* corner = transpose ? v + s * kAmxTile * bc + u * kAmxTile : v + u * kAmxTile * bc + s * kAmxTile;
+            const bf16* corner = transpose ? v + s * kAmxTile * bc + u * kAmxTile
+                                           : v + u * kAmxTile * bc + s * kAmxTile;
             pack_vnni_tile(corner, bc, transpose, packed + ((first * nsub + s * count + q) * ksteps + u) * kVnniTile);
           }
         }
@@ -179,16 +187,6 @@ SPARSEKERN_AMX inline void transpose_token_pairs(const bf16* src, int64_t M, int
     for (int i = 0; i < 16; ++i) r[i] = token_pair_words(src + c * 16, N, p0 + i, M);
     transpose_16x16_epi32(r);
     for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (c * 16 + i) * ldo + p0, r[i]);
-  }
-}
-
-// Strip c (columns 32c..32c+31) of src (M, K) as `pairs` rows of 32 pair words.
-SPARSEKERN_AMX inline void strip_token_pairs(const bf16* src, int64_t M, int64_t K, int64_t pairs, int64_t c,
-                                             int32_t* out) {
-  for (int64_t r = 0; r < pairs; ++r) {
-    int32_t* row = out + (c * pairs + r) * kAmxTile;
-    _mm512_storeu_si512(row, token_pair_words(src + c * kAmxTile, K, r, M));
-    _mm512_storeu_si512(row + 16, token_pair_words(src + c * kAmxTile + 16, K, r, M));
   }
 }
 

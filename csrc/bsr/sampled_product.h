@@ -43,32 +43,6 @@ inline std::vector<std::pair<int64_t, int>> row_tiles(int64_t br, int mr) {
   return tiles;
 }
 
-// dst[m * MR + i] = src[m * ld + i] for tokens m in [t0, t1): one row tile of dYᵀ.
-template <int MR, typename C>
-inline void copy_tile(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1) {
-  for (int64_t m = t0; m < t1; ++m) {
-    for (int i = 0; i < MR; ++i) dst[m * MR + i] = src[m * ld + i];
-  }
-}
-
-// copy_tile for a tile of `mr` rows; the widths row_tiles makes are constants so the copies vectorise.
-template <typename C>
-inline void copy_tile_rows(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1, int mr) {
-  switch (mr) {
-    case 4: return copy_tile<4>(dst, src, ld, t0, t1);
-    case 5: return copy_tile<5>(dst, src, ld, t0, t1);
-    case 6: return copy_tile<6>(dst, src, ld, t0, t1);
-    case 8: return copy_tile<8>(dst, src, ld, t0, t1);
-    case 10: return copy_tile<10>(dst, src, ld, t0, t1);
-    case 11: return copy_tile<11>(dst, src, ld, t0, t1);
-    case 12: return copy_tile<12>(dst, src, ld, t0, t1);
-    default:
-      for (int64_t m = t0; m < t1; ++m) {
-        for (int i = 0; i < mr; ++i) dst[m * mr + i] = src[m * ld + i];
-      }
-  }
-}
-
 // dy (M, N) and x (M, K) in the compute type; dvalues (nnz, br, bc) in the storage type.
 template <typename S, typename C, int NR>
 void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, int64_t br, int64_t bc,
@@ -116,7 +90,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
           for (const auto& tile : tiles) {
             C* dst = pdy + ((r - r_lo) * br + tile.first) * chunk;
             const C* src = dy + m0 * N + r * br + tile.first;
-            copy_tile_rows(dst, src, N, t0, t1, tile.second);
+            common::copy_row_tile(dst, src, N, t0, t1, tile.second);
           }
         }
         for (size_t u = 0; u < used.size(); ++u) {

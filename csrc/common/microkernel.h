@@ -27,6 +27,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "common/amx.h"
 
@@ -337,28 +338,36 @@ Microkernel<C> microkernel() {
 template <typename C, int NR>
 constexpr int kTileRows = NR == kWideNR<C> ? 12 : kMR;
 
+template <int... R, typename F>
+void with_rows_of(int rows, const F& f, std::integer_sequence<int, R...>) {
+  ((rows == R + 1 ? f(std::integral_constant<int, R + 1>{}) : void()), ...);
+}
+
+// f(std::integral_constant<int, mr>{}): a row count as a compile-time constant, 1..kMaxRows
+// (any other mr runs as kMaxRows).
+template <int kMaxRows, typename F>
+void with_rows(int mr, const F& f) {
+  with_rows_of(mr >= 1 && mr <= kMaxRows ? mr : kMaxRows, f, std::make_integer_sequence<int, kMaxRows>{});
+}
+
 // Microkernel for a tile of `mr` (1..kTileRows) rows.
 template <typename C, int NR, bool kRowsA>
 Microkernel<C> microkernel_rows(int mr) {
-  if constexpr (kTileRows<C, NR> > kMR) {
-    switch (mr) {
-      case 7: return microkernel<C, 7, NR, kRowsA>();
-      case 8: return microkernel<C, 8, NR, kRowsA>();
-      case 9: return microkernel<C, 9, NR, kRowsA>();
-      case 10: return microkernel<C, 10, NR, kRowsA>();
-      case 11: return microkernel<C, 11, NR, kRowsA>();
-      case 12: return microkernel<C, 12, NR, kRowsA>();
-      default: break;
+  Microkernel<C> kernel = nullptr;
+  with_rows<kTileRows<C, NR>>(mr, [&](auto rows) { kernel = microkernel<C, decltype(rows)::value, NR, kRowsA>(); });
+  return kernel;
+}
+
+// dst[m * mr + i] = src[m * ld + i] for tokens m in [t0, t1), i < mr (<= 12): one k-major row
+// tile of the A operand (dYᵀ for dW), with the row count constant so the copy vectorises.
+template <typename C>
+void copy_row_tile(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1, int mr) {
+  with_rows<12>(mr, [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    for (int64_t m = t0; m < t1; ++m) {
+      for (int i = 0; i < R; ++i) dst[m * R + i] = src[m * ld + i];
     }
-  }
-  switch (mr) {
-    case 1: return microkernel<C, 1, NR, kRowsA>();
-    case 2: return microkernel<C, 2, NR, kRowsA>();
-    case 3: return microkernel<C, 3, NR, kRowsA>();
-    case 4: return microkernel<C, 4, NR, kRowsA>();
-    case 5: return microkernel<C, 5, NR, kRowsA>();
-    default: return microkernel<C, 6, NR, kRowsA>();
-  }
+  });
 }
 
 }  // namespace common

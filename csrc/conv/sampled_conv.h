@@ -28,26 +28,6 @@ namespace conv {
 
 constexpr int64_t kPixelChunk = 256;  // output pixels per packed chunk
 
-// dst[m * mr + i] = src[m * ld + i] for m < len, i < mr: one row tile of dYᵀ (constant widths vectorise).
-template <int MR, typename C>
-inline void copy_rows(C* dst, const C* src, int64_t ld, int64_t len) {
-  for (int64_t m = 0; m < len; ++m) {
-    for (int i = 0; i < MR; ++i) dst[m * MR + i] = src[m * ld + i];
-  }
-}
-
-template <typename C>
-inline void copy_tile(C* dst, const C* src, int64_t ld, int64_t len, int mr) {
-  switch (mr) {
-    case 1: return copy_rows<1>(dst, src, ld, len);
-    case 2: return copy_rows<2>(dst, src, ld, len);
-    case 3: return copy_rows<3>(dst, src, ld, len);
-    case 4: return copy_rows<4>(dst, src, ld, len);
-    case 5: return copy_rows<5>(dst, src, ld, len);
-    default: return copy_rows<common::kMR>(dst, src, ld, len);
-  }
-}
-
 template <typename C>
 struct SampledProblem {
   const C* dy;  // (M, O) NHWC
@@ -120,7 +100,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
             const C* src = pb.dy + m0 * pb.O + ch;
             const int mr = tile.second;
             if (ch + mr <= pb.O) {
-              copy_tile(dst, src, pb.O, len, mr);
+              common::copy_row_tile(dst, src, pb.O, 0, len, mr);
             } else {  // the last block row's padding channels read as zero
               for (int64_t m = 0; m < len; ++m) {
                 for (int i = 0; i < mr; ++i) dst[m * mr + i] = ch + i < pb.O ? src[m * pb.O + i] : C(0);
