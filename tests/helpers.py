@@ -60,6 +60,12 @@ def random_bsr(shape, block_size, density, dtype=torch.float64, seed=0, **mask_k
     return sk.BlockSparseMatrix.from_dense(dense, (br, bc), block_mask=mask)
 
 
+def stored_blocks(dense, layout):
+    """The (nnz, br, bc) blocks of a dense (rows, cols) matrix at ``layout``'s stored positions."""
+    (rb, cb), (br, bc) = layout.grid, layout.block_size
+    return dense.reshape(rb, br, cb, bc).transpose(1, 2)[layout.row_indices, layout.col_indices]
+
+
 def relative_error(actual, expected):
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparsekern as sk
-from helpers import on_path, random_bsr, relative_error
+from helpers import on_path, random_bsr, relative_error, stored_blocks
 from sparsekern.kernels import microkernel
 from sparsekern.kernels.bsr import cpu, reference
 
@@ -44,11 +44,6 @@ def _operands(name):
     return weight, x, dy, bias
 
 
-def _blocks(dense, layout):
-    (rb, cb), (br, bc) = layout.grid, layout.block_size
-    return dense.reshape(rb, br, cb, bc).transpose(1, 2)[layout.row_indices, layout.col_indices]
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_products_within_the_dense_bf16_bound(amx, name):
     weight, x, dy, bias = _operands(name)
@@ -60,7 +55,7 @@ def test_products_within_the_dense_bf16_bound(amx, name):
         "grad_input": (cpu.bsr_grad_input(dy, values, layout),
                        reference.bsr_grad_input(dy.double(), values.double(), layout), dy @ w),
         "grad_weight": (cpu.bsr_grad_weight(dy, x, layout),
-                        reference.bsr_grad_weight(dy.double(), x.double(), layout), _blocks(dy.T @ x, layout)),
+                        reference.bsr_grad_weight(dy.double(), x.double(), layout), stored_blocks(dy.T @ x, layout)),
     }
     for product, (got, want, dense) in cases.items():
         assert got.dtype == torch.bfloat16 and got.shape == want.shape, product

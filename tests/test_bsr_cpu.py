@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparsekern as sk
-from helpers import TOLERANCES, microkernel_paths, on_path, random_bsr
+from helpers import TOLERANCES, microkernel_paths, on_path, random_bsr, stored_blocks
 from sparsekern.kernels.bsr import cpu, reference
 
 CPU = torch.device("cpu")
@@ -139,11 +139,6 @@ def _dense_masked(x, weight, bias, dy):
     return y, x.grad, w.grad
 
 
-def _blocks(dense, layout):
-    (rb, cb), (br, bc) = layout.grid, layout.block_size
-    return dense.reshape(rb, br, cb, bc).transpose(1, 2)[layout.row_indices, layout.col_indices]
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("lead", [(9,), (2, 3, 5)], ids=["M9", "batch2x3x5"])
 def test_op_with_cpu_backend_matches_dense_masked(dtype, lead):
@@ -165,8 +160,8 @@ def test_op_with_cpu_backend_matches_dense_masked(dtype, lead):
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(y.reshape(-1, 48).double(), y_ref, **tol)
     torch.testing.assert_close(x.grad.reshape(-1, 80).double(), dx_ref, **tol)
-    torch.testing.assert_close(weight.values.grad.double(), _blocks(dw_ref, weight.layout), **tol)
-    torch.testing.assert_close(probe.values.grad.double(), _blocks(dw_ref, probe.layout), **tol)
+    torch.testing.assert_close(weight.values.grad.double(), stored_blocks(dw_ref, weight.layout), **tol)
+    torch.testing.assert_close(probe.values.grad.double(), stored_blocks(dw_ref, probe.layout), **tol)
 
 
 def test_sparse_linear_uses_cpu_backend_by_default():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparsekern as sk
-from helpers import TOLERANCES, random_bsr
+from helpers import TOLERANCES, random_bsr, stored_blocks
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -38,11 +38,6 @@ def _dense_masked_reference(x, weight, bias, dy):
     return y, x.grad, w.grad, None if b is None else b.grad
 
 
-def _blocks(dense, layout):
-    (rb, cb), (br, bc) = layout.grid, layout.block_size
-    return dense.reshape(rb, br, cb, bc).transpose(1, 2)[layout.row_indices, layout.col_indices]
-
-
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPE)
 @pytest.mark.parametrize("name", list(STRUCTURES))
 @pytest.mark.parametrize("lead", [(7,), (2, 3)], ids=["M7", "batch2x3"])
@@ -67,7 +62,7 @@ def test_forward_and_gradients_match_dense_masked(backend, dtype, name, lead):
     torch.testing.assert_close(bias.grad.double(), db_ref, **tol)
     # The sparse operand's gradient is the dense gradient restricted to its stored blocks.
     assert weight.values.grad.shape == weight.values.shape
-    torch.testing.assert_close(weight.values.grad.double(), _blocks(dw_ref, weight.layout), **tol)
+    torch.testing.assert_close(weight.values.grad.double(), stored_blocks(dw_ref, weight.layout), **tol)
 
 
 @pytest.mark.parametrize("backend", sk.kernels.available_backends("bsr_forward", CPU, torch.float64))
@@ -101,8 +96,8 @@ def test_grad_probe_receives_sampled_gradient_on_its_blocks(backend, dtype, prob
     dense_grad = dy.double().T @ x.double()
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(y.double(), x.double() @ weight.to_dense().detach().double().T, **tol)
-    torch.testing.assert_close(probe.values.grad.double(), _blocks(dense_grad, probe.layout), **tol)
-    torch.testing.assert_close(weight.values.grad.double(), _blocks(dense_grad, weight.layout), **tol)
+    torch.testing.assert_close(probe.values.grad.double(), stored_blocks(dense_grad, probe.layout), **tol)
+    torch.testing.assert_close(weight.values.grad.double(), stored_blocks(dense_grad, weight.layout), **tol)
 
 
 def test_no_weight_gradient_when_values_do_not_require_grad():

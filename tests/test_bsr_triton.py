@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import sparsekern as sk
-from helpers import TOLERANCES, random_bsr
+from helpers import TOLERANCES, random_bsr, stored_blocks
 from sparsekern.kernels.bsr import reference
 
 # triton itself is imported lazily (inside tests), like the package does: the kernels
@@ -63,9 +63,7 @@ def _case(name, dtype, m, seed=0):
 
 def _dense_products(weight, x, dy):
     w, x, dy = weight.to_dense().double(), x.double(), dy.double()
-    (rb, cb), (br, bc) = weight.layout.grid, weight.block_size
-    dw_blocks = (dy.T @ x).reshape(rb, br, cb, bc).transpose(1, 2)[weight.layout.row_indices, weight.layout.col_indices]
-    return x @ w.T, dy @ w, dw_blocks
+    return x @ w.T, dy @ w, stored_blocks(dy.T @ x, weight.layout)
 
 
 # fp32 on every structure; the half types on two (the interpreter is slow).
