@@ -67,6 +67,11 @@ def cpu_extension_unavailable(name, dtypes, device, dtype):
     return None
 
 
+def loaded_extension(name):
+    """``sparsekern._C_<name>`` if it is loaded already, else None (never triggers a load)."""
+    return _loaded.get(name)
+
+
 def loaded_extensions():
     """The compiled extensions loaded so far (never triggers a load)."""
     return [module for module in _loaded.values() if module is not None]

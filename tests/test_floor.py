@@ -63,6 +63,15 @@ def test_warm_up_timings_are_not_counted(toy):
     assert list(floor.floor_decisions().values()) == ["cpu"]
 
 
+def test_one_fast_outlier_does_not_decide(toy):
+    kernel, costs, ran = toy
+    x = torch.zeros(5)
+    for i in range(2 * SAMPLES):
+        costs["dense"] = 0.5 if i == 3 else 2.0   # one lucky composite call among slow ones
+        floor.with_floor("toy", kernel, x)(x)
+    assert list(floor.floor_decisions().values()) == ["cpu"]
+
+
 def test_shape_classes_bucket_tokens_and_are_decided_apart(toy):
     kernel, costs, ran = toy
     for m in (3, 4, 5):

@@ -1,6 +1,6 @@
 """low_rank_linear and LowRankLinear against the dense computation x (U S Vᵀ)ᵀ + b.
 
-Every CPU backend (reference, cpu) is checked on awkward shapes (non powers of
+Every CPU backend (reference, dense, cpu) is checked on awkward shapes (non powers of
 two, no tokens, rank 1 and full rank, leading batch dims), forward and every
 gradient, in both gradient modes (factor gradients, and the K/L gradients DLRT
 uses), plus fp64 gradcheck of the op.
@@ -14,7 +14,7 @@ from helpers import relative_error
 from sparsekern.formats.lowrank import truncation_rank
 from sparsekern.ops import low_rank_linear
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "dense", "cpu")
 # (lead dims of x, in, out, rank)
 SHAPES = [((5,), 7, 6, 3), ((3, 4), 33, 17, 5), ((0,), 9, 8, 2), ((11,), 10, 13, 1), ((6,), 12, 9, 9)]
 

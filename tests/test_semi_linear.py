@@ -12,7 +12,8 @@ from helpers import TOLERANCES
 # (M, N, K): tokens not a multiple of the 96-token panels, N/K not multiples of the CPU blocking.
 SHAPES = [(1, 4, 4), (7, 8, 12), (100, 36, 68), (193, 40, 132), (97, 140, 264), (0, 8, 8)]
 CASES = [("reference", torch.float64), ("reference", torch.float32), ("reference", torch.bfloat16),
-         ("reference", torch.float16), ("cpu", torch.float32)]
+         ("reference", torch.float16), ("cpu", torch.float32), ("dense", torch.float64), ("dense", torch.float32),
+         ("dense", torch.bfloat16), ("dense", torch.float16)]
 
 
 def _weight(n, k, dtype, transposable, seed=0):
@@ -114,8 +115,9 @@ def test_leading_batch_dims():
     torch.testing.assert_close(semi_linear(x, weight), x @ weight.to_dense().T)
 
 
+@pytest.mark.parametrize("backend", ["reference", "dense"])
 @pytest.mark.parametrize("transposable", [True, False], ids=["transposable", "rowwise"])
-def test_gradcheck(transposable):
+def test_gradcheck(transposable, backend):
     weight = _weight(8, 12, torch.float64, transposable)
     values = weight.values.clone().requires_grad_(True)
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
@@ -125,13 +127,15 @@ def test_gradcheck(transposable):
         w = sk.SemiStructuredMatrix(values, weight.indices, weight.shape, indices_t=weight.indices_t)
         return semi_linear(x, w, bias)
 
-    assert torch.autograd.gradcheck(f, (x, values, bias))
     w_dense = torch.randn(8, 12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, b: semi_linear_dynamic(x, w_dense.detach(), b, transposable=transposable),
-                                    (x, bias))
+    with sk.use_backend(backend):
+        assert torch.autograd.gradcheck(f, (x, values, bias))
+        assert torch.autograd.gradcheck(
+            lambda x, b: semi_linear_dynamic(x, w_dense.detach(), b, transposable=transposable), (x, bias))
 
 
-@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("cpu", torch.float32)], ids=str)
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("cpu", torch.float32),
+                                           ("dense", torch.float64)], ids=str)
 def test_dynamic_op_straight_through(backend, dtype):
     _skip_unavailable(backend, dtype)
     w = torch.randn(16, 24, dtype=dtype, requires_grad=True)

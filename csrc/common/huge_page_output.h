@@ -13,8 +13,10 @@
 // again at the next step, and on a VM right after another large job frees its
 // memory those faults intermittently cost 2-3x more. A training loop asks for
 // the same output sizes every step, so freed blocks are kept, most recently
-// freed first, up to SPARSEKERN_OUTPUT_CACHE_MB (default 128, read once; 0
-// disables) per extension; beyond it the oldest are freed. It is the CPU
+// freed first, up to SPARSEKERN_OUTPUT_CACHE_MB (default 256, read once; 0
+// disables) per extension; beyond it the oldest are freed. 256 MB holds a
+// 4096 x 4096 fp32 layer's outputs and, for the floor rule's dense composite at
+// full density, its dense weight and dense weight gradient (192 MB in all). It is the CPU
 // counterpart of a CUDA caching allocator: reuse is by exact (2 MB-rounded)
 // size, and `empty_output_cache()` returns everything to the system.
 #pragma once
@@ -81,7 +83,7 @@ class HugePageAllocator final : public c10::Allocator {
    public:
     Cache() {
       const char* mb = std::getenv("SPARSEKERN_OUTPUT_CACHE_MB");
-      limit_ = (mb != nullptr && *mb != '\0') ? size_t(std::strtoull(mb, nullptr, 10)) << 20 : size_t(128) << 20;
+      limit_ = (mb != nullptr && *mb != '\0') ? size_t(std::strtoull(mb, nullptr, 10)) << 20 : size_t(256) << 20;
     }
 
     Block* take(size_t bytes) {
@@ -169,6 +171,11 @@ inline void def_output_cache(pybind11::module& m) {
   m.def("output_cache_info", [] { return HugePageAllocator::cached(); },
         "(bytes, blocks) of freed huge-page outputs this extension keeps for reuse");
   m.def("empty_output_cache", [] { HugePageAllocator::empty_cache(); }, "free every cached block");
+  // For the composites the floor rule runs instead of the kernels: their large outputs
+  // come from the same cache, so they are measured (and run) without page faults too.
+  m.def("empty_output", [](std::vector<int64_t> sizes, const at::Tensor& like) {
+    return empty_output(sizes, like.options());
+  }, "an uninitialized contiguous CPU tensor of `sizes` with `like`'s dtype, on cached huge pages");
 }
 
 }  // namespace common

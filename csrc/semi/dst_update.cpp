@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/huge_page_output.h"
 #include "semi/prune.h"
 
 #include <algorithm>
@@ -531,7 +532,8 @@ at::Tensor decompress_sum(at::TensorList values, at::TensorList indices, int64_t
                 ": indices[", k, "] must be uint8 of shape (", rows, ", ", bytes, "), got ",
                 indices[k].scalar_type(), " of shape ", indices[k].sizes());
   }
-  at::Tensor out = at::empty({rows, cols}, values[0].options());
+  // On the output cache: the floor rule's dense composite decompresses W on every call.
+  at::Tensor out = common::empty_output({rows, cols}, values[0].options());
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, values[0].scalar_type(), op, [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     std::vector<const scalar_t*> sources;

@@ -176,14 +176,25 @@ def _to_blocks(dense, block_size):
     return dense.reshape(rows // br, br, cols // bc, bc).transpose(1, 2)
 
 
-def values_to_dense(values, layout):
+def values_to_dense(values, layout, out=None):
+    """The dense (rows, cols) matrix of the stored blocks, zeros elsewhere; written into
+    ``out`` (contiguous, of that shape and values' dtype) when it is given."""
     (rb, cb), (br, bc) = layout.grid, layout.block_size
+    blocks_first = None if out is None else out.view(rb, br, cb, bc).transpose(1, 2)
     if layout.nnz_blocks == rb * cb:  # every block, in row-major order: one transposing copy
-        return values.view(rb, cb, br, bc).transpose(1, 2).reshape(layout.shape)
+        full = values.view(rb, cb, br, bc)
+        if out is None:
+            return full.transpose(1, 2).reshape(layout.shape)
+        blocks_first.copy_(full)
+        return out
     # Scattered straight into the (rows, cols) layout: zeros, then one pass over the blocks
     # (building (rb, cb, br, bc) first and transposing it costs two more passes).
-    dense = values.new_zeros(rb, br, cb, bc).transpose(1, 2)
-    return dense.index_put((layout.row_indices, layout.col_indices), values).transpose(1, 2).reshape(layout.shape)
+    if out is None:
+        dense = values.new_zeros(rb, br, cb, bc).transpose(1, 2)
+        return dense.index_put((layout.row_indices, layout.col_indices), values).transpose(1, 2).reshape(layout.shape)
+    out.zero_()
+    blocks_first.index_put_((layout.row_indices, layout.col_indices), values)
+    return out
 
 
 def carry_blocks(tensor, slots):

@@ -6,9 +6,12 @@ code elsewhere can lose at high density. So the choice is measured on the machin
 itself, like ``torch.backends.cudnn.benchmark``: the first calls of each *shape
 class* (product, dtype, threads, shapes with the token count rounded up to a power of
 two, density in steps of 1/16) alternate between the kernel and the composite, both
-of which give the right answer, and after ``SAMPLES`` timings of each the faster one
-is kept for the class for the rest of the process. The first timing of each side is
-a warm-up (first-touch pages, packing buffers) and is not counted.
+of which give the right answer, and after ``SAMPLES`` timings of each the side with the
+lower median is kept for the class for the rest of the process. The first timing of
+each side is a warm-up (first-touch pages, packing buffers) and is not counted; the
+median of the other three ignores one outlier either way (a composite whose fresh
+outputs are page-faulted in on some calls only has a fast minimum and a slow typical
+call, and training runs the typical one).
 
 Applies where the registry chose the ``cpu`` backend automatically: a backend forced
 with ``use_backend`` is always obeyed. Modes (``set_floor_mode`` or the environment
@@ -23,6 +26,7 @@ Their outcome is recorded as a decision too.
 """
 import math
 import os
+import statistics
 import threading
 import time
 
@@ -30,7 +34,7 @@ import torch
 
 from .registry import select_kernel
 
-SAMPLES = 3
+SAMPLES = 4
 MODES = ("measure", "off")
 
 _composites = {}     # product -> (composite backend, shape-class key function, sure_win, sure_lose)
@@ -109,7 +113,7 @@ class _Class:
     def record(self, side, seconds, sides):
         self.samples.setdefault(side, []).append(seconds)
         if self.next_side(sides) is None:
-            best = {s: min(self.samples[s][1:]) for s in sides}
+            best = {s: statistics.median(self.samples[s][1:]) for s in sides}
             self.choice = sides[0] if best[sides[0]] <= best[sides[1]] else sides[1]
 
 

@@ -2,7 +2,9 @@
 
 A *product* is one kernel contract (e.g. ``"bsr_forward"``); a *backend* is one
 implementation of it (``"reference"``, ``"dense"``, ``"cpu"``, ``"triton"``, ``"cuda"``;
-``dense`` is the dense masked GEMM where the reference is not already that composite). Each
+``dense`` is the vendor composite on torch's GEMMs in the input dtype, where the reference
+is not already that: the dense masked GEMM of a sparse format, the factor GEMMs of the
+low-rank products; the floor rule falls back to it). Each
 registration carries an ``unavailable(device, dtype)`` probe that returns None
 when the backend can run on such tensors, or a sentence saying why not. Probes
 are called at dispatch time, never at import time, so importing sparsekern
@@ -10,7 +12,8 @@ queries no GPU and loads no compiled code.
 
 Selection: a backend forced with :func:`use_backend` is used or an error is
 raised (never a silent fallback); otherwise the first available backend in the
-device's priority list wins, and ``reference`` always can.
+device's priority list wins, and ``reference`` always can. On CPU, a dtype the compiled
+kernels lack runs the ``dense`` composite where a family has one.
 """
 import contextvars
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ import torch
 BACKEND_NAMES = ("reference", "dense", "cpu", "triton", "cuda")
 # Fastest first. Triton on CPU (TRITON_INTERPRET=1) is for tests only: forced, never chosen.
 _PRIORITY = {
-    "cpu": ("cpu", "reference"),
+    "cpu": ("cpu", "dense", "reference"),
     "cuda": ("triton", "cuda", "reference"),
 }
 

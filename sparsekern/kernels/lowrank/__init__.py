@@ -17,4 +17,4 @@ Every backend implements the same two products; nothing of shape (N, K) is forme
 Inputs arrive 2-D, contiguous, on one device, of one floating dtype (checked by
 the op layer); bias is (N,) or None. Half types accumulate in fp32. M may be 0.
 """
-from . import cpu, reference, triton_lowrank  # noqa: F401  (register the backends)
+from . import cpu, dense, reference, triton_lowrank  # noqa: F401  (register the backends)

@@ -9,18 +9,19 @@ of ``sparsekern._C_lowrank`` (csrc/lowrank/), reached as dispatcher ops:
   are copied block by block into a cache-friendly buffer, and the bias gradient
   Σ_t dy[t] is summed on the way, so dy is read once for dU and db.
 At r = 64 they run 6-13% (products) and ~20% (reductions) faster than MKL's
-sgemm at these shapes (docs/low_rank.md). The r x r products stay on torch.mm.
-
-What this backend adds over autograd through three matmuls: G = dy U and
-H = G S are computed once and shared by dx, dS and dV, a and b are reused from
-the forward, the r x r products run on the token side (M r² flops instead of
-N r²), and transposes are never copied.
+sgemm at these shapes (docs/lowrank.md); where they lose (larger ranks on a CPU
+whose MKL runs AVX-512), the floor rule runs the same schedule on torch's GEMMs
+(the ``dense`` backend). The r x r products stay on torch.mm. The schedule
+itself is in :mod:`.schedule`.
 """
+import functools
+
 import torch
 
 from ..._extension import cpu_extension_unavailable, load_ops
 from ..floor import register_floor, tokens_bucket
 from ..registry import register_kernel
+from . import schedule
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -57,30 +58,13 @@ def transposed_matmul(a, b, column_sums=False):
     return ops().lowrank_transposed_matmul_cpu(a, b, column_sums)
 
 
-def lowrank_forward(x, U, S, V, bias):
-    a = matmul(x, V, False)
-    b = torch.mm(a, S.t())
-    y = matmul(b, U, True, bias)
-    return y, a, b
-
-
-def lowrank_backward(dy, x, a, b, U, S, V, kl_grads, needs):
-    need_dx, need_du, need_ds, need_dv, need_db = needs
-    g = matmul(dy, U, False) if (need_dx or need_ds or need_dv) else None
-    h = torch.mm(g, S) if (need_dx or (need_dv and not kl_grads)) else None
-    dx = matmul(h, V, True) if need_dx else None
-    ds = torch.mm(g.t(), a) if need_ds else None
-    du, db = transposed_matmul(dy, a if kl_grads else b, need_db) if need_du else (None, None)
-    if need_db and db is None:
-        db = dy.sum(0)
-    dv = transposed_matmul(x, g if kl_grads else h)[0] if need_dv else None
-    return dx, du, ds, dv, db
-
+lowrank_forward = functools.partial(schedule.forward, matmul)
+lowrank_backward = functools.partial(schedule.backward, matmul, transposed_matmul)
 
 register_kernel("lowrank_forward", "cpu", lowrank_forward, _unavailable)
 register_kernel("lowrank_backward", "cpu", lowrank_backward, _unavailable)
-register_floor("lowrank_forward", "reference",
+register_floor("lowrank_forward", "dense",
                lambda x, U, S, V, bias: (tokens_bucket(x.shape[0]), U.shape, V.shape, bias is not None))
-register_floor("lowrank_backward", "reference",
+register_floor("lowrank_backward", "dense",
                lambda dy, x, a, b, U, S, V, kl_grads, needs: (tokens_bucket(dy.shape[0]), U.shape, V.shape,
                                                               kl_grads, tuple(needs)))

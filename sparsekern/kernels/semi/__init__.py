@@ -44,6 +44,7 @@ and the DST methods call through the functions of :mod:`.products`:
 """
 from . import reference, dst_reference  # noqa: F401  (register the reference backend)
 from . import cpu, dst_cpu  # noqa: F401  (register the C++ backend, loaded on first use)
+from . import dense  # noqa: F401  (registers the dense masked GEMM, the floor rule's composite)
 from . import triton_prune  # noqa: F401  (registers the Triton prune+compress kernel, built on first use)
 from . import cuda  # noqa: F401  (registers torch's semi-structured GPU matmul)
 from .products import carry, decompress_sum, drop_grow, grad_weight, restructure

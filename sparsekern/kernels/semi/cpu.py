@@ -163,9 +163,9 @@ register_kernel("semi_forward", "cpu", semi_forward, _unavailable)
 register_kernel("semi_grad_input", "cpu", semi_grad_input, _unavailable)
 register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _unavailable)
 register_kernel("semi_prune_compress", "cpu", semi_prune_compress, _unavailable)
-register_floor("semi_forward", "reference", lambda x, values, indices: (tokens_bucket(x.shape[0]), values.shape))
-register_floor("semi_grad_input", "reference",
+register_floor("semi_forward", "dense", lambda x, values, indices: (tokens_bucket(x.shape[0]), values.shape))
+register_floor("semi_grad_input", "dense",
                lambda dy, values, indices, indices_t=None, transpose_map=None:
                (tokens_bucket(dy.shape[0]), values.shape, indices_t is not None))
-register_floor("semi_grad_weight", "reference",
+register_floor("semi_grad_weight", "dense",
                lambda dy, x, indices: (tokens_bucket(dy.shape[0]), dy.shape[1], x.shape[1]))

@@ -1,0 +1,52 @@
+"""``dense`` backend of the 2:4 products: the dense masked GEMM through torch, in the input dtype.
+
+What a user without 2:4 kernels runs: W decompressed (zeros at the pruned positions),
+then torch's GEMM in the input dtype (MKL fp32, oneDNN AMX bf16 on CPU; cuBLAS on GPU);
+the weight gradient is the dense dyᵀ x read out at the kept positions. The floor rule
+(:mod:`..floor`) falls back to it where the compiled kernels would lose, and it is the
+registry's choice for dtypes the kernels lack (bf16 and fp16 on CPU: tensor-core-like
+tiles cannot run on compressed operands, so 2:4 in half precision is the dense GEMM
+plus a decompress). Large outputs come from the compiled kernels' output cache when
+that is loaded.
+"""
+import torch
+
+from ..output_cache import empty_output
+from ..registry import available_backends, register_kernel, select_kernel
+from .reference import semi_prune_compress
+
+
+def _decompress_sum(values, indices, cols):
+    # The compiled decompress where it can run, whatever backend is forced for the products.
+    backend = "cpu" if "cpu" in available_backends("semi_decompress_sum", values[0].device, values[0].dtype) \
+        else "reference"
+    return select_kernel("semi_decompress_sum", values[0].device, values[0].dtype, backend)[1](values, indices, cols)
+
+
+def _dense_weight(values, indices):
+    return _decompress_sum([values], [indices], 2 * values.shape[1])
+
+
+def semi_forward(x, values, indices):
+    weight = _dense_weight(values, indices)
+    return torch.mm(x, weight.T, out=empty_output("semi", (x.shape[0], weight.shape[0]), x))
+
+
+def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
+    weight = _dense_weight(values, indices)  # W as stored: Wᵀ's own metadata is not needed
+    return torch.mm(dy, weight, out=empty_output("semi", (dy.shape[0], weight.shape[1]), dy))
+
+
+def semi_grad_weight(dy, x, indices):
+    full = torch.mm(dy.T, x, out=empty_output("semi", (dy.shape[1], x.shape[1]), x))
+    # The kept positions in row-major order are the order of the compressed values.
+    kept = _decompress_sum([torch.ones(indices.shape[0], x.shape[1] // 2, dtype=torch.bool, device=x.device)],
+                          [indices], x.shape[1])
+    return full.masked_select(kept).view(dy.shape[1], x.shape[1] // 2)
+
+
+register_kernel("semi_forward", "dense", semi_forward)
+register_kernel("semi_grad_input", "dense", semi_grad_input)
+register_kernel("semi_grad_weight", "dense", semi_grad_weight)
+# The prune has no GEMM to hand to torch: the composite prunes as the reference does.
+register_kernel("semi_prune_compress", "dense", semi_prune_compress)
