@@ -93,3 +93,14 @@ def test_bad_block_mask():
 def test_non_2d_dense_rejected():
     with pytest.raises(ValueError, match=r"2-D.*\(2, 16, 16\)"):
         sk.BlockSparseMatrix.from_dense(torch.randn(2, 16, 16), 8)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.4, 0.0])
+def test_values_to_dense_writes_into_a_given_buffer(density):
+    from sparsekern.formats.bsr import values_to_dense
+    torch.manual_seed(0)
+    mask = torch.rand(3, 5) < density
+    m = sk.BlockSparseMatrix.from_dense(torch.randn(12, 20), (4, 4), block_mask=mask)
+    out = torch.full((12, 20), float("nan"))    # stale contents must not survive
+    assert values_to_dense(m.values, m.layout, out=out) is out
+    torch.testing.assert_close(out, m.to_dense(), rtol=0, atol=0)

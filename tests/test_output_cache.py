@@ -206,3 +206,27 @@ def test_a_forked_child_starts_with_its_own_empty_cache():
     assert child.exitcode == 0
     assert fresh == {"bytes": 0, "blocks": 0} and after == {"bytes": HUGE_PAGE, "blocks": 1}
     assert sk.output_cache_info() == {"bytes": HUGE_PAGE, "blocks": 1}  # the parent's is untouched
+
+
+@pytest.mark.parametrize("name,product", [("low_rank", "lowrank_forward"), ("block_sparse", "bsr_forward"),
+                                          ("semi_structured", "semi_forward")])
+def test_the_dense_composites_take_their_outputs_from_the_cache(name, product):
+    layer = _layer(name)
+    x = torch.randn(TOKENS, FEATURES)
+    layer(x)                                  # loads the family's extension
+    _empty_cache()
+    with sk.use_backend("dense"):
+        y = layer(x)
+    assert y.data_ptr() % HUGE_PAGE == 0      # a cached huge-page block, not torch's allocator
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.dense_weight(), layer.bias),
+                               rtol=1e-4, atol=1e-4)
+    held = sk.output_cache_info()["blocks"]
+    del y
+    assert sk.output_cache_info()["blocks"] == held + 1
+
+
+def test_composite_output_falls_back_to_torch_without_the_extension():
+    from sparsekern.kernels.output_cache import empty_output
+    like = torch.zeros(1, dtype=torch.bfloat16)
+    out = empty_output("no_such_family", (3, 5), like)
+    assert out.shape == (3, 5) and out.dtype == torch.bfloat16 and out.is_contiguous()
