@@ -1,5 +1,5 @@
 """The C++ 2:4 DST kernels (csrc/semi/dst_update.cpp, the ``cpu`` backend of the
-semi_drop_grow / semi_restructure / semi_carry / semi_decompress_sum products) take exactly
+semi_drop_grow / semi_restructure / semi_carry / semi_decompress_sum / semi_gather_kept products) take exactly
 the decisions of the plain-torch ``reference`` backend: the rule, set_mask's bookkeeping, the
 optimizer-state carry, the probe's complement indices and dense gradient. Ties included."""
 import contextlib
@@ -174,6 +174,29 @@ def test_carry_same_as_plain_torch(plain_torch, dtype):
     slots = torch.randint(-1, 60, (6, 10), generator=g)
     fast, plain = both_paths(plain_torch, lambda: carry(tensor, slots))
     assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 12), (16, 24), (0, 8), (3, 4)], ids=str)
+def test_gather_kept_same_as_plain_torch_and_inverts_decompress(plain_torch, dtype, shape):
+    from sparsekern.kernels.registry import select_kernel
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(*shape, generator=g).to(dtype)
+    mask = prune_2to4(torch.randn(*shape, generator=g))
+    _, indices = sk.formats.semi.compress(dense, mask)
+    gather = lambda: select_kernel("semi_gather_kept", dense.device, dtype)[1](dense, indices)  # noqa: E731
+    fast, plain = both_paths(plain_torch, gather)
+    assert torch.equal(fast, plain)
+    assert torch.equal(decompress(fast, indices, shape[1]), dense * mask)
+
+
+def test_gather_kept_refuses_indices_of_another_shape():
+    ops = sk.kernels.semi.cpu.ops()
+    dense = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"indices must be uint8 of shape \(4, 1\)"):
+        ops.semi_gather_kept_cpu(dense, torch.zeros(3, 1, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="multiple of 4 columns"):
+        ops.semi_gather_kept_cpu(torch.randn(4, 6), torch.zeros(4, 1, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("cols", [12, 16])

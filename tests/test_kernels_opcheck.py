@@ -170,6 +170,14 @@ def test_semi_decompress_sum(dtype, rows, pairs):
     torch.library.opcheck(ops.semi_decompress_sum_cpu.default, (values, [i for _, i, _ in matrices], 20))
 
 
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("rows", [0, 5])
+def test_semi_gather_kept(dtype, rows):
+    ops = _ops(semi_cpu, "semi")
+    _, indices, _ = _semi_weight(rows, 20, transposable=False)
+    torch.library.opcheck(ops.semi_gather_kept_cpu.default, (_randn(rows, 20, dtype=dtype), indices))
+
+
 # ---------------------------------------------------------------- block-sparse conv
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
@@ -199,5 +207,5 @@ def test_every_compiled_op_is_checked():
                "conv_grad_input_cpu", "conv_grad_weight_cpu", "lowrank_matmul_cpu",
                "lowrank_transposed_matmul_cpu", "semi_plan_cpu", "semi_forward_cpu", "semi_grad_weight_cpu",
                "semi_prune_compress_cpu", "semi_drop_grow_cpu", "semi_restructure_cpu", "semi_carry_cpu",
-               "semi_decompress_sum_cpu"}
+               "semi_decompress_sum_cpu", "semi_gather_kept_cpu"}
     assert names == checked

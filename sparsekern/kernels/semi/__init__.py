@@ -41,6 +41,10 @@ and the DST methods call through the functions of :mod:`.products`:
     ``tensor.flatten()[slots]``, zero where ``slots`` < 0 (shape of ``slots``).
 ``semi_decompress_sum(values, indices, cols) -> dense``
     The dense (rows, cols) sum of the compressed matrices ``zip(values, indices)``.
+``semi_gather_kept(dense, indices) -> values``
+    ``dense`` (rows, cols) read out at the kept positions ``indices`` encode, (rows, cols/2)
+    in the order of compressed values (the inverse of decompressing). ValueError/RuntimeError
+    naming the shapes if ``indices`` does not fit ``dense``.
 """
 from . import reference, dst_reference  # noqa: F401  (register the reference backend)
 from . import cpu, dst_cpu  # noqa: F401  (register the C++ backend, loaded on first use)

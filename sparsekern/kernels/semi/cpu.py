@@ -9,7 +9,8 @@ registered here (the DST update kernels' too: one extension, one place):
 ``semi_forward_cpu(x, values, offsets, source, nb, kc, allow_avx512) -> y``
 ``semi_grad_weight_cpu(dy, x, indices) -> dvalues``
 ``semi_prune_compress_cpu(dense, transposable) -> (values, indices, values_t?, indices_t?)``
-``semi_drop_grow_cpu``, ``semi_restructure_cpu``, ``semi_carry_cpu``, ``semi_decompress_sum_cpu``:
+``semi_drop_grow_cpu``, ``semi_restructure_cpu``, ``semi_carry_cpu``, ``semi_decompress_sum_cpu``,
+``semi_gather_kept_cpu``:
     see :mod:`sparsekern.kernels.semi.dst_cpu`.
 
 The kernels read W through a *plan* (its indices decoded to panel offsets, and
@@ -34,7 +35,8 @@ def _register_fakes():
     fakes = {"semi_plan_cpu": _plan_fake, "semi_forward_cpu": _forward_fake,
              "semi_grad_weight_cpu": _grad_weight_fake, "semi_prune_compress_cpu": _prune_compress_fake,
              "semi_drop_grow_cpu": _drop_grow_fake, "semi_restructure_cpu": _restructure_fake,
-             "semi_carry_cpu": _carry_fake, "semi_decompress_sum_cpu": _decompress_sum_fake}
+             "semi_carry_cpu": _carry_fake, "semi_decompress_sum_cpu": _decompress_sum_fake,
+             "semi_gather_kept_cpu": _gather_kept_fake}
     for name, fake in fakes.items():
         torch.library.register_fake(f"sparsekern::{name}", fake)
 
@@ -82,6 +84,10 @@ def _carry_fake(tensor, slots):
 
 def _decompress_sum_fake(values, indices, cols):
     return values[0].new_empty(values[0].shape[0], cols)
+
+
+def _gather_kept_fake(dense, indices):
+    return dense.new_empty(dense.shape[0], dense.shape[1] // 2)
 
 
 def ops():

@@ -16,15 +16,14 @@ from ..registry import available_backends, register_kernel, select_kernel
 from .reference import semi_prune_compress
 
 
-def _decompress_sum(values, indices, cols):
-    # The compiled decompress where it can run, whatever backend is forced for the products.
-    backend = "cpu" if "cpu" in available_backends("semi_decompress_sum", values[0].device, values[0].dtype) \
-        else "reference"
-    return select_kernel("semi_decompress_sum", values[0].device, values[0].dtype, backend)[1](values, indices, cols)
+def _helper(product, like):
+    # The compiled helper where it can run, whatever backend is forced for the products.
+    backend = "cpu" if "cpu" in available_backends(product, like.device, like.dtype) else "reference"
+    return select_kernel(product, like.device, like.dtype, backend)[1]
 
 
 def _dense_weight(values, indices):
-    return _decompress_sum([values], [indices], 2 * values.shape[1])
+    return _helper("semi_decompress_sum", values)([values], [indices], 2 * values.shape[1])
 
 
 def semi_forward(x, values, indices):
@@ -39,10 +38,7 @@ def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
 
 def semi_grad_weight(dy, x, indices):
     full = torch.mm(dy.T, x, out=empty_output("semi", (dy.shape[1], x.shape[1]), x))
-    # The kept positions in row-major order are the order of the compressed values.
-    kept = _decompress_sum([torch.ones(indices.shape[0], x.shape[1] // 2, dtype=torch.bool, device=x.device)],
-                          [indices], x.shape[1])
-    return full.masked_select(kept).view(dy.shape[1], x.shape[1] // 2)
+    return _helper("semi_gather_kept", full)(full, indices)
 
 
 register_kernel("semi_forward", "dense", semi_forward)

@@ -136,7 +136,12 @@ def semi_decompress_sum(values, indices, cols):
     return dense
 
 
+def semi_gather_kept(dense, indices):
+    return dense.gather(1, unpack_columns(indices, dense.shape[1]))
+
+
 register_kernel("semi_drop_grow", "reference", semi_drop_grow)
 register_kernel("semi_restructure", "reference", semi_restructure)
 register_kernel("semi_carry", "reference", semi_carry)
 register_kernel("semi_decompress_sum", "reference", semi_decompress_sum)
+register_kernel("semi_gather_kept", "reference", semi_gather_kept)
