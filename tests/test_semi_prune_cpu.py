@@ -23,16 +23,26 @@ def test_pattern_order_is_the_reference_order():
     assert torch.equal(cpu.transposable_pattern_table(), transposable_patterns())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])
-def test_ties_and_compression_match_the_reference_exactly(shape, transposable):
-    w = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(0)).float()
+def test_ties_and_compression_match_the_reference_exactly(shape, transposable, dtype):
+    w = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     got = cpu.semi_prune_compress(w, transposable)
     want = reference.semi_prune_compress(w, transposable)
     for g, r in zip(got, want):
         assert (g is None) == (r is None)
         if r is not None:
             assert g.dtype == r.dtype and torch.equal(g, r)
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])
+def test_half_weights_prune_as_the_reference_does(transposable):
+    w = torch.randn(36, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    for got, want in zip(cpu.semi_prune_compress(w, transposable), reference.semi_prune_compress(w, transposable)):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == want.dtype and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])

@@ -95,11 +95,11 @@ def ops():
     return load_ops("semi", _register_fakes)
 
 
-def _unavailable(device, dtype):
+def _unavailable(device, dtype, dtypes=(torch.float32,)):
     if device.type != "cpu":
         return f"runs on CPU tensors only, got {device.type}"
-    if dtype != torch.float32:
-        return f"supports float32 only, got {dtype}"
+    if dtype not in dtypes:
+        return f"supports {', '.join(str(d).split('.')[-1] for d in dtypes)} only, got {dtype}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"needs AVX2 + FMA, this CPU reports {torch.backends.cpu.get_cpu_capability()}"
     if requested_isa() == "portable":
@@ -157,7 +157,16 @@ def semi_grad_weight(dy, x, indices):
 
 
 def semi_prune_compress(dense, transposable):
-    return ops().semi_prune_compress_cpu(dense, transposable)
+    if dense.dtype not in (torch.bfloat16, torch.float16):
+        return ops().semi_prune_compress_cpu(dense, transposable)
+    # Half types: the fp32 kernel on the weight widened (exactly, so the same magnitudes, ties and
+    # decisions as the reference on the half weight), its kept values narrowed back (exactly).
+    values, indices, values_t, indices_t = ops().semi_prune_compress_cpu(dense.float(), transposable)
+    return values.to(dense.dtype), indices, None if values_t is None else values_t.to(dense.dtype), indices_t
+
+
+def _prune_unavailable(device, dtype):
+    return _unavailable(device, dtype, (torch.float32, torch.bfloat16, torch.float16))
 
 
 def transposable_pattern_table():
@@ -168,7 +177,7 @@ def transposable_pattern_table():
 register_kernel("semi_forward", "cpu", semi_forward, _unavailable)
 register_kernel("semi_grad_input", "cpu", semi_grad_input, _unavailable)
 register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _unavailable)
-register_kernel("semi_prune_compress", "cpu", semi_prune_compress, _unavailable)
+register_kernel("semi_prune_compress", "cpu", semi_prune_compress, _prune_unavailable)
 register_floor("semi_forward", "dense", lambda x, values, indices: (tokens_bucket(x.shape[0]), values.shape))
 register_floor("semi_grad_input", "dense",
                lambda dy, values, indices, indices_t=None, transpose_map=None:
