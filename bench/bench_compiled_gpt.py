@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import datasets
 import sparsekern as sk
-from gpt import GPT
+from gpt import ATTENTION, GPT
 from timing import CLOCKS, TIMER_HELP, Timer, alternate, append_rows, environment, header, kernel_path, median_ratio
 
 VARIANTS = ("dense eager", "dense compiled", "sparse eager", "sparse compiled")
@@ -53,7 +53,8 @@ class Training:
     def __init__(self, name, args, autocast=None):
         self.name, self.autocast = name, autocast
         self.draw, vocab = batches(args)
-        self.model = GPT(vocab, args.context, args.layers, args.d_model, args.heads, seed=args.seed)
+        self.model = GPT(vocab, args.context, args.layers, args.d_model, args.heads, seed=args.seed,
+                         attention=args.attention)
         self.driver = None
         if name.startswith("sparse"):
             sk.sparsify(self.model, density=args.density, block_size=args.block_size, dense_layers=["head"])
@@ -62,7 +63,7 @@ class Training:
             self.driver = sk.methods.RigL(self.model, self.optimizer, density=args.density, delta=args.delta,
                                           t_end=10 ** 9, seed=args.seed)
         self.forward = torch.compile(self.model) if name.endswith("compiled") else self.model
-        self.losses, self.graphs, self.delta = [], 0, args.delta
+        self.losses, self.graphs, self.delta, self.clip = [], 0, args.delta, args.clip
 
     def chunk(self):
         """``delta`` training steps; counts the graphs dynamo compiles meanwhile."""
@@ -74,6 +75,8 @@ class Training:
                 logits = self.forward(x)
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
             loss.backward()
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
             self.optimizer.step()
             if self.driver is not None:
                 self.driver.step()
@@ -94,12 +97,17 @@ def training_arguments(description, batch):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--attention", choices=ATTENTION, default="sdpa",
+                   help="torch's fused SDPA, or attention as matmuls (faster in bf16 on CPU; see gpt.py)")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--delta", type=int, default=10, help="steps between RigL updates = steps per timed chunk")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--clip", type=float, default=1.0,
+                   help="clip the gradient norm to this (0: off). Without it this model's loss spikes to 4-9 "
+                        "nats at a few steps of some seeds, in fp32 and bf16 alike")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of one chunk per training")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--timer", choices=sorted(CLOCKS), default="wall", help=TIMER_HELP)
