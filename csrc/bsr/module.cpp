@@ -6,7 +6,8 @@
 // sparsekern::bsr_grad_weight_cpu dvalues = (dyᵀ x) sampled on the stored blocks
 // Tensors: CPU, contiguous, float64 / float32 / bfloat16 / float16 (half types
 // computed in fp32), int64 indices of a valid BlockLayout (checked in O(nnz)).
-// bf16 with block sides that are multiples of 32 runs on AMX tiles on the amx path.
+// bf16 with block sides that are multiples of 32 runs on AMX tiles on the amx path, and on
+// AVX512-BF16 dot products on the avx512 path of a CPU that has them.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -15,7 +16,7 @@
 #include "common/grouped_product.h"
 #include "common/huge_page_output.h"
 #include "common/microkernel.h"
-#include "bsr/amx_products.h"
+#include "bsr/bf16_products.h"
 #include "bsr/sampled_product.h"
 
 namespace sparsekern {
@@ -61,10 +62,19 @@ at::Tensor in_compute_type(const at::Tensor& t) {
 }
 
 #ifdef SPARSEKERN_AMX_BUILD
-// bf16 on AMX tiles: the amx path, and blocks made of whole 32 x 32 tiles.
-bool on_amx(const at::Tensor& t, int64_t br, int64_t bc) {
-  return t.scalar_type() == at::kBFloat16 && common::amx_tiles() && br % common::kAmxTile == 0 &&
-         bc % common::kAmxTile == 0;
+// f(engine tag) for bf16 blocks made of whole 32 x 32 tiles on a path with bf16 tile steps
+// (AMX on the amx path, AVX512-BF16 dot products on the avx512 path); false where none runs.
+template <typename F>
+bool with_bf16_engine(const at::Tensor& t, int64_t br, int64_t bc, const F& f) {
+  if (t.scalar_type() != at::kBFloat16 || br % common::kAmxTile || bc % common::kAmxTile) return false;
+  if (common::amx_tiles()) {
+    f(std::type_identity<common::AmxEngine>{});
+  } else if (common::dot_bf16_tiles()) {
+    f(std::type_identity<common::DotEngine>{});
+  } else {
+    return false;
+  }
+  return true;
 }
 #endif
 
@@ -91,11 +101,13 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   }
   at::Tensor y = empty_output({M, out_features}, x.options());
 #ifdef SPARSEKERN_AMX_BUILD
-  if (on_amx(x, br, bc)) {
-    using common::bf16;
-    amx_grouped_product(x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true,
-                        row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(),
-                        y.data_ptr<bf16>(), has_bias ? bias->data_ptr<bf16>() : nullptr);
+  using common::bf16;
+  if (with_bf16_engine(x, br, bc, [&](auto engine) {
+        bf16_grouped_product<typename decltype(engine)::type>(
+            x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true,
+            row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<bf16>(),
+            has_bias ? bias->data_ptr<bf16>() : nullptr);
+      })) {
     return y;
   }
 #endif
@@ -126,11 +138,13 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   check_index(t_row_indices, "t_row_indices", nnz, N / br);
   at::Tensor dx = empty_output({M, in_features}, dy.options());
 #ifdef SPARSEKERN_AMX_BUILD
-  if (on_amx(dy, br, bc)) {
-    using common::bf16;
-    amx_grouped_product(dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc, /*transpose=*/false,
-                        col_offsets.data_ptr<int64_t>(), CB, t_block_ids.data_ptr<int64_t>(),
-                        t_row_indices.data_ptr<int64_t>(), dx.data_ptr<bf16>(), nullptr);
+  using common::bf16;
+  if (with_bf16_engine(dy, br, bc, [&](auto engine) {
+        bf16_grouped_product<typename decltype(engine)::type>(
+            dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc, /*transpose=*/false,
+            col_offsets.data_ptr<int64_t>(), CB, t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(),
+            dx.data_ptr<bf16>(), nullptr);
+      })) {
     return dx;
   }
 #endif
@@ -160,10 +174,12 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   check_index(col_indices, "col_indices", nnz, K / bc);
   at::Tensor dvalues = empty_output({nnz, br, bc}, x.options());
 #ifdef SPARSEKERN_AMX_BUILD
-  if (on_amx(x, br, bc)) {
-    using common::bf16;
-    amx_sampled_product(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc, row_indices.data_ptr<int64_t>(),
-                        col_indices.data_ptr<int64_t>(), nnz, dvalues.data_ptr<bf16>());
+  using common::bf16;
+  if (with_bf16_engine(x, br, bc, [&](auto engine) {
+        bf16_sampled_product<typename decltype(engine)::type>(
+            dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc, row_indices.data_ptr<int64_t>(),
+            col_indices.data_ptr<int64_t>(), nnz, dvalues.data_ptr<bf16>());
+      })) {
     return dvalues;
   }
 #endif
@@ -202,5 +218,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 // Controls, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sparsekern::common::def_output_cache(m);
-  sparsekern::common::def_path_controls(m, /*amx_products=*/true);
+  sparsekern::common::def_path_controls(m, /*bf16_products=*/true);
 }

@@ -1,4 +1,5 @@
-// AMX (Advanced Matrix Extensions) bf16 tiles, shared by the bf16 products.
+// AMX (Advanced Matrix Extensions) bf16 tiles, shared by the bf16 products, and the same
+// 32 x 32 tile step on AVX512-BF16 dot products for CPUs without AMX.
 //
 // One register-blocked step: a 32 x 32 fp32 output tile held in four tile registers
 // (2 x 2 of 16 x 16), fed per 32-deep K step by two A tiles (16 rows x 32 bf16, read
@@ -15,6 +16,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__linux__)
 #include <cpuid.h>
@@ -23,6 +25,7 @@
 #include <unistd.h>
 #define SPARSEKERN_AMX_BUILD 1
 #define SPARSEKERN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#define SPARSEKERN_DOT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #endif
 
 namespace sparsekern {
@@ -45,6 +48,21 @@ inline bool amx_bf16_usable() {
     if (!tile || !dot_bf16 || !__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) || !(a1 & (1u << 5))) return false;
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+// The CPU has AVX-512F/BW/VL and AVX512-BF16 (VDPBF16PS; leaf 7 subleaf 1, eax bit 5).
+inline bool avx512_bf16_usable() {
+#ifdef SPARSEKERN_AMX_BUILD
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a & (1u << 5))) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
   }();
   return usable;
 #else
@@ -113,6 +131,63 @@ SPARSEKERN_AMX inline void amx_tile_32x32(const bf16* a, int64_t lda, const int6
   _tile_stored(2, c + 16 * ldc, sc);
   _tile_stored(3, c + 16 * ldc + 16, sc);
 }
+
+// Rows [0, R) of amx_tile_32x32's step on VDPBF16PS (each fp32 lane += the two products of
+// a bf16 pair): 2R accumulators of 16 lanes (R = 12: 24 of the 32 zmm), per K pair two B
+// vectors (VNNI row k / 2: the pair words of columns 0-15 and 16-31) against R broadcast
+// A pairs, so 14 loads feed 24 dot products.
+template <int R>
+SPARSEKERN_DOT_BF16 inline void dot_rows(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
+                                         int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
+                                         bool accumulate) {
+  __m512 acc[R][2];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
+    acc[r][1] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < steps; ++j, b += b_step) {
+    const bf16* aj = a + a_off[j];
+    for (int k2 = 0; k2 < 16; ++k2) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + k2 * ldb);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + k2 * ldb + 32);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, aj + r * lda + 2 * k2, sizeof pair);
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+      }
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(c + r * ldc, acc[r][0]);
+    _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
+  }
+}
+
+// amx_tile_32x32's contract (same operands, same layouts) on AVX512-BF16 dot products:
+// the 32 rows in register blocks of 12, 12 and 8.
+SPARSEKERN_DOT_BF16 inline void dot_tile_32x32(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
+                                              int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
+                                              bool accumulate) {
+  dot_rows<12>(a, lda, a_off, b, ldb, b_step, steps, c, ldc, accumulate);
+  dot_rows<12>(a + 12 * lda, lda, a_off, b, ldb, b_step, steps, c + 12 * ldc, ldc, accumulate);
+  dot_rows<8>(a + 24 * lda, lda, a_off, b, ldb, b_step, steps, c + 24 * ldc, ldc, accumulate);
+}
+
+// The engines of the bf16 products: a worker constructs one for a run of tile steps.
+struct AmxEngine {  // AMX tiles, configured while the engine lives
+  AmxTiles tiles;
+  template <typename... Args>
+  void tile(Args... args) { amx_tile_32x32(args...); }
+};
+struct DotEngine {  // AVX512-BF16 dot products (CPUs without AMX)
+  template <typename... Args>
+  void tile(Args... args) { dot_tile_32x32(args...); }
+};
 
 // out[i * ldo + n] = bf16(c[i * 32 + n] (+ bias[n])) for rows i < rows, n < 32 (round to nearest even).
 SPARSEKERN_AMX inline void store_tile_bf16(const float* c, int64_t rows, const bf16* bias, bf16* out, int64_t ldo) {

@@ -272,6 +272,8 @@ inline bool portable_loops() {
 inline bool wide_tiles() { return int(path_isa()) >= int(Isa::kAvx512); }
 // bf16 products on AMX tiles (the amx path's SIMD loops).
 inline bool amx_tiles() { return path_isa() == Isa::kAmx && !portable_loops(); }
+// bf16 products on AVX512-BF16 dot products: the avx512 path on a CPU that has them.
+inline bool dot_bf16_tiles() { return path_isa() == Isa::kAvx512 && !portable_loops() && avx512_bf16_usable(); }
 
 // Force path `name` ("portable", "avx2", "avx512", "amx"); its SIMD loops must run on this
 // CPU unless `portable` asks for the portable loops at that path's geometry.
@@ -289,10 +291,12 @@ inline void set_path(const std::string& name, bool portable) {
   path_state() = int(isa) * 2 + (portable ? 1 : 0);
 }
 
-// What runs now: "avx512f+amx" (AVX-512 fp32, AMX bf16: only an extension with AMX products
-// says so), "avx512f", "avx2-fma", "portable", or "portable-wide" (portable loops, AVX-512 tiles).
-inline std::string path_name(bool amx_products) {
-  if (amx_tiles() && amx_products) return "avx512f+amx";
+// What runs now: "avx512f+amx" (AVX-512 fp32, AMX bf16) or "avx512f+avx512_bf16" (bf16 on dot
+// products; only an extension with bf16 products says either), "avx512f", "avx2-fma",
+// "portable", or "portable-wide" (portable loops, AVX-512 tiles).
+inline std::string path_name(bool bf16_products) {
+  if (amx_tiles() && bf16_products) return "avx512f+amx";
+  if (dot_bf16_tiles() && bf16_products) return "avx512f+avx512_bf16";
   if (!portable_loops()) return wide_tiles() ? "avx512f" : "avx2-fma";
   return wide_tiles() ? "portable-wide" : "portable";
 }
@@ -310,11 +314,11 @@ void with_strip_width(const F& f, int64_t width = std::numeric_limits<int64_t>::
 }
 
 // The Python functions of every extension on these microkernels (Module: pybind11::module).
-// amx_products: the extension has bf16 products on AMX tiles.
+// bf16_products: the extension has bf16 products on AMX tiles and AVX512-BF16 dot products.
 template <typename Module>
-void def_path_controls(Module& m, bool amx_products = false) {
-  m.def("isa", [amx_products] { return path_name(amx_products); },
-        "what runs: 'avx512f+amx', 'avx512f', 'avx2-fma', 'portable' or 'portable-wide'");
+void def_path_controls(Module& m, bool bf16_products = false) {
+  m.def("isa", [bf16_products] { return path_name(bf16_products); },
+        "what runs: 'avx512f+amx', 'avx512f+avx512_bf16', 'avx512f', 'avx2-fma', 'portable' or 'portable-wide'");
   m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); }, "the best path this CPU runs");
   m.def("set_isa", &set_path,
         "force a path: 'portable', 'avx2', 'avx512' or 'amx' (portable loops if the flag is set)");

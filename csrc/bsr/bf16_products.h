@@ -1,14 +1,16 @@
-// bf16 block-sparse products on AMX tiles (common/amx.h), for blocks whose sides are
-// multiples of 32: bf16 in and out, fp32 accumulation, one rounding on output.
+// bf16 block-sparse products on 32 x 32 tile steps (common/amx.h), for blocks whose sides
+// are multiples of 32: bf16 in and out, fp32 accumulation, one rounding on output. The
+// Engine runs the tile steps: AMX tiles (AmxEngine) or AVX512-BF16 dot products on CPUs
+// without AMX (DotEngine); packing and loop nests are the same for both.
 //
-// amx_grouped_product: forward and dX, the same loop nest as grouped_product (fp32):
+// bf16_grouped_product: forward and dX, the same loop nest as grouped_product (fp32):
 //   A (X or dY) is read in place, 32 rows a tile (a zero-padded copy of the last
 //   rows when M is not a multiple of 32); the values are packed per call into VNNI
 //   32 x 32 tiles in group order, so one output column group's B is one contiguous
 //   stream. Items (m-block, group) run m-block-major: a group's packed B (a block
 //   row at d = 0.1 is a few KiB) stays in L1 across the m-tiles, the m-block's rows
 //   of A in L2 across the groups.
-// amx_sampled_product: dW on the stored blocks, dYᵀ X with K = tokens. dYᵀ is packed
+// bf16_sampled_product: dW on the stored blocks, dYᵀ X with K = tokens. dYᵀ is packed
 //   row-major (tokens padded to 32 with zeros) and X into VNNI row pairs, each block
 //   column's 32 columns contiguous (both with AVX-512 shuffles: a scalar transpose cost
 //   more than the products). Tokens run in chunks (512 at 4096 columns: measured faster
@@ -36,7 +38,9 @@ using common::kAmxTile;
 using common::kVnniTile;
 
 constexpr int64_t kAmxABlockBytes = 1 << 20;   // rows of A kept in L2 across the groups (best of 256 KiB-4 MiB)
-constexpr int64_t kAmxTokenChunkBytes = 4 << 20;  // packed X of one dW token chunk (512 tokens at 4096)
+// Packed X of one dW token chunk (512 tokens at 4096): measured best on AMX; on the dot engine
+// chunks of 128 and 64 tokens were 7 % and 17 % slower.
+constexpr int64_t kAmxTokenChunkBytes = 4 << 20;
 constexpr int64_t kAmxItemOverhead = 2;          // cost of storing an output tile, in K steps
 
 // Uninitialised scratch from the output allocator (huge pages, reused across calls): packed
@@ -106,7 +110,8 @@ SPARSEKERN_AMX inline void pack_vnni_tile(const bf16* v, int64_t ldv, bool trans
 }
 
 // out (M, G * g) = per group i: sum_p A[:, seg[p]*w : +w] @ B_p (+ bias), as grouped_product.
-inline void amx_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* values, int64_t br, int64_t bc,
+template <typename Engine>
+void bf16_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* values, int64_t br, int64_t bc,
                                 bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
                                 const int64_t* seg, bf16* out, const bf16* bias) {
   const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
@@ -154,7 +159,7 @@ inline void amx_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16
     }
   }
   common::parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
-    common::AmxTiles tiles;
+    Engine engine;
     alignas(64) float acc[kAmxTile * kAmxTile];
     for (int64_t idx = begin; idx < end; ++idx) {
       const Item& it = items[idx];
@@ -168,8 +173,8 @@ inline void amx_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16
           if (count == 0) {
             std::fill(acc, acc + kAmxTile * kAmxTile, 0.0f);
           } else {
-            common::amx_tile_32x32(arows, Ka, a_off.data() + first * ksteps, bs, 64, kVnniTile, count * ksteps, acc,
-                                   kAmxTile, false);
+            engine.tile(arows, Ka, a_off.data() + first * ksteps, bs, int64_t(64), kVnniTile, count * ksteps, acc,
+                        int64_t(kAmxTile), false);
           }
           common::store_tile_bf16(acc, rows, bias ? bias + c0 : nullptr, out + r0 * N + c0, N);
         }
@@ -207,12 +212,12 @@ inline void pack_token_pairs(const bf16* src, int64_t M, int64_t K, int64_t Mp, 
 }
 
 // dvalues[p] (br x bc) = (dYᵀ X)[row_idx[p] * br : +br, col_idx[p] * bc : +bc] for every stored block p.
-inline void amx_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_t N, int64_t K, int64_t br,
+template <typename Engine>
+void bf16_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_t N, int64_t K, int64_t br,
                                 int64_t bc, const int64_t* row_idx, const int64_t* col_idx, int64_t nnz,
                                 bf16* dvalues) {
   if (nnz == 0) return;
   const int64_t Mp = std::max<int64_t>(kAmxTile, (M + kAmxTile - 1) / kAmxTile * kAmxTile);
-  const int64_t CB = K / kAmxTile;  // 32-column strips of X
   // dYᵀ: (N, Mp) row-major, rows ldt apart: one cache line more than Mp, or the 32 rows of a
   // tile pair (4 KiB apart for 2048 tokens) would share one L1 set. X: per 32-column strip c,
   // (Mp / 2) rows of 32 VNNI pairs, i.e. at c * Mp * 32 + (m / 2) * 64 + n * 2 + m % 2. Both
@@ -236,14 +241,14 @@ inline void amx_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_
   std::vector<int64_t> prefix(ntiles + 1);
   for (int64_t t = 0; t <= ntiles; ++t) prefix[t] = t;
   common::parallel_ranges_by_cost(prefix, [&](int64_t t0, int64_t t1) {
-    common::AmxTiles tiles;
+    Engine engine;
     for (int64_t m0 = 0; m0 < Mp; m0 += chunk) {
       const int64_t steps = std::min(chunk, Mp - m0) / kAmxTile;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p = t / tiles_per_block, i = t % tiles_per_block / csub, j = t % csub;
         const int64_t row = row_idx[p] * br + i * kAmxTile, col = col_idx[p] * bc / kAmxTile + j;
-        common::amx_tile_32x32(dyt + row * ldt + m0, ldt, a_off.data(), xv + col * Mp * kAmxTile + (m0 / 2) * 64,
-                               64, 16 * 64, steps, acc + t * kVnniTile, kAmxTile, m0 > 0);
+        engine.tile(dyt + row * ldt + m0, ldt, a_off.data(), xv + col * Mp * kAmxTile + (m0 / 2) * 64, int64_t(64),
+                    int64_t(16 * 64), steps, acc + t * kVnniTile, int64_t(kAmxTile), m0 > 0);
       }
     }
     for (int64_t t = t0; t < t1; ++t) {

@@ -1,6 +1,8 @@
-"""bf16 block-sparse products on AMX tiles (the amx path, csrc/bsr/amx_products.h) against fp64,
-with the bound the dense bf16 GEMM sets: fp32 accumulation, one rounding on output, so the
-error may not exceed torch's bf16 matmul on the same operands (plus one bf16 rounding step)."""
+"""bf16 block-sparse products on 32 x 32 tile steps (csrc/bsr/bf16_products.h) against fp64, on
+both engines: AMX tiles (the amx path) and AVX512-BF16 dot products (the avx512 path of a CPU
+with AVX512-BF16), with the bound the dense bf16 GEMM sets: fp32 accumulation, one rounding on
+output, so the error may not exceed torch's bf16 matmul on the same operands (plus one bf16
+rounding step). Each engine's tests skip on a CPU that cannot run it."""
 import pytest
 import torch
 
@@ -9,9 +11,10 @@ from helpers import on_path, random_bsr, relative_error, stored_blocks
 from sparsekern.kernels import microkernel
 from sparsekern.kernels.bsr import cpu, reference
 
-pytestmark = pytest.mark.skipif("amx" not in (microkernel.runnable_isas()
-                                              if microkernel.microkernel_isa("bsr") != "unavailable" else ()),
-                                reason="needs a CPU with AMX-TILE, AMX-BF16 and AVX512-BF16")
+pytestmark = pytest.mark.skipif(microkernel.microkernel_isa("bsr") == "unavailable",
+                                reason="the block-sparse extension is not built")
+# engine -> (path, what the bsr extension then reports)
+ENGINES = {"amx": ("amx", "avx512f+amx"), "dot": ("avx512", "avx512f+avx512_bf16")}
 
 BF16_STEP = 2.0 ** -8  # one bf16 rounding, relative
 
@@ -27,11 +30,21 @@ CASES = {
 }
 
 
-@pytest.fixture(params=[("amx", False)], ids=["amx"])
-def amx(request):
-    with on_path("bsr", request.param):
-        assert microkernel.microkernel_isa("bsr") == "avx512f+amx"
+def _engine(name):
+    """Context: the bsr kernels on engine ``name``'s path, or a skip where the CPU lacks it."""
+    path, reported = ENGINES[name]
+    if path not in microkernel.runnable_isas():
+        pytest.skip(f"the {path} path does not run on this CPU")
+    with on_path("bsr", (path, False)):
+        if microkernel.microkernel_isa("bsr") != reported:
+            pytest.skip(f"no {name} engine on this CPU (the {path} path reports "
+                        f"{microkernel.microkernel_isa('bsr')})")
         yield
+
+
+@pytest.fixture(params=list(ENGINES))
+def engine(request):
+    yield from _engine(request.param)
 
 
 def _operands(name):
@@ -45,7 +58,7 @@ def _operands(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_products_within_the_dense_bf16_bound(amx, name):
+def test_products_within_the_dense_bf16_bound(engine, name):
     weight, x, dy, bias = _operands(name)
     layout, values = weight.layout, weight.values
     w = weight.to_dense()
@@ -66,28 +79,31 @@ def test_products_within_the_dense_bf16_bound(amx, name):
         assert err <= bound + BF16_STEP, f"{product}: error {err:.2e}, dense bf16 {bound:.2e}"
 
 
-@pytest.mark.parametrize("name", ["b32-M100", "b64x32-M64"])
-def test_same_as_the_fp32_accumulating_avx512_path(name):
-    """Both paths sum in fp32 and round once: they differ by at most one bf16 step per element."""
-    weight, x, dy, bias = _operands(name)
+def _products(weight, x, dy, bias):
     layout, values = weight.layout, weight.values
-    results = {}
-    for path in (("amx", False), ("avx512", False)):
-        with on_path("bsr", path):
-            results[path[0]] = [cpu.bsr_forward(x, values, layout, bias), cpu.bsr_grad_input(dy, values, layout),
-                                cpu.bsr_grad_weight(dy, x, layout)]
-    for a, b in zip(results["amx"], results["avx512"]):
+    return [cpu.bsr_forward(x, values, layout, bias), cpu.bsr_grad_input(dy, values, layout),
+            cpu.bsr_grad_weight(dy, x, layout)]
+
+
+@pytest.mark.parametrize("name", ["b32-M100", "b64x32-M64"])
+def test_same_as_the_fp32_accumulating_avx2_path(engine, name):
+    """Both sum in fp32 and round once: they differ by at most one bf16 step per element."""
+    operands = _operands(name)
+    tiles = _products(*operands)
+    with on_path("bsr", ("avx2", False)):
+        widened = _products(*operands)
+    for a, b in zip(tiles, widened):
         torch.testing.assert_close(a.float(), b.float(), rtol=2 * BF16_STEP, atol=1e-2)
 
 
-def test_empty_block_rows_give_the_bias(amx):
+def test_empty_block_rows_give_the_bias(engine):
     weight, x, _, bias = _operands("b32-M31-empty-row")
     y = cpu.bsr_forward(x, weight.values, weight.layout, bias)
     torch.testing.assert_close(y[:, 32:64], bias[32:64].expand(x.shape[0], 32), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("m", [0, 1])
-def test_degenerate_token_counts(amx, m):
+def test_degenerate_token_counts(engine, m):
     weight = random_bsr((64, 96), 32, 0.5, dtype=torch.bfloat16)
     x, dy = torch.randn(m, 96).bfloat16(), torch.randn(m, 64).bfloat16()
     assert cpu.bsr_forward(x, weight.values, weight.layout).shape == (m, 64)
@@ -98,7 +114,7 @@ def test_degenerate_token_counts(amx, m):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_results_do_not_depend_on_thread_count(amx, threads):
+def test_results_do_not_depend_on_thread_count(engine, threads):
     weight, x, dy, bias = _operands("b32-M100")
     before = torch.get_num_threads()
     runs = []
@@ -114,7 +130,7 @@ def test_results_do_not_depend_on_thread_count(amx, threads):
         assert torch.equal(a, b)
 
 
-def test_sparse_linear_trains_in_bf16_on_amx(amx):
+def test_sparse_linear_trains_in_bf16_on_tiles(engine):
     torch.manual_seed(0)
     layer = sk.SparseLinear(96, 64, block_size=32, density=0.5, dtype=torch.bfloat16)
     x = torch.randn(40, 96, dtype=torch.bfloat16, requires_grad=True)
