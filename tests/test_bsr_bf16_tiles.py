@@ -145,3 +145,16 @@ def test_sparse_linear_trains_in_bf16_on_tiles(engine):
     assert relative_error(y, yr) < 1e-2
     assert relative_error(x.grad, xr.grad) < 2e-2
     assert relative_error(layer.values.grad, ref.values.grad) < 2e-2
+
+
+def test_grad_weight_over_several_token_chunks(engine):
+    """dW sums tokens in chunks of 16 MB of packed X: 131072 columns make 64-token chunks, so
+    100 tokens take two, the second accumulating onto the first's fp32 tiles."""
+    weight = random_bsr((64, 131072), 32, 0.01, dtype=torch.bfloat16, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(100, 131072, generator=g).bfloat16()
+    dy = torch.randn(100, 64, generator=g).bfloat16()
+    got = cpu.bsr_grad_weight(dy, x, weight.layout)
+    want = reference.bsr_grad_weight(dy.double(), x.double(), weight.layout)
+    dense = stored_blocks(dy.T @ x, weight.layout)
+    assert relative_error(got, want) <= relative_error(dense, want) + BF16_STEP
