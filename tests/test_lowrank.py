@@ -266,3 +266,17 @@ def test_backward_across_new_factors_is_refused():
     layer.set_factors(layer.U.detach() * 2, layer.S.detach(), layer.V.detach())
     with pytest.raises(RuntimeError, match="replaced or modified in place before the backward"):
         loss.backward()
+
+
+def test_float16_runs_the_dense_composite():
+    """The cpu kernels lack fp16: the registry picks the schedule on torch's fp16 GEMMs."""
+    assert sk.kernels.select_kernel("lowrank_forward", torch.device("cpu"), torch.float16)[0] == "dense"
+    inputs = _operands((5,), 33, 17, 4, torch.float16)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    y_ref = _dense(*exact)
+    dy = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = low_rank_linear(*inputs)
+    grads = _grads(y, inputs, dy.half())
+    assert y.dtype == torch.float16 and relative_error(y, y_ref) < 1e-2
+    for got, want in zip(grads, _grads(y_ref, exact, dy)):
+        assert got.dtype == torch.float16 and relative_error(got, want) < 1e-2
