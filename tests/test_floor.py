@@ -42,7 +42,8 @@ def toy(monkeypatch, measuring):
     return side("cpu"), costs, ran
 
 
-@pytest.mark.parametrize("kernel_cost,winner", [(2.0, "dense"), (0.5, "cpu"), (1.0, "cpu")])
+@pytest.mark.parametrize("kernel_cost,winner", [(2.0, "dense"), (0.5, "cpu"), (0.94, "cpu"), (0.97, "dense"),
+                                                (1.0, "dense")])
 def test_the_faster_side_is_kept_after_the_measured_calls(toy, kernel_cost, winner):
     kernel, costs, ran = toy
     costs["cpu"] = kernel_cost
@@ -58,7 +59,7 @@ def test_warm_up_timings_are_not_counted(toy):
     kernel, costs, ran = toy
     x = torch.zeros(5)
     for i in range(2 * SAMPLES):
-        costs["cpu"] = 100.0 if i == 0 else 1.0   # only its first call is slow
+        costs["cpu"] = 100.0 if i == 0 else 0.5   # only its first call is slow
         floor.with_floor("toy", kernel, x)(x)
     assert list(floor.floor_decisions().values()) == ["cpu"]
 

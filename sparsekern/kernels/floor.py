@@ -6,8 +6,9 @@ code elsewhere can lose at high density. So the choice is measured on the machin
 itself, like ``torch.backends.cudnn.benchmark``: the first calls of each *shape
 class* (product, dtype, threads, shapes with the token count rounded up to a power of
 two, density in steps of 1/16) alternate between the kernel and the composite, both
-of which give the right answer, and after ``SAMPLES`` timings of each the side with the
-lower median is kept for the class for the rest of the process. The first timing of
+of which give the right answer, and after ``SAMPLES`` timings of each the kernel is kept
+for the class for the rest of the process if its median is at least 5 % below the
+composite's (``KERNEL_MARGIN``), else the composite. The first timing of
 each side is a warm-up (first-touch pages, packing buffers) and is not counted; the
 median of the other three ignores one outlier either way (a composite whose fresh
 outputs are page-faulted in on some calls only has a fast minimum and a slow typical
@@ -35,6 +36,10 @@ import torch
 from .registry import select_kernel
 
 SAMPLES = 4
+# The kernel is kept only if its median is this fraction of the composite's or less: where the two
+# are within the host's noise (near density 1, runs differed by 10 % between processes), the
+# composite is the side that cannot lose against the dense computation.
+KERNEL_MARGIN = 0.95
 MODES = ("measure", "off")
 
 _composites = {}     # product -> (composite backend, shape-class key function, sure_win, sure_lose)
@@ -114,7 +119,7 @@ class _Class:
         self.samples.setdefault(side, []).append(seconds)
         if self.next_side(sides) is None:
             best = {s: statistics.median(self.samples[s][1:]) for s in sides}
-            self.choice = sides[0] if best[sides[0]] <= best[sides[1]] else sides[1]
+            self.choice = sides[0] if best[sides[0]] <= KERNEL_MARGIN * best[sides[1]] else sides[1]
 
 
 _clock = time.perf_counter
