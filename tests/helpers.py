@@ -1,5 +1,10 @@
-"""Shared test utilities: random block-sparse operands and per-dtype tolerances."""
+"""Shared test utilities: random block-sparse operands, per-dtype tolerances, gloo workers."""
+import gc
+import os
+import sys
+
 import torch
+import torch.distributed as dist
 
 import sparsekern as sk
 
@@ -90,3 +95,25 @@ def every_layer_kind(conv_block_size=4):
         sk.SparseLinear(8, 16, block_size=4, density=0.5), torch.nn.ReLU(),
         sk.SemiSparseLinear(16, 16), torch.nn.ReLU(), sk.SemiSparseLinear(16, 16, mode="dynamic"), torch.nn.ReLU(),
         sk.LowRankLinear(16, 5, rank=3))
+
+
+def run_gloo_worker(rank, world, init_file, body):
+    """``body()`` on one rank of a gloo process group, for ``mp.spawn``.
+
+    On success every rank meets at a barrier (no collective is still in flight), and
+    the process ends without interpreter finalization: a gloo thread that drops the
+    last reference to a tensor while Python shuts down takes the GIL and aborts the
+    process (SIGABRT, "terminate called without an active exception"). On an error
+    the exception propagates as usual, so ``mp.spawn`` reports it.
+    """
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        body()
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

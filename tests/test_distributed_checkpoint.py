@@ -12,12 +12,12 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 
 import sparsekern as sk
+from helpers import run_gloo_worker
 from sparsekern.methods import DLRT, RigL, TopKAST
 from sparsekern.methods.distributed import gathered, structure_step
 from sparsekern.methods.distributed_checkpoint import adopt_structure, load, save, structure_of
@@ -84,29 +84,28 @@ def full_state(model):
 
 
 def _worker(rank, world, init_file, root):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out = {}
-        for case in CASES:
-            model, opt, driver = build(case, sharded=True)
-            train(case, model, opt, driver, range(STEPS), rank)
-            out[f"{case}-straight"] = full_state(model)
-            model, opt, driver = build(case, sharded=True)
-            train(case, model, opt, driver, range(SAVE_AT), rank)
-            save(os.path.join(root, f"{case}-2"), model, opt, driver)
-            out[f"{case}-saved"] = full_state(model)
-            model, opt, driver = build(case, sharded=True)
-            load(os.path.join(root, f"{case}-2"), model, opt, driver)
-            train(case, model, opt, driver, range(SAVE_AT, STEPS), rank)
-            out[f"{case}-resumed"] = full_state(model)
-            model, opt, driver = build(case, sharded=True)  # 1 -> 2
-            load(os.path.join(root, f"{case}-1"), model, opt, driver)
-            out[f"{case}-from-1"] = full_state(model)
-            train(case, model, opt, driver, range(SAVE_AT, STEPS), rank)
-        torch.save(out, os.path.join(root, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    run_gloo_worker(rank, world, init_file, lambda: _run(rank, root))
+
+
+def _run(rank, root):
+    out = {}
+    for case in CASES:
+        model, opt, driver = build(case, sharded=True)
+        train(case, model, opt, driver, range(STEPS), rank)
+        out[f"{case}-straight"] = full_state(model)
+        model, opt, driver = build(case, sharded=True)
+        train(case, model, opt, driver, range(SAVE_AT), rank)
+        save(os.path.join(root, f"{case}-2"), model, opt, driver)
+        out[f"{case}-saved"] = full_state(model)
+        model, opt, driver = build(case, sharded=True)
+        load(os.path.join(root, f"{case}-2"), model, opt, driver)
+        train(case, model, opt, driver, range(SAVE_AT, STEPS), rank)
+        out[f"{case}-resumed"] = full_state(model)
+        model, opt, driver = build(case, sharded=True)  # 1 -> 2
+        load(os.path.join(root, f"{case}-1"), model, opt, driver)
+        out[f"{case}-from-1"] = full_state(model)
+        train(case, model, opt, driver, range(SAVE_AT, STEPS), rank)
+    torch.save(out, os.path.join(root, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import os
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -22,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsekern as sk
 from sparsekern.methods import DLRT, DPF, GGR, SET, SNFS, RigL, TopKAST
-from helpers import every_layer_kind
+from helpers import every_layer_kind, run_gloo_worker
 from sparsekern.methods.distributed import fsdp_params, gathered, structure_step
 
 STEPS = 7
@@ -178,18 +177,17 @@ def run_errors(rank):
 
 
 def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {"static": run_static(rank), "errors": run_errors(rank)}
-        for name in DRIVERS:
-            for engine in ("fsdp", "ddp"):
-                results[f"{name}-{engine}"] = run_dst(rank, name, engine)
+    run_gloo_worker(rank, world, init_file, lambda: _run(rank, out_dir))
+
+
+def _run(rank, out_dir):
+    results = {"static": run_static(rank), "errors": run_errors(rank)}
+    for name in DRIVERS:
         for engine in ("fsdp", "ddp"):
-            results[f"DLRT-{engine}"] = run_dlrt(rank, engine)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+            results[f"{name}-{engine}"] = run_dst(rank, name, engine)
+    for engine in ("fsdp", "ddp"):
+        results[f"DLRT-{engine}"] = run_dlrt(rank, engine)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _close(a, b, name):

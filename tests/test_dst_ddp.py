@@ -9,13 +9,12 @@ layer kind match the single-process run on the whole batch.
 import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsekern as sk
-from helpers import every_layer_kind
+from helpers import every_layer_kind, run_gloo_worker
 from sparsekern.methods import DLRT, DPF, GGR, SET, SNFS, RigL, TopKAST
 
 DRIVERS = {"SET": SET, "RigL": RigL, "SNFS": SNFS, "GGR": GGR, "TopKAST": TopKAST, "DPF": DPF}
@@ -92,33 +91,32 @@ def _dlrt(rank):
 
 
 def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {"static": _static(rank), "DLRT": _dlrt(rank)}
-        for name, (cls, options) in CASES.items():
-            torch.manual_seed(0)
-            model = _model(name)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-            dst = cls(model, opt, density=0.4, delta=2, t_end=8, seed=123, **options)
-            ddp = DDP(model)
-            g = torch.Generator().manual_seed(1000 + rank)  # different data on each rank
-            rebuilds = 0
-            for _ in range(9):
-                x, y = _inputs(name, g), torch.randint(0, 5, (16,), generator=g)
-                opt.zero_grad()
-                F.cross_entropy(ddp(x), y).backward()
-                opt.step()
-                if dst.step():  # the ranks agree already: no broadcast of the new parameters needed
-                    ddp = DDP(model, init_sync=False)
-                    rebuilds += 1
-            results[name] = {"masks": [layer.block_mask.clone() for _, layer in dst.layers] +
-                                      [layer.mask for _, layer in dst.semi_layers],
-                             "values": [layer.values.detach().clone() for _, layer in dst.layers + dst.semi_layers],
-                             "rebuilds": rebuilds}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    run_gloo_worker(rank, world, init_file, lambda: _run(rank, out_dir))
+
+
+def _run(rank, out_dir):
+    results = {"static": _static(rank), "DLRT": _dlrt(rank)}
+    for name, (cls, options) in CASES.items():
+        torch.manual_seed(0)
+        model = _model(name)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        dst = cls(model, opt, density=0.4, delta=2, t_end=8, seed=123, **options)
+        ddp = DDP(model)
+        g = torch.Generator().manual_seed(1000 + rank)  # different data on each rank
+        rebuilds = 0
+        for _ in range(9):
+            x, y = _inputs(name, g), torch.randint(0, 5, (16,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            if dst.step():  # the ranks agree already: no broadcast of the new parameters needed
+                ddp = DDP(model, init_sync=False)
+                rebuilds += 1
+        results[name] = {"masks": [layer.block_mask.clone() for _, layer in dst.layers] +
+                                  [layer.mask for _, layer in dst.semi_layers],
+                         "values": [layer.values.detach().clone() for _, layer in dst.layers + dst.semi_layers],
+                         "rebuilds": rebuilds}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_gloo_ranks_take_identical_decisions(tmp_path):
