@@ -250,8 +250,8 @@ void bf16_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_t N, i
   const int64_t steps_max = chunk / kAmxTile;
   std::vector<int64_t> a_off(steps_max);
   for (int64_t j = 0; j < steps_max; ++j) a_off[j] = j * kAmxTile;
-  std::vector<int64_t> prefix(ntiles + 1);
-  for (int64_t t = 0; t <= ntiles; ++t) prefix[t] = t;
+  std::vector<int64_t> prefix(ntiles + 1);  // multiply-adds: a count of tiles alone kept it on one thread
+  for (int64_t t = 0; t <= ntiles; ++t) prefix[t] = t * kVnniTile * Mp;
   common::parallel_ranges_by_cost(prefix, [&](int64_t t0, int64_t t1) {
     Engine engine;
     for (int64_t m0 = 0; m0 < Mp; m0 += chunk) {
