@@ -3,6 +3,9 @@ both engines: AMX tiles (the amx path) and AVX512-BF16 dot products (the avx512 
 with AVX512-BF16), with the bound the dense bf16 GEMM sets: fp32 accumulation, one rounding on
 output, so the error may not exceed torch's bf16 matmul on the same operands (plus one bf16
 rounding step). Each engine's tests skip on a CPU that cannot run it."""
+import os
+import time
+
 import pytest
 import torch
 
@@ -158,3 +161,30 @@ def test_grad_weight_over_several_token_chunks(engine):
     want = reference.bsr_grad_weight(dy.double(), x.double(), weight.layout)
     dense = stored_blocks(dy.T @ x, weight.layout)
     assert relative_error(got, want) <= relative_error(dense, want) + BF16_STEP
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_grad_weight_runs_on_every_thread(engine):
+    """The sampled dW splits its tiles over the threads by their multiply-adds: weighted one
+    per tile, the total fell under the per-thread minimum and dW ran on one thread at half
+    the forward's speed. Two busy threads show as process CPU time near twice the wall time
+    (one thread with the other spinning after the packing regions: 1.1-1.5); best of 3 tries,
+    so a descheduled thread on a loaded machine does not fail the test."""
+    weight = random_bsr((2048, 2048), 32, 0.5, dtype=torch.bfloat16, seed=1)
+    g = torch.Generator().manual_seed(2)
+    x, dy = torch.randn(2048, 2048, generator=g).bfloat16(), torch.randn(2048, 2048, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cpu.bsr_grad_weight(dy, x, weight.layout)
+        ratios = []
+        for _ in range(3):
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            for _ in range(3):
+                cpu.bsr_grad_weight(dy, x, weight.layout)
+            ratios.append((time.process_time() - cpu_start) / (time.perf_counter() - wall_start))
+            if ratios[-1] > 1.75:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    assert max(ratios) > 1.75, f"CPU time / wall time {ratios}: dW did not run on both threads"
