@@ -53,12 +53,12 @@ def semi_decompress_sum(values, indices, cols):
                                          [i.contiguous() for i in indices], cols)
 
 
-register_kernel("semi_drop_grow", "cpu", semi_drop_grow, _unavailable_for(_SCORE_DTYPES))
-register_kernel("semi_restructure", "cpu", semi_restructure, _unavailable_for((torch.bool,)))
-register_kernel("semi_carry", "cpu", semi_carry, _unavailable_for(_VALUE_DTYPES))
 def semi_gather_kept(dense, indices):
     return ops().semi_gather_kept_cpu(dense.contiguous(), indices.contiguous())
 
 
-register_kernel("semi_gather_kept", "cpu", semi_gather_kept, _unavailable_for(_VALUE_DTYPES))
+register_kernel("semi_drop_grow", "cpu", semi_drop_grow, _unavailable_for(_SCORE_DTYPES))
+register_kernel("semi_restructure", "cpu", semi_restructure, _unavailable_for((torch.bool,)))
+register_kernel("semi_carry", "cpu", semi_carry, _unavailable_for(_VALUE_DTYPES))
 register_kernel("semi_decompress_sum", "cpu", semi_decompress_sum, _unavailable_for(_VALUE_DTYPES + (torch.bool,)))
+register_kernel("semi_gather_kept", "cpu", semi_gather_kept, _unavailable_for(_VALUE_DTYPES))
