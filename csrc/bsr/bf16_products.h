@@ -21,9 +21,9 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <numeric>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "common/amx.h"
