@@ -28,6 +28,9 @@ CASES = {
     "wide-blocks": (40, 36, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16, 2, (9, 9), 0.5),
     # padded rows spanning several of a thread's row chunks (forward, each dX phase); 3 images: a thread starts mid-image
     "tall-image-row-chunks": (20, 36, 1, (3, 3), (2, 1), (1, 1, 1, 1), (1, 1), 16, 3, (45, 36), 0.6),
+    # blocks of 32 channels and more: the 32-column strips of the AVX-512 path (narrower blocks run 16-column ones)
+    "wide-strips": (64, 70, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32, 2, (5, 6), 0.6),
+    "wide-strips-partial": (60, 90, 1, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 48, 2, (7, 5), 0.6),
 }
 
 

@@ -132,7 +132,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
     pb.forward = true;
     pb.out = y.data_ptr<scalar_t>(), pb.out_pix = geo.O, pb.out_row = Wo * geo.O, pb.out_img = Ho * Wo * geo.O;
     pb.bias = has_bias ? b.data_ptr<scalar_t>() : nullptr;
-    common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); });
+    common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); }, geo.bo);
   });
   return y;
 }
@@ -196,7 +196,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
           continue;
         }
         pb.out = dx.data_ptr<scalar_t>() + (py * W + px) * geo.C;
-        common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); });
+        common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); }, geo.bi);
       }
     }
   });
@@ -237,7 +237,7 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
     pb.nnz = nnz, pb.bo = geo.bo, pb.bi = geo.bi;
     common::with_strip_width<C>([&](auto nr) {
       sampled_conv<scalar_t, C, decltype(nr)::value>(pb, dvalues.data_ptr<scalar_t>());
-    });
+    }, geo.bi);
   });
   return dvalues;
 }
