@@ -71,7 +71,7 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, bool transpose_b, co
                                                  b.size(1), transpose_b, offsets, 1, nullptr, seg,
                                                  out.data_ptr<scalar_t>(),
                                                  has_bias ? bias->data_ptr<scalar_t>() : nullptr);
-    });
+    }, N);
   });
   return out;
 }
@@ -96,7 +96,7 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> transposed_matmul(const at::Te
     common::with_strip_width<C>([&](auto nr) {
       token_reduction<C, decltype(nr)::value>(a_c.data_ptr<C>(), b_c.data_ptr<C>(), T, M, N, out.data_ptr<C>(),
                                column_sums ? sums.data_ptr<C>() : nullptr);
-    });
+    }, N);
   });
   if (out.scalar_type() != a.scalar_type()) {
     out = out.to(a.scalar_type());
