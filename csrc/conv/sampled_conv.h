@@ -8,6 +8,9 @@
 // one block column at a time, the shifted input of every tap into NR-column strips
 // ([chunk][NR], zeros for the padding), straight from X: no padded copy of the input; each
 // (block, tap, strip, row tile) is one microkernel call over two contiguous streams.
+// Where a tap's input pixels follow each other at one stride for long runs (rows of 8 or more
+// output pixels) and a block's channels fill whole strips, the strips are read from X in place
+// instead, one call per run: packing them cost as much as the products at 16-32 channels a block.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,6 +30,23 @@ namespace sparsekern {
 namespace conv {
 
 constexpr int64_t kPixelChunk = 256;  // output pixels per packed chunk
+constexpr int64_t kMinDirectRun = 8;  // mean run of output pixels above which X is read in place
+
+// Pixels [m, m + len) of a chunk whose tap reads X at x_off + i * stride for the i-th of them.
+struct PixelRun {
+  int64_t m, len, x_off;
+};
+
+// The runs of one tap over a chunk (src: X offset per pixel, -1 in the padding), pixels at a
+// fixed stride in X as one run, across output rows too where the memory is one stride apart.
+inline void pixel_runs(const int64_t* src, int64_t len, int64_t stride, std::vector<PixelRun>& runs) {
+  for (int64_t m = 0; m < len; ++m) {
+    if (src[m] < 0) continue;
+    const int64_t start = m;
+    while (m + 1 < len && src[m + 1] == src[m] + stride) ++m;
+    runs.push_back({start, m - start + 1, src[start]});
+  }
+}
 
 template <typename C>
 struct SampledProblem {
@@ -69,8 +89,8 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
   const int64_t parts = std::min((M + kPixelChunk - 1) / kPixelChunk, common::threads_for(nnz * block * M));
   std::vector<at::Tensor> accs(parts);
   std::vector<C*> acc_of(parts);
-  for (int64_t part = 0; part < parts; ++part) {
-    accs[part] = at::empty({nnz * block}, scalar);
+  for (int64_t part = 0; part < parts; ++part) {  // zeroed: the in-place runs add to it call by call
+    accs[part] = at::zeros({nnz * block}, scalar);
     acc_of[part] = accs[part].data_ptr<C>();
   }
   const int64_t zero = 0, HW = pb.Hout * pb.Wout;
@@ -84,15 +104,30 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
       C* pdy = buf.data_ptr<C>();
       C* px = pdy + int64_t(used_rows.size()) * pb.bo * chunk;
       std::vector<int64_t> src(T * chunk);  // where (tap t, pixel m) reads X, or -1 in the padding
+      std::vector<PixelRun> runs;
+      std::vector<int64_t> tap_runs(T + 1);  // runs of tap t: [tap_runs[t], tap_runs[t + 1])
       for (int64_t m0 = m_lo; m0 < m_hi; m0 += chunk) {
         const int64_t len = std::min(chunk, m_hi - m0);
+        // Output pixel (n, oy, ox) of m0, stepped pixel by pixel (no division per pixel).
+        int64_t n = m0 / HW, oy = m0 % HW / pb.Wout, ox = m0 % pb.Wout;
         for (int64_t m = 0; m < len; ++m) {
-          const int64_t mm = m0 + m, n = mm / HW, y = mm % HW / pb.Wout * pb.sh - pb.pt, x = mm % pb.Wout * pb.sw - pb.pl;
+          const int64_t y = oy * pb.sh - pb.pt, x = ox * pb.sw - pb.pl;
           for (int64_t t = 0; t < T; ++t) {
             const int64_t iy = y + pb.tap_y[t], ix = x + pb.tap_x[t];
             src[t * chunk + m] = iy >= 0 && iy < pb.H && ix >= 0 && ix < pb.W ? ((n * pb.H + iy) * pb.W + ix) * pb.Cx : -1;
           }
+          if (++ox == pb.Wout) {
+            ox = 0;
+            if (++oy == pb.Hout) oy = 0, ++n;
+          }
         }
+        runs.clear();
+        for (int64_t t = 0; t < T; ++t) {
+          tap_runs[t] = int64_t(runs.size());
+          pixel_runs(src.data() + t * chunk, len, pb.sw * pb.Cx, runs);
+        }
+        tap_runs[T] = int64_t(runs.size());
+        const bool long_runs = int64_t(runs.size()) * kMinDirectRun <= T * len;
         for (size_t u = 0; u < used_rows.size(); ++u) {
           for (const auto& tile : tiles) {
             C* dst = pdy + (int64_t(u) * pb.bo + tile.first) * chunk;
@@ -108,9 +143,31 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
             }
           }
         }
-        const bool add = m0 > m_lo;
         for (int64_t oi = 0; oi < nnz;) {
           const int64_t chan = pb.a_chan[order[oi]], width = pb.a_width[order[oi]];
+          // In place: every strip of the column full (reads stay inside the column's channels).
+          const bool direct = long_runs && width == pb.bi && pb.bi % NR == 0;
+          if (direct) {
+            for (; oi < nnz && pb.a_chan[order[oi]] == chan; ++oi) {
+              const int64_t b = order[oi];
+              const C* arow = pdy + row_slot[pb.rows[b]] * pb.bo * chunk;
+              for (int64_t t = 0; t < T; ++t) {
+                for (int64_t s = 0; s < nsub; ++s) {
+                  for (size_t ti = 0; ti < tiles.size(); ++ti) {
+                    const int64_t o = tiles[ti].first;
+                    const int mr = tiles[ti].second;
+                    C* out = acc + ((b * T + t) * pb.bo + o) * pb.bi + s * NR;
+                    for (int64_t r = tap_runs[t]; r < tap_runs[t + 1]; ++r) {
+                      const PixelRun& run = runs[r];
+                      kernels[ti](arow + o * chunk + run.m * mr, mr, &zero, 1, run.len,
+                                  pb.x + run.x_off + chan + s * NR, pb.sw * pb.Cx, out, pb.bi, true, nullptr);
+                    }
+                  }
+                }
+              }
+            }
+            continue;
+          }
           for (int64_t t = 0; t < T; ++t) {
             const int64_t* at = src.data() + t * chunk;
             for (int64_t s = 0; s < nsub; ++s) {
@@ -142,14 +199,12 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
                   const int mr = tiles[ti].second;
                   C* out = acc + ((b * T + t) * pb.bo + o) * pb.bi + s * NR;
                   if (ncols == NR) {
-                    kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, out, pb.bi, add, nullptr);
+                    kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, out, pb.bi, true, nullptr);
                   } else {
                     alignas(64) C tmp[common::kMR * NR];
                     kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, tmp, NR, false, nullptr);
                     for (int i = 0; i < mr; ++i) {
-                      for (int64_t n = 0; n < ncols; ++n) {
-                        out[i * pb.bi + n] = (add ? out[i * pb.bi + n] : C(0)) + tmp[i * NR + n];
-                      }
+                      for (int64_t n = 0; n < ncols; ++n) out[i * pb.bi + n] += tmp[i * NR + n];
                     }
                   }
                 }
