@@ -11,8 +11,10 @@ one product, ``conv_grads``: the kernels' dX and dW against one dense convolutio
 The rule reads the *effective* density: the multiply-adds the kernels do (stored blocks,
 padding channels included) over those of the dense conv. Calls decided without measuring:
   sure win: more than one tap and at most a quarter of the dense work. The kernels won
-    2.2-4.4x there on a Zen3 (AVX2/FMA) against oneDNN in every product, and the composite
-    would form the dense weight to lose;
+    2.2-4.4x there on a Zen3 (AVX2/FMA) against oneDNN in every product, and on an Intel
+    Xeon against oneDNN's AVX-512 conv 1.3-2.3x per product at block 16 and a quarter
+    (32 channels, 28x28, batch 64), more at lower densities; the composite would form the
+    dense weight to lose;
   sure lose: images under 4 pixels, or a dense conv of under 8 multiply-adds per input
     element: the kernels' placement and output passes cost as much as the whole dense
     product (a 1x1 conv 4 -> 64 at 28x28, batch 64: the kernels 4.3x slower forward).
