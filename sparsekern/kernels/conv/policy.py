@@ -12,7 +12,7 @@ The rule reads the *effective* density: the multiply-adds the kernels do (stored
 padding channels included) over those of the dense conv. Calls decided without measuring:
   sure win: more than one tap and at most a quarter of the dense work. The kernels won
     2.2-4.4x there on a Zen3 (AVX2/FMA) against oneDNN in every product, and on an Intel
-    Xeon against oneDNN's AVX-512 conv 1.3-2.3x per product at block 16 and a quarter
+    Xeon against oneDNN's AVX-512 conv 1.3-2.5x per product at block 16 and a quarter
     (32 channels, 28x28, batch 64), more at lower densities; the composite would form the
     dense weight to lose;
   sure lose: images under 4 pixels, or a dense conv of under 8 multiply-adds per input
