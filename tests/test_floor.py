@@ -6,7 +6,7 @@ import torch
 
 import sparsekern as sk
 from sparsekern.kernels import floor, registry
-from sparsekern.kernels.floor import SAMPLES
+from sparsekern.kernels.floor import CONFIRM_AFTER, SAMPLES
 
 from helpers import random_bsr
 
@@ -62,6 +62,36 @@ def test_warm_up_timings_are_not_counted(toy):
         costs["cpu"] = 100.0 if i == 0 else 0.5   # only its first call is slow
         floor.with_floor("toy", kernel, x)(x)
     assert list(floor.floor_decisions().values()) == ["cpu"]
+
+
+@pytest.mark.parametrize("later_dense_cost,final", [(0.4, "dense"), (2.0, "cpu")])
+def test_a_kernel_choice_is_measured_again_and_the_second_round_decides(toy, later_dense_cost, final):
+    kernel, costs, ran = toy
+    x = torch.zeros(5)
+    run = floor.with_floor("toy", kernel, x)
+    costs["cpu"], costs["dense"] = 0.5, 1.0   # the composite slow on the process's first calls
+    for _ in range(2 * SAMPLES):
+        run(x)
+    assert list(floor.floor_decisions().values()) == ["cpu"] and not floor.floor_settled()
+    costs["dense"] = later_dense_cost
+    for _ in range(CONFIRM_AFTER - 1):
+        run(x)
+    assert ran[2 * SAMPLES:] == ["cpu"] * (CONFIRM_AFTER - 1)
+    del ran[:]
+    for _ in range(2 * SAMPLES + 2 * CONFIRM_AFTER):
+        run(x)
+    assert ran[:2 * SAMPLES] == ["cpu", "dense"] * SAMPLES      # the second round, from the CONFIRM_AFTER-th call
+    assert ran[2 * SAMPLES:] == [final] * (2 * CONFIRM_AFTER)   # final: no third round
+    assert list(floor.floor_decisions().values()) == [final] and floor.floor_settled()
+
+
+def test_a_composite_choice_is_final(toy):
+    kernel, costs, ran = toy
+    x = torch.zeros(5)
+    costs["cpu"] = 2.0
+    for _ in range(2 * SAMPLES + 2 * CONFIRM_AFTER):
+        floor.with_floor("toy", kernel, x)(x)
+    assert ran[2 * SAMPLES:] == ["dense"] * (2 * CONFIRM_AFTER) and floor.floor_settled()
 
 
 def test_one_fast_outlier_does_not_decide(toy):

@@ -69,13 +69,16 @@ def median_ratio(numerators, denominators):
 
 
 def settle_floor(fn):
-    """Run ``fn`` until the floor rule (kernels/floor.py) has decided every shape class it
-    reaches, so that timings see the settled choice, not its first alternating calls.
-    Returns floor.decisions_by_product() as decided for ``fn``."""
+    """Run ``fn`` until the floor rule (kernels/floor.py) has finally decided every shape class
+    it reaches (a kernel choice's second round included), so that timings see the settled
+    choice, not its measuring calls. Returns floor.decisions_by_product() as decided for ``fn``."""
     floor.reset_floor()
     if floor.floor_mode() == "measure":
-        for _ in range(2 * floor.SAMPLES):
+        rounds = 2 * floor.SAMPLES
+        for _ in range(2 * rounds + floor.CONFIRM_AFTER):
             fn()
+            if floor.floor_settled():
+                break
     return floor.decisions_by_product()
 
 

@@ -7,12 +7,19 @@ itself, like ``torch.backends.cudnn.benchmark``: the first calls of each *shape
 class* (product, dtype, threads, shapes with the token count rounded up to a power of
 two, density in steps of 1/16) alternate between the kernel and the composite, both
 of which give the right answer, and after ``SAMPLES`` timings of each the kernel is kept
-for the class for the rest of the process if its median is at least 5 % below the
-composite's (``KERNEL_MARGIN``), else the composite. The first timing of
-each side is a warm-up (first-touch pages, packing buffers) and is not counted; the
-median of the other three ignores one outlier either way (a composite whose fresh
-outputs are page-faulted in on some calls only has a fast minimum and a slow typical
-call, and training runs the typical one).
+for the class if its median is at least 5 % below the composite's (``KERNEL_MARGIN``),
+else the composite. The first timing of each side is a warm-up (first-touch pages,
+packing buffers) and is not counted; the median of the other three ignores one outlier
+either way (a composite whose fresh outputs are page-faulted in on some calls only has a
+fast minimum and a slow typical call, and training runs the typical one).
+
+A composite choice is final. A kernel choice is measured once more, the same way, after
+``CONFIRM_AFTER`` further calls of the class, and that second round decides for the rest
+of the process: a process's first calls can run the composite slower than it runs later
+(glibc serves the first large outputs from fresh, page-faulted memory until its
+thresholds adapt to them: a dense conv backward took 48-50 ms for its first 10 calls and
+33-36 ms after, which kept kernels 10-15 % slower than it), and the
+rule must not keep a kernel on such a start.
 
 Applies where the registry chose the ``cpu`` backend automatically: a backend forced
 with ``use_backend`` is always obeyed. Modes (``set_floor_mode`` or the environment
@@ -36,6 +43,7 @@ import torch
 from .registry import select_kernel
 
 SAMPLES = 4
+CONFIRM_AFTER = 32  # calls of a class running the kernel before its choice is measured again
 # The kernel is kept only if its median is this fraction of the composite's or less: where the two
 # are within the host's noise (near density 1, runs differed by 10 % between processes), the
 # composite is the side that cannot lose against the dense computation.
@@ -94,6 +102,12 @@ def floor_decisions():
         return {key: cls.choice or "measuring" for key, cls in _classes.items()}
 
 
+def floor_settled():
+    """Whether every shape class met so far has its final choice (no round still to come)."""
+    with _lock:
+        return all(cls.choice is not None and cls.final for cls in _classes.values())
+
+
 def decisions_by_product():
     """{product: "cpu", the composite's backend, "measuring", or several joined by "/" where
     its shape classes differ}: what the products really ran in this process."""
@@ -104,11 +118,13 @@ def decisions_by_product():
 
 
 class _Class:
-    __slots__ = ("samples", "choice")
+    __slots__ = ("samples", "choice", "final", "calls")
 
     def __init__(self):
         self.samples = {}
         self.choice = None
+        self.final = False  # no further round (a composite choice, a sure outcome, or the second round)
+        self.calls = 0      # calls run on an unconfirmed kernel choice
 
     def next_side(self, sides):
         """The side with the fewest timings (the kernel first), or None once each has SAMPLES."""
@@ -120,6 +136,14 @@ class _Class:
         if self.next_side(sides) is None:
             best = {s: statistics.median(self.samples[s][1:]) for s in sides}
             self.choice = sides[0] if best[sides[0]] <= KERNEL_MARGIN * best[sides[1]] else sides[1]
+            self.final = self.final or self.choice != sides[0]
+
+    def count_unconfirmed_call(self):
+        """One more call on an unconfirmed kernel choice; the CONFIRM_AFTER-th starts the second,
+        final round of measurements."""
+        self.calls += 1
+        if self.calls >= CONFIRM_AFTER:
+            self.samples, self.choice, self.final = {}, None, True
 
 
 _clock = time.perf_counter
@@ -132,7 +156,7 @@ def _new_class(key, args, sure_win, sure_lose, composite_name):
     with _lock:
         cls = _classes.setdefault(key, _Class())
         if sure is not None and cls.choice is None and not cls.samples:
-            cls.choice = sure
+            cls.choice, cls.final = sure, True
         return cls
 
 
@@ -151,11 +175,16 @@ def with_floor(product, fn, like):
             return fn(*args)
         key = (product, like.dtype, torch.get_num_threads(), key_fn(*args))
         cls = _classes.get(key) or _new_class(key, args, sure_win, sure_lose, composite_name)
-        side = cls.choice  # once decided, a class is read without the lock
-        if side is not None:
+        side = cls.choice  # once finally decided, a class is read without the lock
+        if side is not None and cls.final:
             return implementations[side](*args)
         with _lock:
-            side = cls.choice or cls.next_side(sides)
+            if cls.choice is not None and not cls.final:
+                cls.count_unconfirmed_call()  # the CONFIRM_AFTER-th reopens the measurements
+            measuring = cls.choice is None
+            side = cls.next_side(sides) if measuring else cls.choice
+        if not measuring:
+            return implementations[side](*args)
         start = _clock()
         out = implementations[side](*args)
         elapsed = _clock() - start
