@@ -96,6 +96,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
     acc_of[part] = accs[part].data_ptr<C>();
   }
   const int64_t zero = 0, HW = pb.Hout * pb.Wout;
+  const int64_t x_step = pb.sw * pb.Cx;  // between the X pixels a tap reads for neighbouring output pixels
 
   at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t part = q0; part < q1; ++part) {
@@ -126,7 +127,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
         runs.clear();
         for (int64_t t = 0; t < T; ++t) {
           tap_runs[t] = int64_t(runs.size());
-          pixel_runs(src.data() + t * chunk, len, pb.sw * pb.Cx, runs);
+          pixel_runs(src.data() + t * chunk, len, x_step, runs);
         }
         tap_runs[T] = int64_t(runs.size());
         const bool long_runs = int64_t(runs.size()) * kMinDirectRun <= T * len;
@@ -152,28 +153,8 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
           int64_t col_end = oi;
           while (col_end < nnz && pb.a_chan[order[col_end]] == chan) ++col_end;
           const bool direct = long_runs && width == pb.bi && pb.bi % NR == 0 && col_end - oi <= kMaxDirectBlocks;
-          if (direct) {
-            for (; oi < col_end; ++oi) {
-              const int64_t b = order[oi];
-              const C* arow = pdy + row_slot[pb.rows[b]] * pb.bo * chunk;
-              for (int64_t t = 0; t < T; ++t) {
-                for (int64_t s = 0; s < nsub; ++s) {
-                  for (size_t ti = 0; ti < tiles.size(); ++ti) {
-                    const int64_t o = tiles[ti].first;
-                    const int mr = tiles[ti].second;
-                    C* out = acc + ((b * T + t) * pb.bo + o) * pb.bi + s * NR;
-                    for (int64_t r = tap_runs[t]; r < tap_runs[t + 1]; ++r) {
-                      const PixelRun& run = runs[r];
-                      kernels[ti](arow + o * chunk + run.m * mr, mr, &zero, 1, run.len,
-                                  pb.x + run.x_off + chan + s * NR, pb.sw * pb.Cx, out, pb.bi, true, nullptr);
-                    }
-                  }
-                }
-              }
-            }
-            continue;
-          }
-          for (int64_t t = 0; t < T; ++t) {
+          // The column's shifted input packed per tap and strip, unless read in place.
+          for (int64_t t = 0; t < T && !direct; ++t) {
             const int64_t* at = src.data() + t * chunk;
             for (int64_t s = 0; s < nsub; ++s) {
               C* dst = px + (t * nsub + s) * chunk * NR;
@@ -192,7 +173,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
               }
             }
           }
-          for (; oi < nnz && pb.a_chan[order[oi]] == chan; ++oi) {
+          for (; oi < col_end; ++oi) {
             const int64_t b = order[oi];
             const C* arow = pdy + row_slot[pb.rows[b]] * pb.bo * chunk;
             for (int64_t t = 0; t < T; ++t) {
@@ -203,7 +184,13 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
                   const int64_t o = tiles[ti].first;
                   const int mr = tiles[ti].second;
                   C* out = acc + ((b * T + t) * pb.bo + o) * pb.bi + s * NR;
-                  if (ncols == NR) {
+                  if (direct) {  // one call per run of the tap, its strip read from X
+                    for (int64_t r = tap_runs[t]; r < tap_runs[t + 1]; ++r) {
+                      const PixelRun& run = runs[r];
+                      kernels[ti](arow + o * chunk + run.m * mr, mr, &zero, 1, run.len,
+                                  pb.x + run.x_off + chan + s * NR, x_step, out, pb.bi, true, nullptr);
+                    }
+                  } else if (ncols == NR) {
                     kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, out, pb.bi, true, nullptr);
                   } else {
                     alignas(64) C tmp[common::kMR * NR];

@@ -74,8 +74,8 @@ def settle_floor(fn):
     choice, not its measuring calls. Returns floor.decisions_by_product() as decided for ``fn``."""
     floor.reset_floor()
     if floor.floor_mode() == "measure":
-        rounds = 2 * floor.SAMPLES
-        for _ in range(2 * rounds + floor.CONFIRM_AFTER):
+        # two rounds of 2 * SAMPLES calls, CONFIRM_AFTER calls apart
+        for _ in range(4 * floor.SAMPLES + floor.CONFIRM_AFTER):
             fn()
             if floor.floor_settled():
                 break
