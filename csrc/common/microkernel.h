@@ -23,7 +23,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -302,10 +301,11 @@ inline std::string path_name(bool bf16_products) {
 }
 
 // Strip width NR of the current path, as a compile-time constant: f(std::integral_constant<int, NR>).
-// Output groups narrower than a wide strip (`width`: 16-column blocks) take the narrow one,
-// which would otherwise be half zeros.
+// `width`: the columns of the output groups the strips cover (a block's, a product's). Groups
+// narrower than a wide strip (16-column blocks) take the narrow one, which would otherwise be half
+// zeros; no default, so no caller can miss it.
 template <typename C, typename F>
-void with_strip_width(const F& f, int64_t width = std::numeric_limits<int64_t>::max()) {
+void with_strip_width(const F& f, int64_t width) {
   if (wide_tiles() && width >= kWideNR<C>) {
     f(std::integral_constant<int, kWideNR<C>>{});
   } else {
