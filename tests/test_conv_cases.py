@@ -31,6 +31,8 @@ CASES = {
     # blocks of 32 channels and more: the 32-column strips of the AVX-512 path (narrower blocks run 16-column ones)
     "wide-strips": (64, 70, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32, 2, (5, 6), 0.6),
     "wide-strips-partial": (60, 90, 1, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 48, 2, (7, 5), 0.6),
+    # output rows of more than 12 pixels on wide strips: several 12-row tiles, a partial last block row
+    "wide-strips-long-rows": (64, 40, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32, 2, (4, 27), 0.6),
     # rows of 8+ output pixels: dW reads X in place (full block columns), packs the partial last column
     "long-rows-in-place": (40, 24, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16, 2, (9, 20), 0.7),
     "long-rows-stride2-dilation2": (32, 32, 1, (3, 3), (2, 2), (2, 2, 2, 2), (2, 2), 16, 2, (8, 34), 0.7),

@@ -9,7 +9,7 @@
 // + 2 B vectors + 1 broadcast, 12 FMAs per 8 loads, on either ISA:
 //   AVX2/FMA   NR = 16 floats / 8 doubles (two ymm), 15 of the 16 registers;
 //   AVX-512F   NR = 32 floats / 16 doubles (two zmm): twice the work per instruction.
-// The block-sparse and low-rank products run up to MR = 12 rows on AVX-512F (kTileRows: 24
+// The block-sparse, conv and low-rank products run up to MR = 12 rows on AVX-512F (kTileRows: 24
 // accumulators, 27 of the 32 zmm, 24 FMAs per 14 loads; measured 4-15 % faster than MR = 6).
 // The products take NR as a template parameter: the strip width of the packed B
 // operand follows the chosen path ("wide" tiles for AVX-512).
