@@ -324,23 +324,41 @@ void def_path_controls(Module& m, bool bf16_products = false) {
         "force a path: 'portable', 'avx2', 'avx512' or 'amx' (portable loops if the flag is set)");
 }
 
+// Most rows a tile has on any path (the microkernels are compiled for 1..kMaxTileRows).
+constexpr int kMaxTileRows = 12;
+
 template <typename C, int MR, int NR, bool kRowsA>
 Microkernel<C> microkernel() {
   static_assert(NR == kNR<C> || NR == kWideNR<C>, "strip width of no path");
+  static_assert(MR >= 1 && MR <= kMaxTileRows, "tile rows of no path");
 #ifdef SPARSEKERN_X86
   if (!portable_loops()) {
-    if (NR == kWideNR<C>) return &microkernel_avx512<C, MR, kRowsA>;
-    if (wide_tiles()) return &microkernel_avx512_narrow<C, MR, kRowsA>;  // a narrow strip on AVX-512
-    return &microkernel_avx2<C, MR, kRowsA>;
+    if constexpr (NR == kWideNR<C>) {
+      return &microkernel_avx512<C, MR, kRowsA>;
+    } else {
+      if (wide_tiles()) return &microkernel_avx512_narrow<C, MR, kRowsA>;  // a narrow strip on AVX-512
+      // AVX2 holds 6 rows of two-ymm accumulators (tile_rows); more would spill.
+      if constexpr (MR <= kMR) return &microkernel_avx2<C, MR, kRowsA>;
+      throw std::logic_error("no AVX2 microkernel has more than 6 rows");
+    }
   }
 #endif
   return &microkernel_portable<C, MR, NR, kRowsA>;
 }
 
-// Rows of the grouped products' tiles: 6 on AVX2 (12 of 16 ymm accumulate), 12 on the wide
-// AVX-512 strips (24 of 32 zmm: 24 FMAs per 14 loads instead of 12 per 8).
+// Rows of the grouped products' tiles (a compile-time constant of their loop nest): 6 on
+// AVX2 (12 of 16 ymm accumulate), 12 on the wide AVX-512 strips (24 of 32 zmm: 24 FMAs per 14
+// loads instead of 12 per 8).
 template <typename C, int NR>
 constexpr int kTileRows = NR == kWideNR<C> ? 12 : kMR;
+
+// Rows of a tile on the current path, for the products that tile at run time (conv, sampled):
+// kTileRows, and 12 on AVX-512's narrow strips too (one zmm a row: 6 rows gave 6 independent
+// FMA chains, fewer than the 2 ports x 4 cycles of latency keep busy).
+template <typename C, int NR>
+int tile_rows() {
+  return wide_tiles() ? kMaxTileRows : kTileRows<C, NR>;
+}
 
 template <int... R, typename F>
 void with_rows_of(int rows, const F& f, std::integer_sequence<int, R...>) {
@@ -354,19 +372,19 @@ void with_rows(int mr, const F& f) {
   with_rows_of(mr >= 1 && mr <= kMaxRows ? mr : kMaxRows, f, std::make_integer_sequence<int, kMaxRows>{});
 }
 
-// Microkernel for a tile of `mr` (1..kTileRows) rows.
+// Microkernel for a tile of `mr` (1..tile_rows) rows.
 template <typename C, int NR, bool kRowsA>
 Microkernel<C> microkernel_rows(int mr) {
   Microkernel<C> kernel = nullptr;
-  with_rows<kTileRows<C, NR>>(mr, [&](auto rows) { kernel = microkernel<C, decltype(rows)::value, NR, kRowsA>(); });
+  with_rows<kMaxTileRows>(mr, [&](auto rows) { kernel = microkernel<C, decltype(rows)::value, NR, kRowsA>(); });
   return kernel;
 }
 
-// dst[m * mr + i] = src[m * ld + i] for tokens m in [t0, t1), i < mr (<= 12): one k-major row
+// dst[m * mr + i] = src[m * ld + i] for tokens m in [t0, t1), i < mr (<= kMaxTileRows): one k-major row
 // tile of the A operand (dYᵀ for dW), with the row count constant so the copy vectorises.
 template <typename C>
 void copy_row_tile(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1, int mr) {
-  with_rows<12>(mr, [&](auto rows) {
+  with_rows<kMaxTileRows>(mr, [&](auto rows) {
     constexpr int R = decltype(rows)::value;
     for (int64_t m = t0; m < t1; ++m) {
       for (int i = 0; i < R; ++i) dst[m * R + i] = src[m * ld + i];

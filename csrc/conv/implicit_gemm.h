@@ -107,8 +107,8 @@ struct GatherProblem {
 
 // Tiles of W rows (an output row's pixels; a block row's channels for dW): ceil(W / max_rows)
 // tiles of near-equal width (max_rows 6: 16 -> 6,5,5; 12: 16 -> 8,8, 28 -> 10,9,9), so no tile
-// runs the microkernel with one or two rows. max_rows: the path's kTileRows (12 on wide AVX-512
-// strips: each B row loaded serves twice the FMAs, 5-10 % faster products than 6).
+// runs the microkernel with one or two rows. max_rows: the path's tile_rows (12 on AVX-512: each
+// B row loaded serves twice the FMAs, 5-10 % faster products than 6 on the wide strips).
 inline std::vector<std::pair<int64_t, int>> pixel_tiles(int64_t W, int max_rows) {
   std::vector<std::pair<int64_t, int>> tiles;
   const int64_t n = (W + max_rows - 1) / max_rows;
@@ -161,7 +161,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
     }
   }
 
-  const auto tiles = pixel_tiles(pb.Wout, common::kTileRows<C, NR>);
+  const auto tiles = pixel_tiles(pb.Wout, common::tile_rows<C, NR>());
   std::vector<common::Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, true>(tile.second));
   // A chunk of output rows reads P rows [y0 * step, (y1 - 1) * step + span) of its image.
@@ -222,7 +222,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
                   kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.out_pix, false,
                               reinterpret_cast<const C*>(pb.bias ? pb.bias + col0 : nullptr));
                 } else {
-                  alignas(64) C tmp[common::kTileRows<C, NR> * NR];
+                  alignas(64) C tmp[common::kMaxTileRows * NR];
                   kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, tmp, NR, false, nullptr);
                   for (int i = 0; i < mr; ++i) {
                     for (int64_t c = 0; c < ncols; ++c) {
