@@ -57,8 +57,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
   }
   if (M == 0) std::fill(acc, acc + nnz * block, C(0));
 
-  constexpr int MR = common::kTileRows<C, NR>;
-  const auto tiles = row_tiles(br, MR);
+  const auto tiles = row_tiles(br, common::tile_rows());
   std::vector<common::Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
   const int64_t chunk = std::min(kTokenChunk, M), zero = 0;
@@ -122,7 +121,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
             if (ncols == NR) {
               kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add, nullptr);
             } else {
-              alignas(64) C tmp[common::kTileRows<C, NR> * NR];
+              alignas(64) C tmp[common::kMaxTileRows * NR];
               kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false, nullptr);
               for (int i = 0; i < mr; ++i) {
                 for (int64_t n = 0; n < ncols; ++n) out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];

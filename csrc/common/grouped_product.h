@@ -52,7 +52,7 @@ template <typename S, typename C, int NR>
 void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t br, int64_t bc,
                      bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
                      const int64_t* seg, S* out, const S* bias = nullptr) {
-  constexpr int MR = kTileRows<C, NR>;
+  const int MR = tile_rows();
   constexpr bool kDirect = std::is_same<S, C>::value;  // full tiles are stored straight into `out`
   const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
   const int64_t nsub = (g + NR - 1) / NR, mtiles = (M + MR - 1) / MR, nnz = offsets[G];
@@ -121,7 +121,7 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
     p0 = p1;
   }
 
-  const Microkernel<C> kernel = microkernel<C, MR, NR, true>();
+  const Microkernel<C> kernel = microkernel_rows<C, NR, true>(MR);
   const Microkernel<C> last_kernel = microkernel_rows<C, NR, true>(int(M - (mtiles - 1) * MR));
   parallel_by_cost(prefix, [&](int64_t idx) {
     const Item& it = items[idx];
@@ -154,7 +154,7 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
           kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, reinterpret_cast<C*>(o), N, false,  // S == C here
                reinterpret_cast<const C*>(bias ? bias + c0 : nullptr));
         } else {
-          alignas(64) C tmp[MR * NR];
+          alignas(64) C tmp[kMaxTileRows * NR];
           kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, tmp, NR, false, nullptr);
           for (int64_t i = 0; i < rows; ++i) {
             for (int64_t n = 0; n < ncols; ++n) {

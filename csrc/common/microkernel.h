@@ -9,7 +9,7 @@
 // + 2 B vectors + 1 broadcast, 12 FMAs per 8 loads, on either ISA:
 //   AVX2/FMA   NR = 16 floats / 8 doubles (two ymm), 15 of the 16 registers;
 //   AVX-512F   NR = 32 floats / 16 doubles (two zmm): twice the work per instruction.
-// The block-sparse, conv and low-rank products run up to MR = 12 rows on AVX-512F (kTileRows: 24
+// The block-sparse, conv and low-rank products run up to MR = 12 rows on AVX-512F (tile_rows: 24
 // accumulators, 27 of the 32 zmm, 24 FMAs per 14 loads; measured 4-15 % faster than MR = 6).
 // The products take NR as a template parameter: the strip width of the packed B
 // operand follows the chosen path ("wide" tiles for AVX-512).
@@ -346,19 +346,10 @@ Microkernel<C> microkernel() {
   return &microkernel_portable<C, MR, NR, kRowsA>;
 }
 
-// Rows of the grouped products' tiles (a compile-time constant of their loop nest): 6 on
-// AVX2 (12 of 16 ymm accumulate), 12 on the wide AVX-512 strips (24 of 32 zmm: 24 FMAs per 14
-// loads instead of 12 per 8).
-template <typename C, int NR>
-constexpr int kTileRows = NR == kWideNR<C> ? 12 : kMR;
-
-// Rows of a tile on the current path, for the products that tile at run time (conv, sampled):
-// kTileRows, and 12 on AVX-512's narrow strips too (one zmm a row: 6 rows gave 6 independent
-// FMA chains, fewer than the 2 ports x 4 cycles of latency keep busy).
-template <typename C, int NR>
-int tile_rows() {
-  return wide_tiles() ? kMaxTileRows : kTileRows<C, NR>;
-}
+// Rows of a tile on the current path: 6 on AVX2 (12 of 16 ymm accumulate), 12 on AVX-512
+// (wide strips: 24 of 32 zmm, 24 FMAs per 14 loads instead of 12 per 8; narrow strips, one zmm
+// a row: 6 rows left 6 FMA chains, fewer than 2 ports x 4 cycles of latency keep busy).
+inline int tile_rows() { return wide_tiles() ? kMaxTileRows : kMR; }
 
 template <int... R, typename F>
 void with_rows_of(int rows, const F& f, std::integer_sequence<int, R...>) {

@@ -12,7 +12,7 @@
 // chunks of rows of one image, whose P rows the thread places into its own L2-sized buffer
 // (P never exists as a whole: no padded copy of the activation goes through memory), inside
 // them panels of groups whose packed B fits L2, inside them each output row, and on it every
-// group of the panel, NR strip and tile of up to kTileRows pixels. The accumulators stay in
+// group of the panel, NR strip and tile of up to tile_rows() pixels. The accumulators stay in
 // registers across all blocks and taps of a group, so each output tile is written once.
 #pragma once
 
@@ -161,7 +161,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
     }
   }
 
-  const auto tiles = pixel_tiles(pb.Wout, common::tile_rows<C, NR>());
+  const auto tiles = pixel_tiles(pb.Wout, common::tile_rows());
   std::vector<common::Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, true>(tile.second));
   // A chunk of output rows reads P rows [y0 * step, (y1 - 1) * step + span) of its image.

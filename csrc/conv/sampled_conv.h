@@ -85,7 +85,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
   std::vector<int64_t> row_slot(used_rows.back() + 1, -1);
   for (size_t u = 0; u < used_rows.size(); ++u) row_slot[used_rows[u]] = int64_t(u);
 
-  const auto tiles = pixel_tiles(pb.bo, common::tile_rows<C, NR>());
+  const auto tiles = pixel_tiles(pb.bo, common::tile_rows());
   std::vector<common::Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
   const int64_t parts = std::min((M + kPixelChunk - 1) / kPixelChunk, common::threads_for(nnz * block * M));
