@@ -39,16 +39,9 @@ struct PixelRun {
   int64_t m, len, x_off;
 };
 
-// The runs of one tap over a chunk (src: X offset per pixel, -1 in the padding), pixels at a
-// fixed stride in X as one run, across output rows too where the memory is one stride apart.
-inline void pixel_runs(const int64_t* src, int64_t len, int64_t stride, std::vector<PixelRun>& runs) {
-  for (int64_t m = 0; m < len; ++m) {
-    if (src[m] < 0) continue;
-    const int64_t start = m;
-    while (m + 1 < len && src[m + 1] == src[m] + stride) ++m;
-    runs.push_back({start, m - start + 1, src[start]});
-  }
-}
+// floor(a / b) and ceil(a / b) for b > 0 and any a.
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 
 template <typename C>
 struct SampledProblem {
@@ -63,6 +56,36 @@ struct SampledProblem {
   std::vector<int64_t> a_chan;   // first input channel of each stored block in X
   std::vector<int64_t> a_width;  // its channels that exist (fewer than bi in a group's last block column)
   int64_t nnz, bo, bi;
+
+  // Appends the runs of tap t over output pixels [m0, m0 + len): per output row the pixels
+  // whose input lies inside the image (the padding reads nothing, so it has no run), one run
+  // across rows where X continues at the same stride. O(output rows), not O(pixels).
+  void tap_runs(int64_t t, int64_t m0, int64_t len, std::vector<PixelRun>& runs) const {
+    const int64_t x_step = sw * Cx, first = int64_t(runs.size());
+    // Output columns whose input column x * sw - pl + tap_x[t] lies in [0, W).
+    const int64_t x_lo = std::max<int64_t>(0, ceil_div(pl - tap_x[t], sw));
+    const int64_t x_hi = std::min(Wout, floor_div(W - 1 + pl - tap_x[t], sw) + 1);
+    const int64_t HW = Hout * Wout;
+    int64_t n = m0 / HW, oy = m0 % HW / Wout, ox = m0 % Wout;
+    for (int64_t m = 0; m < len;) {
+      const int64_t row_len = std::min(len - m, Wout - ox), iy = oy * sh - pt + tap_y[t];
+      const int64_t lo = std::max(ox, x_lo), hi = std::min(ox + row_len, x_hi);
+      if (iy >= 0 && iy < H && lo < hi) {
+        const int64_t mm = m + lo - ox, off = ((n * H + iy) * W + lo * sw - pl + tap_x[t]) * Cx;
+        PixelRun* last = int64_t(runs.size()) > first ? &runs.back() : nullptr;
+        if (last && last->m + last->len == mm && last->x_off + last->len * x_step == off) {
+          last->len += hi - lo;
+        } else {
+          runs.push_back({mm, hi - lo, off});
+        }
+      }
+      m += row_len, ox += row_len;
+      if (ox == Wout) {
+        ox = 0;
+        if (++oy == Hout) oy = 0, ++n;
+      }
+    }
+  }
 };
 
 template <typename S, typename C, int NR>
@@ -95,7 +118,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
     accs[part] = at::zeros({nnz * block}, scalar);
     acc_of[part] = accs[part].data_ptr<C>();
   }
-  const int64_t zero = 0, HW = pb.Hout * pb.Wout;
+  const int64_t zero = 0;
   const int64_t x_step = pb.sw * pb.Cx;  // between the X pixels a tap reads for neighbouring output pixels
 
   at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
@@ -106,28 +129,14 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
       at::Tensor buf = at::empty({int64_t(used_rows.size()) * pb.bo * chunk + T * nsub * chunk * NR}, scalar);
       C* pdy = buf.data_ptr<C>();
       C* px = pdy + int64_t(used_rows.size()) * pb.bo * chunk;
-      std::vector<int64_t> src(T * chunk);  // where (tap t, pixel m) reads X, or -1 in the padding
       std::vector<PixelRun> runs;
       std::vector<int64_t> tap_runs(T + 1);  // runs of tap t: [tap_runs[t], tap_runs[t + 1])
       for (int64_t m0 = m_lo; m0 < m_hi; m0 += chunk) {
         const int64_t len = std::min(chunk, m_hi - m0);
-        // Output pixel (n, oy, ox) of m0, stepped pixel by pixel (no division per pixel).
-        int64_t n = m0 / HW, oy = m0 % HW / pb.Wout, ox = m0 % pb.Wout;
-        for (int64_t m = 0; m < len; ++m) {
-          const int64_t y = oy * pb.sh - pb.pt, x = ox * pb.sw - pb.pl;
-          for (int64_t t = 0; t < T; ++t) {
-            const int64_t iy = y + pb.tap_y[t], ix = x + pb.tap_x[t];
-            src[t * chunk + m] = iy >= 0 && iy < pb.H && ix >= 0 && ix < pb.W ? ((n * pb.H + iy) * pb.W + ix) * pb.Cx : -1;
-          }
-          if (++ox == pb.Wout) {
-            ox = 0;
-            if (++oy == pb.Hout) oy = 0, ++n;
-          }
-        }
         runs.clear();
         for (int64_t t = 0; t < T; ++t) {
           tap_runs[t] = int64_t(runs.size());
-          pixel_runs(src.data() + t * chunk, len, x_step, runs);
+          pb.tap_runs(t, m0, len, runs);
         }
         tap_runs[T] = int64_t(runs.size());
         const bool long_runs = int64_t(runs.size()) * kMinDirectRun <= T * len;
@@ -155,22 +164,26 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
           const bool direct = long_runs && width == pb.bi && pb.bi % NR == 0 && col_end - oi <= kMaxDirectBlocks;
           // The column's shifted input packed per tap and strip, unless read in place.
           for (int64_t t = 0; t < T && !direct; ++t) {
-            const int64_t* at = src.data() + t * chunk;
             for (int64_t s = 0; s < nsub; ++s) {
               C* dst = px + (t * nsub + s) * chunk * NR;
               const int64_t valid = std::min<int64_t>(NR, width - s * NR);
-              for (int64_t m = 0; m < len; ++m) {
-                if (at[m] < 0 || valid <= 0) {
-                  for (int n = 0; n < NR; ++n) dst[m * NR + n] = C(0);
-                  continue;
+              auto zero_rows = [&](int64_t m1, int64_t m2) { std::fill(dst + m1 * NR, dst + m2 * NR, C(0)); };
+              int64_t m = 0;  // pixels before it are packed
+              for (int64_t r = tap_runs[t]; r < tap_runs[t + 1]; ++r) {
+                const PixelRun& run = runs[r];
+                zero_rows(m, run.m);  // the padding between runs
+                const C* from = pb.x + run.x_off + chan + s * NR;
+                for (int64_t i = 0; i < run.len; ++i, from += x_step) {
+                  C* d = dst + (run.m + i) * NR;
+                  if (valid == NR) {  // constant size: inlined vector moves, not a memmove call per pixel
+                    __builtin_memcpy(d, from, NR * sizeof(C));
+                  } else {
+                    for (int64_t c = 0; c < NR; ++c) d[c] = c < valid ? from[c] : C(0);
+                  }
                 }
-                const C* from = pb.x + at[m] + chan + s * NR;
-                if (valid == NR) {  // constant size: inlined vector moves, not a memmove call per pixel
-                  __builtin_memcpy(dst + m * NR, from, NR * sizeof(C));
-                } else {
-                  for (int64_t n = 0; n < NR; ++n) dst[m * NR + n] = n < valid ? from[n] : C(0);
-                }
+                m = run.m + run.len;
               }
+              zero_rows(m, len);
             }
           }
           for (; oi < col_end; ++oi) {
