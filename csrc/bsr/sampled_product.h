@@ -29,20 +29,6 @@ namespace bsr {
 constexpr int64_t kTokenChunk = 256;  // tokens per packed chunk: its strips of dY and X stay in L3
 constexpr int64_t kRowsPerPass = 16;  // tokens per packing pass (rows being read stay in L2)
 
-// Row tiles (offset, rows) covering a block of br rows: ceil(br / MR) tiles of near-equal
-// height (32 rows -> 11, 11, 10 at MR = 12; 6, 6, 5, 5, 5, 5 at MR = 6), so no tile is left
-// with 1-2 rows.
-inline std::vector<std::pair<int64_t, int>> row_tiles(int64_t br, int mr) {
-  std::vector<std::pair<int64_t, int>> tiles;
-  const int64_t n = (br + mr - 1) / mr;
-  for (int64_t i = 0, o = 0; i < n; ++i) {
-    const int t = int(br / n + (i < br % n ? 1 : 0));
-    tiles.emplace_back(o, t);
-    o += t;
-  }
-  return tiles;
-}
-
 // dy (M, N) and x (M, K) in the compute type; dvalues (nnz, br, bc) in the storage type.
 template <typename S, typename C, int NR>
 void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, int64_t br, int64_t bc,
@@ -57,7 +43,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
   }
   if (M == 0) std::fill(acc, acc + nnz * block, C(0));
 
-  const auto tiles = row_tiles(br, common::tile_rows());
+  const auto tiles = common::row_tiles(br, common::tile_rows());
   std::vector<common::Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
   const int64_t chunk = std::min(kTokenChunk, M), zero = 0;

@@ -27,6 +27,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "common/amx.h"
 
@@ -350,6 +351,20 @@ Microkernel<C> microkernel() {
 // (wide strips: 24 of 32 zmm, 24 FMAs per 14 loads instead of 12 per 8; narrow strips, one zmm
 // a row: 6 rows left 6 FMA chains, fewer than 2 ports x 4 cycles of latency keep busy).
 inline int tile_rows() { return wide_tiles() ? kMaxTileRows : kMR; }
+
+// Tiles (first, rows) covering `rows` rows (a block's rows for dW, an output row's pixels for
+// the conv gathers): ceil(rows / max_rows) tiles of near-equal height (32 -> 11, 11, 10 and
+// 16 -> 8, 8 at 12; 16 -> 6, 5, 5 at 6), so no tile runs the microkernel with 1-2 rows.
+inline std::vector<std::pair<int64_t, int>> row_tiles(int64_t rows, int max_rows) {
+  std::vector<std::pair<int64_t, int>> tiles;
+  const int64_t n = (rows + max_rows - 1) / max_rows;
+  for (int64_t i = 0, first = 0; i < n; ++i) {
+    const int height = int(rows / n + (i < rows % n ? 1 : 0));
+    tiles.emplace_back(first, height);
+    first += height;
+  }
+  return tiles;
+}
 
 template <int... R, typename F>
 void with_rows_of(int rows, const F& f, std::integer_sequence<int, R...>) {

@@ -105,21 +105,6 @@ struct GatherProblem {
   const S* bias;                 // per output column, or null
 };
 
-// Tiles of W rows (an output row's pixels; a block row's channels for dW): ceil(W / max_rows)
-// tiles of near-equal width (max_rows 6: 16 -> 6,5,5; 12: 16 -> 8,8, 28 -> 10,9,9), so no tile
-// runs the microkernel with one or two rows. max_rows: the path's tile_rows (12 on AVX-512: each
-// B row loaded serves twice the FMAs, 5-10 % faster products than 6 on the wide strips).
-inline std::vector<std::pair<int64_t, int>> pixel_tiles(int64_t W, int max_rows) {
-  std::vector<std::pair<int64_t, int>> tiles;
-  const int64_t n = (W + max_rows - 1) / max_rows;
-  for (int64_t i = 0, x = 0; i < n; ++i) {
-    const int width = int(W / n + (i < W % n ? 1 : 0));
-    tiles.emplace_back(x, width);
-    x += width;
-  }
-  return tiles;
-}
-
 template <typename S, typename C, int NR>
 void gather_conv(const GatherProblem<S, C>& pb) {
   constexpr bool kDirect = std::is_same<S, C>::value;
@@ -161,7 +146,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
     }
   }
 
-  const auto tiles = pixel_tiles(pb.Wout, common::tile_rows());
+  const auto tiles = common::row_tiles(pb.Wout, common::tile_rows());
   std::vector<common::Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, true>(tile.second));
   // A chunk of output rows reads P rows [y0 * step, (y1 - 1) * step + span) of its image.

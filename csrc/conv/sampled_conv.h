@@ -25,7 +25,6 @@
 #include "common/grouped_product.h"
 #include "common/microkernel.h"
 #include "common/parallel.h"
-#include "conv/implicit_gemm.h"
 
 namespace sparsekern {
 namespace conv {
@@ -57,11 +56,14 @@ struct SampledProblem {
   std::vector<int64_t> a_width;  // its channels that exist (fewer than bi in a group's last block column)
   int64_t nnz, bo, bi;
 
+  // Elements of X between the input pixels a tap reads for neighbouring output pixels.
+  int64_t x_step() const { return sw * Cx; }
+
   // Appends the runs of tap t over output pixels [m0, m0 + len): per output row the pixels
   // whose input lies inside the image (the padding reads nothing, so it has no run), one run
   // across rows where X continues at the same stride. O(output rows), not O(pixels).
   void tap_runs(int64_t t, int64_t m0, int64_t len, std::vector<PixelRun>& runs) const {
-    const int64_t x_step = sw * Cx, first = int64_t(runs.size());
+    const int64_t first = int64_t(runs.size());
     // Output columns whose input column x * sw - pl + tap_x[t] lies in [0, W).
     const int64_t x_lo = std::max<int64_t>(0, ceil_div(pl - tap_x[t], sw));
     const int64_t x_hi = std::min(Wout, floor_div(W - 1 + pl - tap_x[t], sw) + 1);
@@ -73,7 +75,7 @@ struct SampledProblem {
       if (iy >= 0 && iy < H && lo < hi) {
         const int64_t mm = m + lo - ox, off = ((n * H + iy) * W + lo * sw - pl + tap_x[t]) * Cx;
         PixelRun* last = int64_t(runs.size()) > first ? &runs.back() : nullptr;
-        if (last && last->m + last->len == mm && last->x_off + last->len * x_step == off) {
+        if (last && last->m + last->len == mm && last->x_off + last->len * x_step() == off) {
           last->len += hi - lo;
         } else {
           runs.push_back({mm, hi - lo, off});
@@ -108,7 +110,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
   std::vector<int64_t> row_slot(used_rows.back() + 1, -1);
   for (size_t u = 0; u < used_rows.size(); ++u) row_slot[used_rows[u]] = int64_t(u);
 
-  const auto tiles = pixel_tiles(pb.bo, common::tile_rows());
+  const auto tiles = common::row_tiles(pb.bo, common::tile_rows());
   std::vector<common::Microkernel<C>> kernels;
   for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
   const int64_t parts = std::min((M + kPixelChunk - 1) / kPixelChunk, common::threads_for(nnz * block * M));
@@ -119,7 +121,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
     acc_of[part] = accs[part].data_ptr<C>();
   }
   const int64_t zero = 0;
-  const int64_t x_step = pb.sw * pb.Cx;  // between the X pixels a tap reads for neighbouring output pixels
+  const int64_t x_step = pb.x_step();
 
   at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t part = q0; part < q1; ++part) {
