@@ -41,6 +41,22 @@ def test_matmul_matches_torch(microkernel, shape, transpose_b, dtype, with_bias)
     assert relative_error(got, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("n", [4096, 4100], ids=["rows-aligned", "rows-unaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matmul_streams_large_outputs_exactly(microkernel, n, dtype):
+    # An output of >= 16 MiB is written with non-temporal stores where every row starts on a
+    # vector boundary (n = 4096), with plain stores where not (4100); two threads fence theirs.
+    m = (16 << 20) // (n * dtype.itemsize) + 1
+    g = torch.Generator().manual_seed(0)
+    a, b, bias = (torch.randn(*shape, generator=g, dtype=dtype) for shape in ((m, 8), (n, 8), (n,)))
+    torch.set_num_threads(2)
+    try:
+        got = ext.matmul(a, b, True, bias)
+    finally:
+        torch.set_num_threads(1)
+    assert relative_error(got, torch.addmm(bias, a, b.T)) < TOL[dtype]
+
+
 def test_matmul_threads_split_tokens_exactly():
     a, b, bias = torch.randn(1001, 96), torch.randn(300, 96), torch.randn(300)
     torch.set_num_threads(2)

@@ -105,10 +105,10 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
             const C* as = pdy + ((rows[b] - r_lo) * br + o) * chunk;
             C* out = ob + o * bc + s * NR;
             if (ncols == NR) {
-              kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add, nullptr);
+              kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add ? common::Store::kAdd : common::Store::kWrite, nullptr);
             } else {
               alignas(64) C tmp[common::kMaxTileRows * NR];
-              kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, false, nullptr);
+              kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, common::Store::kWrite, nullptr);
               for (int i = 0; i < mr; ++i) {
                 for (int64_t n = 0; n < ncols; ++n) out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];
               }

@@ -33,6 +33,11 @@ constexpr int64_t kABlockBytes = 384 << 10;  // rows of A kept hot in L2 (1 MiB 
 constexpr int64_t kBPanelBytes = 4 << 20;    // packed B strips kept hot in L3
 constexpr int64_t kItemOverhead = 32;        // cost of writing an output tile, in K-steps
 constexpr int64_t kMaxItems = 1 << 18;
+// Outputs at least this large are written with non-temporal stores: they cannot stay cached
+// until they are read (8 x a core's L2 on a Xeon, 32 x on Zen3), and a 2048 x 4096 fp32 output
+// written through the cache costs a read of every line first. A low-rank layer's fwd+bwd at
+// r = 64 measured ~11 % faster with its two such outputs streamed (docs/lowrank.md).
+constexpr int64_t kStreamOutputBytes = 16 << 20;
 
 // The type the microkernels compute in for storage type S: double for double, float otherwise
 // (half types are widened to float).
@@ -123,8 +128,8 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
 
   const Microkernel<C> kernel = microkernel_rows<C, NR, true>(MR);
   const Microkernel<C> last_kernel = microkernel_rows<C, NR, true>(int(M - (mtiles - 1) * MR));
-  parallel_by_cost(prefix, [&](int64_t idx) {
-    const Item& it = items[idx];
+  const Store direct = M * N * int64_t(sizeof(S)) >= kStreamOutputBytes ? Store::kStream : Store::kWrite;
+  auto run_item = [&](const Item& it) {
     // The groups of a panel read A's rows in scattered segments, so a first touch
     // from DRAM would stall the microkernel: each item instead prefetches its
     // share of the next m-block's rows (one contiguous range of A) into L2.
@@ -151,11 +156,11 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
         const C* arows = a + r0 * Ka;
         const Microkernel<C> kern = rows == MR ? kernel : last_kernel;
         if (kDirect && ncols == NR) {
-          kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, reinterpret_cast<C*>(o), N, false,  // S == C here
+          kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, reinterpret_cast<C*>(o), N, direct,  // S == C
                reinterpret_cast<const C*>(bias ? bias + c0 : nullptr));
         } else {
           alignas(64) C tmp[kMaxTileRows * NR];
-          kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, tmp, NR, false, nullptr);
+          kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, tmp, NR, Store::kWrite, nullptr);
           for (int64_t i = 0; i < rows; ++i) {
             for (int64_t n = 0; n < ncols; ++n) {
               o[i * N + n] = bias ? S(tmp[i * NR + n] + C(bias[c0 + n])) : S(tmp[i * NR + n]);
@@ -164,6 +169,10 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
         }
       }
     }
+  };
+  parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) run_item(items[idx]);
+    if (direct == Store::kStream) stream_fence();  // the output is read after the region, by any thread
   });
 }
 

@@ -54,13 +54,27 @@ constexpr int kWideNR = 128 / sizeof(C);  // 32 floats or 16 doubles: two 512-bi
 //   !kRowsA: A_j(i, k) = a[seg_off[j] + k * lda + i]   (k-major packed tiles: dYᵀ for dW)
 // and B's rows follow each other across segments with stride ldb (NR when packed).
 // init (NR values, or null) starts every row's accumulators: a bias, added in registers.
+// store: kWrite (out =), kAdd (out +=), or kStream: out = with non-temporal stores, for an
+// output too large to stay cached until it is read (no read-for-ownership of its lines); the
+// SIMD kernels stream only when out and ldo keep every vector aligned (else they write), and
+// the caller fences (stream_fence) before another thread reads the output.
+enum class Store : int { kWrite, kAdd, kStream };
+
+// Orders this thread's non-temporal stores before whatever follows: a worker's last step.
+inline void stream_fence() {
+#ifdef SPARSEKERN_X86
+  _mm_sfence();
+#endif
+}
+
 template <typename C>
 using Microkernel = void (*)(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen,
-                             const C* b, int64_t ldb, C* out, int64_t ldo, bool add, const C* init);
+                             const C* b, int64_t ldb, C* out, int64_t ldo, Store store, const C* init);
 
 template <typename C, int MR, int NR, bool kRowsA>
 void microkernel_portable(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen,
-                          const C* b, int64_t ldb, C* out, int64_t ldo, bool add, const C* init) {
+                          const C* b, int64_t ldb, C* out, int64_t ldo, Store store, const C* init) {
+  const bool add = store == Store::kAdd;
   C acc[MR][NR] = {};
   if (init) {
     for (int i = 0; i < MR; ++i) {
@@ -82,6 +96,14 @@ void microkernel_portable(const C* a, int64_t lda, const int64_t* seg_off, int64
 }
 
 #ifdef SPARSEKERN_X86
+// kStream, and every row of the tile starts on a vector boundary (a non-temporal store of a
+// misaligned vector faults).
+template <typename V, typename C>
+inline bool streams(Store store, const C* out, int64_t ldo) {
+  return store == Store::kStream && reinterpret_cast<uintptr_t>(out) % sizeof(V) == 0 &&
+         (ldo * int64_t(sizeof(C))) % int64_t(sizeof(V)) == 0;
+}
+
 struct Avx2Float {
   using V = __m256;
   static constexpr int W = 8;
@@ -91,6 +113,7 @@ struct Avx2Float {
   static SPARSEKERN_AVX2_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static SPARSEKERN_AVX2_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
   static SPARSEKERN_AVX2_INLINE void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static SPARSEKERN_AVX2_INLINE void stream(float* p, V v) { _mm256_stream_ps(p, v); }
 };
 
 struct Avx2Double {
@@ -102,6 +125,7 @@ struct Avx2Double {
   static SPARSEKERN_AVX2_INLINE V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
   static SPARSEKERN_AVX2_INLINE V add(V a, V b) { return _mm256_add_pd(a, b); }
   static SPARSEKERN_AVX2_INLINE void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static SPARSEKERN_AVX2_INLINE void stream(double* p, V v) { _mm256_stream_pd(p, v); }
 };
 
 template <typename C> struct Avx2;
@@ -117,6 +141,7 @@ struct Avx512Float {
   static SPARSEKERN_AVX512_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static SPARSEKERN_AVX512_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
   static SPARSEKERN_AVX512_INLINE void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static SPARSEKERN_AVX512_INLINE void stream(float* p, V v) { _mm512_stream_ps(p, v); }
 };
 
 struct Avx512Double {
@@ -128,6 +153,7 @@ struct Avx512Double {
   static SPARSEKERN_AVX512_INLINE V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static SPARSEKERN_AVX512_INLINE V add(V a, V b) { return _mm512_add_pd(a, b); }
   static SPARSEKERN_AVX512_INLINE void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static SPARSEKERN_AVX512_INLINE void stream(double* p, V v) { _mm512_stream_pd(p, v); }
 };
 
 template <typename C> struct Avx512;
@@ -139,7 +165,7 @@ template <> struct Avx512<double> : Avx512Double {};
 #define SPARSEKERN_SIMD_MICROKERNEL(NAME, TARGET, TRAITS)                                                   \
   template <typename C, int MR, bool kRowsA>                                                               \
   TARGET void NAME(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen, const C* b, \
-                   int64_t ldb, C* out, int64_t ldo, bool add, const C* init) {                              \
+                   int64_t ldb, C* out, int64_t ldo, Store store, const C* init) {                           \
     using T = TRAITS<C>;                                                                                    \
     constexpr int W = T::W;                                                                                    \
     typename T::V c0[MR], c1[MR];                                                                              \
@@ -178,10 +204,18 @@ template <> struct Avx512<double> : Avx512Double {};
         }                                                                                                      \
       }                                                                                                        \
     }                                                                                                          \
+    if (streams<typename T::V>(store, out, ldo)) {                                                             \
+    _Pragma("GCC unroll 16")                                                                                    \
+      for (int i = 0; i < MR; ++i) {                                                                           \
+        T::stream(out + i * ldo, c0[i]);                                                                       \
+        T::stream(out + i * ldo + W, c1[i]);                                                                   \
+      }                                                                                                        \
+      return;                                                                                                  \
+    }                                                                                                          \
     _Pragma("GCC unroll 16")                                                                                    \
     for (int i = 0; i < MR; ++i) {                                                                             \
       C* o = out + i * ldo;                                                                                    \
-      if (add) {                                                                                               \
+      if (store == Store::kAdd) {                                                                              \
         c0[i] = T::add(T::load(o), c0[i]);                                                                     \
         c1[i] = T::add(T::load(o + W), c1[i]);                                                                 \
       }                                                                                                        \
@@ -200,7 +234,7 @@ SPARSEKERN_SIMD_MICROKERNEL(microkernel_avx512, SPARSEKERN_AVX512, Avx512)
 template <typename C, int MR, bool kRowsA>
 SPARSEKERN_AVX512 void microkernel_avx512_narrow(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg,
                                                  int64_t seglen, const C* b, int64_t ldb, C* out, int64_t ldo,
-                                                 bool add, const C* init) {
+                                                 Store store, const C* init) {
   using T = Avx512<C>;
   typename T::V c[MR];
   const typename T::V i0 = init ? T::load(init) : T::zero();
@@ -227,10 +261,15 @@ SPARSEKERN_AVX512 void microkernel_avx512_narrow(const C* a, int64_t lda, const 
       }
     }
   }
+  if (streams<typename T::V>(store, out, ldo)) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) T::stream(out + i * ldo, c[i]);
+    return;
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     C* o = out + i * ldo;
-    T::store(o, add ? T::add(T::load(o), c[i]) : c[i]);
+    T::store(o, store == Store::kAdd ? T::add(T::load(o), c[i]) : c[i]);
   }
 }
 #endif

@@ -47,13 +47,5 @@ void parallel_ranges_by_cost(const std::vector<int64_t>& prefix, const F& fn) {
   });
 }
 
-// fn(item) for every item, in order within a thread, split as parallel_ranges_by_cost.
-template <typename F>
-void parallel_by_cost(const std::vector<int64_t>& prefix, const F& fn) {
-  parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) fn(item);
-  });
-}
-
 }  // namespace common
 }  // namespace sparsekern

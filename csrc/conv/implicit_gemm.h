@@ -204,11 +204,11 @@ void gather_conv(const GatherProblem<S, C>& pb) {
                 S* o = orow + x * pb.out_pix;
                 const C* a = arow + x * pb.pix_stride;
                 if (kDirect && ncols == NR) {
-                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.out_pix, false,
+                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.out_pix, common::Store::kWrite,
                               reinterpret_cast<const C*>(pb.bias ? pb.bias + col0 : nullptr));
                 } else {
                   alignas(64) C tmp[common::kMaxTileRows * NR];
-                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, tmp, NR, false, nullptr);
+                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, tmp, NR, common::Store::kWrite, nullptr);
                   for (int i = 0; i < mr; ++i) {
                     for (int64_t c = 0; c < ncols; ++c) {
                       o[i * pb.out_pix + c] = pb.bias ? S(tmp[i * NR + c] + C(pb.bias[col0 + c])) : S(tmp[i * NR + c]);

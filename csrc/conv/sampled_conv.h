@@ -203,13 +203,13 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
                     for (int64_t r = tap_runs[t]; r < tap_runs[t + 1]; ++r) {
                       const PixelRun& run = runs[r];
                       kernels[ti](arow + o * chunk + run.m * mr, mr, &zero, 1, run.len,
-                                  pb.x + run.x_off + chan + s * NR, x_step, out, pb.bi, true, nullptr);
+                                  pb.x + run.x_off + chan + s * NR, x_step, out, pb.bi, common::Store::kAdd, nullptr);
                     }
                   } else if (ncols == NR) {
-                    kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, out, pb.bi, true, nullptr);
+                    kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, out, pb.bi, common::Store::kAdd, nullptr);
                   } else {
                     alignas(64) C tmp[common::kMaxTileRows * NR];
-                    kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, tmp, NR, false, nullptr);
+                    kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, tmp, NR, common::Store::kWrite, nullptr);
                     for (int i = 0; i < mr; ++i) {
                       for (int64_t n = 0; n < ncols; ++n) out[i * pb.bi + n] += tmp[i * NR + n];
                     }

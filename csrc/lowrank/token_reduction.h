@@ -101,10 +101,10 @@ void token_reduction(const C* a, const C* b, int64_t T, int64_t M, int64_t N, C*
             C* o = out + r0 * N + n0;
             const C* tile = region.data() + q * MR;
             if (rows == MR && ncols == NR) {
-              kernel(tile, ld, &zero, 1, kc, bs, NR, o, N, add, nullptr);
+              kernel(tile, ld, &zero, 1, kc, bs, NR, o, N, add ? common::Store::kAdd : common::Store::kWrite, nullptr);
             } else {
               alignas(64) C tmp[MR * NR];
-              (rows == MR ? kernel : last)(tile, ld, &zero, 1, kc, bs, NR, tmp, NR, false, nullptr);
+              (rows == MR ? kernel : last)(tile, ld, &zero, 1, kc, bs, NR, tmp, NR, common::Store::kWrite, nullptr);
               for (int64_t i = 0; i < rows; ++i) {
                 for (int64_t n = 0; n < ncols; ++n) {
                   o[i * N + n] = add ? o[i * N + n] + tmp[i * NR + n] : tmp[i * NR + n];
