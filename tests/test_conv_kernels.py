@@ -89,9 +89,11 @@ def test_composite_backward_gives_both_gradients_at_once(name, channels_last):
     x = x.contiguous(memory_format=fmt)
     dy = output_gradient(x, geometry).contiguous(memory_format=fmt)
     _, dx_ref, dw_ref = _dense_products(x, values, layout, geometry, bias, dy)
-    dx, dw = reference.conv_grads(dy, x, values, layout, geometry)
+    assert reference.conv_grads(dy, x, values, layout, geometry)[2] is None
+    dx, dw, db = reference.conv_grads(dy, x, values, layout, geometry, bias_grad=True)
     _check(dx, dx_ref, torch.float64)
     _check(dw, dw_ref, torch.float64)
+    _check(db, dy.sum((0, 2, 3)), torch.float64)  # inside the dense backward, as nn.Conv2d's
     assert x.shape[0] == 0 or dx.is_contiguous(memory_format=fmt)
 
 

@@ -53,7 +53,8 @@ def test_opcheck_autograd_ops(backend, channels_last, batch):
     dy = output_gradient(x.detach(), geometry).contiguous(memory_format=conv_op.output_memory_format(x))
     torch.library.opcheck(conv_op._grad_input.op, (dy, values.detach(), flat, geo, list(x.shape[2:]), backend))
     torch.library.opcheck(conv_op._grad_weight.op, (dy, x.detach(), flat, geo, backend))
-    torch.library.opcheck(conv_op._grads.op, (dy, x.detach(), values.detach(), flat, geo, backend))
+    for bias_grad in (False, True):
+        torch.library.opcheck(conv_op._grads.op, (dy, x.detach(), values.detach(), flat, geo, bias_grad, backend))
 
 
 @needs_cpu
@@ -124,6 +125,20 @@ def test_conv_calls_decided_without_measuring(measured):
     one_pixel = x.detach()[:, :, :1, :1]   # 1 x 1 images: the composite, surely
     sparse_conv2d(one_pixel, values.detach(), quarter, geometry, bias)
     assert set(_decided("conv_forward").values()) == {"reference"}
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_conv_calls_are_always_measured(measured, dtype):
+    # The kernels widen half types to fp32; a CPU's native half-precision conv (oneDNN on AMX)
+    # can beat them at a quarter of the work, so no sure win there.
+    measured["cpu"] = 100.0
+    x, values, layout, geometry, bias = conv_case("wide-blocks", torch.float32)
+    mask = torch.zeros_like(layout.block_mask)
+    mask[0, 1] = True   # effective density 0.18: a sure win in fp32 (above)
+    x = x.contiguous(memory_format=torch.channels_last).to(dtype)
+    sparse_conv2d(x, values[:1].to(dtype).contiguous(), _layout(mask, layout), geometry, bias.to(dtype))
+    assert list(_decided("conv_forward").values()) == ["measuring"]
 
 
 @needs_cpu

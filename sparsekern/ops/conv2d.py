@@ -68,12 +68,14 @@ def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], geometry: list[int
 
 
 @eager_op("sparsekern::conv2d_grads")
-def _grads(dy: Tensor, x: Tensor, values: Tensor, layout: list[Tensor], geometry: list[int],
-           backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    """dX and dW of one backward: the kernels' two products, or (the composite) one dense
-    convolution backward as nn.Conv2d's, whichever the floor rule finds faster."""
+def _grads(dy: Tensor, x: Tensor, values: Tensor, layout: list[Tensor], geometry: list[int], bias_grad: bool,
+           backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """dX, dW and (if ``bias_grad``, else an empty tensor: custom ops return no None) the bias
+    gradient of one backward: the kernels' two products and a sum of dY, or (the composite) one
+    dense convolution backward as nn.Conv2d's, whichever the floor rule finds faster."""
     geo = ConvGeometry.from_list(geometry)
-    return kernel("conv_grads", dy, backend)(dy, x, values, _unflat(layout, geo), geo)
+    dx, dw, db = kernel("conv_grads", dy, backend)(dy, x, values, _unflat(layout, geo), geo, bias_grad)
+    return dx, dw, dy.new_empty(0) if db is None else db
 
 
 def _fake_output(x, geometry):
@@ -106,10 +108,9 @@ def _(dy, x, layout, geometry, backend):
 
 
 @_grads.register_fake
-def _(dy, x, values, layout, geometry, backend):
-    geo = ConvGeometry.from_list(geometry)
+def _(dy, x, values, layout, geometry, bias_grad, backend):
     dx = torch.empty(x.shape, dtype=dy.dtype, device=dy.device, memory_format=output_memory_format(dy))
-    return dx, values.new_empty(values.shape)
+    return dx, values.new_empty(values.shape), dy.new_empty(dy.shape[1] if bias_grad else 0)
 
 
 def _setup_context(ctx, inputs, output):
@@ -124,12 +125,14 @@ def _backward(ctx, dy):
     layout, geometry, backend = ctx.meta
     dy = dy.contiguous(memory_format=output_memory_format(x))
     needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+    needs_db = ctx.has_bias and needs_db
     if needs_dx and needs_dw:
-        dx, dw = _grads(dy, x, values, layout, geometry, backend)
+        dx, dw, db = _grads(dy, x, values, layout, geometry, needs_db, backend)
+        db = db if needs_db else None
     else:
         dx = _grad_input(dy, values, layout, geometry, list(x.shape[2:]), backend) if needs_dx else None
         dw = _grad_weight(dy, x, layout, geometry, backend) if needs_dw else None
-    db = dy.sum((0, 2, 3)) if ctx.has_bias and needs_db else None
+        db = dy.sum((0, 2, 3)) if needs_db else None
     return dx, dw, db, [None] * len(layout), None, None
 
 

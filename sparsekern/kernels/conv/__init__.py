@@ -9,8 +9,10 @@ implements the same three:
     (H, W) = ``input_size``. Walks W by block columns (transpose metadata).
 ``conv_grad_weight(dy, x, layout, geometry) -> dvalues``
     The weight gradient on the blocks of ``layout`` only: (nnz, bs, bs, kh, kw).
-``conv_grads(dy, x, values, layout, geometry) -> (dx, dvalues)``
-    Both gradients of one backward (the reference backend: one dense convolution backward).
+``conv_grads(dy, x, values, layout, geometry, bias_grad=False) -> (dx, dvalues, dbias or None)``
+    Both gradients of one backward, and the bias gradient (the sum of dy over batch and
+    pixels) if asked (the reference backend: one dense convolution backward, the bias
+    gradient inside it as in nn.Conv2d's).
 
 Inputs arrive on one device, of one floating dtype (checked by the op layer), in either
 memory format; ``values`` is contiguous. Outputs are new tensors of the input dtype, in the

@@ -3,7 +3,9 @@ as one product against the composite's single dense backward)."""
 
 
 def paired_grads(grad_input, grad_weight):
-    """conv_grads(dy, x, values, layout, geometry) -> (dx, dvalues) from the two products."""
-    def conv_grads(dy, x, values, layout, geometry):
-        return grad_input(dy, values, layout, geometry, tuple(x.shape[2:])), grad_weight(dy, x, layout, geometry)
+    """conv_grads(dy, x, values, layout, geometry, bias_grad) -> (dx, dvalues, dbias or None) from
+    the two products and a sum of dY."""
+    def conv_grads(dy, x, values, layout, geometry, bias_grad=False):
+        return (grad_input(dy, values, layout, geometry, tuple(x.shape[2:])), grad_weight(dy, x, layout, geometry),
+                dy.sum((0, 2, 3)) if bias_grad else None)
     return conv_grads

@@ -10,11 +10,14 @@ one product, ``conv_grads``: the kernels' dX and dW against one dense convolutio
 
 The rule reads the *effective* density: the multiply-adds the kernels do (stored blocks,
 padding channels included) over those of the dense conv. Calls decided without measuring:
-  sure win: more than one tap and at most a quarter of the dense work. The kernels won
-    2.2-4.4x there on a Zen3 (AVX2/FMA) against oneDNN in every product, and on an Intel
-    Xeon against oneDNN's AVX-512 conv 1.3-2.5x per product at block 16 and a quarter
-    (32 channels, 28x28, batch 64), more at lower densities; the composite would form the
-    dense weight to lose;
+  sure win: fp32 or fp64, more than one tap and at most a quarter of the dense work. The
+    kernels won 2.2-4.4x there on a Zen3 (AVX2/FMA) against oneDNN in every product, and on
+    an Intel Xeon against oneDNN's AVX-512 conv 1.3-2.5x per product at block 16 and a
+    quarter (32 channels, 28x28, batch 64), more at lower densities; the composite would
+    form the dense weight to lose. bf16 and fp16 are always measured: the kernels widen
+    them to fp32, and a CPU's native half-precision conv can be several times faster (on
+    the AMX Xeon, oneDNN's bf16 conv step against the kernels' at a quarter of the work,
+    128 channels, 16x16, batch 64: 0.53x, the kernels slower);
   sure lose: images under 4 pixels, or a dense conv of under 8 multiply-adds per input
     element: the kernels' placement and output passes cost as much as the whole dense
     product (a 1x1 conv 4 -> 64 at 28x28, batch 64: the kernels 4.3x slower forward).
@@ -32,6 +35,7 @@ from .geometry import output_memory_format
 _MIN_PIXELS = 4          # per image: output pixels (forward, dW), input pixels (dX)
 _MIN_WORK_PER_INPUT = 8  # dense multiply-adds per input element below which the memory passes dominate
 _SURE_WIN_WORK = 4       # at most 1/4 of the dense multiply-adds, in the 1/16 steps of density_bucket
+_NATIVE_DTYPES = (torch.float32, torch.float64)  # what the kernels compute in (half types are widened)
 
 
 def _weights(layout, geometry):
@@ -54,7 +58,8 @@ def _too_little_work(call):
 
 def _sure_win(call):
     steps = _density_step(call.layout, call.geometry)
-    return _taps(call.geometry) > 1 and steps <= _SURE_WIN_WORK and not _too_little_work(call)
+    return (call.operand.dtype in _NATIVE_DTYPES and _taps(call.geometry) > 1 and steps <= _SURE_WIN_WORK
+            and not _too_little_work(call))
 
 
 def _shape_class(call):
@@ -85,7 +90,7 @@ def _grad_weight(dy, x, layout, geometry):
     return _Call(x, tuple(x.shape[2:]), dy.shape[2] * dy.shape[3], layout, geometry)
 
 
-def _grads(dy, x, values, layout, geometry):
+def _grads(dy, x, values, layout, geometry, bias_grad=False):
     return _grad_input(dy, values, layout, geometry, x.shape[2:])
 
 
