@@ -2,6 +2,7 @@
 
     python bench/bench_conv2d.py                  # the default cases, about two minutes on 2 cores
     python bench/bench_conv2d.py --reps 9 --json bench/results/conv2d.jsonl
+    python bench/bench_conv2d.py --dtype bf16     # against dense bf16 (oneDNN's AMX conv where the CPU has it)
 
 The cases, their timing and the table are the package's (``sparsekern.cli.conv_bench``, which
 ``sparsekern bench --product conv`` runs too): fwd, dx, dw and the layer step of 3x3 convs
@@ -16,6 +17,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as bench_bsr_linear.py: hu
 
 import torch  # noqa: E402
 
+from sparsekern.cli.bsr_bench import DTYPES  # noqa: E402
 from sparsekern.cli.conv_bench import HEADER, format_row, parse_shapes, run_cases  # noqa: E402
 from sparsekern.kernels.microkernel import microkernel_isa  # noqa: E402
 from timing import TIMER_HELP, Timer, append_rows, environment, header  # noqa: E402
@@ -28,6 +30,7 @@ def _parse(argv=None):
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--stride", type=int, default=1, choices=(1, 2, 3), help="stride of the 3x3 convs")
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of x, the weight and the gradients")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for dense and sparse")
     parser.add_argument("--reps", type=int, default=5, help="timed alternating rounds per product")
     parser.add_argument("--timer", choices=("wall", "cpu", "thread"), default="wall", help=TIMER_HELP)
@@ -42,14 +45,14 @@ def main(argv=None):
     env = environment()
     isa = microkernel_isa("conv")
     print(header(env, {"backend": "cpu (floor rule: composite where dense wins)", "isa": isa}))
-    print(f"# batch {args.batch}, fp32, channels-last, 3x3 pad 1 stride {args.stride}, block {args.block}, "
+    print(f"# batch {args.batch}, {args.dtype}, channels-last, 3x3 pad 1 stride {args.stride}, block {args.block}, "
           f"{args.reps} rounds; "
           "ratio = dense ms / sparse ms")
     print(HEADER)
     rows = []
     context = {"bench": "conv2d", **env, "isa": isa}
     for row in run_cases(parse_shapes(args.shapes), args.densities, args.batch, args.block, args.reps, measure,
-                         context, stride=args.stride):
+                         context, stride=args.stride, dtype=DTYPES[args.dtype]):
         rows.append(row)
         print(format_row(row), flush=True)
     for row in rows:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsekern.cli import main
 
@@ -63,7 +64,6 @@ def test_conv_prints_each_product_with_the_floor_rule_path_and_writes_rows(tmp_p
     (["--product", "semi", "--features", "66"], "multiple of 4"),
     (["--product", "lowrank", "--features", "64", "--ranks", "128"], "exceed --features 64"),
     (["--product", "conv", "--conv-shapes", "16by6"], "--conv-shapes: shapes must be CxH pairs"),
-    (["--product", "conv", "--dtype", "bf16"], "fp32 only"),
 ])
 def test_impossible_shapes_are_refused(capsys, argv, message):
     assert main(["bench", *argv]) == 1
@@ -114,3 +114,11 @@ def test_conv_cases_run_strided():
     rows = list(conv_bench.run_cases([(16, 7)], [0.25], 2, 8, 1, Timer("wall"), {}, stride=2))
     assert [r["op"] for r in rows] == ["fwd", "dx", "dw", "step"]
     assert all(r["stride"] == 2 and r["ratio"] > 0 and r["case"].startswith("16x7-s2-") for r in rows)
+
+
+def test_conv_cases_run_in_bf16():
+    from sparsekern.cli import conv_bench
+    from sparsekern.cli.timing import Timer
+    rows = list(conv_bench.run_cases([(16, 6)], [0.5], 2, 8, 1, Timer("wall"), {}, dtype=torch.bfloat16))
+    assert [r["op"] for r in rows] == ["fwd", "dx", "dw", "step"]
+    assert all(r["dtype"] == "bfloat16" and r["ratio"] > 0 for r in rows)

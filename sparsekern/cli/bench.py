@@ -82,7 +82,7 @@ def _cases(args, measure, context, on_case, on_round):
         def cases():
             for block in args.blocks:
                 yield from conv_bench.run_cases(args.shapes, args.densities, args.batch, block, args.reps, measure,
-                                                context, on_case, on_round)
+                                                context, on_case, on_round, dtype=dtype)
         head = f"# {args.dtype}, batch {args.batch}, channels-last, 3x3 pad 1, median of {args.reps} alternating rounds"
         return cases(), f"{head}\n{conv_bench.HEADER}", conv_bench.format_row
     if args.product == "bsr":
@@ -104,8 +104,6 @@ def run(args):
     args.features = args.features or FEATURES.get(args.product)
     args.blocks = args.blocks or BLOCKS.get(args.product)
     args.densities = args.densities or DENSITIES.get(args.product)
-    if args.product == "conv" and args.dtype != "fp32":
-        raise CliError("--product conv measures fp32 only")
     _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)

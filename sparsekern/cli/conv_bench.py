@@ -2,8 +2,9 @@
 bench/bench_conv2d.py): SparseConv2d vs dense F.conv2d, timed alternately.
 
 Channels-last input of ``batch`` images, 3x3 convs (padding 1, ``stride``) C -> C at H x H
-for each (C, H) of the shapes, random uniform block masks of each density, fp32. A ratio is the median
-over rounds of dense_ms / sparse_ms (> 1: sparse is faster):
+for each (C, H) of the shapes, random uniform block masks of each density, in one dtype (fp32,
+fp64, bf16; dense runs in the same dtype). A ratio is the median over rounds of dense_ms /
+sparse_ms (> 1: sparse is faster):
 
 * ``fwd``  y = conv2d(x, W)   dense: F.conv2d                 sparse: the conv_forward the op picks
 * ``dx``   input gradient     dense: convolution_backward     sparse: conv_grad_input
@@ -56,16 +57,18 @@ def _mask(grid, density, generator):
 class Case:
     """One 3x3 conv, dense and block-sparse with the same (masked) weight, and the timed callables."""
 
-    def __init__(self, channels, size, density, batch, block, generator, stride=1):
+    def __init__(self, channels, size, density, batch, block, generator, stride=1, dtype=torch.float32):
         self.stride = stride
-        self.dense = nn.Conv2d(channels, channels, 3, stride=stride, padding=1)
+        self.dense = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, dtype=dtype)
         mask = _mask((-(-channels // block),) * 2, density, generator)
         self.sparse = SparseConv2d.from_dense(self.dense, block_size=block, block_mask=mask)
         with torch.no_grad():
             self.dense.weight.copy_(self.sparse.dense_weight())
-        self.x = torch.randn(batch, channels, size, size, generator=generator).to(memory_format=torch.channels_last)
+        self.x = torch.randn(batch, channels, size, size, generator=generator).to(dtype).to(
+            memory_format=torch.channels_last)
         out = self.sparse.geometry.output_size(size, size)
-        self.dy = torch.randn(batch, channels, *out, generator=generator).to(memory_format=torch.channels_last)
+        self.dy = torch.randn(batch, channels, *out, generator=generator).to(dtype).to(
+            memory_format=torch.channels_last)
         self.w = self.dense.weight.detach()
         self.kernels = {op: kernel(products[0], self.x, None) for op, products in PRODUCTS.items() if op != "step"}
         self.values = self.sparse.values.detach()
@@ -91,7 +94,8 @@ class Case:
                 "step": fwd_bwd(self.sparse, self.x.requires_grad_(), self.dy)}
 
 
-def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=None, on_round=None, stride=1):
+def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=None, on_round=None, stride=1,
+              dtype=torch.float32):
     """Yield one row per (shape, density, op); ``on_case(index, count, name)`` before each case."""
     generator = torch.Generator().manual_seed(0)
     count = len(shapes) * len(densities)
@@ -99,12 +103,12 @@ def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=N
         for d, density in enumerate(densities):
             if on_case is not None:
                 on_case(s * len(densities) + d, count, f"{channels}x{size}, density {density}")
-            case = Case(channels, size, density, batch, block, generator, stride)
+            case = Case(channels, size, density, batch, block, generator, stride, dtype)
             dense, sparse = case.dense_fns(), case.sparse_fns()
             stored = case.sparse.density
             for op in OPS:
-                row = dict(context, channels=channels, size=size, stride=stride, batch=batch, block=block,
-                           density=density, nnz_blocks=case.sparse.nnz_blocks, stored_density=stored, op=op)
+                row = dict(context, dtype=str(dtype).split(".")[-1], channels=channels, size=size, stride=stride,
+                           batch=batch, block=block, density=density, nnz_blocks=case.sparse.nnz_blocks, stored_density=stored, op=op)
                 name = f"{channels}x{size}" + (f"-s{stride}" if stride > 1 else "")
                 row = compare(f"{name}-d{density}-{op}", dense[op], sparse[op], reps, measure, row,
                               on_round=on_round)
