@@ -103,6 +103,28 @@ def test_empty_block_rows_and_columns_give_zero_outputs(isa):
     assert torch.isfinite(y).all() and torch.isfinite(dx).all()
 
 
+@pytest.mark.parametrize("shape, block", [((2048, 64), 32), ((2056, 64), 8)], ids=["rows-aligned", "rows-unaligned"])
+def test_large_outputs_are_streamed_exactly(isa, shape, block):
+    # y and dx of >= 16 MiB are written with non-temporal stores where every row starts on a
+    # vector boundary (2048 columns), with plain ones where not (2056); two threads fence theirs.
+    weight = random_bsr(shape, block, 0.5, dtype=torch.float32, seed=2)
+    m = (16 << 20) // (shape[0] * 4) + 3
+    g = torch.Generator().manual_seed(4)
+    x, bias = torch.randn(m, shape[1], generator=g), torch.randn(shape[0], generator=g)
+    weight_t = random_bsr(shape[::-1], block, 0.5, dtype=torch.float32, seed=6)  # dx of width shape[0]
+    dy = torch.randn(m, shape[1], generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = cpu.bsr_forward(x, weight.values, weight.layout, bias)
+        dx = cpu.bsr_grad_input(dy, weight_t.values, weight_t.layout)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y, reference.bsr_forward(x, weight.values, weight.layout, bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dx, reference.bsr_grad_input(dy, weight_t.values, weight_t.layout), rtol=1e-5,
+                               atol=1e-4)
+
+
 @pytest.mark.parametrize("m", [0, 1])
 def test_degenerate_token_counts(isa, m):
     weight = random_bsr((32, 48), 16, 0.5, dtype=torch.float32)
