@@ -34,14 +34,14 @@ namespace sparsekern {
 namespace lowrank {
 
 constexpr int64_t kKC = 256;  // tokens per block: one NR strip of b (16 KB) stays in L1
-constexpr int64_t kMB = 192;  // columns of a per block (a multiple of MR): the region (192 KB) stays in L2
+constexpr int64_t kMB = 192;  // columns of a per block (a multiple of every MR: 6, 12): the region (192 KB) stays in L2
 constexpr int64_t kAhead = 8;  // rows of a prefetched ahead of the packing
 
 // out (M, N) = aᵀ b; colsum (M, or null) = aᵀ 1. Half types are widened by the caller: the
 // output accumulates across token blocks, so it stays in C until the end.
 template <typename C, int NR>
 void token_reduction(const C* a, const C* b, int64_t T, int64_t M, int64_t N, C* out, C* colsum) {
-  constexpr int MR = common::kMR;
+  const int MR = common::tile_rows();  // 12 on AVX-512: 24 accumulators, as the other products
   const int64_t nsub = (N + NR - 1) / NR;
   if (M == 0) return;
   if (T == 0 || N == 0) {
@@ -68,7 +68,7 @@ void token_reduction(const C* a, const C* b, int64_t T, int64_t M, int64_t N, C*
   const int64_t ld = ((kMB + MR + kLine - 1) / kLine | 1) * kLine;
   const int64_t mblocks = (M + kMB - 1) / kMB;
   const int64_t threads = common::threads_for(T * M * std::max<int64_t>(N, 1));
-  const common::Microkernel<C> kernel = common::microkernel<C, MR, NR, false>();
+  const common::Microkernel<C> kernel = common::microkernel_rows<C, NR, false>(MR);
   const common::Microkernel<C> last = common::microkernel_rows<C, NR, false>(int(M - (M - 1) / MR * MR));
   at::parallel_for(0, mblocks, (mblocks + threads - 1) / threads, [&](int64_t blk0, int64_t blk1) {
     std::vector<C> sums(kMB), region(kKC * ld);
@@ -103,7 +103,7 @@ void token_reduction(const C* a, const C* b, int64_t T, int64_t M, int64_t N, C*
             if (rows == MR && ncols == NR) {
               kernel(tile, ld, &zero, 1, kc, bs, NR, o, N, add ? common::Store::kAdd : common::Store::kWrite, nullptr);
             } else {
-              alignas(64) C tmp[MR * NR];
+              alignas(64) C tmp[common::kMaxTileRows * NR];
               (rows == MR ? kernel : last)(tile, ld, &zero, 1, kc, bs, NR, tmp, NR, common::Store::kWrite, nullptr);
               for (int64_t i = 0; i < rows; ++i) {
                 for (int64_t n = 0; n < ncols; ++n) {
