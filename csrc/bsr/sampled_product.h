@@ -105,7 +105,8 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
             const C* as = pdy + ((rows[b] - r_lo) * br + o) * chunk;
             C* out = ob + o * bc + s * NR;
             if (ncols == NR) {
-              kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add ? common::Store::kAdd : common::Store::kWrite, nullptr);
+              kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add ? common::Store::kAdd : common::Store::kWrite,
+                         nullptr);
             } else {
               alignas(64) C tmp[common::kMaxTileRows * NR];
               kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, common::Store::kWrite, nullptr);

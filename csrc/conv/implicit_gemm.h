@@ -204,8 +204,8 @@ void gather_conv(const GatherProblem<S, C>& pb) {
                 S* o = orow + x * pb.out_pix;
                 const C* a = arow + x * pb.pix_stride;
                 if (kDirect && ncols == NR) {
-                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.out_pix, common::Store::kWrite,
-                              reinterpret_cast<const C*>(pb.bias ? pb.bias + col0 : nullptr));
+                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.out_pix,
+                              common::Store::kWrite, reinterpret_cast<const C*>(pb.bias ? pb.bias + col0 : nullptr));
                 } else {
                   alignas(64) C tmp[common::kMaxTileRows * NR];
                   kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, tmp, NR, common::Store::kWrite, nullptr);

@@ -108,7 +108,8 @@ def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=N
             stored = case.sparse.density
             for op in OPS:
                 row = dict(context, dtype=str(dtype).split(".")[-1], channels=channels, size=size, stride=stride,
-                           batch=batch, block=block, density=density, nnz_blocks=case.sparse.nnz_blocks, stored_density=stored, op=op)
+                           batch=batch, block=block, density=density, nnz_blocks=case.sparse.nnz_blocks,
+                           stored_density=stored, op=op)
                 name = f"{channels}x{size}" + (f"-s{stride}" if stride > 1 else "")
                 row = compare(f"{name}-d{density}-{op}", dense[op], sparse[op], reps, measure, row,
                               on_round=on_round)
