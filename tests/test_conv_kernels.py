@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from test_conv_cases import CASES, conv_case, output_gradient
 from helpers import microkernel_paths, on_path, relative_error
+from sparsekern.cli.machine import cpu_flags
 from sparsekern.kernels import microkernel
 from sparsekern.kernels.conv import cpu, dense_conv_weight, gather_blocks, reference
 
@@ -100,7 +101,8 @@ def test_composite_backward_gives_both_gradients_at_once(name, channels_last):
 @needs_cpu
 def test_cpu_microkernel_switch():
     best = microkernel.microkernel_isa("conv")
-    assert best == {"amx": "avx512f", "avx512": "avx512f", "avx2": "avx2-fma",
+    avx512 = "avx512f+avx512_bf16" if cpu_flags()["avx512_bf16"] else "avx512f"  # bf16 on dot products
+    assert best == {"amx": "avx512f", "avx512": avx512, "avx2": "avx2-fma",
                     "portable": "portable"}[microkernel.cpu_isa()]
     for name, portable_loops, runs in [("portable", False, "portable"), ("avx512", True, "portable-wide")]:
         microkernel.set_isa("conv", name, portable_loops)

@@ -218,5 +218,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 // Controls, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sparsekern::common::def_output_cache(m);
-  sparsekern::common::def_path_controls(m, /*bf16_products=*/true);
+  sparsekern::common::def_path_controls(m, sparsekern::common::Bf16Products::kDotAndAmx);
 }

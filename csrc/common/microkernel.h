@@ -330,12 +330,16 @@ inline void set_path(const std::string& name, bool portable) {
   path_state() = int(isa) * 2 + (portable ? 1 : 0);
 }
 
+// Which bf16 products an extension has: none (bf16 widened to fp32), AVX512-BF16 dot products
+// on the avx512 path, or those and AMX tiles on the amx path.
+enum class Bf16Products { kNone, kDot, kDotAndAmx };
+
 // What runs now: "avx512f+amx" (AVX-512 fp32, AMX bf16) or "avx512f+avx512_bf16" (bf16 on dot
-// products; only an extension with bf16 products says either), "avx512f", "avx2-fma",
+// products; only an extension with such bf16 products says either), "avx512f", "avx2-fma",
 // "portable", or "portable-wide" (portable loops, AVX-512 tiles).
-inline std::string path_name(bool bf16_products) {
-  if (amx_tiles() && bf16_products) return "avx512f+amx";
-  if (dot_bf16_tiles() && bf16_products) return "avx512f+avx512_bf16";
+inline std::string path_name(Bf16Products bf16) {
+  if (amx_tiles() && bf16 == Bf16Products::kDotAndAmx) return "avx512f+amx";
+  if (dot_bf16_tiles() && bf16 != Bf16Products::kNone) return "avx512f+avx512_bf16";
   if (!portable_loops()) return wide_tiles() ? "avx512f" : "avx2-fma";
   return wide_tiles() ? "portable-wide" : "portable";
 }
@@ -354,10 +358,10 @@ void with_strip_width(const F& f, int64_t width) {
 }
 
 // The Python functions of every extension on these microkernels (Module: pybind11::module).
-// bf16_products: the extension has bf16 products on AMX tiles and AVX512-BF16 dot products.
+// bf16: the extension's bf16 products beside the widening ones.
 template <typename Module>
-void def_path_controls(Module& m, bool bf16_products = false) {
-  m.def("isa", [bf16_products] { return path_name(bf16_products); },
+void def_path_controls(Module& m, Bf16Products bf16 = Bf16Products::kNone) {
+  m.def("isa", [bf16] { return path_name(bf16); },
         "what runs: 'avx512f+amx', 'avx512f+avx512_bf16', 'avx512f', 'avx2-fma', 'portable' or 'portable-wide'");
   m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); }, "the best path this CPU runs");
   m.def("set_isa", &set_path,

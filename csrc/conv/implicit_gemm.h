@@ -29,6 +29,7 @@
 #include "common/huge_page_output.h"
 #include "common/microkernel.h"
 #include "common/parallel.h"
+#include "conv/dot_bf16.h"
 
 namespace sparsekern {
 namespace conv {
@@ -38,7 +39,7 @@ constexpr int64_t kGroupPanelBytes = 192 << 10;  // packed B of a panel of group
 constexpr int64_t kPRowsBytes = 160 << 10;  // a thread's buffer of P rows, kept hot in L2 while every panel sweeps it
 
 // src (N, Cs, H, W; any strides and floating dtype) as a contiguous NHWC tensor of compute
-// type C: a view of a channels-last fp32 (fp64) input, else one conversion.
+// type C: a view of a channels-last input already of type C, else one conversion.
 template <typename C>
 at::Tensor nhwc_compute(const at::Tensor& src) {
   return src.permute({0, 2, 3, 1}).to(common::scalar_type_of<C>()).contiguous();
@@ -105,8 +106,12 @@ struct GatherProblem {
   const S* bias;                 // per output column, or null
 };
 
-template <typename S, typename C, int NR>
+// kPairs: bf16 operands on AVX512-BF16 dot products (S = C = bf16, NR = kDotNR, w even): B is
+// packed in VNNI pairs and the tiles run dot_conv_kernel; otherwise the microkernels of C.
+template <typename S, typename C, int NR, bool kPairs = false>
 void gather_conv(const GatherProblem<S, C>& pb) {
+  static_assert(!kPairs || (std::is_same<S, bf16>::value && std::is_same<C, bf16>::value && NR == kDotNR),
+                "the dot-product gathers run bf16 strips of kDotNR columns");
   constexpr bool kDirect = std::is_same<S, C>::value;
   const int64_t T = int64_t(pb.tap_off.size()), w = pb.forward ? pb.bi : pb.bo, g = pb.forward ? pb.bo : pb.bi;
   const int64_t nsub = (g + NR - 1) / NR, strip = w * NR, members = int64_t(pb.blk.size());
@@ -129,7 +134,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
             for (int64_t k = 0; k < w; ++k) {
               for (int64_t n = 0; n < NR; ++n) {
                 const int64_t col = s * NR + n;
-                dst[k * NR + n] = col >= g ? C(0)
+                dst[kPairs ? vnni_index(k, n) : k * NR + n] = col >= g ? C(0)
                                   : pb.forward ? C(v[(col * pb.bi + k) * pb.value_taps + pb.w_tap[t]])
                                                : C(v[(k * pb.bi + col) * pb.value_taps + pb.w_tap[t]]);
               }
@@ -147,8 +152,14 @@ void gather_conv(const GatherProblem<S, C>& pb) {
   }
 
   const auto tiles = common::row_tiles(pb.Wout, common::tile_rows());
-  std::vector<common::Microkernel<C>> kernels;
-  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, true>(tile.second));
+  std::vector<std::conditional_t<kPairs, DotKernel, common::Microkernel<C>>> kernels;
+  for (const auto& tile : tiles) {
+    if constexpr (kPairs) {
+      kernels.push_back(dot_conv_kernel(tile.second));
+    } else {
+      kernels.push_back(common::microkernel_rows<C, NR, true>(tile.second));
+    }
+  }
   // A chunk of output rows reads P rows [y0 * step, (y1 - 1) * step + span) of its image.
   const int64_t re = pb.place.row_elems(), step = pb.row_step;
   const int64_t span = *std::max_element(pb.tap_off.begin(), pb.tap_off.end()) / re + 1;
@@ -203,7 +214,20 @@ void gather_conv(const GatherProblem<S, C>& pb) {
                 const int mr = tiles[ti].second;
                 S* o = orow + x * pb.out_pix;
                 const C* a = arow + x * pb.pix_stride;
-                if (kDirect && ncols == NR) {
+                if constexpr (kPairs) {
+                  if (ncols == NR) {
+                    kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, pb.bias ? pb.bias + col0 : nullptr, o,
+                                pb.out_pix, nullptr);
+                    continue;
+                  }
+                  alignas(64) float tmp[common::kMaxTileRows * NR];
+                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, nullptr, nullptr, 0, tmp);
+                  for (int i = 0; i < mr; ++i) {
+                    for (int64_t c = 0; c < ncols; ++c) {
+                      o[i * pb.out_pix + c] = S(tmp[i * NR + c] + (pb.bias ? float(pb.bias[col0 + c]) : 0.f));
+                    }
+                  }
+                } else if (kDirect && ncols == NR) {
                   kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.out_pix,
                               common::Store::kWrite, reinterpret_cast<const C*>(pb.bias ? pb.bias + col0 : nullptr));
                 } else {

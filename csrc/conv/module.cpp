@@ -6,12 +6,14 @@
 // sparsekern::conv_grad_weight_cpu dvalues = the weight gradient sampled on the stored blocks
 // Activations: CPU, 4-D NCHW logical shape, any strides (channels-last is read without a
 // transpose); outputs are channels-last. float64 / float32 / bfloat16 / float16 (half types
-// computed in fp32); int64 indices of a valid BlockLayout (checked in O(nnz)). Geometry: see
+// computed in fp32; bf16 on AVX512-BF16 dot products where dot_bf16_gathers holds, fp32
+// accumulation); int64 indices of a valid BlockLayout (checked in O(nnz)). Geometry: see
 // conv/geometry.h.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/grouped_product.h"
@@ -36,6 +38,37 @@ at::Tensor channels_last_output(int64_t N, int64_t Ch, int64_t H, int64_t W, con
 void check_activation(const at::Tensor& t, const char* name, int64_t channels, const char* what) {
   check_float(t, name, 4);
   TORCH_CHECK(t.size(1) == channels, name, " has ", t.size(1), " channels, expected ", channels, " (", what, ")");
+}
+
+// bf16 products on AVX512-BF16 dot products: the avx512 path of a CPU that has them, blocks of
+// whole 32-channel strips both ways (output columns and K pairs of the gathers, dW's columns).
+// Elsewhere bf16 is widened to fp32.
+bool dot_bf16_gathers(const at::Tensor& t, const Geometry& geo) {
+  return t.scalar_type() == at::kBFloat16 && common::dot_bf16_tiles() && geo.bo % kDotNR == 0 &&
+         geo.bi % kDotNR == 0;
+}
+
+// f(storage tag, compute tag, pairs): bf16 pairs on dot products where dot_bf16_gathers holds,
+// else the dtype's storage type and Compute type on the microkernels.
+template <typename F>
+void dispatch_gathers(const at::Tensor& t, const Geometry& geo, const F& f) {
+  if (dot_bf16_gathers(t, geo)) {
+    f(std::type_identity<bf16>{}, std::type_identity<bf16>{}, std::true_type{});
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "conv_gathers", [&] {
+    f(std::type_identity<scalar_t>{}, std::type_identity<Compute<scalar_t>>{}, std::false_type{});
+  });
+}
+
+// gather_conv on the strips of the path: kDotNR-column bf16 pairs, or the widest strip of C.
+template <typename S, typename C, bool kPairs>
+void run_gathers(const GatherProblem<S, C>& pb, int64_t width) {
+  if constexpr (kPairs) {
+    gather_conv<S, C, kDotNR, true>(pb);
+  } else {
+    common::with_strip_width<C>([&](auto nr) { gather_conv<S, C, decltype(nr)::value>(pb); }, width);
+  }
 }
 
 // Per tap (kh, kw), how far its input lies from the output pixel's first, for `row` elements
@@ -109,11 +142,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const int64_t Ho = geo.out_h(H), Wo = geo.out_w(W);
   at::Tensor y = channels_last_output(N, geo.O, Ho, Wo, x.options());
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_forward", [&] {
-    using C = Compute<scalar_t>;
+  dispatch_gathers(x, geo, [&](auto s_tag, auto c_tag, auto pairs) {
+    using S = typename decltype(s_tag)::type;
+    using C = typename decltype(c_tag)::type;
     const int64_t Cp = geo.G * geo.Cgp();
     const at::Tensor src = nhwc_compute<C>(x);
-    GatherProblem<scalar_t, C> pb;
+    GatherProblem<S, C> pb;
     pb.place = {src.data_ptr<C>(), H, W, geo.G, geo.Cg(), Hp, Wp, geo.Cgp(), geo.pt, geo.pl};
     pb.row_step = geo.sh, pb.pix_stride = geo.sw * Cp;
     pb.N = N, pb.Hout = Ho, pb.Wout = Wo;
@@ -128,11 +162,11 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
         pb.a_chan.push_back(geo.group_of_row(r) * geo.Cgp() + ci[q] * geo.bi);
       }
     }
-    pb.values = values.data_ptr<scalar_t>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.value_taps = geo.taps();
+    pb.values = values.data_ptr<S>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.value_taps = geo.taps();
     pb.forward = true;
-    pb.out = y.data_ptr<scalar_t>(), pb.out_pix = geo.O, pb.out_row = Wo * geo.O, pb.out_img = Ho * Wo * geo.O;
-    pb.bias = has_bias ? b.data_ptr<scalar_t>() : nullptr;
-    common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); }, geo.bo);
+    pb.out = y.data_ptr<S>(), pb.out_pix = geo.O, pb.out_row = Wo * geo.O, pb.out_img = Ho * Wo * geo.O;
+    pb.bias = has_bias ? b.data_ptr<S>() : nullptr;
+    run_gathers<S, C, decltype(pairs)::value>(pb, geo.bo);
   });
   return y;
 }
@@ -156,11 +190,12 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   at::Tensor dx = channels_last_output(N, geo.C, H, W, dy.options());
   const auto rows = phase_taps(geo.sh, geo.pt, geo.dh, geo.KH), cols = phase_taps(geo.sw, geo.pl, geo.dw, geo.KW);
   const Margins mh = margins(rows, H, geo.sh, dy.size(2)), mw = margins(cols, W, geo.sw, dy.size(3));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "conv_grad_input", [&] {
-    using C = Compute<scalar_t>;
+  dispatch_gathers(dy, geo, [&](auto s_tag, auto c_tag, auto pairs) {
+    using S = typename decltype(s_tag)::type;
+    using C = typename decltype(c_tag)::type;
     const int64_t Op = RB * geo.bo, Wq = mw.size;
     const at::Tensor src = nhwc_compute<C>(dy);
-    GatherProblem<scalar_t, C> pb;
+    GatherProblem<S, C> pb;
     pb.place = {src.data_ptr<C>(), dy.size(2), dy.size(3), 1, geo.O, mh.size, Wq, Op, mh.before, mw.before};
     pb.row_step = 1, pb.pix_stride = Op;
     const int64_t* co = col_offsets.data_ptr<int64_t>();
@@ -178,7 +213,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
                              int64_t(pb.blk.size()) - first});
       }
     }
-    pb.values = values.data_ptr<scalar_t>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.value_taps = geo.taps();
+    pb.values = values.data_ptr<S>(), pb.bo = geo.bo, pb.bi = geo.bi, pb.value_taps = geo.taps();
     pb.forward = false, pb.bias = nullptr;
     pb.N = N, pb.out_pix = geo.sw * geo.C, pb.out_row = geo.sh * W * geo.C, pb.out_img = H * W * geo.C;
     for (int64_t py = 0; py < std::min(geo.sh, H); ++py) {
@@ -195,8 +230,8 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
           dx.slice(2, py, H, geo.sh).slice(3, px, W, geo.sw).zero_();
           continue;
         }
-        pb.out = dx.data_ptr<scalar_t>() + (py * W + px) * geo.C;
-        common::with_strip_width<C>([&](auto nr) { gather_conv<scalar_t, C, decltype(nr)::value>(pb); }, geo.bi);
+        pb.out = dx.data_ptr<S>() + (py * W + px) * geo.C;
+        run_gathers<S, C, decltype(pairs)::value>(pb, geo.bi);
       }
     }
   });
@@ -219,8 +254,9 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   check_index(row_indices, "row_indices", nnz, geo.RB());
   check_index(col_indices, "col_indices", nnz, geo.CB());
   at::Tensor dvalues = common::empty_output({nnz, geo.bo, geo.bi, geo.KH, geo.KW}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "conv_grad_weight", [&] {
-    using C = Compute<scalar_t>;
+  dispatch_gathers(x, geo, [&](auto s_tag, auto c_tag, auto pairs) {
+    using S = typename decltype(s_tag)::type;
+    using C = typename decltype(c_tag)::type;
     const at::Tensor src = nhwc_compute<C>(x);
     const at::Tensor d = nhwc_compute<C>(dy);
     SampledProblem<C> pb;
@@ -235,9 +271,13 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
       pb.a_width.push_back(std::min(geo.bi, geo.Cg() - ci[q] * geo.bi));
     }
     pb.nnz = nnz, pb.bo = geo.bo, pb.bi = geo.bi;
-    common::with_strip_width<C>([&](auto nr) {
-      sampled_conv<scalar_t, C, decltype(nr)::value>(pb, dvalues.data_ptr<scalar_t>());
-    }, geo.bi);
+    if constexpr (decltype(pairs)::value) {
+      sampled_conv<S, C, kDotNR, true>(pb, dvalues.data_ptr<S>());
+    } else {
+      common::with_strip_width<C>([&](auto nr) {
+        sampled_conv<S, C, decltype(nr)::value>(pb, dvalues.data_ptr<S>());
+      }, geo.bi);
+    }
   });
   return dvalues;
 }
@@ -265,5 +305,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 // Controls, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sparsekern::common::def_output_cache(m);
-  sparsekern::common::def_path_controls(m);
+  sparsekern::common::def_path_controls(m, sparsekern::common::Bf16Products::kDot);
 }

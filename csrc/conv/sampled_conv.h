@@ -25,6 +25,7 @@
 #include "common/grouped_product.h"
 #include "common/microkernel.h"
 #include "common/parallel.h"
+#include "conv/dot_bf16.h"
 
 namespace sparsekern {
 namespace conv {
@@ -90,12 +91,21 @@ struct SampledProblem {
   }
 };
 
-template <typename S, typename C, int NR>
+// kPairs: bf16 operands on AVX512-BF16 dot products (C = bf16, NR = kDotNR), packed in pixel
+// pairs (a chunk's odd last pixel paired with a zero) and accumulated in fp32; X is then always
+// packed (its pixels are not paired in place).
+template <typename S, typename C, int NR, bool kPairs = false>
 void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
+  static_assert(!kPairs || (std::is_same<C, bf16>::value && NR == kDotNR), "the dot-product dW runs bf16 strips");
+  using Acc = std::conditional_t<kPairs, float, C>;
   const int64_t T = int64_t(pb.tap_y.size()), nsub = (pb.bi + NR - 1) / NR, block = pb.bo * pb.bi * T;
   const int64_t M = pb.N * pb.Hout * pb.Wout, nnz = pb.nnz;
   if (nnz == 0) return;
   const auto scalar = at::TensorOptions(common::scalar_type_of<C>());
+  // Element (pixel m, column c) of a packed chunk of `width` columns: rows, or pixel pairs.
+  auto at_pixel = [](int64_t m, int64_t c, int64_t width) {
+    return kPairs ? (m >> 1) * 2 * width + 2 * c + (m & 1) : m * width + c;
+  };
   if (M == 0) {
     std::fill(dvalues, dvalues + nnz * block, S(0));
     return;
@@ -111,30 +121,37 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
   for (size_t u = 0; u < used_rows.size(); ++u) row_slot[used_rows[u]] = int64_t(u);
 
   const auto tiles = common::row_tiles(pb.bo, common::tile_rows());
-  std::vector<common::Microkernel<C>> kernels;
-  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
+  std::vector<std::conditional_t<kPairs, DotGradKernel, common::Microkernel<C>>> kernels;
+  for (const auto& tile : tiles) {
+    if constexpr (kPairs) {
+      kernels.push_back(dot_grad_kernel(tile.second));
+    } else {
+      kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
+    }
+  }
   const int64_t parts = std::min((M + kPixelChunk - 1) / kPixelChunk, common::threads_for(nnz * block * M));
   std::vector<at::Tensor> accs(parts);
-  std::vector<C*> acc_of(parts);
+  std::vector<Acc*> acc_of(parts);
   for (int64_t part = 0; part < parts; ++part) {  // zeroed: the in-place runs add to it call by call
-    accs[part] = at::zeros({nnz * block}, scalar);
-    acc_of[part] = accs[part].data_ptr<C>();
+    accs[part] = at::zeros({nnz * block}, at::TensorOptions(common::scalar_type_of<Acc>()));
+    acc_of[part] = accs[part].data_ptr<Acc>();
   }
   const int64_t zero = 0;
   const int64_t x_step = pb.x_step();
 
   at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
     for (int64_t part = q0; part < q1; ++part) {
-      C* acc = acc_of[part];
+      Acc* acc = acc_of[part];
       const int64_t m_lo = M * part / parts, m_hi = M * (part + 1) / parts;
-      const int64_t chunk = std::min(kPixelChunk, m_hi - m_lo);
+      const int64_t span = std::min(kPixelChunk, m_hi - m_lo);
+      const int64_t chunk = kPairs ? (span + 1) / 2 * 2 : span;  // pairs: room for whole pixel pairs
       at::Tensor buf = at::empty({int64_t(used_rows.size()) * pb.bo * chunk + T * nsub * chunk * NR}, scalar);
       C* pdy = buf.data_ptr<C>();
       C* px = pdy + int64_t(used_rows.size()) * pb.bo * chunk;
       std::vector<PixelRun> runs;
       std::vector<int64_t> tap_runs(T + 1);  // runs of tap t: [tap_runs[t], tap_runs[t + 1])
       for (int64_t m0 = m_lo; m0 < m_hi; m0 += chunk) {
-        const int64_t len = std::min(chunk, m_hi - m0);
+        const int64_t len = std::min(chunk, m_hi - m0), klen = kPairs ? (len + 1) / 2 * 2 : len;
         runs.clear();
         for (int64_t t = 0; t < T; ++t) {
           tap_runs[t] = int64_t(runs.size());
@@ -148,11 +165,13 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
             const int64_t ch = used_rows[u] * pb.bo + tile.first;
             const C* src = pb.dy + m0 * pb.O + ch;
             const int mr = tile.second;
-            if (ch + mr <= pb.O) {
+            if (!kPairs && ch + mr <= pb.O) {
               common::copy_row_tile(dst, src, pb.O, 0, len, mr);
-            } else {  // the last block row's padding channels read as zero
-              for (int64_t m = 0; m < len; ++m) {
-                for (int i = 0; i < mr; ++i) dst[m * mr + i] = ch + i < pb.O ? src[m * pb.O + i] : C(0);
+            } else {  // pixel pairs, or the last block row whose padding channels read as zero
+              for (int64_t m = 0; m < klen; ++m) {
+                for (int i = 0; i < mr; ++i) {
+                  dst[at_pixel(m, i, mr)] = m < len && ch + i < pb.O ? src[m * pb.O + i] : C(0);
+                }
               }
             }
           }
@@ -163,19 +182,32 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
           // few blocks to share a packed copy (at 4-8 a column, packing once was 5-10 % faster).
           int64_t col_end = oi;
           while (col_end < nnz && pb.a_chan[order[col_end]] == chan) ++col_end;
-          const bool direct = long_runs && width == pb.bi && pb.bi % NR == 0 && col_end - oi <= kMaxDirectBlocks;
+          const bool direct =
+              !kPairs && long_runs && width == pb.bi && pb.bi % NR == 0 && col_end - oi <= kMaxDirectBlocks;
           // The column's shifted input packed per tap and strip, unless read in place.
           for (int64_t t = 0; t < T && !direct; ++t) {
             for (int64_t s = 0; s < nsub; ++s) {
               C* dst = px + (t * nsub + s) * chunk * NR;
               const int64_t valid = std::min<int64_t>(NR, width - s * NR);
-              auto zero_rows = [&](int64_t m1, int64_t m2) { std::fill(dst + m1 * NR, dst + m2 * NR, C(0)); };
+              auto zero_rows = [&](int64_t m1, int64_t m2) {
+                if constexpr (kPairs) {
+                  for (int64_t m = m1; m < m2; ++m) {
+                    for (int64_t c = 0; c < NR; ++c) dst[at_pixel(m, c, NR)] = C(0);
+                  }
+                } else {
+                  std::fill(dst + m1 * NR, dst + m2 * NR, C(0));
+                }
+              };
               int64_t m = 0;  // pixels before it are packed
               for (int64_t r = tap_runs[t]; r < tap_runs[t + 1]; ++r) {
                 const PixelRun& run = runs[r];
                 zero_rows(m, run.m);  // the padding between runs
                 const C* from = pb.x + run.x_off + chan + s * NR;
                 for (int64_t i = 0; i < run.len; ++i, from += x_step) {
+                  if constexpr (kPairs) {
+                    for (int64_t c = 0; c < NR; ++c) dst[at_pixel(run.m + i, c, NR)] = c < valid ? from[c] : C(0);
+                    continue;
+                  }
                   C* d = dst + (run.m + i) * NR;
                   if (valid == NR) {  // constant size: inlined vector moves, not a memmove call per pixel
                     __builtin_memcpy(d, from, NR * sizeof(C));
@@ -185,7 +217,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
                 }
                 m = run.m + run.len;
               }
-              zero_rows(m, len);
+              zero_rows(m, klen);
             }
           }
           for (; oi < col_end; ++oi) {
@@ -198,8 +230,19 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
                 for (size_t ti = 0; ti < tiles.size(); ++ti) {
                   const int64_t o = tiles[ti].first;
                   const int mr = tiles[ti].second;
-                  C* out = acc + ((b * T + t) * pb.bo + o) * pb.bi + s * NR;
-                  if (direct) {  // one call per run of the tap, its strip read from X
+                  Acc* out = acc + ((b * T + t) * pb.bo + o) * pb.bi + s * NR;
+                  if constexpr (kPairs) {
+                    const C* a = arow + o * chunk;
+                    if (ncols == NR) {
+                      kernels[ti](a, bs, klen / 2, out, pb.bi, true);
+                      continue;
+                    }
+                    alignas(64) float tmp[common::kMaxTileRows * NR];
+                    kernels[ti](a, bs, klen / 2, tmp, NR, false);
+                    for (int i = 0; i < mr; ++i) {
+                      for (int64_t n = 0; n < ncols; ++n) out[i * pb.bi + n] += tmp[i * NR + n];
+                    }
+                  } else if (direct) {  // one call per run of the tap, its strip read from X
                     for (int64_t r = tap_runs[t]; r < tap_runs[t + 1]; ++r) {
                       const PixelRun& run = runs[r];
                       kernels[ti](arow + o * chunk + run.m * mr, mr, &zero, 1, run.len,
@@ -228,7 +271,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t e = 0; e < pb.bo * pb.bi; ++e) {
           const int64_t i = (b * T + t) * pb.bo * pb.bi + e;
-          C sum = acc_of[0][i];
+          Acc sum = acc_of[0][i];
           for (int64_t part = 1; part < parts; ++part) sum += acc_of[part][i];
           dvalues[(b * pb.bo * pb.bi + e) * T + t] = S(sum);
         }
