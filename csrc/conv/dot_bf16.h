@@ -121,6 +121,16 @@ SPARSEKERN_DOT_BF16 void dot_grad_tile(const bf16* a, const bf16* b, int64_t pai
   }
 }
 
+// dst[2n + j] = (j ? p1 : p0)[n] for n < 32: two pixels' 32 channels as pairs (p1 null: zeros).
+SPARSEKERN_DOT_BF16 inline void pack_pixel_pair(bf16* dst, const bf16* p0, const bf16* p1) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const __m512i a = _mm512_loadu_si512(p0), b = p1 ? _mm512_loadu_si512(p1) : _mm512_setzero_si512();
+  _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, lo, b));
+  _mm512_storeu_si512(dst + kDotNR, _mm512_permutex2var_epi16(a, hi, b));
+}
+
 template <int... R>
 DotGradKernel dot_grad_kernel_of(int rows, std::integer_sequence<int, R...>) {
   DotGradKernel table[] = {&dot_grad_tile<R + 1>...};

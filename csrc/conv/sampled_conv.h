@@ -102,10 +102,6 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
   const int64_t M = pb.N * pb.Hout * pb.Wout, nnz = pb.nnz;
   if (nnz == 0) return;
   const auto scalar = at::TensorOptions(common::scalar_type_of<C>());
-  // Element (pixel m, column c) of a packed chunk of `width` columns: rows, or pixel pairs.
-  auto at_pixel = [](int64_t m, int64_t c, int64_t width) {
-    return kPairs ? (m >> 1) * 2 * width + 2 * c + (m & 1) : m * width + c;
-  };
   if (M == 0) {
     std::fill(dvalues, dvalues + nnz * block, S(0));
     return;
@@ -165,13 +161,21 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
             const int64_t ch = used_rows[u] * pb.bo + tile.first;
             const C* src = pb.dy + m0 * pb.O + ch;
             const int mr = tile.second;
-            if (!kPairs && ch + mr <= pb.O) {
-              common::copy_row_tile(dst, src, pb.O, 0, len, mr);
-            } else {  // pixel pairs, or the last block row whose padding channels read as zero
-              for (int64_t m = 0; m < klen; ++m) {
+            const int valid = int(std::min<int64_t>(mr, pb.O - ch));  // the last block row's padding reads as zero
+            if constexpr (kPairs) {
+              for (int64_t m = 0; m < klen; m += 2, dst += 2 * mr) {
+                const C* p0 = src + m * pb.O;
+                const C* p1 = m + 1 < len ? p0 + pb.O : nullptr;
                 for (int i = 0; i < mr; ++i) {
-                  dst[at_pixel(m, i, mr)] = m < len && ch + i < pb.O ? src[m * pb.O + i] : C(0);
+                  dst[2 * i] = i < valid ? p0[i] : C(0);
+                  dst[2 * i + 1] = p1 && i < valid ? p1[i] : C(0);
                 }
+              }
+            } else if (valid == mr) {
+              common::copy_row_tile(dst, src, pb.O, 0, len, mr);
+            } else {
+              for (int64_t m = 0; m < len; ++m) {
+                for (int i = 0; i < mr; ++i) dst[m * mr + i] = i < valid ? src[m * pb.O + i] : C(0);
               }
             }
           }
@@ -189,25 +193,33 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
             for (int64_t s = 0; s < nsub; ++s) {
               C* dst = px + (t * nsub + s) * chunk * NR;
               const int64_t valid = std::min<int64_t>(NR, width - s * NR);
-              auto zero_rows = [&](int64_t m1, int64_t m2) {
-                if constexpr (kPairs) {
-                  for (int64_t m = m1; m < m2; ++m) {
-                    for (int64_t c = 0; c < NR; ++c) dst[at_pixel(m, c, NR)] = C(0);
+              if constexpr (kPairs) {  // zeros first (padding, the odd pixel's partner), then the runs
+#ifdef SPARSEKERN_AMX_BUILD
+                std::fill(dst, dst + klen * NR, C(0));
+                for (int64_t r = tap_runs[t]; r < tap_runs[t + 1]; ++r) {
+                  const PixelRun& run = runs[r];
+                  const C* from = pb.x + run.x_off + chan + s * NR;
+                  for (int64_t i = 0; i < run.len;) {
+                    const int64_t m = run.m + i;
+                    if (valid == NR && (m & 1) == 0 && i + 1 < run.len) {  // a whole pair of this run
+                      pack_pixel_pair(dst + m * NR, from, from + x_step);
+                      i += 2, from += 2 * x_step;
+                      continue;
+                    }
+                    for (int64_t c = 0; c < valid; ++c) dst[(m >> 1) * 2 * NR + 2 * c + (m & 1)] = from[c];
+                    i += 1, from += x_step;
                   }
-                } else {
-                  std::fill(dst + m1 * NR, dst + m2 * NR, C(0));
                 }
-              };
+#endif
+                continue;
+              }
+              auto zero_rows = [&](int64_t m1, int64_t m2) { std::fill(dst + m1 * NR, dst + m2 * NR, C(0)); };
               int64_t m = 0;  // pixels before it are packed
               for (int64_t r = tap_runs[t]; r < tap_runs[t + 1]; ++r) {
                 const PixelRun& run = runs[r];
                 zero_rows(m, run.m);  // the padding between runs
                 const C* from = pb.x + run.x_off + chan + s * NR;
                 for (int64_t i = 0; i < run.len; ++i, from += x_step) {
-                  if constexpr (kPairs) {
-                    for (int64_t c = 0; c < NR; ++c) dst[at_pixel(run.m + i, c, NR)] = c < valid ? from[c] : C(0);
-                    continue;
-                  }
                   C* d = dst + (run.m + i) * NR;
                   if (valid == NR) {  // constant size: inlined vector moves, not a memmove call per pixel
                     __builtin_memcpy(d, from, NR * sizeof(C));
@@ -217,7 +229,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
                 }
                 m = run.m + run.len;
               }
-              zero_rows(m, klen);
+              zero_rows(m, len);
             }
           }
           for (; oi < col_end; ++oi) {
