@@ -190,14 +190,13 @@ struct DotEngine {  // AVX512-BF16 dot products (CPUs without AMX)
 };
 
 // out[i * ldo + n] = bf16(c[i * 32 + n] (+ bias[n])) for rows i < rows, n < 32 (round to nearest even).
-SPARSEKERN_AMX inline void store_tile_bf16(const float* c, int64_t rows, const bf16* bias, bf16* out, int64_t ldo) {
-  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+SPARSEKERN_DOT_BF16 inline void store_tile_bf16(const float* c, int64_t rows, const bf16* bias, bf16* out,
+                                                int64_t ldo) {
+  alignas(64) float widened[32] = {};
   if (bias) {
-    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias));
-    const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + 16));
-    b0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(lo), 16));
-    b1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+    for (int n = 0; n < 32; ++n) widened[n] = float(bias[n]);
   }
+  const __m512 b0 = _mm512_load_ps(widened), b1 = _mm512_load_ps(widened + 16);
   for (int64_t i = 0; i < rows; ++i) {
     const __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32), b0);
     const __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32 + 16), b1);

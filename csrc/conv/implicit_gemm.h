@@ -106,8 +106,9 @@ struct GatherProblem {
   const S* bias;                 // per output column, or null
 };
 
-// kPairs: bf16 operands on AVX512-BF16 dot products (S = C = bf16, NR = kDotNR, w even): B is
-// packed in VNNI pairs and the tiles run dot_conv_kernel; otherwise the microkernels of C.
+// kPairs: bf16 operands on AVX512-BF16 dot products (S = C = bf16, NR = kDotNR, w a multiple of
+// kDotK): B is packed in VNNI pairs and the tiles run dot_rows_kernel, each (block, tap) segment
+// as w / kDotK steps; otherwise the microkernels of C.
 template <typename S, typename C, int NR, bool kPairs = false>
 void gather_conv(const GatherProblem<S, C>& pb) {
   static_assert(!kPairs || (std::is_same<S, bf16>::value && std::is_same<C, bf16>::value && NR == kDotNR),
@@ -144,18 +145,23 @@ void gather_conv(const GatherProblem<S, C>& pb) {
       }
     }
   });
-  std::vector<int64_t> seg_off(std::max<int64_t>(1, members * T));
+  const int64_t steps = kPairs ? w / kDotK : 1;  // microkernel segments a (block, tap) segment is cut into
+  std::vector<int64_t> seg_off(std::max<int64_t>(1, members * T * steps));
   for (const Group& gr : pb.groups) {
     for (int64_t q = 0; q < gr.count; ++q) {
-      for (int64_t t = 0; t < T; ++t) seg_off[(gr.first + q) * T + t] = pb.a_chan[gr.first + q] + pb.tap_off[t];
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t j = 0; j < steps; ++j) {
+          seg_off[((gr.first + q) * T + t) * steps + j] = pb.a_chan[gr.first + q] + pb.tap_off[t] + j * kDotK;
+        }
+      }
     }
   }
 
   const auto tiles = common::row_tiles(pb.Wout, common::tile_rows());
-  std::vector<std::conditional_t<kPairs, DotKernel, common::Microkernel<C>>> kernels;
+  std::vector<std::conditional_t<kPairs, DotRows, common::Microkernel<C>>> kernels;
   for (const auto& tile : tiles) {
     if constexpr (kPairs) {
-      kernels.push_back(dot_conv_kernel(tile.second));
+      kernels.push_back(dot_rows_kernel(tile.second));
     } else {
       kernels.push_back(common::microkernel_rows<C, NR, true>(tile.second));
     }
@@ -190,7 +196,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
           const C* arow = buf + (y - y0) * step * re;
           for (size_t gi = panels[pi]; gi < panels[pi + 1]; ++gi) {
             const Group& gr = pb.groups[gi];
-            const int64_t* segs = seg_off.data() + gr.first * T;
+            const int64_t* segs = seg_off.data() + gr.first * T * steps;
             for (int64_t s = 0; s < nsub; ++s) {
               const int64_t col0 = gr.out_col + s * NR, ncols = std::min<int64_t>(NR, gr.width - s * NR);
               if (ncols <= 0) continue;
@@ -215,18 +221,19 @@ void gather_conv(const GatherProblem<S, C>& pb) {
                 S* o = orow + x * pb.out_pix;
                 const C* a = arow + x * pb.pix_stride;
                 if constexpr (kPairs) {
+#ifdef SPARSEKERN_AMX_BUILD
+                  alignas(64) float tmp[common::kMaxTileRows * NR];
+                  kernels[ti](a, pb.pix_stride, segs, bs, 2 * NR, kDotK * NR, gr.count * T * steps, tmp, NR, false);
                   if (ncols == NR) {
-                    kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, pb.bias ? pb.bias + col0 : nullptr, o,
-                                pb.out_pix, nullptr);
+                    common::store_tile_bf16(tmp, mr, pb.bias ? pb.bias + col0 : nullptr, o, pb.out_pix);
                     continue;
                   }
-                  alignas(64) float tmp[common::kMaxTileRows * NR];
-                  kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, nullptr, nullptr, 0, tmp);
                   for (int i = 0; i < mr; ++i) {
                     for (int64_t c = 0; c < ncols; ++c) {
                       o[i * pb.out_pix + c] = S(tmp[i * NR + c] + (pb.bias ? float(pb.bias[col0 + c]) : 0.f));
                     }
                   }
+#endif
                 } else if (kDirect && ncols == NR) {
                   kernels[ti](a, pb.pix_stride, segs, gr.count * T, w, bs, NR, reinterpret_cast<C*>(o), pb.out_pix,
                               common::Store::kWrite, reinterpret_cast<const C*>(pb.bias ? pb.bias + col0 : nullptr));

@@ -91,9 +91,10 @@ struct SampledProblem {
   }
 };
 
-// kPairs: bf16 operands on AVX512-BF16 dot products (C = bf16, NR = kDotNR), packed in pixel
-// pairs (a chunk's odd last pixel paired with a zero) and accumulated in fp32; X is then always
-// packed (its pixels are not paired in place).
+// kPairs: bf16 operands on AVX512-BF16 dot products (C = bf16, NR = kDotNR): dYᵀ packed
+// row-major and X's strips in pixel pairs, chunks padded with zero pixels to whole dot_rows
+// steps of kDotK pixels, accumulated in fp32; X is then always packed (its pixels are not
+// paired in place).
 template <typename S, typename C, int NR, bool kPairs = false>
 void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
   static_assert(!kPairs || (std::is_same<C, bf16>::value && NR == kDotNR), "the dot-product dW runs bf16 strips");
@@ -117,10 +118,10 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
   for (size_t u = 0; u < used_rows.size(); ++u) row_slot[used_rows[u]] = int64_t(u);
 
   const auto tiles = common::row_tiles(pb.bo, common::tile_rows());
-  std::vector<std::conditional_t<kPairs, DotGradKernel, common::Microkernel<C>>> kernels;
+  std::vector<std::conditional_t<kPairs, DotRows, common::Microkernel<C>>> kernels;
   for (const auto& tile : tiles) {
     if constexpr (kPairs) {
-      kernels.push_back(dot_grad_kernel(tile.second));
+      kernels.push_back(dot_rows_kernel(tile.second));
     } else {
       kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
     }
@@ -133,6 +134,8 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
     acc_of[part] = accs[part].data_ptr<Acc>();
   }
   const int64_t zero = 0;
+  int64_t step_off[kPixelChunk / kDotK];  // dot_rows' K steps along a packed dY row
+  for (int64_t j = 0; j < kPixelChunk / kDotK; ++j) step_off[j] = j * kDotK;
   const int64_t x_step = pb.x_step();
 
   at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
@@ -140,14 +143,14 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
       Acc* acc = acc_of[part];
       const int64_t m_lo = M * part / parts, m_hi = M * (part + 1) / parts;
       const int64_t span = std::min(kPixelChunk, m_hi - m_lo);
-      const int64_t chunk = kPairs ? (span + 1) / 2 * 2 : span;  // pairs: room for whole pixel pairs
+      const int64_t chunk = kPairs ? (span + kDotK - 1) / kDotK * kDotK : span;  // pairs: whole K steps
       at::Tensor buf = at::empty({int64_t(used_rows.size()) * pb.bo * chunk + T * nsub * chunk * NR}, scalar);
       C* pdy = buf.data_ptr<C>();
       C* px = pdy + int64_t(used_rows.size()) * pb.bo * chunk;
       std::vector<PixelRun> runs;
       std::vector<int64_t> tap_runs(T + 1);  // runs of tap t: [tap_runs[t], tap_runs[t + 1])
       for (int64_t m0 = m_lo; m0 < m_hi; m0 += chunk) {
-        const int64_t len = std::min(chunk, m_hi - m0), klen = kPairs ? (len + 1) / 2 * 2 : len;
+        const int64_t len = std::min(chunk, m_hi - m0), klen = kPairs ? (len + kDotK - 1) / kDotK * kDotK : len;
         runs.clear();
         for (int64_t t = 0; t < T; ++t) {
           tap_runs[t] = int64_t(runs.size());
@@ -162,14 +165,9 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
             const C* src = pb.dy + m0 * pb.O + ch;
             const int mr = tile.second;
             const int valid = int(std::min<int64_t>(mr, pb.O - ch));  // the last block row's padding reads as zero
-            if constexpr (kPairs) {
-              for (int64_t m = 0; m < klen; m += 2, dst += 2 * mr) {
-                const C* p0 = src + m * pb.O;
-                const C* p1 = m + 1 < len ? p0 + pb.O : nullptr;
-                for (int i = 0; i < mr; ++i) {
-                  dst[2 * i] = i < valid ? p0[i] : C(0);
-                  dst[2 * i + 1] = p1 && i < valid ? p1[i] : C(0);
-                }
+            if constexpr (kPairs) {  // row-major: row i holds channel ch + i of every pixel
+              for (int i = 0; i < mr; ++i, dst += chunk) {
+                for (int64_t m = 0; m < klen; ++m) dst[m] = m < len && i < valid ? src[m * pb.O + i] : C(0);
               }
             } else if (valid == mr) {
               common::copy_row_tile(dst, src, pb.O, 0, len, mr);
@@ -246,11 +244,11 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
                   if constexpr (kPairs) {
                     const C* a = arow + o * chunk;
                     if (ncols == NR) {
-                      kernels[ti](a, bs, klen / 2, out, pb.bi, true);
+                      kernels[ti](a, chunk, step_off, bs, 2 * NR, kDotK * NR, klen / kDotK, out, pb.bi, true);
                       continue;
                     }
                     alignas(64) float tmp[common::kMaxTileRows * NR];
-                    kernels[ti](a, bs, klen / 2, tmp, NR, false);
+                    kernels[ti](a, chunk, step_off, bs, 2 * NR, kDotK * NR, klen / kDotK, tmp, NR, false);
                     for (int i = 0; i < mr; ++i) {
                       for (int64_t n = 0; n < ncols; ++n) out[i * pb.bi + n] += tmp[i * NR + n];
                     }
