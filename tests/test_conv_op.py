@@ -173,6 +173,66 @@ def test_input_gradient_density_decides_alike_at_any_stride(measured):
     assert decisions == ["cpu", "cpu", "measuring"]
 
 
+def _step(x, values, bias, layout, geometry, dy):
+    """One layer step; (y, dx, dvalues, dbias)."""
+    for t in (x, values, bias):
+        t.grad = None
+    y = sparse_conv2d(x, values, layout, geometry, bias)
+    y.backward(dy)
+    return y.detach(), x.grad, values.grad, bias.grad
+
+
+def _custom_op_ran(y_grad_fn):
+    return "conv2d" in type(y_grad_fn).__name__
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", ["valid-non-square", "same-even-kernel"])
+def test_calls_settled_on_the_composite_run_plain_autograd(measured, name):
+    measured["cpu"] = 2.0   # the composite wins every measurement
+    x, values, layout, geometry, bias = conv_case(name, torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    values, bias = values.requires_grad_(), bias.requires_grad_()
+    dy = output_gradient(x.detach(), geometry).contiguous(memory_format=torch.channels_last)
+    for _ in range(2 * SAMPLES):   # the rule measures the forward and conv_grads, then keeps the composite
+        _step(x, values, bias, layout, geometry, dy)
+    assert set(_decided("conv_forward").values()) == set(_decided("conv_grads").values()) == {"reference"}
+    assert not _custom_op_ran(sparse_conv2d(x, values, layout, geometry, bias).grad_fn)
+    got = _step(x, values, bias, layout, geometry, dy)
+    with sk.use_backend("reference"):   # the ops' composite, as forced (a forced backend runs the ops)
+        assert _custom_op_ran(sparse_conv2d(x, values, layout, geometry, bias).grad_fn)
+        want = _step(x, values, bias, layout, geometry, dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    torch.use_deterministic_algorithms(True)
+    try:   # deterministic: the kernels, through the ops
+        assert _custom_op_ran(sparse_conv2d(x, values, layout, geometry, bias).grad_fn)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@needs_cpu
+def test_a_backward_not_yet_settled_keeps_the_ops(measured, monkeypatch):
+    measured["cpu"] = 2.0
+    x, values, layout, geometry, bias = conv_case("valid-non-square", torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for _ in range(2 * SAMPLES):
+            sparse_conv2d(x, values, layout, geometry, bias)
+    assert set(_decided("conv_forward").values()) == {"reference"} and not _decided("conv_grads")
+    y = sparse_conv2d(x, values.requires_grad_(), layout, geometry, bias)
+    assert _custom_op_ran(y.grad_fn)   # dW still to be measured: through the ops
+
+    want = conv_case_reference(x, values.detach(), layout, geometry, bias)
+
+    def no_op(*args):
+        raise AssertionError("the custom op ran")
+    monkeypatch.setattr(conv_op, "_conv2d", no_op)
+    with torch.no_grad():   # inference needs the forward's decision only
+        torch.testing.assert_close(sparse_conv2d(x, values, layout, geometry, bias), want)
+
+
 def conv_case_reference(x, values, layout, geometry, bias):
     with sk.use_backend("reference"):
         return sparse_conv2d(x, values, layout, geometry, bias)

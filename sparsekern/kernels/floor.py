@@ -108,6 +108,17 @@ def floor_settled():
         return all(cls.choice is not None and cls.final for cls in _classes.values())
 
 
+def final_choice(product, like, *args):
+    """The final choice ("cpu" or the composite's backend) for a call ``product(*args)`` on
+    tensors like ``like``, or None while its shape class is unmet or still measured. Reads
+    the rule, never starts a measurement."""
+    entry = _composites.get(product)
+    if entry is None:
+        return None
+    cls = _classes.get((product, like.dtype, torch.get_num_threads(), entry[1](*args)))
+    return cls.choice if cls is not None and cls.final else None
+
+
 def decisions_by_product():
     """{product: "cpu", the composite's backend, "measuring", or several joined by "/" where
     its shape classes differ}: what the products really ran in this process."""
