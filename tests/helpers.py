@@ -28,6 +28,19 @@ def microkernel_paths():
     return paths
 
 
+def assert_same_at_thread_counts(products, threads):
+    """``products()`` (a sequence of tensors) gives bitwise the same results on 1 and ``threads`` threads."""
+    before, runs = torch.get_num_threads(), []
+    try:
+        for t in (1, threads):
+            torch.set_num_threads(t)
+            runs.append(products())
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def on_path(family, path):
     """Context: ``family``'s compiled kernels on ``path`` (from :func:`microkernel_paths`)."""
     import contextlib

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sparsekern as sk
-from helpers import on_path, random_bsr, relative_error, stored_blocks
+from helpers import assert_same_at_thread_counts, on_path, random_bsr, relative_error, stored_blocks
 from sparsekern.kernels import microkernel
 from sparsekern.kernels.bsr import cpu, reference
 
@@ -119,18 +119,9 @@ def test_degenerate_token_counts(engine, m):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_results_do_not_depend_on_thread_count(engine, threads):
     weight, x, dy, bias = _operands("b32-M100")
-    before = torch.get_num_threads()
-    runs = []
-    try:
-        for t in (1, threads):
-            torch.set_num_threads(t)
-            runs.append([cpu.bsr_forward(x, weight.values, weight.layout, bias),
-                         cpu.bsr_grad_input(dy, weight.values, weight.layout),
-                         cpu.bsr_grad_weight(dy, x, weight.layout)])
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    assert_same_at_thread_counts(lambda: [cpu.bsr_forward(x, weight.values, weight.layout, bias),
+                                          cpu.bsr_grad_input(dy, weight.values, weight.layout),
+                                          cpu.bsr_grad_weight(dy, x, weight.layout)], threads)
 
 
 def test_sparse_linear_trains_in_bf16_on_tiles(engine):
