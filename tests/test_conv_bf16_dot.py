@@ -1,5 +1,5 @@
 """bf16 conv products on AVX512-BF16 dot products (csrc/conv/dot_bf16.h: the avx512 path of a
-CPU that has them, blocks of whole 32-channel strips) against fp64, with the bound the dense bf16
+CPU that has them, square blocks of a multiple of 16 channels) against fp64, with the bound the dense bf16
 conv sets: fp32 accumulation and one rounding on output, so the error may not exceed torch's
 bf16 conv on the same operands plus one bf16 rounding step. Skipped on a CPU without the path."""
 import pytest
@@ -27,6 +27,11 @@ CASES = {
     "1x1": (96, 64, 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 32, 3, (5, 5), 0.6),
     "empty-block-rows": (96, 128, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32, 2, (6, 5), "empty-rows"),
     "batch0": (64, 64, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32, 0, (5, 6), 0.6),
+    # 16-column strips: blocks of 16 and 48 channels
+    "block16": (32, 48, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16, 2, (7, 15), 0.6),
+    "block16-partial-stride2": (40, 36, 1, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 16, 2, (9, 7), 0.7),
+    "block16-groups2": (64, 64, 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16, 1, (6, 13), 0.7),
+    "block48": (96, 96, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 48, 2, (5, 6), 0.6),
 }
 
 
@@ -86,7 +91,7 @@ def test_products_within_the_dense_bf16_bound(dot_path, name):
         assert err <= bound + BF16_STEP, f"{product}: error {err:.2e}, dense bf16 {bound:.2e}"
 
 
-@pytest.mark.parametrize("name", ["3x3-partial-block-row", "groups2", "stride2-odd-pixels"])
+@pytest.mark.parametrize("name", ["3x3-partial-block-row", "groups2", "stride2-odd-pixels", "block16-groups2"])
 def test_same_as_the_widening_avx2_path(dot_path, name):
     """Both sum in fp32 and round once: they differ by at most about one bf16 step per element."""
     x, dy, values, layout, geometry, bias = _operands(name)

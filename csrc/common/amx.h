@@ -135,36 +135,35 @@ SPARSEKERN_AMX inline void amx_tile_32x32(const bf16* a, int64_t lda, const int6
 // Rows [0, R) of amx_tile_32x32's step on VDPBF16PS (each fp32 lane += the two products of
 // a bf16 pair): 2R accumulators of 16 lanes (R = 12: 24 of the 32 zmm), per K pair two B
 // vectors (VNNI row k / 2: the pair words of columns 0-15 and 16-31) against R broadcast
-// A pairs, so 14 loads feed 24 dot products.
-template <int R>
+// A pairs, so 14 loads feed 24 dot products. NV = 1: a strip of 16 columns (one B vector a
+// pair, R accumulators); KP: K pairs a step (16: K steps of 32; 8: of 16, 16-channel blocks).
+template <int R, int NV = 2, int KP = 16>
 SPARSEKERN_DOT_BF16 inline void dot_rows(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
                                          int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
                                          bool accumulate) {
-  __m512 acc[R][2];
+  static_assert(NV == 1 || NV == 2, "strips of 16 or 32 columns");
+  __m512 acc[R][NV];
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r) {
-    acc[r][0] = accumulate ? _mm512_loadu_ps(c + r * ldc) : _mm512_setzero_ps();
-    acc[r][1] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16) : _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
   }
   for (int64_t j = 0; j < steps; ++j, b += b_step) {
     const bf16* aj = a + a_off[j];
-    for (int k2 = 0; k2 < 16; ++k2) {
-      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + k2 * ldb);
-      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + k2 * ldb + 32);
+    for (int k2 = 0; k2 < KP; ++k2) {
+      __m512bh bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + k2 * ldb + 32 * v);
 #pragma GCC unroll 12
       for (int r = 0; r < R; ++r) {
         int32_t pair;
         std::memcpy(&pair, aj + r * lda + 2 * k2, sizeof pair);
         const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
       }
     }
   }
 #pragma GCC unroll 12
   for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(c + r * ldc, acc[r][0]);
-    _mm512_storeu_ps(c + r * ldc + 16, acc[r][1]);
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
   }
 }
 
@@ -189,19 +188,20 @@ struct DotEngine {  // AVX512-BF16 dot products (CPUs without AMX)
   void tile(Args... args) { dot_tile_32x32(args...); }
 };
 
-// out[i * ldo + n] = bf16(c[i * 32 + n] (+ bias[n])) for rows i < rows, n < 32 (round to nearest even).
+// out[i * ldo + n] = bf16(c[i * 16 NV + n] (+ bias[n])) for rows i < rows, n < 16 NV (round to
+// nearest even): NV = 2, tiles of 32 columns; NV = 1, of 16.
+template <int NV = 2>
 SPARSEKERN_DOT_BF16 inline void store_tile_bf16(const float* c, int64_t rows, const bf16* bias, bf16* out,
                                                 int64_t ldo) {
-  alignas(64) float widened[32] = {};
+  alignas(64) float widened[16 * NV] = {};
   if (bias) {
-    for (int n = 0; n < 32; ++n) widened[n] = float(bias[n]);
+    for (int n = 0; n < 16 * NV; ++n) widened[n] = float(bias[n]);
   }
-  const __m512 b0 = _mm512_load_ps(widened), b1 = _mm512_load_ps(widened + 16);
   for (int64_t i = 0; i < rows; ++i) {
-    const __m512 v0 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32), b0);
-    const __m512 v1 = _mm512_add_ps(_mm512_loadu_ps(c + i * 32 + 16), b1);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ldo), (__m256i)_mm512_cvtneps_pbh(v0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ldo + 16), (__m256i)_mm512_cvtneps_pbh(v1));
+    for (int v = 0; v < NV; ++v) {
+      const __m512 sum = _mm512_add_ps(_mm512_loadu_ps(c + (i * NV + v) * 16), _mm512_load_ps(widened + 16 * v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ldo + 16 * v), (__m256i)_mm512_cvtneps_pbh(sum));
+    }
   }
 }
 #endif

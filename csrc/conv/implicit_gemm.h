@@ -106,13 +106,13 @@ struct GatherProblem {
   const S* bias;                 // per output column, or null
 };
 
-// kPairs: bf16 operands on AVX512-BF16 dot products (S = C = bf16, NR = kDotNR, w a multiple of
-// kDotK): B is packed in VNNI pairs and the tiles run dot_rows_kernel, each (block, tap) segment
-// as w / kDotK steps; otherwise the microkernels of C.
+// kPairs: bf16 operands on AVX512-BF16 dot products (S = C = bf16, NR = dot_strip of the block, w
+// a multiple of NR): B is packed in VNNI pairs and the tiles run dot_rows_kernel, each (block,
+// tap) segment as w / NR K steps of NR; otherwise the microkernels of C.
 template <typename S, typename C, int NR, bool kPairs = false>
 void gather_conv(const GatherProblem<S, C>& pb) {
-  static_assert(!kPairs || (std::is_same<S, bf16>::value && std::is_same<C, bf16>::value && NR == kDotNR),
-                "the dot-product gathers run bf16 strips of kDotNR columns");
+  static_assert(!kPairs || (std::is_same<S, bf16>::value && std::is_same<C, bf16>::value && (NR == 16 || NR == 32)),
+                "the dot-product gathers run bf16 strips of 16 or 32 columns");
   constexpr bool kDirect = std::is_same<S, C>::value;
   const int64_t T = int64_t(pb.tap_off.size()), w = pb.forward ? pb.bi : pb.bo, g = pb.forward ? pb.bo : pb.bi;
   const int64_t nsub = (g + NR - 1) / NR, strip = w * NR, members = int64_t(pb.blk.size());
@@ -135,7 +135,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
             for (int64_t k = 0; k < w; ++k) {
               for (int64_t n = 0; n < NR; ++n) {
                 const int64_t col = s * NR + n;
-                dst[kPairs ? vnni_index(k, n) : k * NR + n] = col >= g ? C(0)
+                dst[kPairs ? vnni_index<NR>(k, n) : k * NR + n] = col >= g ? C(0)
                                   : pb.forward ? C(v[(col * pb.bi + k) * pb.value_taps + pb.w_tap[t]])
                                                : C(v[(k * pb.bi + col) * pb.value_taps + pb.w_tap[t]]);
               }
@@ -145,13 +145,13 @@ void gather_conv(const GatherProblem<S, C>& pb) {
       }
     }
   });
-  const int64_t steps = kPairs ? w / kDotK : 1;  // microkernel segments a (block, tap) segment is cut into
+  const int64_t steps = kPairs ? w / NR : 1;  // microkernel segments a (block, tap) segment is cut into
   std::vector<int64_t> seg_off(std::max<int64_t>(1, members * T * steps));
   for (const Group& gr : pb.groups) {
     for (int64_t q = 0; q < gr.count; ++q) {
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t j = 0; j < steps; ++j) {
-          seg_off[((gr.first + q) * T + t) * steps + j] = pb.a_chan[gr.first + q] + pb.tap_off[t] + j * kDotK;
+          seg_off[((gr.first + q) * T + t) * steps + j] = pb.a_chan[gr.first + q] + pb.tap_off[t] + j * NR;
         }
       }
     }
@@ -161,7 +161,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
   std::vector<std::conditional_t<kPairs, DotRows, common::Microkernel<C>>> kernels;
   for (const auto& tile : tiles) {
     if constexpr (kPairs) {
-      kernels.push_back(dot_rows_kernel(tile.second));
+      kernels.push_back(dot_rows_kernel<NR, NR / 2>(tile.second));
     } else {
       kernels.push_back(common::microkernel_rows<C, NR, true>(tile.second));
     }
@@ -223,9 +223,9 @@ void gather_conv(const GatherProblem<S, C>& pb) {
                 if constexpr (kPairs) {
 #ifdef SPARSEKERN_AMX_BUILD
                   alignas(64) float tmp[common::kMaxTileRows * NR];
-                  kernels[ti](a, pb.pix_stride, segs, bs, 2 * NR, kDotK * NR, gr.count * T * steps, tmp, NR, false);
+                  kernels[ti](a, pb.pix_stride, segs, bs, 2 * NR, NR * NR, gr.count * T * steps, tmp, NR, false);
                   if (ncols == NR) {
-                    common::store_tile_bf16(tmp, mr, pb.bias ? pb.bias + col0 : nullptr, o, pb.out_pix);
+                    common::store_tile_bf16<NR / 16>(tmp, mr, pb.bias ? pb.bias + col0 : nullptr, o, pb.out_pix);
                     continue;
                   }
                   for (int i = 0; i < mr; ++i) {

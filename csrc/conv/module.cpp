@@ -40,12 +40,21 @@ void check_activation(const at::Tensor& t, const char* name, int64_t channels, c
   TORCH_CHECK(t.size(1) == channels, name, " has ", t.size(1), " channels, expected ", channels, " (", what, ")");
 }
 
-// bf16 products on AVX512-BF16 dot products: the avx512 path of a CPU that has them, blocks of
-// whole 32-channel strips both ways (output columns and K pairs of the gathers, dW's columns).
-// Elsewhere bf16 is widened to fp32.
+// bf16 products on AVX512-BF16 dot products: the avx512 path of a CPU that has them, square
+// blocks of a multiple of 16 channels (strips of dot_strip columns both ways: output columns
+// and K steps of the gathers, dW's columns). Elsewhere bf16 is widened to fp32.
 bool dot_bf16_gathers(const at::Tensor& t, const Geometry& geo) {
-  return t.scalar_type() == at::kBFloat16 && common::dot_bf16_tiles() && geo.bo % kDotNR == 0 &&
-         geo.bi % kDotNR == 0;
+  return t.scalar_type() == at::kBFloat16 && common::dot_bf16_tiles() && geo.bo == geo.bi && geo.bo % 16 == 0;
+}
+
+// f(std::integral_constant<int, NR>) for the dot products' strip width of `block` channels.
+template <typename F>
+void with_dot_strip(int64_t block, const F& f) {
+  if (dot_strip(block) == 32) {
+    f(std::integral_constant<int, 32>{});
+  } else {
+    f(std::integral_constant<int, 16>{});
+  }
 }
 
 // f(storage tag, compute tag, pairs): bf16 pairs on dot products where dot_bf16_gathers holds,
@@ -61,11 +70,11 @@ void dispatch_gathers(const at::Tensor& t, const Geometry& geo, const F& f) {
   });
 }
 
-// gather_conv on the strips of the path: kDotNR-column bf16 pairs, or the widest strip of C.
+// gather_conv on the strips of the path: bf16 pairs in dot_strip columns, or the widest strip of C.
 template <typename S, typename C, bool kPairs>
 void run_gathers(const GatherProblem<S, C>& pb, int64_t width) {
   if constexpr (kPairs) {
-    gather_conv<S, C, kDotNR, true>(pb);
+    with_dot_strip(width, [&](auto nr) { gather_conv<S, C, decltype(nr)::value, true>(pb); });
   } else {
     common::with_strip_width<C>([&](auto nr) { gather_conv<S, C, decltype(nr)::value>(pb); }, width);
   }
@@ -272,7 +281,9 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
     }
     pb.nnz = nnz, pb.bo = geo.bo, pb.bi = geo.bi;
     if constexpr (decltype(pairs)::value) {
-      sampled_conv<S, C, kDotNR, true>(pb, dvalues.data_ptr<S>());
+      with_dot_strip(geo.bi, [&](auto nr) {
+        sampled_conv<S, C, decltype(nr)::value, true>(pb, dvalues.data_ptr<S>());
+      });
     } else {
       common::with_strip_width<C>([&](auto nr) {
         sampled_conv<S, C, decltype(nr)::value>(pb, dvalues.data_ptr<S>());

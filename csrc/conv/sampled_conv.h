@@ -91,13 +91,14 @@ struct SampledProblem {
   }
 };
 
-// kPairs: bf16 operands on AVX512-BF16 dot products (C = bf16, NR = kDotNR): dYᵀ packed
-// row-major and X's strips in pixel pairs, chunks padded with zero pixels to whole dot_rows
-// steps of kDotK pixels, accumulated in fp32; X is then always packed (its pixels are not
+// kPairs: bf16 operands on AVX512-BF16 dot products (C = bf16, NR = dot_strip of the block): dYᵀ
+// packed row-major and X's strips in pixel pairs, chunks padded with zero pixels to whole
+// dot_rows steps of kDotPixels, accumulated in fp32; X is then always packed (its pixels are not
 // paired in place).
 template <typename S, typename C, int NR, bool kPairs = false>
 void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
-  static_assert(!kPairs || (std::is_same<C, bf16>::value && NR == kDotNR), "the dot-product dW runs bf16 strips");
+  static_assert(!kPairs || (std::is_same<C, bf16>::value && (NR == 16 || NR == 32)),
+                "the dot-product dW runs bf16 strips of 16 or 32 columns");
   using Acc = std::conditional_t<kPairs, float, C>;
   const int64_t T = int64_t(pb.tap_y.size()), nsub = (pb.bi + NR - 1) / NR, block = pb.bo * pb.bi * T;
   const int64_t M = pb.N * pb.Hout * pb.Wout, nnz = pb.nnz;
@@ -121,7 +122,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
   std::vector<std::conditional_t<kPairs, DotRows, common::Microkernel<C>>> kernels;
   for (const auto& tile : tiles) {
     if constexpr (kPairs) {
-      kernels.push_back(dot_rows_kernel(tile.second));
+      kernels.push_back(dot_rows_kernel<NR, kDotPixels / 2>(tile.second));
     } else {
       kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
     }
@@ -134,8 +135,8 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
     acc_of[part] = accs[part].data_ptr<Acc>();
   }
   const int64_t zero = 0;
-  int64_t step_off[kPixelChunk / kDotK];  // dot_rows' K steps along a packed dY row
-  for (int64_t j = 0; j < kPixelChunk / kDotK; ++j) step_off[j] = j * kDotK;
+  int64_t step_off[kPixelChunk / kDotPixels];  // dot_rows' K steps along a packed dY row
+  for (int64_t j = 0; j < kPixelChunk / kDotPixels; ++j) step_off[j] = j * kDotPixels;
   const int64_t x_step = pb.x_step();
 
   at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
@@ -143,14 +144,15 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
       Acc* acc = acc_of[part];
       const int64_t m_lo = M * part / parts, m_hi = M * (part + 1) / parts;
       const int64_t span = std::min(kPixelChunk, m_hi - m_lo);
-      const int64_t chunk = kPairs ? (span + kDotK - 1) / kDotK * kDotK : span;  // pairs: whole K steps
+      const int64_t chunk = kPairs ? (span + kDotPixels - 1) / kDotPixels * kDotPixels : span;  // pairs: whole K steps
       at::Tensor buf = at::empty({int64_t(used_rows.size()) * pb.bo * chunk + T * nsub * chunk * NR}, scalar);
       C* pdy = buf.data_ptr<C>();
       C* px = pdy + int64_t(used_rows.size()) * pb.bo * chunk;
       std::vector<PixelRun> runs;
       std::vector<int64_t> tap_runs(T + 1);  // runs of tap t: [tap_runs[t], tap_runs[t + 1])
       for (int64_t m0 = m_lo; m0 < m_hi; m0 += chunk) {
-        const int64_t len = std::min(chunk, m_hi - m0), klen = kPairs ? (len + kDotK - 1) / kDotK * kDotK : len;
+        const int64_t len = std::min(chunk, m_hi - m0);
+        const int64_t klen = kPairs ? (len + kDotPixels - 1) / kDotPixels * kDotPixels : len;
         runs.clear();
         for (int64_t t = 0; t < T; ++t) {
           tap_runs[t] = int64_t(runs.size());
@@ -200,7 +202,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
                   for (int64_t i = 0; i < run.len;) {
                     const int64_t m = run.m + i;
                     if (valid == NR && (m & 1) == 0 && i + 1 < run.len) {  // a whole pair of this run
-                      pack_pixel_pair(dst + m * NR, from, from + x_step);
+                      pack_pixel_pair<NR>(dst + m * NR, from, from + x_step);
                       i += 2, from += 2 * x_step;
                       continue;
                     }
@@ -244,11 +246,12 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
                   if constexpr (kPairs) {
                     const C* a = arow + o * chunk;
                     if (ncols == NR) {
-                      kernels[ti](a, chunk, step_off, bs, 2 * NR, kDotK * NR, klen / kDotK, out, pb.bi, true);
+                      kernels[ti](a, chunk, step_off, bs, 2 * NR, kDotPixels * NR, klen / kDotPixels, out, pb.bi,
+                                  true);
                       continue;
                     }
                     alignas(64) float tmp[common::kMaxTileRows * NR];
-                    kernels[ti](a, chunk, step_off, bs, 2 * NR, kDotK * NR, klen / kDotK, tmp, NR, false);
+                    kernels[ti](a, chunk, step_off, bs, 2 * NR, kDotPixels * NR, klen / kDotPixels, tmp, NR, false);
                     for (int i = 0; i < mr; ++i) {
                       for (int64_t n = 0; n < ncols; ++n) out[i * pb.bi + n] += tmp[i * NR + n];
                     }
