@@ -157,7 +157,7 @@ def speed(args, env, train_x, train_y, make=None, fields=None):
             dense, sparse = ms["dense"], ms[args.speed_method]
             driver = drivers[args.speed_method]
             yield {"task": "fashion-speed", "method": args.speed_method, "density": density, "block_size": block,
-                   **fields, "batch": args.batch, "delta": args.speed_delta,
+                   **fields, "batch": args.batch, "delta": args.speed_delta, "precision": args.speed_precision,
                    "dense_ms_per_step": round(statistics.median(dense) / args.speed_delta, 3),
                    "sparse_ms_per_step": round(statistics.median(sparse) / args.speed_delta, 3),
                    "median_speedup": round(median_ratio(dense, sparse), 3),
@@ -168,12 +168,17 @@ def speed(args, env, train_x, train_y, make=None, fields=None):
 
 
 def _chunk(model, opt, driver, train_x, train_y, args, generator):
-    """A callable: ``args.speed_delta`` training steps on random batches."""
+    """A callable: ``args.speed_delta`` training steps on random batches (forward and loss under
+    bf16 autocast with ``args.speed_precision == "bf16"``: fp32 master weights, as nn.Linear's)."""
+    bf16 = args.speed_precision == "bf16"
+
     def run():
         for _ in range(args.speed_delta):
             idx = torch.randint(0, len(train_x), (args.batch,), generator=generator)
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+            loss.backward()
             opt.step()
             if driver is not None:
                 driver.step()

@@ -129,7 +129,7 @@ def speed_runs(args, env, data):
         return resnet_maker("erk", density, args, train_x, train_y)(sparse, 0)
 
     print(f"# alternating chunks of {args.delta} steps of batch {args.batch}, {args.speed_rounds} rounds, block "
-          f"{args.block_size}\n| method | density | dense ms / step | sparse ms / step | speedup | mask updates |\n"
+          f"{args.block_size}, {args.speed_precision}\n| method | density | dense ms / step | sparse ms / step | speedup | mask updates |\n"
           "|---|---|---|---|---|---|")
     for row in speed(args, env, train_x, train_y, make, {"model": "resnet", "widths": args.widths,
                                                           "blocks": args.blocks}):
@@ -258,6 +258,8 @@ def main(argv=None):
     p.add_argument("--speed-method", default="rigl", choices=["static", "set", "rigl", "ggr"],
                    help="on the ERK structure of --block-size ('static': no mask updates)")
     p.add_argument("--speed-rounds", type=int, default=7)
+    p.add_argument("--speed-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: both trainings under torch.autocast('cpu', dtype=torch.bfloat16)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tag", default="", help="appended to the method name in the rows (to tell settings apart)")
     p.add_argument("--json", default=None, help="append JSON rows to this file")

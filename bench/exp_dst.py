@@ -101,6 +101,8 @@ def main(argv=None):
     p.add_argument("--speed-block-sizes", nargs="+", type=int, default=[32])
     p.add_argument("--speed-delta", type=int, default=100)
     p.add_argument("--speed-rounds", type=int, default=5)
+    p.add_argument("--speed-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: both trainings under torch.autocast('cpu', dtype=torch.bfloat16)")
     p.add_argument("--tag", default="", help="appended to the method name in the rows (to tell settings apart)")
     p.add_argument("--json", default=None, help="append JSON rows to this file")
     p.add_argument("--plot", default=None, help="write quality vs density as an SVG file")
