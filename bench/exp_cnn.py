@@ -129,8 +129,8 @@ def speed_runs(args, env, data):
         return resnet_maker("erk", density, args, train_x, train_y)(sparse, 0)
 
     print(f"# alternating chunks of {args.delta} steps of batch {args.batch}, {args.speed_rounds} rounds, block "
-          f"{args.block_size}, {args.speed_precision}\n| method | density | dense ms / step | sparse ms / step | speedup | mask updates |\n"
-          "|---|---|---|---|---|---|")
+          f"{args.block_size}, {args.speed_precision}\n"
+          "| method | density | dense ms / step | sparse ms / step | speedup | mask updates |\n|---|---|---|---|---|---|")
     for row in speed(args, env, train_x, train_y, make, {"model": "resnet", "widths": args.widths,
                                                           "blocks": args.blocks}):
         print(f"| {row['method']} | {row['density']} | {row['dense_ms_per_step']:.1f} | "

@@ -46,7 +46,8 @@ using Compute = typename std::conditional<std::is_same<S, double>::value, double
 
 template <typename C>
 at::ScalarType scalar_type_of() {
-  return std::is_same<C, double>::value ? at::kDouble : std::is_same<C, c10::BFloat16>::value ? at::kBFloat16 : at::kFloat;
+  if (std::is_same<C, double>::value) return at::kDouble;
+  return std::is_same<C, c10::BFloat16>::value ? at::kBFloat16 : at::kFloat;
 }
 
 // out (M, G * g) = [sum_p A[:, seg[p]*w : +w] @ B_p for each group] (+ bias[col]); see above.
