@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import sparsekern as sk
-from helpers import assert_same_at_thread_counts, on_path, random_block_mask, relative_error
-from sparsekern.formats.bsr import BlockLayout
+from helpers import assert_same_at_thread_counts, on_path, relative_error
+from test_conv_cases import conv_case, output_gradient
 from sparsekern.kernels import microkernel
-from sparsekern.kernels.conv import ConvGeometry, cpu, dense_conv_weight, gather_blocks
+from sparsekern.kernels.conv import cpu, dense_conv_weight, gather_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,7 +25,7 @@ CASES = {
     "groups2": (128, 64, 2, (3, 3), (1, 2), (1, 1, 0, 1), (1, 1), 32, 2, (7, 9), 0.7),
     "block64-long-rows": (128, 96, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 64, 1, (4, 29), 0.6),
     "1x1": (96, 64, 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 32, 3, (5, 5), 0.6),
-    "empty-block-rows": (96, 128, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32, 2, (6, 5), "empty-rows"),
+    "empty-block-rows": (96, 160, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32, 2, (6, 5), "empty-rows"),
     "batch0": (64, 64, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32, 0, (5, 6), 0.6),
     # 16-column strips: blocks of 16 and 48 channels
     "block16": (32, 48, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 16, 2, (7, 15), 0.6),
@@ -46,20 +46,11 @@ def dot_path():
 
 
 def _operands(name):
-    c, o, g, k, s, p, d, bs, n, hw, density = CASES[name]
-    geometry = ConvGeometry(c, o, g, k, s, p, d, bs)
-    gen = torch.Generator().manual_seed(5)
-    if density == "empty-rows":
-        mask = random_block_mask(geometry.grid, 0.8, gen, empty_rows=(1,), empty_cols=(0,))
-    else:
-        mask = random_block_mask(geometry.grid, density, gen)
-    layout = BlockLayout.from_block_mask(mask, geometry.padded_shape, (bs, bs))
-    values = torch.randn(layout.nnz_blocks, bs, bs, *k, generator=gen, dtype=torch.float64)
-    values = gather_blocks(dense_conv_weight(values, layout, geometry), layout, geometry).contiguous().bfloat16()
-    x = torch.randn(n, c, *hw, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(n, o, *geometry.output_size(*hw), generator=gen).bfloat16()
-    bias = torch.randn(o, generator=gen).bfloat16()
-    return x, dy.contiguous(memory_format=torch.channels_last), values, layout, geometry, bias
+    """conv_case's operands in bf16, channels-last (empty-rows cases: block rows 1 and 4, column 2)."""
+    x, values, layout, geometry, bias = conv_case(name, torch.bfloat16, seed=5, cases=CASES)
+    x = x.contiguous(memory_format=torch.channels_last)
+    dy = output_gradient(x, geometry).contiguous(memory_format=torch.channels_last)
+    return x, dy, values, layout, geometry, bias
 
 
 def _dense(x, values, layout, geometry, bias, dy, dtype):

@@ -40,9 +40,10 @@ CASES = {
 }
 
 
-def conv_case(name, dtype=torch.float64, seed=0):
-    """(x, values, layout, geometry, bias) for CASES[name]; values are zero on padding channels."""
-    c, o, g, k, s, p, d, bs, n, hw, density = CASES[name]
+def conv_case(name, dtype=torch.float64, seed=0, cases=CASES):
+    """(x, values, layout, geometry, bias) for cases[name] (entries as in CASES); values are zero
+    on padding channels."""
+    c, o, g, k, s, p, d, bs, n, hw, density = cases[name]
     geometry = ConvGeometry(c, o, g, k, s, p, d, bs)
     gen = torch.Generator().manual_seed(seed)
     if density == "empty-rows":

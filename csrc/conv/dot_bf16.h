@@ -10,7 +10,9 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "common/amx.h"
 #include "common/microkernel.h"
@@ -71,6 +73,36 @@ DotRows dot_rows_kernel(int rows) {
   }
 #endif
   throw std::logic_error("no bf16 dot-product tile of this many rows on this build");
+}
+
+// The tile steps for `tiles` (first, rows): the dot products (K steps of 2 KP) with kPairs, else
+// the microkernels of C (A's rows kRowsA-major).
+template <typename C, int NR, bool kPairs, bool kRowsA, int KP>
+auto tile_kernels(const std::vector<std::pair<int64_t, int>>& tiles) {
+  std::vector<std::conditional_t<kPairs, DotRows, common::Microkernel<C>>> kernels;
+  for (const auto& tile : tiles) {
+    if constexpr (kPairs) {
+      kernels.push_back(dot_rows_kernel<NR, KP>(tile.second));
+    } else {
+      kernels.push_back(common::microkernel_rows<C, NR, kRowsA>(tile.second));
+    }
+  }
+  return kernels;
+}
+
+// f(std::integral_constant<int, NR>) for the strips of a product over `width` columns: the dot
+// products' (dot_strip) with kPairs, else the widest strip of C the path has.
+template <typename C, bool kPairs, typename F>
+void with_strips(int64_t width, const F& f) {
+  if constexpr (kPairs) {
+    if (dot_strip(width) == 32) {
+      f(std::integral_constant<int, 32>{});
+    } else {
+      f(std::integral_constant<int, 16>{});
+    }
+  } else {
+    common::with_strip_width<C>(f, width);
+  }
 }
 
 }  // namespace conv

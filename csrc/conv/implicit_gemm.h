@@ -158,14 +158,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
   }
 
   const auto tiles = common::row_tiles(pb.Wout, common::tile_rows());
-  std::vector<std::conditional_t<kPairs, DotRows, common::Microkernel<C>>> kernels;
-  for (const auto& tile : tiles) {
-    if constexpr (kPairs) {
-      kernels.push_back(dot_rows_kernel<NR, NR / 2>(tile.second));
-    } else {
-      kernels.push_back(common::microkernel_rows<C, NR, true>(tile.second));
-    }
-  }
+  const auto kernels = tile_kernels<C, NR, kPairs, true, NR / 2>(tiles);
   // A chunk of output rows reads P rows [y0 * step, (y1 - 1) * step + span) of its image.
   const int64_t re = pb.place.row_elems(), step = pb.row_step;
   const int64_t span = *std::max_element(pb.tap_off.begin(), pb.tap_off.end()) / re + 1;

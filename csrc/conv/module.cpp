@@ -47,16 +47,6 @@ bool dot_bf16_gathers(const at::Tensor& t, const Geometry& geo) {
   return t.scalar_type() == at::kBFloat16 && common::dot_bf16_tiles() && geo.bo == geo.bi && geo.bo % 16 == 0;
 }
 
-// f(std::integral_constant<int, NR>) for the dot products' strip width of `block` channels.
-template <typename F>
-void with_dot_strip(int64_t block, const F& f) {
-  if (dot_strip(block) == 32) {
-    f(std::integral_constant<int, 32>{});
-  } else {
-    f(std::integral_constant<int, 16>{});
-  }
-}
-
 // f(storage tag, compute tag, pairs): bf16 pairs on dot products where dot_bf16_gathers holds,
 // else the dtype's storage type and Compute type on the microkernels.
 template <typename F>
@@ -70,14 +60,10 @@ void dispatch_gathers(const at::Tensor& t, const Geometry& geo, const F& f) {
   });
 }
 
-// gather_conv on the strips of the path: bf16 pairs in dot_strip columns, or the widest strip of C.
+// gather_conv on the strips of the path (with_strips).
 template <typename S, typename C, bool kPairs>
 void run_gathers(const GatherProblem<S, C>& pb, int64_t width) {
-  if constexpr (kPairs) {
-    with_dot_strip(width, [&](auto nr) { gather_conv<S, C, decltype(nr)::value, true>(pb); });
-  } else {
-    common::with_strip_width<C>([&](auto nr) { gather_conv<S, C, decltype(nr)::value>(pb); }, width);
-  }
+  with_strips<C, kPairs>(width, [&](auto nr) { gather_conv<S, C, decltype(nr)::value, kPairs>(pb); });
 }
 
 // Per tap (kh, kw), how far its input lies from the output pixel's first, for `row` elements
@@ -280,15 +266,10 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
       pb.a_width.push_back(std::min(geo.bi, geo.Cg() - ci[q] * geo.bi));
     }
     pb.nnz = nnz, pb.bo = geo.bo, pb.bi = geo.bi;
-    if constexpr (decltype(pairs)::value) {
-      with_dot_strip(geo.bi, [&](auto nr) {
-        sampled_conv<S, C, decltype(nr)::value, true>(pb, dvalues.data_ptr<S>());
-      });
-    } else {
-      common::with_strip_width<C>([&](auto nr) {
-        sampled_conv<S, C, decltype(nr)::value>(pb, dvalues.data_ptr<S>());
-      }, geo.bi);
-    }
+    constexpr bool kPairs = decltype(pairs)::value;
+    with_strips<C, kPairs>(geo.bi, [&](auto nr) {
+      sampled_conv<S, C, decltype(nr)::value, kPairs>(pb, dvalues.data_ptr<S>());
+    });
   });
   return dvalues;
 }

@@ -119,14 +119,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
   for (size_t u = 0; u < used_rows.size(); ++u) row_slot[used_rows[u]] = int64_t(u);
 
   const auto tiles = common::row_tiles(pb.bo, common::tile_rows());
-  std::vector<std::conditional_t<kPairs, DotRows, common::Microkernel<C>>> kernels;
-  for (const auto& tile : tiles) {
-    if constexpr (kPairs) {
-      kernels.push_back(dot_rows_kernel<NR, kDotPixels / 2>(tile.second));
-    } else {
-      kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
-    }
-  }
+  const auto kernels = tile_kernels<C, NR, kPairs, false, kDotPixels / 2>(tiles);
   const int64_t parts = std::min((M + kPixelChunk - 1) / kPixelChunk, common::threads_for(nnz * block * M));
   std::vector<at::Tensor> accs(parts);
   std::vector<Acc*> acc_of(parts);

@@ -110,10 +110,11 @@ def floor_settled():
 
 def final_choice(product, like, *args):
     """The final choice ("cpu" or the composite's backend) for a call ``product(*args)`` on
-    tensors like ``like``, or None while its shape class is unmet or still measured. Reads
-    the rule, never starts a measurement."""
+    tensors like ``like``, or None while its shape class is unmet or still measured, and where
+    the rule does not apply (mode "off", deterministic algorithms: the kernels run, as in
+    ``with_floor``). Reads the rule, never starts a measurement."""
     entry = _composites.get(product)
-    if entry is None:
+    if entry is None or floor_mode() == "off" or torch.are_deterministic_algorithms_enabled():
         return None
     cls = _classes.get((product, like.dtype, torch.get_num_threads(), entry[1](*args)))
     return cls.choice if cls is not None and cls.final else None

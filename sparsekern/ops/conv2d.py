@@ -220,11 +220,10 @@ def _settled_on_the_composite(x, values, layout, geometry, bias):
     """Whether the floor rule has finally sent this call's forward, and the backward product
     it will need, to the composite. The composite is then run as plain autograd through the
     densified weight: nn.Conv2d's own passes, without the ops' second densified weight and
-    dW read-out copy (on a Zen 4, bf16 at density 1: 0.96-0.98x of nn.Conv2d through the ops,
-    0.99-1.01x this way). Never under torch.compile, a forced backend or deterministic mode,
-    where the ops run as traced."""
-    if (traced_backend() is not None or torch.compiler.is_compiling() or floor.floor_mode() != "measure"
-            or torch.are_deterministic_algorithms_enabled()
+    dW read-out copy (on a Zen 4, bf16 at density 1: 0.964-0.984x of nn.Conv2d through the ops,
+    0.986-0.989x this way). Never under torch.compile or a forced backend, where the ops run as
+    traced, nor where the rule is off (floor.final_choice)."""
+    if (traced_backend() is not None or torch.compiler.is_compiling()
             or select_kernel("conv_forward", x.device, x.dtype)[0] != "cpu"):
         return False
     if floor.final_choice("conv_forward", x, x, values, layout, geometry, bias) != "reference":
