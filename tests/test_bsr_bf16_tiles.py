@@ -30,6 +30,8 @@ CASES = {
     "b64-M70": ((128, 192), 64, 0.5, 70, ()),
     "b32x64-M45": ((96, 128), (32, 64), 0.6, 45, ()),
     "b64x32-M64": ((128, 96), (64, 32), 0.6, 64, (0,)),
+    # rows of x and dy 4 KiB apart (one L1 set): the dot engine's register blocks of 8 rows
+    "b32-M45-rows-in-one-l1-set": ((2048, 2048), 32, 0.05, 45, ()),
 }
 
 

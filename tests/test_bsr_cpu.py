@@ -6,6 +6,7 @@ import torch
 
 import sparsekern as sk
 from helpers import TOLERANCES, microkernel_paths, on_path, random_bsr, stored_blocks
+from sparsekern.kernels import microkernel
 from sparsekern.kernels.bsr import cpu, reference
 
 CPU = torch.device("cpu")
@@ -49,6 +50,8 @@ STRUCTURES = {
     "single-block": ((32, 32), 32, 1.0, 1),
     "power-law-rows": ((8 * 16, 12 * 16), 16, _power_law_mask, 23),
     "huge-block-count": ((256, 256), (2, 2), 0.5, 6),  # 8192 stored blocks
+    # rows of x and dy 4 KiB apart in fp32 (one L1 set): tiles of fewer rows on AVX-512
+    "rows-in-one-l1-set": ((1024, 1024), 16, 0.1, 29),
 }
 
 
@@ -123,6 +126,28 @@ def test_large_outputs_are_streamed_exactly(isa, shape, block):
     torch.testing.assert_close(y, reference.bsr_forward(x, weight.values, weight.layout, bias), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(dx, reference.bsr_grad_input(dy, weight_t.values, weight_t.layout), rtol=1e-5,
                                atol=1e-4)
+
+
+def _l1_data_cache():
+    """(ways, sets x line) of cpu0's L1 data cache from sysfs, or a skip."""
+    index = "/sys/devices/system/cpu/cpu0/cache/index0"
+    try:
+        fields = {name: open(f"{index}/{name}").read().strip()
+                  for name in ("level", "type", "ways_of_associativity", "number_of_sets", "coherency_line_size")}
+    except OSError:
+        pytest.skip("no L1 data cache geometry in sysfs")
+    if fields["level"] != "1" or fields["type"] != "Data":
+        pytest.skip(f"{index} is not the L1 data cache")
+    return int(fields["ways_of_associativity"]), int(fields["number_of_sets"]) * int(fields["coherency_line_size"])
+
+
+def test_tiles_hold_no_more_rows_of_one_l1_set_than_it_has_ways(isa):
+    ways, span = _l1_data_cache()
+    rows = 12 if microkernel.microkernel_isa("bsr").startswith(("avx512", "portable-wide")) else 6
+    assert microkernel.tile_rows("bsr", 4 * 64) == rows  # consecutive rows: few shared sets
+    assert microkernel.tile_rows("bsr", span + 64) == rows  # every row in a set of its own
+    assert microkernel.tile_rows("bsr", span) == min(rows, ways)  # every row in one set
+    assert microkernel.tile_rows("bsr", 4 * span) == min(rows, ways)
 
 
 @pytest.mark.parametrize("m", [0, 1])

@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/cache_sets.h"
+
 #if defined(__x86_64__) && defined(__linux__)
 #include <cpuid.h>
 #include <immintrin.h>
@@ -168,10 +170,17 @@ SPARSEKERN_DOT_BF16 inline void dot_rows(const bf16* a, int64_t lda, const int64
 }
 
 // amx_tile_32x32's contract (same operands, same layouts) on AVX512-BF16 dot products:
-// the 32 rows in register blocks of 12, 12 and 8.
+// the 32 rows in register blocks of 12, 12 and 8, or of 8 where 12 rows of A would share
+// an L1 set (`eights`; see common/cache_sets.h).
 SPARSEKERN_DOT_BF16 inline void dot_tile_32x32(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
                                               int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
-                                              bool accumulate) {
+                                              bool accumulate, bool eights = false) {
+  if (eights) {
+    for (int r = 0; r < 32; r += 8) {
+      dot_rows<8>(a + r * lda, lda, a_off, b, ldb, b_step, steps, c + r * ldc, ldc, accumulate);
+    }
+    return;
+  }
   dot_rows<12>(a, lda, a_off, b, ldb, b_step, steps, c, ldc, accumulate);
   dot_rows<12>(a + 12 * lda, lda, a_off, b, ldb, b_step, steps, c + 12 * ldc, ldc, accumulate);
   dot_rows<8>(a + 24 * lda, lda, a_off, b, ldb, b_step, steps, c + 24 * ldc, ldc, accumulate);
@@ -184,8 +193,16 @@ struct AmxEngine {  // AMX tiles, configured while the engine lives
   void tile(Args... args) { amx_tile_32x32(args...); }
 };
 struct DotEngine {  // AVX512-BF16 dot products (CPUs without AMX)
+  int64_t lda = -1;     // A's row stride the block size below was chosen for
+  bool eights = false;  // register blocks of 8 rows
   template <typename... Args>
-  void tile(Args... args) { dot_tile_32x32(args...); }
+  void tile(const bf16* a, int64_t a_stride, Args... args) {
+    if (a_stride != lda) {
+      lda = a_stride;
+      eights = rows_within_ways(12, a_stride * int64_t(sizeof(bf16))) < 12;
+    }
+    dot_tile_32x32(a, a_stride, args..., eights);
+  }
 };
 
 // out[i * ldo + n] = bf16(c[i * 16 NV + n] (+ bias[n])) for rows i < rows, n < 16 NV (round to

@@ -58,7 +58,7 @@ template <typename S, typename C, int NR>
 void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t br, int64_t bc,
                      bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
                      const int64_t* seg, S* out, const S* bias = nullptr) {
-  const int MR = tile_rows();
+  const int MR = tile_rows(Ka * int64_t(sizeof(C)));  // A's rows are read in place, Ka apart
   constexpr bool kDirect = std::is_same<S, C>::value;  // full tiles are stored straight into `out`
   const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
   const int64_t nsub = (g + NR - 1) / NR, mtiles = (M + MR - 1) / MR, nnz = offsets[G];

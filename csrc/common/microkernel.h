@@ -21,6 +21,7 @@
 // tile geometry, so the wide packing is checked on a CPU without AVX-512.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <stdexcept>
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "common/amx.h"
+#include "common/cache_sets.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -357,17 +359,6 @@ void with_strip_width(const F& f, int64_t width) {
   }
 }
 
-// The Python functions of every extension on these microkernels (Module: pybind11::module).
-// bf16: the extension's bf16 products beside the widening ones.
-template <typename Module>
-void def_path_controls(Module& m, Bf16Products bf16 = Bf16Products::kNone) {
-  m.def("isa", [bf16] { return path_name(bf16); },
-        "what runs: 'avx512f+amx', 'avx512f+avx512_bf16', 'avx512f', 'avx2-fma', 'portable' or 'portable-wide'");
-  m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); }, "the best path this CPU runs");
-  m.def("set_isa", &set_path,
-        "force a path: 'portable', 'avx2', 'avx512' or 'amx' (portable loops if the flag is set)");
-}
-
 // Most rows a tile has on any path (the microkernels are compiled for 1..kMaxTileRows).
 constexpr int kMaxTileRows = 12;
 
@@ -394,6 +385,23 @@ Microkernel<C> microkernel() {
 // (wide strips: 24 of 32 zmm, 24 FMAs per 14 loads instead of 12 per 8; narrow strips, one zmm
 // a row: 6 rows left 6 FMA chains, fewer than 2 ports x 4 cycles of latency keep busy).
 inline int tile_rows() { return wide_tiles() ? kMaxTileRows : kMR; }
+
+// Rows of a tile whose A rows (read in place, one element of each per K step) lie `stride`
+// bytes apart: tile_rows(), or fewer where more would share an L1 set (common/cache_sets.h).
+inline int tile_rows(int64_t stride) { return rows_within_ways(tile_rows(), stride); }
+
+// The Python functions of every extension on these microkernels (Module: pybind11::module).
+// bf16: the extension's bf16 products beside the widening ones.
+template <typename Module>
+void def_path_controls(Module& m, Bf16Products bf16 = Bf16Products::kNone) {
+  m.def("isa", [bf16] { return path_name(bf16); },
+        "what runs: 'avx512f+amx', 'avx512f+avx512_bf16', 'avx512f', 'avx2-fma', 'portable' or 'portable-wide'");
+  m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); }, "the best path this CPU runs");
+  m.def("set_isa", &set_path,
+        "force a path: 'portable', 'avx2', 'avx512' or 'amx' (portable loops if the flag is set)");
+  m.def("tile_rows", [](int64_t stride) { return tile_rows(stride); },
+        "rows of a tile that reads rows of A `stride` bytes apart, on the current path");
+}
 
 // Tiles (first, rows) covering `rows` rows (a block's rows for dW, an output row's pixels for
 // the conv gathers): ceil(rows / max_rows) tiles of near-equal height (32 -> 11, 11, 10 and

@@ -157,7 +157,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
     }
   }
 
-  const auto tiles = common::row_tiles(pb.Wout, common::tile_rows());
+  const auto tiles = common::row_tiles(pb.Wout, common::tile_rows(pb.pix_stride * int64_t(sizeof(C))));
   const auto kernels = tile_kernels<C, NR, kPairs, true, NR / 2>(tiles);
   // A chunk of output rows reads P rows [y0 * step, (y1 - 1) * step + span) of its image.
   const int64_t re = pb.place.row_elems(), step = pb.row_step;

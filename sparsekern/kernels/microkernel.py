@@ -75,3 +75,10 @@ def set_isa(family, name=None, portable_loops=False):
     best this CPU runs). ``portable_loops`` runs the portable loops at that path's tile
     geometry, which works on any CPU. ValueError if the CPU cannot run the path."""
     _module(family).set_isa(name or cpu_isa(), portable_loops)
+
+
+def tile_rows(family, stride):
+    """Rows of ``family``'s register tiles over rows of A read in place ``stride`` bytes apart, on
+    its current path: 12 on avx512 (and portable-wide), 6 on avx2 and portable, fewer where more
+    of the rows would fall into one L1 set than it has ways (csrc/common/cache_sets.h)."""
+    return _module(family).tile_rows(int(stride))
