@@ -33,6 +33,16 @@ def test_bench_prints_the_ratio_table_and_writes_rows(tmp_path, capsys):
         assert 'pip install "sparsekern[plot]"' in out
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_bench_runs_half_types_without_torchs_bsr_peer(tmp_path, capsys, dtype):
+    # torch's CPU BSR matmul has no half-type kernel: the peer column stays empty instead of failing
+    args = ["--tokens", "32", "--blocks", "32", "--densities", "0.5", "--reps", "1", "--dtype", dtype]
+    assert main(["bench", *args, "--features", "64", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "bsr_linear.jsonl").read_text().splitlines()]
+    assert [r["dtype"] for r in rows] == [{"bf16": "bfloat16", "fp16": "float16"}[dtype]]
+    assert rows[0]["step_ratio"] > 0 and "torch_bsr_fwd_ms" not in rows[0]
+
+
 @pytest.mark.parametrize("product, extra, cases", [
     ("semi", [], ["fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune"]),
     ("lowrank", ["--ranks", "8"], ["fwd+bwd", "fwd+bwd unfused", "step"]),

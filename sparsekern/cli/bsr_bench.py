@@ -31,7 +31,7 @@ from ..nn import SparseLinear
 from .machine import header
 from .timing import alternate, median_ratio, settle_floor
 
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRODUCTS = ("fwd", "dx", "dw", "step")
 
 
@@ -65,7 +65,9 @@ class Case:
         self.w = self.dense.weight.detach()
         self.kernels = {p: kernels.select_kernel(p, self.x.device, dtype)[1]
                         for p in ("bsr_forward", "bsr_grad_input", "bsr_grad_weight")}
-        self.torch_bsr = None if args.no_torch_bsr else self.w.to_sparse_bsr((block, block))
+        # torch's CPU BSR matmul (MKL) has fp32 and fp64 kernels only: no peer row in half types
+        peer = not args.no_torch_bsr and dtype in (torch.float32, torch.float64)
+        self.torch_bsr = self.w.to_sparse_bsr((block, block)) if peer else None
 
     def dense_fns(self):
         return {"fwd": lambda: self.x @ self.w.T, "dx": lambda: self.dy @ self.w,
