@@ -64,7 +64,7 @@ def test_warm_up_timings_are_not_counted(toy):
     assert list(floor.floor_decisions().values()) == ["cpu"]
 
 
-@pytest.mark.parametrize("later_dense_cost,final", [(0.4, "dense"), (2.0, "cpu")])
+@pytest.mark.parametrize("later_dense_cost,final", [(0.4, "dense"), (1.2, "cpu")])
 def test_a_kernel_choice_is_measured_again_and_the_second_round_decides(toy, later_dense_cost, final):
     kernel, costs, ran = toy
     x = torch.zeros(5)
@@ -92,6 +92,28 @@ def test_a_composite_choice_is_final(toy):
     for _ in range(2 * SAMPLES + 2 * CONFIRM_AFTER):
         floor.with_floor("toy", kernel, x)(x)
     assert ran[2 * SAMPLES:] == ["dense"] * (2 * CONFIRM_AFTER) and floor.floor_settled()
+
+
+@pytest.mark.parametrize("kernel_cost,winner", [(0.1, "cpu"), (10.0, "dense")])
+def test_a_side_slower_beyond_noise_loses_after_one_counted_call_each(toy, kernel_cost, winner):
+    kernel, costs, ran = toy
+    costs["cpu"] = kernel_cost
+    x = torch.zeros(5)
+    run = floor.with_floor("toy", kernel, x)
+    for _ in range(4 + 2 * CONFIRM_AFTER):
+        run(x)
+    assert ran[:4] == ["cpu", "dense"] * 2   # a warm-up and one counted call each
+    assert ran[4:] == [winner] * (2 * CONFIRM_AFTER) and floor.floor_settled()  # final: no second round
+
+
+def test_a_gap_within_the_decisive_factor_takes_every_sample(toy):
+    kernel, costs, ran = toy
+    costs["cpu"] = 1.0 / (0.99 * floor.DECISIVE)
+    x = torch.zeros(5)
+    for _ in range(2 * SAMPLES):
+        floor.with_floor("toy", kernel, x)(x)
+    assert ran == ["cpu", "dense"] * SAMPLES
+    assert list(floor.floor_decisions().values()) == ["cpu"] and not floor.floor_settled()
 
 
 def test_one_fast_outlier_does_not_decide(toy):

@@ -11,7 +11,9 @@ for the class if its median is at least 5 % below the composite's (``KERNEL_MARG
 else the composite. The first timing of each side is a warm-up (first-touch pages,
 packing buffers) and is not counted; the median of the other three ignores one outlier
 either way (a composite whose fresh outputs are page-faulted in on some calls only has a
-fast minimum and a slow typical call, and training runs the typical one).
+fast minimum and a slow typical call, and training runs the typical one). Where one side's
+fastest counted timing is ``DECISIVE`` (3) times the other's slowest, the class is decided at
+once and finally: a composite that slow is not worth more calls.
 
 A composite choice is final. A kernel choice is measured once more, the same way, after
 ``CONFIRM_AFTER`` further calls of the class, and that second round decides for the rest
@@ -48,6 +50,12 @@ CONFIRM_AFTER = 32  # calls of a class running the kernel before its choice is m
 # are within the host's noise (near density 1, runs differed by 10 % between processes), the
 # composite is the side that cannot lose against the dense computation.
 KERNEL_MARGIN = 0.95
+# A side whose fastest counted timing is this many times the other's slowest has lost beyond
+# any noise: the class is decided then, finally, without the remaining samples or a second round.
+# A composite orders of magnitude slower is then run twice, not 2 x SAMPLES times (torch's fp16
+# GEMM on a CPU without AVX512-FP16: 60x the kernel for a 1024 x 1024 layer, seconds a call at
+# 4096 x 4096).
+DECISIVE = 3.0
 MODES = ("measure", "off")
 
 _composites = {}     # product -> (composite backend, shape-class key function, sure_win, sure_lose)
@@ -145,6 +153,12 @@ class _Class:
 
     def record(self, side, seconds, sides):
         self.samples.setdefault(side, []).append(seconds)
+        counted = [self.samples.get(s, [])[1:] for s in sides]
+        if all(counted):
+            for winner, loser in ((0, 1), (1, 0)):
+                if min(counted[loser]) >= DECISIVE * max(counted[winner]):
+                    self.choice, self.final = sides[winner], True
+                    return
         if self.next_side(sides) is None:
             best = {s: statistics.median(self.samples[s][1:]) for s in sides}
             self.choice = sides[0] if best[sides[0]] <= KERNEL_MARGIN * best[sides[1]] else sides[1]
