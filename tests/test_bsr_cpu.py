@@ -6,6 +6,7 @@ import torch
 
 import sparsekern as sk
 from helpers import TOLERANCES, microkernel_paths, on_path, random_bsr, stored_blocks
+from sparsekern.cli.machine import l1_data_cache
 from sparsekern.kernels import microkernel
 from sparsekern.kernels.bsr import cpu, reference
 
@@ -128,21 +129,11 @@ def test_large_outputs_are_streamed_exactly(isa, shape, block):
                                atol=1e-4)
 
 
-def _l1_data_cache():
-    """(ways, sets x line) of cpu0's L1 data cache from sysfs, or a skip."""
-    index = "/sys/devices/system/cpu/cpu0/cache/index0"
-    try:
-        fields = {name: open(f"{index}/{name}").read().strip()
-                  for name in ("level", "type", "ways_of_associativity", "number_of_sets", "coherency_line_size")}
-    except OSError:
-        pytest.skip("no L1 data cache geometry in sysfs")
-    if fields["level"] != "1" or fields["type"] != "Data":
-        pytest.skip(f"{index} is not the L1 data cache")
-    return int(fields["ways_of_associativity"]), int(fields["number_of_sets"]) * int(fields["coherency_line_size"])
-
-
 def test_tiles_hold_no_more_rows_of_one_l1_set_than_it_has_ways(isa):
-    ways, span = _l1_data_cache()
+    cache = l1_data_cache()
+    if cache is None:
+        pytest.skip("no L1 data cache geometry in sysfs")
+    ways, span = cache["ways"], cache["sets"] * cache["line"]
     rows = 12 if microkernel.microkernel_isa("bsr").startswith(("avx512", "portable-wide")) else 6
     assert microkernel.tile_rows("bsr", 4 * 64) == rows  # consecutive rows: few shared sets
     assert microkernel.tile_rows("bsr", span + 64) == rows  # every row in a set of its own

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sparsekern.cli import info, main
-from sparsekern.cli.machine import cpu_model
+from sparsekern.cli.machine import cpu_model, describe_l1d, environment, header, l1_data_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,19 @@ def test_python_m_sparsekern_info_names_the_cpu_and_every_product():
     for product in info.PRODUCTS:
         assert product in result.stdout
     assert "compiled extensions: _C_bsr" in result.stdout
+
+
+def test_the_l1_data_cache_is_named_in_info_and_every_benchmark_header(capsys):
+    cache = l1_data_cache()
+    if cache is None:
+        pytest.skip("no L1 data cache geometry in sysfs")
+    described = describe_l1d(cache)
+    size_kib = cache["ways"] * cache["sets"] * cache["line"] // 1024
+    assert described == f"L1d {size_kib} KiB {cache['ways']}-way"
+    env = environment()
+    assert env["l1d"] == described and described in header(env, {"backend": "cpu", "isa": "avx2-fma"})
+    assert main(["info"]) == 0
+    assert described in capsys.readouterr().out
 
 
 def test_console_script_points_at_main():

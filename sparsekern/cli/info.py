@@ -12,7 +12,7 @@ import torch
 from .. import __file__ as package_file
 from .. import __version__, kernels
 from ..kernels.registry import BACKEND_NAMES
-from .machine import cpu_flags, cpu_model, describe_flags, triton_version
+from .machine import cpu_flags, cpu_model, describe_flags, describe_l1d, l1_data_cache, triton_version
 
 PRODUCTS = ("bsr_forward", "bsr_grad_input", "bsr_grad_weight", "conv_forward", "conv_grad_input",
             "conv_grad_weight", "semi_forward", "semi_grad_input", "semi_grad_weight", "lowrank_forward",
@@ -113,7 +113,8 @@ def report():
     lines = [
         f"sparsekern {__version__} ({os.path.dirname(package_file)})",
         f"torch {torch.__version__}, triton {triton or 'not installed'}, python {platform.python_version()}",
-        f"CPU: {cpu_model()}, {os.cpu_count()} cores; {describe_flags(flags)}",
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; {describe_flags(flags)}"
+        + (f"; {describe_l1d(l1_data_cache())}" if l1_data_cache() else ""),
         f"threads: torch {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"
         + "".join(f", {v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ),
         f"compiled extensions: {_extensions()}",

@@ -7,6 +7,7 @@ import platform
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,35 @@ def _cpuinfo(field):
 
 def cpu_model():
     return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+@functools.cache
+def l1_data_cache():
+    """cpu0's L1 data cache from sysfs: {"ways", "sets", "line"} (ints), or None where Linux does not
+    say. The CPU tiles hold no more rows of one L1 set than it has ways (csrc/common/cache_sets.h),
+    so the ways shape the kernels' speed and are named with every measurement."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        indices = sorted(name for name in os.listdir(root) if name.startswith("index"))
+    except OSError:
+        return None
+    for index in indices:
+        try:
+            fields = {name: Path(root, index, name).read_text().strip() for name in
+                      ("level", "type", "ways_of_associativity", "number_of_sets", "coherency_line_size")}
+            if fields["level"] == "1" and fields["type"] == "Data":
+                return {"ways": int(fields["ways_of_associativity"]), "sets": int(fields["number_of_sets"]),
+                        "line": int(fields["coherency_line_size"])}
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def describe_l1d(cache):
+    """ "L1d 32 KiB 8-way" from l1_data_cache(), or "" when unknown."""
+    if not cache:
+        return ""
+    return f"L1d {cache['ways'] * cache['sets'] * cache['line'] // 1024} KiB {cache['ways']}-way"
 
 
 def cpu_flags():
@@ -77,8 +107,8 @@ def mkl_path():
 def environment(device=torch.device("cpu")):
     """The machine and software fields of every JSON row (read when called: threads may have been set)."""
     return dict(device=device_name(device), cpu=cpu_model(), cpu_cores=os.cpu_count(), cpu_flags=cpu_flags(),
-                threads=torch.get_num_threads(), torch=torch.__version__, triton=triton_version(),
-                thp_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"), mkl=mkl_path())
+                l1d=describe_l1d(l1_data_cache()) or None, threads=torch.get_num_threads(), torch=torch.__version__,
+                triton=triton_version(), thp_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"), mkl=mkl_path())
 
 
 def kernel_path(product, device, dtype):
@@ -94,7 +124,8 @@ def kernel_path(product, device, dtype):
 def header(env, path):
     """The first header line: device, CPU model and ISA flags, versions, threads, kernel path."""
     host = f" (host {env['cpu']})" if env["device"] != env["cpu"] else ""
-    text = (f"{env['device']}{host}, {describe_flags(env['cpu_flags'])}, torch {env['torch']}, "
+    l1d = f", {env['l1d']}" if env.get("l1d") else ""
+    text = (f"{env['device']}{host}, {describe_flags(env['cpu_flags'])}{l1d}, torch {env['torch']}, "
             f"{env['threads']} threads, backend {path['backend']}")
     text += f", microkernel {path['isa']}" if path.get("isa") else ""
     return text + (f"; MKL path: {env['mkl']}" if env.get("mkl") else "")
