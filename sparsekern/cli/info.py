@@ -110,11 +110,11 @@ def report():
     """The info text."""
     flags = cpu_flags()
     triton = triton_version()
+    l1d = describe_l1d(l1_data_cache())  # "" where sysfs does not say
     lines = [
         f"sparsekern {__version__} ({os.path.dirname(package_file)})",
         f"torch {torch.__version__}, triton {triton or 'not installed'}, python {platform.python_version()}",
-        f"CPU: {cpu_model()}, {os.cpu_count()} cores; {describe_flags(flags)}"
-        + (f"; {describe_l1d(l1_data_cache())}" if l1_data_cache() else ""),
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; {describe_flags(flags)}" + (f"; {l1d}" if l1d else ""),
         f"threads: torch {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"
         + "".join(f", {v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ),
         f"compiled extensions: {_extensions()}",
