@@ -174,6 +174,52 @@ def test_a_class_sure_outcome_is_judged_on_its_first_call_only(toy, monkeypatch)
     assert judged == [1] and ran == ["cpu"] * 5
 
 
+def test_gpu_kernels_are_measured_against_the_composite_whatever_the_cpu_sure_outcomes(toy):
+    kernel, costs, ran = toy
+    x = torch.zeros(1)   # the toy's sure win on CPUs
+    for _ in range(2 * SAMPLES + 2):
+        floor.with_floor("toy", kernel, x, "triton")(x)
+    assert ran[:2 * SAMPLES] == ["cpu", "dense"] * SAMPLES   # the kernel passed in, measured
+    [(key, choice)] = floor.floor_decisions().items()
+    assert key[:2] == ("toy", "triton") and choice == "dense"   # level timings: the composite
+
+
+def test_backends_outside_the_rule_run_unwrapped(toy):
+    kernel, _, _ = toy
+    x = torch.zeros(5)
+    for backend in ("reference", "dense"):
+        assert floor.with_floor("toy", kernel, x, backend) is kernel
+    assert floor.final_choice("toy", "reference", x, x) is None
+
+
+def test_gpu_timings_wait_for_the_device_before_and_after_the_call(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", str(device))))
+    out, seconds = floor._timed(lambda v: events.append("call") or v + 1, (1,), torch.device("cuda:1"))
+    assert out == 2 and seconds >= 0
+    assert events == [("sync", "cuda:1"), "call", ("sync", "cuda:1")]
+    events.clear()
+    floor._timed(lambda: events.append("call"), (), CPU)
+    assert events == ["call"]
+
+
+@pytest.mark.parametrize("decided", [False, True])
+def test_a_cuda_graph_capture_runs_the_decided_side_or_the_kernel_untimed(toy, monkeypatch, decided):
+    kernel, costs, ran = toy
+    costs["cpu"] = 2.0
+    x = torch.zeros(5)
+    if decided:
+        for _ in range(2 * SAMPLES):
+            floor.with_floor("toy", kernel, x)(x)
+    before = dict(floor.floor_decisions())
+    del ran[:]
+    monkeypatch.setattr(floor, "_capturing", lambda device: True)
+    for _ in range(3):
+        floor.with_floor("toy", kernel, x)(x)
+    assert ran == ["dense" if decided else "cpu"] * 3
+    assert floor.floor_decisions() == before or not decided and set(floor.floor_decisions().values()) == {"measuring"}
+
+
 def test_block_sparse_layers_at_a_quarter_density_or_less_are_not_measured(measuring):
     if "cpu" not in sk.kernels.available_backends("bsr_forward", CPU, torch.float32):
         pytest.skip("the cpu backend is not built")
@@ -261,7 +307,7 @@ def test_benchmarks_time_the_settled_choice(measuring):
     choices = settle_floor(lambda: layer(x).sum().backward())
     assert set(choices) == {"bsr_forward", "bsr_grad_input", "bsr_grad_weight"}
     assert set(choices.values()) <= {"cpu", "dense"}
-    assert describe_floor({}) == "-" and describe_floor({"a": "cpu"}) == "kernels"
+    assert describe_floor({}) == "-" and describe_floor({"a": "cpu"}) == describe_floor({"a": "triton"}) == "kernels"
     assert describe_floor({"b": "dense", "a": "cpu"}) == "composite: b"
 
 
@@ -273,3 +319,29 @@ def test_decisions_are_reported_per_product_with_differing_classes_joined(monkey
     choices = floor.decisions_by_product()
     assert choices == {"conv_forward": "cpu/reference", "conv_grads": "cpu"}
     assert describe_floor(choices) == "composite: conv_forward (cpu/reference)"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("make,products", [
+    (lambda: sk.SparseLinear(256, 256, block_size=32, density=0.5, device="cuda"),
+     {"bsr_forward", "bsr_grad_input", "bsr_grad_weight"}),
+    (lambda: sk.LowRankLinear(256, 256, rank=32, device="cuda"), {"lowrank_forward", "lowrank_backward"}),
+], ids=["bsr", "lowrank"])
+def test_gpu_layers_are_right_while_the_rule_measures_and_settle(make, products, measuring, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    sparse, reference = make(), make()
+    reference.load_state_dict(sparse.state_dict())
+    x = torch.randn(512, 256, device="cuda")
+    for _ in range(4 * SAMPLES + CONFIRM_AFTER):
+        x_sparse, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        sparse(x_sparse).square().sum().backward()
+        with sk.use_backend("reference"):
+            reference(x_ref).square().sum().backward()
+        torch.testing.assert_close(x_sparse.grad, x_ref.grad, rtol=1e-3, atol=1e-3)
+        sparse.zero_grad()
+        reference.zero_grad()
+    decisions = floor.floor_decisions()
+    assert {key[0] for key in decisions} == products and {key[1] for key in decisions} == {"triton"}
+    assert set(decisions.values()) <= {"triton", "dense"} and floor.floor_settled()

@@ -149,7 +149,7 @@ def format_row(row):
 
 def _floor_column(row):
     choices = row.get("floor", {})
-    letter = {"cpu": "k", "dense": "d", "measuring": "?"}
+    letter = {**dict.fromkeys(kernels.floor.KERNEL_BACKENDS, "k"), "dense": "d", "measuring": "?"}
     return "/".join("".join(letter.get(c, "-") for c in choices.get(p, "").split("/"))
                     for p in ("bsr_forward", "bsr_grad_input", "bsr_grad_weight"))
 

@@ -89,7 +89,7 @@ def describe_floor(choices):
     if not choices:
         return "-"
     lost = sorted(f"{product} ({choice})" if "/" in choice else product
-                  for product, choice in choices.items() if choice != "cpu")
+                  for product, choice in choices.items() if choice not in floor.KERNEL_BACKENDS)
     return f"composite: {', '.join(lost)}" if lost else "kernels"
 
 

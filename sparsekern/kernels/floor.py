@@ -1,11 +1,12 @@
-"""The floor rule: a compiled CPU kernel never runs where the dense composite is faster.
+"""The floor rule: a compiled kernel never runs where the dense composite is faster.
 
 The block-sparse, 2:4 and low-rank kernels win by doing less work, but by how much
-depends on the CPU: on a Xeon whose MKL runs AVX-512 a kernel that beats MKL's AVX2
-code elsewhere can lose at high density. So the choice is measured on the machine
-itself, like ``torch.backends.cudnn.benchmark``: the first calls of each *shape
-class* (product, dtype, threads, shapes with the token count rounded up to a power of
-two, density in steps of 1/16) alternate between the kernel and the composite, both
+depends on the machine: on a Xeon whose MKL runs AVX-512 a kernel that beats MKL's AVX2
+code elsewhere can lose at high density; on an H200 the Triton block-sparse kernels lost
+to cuBLAS at density 0.5 and the fused low-rank ones at every rank. So the choice is
+measured on the machine itself, like ``torch.backends.cudnn.benchmark``: the first calls of
+each *shape class* (product, backend, dtype, threads or GPU, shapes with the token count
+rounded up to a power of two, density in steps of 1/16) alternate between the kernel and the composite, both
 of which give the right answer, and after ``SAMPLES`` timings of each the kernel is kept
 for the class if its median is at least 5 % below the composite's (``KERNEL_MARGIN``),
 else the composite. The first timing of each side is a warm-up (first-touch pages,
@@ -23,16 +24,19 @@ thresholds adapt to them: a dense conv backward took 48-50 ms for its first 10 c
 33-36 ms after, which kept kernels 10-15 % slower than it), and the
 rule must not keep a kernel on such a start.
 
-Applies where the registry chose the ``cpu`` backend automatically: a backend forced
-with ``use_backend`` is always obeyed. Modes (``set_floor_mode`` or the environment
-variable ``SPARSEKERN_FLOOR``): ``"measure"`` (default) as above; ``"off"``: the
+Applies where the registry chose a compiled backend automatically: ``cpu`` on CPU tensors,
+``triton`` or ``cuda`` on GPU tensors (there each timed call is bracketed by device
+synchronisations, and a call inside a CUDA graph capture runs the decided side, or the
+kernel while undecided, untimed); a backend forced with ``use_backend`` is always obeyed.
+Modes (``set_floor_mode`` or the environment variable ``SPARSEKERN_FLOOR``): ``"measure"`` (default) as above; ``"off"``: the
 kernels always. While ``torch.use_deterministic_algorithms(True)`` is on the kernels
 run always too, so the numerics of a run never depend on timings.
 
-A family may name calls that need no measurement: ``sure_win`` (the kernel won there on
-every CPU measured, so no composite call forms a dense weight) and ``sure_lose`` (too
+A family may name calls that need no measurement on CPUs: ``sure_win`` (the kernel won there
+on every CPU measured, so no composite call forms a dense weight) and ``sure_lose`` (too
 little work for the kernel's fixed passes), judged on the first call of each shape class.
-Their outcome is recorded as a decision too.
+Their outcome is recorded as a decision too. On GPUs every class is measured: the kernels
+there lose to cuBLAS/cuDNN at densities where the CPU kernels win (block 32 at a quarter).
 """
 import math
 import os
@@ -57,6 +61,7 @@ KERNEL_MARGIN = 0.95
 # 4096 x 4096).
 DECISIVE = 3.0
 MODES = ("measure", "off")
+KERNEL_BACKENDS = ("cpu", "triton", "cuda")  # the sides that compete with a composite ("dense", "reference")
 
 _composites = {}     # product -> (composite backend, shape-class key function, sure_win, sure_lose)
 _classes = {}        # shape-class key -> _Class
@@ -65,11 +70,11 @@ _mode = None
 
 
 def register_floor(product, composite, key, sure_win=None, sure_lose=None):
-    """``product``'s cpu kernel competes with backend ``composite``; ``key(*args)`` gives the
-    shape class of a call (without product, dtype and threads, which are added).
-    ``sure_win(*args)``, if given, is True for calls the kernel wins on every CPU measured:
-    they run the kernel unmeasured (no composite call, so no dense weight is formed).
-    ``sure_lose(*args)``, if given, is True for calls the composite wins everywhere: they run
+    """``product``'s compiled kernels compete with backend ``composite``; ``key(*args)`` gives
+    the shape class of a call (without product, backend, dtype and threads or device, which are
+    added). ``sure_win(*args)``, if given, is True for calls the cpu kernel wins on every CPU
+    measured: they run it unmeasured (no composite call, so no dense weight is formed).
+    ``sure_lose(*args)``, if given, is True for calls the composite wins on every CPU: they run
     the composite unmeasured."""
     _composites[product] = (composite, key, sure_win, sure_lose)
 
@@ -105,7 +110,8 @@ def reset_floor():
 
 
 def floor_decisions():
-    """{shape class: "cpu" | "<composite>" | "measuring"}: what the rule decided so far."""
+    """{shape class: the kernel's backend ("cpu", "triton", "cuda") | the composite's | "measuring"}:
+    what the rule decided so far."""
     with _lock:
         return {key: cls.choice or "measuring" for key, cls in _classes.items()}
 
@@ -116,20 +122,28 @@ def floor_settled():
         return all(cls.choice is not None and cls.final for cls in _classes.values())
 
 
-def final_choice(product, like, *args):
-    """The final choice ("cpu" or the composite's backend) for a call ``product(*args)`` on
-    tensors like ``like``, or None while its shape class is unmet or still measured, and where
-    the rule does not apply (mode "off", deterministic algorithms: the kernels run, as in
-    ``with_floor``). Reads the rule, never starts a measurement."""
+def _class_key(product, backend, like, key_fn, args):
+    # CPU classes are per thread count, GPU classes per device
+    place = torch.get_num_threads() if backend == "cpu" else str(like.device)
+    return product, backend, like.dtype, place, key_fn(*args)
+
+
+def final_choice(product, backend, like, *args):
+    """The final choice (``backend`` or the composite's) for a call ``product(*args)`` that the
+    registry sent to ``backend`` automatically, on tensors like ``like``; None while its shape
+    class is unmet or still measured, and where the rule does not apply (mode "off",
+    deterministic algorithms: the kernels run, as in ``with_floor``). Reads the rule, never
+    starts a measurement."""
     entry = _composites.get(product)
-    if entry is None or floor_mode() == "off" or torch.are_deterministic_algorithms_enabled():
+    if (entry is None or backend not in KERNEL_BACKENDS or floor_mode() == "off"
+            or torch.are_deterministic_algorithms_enabled()):
         return None
-    cls = _classes.get((product, like.dtype, torch.get_num_threads(), entry[1](*args)))
+    cls = _classes.get(_class_key(product, backend, like, entry[1], args))
     return cls.choice if cls is not None and cls.final else None
 
 
 def decisions_by_product():
-    """{product: "cpu", the composite's backend, "measuring", or several joined by "/" where
+    """{product: the kernel's backend, the composite's, "measuring", or several joined by "/" where
     its shape classes differ}: what the products really ran in this process."""
     names = {}
     for (product, *_), choice in floor_decisions().items():
@@ -175,9 +189,29 @@ class _Class:
 _clock = time.perf_counter
 
 
-def _new_class(key, args, sure_win, sure_lose, composite_name):
-    """The class of ``key``, created by its first call; a sure outcome is judged on that call only."""
-    sure = ("cpu" if sure_win is not None and sure_win(*args)
+def _capturing(device):
+    """Whether a CUDA graph is being captured on ``device``'s current stream (no timing there)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _timed(fn, args, device):
+    """(fn(*args), its wall time); on a GPU the work queued before and by the call is waited for."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
+    if synchronize is not None:
+        synchronize(device)
+    start = _clock()
+    out = fn(*args)
+    if synchronize is not None:
+        synchronize(device)
+    return out, _clock() - start
+
+
+def _new_class(key, args, backend, sure_win, sure_lose, composite_name):
+    """The class of ``key``, created by its first call; a sure outcome (CPU only) is judged on
+    that call only."""
+    if backend != "cpu":
+        sure_win = sure_lose = None
+    sure = (backend if sure_win is not None and sure_win(*args)
             else composite_name if sure_lose is not None and sure_lose(*args) else None)
     with _lock:
         cls = _classes.setdefault(key, _Class())
@@ -186,24 +220,27 @@ def _new_class(key, args, sure_win, sure_lose, composite_name):
         return cls
 
 
-def with_floor(product, fn, like):
-    """``fn`` (the automatically chosen cpu kernel of ``product``) under the floor rule."""
+def with_floor(product, fn, like, backend="cpu"):
+    """``fn`` (``backend``'s implementation of ``product``, chosen automatically for tensors like
+    ``like``) under the floor rule; ``fn`` itself where the rule does not cover that backend."""
     entry = _composites.get(product)
-    if entry is None or floor_mode() == "off":
+    if entry is None or backend not in KERNEL_BACKENDS or floor_mode() == "off":
         return fn
     composite_name, key_fn, sure_win, sure_lose = entry
     composite = select_kernel(product, like.device, like.dtype, composite_name)[1]
-    sides = ("cpu", composite_name)
-    implementations = {"cpu": fn, composite_name: composite}
+    sides = (backend, composite_name)
+    implementations = {backend: fn, composite_name: composite}
 
     def call(*args):
         if torch.are_deterministic_algorithms_enabled():
             return fn(*args)
-        key = (product, like.dtype, torch.get_num_threads(), key_fn(*args))
-        cls = _classes.get(key) or _new_class(key, args, sure_win, sure_lose, composite_name)
+        key = _class_key(product, backend, like, key_fn, args)
+        cls = _classes.get(key) or _new_class(key, args, backend, sure_win, sure_lose, composite_name)
         side = cls.choice  # once finally decided, a class is read without the lock
         if side is not None and cls.final:
             return implementations[side](*args)
+        if _capturing(like.device):  # a graph replays what it captured: the kernel unless decided against
+            return implementations[side or backend](*args)
         with _lock:
             if cls.choice is not None and not cls.final:
                 cls.count_unconfirmed_call()  # the CONFIRM_AFTER-th reopens the measurements
@@ -211,9 +248,7 @@ def with_floor(product, fn, like):
             side = cls.next_side(sides) if measuring else cls.choice
         if not measuring:
             return implementations[side](*args)
-        start = _clock()
-        out = implementations[side](*args)
-        elapsed = _clock() - start
+        out, elapsed = _timed(implementations[side], args, like.device)
         with _lock:
             if cls.choice is None:
                 cls.record(side, elapsed, sides)

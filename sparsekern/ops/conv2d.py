@@ -1,7 +1,7 @@
 """``sparse_conv2d``: Y = conv2d(X, W) + b with W block-sparse over channels, and its autograd.
 
-Forward, dX and dW each run a conv kernel from the registry; an automatic choice of the
-compiled cpu kernels is subject to the measured floor rule (kernels/floor.py, with the conv
+Forward, dX and dW each run a conv kernel from the registry; an automatic choice of
+compiled kernels is subject to the measured floor rule (kernels/floor.py, with the conv
 specifics in kernels/conv/policy.py: the kernels where they beat dense F.conv2d, else the
 composite). dW is computed on the stored blocks only. The ops are torch.library custom ops
 with fake implementations, so torch.compile traces them without graph breaks.
@@ -223,10 +223,10 @@ def _settled_on_the_composite(x, values, layout, geometry, bias):
     dW read-out copy (on a Zen 4, bf16 at density 1: 0.964-0.984x of nn.Conv2d through the ops,
     0.986-0.989x this way). Never under torch.compile or a forced backend, where the ops run as
     traced, nor where the rule is off (floor.final_choice)."""
-    if (traced_backend() is not None or torch.compiler.is_compiling()
-            or select_kernel("conv_forward", x.device, x.dtype)[0] != "cpu"):
+    if traced_backend() is not None or torch.compiler.is_compiling():
         return False
-    if floor.final_choice("conv_forward", x, x, values, layout, geometry, bias) != "reference":
+    backend = select_kernel("conv_forward", x.device, x.dtype)[0]
+    if floor.final_choice("conv_forward", backend, x, x, values, layout, geometry, bias) != "reference":
         return False
     needs_dx, needs_dw = torch.is_grad_enabled() and x.requires_grad, torch.is_grad_enabled() and values.requires_grad
     if not (needs_dx or needs_dw):
@@ -240,7 +240,7 @@ def _settled_on_the_composite(x, values, layout, geometry, bias):
         product, args = "conv_grad_input", (dy, values, layout, geometry, tuple(x.shape[2:]))
     else:
         product, args = "conv_grad_weight", (dy, x, layout, geometry)
-    return floor.final_choice(product, dy, *args) == "reference"
+    return floor.final_choice(product, select_kernel(product, x.device, x.dtype)[0], x, *args) == "reference"
 
 
 def sparse_conv2d(x, values, layout, geometry, bias=None, *, grad_probe=None):

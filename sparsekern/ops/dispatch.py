@@ -20,8 +20,8 @@ traced_backend._dynamo_marked_constant = True
 
 def kernel(product, like, backend):
     """The registry's implementation of ``product`` for tensors like ``like``; an automatic
-    choice of the compiled cpu kernels is subject to the floor rule (kernels/floor.py)."""
+    choice of compiled kernels is subject to the floor rule (kernels/floor.py)."""
     name, fn = select_kernel(product, like.device, like.dtype, backend)
-    if name == "cpu" and backend is None and forced_backend() is None:
-        return with_floor(product, fn, like)
+    if backend is None and forced_backend() is None:
+        return with_floor(product, fn, like, name)
     return fn

@@ -17,7 +17,7 @@ implements the same three:
 Inputs arrive on one device, of one floating dtype (checked by the op layer), in either
 memory format; ``values`` is contiguous. Outputs are new tensors of the input dtype, in the
 memory format F.conv2d gives for that input (``output_memory_format``); half types
-accumulate in fp32. N and nnz may be 0. An automatic choice of the cpu backend runs under the
+accumulate in fp32. N and nnz may be 0. An automatic choice of the cpu or triton backend runs under the
 measured floor rule (never slower than dense F.conv2d); ``policy.py`` gives it the conv's
 shape classes and the calls it need not measure.
 """

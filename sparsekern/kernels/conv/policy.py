@@ -1,7 +1,7 @@
 """The floor rule for the conv products: what kernels/floor.py measures and what it need not.
 
-An automatic choice of the compiled ``cpu`` kernels runs under the measured floor rule like
-every other family: per shape class (geometry, memory format, batch rounded up to a power of
+An automatic choice of compiled kernels (``cpu``, and ``triton`` on GPUs) runs under the
+measured floor rule like every other family: per shape class (geometry, memory format, batch rounded up to a power of
 two, image size, density in 1/16 steps) the first calls time the kernels against the
 composite (the ``reference`` backend: dense F.conv2d on the densified weight, dW read out on
 the stored blocks) and keep the faster. Where the layer needs dX and dW, the two compete as
@@ -9,7 +9,8 @@ one product, ``conv_grads``: the kernels' dX and dW against one dense convolutio
 (nn.Conv2d's; two separate dense calls cost a dense step 15 % more).
 
 The rule reads the *effective* density: the multiply-adds the kernels do (stored blocks,
-padding channels included) over those of the dense conv. Calls decided without measuring:
+padding channels included) over those of the dense conv. Calls decided without measuring
+(on CPUs; on GPUs every class is measured):
   sure win: fp32 or fp64, more than one tap and at most a quarter of the dense work. The
     kernels won 2.2-4.4x there on a Zen3 (AVX2/FMA) against oneDNN in every product, and on
     an Intel Xeon against oneDNN's AVX-512 conv 1.3-2.5x per product at block 16 and a
