@@ -87,7 +87,7 @@ def test_lowrank_transposed_matmul(dtype, tokens, column_sums):
                           (_randn(tokens, 13, dtype=dtype), _randn(tokens, 5, dtype=dtype, seed=1), column_sums))
 
 
-# ---------------------------------------------------------------- 2:4 products (float32)
+# ---------------------------------------------------------------- 2:4 products (float32, bfloat16)
 
 def _semi_weight(rows, cols, transposable, seed=0):
     dense = _randn(rows, cols, seed=seed)
@@ -97,28 +97,38 @@ def _semi_weight(rows, cols, transposable, seed=0):
     return values, indices, indices_t
 
 
+def _semi_dtypes():
+    return [torch.float32] + ([torch.bfloat16] if semi_cpu._bf16_unavailable(torch.device("cpu"), torch.bfloat16)
+                              is None else [])
+
+
 @pytest.mark.parametrize("m", TOKENS + [97])
 @pytest.mark.parametrize("through_map", [False, True], ids=["rowwise", "transpose-map"])
 def test_semi_plan_and_forward(m, through_map):
     ops = _semi_ops()
     rows, cols, nb, kc = 12, 20, 5, 12
     values, indices, indices_t = _semi_weight(rows, cols, transposable=True)
-    if through_map:  # the forward on Wᵀ (dX), its values read out of W's
-        perm = transpose_permutation(indices, indices_t, (rows, cols)).to(torch.int32)
-        plan_args, x = (indices_t, perm, rows // 2, nb, kc), _randn(m, rows)
-    else:
-        plan_args, x = (indices, None, cols // 2, nb, kc), _randn(m, cols)
-    torch.library.opcheck(ops.semi_plan_cpu.default, plan_args)
-    offsets, source = ops.semi_plan_cpu(*plan_args)
-    for allow_avx512 in (False, True):
-        torch.library.opcheck(ops.semi_forward_cpu.default, (x, values, offsets, source, nb, kc, allow_avx512))
+    for dtype in _semi_dtypes():
+        pairs = dtype == torch.bfloat16
+        if through_map:  # the forward on Wᵀ (dX), its values read out of W's
+            perm = transpose_permutation(indices, indices_t, (rows, cols)).to(torch.int32)
+            plan_args, x = (indices_t, perm, rows // 2, nb, kc, pairs), _randn(m, rows).to(dtype)
+        else:
+            plan_args, x = (indices, None, cols // 2, nb, kc, pairs), _randn(m, cols).to(dtype)
+        torch.library.opcheck(ops.semi_plan_cpu.default, plan_args)
+        offsets, source = ops.semi_plan_cpu(*plan_args)
+        for allow_avx512 in (False, True):
+            torch.library.opcheck(ops.semi_forward_cpu.default,
+                                  (x, values.to(dtype), offsets, source, nb, kc, allow_avx512))
 
 
 @pytest.mark.parametrize("m", TOKENS)
 def test_semi_grad_weight(m):
     ops = _semi_ops()
     _, indices, _ = _semi_weight(12, 20, transposable=False)
-    torch.library.opcheck(ops.semi_grad_weight_cpu.default, (_randn(m, 12), _randn(m, 20, seed=1), indices))
+    for dtype in _semi_dtypes():
+        torch.library.opcheck(ops.semi_grad_weight_cpu.default,
+                              (_randn(m, 12).to(dtype), _randn(m, 20, seed=1).to(dtype), indices))
 
 
 @pytest.mark.parametrize("shape", [(4, 4), (12, 20), (0, 8)], ids=lambda s: f"{s[0]}x{s[1]}")

@@ -12,7 +12,8 @@ from helpers import TOLERANCES
 # (M, N, K): tokens not a multiple of the 96-token panels, N/K not multiples of the CPU blocking.
 SHAPES = [(1, 4, 4), (7, 8, 12), (100, 36, 68), (193, 40, 132), (97, 140, 264), (0, 8, 8)]
 CASES = [("reference", torch.float64), ("reference", torch.float32), ("reference", torch.bfloat16),
-         ("reference", torch.float16), ("cpu", torch.float32), ("dense", torch.float64), ("dense", torch.float32),
+         ("reference", torch.float16), ("cpu", torch.float32), ("cpu", torch.bfloat16), ("dense", torch.float64),
+         ("dense", torch.float32),
          ("dense", torch.bfloat16), ("dense", torch.float16)]
 
 
@@ -57,15 +58,67 @@ def test_op_matches_dense_masked(backend, dtype, shape, transposable):
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512_if_present", "avx2"])
-@pytest.mark.parametrize("blocking", [(64, 64), (32, 32), (5, 12)], ids=["default", "previous", "odd"])
-def test_cpu_forward_microkernels_and_blocking(avx512, blocking):
-    _skip_unavailable("cpu", torch.float32)
+@pytest.mark.parametrize("blocking", [(64, 64), (128, 64), (32, 32), (5, 12)], ids=["default", "bf16", "previous", "odd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_forward_microkernels_and_blocking(avx512, blocking, dtype):
+    _skip_unavailable("cpu", dtype)
     from sparsekern.kernels.semi import cpu
-    weight = _weight(72, 200, torch.float32, False)
-    x = torch.randn(197, 200)
-    offsets, source = cpu.plan(weight.indices, None, 100, *blocking)
+    weight = _weight(72, 200, dtype, False)
+    x = torch.randn(197, 200).to(dtype)
+    offsets, source = cpu.plan(weight.indices, None, 100, *blocking, pairs=dtype == torch.bfloat16)
     y = cpu.forward(x, weight.values, offsets, source, *blocking, avx512)
-    torch.testing.assert_close(y, x @ weight.to_dense().T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, x @ weight.to_dense().T, **TOLERANCES[dtype])
+
+
+def _bf16_error_ratio(got, dense_bf16, exact):
+    """‖got - exact‖ / ‖dense bf16 - exact‖ (Frobenius): the kernel's error against torch's own bf16."""
+    return float((got.double() - exact).norm() / (dense_bf16.double() - exact).norm())
+
+
+@pytest.mark.parametrize("shape,transposable", [((300, 136, 264), True), ((300, 136, 264), False),
+                                                ((97, 36, 64), True), ((97, 37, 64), False)],
+                         ids=["300x136x264-transposable", "300x136x264-rowwise", "97x36x64-transposable",
+                              "97x37x64-rowwise"])
+def test_cpu_bf16_products_err_no_more_than_dense_bf16(shape, transposable):
+    """The bf16 kernels (fp32 sums of bf16 products, one rounding) against fp64: within 10 % of the
+    error of torch's dense bf16 GEMMs on the same inputs, for y, dX and dW (odd token and row
+    counts: the token-pair panels' padding)."""
+    _skip_unavailable("cpu", torch.bfloat16)
+    from sparsekern.kernels.semi import cpu
+    m, n, k = shape
+    weight = _weight(n, k, torch.bfloat16, transposable)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    dy = torch.randn(m, n, generator=g).bfloat16()
+    dense, exact_w = weight.to_dense(), weight.to_dense().double()
+    got = {"y": cpu.semi_forward(x, weight.values, weight.indices),
+           "dx": cpu.semi_grad_input(dy, weight.values, weight.indices, weight.indices_t,
+                                     weight.transpose_map() if transposable else None),
+           "dw": cpu.semi_grad_weight(dy, x, weight.indices)}
+    kept = weight.mask
+    exact = {"y": x.double() @ exact_w.T, "dx": dy.double() @ exact_w, "dw": (dy.double().T @ x.double())[kept]}
+    torch_bf16 = {"y": x @ dense.T, "dx": dy @ dense, "dw": (dy.T @ x)[kept]}
+    for name in got:
+        assert _bf16_error_ratio(got[name].flatten(), torch_bf16[name].flatten(), exact[name].flatten()) <= 1.1, name
+
+
+def test_cpu_bf16_plan_refuses_a_group_keeping_one_position_twice():
+    _skip_unavailable("cpu", torch.bfloat16)
+    from sparsekern.kernels.semi import cpu
+    weight = _weight(8, 16, torch.bfloat16, False)
+    indices = weight.indices.clone()
+    indices[5, 0] = 0b0101   # group 0 of row 5 keeps position 1 twice (entries 0 and 1)
+    with pytest.raises(ValueError, match="row 5 of indices keeps a position of a group twice"):
+        cpu.plan(indices, None, 8, pairs=True)
+    cpu.plan(indices, None, 8)   # the fp32 kernels read each entry's column on its own: no refusal needed
+
+
+@pytest.mark.parametrize("isa,has_bf16", [("avx2", False), ("portable", False), ("avx512", True)])
+def test_cpu_bf16_kernels_follow_the_requested_isa(monkeypatch, isa, has_bf16):
+    _skip_unavailable("cpu", torch.bfloat16)
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa)
+    backends = available_backends("semi_forward", torch.device("cpu"), torch.bfloat16)
+    assert ("cpu" in backends) == has_bf16
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -96,7 +149,7 @@ def test_cpu_plan_cache_follows_structure():
         a.indices.copy_(b.indices)          # in-place structure change: the plan is rebuilt
         a.values.copy_(b.values)
         torch.testing.assert_close(semi_linear(x, a), x @ b.to_dense().T)
-    key = (id(b.indices), id(None))
+    key = (id(b.indices), id(None), False)
     semi_linear(x, b)
     assert key in cpu._plans
     del b
@@ -167,7 +220,7 @@ def test_op_bad_inputs():
 
 @pytest.mark.skipif("cpu" not in available_backends("semi_forward", torch.device("cpu"), torch.float32),
                     reason="the cpu backend is not built")
-def test_the_cpu_kernels_refuse_out_of_range_transpose_maps_instead_of_reading_outside():
+def test_the_cpu_kernels_refuse_out_of_range_metadata_instead_of_reading_outside():
     from sparsekern.kernels.semi import cpu
     rows, cols = 8, 16
     weight = sk.SemiStructuredMatrix.from_dense(
@@ -176,20 +229,29 @@ def test_the_cpu_kernels_refuse_out_of_range_transpose_maps_instead_of_reading_o
     bad_map[0, 0] = -1
     with pytest.raises(ValueError, match="transpose map entry 0 = -1 is outside"):
         cpu.plan(weight.indices_t, bad_map, rows // 2)
-    offsets, source = cpu.plan(weight.indices_t, weight.transpose_map(), rows // 2)
-    source = source.clone()
-    source[1, 1] = weight.values.numel()
-    with pytest.raises(ValueError, match="source holds entries outside"):
-        cpu.forward(torch.randn(3, rows), weight.values, offsets, source)
+    for dtype in [torch.float32] + ([torch.bfloat16] if cpu.bf16_pairs_usable() else []):
+        pairs, values = dtype == torch.bfloat16, weight.values.to(dtype)
+        offsets, source = cpu.plan(weight.indices_t, weight.transpose_map(), rows // 2, pairs=pairs)
+        bad_source = source.clone()
+        bad_source[1, 1] = weight.values.numel()
+        with pytest.raises(ValueError, match="source holds entries outside"):
+            cpu.forward(torch.randn(3, rows, dtype=dtype), values, offsets, bad_source)
+        panel_rows = 2 * 6 if pairs else rows   # Wᵀ's 8 columns: 8 rows of 96 lanes, or 2 groups x 6 pair rows
+        for bad in (-1, panel_rows * 96):   # as uint16: 65535; the first row past the panel
+            bad_offsets = offsets.clone()
+            bad_offsets[-1, -1] = bad
+            with pytest.raises(ValueError, match="offsets point outside the activation panels"):
+                cpu.forward(torch.randn(3, rows, dtype=dtype), values, bad_offsets, source)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("transposable", [False, True])
-def test_inf_and_nan_inputs_give_the_dense_masked_result_on_every_backend(transposable):
+def test_inf_and_nan_inputs_give_the_dense_masked_result_on_every_backend(transposable, dtype):
     torch.manual_seed(0)
-    layer = sk.SemiSparseLinear(64, 40, transposable=transposable, bias=False)
-    x = torch.randn(200, 64)
+    layer = sk.SemiSparseLinear(64, 40, transposable=transposable, bias=False, dtype=dtype)
+    x = torch.randn(200, 64, dtype=dtype)
     x[3, 5], x[7, 9], x[7, 30], x[150, 1] = float("inf"), float("-inf"), float("inf"), float("nan")
-    dy = torch.randn(200, 40)
+    dy = torch.randn(200, 40, dtype=dtype)
     dy[11, 2] = float("inf")
     dense = layer.dense_weight().detach()
     expected_y, expected_dx = x @ dense.T, dy @ dense
@@ -197,9 +259,9 @@ def test_inf_and_nan_inputs_give_the_dense_masked_result_on_every_backend(transp
     def same_ieee(a, b):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isposinf(), b.isposinf())
         assert torch.equal(a.isneginf(), b.isneginf())
-        torch.testing.assert_close(a.nan_to_num(0, 0, 0), b.nan_to_num(0, 0, 0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.nan_to_num(0, 0, 0), b.nan_to_num(0, 0, 0), **TOLERANCES[dtype])
 
-    for backend in available_backends("semi_forward", torch.device("cpu"), torch.float32):
+    for backend in available_backends("semi_forward", torch.device("cpu"), dtype):
         with sk.use_backend(backend):
             xx = x.clone().requires_grad_()
             y = layer(xx)

@@ -29,6 +29,7 @@
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
+#include "common/amx.h"
 #include "common/huge_page_output.h"
 #include "semi/prune.h"
 #include <immintrin.h>
@@ -40,6 +41,14 @@
 #include <tuple>
 #include <vector>
 
+// bf16 (forward and transposable dX; on CPUs with AVX512-BF16): each group of four columns
+// keeps one *pair* of entries, and VDPBF16PS multiplies a pair of bf16 by a pair, so the
+// activations are packed as *pair panels* Q[b][g][c][0..MR): for each of the six position
+// pairs c of group g, 96 tokens of (x[4g + i], x[4g + j]) as 32-bit lanes. A kept pair is then
+// one 32-bit broadcast and 6 dot products against the pair row its positions select: half
+// the instructions of the fp32 loop per multiply-add, fp32 accumulators, one rounding to bf16.
+// dW in bf16 packs dy and x as pairs of consecutive tokens and sums dot products over them.
+//
 // Everything up to the op registration is compiled for AVX2 + FMA (lambdas included); the
 // Python side calls in only after checking the CPU supports them, and importing runs none of it.
 #pragma GCC push_options
@@ -49,6 +58,9 @@ namespace {
 
 constexpr int64_t MR = 96;       // tokens per panel block = 12 ymm accumulators
 constexpr int64_t NB_MAX = 128;  // forward: most weight rows per task
+
+constexpr int64_t PAIRS = 6;     // bf16: position pairs (i < j) of a group of four
+constexpr int kPairFirst[PAIRS] = {0, 0, 0, 1, 1, 2}, kPairSecond[PAIRS] = {1, 2, 3, 2, 3, 3};
 
 constexpr int64_t KC_DW = 16;    // dW: 8 kept entries per row per step
 constexpr int64_t MSUPER = 4;    // dW: panel blocks accumulated in registers before a reduction
@@ -70,7 +82,7 @@ inline bool all_finite(const float* a, int64_t n) {
 // (M entries), also marks the rows holding an inf or NaN, on the chunk just read (still in L1).
 torch::Tensor pack_panels(const torch::Tensor& src, uint8_t* nonfinite = nullptr) {
   const int64_t M = src.size(0), K = src.size(1), nbm = (M + MR - 1) / MR;
-  auto out = torch::empty({nbm, K, MR}, src.options());
+  auto out = sparsekern::common::empty_output({nbm, K, MR}, src.options());
   const float* s = src.data_ptr<float>();
   float* p = out.data_ptr<float>();
   at::parallel_for(0, nbm, 1, [&](int64_t b0, int64_t b1) {
@@ -239,12 +251,20 @@ RowKernel row_kernel(bool allow_avx512) {
 // through perm (entry (n, j) = values[perm[n, j]], which is how dX reads Wᵀ's values out of
 // W's with no transposed copy), the flat position of each slot's value (else empty: values
 // row-major). Per call, only the values are gathered into the stream (a sequential pass).
+//
+// With `pairs` (the bf16 kernels) a slot holds a group's kept pair: offsets (rows, half/2) give
+// the pair row (group within the kc block x 6 + the pair of positions) x MR, in 32-bit lanes.
+bool blocking_fits(int64_t nb, int64_t kc, bool pairs) {
+  const int64_t panel_rows = pairs ? kc / 4 * PAIRS : kc;
+  return kc % 4 == 0 && kc >= 4 && panel_rows * MR < 65536 && nb >= 1 && nb <= NB_MAX;
+}
+
 std::tuple<torch::Tensor, torch::Tensor> plan(torch::Tensor indices, c10::optional<torch::Tensor> perm,
-                                              int64_t half, int64_t nb, int64_t kc) {
+                                              int64_t half, int64_t nb, int64_t kc, bool pairs) {
   TORCH_CHECK(indices.dim() == 2 && indices.is_contiguous() && indices.scalar_type() == torch::kUInt8 &&
                   indices.size(1) == (2 * half + 7) / 8,
               "semi: indices must be contiguous uint8 (rows, ceil(cols/8))");
-  TORCH_CHECK(kc % 4 == 0 && kc >= 4 && kc * MR < 65536 && nb >= 1 && nb <= NB_MAX, "semi: bad blocking");
+  TORCH_CHECK(blocking_fits(nb, kc, pairs) && half % 2 == 0, "semi: bad blocking");
   const int64_t N = indices.size(0), ib = indices.size(1);
   const int32_t* P = nullptr;
   if (perm.has_value()) {
@@ -256,7 +276,8 @@ std::tuple<torch::Tensor, torch::Tensor> plan(torch::Tensor indices, c10::option
       TORCH_CHECK_VALUE(P[i] >= 0 && P[i] < N * half, "semi: transpose map entry ", i, " = ", P[i],
                         " is outside the ", N * half, " values (indices_t is not the transpose of indices?)");
   }
-  auto offsets = torch::empty({N, half}, torch::TensorOptions().dtype(torch::kInt16));
+  auto offsets = torch::empty({N, pairs ? half / 2 : half}, torch::TensorOptions().dtype(torch::kInt16));
+  std::atomic<int64_t> unordered{-1};  // a row whose group holds one position twice (no pair row)
   auto source = torch::empty({P ? N : 0, half}, torch::TensorOptions().dtype(torch::kInt32));
   const uint8_t* I = indices.data_ptr<uint8_t>();
   uint16_t* PO = reinterpret_cast<uint16_t*>(offsets.data_ptr<int16_t>());
@@ -270,13 +291,22 @@ std::tuple<torch::Tensor, torch::Tensor> plan(torch::Tensor indices, c10::option
           const int64_t natural = (n0 + r) * half + j0;
           const uint8_t* idx = I + (n0 + r) * ib;
           for (int64_t e = 0; e < cnt; ++e) {
-            PO[start + r * cnt + e] = uint16_t((kept_column(idx, j0 + e) - 2 * j0) * MR);
             if (P) PS[start + r * cnt + e] = P[natural + e];
+            if (!pairs) {
+              PO[start + r * cnt + e] = uint16_t((kept_column(idx, j0 + e) - 2 * j0) * MR);
+            } else if (e % 2 == 0) {
+              const int64_t i = kept_column(idx, j0 + e) % 4, j = kept_column(idx, j0 + e + 1) % 4;
+              if (i >= j) unordered = n0 + r;
+              const int64_t pair = i == 0 ? j - 1 : i == 1 ? j + 1 : 5;  // the index of (i, j) in kPairFirst/Second
+              PO[(start + r * cnt + e) / 2] = uint16_t((e / 2 * PAIRS + (i < j ? pair : 0)) * MR);
+            }
           }
         }
       }
     }
   });
+  TORCH_CHECK_VALUE(unordered.load() < 0, "semi: row ", unordered.load(), " of indices keeps a position of a group "
+                    "twice or out of order (not a compression of an exact 2:4 mask)");
   return {offsets, source};
 }
 
@@ -291,6 +321,27 @@ void check_inputs(const torch::Tensor& a, const torch::Tensor& values, const tor
   TORCH_CHECK(k % 4 == 0 && values.size(1) * 2 == k && indices.size(0) == values.size(0) &&
                   indices.size(1) == (k + 7) / 8,
               "semi: inconsistent shapes");
+}
+
+// Whether every panel offset leaves a whole row of MR lanes inside the panel from its kc block's
+// start to the panel's end: offsets not made by plan() are refused instead of read past it.
+void check_offsets(const uint16_t* PO, int64_t N, int64_t half, int64_t nb, int64_t kc, bool pairs) {
+  const int64_t per = pairs ? 2 : 1;  // kept entries per stream slot
+  std::atomic<bool> fit{true};
+  at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
+    bool ok = true;
+    for (int64_t n0 = t0 * nb; n0 < std::min(N, t1 * nb); n0 += nb) {
+      const int64_t rows = std::min(nb, N - n0);
+      for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
+        const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
+        const int64_t columns = 2 * (half - j0), panel_rows = pairs ? columns / 4 * PAIRS : columns;
+        const uint16_t limit = uint16_t(std::min<int64_t>(65535, (panel_rows - 1) * MR));
+        for (int64_t i = start / per; i < (start + rows * cnt) / per; ++i) ok &= PO[i] <= limit;
+      }
+    }
+    if (!ok) fit = false;
+  });
+  TORCH_CHECK_VALUE(fit.load(), "semi: offsets point outside the activation panels (make them with plan())");
 }
 
 // y (M, N) = x (M, K) @ W.T, W (N, K) given by its values and its plan (see plan()).
@@ -309,10 +360,10 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
   auto y = sparsekern::common::empty_output({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
-  TORCH_CHECK(kc % 4 == 0 && kc >= 4 && kc * MR < 65536 && nb >= 1 && nb <= NB_MAX, "semi: bad blocking");
+  TORCH_CHECK(blocking_fits(nb, kc, false), "semi: bad blocking");
   std::vector<uint8_t> nonfinite(M, 0);
   const auto panels = pack_panels(x, nonfinite.data());
-  auto stream = torch::empty({N, half}, x.options());
+  auto stream = sparsekern::common::empty_output({N, half}, x.options());
   const float* V = values.data_ptr<float>();
   const int32_t* S = source.data_ptr<int32_t>();
   float* PV = stream.data_ptr<float>();
@@ -345,6 +396,7 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
   }
   const float* P = panels.data_ptr<float>();
   const uint16_t* PO = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
+  check_offsets(PO, N, half, nb, kc, false);
   float* Y = y.data_ptr<float>();
   const RowKernel kernel = row_kernel(allow_avx512);
   const bool pair_rows = allow_avx512 && __builtin_cpu_supports("avx512f");
@@ -379,6 +431,193 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
       if (nonfinite[m]) nonfinite_row(X + m * K, K, PV, PO, N, nb, kc, Y + m * N);
   });
   return y;
+}
+
+// ---- bf16: pair panels and VDPBF16PS (see the top of the file) ----
+
+inline bool bf16_nonfinite(uint16_t v) { return (v & 0x7f80) == 0x7f80; }
+
+// Q[b][g][c][i] = x[b*MR + i][4g + first(c)] | x[...][4g + second(c)] << 16 (0 past the last
+// row), for panel block b; marks in `nonfinite` (MR entries) the rows holding an inf or NaN.
+// 16 tokens of a group at a time: two gathers of their 4-value groups (8 bytes each), then one
+// two-source word permutation per pair row.
+SPARSEKERN_DOT_BF16 void pack_pair_block(const uint16_t* x, int64_t K, int64_t rows, uint32_t* q, uint8_t* nonfinite) {
+  const int64_t G = K / 4;
+  alignas(64) uint16_t table[PAIRS][32];
+  for (int c = 0; c < PAIRS; ++c)
+    for (int t = 0; t < 16; ++t) {
+      table[c][2 * t] = uint16_t(4 * t + kPairFirst[c]);
+      table[c][2 * t + 1] = uint16_t(4 * t + kPairSecond[c]);
+    }
+  __m512i pick[PAIRS];
+  for (int c = 0; c < PAIRS; ++c) pick[c] = _mm512_load_si512(table[c]);
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), exponent = _mm512_set1_epi16(0x7f80);
+  for (int64_t i0 = 0; i0 < MR; i0 += 16) {
+    const __m512i lo_rows = _mm512_add_epi64(lane, _mm512_set1_epi64(i0)), hi_rows = _mm512_add_epi64(lo_rows, _mm512_set1_epi64(8));
+    const __mmask8 lo = _mm512_cmplt_epi64_mask(lo_rows, _mm512_set1_epi64(rows));
+    const __mmask8 hi = _mm512_cmplt_epi64_mask(hi_rows, _mm512_set1_epi64(rows));
+    alignas(64) int64_t at[16];  // each row's start, in groups of 8 bytes
+    for (int t = 0; t < 16; ++t) at[t] = (i0 + t) * G;
+    const __m512i lo_at = _mm512_load_si512(at), hi_at = _mm512_load_si512(at + 8);
+    uint32_t bad = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const void* base = x + 4 * g;
+      const __m512i a = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), lo, lo_at, base, 8);
+      const __m512i b = _mm512_mask_i64gather_epi64(_mm512_setzero_si512(), hi, hi_at, base, 8);
+      bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(a, exponent), exponent) ? 1u : 0u;
+      bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(b, exponent), exponent) ? 2u : 0u;
+      uint32_t* out = q + g * PAIRS * MR + i0;
+      for (int c = 0; c < PAIRS; ++c) _mm512_storeu_si512(out + c * MR, _mm512_permutex2var_epi16(a, pick[c], b));
+    }
+    if (bad)  // rare: find the rows
+      for (int64_t i = i0; i < std::min(rows, i0 + 16); ++i)
+        for (int64_t k = 0; k < K; ++k)
+          if (bf16_nonfinite(x[i * K + k])) { nonfinite[i] = 1; break; }
+  }
+}
+
+torch::Tensor pack_pair_panels(const torch::Tensor& src, uint8_t* nonfinite) {
+  const int64_t M = src.size(0), K = src.size(1), nbm = (M + MR - 1) / MR;
+  auto out = sparsekern::common::empty_output({nbm, K / 4, PAIRS, MR}, src.options().dtype(torch::kInt32));
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
+  uint32_t* p = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  at::parallel_for(0, nbm, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      pack_pair_block(s + b * MR * K, K, std::min(MR, M - b * MR), p + b * (K / 4) * PAIRS * MR, nonfinite + b * MR);
+  });
+  return out;
+}
+
+// acc (R rows x 96 tokens, fp32) += sum over e < count of the pair v[r][e] . panel[off[r][e] ...]
+// for each row r; rows are `count` slots apart in v and off.
+template <int R>
+SPARSEKERN_DOT_BF16 void fwd_pair_rows(float* acc_mem, const uint32_t* panel, const uint32_t* v, const uint16_t* off,
+                                       int64_t count) {
+  __m512 a[R][6];
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < 6; ++t) a[r][t] = _mm512_loadu_ps(acc_mem + r * MR + 16 * t);
+  for (int64_t e = 0; e < count; ++e) {
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(int32_t(v[r * count + e]));
+      const uint32_t* x = panel + off[r * count + e];
+      for (int t = 0; t < 6; ++t)
+        a[r][t] = _mm512_dpbf16_ps(a[r][t], (__m512bh)_mm512_loadu_si512(x + 16 * t), w);
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < 6; ++t) _mm512_storeu_ps(acc_mem + r * MR + 16 * t, a[r][t]);
+}
+
+// The slot of kept pair p (entries 2p, 2p+1) of weight row n in the pair stream.
+inline int64_t pair_slot(int64_t n, int64_t p, int64_t N, int64_t half, int64_t nb, int64_t kc) {
+  return stream_index(n, 2 * p, N, half, nb, kc) / 2;
+}
+
+// nonfinite_row for the bf16 kernel: the row's dense product with W's zeros, from the pair stream.
+void nonfinite_pair_row(const uint16_t* xm, int64_t K, const uint32_t* PV, const uint16_t* PO, int64_t N, int64_t nb,
+                        int64_t kc, at::BFloat16* ym) {
+  const int64_t half = K / 2;
+  const auto value = [](uint32_t bits) { return float(at::BFloat16(uint16_t(bits), at::BFloat16::from_bits())); };
+  for (int64_t n = 0; n < N; ++n) {
+    float acc = 0.f;
+    for (int64_t g = 0; g < K / 4; ++g) {
+      const int64_t slot = pair_slot(n, g, N, half, nb, kc);
+      const int64_t c = PO[slot] / MR % PAIRS, i = 4 * g + kPairFirst[c], j = 4 * g + kPairSecond[c];
+      acc += value(xm[i]) * value(PV[slot]) + value(xm[j]) * value(PV[slot] >> 16);
+      for (int64_t k = 4 * g; k < 4 * g + 4; ++k)
+        if (k != i && k != j && bf16_nonfinite(xm[k])) acc += value(xm[k]) * 0.f;
+    }
+    ym[n] = at::BFloat16(acc);
+  }
+}
+
+// forward() for bf16 x and values (offsets from plan(..., pairs=true)), on AVX512-BF16.
+torch::Tensor forward_pairs(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& offsets,
+                            const torch::Tensor& source, int64_t nb, int64_t kc) {
+  const int64_t M = x.size(0), K = x.size(1), N = offsets.size(0), half = K / 2;
+  TORCH_CHECK(values.scalar_type() == torch::kBFloat16 && values.is_contiguous() && values.numel() == N * half,
+              "semi: values must be contiguous bfloat16 with N * K/2 entries");
+  TORCH_CHECK(offsets.dim() == 2 && offsets.size(1) == half / 2 && offsets.scalar_type() == torch::kInt16 &&
+                  source.scalar_type() == torch::kInt32 && (source.numel() == N * half || source.numel() == 0),
+              "semi: offsets/source do not match bfloat16 x (make them with plan(..., pairs=True))");
+  TORCH_CHECK(sparsekern::common::avx512_bf16_usable(), "semi: the bfloat16 kernels need AVX512-BF16, which this CPU lacks");
+  auto y = sparsekern::common::empty_output({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  TORCH_CHECK(blocking_fits(nb, kc, true), "semi: bad blocking");
+  std::vector<uint8_t> nonfinite(M, 0);
+  const auto panels = pack_pair_panels(x, nonfinite.data());
+  auto stream = sparsekern::common::empty_output({N, half}, values.options());
+  const uint16_t* V = reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>());
+  uint16_t* SV = reinterpret_cast<uint16_t*>(stream.data_ptr<at::BFloat16>());
+  if (source.numel()) {
+    const int32_t* S = source.data_ptr<int32_t>();
+    const uint32_t total = uint32_t(N * half);
+    std::atomic<bool> outside{false};
+    at::parallel_for(0, N * half, 4096, [&](int64_t i0, int64_t i1) {
+      bool bad = false;
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint32_t s = uint32_t(S[i]);
+        bad |= s >= total;
+        SV[i] = V[s < total ? s : 0];
+      }
+      if (bad) outside = true;
+    });
+    TORCH_CHECK_VALUE(!outside.load(), "semi: source holds entries outside the ", N * half, " values (make it with plan())");
+  } else {
+    at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t n0 = t0 * nb; n0 < std::min(N, t1 * nb); n0 += nb) {
+        const int64_t rows = std::min(nb, N - n0);
+        for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
+          const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
+          for (int64_t r = 0; r < rows; ++r) std::copy_n(V + (n0 + r) * half + j0, cnt, SV + start + r * cnt);
+        }
+      }
+    });
+  }
+  const uint32_t* Q = reinterpret_cast<const uint32_t*>(panels.data_ptr<int32_t>());
+  const uint32_t* PV = reinterpret_cast<const uint32_t*>(SV);
+  const uint16_t* PO = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
+  check_offsets(PO, N, half, nb, kc, true);
+  at::BFloat16* Y = y.data_ptr<at::BFloat16>();
+  const int64_t G = K / 4, nbm = (M + MR - 1) / MR, nbn = (N + nb - 1) / nb;
+  at::parallel_for(0, nbm * nbn, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) float tile[NB_MAX * MR];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nbn, n0 = (t % nbn) * nb, rows = std::min(nb, N - n0);
+      std::fill(tile, tile + rows * MR, 0.f);
+      for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
+        const uint32_t* panel = Q + (b * G + j0 / 2) * PAIRS * MR;
+        const int64_t cnt = std::min(kc / 2, half - j0) / 2, start = (n0 * half + rows * j0) / 2;
+        int64_t r = 0;
+        for (; r + 1 < rows; r += 2) fwd_pair_rows<2>(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
+        if (r < rows) fwd_pair_rows<1>(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
+      }
+      const int64_t tokens = std::min(MR, M - b * MR);
+      for (int64_t i = 0; i < tokens; ++i) {
+        at::BFloat16* out = Y + (b * MR + i) * N + n0;
+        for (int64_t r = 0; r < rows; ++r) out[r] = at::BFloat16(tile[r * MR + i]);
+      }
+    }
+  });
+  const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      if (nonfinite[m]) nonfinite_pair_row(X + m * K, K, PV, PO, N, nb, kc, Y + m * N);
+  });
+  return y;
+}
+
+// The semi_forward_cpu op: fp32 on the AVX2/AVX-512F row kernels, bf16 on the pair kernels.
+torch::Tensor forward_op(torch::Tensor x, torch::Tensor values, torch::Tensor offsets, torch::Tensor source,
+                         int64_t nb, int64_t kc, bool allow_avx512) {
+  if (x.scalar_type() != torch::kBFloat16) return forward(x, values, offsets, source, nb, kc, allow_avx512);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 4 == 0,
+              "semi: x must be contiguous bfloat16 (M, K), K a multiple of 4");
+  return forward_pairs(x, values, offsets, source, nb, kc);
 }
 
 // Sum of each of 8 vectors, as one vector [sum a0, ..., sum a7].
@@ -448,13 +687,129 @@ torch::Tensor grad_weight(torch::Tensor dy, torch::Tensor x, torch::Tensor indic
   return dvalues;
 }
 
+// ---- bf16 dW: token-pair panels and VDPBF16PS ----
+
+constexpr int64_t MP = MR / 2;            // token pairs per panel block
+constexpr int64_t MSUPER_PAIRS = 8;       // dW bf16: panel blocks summed per reduction (their x columns fill ~24 KiB of L1)
+
+// T[b][c][p] = src[b*MR + 2p][c] | src[b*MR + 2p + 1][c] << 16 (0 past the last row): each column
+// of a panel block as 48 pairs of consecutive tokens. Two gathers of 32-bit words (columns c and
+// c + 1 of 16 rows each) give two columns' 16 pairs; an odd last column is packed alone.
+SPARSEKERN_DOT_BF16 void pack_token_pair_block(const uint16_t* src, int64_t C, int64_t rows, uint32_t* t) {
+  const __m512i low = _mm512_set1_epi32(0xffff), high = _mm512_set1_epi32(int32_t(0xffff0000u));
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t q = 0; q < MP; q += 16) {
+    const __m512i even_row = _mm512_slli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(q))), 1);
+    const __m512i odd_row = _mm512_add_epi32(even_row, _mm512_set1_epi32(1));
+    const __mmask16 even = _mm512_cmplt_epi32_mask(even_row, _mm512_set1_epi32(int32_t(rows)));
+    const __mmask16 odd = _mm512_cmplt_epi32_mask(odd_row, _mm512_set1_epi32(int32_t(rows)));
+    const __m512i even_at = _mm512_mullo_epi32(even_row, _mm512_set1_epi32(int32_t(C)));  // in elements
+    const __m512i odd_at = _mm512_mullo_epi32(odd_row, _mm512_set1_epi32(int32_t(C)));
+    int64_t c = 0;
+    for (; c + 1 < C; c += 2) {
+      const __m512i e = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), even, even_at, src + c, 2);
+      const __m512i o = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), odd, odd_at, src + c, 2);
+      _mm512_storeu_si512(t + c * MP + q, _mm512_or_si512(_mm512_and_si512(e, low), _mm512_slli_epi32(o, 16)));
+      _mm512_storeu_si512(t + (c + 1) * MP + q, _mm512_or_si512(_mm512_srli_epi32(e, 16), _mm512_and_si512(o, high)));
+    }
+    for (; c < C; ++c)
+      for (int64_t p = q; p < q + 16; ++p)
+        t[c * MP + p] = (2 * p < rows ? uint32_t(src[2 * p * C + c]) : 0u) |
+                        (2 * p + 1 < rows ? uint32_t(src[(2 * p + 1) * C + c]) << 16 : 0u);
+  }
+}
+
+torch::Tensor pack_token_pairs(const torch::Tensor& src) {
+  const int64_t M = src.size(0), C = src.size(1), nbm = (M + MR - 1) / MR;
+  auto out = sparsekern::common::empty_output({nbm, C, MP}, src.options().dtype(torch::kInt32));
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
+  uint32_t* t = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  at::parallel_for(0, nbm, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) pack_token_pair_block(s + b * MR * C, C, std::min(MR, M - b * MR), t + b * C * MP);
+  });
+  return out;
+}
+
+// sums[e] += sum over blocks [s0, s1) and their 96 tokens of dy[., n] * x[., col[e]], e < 8.
+SPARSEKERN_DOT_BF16 void sampled_pair_dots(const uint32_t* xp, const uint32_t* dyp, int64_t K, int64_t N, int64_t n,
+                                           int64_t s0, int64_t s1, const int64_t* col, float* sums) {
+  __m512 a[8];
+  for (int e = 0; e < 8; ++e) a[e] = _mm512_setzero_ps();
+  for (int64_t b = s0; b < s1; ++b) {
+    const uint32_t* xb = xp + b * K * MP;
+    const uint32_t* d = dyp + (b * N + n) * MP;
+    const __m512bh d0 = (__m512bh)_mm512_loadu_si512(d), d1 = (__m512bh)_mm512_loadu_si512(d + 16);
+    const __m512bh d2 = (__m512bh)_mm512_loadu_si512(d + 32);
+#pragma GCC unroll 8
+    for (int e = 0; e < 8; ++e) {
+      const uint32_t* xe = xb + col[e];
+      a[e] = _mm512_dpbf16_ps(a[e], (__m512bh)_mm512_loadu_si512(xe), d0);
+      a[e] = _mm512_dpbf16_ps(a[e], (__m512bh)_mm512_loadu_si512(xe + 16), d1);
+      a[e] = _mm512_dpbf16_ps(a[e], (__m512bh)_mm512_loadu_si512(xe + 32), d2);
+    }
+  }
+  __m256 h[8];
+  for (int e = 0; e < 8; ++e)
+    h[e] = _mm256_add_ps(_mm512_castps512_ps256(a[e]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[e]), 1)));
+  _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_loadu_ps(sums), hsum8(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7])));
+}
+
+// grad_weight() for bf16 dy and x on AVX512-BF16: fp32 sums, rounded once to bf16.
+torch::Tensor grad_weight_pairs(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& indices) {
+  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), half = K / 2;
+  TORCH_CHECK(sparsekern::common::avx512_bf16_usable(), "semi: the bfloat16 kernels need AVX512-BF16, which this CPU lacks");
+  TORCH_CHECK(indices.dim() == 2 && indices.is_contiguous() && indices.scalar_type() == torch::kUInt8 &&
+                  indices.size(0) == N && indices.size(1) == (K + 7) / 8,
+              "semi: indices must be contiguous uint8 (N, ceil(K/8)) for dy (M, N) and x (M, K)");
+  auto sums = torch::zeros({N, half}, x.options().dtype(torch::kFloat32));
+  if (M == 0 || N == 0 || K == 0) return sums.to(torch::kBFloat16);
+  const auto xp = pack_token_pairs(x), dyp = pack_token_pairs(dy);
+  const uint32_t* PX = reinterpret_cast<const uint32_t*>(xp.data_ptr<int32_t>());
+  const uint32_t* PD = reinterpret_cast<const uint32_t*>(dyp.data_ptr<int32_t>());
+  const uint8_t* I = indices.data_ptr<uint8_t>();
+  float* DV = sums.data_ptr<float>();
+  const int64_t nbm = (M + MR - 1) / MR, ib = indices.size(1);
+  const int64_t rows_per_task = std::max<int64_t>(
+      64, std::min<int64_t>(512, (N / (4 * at::get_num_threads()) + 7) / 8 * 8));
+  const int64_t nbn = (N + rows_per_task - 1) / rows_per_task;
+  for (int64_t s0 = 0; s0 < nbm; s0 += MSUPER_PAIRS) {
+    const int64_t s1 = std::min(nbm, s0 + MSUPER_PAIRS);
+    at::parallel_for(0, nbn, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t n0 = t0 * rows_per_task; n0 < std::min(N, t1 * rows_per_task); n0 += rows_per_task) {
+        const int64_t n1 = std::min(N, n0 + rows_per_task);
+        for (int64_t k0 = 0; k0 < K; k0 += KC_DW) {
+          const int64_t j0 = k0 / 2, count = std::min(KC_DW, K - k0) / 2;
+          for (int64_t n = n0; n < n1; ++n) {
+            const uint8_t* idx = I + n * ib;
+            int64_t col[8];  // panel column offsets; entries past ``count`` repeat entry 0 and are dropped
+            for (int64_t e = 0; e < 8; ++e) col[e] = (e < count ? kept_column(idx, j0 + e) : kept_column(idx, j0)) * MP;
+            alignas(32) float out[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            sampled_pair_dots(PX, PD, K, N, n, s0, s1, col, out);
+            for (int64_t e = 0; e < count; ++e) DV[n * half + j0 + e] += out[e];
+          }
+        }
+      }
+    });
+  }
+  return sums.to(torch::kBFloat16);
+}
+
+// The semi_grad_weight_cpu op: fp32, or bf16 on the pair kernels.
+torch::Tensor grad_weight_op(torch::Tensor dy, torch::Tensor x, torch::Tensor indices) {
+  if (x.scalar_type() != torch::kBFloat16) return grad_weight(dy, x, indices);
+  TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0) && dy.is_contiguous() && x.is_contiguous() &&
+                  dy.scalar_type() == torch::kBFloat16 && x.size(1) % 4 == 0,
+              "semi: dy (M, N) and x (M, K) must be contiguous bfloat16, K a multiple of 4");
+  return grad_weight_pairs(dy, x, indices);
+}
+
 }  // namespace
 
 #pragma GCC pop_options
 
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.set_python_module("sparsekern.kernels.semi.cpu");
-  m.def("semi_plan_cpu(Tensor indices, Tensor? perm, int half, int nb, int kc) -> (Tensor, Tensor)");
+  m.def("semi_plan_cpu(Tensor indices, Tensor? perm, int half, int nb, int kc, bool pairs) -> (Tensor, Tensor)");
   m.def("semi_forward_cpu(Tensor x, Tensor values, Tensor offsets, Tensor source, int nb, int kc, "
         "bool allow_avx512) -> Tensor");
   m.def("semi_grad_weight_cpu(Tensor dy, Tensor x, Tensor indices) -> Tensor");
@@ -462,14 +817,16 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("semi_plan_cpu", &plan);
-  m.impl("semi_forward_cpu", &forward);
-  m.impl("semi_grad_weight_cpu", &grad_weight);
+  m.impl("semi_forward_cpu", &forward_op);
+  m.impl("semi_grad_weight_cpu", &grad_weight_op);
 }
 
 // Controls and tables, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "2:4 semi-structured kernels on CPU; the products are sparsekern::semi_*_cpu dispatcher ops";
   sparsekern::common::def_output_cache(m);
+  m.def("bf16_pairs_usable", &sparsekern::common::avx512_bf16_usable,
+        "whether the bfloat16 forward / dX kernels (AVX512-BF16 dot products) run on this CPU");
   m.def("transposable_pattern_table", &sparsekern::semi::transposable_pattern_table,
         "the 90 transposable 4x4 patterns, (90, 16) bool, in scoring order");
 }

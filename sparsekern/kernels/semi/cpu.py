@@ -1,11 +1,12 @@
-"""C++ 2:4 products and prune+compress on CPU (``sparsekern._C_semi``, csrc/semi/): fp32, AVX2 + FMA.
+"""C++ 2:4 products and prune+compress on CPU (``sparsekern._C_semi``, csrc/semi/): fp32 on AVX2 + FMA
+(AVX-512F where the CPU has it), bf16 on AVX512-BF16 dot products.
 
 The extension is loaded on first use; without it (or on a CPU without AVX2, or
 for another dtype) this backend reports itself unavailable and the registry
 picks the reference one. Its kernels are dispatcher ops, whose fakes are
 registered here (the DST update kernels' too: one extension, one place):
 
-``semi_plan_cpu(indices, perm, half, nb, kc) -> (offsets, source)``
+``semi_plan_cpu(indices, perm, half, nb, kc, pairs) -> (offsets, source)`` (``pairs``: for bf16)
 ``semi_forward_cpu(x, values, offsets, source, nb, kc, allow_avx512) -> y``
 ``semi_grad_weight_cpu(dy, x, indices) -> dvalues``
 ``semi_prune_compress_cpu(dense, transposable) -> (values, indices, values_t?, indices_t?)``
@@ -27,8 +28,10 @@ from ..floor import register_floor, tokens_bucket
 from ..microkernel import requested_isa
 from ..registry import register_kernel
 
-_NB, _KC = 64, 64     # forward blocking: weight rows per task, panel columns per block (docs/semi_structured.md)
-_plans = {}           # (id(indices), id(map)) -> (weak refs, indices version, plan)
+# Forward blocking (weight rows per task, panel columns per block; docs/semi.md), by pairs: fp32
+# panels of 64 columns take 24 KiB; bf16 pair panels 36 KiB, and measured fastest at 128 rows.
+_BLOCKING = {False: (64, 64), True: (128, 64)}
+_plans = {}           # (id(indices), id(map), pairs) -> (weak refs, indices version, plan)
 
 
 def _register_fakes():
@@ -45,9 +48,9 @@ def _index_bytes(cols):
     return -(-cols // 8)  # packed 2-bit positions of cols/2 kept entries, four per byte
 
 
-def _plan_fake(indices, perm, half, nb, kc):
+def _plan_fake(indices, perm, half, nb, kc, pairs):
     rows = indices.shape[0]
-    return (indices.new_empty(rows, half, dtype=torch.int16),
+    return (indices.new_empty(rows, half // 2 if pairs else half, dtype=torch.int16),
             indices.new_empty(rows if perm is not None else 0, half, dtype=torch.int32))
 
 
@@ -112,28 +115,46 @@ def _unavailable(device, dtype, dtypes=(torch.float32,)):
     return None
 
 
-def plan(indices, transpose_map, half, nb=_NB, kc=_KC):
+def bf16_pairs_usable():
+    """Whether the bf16 forward / dX kernels run here: AVX512-BF16, and no lower path asked for."""
+    return requested_isa() not in ("portable", "avx2") and load_extension("semi").bf16_pairs_usable()
+
+
+def _bf16_unavailable(device, dtype):
+    """The products with a bf16 kernel: fp32 always, bf16 where the CPU has AVX512-BF16."""
+    reason = _unavailable(device, dtype, (torch.float32, torch.bfloat16))
+    if reason is None and dtype == torch.bfloat16 and not bf16_pairs_usable():
+        return ("bfloat16 needs AVX512-BF16 dot products" +
+                (f" (SPARSEKERN_CPU_ISA={requested_isa()})" if requested_isa() else ", which this CPU lacks"))
+    return reason
+
+
+def plan(indices, transpose_map, half, nb=None, kc=None, pairs=False):
     """(panel offsets, value positions) of the weight stream of the structure ``indices``
-    (values read through ``transpose_map`` when given), for the forward blocking ``nb``, ``kc``."""
-    return ops().semi_plan_cpu(indices, transpose_map, half, nb, kc)
+    (values read through ``transpose_map`` when given), for the forward blocking ``nb``, ``kc``
+    (default: the kernels'); ``pairs``: the bf16 kernels' (one offset per kept pair)."""
+    default_nb, default_kc = _BLOCKING[pairs]
+    return ops().semi_plan_cpu(indices, transpose_map, half, nb or default_nb, kc or default_kc, pairs)
 
 
-def forward(x, values, offsets, source, nb=_NB, kc=_KC, allow_avx512=None):
-    """y = x Wᵀ with W given by ``values`` and a plan made with the same blocking; the AVX-512
-    row kernels where the CPU has them, unless ``allow_avx512`` is False or SPARSEKERN_CPU_ISA
-    asks for avx2."""
+def forward(x, values, offsets, source, nb=None, kc=None, allow_avx512=None):
+    """y = x Wᵀ with W given by ``values`` and a plan made with the same blocking (and
+    ``pairs`` for bf16); fp32 on the AVX-512 row kernels where the CPU has them, unless
+    ``allow_avx512`` is False or SPARSEKERN_CPU_ISA asks for avx2."""
     if allow_avx512 is None:
         allow_avx512 = requested_isa() != "avx2"
-    return ops().semi_forward_cpu(x, values, offsets, source, nb, kc, allow_avx512)
+    default_nb, default_kc = _BLOCKING[x.dtype == torch.bfloat16]
+    return ops().semi_forward_cpu(x, values, offsets, source, nb or default_nb, kc or default_kc, allow_avx512)
 
 
-def _cached_plan(indices, transpose_map, half):
-    key = (id(indices), id(transpose_map))
+def _cached_plan(indices, transpose_map, half, dtype):
+    pairs = dtype == torch.bfloat16
+    key = (id(indices), id(transpose_map), pairs)
     hit = _plans.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], (indices, transpose_map))) \
             and hit[1] == indices._version:
         return hit[2]
-    result = plan(indices, transpose_map, half)
+    result = plan(indices, transpose_map, half, pairs=pairs)
     refs = tuple(weakref.ref(t, lambda _, k=key: _plans.pop(k, None)) if t is not None else (lambda: None)
                  for t in (indices, transpose_map))
     _plans[key] = (refs, indices._version, result)
@@ -141,12 +162,12 @@ def _cached_plan(indices, transpose_map, half):
 
 
 def semi_forward(x, values, indices):
-    return forward(x, values, *_cached_plan(indices, None, x.shape[1] // 2))
+    return forward(x, values, *_cached_plan(indices, None, x.shape[1] // 2, x.dtype))
 
 
 def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
     if indices_t is not None:   # transposable: the forward on Wᵀ, values read out of W's
-        return forward(dy, values, *_cached_plan(indices_t, transpose_map, dy.shape[1] // 2))
+        return forward(dy, values, *_cached_plan(indices_t, transpose_map, dy.shape[1] // 2, dy.dtype))
     # Row-wise-only 2:4: W's columns are irregular, and a scatter kernel reached less than
     # half of MKL's dense speed here, so dX is the dense product (use transposable 2:4).
     return dy @ ops().semi_decompress_sum_cpu([values], [indices], 2 * values.shape[1])
@@ -174,9 +195,9 @@ def transposable_pattern_table():
     return load_extension("semi").transposable_pattern_table()
 
 
-register_kernel("semi_forward", "cpu", semi_forward, _unavailable)
-register_kernel("semi_grad_input", "cpu", semi_grad_input, _unavailable)
-register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _unavailable)
+register_kernel("semi_forward", "cpu", semi_forward, _bf16_unavailable)
+register_kernel("semi_grad_input", "cpu", semi_grad_input, _bf16_unavailable)
+register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _bf16_unavailable)
 register_kernel("semi_prune_compress", "cpu", semi_prune_compress, _prune_unavailable)
 register_floor("semi_forward", "dense", lambda x, values, indices: (tokens_bucket(x.shape[0]), values.shape))
 register_floor("semi_grad_input", "dense",
