@@ -53,5 +53,14 @@ inline int rows_within_ways(int rows, int64_t stride) {
   return rows;
 }
 
+// A stride of at least `bytes` for blocks of which `parts` consecutive ones are read together:
+// whole lines, each block starting span / parts further along the L1's sets than the one
+// before (at a multiple of the set span, the same offset of every block falls into one set).
+inline int64_t staggered_stride(int64_t bytes, int64_t parts) {
+  const L1Sets& l1 = l1_sets();
+  const int64_t shift = std::max(l1.line, l1.span / parts / l1.line * l1.line);
+  return (bytes + l1.span - 1) / l1.span * l1.span + shift;
+}
+
 }  // namespace common
 }  // namespace sparsekern
