@@ -119,6 +119,13 @@ def test_cpu_bf16_kernels_follow_the_requested_isa(monkeypatch, isa, has_bf16):
     monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa)
     backends = available_backends("semi_forward", torch.device("cpu"), torch.bfloat16)
     assert ("cpu" in backends) == has_bf16
+    from sparsekern.cli.machine import kernel_path   # what benchmark headers and rows name
+    cpu = torch.device("cpu")
+    assert kernel_path("semi_forward", cpu, torch.bfloat16) == (
+        {"backend": "cpu", "isa": "avx512f+avx512_bf16"} if has_bf16 else {"backend": "dense", "isa": None})
+    if isa != "portable":
+        fp32 = "avx2-fma" if isa == "avx2" else "avx512f"
+        assert kernel_path("semi_forward", cpu, torch.float32) == {"backend": "cpu", "isa": fp32}
 
 
 @pytest.mark.parametrize("threads", [1, 2])

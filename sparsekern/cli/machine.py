@@ -113,11 +113,15 @@ def environment(device=torch.device("cpu")):
 
 def kernel_path(product, device, dtype):
     """The backend the registry picks for ``product`` (a forced ``sk.use_backend`` included) and, on
-    CPU, the ISA of the compiled family's microkernel ("unavailable" when it is not built)."""
+    CPU, the ISA of the compiled family's microkernel ("unavailable" when it is not built; for
+    2:4, what its kernels run in ``dtype``)."""
     backend = kernels.select_kernel(product, device, dtype)[0]
     isa = None
-    if device.type == "cpu":
-        isa = kernels.microkernel.microkernel_isa(product.split("_")[0])  # bsr_* -> the bsr family
+    family = product.split("_")[0]  # bsr_* -> the bsr family
+    if device.type == "cpu" and family == "semi":
+        isa = kernels.semi.cpu.kernel_isa(dtype) if backend == "cpu" else None
+    elif device.type == "cpu":
+        isa = kernels.microkernel.microkernel_isa(family)
     return {"backend": backend, "isa": isa}
 
 

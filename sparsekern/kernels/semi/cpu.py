@@ -120,6 +120,17 @@ def bf16_pairs_usable():
     return requested_isa() not in ("portable", "avx2") and load_extension("semi").bf16_pairs_usable()
 
 
+def kernel_isa(dtype):
+    """What the 2:4 products run in ``dtype`` here: "avx512f+avx512_bf16" (bf16 dot products),
+    "avx512f" or "avx2-fma" (fp32), None where the dtype has no kernel on this CPU."""
+    if _bf16_unavailable(torch.device("cpu"), dtype) is not None:
+        return None
+    if dtype == torch.bfloat16:
+        return "avx512f+avx512_bf16"
+    wide = requested_isa() != "avx2" and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return "avx512f" if wide else "avx2-fma"
+
+
 def _bf16_unavailable(device, dtype):
     """The products with a bf16 kernel: fp32 always, bf16 where the CPU has AVX512-BF16."""
     reason = _unavailable(device, dtype, (torch.float32, torch.bfloat16))
