@@ -133,9 +133,10 @@ def test_semi_grad_weight(m):
 
 @pytest.mark.parametrize("shape", [(4, 4), (12, 20), (0, 8)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("transposable", [False, True], ids=["rowwise", "transposable"])
-def test_semi_prune_compress(shape, transposable):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_semi_prune_compress(shape, transposable, dtype):
     ops = _semi_ops()
-    torch.library.opcheck(ops.semi_prune_compress_cpu.default, (_randn(*shape), transposable))
+    torch.library.opcheck(ops.semi_prune_compress_cpu.default, (_randn(*shape).to(dtype), transposable))
 
 
 # ---------------------------------------------------------------- 2:4 DST update kernels

@@ -1,4 +1,4 @@
-// 2:4 prune + compress on CPU (fp32), the dynamic mode's per-step kernel: the dispatcher op
+// 2:4 prune + compress on CPU (fp32 and bf16), the dynamic mode's per-step kernel: the dispatcher op
 // sparsekern::semi_prune_compress_cpu (fake in sparsekern/kernels/semi/cpu.py).
 //
 // One pass over the dense weight: choose the kept entries of each group of 4
@@ -11,7 +11,10 @@
 // (2048 tokens), this one 0.17 (docs/semi_structured.md).
 #include "semi/prune.h"
 
+#include "common/huge_page_output.h"
+
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <array>
@@ -67,12 +70,15 @@ const std::vector<Pattern>& patterns() {
 constexpr int64_t kBatch = 64;
 
 // Best pattern of each tile (tr, g0 .. g0 + count) of the (rows 4 tr .. 4 tr + 3) strip.
-void best_patterns(const float* w, int64_t K, int64_t tr, int64_t g0, int64_t count, int32_t* best) {
+// T: float or bf16, scored on its exact float value (the same choices as on the widened weight).
+template <typename T>
+void best_patterns(const T* w, int64_t K, int64_t tr, int64_t g0, int64_t count, int32_t* best) {
   float pair_sum[4][6][kBatch];
   for (int64_t t = 0; t < count; ++t) {
     for (int r = 0; r < 4; ++r) {
-      const float* a = w + (4 * tr + r) * K + 4 * (g0 + t);
-      const float m[4] = {std::fabs(a[0]), std::fabs(a[1]), std::fabs(a[2]), std::fabs(a[3])};
+      const T* a = w + (4 * tr + r) * K + 4 * (g0 + t);
+      float m[4];
+      for (int c = 0; c < 4; ++c) m[c] = std::fabs(float(a[c]));
       for (int p = 0; p < 6; ++p) pair_sum[r][p][t] = m[kPairs[p][0]] + m[kPairs[p][1]];
     }
   }
@@ -96,8 +102,10 @@ void best_patterns(const float* w, int64_t K, int64_t tr, int64_t g0, int64_t co
 }
 
 // Row-wise: the kept positions of a group as a 4-bit code (ranks 0 and 1; ties to the lower index).
-inline int top2_code(const float* a) {
-  const float m0 = std::fabs(a[0]), m1 = std::fabs(a[1]), m2 = std::fabs(a[2]), m3 = std::fabs(a[3]);
+template <typename T>
+inline int top2_code(const T* a) {
+  const float m0 = std::fabs(float(a[0])), m1 = std::fabs(float(a[1]));
+  const float m2 = std::fabs(float(a[2])), m3 = std::fabs(float(a[3]));
   const int r0 = (m1 > m0) + (m2 > m0) + (m3 > m0), r1 = (m0 >= m1) + (m2 > m1) + (m3 > m1);
   const int r2 = (m0 >= m2) + (m1 >= m2) + (m3 > m2), r3 = (m0 >= m3) + (m1 >= m3) + (m2 >= m3);
   return (r0 < 2) | (r1 < 2) << 1 | (r2 < 2) << 2 | (r3 < 2) << 3;
@@ -110,7 +118,8 @@ constexpr int kHigh[16] = {0, 0, 0, 1, 0, 2, 2, 0, 0, 3, 3, 0, 3, 0, 0, 0};
 // Two kept entries (group `group` of a compressed row): values, and their nibble in the
 // packed indices (low nibble for even groups, assigned; high for odd ones, or-ed in:
 // callers visit a row's groups in increasing order, so no zero-fill is needed).
-inline void put_group(float* values, uint8_t* indices, int64_t group, float v_lo, int lo, float v_hi, int hi) {
+template <typename T>
+inline void put_group(T* values, uint8_t* indices, int64_t group, T v_lo, int lo, T v_hi, int hi) {
   values[2 * group] = v_lo;
   values[2 * group + 1] = v_hi;
   const uint8_t nibble = uint8_t(lo | hi << 2);
@@ -121,28 +130,24 @@ inline void put_group(float* values, uint8_t* indices, int64_t group, float v_lo
   }
 }
 
-// dense (N, K) float32 -> values (N, K/2), indices uint8 (N, ceil(K/8)) and, if transposable,
+using Compressed = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+// dense (N, K) of T -> values (N, K/2), indices uint8 (N, ceil(K/8)) and, if transposable,
 // values_t (K, N/2), indices_t (K, ceil(N/8)): Wᵀ's compression (else None).
-std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> prune_compress(
-    const at::Tensor& dense, bool transposable) {
-  TORCH_CHECK(dense.device().is_cpu() && dense.dim() == 2 && dense.is_contiguous() &&
-                  dense.scalar_type() == at::kFloat,
-              "semi prune_compress: dense must be a contiguous 2-D float32 CPU tensor, got ", dense.scalar_type(),
-              " of shape ", dense.sizes());
+template <typename T>
+Compressed prune_compress_as(const at::Tensor& dense, bool transposable) {
   const int64_t N = dense.size(0), K = dense.size(1);
-  TORCH_CHECK(K % 4 == 0 && (!transposable || N % 4 == 0), "semi prune_compress: shape ", dense.sizes(),
-              transposable ? " needs both dims multiples of 4" : " needs the last dim a multiple of 4");
-  const float* w = dense.data_ptr<float>();
-  at::Tensor values = at::empty({N, K / 2}, dense.options());
+  const T* w = dense.data_ptr<T>();
+  at::Tensor values = common::empty_output({N, K / 2}, dense.options());
   at::Tensor indices = at::empty({N, (K + 7) / 8}, dense.options().dtype(at::kByte));
-  float* V = values.data_ptr<float>();
+  T* V = values.data_ptr<T>();
   uint8_t* I = indices.data_ptr<uint8_t>();
   const int64_t ib = indices.size(1), G = K / 4;
   if (!transposable) {
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         for (int64_t g = 0; g < G; ++g) {
-          const float* a = w + n * K + 4 * g;
+          const T* a = w + n * K + 4 * g;
           const int code = top2_code(a), lo = kLow[code], hi = kHigh[code];
           put_group(V + n * (K / 2), I + n * ib, g, a[lo], lo, a[hi], hi);
         }
@@ -150,9 +155,9 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::
     });
     return {values, indices, std::nullopt, std::nullopt};
   }
-  at::Tensor values_t = at::empty({K, N / 2}, dense.options());
+  at::Tensor values_t = common::empty_output({K, N / 2}, dense.options());
   at::Tensor indices_t = at::empty({K, (N + 7) / 8}, dense.options().dtype(at::kByte));
-  float* VT = values_t.data_ptr<float>();
+  T* VT = values_t.data_ptr<T>();
   uint8_t* IT = indices_t.data_ptr<uint8_t>();
   const int64_t ibt = indices_t.size(1), TR = N / 4;
   const auto& table = patterns();
@@ -182,6 +187,17 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::
     }
   });
   return {values, indices, values_t, indices_t};
+}
+
+Compressed prune_compress(const at::Tensor& dense, bool transposable) {
+  TORCH_CHECK(dense.device().is_cpu() && dense.dim() == 2 && dense.is_contiguous() &&
+                  (dense.scalar_type() == at::kFloat || dense.scalar_type() == at::kBFloat16),
+              "semi prune_compress: dense must be a contiguous 2-D float32 or bfloat16 CPU tensor, got ",
+              dense.scalar_type(), " of shape ", dense.sizes());
+  TORCH_CHECK(dense.size(1) % 4 == 0 && (!transposable || dense.size(0) % 4 == 0), "semi prune_compress: shape ",
+              dense.sizes(), transposable ? " needs both dims multiples of 4" : " needs the last dim a multiple of 4");
+  return dense.scalar_type() == at::kFloat ? prune_compress_as<float>(dense, transposable)
+                                           : prune_compress_as<at::BFloat16>(dense, transposable);
 }
 
 }  // namespace

@@ -189,9 +189,9 @@ def semi_grad_weight(dy, x, indices):
 
 
 def semi_prune_compress(dense, transposable):
-    if dense.dtype not in (torch.bfloat16, torch.float16):
+    if dense.dtype != torch.float16:   # fp32 and bf16 (scored on its exact fp32 values)
         return ops().semi_prune_compress_cpu(dense, transposable)
-    # Half types: the fp32 kernel on the weight widened (exactly, so the same magnitudes, ties and
+    # fp16: the fp32 kernel on the weight widened (exactly, so the same magnitudes, ties and
     # decisions as the reference on the half weight), its kept values narrowed back (exactly).
     values, indices, values_t, indices_t = ops().semi_prune_compress_cpu(dense.float(), transposable)
     return values.to(dense.dtype), indices, None if values_t is None else values_t.to(dense.dtype), indices_t
