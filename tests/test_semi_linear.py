@@ -58,7 +58,8 @@ def test_op_matches_dense_masked(backend, dtype, shape, transposable):
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512_if_present", "avx2"])
-@pytest.mark.parametrize("blocking", [(64, 64), (128, 64), (32, 32), (5, 12)], ids=["default", "bf16", "previous", "odd"])
+@pytest.mark.parametrize("blocking", [(64, 64), (128, 64), (32, 32), (5, 12)],
+                         ids=["default", "bf16", "previous", "odd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_forward_microkernels_and_blocking(avx512, blocking, dtype):
     _skip_unavailable("cpu", dtype)

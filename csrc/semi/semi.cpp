@@ -323,6 +323,38 @@ void check_inputs(const torch::Tensor& a, const torch::Tensor& values, const tor
               "semi: inconsistent shapes");
 }
 
+// The weight stream (see plan()): values gathered through `source` where it is given (never
+// read outside values, whatever source holds: out-of-range entries read values[0] and the call
+// fails, an unsigned compare free next to the gather), else copied row block by row block.
+template <typename T>
+void fill_stream(const T* V, const torch::Tensor& source, T* PV, int64_t N, int64_t half, int64_t nb, int64_t kc) {
+  if (source.numel()) {
+    const int32_t* S = source.data_ptr<int32_t>();
+    const uint32_t total = uint32_t(N * half);
+    std::atomic<bool> outside{false};
+    at::parallel_for(0, N * half, 4096, [&](int64_t i0, int64_t i1) {
+      bool bad = false;
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint32_t s = uint32_t(S[i]);
+        bad |= s >= total;
+        PV[i] = V[s < total ? s : 0];
+      }
+      if (bad) outside = true;
+    });
+    TORCH_CHECK_VALUE(!outside.load(), "semi: source holds entries outside the ", N * half, " values (make it with plan())");
+    return;
+  }
+  at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t n0 = t0 * nb; n0 < std::min(N, t1 * nb); n0 += nb) {
+      const int64_t rows = std::min(nb, N - n0);
+      for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
+        const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
+        for (int64_t r = 0; r < rows; ++r) std::copy_n(V + (n0 + r) * half + j0, cnt, PV + start + r * cnt);
+      }
+    }
+  });
+}
+
 // Whether every panel offset leaves a whole row of MR lanes inside the panel from its kc block's
 // start to the panel's end: offsets not made by plan() are refused instead of read past it.
 void check_offsets(const uint16_t* PO, int64_t N, int64_t half, int64_t nb, int64_t kc, bool pairs) {
@@ -365,35 +397,8 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
   const auto panels = pack_panels(x, nonfinite.data());
   auto stream = sparsekern::common::empty_output({N, half}, x.options());
   const float* V = values.data_ptr<float>();
-  const int32_t* S = source.data_ptr<int32_t>();
   float* PV = stream.data_ptr<float>();
-  if (source.numel()) {
-    // Never read outside values, whatever source holds: out-of-range entries read values[0]
-    // and the call fails (an unsigned compare, free next to the gather).
-    const uint32_t total = uint32_t(N * half);
-    std::atomic<bool> outside{false};
-    at::parallel_for(0, N * half, 4096, [&](int64_t i0, int64_t i1) {
-      bool bad = false;
-      for (int64_t i = i0; i < i1; ++i) {
-        const uint32_t s = uint32_t(S[i]);
-        bad |= s >= total;
-        PV[i] = V[s < total ? s : 0];
-      }
-      if (bad) outside = true;
-    });
-    TORCH_CHECK_VALUE(!outside.load(), "semi: source holds entries outside the ", N * half, " values (make it with plan())");
-  } else {
-    at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t n0 = t0 * nb; n0 < std::min(N, t1 * nb); n0 += nb) {
-        const int64_t rows = std::min(nb, N - n0);
-        for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
-          const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
-          for (int64_t r = 0; r < rows; ++r)
-            std::copy_n(V + (n0 + r) * half + j0, cnt, PV + start + r * cnt);
-        }
-      }
-    });
-  }
+  fill_stream(V, source, PV, N, half, nb, kc);
   const float* P = panels.data_ptr<float>();
   const uint16_t* PO = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
   check_offsets(PO, N, half, nb, kc, false);
@@ -453,7 +458,8 @@ SPARSEKERN_DOT_BF16 void pack_pair_block(const uint16_t* x, int64_t K, int64_t r
   for (int c = 0; c < PAIRS; ++c) pick[c] = _mm512_load_si512(table[c]);
   const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), exponent = _mm512_set1_epi16(0x7f80);
   for (int64_t i0 = 0; i0 < MR; i0 += 16) {
-    const __m512i lo_rows = _mm512_add_epi64(lane, _mm512_set1_epi64(i0)), hi_rows = _mm512_add_epi64(lo_rows, _mm512_set1_epi64(8));
+    const __m512i lo_rows = _mm512_add_epi64(lane, _mm512_set1_epi64(i0));
+    const __m512i hi_rows = _mm512_add_epi64(lo_rows, _mm512_set1_epi64(8));
     const __mmask8 lo = _mm512_cmplt_epi64_mask(lo_rows, _mm512_set1_epi64(rows));
     const __mmask8 hi = _mm512_cmplt_epi64_mask(hi_rows, _mm512_set1_epi64(rows));
     alignas(64) int64_t at[16];  // each row's start, in groups of 8 bytes
@@ -543,7 +549,8 @@ torch::Tensor forward_pairs(const torch::Tensor& x, const torch::Tensor& values,
   TORCH_CHECK(offsets.dim() == 2 && offsets.size(1) == half / 2 && offsets.scalar_type() == torch::kInt16 &&
                   source.scalar_type() == torch::kInt32 && (source.numel() == N * half || source.numel() == 0),
               "semi: offsets/source do not match bfloat16 x (make them with plan(..., pairs=True))");
-  TORCH_CHECK(sparsekern::common::avx512_bf16_usable(), "semi: the bfloat16 kernels need AVX512-BF16, which this CPU lacks");
+  TORCH_CHECK(sparsekern::common::avx512_bf16_usable(),
+              "semi: the bfloat16 kernels need AVX512-BF16, which this CPU lacks");
   auto y = sparsekern::common::empty_output({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return y.zero_();
@@ -553,31 +560,7 @@ torch::Tensor forward_pairs(const torch::Tensor& x, const torch::Tensor& values,
   auto stream = sparsekern::common::empty_output({N, half}, values.options());
   const uint16_t* V = reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>());
   uint16_t* SV = reinterpret_cast<uint16_t*>(stream.data_ptr<at::BFloat16>());
-  if (source.numel()) {
-    const int32_t* S = source.data_ptr<int32_t>();
-    const uint32_t total = uint32_t(N * half);
-    std::atomic<bool> outside{false};
-    at::parallel_for(0, N * half, 4096, [&](int64_t i0, int64_t i1) {
-      bool bad = false;
-      for (int64_t i = i0; i < i1; ++i) {
-        const uint32_t s = uint32_t(S[i]);
-        bad |= s >= total;
-        SV[i] = V[s < total ? s : 0];
-      }
-      if (bad) outside = true;
-    });
-    TORCH_CHECK_VALUE(!outside.load(), "semi: source holds entries outside the ", N * half, " values (make it with plan())");
-  } else {
-    at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t n0 = t0 * nb; n0 < std::min(N, t1 * nb); n0 += nb) {
-        const int64_t rows = std::min(nb, N - n0);
-        for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
-          const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
-          for (int64_t r = 0; r < rows; ++r) std::copy_n(V + (n0 + r) * half + j0, cnt, SV + start + r * cnt);
-        }
-      }
-    });
-  }
+  fill_stream(V, source, SV, N, half, nb, kc);
   const uint32_t* Q = reinterpret_cast<const uint32_t*>(panels.data_ptr<int32_t>());
   const uint32_t* PV = reinterpret_cast<const uint32_t*>(SV);
   const uint16_t* PO = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
@@ -593,7 +576,8 @@ torch::Tensor forward_pairs(const torch::Tensor& x, const torch::Tensor& values,
         const uint32_t* panel = Q + (b * G + j0 / 2) * PAIRS * MR;
         const int64_t cnt = std::min(kc / 2, half - j0) / 2, start = (n0 * half + rows * j0) / 2;
         int64_t r = 0;
-        for (; r + 1 < rows; r += 2) fwd_pair_rows<2>(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
+        for (; r + 1 < rows; r += 2)
+          fwd_pair_rows<2>(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
         if (r < rows) fwd_pair_rows<1>(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
       }
       const int64_t tokens = std::min(MR, M - b * MR);
@@ -628,6 +612,65 @@ inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m25
   return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
 }
 
+// The dW driver: DV[n, j] (N, K/2, fp32) += the sampled products, 8 kept entries of a row at a
+// time over `super` panel blocks per reduction. dots(n, s0, s1, col, sums) writes the 8 sums of
+// row n over blocks [s0, s1) for the entries whose panel columns start at col[e] (entries past
+// the row's last repeat entry 0 and are dropped). Rows of W per task: each task streams the
+// whole x super-panel once (from L3), so fewer, larger tasks read less (512 rows measured ~10%
+// faster than 64 at 4096 x 4096); their dy rows stay in L2. At least 4 tasks per thread.
+template <typename Dots>
+void sampled_product(float* DV, const uint8_t* I, int64_t ib, int64_t M, int64_t N, int64_t K, int64_t super,
+                     int64_t column, Dots dots) {
+  const int64_t nbm = (M + MR - 1) / MR, half = K / 2;
+  const int64_t rows_per_task = std::max<int64_t>(
+      64, std::min<int64_t>(512, (N / (4 * at::get_num_threads()) + 7) / 8 * 8));
+  const int64_t nbn = (N + rows_per_task - 1) / rows_per_task;
+  for (int64_t s0 = 0; s0 < nbm; s0 += super) {
+    const int64_t s1 = std::min(nbm, s0 + super);
+    at::parallel_for(0, nbn, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t n0 = t0 * rows_per_task; n0 < std::min(N, t1 * rows_per_task); n0 += rows_per_task) {
+        const int64_t n1 = std::min(N, n0 + rows_per_task);
+        for (int64_t k0 = 0; k0 < K; k0 += KC_DW) {
+          const int64_t j0 = k0 / 2, count = std::min(KC_DW, K - k0) / 2;
+          for (int64_t n = n0; n < n1; ++n) {
+            const uint8_t* idx = I + n * ib;
+            int64_t col[8];
+            for (int64_t e = 0; e < 8; ++e)
+              col[e] = (e < count ? kept_column(idx, j0 + e) : kept_column(idx, j0)) * column;
+            alignas(32) float sums[8];
+            dots(n, s0, s1, col, sums);
+            float* out = DV + n * half + j0;
+            for (int64_t e = 0; e < count; ++e) out[e] += sums[e];
+          }
+        }
+      }
+    });
+  }
+}
+
+// sums[e] = sum over blocks [s0, s1) and their 96 tokens of dy[., n] * x[., col[e]], e < 8 (fp32
+// panels: 8 ymm dot-product accumulators over MSUPER x 96 tokens, one hadd tree).
+inline void sampled_dots(const float* PX, const float* PD, int64_t K, int64_t N, int64_t n, int64_t s0, int64_t s1,
+                         const int64_t* col, float* sums) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t b = s0; b < s1; ++b) {
+    const float* xb = PX + b * K * MR;
+    const float* d = PD + (b * N + n) * MR;
+    for (int64_t r = 0; r < MR; r += 8) {
+      const __m256 dr = _mm256_loadu_ps(d + r);
+      a0 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[0] + r), a0);
+      a1 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[1] + r), a1);
+      a2 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[2] + r), a2);
+      a3 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[3] + r), a3);
+      a4 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[4] + r), a4);
+      a5 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[5] + r), a5);
+      a6 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[6] + r), a6);
+      a7 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[7] + r), a7);
+    }
+  }
+  _mm256_store_ps(sums, hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
+}
+
 // dvalues (N, K/2): dvalues[n, j] = sum_m dy[m, n] * x[m, col(n, j)].
 torch::Tensor grad_weight(torch::Tensor dy, torch::Tensor x, torch::Tensor indices) {
   const int64_t M = x.size(0), K = x.size(1), N = dy.size(1);
@@ -639,51 +682,10 @@ torch::Tensor grad_weight(torch::Tensor dy, torch::Tensor x, torch::Tensor indic
   const auto xp = pack_panels(x), dyp = pack_panels(dy);
   const float* PX = xp.data_ptr<float>();
   const float* PD = dyp.data_ptr<float>();
-  const uint8_t* I = indices.data_ptr<uint8_t>();
-  float* DV = dvalues.data_ptr<float>();
-  const int64_t nbm = (M + MR - 1) / MR, half = K / 2, ib = indices.size(1);
-  // Rows of W per task: each task streams the whole x super-panel once (from L3), so fewer,
-  // larger tasks read less (512 rows measured ~10% faster than 64 at 4096 x 4096); their dy
-  // rows (rows x MSUPER x 96 floats) stay in L2. At least 4 tasks per thread for balance.
-  const int64_t rows_per_task = std::max<int64_t>(
-      64, std::min<int64_t>(512, (N / (4 * at::get_num_threads()) + 7) / 8 * 8));
-  const int64_t nbn = (N + rows_per_task - 1) / rows_per_task;
-  for (int64_t s0 = 0; s0 < nbm; s0 += MSUPER) {
-    const int64_t s1 = std::min(nbm, s0 + MSUPER);
-    at::parallel_for(0, nbn, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t n0 = t0 * rows_per_task; n0 < std::min(N, t1 * rows_per_task); n0 += rows_per_task) {
-        const int64_t n1 = std::min(N, n0 + rows_per_task);
-        for (int64_t k0 = 0; k0 < K; k0 += KC_DW) {
-          const int64_t j0 = k0 / 2, count = std::min(KC_DW, K - k0) / 2;
-          for (int64_t n = n0; n < n1; ++n) {
-            const uint8_t* idx = I + n * ib;
-            int64_t col[8];  // panel row offsets; entries past ``count`` repeat entry 0 and are dropped
-            for (int64_t e = 0; e < 8; ++e) col[e] = (e < count ? kept_column(idx, j0 + e) : kept_column(idx, j0)) * MR;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-            for (int64_t b = s0; b < s1; ++b) {
-              const float* xb = PX + b * K * MR;
-              const float* d = PD + (b * N + n) * MR;
-              for (int64_t r = 0; r < MR; r += 8) {
-                const __m256 dr = _mm256_loadu_ps(d + r);
-                a0 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[0] + r), a0);
-                a1 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[1] + r), a1);
-                a2 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[2] + r), a2);
-                a3 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[3] + r), a3);
-                a4 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[4] + r), a4);
-                a5 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[5] + r), a5);
-                a6 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[6] + r), a6);
-                a7 = _mm256_fmadd_ps(dr, _mm256_loadu_ps(xb + col[7] + r), a7);
-              }
-            }
-            alignas(32) float sums[8];
-            _mm256_store_ps(sums, hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
-            float* out = DV + n * half + j0;
-            for (int64_t e = 0; e < count; ++e) out[e] += sums[e];
-          }
-        }
-      }
-    });
-  }
+  sampled_product(dvalues.data_ptr<float>(), indices.data_ptr<uint8_t>(), indices.size(1), M, N, K, MSUPER, MR,
+                  [&](int64_t n, int64_t s0, int64_t s1, const int64_t* col, float* sums) {
+                    sampled_dots(PX, PD, K, N, n, s0, s1, col, sums);
+                  });
   return dvalues;
 }
 
@@ -732,14 +734,16 @@ torch::Tensor pack_token_pairs(const torch::Tensor& src) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
   uint32_t* t = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
   at::parallel_for(0, nbm, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) pack_token_pair_block(s + b * MR * C, C, std::min(MR, M - b * MR), t + b * stride);
+    for (int64_t b = b0; b < b1; ++b)
+      pack_token_pair_block(s + b * MR * C, C, std::min(MR, M - b * MR), t + b * stride);
   });
   return out;
 }
 
-// sums[e] += sum over blocks [s0, s1) and their 96 tokens of dy[., n] * x[., col[e]], e < 8.
-SPARSEKERN_DOT_BF16 void sampled_pair_dots(const uint32_t* xp, int64_t x_stride, const uint32_t* dyp, int64_t dy_stride, int64_t n,
-                                           int64_t s0, int64_t s1, const int64_t* col, float* sums) {
+// sums[e] = sum over blocks [s0, s1) and their 96 tokens of dy[., n] * x[., col[e]], e < 8.
+SPARSEKERN_DOT_BF16 void sampled_pair_dots(const uint32_t* xp, int64_t x_stride, const uint32_t* dyp,
+                                           int64_t dy_stride, int64_t n, int64_t s0, int64_t s1, const int64_t* col,
+                                           float* sums) {
   __m512 a[8];
   for (int e = 0; e < 8; ++e) a[e] = _mm512_setzero_ps();
   for (int64_t b = s0; b < s1; ++b) {
@@ -757,14 +761,16 @@ SPARSEKERN_DOT_BF16 void sampled_pair_dots(const uint32_t* xp, int64_t x_stride,
   }
   __m256 h[8];
   for (int e = 0; e < 8; ++e)
-    h[e] = _mm256_add_ps(_mm512_castps512_ps256(a[e]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[e]), 1)));
-  _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_loadu_ps(sums), hsum8(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7])));
+    h[e] = _mm256_add_ps(_mm512_castps512_ps256(a[e]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[e]), 1)));
+  _mm256_storeu_ps(sums, hsum8(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]));
 }
 
 // grad_weight() for bf16 dy and x on AVX512-BF16: fp32 sums, rounded once to bf16.
 torch::Tensor grad_weight_pairs(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& indices) {
   const int64_t M = x.size(0), K = x.size(1), N = dy.size(1), half = K / 2;
-  TORCH_CHECK(sparsekern::common::avx512_bf16_usable(), "semi: the bfloat16 kernels need AVX512-BF16, which this CPU lacks");
+  TORCH_CHECK(sparsekern::common::avx512_bf16_usable(),
+              "semi: the bfloat16 kernels need AVX512-BF16, which this CPU lacks");
   TORCH_CHECK(indices.dim() == 2 && indices.is_contiguous() && indices.scalar_type() == torch::kUInt8 &&
                   indices.size(0) == N && indices.size(1) == (K + 7) / 8,
               "semi: indices must be contiguous uint8 (N, ceil(K/8)) for dy (M, N) and x (M, K)");
@@ -773,32 +779,11 @@ torch::Tensor grad_weight_pairs(const torch::Tensor& dy, const torch::Tensor& x,
   const auto xp = pack_token_pairs(x), dyp = pack_token_pairs(dy);
   const uint32_t* PX = reinterpret_cast<const uint32_t*>(xp.data_ptr<int32_t>());
   const uint32_t* PD = reinterpret_cast<const uint32_t*>(dyp.data_ptr<int32_t>());
-  const uint8_t* I = indices.data_ptr<uint8_t>();
-  float* DV = sums.data_ptr<float>();
-  const int64_t nbm = (M + MR - 1) / MR, ib = indices.size(1), x_stride = token_pair_stride(K),
-                dy_stride = token_pair_stride(N);
-  const int64_t rows_per_task = std::max<int64_t>(
-      64, std::min<int64_t>(512, (N / (4 * at::get_num_threads()) + 7) / 8 * 8));
-  const int64_t nbn = (N + rows_per_task - 1) / rows_per_task;
-  for (int64_t s0 = 0; s0 < nbm; s0 += MSUPER_PAIRS) {
-    const int64_t s1 = std::min(nbm, s0 + MSUPER_PAIRS);
-    at::parallel_for(0, nbn, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t n0 = t0 * rows_per_task; n0 < std::min(N, t1 * rows_per_task); n0 += rows_per_task) {
-        const int64_t n1 = std::min(N, n0 + rows_per_task);
-        for (int64_t k0 = 0; k0 < K; k0 += KC_DW) {
-          const int64_t j0 = k0 / 2, count = std::min(KC_DW, K - k0) / 2;
-          for (int64_t n = n0; n < n1; ++n) {
-            const uint8_t* idx = I + n * ib;
-            int64_t col[8];  // panel column offsets; entries past ``count`` repeat entry 0 and are dropped
-            for (int64_t e = 0; e < 8; ++e) col[e] = (e < count ? kept_column(idx, j0 + e) : kept_column(idx, j0)) * MP;
-            alignas(32) float out[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            sampled_pair_dots(PX, x_stride, PD, dy_stride, n, s0, s1, col, out);
-            for (int64_t e = 0; e < count; ++e) DV[n * half + j0 + e] += out[e];
-          }
-        }
-      }
-    });
-  }
+  const int64_t x_stride = token_pair_stride(K), dy_stride = token_pair_stride(N);
+  sampled_product(sums.data_ptr<float>(), indices.data_ptr<uint8_t>(), indices.size(1), M, N, K, MSUPER_PAIRS, MP,
+                  [&](int64_t n, int64_t s0, int64_t s1, const int64_t* col, float* out) {
+                    sampled_pair_dots(PX, x_stride, PD, dy_stride, n, s0, s1, col, out);
+                  });
   return sums.to(torch::kBFloat16);
 }
 

@@ -28,9 +28,10 @@ Applies where the registry chose a compiled backend automatically: ``cpu`` on CP
 ``triton`` or ``cuda`` on GPU tensors (there each timed call is bracketed by device
 synchronisations, and a call inside a CUDA graph capture runs the decided side, or the
 kernel while undecided, untimed); a backend forced with ``use_backend`` is always obeyed.
-Modes (``set_floor_mode`` or the environment variable ``SPARSEKERN_FLOOR``): ``"measure"`` (default) as above; ``"off"``: the
-kernels always. While ``torch.use_deterministic_algorithms(True)`` is on the kernels
-run always too, so the numerics of a run never depend on timings.
+Modes (``set_floor_mode`` or the environment variable ``SPARSEKERN_FLOOR``): ``"measure"``
+(default) as above; ``"off"``: the kernels always. While
+``torch.use_deterministic_algorithms(True)`` is on the kernels run always too, so the
+numerics of a run never depend on timings.
 
 A family may name calls that need no measurement on CPUs: ``sure_win`` (the kernel won there
 on every CPU measured, so no composite call forms a dense weight) and ``sure_lose`` (too
