@@ -98,7 +98,7 @@ def _semi_weight(rows, cols, transposable, seed=0):
 
 
 def _semi_dtypes():
-    return [torch.float32] + ([torch.bfloat16] if semi_cpu._bf16_unavailable(torch.device("cpu"), torch.bfloat16)
+    return [torch.float32] + ([torch.bfloat16] if semi_cpu._fp32_bf16_unavailable(torch.device("cpu"), torch.bfloat16)
                               is None else [])
 
 

@@ -117,13 +117,14 @@ def _unavailable(device, dtype, dtypes=(torch.float32,)):
 
 def bf16_pairs_usable():
     """Whether the bf16 forward / dX kernels run here: AVX512-BF16, and no lower path asked for."""
-    return requested_isa() not in ("portable", "avx2") and load_extension("semi").bf16_pairs_usable()
+    module = load_extension("semi")
+    return requested_isa() not in ("portable", "avx2") and module is not None and module.bf16_pairs_usable()
 
 
 def kernel_isa(dtype):
     """What the 2:4 products run in ``dtype`` here: "avx512f+avx512_bf16" (bf16 dot products),
     "avx512f" or "avx2-fma" (fp32), None where the dtype has no kernel on this CPU."""
-    if _bf16_unavailable(torch.device("cpu"), dtype) is not None:
+    if _fp32_bf16_unavailable(torch.device("cpu"), dtype) is not None:
         return None
     if dtype == torch.bfloat16:
         return "avx512f+avx512_bf16"
@@ -131,8 +132,8 @@ def kernel_isa(dtype):
     return "avx512f" if wide else "avx2-fma"
 
 
-def _bf16_unavailable(device, dtype):
-    """The products with a bf16 kernel: fp32 always, bf16 where the CPU has AVX512-BF16."""
+def _fp32_bf16_unavailable(device, dtype):
+    """The probe of the products with a bf16 kernel: fp32 always, bf16 where the CPU has AVX512-BF16."""
     reason = _unavailable(device, dtype, (torch.float32, torch.bfloat16))
     if reason is None and dtype == torch.bfloat16 and not bf16_pairs_usable():
         return ("bfloat16 needs AVX512-BF16 dot products" +
@@ -206,9 +207,9 @@ def transposable_pattern_table():
     return load_extension("semi").transposable_pattern_table()
 
 
-register_kernel("semi_forward", "cpu", semi_forward, _bf16_unavailable)
-register_kernel("semi_grad_input", "cpu", semi_grad_input, _bf16_unavailable)
-register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _bf16_unavailable)
+register_kernel("semi_forward", "cpu", semi_forward, _fp32_bf16_unavailable)
+register_kernel("semi_grad_input", "cpu", semi_grad_input, _fp32_bf16_unavailable)
+register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _fp32_bf16_unavailable)
 register_kernel("semi_prune_compress", "cpu", semi_prune_compress, _prune_unavailable)
 register_floor("semi_forward", "dense", lambda x, values, indices: (tokens_bucket(x.shape[0]), values.shape))
 register_floor("semi_grad_input", "dense",
