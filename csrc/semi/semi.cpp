@@ -1,4 +1,5 @@
-// 2:4 semi-structured linear products on CPU (fp32, AVX2 + FMA), module sparsekern._C_semi.
+// 2:4 semi-structured linear products on CPU (fp32 on AVX2 + FMA or AVX-512F, bf16 on AVX512-BF16), module
+// sparsekern._C_semi.
 // Dispatcher ops (fakes in sparsekern/kernels/semi/cpu.py):
 //
 // sparsekern::semi_plan_cpu         per-structure weight stream layout (panel offsets, value positions)
