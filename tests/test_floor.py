@@ -192,9 +192,17 @@ def test_backends_outside_the_rule_run_unwrapped(toy):
     assert floor.final_choice("toy", "reference", x, x) is None
 
 
-def test_gpu_timings_wait_for_the_device_before_and_after_the_call(monkeypatch):
+def test_gpu_timings_wait_for_the_current_stream_before_and_after_the_call(monkeypatch):
     events = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", str(device))))
+
+    class Stream:
+        def __init__(self, device):
+            self.device = str(device)
+
+        def synchronize(self):
+            events.append(("sync", self.device))
+
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     out, seconds = floor._timed(lambda v: events.append("call") or v + 1, (1,), torch.device("cuda:1"))
     assert out == 2 and seconds >= 0
     assert events == [("sync", "cuda:1"), "call", ("sync", "cuda:1")]

@@ -25,8 +25,8 @@ thresholds adapt to them: a dense conv backward took 48-50 ms for its first 10 c
 rule must not keep a kernel on such a start.
 
 Applies where the registry chose a compiled backend automatically: ``cpu`` on CPU tensors,
-``triton`` or ``cuda`` on GPU tensors (there each timed call is bracketed by device
-synchronisations, and a call inside a CUDA graph capture runs the decided side, or the
+``triton`` or ``cuda`` on GPU tensors (there each timed call is bracketed by
+synchronisations of the current stream, and a call inside a CUDA graph capture runs the decided side, or the
 kernel while undecided, untimed); a backend forced with ``use_backend`` is always obeyed.
 Modes (``set_floor_mode`` or the environment variable ``SPARSEKERN_FLOOR``): ``"measure"``
 (default) as above; ``"off"``: the kernels always. While
@@ -196,14 +196,15 @@ def _capturing(device):
 
 
 def _timed(fn, args, device):
-    """(fn(*args), its wall time); on a GPU the work queued before and by the call is waited for."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
-    if synchronize is not None:
-        synchronize(device)
+    """(fn(*args), its wall time); on a GPU the work queued on the current stream before and by
+    the call is waited for (that stream only: not, say, an all-reduce on a communication stream)."""
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    if stream is not None:
+        stream.synchronize()
     start = _clock()
     out = fn(*args)
-    if synchronize is not None:
-        synchronize(device)
+    if stream is not None:
+        stream.synchronize()
     return out, _clock() - start
 
 
