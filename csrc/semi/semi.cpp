@@ -377,6 +377,29 @@ void check_offsets(const uint16_t* PO, int64_t N, int64_t half, int64_t nb, int6
   TORCH_CHECK_VALUE(fit.load(), "semi: offsets point outside the activation panels (make them with plan())");
 }
 
+// The forward's tasks: (MR tokens of panel block b, nb weight rows) in m-block-major order, so
+// the threads share one activation panel (in L2) and the weight streams through once per
+// m-block. Each task sums its rows' MR tokens in fp32 over the kc blocks (step(tile, b, n0,
+// rows, j0) adds block j0, rows MR floats apart in tile) and writes them into Y (M, N)
+// transposed, as Out.
+template <typename Out, typename Step>
+void forward_tasks(int64_t M, int64_t N, int64_t half, int64_t nb, int64_t kc, Out* Y, Step step) {
+  const int64_t nbm = (M + MR - 1) / MR, nbn = (N + nb - 1) / nb;
+  at::parallel_for(0, nbm * nbn, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) float tile[NB_MAX * MR];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nbn, n0 = (t % nbn) * nb, rows = std::min(nb, N - n0);
+      std::fill(tile, tile + rows * MR, 0.f);
+      for (int64_t j0 = 0; j0 < half; j0 += kc / 2) step(tile, b, n0, rows, j0);
+      const int64_t tokens = std::min(MR, M - b * MR);
+      for (int64_t i = 0; i < tokens; ++i) {
+        Out* out = Y + (b * MR + i) * N + n0;
+        for (int64_t r = 0; r < rows; ++r) out[r] = Out(tile[r * MR + i]);
+      }
+    }
+  });
+}
+
 // y (M, N) = x (M, K) @ W.T, W (N, K) given by its values and its plan (see plan()).
 // Blocking: kc panel columns (kc x 96 x 4 B in L1), nb weight rows per task (their partial
 // outputs, nb x 96 floats, stay in L1 across the kc blocks); must match the plan's.
@@ -406,30 +429,14 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
   float* Y = y.data_ptr<float>();
   const RowKernel kernel = row_kernel(allow_avx512);
   const bool pair_rows = allow_avx512 && __builtin_cpu_supports("avx512f");
-  const int64_t nbm = (M + MR - 1) / MR, nbn = (N + nb - 1) / nb;
-  // Tasks in m-block-major order: the threads share one activation panel (in L2), and the
-  // weight streams through once per m-block.
-  at::parallel_for(0, nbm * nbn, 1, [&](int64_t t0, int64_t t1) {
-    alignas(64) float tile[NB_MAX * MR];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nbn, n0 = (t % nbn) * nb, rows = std::min(nb, N - n0);
-      std::fill(tile, tile + rows * MR, 0.f);
-      for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
-        const float* panel = P + (b * K + 2 * j0) * MR;
-        const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
-        int64_t r = 0;
-        if (pair_rows)
-          for (; r + 1 < rows; r += 2)
-            fwd_row2_avx512(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
-        for (; r < rows; ++r)
-          kernel(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
-      }
-      const int64_t tokens = std::min(MR, M - b * MR);
-      for (int64_t i = 0; i < tokens; ++i) {
-        float* out = Y + (b * MR + i) * N + n0;
-        for (int64_t r = 0; r < rows; ++r) out[r] = tile[r * MR + i];
-      }
-    }
+  forward_tasks(M, N, half, nb, kc, Y, [&](float* tile, int64_t b, int64_t n0, int64_t rows, int64_t j0) {
+    const float* panel = P + (b * K + 2 * j0) * MR;
+    const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
+    int64_t r = 0;
+    if (pair_rows)
+      for (; r + 1 < rows; r += 2)
+        fwd_row2_avx512(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
+    for (; r < rows; ++r) kernel(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
   });
   const float* X = x.data_ptr<float>();
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
@@ -567,26 +574,14 @@ torch::Tensor forward_pairs(const torch::Tensor& x, const torch::Tensor& values,
   const uint16_t* PO = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
   check_offsets(PO, N, half, nb, kc, true);
   at::BFloat16* Y = y.data_ptr<at::BFloat16>();
-  const int64_t G = K / 4, nbm = (M + MR - 1) / MR, nbn = (N + nb - 1) / nb;
-  at::parallel_for(0, nbm * nbn, 1, [&](int64_t t0, int64_t t1) {
-    alignas(64) float tile[NB_MAX * MR];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nbn, n0 = (t % nbn) * nb, rows = std::min(nb, N - n0);
-      std::fill(tile, tile + rows * MR, 0.f);
-      for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
-        const uint32_t* panel = Q + (b * G + j0 / 2) * PAIRS * MR;
-        const int64_t cnt = std::min(kc / 2, half - j0) / 2, start = (n0 * half + rows * j0) / 2;
-        int64_t r = 0;
-        for (; r + 1 < rows; r += 2)
-          fwd_pair_rows<2>(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
-        if (r < rows) fwd_pair_rows<1>(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
-      }
-      const int64_t tokens = std::min(MR, M - b * MR);
-      for (int64_t i = 0; i < tokens; ++i) {
-        at::BFloat16* out = Y + (b * MR + i) * N + n0;
-        for (int64_t r = 0; r < rows; ++r) out[r] = at::BFloat16(tile[r * MR + i]);
-      }
-    }
+  const int64_t G = K / 4;
+  forward_tasks(M, N, half, nb, kc, Y, [&](float* tile, int64_t b, int64_t n0, int64_t rows, int64_t j0) {
+    const uint32_t* panel = Q + (b * G + j0 / 2) * PAIRS * MR;
+    const int64_t cnt = std::min(kc / 2, half - j0) / 2, start = (n0 * half + rows * j0) / 2;
+    int64_t r = 0;
+    for (; r + 1 < rows; r += 2)
+      fwd_pair_rows<2>(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
+    if (r < rows) fwd_pair_rows<1>(tile + r * MR, panel, PV + start + r * cnt, PO + start + r * cnt, cnt);
   });
   const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
