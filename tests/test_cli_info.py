@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sparsekern.cli import info, main
-from sparsekern.cli.machine import cpu_model, describe_l1d, environment, header, l1_data_cache
+from sparsekern.cli import info, machine, main
+from sparsekern.cli.machine import cpu_model, describe_l1d, environment, header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,17 +27,25 @@ def test_python_m_sparsekern_info_names_the_cpu_and_every_product():
     assert "compiled extensions: _C_bsr" in result.stdout
 
 
-def test_the_l1_data_cache_is_named_in_info_and_every_benchmark_header(capsys):
-    cache = l1_data_cache()
-    if cache is None:
-        pytest.skip("no L1 data cache geometry in sysfs")
+@pytest.mark.parametrize("sysfs", [True, False], ids=["this-machine", "no-sysfs-geometry"])
+def test_the_l1_data_cache_is_named_in_info_and_every_benchmark_header(capsys, monkeypatch, sysfs):
+    assert describe_l1d({"ways": 8, "sets": 64, "line": 64}) == "L1d 32 KiB 8-way" and describe_l1d(None) == ""
+    if not sysfs:
+        for module in (machine, info):
+            monkeypatch.setattr(module, "l1_data_cache", lambda: None)
+    cache = machine.l1_data_cache()
     described = describe_l1d(cache)
-    size_kib = cache["ways"] * cache["sets"] * cache["line"] // 1024
-    assert described == f"L1d {size_kib} KiB {cache['ways']}-way"
+    if cache is not None:
+        size_kib = cache["ways"] * cache["sets"] * cache["line"] // 1024
+        assert described == f"L1d {size_kib} KiB {cache['ways']}-way"
     env = environment()
-    assert env["l1d"] == described and described in header(env, {"backend": "cpu", "isa": "avx2-fma"})
+    head = header(env, {"backend": "cpu", "isa": "avx2-fma"})
     assert main(["info"]) == 0
-    assert described in capsys.readouterr().out
+    out = capsys.readouterr().out
+    if described:
+        assert env["l1d"] == described and described in head and described in out
+    else:  # where sysfs does not say, nothing is claimed
+        assert env["l1d"] is None and "L1d" not in head and "L1d" not in out
 
 
 def test_console_script_points_at_main():
