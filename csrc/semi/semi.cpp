@@ -239,9 +239,9 @@ __attribute__((target("avx512f"))) void fwd_row2_avx512(float* acc_mem, const fl
 
 using RowKernel = void (*)(float*, const float*, const float*, const uint16_t*, int64_t);
 
-RowKernel row_kernel(bool allow_avx512) {
-  return allow_avx512 && __builtin_cpu_supports("avx512f") ? fwd_row_avx512 : fwd_row;
-}
+bool wide_rows(bool allow_avx512) { return allow_avx512 && __builtin_cpu_supports("avx512f"); }
+
+RowKernel row_kernel(bool allow_avx512) { return wide_rows(allow_avx512) ? fwd_row_avx512 : fwd_row; }
 
 // The weight stream, in the order the forward reads it: chunk (n-block, kc-block) holds its
 // rows' kept entries back to back. Chunk of rows [n0, n0+rows) and kept entries [j0, j0+cnt)
@@ -428,7 +428,7 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
   check_offsets(PO, N, half, nb, kc, false);
   float* Y = y.data_ptr<float>();
   const RowKernel kernel = row_kernel(allow_avx512);
-  const bool pair_rows = allow_avx512 && __builtin_cpu_supports("avx512f");
+  const bool pair_rows = wide_rows(allow_avx512);
   forward_tasks(M, N, half, nb, kc, Y, [&](float* tile, int64_t b, int64_t n0, int64_t rows, int64_t j0) {
     const float* panel = P + (b * K + 2 * j0) * MR;
     const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
@@ -814,6 +814,8 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "2:4 semi-structured kernels on CPU; the products are sparsekern::semi_*_cpu dispatcher ops";
   sparsekern::common::def_output_cache(m);
+  m.def("fp32_row_isa", [](bool allow_avx512) { return wide_rows(allow_avx512) ? "avx512f" : "avx2-fma"; },
+        "what the fp32 forward's row kernels run on this CPU: 'avx512f' or 'avx2-fma'");
   m.def("bf16_pairs_usable", &sparsekern::common::avx512_bf16_usable,
         "whether the bfloat16 forward / dX kernels (AVX512-BF16 dot products) run on this CPU");
   m.def("transposable_pattern_table", &sparsekern::semi::transposable_pattern_table,

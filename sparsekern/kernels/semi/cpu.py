@@ -121,6 +121,11 @@ def bf16_pairs_usable():
     return requested_isa() not in ("portable", "avx2") and module is not None and module.bf16_pairs_usable()
 
 
+def _allow_avx512():
+    """Whether the fp32 row kernels may take AVX-512F where the CPU has it (SPARSEKERN_CPU_ISA)."""
+    return requested_isa() != "avx2"
+
+
 def kernel_isa(dtype):
     """What the 2:4 products run in ``dtype`` here: "avx512f+avx512_bf16" (bf16 dot products),
     "avx512f" or "avx2-fma" (fp32), None where the dtype has no kernel on this CPU."""
@@ -128,8 +133,7 @@ def kernel_isa(dtype):
         return None
     if dtype == torch.bfloat16:
         return "avx512f+avx512_bf16"
-    wide = requested_isa() != "avx2" and torch.backends.cpu.get_cpu_capability() == "AVX512"
-    return "avx512f" if wide else "avx2-fma"
+    return load_extension("semi").fp32_row_isa(_allow_avx512())  # the choice forward() makes
 
 
 def _fp32_bf16_unavailable(device, dtype):
@@ -154,7 +158,7 @@ def forward(x, values, offsets, source, nb=None, kc=None, allow_avx512=None):
     ``pairs`` for bf16); fp32 on the AVX-512 row kernels where the CPU has them, unless
     ``allow_avx512`` is False or SPARSEKERN_CPU_ISA asks for avx2."""
     if allow_avx512 is None:
-        allow_avx512 = requested_isa() != "avx2"
+        allow_avx512 = _allow_avx512()
     default_nb, default_kc = _BLOCKING[x.dtype == torch.bfloat16]
     return ops().semi_forward_cpu(x, values, offsets, source, nb or default_nb, kc or default_kc, allow_avx512)
 
