@@ -122,6 +122,19 @@ def test_semi_plan_and_forward(m, through_map):
                                   (x, values.to(dtype), offsets, source, nb, kc, allow_avx512))
 
 
+@pytest.mark.parametrize("m", TOKENS + [97])
+@pytest.mark.parametrize("rows", [0, 12, 30])
+def test_semi_plan_columns_and_grad_input_rowwise(m, rows):
+    ops = _semi_ops()
+    cols, nb, kc = 20, 4, 12
+    values, indices, _ = _semi_weight(rows, cols, transposable=False)
+    torch.library.opcheck(ops.semi_plan_columns_cpu.default, (indices, cols, nb, kc))
+    plan = ops.semi_plan_columns_cpu(indices, cols, nb, kc)
+    for allow_avx512 in (False, True):
+        torch.library.opcheck(ops.semi_grad_input_rowwise_cpu.default,
+                              (_randn(m, rows), values, indices, *plan, nb, kc, allow_avx512))
+
+
 @pytest.mark.parametrize("m", TOKENS)
 def test_semi_grad_weight(m):
     ops = _semi_ops()
@@ -217,6 +230,7 @@ def test_every_compiled_op_is_checked():
     checked = {"bsr_forward_cpu", "bsr_grad_input_cpu", "bsr_grad_weight_cpu", "conv_forward_cpu",
                "conv_grad_input_cpu", "conv_grad_weight_cpu", "lowrank_matmul_cpu",
                "lowrank_transposed_matmul_cpu", "semi_plan_cpu", "semi_forward_cpu", "semi_grad_weight_cpu",
+               "semi_plan_columns_cpu", "semi_grad_input_rowwise_cpu",
                "semi_prune_compress_cpu", "semi_drop_grow_cpu", "semi_restructure_cpu", "semi_carry_cpu",
                "semi_decompress_sum_cpu", "semi_gather_kept_cpu"}
     assert names == checked

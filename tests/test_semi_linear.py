@@ -71,6 +71,71 @@ def test_cpu_forward_microkernels_and_blocking(avx512, blocking, dtype):
     torch.testing.assert_close(y, x @ weight.to_dense().T, **TOLERANCES[dtype])
 
 
+def _rowwise_weight(rows, cols, keep):
+    """A row-wise 2:4 weight keeping positions ``keep`` (one pair per group) of every group of each
+    row, or the top-2 of random values where ``keep`` is None: columns then keep from none to
+    all of a block's rows, and the two columns of a pair differ in count."""
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
+    if keep is None:
+        return sk.SemiStructuredMatrix.from_dense(w * sk.prune_2to4(w))
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for position in keep:
+        mask[:, position::4] = True
+    return sk.SemiStructuredMatrix.from_dense(w * mask, mask=mask)
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512_if_present", "avx2"])
+@pytest.mark.parametrize("blocking", [(64, 64), (32, 32), (6, 12), (2, 4)], ids=["default", "32", "6x12", "2x4"])
+@pytest.mark.parametrize("keep", [None, (0, 2), (1, 3), (2, 3)], ids=["random", "even", "odd", "high"])
+def test_cpu_rowwise_grad_input_on_the_column_plan(avx512, blocking, keep):
+    _skip_unavailable("cpu", torch.float32)
+    from sparsekern.kernels.semi import cpu
+    rows, cols = 203, 72          # rows: 4 blocks of 64 but the last partial
+    weight = _rowwise_weight(rows, cols, keep)
+    plan = cpu.plan_columns(weight.indices, cols, *blocking)
+    assert plan[0].numel() == rows * cols // 2       # every kept entry once, no padding
+    dy = torch.randn(197, rows)
+    got = cpu.ops().semi_grad_input_rowwise_cpu(dy, weight.values, weight.indices, *plan, *blocking, avx512)
+    torch.testing.assert_close(got, dy @ weight.to_dense(), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.skipif("cpu" not in available_backends("semi_forward", torch.device("cpu"), torch.float32),
+                    reason="the cpu backend is not built")
+def test_the_rowwise_grad_input_refuses_metadata_that_does_not_fit():
+    from sparsekern.kernels.semi import cpu
+    rows, cols = 20, 16
+    weight = _rowwise_weight(rows, cols, None)
+    offsets, source, segments = cpu.plan_columns(weight.indices, cols, 4, 12)
+    dy = torch.randn(5, rows)
+
+    def run(offsets=offsets, source=source, segments=segments, blocking=(4, 12)):
+        return cpu.ops().semi_grad_input_rowwise_cpu(dy, weight.values, weight.indices, offsets, source, segments,
+                                                     *blocking, True)
+
+    torch.testing.assert_close(run(), dy @ weight.to_dense())
+    for column, bad in ((0, -1), (0, offsets.numel()), (1, 13), (2, -1)):   # start, count > kc, count < 0
+        bad_segments = segments.clone()
+        bad_segments[3, 1, column] = bad
+        with pytest.raises(ValueError, match="segments or offsets point outside"):
+            run(segments=bad_segments)
+    for bad in (-1, (rows - 12) * 96):   # as uint16: 65535; past the last block's 8 panel rows
+        bad_offsets = offsets.clone()
+        bad_offsets[-1] = bad
+        with pytest.raises(ValueError, match="segments or offsets point outside"):
+            run(offsets=bad_offsets)
+    bad_source = source.clone()
+    bad_source[2] = weight.values.numel()
+    with pytest.raises(ValueError, match="source holds entries outside"):
+        run(source=bad_source)
+    with pytest.raises(RuntimeError, match="make them with plan_columns"):
+        run(segments=segments[:, :1].contiguous())
+    with pytest.raises(RuntimeError, match="bad blocking"):
+        run(blocking=(3, 12))
+    with pytest.raises(RuntimeError, match=r"dy has 19 columns but W has 20 rows"):
+        cpu.ops().semi_grad_input_rowwise_cpu(dy[:, :19].contiguous(), weight.values, weight.indices, offsets,
+                                              source, segments, 4, 12, True)
+
+
 def _bf16_error_ratio(got, dense_bf16, exact):
     """‖got - exact‖ / ‖dense bf16 - exact‖ (Frobenius): the kernel's error against torch's own bf16."""
     return float((got.double() - exact).norm() / (dense_bf16.double() - exact).norm())
@@ -157,11 +222,15 @@ def test_cpu_plan_cache_follows_structure():
         a.indices.copy_(b.indices)          # in-place structure change: the plan is rebuilt
         a.values.copy_(b.values)
         torch.testing.assert_close(semi_linear(x, a), x @ b.to_dense().T)
-    key = (id(b.indices), id(None), False)
+    key = ("rows", id(b.indices), id(None))
     semi_linear(x, b)
     assert key in cpu._plans
+    with sk.use_backend("cpu"):             # row-wise dX: the column plan, cached the same way
+        semi_linear(x.requires_grad_(), b).sum().backward()
+    column_key = ("columns", id(b.indices), id(None))
+    assert column_key in cpu._plans
     del b
-    assert key not in cpu._plans
+    assert key not in cpu._plans and column_key not in cpu._plans
 
 
 def test_forced_cpu_backend_rejects_float64():

@@ -8,6 +8,8 @@ registered here (the DST update kernels' too: one extension, one place):
 
 ``semi_plan_cpu(indices, perm, half, nb, kc, pairs) -> (offsets, source)`` (``pairs``: for bf16)
 ``semi_forward_cpu(x, values, offsets, source, nb, kc, allow_avx512) -> y``
+``semi_plan_columns_cpu(indices, cols, nb, kc) -> (offsets, source, segments)`` (row-wise W's dX)
+``semi_grad_input_rowwise_cpu(dy, values, indices, offsets, source, segments, nb, kc, allow_avx512) -> dx``
 ``semi_grad_weight_cpu(dy, x, indices) -> dvalues``
 ``semi_prune_compress_cpu(dense, transposable) -> (values, indices, values_t?, indices_t?)``
 ``semi_drop_grow_cpu``, ``semi_restructure_cpu``, ``semi_carry_cpu``, ``semi_decompress_sum_cpu``,
@@ -31,11 +33,12 @@ from ..registry import register_kernel
 # Forward blocking (weight rows per task, panel columns per block; docs/semi.md), by pairs: fp32
 # panels of 64 columns take 24 KiB; bf16 pair panels 36 KiB, and measured fastest at 128 rows.
 _BLOCKING = {False: (64, 64), True: (128, 64)}
-_plans = {}           # (id(indices), id(map), pairs) -> (weak refs, indices version, plan)
+_plans = {}           # (kind, id(indices), id(map)) -> (weak refs, indices version, plan)
 
 
 def _register_fakes():
     fakes = {"semi_plan_cpu": _plan_fake, "semi_forward_cpu": _forward_fake,
+             "semi_plan_columns_cpu": _plan_columns_fake, "semi_grad_input_rowwise_cpu": _grad_input_rowwise_fake,
              "semi_grad_weight_cpu": _grad_weight_fake, "semi_prune_compress_cpu": _prune_compress_fake,
              "semi_drop_grow_cpu": _drop_grow_fake, "semi_restructure_cpu": _restructure_fake,
              "semi_carry_cpu": _carry_fake, "semi_decompress_sum_cpu": _decompress_sum_fake,
@@ -56,6 +59,17 @@ def _plan_fake(indices, perm, half, nb, kc, pairs):
 
 def _forward_fake(x, values, offsets, source, nb, kc, allow_avx512):
     return x.new_empty(x.shape[0], offsets.shape[0])
+
+
+def _plan_columns_fake(indices, cols, nb, kc):
+    slots = torch.library.get_ctx().new_dynamic_size()  # the kept entries in stream order: data-dependent
+    blocks = -(-indices.shape[0] // kc)
+    return (indices.new_empty(slots, dtype=torch.int16), indices.new_empty(slots, dtype=torch.int32),
+            indices.new_empty(cols // 2, blocks, 3, dtype=torch.int64))
+
+
+def _grad_input_rowwise_fake(dy, values, indices, offsets, source, segments, nb, kc, allow_avx512):
+    return dy.new_empty(dy.shape[0], 2 * values.shape[1])
 
 
 def _grad_weight_fake(dy, x, indices):
@@ -163,18 +177,30 @@ def forward(x, values, offsets, source, nb=None, kc=None, allow_avx512=None):
     return ops().semi_forward_cpu(x, values, offsets, source, nb or default_nb, kc or default_kc, allow_avx512)
 
 
-def _cached_plan(indices, transpose_map, half, dtype):
-    pairs = dtype == torch.bfloat16
-    key = (id(indices), id(transpose_map), pairs)
+def plan_columns(indices, cols, nb=None, kc=None):
+    """(panel offsets, value positions, segments) of the ragged stream of the row-wise W (rows,
+    ``cols``) that ``indices`` encode, read as Wᵀ's rows, for the forward blocking ``nb``, ``kc``."""
+    default_nb, default_kc = _BLOCKING[False]
+    return ops().semi_plan_columns_cpu(indices, cols, nb or default_nb, kc or default_kc)
+
+
+def _cached(kind, indices, transpose_map, build):
+    key = (kind, id(indices), id(transpose_map))
     hit = _plans.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], (indices, transpose_map))) \
             and hit[1] == indices._version:
         return hit[2]
-    result = plan(indices, transpose_map, half, pairs=pairs)
+    result = build()
     refs = tuple(weakref.ref(t, lambda _, k=key: _plans.pop(k, None)) if t is not None else (lambda: None)
                  for t in (indices, transpose_map))
     _plans[key] = (refs, indices._version, result)
     return result
+
+
+def _cached_plan(indices, transpose_map, half, dtype):
+    pairs = dtype == torch.bfloat16
+    return _cached("pairs" if pairs else "rows", indices, transpose_map,
+                   lambda: plan(indices, transpose_map, half, pairs=pairs))
 
 
 def semi_forward(x, values, indices):
@@ -184,9 +210,14 @@ def semi_forward(x, values, indices):
 def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
     if indices_t is not None:   # transposable: the forward on Wᵀ, values read out of W's
         return forward(dy, values, *_cached_plan(indices_t, transpose_map, dy.shape[1] // 2, dy.dtype))
-    # Row-wise-only 2:4: W's columns are irregular, and a scatter kernel reached less than
-    # half of MKL's dense speed here, so dX is the dense product (use transposable 2:4).
-    return dy @ ops().semi_decompress_sum_cpu([values], [indices], 2 * values.shape[1])
+    cols = 2 * values.shape[1]
+    if dy.dtype == torch.bfloat16:  # no ragged pair kernel: the dense product
+        return dy @ ops().semi_decompress_sum_cpu([values], [indices], cols)
+    # Row-wise-only 2:4: the forward on Wᵀ, whose rows keep varying counts (plan_columns).
+    nb, kc = _BLOCKING[False]
+    return ops().semi_grad_input_rowwise_cpu(
+        dy, values, indices, *_cached("columns", indices, None, lambda: plan_columns(indices, cols)), nb, kc,
+        _allow_avx512())
 
 
 def semi_grad_weight(dy, x, indices):
