@@ -181,24 +181,27 @@ inline void fwd_row(float* acc_mem, const float* panel, const float* v, const ui
 // The same with 512-bit registers (6 zmm = 96 tokens): half the load and FMA instructions,
 // which is what limits the loop on cores (e.g. AMD Zen 4) that issue both widths at one
 // rate. Chosen at run time when the CPU has AVX-512F.
-__attribute__((target("avx512f"))) void fwd_row_avx512(float* acc_mem, const float* panel, const float* v,
-                                                      const uint16_t* off, int64_t count) {
-  __m512 a0 = _mm512_loadu_ps(acc_mem + 0), a1 = _mm512_loadu_ps(acc_mem + 16);
-  __m512 a2 = _mm512_loadu_ps(acc_mem + 32), a3 = _mm512_loadu_ps(acc_mem + 48);
-  __m512 a4 = _mm512_loadu_ps(acc_mem + 64), a5 = _mm512_loadu_ps(acc_mem + 80);
-  for (int64_t e = 0; e < count; ++e) {
+
+// a[0..6) (96 tokens) += sum over e in [e0, e1) of v[e] * panel[off[e] ...].
+__attribute__((target("avx512f"), always_inline)) inline void zmm_row_steps(__m512* a, const float* panel,
+                                                                            const float* v, const uint16_t* off,
+                                                                            int64_t e0, int64_t e1) {
+  for (int64_t e = e0; e < e1; ++e) {
     const __m512 w = _mm512_set1_ps(v[e]);
     const float* x = panel + off[e];
-    a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 0), a0);
-    a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16), a1);
-    a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 32), a2);
-    a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 48), a3);
-    a4 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 64), a4);
-    a5 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 80), a5);
+#pragma GCC unroll 6
+    for (int t = 0; t < 6; ++t) a[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * t), a[t]);
   }
-  _mm512_storeu_ps(acc_mem + 0, a0); _mm512_storeu_ps(acc_mem + 16, a1);
-  _mm512_storeu_ps(acc_mem + 32, a2); _mm512_storeu_ps(acc_mem + 48, a3);
-  _mm512_storeu_ps(acc_mem + 64, a4); _mm512_storeu_ps(acc_mem + 80, a5);
+}
+
+__attribute__((target("avx512f"))) void fwd_row_avx512(float* acc_mem, const float* panel, const float* v,
+                                                      const uint16_t* off, int64_t count) {
+  __m512 a[6];
+#pragma GCC unroll 6
+  for (int t = 0; t < 6; ++t) a[t] = _mm512_loadu_ps(acc_mem + 16 * t);
+  zmm_row_steps(a, panel, v, off, 0, count);
+#pragma GCC unroll 6
+  for (int t = 0; t < 6; ++t) _mm512_storeu_ps(acc_mem + 16 * t, a[t]);
 }
 
 // Two weight rows at once (12 zmm accumulators): more independent loads in flight. The second
@@ -206,59 +209,26 @@ __attribute__((target("avx512f"))) void fwd_row_avx512(float* acc_mem, const flo
 // finishes alone, its partner's accumulators idle).
 __attribute__((target("avx512f"))) void fwd_row2_avx512(float* acc_mem, const float* panel, const float* v,
                                                        const uint16_t* off, int64_t count, int64_t count_b) {
-  float* acc_b = acc_mem + MR;
   const float* vb = v + count;
   const uint16_t* ob = off + count;
-  __m512 a0 = _mm512_loadu_ps(acc_mem + 0), a1 = _mm512_loadu_ps(acc_mem + 16);
-  __m512 a2 = _mm512_loadu_ps(acc_mem + 32), a3 = _mm512_loadu_ps(acc_mem + 48);
-  __m512 a4 = _mm512_loadu_ps(acc_mem + 64), a5 = _mm512_loadu_ps(acc_mem + 80);
-  __m512 b0 = _mm512_loadu_ps(acc_b + 0), b1 = _mm512_loadu_ps(acc_b + 16);
-  __m512 b2 = _mm512_loadu_ps(acc_b + 32), b3 = _mm512_loadu_ps(acc_b + 48);
-  __m512 b4 = _mm512_loadu_ps(acc_b + 64), b5 = _mm512_loadu_ps(acc_b + 80);
+  __m512 a[6], b[6];
+#pragma GCC unroll 6
+  for (int t = 0; t < 6; ++t) a[t] = _mm512_loadu_ps(acc_mem + 16 * t), b[t] = _mm512_loadu_ps(acc_mem + MR + 16 * t);
   const int64_t both = std::min(count, count_b);
   for (int64_t e = 0; e < both; ++e) {
     const __m512 w = _mm512_set1_ps(v[e]), u = _mm512_set1_ps(vb[e]);
     const float* x = panel + off[e];
     const float* y = panel + ob[e];
-    a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 0), a0);
-    b0 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 0), b0);
-    a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16), a1);
-    b1 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 16), b1);
-    a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 32), a2);
-    b2 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 32), b2);
-    a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 48), a3);
-    b3 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 48), b3);
-    a4 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 64), a4);
-    b4 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 64), b4);
-    a5 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 80), a5);
-    b5 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 80), b5);
+#pragma GCC unroll 6
+    for (int t = 0; t < 6; ++t) {
+      a[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * t), a[t]);
+      b[t] = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 16 * t), b[t]);
+    }
   }
-  for (int64_t e = both; e < count; ++e) {
-    const __m512 w = _mm512_set1_ps(v[e]);
-    const float* x = panel + off[e];
-    a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 0), a0);
-    a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16), a1);
-    a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 32), a2);
-    a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 48), a3);
-    a4 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 64), a4);
-    a5 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 80), a5);
-  }
-  for (int64_t e = both; e < count_b; ++e) {
-    const __m512 u = _mm512_set1_ps(vb[e]);
-    const float* y = panel + ob[e];
-    b0 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 0), b0);
-    b1 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 16), b1);
-    b2 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 32), b2);
-    b3 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 48), b3);
-    b4 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 64), b4);
-    b5 = _mm512_fmadd_ps(u, _mm512_loadu_ps(y + 80), b5);
-  }
-  _mm512_storeu_ps(acc_mem + 0, a0); _mm512_storeu_ps(acc_mem + 16, a1);
-  _mm512_storeu_ps(acc_mem + 32, a2); _mm512_storeu_ps(acc_mem + 48, a3);
-  _mm512_storeu_ps(acc_mem + 64, a4); _mm512_storeu_ps(acc_mem + 80, a5);
-  _mm512_storeu_ps(acc_b + 0, b0); _mm512_storeu_ps(acc_b + 16, b1);
-  _mm512_storeu_ps(acc_b + 32, b2); _mm512_storeu_ps(acc_b + 48, b3);
-  _mm512_storeu_ps(acc_b + 64, b4); _mm512_storeu_ps(acc_b + 80, b5);
+  zmm_row_steps(a, panel, v, off, both, count);
+  zmm_row_steps(b, panel, vb, ob, both, count_b);
+#pragma GCC unroll 6
+  for (int t = 0; t < 6; ++t) _mm512_storeu_ps(acc_mem + 16 * t, a[t]), _mm512_storeu_ps(acc_mem + MR + 16 * t, b[t]);
 }
 
 using RowKernel = void (*)(float*, const float*, const float*, const uint16_t*, int64_t);
