@@ -98,8 +98,7 @@ def _semi_weight(rows, cols, transposable, seed=0):
 
 
 def _semi_dtypes():
-    return [torch.float32] + ([torch.bfloat16] if semi_cpu._fp32_bf16_unavailable(torch.device("cpu"), torch.bfloat16)
-                              is None else [])
+    return [torch.float32] + ([torch.bfloat16] if semi_cpu.bf16_pairs_usable() else [])
 
 
 @pytest.mark.parametrize("m", TOKENS + [97])

@@ -12,7 +12,8 @@ from helpers import TOLERANCES
 # (M, N, K): tokens not a multiple of the 96-token panels, N/K not multiples of the CPU blocking.
 SHAPES = [(1, 4, 4), (7, 8, 12), (100, 36, 68), (193, 40, 132), (97, 140, 264), (0, 8, 8)]
 CASES = [("reference", torch.float64), ("reference", torch.float32), ("reference", torch.bfloat16),
-         ("reference", torch.float16), ("cpu", torch.float32), ("cpu", torch.bfloat16), ("dense", torch.float64),
+         ("reference", torch.float16), ("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float16),
+         ("dense", torch.float64),
          ("dense", torch.float32),
          ("dense", torch.bfloat16), ("dense", torch.float16)]
 
@@ -179,19 +180,34 @@ def test_cpu_bf16_plan_refuses_a_group_keeping_one_position_twice():
     cpu.plan(indices, None, 8)   # the fp32 kernels read each entry's column on its own: no refusal needed
 
 
-@pytest.mark.parametrize("isa,has_bf16", [("avx2", False), ("portable", False), ("avx512", True)])
-def test_cpu_bf16_kernels_follow_the_requested_isa(monkeypatch, isa, has_bf16):
-    _skip_unavailable("cpu", torch.bfloat16)
+@pytest.mark.parametrize("isa", ["avx2", "portable", "avx512"])
+def test_cpu_half_kernels_follow_the_requested_isa(monkeypatch, isa):
+    """bf16 runs the pair kernels on avx512 (with AVX512-BF16), the fp32 kernels widened on avx2;
+    fp16 always the fp32 kernels; on portable nothing (the 2:4 kernels need AVX2)."""
+    _skip_unavailable("cpu", torch.float32)
+    from sparsekern.kernels.semi import cpu as semi_cpu
+    if isa == "avx512" and not semi_cpu.bf16_pairs_usable():
+        pytest.skip("the bf16 pair kernels need AVX512-BF16")
     monkeypatch.setenv("SPARSEKERN_CPU_ISA", isa)
-    backends = available_backends("semi_forward", torch.device("cpu"), torch.bfloat16)
-    assert ("cpu" in backends) == has_bf16
     from sparsekern.cli.machine import kernel_path   # what benchmark headers and rows name
     cpu = torch.device("cpu")
-    assert kernel_path("semi_forward", cpu, torch.bfloat16) == (
-        {"backend": "cpu", "isa": "avx512f+avx512_bf16"} if has_bf16 else {"backend": "dense", "isa": None})
-    if isa != "portable":
-        fp32 = "avx2-fma" if isa == "avx2" else "avx512f"
-        assert kernel_path("semi_forward", cpu, torch.float32) == {"backend": "cpu", "isa": fp32}
+    if isa == "portable":
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert kernel_path("semi_forward", cpu, dtype) == {"backend": "dense", "isa": None}
+        return
+    fp32 = "avx2-fma" if isa == "avx2" else "avx512f"
+    assert kernel_path("semi_forward", cpu, torch.float32) == {"backend": "cpu", "isa": fp32}
+    assert kernel_path("semi_forward", cpu, torch.bfloat16) == {
+        "backend": "cpu", "isa": "avx512f+avx512_bf16" if isa == "avx512" else f"{fp32} (widened to fp32)"}
+    assert kernel_path("semi_forward", cpu, torch.float16) == {"backend": "cpu", "isa": f"{fp32} (widened to fp32)"}
+    weight = _weight(36, 68, torch.float64, True)
+    x = torch.randn(100, 68, dtype=torch.float64)
+    for dtype in (torch.bfloat16, torch.float16):
+        with sk.use_backend("cpu"):
+            y = semi_linear(x.to(dtype), sk.SemiStructuredMatrix.from_dense(weight.to_dense().to(dtype),
+                                                                             with_transpose=True))
+        torch.testing.assert_close(y.double(), x.to(dtype).double() @ weight.to_dense().to(dtype).double().T,
+                                   **TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -321,7 +337,7 @@ def test_the_cpu_kernels_refuse_out_of_range_metadata_instead_of_reading_outside
                 cpu.forward(torch.randn(3, rows, dtype=dtype), values, bad_offsets, source)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("transposable", [False, True])
 def test_inf_and_nan_inputs_give_the_dense_masked_result_on_every_backend(transposable, dtype):
     torch.manual_seed(0)

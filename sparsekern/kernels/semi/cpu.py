@@ -1,5 +1,6 @@
 """C++ 2:4 products and prune+compress on CPU (``sparsekern._C_semi``, csrc/semi/): fp32 on AVX2 + FMA
-(AVX-512F where the CPU has it), bf16 on AVX512-BF16 dot products.
+(AVX-512F where the CPU has it), bf16 on AVX512-BF16 dot products; fp16, and bf16 where those
+cannot run, on the fp32 kernels (widened exactly, rounded once).
 
 The extension is loaded on first use; without it (or on a CPU without AVX2, or
 for another dtype) this backend reports itself unavailable and the registry
@@ -140,23 +141,27 @@ def _allow_avx512():
     return requested_isa() != "avx2"
 
 
+def _widened(dtype):
+    """Whether the products run ``dtype`` on the fp32 kernels: fp16 (no fp16 kernel; where the CPU
+    lacks AVX512-FP16 torch's own fp16 GEMMs are far slower still), and bf16 where the pair
+    kernels cannot run."""
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not bf16_pairs_usable())
+
+
 def kernel_isa(dtype):
     """What the 2:4 products run in ``dtype`` here: "avx512f+avx512_bf16" (bf16 dot products),
-    "avx512f" or "avx2-fma" (fp32), None where the dtype has no kernel on this CPU."""
-    if _fp32_bf16_unavailable(torch.device("cpu"), dtype) is not None:
+    "avx512f" or "avx2-fma" (fp32; "... (widened to fp32)" for half types without a kernel of
+    their own), None where the backend cannot run."""
+    if _products_unavailable(torch.device("cpu"), dtype) is not None:
         return None
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and not _widened(dtype):
         return "avx512f+avx512_bf16"
-    return load_extension("semi").fp32_row_isa(_allow_avx512())  # the choice forward() makes
+    isa = load_extension("semi").fp32_row_isa(_allow_avx512())  # the choice forward() makes
+    return f"{isa} (widened to fp32)" if _widened(dtype) else isa
 
 
-def _fp32_bf16_unavailable(device, dtype):
-    """The probe of the products with a bf16 kernel: fp32 always, bf16 where the CPU has AVX512-BF16."""
-    reason = _unavailable(device, dtype, (torch.float32, torch.bfloat16))
-    if reason is None and dtype == torch.bfloat16 and not bf16_pairs_usable():
-        return ("bfloat16 needs AVX512-BF16 dot products" +
-                (f" (SPARSEKERN_CPU_ISA={requested_isa()})" if requested_isa() else ", which this CPU lacks"))
-    return reason
+def _products_unavailable(device, dtype):
+    return _unavailable(device, dtype, (torch.float32, torch.bfloat16, torch.float16))
 
 
 def plan(indices, transpose_map, half, nb=None, kc=None, pairs=False):
@@ -204,14 +209,18 @@ def _cached_plan(indices, transpose_map, half, dtype):
 
 
 def semi_forward(x, values, indices):
+    if _widened(x.dtype):
+        return semi_forward(x.float(), values.float(), indices).to(x.dtype)
     return forward(x, values, *_cached_plan(indices, None, x.shape[1] // 2, x.dtype))
 
 
 def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
+    if _widened(dy.dtype):
+        return semi_grad_input(dy.float(), values.float(), indices, indices_t, transpose_map).to(dy.dtype)
     if indices_t is not None:   # transposable: the forward on Wᵀ, values read out of W's
         return forward(dy, values, *_cached_plan(indices_t, transpose_map, dy.shape[1] // 2, dy.dtype))
     cols = 2 * values.shape[1]
-    if dy.dtype == torch.bfloat16:  # no ragged pair kernel: the dense product
+    if dy.dtype == torch.bfloat16:  # no ragged pair kernel: the dense product (oneDNN's bf16 GEMM)
         return dy @ ops().semi_decompress_sum_cpu([values], [indices], cols)
     # Row-wise-only 2:4: the forward on Wᵀ, whose rows keep varying counts (plan_columns).
     nb, kc = _BLOCKING[False]
@@ -221,6 +230,8 @@ def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
 
 
 def semi_grad_weight(dy, x, indices):
+    if _widened(x.dtype):
+        return ops().semi_grad_weight_cpu(dy.float(), x.float(), indices).to(x.dtype)
     return ops().semi_grad_weight_cpu(dy, x, indices)
 
 
@@ -233,19 +244,15 @@ def semi_prune_compress(dense, transposable):
     return values.to(dense.dtype), indices, None if values_t is None else values_t.to(dense.dtype), indices_t
 
 
-def _prune_unavailable(device, dtype):
-    return _unavailable(device, dtype, (torch.float32, torch.bfloat16, torch.float16))
-
-
 def transposable_pattern_table():
     """The 90 transposable 4x4 patterns in the order the C++ prune scores them, (90, 16) bool."""
     return load_extension("semi").transposable_pattern_table()
 
 
-register_kernel("semi_forward", "cpu", semi_forward, _fp32_bf16_unavailable)
-register_kernel("semi_grad_input", "cpu", semi_grad_input, _fp32_bf16_unavailable)
-register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _fp32_bf16_unavailable)
-register_kernel("semi_prune_compress", "cpu", semi_prune_compress, _prune_unavailable)
+register_kernel("semi_forward", "cpu", semi_forward, _products_unavailable)
+register_kernel("semi_grad_input", "cpu", semi_grad_input, _products_unavailable)
+register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _products_unavailable)
+register_kernel("semi_prune_compress", "cpu", semi_prune_compress, _products_unavailable)
 register_floor("semi_forward", "dense", lambda x, values, indices: (tokens_bucket(x.shape[0]), values.shape))
 register_floor("semi_grad_input", "dense",
                lambda dy, values, indices, indices_t=None, transpose_map=None:

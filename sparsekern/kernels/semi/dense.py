@@ -3,11 +3,10 @@
 What a user without 2:4 kernels runs: W decompressed (zeros at the pruned positions),
 then torch's GEMM in the input dtype (MKL fp32, oneDNN AMX bf16 on CPU; cuBLAS on GPU);
 the weight gradient is the dense dyᵀ x read out at the kept positions. The floor rule
-(:mod:`..floor`) falls back to it where the compiled kernels would lose, and it is the
-registry's choice for dtypes the kernels lack (bf16 and fp16 on CPU: tensor-core-like
-tiles cannot run on compressed operands, so 2:4 in half precision is the dense GEMM
-plus a decompress). Large outputs come from the compiled kernels' output cache when
-that is loaded.
+(:mod:`..floor`) falls back to it where the compiled kernels would lose (bf16 on an AMX
+CPU, whose tiles cannot run on compressed operands, is expected to be such a case), and it
+is the registry's choice for dtypes the kernels lack (fp64 on CPU). Large outputs come from
+the compiled kernels' output cache when that is loaded.
 """
 import torch
 
