@@ -39,12 +39,12 @@ def _grads(out, inputs, dy):
 
 
 def _tol(dtype):
-    return {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    return {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"x{s[0]}-in{s[1]}-out{s[2]}-r{s[3]}")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_forward_and_factor_gradients_match_dense(backend, shape, dtype, bias):
     lead, k, n, r = shape
@@ -268,15 +268,11 @@ def test_backward_across_new_factors_is_refused():
         loss.backward()
 
 
-def test_float16_runs_the_dense_composite():
-    """The cpu kernels lack fp16: the registry picks the schedule on torch's fp16 GEMMs."""
-    assert sk.kernels.select_kernel("lowrank_forward", torch.device("cpu"), torch.float16)[0] == "dense"
-    inputs = _operands((5,), 33, 17, 4, torch.float16)
-    exact = [t.detach().double().requires_grad_() for t in inputs]
-    y_ref = _dense(*exact)
-    dy = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = low_rank_linear(*inputs)
-    grads = _grads(y, inputs, dy.half())
-    assert y.dtype == torch.float16 and relative_error(y, y_ref) < 1e-2
-    for got, want in zip(grads, _grads(y_ref, exact, dy)):
-        assert got.dtype == torch.float16 and relative_error(got, want) < 1e-2
+def test_float16_runs_the_cpu_kernels():
+    """fp16 goes to the C++ products (widened to fp32 there) with the r-wide products in fp32, not
+    to torch's fp16 GEMMs, which CPUs without AVX512-FP16 run far slower than fp32."""
+    cpu = torch.device("cpu")
+    if "cpu" not in sk.kernels.available_backends("lowrank_forward", cpu, torch.float32):
+        pytest.skip("the compiled low-rank extension is not built")
+    assert sk.kernels.select_kernel("lowrank_forward", cpu, torch.float16)[0] == "cpu"
+    assert sk.kernels.select_kernel("lowrank_backward", cpu, torch.float16)[0] == "cpu"

@@ -11,8 +11,10 @@ of ``sparsekern._C_lowrank`` (csrc/lowrank/), reached as dispatcher ops:
 At r = 64 they run 6-13% (products) and ~20% (reductions) faster than MKL's
 sgemm at these shapes (docs/lowrank.md); where they lose (larger ranks on a CPU
 whose MKL runs AVX-512), the floor rule runs the same schedule on torch's GEMMs
-(the ``dense`` backend). The r x r products stay on torch.mm. The schedule
-itself is in :mod:`.schedule`.
+(the ``dense`` backend). The r x r products stay on torch.mm (in fp32 for fp16
+operands, which the C++ products widen too: where the CPU lacks AVX512-FP16,
+torch's fp16 GEMMs run 6-120x slower than its fp32 ones). The schedule itself
+is in :mod:`.schedule`.
 """
 import functools
 
@@ -23,7 +25,7 @@ from ..floor import register_floor, tokens_bucket
 from ..registry import register_kernel
 from . import schedule
 
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _register_fakes():
@@ -58,8 +60,15 @@ def transposed_matmul(a, b, column_sums=False):
     return ops().lowrank_transposed_matmul_cpu(a, b, column_sums)
 
 
-lowrank_forward = functools.partial(schedule.forward, matmul)
-lowrank_backward = functools.partial(schedule.backward, matmul, transposed_matmul)
+def _small_mm(a, b):
+    """The r-wide products: torch.mm, computed in fp32 for fp16 operands (rounded once)."""
+    if a.dtype == torch.float16:
+        return torch.mm(a.float(), b.float()).to(torch.float16)
+    return torch.mm(a, b)
+
+
+lowrank_forward = functools.partial(schedule.forward, matmul, mm=_small_mm)
+lowrank_backward = functools.partial(schedule.backward, matmul, transposed_matmul, mm=_small_mm)
 
 register_kernel("lowrank_forward", "cpu", lowrank_forward, _unavailable)
 register_kernel("lowrank_backward", "cpu", lowrank_backward, _unavailable)

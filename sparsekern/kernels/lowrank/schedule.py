@@ -10,23 +10,24 @@ carry the work:
     + bias; b is the narrow factor.
 ``transposed_matmul(a, b, column_sums)``: (aᵀ b, a's column sums or None), the
     reduction over tokens.
+and may supply ``mm``, the r-wide products' GEMM (default ``torch.mm``).
 """
 import torch
 
 
-def forward(matmul, x, U, S, V, bias):
+def forward(matmul, x, U, S, V, bias, mm=torch.mm):
     a = matmul(x, V, False)
-    b = torch.mm(a, S.t())
+    b = mm(a, S.t())
     y = matmul(b, U, True, bias)
     return y, a, b
 
 
-def backward(matmul, transposed_matmul, dy, x, a, b, U, S, V, kl_grads, needs):
+def backward(matmul, transposed_matmul, dy, x, a, b, U, S, V, kl_grads, needs, mm=torch.mm):
     need_dx, need_du, need_ds, need_dv, need_db = needs
     g = matmul(dy, U, False) if (need_dx or need_ds or need_dv) else None
-    h = torch.mm(g, S) if (need_dx or (need_dv and not kl_grads)) else None
+    h = mm(g, S) if (need_dx or (need_dv and not kl_grads)) else None
     dx = matmul(h, V, True) if need_dx else None
-    ds = torch.mm(g.t(), a) if need_ds else None
+    ds = mm(g.t(), a) if need_ds else None
     du, db = transposed_matmul(dy, a if kl_grads else b, need_db) if need_du else (None, None)
     if need_db and db is None:
         db = dy.sum(0)
