@@ -174,6 +174,35 @@ def test_a_class_sure_outcome_is_judged_on_its_first_call_only(toy, monkeypatch)
     assert judged == [1] and ran == ["cpu"] * 5
 
 
+@pytest.mark.parametrize("native_fp16", [False, True], ids=["no-fp16-hardware", "avx512_fp16"])
+def test_fp16_calls_run_the_kernel_unmeasured_where_the_cpu_lacks_fp16_arithmetic(toy, monkeypatch, native_fp16):
+    kernel, costs, ran = toy
+    capabilities = {"avx512_fp16": native_fp16, "amx_fp16": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    costs["cpu"] = 10.0   # the clock would pick the composite
+    x = torch.zeros(5, dtype=torch.float16)
+    for _ in range(2 * SAMPLES + 1):
+        floor.with_floor("toy", kernel, x)(x)
+    if native_fp16:
+        assert ran[:4] == ["cpu", "dense"] * 2 and set(ran[4:]) == {"dense"}   # measured: decisively slower
+    else:
+        assert ran == ["cpu"] * (2 * SAMPLES + 1) and list(floor.floor_decisions().values()) == ["cpu"]
+    floor.reset_floor()
+    ran.clear()
+    for _ in range(2):   # other dtypes are measured as before
+        floor.with_floor("toy", kernel, x.float())(x.float())
+    assert ran == ["cpu", "dense"]
+
+
+def test_fp16_hardware_is_read_from_torch():
+    capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
+    if "avx512_fp16" not in capabilities:
+        assert not floor.fp16_without_hardware()   # torch cannot say: measured as any dtype
+    else:
+        assert floor.fp16_without_hardware() == (not capabilities["avx512_fp16"] and
+                                                 not capabilities.get("amx_fp16", False))
+
+
 def test_gpu_kernels_are_measured_against_the_composite_whatever_the_cpu_sure_outcomes(toy):
     kernel, costs, ran = toy
     x = torch.zeros(1)   # the toy's sure win on CPUs
