@@ -116,7 +116,7 @@ def test_the_rowwise_grad_input_refuses_metadata_that_does_not_fit():
     torch.testing.assert_close(run(), dy @ weight.to_dense())
     for column, bad in ((0, -1), (0, offsets.numel()), (1, 13), (2, -1)):   # start, count > kc, count < 0
         bad_segments = segments.clone()
-        bad_segments[3, 1, column] = bad
+        bad_segments[1, 3, column] = bad
         with pytest.raises(ValueError, match="segments or offsets point outside"):
             run(segments=bad_segments)
     for bad in (-1, (rows - 12) * 96):   # as uint16: 65535; past the last block's 8 panel rows
@@ -129,7 +129,7 @@ def test_the_rowwise_grad_input_refuses_metadata_that_does_not_fit():
     with pytest.raises(ValueError, match="source holds entries outside"):
         run(source=bad_source)
     with pytest.raises(RuntimeError, match="make them with plan_columns"):
-        run(segments=segments[:, :1].contiguous())
+        run(segments=segments[:1].contiguous())
     with pytest.raises(RuntimeError, match="bad blocking"):
         run(blocking=(3, 12))
     with pytest.raises(RuntimeError, match=r"dy has 19 columns but W has 20 rows"):

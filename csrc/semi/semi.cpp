@@ -449,8 +449,8 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
 // dX = dy W is the forward on Wᵀ, whose rows (W's columns) a row-wise 2:4 W does not keep at two
 // of every four: a column keeps from 0 to kc of each block of kc rows. plan_columns() lays Wᵀ's
 // kept entries out as plan() does (tasks of nb rows, blocks of kc panel columns = W's rows), the
-// rows of a pair back to back, so the forward's two-row kernel runs them; `segments` (K/2,
-// blocks, 3) int64 gives each (row pair, block)'s first slot and its two rows' counts. Within a
+// rows of a pair back to back, so the forward's two-row kernel runs them; `segments` (blocks,
+// K/2, 3) int64 gives each (block, row pair)'s first slot and its two rows' counts. Within a
 // row, entries follow W's row order.
 
 // Column plan of the row-wise W (N, K) given by `indices`: (offsets (S,) int16, source (S,) int32
@@ -469,18 +469,18 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> plan_columns(torch::Tens
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t jb = b0; jb < b1; ++jb)
       for (int64_t n = jb * kc; n < std::min(N, (jb + 1) * kc); ++n)
-        for (int64_t j = 0; j < half; ++j) ++count[kept_column(I + n * ib, j) * blocks + jb];
+        for (int64_t j = 0; j < half; ++j) ++count[jb * K + kept_column(I + n * ib, j)];
   });
-  auto segments = torch::empty({half, blocks, 3}, torch::TensorOptions().dtype(torch::kInt64));
+  auto segments = torch::empty({blocks, half, 3}, torch::TensorOptions().dtype(torch::kInt64));
   int64_t* SG = segments.data_ptr<int64_t>();
   int64_t slots = 0;
   for (int64_t k0 = 0; k0 < K; k0 += nb)
     for (int64_t jb = 0; jb < blocks; ++jb)
       for (int64_t k = k0; k < std::min(K, k0 + nb); k += 2) {
-        int64_t* seg = SG + (k / 2 * blocks + jb) * 3;
+        int64_t* seg = SG + (jb * half + k / 2) * 3;
         seg[0] = slots;
-        seg[1] = count[k * blocks + jb];
-        seg[2] = count[(k + 1) * blocks + jb];
+        seg[1] = count[jb * K + k];
+        seg[2] = count[jb * K + k + 1];
         slots += seg[1] + seg[2];
       }
   auto offsets = torch::empty({slots}, torch::TensorOptions().dtype(torch::kInt16));
@@ -494,7 +494,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> plan_columns(torch::Tens
       for (int64_t n = jb * kc; n < std::min(N, (jb + 1) * kc); ++n)
         for (int64_t j = 0; j < half; ++j) {
           const int64_t k = kept_column(I + n * ib, j);
-          const int64_t* seg = SG + (k / 2 * blocks + jb) * 3;
+          const int64_t* seg = SG + (jb * half + k / 2) * 3;
           const int64_t slot = seg[0] + (k % 2) * seg[1] + filled[k]++;
           PO[slot] = uint16_t((n - jb * kc) * MR);
           PS[slot] = int32_t(n * half + j);
@@ -538,7 +538,7 @@ torch::Tensor grad_input_rowwise(torch::Tensor dy, torch::Tensor values, torch::
   TORCH_CHECK(offsets.dim() == 1 && offsets.is_contiguous() && offsets.scalar_type() == torch::kInt16 &&
                   source.dim() == 1 && source.is_contiguous() && source.scalar_type() == torch::kInt32 &&
                   source.numel() == slots && segments.is_contiguous() && segments.scalar_type() == torch::kInt64 &&
-                  segments.sizes() == torch::IntArrayRef({half, blocks, 3}),
+                  segments.sizes() == torch::IntArrayRef({blocks, half, 3}),
               "semi: offsets/source/segments do not match W (make them with plan_columns())");
   auto dx = sparsekern::common::empty_output({M, K}, dy.options());
   if (M == 0 || K == 0) return dx;
@@ -546,22 +546,20 @@ torch::Tensor grad_input_rowwise(torch::Tensor dy, torch::Tensor values, torch::
   const int64_t* SG = segments.data_ptr<int64_t>();
   const uint16_t* PO = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
   std::atomic<bool> fit{true};
-  at::parallel_for(0, half, 64, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, blocks * half, 64, [&](int64_t i0, int64_t i1) {
     bool ok = true;
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t jb = 0; jb < blocks; ++jb) {
-        const int64_t* seg = SG + (p * blocks + jb) * 3;
-        const int64_t start = seg[0], ca = seg[1], cb = seg[2];
-        if (!(start >= 0 && ca >= 0 && cb >= 0 && ca <= kc && cb <= kc && start <= slots - ca - cb)) {
-          ok = false;
-          continue;
-        }
-        // a whole panel row before the panel's end
-        const uint16_t limit = uint16_t(std::min<int64_t>(65535, (N - jb * kc - 1) * MR));
-        uint16_t highest = 0;  // (a max reduction vectorises; a running &= did not: 9.5 vs 2.2 ms)
-        for (int64_t i = start; i < start + ca + cb; ++i) highest = std::max(highest, PO[i]);
-        ok &= highest <= limit;
+    for (int64_t i = i0; i < i1; ++i) {  // segment i: block i / half, pair i % half
+      const int64_t start = SG[3 * i], ca = SG[3 * i + 1], cb = SG[3 * i + 2];
+      if (!(start >= 0 && ca >= 0 && cb >= 0 && ca <= kc && cb <= kc && start <= slots - ca - cb)) {
+        ok = false;
+        continue;
       }
+      // a whole panel row before the panel's end
+      const uint16_t limit = uint16_t(std::min<int64_t>(65535, (N - i / half * kc - 1) * MR));
+      uint16_t highest = 0;  // (a max reduction vectorises; a running &= did not: 9.5 vs 2.2 ms)
+      for (int64_t e = start; e < start + ca + cb; ++e) highest = std::max(highest, PO[e]);
+      ok &= highest <= limit;
+    }
     if (!ok) fit = false;
   });
   TORCH_CHECK_VALUE(fit.load(), "semi: segments or offsets point outside the stream or the panels "
@@ -579,7 +577,7 @@ torch::Tensor grad_input_rowwise(torch::Tensor dy, torch::Tensor values, torch::
   forward_tasks(M, K, blocks, nb, DX, [&](float* tile, int64_t b, int64_t k0, int64_t rows, int64_t jb) {
     const float* panel = P + (b * N + jb * kc) * MR;
     for (int64_t r = 0; r < rows; r += 2) {  // rows is even: K and nb are
-      const int64_t* seg = SG + ((k0 + r) / 2 * blocks + jb) * 3;
+      const int64_t* seg = SG + (jb * half + (k0 + r) / 2) * 3;
       const int64_t start = seg[0], ca = seg[1], cb = seg[2];
       if (pair_rows) {
         fwd_row2_avx512(tile + r * MR, panel, PV + start, PO + start, ca, cb);

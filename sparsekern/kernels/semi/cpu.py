@@ -66,7 +66,7 @@ def _plan_columns_fake(indices, cols, nb, kc):
     slots = torch.library.get_ctx().new_dynamic_size()  # the kept entries in stream order: data-dependent
     blocks = -(-indices.shape[0] // kc)
     return (indices.new_empty(slots, dtype=torch.int16), indices.new_empty(slots, dtype=torch.int32),
-            indices.new_empty(cols // 2, blocks, 3, dtype=torch.int64))
+            indices.new_empty(blocks, cols // 2, 3, dtype=torch.int64))
 
 
 def _grad_input_rowwise_fake(dy, values, indices, offsets, source, segments, nb, kc, allow_avx512):
