@@ -280,21 +280,24 @@ def test_gradcheck(transposable, backend):
             lambda x, b: semi_linear_dynamic(x, w_dense.detach(), b, transposable=transposable), (x, bias))
 
 
+@pytest.mark.parametrize("transposable", [True, False], ids=["transposable", "rowwise"])
 @pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("cpu", torch.float32),
+                                           ("cpu", torch.bfloat16), ("cpu", torch.float16),
                                            ("dense", torch.float64)], ids=str)
-def test_dynamic_op_straight_through(backend, dtype):
+def test_dynamic_op_straight_through(backend, dtype, transposable):
     _skip_unavailable(backend, dtype)
     w = torch.randn(16, 24, dtype=dtype, requires_grad=True)
     x = torch.randn(9, 24, dtype=dtype, requires_grad=True)
     dy = torch.randn(9, 16, dtype=dtype)
     with sk.use_backend(backend):
-        y = semi_linear_dynamic(x, w, transposable=True)
+        y = semi_linear_dynamic(x, w, transposable=transposable)
     y.backward(dy)
-    masked = w.detach() * sk.prune_2to4(w.detach(), transposable=True)
+    masked = (w.detach() * sk.prune_2to4(w.detach(), transposable=transposable)).double()
+    x64, dy64 = x.detach().double(), dy.double()
     tol = TOLERANCES[dtype]
-    torch.testing.assert_close(y, x.detach() @ masked.T, **tol)
-    torch.testing.assert_close(x.grad, dy @ masked, **tol)
-    torch.testing.assert_close(w.grad, dy.T @ x.detach(), **tol)   # dense straight-through gradient
+    torch.testing.assert_close(y.double(), x64 @ masked.T, **tol)
+    torch.testing.assert_close(x.grad.double(), dy64 @ masked, **tol)
+    torch.testing.assert_close(w.grad.double(), dy64.T @ x64, **tol)   # dense straight-through gradient
 
 
 def test_op_bad_inputs():
