@@ -128,10 +128,12 @@ def test_conv_calls_decided_without_measuring(measured):
 
 
 @needs_cpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_precision_conv_calls_are_always_measured(measured, dtype):
-    # The kernels widen half types to fp32; a CPU's native half-precision conv (oneDNN on AMX)
-    # can beat them at a quarter of the work, so no sure win there.
+@pytest.mark.parametrize("dtype,native_fp16", [(torch.bfloat16, False), (torch.float16, True)], ids=str)
+def test_half_precision_conv_calls_are_measured_where_the_cpu_has_half_arithmetic(measured, dtype, native_fp16,
+                                                                                  monkeypatch):
+    # The kernels widen half types to fp32; a CPU's native half-precision conv (oneDNN on AMX or
+    # AVX512-FP16) can beat them at a quarter of the work, so no sure win there.
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_fp16": native_fp16}, raising=False)
     measured["cpu"] = 100.0
     x, values, layout, geometry, bias = conv_case("wide-blocks", torch.float32)
     mask = torch.zeros_like(layout.block_mask)
@@ -139,6 +141,17 @@ def test_half_precision_conv_calls_are_always_measured(measured, dtype):
     x = x.contiguous(memory_format=torch.channels_last).to(dtype)
     sparse_conv2d(x, values[:1].to(dtype).contiguous(), _layout(mask, layout), geometry, bias.to(dtype))
     assert list(_decided("conv_forward").values()) == ["measuring"]
+
+
+@needs_cpu
+def test_fp16_conv_calls_run_the_kernel_unmeasured_where_the_cpu_lacks_fp16_arithmetic(measured, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_fp16": False, "amx_fp16": False},
+                        raising=False)
+    measured["cpu"] = 100.0   # the clock would pick the composite
+    x, values, layout, geometry, bias = conv_case("wide-blocks", torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last).half()
+    sparse_conv2d(x, values.half(), layout, geometry, bias.half())
+    assert list(_decided("conv_forward").values()) == ["cpu"]
 
 
 @needs_cpu
