@@ -132,6 +132,9 @@ def test_the_rowwise_grad_input_refuses_metadata_that_does_not_fit():
         run(segments=segments[:1].contiguous())
     with pytest.raises(RuntimeError, match="bad blocking"):
         run(blocking=(3, 12))
+    huge = torch.empty(2 ** 16, 2 ** 13, dtype=torch.uint8)   # W 65536 x 65536: 2^31 kept values (not read)
+    with pytest.raises(RuntimeError, match="more than the column plan's int32 positions address"):
+        cpu.plan_columns(huge, 2 ** 16)
     with pytest.raises(RuntimeError, match=r"dy has 19 columns but W has 20 rows"):
         cpu.ops().semi_grad_input_rowwise_cpu(dy[:, :19].contiguous(), weight.values, weight.indices, offsets,
                                               source, segments, 4, 12, True)

@@ -463,6 +463,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> plan_columns(torch::Tens
               indices.sizes(), " for cols = ", K);
   TORCH_CHECK(blocking_fits(nb, kc, false) && nb % 2 == 0, "semi: bad blocking");
   const int64_t N = indices.size(0), ib = indices.size(1), half = K / 2, blocks = (N + kc - 1) / kc;
+  TORCH_CHECK(N * half <= INT32_MAX, "semi: W (", N, ", ", K, ") keeps ", N * half,
+              " values, more than the column plan's int32 positions address");
   const uint8_t* I = indices.data_ptr<uint8_t>();
   // Kept entries of each column in each block of rows, then each pair's segment in task order.
   std::vector<int32_t> count(K * blocks, 0);
