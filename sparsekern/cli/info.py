@@ -1,8 +1,8 @@
 """``sparsekern info``: what this installation will run on this machine, on one screen.
 
 Versions, the CPU and the ISA flags that decide the microkernels, threads, which compiled
-extensions are built, the backend the registry picks for every product on CPU float32 and
-bfloat16 (and CUDA when there is a GPU), and why the other backends cannot run.
+extensions are built, the backend the registry picks for every product on CPU float32,
+bfloat16 and float16 (and CUDA when there is a GPU), and why the other backends cannot run.
 """
 import os
 import platform
@@ -25,7 +25,7 @@ FLOOR_RULE = {"bsr": f"bsr products: {_MEASURED} (dense masked GEMM)",
               "conv": f"conv products: {_MEASURED} (dense F.conv2d; dX and dW as one dense backward)",
               "semi": f"semi products: {_MEASURED} (decompressed W and GEMM)",
               "lowrank": f"lowrank products: {_MEASURED} (the same schedule on torch GEMMs)"}
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def add_parser(subparsers):
@@ -98,6 +98,9 @@ def _backend_table(devices):
                         product, set()).add(_dtype_name(dtype))
         lines.append(f"  {product:18} " + " ".join(f"{p:>16}" for p in picked))
     lines += [f"  {note}" for family, note in FLOOR_RULE.items() if any(p.startswith(family) for p in PRODUCTS)]
+    if kernels.floor.fp16_without_hardware():
+        lines.append("  float16 on cpu: the kernels unmeasured (no AVX512-FP16 or AMX-FP16 here: torch's fp16 "
+                     "GEMMs and convolutions are not vectorised for fp16)")
     lines.append("not available:")
     for (backend, reason), products in reasons.items():
         dtypes = set().union(*products.values())
