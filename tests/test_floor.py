@@ -194,6 +194,14 @@ def test_fp16_calls_run_the_kernel_unmeasured_where_the_cpu_lacks_fp16_arithmeti
     assert ran == ["cpu", "dense"]
 
 
+def test_fp16_calls_are_measured_on_the_portable_path(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_fp16": False, "amx_fp16": False},
+                        raising=False)
+    assert floor.fp16_without_hardware()
+    monkeypatch.setenv("SPARSEKERN_CPU_ISA", "portable")
+    assert not floor.fp16_without_hardware()
+
+
 def test_fp16_hardware_is_read_from_torch():
     capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
     if "avx512_fp16" not in capabilities:

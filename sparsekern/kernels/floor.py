@@ -40,8 +40,9 @@ Their outcome is recorded as a decision too. fp16 calls on a CPU without AVX512-
 AMX-FP16 are a sure win for every family: torch's fp16 GEMMs and convolutions there are not
 vectorised for fp16 (on a Zen 4, a 2048 x 1024 x 1024 GEMM took 4.2 s against fp32's 25 ms, a
 conv step 22x fp32's), while the kernels widen fp16 to fp32, so measuring would only cost
-composite calls of seconds. On GPUs every class is measured: the kernels there lose to
-cuBLAS/cuDNN at densities where the CPU kernels win (block 32 at a quarter).
+composite calls of seconds (not on the portable path, whose plain loops are no sure win). On
+GPUs every class is measured: the kernels there lose to cuBLAS/cuDNN at densities where the
+CPU kernels win (block 32 at a quarter).
 """
 import math
 import os
@@ -51,6 +52,7 @@ import time
 
 import torch
 
+from .microkernel import requested_isa
 from .registry import select_kernel
 
 SAMPLES = 4
@@ -213,9 +215,10 @@ def _timed(fn, args, device):
 
 
 def fp16_without_hardware():
-    """Whether this CPU lacks both AVX512-FP16 and AMX-FP16 (False where torch cannot say)."""
+    """Whether this CPU lacks both AVX512-FP16 and AMX-FP16 (False where torch cannot say, and on
+    the portable path, whose plain loops are no sure win)."""
     capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
-    if "avx512_fp16" not in capabilities:
+    if "avx512_fp16" not in capabilities or requested_isa() == "portable":
         return False
     return not (capabilities["avx512_fp16"] or capabilities.get("amx_fp16", False))
 
