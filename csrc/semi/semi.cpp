@@ -453,6 +453,9 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor values, torch::Tensor offse
 // K/2, 3) int64 gives each (block, row pair)'s first slot and its two rows' counts. Within a
 // row, entries follow W's row order.
 
+// The column plan's blocking: the forward's, with whole row pairs per task.
+bool column_blocking_fits(int64_t nb, int64_t kc) { return blocking_fits(nb, kc, false) && nb % 2 == 0; }
+
 // Column plan of the row-wise W (N, K) given by `indices`: (offsets (S,) int16, source (S,) int32
 // into W's values, segments).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> plan_columns(torch::Tensor indices, int64_t K, int64_t nb,
@@ -461,7 +464,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> plan_columns(torch::Tens
                   K % 4 == 0 && indices.size(1) == (K + 7) / 8,
               "semi: indices must be contiguous uint8 (rows, ceil(cols/8)), cols a multiple of 4; got ",
               indices.sizes(), " for cols = ", K);
-  TORCH_CHECK(blocking_fits(nb, kc, false) && nb % 2 == 0, "semi: bad blocking");
+  TORCH_CHECK(column_blocking_fits(nb, kc), "semi: bad blocking");
   const int64_t N = indices.size(0), ib = indices.size(1), half = K / 2, blocks = (N + kc - 1) / kc;
   TORCH_CHECK(N * half <= INT32_MAX, "semi: W (", N, ", ", K, ") keeps ", N * half,
               " values, more than the column plan's int32 positions address");
@@ -535,7 +538,7 @@ torch::Tensor grad_input_rowwise(torch::Tensor dy, torch::Tensor values, torch::
   check_inputs(dy, values, indices, 2 * values.size(1));
   const int64_t half = values.size(1), K = 2 * half;
   TORCH_CHECK(values.size(0) == N, "semi: dy has ", N, " columns but W has ", values.size(0), " rows");
-  TORCH_CHECK(blocking_fits(nb, kc, false) && nb % 2 == 0, "semi: bad blocking");
+  TORCH_CHECK(column_blocking_fits(nb, kc), "semi: bad blocking");
   const int64_t blocks = (N + kc - 1) / kc, slots = offsets.numel();
   TORCH_CHECK(offsets.dim() == 1 && offsets.is_contiguous() && offsets.scalar_type() == torch::kInt16 &&
                   source.dim() == 1 && source.is_contiguous() && source.scalar_type() == torch::kInt32 &&
