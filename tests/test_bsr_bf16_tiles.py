@@ -1,6 +1,7 @@
-"""bf16 block-sparse products on 32 x 32 tile steps (csrc/bsr/bf16_products.h) against fp64, on
-both engines: AMX tiles (the amx path) and AVX512-BF16 dot products (the avx512 path of a CPU
-with AVX512-BF16), with the bound the dense bf16 GEMM sets: fp32 accumulation, one rounding on
+"""bf16 block-sparse products on tile steps (csrc/bsr/bf16_products.h) against fp64, on both
+engines: AMX tiles (the amx path) and AVX512-BF16 dot products (the avx512 path of a CPU with
+AVX512-BF16); blocks of a multiple of 16 that are not whole 32 x 32 tiles run on the dot
+products on either path. The bound is the dense bf16 GEMM's: fp32 accumulation, one rounding on
 output, so the error may not exceed torch's bf16 matmul on the same operands (plus one bf16
 rounding step). Each engine's tests skip on a CPU that cannot run it."""
 import os
@@ -32,6 +33,13 @@ CASES = {
     "b64x32-M64": ((128, 96), (64, 32), 0.6, 64, (0,)),
     # rows of x and dy 4 KiB apart (one L1 set): the dot engine's register blocks of 8 rows
     "b32-M45-rows-in-one-l1-set": ((2048, 2048), 32, 0.05, 45, ()),
+    # sides of a multiple of 16, not whole 32 x 32 tiles: 16-column dot-product strips, 16 x 16 dW tiles
+    "b16-M100": ((128, 160), 16, 0.4, 100, ()),
+    "b16-M31-empty-row": ((64, 48), 16, 0.5, 31, (2,)),
+    "b48-M70": ((96, 144), 48, 0.5, 70, ()),
+    "b16x32-M45": ((96, 128), (16, 32), 0.6, 45, ()),
+    "b32x16-M64": ((128, 96), (32, 16), 0.6, 64, (0,)),
+    "b16-M45-rows-in-one-l1-set": ((2048, 2048), 16, 0.05, 45, ()),
 }
 
 
@@ -90,7 +98,7 @@ def _products(weight, x, dy, bias):
             cpu.bsr_grad_weight(dy, x, layout)]
 
 
-@pytest.mark.parametrize("name", ["b32-M100", "b64x32-M64"])
+@pytest.mark.parametrize("name", ["b32-M100", "b64x32-M64", "b16-M100", "b32x16-M64"])
 def test_same_as_the_fp32_accumulating_avx2_path(engine, name):
     """Both sum in fp32 and round once: they differ by at most one bf16 step per element."""
     operands = _operands(name)
@@ -101,15 +109,18 @@ def test_same_as_the_fp32_accumulating_avx2_path(engine, name):
         torch.testing.assert_close(a.float(), b.float(), rtol=2 * BF16_STEP, atol=1e-2)
 
 
-def test_empty_block_rows_give_the_bias(engine):
-    weight, x, _, bias = _operands("b32-M31-empty-row")
+@pytest.mark.parametrize("name, rows", [("b32-M31-empty-row", slice(32, 64)), ("b16-M31-empty-row", slice(32, 48))])
+def test_empty_block_rows_give_the_bias(engine, name, rows):
+    weight, x, _, bias = _operands(name)
     y = cpu.bsr_forward(x, weight.values, weight.layout, bias)
-    torch.testing.assert_close(y[:, 32:64], bias[32:64].expand(x.shape[0], 32), rtol=0, atol=0)
+    width = rows.stop - rows.start
+    torch.testing.assert_close(y[:, rows], bias[rows].expand(x.shape[0], width), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("m", [0, 1])
-def test_degenerate_token_counts(engine, m):
-    weight = random_bsr((64, 96), 32, 0.5, dtype=torch.bfloat16)
+@pytest.mark.parametrize("block", [32, 16])
+def test_degenerate_token_counts(engine, m, block):
+    weight = random_bsr((64, 96), block, 0.5, dtype=torch.bfloat16)
     x, dy = torch.randn(m, 96).bfloat16(), torch.randn(m, 64).bfloat16()
     assert cpu.bsr_forward(x, weight.values, weight.layout).shape == (m, 64)
     assert cpu.bsr_grad_input(dy, weight.values, weight.layout).shape == (m, 96)
@@ -119,21 +130,23 @@ def test_degenerate_token_counts(engine, m):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_results_do_not_depend_on_thread_count(engine, threads):
-    weight, x, dy, bias = _operands("b32-M100")
+@pytest.mark.parametrize("name", ["b32-M100", "b16-M100"])
+def test_results_do_not_depend_on_thread_count(engine, threads, name):
+    weight, x, dy, bias = _operands(name)
     assert_same_at_thread_counts(lambda: [cpu.bsr_forward(x, weight.values, weight.layout, bias),
                                           cpu.bsr_grad_input(dy, weight.values, weight.layout),
                                           cpu.bsr_grad_weight(dy, x, weight.layout)], threads)
 
 
-def test_sparse_linear_trains_in_bf16_on_tiles(engine):
+@pytest.mark.parametrize("block", [32, 16])
+def test_sparse_linear_trains_in_bf16_on_tiles(engine, block):
     torch.manual_seed(0)
-    layer = sk.SparseLinear(96, 64, block_size=32, density=0.5, dtype=torch.bfloat16)
+    layer = sk.SparseLinear(96, 64, block_size=block, density=0.5, dtype=torch.bfloat16)
     x = torch.randn(40, 96, dtype=torch.bfloat16, requires_grad=True)
     with sk.use_backend("cpu"):
         y = layer(x)
         y.float().square().sum().backward()
-    ref = sk.SparseLinear(96, 64, block_size=32, density=0.5, dtype=torch.float64)
+    ref = sk.SparseLinear(96, 64, block_size=block, density=0.5, dtype=torch.float64)
     ref.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
     xr = x.detach().double().requires_grad_()
     yr = ref(xr)
@@ -143,10 +156,11 @@ def test_sparse_linear_trains_in_bf16_on_tiles(engine):
     assert relative_error(layer.values.grad, ref.values.grad) < 2e-2
 
 
-def test_grad_weight_over_several_token_chunks(engine):
+@pytest.mark.parametrize("block", [32, 16])
+def test_grad_weight_over_several_token_chunks(engine, block):
     """dW sums tokens in chunks of 16 MB of packed X: 131072 columns make 64-token chunks, so
     100 tokens take two, the second accumulating onto the first's fp32 tiles."""
-    weight = random_bsr((64, 131072), 32, 0.01, dtype=torch.bfloat16, seed=3)
+    weight = random_bsr((64, 131072), block, 0.01, dtype=torch.bfloat16, seed=3)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(100, 131072, generator=g).bfloat16()
     dy = torch.randn(100, 64, generator=g).bfloat16()

@@ -1,7 +1,9 @@
-// bf16 block-sparse products on 32 x 32 tile steps (common/amx.h), for blocks whose sides
-// are multiples of 32: bf16 in and out, fp32 accumulation, one rounding on output. The
-// Engine runs the tile steps: AMX tiles (AmxEngine) or AVX512-BF16 dot products on CPUs
-// without AMX (DotEngine); packing and loop nests are the same for both.
+// bf16 block-sparse products on tile steps (common/amx.h): bf16 in and out, fp32
+// accumulation, one rounding on output. Blocks whose sides are multiples of 32 run 32 x 32
+// steps on the Engine: AMX tiles (AmxEngine) or AVX512-BF16 dot products on CPUs without AMX
+// (DotEngine); packing and loop nests are the same for both. The forward and dX of other
+// blocks of a multiple of 16 run common::grouped_product on dot products, their dW
+// bf16_sampled_product with 16 x 16 tiles on DotEngine16.
 //
 // bf16_grouped_product: forward and dX, the same loop nest as grouped_product (fp32):
 //   A (X or dY) is read in place, 32 rows a tile (a zero-padded copy of the last
@@ -13,7 +15,7 @@
 // bf16_sampled_product: dW on the stored blocks, dYᵀ X with K = tokens. dYᵀ is packed
 //   row-major (tokens padded to 32 with zeros) and X into VNNI row pairs, each block
 //   column's 32 columns contiguous (both with AVX-512 shuffles: a scalar transpose cost
-//   more than the products). Blocks run in super-blocks of 8 x 8 block rows x columns, so
+//   more than the products); strips of TW = 32 or 16 columns. Blocks run in super-blocks of 8 x 8 block rows x columns, so
 //   the dYᵀ rows and X strips they share stay in L2; tokens run in chunks (all 2048 at
 //   4096 columns), whose fp32 sums accumulate in a tile buffer.
 #pragma once
@@ -88,13 +90,14 @@ SPARSEKERN_AMX inline void transpose_16x16_epi32(__m512i r[16]) {
   }
 }
 
-// Strip c (columns 32c..32c+31) of src (M, K) as `pairs` rows of 32 pair words.
+// Strip c (columns TW c..TW c + TW - 1) of src (M, K) as `pairs` rows of TW pair words.
+template <int TW>
 SPARSEKERN_AMX inline void strip_token_pairs(const bf16* src, int64_t M, int64_t K, int64_t pairs, int64_t c,
                                              int32_t* out) {
+  static_assert(TW == 16 || TW == 32, "strips of 16 or 32 columns");
   for (int64_t r = 0; r < pairs; ++r) {
-    int32_t* row = out + (c * pairs + r) * kAmxTile;
-    _mm512_storeu_si512(row, token_pair_words(src + c * kAmxTile, K, r, M));
-    _mm512_storeu_si512(row + 16, token_pair_words(src + c * kAmxTile + 16, K, r, M));
+    int32_t* row = out + (c * pairs + r) * TW;
+    for (int v = 0; v < TW / 16; ++v) _mm512_storeu_si512(row + 16 * v, token_pair_words(src + c * TW + 16 * v, K, r, M));
   }
 }
 
@@ -109,7 +112,7 @@ SPARSEKERN_AMX inline void pack_vnni_tile(const bf16* v, int64_t ldv, bool trans
       for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + k * 32 + 16 * h, r[k]);
     }
   } else {  // rows 2r and 2r + 1 of v interleaved: a strip of 32 tokens
-    strip_token_pairs(v, kAmxTile, ldv, 16, 0, out);
+    strip_token_pairs<kAmxTile>(v, kAmxTile, ldv, 16, 0, out);
   }
 }
 
@@ -208,31 +211,33 @@ inline void pack_token_pairs_transposed(const bf16* src, int64_t M, int64_t N, i
   });
 }
 
-// dst = src (M, K) as VNNI strips of 32 columns: strip c, token pair r at (c * Mp / 2 + r) * 64; zero beyond M.
-inline void pack_token_pairs(const bf16* src, int64_t M, int64_t K, int64_t Mp, bf16* dst) {
-  common::parallel_for_work(K / kAmxTile, K * M, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) strip_token_pairs(src, M, K, Mp / 2, c, reinterpret_cast<int32_t*>(dst));
+// dst = src (M, K) as VNNI strips of TW columns: strip c, token pair r at (c * Mp / 2 + r) * 2 TW; zero beyond M.
+template <int TW>
+void pack_token_pairs(const bf16* src, int64_t M, int64_t K, int64_t Mp, bf16* dst) {
+  common::parallel_for_work(K / TW, K * M, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) strip_token_pairs<TW>(src, M, K, Mp / 2, c, reinterpret_cast<int32_t*>(dst));
   });
 }
 
-// dvalues[p] (br x bc) = (dYᵀ X)[row_idx[p] * br : +br, col_idx[p] * bc : +bc] for every stored block p.
-template <typename Engine>
+// dvalues[p] (br x bc) = (dYᵀ X)[row_idx[p] * br : +br, col_idx[p] * bc : +bc] for every stored block p,
+// in TW x TW tiles (br and bc multiples of TW); K steps of 32 tokens.
+template <typename Engine, int TW = kAmxTile>
 void bf16_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_t N, int64_t K, int64_t br,
                                 int64_t bc, const int64_t* row_idx, const int64_t* col_idx, int64_t nnz,
                                 bf16* dvalues) {
   if (nnz == 0) return;
   const int64_t Mp = std::max<int64_t>(kAmxTile, (M + kAmxTile - 1) / kAmxTile * kAmxTile);
   // dYᵀ: (N, Mp) row-major, rows ldt apart: one cache line more than Mp, or the 32 rows of a
-  // tile pair (4 KiB apart for 2048 tokens) would share one L1 set. X: per 32-column strip c,
-  // (Mp / 2) rows of 32 VNNI pairs, i.e. at c * Mp * 32 + (m / 2) * 64 + n * 2 + m % 2. Both
+  // tile pair (4 KiB apart for 2048 tokens) would share one L1 set. X: per TW-column strip c,
+  // (Mp / 2) rows of TW VNNI pairs, i.e. at c * Mp * TW + (m / 2) * 2 TW + n * 2 + m % 2. Both
   // zero beyond M.
   const int64_t ldt = Mp + 32;
   const at::Tensor dyt_buf = scratch(N * ldt, at::kBFloat16), xv_buf = scratch(K * Mp, at::kBFloat16);
   const bf16 *dyt = dyt_buf.data_ptr<bf16>(), *xv = xv_buf.data_ptr<bf16>();
   pack_token_pairs_transposed(dy, M, N, Mp, ldt, dyt_buf.data_ptr<bf16>());
-  pack_token_pairs(x, M, K, Mp, xv_buf.data_ptr<bf16>());
+  pack_token_pairs<TW>(x, M, K, Mp, xv_buf.data_ptr<bf16>());
 
-  // Output tiles: (block, 32-row sub i, 32-column sub j), blocks in super-block order: the
+  // Output tiles: (block, TW-row sub i, TW-column sub j), blocks in super-block order: the
   // blocks of kSuperBlock block rows x columns together, row-major inside, so the dYᵀ rows
   // and X strips of one chunk that they read stay in L2 across a super-block.
   std::vector<int64_t> order(nnz);
@@ -241,9 +246,10 @@ void bf16_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_t N, i
     const int64_t ra = row_idx[a] / kSuperBlock, rb = row_idx[b] / kSuperBlock;
     return ra != rb ? ra < rb : col_idx[a] / kSuperBlock < col_idx[b] / kSuperBlock;
   });
-  const int64_t rsub = br / kAmxTile, csub = bc / kAmxTile, tiles_per_block = rsub * csub;
+  constexpr int64_t kTile = TW * TW;
+  const int64_t rsub = br / TW, csub = bc / TW, tiles_per_block = rsub * csub;
   const int64_t ntiles = nnz * tiles_per_block;
-  const at::Tensor acc_buf = scratch(ntiles * kVnniTile, at::kFloat);
+  const at::Tensor acc_buf = scratch(ntiles * kTile, at::kFloat);
   float* acc = acc_buf.data_ptr<float>();
   const int64_t chunk = std::max<int64_t>(
       kAmxTile, kAmxTokenChunkBytes / (K * int64_t(sizeof(bf16))) / kAmxTile * kAmxTile);
@@ -251,22 +257,21 @@ void bf16_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_t N, i
   std::vector<int64_t> a_off(steps_max);
   for (int64_t j = 0; j < steps_max; ++j) a_off[j] = j * kAmxTile;
   std::vector<int64_t> prefix(ntiles + 1);  // multiply-adds: a count of tiles alone kept it on one thread
-  for (int64_t t = 0; t <= ntiles; ++t) prefix[t] = t * kVnniTile * Mp;
+  for (int64_t t = 0; t <= ntiles; ++t) prefix[t] = t * kTile * Mp;
   common::parallel_ranges_by_cost(prefix, [&](int64_t t0, int64_t t1) {
     Engine engine;
     for (int64_t m0 = 0; m0 < Mp; m0 += chunk) {
       const int64_t steps = std::min(chunk, Mp - m0) / kAmxTile;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p = order[t / tiles_per_block], i = t % tiles_per_block / csub, j = t % csub;
-        const int64_t row = row_idx[p] * br + i * kAmxTile, col = col_idx[p] * bc / kAmxTile + j;
-        engine.tile(dyt + row * ldt + m0, ldt, a_off.data(), xv + col * Mp * kAmxTile + (m0 / 2) * 64, int64_t(64),
-                    int64_t(16 * 64), steps, acc + t * kVnniTile, int64_t(kAmxTile), m0 > 0);
+        const int64_t row = row_idx[p] * br + i * TW, col = col_idx[p] * bc / TW + j;
+        engine.tile(dyt + row * ldt + m0, ldt, a_off.data(), xv + col * Mp * TW + (m0 / 2) * 2 * TW, int64_t(2 * TW),
+                    int64_t(16 * 2 * TW), steps, acc + t * kTile, int64_t(TW), m0 > 0);
       }
     }
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p = order[t / tiles_per_block], i = t % tiles_per_block / csub, j = t % csub;
-      common::store_tile_bf16(acc + t * kVnniTile, kAmxTile, nullptr,
-                              dvalues + p * br * bc + i * kAmxTile * bc + j * kAmxTile, bc);
+      common::store_tile_bf16<TW / 16>(acc + t * kTile, TW, nullptr, dvalues + p * br * bc + i * TW * bc + j * TW, bc);
     }
   });
 }

@@ -7,7 +7,8 @@
 // Tensors: CPU, contiguous, float64 / float32 / bfloat16 / float16 (half types
 // computed in fp32), int64 indices of a valid BlockLayout (checked in O(nnz)).
 // bf16 with block sides that are multiples of 32 runs on AMX tiles on the amx path, and on
-// AVX512-BF16 dot products on the avx512 path of a CPU that has them.
+// AVX512-BF16 dot products on the avx512 path of a CPU that has them; other blocks of a
+// multiple of 16 run on those dot products on either path.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -76,6 +77,13 @@ bool with_bf16_engine(const at::Tensor& t, int64_t br, int64_t bc, const F& f) {
   }
   return true;
 }
+
+// bf16 blocks of a multiple of 16 (not whole 32 x 32 tiles: with_bf16_engine takes those) on a
+// path with AVX512-BF16 dot products: the avx512 path of a CPU that has them, or the amx path.
+bool dot_bf16_pairs(const at::Tensor& t, int64_t br, int64_t bc) {
+  return t.scalar_type() == at::kBFloat16 && br % 16 == 0 && bc % 16 == 0 &&
+         (common::amx_tiles() || common::dot_bf16_tiles());
+}
 #endif
 
 void check_same(const at::Tensor& a, const at::Tensor& b) {
@@ -108,6 +116,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
             row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<bf16>(),
             has_bias ? bias->data_ptr<bf16>() : nullptr);
       })) {
+    return y;
+  }
+  if (dot_bf16_pairs(x, br, bc)) {
+    grouped_product<bf16, bf16, 16, true>(x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true,
+                                          row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(),
+                                          y.data_ptr<bf16>(), has_bias ? bias->data_ptr<bf16>() : nullptr);
     return y;
   }
 #endif
@@ -147,6 +161,13 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
       })) {
     return dx;
   }
+  if (dot_bf16_pairs(dy, br, bc)) {
+    grouped_product<bf16, bf16, 16, true>(dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc,
+                                          /*transpose=*/false, col_offsets.data_ptr<int64_t>(), CB,
+                                          t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(),
+                                          dx.data_ptr<bf16>());
+    return dx;
+  }
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bsr_grad_input", [&] {
     using C = Compute<scalar_t>;
@@ -180,6 +201,12 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
             dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc, row_indices.data_ptr<int64_t>(),
             col_indices.data_ptr<int64_t>(), nnz, dvalues.data_ptr<bf16>());
       })) {
+    return dvalues;
+  }
+  if (dot_bf16_pairs(x, br, bc)) {
+    bf16_sampled_product<common::DotEngine16, 16>(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc,
+                                                  row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(),
+                                                  nnz, dvalues.data_ptr<bf16>());
     return dvalues;
   }
 #endif

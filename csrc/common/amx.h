@@ -204,6 +204,15 @@ struct DotEngine {  // AVX512-BF16 dot products (CPUs without AMX)
     dot_tile_32x32(a, a_stride, args..., eights);
   }
 };
+// A 16 x 16 tile step on dot products, the same contract at TW = 16 (B's pair rows of 16
+// columns): two register blocks of 8 rows, eight dot-product chains each.
+struct DotEngine16 {
+  SPARSEKERN_DOT_BF16 void tile(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b, int64_t ldb,
+                                int64_t b_step, int64_t steps, float* c, int64_t ldc, bool accumulate) {
+    dot_rows<8, 1>(a, lda, a_off, b, ldb, b_step, steps, c, ldc, accumulate);
+    dot_rows<8, 1>(a + 8 * lda, lda, a_off, b, ldb, b_step, steps, c + 8 * ldc, ldc, accumulate);
+  }
+};
 
 // out[i * ldo + n] = bf16(c[i * 16 NV + n] (+ bias[n])) for rows i < rows, n < 16 NV (round to
 // nearest even): NV = 2, tiles of 32 columns; NV = 1, of 16.

@@ -13,6 +13,9 @@
 //     reused across the m-tiles, the A rows across the groups.
 // (panel, m-block, group) items are split over the threads by cost, so a block
 // row holding many blocks is shared rather than landing on one thread.
+// kPairs: bf16 on AVX512-BF16 dot products (common/dot_rows.h) for blocks whose sides are
+// multiples of NR = 16: B packed in VNNI pairs, each member's K segment w / NR dot steps of NR,
+// the tile summed in fp32 and rounded once (with the bias) on output.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/dot_rows.h"
 #include "common/microkernel.h"
 #include "common/parallel.h"
 #include "common/huge_page_output.h"
@@ -54,12 +58,14 @@ at::ScalarType scalar_type_of() {
 // transpose: B_p = values[blk[p]]ᵀ (w = bc, g = br), else B_p = values[blk[p]] (w = br, g = bc).
 // offsets (G + 1): members of group i are p in [offsets[i], offsets[i+1]); blk null = identity.
 // bias (G * g, or null) is added to every row: it seeds the accumulators (no extra pass over out).
-template <typename S, typename C, int NR>
+template <typename S, typename C, int NR, bool kPairs = false>
 void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t br, int64_t bc,
                      bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
                      const int64_t* seg, S* out, const S* bias = nullptr) {
+  static_assert(!kPairs || (std::is_same<S, bf16>::value && std::is_same<C, bf16>::value && NR == 16),
+                "the dot-product products run bf16 strips of 16 columns");
   const int MR = tile_rows(Ka * int64_t(sizeof(C)));  // A's rows are read in place, Ka apart
-  constexpr bool kDirect = std::is_same<S, C>::value;  // full tiles are stored straight into `out`
+  constexpr bool kDirect = std::is_same<S, C>::value && !kPairs;  // full tiles are stored straight into `out`
   const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
   const int64_t nsub = (g + NR - 1) / NR, mtiles = (M + MR - 1) / MR, nnz = offsets[G];
   const int64_t strip = w * NR;  // elements of one packed (block, sub-tile)
@@ -83,7 +89,8 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
           for (int64_t k = 0; k < w; ++k) {
             for (int64_t n = 0; n < NR; ++n) {
               const int64_t col = s * NR + n;
-              dst[k * NR + n] = col >= g ? C(0) : C(transpose ? v[col * bc + k] : v[k * bc + col]);
+              dst[kPairs ? vnni_index<NR>(k, n) : k * NR + n] =
+                  col >= g ? C(0) : C(transpose ? v[col * bc + k] : v[k * bc + col]);
             }
           }
         }
@@ -91,8 +98,11 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
     }
   });
 
-  std::vector<int64_t> seg_off(nnz);  // column of A where each member's segment starts
-  for (int64_t p = 0; p < nnz; ++p) seg_off[p] = seg[p] * w;
+  const int64_t steps = kPairs ? w / NR : 1;  // kernel K steps a member's segment is cut into
+  std::vector<int64_t> seg_off(std::max<int64_t>(1, nnz * steps));  // column of A where each step starts
+  for (int64_t p = 0; p < nnz; ++p) {
+    for (int64_t j = 0; j < steps; ++j) seg_off[p * steps + j] = seg[p] * w + j * NR;
+  }
 
   // Work items (group, m-tile range) in panel / m-block / group order.
   int64_t mblock = std::max<int64_t>(1, kABlockBytes / std::max<int64_t>(1, Ka * MR * int64_t(sizeof(C))));
@@ -127,8 +137,8 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
     p0 = p1;
   }
 
-  const Microkernel<C> kernel = microkernel_rows<C, NR, true>(MR);
-  const Microkernel<C> last_kernel = microkernel_rows<C, NR, true>(int(M - (mtiles - 1) * MR));
+  const std::vector<std::pair<int64_t, int>> tile_heights{{0, MR}, {0, int(M - (mtiles - 1) * MR)}};
+  const auto kernels = tile_kernels<C, NR, kPairs, true, NR / 2>(tile_heights);
   const Store direct = M * N * int64_t(sizeof(S)) >= kStreamOutputBytes ? Store::kStream : Store::kWrite;
   auto run_item = [&](const Item& it) {
     // The groups of a panel read A's rows in scattered segments, so a first touch
@@ -155,8 +165,20 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
           continue;
         }
         const C* arows = a + r0 * Ka;
-        const Microkernel<C> kern = rows == MR ? kernel : last_kernel;
-        if (kDirect && ncols == NR) {
+        const auto kern = kernels[rows == MR ? 0 : 1];
+        if constexpr (kPairs) {
+#ifdef SPARSEKERN_AMX_BUILD
+          alignas(64) float tmp[kMaxTileRows * NR];
+          kern(arows, Ka, seg_off.data() + first * steps, bs, 2 * NR, NR * NR, count * steps, tmp, NR, false);
+          if (ncols == NR) {
+            store_tile_bf16<NR / 16>(tmp, rows, bias ? bias + c0 : nullptr, o, N);
+            continue;
+          }
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t n = 0; n < ncols; ++n) o[i * N + n] = S(tmp[i * NR + n] + (bias ? float(bias[c0 + n]) : 0.f));
+          }
+#endif
+        } else if (kDirect && ncols == NR) {
           kern(arows, Ka, seg_off.data() + first, count, w, bs, NR, reinterpret_cast<C*>(o), N, direct,  // S == C
                reinterpret_cast<const C*>(bias ? bias + c0 : nullptr));
         } else {

@@ -9,13 +9,9 @@
 #pragma once
 
 #include <cstdint>
-#include <stdexcept>
-#include <type_traits>
-#include <utility>
-#include <vector>
 
 #include "common/amx.h"
-#include "common/microkernel.h"
+#include "common/dot_rows.h"
 
 namespace sparsekern {
 namespace conv {
@@ -24,25 +20,11 @@ using common::bf16;
 
 constexpr int64_t kDotPixels = 32;  // dW's K step: 16 pixel pairs
 
-// The strip width of the dot products for blocks of `block` channels (a multiple of 16).
-inline int dot_strip(int64_t block) { return block % 32 == 0 ? 32 : 16; }
-
-// Element of B(k, n) in a VNNI-packed strip of NR columns.
-template <int NR>
-int64_t vnni_index(int64_t k, int64_t n) { return (k >> 1) * 2 * NR + 2 * n + (k & 1); }
-
-// common::dot_rows<R, NR / 16, KP>: c (R x NR fp32, row stride ldc) [+]= sum over `steps` K steps of
-// 2 KP: A (rows lda apart, step j at a + a_off[j]) times B (step j at b + j * b_step, pair rows ldb apart).
-using DotRows = void (*)(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b, int64_t ldb,
-                         int64_t b_step, int64_t steps, float* c, int64_t ldc, bool accumulate);
+using common::tile_kernels;
+using common::vnni_index;
+using common::with_strips;
 
 #ifdef SPARSEKERN_AMX_BUILD
-template <int NR, int KP, int... R>
-DotRows dot_rows_of(int rows, std::integer_sequence<int, R...>) {
-  DotRows table[] = {&common::dot_rows<R + 1, NR / 16, KP>...};
-  return table[rows - 1];
-}
-
 // dst[2n + j] = (j ? p1 : p0)[n] for n < NR: two pixels' NR channels as pairs (p1 null: zeros).
 template <int NR>
 SPARSEKERN_DOT_BF16 inline void pack_pixel_pair(bf16* dst, const bf16* p0, const bf16* p1) {
@@ -62,48 +44,6 @@ SPARSEKERN_DOT_BF16 inline void pack_pixel_pair(bf16* dst, const bf16* p0, const
   }
 }
 #endif
-
-// The dot-product tile step for `rows` rows (1 <= rows <= common::kMaxTileRows), NR columns, K
-// steps of 2 KP.
-template <int NR, int KP>
-DotRows dot_rows_kernel(int rows) {
-#ifdef SPARSEKERN_AMX_BUILD
-  if (rows >= 1 && rows <= common::kMaxTileRows) {
-    return dot_rows_of<NR, KP>(rows, std::make_integer_sequence<int, common::kMaxTileRows>{});
-  }
-#endif
-  throw std::logic_error("no bf16 dot-product tile of this many rows on this build");
-}
-
-// The tile steps for `tiles` (first, rows): the dot products (K steps of 2 KP) with kPairs, else
-// the microkernels of C (A's rows kRowsA-major).
-template <typename C, int NR, bool kPairs, bool kRowsA, int KP>
-auto tile_kernels(const std::vector<std::pair<int64_t, int>>& tiles) {
-  std::vector<std::conditional_t<kPairs, DotRows, common::Microkernel<C>>> kernels;
-  for (const auto& tile : tiles) {
-    if constexpr (kPairs) {
-      kernels.push_back(dot_rows_kernel<NR, KP>(tile.second));
-    } else {
-      kernels.push_back(common::microkernel_rows<C, NR, kRowsA>(tile.second));
-    }
-  }
-  return kernels;
-}
-
-// f(std::integral_constant<int, NR>) for the strips of a product over `width` columns: the dot
-// products' (dot_strip) with kPairs, else the widest strip of C the path has.
-template <typename C, bool kPairs, typename F>
-void with_strips(int64_t width, const F& f) {
-  if constexpr (kPairs) {
-    if (dot_strip(width) == 32) {
-      f(std::integral_constant<int, 32>{});
-    } else {
-      f(std::integral_constant<int, 16>{});
-    }
-  } else {
-    common::with_strip_width<C>(f, width);
-  }
-}
 
 }  // namespace conv
 }  // namespace sparsekern
