@@ -1,5 +1,5 @@
 """bf16 conv products on AVX512-BF16 dot products (csrc/conv/dot_bf16.h: the avx512 path of a
-CPU that has them and the amx path, square blocks of a multiple of 16 channels) against fp64, with the bound the dense bf16
+CPU that has them, square blocks of a multiple of 16 channels) against fp64, with the bound the dense bf16
 conv sets: fp32 accumulation and one rounding on output, so the error may not exceed torch's
 bf16 conv on the same operands plus one bf16 rounding step. Skipped on a CPU without the path."""
 import pytest
@@ -35,14 +35,13 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["avx512", "amx"])
-def dot_path(request):
-    path = request.param
-    if path not in microkernel.runnable_isas():
-        pytest.skip(f"the {path} path does not run on this CPU")
-    with on_path("conv", (path, False)):
+@pytest.fixture
+def dot_path():
+    if "avx512" not in microkernel.runnable_isas():
+        pytest.skip("the avx512 path does not run on this CPU")
+    with on_path("conv", ("avx512", False)):
         if microkernel.microkernel_isa("conv") != "avx512f+avx512_bf16":
-            pytest.skip(f"no AVX512-BF16 on this CPU (the {path} path reports {microkernel.microkernel_isa('conv')})")
+            pytest.skip(f"no AVX512-BF16 on this CPU (the avx512 path reports {microkernel.microkernel_isa('conv')})")
         yield
 
 

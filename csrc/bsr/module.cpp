@@ -81,7 +81,8 @@ bool with_bf16_engine(const at::Tensor& t, int64_t br, int64_t bc, const F& f) {
 // bf16 blocks of a multiple of 16 (not whole 32 x 32 tiles: with_bf16_engine takes those) on a
 // path with AVX512-BF16 dot products: the avx512 path of a CPU that has them, or the amx path.
 bool dot_bf16_pairs(const at::Tensor& t, int64_t br, int64_t bc) {
-  return t.scalar_type() == at::kBFloat16 && br % 16 == 0 && bc % 16 == 0 && common::dot_bf16_products();
+  return t.scalar_type() == at::kBFloat16 && br % 16 == 0 && bc % 16 == 0 &&
+         (common::amx_tiles() || common::dot_bf16_tiles());
 }
 #endif
 

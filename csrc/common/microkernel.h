@@ -315,9 +315,6 @@ inline bool wide_tiles() { return int(path_isa()) >= int(Isa::kAvx512); }
 inline bool amx_tiles() { return path_isa() == Isa::kAmx && !portable_loops(); }
 // bf16 products on AVX512-BF16 dot products: the avx512 path on a CPU that has them.
 inline bool dot_bf16_tiles() { return path_isa() == Isa::kAvx512 && !portable_loops() && avx512_bf16_usable(); }
-// AVX512-BF16 dot products run at all: on the avx512 path of a CPU that has them, and on the amx
-// path (every AMX-BF16 CPU has them) for the bf16 products AMX tiles do not take.
-inline bool dot_bf16_products() { return amx_tiles() || dot_bf16_tiles(); }
 
 // Force path `name` ("portable", "avx2", "avx512", "amx"); its SIMD loops must run on this
 // CPU unless `portable` asks for the portable loops at that path's geometry.
@@ -344,7 +341,7 @@ enum class Bf16Products { kNone, kDot, kDotAndAmx };
 // "portable", or "portable-wide" (portable loops, AVX-512 tiles).
 inline std::string path_name(Bf16Products bf16) {
   if (amx_tiles() && bf16 == Bf16Products::kDotAndAmx) return "avx512f+amx";
-  if (dot_bf16_products() && bf16 != Bf16Products::kNone) return "avx512f+avx512_bf16";
+  if (dot_bf16_tiles() && bf16 != Bf16Products::kNone) return "avx512f+avx512_bf16";
   if (!portable_loops()) return wide_tiles() ? "avx512f" : "avx2-fma";
   return wide_tiles() ? "portable-wide" : "portable";
 }

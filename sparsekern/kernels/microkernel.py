@@ -2,9 +2,8 @@
 (csrc/common/microkernel.h), and the 2:4 kernels' ISA.
 
 Paths, best first: ``amx`` (the avx512 path, plus AMX tiles for the bf16 block-sparse
-products of whole 32 x 32 tiles: AMX-TILE, AMX-BF16 and AVX512-BF16; the other bf16 products
-on the dot products below), ``avx512`` (AVX-512F fp32 tiles of up to 12 x 32; the bf16
-block-sparse and conv products on AVX512-BF16 dot products where the CPU has them),
+products: AMX-TILE, AMX-BF16 and AVX512-BF16), ``avx512`` (AVX-512F fp32 tiles of up to
+12 x 32; the bf16 block-sparse products on AVX512-BF16 dot products where the CPU has them),
 ``avx2`` (AVX2/FMA, 6 x 16), ``portable`` (plain loops). Each extension takes the best its CPU runs when it loads,
 unless the environment variable ``SPARSEKERN_CPU_ISA`` asks for a lower one; asking for
 one the CPU cannot run is an error naming both. Tests switch paths per family with
@@ -48,8 +47,7 @@ def _module(family):
 
 def microkernel_isa(family):
     """What ``family``'s compiled kernels run: "avx512f+amx" (bsr on the amx path),
-    "avx512f+avx512_bf16" (bsr on the avx512 path of a CPU with AVX512-BF16, conv there and on
-    the amx path), "avx512f",
+    "avx512f+avx512_bf16" (bsr on the avx512 path of a CPU with AVX512-BF16), "avx512f",
     "avx2-fma", "portable" or "portable-wide"; "unavailable" when its extension is not built; None for a family
     without the switch."""
     module = load_extension(family)
