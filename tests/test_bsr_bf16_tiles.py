@@ -1,7 +1,7 @@
 """bf16 block-sparse products on tile steps (csrc/bsr/bf16_products.h) against fp64, on both
 engines: AMX tiles (the amx path) and AVX512-BF16 dot products (the avx512 path of a CPU with
 AVX512-BF16); blocks of a multiple of 16 that are not whole 32 x 32 tiles run on the dot
-products on either path. The bound is the dense bf16 GEMM's: fp32 accumulation, one rounding on
+products on the avx512 path (the amx path widens them to fp32, within the same bound). The bound is the dense bf16 GEMM's: fp32 accumulation, one rounding on
 output, so the error may not exceed torch's bf16 matmul on the same operands (plus one bf16
 rounding step). Each engine's tests skip on a CPU that cannot run it."""
 import os

@@ -1,9 +1,9 @@
 // bf16 block-sparse products on tile steps (common/amx.h): bf16 in and out, fp32
 // accumulation, one rounding on output. Blocks whose sides are multiples of 32 run 32 x 32
 // steps on the Engine: AMX tiles (AmxEngine) or AVX512-BF16 dot products on CPUs without AMX
-// (DotEngine); packing and loop nests are the same for both. The forward and dX of other
-// blocks of a multiple of 16 run common::grouped_product on dot products, their dW
-// bf16_sampled_product with 16 x 16 tiles on DotEngine16.
+// (DotEngine); packing and loop nests are the same for both. On the dot-product path the
+// forward and dX of other blocks of a multiple of 16 run common::grouped_product on dot
+// products, their dW bf16_sampled_product with 16 x 16 tiles on DotEngine16.
 //
 // bf16_grouped_product: forward and dX, the same loop nest as grouped_product (fp32):
 //   A (X or dY) is read in place, 32 rows a tile (a zero-padded copy of the last

@@ -8,7 +8,7 @@
 // computed in fp32), int64 indices of a valid BlockLayout (checked in O(nnz)).
 // bf16 with block sides that are multiples of 32 runs on AMX tiles on the amx path, and on
 // AVX512-BF16 dot products on the avx512 path of a CPU that has them; other blocks of a
-// multiple of 16 run on those dot products on either path.
+// multiple of 16 run on those dot products on the avx512 path too.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -78,11 +78,12 @@ bool with_bf16_engine(const at::Tensor& t, int64_t br, int64_t bc, const F& f) {
   return true;
 }
 
-// bf16 blocks of a multiple of 16 (not whole 32 x 32 tiles: with_bf16_engine takes those) on a
-// path with AVX512-BF16 dot products: the avx512 path of a CPU that has them, or the amx path.
+// bf16 blocks of a multiple of 16 (not whole 32 x 32 tiles: with_bf16_engine takes those) on
+// AVX512-BF16 dot products: the avx512 path of a CPU that has them. The amx path widens them to
+// fp32, as it does the conv products (docs/design.md: on the Xeon the fp32 kernels outran the
+// dot products).
 bool dot_bf16_pairs(const at::Tensor& t, int64_t br, int64_t bc) {
-  return t.scalar_type() == at::kBFloat16 && br % 16 == 0 && bc % 16 == 0 &&
-         (common::amx_tiles() || common::dot_bf16_tiles());
+  return t.scalar_type() == at::kBFloat16 && br % 16 == 0 && bc % 16 == 0 && common::dot_bf16_tiles();
 }
 #endif
 
