@@ -1,0 +1,32 @@
+"""bench/run.py names every benchmark and experiment script, and each name runs a main(argv)."""
+import ast
+import importlib.util
+import pathlib
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+
+
+def _registry():
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports neither torch nor the scripts
+    return module.REGISTRY
+
+
+def _has_main_with_argv(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return any(isinstance(node, ast.FunctionDef) and node.name == "main" and node.args.args
+               and node.args.args[0].arg == "argv" for node in tree.body)
+
+
+def test_every_registered_name_is_a_script_with_main_argv():
+    for name, module in _registry().items():
+        path = BENCH / f"{module}.py"
+        assert path.exists(), f"{name}: {path} is missing"
+        assert _has_main_with_argv(path), f"{name}: {path.name} has no main(argv)"
+
+
+def test_every_benchmark_and_experiment_script_is_registered():
+    registered = set(_registry().values())
+    scripts = {p.stem for p in BENCH.glob("*.py") if p.stem.startswith(("bench_", "exp_"))}
+    assert scripts <= registered, f"not in bench/run.py: {sorted(scripts - registered)}"
