@@ -9,8 +9,11 @@ import time
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sparsekern as sk
+from fuzz_strategies import bool_tensor, fuzz_settings, seeds
 from helpers import assert_same_at_thread_counts, on_path, random_bsr, relative_error, stored_blocks
 from sparsekern.kernels import microkernel
 from sparsekern.kernels.bsr import cpu, reference
@@ -70,9 +73,18 @@ def _operands(name):
     return weight, x, dy, bias
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_products_within_the_dense_bf16_bound(engine, name):
-    weight, x, dy, bias = _operands(name)
+def _engine_paths():
+    """The paths whose bf16 engine this CPU runs."""
+    paths = []
+    for path, reported in ENGINES.values():
+        if path in microkernel.runnable_isas():
+            with on_path("bsr", (path, False)):
+                if microkernel.microkernel_isa("bsr") == reported:
+                    paths.append(path)
+    return paths
+
+
+def _check_within_the_dense_bf16_bound(weight, x, dy, bias):
     layout, values = weight.layout, weight.values
     w = weight.to_dense()
     cases = {  # (ours, fp64 reference, torch's dense bf16 product of the same operands)
@@ -90,6 +102,32 @@ def test_products_within_the_dense_bf16_bound(engine, name):
         bound = relative_error(dense, want)
         err = relative_error(got, want)
         assert err <= bound + BF16_STEP, f"{product}: error {err:.2e}, dense bf16 {bound:.2e}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_products_within_the_dense_bf16_bound(engine, name):
+    _check_within_the_dense_bf16_bound(*_operands(name))
+
+
+@pytest.mark.skipif(microkernel.microkernel_isa("bsr") == "unavailable" or not _engine_paths(),
+                    reason="no bf16 engine on this CPU")
+@fuzz_settings(30)
+@given(block=st.tuples(st.sampled_from([16, 32, 48, 64]), st.sampled_from([16, 32, 48])),
+       grid=st.tuples(st.integers(1, 3), st.integers(1, 3)), tokens=st.integers(0, 70), seed=seeds, data=st.data())
+def test_random_masks_within_the_dense_bf16_bound(block, grid, tokens, seed, data):
+    """Block shapes of multiples of 16 (whole 32 x 32 tiles or 16-column strips), random masks
+    (no block, empty block rows and columns, every block), any token count, on every engine."""
+    (br, bc), (rb, cb) = block, grid
+    layout = sk.BlockLayout.from_block_mask(bool_tensor(data.draw, grid), (rb * br, cb * bc), (br, bc))
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(rb * br, cb * bc, generator=g).bfloat16()
+    weight = sk.BlockSparseMatrix.from_dense(dense, (br, bc), block_mask=layout.block_mask)
+    x = torch.randn(tokens, cb * bc, generator=g).bfloat16()
+    dy = torch.randn(tokens, rb * br, generator=g).bfloat16()
+    bias = torch.randn(rb * br, generator=g).bfloat16()
+    for path in _engine_paths():
+        with on_path("bsr", (path, False)):
+            _check_within_the_dense_bf16_bound(weight, x, dy, bias)
 
 
 def _products(weight, x, dy, bias):
