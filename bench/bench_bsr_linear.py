@@ -2,6 +2,12 @@
 
     python bench/bench_bsr_linear.py                       # defaults, a few minutes on 2 cores
     python bench/bench_bsr_linear.py --tokens 2048 --in-features 4096 --out-features 4096 --blocks 32
+    python bench/bench_bsr_linear.py --device cuda --dtype bf16 --tokens 8192 --in-features 4096 \
+        --out-features 4096 --blocks 64 --densities 1.0 0.5 0.25 0.1   # a GPU: the floor rule against cuBLAS
+
+On a GPU (``--device cuda``) the same cases run the registry's GPU kernels (triton) against
+cuBLAS, so the ``step`` column and ``floor`` show what the floor rule keeps there; the
+kernels themselves against cuBLAS, CUDA-graph timed, are bench/bench_bsr_triton.py's.
 
 X is (tokens x in), W (out x in) with a random uniform block mask of each density.
 For every block x density, in one process, ``--reps`` rounds each time the dense
@@ -54,21 +60,26 @@ def _parse(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for dense and sparse")
     parser.add_argument("--reps", type=int, default=5, help="timed alternating rounds per configuration")
     parser.add_argument("--timer", choices=("wall", "cpu", "thread"), default="wall", help=TIMER_HELP)
-    parser.add_argument("--no-torch-bsr", action="store_true", help="skip torch's BSR forward (the peer)")
+    parser.add_argument("--no-torch-bsr", action="store_true", help="skip torch's BSR forward (the peer; CPU only)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU kernels against cuBLAS")
     parser.add_argument("--json", default=DEFAULT_JSON, help="append JSON rows here ('' to skip)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here")
+    return args
 
 
 def main(argv=None):
     args = _parse(argv)
     torch.set_num_threads(args.threads)
-    measure = Timer(args.timer)
+    measure = Timer(args.timer, args.device)
     dtype = DTYPES[args.dtype]
     for b in args.blocks:
         if args.in_features % b or args.out_features % b:
             raise SystemExit(f"--in-features {args.in_features} and --out-features {args.out_features} "
                              f"must be multiples of block {b}")
-    env, path = environment(), kernel_path("bsr_forward", torch.device("cpu"), dtype)
+    env, path = environment(args.device), kernel_path("bsr_forward", args.device, dtype)
     context = {"bench": "bsr_linear", **env, **path}
     print(title(env, path, args))
     print(LEGEND)

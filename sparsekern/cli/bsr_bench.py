@@ -17,7 +17,8 @@ it, so it includes the floor rule's choice per product (kernels/floor.py: the ke
 the dense composite where it measured the kernel slower), reported as ``floor``.
 
 The options object (an argparse namespace) carries ``tokens``, ``in_features``,
-``out_features``, ``reps``, ``timer`` and ``no_torch_bsr``.
+``out_features``, ``reps``, ``timer``, ``no_torch_bsr`` and optionally ``device`` (default CPU;
+on a GPU the registry's GPU kernels run against cuBLAS, and torch's BSR peer is left out).
 """
 import os
 import statistics
@@ -53,10 +54,11 @@ class Case:
 
     def __init__(self, args, block, density, dtype, generator):
         m, k, n = args.tokens, args.in_features, args.out_features
-        self.x = torch.randn(m, k, generator=generator).to(dtype)
-        self.dy = torch.randn(m, n, generator=generator).to(dtype)
+        device = torch.device(getattr(args, "device", "cpu"))
+        self.x = torch.randn(m, k, generator=generator).to(device, dtype)
+        self.dy = torch.randn(m, n, generator=generator).to(device, dtype)
         mask = _random_mask((n // block, k // block), density, generator)
-        self.dense = torch.nn.Linear(k, n, dtype=dtype)
+        self.dense = torch.nn.Linear(k, n, dtype=dtype, device=device)
         with torch.no_grad():  # the dense layer holds the masked weight: its outputs are the reference
             self.dense.weight.copy_(BlockSparseMatrix.from_dense(self.dense.weight, block, mask).to_dense())
         self.sparse = SparseLinear.from_dense(self.dense, block_size=block, block_mask=mask)
@@ -66,7 +68,7 @@ class Case:
         self.kernels = {p: kernels.select_kernel(p, self.x.device, dtype)[1]
                         for p in ("bsr_forward", "bsr_grad_input", "bsr_grad_weight")}
         # torch's CPU BSR matmul (MKL) has fp32 and fp64 kernels only: no peer row in half types
-        peer = not args.no_torch_bsr and dtype in (torch.float32, torch.float64)
+        peer = not args.no_torch_bsr and dtype in (torch.float32, torch.float64) and device.type == "cpu"
         self.torch_bsr = self.w.to_sparse_bsr((block, block)) if peer else None
 
     def dense_fns(self):
