@@ -1,4 +1,4 @@
-"""CPU benchmark: block-sparse linear layer (sparsekern cpu backend) vs dense nn.Linear.
+"""Benchmark: block-sparse linear layer (SparseLinear) vs dense nn.Linear (CPU, or a GPU).
 
     python bench/bench_bsr_linear.py                       # defaults, a few minutes on 2 cores
     python bench/bench_bsr_linear.py --tokens 2048 --in-features 4096 --out-features 4096 --blocks 32

@@ -1,8 +1,9 @@
-"""CPU benchmark: block-sparse Conv2d (sparsekern.SparseConv2d) vs dense F.conv2d.
+"""Benchmark: block-sparse Conv2d (sparsekern.SparseConv2d) vs dense F.conv2d (CPU, or a GPU).
 
     python bench/bench_conv2d.py                  # the default cases, about two minutes on 2 cores
     python bench/bench_conv2d.py --reps 9 --json bench/results/conv2d.jsonl
     python bench/bench_conv2d.py --dtype bf16     # against dense bf16 (oneDNN's AMX conv where the CPU has it)
+    python bench/bench_conv2d.py --device cuda --dtype bf16   # a GPU: the triton kernels against cuDNN
 
 The cases, their timing and the table are the package's (``sparsekern.cli.conv_bench``, which
 ``sparsekern bench --product conv`` runs too): fwd, dx, dw and the layer step of 3x3 convs
@@ -34,17 +35,23 @@ def _parse(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for dense and sparse")
     parser.add_argument("--reps", type=int, default=5, help="timed alternating rounds per product")
     parser.add_argument("--timer", choices=("wall", "cpu", "thread"), default="wall", help=TIMER_HELP)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU kernels against cuDNN")
     parser.add_argument("--json", default="", help="also append the JSON rows to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here")
+    return args
 
 
 def main(argv=None):
     args = _parse(argv)
     torch.set_num_threads(args.threads)
-    measure = Timer(args.timer)
-    env = environment()
-    isa = microkernel_isa("conv")
-    print(header(env, {"backend": "cpu (floor rule: composite where dense wins)", "isa": isa}))
+    measure = Timer(args.timer, args.device)
+    env = environment(args.device)
+    isa = microkernel_isa("conv") if args.device.type == "cpu" else None
+    backend = "cpu" if args.device.type == "cpu" else "triton"
+    print(header(env, {"backend": f"{backend} (floor rule: composite where dense wins)", "isa": isa}))
     print(f"# batch {args.batch}, {args.dtype}, channels-last, 3x3 pad 1 stride {args.stride}, block {args.block}, "
           f"{args.reps} rounds; "
           "ratio = dense ms / sparse ms")
@@ -52,7 +59,7 @@ def main(argv=None):
     rows = []
     context = {"bench": "conv2d", **env, "isa": isa}
     for row in run_cases(parse_shapes(args.shapes), args.densities, args.batch, args.block, args.reps, measure,
-                         context, stride=args.stride, dtype=DTYPES[args.dtype]):
+                         context, stride=args.stride, dtype=DTYPES[args.dtype], device=args.device):
         rows.append(row)
         print(format_row(row), flush=True)
     for row in rows:

@@ -17,7 +17,8 @@ backward one product (``conv_grads``: the kernels' dX and dW, or one dense backw
 ``target`` is 0.7 / density for ``step``. ``stored`` is the density the block grid really
 holds (a 4 x 4 grid at density 0.1 stores 2 blocks: 0.125) and ``limit`` = ratio x stored,
 the fraction of the work-saving bound reached. The dense side uses the masked weight, so both
-compute the same convolution.
+compute the same convolution. On a GPU (``device``) the registry's GPU kernels (triton) run
+against cuDNN.
 """
 import torch
 import torch.nn.functional as F
@@ -57,17 +58,18 @@ def _mask(grid, density, generator):
 class Case:
     """One 3x3 conv, dense and block-sparse with the same (masked) weight, and the timed callables."""
 
-    def __init__(self, channels, size, density, batch, block, generator, stride=1, dtype=torch.float32):
+    def __init__(self, channels, size, density, batch, block, generator, stride=1, dtype=torch.float32,
+                 device=torch.device("cpu")):
         self.stride = stride
-        self.dense = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, dtype=dtype)
+        self.dense = nn.Conv2d(channels, channels, 3, stride=stride, padding=1, dtype=dtype, device=device)
         mask = _mask((-(-channels // block),) * 2, density, generator)
         self.sparse = SparseConv2d.from_dense(self.dense, block_size=block, block_mask=mask)
         with torch.no_grad():
             self.dense.weight.copy_(self.sparse.dense_weight())
-        self.x = torch.randn(batch, channels, size, size, generator=generator).to(dtype).to(
+        self.x = torch.randn(batch, channels, size, size, generator=generator).to(device, dtype).to(
             memory_format=torch.channels_last)
         out = self.sparse.geometry.output_size(size, size)
-        self.dy = torch.randn(batch, channels, *out, generator=generator).to(dtype).to(
+        self.dy = torch.randn(batch, channels, *out, generator=generator).to(device, dtype).to(
             memory_format=torch.channels_last)
         self.w = self.dense.weight.detach()
         self.kernels = {op: kernel(products[0], self.x, None) for op, products in PRODUCTS.items() if op != "step"}
@@ -95,7 +97,7 @@ class Case:
 
 
 def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=None, on_round=None, stride=1,
-              dtype=torch.float32):
+              dtype=torch.float32, device=torch.device("cpu")):
     """Yield one row per (shape, density, op); ``on_case(index, count, name)`` before each case."""
     generator = torch.Generator().manual_seed(0)
     count = len(shapes) * len(densities)
@@ -103,7 +105,7 @@ def run_cases(shapes, densities, batch, block, reps, measure, context, on_case=N
         for d, density in enumerate(densities):
             if on_case is not None:
                 on_case(s * len(densities) + d, count, f"{channels}x{size}, density {density}")
-            case = Case(channels, size, density, batch, block, generator, stride, dtype)
+            case = Case(channels, size, density, batch, block, generator, stride, dtype, device)
             dense, sparse = case.dense_fns(), case.sparse_fns()
             stored = case.sparse.density
             for op in OPS:
