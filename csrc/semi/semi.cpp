@@ -37,6 +37,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -277,25 +278,42 @@ std::tuple<torch::Tensor, torch::Tensor> plan(torch::Tensor indices, c10::option
   const uint8_t* I = indices.data_ptr<uint8_t>();
   uint16_t* PO = reinterpret_cast<uint16_t*>(offsets.data_ptr<int16_t>());
   int32_t* PS = source.data_ptr<int32_t>();
+  // A group's pair of kept positions (i: bits 0-1, j: bits 2-3 of its index nibble) as its index in
+  // kPairFirst / kPairSecond, or -1 where i >= j. j0 and cnt are even (half and kc / 2 are), so a
+  // chunk's entries start at a group, and each entry offset is 4 x its group in the chunk + its position.
+  static constexpr auto kNibblePair = [] {
+    std::array<int8_t, 16> table{};
+    for (int n = 0; n < 16; ++n) {
+      const int i = n & 3, j = n >> 2;
+      table[n] = int8_t(i >= j ? -1 : i == 0 ? j - 1 : i == 1 ? j + 1 : 5);
+    }
+    return table;
+  }();
   at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t n0 = t0 * nb; n0 < std::min(N, t1 * nb); n0 += nb) {
       const int64_t rows = std::min(nb, N - n0);
       for (int64_t j0 = 0; j0 < half; j0 += kc / 2) {
         const int64_t cnt = std::min(kc / 2, half - j0), start = n0 * half + rows * j0;
         for (int64_t r = 0; r < rows; ++r) {
-          const int64_t natural = (n0 + r) * half + j0;
           const uint8_t* idx = I + (n0 + r) * ib;
-          for (int64_t e = 0; e < cnt; ++e) {
-            if (P) PS[start + r * cnt + e] = P[natural + e];
-            if (!pairs) {
-              PO[start + r * cnt + e] = uint16_t((kept_column(idx, j0 + e) - 2 * j0) * MR);
-            } else if (e % 2 == 0) {
-              const int64_t i = kept_column(idx, j0 + e) % 4, j = kept_column(idx, j0 + e + 1) % 4;
-              if (i >= j) unordered = n0 + r;
-              const int64_t pair = i == 0 ? j - 1 : i == 1 ? j + 1 : 5;  // the index of (i, j) in kPairFirst/Second
-              PO[(start + r * cnt + e) / 2] = uint16_t((e / 2 * PAIRS + (i < j ? pair : 0)) * MR);
+          if (P) std::copy_n(P + (n0 + r) * half + j0, cnt, PS + start + r * cnt);
+          if (!pairs) {
+            uint16_t* po = PO + start + r * cnt;
+            for (int64_t e = 0; e < cnt; ++e) {
+              const int64_t j = j0 + e;
+              po[e] = uint16_t((4 * (e >> 1) + ((idx[j >> 2] >> (2 * (j & 3))) & 3)) * MR);
             }
+            continue;
           }
+          uint16_t* po = PO + (start + r * cnt) / 2;
+          bool bad = false;
+          for (int64_t g = 0; g < cnt / 2; ++g) {
+            const int64_t j = j0 + 2 * g;  // the group's first entry: bits 0-3 or 4-7 of its byte
+            const int pair = kNibblePair[(idx[j >> 2] >> (2 * (j & 3))) & 15];
+            bad |= pair < 0;
+            po[g] = uint16_t((g * PAIRS + (pair < 0 ? 0 : pair)) * MR);
+          }
+          if (bad) unordered = n0 + r;
         }
       }
     }
