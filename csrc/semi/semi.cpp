@@ -489,10 +489,20 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> plan_columns(torch::Tens
   const uint8_t* I = indices.data_ptr<uint8_t>();
   // Kept entries of each column in each block of rows, then each pair's segment in task order.
   std::vector<int32_t> count(K * blocks, 0);
+  // A group g of four columns keeps entries 2g and 2g + 1, their positions in one index nibble.
+  auto nibble = [&](const uint8_t* idx, int64_t g) { return (idx[g >> 1] >> (4 * (g & 1))) & 15; };
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t jb = b0; jb < b1; ++jb)
-      for (int64_t n = jb * kc; n < std::min(N, (jb + 1) * kc); ++n)
-        for (int64_t j = 0; j < half; ++j) ++count[jb * K + kept_column(I + n * ib, j)];
+    for (int64_t jb = b0; jb < b1; ++jb) {
+      int32_t* counts = count.data() + jb * K;
+      for (int64_t n = jb * kc; n < std::min(N, (jb + 1) * kc); ++n) {
+        const uint8_t* idx = I + n * ib;
+        for (int64_t g = 0; g < K / 4; ++g) {
+          const int nib = nibble(idx, g);
+          ++counts[4 * g + (nib & 3)];
+          ++counts[4 * g + (nib >> 2)];
+        }
+      }
+    }
   });
   auto segments = torch::empty({blocks, half, 3}, torch::TensorOptions().dtype(torch::kInt64));
   int64_t* SG = segments.data_ptr<int64_t>();
@@ -510,18 +520,39 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> plan_columns(torch::Tens
   auto source = torch::empty({slots}, torch::TensorOptions().dtype(torch::kInt32));
   uint16_t* PO = reinterpret_cast<uint16_t*>(offsets.data_ptr<int16_t>());
   int32_t* PS = source.data_ptr<int32_t>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int32_t> filled(K);
-    for (int64_t jb = b0; jb < b1; ++jb) {
-      std::fill(filled.begin(), filled.end(), 0);
-      for (int64_t n = jb * kc; n < std::min(N, (jb + 1) * kc); ++n)
-        for (int64_t j = 0; j < half; ++j) {
-          const int64_t k = kept_column(I + n * ib, j);
+  // Task by task (nb columns) and block by block, so that the slots written, the segments of one
+  // (task, block), lie together: walked row by row over all K columns instead, consecutive
+  // entries land in K / nb regions megabytes apart. A task's columns are kept by the entries of
+  // the groups of four that overlap it (all of them when nb is a multiple of 4).
+  at::parallel_for(0, (K + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> next(nb);  // each column's next slot in the (task, block)
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k0 = t * nb, k1 = std::min(K, k0 + nb), g0 = k0 / 4, g1 = (k1 + 3) / 4;
+      for (int64_t jb = 0; jb < blocks; ++jb) {
+        for (int64_t k = k0; k < k1; ++k) {
           const int64_t* seg = SG + (jb * half + k / 2) * 3;
-          const int64_t slot = seg[0] + (k % 2) * seg[1] + filled[k]++;
-          PO[slot] = uint16_t((n - jb * kc) * MR);
-          PS[slot] = int32_t(n * half + j);
+          next[k - k0] = seg[0] + (k % 2) * seg[1];
         }
+        for (int64_t n = jb * kc; n < std::min(N, (jb + 1) * kc); ++n) {
+          const uint8_t* idx = I + n * ib;
+          const uint16_t offset = uint16_t((n - jb * kc) * MR);
+          for (int64_t g = g0; g < g1; ++g) {
+            const int nib = nibble(idx, g);
+            const int64_t ka = 4 * g + (nib & 3), kb = 4 * g + (nib >> 2);
+            const int32_t value = int32_t(n * half + 2 * g);  // entry 2g's position in W's values
+            if (ka >= k0 && ka < k1) {
+              const int64_t slot = next[ka - k0]++;
+              PO[slot] = offset;
+              PS[slot] = value;
+            }
+            if (kb >= k0 && kb < k1) {
+              const int64_t slot = next[kb - k0]++;
+              PO[slot] = offset;
+              PS[slot] = value + 1;
+            }
+          }
+        }
+      }
     }
   });
   return {offsets, source, segments};
