@@ -2,6 +2,11 @@
 import ast
 import importlib.util
 import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
 
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
 
@@ -30,3 +35,12 @@ def test_every_benchmark_and_experiment_script_is_registered():
     registered = set(_registry().values())
     scripts = {p.stem for p in BENCH.glob("*.py") if p.stem.startswith(("bench_", "exp_"))}
     assert scripts <= registered, f"not in bench/run.py: {sorted(scripts - registered)}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present: the scripts would run on it")
+@pytest.mark.parametrize("script", ["bench_bsr_linear.py", "bench_conv2d.py"])
+def test_device_cuda_without_a_gpu_is_a_clear_error(script):
+    result = subprocess.run([sys.executable, str(BENCH / script), "--device", "cuda"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--device cuda: torch sees no CUDA GPU here" in result.stderr
