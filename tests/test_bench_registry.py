@@ -1,4 +1,5 @@
-"""bench/run.py names every benchmark and experiment script, and each name runs a main(argv)."""
+"""The benchmark scripts: bench/run.py names every one, each name runs a main(argv), and the layer
+benchmarks' --device refuses a GPU that is not there."""
 import ast
 import importlib.util
 import pathlib
