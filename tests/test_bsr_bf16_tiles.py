@@ -233,3 +233,20 @@ def test_grad_weight_runs_on_every_thread(engine):
     finally:
         torch.set_num_threads(threads)
     assert max(ratios) > 1.75, f"CPU time / wall time {ratios}: dW did not run on both threads"
+
+
+@pytest.mark.parametrize("path, portable", [("amx", False), ("avx512", False), ("avx512", True), ("avx2", False),
+                                            ("portable", False)])
+def test_bf16_engine_names_what_computes_each_block_shape(path, portable):
+    """cpu.bf16_engine (what the benchmarks and `sparsekern info` report) follows the dispatch:
+    whole 32 x 32 tiles on the path's tile engine, other multiples of 16 on dot-product strips
+    (the avx512 path only), the rest widened."""
+    if path not in microkernel.runnable_isas():
+        pytest.skip(f"the {path} path does not run on this CPU")
+    with on_path("bsr", (path, portable)):
+        isa = microkernel.microkernel_isa("bsr")
+        tiles = {"avx512f+amx": "amx tiles", "avx512f+avx512_bf16": "dot-product tiles"}.get(isa, "widened to fp32")
+        strips = "dot-product strips" if isa == "avx512f+avx512_bf16" else "widened to fp32"
+        assert [cpu.bf16_engine(b) for b in (32, 64, (32, 64))] == [tiles] * 3
+        assert [cpu.bf16_engine(b) for b in (16, 48, (16, 32), (32, 16))] == [strips] * 4
+        assert [cpu.bf16_engine(b) for b in (8, (32, 8), 24, 1)] == ["widened to fp32"] * 4

@@ -58,6 +58,8 @@ def test_info_in_process(capsys):
     out = capsys.readouterr().out
     assert "torch " in out and "bsr_forward" in out
     assert "cpu float32" in out and "cpu bfloat16" in out and "cpu float16" in out
+    if "_C_bsr built" in out:  # what computes bf16 at each block size on this path
+        assert "bf16 block-sparse on this path: block 32 " in out and ", block 16 " in out
 
 
 def test_unavailable_reason_distinguishes_missing_from_unable():

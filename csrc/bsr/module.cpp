@@ -62,30 +62,39 @@ at::Tensor in_compute_type(const at::Tensor& t) {
   return t.scalar_type() == scalar_type_of<C>() ? t : t.to(scalar_type_of<C>());
 }
 
+// What computes bf16 products of (br, bc) blocks on the current path: whole 32 x 32 tiles on AMX
+// (the amx path) or on AVX512-BF16 dot products (the avx512 path of a CPU that has them); other
+// blocks of a multiple of 16 on dot-product strips of 16 columns, on the avx512 path only (the
+// amx path widens them, as it does the conv products: on the Xeon the fp32 kernels outran the dot
+// products, docs/design.md); everything else widened to fp32.
+enum class Bf16Engine { kWidened, kAmxTiles, kDotTiles, kDotStrips };
+
+Bf16Engine bf16_engine(int64_t br, int64_t bc) {
 #ifdef SPARSEKERN_AMX_BUILD
-// f(engine tag) for bf16 blocks made of whole 32 x 32 tiles on a path with bf16 tile steps
-// (AMX on the amx path, AVX512-BF16 dot products on the avx512 path); false where none runs.
-template <typename F>
-bool with_bf16_engine(const at::Tensor& t, int64_t br, int64_t bc, const F& f) {
-  if (t.scalar_type() != at::kBFloat16 || br % common::kAmxTile || bc % common::kAmxTile) return false;
-  if (common::amx_tiles()) {
-    f(std::type_identity<common::AmxEngine>{});
-  } else if (common::dot_bf16_tiles()) {
-    f(std::type_identity<common::DotEngine>{});
-  } else {
-    return false;
+  if (br % common::kAmxTile == 0 && bc % common::kAmxTile == 0) {
+    if (common::amx_tiles()) return Bf16Engine::kAmxTiles;
+    if (common::dot_bf16_tiles()) return Bf16Engine::kDotTiles;
   }
-  return true;
+  if (br % 16 == 0 && bc % 16 == 0 && common::dot_bf16_tiles()) return Bf16Engine::kDotStrips;
+#endif
+  return Bf16Engine::kWidened;
 }
 
-// bf16 blocks of a multiple of 16 (not whole 32 x 32 tiles: with_bf16_engine takes those) on
-// AVX512-BF16 dot products: the avx512 path of a CPU that has them. The amx path widens them to
-// fp32, as it does the conv products (docs/design.md: on the Xeon the fp32 kernels outran the
-// dot products).
-bool dot_bf16_pairs(const at::Tensor& t, int64_t br, int64_t bc) {
-  return t.scalar_type() == at::kBFloat16 && br % 16 == 0 && bc % 16 == 0 && common::dot_bf16_tiles();
+#ifdef SPARSEKERN_AMX_BUILD
+Bf16Engine bf16_engine_of(const at::Tensor& t, int64_t br, int64_t bc) {
+  return t.scalar_type() == at::kBFloat16 ? bf16_engine(br, bc) : Bf16Engine::kWidened;
 }
 #endif
+
+std::string bf16_engine_name(int64_t br, int64_t bc) {
+  TORCH_CHECK(br > 0 && bc > 0, "block size (", br, ", ", bc, ") must be positive");
+  switch (bf16_engine(br, bc)) {
+    case Bf16Engine::kAmxTiles: return "amx tiles";
+    case Bf16Engine::kDotTiles: return "dot-product tiles";
+    case Bf16Engine::kDotStrips: return "dot-product strips";
+    default: return "widened to fp32";
+  }
+}
 
 void check_same(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), "dtype mismatch: ", a.scalar_type(), " vs ", b.scalar_type());
@@ -111,15 +120,16 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   at::Tensor y = empty_output({M, out_features}, x.options());
 #ifdef SPARSEKERN_AMX_BUILD
   using common::bf16;
-  if (with_bf16_engine(x, br, bc, [&](auto engine) {
-        bf16_grouped_product<typename decltype(engine)::type>(
-            x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true,
-            row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<bf16>(),
-            has_bias ? bias->data_ptr<bf16>() : nullptr);
-      })) {
+  const Bf16Engine engine = bf16_engine_of(x, br, bc);
+  auto tiles = [&](auto tag) {
+    bf16_grouped_product<typename decltype(tag)::type>(
+        x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true, row_offsets.data_ptr<int64_t>(),
+        RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<bf16>(), has_bias ? bias->data_ptr<bf16>() : nullptr);
     return y;
-  }
-  if (dot_bf16_pairs(x, br, bc)) {
+  };
+  if (engine == Bf16Engine::kAmxTiles) return tiles(std::type_identity<common::AmxEngine>{});
+  if (engine == Bf16Engine::kDotTiles) return tiles(std::type_identity<common::DotEngine>{});
+  if (engine == Bf16Engine::kDotStrips) {
     grouped_product<bf16, bf16, 16, true>(x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true,
                                           row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(),
                                           y.data_ptr<bf16>(), has_bias ? bias->data_ptr<bf16>() : nullptr);
@@ -154,15 +164,16 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   at::Tensor dx = empty_output({M, in_features}, dy.options());
 #ifdef SPARSEKERN_AMX_BUILD
   using common::bf16;
-  if (with_bf16_engine(dy, br, bc, [&](auto engine) {
-        bf16_grouped_product<typename decltype(engine)::type>(
-            dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc, /*transpose=*/false,
-            col_offsets.data_ptr<int64_t>(), CB, t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(),
-            dx.data_ptr<bf16>(), nullptr);
-      })) {
+  const Bf16Engine engine = bf16_engine_of(dy, br, bc);
+  auto tiles = [&](auto tag) {
+    bf16_grouped_product<typename decltype(tag)::type>(
+        dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc, /*transpose=*/false, col_offsets.data_ptr<int64_t>(),
+        CB, t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(), dx.data_ptr<bf16>(), nullptr);
     return dx;
-  }
-  if (dot_bf16_pairs(dy, br, bc)) {
+  };
+  if (engine == Bf16Engine::kAmxTiles) return tiles(std::type_identity<common::AmxEngine>{});
+  if (engine == Bf16Engine::kDotTiles) return tiles(std::type_identity<common::DotEngine>{});
+  if (engine == Bf16Engine::kDotStrips) {
     grouped_product<bf16, bf16, 16, true>(dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc,
                                           /*transpose=*/false, col_offsets.data_ptr<int64_t>(), CB,
                                           t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(),
@@ -197,14 +208,16 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   at::Tensor dvalues = empty_output({nnz, br, bc}, x.options());
 #ifdef SPARSEKERN_AMX_BUILD
   using common::bf16;
-  if (with_bf16_engine(x, br, bc, [&](auto engine) {
-        bf16_sampled_product<typename decltype(engine)::type>(
-            dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc, row_indices.data_ptr<int64_t>(),
-            col_indices.data_ptr<int64_t>(), nnz, dvalues.data_ptr<bf16>());
-      })) {
+  const Bf16Engine engine = bf16_engine_of(x, br, bc);
+  auto tiles = [&](auto tag) {
+    bf16_sampled_product<typename decltype(tag)::type>(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc,
+                                                       row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(),
+                                                       nnz, dvalues.data_ptr<bf16>());
     return dvalues;
-  }
-  if (dot_bf16_pairs(x, br, bc)) {
+  };
+  if (engine == Bf16Engine::kAmxTiles) return tiles(std::type_identity<common::AmxEngine>{});
+  if (engine == Bf16Engine::kDotTiles) return tiles(std::type_identity<common::DotEngine>{});
+  if (engine == Bf16Engine::kDotStrips) {
     bf16_sampled_product<common::DotEngine16, 16>(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc,
                                                   row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(),
                                                   nnz, dvalues.data_ptr<bf16>());
@@ -247,4 +260,7 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sparsekern::common::def_output_cache(m);
   sparsekern::common::def_path_controls(m, sparsekern::common::Bf16Products::kDotAndAmx);
+  m.def("bf16_engine", &sparsekern::bsr::bf16_engine_name,
+        "what computes bf16 products of (block_rows, block_cols) blocks on the current path: 'amx tiles', "
+        "'dot-product tiles', 'dot-product strips' or 'widened to fp32'");
 }

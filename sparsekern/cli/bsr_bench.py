@@ -28,6 +28,7 @@ import torch
 
 from .. import kernels
 from ..formats import BlockSparseMatrix
+from ..kernels.bsr import cpu as bsr_cpu
 from ..nn import SparseLinear
 from .machine import header
 from .timing import alternate, median_ratio, settle_floor
@@ -124,6 +125,8 @@ def run_case(args, block, density, dtype, generator, measure, context, on_round=
         row["torch_bsr_fwd_ratio_vs_dense"] = median_ratio(times["dense_fwd"], times["torch_bsr_fwd"])
     row.update({f"{p}_rel_err": e for p, e in case.errors().items()})
     row["floor"] = choices
+    if dtype == torch.bfloat16 and case.x.device.type == "cpu":
+        row["bf16_engine"] = bsr_cpu.bf16_engine(block)
     return row
 
 
@@ -157,11 +160,16 @@ def _floor_column(row):
 
 
 def title(env, path, args):
-    """The first line above the table: machine, kernel path, shapes and protocol."""
-    return (f"# {header(env, path)}, "
+    """The line above the table: machine, kernel path, shapes and protocol (and for bf16 on the
+    CPU, what computes each block size: tiles, strips or widened to fp32)."""
+    text = (f"# {header(env, path)}, "
             f"{args.dtype}, X {args.tokens}x{args.in_features}, W {args.out_features}x{args.in_features}, "
             f"median of {args.reps} alternating rounds, {args.timer} time, "
             f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
+    if DTYPES[args.dtype] == torch.bfloat16 and getattr(args, "device", torch.device("cpu")).type == "cpu":
+        engines = "; ".join(f"block {block} {bsr_cpu.bf16_engine(block)}" for block in args.blocks)
+        text += f"\n# bf16 engine: {engines}"
+    return text
 
 
 def run_cases(args, measure, context, on_case=None, on_round=None):

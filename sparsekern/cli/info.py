@@ -11,6 +11,7 @@ import torch
 
 from .. import __file__ as package_file
 from .. import __version__, kernels
+from ..kernels.bsr import cpu as bsr_cpu
 from ..kernels.registry import BACKEND_NAMES
 from .machine import cpu_flags, cpu_model, describe_flags, describe_l1d, l1_data_cache, triton_version
 
@@ -71,6 +72,13 @@ def _cpu_path():
     return text + f"; floor rule {kernels.floor.floor_mode()} (SPARSEKERN_FLOOR)"
 
 
+def _bf16_blocks():
+    """How the bsr kernels compute bf16 at block sizes 32, 16 and 8 on the current path."""
+    if bsr_cpu.bf16_engine(32) == "unavailable":
+        return []
+    return ["bf16 block-sparse on this path: " + ", ".join(f"block {b} {bsr_cpu.bf16_engine(b)}" for b in (32, 16, 8))]
+
+
 def _gpu_lines():
     if not torch.cuda.is_available():
         built = "torch built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build"
@@ -122,6 +130,7 @@ def report():
         + "".join(f", {v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ),
         f"compiled extensions: {_extensions()}",
         f"CPU path: {_cpu_path()}",
+        *_bf16_blocks(),
         *_gpu_lines(),
     ]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -1,9 +1,10 @@
 """``cpu`` backend of the block-sparse products: the dispatcher ops of ``sparsekern._C_bsr``.
 
-AVX2/FMA register-blocked microkernels (portable loops where the CPU lacks
-them) over packed operands, threads through ATen's pool (``torch.set_num_threads``).
-float32/float64 run natively; bfloat16/float16 are packed to float32, computed
-and accumulated in float32, and rounded once on output. Sources: csrc/bsr/.
+Register-blocked microkernels (AVX-512F, AVX2/FMA, or portable loops: the path the CPU runs,
+kernels/microkernel.py) over packed operands, threads through ATen's pool
+(``torch.set_num_threads``). float32/float64 run natively; bfloat16 on bf16 tile steps where the
+path has them for the block shape (:func:`bf16_engine`), else like float16 packed to float32,
+computed and accumulated in float32, and rounded once on output. Sources: csrc/bsr/.
 
 The ops (``torch.ops.sparsekern.bsr_*_cpu``) and their fakes, registered on first use:
 
@@ -13,7 +14,7 @@ The ops (``torch.ops.sparsekern.bsr_*_cpu``) and their fakes, registered on firs
 """
 import torch
 
-from ..._extension import cpu_extension_unavailable, load_ops
+from ..._extension import cpu_extension_unavailable, load_extension, load_ops
 from ..floor import density_bucket, register_floor, tokens_bucket
 from ..registry import register_kernel
 
@@ -45,6 +46,18 @@ def ops():
 
 def unavailable(device, dtype):
     return cpu_extension_unavailable("bsr", _DTYPES, device, dtype)
+
+
+def bf16_engine(block_size):
+    """What computes bfloat16 products of ``block_size`` blocks (an int, or (rows, cols)) on the
+    current path: "amx tiles" (sides multiples of 32, the amx path), "dot-product tiles" (the
+    same blocks on AVX512-BF16 dot products, the avx512 path), "dot-product strips" (other
+    multiples of 16, the avx512 path), "widened to fp32", or "unavailable" (extension not built)."""
+    module = load_extension("bsr")
+    if module is None:
+        return "unavailable"
+    rows, cols = (block_size, block_size) if isinstance(block_size, int) else block_size
+    return module.bf16_engine(rows, cols)
 
 
 def bsr_forward(x, values, layout, bias=None):
