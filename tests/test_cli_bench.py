@@ -44,7 +44,8 @@ def test_bench_runs_half_types_without_torchs_bsr_peer(tmp_path, capsys, dtype):
 
 
 @pytest.mark.parametrize("product, extra, cases", [
-    ("semi", [], ["fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune"]),
+    ("semi", [], ["fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "fwd+bwd dynamic rowwise",
+                  "prune"]),
     ("lowrank", ["--ranks", "8"], ["fwd+bwd", "fwd+bwd unfused", "step"]),
 ])
 def test_semi_and_lowrank_print_their_cases_and_write_rows(tmp_path, capsys, product, extra, cases):

@@ -6,9 +6,11 @@ Cases (ratio = median over rounds of dense_ms / sparse_ms for the pair timed bac
 * ``fwd``: inference forward (no autograd), static transposable 2:4.
 * ``fwd+bwd static``: y = layer(x); y.backward(dy), x requiring grad, bias on; static mode
   (compressed parameter, dX through Wᵀ's compression, sampled dW).
-* ``fwd+bwd static rowwise``: the same with row-wise 2:4 (dX by the scatter kernel).
+* ``fwd+bwd static rowwise``: the same with row-wise 2:4 (fp32 dX on the column plan of W;
+  bf16 dX dense).
 * ``fwd+bwd dynamic``: dense master weight re-pruned (transposable) every call, dense
   straight-through dW.
+* ``fwd+bwd dynamic rowwise``: the same re-pruned row-wise (the column plan rebuilt every call).
 * ``prune``: one prune+compress (transposable, W and Wᵀ) of the weight; its ``ratio`` is
   prune_ms / dense forward ms (the fraction of a matmul it costs).
 """
@@ -19,13 +21,15 @@ from .. import kernels
 from ..nn import SemiSparseLinear
 from .timing import compare, describe_floor, fwd_bwd
 
-CASES = ("fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "prune")
+CASES = ("fwd", "fwd+bwd static", "fwd+bwd static rowwise", "fwd+bwd dynamic", "fwd+bwd dynamic rowwise",
+         "prune")
 HEADER = f"{'case':<24} {'shape (tokens,in,out)':>22} {'dense ms':>10} {'2:4 ms':>9} {'ratio':>12}  floor rule"
 _LAYERS = {
     "fwd": lambda dense: SemiSparseLinear.from_dense(dense),
     "fwd+bwd static": lambda dense: SemiSparseLinear.from_dense(dense),
     "fwd+bwd static rowwise": lambda dense: SemiSparseLinear.from_dense(dense, transposable=False),
     "fwd+bwd dynamic": lambda dense: SemiSparseLinear.from_dense(dense, mode="dynamic"),
+    "fwd+bwd dynamic rowwise": lambda dense: SemiSparseLinear.from_dense(dense, mode="dynamic", transposable=False),
 }
 
 
