@@ -147,6 +147,10 @@ inline int64_t kept_column(const uint8_t* idx, int64_t j) {
   return 4 * (j >> 1) + ((idx[j >> 2] >> (2 * (j & 3))) & 3);
 }
 
+// The index nibble of a row's group g: the 2-bit positions of its kept entries 2g (bits 0-1) and
+// 2g + 1 (bits 2-3).
+inline int group_nibble(const uint8_t* idx, int64_t g) { return (idx[g >> 1] >> (4 * (g & 1))) & 15; }
+
 // acc (12 ymm, 96 tokens of output row n) += sum over e < count of v[e] * panel[off[e] ...].
 inline void fwd_row(float* acc_mem, const float* panel, const float* v, const uint16_t* off, int64_t count) {
   __m256 a0 = _mm256_loadu_ps(acc_mem + 0), a1 = _mm256_loadu_ps(acc_mem + 8);
@@ -278,15 +282,13 @@ std::tuple<torch::Tensor, torch::Tensor> plan(torch::Tensor indices, c10::option
   const uint8_t* I = indices.data_ptr<uint8_t>();
   uint16_t* PO = reinterpret_cast<uint16_t*>(offsets.data_ptr<int16_t>());
   int32_t* PS = source.data_ptr<int32_t>();
-  // A group's pair of kept positions (i: bits 0-1, j: bits 2-3 of its index nibble) as its index in
-  // kPairFirst / kPairSecond, or -1 where i >= j. j0 and cnt are even (half and kc / 2 are), so a
-  // chunk's entries start at a group, and each entry offset is 4 x its group in the chunk + its position.
+  // A group's index nibble as the index of its pair of kept positions in kPairFirst / kPairSecond,
+  // or -1 where they are not two positions in increasing order. j0 and cnt are even (half and
+  // kc / 2 are), so a chunk's entries start at a group.
   static constexpr auto kNibblePair = [] {
     std::array<int8_t, 16> table{};
-    for (int n = 0; n < 16; ++n) {
-      const int i = n & 3, j = n >> 2;
-      table[n] = int8_t(i >= j ? -1 : i == 0 ? j - 1 : i == 1 ? j + 1 : 5);
-    }
+    table.fill(-1);
+    for (int p = 0; p < PAIRS; ++p) table[kPairFirst[p] | kPairSecond[p] << 2] = int8_t(p);
     return table;
   }();
   at::parallel_for(0, (N + nb - 1) / nb, 1, [&](int64_t t0, int64_t t1) {
@@ -299,17 +301,13 @@ std::tuple<torch::Tensor, torch::Tensor> plan(torch::Tensor indices, c10::option
           if (P) std::copy_n(P + (n0 + r) * half + j0, cnt, PS + start + r * cnt);
           if (!pairs) {
             uint16_t* po = PO + start + r * cnt;
-            for (int64_t e = 0; e < cnt; ++e) {
-              const int64_t j = j0 + e;
-              po[e] = uint16_t((4 * (e >> 1) + ((idx[j >> 2] >> (2 * (j & 3))) & 3)) * MR);
-            }
+            for (int64_t e = 0; e < cnt; ++e) po[e] = uint16_t((kept_column(idx, j0 + e) - 2 * j0) * MR);
             continue;
           }
           uint16_t* po = PO + (start + r * cnt) / 2;
           bool bad = false;
           for (int64_t g = 0; g < cnt / 2; ++g) {
-            const int64_t j = j0 + 2 * g;  // the group's first entry: bits 0-3 or 4-7 of its byte
-            const int pair = kNibblePair[(idx[j >> 2] >> (2 * (j & 3))) & 15];
+            const int pair = kNibblePair[group_nibble(idx, j0 / 2 + g)];
             bad |= pair < 0;
             po[g] = uint16_t((g * PAIRS + (pair < 0 ? 0 : pair)) * MR);
           }
@@ -489,15 +487,13 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> plan_columns(torch::Tens
   const uint8_t* I = indices.data_ptr<uint8_t>();
   // Kept entries of each column in each block of rows, then each pair's segment in task order.
   std::vector<int32_t> count(K * blocks, 0);
-  // A group g of four columns keeps entries 2g and 2g + 1, their positions in one index nibble.
-  auto nibble = [&](const uint8_t* idx, int64_t g) { return (idx[g >> 1] >> (4 * (g & 1))) & 15; };
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t jb = b0; jb < b1; ++jb) {
       int32_t* counts = count.data() + jb * K;
       for (int64_t n = jb * kc; n < std::min(N, (jb + 1) * kc); ++n) {
         const uint8_t* idx = I + n * ib;
         for (int64_t g = 0; g < K / 4; ++g) {
-          const int nib = nibble(idx, g);
+          const int nib = group_nibble(idx, g);
           ++counts[4 * g + (nib & 3)];
           ++counts[4 * g + (nib >> 2)];
         }
@@ -537,7 +533,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> plan_columns(torch::Tens
           const uint8_t* idx = I + n * ib;
           const uint16_t offset = uint16_t((n - jb * kc) * MR);
           for (int64_t g = g0; g < g1; ++g) {
-            const int nib = nibble(idx, g);
+            const int nib = group_nibble(idx, g);
             const int64_t ka = 4 * g + (nib & 3), kb = 4 * g + (nib >> 2);
             const int32_t value = int32_t(n * half + 2 * g);  // entry 2g's position in W's values
             if (ka >= k0 && ka < k1) {
