@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import sparsekern as sk  # noqa: E402
 # The cases, the table and the timing are the package's (`sparsekern bench` runs the same code).
 from sparsekern.cli.bsr_bench import DTYPES, HEADER, LEGEND, PRODUCTS, Case, format_row, run_cases, title  # noqa: E402
-from timing import TIMER_HELP, Timer, append_rows, environment, kernel_path  # noqa: E402
+from timing import TIMER_HELP, Timer, append_rows, checked_device, environment, kernel_path  # noqa: E402
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bsr_linear.jsonl")
 
@@ -64,9 +64,7 @@ def _parse(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU kernels against cuBLAS")
     parser.add_argument("--json", default=DEFAULT_JSON, help="append JSON rows here ('' to skip)")
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA GPU here")
+    args.device = checked_device(parser, args.device)
     return args
 
 

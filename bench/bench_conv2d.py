@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from sparsekern.cli.bsr_bench import DTYPES  # noqa: E402
 from sparsekern.cli.conv_bench import HEADER, format_row, parse_shapes, run_cases  # noqa: E402
 from sparsekern.kernels.microkernel import microkernel_isa  # noqa: E402
-from timing import TIMER_HELP, Timer, append_rows, environment, header  # noqa: E402
+from timing import TIMER_HELP, Timer, append_rows, checked_device, environment, header  # noqa: E402
 
 
 def _parse(argv=None):
@@ -38,9 +38,7 @@ def _parse(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU kernels against cuDNN")
     parser.add_argument("--json", default="", help="also append the JSON rows to this file")
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA GPU here")
+    args.device = checked_device(parser, args.device)
     return args
 
 

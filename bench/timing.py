@@ -7,17 +7,29 @@ drift); a ratio is the median over rounds of the per-round ratios.
 
 The machine fields, the timer, the alternating rounds, ``compare``, ``fwd_bwd`` and PeakMemory
 are the package's (``sparsekern/cli/``: the ``sparsekern`` command measures with the same code);
-this module re-exports them next to the row writer only the scripts use.
+this module re-exports them next to what only the scripts use: the row writer and the --device check.
 """
 import json
 import os
+
+import torch
 
 from sparsekern.cli.machine import ISA_FLAGS, cpu_flags, cpu_model, device_name, environment, header, kernel_path
 from sparsekern.cli.memory import PeakMemory
 from sparsekern.cli.timing import CLOCKS, TIMER_HELP, Timer, alternate, compare, fwd_bwd, median_ratio
 
-__all__ = ["CLOCKS", "ISA_FLAGS", "TIMER_HELP", "PeakMemory", "Timer", "alternate", "append_rows", "compare",
-           "cpu_flags", "cpu_model", "device_name", "environment", "fwd_bwd", "header", "kernel_path", "median_ratio"]
+__all__ = ["CLOCKS", "ISA_FLAGS", "TIMER_HELP", "PeakMemory", "Timer", "alternate", "append_rows", "checked_device",
+           "compare", "cpu_flags", "cpu_model", "device_name", "environment", "fwd_bwd", "header", "kernel_path",
+           "median_ratio"]
+
+
+def checked_device(parser, name):
+    """torch.device(name) for a ``--device`` option, or the parser's error where it asks for CUDA
+    and torch sees no GPU."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here")
+    return device
 
 
 # ------------------------------------------------------------------ rows
