@@ -200,6 +200,20 @@ class BlockStructured(nn.Module):
                        layout.t_row_indices):
             dynamo.maybe_mark_dynamic(tensor, 0)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(memory_format=...) restrides every 4-D and 5-D tensor (and refuses
+        # channels_last on 5-D ones). A conv layer's values (nnz, bo, bi, kh, kw) are not an
+        # image-like tensor but the kernels' contiguous block storage: the conversion sees them
+        # flat, so model.to(memory_format=torch.channels_last) converts the rest of a CNN and
+        # leaves the blocks as they are (dtype and device conversions still apply).
+        def keep_block_storage(tensor):
+            if tensor.dim() < 4:
+                return fn(tensor)
+            flat = tensor.flatten(1)
+            out = fn(flat)
+            return tensor if out is flat else out.view(tensor.shape)
+        return super()._apply(keep_block_storage, recurse)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The padded storage cannot tell 50 from 60 input features: the true shape goes into
         # the module's state-dict metadata, checked on load.

@@ -18,9 +18,9 @@ V's rows indexed by (in channel, ky, kx).
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..ops.checks import saved_tensors
+from ..ops.first_order import first_order
 from .dense_export import dense_conv2d
 from .lowrank_factors import LowRankFactors
 
@@ -75,7 +75,7 @@ class _LowRankConv2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order("LowRankConv2d")
     def backward(ctx, dy):
         x, a, U, S, V = saved_tensors(ctx, "LowRankConv2d")
         need_x, need_U, need_S, need_V, need_bias = ctx.needs_input_grad[:5]

@@ -14,6 +14,8 @@ same result.
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .first_order import first_order
+
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -39,6 +41,7 @@ class EagerOp:
     eager calls, else the custom op. ``self.op`` is the custom op (fakes, opcheck)."""
 
     def __init__(self, name, fn):
+        self.name = name
         self.op = torch.library.custom_op(name, fn, mutates_args=())
         self.fn = fn
         self.function = None
@@ -47,6 +50,7 @@ class EagerOp:
         return self.op.register_fake(fake)
 
     def register_autograd(self, backward, setup_context):
+        backward = first_order(self.name)(backward)
         torch.library.register_autograd(self.op, backward, setup_context=setup_context)
         fn = self.fn
 
@@ -67,10 +71,24 @@ class EagerOp:
     def __call__(self, *args):
         if not direct(args):
             return self.op(*args)
+        _refuse_transforms(self.name)
         if self.function is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self.function.apply(*args)
         return self.fn(*args)
+
+
+def _refuse_transforms(name):
+    """A clear error where a transform would fail obscurely or compute a wrong graph: TorchScript
+    tracing (it would bake the shapes of this call into the trace) and torch.func transforms
+    (the ops have no batching rule and their autograd is not written for functorch)."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(f"{name} cannot be traced by torch.jit.trace (TorchScript); use torch.export.export "
+                           "or torch.compile, which support sparsekern's ops")
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(f"{name} does not support torch.func transforms (grad, vmap, jvp, jacrev, ...); "
+                           "compute gradients with torch.autograd (loss.backward() or torch.autograd.grad), "
+                           "and torch.func.functional_call works as usual")
 
 
 def eager_op(name):
