@@ -1,7 +1,9 @@
-"""What the layers do under autograd's and torch's other transforms: a second backward is refused
-with a clear error (never a silently constant gradient), first-order create_graph=True training is
-unchanged, model.to(memory_format=...) leaves the stored blocks as they are, and TorchScript
-tracing and torch.func transforms are refused by name."""
+"""What the layers do under autograd's and torch's other transforms: block-sparse linear and conv
+layers differentiate twice (gradient penalties, Hessian-vector products) on their own kernels,
+the other layers refuse a second backward with a clear error (never a silently constant
+gradient), first-order create_graph=True training is unchanged, model.to(memory_format=...)
+leaves the stored blocks as they are, and TorchScript tracing and torch.func transforms are
+refused by name."""
 import contextlib
 
 import pytest
@@ -10,7 +12,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsekern as sk
+from sparsekern.formats.bsr import BlockSparseMatrix
+from sparsekern.kernels.conv import dense_conv_weight
 from sparsekern.nn import PartiallyTrainableConv2d
+from sparsekern.ops import BlockProbe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,53 +27,145 @@ class _Passthrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _layers():
-    torch.manual_seed(0)
-    conv_mask = torch.tensor([[True, False, True], [False, True, True]])
-    return [
-        ("sparsekern::bsr_linear", sk.SparseLinear(24, 16, block_size=8, density=0.75), (5, 24)),
-        ("sparsekern::semi_linear", sk.SemiSparseLinear(24, 16), (5, 24)),
-        ("sparsekern::semi_linear_dynamic", sk.SemiSparseLinear(24, 16, mode="dynamic"), (5, 24)),
-        ("sparsekern::low_rank_linear", sk.LowRankLinear(24, 16, rank=3), (5, 24)),
-        ("sparsekern::conv2d", sk.SparseConv2d.from_dense(nn.Conv2d(12, 8, 3, padding=1), block_size=4,
-                                                          block_mask=conv_mask), (2, 12, 5, 6)),
-        ("LowRankConv2d", sk.LowRankConv2d(12, 8, 3, rank=2, padding=1), (2, 12, 5, 6)),
-    ]
+def _paths():
+    return pytest.mark.parametrize("through_custom_op", [False, True], ids=["eager", "custom_op"])
 
 
-LAYERS = _layers()
-IDS = [name for name, _, _ in LAYERS]
+def _input_gradient_penalty(layer, x):
+    """||d sum(tanh(layer(x))) / dx||² + sum(tanh(layer(x))): its gradient needs the layer's
+    backward differentiated (with respect to dY, the weights and x)."""
+    y = torch.tanh(layer(x)).sum()
+    g, = torch.autograd.grad(y, x, create_graph=True)
+    return g.square().sum() + y
 
 
-def _input_gradient_penalty(layer, shape):
-    """||d sum(tanh(layer(x))) / dx||²: its gradient needs the layer's backward differentiated."""
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    g, = torch.autograd.grad(torch.tanh(layer(x)).sum(), x, create_graph=True)
-    return g.square().sum()
-
-
-def _constant_dy_penalty(layer, shape):
+def _constant_dy_penalty(layer, x):
     """||d sum(layer(x)) / dx||²: the incoming gradient is a constant and only the weights carry
     the graph (what torch's once_differentiable does not guard)."""
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     g, = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
     return g.square().sum()
 
 
-@pytest.mark.parametrize("penalty", [_input_gradient_penalty, _constant_dy_penalty])
-@pytest.mark.parametrize("through_custom_op", [False, True], ids=["eager", "custom_op"])
-@pytest.mark.parametrize("name,layer,shape", LAYERS, ids=IDS)
-def test_second_backward_is_refused_by_name(name, layer, shape, through_custom_op, penalty):
-    layer = layer.double()
+PENALTIES = pytest.mark.parametrize("penalty", [_input_gradient_penalty, _constant_dy_penalty])
+
+
+def _block_sparse_layers():
+    torch.manual_seed(0)
+    conv_mask = torch.tensor([[True, False, True], [False, True, True]])
+    linear = sk.SparseLinear(40, 24, block_size=8, density=0.6).double()
+    conv = sk.SparseConv2d.from_dense(nn.Conv2d(12, 8, 3, padding=1, stride=2).double(), block_size=4,
+                                      block_mask=conv_mask)
+    return [("linear", linear, (5, 40)), ("conv", conv, (2, 12, 7, 6)),
+            ("conv_channels_last", conv, (2, 12, 7, 6))]
+
+
+def _dense_form(layer, values):
+    """``values`` (the layer's block values or their gradient) as the dense weight, zero elsewhere."""
+    if isinstance(layer, sk.SparseLinear):
+        return BlockSparseMatrix(values, layer.layout()).to_dense()[:layer.out_features, :layer.in_features]
+    return dense_conv_weight(values, layer.layout(), layer.geometry)
+
+
+@PENALTIES
+@_paths()
+@pytest.mark.parametrize("name,layer,shape", _block_sparse_layers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_second_backward_of_block_sparse_layers_matches_dense(name, layer, shape, through_custom_op, penalty):
+    """The penalty's gradients equal the dense layer's, the weight's masked to the stored blocks."""
+    dense = layer.to_dense()
+    x = torch.randn(shape, dtype=torch.float64)
+    if name == "conv_channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    layer.zero_grad(set_to_none=True)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
     with _Passthrough() if through_custom_op else contextlib.nullcontext():
-        p = penalty(layer, shape)
+        penalty(layer, xs).backward()
+    penalty(dense, xd).backward()
+    stored = _dense_form(layer, torch.ones_like(layer.values)) != 0
+    torch.testing.assert_close(_dense_form(layer, layer.values.grad), dense.weight.grad * stored)
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+    zero = torch.zeros_like(x)  # a penalty not reaching x: None on one side, zeros on the other is the same
+    torch.testing.assert_close(zero if xs.grad is None else xs.grad, zero if xd.grad is None else xd.grad)
+
+
+def test_bsr_linear_gradgradcheck_with_and_without_probe():
+    torch.manual_seed(1)
+    layer = sk.SparseLinear(20, 12, block_size=4, density=0.5).double()
+    weight = layer.sparse_weight()
+    values = weight.values.detach().clone().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    x = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
+    probe_layout = sk.BlockLayout.from_block_mask(torch.ones_like(layer.block_mask), weight.shape, weight.block_size)
+    probe = torch.zeros(probe_layout.nnz_blocks, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def plain(x, values, bias):
+        return sk.ops.bsr_linear(x, BlockSparseMatrix(values, weight.layout), bias)
+
+    def probed(x, values, bias, probe):
+        return sk.ops.bsr_linear(x, BlockSparseMatrix(values, weight.layout), bias,
+                                 grad_probe=BlockSparseMatrix(probe, probe_layout))
+
+    assert torch.autograd.gradgradcheck(plain, (x, values, bias))
+    assert torch.autograd.gradgradcheck(probed, (x, values, bias, probe))
+
+
+@pytest.mark.parametrize("conv_args", [dict(padding=1), dict(stride=2, padding=1), dict(dilation=2, padding=2),
+                                       dict(groups=2, padding=1), dict(kernel_size=1)],
+                         ids=["pad1", "stride2", "dilation2", "groups2", "1x1"])
+@pytest.mark.parametrize("probed", [False, True], ids=["plain", "probed"])
+def test_sparse_conv2d_gradgradcheck(conv_args, probed):
+    torch.manual_seed(2)
+    conv_args = {"kernel_size": 3, **conv_args}
+    groups = conv_args.get("groups", 1)
+    conv = nn.Conv2d(8, 8, **conv_args).double()
+    mask = torch.tensor([[True, False], [True, True]])[:, :8 // groups // 4]
+    layer = sk.SparseConv2d.from_dense(conv, block_size=4, block_mask=mask)
+    layout, geometry = layer.layout(), layer.geometry
+    values = layer.values.detach().clone().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    x = torch.randn(2, 8, 5, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    full = sk.BlockLayout.from_block_mask(torch.ones_like(layer.block_mask), layout.shape, layout.block_size)
+    probe = torch.zeros(full.nnz_blocks, *values.shape[1:], dtype=torch.float64, requires_grad=True)
+    if probed:
+        def f(x, values, bias, probe):
+            return sk.ops.sparse_conv2d(x, values, layout, geometry, bias, grad_probe=BlockProbe(probe, full))
+        inputs = (x, values, bias, probe)
+    else:
+        def f(x, values, bias):
+            return sk.ops.sparse_conv2d(x, values, layout, geometry, bias)
+        inputs = (x, values, bias)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def _first_order_layers():
+    torch.manual_seed(0)
+    return [
+        ("sparsekern::semi_linear", sk.SemiSparseLinear(24, 16), (5, 24)),
+        ("sparsekern::semi_linear_dynamic", sk.SemiSparseLinear(24, 16, mode="dynamic"), (5, 24)),
+        ("sparsekern::low_rank_linear", sk.LowRankLinear(24, 16, rank=3), (5, 24)),
+        ("LowRankConv2d", sk.LowRankConv2d(12, 8, 3, rank=2, padding=1), (2, 12, 5, 6)),
+    ]
+
+
+@PENALTIES
+@_paths()
+@pytest.mark.parametrize("name,layer,shape", _first_order_layers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_second_backward_of_other_layers_is_refused_by_name(name, layer, shape, through_custom_op, penalty):
+    layer = layer.double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    with _Passthrough() if through_custom_op else contextlib.nullcontext():
+        p = penalty(layer, x)
         with pytest.raises(RuntimeError, match=f"{name} is differentiable once.*gradient penalty"):
             p.backward()
 
 
+LAYERS = [layer for _, layer, _ in _block_sparse_layers()[:2]] + [layer for _, layer, _ in _first_order_layers()]
+SHAPES = [shape for _, _, shape in _block_sparse_layers()[:2]] + [shape for _, _, shape in _first_order_layers()]
+
+
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
-@pytest.mark.parametrize("name,layer,shape", LAYERS, ids=IDS)
-def test_first_order_gradients_unchanged_under_create_graph(name, layer, shape):
+@pytest.mark.parametrize("layer,shape", list(zip(LAYERS, SHAPES)), ids=["linear", "conv", "semi", "semi_dynamic",
+                                                                       "low_rank", "low_rank_conv"])
+def test_first_order_gradients_unchanged_under_create_graph(layer, shape):
     layer = layer.double()
     x = torch.randn(shape, dtype=torch.float64)
     grads = []

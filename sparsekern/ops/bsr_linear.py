@@ -81,6 +81,40 @@ def _(x, values, bias, probe_values, layout, probe_layout, own_positions, shape,
     return x.new_empty(x.shape[0], shape[0])
 
 
+def _setup_grad_input(ctx, inputs, output):
+    dy, values, layout, shape, block, backend = inputs
+    ctx.save_for_backward(dy, values)
+    ctx.meta = layout, shape, block, backend
+
+
+def _backward_grad_input(ctx, ggx):
+    """dX = dY W is bilinear in (dY, W): its gradients are the family's other two products."""
+    dy, values = saved_tensors(ctx, "bsr_grad_input")
+    layout, shape, block, backend = ctx.meta
+    ggx = ggx.contiguous()
+    needs_dy, needs_values = ctx.needs_input_grad[:2]
+    d_dy = _linear(ggx, values, None, layout, shape, block, backend) if needs_dy else None
+    d_values = _grad_weight(dy, ggx, layout, shape, block, backend) if needs_values else None
+    return d_dy, d_values, [None] * len(layout), None, None, None
+
+
+def _setup_grad_weight(ctx, inputs, output):
+    dy, x, layout, shape, block, backend = inputs
+    ctx.save_for_backward(dy, x)
+    ctx.meta = layout, shape, block, backend
+
+
+def _backward_grad_weight(ctx, ggw):
+    """dW = dYᵀX on the stored blocks, bilinear in (dY, X): X ggWᵀ and dY ggW with ggW on W's blocks."""
+    dy, x = saved_tensors(ctx, "bsr_grad_weight")
+    layout, shape, block, backend = ctx.meta
+    ggw = ggw.contiguous()
+    needs_dy, needs_x = ctx.needs_input_grad[:2]
+    d_dy = _linear(x, ggw, None, layout, shape, block, backend) if needs_dy else None
+    d_x = _grad_input(dy, ggw, layout, shape, block, backend) if needs_x else None
+    return d_dy, d_x, [None] * len(layout), None, None, None
+
+
 def _setup_context(ctx, inputs, output):
     x, values, bias, layout, shape, block, backend = inputs
     ctx.save_for_backward(x, values)
@@ -122,8 +156,12 @@ def _backward_probed(ctx, dy):
     return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None, None
 
 
-_linear.register_autograd(_backward, _setup_context)
-_linear_probed.register_autograd(_backward_probed, _setup_probed)
+# Every backward is written in the family's differentiable ops: second (and higher) backwards
+# run on the same kernels.
+_grad_input.register_autograd(_backward_grad_input, _setup_grad_input, differentiable=True)
+_grad_weight.register_autograd(_backward_grad_weight, _setup_grad_weight, differentiable=True)
+_linear.register_autograd(_backward, _setup_context, differentiable=True)
+_linear_probed.register_autograd(_backward_probed, _setup_probed, differentiable=True)
 
 
 def _check_inputs(x, weight, bias, grad_probe):

@@ -114,6 +114,67 @@ def _(dy, x, values, layout, geometry, bias_grad, backend):
     return dx, values.new_empty(values.shape), dy.new_empty(dy.shape[1] if bias_grad else 0)
 
 
+def _setup_grad_input(ctx, inputs, output):
+    dy, values, layout, geometry, input_size, backend = inputs
+    ctx.save_for_backward(dy, values)
+    ctx.meta = layout, geometry, backend
+
+
+def _backward_grad_input(ctx, ggx):
+    """dX (the transposed conv of dY by W) is bilinear in (dY, W): its gradients are the
+    forward conv of ggX by W and the weight gradient of ggX against dY."""
+    dy, values = saved_tensors(ctx, "sparse_conv2d")
+    layout, geometry, backend = ctx.meta
+    needs_dy, needs_values = ctx.needs_input_grad[:2]
+    d_dy = _conv2d(ggx, values, None, layout, geometry, backend) if needs_dy else None
+    d_values = _grad_weight(dy, ggx, layout, geometry, backend) if needs_values else None
+    return d_dy, d_values, [None] * len(layout), None, None, None
+
+
+def _setup_grad_weight(ctx, inputs, output):
+    dy, x, layout, geometry, backend = inputs
+    ctx.save_for_backward(dy, x)
+    ctx.meta = layout, geometry, backend
+
+
+def _backward_grad_weight(ctx, ggw):
+    """dW (sampled on the stored blocks) is bilinear in (dY, X): the conv of X by ggW and the
+    input gradient of dY through ggW."""
+    dy, x = saved_tensors(ctx, "sparse_conv2d")
+    layout, geometry, backend = ctx.meta
+    ggw = ggw.contiguous()
+    needs_dy, needs_x = ctx.needs_input_grad[:2]
+    d_dy = _conv2d(x, ggw, None, layout, geometry, backend) if needs_dy else None
+    d_x = _grad_input(dy, ggw, layout, geometry, list(x.shape[2:]), backend) if needs_x else None
+    return d_dy, d_x, [None] * len(layout), None, None
+
+
+def _setup_grads(ctx, inputs, output):
+    dy, x, values, layout, geometry, bias_grad, backend = inputs
+    ctx.save_for_backward(dy, x, values)
+    ctx.meta = layout, geometry, backend
+
+
+def _backward_grads(ctx, ggx, ggw, ggb):
+    """The three gradients of (dX, dW, db) together: dY gets conv(ggX, W) + conv(X, ggW) + ggb."""
+    dy, x, values = saved_tensors(ctx, "sparse_conv2d")
+    layout, geometry, backend = ctx.meta
+    needs_dy, needs_x, needs_values = ctx.needs_input_grad[:3]
+    d_dy = d_x = d_values = None
+    if needs_dy:
+        parts = [] if ggx is None else [_conv2d(ggx, values, None, layout, geometry, backend)]
+        if ggw is not None:
+            parts.append(_conv2d(x, ggw.contiguous(), None, layout, geometry, backend))
+        if ggb is not None and ggb.numel():
+            parts.append(ggb[None, :, None, None].expand_as(dy))
+        d_dy = sum(parts[1:], parts[0]) if parts else None
+    if needs_x and ggw is not None:
+        d_x = _grad_input(dy, ggw.contiguous(), layout, geometry, list(x.shape[2:]), backend)
+    if needs_values and ggx is not None:
+        d_values = _grad_weight(dy, ggx, layout, geometry, backend)
+    return d_dy, d_x, d_values, [None] * len(layout), None, None, None
+
+
 def _setup_context(ctx, inputs, output):
     x, values, bias, layout, geometry, backend = inputs
     ctx.save_for_backward(x, values)
@@ -159,8 +220,13 @@ def _backward_probed(ctx, dy):
     return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None
 
 
-_conv2d.register_autograd(_backward, _setup_context)
-_conv2d_probed.register_autograd(_backward_probed, _setup_probed)
+# Every backward is written in the family's differentiable ops: second (and higher) backwards
+# run on the same kernels.
+_grad_input.register_autograd(_backward_grad_input, _setup_grad_input, differentiable=True)
+_grad_weight.register_autograd(_backward_grad_weight, _setup_grad_weight, differentiable=True)
+_grads.register_autograd(_backward_grads, _setup_grads, differentiable=True)
+_conv2d.register_autograd(_backward, _setup_context, differentiable=True)
+_conv2d_probed.register_autograd(_backward_probed, _setup_probed, differentiable=True)
 
 
 def _check_inputs(x, values, layout, geometry, bias):

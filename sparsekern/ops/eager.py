@@ -49,8 +49,11 @@ class EagerOp:
     def register_fake(self, fake):
         return self.op.register_fake(fake)
 
-    def register_autograd(self, backward, setup_context):
-        backward = first_order(self.name)(backward)
+    def register_autograd(self, backward, setup_context, *, differentiable=False):
+        """``differentiable``: ``backward`` is written in ops that have autograd themselves, so a
+        second backward may run through it; otherwise it is refused (``first_order``)."""
+        if not differentiable:
+            backward = first_order(self.name)(backward)
         torch.library.register_autograd(self.op, backward, setup_context=setup_context)
         fn = self.fn
 
