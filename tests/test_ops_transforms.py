@@ -1,7 +1,7 @@
 """What the layers do under autograd's and torch's other transforms: block-sparse linear and conv
-layers differentiate twice (gradient penalties, Hessian-vector products) on their own kernels,
-the other layers refuse a second backward with a clear error (never a silently constant
-gradient), first-order create_graph=True training is unchanged, model.to(memory_format=...)
+layers and static 2:4 layers differentiate twice (gradient penalties, Hessian-vector products)
+on their own kernels, the dynamic 2:4 and low-rank layers refuse a second backward with a clear
+error (never a silently constant gradient), first-order create_graph=True training is unchanged, model.to(memory_format=...)
 leaves the stored blocks as they are, and TorchScript tracing and torch.func transforms are
 refused by name."""
 import contextlib
@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsekern as sk
 from sparsekern.formats.bsr import BlockSparseMatrix
+from sparsekern.formats.semi import SemiStructuredMatrix
 from sparsekern.kernels.conv import dense_conv_weight
 from sparsekern.nn import PartiallyTrainableConv2d
 from sparsekern.ops import BlockProbe
@@ -56,13 +57,17 @@ def _block_sparse_layers():
     conv = sk.SparseConv2d.from_dense(nn.Conv2d(12, 8, 3, padding=1, stride=2).double(), block_size=4,
                                       block_mask=conv_mask)
     return [("linear", linear, (5, 40)), ("conv", conv, (2, 12, 7, 6)),
-            ("conv_channels_last", conv, (2, 12, 7, 6))]
+            ("conv_channels_last", conv, (2, 12, 7, 6)),
+            ("semi_transposable", sk.SemiSparseLinear(24, 16).double(), (5, 24)),
+            ("semi_rowwise", sk.SemiSparseLinear(24, 16, transposable=False).double(), (5, 24))]
 
 
 def _dense_form(layer, values):
-    """``values`` (the layer's block values or their gradient) as the dense weight, zero elsewhere."""
+    """``values`` (the layer's stored values or their gradient) as the dense weight, zero elsewhere."""
     if isinstance(layer, sk.SparseLinear):
         return BlockSparseMatrix(values, layer.layout()).to_dense()[:layer.out_features, :layer.in_features]
+    if isinstance(layer, sk.SemiSparseLinear):
+        return SemiStructuredMatrix(values, layer.indices, (layer.out_features, layer.in_features)).to_dense()
     return dense_conv_weight(values, layer.layout(), layer.geometry)
 
 
@@ -108,6 +113,25 @@ def test_bsr_linear_gradgradcheck_with_and_without_probe():
     assert torch.autograd.gradgradcheck(probed, (x, values, bias, probe))
 
 
+@pytest.mark.parametrize("case", ["transposable", "rowwise", "probed"])
+def test_semi_linear_gradgradcheck(case):
+    torch.manual_seed(3)
+    layer = sk.SemiSparseLinear(16, 12, transposable=case != "rowwise").double()
+    weight = layer.sparse_weight()
+    values = weight.values.detach().clone().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+    x = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    probe = SemiStructuredMatrix(torch.zeros_like(values, requires_grad=True), weight.indices.flip(1), weight.shape)
+
+    def f(x, values, bias, *probe_values):
+        w = SemiStructuredMatrix(values, weight.indices, weight.shape, indices_t=weight.indices_t)
+        grad_probe = SemiStructuredMatrix(probe_values[0], probe.indices, weight.shape) if probe_values else None
+        return sk.ops.semi_linear(x, w, bias, grad_probe=grad_probe)
+
+    inputs = (x, values, bias) + ((probe.values,) if case == "probed" else ())
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
 @pytest.mark.parametrize("conv_args", [dict(padding=1), dict(stride=2, padding=1), dict(dilation=2, padding=2),
                                        dict(groups=2, padding=1), dict(kernel_size=1)],
                          ids=["pad1", "stride2", "dilation2", "groups2", "1x1"])
@@ -139,7 +163,6 @@ def test_sparse_conv2d_gradgradcheck(conv_args, probed):
 def _first_order_layers():
     torch.manual_seed(0)
     return [
-        ("sparsekern::semi_linear", sk.SemiSparseLinear(24, 16), (5, 24)),
         ("sparsekern::semi_linear_dynamic", sk.SemiSparseLinear(24, 16, mode="dynamic"), (5, 24)),
         ("sparsekern::low_rank_linear", sk.LowRankLinear(24, 16, rank=3), (5, 24)),
         ("LowRankConv2d", sk.LowRankConv2d(12, 8, 3, rank=2, padding=1), (2, 12, 5, 6)),
@@ -158,13 +181,14 @@ def test_second_backward_of_other_layers_is_refused_by_name(name, layer, shape, 
             p.backward()
 
 
-LAYERS = [layer for _, layer, _ in _block_sparse_layers()[:2]] + [layer for _, layer, _ in _first_order_layers()]
-SHAPES = [shape for _, _, shape in _block_sparse_layers()[:2]] + [shape for _, _, shape in _first_order_layers()]
+_TWICE = [case for case in _block_sparse_layers() if case[0] != "conv_channels_last"]
+LAYERS = [layer for _, layer, _ in _TWICE] + [layer for _, layer, _ in _first_order_layers()]
+SHAPES = [shape for _, _, shape in _TWICE] + [shape for _, _, shape in _first_order_layers()]
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
-@pytest.mark.parametrize("layer,shape", list(zip(LAYERS, SHAPES)), ids=["linear", "conv", "semi", "semi_dynamic",
-                                                                       "low_rank", "low_rank_conv"])
+@pytest.mark.parametrize("layer,shape", list(zip(LAYERS, SHAPES)), ids=["linear", "conv", "semi", "semi_rowwise",
+                                                                       "semi_dynamic", "low_rank", "low_rank_conv"])
 def test_first_order_gradients_unchanged_under_create_graph(layer, shape):
     layer = layer.double()
     x = torch.randn(shape, dtype=torch.float64)

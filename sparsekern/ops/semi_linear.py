@@ -127,6 +127,54 @@ def _(x, weight, bias, transposable, backend):
     return (x.new_empty(x.shape[0], weight.shape[0]), *_compressed_shapes(weight, transposable))
 
 
+def _setup_matmul(ctx, inputs, output):
+    x, values, indices, backend = inputs
+    ctx.save_for_backward(x, values, indices)
+    ctx.backend = backend
+
+
+def _backward_matmul(ctx, ggy):
+    """x Wᵀ is bilinear in (x, W): x gets ggY W (the row-wise dX product), W ggYᵀx at its kept positions."""
+    x, values, indices = saved_tensors(ctx, "semi_linear")
+    ggy = ggy.contiguous()
+    needs_x, needs_values = ctx.needs_input_grad[:2]
+    d_x = _grad_input(ggy, values, indices, None, None, ctx.backend) if needs_x else None
+    d_values = _grad_weight(ggy, x, indices, ctx.backend) if needs_values else None
+    return d_x, d_values, None, None
+
+
+def _setup_grad_input(ctx, inputs, output):
+    dy, values, indices, indices_t, transpose_map, backend = inputs
+    ctx.save_for_backward(dy, values, indices)
+    ctx.backend = backend
+
+
+def _backward_grad_input(ctx, ggx):
+    """dX = dY W: dY gets ggX Wᵀ (the forward product), W dYᵀggX at its kept positions."""
+    dy, values, indices = saved_tensors(ctx, "semi_linear")
+    ggx = ggx.contiguous()
+    needs_dy, needs_values = ctx.needs_input_grad[:2]
+    d_dy = _matmul(ggx, values, indices, ctx.backend) if needs_dy else None
+    d_values = _grad_weight(dy, ggx, indices, ctx.backend) if needs_values else None
+    return d_dy, d_values, None, None, None, None
+
+
+def _setup_grad_weight(ctx, inputs, output):
+    dy, x, indices, backend = inputs
+    ctx.save_for_backward(dy, x, indices)
+    ctx.backend = backend
+
+
+def _backward_grad_weight(ctx, ggw):
+    """dW = dYᵀX at W's kept positions: dY gets X ggWᵀ, X dY ggW, ggW on those positions."""
+    dy, x, indices = saved_tensors(ctx, "semi_linear")
+    ggw = ggw.contiguous()
+    needs_dy, needs_x = ctx.needs_input_grad[:2]
+    d_dy = _matmul(x, ggw, indices, ctx.backend) if needs_dy else None
+    d_x = _grad_input(dy, ggw, indices, None, None, ctx.backend) if needs_x else None
+    return d_dy, d_x, None, None
+
+
 def _setup_static(ctx, inputs, output):
     x, values, bias, indices, indices_t, transpose_map, backend = inputs
     ctx.save_for_backward(x, values, indices, indices_t, transpose_map)
@@ -184,8 +232,14 @@ def _backward_dynamic(ctx, dy, *_compressed_grads):
     return dx, dw, db, None, None
 
 
-_linear.register_autograd(_backward_static, _setup_static)
-_linear_probed.register_autograd(_backward_probed, _setup_probed)
+# The static products' backwards are written in the family's differentiable ops (second and
+# higher backwards run on the same kernels); the dynamic mode's straight-through gradient is
+# first-order (its mask is re-chosen from the weight on every call).
+_matmul.register_autograd(_backward_matmul, _setup_matmul, differentiable=True)
+_grad_input.register_autograd(_backward_grad_input, _setup_grad_input, differentiable=True)
+_grad_weight.register_autograd(_backward_grad_weight, _setup_grad_weight, differentiable=True)
+_linear.register_autograd(_backward_static, _setup_static, differentiable=True)
+_linear_probed.register_autograd(_backward_probed, _setup_probed, differentiable=True)
 _linear_dynamic.register_autograd(_backward_dynamic, _setup_dynamic)
 
 
