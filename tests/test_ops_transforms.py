@@ -1,7 +1,7 @@
-"""What the layers do under autograd's and torch's other transforms: block-sparse linear and conv
-layers and static 2:4 layers differentiate twice (gradient penalties, Hessian-vector products)
-on their own kernels, the dynamic 2:4 and low-rank layers refuse a second backward with a clear
-error (never a silently constant gradient), first-order create_graph=True training is unchanged, model.to(memory_format=...)
+"""What the layers do under autograd's and torch's other transforms: block-sparse, static 2:4 and
+low-rank layers differentiate twice (gradient penalties, Hessian-vector products), the dynamic
+2:4 mode and DLRT's K/L-gradient mode refuse a second backward with a clear error (never a
+silently constant gradient), first-order create_graph=True training is unchanged, model.to(memory_format=...)
 leaves the stored blocks as they are, and TorchScript tracing and torch.func transforms are
 refused by name."""
 import contextlib
@@ -160,19 +160,45 @@ def test_sparse_conv2d_gradgradcheck(conv_args, probed):
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
+@pytest.mark.parametrize("conv_args", [dict(padding=1), dict(stride=2, padding=1), dict(dilation=2, padding=2)],
+                         ids=["pad1", "stride2", "dilation2"])
+def test_low_rank_gradgradcheck(conv_args):
+    torch.manual_seed(4)
+    U, S, V = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in ((12, 3), (3, 3), (10, 3)))
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(sk.ops.low_rank_linear, (x, U, S, V, bias))
+    conv = sk.LowRankConv2d(4, 6, 3, rank=2, **conv_args).double()
+    params = [p.detach().clone().requires_grad_() for p in (conv.U, conv.S, conv.V, conv.bias)]
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(x, U, S, V, bias):
+        return torch.func.functional_call(conv, {"U": U, "S": S, "V": V, "bias": bias}, (x,))
+
+    assert torch.autograd.gradgradcheck(f, (x, *params))
+
+
+def _in_dlrt_mode(layer):
+    layer.kl_grads = True
+    return layer
+
+
 def _first_order_layers():
     torch.manual_seed(0)
     return [
         ("sparsekern::semi_linear_dynamic", sk.SemiSparseLinear(24, 16, mode="dynamic"), (5, 24)),
-        ("sparsekern::low_rank_linear", sk.LowRankLinear(24, 16, rank=3), (5, 24)),
-        ("LowRankConv2d", sk.LowRankConv2d(12, 8, 3, rank=2, padding=1), (2, 12, 5, 6)),
+        (r"sparsekern::low_rank_linear in DLRT mode \(kl_grads=True\)",
+         _in_dlrt_mode(sk.LowRankLinear(24, 16, rank=3)), (5, 24)),
+        (r"LowRankConv2d in DLRT mode \(kl_grads=True\)",
+         _in_dlrt_mode(sk.LowRankConv2d(12, 8, 3, rank=2, padding=1)), (2, 12, 5, 6)),
     ]
 
 
 @PENALTIES
 @_paths()
-@pytest.mark.parametrize("name,layer,shape", _first_order_layers(), ids=lambda v: v if isinstance(v, str) else "")
-def test_second_backward_of_other_layers_is_refused_by_name(name, layer, shape, through_custom_op, penalty):
+@pytest.mark.parametrize("name,layer,shape", _first_order_layers(), ids=["semi_dynamic", "low_rank_dlrt",
+                                                                         "low_rank_conv_dlrt"])
+def test_second_backward_of_first_order_modes_is_refused_by_name(name, layer, shape, through_custom_op, penalty):
     layer = layer.double()
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     with _Passthrough() if through_custom_op else contextlib.nullcontext():
@@ -181,14 +207,16 @@ def test_second_backward_of_other_layers_is_refused_by_name(name, layer, shape, 
             p.backward()
 
 
-_TWICE = [case for case in _block_sparse_layers() if case[0] != "conv_channels_last"]
+_TWICE = [case for case in _block_sparse_layers() if case[0] != "conv_channels_last"] + [
+    ("low_rank", sk.LowRankLinear(24, 16, rank=3), (5, 24)),
+    ("low_rank_conv", sk.LowRankConv2d(12, 8, 3, rank=2, padding=1), (2, 12, 5, 6))]
 LAYERS = [layer for _, layer, _ in _TWICE] + [layer for _, layer, _ in _first_order_layers()]
 SHAPES = [shape for _, _, shape in _TWICE] + [shape for _, _, shape in _first_order_layers()]
+IDS = [name for name, _, _ in _TWICE] + ["semi_dynamic", "low_rank_dlrt", "low_rank_conv_dlrt"]
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
-@pytest.mark.parametrize("layer,shape", list(zip(LAYERS, SHAPES)), ids=["linear", "conv", "semi", "semi_rowwise",
-                                                                       "semi_dynamic", "low_rank", "low_rank_conv"])
+@pytest.mark.parametrize("layer,shape", list(zip(LAYERS, SHAPES)), ids=IDS)
 def test_first_order_gradients_unchanged_under_create_graph(layer, shape):
     layer = layer.double()
     x = torch.randn(shape, dtype=torch.float64)
@@ -198,8 +226,8 @@ def test_first_order_gradients_unchanged_under_create_graph(layer, shape):
         xi = x.clone().requires_grad_()
         layer(xi).square().sum().backward(create_graph=create_graph)
         grads.append([xi.grad.detach()] + [p.grad.detach() for p in layer.parameters()])
-    for plain, graphed in zip(*grads):
-        torch.testing.assert_close(graphed, plain, rtol=0, atol=0)
+    for plain, graphed in zip(*grads):  # the low-rank layers' run on torch's products under create_graph
+        torch.testing.assert_close(graphed, plain)
 
 
 def _cnn():

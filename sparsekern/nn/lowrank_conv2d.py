@@ -75,26 +75,44 @@ class _LowRankConv2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @first_order("LowRankConv2d")
     def backward(ctx, dy):
-        x, a, U, S, V = saved_tensors(ctx, "LowRankConv2d")
-        need_x, need_U, need_S, need_V, need_bias = ctx.needs_input_grad[:5]
-        r, rank_weight_shape = S.shape[0], (S.shape[0], x.shape[1], *ctx.kernel_size)
-        dx = dU = dS = dV = dbias = None
-        if need_U or need_S:
-            dK = torch.einsum("nohw,nrhw->or", dy, a)
-            dS = U.T @ dK if need_S else None
-            dU = (dK if ctx.kl_grads else dK @ S.T) if need_U else None
-        if need_x or need_V:
-            G = F.conv2d(dy, U.T[:, :, None, None])
-            if need_V:
-                dL = torch.nn.grad.conv2d_weight(x, rank_weight_shape, G, *ctx.conv).reshape(r, -1).T
-                dV = dL if ctx.kl_grads else dL @ S
-            if need_x:
-                dx = torch.nn.grad.conv2d_input(x.shape, (S @ V.T).reshape(rank_weight_shape), G, *ctx.conv)
-        if need_bias and ctx.has_bias:
-            dbias = dy.sum((0, 2, 3))
-        return dx, dU, dS, dV, dbias, None, None, None, None, None
+        # Torch's products throughout, so a second backward can run through them, with a
+        # recomputed with its graph (the forward's copy has none); DLRT's K/L-gradients are
+        # not the gradient of any function of (U, S, V) and refuse one.
+        if not torch.is_grad_enabled():
+            return _gradients(ctx, dy, None)
+        if ctx.kl_grads:
+            return _kl_gradients(ctx, dy, None)
+        x, _, _, _, V = saved_tensors(ctx, "LowRankConv2d")
+        r = V.shape[1]
+        a = F.conv2d(x, V.T.reshape(r, x.shape[1], *ctx.kernel_size), None, *ctx.conv)
+        return _gradients(ctx, dy, a)
+
+
+def _gradients(ctx, dy, a):
+    """The backward's gradients, with ``a`` = conv(x, Vᵀ) as given, or the forward's (None)."""
+    x, saved_a, U, S, V = saved_tensors(ctx, "LowRankConv2d")
+    a = saved_a if a is None else a
+    need_x, need_U, need_S, need_V, need_bias = ctx.needs_input_grad[:5]
+    r, rank_weight_shape = S.shape[0], (S.shape[0], x.shape[1], *ctx.kernel_size)
+    dx = dU = dS = dV = dbias = None
+    if need_U or need_S:
+        dK = torch.einsum("nohw,nrhw->or", dy, a)
+        dS = U.T @ dK if need_S else None
+        dU = (dK if ctx.kl_grads else dK @ S.T) if need_U else None
+    if need_x or need_V:
+        G = F.conv2d(dy, U.T[:, :, None, None])
+        if need_V:
+            dL = torch.nn.grad.conv2d_weight(x, rank_weight_shape, G, *ctx.conv).reshape(r, -1).T
+            dV = dL if ctx.kl_grads else dL @ S
+        if need_x:
+            dx = torch.nn.grad.conv2d_input(x.shape, (S @ V.T).reshape(rank_weight_shape), G, *ctx.conv)
+    if need_bias and ctx.has_bias:
+        dbias = dy.sum((0, 2, 3))
+    return dx, dU, dS, dV, dbias, None, None, None, None, None
+
+
+_kl_gradients = first_order("LowRankConv2d in DLRT mode (kl_grads=True)")(_gradients)
 
 
 class LowRankConv2d(LowRankFactors):

@@ -12,6 +12,7 @@ from torch import Tensor
 from .checks import saved_tensors
 from .dispatch import kernel, traced_backend
 from .eager import eager_op
+from .first_order import first_order
 from .outputs import with_leading_dims
 
 # The forward op also returns a = x V and b = a Sᵀ for the backward.
@@ -51,7 +52,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # a and b are internal outputs: no zero gradients for them
 
 
-def _backward(ctx, dy, _da, _db):
+def _kernel_backward(ctx, dy, _da, _db):
     x, a, b, U, S, V = saved_tensors(ctx, "low_rank_linear")
     if dy is None:
         return (None,) * 7
@@ -63,7 +64,33 @@ def _backward(ctx, dy, _da, _db):
     return (*grads, None, None)
 
 
-_forward.register_autograd(_backward, _setup_context)
+# DLRT's K- and L-gradients are not the gradient of any function of (U, S, V): nothing to differentiate.
+_kl_backward = first_order("sparsekern::low_rank_linear in DLRT mode (kl_grads=True)")(_kernel_backward)
+
+
+def _differentiable_backward(ctx, dy):
+    """The same gradients in torch's differentiable products, a and b recomputed with their graph
+    (the forward op's copies have none): what a second backward needs."""
+    x, _, _, U, S, V = saved_tensors(ctx, "low_rank_linear")
+    needs_x, needs_U, needs_S, needs_V, needs_bias = ctx.needs_input_grad[:5]
+    a = x @ V
+    G = dy @ U
+    H = G @ S
+    return (H @ V.T if needs_x else None, dy.T @ (a @ S.T) if needs_U else None, G.T @ a if needs_S else None,
+            x.T @ H if needs_V else None, dy.sum(0) if ctx.has_bias and needs_bias else None, None, None)
+
+
+def _backward(ctx, dy, da, db):
+    """The fused kernels' backward; under create_graph=True (a second backward may follow) the
+    same gradients in differentiable products (the K/L-gradients of DLRT mode refuse)."""
+    if not torch.is_grad_enabled() or dy is None:
+        return _kernel_backward(ctx, dy, da, db)
+    if ctx.kl_grads:
+        return _kl_backward(ctx, dy, da, db)
+    return _differentiable_backward(ctx, dy)
+
+
+_forward.register_autograd(_backward, _setup_context, differentiable=True)
 
 
 def _check_inputs(x, U, S, V, bias):
