@@ -63,6 +63,17 @@ FP32_CASES = [name for name in CASES if name not in ("5x5-stride2x1", "valid-non
 
 
 @uses_interpreter
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_forward_without_bias(fmt):
+    """No bias: the kernel must not read the stand-in pointer (an unwritten, NaN-filled output here)."""
+    x, values, layout, geometry, _ = conv_case("same-even-kernel", torch.float32, seed=4)
+    x = x.contiguous(memory_format=fmt)
+    got = _kernels().conv_forward(x, values, layout, geometry, None)
+    want = reference.conv_forward(x.double(), values.double(), layout, geometry, None)
+    assert relative_error(got, want) < BOUNDS[torch.float32]
+
+
+@uses_interpreter
 @pytest.mark.parametrize("name", FP32_CASES)
 def test_products_match_reference_fp32(name):
     x, values, layout, geometry, bias = conv_case(name, torch.float32)

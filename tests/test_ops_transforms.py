@@ -293,3 +293,24 @@ def test_torch_func_transforms_are_refused_by_name(transform):
     with pytest.raises(RuntimeError, match="sparsekern::bsr_linear does not support torch.func transforms"):
         run()
     assert torch.func.functional_call(layer, params, (x,)).shape == (3, 16)
+
+
+@pytest.mark.usefixtures("interpreter")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_second_backward_on_the_triton_kernels(kind):
+    """The same penalty on the Triton backend (interpreted on CPU), fp32, against the dense layer."""
+    torch.manual_seed(5)
+    if kind == "linear":
+        layer, x = sk.SparseLinear(32, 32, block_size=16, density=0.5), torch.randn(8, 32)
+    else:
+        layer = sk.SparseConv2d.from_dense(nn.Conv2d(32, 32, 3, padding=1), block_size=16,
+                                           block_mask=torch.tensor([[True, False], [True, True]]))
+        x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    dense = layer.to_dense()
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with sk.use_backend("triton"):
+        _input_gradient_penalty(layer, xs).backward()
+    _input_gradient_penalty(dense, xd).backward()
+    stored = _dense_form(layer, torch.ones_like(layer.values)) != 0
+    torch.testing.assert_close(_dense_form(layer, layer.values.grad), dense.weight.grad * stored, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-4, atol=1e-4)

@@ -325,12 +325,15 @@ def conv_forward(x, values, layout, geometry, bias=None):
         return y if bias is None else y.add_(bias.view(1, -1, 1, 1))
     pixels, (conv, meta) = n * ho * wo, _common(geometry, x.dtype)
     weight = values.permute(0, 3, 4, 2, 1).contiguous()  # (nnz, kh, kw, in, out)
-    bias = y if bias is None else bias.contiguous()  # x and y are read through their strides, the rest densely
+    has_bias = bias is not None
+    # x and y are read through their strides, the rest densely; without a bias, y stands in for
+    # its pointer, which the kernel (HAS_BIAS off) never reads.
+    bias = bias.contiguous() if has_bias else y
     args = (x, weight, bias, y, *_dense(layout.row_offsets, layout.col_indices), layout.nnz_blocks, rb,
             pixels, ho, wo, h, w, *_channels(geometry), *x.stride(), *y.stride(), *conv,
             triton.next_power_of_2(pixels))
     _launch("forward", lambda cfg: triton.cdiv(pixels, cfg["BP"]) * rb * triton.cdiv(bs, cfg["BN"]), args,
-            dict(meta, HAS_BIAS=bias is not None), _INTERPRET_GEMM)
+            dict(meta, HAS_BIAS=has_bias), _INTERPRET_GEMM)
     return y
 
 
