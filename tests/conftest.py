@@ -1,3 +1,4 @@
+import ctypes
 import os
 
 import pytest
@@ -9,6 +10,22 @@ import torch
 os.environ.setdefault("SPARSEKERN_FLOOR", "off")
 
 _empty = torch.empty  # the real one, for the interpreter fixture's NaN-filled stand-in
+
+
+def _perturb_allocations():
+    """glibc's M_PERTURB: every block malloc hands out (torch's CPU tensors, the kernels' outputs
+    and workspaces) is filled with 0x7f bytes (3.4e38 as fp32 and bf16, far from any result) and
+    every freed one with 0x80, so a kernel that leaves part of an output or workspace unwritten, or
+    reads freed memory, fails its comparison instead of passing on zeros or on a previous call's
+    values. Large outputs come fresh from mmap (zeros) or from the output cache, which it does not
+    reach."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-6, 0x80)  # M_PERTURB
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_perturb_allocations()
 
 
 def pytest_collection_modifyitems(config, items):
