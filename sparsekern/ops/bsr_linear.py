@@ -81,10 +81,10 @@ def _(x, values, bias, probe_values, layout, probe_layout, own_positions, shape,
     return x.new_empty(x.shape[0], shape[0])
 
 
-def _setup_grad_input(ctx, inputs, output):
-    dy, values, layout, shape, block, backend = inputs
-    ctx.save_for_backward(dy, values)
-    ctx.meta = layout, shape, block, backend
+def _setup_product(ctx, inputs, output):
+    """dX's and dW's: their two tensor operands, and the structure."""
+    ctx.save_for_backward(*inputs[:2])
+    ctx.meta = inputs[2:]
 
 
 def _backward_grad_input(ctx, ggx):
@@ -96,12 +96,6 @@ def _backward_grad_input(ctx, ggx):
     d_dy = _linear(ggx, values, None, layout, shape, block, backend) if needs_dy else None
     d_values = _grad_weight(dy, ggx, layout, shape, block, backend) if needs_values else None
     return d_dy, d_values, [None] * len(layout), None, None, None
-
-
-def _setup_grad_weight(ctx, inputs, output):
-    dy, x, layout, shape, block, backend = inputs
-    ctx.save_for_backward(dy, x)
-    ctx.meta = layout, shape, block, backend
 
 
 def _backward_grad_weight(ctx, ggw):
@@ -158,8 +152,8 @@ def _backward_probed(ctx, dy):
 
 # Every backward is written in the family's differentiable ops: second (and higher) backwards
 # run on the same kernels.
-_grad_input.register_autograd(_backward_grad_input, _setup_grad_input, differentiable=True)
-_grad_weight.register_autograd(_backward_grad_weight, _setup_grad_weight, differentiable=True)
+_grad_input.register_autograd(_backward_grad_input, _setup_product, differentiable=True)
+_grad_weight.register_autograd(_backward_grad_weight, _setup_product, differentiable=True)
 _linear.register_autograd(_backward, _setup_context, differentiable=True)
 _linear_probed.register_autograd(_backward_probed, _setup_probed, differentiable=True)
 

@@ -127,10 +127,10 @@ def _(x, weight, bias, transposable, backend):
     return (x.new_empty(x.shape[0], weight.shape[0]), *_compressed_shapes(weight, transposable))
 
 
-def _setup_matmul(ctx, inputs, output):
-    x, values, indices, backend = inputs
-    ctx.save_for_backward(x, values, indices)
-    ctx.backend = backend
+def _setup_product(ctx, inputs, output):
+    """The matmul's and dW's (a, b, indices, backend): their operands and W's indices."""
+    ctx.save_for_backward(*inputs[:3])
+    ctx.backend = inputs[3]
 
 
 def _backward_matmul(ctx, ggy):
@@ -157,12 +157,6 @@ def _backward_grad_input(ctx, ggx):
     d_dy = _matmul(ggx, values, indices, ctx.backend) if needs_dy else None
     d_values = _grad_weight(dy, ggx, indices, ctx.backend) if needs_values else None
     return d_dy, d_values, None, None, None, None
-
-
-def _setup_grad_weight(ctx, inputs, output):
-    dy, x, indices, backend = inputs
-    ctx.save_for_backward(dy, x, indices)
-    ctx.backend = backend
 
 
 def _backward_grad_weight(ctx, ggw):
@@ -235,9 +229,9 @@ def _backward_dynamic(ctx, dy, *_compressed_grads):
 # The static products' backwards are written in the family's differentiable ops (second and
 # higher backwards run on the same kernels); the dynamic mode's straight-through gradient is
 # first-order (its mask is re-chosen from the weight on every call).
-_matmul.register_autograd(_backward_matmul, _setup_matmul, differentiable=True)
+_matmul.register_autograd(_backward_matmul, _setup_product, differentiable=True)
 _grad_input.register_autograd(_backward_grad_input, _setup_grad_input, differentiable=True)
-_grad_weight.register_autograd(_backward_grad_weight, _setup_grad_weight, differentiable=True)
+_grad_weight.register_autograd(_backward_grad_weight, _setup_product, differentiable=True)
 _linear.register_autograd(_backward_static, _setup_static, differentiable=True)
 _linear_probed.register_autograd(_backward_probed, _setup_probed, differentiable=True)
 _linear_dynamic.register_autograd(_backward_dynamic, _setup_dynamic)
