@@ -319,6 +319,8 @@ def test_gpu_autotuned_products_match_reference(block, groups, stride, dtype, mo
     for got, want in [
         (kernels.conv_forward(x, values, layout, geometry, bias),
          reference.conv_forward(x.double(), values.double(), layout, geometry, bias.double())),
+        (kernels.conv_forward(x, values, layout, geometry, None),  # the bias pointer unread
+         reference.conv_forward(x.double(), values.double(), layout, geometry, None)),
         (kernels.conv_grad_input(dy, values, layout, geometry, (28, 28)),
          reference.conv_grad_input(dy.double(), values.double(), layout, geometry, (28, 28))),
         (kernels.conv_grad_weight(dy, x, layout, geometry),

@@ -314,3 +314,30 @@ def test_second_backward_on_the_triton_kernels(kind):
     stored = _dense_form(layer, torch.ones_like(layer.values)) != 0
     torch.testing.assert_close(_dense_form(layer, layer.values.grad), dense.weight.grad * stored, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["linear", "conv", "low_rank"])
+def test_gpu_second_backward_matches_dense(kind, monkeypatch):
+    """A gradient penalty through each layer on a GPU (the Triton kernels, autotuned) against the
+    dense layer: the weights' gradients (masked to the stored blocks) and the input's."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(6)
+    if kind == "linear":
+        layer, x = sk.SparseLinear(256, 192, block_size=32, density=0.5), torch.randn(64, 256)
+    elif kind == "conv":
+        layer = sk.SparseConv2d(64, 96, 3, padding=1, block_size=32, density=0.5, bias=False)
+        x = torch.randn(4, 64, 9, 9).contiguous(memory_format=torch.channels_last)
+    else:
+        layer, x = sk.LowRankLinear(256, 192, rank=16), torch.randn(64, 256)
+    layer, x = layer.cuda(), x.cuda()
+    dense = layer.to_dense()
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    _input_gradient_penalty(layer, xs).backward()
+    _input_gradient_penalty(dense, xd).backward()
+    if kind != "low_rank":
+        stored = _dense_form(layer, torch.ones_like(layer.values)) != 0
+        torch.testing.assert_close(_dense_form(layer, layer.values.grad), dense.weight.grad * stored,
+                                   rtol=1e-2, atol=1e-3)  # TF32 may be on
+    torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-2, atol=1e-3)
