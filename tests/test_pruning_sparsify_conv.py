@@ -92,6 +92,13 @@ def test_grouped_conv_whose_groups_split_a_block_stays_dense():
     assert isinstance(model[0], sk.SparseConv2d) and type(model[1]) is nn.Conv2d
 
 
+def test_conv_with_another_padding_mode_stays_dense_and_says_so():
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"), nn.Conv2d(16, 16, 3))
+    with pytest.warns(UserWarning, match=r"leaving the convolutions \['0'\] dense: their padding_mode"):
+        sk.sparsify(model, density=0.5, method="erk", block_size=8)
+    assert type(model[0]) is nn.Conv2d and isinstance(model[1], sk.SparseConv2d)
+
+
 def test_listing_the_stem_as_dense_silences_the_warning(recwarn):
     sk.sparsify(_cnn(), density=0.5, method="erk", block_size=8, dense_layers=["0"])
     assert not [w for w in recwarn if "leaving the convolutions" in str(w.message)]

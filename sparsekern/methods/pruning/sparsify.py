@@ -100,6 +100,11 @@ def dense_by_default(model, block_size, dense_layers, caller):
     indices) plus, each group with a warning, those whose weight is tied to another module and the
     convolutions channel blocks do not fit. Raises before any work is done if a convolution to
     convert would need a non-square block."""
+    padded = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros"]
+    if padded:
+        warnings.warn(f"{caller}: leaving the convolutions {padded} dense: their padding_mode is not 'zeros', "
+                      "and SparseConv2d pads with zeros only (pad the input with F.pad and use padding=0 to "
+                      "make one sparse)", UserWarning, stacklevel=3)
     tied = [name for name in tied_linear_names(model) if name not in dense_layers]
     if tied:
         warnings.warn(f"{caller}: leaving {tied} dense: their weights are tied to other modules, and a sparse "
