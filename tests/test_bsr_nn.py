@@ -227,3 +227,14 @@ def test_a_structure_that_cripples_the_layer_gets_a_warning_saying_what_to_chang
         warnings.simplefilter("error")
         sk.SparseLinear(512, 512, block_size=32, density=0.5)
         sk.SparseLinear(64, 64, block_size=16, density=0.0)  # empty on purpose (converters fill it)
+
+
+@pytest.mark.parametrize("how", ["argument", "context"])
+def test_meta_device_is_refused_clearly(how):
+    """The stored blocks are data: a meta layer could not know them (nor would to_empty restore them)."""
+    with pytest.raises(ValueError, match="SparseLinear cannot be built on the meta device.*sparsify"):
+        if how == "argument":
+            sk.SparseLinear(64, 48, block_size=16, density=0.5, device="meta")
+        else:
+            with torch.device("meta"):
+                sk.SparseLinear(64, 48, block_size=16, density=0.5)

@@ -212,3 +212,8 @@ def test_crippled_layer_warning_and_repr():
         sk.SparseConv2d(64, 64, 3, block_size=32, density=0.1)
     text = repr(_layer("groups2"))
     assert "SparseConv2d(12, 16, kernel_size=(3, 3)" in text and "groups=2" in text and "block_size=4" in text
+
+
+def test_meta_device_is_refused_clearly():
+    with pytest.raises(ValueError, match="SparseConv2d cannot be built on the meta device"):
+        sk.SparseConv2d(32, 32, 3, block_size=16, density=0.5, device="meta")

@@ -164,3 +164,12 @@ def test_backward_across_set_mask_is_refused_and_0d_input_gets_a_clear_error():
         loss.backward()
     with pytest.raises(ValueError, match=r"input has shape \(\), expected last dim 16"):
         layer(torch.tensor(1.0))
+
+
+def test_meta_device_is_refused_in_static_mode_only():
+    with pytest.raises(ValueError, match=r"SemiSparseLinear \(static mode\) cannot be built on the meta device"):
+        sk.SemiSparseLinear(64, 48, device="meta")
+    layer = sk.SemiSparseLinear(64, 48, mode="dynamic", device="meta")  # a dense master weight: no stored structure
+    assert layer.weight.device.type == "meta"
+    layer.to_empty(device="cpu")
+    assert layer(torch.randn(2, 64)).shape == (2, 48)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..formats.bsr import BlockLayout, carry_blocks
-from .parameter import replace_data_
+from .parameter import refuse_meta_device, replace_data_
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -78,6 +78,7 @@ class BlockStructured(nn.Module):
 
     def _init_blocks(self, density, device, dtype):
         """Draw a block mask at ``density`` uniformly at random; register it and an empty ``values``."""
+        refuse_meta_device(type(self).__name__, device)
         _, padded_shape, (br, bc), taps = self._block_structure()
         grid = (padded_shape[0] // br, padded_shape[1] // bc)
         cells = grid[0] * grid[1]

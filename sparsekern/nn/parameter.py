@@ -1,5 +1,17 @@
-"""Changing a Parameter's shape in place, for structures that grow and shrink."""
+"""The layers' parameters: their shape changed in place, for structures that grow and shrink, and
+the devices a stored structure can live on."""
 import torch
+
+
+def refuse_meta_device(what, device):
+    """A clear error where ``what`` (a layer with a stored structure) would be built on the meta
+    device, given as ``device`` or by a ``torch.device("meta")`` context: which blocks or positions
+    it stores is data, which meta tensors do not hold and ``to_empty`` would not restore."""
+    if torch.empty(0, device=device).device.type == "meta":
+        raise ValueError(f"{what} cannot be built on the meta device: which weights it stores is data, which "
+                         "meta tensors do not hold (and to_empty would not restore); build it on the CPU or "
+                         "its device (the structure is small), or sparsify a meta-initialised dense model "
+                         "after to_empty")
 
 
 def replace_data_(param, data):

@@ -23,6 +23,7 @@ from ..ops.checks import check_layer_input
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
 from .autocast import autocast_dtype, cast, outside_autocast
 from .dense_export import dense_linear
+from .parameter import refuse_meta_device
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _MODES = ("static", "dynamic")
@@ -66,6 +67,7 @@ class SemiSparseLinear(nn.Module):
         if mode == "dynamic":
             self.weight = nn.Parameter(dense)
         else:
+            refuse_meta_device("SemiSparseLinear (static mode)", device)
             self.values = nn.Parameter(torch.empty(out_features, in_features // 2, device=device, dtype=dtype))
             self.register_buffer("indices", torch.empty(0, dtype=torch.uint8, device=device))
             self.register_buffer("indices_t", torch.empty(0, dtype=torch.uint8, device=device)
