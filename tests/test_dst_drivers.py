@@ -206,7 +206,9 @@ def test_dpf_default_ramp_reaches_the_target_at_the_last_update():
     name, _ = dst.layers[0]
     target = dst.targets[name]
     assert dst.current_density(name, 8) > target and dst.current_density(name, 12) == target
-    assert DPF(_mlp(), opt, density=0.3, delta=4, t_end=15, ramp_end=8).current_density(name, 8) == target
+    other = _mlp()
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    assert DPF(other, other_opt, density=0.3, delta=4, t_end=15, ramp_end=8).current_density(name, 8) == target
 
 
 @pytest.mark.parametrize("ramp_end", [0, 13, 2.5], ids=["zero", "after-last-update", "float"])

@@ -86,3 +86,21 @@ def test_a_nan_grow_score_cannot_make_a_2to4_group_regrow_too_few(backend):
     with sk.use_backend(backend):
         new_mask, _ = Fn.semi_rigl_update(weight, mask, grad, 0.5)
     assert new_mask.view(3, 4).sum(1).tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("driver", ["RigL", "SET", "TopKAST", "DPF"])
+def test_an_optimizer_made_before_sparsify_is_refused(driver):
+    """It holds the replaced dense weights: the driver would restructure layers nothing trains."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sk.sparsify(model, density=0.5, method="erk", block_size=8)
+    with pytest.raises(ValueError, match=r"holds none of the sparse layers' values \(\['0', '2'\]\).*after sparsify"):
+        getattr(sk.methods, driver)(model, optimizer, density=None, delta=2, t_end=10)
+
+
+def test_layers_the_optimizer_leaves_out_are_named():
+    model = torch.nn.Sequential(sk.SparseLinear(32, 32, block_size=8), torch.nn.ReLU(),
+                                sk.SparseLinear(32, 8, block_size=8))
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"does not hold the values of \['2'\]"):
+        sk.methods.RigL(model, optimizer, density=None, delta=2, t_end=10)

@@ -46,6 +46,7 @@ instead of ``step()``.
 """
 import math
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,21 @@ def all_reduce_mean(tensor, group=None):
         tensor /= dist.get_world_size(group)
     return tensor
 
+
+
+def _check_optimizer_holds(optimizer, layers, driver):
+    """The optimizer must step the layers' stored values. One made before ``sparsify`` holds the
+    replaced dense weights instead and would train nothing the driver restructures: refused. Some
+    layers left out (trained by nothing): a warning naming them."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, layer in layers if id(layer.values) not in held]
+    if missing and len(missing) == len(layers):
+        raise ValueError(f"{driver}: the optimizer holds none of the sparse layers' values ({missing}); was it "
+                         "created before sparsify replaced the dense layers? Create it from model.parameters() "
+                         "after sparsify")
+    if missing:
+        warnings.warn(f"{driver}: the optimizer does not hold the values of {missing}: their structure will change "
+                      "but nothing trains them", UserWarning, stacklevel=3)
 
 
 class DynamicSparsity:
@@ -130,6 +146,7 @@ class DynamicSparsity:
         if not self.layers and not self.semi_layers:
             raise ValueError(f"{type(model).__name__} holds no sparsekern.SparseLinear, SparseConv2d or "
                              "SemiSparseLinear layer")
+        _check_optimizer_holds(optimizer, self.layers + self.semi_layers, type(self).__name__)
         self.schedule = DropSchedule(delta=delta, alpha=alpha, t_end=t_end, kind=schedule)
         self.generator = torch.Generator().manual_seed(seed)
         self.group = process_group
