@@ -114,39 +114,40 @@ def _(dy, x, values, layout, geometry, bias_grad, backend):
     return dx, values.new_empty(values.shape), dy.new_empty(dy.shape[1] if bias_grad else 0)
 
 
-def _setup_grad_input(ctx, inputs, output):
-    dy, values, layout, geometry, input_size, backend = inputs
-    ctx.save_for_backward(dy, values)
-    ctx.meta = layout, geometry, backend
+def _setup_product(ctx, inputs, output):
+    """dX's (dy, values, layout, geometry, input_size, backend) and dW's (dy, x, layout, geometry,
+    backend): their two tensor operands, and the structure."""
+    ctx.save_for_backward(*inputs[:2])
+    ctx.meta = inputs[2], inputs[3], inputs[-1]
+
+
+def _through_grad_input(dy, values, ggx, meta, needs_dy, needs_values):
+    """(dY's, W's) gradients for ggX of dX, the transposed conv of dY by W (bilinear in the two):
+    the forward conv of ggX by W and the weight gradient of ggX against dY."""
+    layout, geometry, backend = meta
+    return (_conv2d(ggx, values, None, layout, geometry, backend) if needs_dy else None,
+            _grad_weight(dy, ggx, layout, geometry, backend) if needs_values else None)
+
+
+def _through_grad_weight(dy, x, ggw, meta, needs_dy, needs_x):
+    """(dY's, X's) gradients for ggW of dW, sampled on the stored blocks (bilinear in dY and X): the
+    conv of X by ggW and the input gradient of dY through ggW."""
+    layout, geometry, backend = meta
+    ggw = ggw.contiguous()
+    return (_conv2d(x, ggw, None, layout, geometry, backend) if needs_dy else None,
+            _grad_input(dy, ggw, layout, geometry, list(x.shape[2:]), backend) if needs_x else None)
 
 
 def _backward_grad_input(ctx, ggx):
-    """dX (the transposed conv of dY by W) is bilinear in (dY, W): its gradients are the
-    forward conv of ggX by W and the weight gradient of ggX against dY."""
     dy, values = saved_tensors(ctx, "sparse_conv2d")
-    layout, geometry, backend = ctx.meta
-    needs_dy, needs_values = ctx.needs_input_grad[:2]
-    d_dy = _conv2d(ggx, values, None, layout, geometry, backend) if needs_dy else None
-    d_values = _grad_weight(dy, ggx, layout, geometry, backend) if needs_values else None
-    return d_dy, d_values, [None] * len(layout), None, None, None
-
-
-def _setup_grad_weight(ctx, inputs, output):
-    dy, x, layout, geometry, backend = inputs
-    ctx.save_for_backward(dy, x)
-    ctx.meta = layout, geometry, backend
+    return (*_through_grad_input(dy, values, ggx, ctx.meta, *ctx.needs_input_grad[:2]), [None] * len(ctx.meta[0]),
+            None, None, None)
 
 
 def _backward_grad_weight(ctx, ggw):
-    """dW (sampled on the stored blocks) is bilinear in (dY, X): the conv of X by ggW and the
-    input gradient of dY through ggW."""
     dy, x = saved_tensors(ctx, "sparse_conv2d")
-    layout, geometry, backend = ctx.meta
-    ggw = ggw.contiguous()
-    needs_dy, needs_x = ctx.needs_input_grad[:2]
-    d_dy = _conv2d(x, ggw, None, layout, geometry, backend) if needs_dy else None
-    d_x = _grad_input(dy, ggw, layout, geometry, list(x.shape[2:]), backend) if needs_x else None
-    return d_dy, d_x, [None] * len(layout), None, None
+    return (*_through_grad_weight(dy, x, ggw, ctx.meta, *ctx.needs_input_grad[:2]), [None] * len(ctx.meta[0]),
+            None, None)
 
 
 def _setup_grads(ctx, inputs, output):
@@ -156,23 +157,17 @@ def _setup_grads(ctx, inputs, output):
 
 
 def _backward_grads(ctx, ggx, ggw, ggb):
-    """The three gradients of (dX, dW, db) together: dY gets conv(ggX, W) + conv(X, ggW) + ggb."""
+    """The gradients of (dX, dW, db) together: dY gets both products' share and ggb."""
     dy, x, values = saved_tensors(ctx, "sparse_conv2d")
-    layout, geometry, backend = ctx.meta
     needs_dy, needs_x, needs_values = ctx.needs_input_grad[:3]
-    d_dy = d_x = d_values = None
-    if needs_dy:
-        parts = [] if ggx is None else [_conv2d(ggx, values, None, layout, geometry, backend)]
-        if ggw is not None:
-            parts.append(_conv2d(x, ggw.contiguous(), None, layout, geometry, backend))
-        if ggb is not None and ggb.numel():
-            parts.append(ggb[None, :, None, None].expand_as(dy))
-        d_dy = sum(parts[1:], parts[0]) if parts else None
-    if needs_x and ggw is not None:
-        d_x = _grad_input(dy, ggw.contiguous(), layout, geometry, list(x.shape[2:]), backend)
-    if needs_values and ggx is not None:
-        d_values = _grad_weight(dy, ggx, layout, geometry, backend)
-    return d_dy, d_x, d_values, [None] * len(layout), None, None, None
+    from_dx, d_values = (None, None) if ggx is None else _through_grad_input(dy, values, ggx, ctx.meta, needs_dy,
+                                                                             needs_values)
+    from_dw, d_x = (None, None) if ggw is None else _through_grad_weight(dy, x, ggw, ctx.meta, needs_dy, needs_x)
+    parts = [p for p in (from_dx, from_dw) if p is not None]
+    if needs_dy and ggb is not None and ggb.numel():
+        parts.append(ggb[None, :, None, None].expand_as(dy))
+    d_dy = sum(parts[1:], parts[0]) if parts else None
+    return d_dy, d_x, d_values, [None] * len(ctx.meta[0]), None, None, None
 
 
 def _setup_context(ctx, inputs, output):
@@ -222,8 +217,8 @@ def _backward_probed(ctx, dy):
 
 # Every backward is written in the family's differentiable ops: second (and higher) backwards
 # run on the same kernels.
-_grad_input.register_autograd(_backward_grad_input, _setup_grad_input, differentiable=True)
-_grad_weight.register_autograd(_backward_grad_weight, _setup_grad_weight, differentiable=True)
+_grad_input.register_autograd(_backward_grad_input, _setup_product, differentiable=True)
+_grad_weight.register_autograd(_backward_grad_weight, _setup_product, differentiable=True)
 _grads.register_autograd(_backward_grads, _setup_grads, differentiable=True)
 _conv2d.register_autograd(_backward, _setup_context, differentiable=True)
 _conv2d_probed.register_autograd(_backward_probed, _setup_probed, differentiable=True)
