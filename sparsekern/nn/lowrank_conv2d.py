@@ -80,19 +80,18 @@ class _LowRankConv2dFunction(torch.autograd.Function):
         # recomputed with its graph (the forward's copy has none); DLRT's K/L-gradients are
         # not the gradient of any function of (U, S, V) and refuse one.
         if not torch.is_grad_enabled():
-            return _gradients(ctx, dy, None)
+            return _gradients(ctx, dy, False)
         if ctx.kl_grads:
-            return _kl_gradients(ctx, dy, None)
-        x, _, _, _, V = saved_tensors(ctx, "LowRankConv2d")
-        r = V.shape[1]
-        a = F.conv2d(x, V.T.reshape(r, x.shape[1], *ctx.kernel_size), None, *ctx.conv)
-        return _gradients(ctx, dy, a)
+            return _kl_gradients(ctx, dy, False)
+        return _gradients(ctx, dy, True)
 
 
-def _gradients(ctx, dy, a):
-    """The backward's gradients, with ``a`` = conv(x, Vᵀ) as given, or the forward's (None)."""
-    x, saved_a, U, S, V = saved_tensors(ctx, "LowRankConv2d")
-    a = saved_a if a is None else a
+def _gradients(ctx, dy, recompute_a):
+    """The backward's gradients, from the forward's a = conv(x, Vᵀ) or (``recompute_a``) a fresh
+    one that carries its graph."""
+    x, a, U, S, V = saved_tensors(ctx, "LowRankConv2d")
+    if recompute_a:
+        a = F.conv2d(x, V.T.reshape(V.shape[1], x.shape[1], *ctx.kernel_size), None, *ctx.conv)
     need_x, need_U, need_S, need_V, need_bias = ctx.needs_input_grad[:5]
     r, rank_weight_shape = S.shape[0], (S.shape[0], x.shape[1], *ctx.kernel_size)
     dx = dU = dS = dV = dbias = None
