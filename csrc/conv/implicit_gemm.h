@@ -13,7 +13,8 @@
 // (P never exists as a whole: no padded copy of the activation goes through memory), inside
 // them panels of groups whose packed B fits L2, inside them each output row, and on it every
 // group of the panel, NR strip and tile of up to tile_rows() pixels. The accumulators stay in
-// registers across all blocks and taps of a group, so each output tile is written once.
+// registers across all blocks and taps of a group, so each output tile is written once. While
+// a chunk computes, the next chunk's source rows and output are prefetched into L2.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,6 +30,7 @@
 #include "common/huge_page_output.h"
 #include "common/microkernel.h"
 #include "common/parallel.h"
+#include "common/prefetch.h"
 #include "conv/dot_bf16.h"
 
 namespace sparsekern {
@@ -55,6 +57,12 @@ struct Placement {
   int64_t Hd, Wd, Cgp, ey, ex;
 
   int64_t row_elems() const { return Wd * G * Cgp; }
+
+  // The source elements P rows [r0, r1) of image n copy: one contiguous range of src.
+  std::pair<const C*, int64_t> source(int64_t n, int64_t r0, int64_t r1) const {
+    const int64_t y0 = std::clamp<int64_t>(r0 - ey, 0, H), y1 = std::clamp<int64_t>(r1 - ey, 0, H);
+    return {src + (n * H + y0) * W * G * Cg, std::max<int64_t>(0, y1 - y0) * W * G * Cg};
+  }
 
   // P rows [r0, r1) of image n (r1 <= Hd), one after another, into dst.
   void fill_rows(int64_t n, int64_t r0, int64_t r1, C* dst) const {
@@ -163,7 +171,9 @@ void gather_conv(const GatherProblem<S, C>& pb) {
   const int64_t re = pb.place.row_elems(), step = pb.row_step;
   const int64_t span = *std::max_element(pb.tap_off.begin(), pb.tap_off.end()) / re + 1;
   const int64_t budget = std::max<int64_t>(span, kPRowsBytes / (re * int64_t(sizeof(C))));
-  const int64_t chunk = std::min(pb.Hout, std::max<int64_t>(1, (budget - span) / step + 1));
+  const int64_t most = std::min(pb.Hout, std::max<int64_t>(1, (budget - span) / step + 1));
+  const int64_t per_image = (pb.Hout + most - 1) / most;        // chunks an image's rows take,
+  const int64_t chunk = (pb.Hout + per_image - 1) / per_image;  // of even size (16 rows: 8 + 8, not 15 + 1)
   const int64_t macs_per_row = (members * T * w + int64_t(pb.groups.size()) * common::kItemOverhead) * g * pb.Wout;
 
   // Panels of consecutive groups whose packed B fits a share of L2: a panel's groups all run
@@ -179,12 +189,27 @@ void gather_conv(const GatherProblem<S, C>& pb) {
   common::parallel_for_work(rows, rows * macs_per_row, [&](int64_t r0, int64_t r1) {
     at::Tensor local = at::empty({((chunk - 1) * step + span) * re}, at::TensorOptions(common::scalar_type_of<C>()));
     C* buf = local.data_ptr<C>();
+    // The end of the chunk of this thread's rows that starts at row c0 (rows of one image).
+    auto chunk_end = [&](int64_t c0) { return std::min({r1, c0 + chunk, (c0 / pb.Hout + 1) * pb.Hout}); };
+    common::AheadStream next_in, next_out;
     for (int64_t c0 = r0, c1; c0 < r1; c0 = c1) {
       const int64_t n = c0 / pb.Hout, y0 = c0 % pb.Hout;
-      c1 = std::min({r1, c0 + chunk, (n + 1) * pb.Hout});
+      c1 = chunk_end(c0);
       pb.place.fill_rows(n, y0 * step, (y0 + c1 - c0 - 1) * step + span, buf);
+      if (c1 < r1) {  // the next chunk's source rows, and its output where that is one range (no stride phases)
+        const int64_t steps = int64_t(panels.size() - 1) * (c1 - c0), nn = c1 / pb.Hout, ny = c1 % pb.Hout;
+        const int64_t ny1 = ny + chunk_end(c1) - c1;
+        const auto [from, count] = pb.place.source(nn, ny * step, (ny1 - 1) * step + span);
+        next_in.start(from, count * int64_t(sizeof(C)), steps);
+        const bool one_range = pb.out_row == pb.Wout * pb.out_pix;
+        next_out.start(pb.out + nn * pb.out_img + ny * pb.out_row,
+                       one_range ? (ny1 - ny) * pb.out_row * int64_t(sizeof(S)) : 0, steps);
+      } else {
+        next_in.stop(), next_out.stop();
+      }
       for (size_t pi = 0; pi + 1 < panels.size(); ++pi) {
         for (int64_t row = c0; row < c1; ++row) {
+          next_in.step(), next_out.step();
           const int64_t y = row - n * pb.Hout;
           const C* arow = buf + (y - y0) * step * re;
           for (size_t gi = panels[pi]; gi < panels[pi + 1]; ++gi) {

@@ -7,7 +7,8 @@
 // GotoBLAS style: dYᵀ of every used block row is packed into row tiles ([chunk][mr]), then,
 // one block column at a time, the shifted input of every tap into NR-column strips
 // ([chunk][NR], zeros for the padding), straight from X: no padded copy of the input; each
-// (block, tap, strip, row tile) is one microkernel call over two contiguous streams.
+// (block, tap, strip, row tile) is one microkernel call over two contiguous streams; the next
+// chunk's dY and input rows are prefetched into L2 meanwhile.
 // Where a tap's input pixels follow each other at one stride for long runs (rows of 8 or more
 // output pixels), a block's channels fill whole strips and at most two blocks share the block
 // column, the strips are read from X in place instead, one call per run: packing them for one
@@ -20,11 +21,13 @@
 #include <cstdint>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/grouped_product.h"
 #include "common/microkernel.h"
 #include "common/parallel.h"
+#include "common/prefetch.h"
 #include "conv/dot_bf16.h"
 
 namespace sparsekern {
@@ -59,6 +62,18 @@ struct SampledProblem {
 
   // Elements of X between the input pixels a tap reads for neighbouring output pixels.
   int64_t x_step() const { return sw * Cx; }
+
+  // The elements of X that output pixels [m0, m0 + len) (len > 0) read through any tap: whole
+  // input rows, one contiguous range.
+  std::pair<const C*, int64_t> x_rows(int64_t m0, int64_t len) const {
+    const auto [reach_lo, reach_hi] = std::minmax_element(tap_y.begin(), tap_y.end());
+    auto row = [&](int64_t m, int64_t reach) {  // input row index over the batch, clamped into m's image
+      const int64_t n = m / (Hout * Wout), oy = m / Wout % Hout;
+      return n * H + std::clamp<int64_t>(oy * sh - pt + reach, 0, H);
+    };
+    const int64_t lo = row(m0, *reach_lo), hi = row(m0 + len - 1, *reach_hi + 1);
+    return {x + lo * W * Cx, std::max<int64_t>(0, hi - lo) * W * Cx};
+  }
 
   // Appends the runs of tap t over output pixels [m0, m0 + len): per output row the pixels
   // whose input lies inside the image (the padding reads nothing, so it has no run), one run
@@ -143,8 +158,16 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
       C* px = pdy + int64_t(used_rows.size()) * pb.bo * chunk;
       std::vector<PixelRun> runs;
       std::vector<int64_t> tap_runs(T + 1);  // runs of tap t: [tap_runs[t], tap_runs[t + 1])
+      common::AheadStream next_dy, next_x;  // the next chunk's operands, a share per (block, tap)
       for (int64_t m0 = m_lo; m0 < m_hi; m0 += chunk) {
-        const int64_t len = std::min(chunk, m_hi - m0);
+        const int64_t len = std::min(chunk, m_hi - m0), next = std::min(chunk, m_hi - m0 - len);
+        if (next > 0) {
+          next_dy.start(pb.dy + (m0 + len) * pb.O, next * pb.O * int64_t(sizeof(C)), nnz * T);
+          const auto [x_from, x_count] = pb.x_rows(m0 + len, next);
+          next_x.start(x_from, x_count * int64_t(sizeof(C)), nnz * T);
+        } else {
+          next_dy.stop(), next_x.stop();
+        }
         const int64_t klen = kPairs ? (len + kDotPixels - 1) / kDotPixels * kDotPixels : len;
         runs.clear();
         for (int64_t t = 0; t < T; ++t) {
@@ -229,6 +252,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
             const int64_t b = order[oi];
             const C* arow = pdy + row_slot[pb.rows[b]] * pb.bo * chunk;
             for (int64_t t = 0; t < T; ++t) {
+              next_dy.step(), next_x.step();
               for (int64_t s = 0; s < nsub; ++s) {
                 const int64_t ncols = std::min<int64_t>(NR, pb.bi - s * NR);
                 const C* bs = px + (t * nsub + s) * chunk * NR;
