@@ -77,6 +77,7 @@ def _run(backend, name, dtype, channels_last):
     _check(y, y_ref, dtype)
     _check(dx, dx_ref, dtype)
     _check(dw, dw_ref, dtype)
+    _check(backend.conv_grads(dy, x, values, layout, geometry, bias_grad=True)[2], dy.double().sum((0, 2, 3)), dtype)
     unambiguous = x.shape[0] > 0
     if unambiguous:  # memory format as F.conv2d's for that input
         assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
@@ -84,17 +85,19 @@ def _run(backend, name, dtype, channels_last):
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_composite_backward_gives_both_gradients_at_once(name, channels_last):
+def test_backward_gives_both_gradients_and_the_bias_at_once(backend, name, channels_last):
+    """conv_grads: the composite's one dense backward (the bias gradient inside it, as
+    nn.Conv2d's), the cpu kernels' dX and dW (the bias summed on dW's pass over dY)."""
     x, values, layout, geometry, bias = conv_case(name)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     dy = output_gradient(x, geometry).contiguous(memory_format=fmt)
     _, dx_ref, dw_ref = _dense_products(x, values, layout, geometry, bias, dy)
-    assert reference.conv_grads(dy, x, values, layout, geometry)[2] is None
-    dx, dw, db = reference.conv_grads(dy, x, values, layout, geometry, bias_grad=True)
+    assert backend.conv_grads(dy, x, values, layout, geometry)[2] is None
+    dx, dw, db = backend.conv_grads(dy, x, values, layout, geometry, bias_grad=True)
     _check(dx, dx_ref, torch.float64)
     _check(dw, dw_ref, torch.float64)
-    _check(db, dy.sum((0, 2, 3)), torch.float64)  # inside the dense backward, as nn.Conv2d's
+    _check(db, dy.sum((0, 2, 3)), torch.float64)
     assert x.shape[0] == 0 or dx.is_contiguous(memory_format=fmt)
 
 

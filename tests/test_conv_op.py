@@ -68,7 +68,9 @@ def test_opcheck_compiled_ops(dtype, channels_last, batch):
     torch.library.opcheck(ops.conv_forward_cpu.default, (x, values, layout.row_offsets, layout.col_indices, geo, bias))
     torch.library.opcheck(ops.conv_grad_input_cpu.default, (dy, values, layout.col_offsets, layout.t_block_ids,
                                                             layout.t_row_indices, geo, list(x.shape[2:])))
-    torch.library.opcheck(ops.conv_grad_weight_cpu.default, (dy, x, layout.row_indices, layout.col_indices, geo))
+    for bias_grad in (False, True):
+        torch.library.opcheck(ops.conv_grad_weight_cpu.default,
+                              (dy, x, layout.row_indices, layout.col_indices, geo, bias_grad))
 
 
 @pytest.fixture

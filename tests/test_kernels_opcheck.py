@@ -217,7 +217,9 @@ def test_conv_products(dtype, case, channels_last):
     torch.library.opcheck(ops.conv_grad_input_cpu.default,
                           (dy, values, layout.col_offsets, layout.t_block_ids, layout.t_row_indices, geo,
                            list(x.shape[2:])))
-    torch.library.opcheck(ops.conv_grad_weight_cpu.default, (dy, x, layout.row_indices, layout.col_indices, geo))
+    for bias_grad in (False, True):
+        torch.library.opcheck(ops.conv_grad_weight_cpu.default,
+                              (dy, x, layout.row_indices, layout.col_indices, geo, bias_grad))
 
 
 def test_every_compiled_op_is_checked():

@@ -3,7 +3,8 @@
 //
 // sparsekern::conv_forward_cpu     y = conv2d(x, W) (+ bias, in registers)
 // sparsekern::conv_grad_input_cpu  dx = conv of dy with W's transposed, flipped taps
-// sparsekern::conv_grad_weight_cpu dvalues = the weight gradient sampled on the stored blocks
+// sparsekern::conv_grad_weight_cpu (dvalues, dbias) = the weight gradient sampled on the stored
+//                                  blocks, and the bias gradient where asked (else empty)
 // Activations: CPU, 4-D NCHW logical shape, any strides (channels-last is read without a
 // transpose); outputs are channels-last. float64 / float32 / bfloat16 / float16 (half types
 // computed in fp32; bf16 on AVX512-BF16 dot products where dot_bf16_gathers holds, fp32
@@ -13,6 +14,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -233,8 +235,9 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   return dx;
 }
 
-at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_indices,
-                       const at::Tensor& col_indices, at::IntArrayRef geometry) {
+std::tuple<at::Tensor, at::Tensor> grad_weight(const at::Tensor& dy, const at::Tensor& x,
+                                               const at::Tensor& row_indices, const at::Tensor& col_indices,
+                                               at::IntArrayRef geometry, bool bias_grad) {
   const Geometry geo = parse_geometry(geometry);
   check_activation(dy, "dy", geo.O, "out_channels");
   check_activation(x, "x", geo.C, "in_channels");
@@ -249,6 +252,7 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   check_index(row_indices, "row_indices", nnz, geo.RB());
   check_index(col_indices, "col_indices", nnz, geo.CB());
   at::Tensor dvalues = common::empty_output({nnz, geo.bo, geo.bi, geo.KH, geo.KW}, x.options());
+  at::Tensor dbias = at::empty({bias_grad ? geo.O : 0}, dy.options());
   dispatch_gathers(x, geo, [&](auto s_tag, auto c_tag, auto pairs) {
     using S = typename decltype(s_tag)::type;
     using C = typename decltype(c_tag)::type;
@@ -268,10 +272,11 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
     pb.nnz = nnz, pb.bo = geo.bo, pb.bi = geo.bi;
     constexpr bool kPairs = decltype(pairs)::value;
     with_strips<C, kPairs>(geo.bi, [&](auto nr) {
-      sampled_conv<S, C, decltype(nr)::value, kPairs>(pb, dvalues.data_ptr<S>());
+      sampled_conv<S, C, decltype(nr)::value, kPairs>(pb, dvalues.data_ptr<S>(),
+                                                      bias_grad ? dbias.data_ptr<S>() : nullptr);
     });
   });
-  return dvalues;
+  return {dvalues, dbias};
 }
 
 }  // namespace
@@ -284,8 +289,8 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
         "Tensor? bias=None) -> Tensor");
   m.def("conv_grad_input_cpu(Tensor dy, Tensor values, Tensor col_offsets, Tensor t_block_ids, "
         "Tensor t_row_indices, int[] geometry, int[] input_size) -> Tensor");
-  m.def("conv_grad_weight_cpu(Tensor dy, Tensor x, Tensor row_indices, Tensor col_indices, int[] geometry) "
-        "-> Tensor");
+  m.def("conv_grad_weight_cpu(Tensor dy, Tensor x, Tensor row_indices, Tensor col_indices, int[] geometry, "
+        "bool bias_grad=False) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {

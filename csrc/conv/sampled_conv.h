@@ -106,18 +106,37 @@ struct SampledProblem {
   }
 };
 
+// The bias gradient's share of one chunk: its len pixels' dY summed per channel, in the
+// accumulator type, first over the chunk and then into the thread's total (no long running
+// sum of small terms). The chunk's dY is in L2 (prefetched, and packed right after), where a
+// separate sum over dY read it from memory again.
+template <typename C, typename A>
+void sum_channels(const C* __restrict dy, int64_t len, int64_t O, A* __restrict chunk, A* __restrict total) {
+  std::fill(chunk, chunk + O, A(0));
+  int64_t m = 0;
+  for (; m + 4 <= len; m += 4, dy += 4 * O) {  // four pixels a pass: a quarter of the loads and stores of chunk
+    for (int64_t c = 0; c < O; ++c) chunk[c] += (A(dy[c]) + A(dy[O + c])) + (A(dy[2 * O + c]) + A(dy[3 * O + c]));
+  }
+  for (; m < len; ++m, dy += O) {
+    for (int64_t c = 0; c < O; ++c) chunk[c] += A(dy[c]);
+  }
+  for (int64_t c = 0; c < O; ++c) total[c] += chunk[c];
+}
+
 // kPairs: bf16 operands on AVX512-BF16 dot products (C = bf16, NR = dot_strip of the block): dYᵀ
 // packed row-major and X's strips in pixel pairs, chunks padded with zero pixels to whole
 // dot_rows steps of kDotPixels, accumulated in fp32; X is then always packed (its pixels are not
 // paired in place).
+// dbias (O entries, or null): the bias gradient, summed over dY on the way.
 template <typename S, typename C, int NR, bool kPairs = false>
-void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
+void sampled_conv(const SampledProblem<C>& pb, S* dvalues, S* dbias) {
   static_assert(!kPairs || (std::is_same<C, bf16>::value && (NR == 16 || NR == 32)),
                 "the dot-product dW runs bf16 strips of 16 or 32 columns");
   using Acc = std::conditional_t<kPairs, float, C>;
   const int64_t T = int64_t(pb.tap_y.size()), nsub = (pb.bi + NR - 1) / NR, block = pb.bo * pb.bi * T;
   const int64_t M = pb.N * pb.Hout * pb.Wout, nnz = pb.nnz;
-  if (nnz == 0) return;
+  if (dbias != nullptr) std::fill(dbias, dbias + pb.O, S(0));
+  if (nnz == 0 && dbias == nullptr) return;
   const auto scalar = at::TensorOptions(common::scalar_type_of<C>());
   if (M == 0) {
     std::fill(dvalues, dvalues + nnz * block, S(0));
@@ -130,7 +149,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
   std::vector<int64_t> used_rows(pb.rows, pb.rows + nnz);
   std::sort(used_rows.begin(), used_rows.end());
   used_rows.erase(std::unique(used_rows.begin(), used_rows.end()), used_rows.end());
-  std::vector<int64_t> row_slot(used_rows.back() + 1, -1);
+  std::vector<int64_t> row_slot(used_rows.empty() ? 0 : used_rows.back() + 1, -1);
   for (size_t u = 0; u < used_rows.size(); ++u) row_slot[used_rows[u]] = int64_t(u);
 
   const auto tiles = common::row_tiles(pb.bo, common::tile_rows());
@@ -142,6 +161,8 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
     accs[part] = at::zeros({nnz * block}, at::TensorOptions(common::scalar_type_of<Acc>()));
     acc_of[part] = accs[part].data_ptr<Acc>();
   }
+  using BiasAcc = std::conditional_t<std::is_same<C, double>::value, double, float>;
+  std::vector<std::vector<BiasAcc>> bias_parts(dbias ? parts : 0, std::vector<BiasAcc>(pb.O, BiasAcc(0)));
   const int64_t zero = 0;
   int64_t step_off[kPixelChunk / kDotPixels];  // dot_rows' K steps along a packed dY row
   for (int64_t j = 0; j < kPixelChunk / kDotPixels; ++j) step_off[j] = j * kDotPixels;
@@ -159,8 +180,10 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
       std::vector<PixelRun> runs;
       std::vector<int64_t> tap_runs(T + 1);  // runs of tap t: [tap_runs[t], tap_runs[t + 1])
       common::AheadStream next_dy, next_x;  // the next chunk's operands, a share per (block, tap)
+      std::vector<BiasAcc> chunk_bias(dbias ? pb.O : 0);
       for (int64_t m0 = m_lo; m0 < m_hi; m0 += chunk) {
         const int64_t len = std::min(chunk, m_hi - m0), next = std::min(chunk, m_hi - m0 - len);
+        if (dbias) sum_channels(pb.dy + m0 * pb.O, len, pb.O, chunk_bias.data(), bias_parts[part].data());
         if (next > 0) {
           next_dy.start(pb.dy + (m0 + len) * pb.O, next * pb.O * int64_t(sizeof(C)), nnz * T);
           const auto [x_from, x_count] = pb.x_rows(m0 + len, next);
@@ -295,6 +318,11 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues) {
       }
     }
   });
+  for (int64_t c = 0; dbias && c < pb.O; ++c) {
+    BiasAcc sum = 0;
+    for (const auto& part : bias_parts) sum += part[c];
+    dbias[c] = S(sum);
+  }
   // Sum the parts and move the taps innermost, as nn.Conv2d's weight has them.
   common::parallel_for_work(nnz, nnz * block * parts, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {

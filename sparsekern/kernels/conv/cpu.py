@@ -1,15 +1,18 @@
 """``cpu`` backend of the conv products: the dispatcher ops of ``sparsekern._C_conv``.
 
-Implicit GEMM over the stored channel blocks on a zero-padded NHWC copy of the activation
-(the only copy made; no im2col), with the AVX2/FMA register-tiled microkernel of the
-block-sparse linear kernels (portable loops where the CPU lacks it, or when forced).
-float32/float64 run natively; bfloat16/float16 are widened to float32, accumulated in
-float32 and rounded once. The ops return channels-last outputs; this module hands them on
-in the memory format F.conv2d would give for the input. Sources: csrc/conv/.
+Implicit GEMM over the stored channel blocks on zero-padded NHWC rows each thread places
+in its own buffer (no padded copy of the activation goes through memory; no im2col), with
+the register-tiled microkernels of the block-sparse linear kernels (AVX-512F, AVX2/FMA or
+portable loops, chosen per CPU or forced). float32/float64 run natively; bfloat16 runs on
+AVX512-BF16 dot products where the avx512 path has them, otherwise bfloat16/float16 are
+widened to float32, accumulated in float32 and rounded once. The ops return channels-last
+outputs; this module hands them on in the memory format F.conv2d would give for the input.
+Sources: csrc/conv/.
 
 ``conv_forward_cpu(x, values, row_offsets, col_indices, geometry, bias=None)``
 ``conv_grad_input_cpu(dy, values, col_offsets, t_block_ids, t_row_indices, geometry, input_size)``
-``conv_grad_weight_cpu(dy, x, row_indices, col_indices, geometry)``
+``conv_grad_weight_cpu(dy, x, row_indices, col_indices, geometry, bias_grad=False)`` -> (dvalues, dbias;
+empty unless bias_grad: dY summed per channel on the pass that packs it)
 (``geometry``: ConvGeometry.as_list()).
 """
 import torch
@@ -17,7 +20,6 @@ import torch
 from ..._extension import cpu_extension_unavailable, load_ops
 from ..registry import register_kernel
 from .geometry import ConvGeometry, output_memory_format
-from .grads import paired_grads
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -42,9 +44,10 @@ def _grad_input_fake(dy, values, col_offsets, t_block_ids, t_row_indices, geomet
     return _channels_last(dy, dy.shape[0], ConvGeometry.from_list(geometry).in_channels, *input_size)
 
 
-def _grad_weight_fake(dy, x, row_indices, col_indices, geometry):
+def _grad_weight_fake(dy, x, row_indices, col_indices, geometry, bias_grad=False):
     geo = ConvGeometry.from_list(geometry)
-    return x.new_empty(row_indices.shape[0], geo.block_size, geo.block_size, *geo.kernel_size)
+    return (x.new_empty(row_indices.shape[0], geo.block_size, geo.block_size, *geo.kernel_size),
+            dy.new_empty(geo.out_channels if bias_grad else 0))
 
 
 def ops():
@@ -68,10 +71,18 @@ def conv_grad_input(dy, values, layout, geometry, input_size):
 
 
 def conv_grad_weight(dy, x, layout, geometry):
-    return ops().conv_grad_weight_cpu(dy, x, layout.row_indices, layout.col_indices, geometry.as_list())
+    return ops().conv_grad_weight_cpu(dy, x, layout.row_indices, layout.col_indices, geometry.as_list())[0]
+
+
+def conv_grads(dy, x, values, layout, geometry, bias_grad=False):
+    """dX, then dW with the bias gradient summed on dW's pass over dY (a separate sum read it again)."""
+    dx = conv_grad_input(dy, values, layout, geometry, tuple(x.shape[2:]))
+    dvalues, dbias = ops().conv_grad_weight_cpu(dy, x, layout.row_indices, layout.col_indices, geometry.as_list(),
+                                                bias_grad)
+    return dx, dvalues, dbias if bias_grad else None
 
 
 register_kernel("conv_forward", "cpu", conv_forward, unavailable)
 register_kernel("conv_grad_input", "cpu", conv_grad_input, unavailable)
 register_kernel("conv_grad_weight", "cpu", conv_grad_weight, unavailable)
-register_kernel("conv_grads", "cpu", paired_grads(conv_grad_input, conv_grad_weight), unavailable)
+register_kernel("conv_grads", "cpu", conv_grads, unavailable)
