@@ -200,21 +200,25 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues, S* dbias) {
         tap_runs[T] = int64_t(runs.size());
         const bool long_runs = int64_t(runs.size()) * kMinDirectRun <= T * len;
         for (size_t u = 0; u < used_rows.size(); ++u) {
-          for (const auto& tile : tiles) {
-            C* dst = pdy + (int64_t(u) * pb.bo + tile.first) * chunk;
-            const int64_t ch = used_rows[u] * pb.bo + tile.first;
-            const C* src = pb.dy + m0 * pb.O + ch;
-            const int mr = tile.second;
-            const int valid = int(std::min<int64_t>(mr, pb.O - ch));  // the last block row's padding reads as zero
-            if constexpr (kPairs) {  // row-major: row i holds channel ch + i of every pixel
-              for (int i = 0; i < mr; ++i, dst += chunk) {
-                for (int64_t m = 0; m < klen; ++m) dst[m] = m < len && i < valid ? src[m * pb.O + i] : C(0);
-              }
-            } else if (valid == mr) {
-              common::copy_row_tile(dst, src, pb.O, 0, len, mr);
-            } else {
-              for (int64_t m = 0; m < len; ++m) {
-                for (int i = 0; i < mr; ++i) dst[m * mr + i] = i < valid ? src[m * pb.O + i] : C(0);
+          if constexpr (kPairs) {  // row-major: row i holds channel ch + i of every pixel
+#ifdef SPARSEKERN_AMX_BUILD
+            const int64_t ch = used_rows[u] * pb.bo;
+            pack_channel_rows(pdy + int64_t(u) * pb.bo * chunk, chunk, pb.dy + m0 * pb.O + ch, pb.O, len, klen,
+                              std::min<int64_t>(pb.bo, pb.O - ch), pb.bo);  // the last block row's padding: zeros
+#endif
+          } else {
+            for (const auto& tile : tiles) {
+              C* dst = pdy + (int64_t(u) * pb.bo + tile.first) * chunk;
+              const int64_t ch = used_rows[u] * pb.bo + tile.first;
+              const C* src = pb.dy + m0 * pb.O + ch;
+              const int mr = tile.second;
+              const int valid = int(std::min<int64_t>(mr, pb.O - ch));  // the last block row's padding reads as zero
+              if (valid == mr) {
+                common::copy_row_tile(dst, src, pb.O, 0, len, mr);
+              } else {
+                for (int64_t m = 0; m < len; ++m) {
+                  for (int i = 0; i < mr; ++i) dst[m * mr + i] = i < valid ? src[m * pb.O + i] : C(0);
+                }
               }
             }
           }
