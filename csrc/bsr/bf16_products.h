@@ -30,6 +30,7 @@
 
 #include "common/amx.h"
 #include "common/huge_page_output.h"
+#include "common/pair_words.h"
 #include "common/parallel.h"
 
 namespace sparsekern {
@@ -55,41 +56,6 @@ inline at::Tensor scratch(int64_t numel, at::ScalarType dtype) {
   return common::empty_output({numel}, at::TensorOptions(dtype));
 }
 
-// Pair word of tokens 2r and 2r + 1 for 16 consecutive columns (zeros from token M on): the
-// VNNI layout, bf16 of token 2r in the low half.
-SPARSEKERN_AMX inline __m512i token_pair_words(const bf16* src, int64_t ld, int64_t r, int64_t M) {
-  const __m256i zero = _mm256_setzero_si256();
-  const __m256i lo = 2 * r < M ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * r * ld)) : zero;
-  const __m256i hi = 2 * r + 1 < M ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (2 * r + 1) * ld))
-                                   : zero;
-  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-}
-
-// In-register transpose of 16 rows of 16 32-bit words.
-SPARSEKERN_AMX inline void transpose_16x16_epi32(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int g = 0; g < 16; g += 4) {  // r[g + i], lane j: rows g..g+3 of column 4j + i
-    r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-    r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-    r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-    r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-  }
-  for (int h = 0; h < 16; h += 8) {
-    for (int i = 0; i < 4; ++i) {
-      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + 4 + i], 0x88);
-      t[h + 4 + i] = _mm512_shuffle_i32x4(r[h + i], r[h + 4 + i], 0xdd);
-    }
-  }
-  for (int i = 0; i < 8; ++i) {  // column c = 4 * lane + i
-    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
-    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
-  }
-}
-
 // Strip c (columns TW c..TW c + TW - 1) of src (M, K) as `pairs` rows of TW pair words.
 template <int TW>
 SPARSEKERN_AMX inline void strip_token_pairs(const bf16* src, int64_t M, int64_t K, int64_t pairs, int64_t c,
@@ -97,7 +63,9 @@ SPARSEKERN_AMX inline void strip_token_pairs(const bf16* src, int64_t M, int64_t
   static_assert(TW == 16 || TW == 32, "strips of 16 or 32 columns");
   for (int64_t r = 0; r < pairs; ++r) {
     int32_t* row = out + (c * pairs + r) * TW;
-    for (int v = 0; v < TW / 16; ++v) _mm512_storeu_si512(row + 16 * v, token_pair_words(src + c * TW + 16 * v, K, r, M));
+    for (int v = 0; v < TW / 16; ++v) {
+      _mm512_storeu_si512(row + 16 * v, common::pair_words(src + c * TW + 16 * v, K, r, M));
+    }
   }
 }
 
@@ -108,7 +76,7 @@ SPARSEKERN_AMX inline void pack_vnni_tile(const bf16* v, int64_t ldv, bool trans
     __m512i r[16];
     for (int h = 0; h < 2; ++h) {
       for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(v + (16 * h + i) * ldv);
-      transpose_16x16_epi32(r);
+      common::transpose_16x16_epi32(r);
       for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + k * 32 + 16 * h, r[k]);
     }
   } else {  // rows 2r and 2r + 1 of v interleaved: a strip of 32 tokens
@@ -190,23 +158,12 @@ void bf16_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* valu
   });
 }
 
-// Columns 16c..16c+15 of src (M, N) as rows of out (N rows of `pairs` words, row stride ldo
-// words): token pairs transposed 16 x 16.
-SPARSEKERN_AMX inline void transpose_token_pairs(const bf16* src, int64_t M, int64_t N, int64_t pairs, int64_t ldo,
-                                                 int64_t c, int32_t* out) {
-  __m512i r[16];
-  for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
-    for (int i = 0; i < 16; ++i) r[i] = token_pair_words(src + c * 16, N, p0 + i, M);
-    transpose_16x16_epi32(r);
-    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (c * 16 + i) * ldo + p0, r[i]);
-  }
-}
-
-// dst (N, Mp) bf16, row stride ld = src (M, N)ᵀ, zero beyond M.
+// dst (N, Mp) bf16, row stride ld = src (M, N)ᵀ, zero beyond M: token pairs transposed 16 x 16.
 inline void pack_token_pairs_transposed(const bf16* src, int64_t M, int64_t N, int64_t Mp, int64_t ld, bf16* dst) {
   common::parallel_for_work(N / 16, N * M, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      transpose_token_pairs(src, M, N, Mp / 2, ld / 2, c, reinterpret_cast<int32_t*>(dst));
+      common::transpose_pair_columns(src + c * 16, N, M, Mp / 2, ld / 2,
+                                     reinterpret_cast<int32_t*>(dst) + c * 16 * (ld / 2));
     }
   });
 }
