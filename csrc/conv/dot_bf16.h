@@ -36,6 +36,19 @@ SPARSEKERN_DOT_BF16 inline void pack_pixel_pair(bf16* dst, const bf16* p0, const
   for (int h = 0; h < NR / 16; ++h) _mm512_storeu_si512(dst + 32 * h, common::interleave_pairs(a, b, h));
 }
 
+// One pixel's NR channels into the j-th halves of their pairs (j = 0: the even pixel's, 1: the
+// odd one's), the partner halves left as they are: masked stores instead of NR scalar ones for
+// the runs' odd ends (taps reading 7 of an 8-pixel row leave one in every other run).
+template <int NR>
+SPARSEKERN_DOT_BF16 inline void pack_pixel_half(bf16* dst, const bf16* p, int j) {
+  const __m512i zero = _mm512_setzero_si512(), a = NR == 32 ? _mm512_loadu_si512(p) : common::load_16(p);
+  const __mmask32 halves = j ? 0xAAAAAAAAu : 0x55555555u;
+  for (int h = 0; h < NR / 16; ++h) {
+    const __m512i pairs = j ? common::interleave_pairs(zero, a, h) : common::interleave_pairs(a, zero, h);
+    _mm512_mask_storeu_epi16(dst + 32 * h, halves, pairs);
+  }
+}
+
 // Rows [0, rows) of dst (ld apart, ld and klen multiples of 32): row i holds channel i of
 // pixels [0, klen) of src (pixels src_ld apart), zero from pixel len and from channel valid
 // on. Whole groups of 16 channels as transposed pair words (common/pair_words.h: element by

@@ -249,7 +249,11 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues, S* dbias) {
                       i += 2, from += 2 * x_step;
                       continue;
                     }
-                    for (int64_t c = 0; c < valid; ++c) dst[(m >> 1) * 2 * NR + 2 * c + (m & 1)] = from[c];
+                    if (valid == NR) {  // a pixel without its partner (a run's odd end): its halves only
+                      pack_pixel_half<NR>(dst + (m >> 1) * 2 * NR, from, int(m & 1));
+                    } else {
+                      for (int64_t c = 0; c < valid; ++c) dst[(m >> 1) * 2 * NR + 2 * c + (m & 1)] = from[c];
+                    }
                     i += 1, from += x_step;
                   }
                 }
