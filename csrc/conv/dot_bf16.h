@@ -26,13 +26,12 @@ using common::vnni_index;
 using common::with_strips;
 
 #ifdef SPARSEKERN_AMX_BUILD
-// dst[2n + j] = (j ? p1 : p0)[n] for n < NR: two pixels' NR channels as pairs (p1 null: zeros).
+// dst[2n + j] = (j ? p1 : p0)[n] for n < NR: two pixels' NR channels as pairs.
 template <int NR>
 SPARSEKERN_DOT_BF16 inline void pack_pixel_pair(bf16* dst, const bf16* p0, const bf16* p1) {
   static_assert(NR == 16 || NR == 32, "strips of 16 or 32 columns");
-  const __m512i zero = _mm512_setzero_si512();
   const __m512i a = NR == 32 ? _mm512_loadu_si512(p0) : common::load_16(p0);
-  const __m512i b = p1 == nullptr ? zero : NR == 32 ? _mm512_loadu_si512(p1) : common::load_16(p1);
+  const __m512i b = NR == 32 ? _mm512_loadu_si512(p1) : common::load_16(p1);
   for (int h = 0; h < NR / 16; ++h) _mm512_storeu_si512(dst + 32 * h, common::interleave_pairs(a, b, h));
 }
 
