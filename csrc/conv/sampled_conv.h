@@ -135,11 +135,11 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues, S* dbias) {
   using Acc = std::conditional_t<kPairs, float, C>;
   const int64_t T = int64_t(pb.tap_y.size()), nsub = (pb.bi + NR - 1) / NR, block = pb.bo * pb.bi * T;
   const int64_t M = pb.N * pb.Hout * pb.Wout, nnz = pb.nnz;
-  if (dbias != nullptr) std::fill(dbias, dbias + pb.O, S(0));
   if (nnz == 0 && dbias == nullptr) return;
   const auto scalar = at::TensorOptions(common::scalar_type_of<C>());
   if (M == 0) {
     std::fill(dvalues, dvalues + nnz * block, S(0));
+    if (dbias != nullptr) std::fill(dbias, dbias + pb.O, S(0));
     return;
   }
   // Blocks by block column (then row), so each column's shifted input is packed once per chunk.

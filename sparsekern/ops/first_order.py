@@ -5,9 +5,9 @@ products, the low-rank layers under ``create_graph=True``); the rest, the dynami
 straight-through gradient and DLRT's K/L-gradients, are no gradient of a function to
 differentiate, and their kernels' outputs carry no graph. Under ``create_graph=True`` (gradient
 penalties, Hessian-vector products, MAML-style inner steps) a gradient without a graph is
-silently a constant: a penalty on dX would get no gradient on the weights. torch's ``once_differentiable`` guards only where an
-incoming gradient requires grad, which misses the common case of a weight that does (dy a
-constant, dX = dy W). Here every tensor a backward returns under ``create_graph=True`` hangs
+silently a constant: a penalty on dX would get no gradient on the weights. torch's
+``once_differentiable`` guards only where an incoming gradient requires grad, which misses the
+common case of a weight that does (dy a constant, dX = dy W). Here every tensor a backward returns under ``create_graph=True`` hangs
 from a node that raises a clear error if a second backward reaches it; first-order training
 with ``create_graph=True`` is unaffected.
 """
