@@ -70,7 +70,7 @@ def test_products_within_the_dense_bf16_bound(dot_path, name):
     x, dy, values, layout, geometry, bias = _operands(name)
     got = (cpu.conv_forward(x, values, layout, geometry, bias),
            cpu.conv_grad_input(dy, values, layout, geometry, tuple(x.shape[2:])),
-           cpu.conv_grad_weight(dy, x, layout, geometry))
+           cpu.conv_grad_weight(dy, x, layout, geometry)[0])
     want = _dense(x, values, layout, geometry, bias, dy, torch.float64)
     dense = _dense(x, values, layout, geometry, bias, dy, torch.bfloat16)
     for product, a, b, d in zip(("forward", "grad_input", "grad_weight"), got, want, dense):
@@ -90,7 +90,7 @@ def test_same_as_the_widening_avx2_path(dot_path, name):
     def products():
         return (cpu.conv_forward(x, values, layout, geometry, bias),
                 cpu.conv_grad_input(dy, values, layout, geometry, tuple(x.shape[2:])),
-                cpu.conv_grad_weight(dy, x, layout, geometry))
+                cpu.conv_grad_weight(dy, x, layout, geometry)[0])
     dot = products()
     with on_path("conv", ("avx2", False)):
         widened = products()

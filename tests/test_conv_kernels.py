@@ -73,11 +73,16 @@ def _run(backend, name, dtype, channels_last):
     y_ref, dx_ref, dw_ref = _dense_products(x, values, layout, geometry, bias, dy)
     y = backend.conv_forward(x, values, layout, geometry, bias)
     dx = backend.conv_grad_input(dy, values, layout, geometry, tuple(x.shape[2:]))
-    dw = backend.conv_grad_weight(dy, x, layout, geometry)
+    dw, no_db = backend.conv_grad_weight(dy, x, layout, geometry)
     _check(y, y_ref, dtype)
     _check(dx, dx_ref, dtype)
     _check(dw, dw_ref, dtype)
-    _check(backend.conv_grads(dy, x, values, layout, geometry, bias_grad=True)[2], dy.double().sum((0, 2, 3)), dtype)
+    assert no_db is None
+    db_ref = dy.double().sum((0, 2, 3))
+    dw_with, db = backend.conv_grad_weight(dy, x, layout, geometry, bias_grad=True)
+    _check(dw_with, dw_ref, dtype)
+    _check(db, db_ref, dtype)
+    _check(backend.conv_grads(dy, x, values, layout, geometry, bias_grad=True)[2], db_ref, dtype)
     unambiguous = x.shape[0] > 0
     if unambiguous:  # memory format as F.conv2d's for that input
         assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)

@@ -32,6 +32,21 @@ def test_gradcheck(backend, name):
                                           fast_mode=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_and_bias_gradients_without_an_input_gradient(backend):
+    """A first layer (x needs no gradient): dW and the bias gradient come from one product, and
+    differentiate again (dY's gradient takes the bias gradient's share)."""
+    x, values, layout, geometry, bias = conv_case("stride2")
+    x = x[:2].to(memory_format=torch.channels_last)
+    values, bias = values.requires_grad_(), bias.requires_grad_()
+
+    def conv(v, b):
+        return sparse_conv2d(x, v, layout, geometry, b)
+    with sk.use_backend(backend):
+        assert torch.autograd.gradcheck(conv, (values, bias), fast_mode=True)
+        assert torch.autograd.gradgradcheck(conv, (values, bias), fast_mode=True)
+
+
 def _op_args(name, dtype, channels_last, batch=None):
     x, values, layout, geometry, bias = conv_case(name, dtype)
     if batch is not None:
@@ -52,8 +67,8 @@ def test_opcheck_autograd_ops(backend, channels_last, batch):
     torch.library.opcheck(conv_op._conv2d.op, (x.requires_grad_(), values.requires_grad_(), bias, flat, geo, backend))
     dy = output_gradient(x.detach(), geometry).contiguous(memory_format=conv_op.output_memory_format(x))
     torch.library.opcheck(conv_op._grad_input.op, (dy, values.detach(), flat, geo, list(x.shape[2:]), backend))
-    torch.library.opcheck(conv_op._grad_weight.op, (dy, x.detach(), flat, geo, backend))
     for bias_grad in (False, True):
+        torch.library.opcheck(conv_op._grad_weight.op, (dy, x.detach(), flat, geo, bias_grad, backend))
         torch.library.opcheck(conv_op._grads.op, (dy, x.detach(), values.detach(), flat, geo, bias_grad, backend))
 
 

@@ -49,8 +49,10 @@ def _check_products(x, values, layout, geometry, bias, dy):
              ("conv_grad_input", (dy, values, layout, geometry, tuple(x.shape[2:])), output_memory_format(dy)),
              ("conv_grad_weight", (dy, x, layout, geometry), torch.contiguous_format)]
     for product, args, memory_format in calls:
-        got = getattr(kernels, product)(*args)
-        want = getattr(reference, product)(*map(_wide, args))
+        got, want = getattr(kernels, product)(*args), getattr(reference, product)(*map(_wide, args))
+        if product == "conv_grad_weight":  # (dvalues, dbias or None)
+            assert got[1] is None and want[1] is None
+            got, want = got[0], want[0]
         assert got.shape == want.shape and got.dtype == dtype, product
         assert got.is_contiguous(memory_format=memory_format), product
         if want.numel():
@@ -113,7 +115,7 @@ def test_metadata_outside_the_grid_is_never_read():
                                reference.conv_forward(x, without, layout, geometry, bias))
     torch.testing.assert_close(kernels.conv_grad_input(dy, values, corrupt, geometry, input_size),
                                reference.conv_grad_input(dy, without, layout, geometry, input_size))
-    dw = kernels.conv_grad_weight(dy, x, corrupt, geometry)
+    dw = kernels.conv_grad_weight(dy, x, corrupt, geometry)[0]
     assert torch.equal(dw[bad], torch.zeros_like(dw[bad]))
 
 
@@ -168,8 +170,8 @@ def test_strided_inputs_match_reference(dim):
          reference.conv_forward(x.double(), values.double(), layout, geometry, bias.double())),
         (kernels.conv_grad_input(dy, values, strided, geometry, input_size),
          reference.conv_grad_input(dy.double(), values.double(), layout, geometry, input_size)),
-        (kernels.conv_grad_weight(dy, x, strided, geometry),
-         reference.conv_grad_weight(dy.double(), x.double(), layout, geometry)),
+        (kernels.conv_grad_weight(dy, x, strided, geometry)[0],
+         reference.conv_grad_weight(dy.double(), x.double(), layout, geometry)[0]),
     ]:
         assert relative_error(got, want) < BOUNDS[torch.float32]
 
@@ -323,8 +325,9 @@ def test_gpu_autotuned_products_match_reference(block, groups, stride, dtype, mo
          reference.conv_forward(x.double(), values.double(), layout, geometry, None)),
         (kernels.conv_grad_input(dy, values, layout, geometry, (28, 28)),
          reference.conv_grad_input(dy.double(), values.double(), layout, geometry, (28, 28))),
-        (kernels.conv_grad_weight(dy, x, layout, geometry),
-         reference.conv_grad_weight(dy.double(), x.double(), layout, geometry)),
+        (kernels.conv_grad_weight(dy, x, layout, geometry)[0],
+         reference.conv_grad_weight(dy.double(), x.double(), layout, geometry)[0]),
+        (kernels.conv_grad_weight(dy, x, layout, geometry, bias_grad=True)[1], dy.double().sum((0, 2, 3))),
     ]:
         assert relative_error(got, want) < bound
 

@@ -39,13 +39,21 @@ def test_conv_probe_scores_are_the_dense_weight_gradient_block_rms(kwargs):
     xs = [torch.randn(3, kwargs["in_channels"], 9, 7, dtype=torch.float64) for _ in range(2)]  # two calls
     sum(layer(x).pow(2).sum() for x in xs).backward()
     torch.testing.assert_close(probe.scores("conv"), _dense_grad_block_rms(layer, xs))
-    # The weight's own gradient is read out of the probe's: the same as without a probe.
-    own = layer.values.grad.clone()
+    # The weight's own gradient is read out of the probe's, the bias gradient summed on the
+    # probe's pass: the same as without a probe.
+    own, own_bias = layer.values.grad.clone(), layer.bias.grad.clone()
     probe.remove()
     assert layer.grad_probe is None and not layer._forward_hooks and not layer._forward_pre_hooks
-    layer.values.grad = None
+    layer.values.grad = layer.bias.grad = None
     sum(layer(x).pow(2).sum() for x in xs).backward()
     torch.testing.assert_close(own, layer.values.grad)
+    torch.testing.assert_close(own_bias, layer.bias.grad)
+    dense = nn.Conv2d(**kwargs, dtype=torch.float64)
+    with torch.no_grad():
+        dense.weight.copy_(layer.dense_weight())
+        dense.bias.copy_(layer.bias)
+    sum(dense(x).pow(2).sum() for x in xs).backward()
+    torch.testing.assert_close(own_bias, dense.bias.grad)
 
 
 def test_conv_probe_without_a_backward_says_so():

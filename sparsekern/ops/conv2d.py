@@ -63,9 +63,13 @@ def _grad_input(dy: Tensor, values: Tensor, layout: list[Tensor], geometry: list
 
 
 @eager_op("sparsekern::conv2d_grad_weight")
-def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], geometry: list[int], backend: Optional[str]) -> Tensor:
+def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], geometry: list[int], bias_grad: bool,
+                 backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    """dW on the stored blocks and (if ``bias_grad``, else an empty tensor) the bias gradient,
+    which the kernels sum on dW's pass over dY."""
     geo = ConvGeometry.from_list(geometry)
-    return kernel("conv_grad_weight", x, backend)(dy, x, _unflat(layout, geo), geo)
+    dw, db = kernel("conv_grad_weight", x, backend)(dy, x, _unflat(layout, geo), geo, bias_grad)
+    return dw, dy.new_empty(0) if db is None else db
 
 
 @eager_op("sparsekern::conv2d_grads")
@@ -103,9 +107,10 @@ def _(dy, values, layout, geometry, input_size, backend):
 
 
 @_grad_weight.register_fake
-def _(dy, x, layout, geometry, backend):
+def _(dy, x, layout, geometry, bias_grad, backend):
     geo = ConvGeometry.from_list(geometry)
-    return x.new_empty(layout[2].shape[0], geo.block_size, geo.block_size, *geo.kernel_size)
+    return (x.new_empty(layout[2].shape[0], geo.block_size, geo.block_size, *geo.kernel_size),
+            dy.new_empty(geo.out_channels if bias_grad else 0))
 
 
 @_grads.register_fake
@@ -116,7 +121,7 @@ def _(dy, x, values, layout, geometry, bias_grad, backend):
 
 def _setup_product(ctx, inputs, output):
     """dX's (dy, values, layout, geometry, input_size, backend) and dW's (dy, x, layout, geometry,
-    backend): their two tensor operands, and the structure."""
+    bias_grad, backend): their two tensor operands, and the structure."""
     ctx.save_for_backward(*inputs[:2])
     ctx.meta = inputs[2], inputs[3], inputs[-1]
 
@@ -126,7 +131,7 @@ def _through_grad_input(dy, values, ggx, meta, needs_dy, needs_values):
     the forward conv of ggX by W and the weight gradient of ggX against dY."""
     layout, geometry, backend = meta
     return (_conv2d(ggx, values, None, layout, geometry, backend) if needs_dy else None,
-            _grad_weight(dy, ggx, layout, geometry, backend) if needs_values else None)
+            _grad_weight(dy, ggx, layout, geometry, False, backend)[0] if needs_values else None)
 
 
 def _through_grad_weight(dy, x, ggw, meta, needs_dy, needs_x):
@@ -144,10 +149,19 @@ def _backward_grad_input(ctx, ggx):
             None, None, None)
 
 
-def _backward_grad_weight(ctx, ggw):
+def _backward_grad_weight(ctx, ggw, ggb):
     dy, x = saved_tensors(ctx, "sparse_conv2d")
-    return (*_through_grad_weight(dy, x, ggw, ctx.meta, *ctx.needs_input_grad[:2]), [None] * len(ctx.meta[0]),
-            None, None)
+    needs_dy, needs_x = ctx.needs_input_grad[:2]
+    d_dy, d_x = (None, None) if ggw is None else _through_grad_weight(dy, x, ggw, ctx.meta, needs_dy, needs_x)
+    return _with_bias_share(d_dy, ggb, dy, needs_dy), d_x, [None] * len(ctx.meta[0]), None, None, None
+
+
+def _with_bias_share(d_dy, ggb, dy, needs_dy):
+    """dY's gradient plus ggb's share (the bias gradient sums dY over batch and pixels)."""
+    if not needs_dy or ggb is None or not ggb.numel():
+        return d_dy
+    share = ggb[None, :, None, None].expand_as(dy)
+    return share if d_dy is None else d_dy + share
 
 
 def _setup_grads(ctx, inputs, output):
@@ -163,11 +177,8 @@ def _backward_grads(ctx, ggx, ggw, ggb):
     from_dx, d_values = (None, None) if ggx is None else _through_grad_input(dy, values, ggx, ctx.meta, needs_dy,
                                                                              needs_values)
     from_dw, d_x = (None, None) if ggw is None else _through_grad_weight(dy, x, ggw, ctx.meta, needs_dy, needs_x)
-    parts = [p for p in (from_dx, from_dw) if p is not None]
-    if needs_dy and ggb is not None and ggb.numel():
-        parts.append(ggb[None, :, None, None].expand_as(dy))
-    d_dy = sum(parts[1:], parts[0]) if parts else None
-    return d_dy, d_x, d_values, [None] * len(ctx.meta[0]), None, None, None
+    d_dy = from_dx if from_dw is None else from_dw if from_dx is None else from_dx + from_dw
+    return _with_bias_share(d_dy, ggb, dy, needs_dy), d_x, d_values, [None] * len(ctx.meta[0]), None, None, None
 
 
 def _setup_context(ctx, inputs, output):
@@ -188,9 +199,18 @@ def _backward(ctx, dy):
         db = db if needs_db else None
     else:
         dx = _grad_input(dy, values, layout, geometry, list(x.shape[2:]), backend) if needs_dx else None
-        dw = _grad_weight(dy, x, layout, geometry, backend) if needs_dw else None
-        db = dy.sum((0, 2, 3)) if needs_db else None
+        dw = db = None
+        if needs_dw:
+            dw, db = _weight_grads(dy, x, layout, geometry, needs_db, backend)
+        elif needs_db:
+            db = dy.sum((0, 2, 3))
     return dx, dw, db, [None] * len(layout), None, None
+
+
+def _weight_grads(dy, x, layout, geometry, needs_db, backend):
+    """(dW, db or None): the bias gradient on dW's pass over dY."""
+    dw, db = _grad_weight(dy, x, layout, geometry, needs_db, backend)
+    return dw, db if needs_db else None
 
 
 def _setup_probed(ctx, inputs, output):
@@ -205,13 +225,18 @@ def _backward_probed(ctx, dy):
     layout, probe_layout, geometry, backend = ctx.meta
     dy = dy.contiguous(memory_format=output_memory_format(x))
     needs_dx, needs_dw, needs_db, needs_probe = ctx.needs_input_grad[:4]
+    needs_db = ctx.has_bias and needs_db
     dx = _grad_input(dy, values, layout, geometry, list(x.shape[2:]), backend) if needs_dx else None
-    db = dy.sum((0, 2, 3)) if ctx.has_bias and needs_db else None
-    dprobe = _grad_weight(dy, x, probe_layout, geometry, backend) if needs_probe else None
-    dw = None
-    if needs_dw:
-        shared = dprobe is not None and own_positions is not None
-        dw = dprobe[own_positions] if shared else _grad_weight(dy, x, layout, geometry, backend)
+    dprobe = dw = db = None
+    if needs_probe:
+        dprobe, db = _weight_grads(dy, x, probe_layout, geometry, needs_db, backend)
+    if needs_dw and dprobe is not None and own_positions is not None:
+        dw = dprobe[own_positions]
+    elif needs_dw:
+        dw, own_db = _weight_grads(dy, x, layout, geometry, needs_db and db is None, backend)
+        db = own_db if db is None else db
+    if needs_db and db is None:
+        db = dy.sum((0, 2, 3))
     return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None
 
 

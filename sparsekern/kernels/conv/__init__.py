@@ -7,12 +7,12 @@ implements the same three:
 ``conv_grad_input(dy, values, layout, geometry, input_size) -> dx``
     dy (N, O, Ho, Wo): the gradient of the forward with respect to x, (N, C, H, W) with
     (H, W) = ``input_size``. Walks W by block columns (transpose metadata).
-``conv_grad_weight(dy, x, layout, geometry) -> dvalues``
-    The weight gradient on the blocks of ``layout`` only: (nnz, bs, bs, kh, kw).
+``conv_grad_weight(dy, x, layout, geometry, bias_grad=False) -> (dvalues, dbias or None)``
+    The weight gradient on the blocks of ``layout`` only, (nnz, bs, bs, kh, kw), and the bias
+    gradient (the sum of dy over batch and pixels, (O,)) if asked.
 ``conv_grads(dy, x, values, layout, geometry, bias_grad=False) -> (dx, dvalues, dbias or None)``
-    Both gradients of one backward, and the bias gradient (the sum of dy over batch and
-    pixels) if asked (the reference backend: one dense convolution backward, the bias
-    gradient inside it as in nn.Conv2d's).
+    Both gradients of one backward, and the bias gradient if asked (the reference backend:
+    one dense convolution backward, the bias gradient inside it as in nn.Conv2d's).
 
 Inputs arrive on one device, of one floating dtype (checked by the op layer), in either
 memory format; ``values`` is contiguous. Outputs are new tensors of the input dtype, in the

@@ -20,6 +20,7 @@ import torch
 from ..._extension import cpu_extension_unavailable, load_ops
 from ..registry import register_kernel
 from .geometry import ConvGeometry, output_memory_format
+from .grads import paired_grads
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -70,17 +71,14 @@ def conv_grad_input(dy, values, layout, geometry, input_size):
     return dx.contiguous(memory_format=output_memory_format(dy))
 
 
-def conv_grad_weight(dy, x, layout, geometry):
-    return ops().conv_grad_weight_cpu(dy, x, layout.row_indices, layout.col_indices, geometry.as_list())[0]
-
-
-def conv_grads(dy, x, values, layout, geometry, bias_grad=False):
-    """dX, then dW with the bias gradient summed on dW's pass over dY (a separate sum read it again)."""
-    dx = conv_grad_input(dy, values, layout, geometry, tuple(x.shape[2:]))
+def conv_grad_weight(dy, x, layout, geometry, bias_grad=False):
+    """dW, and the bias gradient summed on dW's pass over dY (a separate sum would read it again)."""
     dvalues, dbias = ops().conv_grad_weight_cpu(dy, x, layout.row_indices, layout.col_indices, geometry.as_list(),
                                                 bias_grad)
-    return dx, dvalues, dbias if bias_grad else None
+    return dvalues, dbias if bias_grad else None
 
+
+conv_grads = paired_grads(conv_grad_input, conv_grad_weight)
 
 register_kernel("conv_forward", "cpu", conv_forward, unavailable)
 register_kernel("conv_grad_input", "cpu", conv_grad_input, unavailable)

@@ -4,8 +4,8 @@ as one product against the composite's single dense backward)."""
 
 def paired_grads(grad_input, grad_weight):
     """conv_grads(dy, x, values, layout, geometry, bias_grad) -> (dx, dvalues, dbias or None) from
-    the two products and a sum of dY."""
+    the two products (dW's gives the bias gradient)."""
     def conv_grads(dy, x, values, layout, geometry, bias_grad=False):
-        return (grad_input(dy, values, layout, geometry, tuple(x.shape[2:])), grad_weight(dy, x, layout, geometry),
-                dy.sum((0, 2, 3)) if bias_grad else None)
+        dx = grad_input(dy, values, layout, geometry, tuple(x.shape[2:]))
+        return (dx, *grad_weight(dy, x, layout, geometry, bias_grad))
     return conv_grads

@@ -87,7 +87,7 @@ def _grad_input(dy, values, layout, geometry, input_size):
     return _Call(dy, tuple(input_size), input_size[0] * input_size[1], layout, geometry)
 
 
-def _grad_weight(dy, x, layout, geometry):
+def _grad_weight(dy, x, layout, geometry, bias_grad=False):
     return _Call(x, tuple(x.shape[2:]), dy.shape[2] * dy.shape[3], layout, geometry)
 
 

@@ -53,14 +53,17 @@ def conv_grad_input(dy, values, layout, geometry, input_size):
     return _unpadded(dx, geometry, input_size, output_memory_format(dy))
 
 
-def conv_grad_weight(dy, x, layout, geometry):
-    x, padding = _padded(x, geometry)
+def conv_grad_weight(dy, x, layout, geometry, bias_grad=False):
+    """(dvalues, dbias or None) from one dense convolution backward without dX."""
+    xp, padding = _padded(x, geometry)
     (kh, kw), bs = geometry.kernel_size, geometry.block_size
-    if layout.nnz_blocks == 0:
-        return x.new_zeros(0, bs, bs, kh, kw)
-    dw = torch.nn.grad.conv2d_weight(x, (geometry.out_channels, geometry.in_per_group, kh, kw), dy, geometry.stride,
-                                     padding, geometry.dilation, geometry.groups)
-    return gather_blocks(dw, layout, geometry).contiguous()
+    weight = dy.new_empty(1).expand(geometry.out_channels, geometry.in_per_group, kh, kw)  # its shape only
+    _, dw, db = torch.ops.aten.convolution_backward(
+        dy, xp, weight, [geometry.out_channels] if bias_grad else None, list(geometry.stride),
+        list(_pair(padding)), list(geometry.dilation), False, [0, 0], geometry.groups,
+        [False, layout.nnz_blocks > 0, bias_grad])
+    dvalues = gather_blocks(dw, layout, geometry).contiguous() if dw is not None else x.new_zeros(0, bs, bs, kh, kw)
+    return dvalues, db
 
 
 def conv_grads(dy, x, values, layout, geometry, bias_grad=False):

@@ -358,7 +358,12 @@ def conv_grad_input(dy, values, layout, geometry, input_size):
     return dx
 
 
-def conv_grad_weight(dy, x, layout, geometry):
+def conv_grad_weight(dy, x, layout, geometry, bias_grad=False):
+    """(dvalues, dbias or None); the bias gradient is a separate sum of dY."""
+    return _values_grad(dy, x, layout, geometry), dy.sum((0, 2, 3)) if bias_grad else None
+
+
+def _values_grad(dy, x, layout, geometry):
     (n, _, ho, wo), (h, w) = dy.shape, x.shape[2:]
     bs, (kh, kw), nnz, (rb, cb) = geometry.block_size, geometry.kernel_size, layout.nnz_blocks, layout.grid
     pixels = n * ho * wo
