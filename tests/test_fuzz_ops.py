@@ -1,6 +1,7 @@
-"""Property-based checks of every linear op: the default backend against the ``reference``
-backend, and the reference against a float64 dense computation, on random shapes, blocks,
-densities, dtypes and memory layouts; forward and every gradient.
+"""Property-based checks of every linear op and the block-sparse convolution: the default
+backend against the ``reference`` backend, and the reference against a float64 dense
+computation, on random shapes, blocks, densities, dtypes and memory layouts (conv: random
+geometry too); forward and every gradient.
 
 The dense float64 oracle covers what the two backends share (the op wrapper: leading dims,
 strides, bias, the choice of gradients), which a backend-against-backend check cannot."""
@@ -12,9 +13,10 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import sparsekern as sk
+from sparsekern.kernels.conv import ConvGeometry, dense_conv_weight, gather_blocks
 from fuzz_strategies import (as_input, as_pair, block_sizes, bool_tensor, fuzz_settings, input_base_shape, lead_shapes,
                              memory_layouts, randn, seeds)
-from helpers import TOLERANCES
+from helpers import TOLERANCES, microkernel_paths, on_path
 
 OP_DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
 # Which of (x, weight, bias) get a gradient: every subset, so each backward branch runs alone too.
@@ -112,6 +114,113 @@ def test_bsr_linear_matches_reference_and_dense(block_size, grid, dtype, with_bi
         return F.linear(as_input(x_base, memory_layout), sk.BlockSparseMatrix(values, layout).to_dense(), bias)
 
     check_op(call, dense_call, [x_base, values, bias], wants_grad, dy, dtype, (*lead, out_features))
+
+
+# -- block-sparse conv -----------------------------------------------------------
+
+@st.composite
+def conv_geometries(draw):
+    """Any geometry the layer accepts: channels not multiples of the block, groups holding whole
+    block rows, 1 to 3 taps a side, strides and dilations of 1 or 2, asymmetric padding."""
+    groups, block = draw(st.sampled_from([1, 1, 2])), draw(st.integers(1, 4))
+    in_channels = groups * draw(st.integers(1, 6))
+    out_channels = groups * block * draw(st.integers(1, 2)) if groups > 1 else draw(st.integers(1, 9))
+    pair = st.tuples(st.integers(1, 3), st.integers(1, 3))
+    kernel, stride, dilation = draw(pair), draw(pair.map(lambda p: (1 + p[0] // 3, 1 + p[1] // 3))), draw(pair)
+    dilation = tuple(1 + d // 3 for d in dilation)
+    padding = draw(st.tuples(*[st.integers(0, 2)] * 4))
+    return ConvGeometry(in_channels, out_channels, groups, kernel, stride, padding, dilation, block)
+
+
+def image_shape(draw, geometry):
+    """(H, W) of at least one output pixel, up to a few pixels beyond."""
+    (kh, kw), (t, b, l, r), (dh, dw) = geometry.kernel_size, geometry.padding, geometry.dilation
+    return tuple(draw(st.integers(max(1, dh * (k - 1) + 1 - pad), dh * (k - 1) + 6))
+                 for k, pad, dh in ((kh, t + b, dh), (kw, l + r, dw)))
+
+
+# How a 4-D activation lies in memory: the ops must not care.
+IMAGE_LAYOUTS = st.sampled_from(["contiguous", "channels_last", "strided", "channel_slice"])
+
+
+def image_base_shape(shape, image_layout):
+    n, c, h, w = shape
+    return {"strided": (n, c, h, 2 * w), "channel_slice": (n, 2 * c, h, w)}.get(image_layout, shape)
+
+
+def as_image(base, channels, image_layout):
+    """``base`` seen as the activation: itself, channels-last, every other column, or the first
+    ``channels`` channels of a channels-last tensor of twice as many."""
+    if image_layout == "channels_last":
+        return base.contiguous(memory_format=torch.channels_last)
+    if image_layout == "strided":
+        return base[..., ::2]
+    if image_layout == "channel_slice":
+        return base.contiguous(memory_format=torch.channels_last)[:, :channels]
+    return base
+
+
+@pytest.mark.parametrize("path", microkernel_paths())
+@fuzz_settings(200)
+@given(geometry=conv_geometries(), batch=st.integers(0, 2), dtype=OP_DTYPES, with_bias=st.booleans(),
+       wants_grad=GRAD_WANTS, layouts=st.tuples(IMAGE_LAYOUTS, IMAGE_LAYOUTS), seed=seeds, data=st.data())
+def test_sparse_conv2d_matches_reference_and_dense(path, geometry, batch, dtype, with_bias, wants_grad, layouts, seed,
+                                                   data):
+    """Random block masks (empty block rows and columns, none or every block stored) on random
+    geometries and images, x and dY in any memory layout; on every microkernel path."""
+    with on_path("conv", path):
+        check_conv(geometry, batch, image_shape(data.draw, geometry), dtype, with_bias, wants_grad, layouts, seed,
+                   data.draw)
+
+
+@st.composite
+def wide_conv_geometries(draw):
+    """Blocks of 8 or 16 over up to three block rows and columns (the SIMD tiles, partly filled)."""
+    block, groups = draw(st.sampled_from([8, 16])), draw(st.sampled_from([1, 1, 2]))
+    in_channels = groups * draw(st.integers(1, 3 * block))
+    out_channels = groups * block * draw(st.integers(1, 2)) if groups > 1 else draw(st.integers(1, 3 * block))
+    kernel = draw(st.sampled_from([(1, 1), (3, 3), (3, 1), (5, 5)]))
+    stride = draw(st.sampled_from([(1, 1), (2, 2), (1, 2)]))
+    pad = (kernel[0] // 2, kernel[0] // 2, kernel[1] // 2, kernel[1] // 2)
+    return ConvGeometry(in_channels, out_channels, groups, kernel, stride, pad, (1, 1), block)
+
+
+@fuzz_settings(80)
+@given(geometry=wide_conv_geometries(), batch=st.integers(1, 3), size=st.tuples(st.integers(5, 20), st.integers(5, 20)),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_bias=st.booleans(), wants_grad=GRAD_WANTS,
+       layouts=st.tuples(IMAGE_LAYOUTS, IMAGE_LAYOUTS), seed=seeds, data=st.data())
+def test_sparse_conv2d_on_two_threads_and_larger_images(geometry, batch, size, dtype, with_bias, wants_grad, layouts,
+                                                       seed, data):
+    """Images of many rows split into row and pixel chunks between two threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_conv(geometry, batch, size, dtype, with_bias, wants_grad, layouts, seed, data.draw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_conv(geometry, batch, size, dtype, with_bias, wants_grad, layouts, seed, draw):
+    bs, (kh, kw) = geometry.block_size, geometry.kernel_size
+    layout = sk.BlockLayout.from_block_mask(bool_tensor(draw, geometry.grid), geometry.padded_shape, (bs, bs))
+    blocks = randn((layout.nnz_blocks, bs, bs, kh, kw), seed, dtype)
+    values = gather_blocks(dense_conv_weight(blocks, layout, geometry), layout, geometry)  # padding channels zero
+    bias = randn((geometry.out_channels,), seed + 2, dtype) if with_bias else None
+    x_layout, dy_layout = layouts
+    x_base = randn(image_base_shape((batch, geometry.in_channels, *size), x_layout), seed + 3, dtype)
+    out_shape = (batch, geometry.out_channels, *geometry.output_size(*size))
+    dy = as_image(randn(image_base_shape(out_shape, dy_layout), seed + 4, dtype), geometry.out_channels, dy_layout)
+    t, b, l, r = geometry.padding
+
+    def call(x_base, values, bias):
+        return sk.ops.sparse_conv2d(as_image(x_base, geometry.in_channels, x_layout), values, layout, geometry, bias)
+
+    def dense_call(x_base, values, bias):
+        x = F.pad(as_image(x_base, geometry.in_channels, x_layout), (l, r, t, b))
+        return F.conv2d(x, dense_conv_weight(values, layout, geometry), bias, geometry.stride, 0, geometry.dilation,
+                        geometry.groups)
+
+    check_op(call, dense_call, [x_base, values, bias], wants_grad, dy, dtype, out_shape)
 
 
 # -- 2:4 ------------------------------------------------------------------------
