@@ -116,6 +116,37 @@ def test_bsr_linear_matches_reference_and_dense(block_size, grid, dtype, with_bi
     check_op(call, dense_call, [x_base, values, bias], wants_grad, dy, dtype, (*lead, out_features))
 
 
+@fuzz_settings(60)
+@given(block_size=st.sampled_from([16, 32, (16, 32), (32, 16), (8, 48)]),
+       grid=st.tuples(st.integers(1, 3), st.integers(1, 3)), tokens=st.integers(0, 70),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), with_bias=st.booleans(),
+       wants_grad=GRAD_WANTS, memory_layout=memory_layouts, seed=seeds, data=st.data())
+def test_bsr_linear_on_simd_blocks_and_two_threads(block_size, grid, tokens, dtype, with_bias, wants_grad,
+                                                    memory_layout, seed, data):
+    """Blocks the SIMD tiles and bf16 dot products take (multiples of 16 columns, or not), token
+    counts off the tile heights, split between two threads."""
+    br, bc = as_pair(block_size)
+    out_features, in_features = grid[0] * br, grid[1] * bc
+    layout = sk.BlockLayout.from_block_mask(bool_tensor(data.draw, grid), (out_features, in_features), (br, bc))
+    values = randn((layout.nnz_blocks, br, bc), seed, dtype)
+    bias = randn((out_features,), seed + 2, dtype) if with_bias else None
+    x_base = randn(input_base_shape((tokens,), in_features, memory_layout), seed + 3, dtype)
+    dy = randn((tokens, out_features), seed + 4, dtype)
+
+    def call(x_base, values, bias):
+        return sk.ops.bsr_linear(as_input(x_base, memory_layout), sk.BlockSparseMatrix(values, layout), bias)
+
+    def dense_call(x_base, values, bias):
+        return F.linear(as_input(x_base, memory_layout), sk.BlockSparseMatrix(values, layout).to_dense(), bias)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_op(call, dense_call, [x_base, values, bias], wants_grad, dy, dtype, (tokens, out_features))
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -- block-sparse conv -----------------------------------------------------------
 
 @st.composite
