@@ -8,7 +8,7 @@ import sparsekern as sk
 from helpers import TOLERANCES, microkernel_paths, on_path, random_bsr, stored_blocks
 from sparsekern.cli.machine import l1_data_cache
 from sparsekern.kernels import microkernel
-from sparsekern.kernels.bsr import cpu, reference
+from sparsekern.kernels.bsr import cpu, dense, reference
 
 CPU = torch.device("cpu")
 _REASON = cpu.unavailable(CPU, torch.float32)
@@ -105,6 +105,19 @@ def test_empty_block_rows_and_columns_give_zero_outputs(isa):
     dx = cpu.bsr_grad_input(dy, weight.values, weight.layout).view(10, 5, 8)
     assert (y[:, [1, 3]] == 0).all() and (dx[:, [0, 2, 4]] == 0).all()
     assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+
+
+def test_unstored_blocks_are_absent_not_zero(isa):
+    """A non-finite input reaches only outputs a stored block connects it to (docs/design.md),
+    as in the reference; the dense composite (explicit zeros) spreads it over the whole row."""
+    mask = _layout_from_rows((2, 2), [[0], [1]])  # block row 0 reads input block 0 only
+    weight = sk.BlockSparseMatrix.from_dense(torch.randn(16, 16), 8, block_mask=mask)
+    x = torch.randn(3, 16)
+    x[:, 8] = float("nan")  # input block 1
+    y = cpu.bsr_forward(x, weight.values, weight.layout)
+    assert torch.isfinite(y[:, :8]).all() and torch.isnan(y[:, 8:]).all()
+    torch.testing.assert_close(reference.bsr_forward(x, weight.values, weight.layout), y, equal_nan=True)
+    assert torch.isnan(dense.bsr_forward(x, weight.values, weight.layout)).all()
 
 
 @pytest.mark.parametrize("shape, block", [((2048, 64), 32), ((2056, 64), 8)], ids=["rows-aligned", "rows-unaligned"])

@@ -88,6 +88,21 @@ def _run(backend, name, dtype, channels_last):
         assert y.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
 
 
+def test_unstored_blocks_are_absent_not_zero(backend):
+    """A non-finite input channel reaches only the output channels a stored block connects it
+    to (docs/design.md); the reference, dense on explicit zeros, spreads it to every output."""
+    from sparsekern import BlockLayout
+    from sparsekern.kernels.conv import ConvGeometry
+    geometry = ConvGeometry(16, 16, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8)
+    layout = BlockLayout.from_block_mask(torch.tensor([[True, False], [False, True]]), (16, 16), (8, 8))
+    values = torch.randn(2, 8, 8, 3, 3)
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    x[:, 12] = float("nan")  # a channel of input block 1, which only output block 1 reads
+    y = backend.conv_forward(x, values, layout, geometry)
+    assert torch.isnan(y[:, 8:]).all()
+    assert torch.isnan(y[:, :8]).all() if backend is reference else torch.isfinite(y[:, :8]).all()
+
+
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_backward_gives_both_gradients_and_the_bias_at_once(backend, name, channels_last):
