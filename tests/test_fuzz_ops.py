@@ -270,13 +270,44 @@ def semi_shapes(draw):
 def test_semi_linear_matches_reference_and_dense(shape, dtype, with_bias, wants_grad, seed, zeros, data):
     """Static 2:4 weights, with Wᵀ's indices (dX on the sparse path) or without, some with
     fewer than two nonzeros per group (the kept set then holds zeros too)."""
+    out_features, in_features, _ = shape
+    inputs = data.draw(input_cases(in_features, out_features, dtype))
+    check_semi(shape, dtype, with_bias, wants_grad, seed, zeros, inputs)
+
+
+@st.composite
+def wide_semi_shapes(draw):
+    """Shapes past the kernels' panels and tiles (64-column pair panels, 128-row blocks)."""
+    transposable = draw(st.booleans())
+    out_features = 4 * draw(st.integers(1, 40)) if transposable else draw(st.integers(1, 150))
+    return out_features, 4 * draw(st.integers(1, 60)), transposable
+
+
+@fuzz_settings(60)
+@given(shape=wide_semi_shapes(), tokens=st.integers(0, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       with_bias=st.booleans(), wants_grad=GRAD_WANTS, seed=seeds, zeros=st.sampled_from([0.0, 0.5]),
+       memory_layout=memory_layouts)
+def test_semi_linear_on_wide_shapes_and_two_threads(shape, tokens, dtype, with_bias, wants_grad, seed, zeros,
+                                                    memory_layout):
+    out_features, in_features, _ = shape
+    x_base = randn(input_base_shape((tokens,), in_features, memory_layout), seed + 3, dtype)
+    dy = randn((tokens, out_features), seed + 4, dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_semi(shape, dtype, with_bias, wants_grad, seed, zeros, (x_base, memory_layout, dy, (tokens,)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_semi(shape, dtype, with_bias, wants_grad, seed, zeros, inputs):
     out_features, in_features, with_transpose = shape
     weight = randn((out_features, in_features), seed, dtype)
     weight = weight.masked_fill(weight.abs() < zeros, 0)
     weight = weight.masked_fill(~sk.prune_2to4(weight, transposable=with_transpose), 0)
     matrix = sk.SemiStructuredMatrix.from_dense(weight, with_transpose=with_transpose)
     bias = randn((out_features,), seed + 2, dtype) if with_bias else None
-    x_base, memory_layout, dy, lead = data.draw(input_cases(in_features, out_features, dtype))
+    x_base, memory_layout, dy, lead = inputs
 
     def sparse(values, **kwargs):
         return sk.SemiStructuredMatrix(values, matrix.indices, matrix.shape, **kwargs)
