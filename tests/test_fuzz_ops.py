@@ -351,12 +351,39 @@ def test_semi_linear_dynamic_matches_reference_and_dense(shape, dtype, with_bias
 def test_low_rank_linear_matches_reference_and_dense(out_features, in_features, rank, dtype, with_bias, kl_grads,
                                                      transposed_factors, wants_grad, seed, data):
     """U, S, V as given or as transposed views; plain gradients or DLRT's K/L gradients."""
+    inputs = data.draw(input_cases(in_features, out_features, dtype))
+    check_low_rank((out_features, in_features, rank), dtype, with_bias, kl_grads, transposed_factors, wants_grad,
+                   seed, inputs)
+
+
+@fuzz_settings(60)
+@given(shape=st.tuples(st.integers(1, 150), st.integers(1, 150), st.integers(1, 40)), tokens=st.integers(0, 40),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_bias=st.booleans(), kl_grads=st.booleans(),
+       transposed_factors=st.booleans(), wants_grad=st.tuples(*[st.booleans()] * 5), seed=seeds,
+       memory_layout=memory_layouts)
+def test_low_rank_linear_on_wide_shapes_and_two_threads(shape, tokens, dtype, with_bias, kl_grads, transposed_factors,
+                                                        wants_grad, seed, memory_layout):
+    """Features and ranks past the kernels' register tiles and strips, split between two threads."""
+    out_features, in_features, _ = shape
+    x_base = randn(input_base_shape((tokens,), in_features, memory_layout), seed + 4, dtype)
+    dy = randn((tokens, out_features), seed + 5, dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_low_rank(shape, dtype, with_bias, kl_grads, transposed_factors, wants_grad, seed,
+                       (x_base, memory_layout, dy, (tokens,)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_low_rank(shape, dtype, with_bias, kl_grads, transposed_factors, wants_grad, seed, inputs):
+    out_features, in_features, rank = shape
     factor_shapes = [(out_features, rank), (rank, rank), (in_features, rank)]
     if transposed_factors:  # leaves are the (r, ·) tensors; the op sees their transposed views
         factor_shapes = [s[::-1] for s in factor_shapes]
     factors = [randn(s, seed + i, dtype) for i, s in enumerate(factor_shapes)]
     bias = randn((out_features,), seed + 3, dtype) if with_bias else None
-    x_base, memory_layout, dy, lead = data.draw(input_cases(in_features, out_features, dtype))
+    x_base, memory_layout, dy, lead = inputs
     view = (lambda t: t.T) if transposed_factors else (lambda t: t)
 
     def call(x_base, U, S, V, bias):
@@ -373,4 +400,3 @@ def test_low_rank_linear_matches_reference_and_dense(out_features, in_features, 
 
     tensors = [x_base, *factors, bias]
     check_op(call, dense_call, tensors, wants_grad, dy, dtype, (*lead, out_features))
-
