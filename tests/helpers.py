@@ -1,4 +1,5 @@
 """Shared test utilities: random block-sparse operands, per-dtype tolerances, gloo workers."""
+import contextlib
 import gc
 import os
 import sys
@@ -28,15 +29,23 @@ def microkernel_paths():
     return paths
 
 
-def assert_same_at_thread_counts(products, threads):
-    """``products()`` (a sequence of tensors) gives bitwise the same results on 1 and ``threads`` threads."""
-    before, runs = torch.get_num_threads(), []
+@contextlib.contextmanager
+def thread_count(threads):
+    """Context: torch's intra-op thread count set to ``threads``, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        for t in (1, threads):
-            torch.set_num_threads(t)
-            runs.append(products())
+        yield
     finally:
         torch.set_num_threads(before)
+
+
+def assert_same_at_thread_counts(products, threads):
+    """``products()`` (a sequence of tensors) gives bitwise the same results on 1 and ``threads`` threads."""
+    runs = []
+    for t in (1, threads):
+        with thread_count(t):
+            runs.append(products())
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 

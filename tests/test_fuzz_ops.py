@@ -16,7 +16,7 @@ import sparsekern as sk
 from sparsekern.kernels.conv import ConvGeometry, dense_conv_weight, gather_blocks
 from fuzz_strategies import (as_input, as_pair, block_sizes, bool_tensor, fuzz_settings, input_base_shape, lead_shapes,
                              memory_layouts, randn, seeds)
-from helpers import TOLERANCES, microkernel_paths, on_path
+from helpers import TOLERANCES, microkernel_paths, on_path, thread_count
 
 OP_DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
 # Which of (x, weight, bias) get a gradient: every subset, so each backward branch runs alone too.
@@ -139,12 +139,8 @@ def test_bsr_linear_on_simd_blocks_and_two_threads(block_size, grid, tokens, dty
     def dense_call(x_base, values, bias):
         return F.linear(as_input(x_base, memory_layout), sk.BlockSparseMatrix(values, layout).to_dense(), bias)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with thread_count(2):
         check_op(call, dense_call, [x_base, values, bias], wants_grad, dy, dtype, (tokens, out_features))
-    finally:
-        torch.set_num_threads(threads)
 
 
 # -- block-sparse conv -----------------------------------------------------------
@@ -223,12 +219,8 @@ def wide_conv_geometries(draw):
 def test_sparse_conv2d_on_two_threads_and_larger_images(geometry, batch, size, dtype, with_bias, wants_grad, layouts,
                                                        seed, data):
     """Images of many rows split into row and pixel chunks between two threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with thread_count(2):
         check_conv(geometry, batch, size, dtype, with_bias, wants_grad, layouts, seed, data.draw)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def check_conv(geometry, batch, size, dtype, with_bias, wants_grad, layouts, seed, draw):
@@ -257,11 +249,12 @@ def check_conv(geometry, batch, size, dtype, with_bias, wants_grad, layouts, see
 # -- 2:4 ------------------------------------------------------------------------
 
 @st.composite
-def semi_shapes(draw):
-    """(out, in, transposable): in a multiple of 4, out too if transposable."""
+def semi_shapes(draw, in_groups=4, out_groups=3, outputs=9):
+    """(out, in, transposable): in a multiple of 4 (up to ``in_groups`` groups of 4), out too if
+    transposable (up to ``out_groups`` groups), else up to ``outputs``."""
     transposable = draw(st.booleans())
-    out_features = 4 * draw(st.integers(1, 3)) if transposable else draw(st.integers(1, 9))
-    return out_features, 4 * draw(st.integers(1, 4)), transposable
+    out_features = 4 * draw(st.integers(1, out_groups)) if transposable else draw(st.integers(1, outputs))
+    return out_features, 4 * draw(st.integers(1, in_groups)), transposable
 
 
 @fuzz_settings(200)
@@ -275,29 +268,18 @@ def test_semi_linear_matches_reference_and_dense(shape, dtype, with_bias, wants_
     check_semi(shape, dtype, with_bias, wants_grad, seed, zeros, inputs)
 
 
-@st.composite
-def wide_semi_shapes(draw):
-    """Shapes past the kernels' panels and tiles (64-column pair panels, 128-row blocks)."""
-    transposable = draw(st.booleans())
-    out_features = 4 * draw(st.integers(1, 40)) if transposable else draw(st.integers(1, 150))
-    return out_features, 4 * draw(st.integers(1, 60)), transposable
-
-
 @fuzz_settings(60)
-@given(shape=wide_semi_shapes(), tokens=st.integers(0, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+@given(shape=semi_shapes(in_groups=60, out_groups=40, outputs=150), tokens=st.integers(0, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        with_bias=st.booleans(), wants_grad=GRAD_WANTS, seed=seeds, zeros=st.sampled_from([0.0, 0.5]),
        memory_layout=memory_layouts)
 def test_semi_linear_on_wide_shapes_and_two_threads(shape, tokens, dtype, with_bias, wants_grad, seed, zeros,
                                                     memory_layout):
+    """Shapes past the kernels' panels and tiles (64-column pair panels, 128-row blocks)."""
     out_features, in_features, _ = shape
     x_base = randn(input_base_shape((tokens,), in_features, memory_layout), seed + 3, dtype)
     dy = randn((tokens, out_features), seed + 4, dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with thread_count(2):
         check_semi(shape, dtype, with_bias, wants_grad, seed, zeros, (x_base, memory_layout, dy, (tokens,)))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def check_semi(shape, dtype, with_bias, wants_grad, seed, zeros, inputs):
@@ -367,13 +349,9 @@ def test_low_rank_linear_on_wide_shapes_and_two_threads(shape, tokens, dtype, wi
     out_features, in_features, _ = shape
     x_base = randn(input_base_shape((tokens,), in_features, memory_layout), seed + 4, dtype)
     dy = randn((tokens, out_features), seed + 5, dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with thread_count(2):
         check_low_rank(shape, dtype, with_bias, kl_grads, transposed_factors, wants_grad, seed,
                        (x_base, memory_layout, dy, (tokens,)))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def check_low_rank(shape, dtype, with_bias, kl_grads, transposed_factors, wants_grad, seed, inputs):
