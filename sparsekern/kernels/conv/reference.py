@@ -53,30 +53,32 @@ def conv_grad_input(dy, values, layout, geometry, input_size):
     return _unpadded(dx, geometry, input_size, output_memory_format(dy))
 
 
-def conv_grad_weight(dy, x, layout, geometry, bias_grad=False):
-    """(dvalues, dbias or None) from one dense convolution backward without dX."""
+def _dense_backward(dy, x, weight, layout, geometry, needs_dx, bias_grad):
+    """One dense convolution backward: (dX of the padded input or None, dW read out on the stored
+    blocks, dbias or None)."""
     xp, padding = _padded(x, geometry)
     (kh, kw), bs = geometry.kernel_size, geometry.block_size
-    weight = dy.new_empty(1).expand(geometry.out_channels, geometry.in_per_group, kh, kw)  # its shape only
-    _, dw, db = torch.ops.aten.convolution_backward(
+    dx, dw, db = torch.ops.aten.convolution_backward(
         dy, xp, weight, [geometry.out_channels] if bias_grad else None, list(geometry.stride),
         list(_pair(padding)), list(geometry.dilation), False, [0, 0], geometry.groups,
-        [False, layout.nnz_blocks > 0, bias_grad])
+        [needs_dx, layout.nnz_blocks > 0, bias_grad])
     dvalues = gather_blocks(dw, layout, geometry).contiguous() if dw is not None else x.new_zeros(0, bs, bs, kh, kw)
-    return dvalues, db
+    return dx, dvalues, db
+
+
+def conv_grad_weight(dy, x, layout, geometry, bias_grad=False):
+    """(dvalues, dbias or None) from one dense convolution backward without dX."""
+    kh, kw = geometry.kernel_size
+    shape_only = dy.new_empty(1).expand(geometry.out_channels, geometry.in_per_group, kh, kw)  # no dX: no values
+    return _dense_backward(dy, x, shape_only, layout, geometry, False, bias_grad)[1:]
 
 
 def conv_grads(dy, x, values, layout, geometry, bias_grad=False):
     """(dx, dvalues, dbias or None) from one dense convolution backward, as nn.Conv2d's backward
     runs them (they share its passes over dY: separate calls cost a dense step 15% more here,
     a separate bias sum 3 % more in bf16)."""
-    xp, padding = _padded(x, geometry)
-    (kh, kw), bs = geometry.kernel_size, geometry.block_size
-    dx, dw, db = torch.ops.aten.convolution_backward(
-        dy, xp, dense_conv_weight(values, layout, geometry), [geometry.out_channels] if bias_grad else None,
-        list(geometry.stride), list(_pair(padding)), list(geometry.dilation), False, [0, 0], geometry.groups,
-        [True, layout.nnz_blocks > 0, bias_grad])
-    dvalues = gather_blocks(dw, layout, geometry).contiguous() if dw is not None else x.new_zeros(0, bs, bs, kh, kw)
+    dx, dvalues, db = _dense_backward(dy, x, dense_conv_weight(values, layout, geometry), layout, geometry, True,
+                                      bias_grad)
     return _unpadded(dx, geometry, x.shape[2:], output_memory_format(dy)), dvalues, db
 
 
