@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from test_conv_cases import CASES, conv_case, output_gradient
 from helpers import microkernel_paths, on_path, relative_error
+from sparsekern import BlockLayout
 from sparsekern.cli.machine import cpu_flags
 from sparsekern.kernels import microkernel
-from sparsekern.kernels.conv import cpu, dense_conv_weight, gather_blocks, reference
+from sparsekern.kernels.conv import ConvGeometry, cpu, dense_conv_weight, gather_blocks, reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,8 +92,6 @@ def _run(backend, name, dtype, channels_last):
 def test_unstored_blocks_are_absent_not_zero(backend):
     """A non-finite input channel reaches only the output channels a stored block connects it
     to (docs/design.md); the reference, dense on explicit zeros, spreads it to every output."""
-    from sparsekern import BlockLayout
-    from sparsekern.kernels.conv import ConvGeometry
     geometry = ConvGeometry(16, 16, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8)
     layout = BlockLayout.from_block_mask(torch.tensor([[True, False], [False, True]]), (16, 16), (8, 8))
     values = torch.randn(2, 8, 8, 3, 3)
