@@ -2,8 +2,8 @@
 low-rank layers differentiate twice (gradient penalties, Hessian-vector products), the dynamic
 2:4 mode and DLRT's K/L-gradient mode refuse a second backward with a clear error (never a
 silently constant gradient), first-order create_graph=True training is unchanged, model.to(memory_format=...)
-leaves the stored blocks as they are, and TorchScript tracing and torch.func transforms are
-refused by name."""
+leaves the stored blocks as they are, and TorchScript tracing is refused by name (torch.func's
+transforms: test_func_transforms.py)."""
 import contextlib
 
 import pytest
@@ -277,22 +277,6 @@ def test_jit_trace_is_refused_by_name():
     layer = sk.SparseLinear(16, 16, block_size=8)
     with pytest.raises(RuntimeError, match="sparsekern::bsr_linear cannot be traced by torch.jit.trace.*export"):
         torch.jit.trace(layer, (torch.randn(3, 16),))
-
-
-@pytest.mark.parametrize("transform", ["grad", "vmap"])
-def test_torch_func_transforms_are_refused_by_name(transform):
-    layer = sk.SparseLinear(16, 16, block_size=8)
-    params = {k: v.detach() for k, v in layer.named_parameters()}
-    x = torch.randn(3, 16)
-
-    def loss(p, xi):
-        return torch.func.functional_call(layer, p, (xi,)).sum()
-
-    run = (lambda: torch.func.grad(loss)(params, x)) if transform == "grad" else (
-        lambda: torch.func.vmap(loss, in_dims=(None, 0))(params, x[:, None]))
-    with pytest.raises(RuntimeError, match="sparsekern::bsr_linear does not support torch.func transforms"):
-        run()
-    assert torch.func.functional_call(layer, params, (x,)).shape == (3, 16)
 
 
 @pytest.mark.usefixtures("interpreter")

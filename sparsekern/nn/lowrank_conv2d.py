@@ -21,6 +21,7 @@ from torch import nn
 
 from ..ops.checks import saved_tensors
 from ..ops.first_order import first_order
+from ..ops.transforms import refuse_forward_mode
 from .dense_export import dense_conv2d
 from .lowrank_factors import LowRankFactors
 
@@ -64,18 +65,26 @@ class _LowRankConv2dFunction(torch.autograd.Function):
     kl_grads: dU = dK, dV = dL; else dU = dK Sᵀ, dV = dL S. r x r products act on
     the weight side (out·r² or in·kh·kw·r² flops), never on the tokens."""
 
-    @staticmethod
-    def forward(ctx, x, U, S, V, bias, kernel_size, stride, padding, dilation, kl_grads):
-        r = S.shape[0]
-        a = F.conv2d(x, V.T.reshape(r, x.shape[1], *kernel_size), None, stride, padding, dilation)
-        y = F.conv2d(a, (U @ S)[:, :, None, None], bias)
-        ctx.save_for_backward(x, a, U, S, V)
-        ctx.conv = (stride, padding, dilation)
-        ctx.kernel_size, ctx.kl_grads, ctx.has_bias = kernel_size, kl_grads, bias is not None
-        return y
+    # forward and setup_context apart, and ``a`` an output of its own: what torch.func's
+    # transforms need of a Function (generate_vmap_rule batches all three itself).
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, dy):
+    def forward(x, U, S, V, bias, kernel_size, stride, padding, dilation, kl_grads):
+        r = S.shape[0]
+        a = F.conv2d(x, V.T.reshape(r, x.shape[1], *kernel_size), None, stride, padding, dilation)
+        return F.conv2d(a, (U @ S)[:, :, None, None], bias), a
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, U, S, V, bias, kernel_size, stride, padding, dilation, kl_grads = inputs
+        ctx.save_for_backward(x, output[1], U, S, V)
+        ctx.mark_non_differentiable(output[1])
+        ctx.conv = (stride, padding, dilation)
+        ctx.kernel_size, ctx.kl_grads, ctx.has_bias = kernel_size, kl_grads, bias is not None
+
+    @staticmethod
+    def backward(ctx, dy, _da):
         # Torch's products throughout, so a second backward can run through them, with a
         # recomputed with its graph (the forward's copy has none); DLRT's K/L-gradients are
         # not the gradient of any function of (U, S, V) and refuse one.
@@ -181,8 +190,9 @@ class LowRankConv2d(LowRankFactors):
     def _conv(self, x, U, S, V, bias):
         if x.dtype != S.dtype:
             raise TypeError(f"input has dtype {x.dtype} but the layer's factors have dtype {S.dtype}")
+        refuse_forward_mode("LowRankConv2d")
         return _LowRankConv2dFunction.apply(x, U, S, V, bias, self.kernel_size, self.stride, self._padding,
-                                            self.dilation, self.kl_grads)
+                                            self.dilation, self.kl_grads)[0]
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

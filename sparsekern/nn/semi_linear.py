@@ -20,6 +20,7 @@ from ..formats.semi import SemiStructuredMatrix, compress, decompress
 from ..formats.semi_prune import check_2to4_shape, prune_2to4
 from ..kernels import semi as semi_kernels
 from ..ops.checks import check_layer_input
+from ..ops.transforms import transformed
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
 from .autocast import autocast_dtype, cast, outside_autocast
 from .dense_export import dense_linear
@@ -170,8 +171,9 @@ class SemiSparseLinear(nn.Module):
         """
         if self.mode == "dynamic":
             raise RuntimeError("sparse_weight() is for mode='static'; a dynamic layer re-prunes every call")
-        if torch.compiler.is_compiling():
-            # Dynamo cannot trace the data_ptr cache key: a compiled graph rebuilds Wᵀ's map per call.
+        if torch.compiler.is_compiling() or transformed():
+            # Dynamo cannot trace the data_ptr cache key, nor has a torch.func transform's wrapped
+            # values a data_ptr: a compiled graph or a transformed call rebuilds Wᵀ's map per call.
             return self._build_sparse_weight()
         key = [id(self.values), self.values.data_ptr(), self.indices.data_ptr(), self.indices._version]
         if self.transposable:

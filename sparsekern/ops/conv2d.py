@@ -17,6 +17,7 @@ from ..kernels.conv import ConvGeometry, output_memory_format
 from .checks import saved_tensors
 from .dispatch import kernel, traced_backend
 from .eager import eager_op
+from .transforms import transformed
 from .probe import BlockProbe, own_positions
 
 # A layout crosses the op boundary as its index tensors; its shape and block size follow from the geometry.
@@ -38,13 +39,13 @@ def _forward(x, values, bias, layout, geometry, backend):
     return kernel("conv_forward", x, backend)(x, values, _unflat(layout, geo), geo, bias)
 
 
-@eager_op("sparsekern::conv2d")
+@eager_op("sparsekern::conv2d", per_row=True)
 def _conv2d(x: Tensor, values: Tensor, bias: Optional[Tensor], layout: list[Tensor], geometry: list[int],
             backend: Optional[str]) -> Tensor:
     return _forward(x, values, bias, layout, geometry, backend)
 
 
-@eager_op("sparsekern::conv2d_probed")
+@eager_op("sparsekern::conv2d_probed", per_row=True)
 def _conv2d_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Tensor, layout: list[Tensor],
                    probe_layout: list[Tensor], own_positions: Optional[Tensor], geometry: list[int],
                    backend: Optional[str]) -> Tensor:
@@ -55,7 +56,7 @@ def _conv2d_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_valu
     return _forward(x, values, bias, layout, geometry, backend)
 
 
-@eager_op("sparsekern::conv2d_grad_input")
+@eager_op("sparsekern::conv2d_grad_input", per_row=True)
 def _grad_input(dy: Tensor, values: Tensor, layout: list[Tensor], geometry: list[int], input_size: list[int],
                 backend: Optional[str]) -> Tensor:
     geo = ConvGeometry.from_list(geometry)
@@ -308,8 +309,8 @@ def _settled_on_the_composite(x, values, layout, geometry, bias):
     densified weight: nn.Conv2d's own passes, without the ops' second densified weight and
     dW read-out copy (on a Zen 4, bf16 at density 1: 0.964-0.984x of nn.Conv2d through the ops,
     0.986-0.989x this way). Never under torch.compile or a forced backend, where the ops run as
-    traced, nor where the rule is off (floor.final_choice)."""
-    if traced_backend() is not None or torch.compiler.is_compiling():
+    traced or transformed (torch.func), nor where the rule is off (floor.final_choice)."""
+    if traced_backend() is not None or torch.compiler.is_compiling() or transformed():
         return False
     backend = select_kernel("conv_forward", x.device, x.dtype)[0]
     if floor.final_choice("conv_forward", backend, x, x, values, layout, geometry, bias) != "reference":

@@ -10,11 +10,19 @@ itself, under an autograd.Function built from the same setup_context and backwar
 op's registered autograd; anything else (compiling, fake or other tensor subclasses, a
 TorchDispatchMode) goes through the custom op. Both run the same code, so they give the
 same result.
+
+Under torch.func's reverse-mode transforms (grad, vjp, jacrev, vmap and their compositions)
+a call goes through the custom op under a second autograd.Function of the same backward with
+a separate setup_context (what functorch needs; torch.library's own autograd lacks one), and
+every custom op has a batching rule (``batching.py``). Forward-mode transforms (jvp, jacfwd,
+hessian) are refused: the ops have no forward-mode derivatives.
 """
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .batching import register_batching_rule
 from .first_order import first_order
+from .transforms import refuse_forward_mode, transformed
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -40,14 +48,21 @@ class EagerOp:
     (under an autograd.Function where ``backward`` is given and a gradient is wanted) in plain
     eager calls, else the custom op. ``self.op`` is the custom op (fakes, opcheck)."""
 
-    def __init__(self, name, fn):
+    def __init__(self, name, fn, per_row):
         self.name = name
         self.op = torch.library.custom_op(name, fn, mutates_args=())
         self.fn = fn
-        self.function = None
+        self.function = self.transformable = None
+        self.per_row = per_row
+        register_batching_rule(self.op, per_row)
 
     def register_fake(self, fake):
         return self.op.register_fake(fake)
+
+    def register_batching(self, special):
+        """An op's own vmap rule for some cases (``batching.register_batching_rule``); decorator."""
+        register_batching_rule(self.op, self.per_row, special)
+        return special
 
     def register_autograd(self, backward, setup_context, *, differentiable=False):
         """``differentiable``: ``backward`` is written in ops that have autograd themselves, so a
@@ -70,30 +85,44 @@ class EagerOp:
 
         self.function = type(f"{fn.__name__}_function", (torch.autograd.Function,), {
             "forward": staticmethod(forward), "backward": staticmethod(backward_per_input)})
+        op = self.op
+        # functorch runs setup_context itself and vmaps forward, setup_context and backward
+        # (generate_vmap_rule) on top of the ops' batching rules.
+        self.transformable = type(f"{fn.__name__}_transformable", (torch.autograd.Function,), {
+            "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward_per_input), "generate_vmap_rule": True})
 
     def __call__(self, *args):
+        if transformed():
+            return self._transformed(args)
         if not direct(args):
             return self.op(*args)
-        _refuse_transforms(self.name)
-        if self.function is not None and torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        _refuse_tracing(self.name)
+        if self.function is not None and _needs_grad(args):
             return self.function.apply(*args)
         return self.fn(*args)
 
+    def _transformed(self, args):
+        """A call under torch.func transforms (see the module docstring)."""
+        refuse_forward_mode(self.name)
+        if self.transformable is not None and _needs_grad(args):
+            return self.transformable.apply(*args)
+        return self.op(*args)
 
-def _refuse_transforms(name):
-    """A clear error where a transform would fail obscurely or compute a wrong graph: TorchScript
-    tracing (it would bake the shapes of this call into the trace) and torch.func transforms
-    (the ops have no batching rule and their autograd is not written for functorch)."""
+
+def _needs_grad(args):
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _refuse_tracing(name):
+    """A clear error where TorchScript tracing would bake the shapes of this call into the trace."""
     if torch.jit.is_tracing():
         raise RuntimeError(f"{name} cannot be traced by torch.jit.trace (TorchScript); use torch.export.export "
                            "or torch.compile, which support sparsekern's ops")
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        raise RuntimeError(f"{name} does not support torch.func transforms (grad, vmap, jvp, jacrev, ...); "
-                           "compute gradients with torch.autograd (loss.backward() or torch.autograd.grad), "
-                           "and torch.func.functional_call works as usual")
 
 
-def eager_op(name):
-    """Decorator: ``fn`` as an EagerOp named ``name`` (no argument is mutated)."""
-    return lambda fn: EagerOp(name, fn)
+def eager_op(name, *, per_row=False):
+    """Decorator: ``fn`` as an EagerOp named ``name`` (no argument is mutated). ``per_row``: each
+    output row depends only on the same row of the first argument (batching.py folds vmap's
+    dimension into the rows)."""
+    return lambda fn: EagerOp(name, fn, per_row)

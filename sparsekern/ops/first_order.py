@@ -9,12 +9,16 @@ silently a constant: a penalty on dX would get no gradient on the weights. torch
 ``once_differentiable`` guards only where an incoming gradient requires grad, which misses the
 common case of a weight that does (dy a constant, dX = dy W). Here every tensor a backward returns under ``create_graph=True`` hangs
 from a node that raises a clear error if a second backward reaches it; first-order training
-with ``create_graph=True`` is unaffected.
+with ``create_graph=True`` is unaffected. Under torch.func the same holds by another route:
+functorch's autograd cannot hold such a node, so a first-order backward raises the error at once
+where an enclosing transform (grad of grad) would differentiate it.
 """
 import functools
 
 import torch
 from torch._C import _functions
+
+from .transforms import differentiation_levels, transformed
 
 
 def first_order(name):
@@ -26,9 +30,11 @@ def first_order(name):
     def wrap(backward):
         @functools.wraps(backward)
         def run(ctx, *grads):
+            if transformed() and differentiation_levels() > 1:
+                raise RuntimeError(message.decode())
             with torch.no_grad():
                 outputs = backward(ctx, *grads)
-            if not torch.is_grad_enabled():
+            if transformed() or not torch.is_grad_enabled():
                 return outputs
             single = isinstance(outputs, torch.Tensor)
             outputs = (outputs,) if single else tuple(outputs)
@@ -42,3 +48,4 @@ def first_order(name):
             return outputs[0] if single else outputs
         return run
     return wrap
+

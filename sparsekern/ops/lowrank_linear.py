@@ -13,12 +13,12 @@ from .checks import saved_tensors
 from .dispatch import kernel, traced_backend
 from .eager import eager_op
 from .first_order import first_order
-from .outputs import with_leading_dims
+from .outputs import token_matrix, with_leading_dims
 
 # The forward op also returns a = x V and b = a Sᵀ for the backward.
 
 
-@eager_op("sparsekern::low_rank_linear")
+@eager_op("sparsekern::low_rank_linear", per_row=True)
 def _forward(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor], kl_grads: bool,
              backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     return kernel("lowrank_forward", x, backend)(x, U, S, V, bias)
@@ -132,7 +132,7 @@ def low_rank_linear(x, U, S, V, bias=None, *, kl_grads=False):
     """
     _check_inputs(x, U, S, V, bias)
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, V.shape[0]).contiguous()
+    x2d = token_matrix(x, V.shape[0])
     bias = None if bias is None else bias.contiguous()
     y, _, _ = _forward(x2d, U.contiguous(), S.contiguous(), V.contiguous(), bias, bool(kl_grads), traced_backend())
     return with_leading_dims(y, lead, U.shape[0])

@@ -1,5 +1,14 @@
-"""How the linear ops hand back their (tokens, out) result as (..., out)."""
+"""How the linear ops take (..., in) inputs as a (tokens, in) matrix and hand back their
+(tokens, out) result as (..., out)."""
+import math
+
 import torch
+
+
+def token_matrix(x, features):
+    """``x`` (..., features) as a contiguous (tokens, features) matrix. The token count is
+    spelled out, not -1: under torch.func.vmap an empty batch cannot infer it."""
+    return x.reshape(math.prod(x.shape[:-1]), features).contiguous()
 
 
 def with_leading_dims(y, lead, out):

@@ -21,18 +21,18 @@ from ..formats.semi_prune import check_2to4_shape
 from .checks import check_linear_inputs, saved_tensors
 from .dispatch import kernel, traced_backend
 from .eager import eager_op
-from .outputs import with_leading_dims
+from .outputs import token_matrix, with_leading_dims
 
 # Optional outputs cross the op boundary as empty tensors (custom ops cannot return None).
 
 
-@eager_op("sparsekern::semi_matmul")
+@eager_op("sparsekern::semi_matmul", per_row=True)
 def _matmul(x: Tensor, values: Tensor, indices: Tensor, backend: Optional[str]) -> Tensor:
     """x @ Wᵀ for W = (values, indices) compressed 2:4."""
     return kernel("semi_forward", x, backend)(x, values, indices)
 
 
-@eager_op("sparsekern::semi_grad_input")
+@eager_op("sparsekern::semi_grad_input", per_row=True)
 def _grad_input(dy: Tensor, values: Tensor, indices: Tensor, indices_t: Optional[Tensor],
                 transpose_map: Optional[Tensor], backend: Optional[str]) -> Tensor:
     return kernel("semi_grad_input", dy, backend)(dy, values, indices, indices_t, transpose_map)
@@ -59,13 +59,13 @@ def _forward(x, values, bias, indices, backend):
     return y
 
 
-@eager_op("sparsekern::semi_linear")
+@eager_op("sparsekern::semi_linear", per_row=True)
 def _linear(x: Tensor, values: Tensor, bias: Optional[Tensor], indices: Tensor, indices_t: Optional[Tensor],
             transpose_map: Optional[Tensor], backend: Optional[str]) -> Tensor:
     return _forward(x, values, bias, indices, backend)
 
 
-@eager_op("sparsekern::semi_linear_probed")
+@eager_op("sparsekern::semi_linear_probed", per_row=True)
 def _linear_probed(x: Tensor, values: Tensor, bias: Optional[Tensor], probe_values: Tensor, indices: Tensor,
                    indices_t: Optional[Tensor], transpose_map: Optional[Tensor], probe_indices: Tensor,
                    backend: Optional[str]) -> Tensor:
@@ -255,7 +255,7 @@ def semi_linear(x, weight, bias=None, *, grad_probe=None):
     n, k = weight.shape
     lead = x.shape[:-1]
     transpose_map = None if weight.indices_t is None else weight.transpose_map()
-    args = (x.reshape(-1, k).contiguous(), weight.values.contiguous(), bias)
+    args = (token_matrix(x, k), weight.values.contiguous(), bias)
     if grad_probe is None:
         y = _linear(*args, weight.indices, weight.indices_t, transpose_map, traced_backend())
     else:
@@ -283,6 +283,6 @@ def semi_linear_dynamic(x, weight, bias=None, *, transposable=True):
     check_linear_inputs("semi_linear_dynamic", x, tuple(weight.shape), weight.dtype, weight.device, bias)
     n, k = weight.shape
     lead = x.shape[:-1]
-    y = _linear_dynamic(x.reshape(-1, k).contiguous(), weight.contiguous(), bias, bool(transposable),
+    y = _linear_dynamic(token_matrix(x, k), weight.contiguous(), bias, bool(transposable),
                         traced_backend())[0]
     return with_leading_dims(y, lead, n)

@@ -1,0 +1,202 @@
+"""The layers under torch.func's reverse-mode transforms: grad, vmap (per-sample gradients, model
+ensembles), jacrev and grad of grad give what torch.autograd gives on the same layers; first-order
+backwards and forward-mode transforms are refused by name."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
+
+import sparsekern as sk
+from sparsekern.methods import DLRT
+from sparsekern.nn import PartiallyTrainableConv2d, PartiallyTrainableLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _layers():
+    """(id, layer factory, per-sample input shape); fp64, shapes off the blocks."""
+    conv_mask = torch.tensor([[True, False, True], [False, True, True]])
+    return [
+        ("sparse_linear", lambda: sk.SparseLinear(20, 12, block_size=4, density=0.5), (3, 20)),
+        ("sparse_conv", lambda: sk.SparseConv2d.from_dense(nn.Conv2d(12, 8, 3, padding=1, stride=2), block_size=4,
+                                                           block_mask=conv_mask), (2, 12, 5, 6)),
+        ("semi_transposable", lambda: sk.SemiSparseLinear(24, 16), (3, 24)),
+        ("semi_rowwise", lambda: sk.SemiSparseLinear(24, 16, transposable=False), (3, 24)),
+        ("semi_dynamic", lambda: sk.SemiSparseLinear(24, 16, mode="dynamic"), (3, 24)),
+        ("low_rank_linear", lambda: sk.LowRankLinear(20, 12, 3), (3, 20)),
+        ("low_rank_conv", lambda: sk.LowRankConv2d(6, 8, 3, 3, padding=1), (2, 6, 5, 5)),
+        ("partially_trainable_linear", lambda: PartiallyTrainableLinear.from_dense(
+            nn.Linear(20, 12), torch.tensor([[True, False, True], [False, True, True]]), block_size=8), (3, 20)),
+        ("partially_trainable_conv", lambda: PartiallyTrainableConv2d(
+            nn.Conv2d(12, 8, 3, padding=1), conv_mask, block_size=4), (2, 12, 5, 5)),
+    ]
+
+
+LAYERS = pytest.mark.parametrize("name,factory,shape", _layers(), ids=[case[0] for case in _layers()])
+DIFFERENTIABLE_TWICE = {"sparse_linear", "sparse_conv", "semi_transposable", "semi_rowwise", "low_rank_linear",
+                        "low_rank_conv", "partially_trainable_linear", "partially_trainable_conv"}
+
+
+def _setup(factory, shape, seed=0):
+    torch.manual_seed(seed)
+    layer = factory().double()
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+    return layer, params, torch.randn(shape, dtype=torch.float64)
+
+
+def _loss(layer):
+    def loss(params, x):
+        return functional_call(layer, params, (x,)).sin().sum()
+    return loss
+
+
+def _autograd_grads(layer, x):
+    layer.zero_grad(set_to_none=True)
+    layer(x).sin().sum().backward()
+    return {k: v.grad.clone() for k, v in layer.named_parameters() if v.requires_grad}
+
+
+def _assert_close_dicts(actual, expected):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], msg=key)
+
+
+@LAYERS
+def test_grad_matches_autograd(name, factory, shape):
+    layer, params, x = _setup(factory, shape)
+    grads, dx = grad(_loss(layer), argnums=(0, 1))(params, x)
+    _assert_close_dicts(grads, _autograd_grads(layer, x))
+    xr = x.clone().requires_grad_()
+    layer(xr).sin().sum().backward()
+    torch.testing.assert_close(dx, xr.grad)
+
+
+@LAYERS
+def test_per_sample_gradients_match_one_backward_per_sample(name, factory, shape):
+    """vmap of grad over the batch: the forward and dX fold the samples into one call, dW runs per sample."""
+    layer, params, x = _setup(factory, shape, seed=1)
+    per_sample = vmap(grad(_loss(layer)), in_dims=(None, 0))(params, x.unsqueeze(1))
+    expected = [_autograd_grads(layer, x[i:i + 1]) for i in range(shape[0])]
+    _assert_close_dicts(per_sample, {k: torch.stack([e[k] for e in expected]) for k in expected[0]})
+
+
+@LAYERS
+def test_vmap_over_stacked_weights_is_an_ensemble(name, factory, shape):
+    """Models of one structure with their own weights (torch.func.stack_module_state on the
+    parameters, the structure's buffers shared): each op runs once per model."""
+    first, _, x = _setup(factory, shape, seed=2)
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(torch.randn_like(p))
+    params, _ = stack_module_state([first, second])
+    buffers = dict(first.named_buffers())
+
+    def run(p):
+        return functional_call(first, (p, buffers), (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(vmap(run)(params), torch.stack([first(x), second(x)]))
+
+
+@LAYERS
+def test_jacrev_matches_autograd_jacobian(name, factory, shape):
+    layer, params, x = _setup(factory, shape, seed=4)
+    x = x[:1]
+    jacobian = jacrev(lambda x: functional_call(layer, params, (x,)))(x)
+    torch.testing.assert_close(jacobian, torch.autograd.functional.jacobian(layer, x))
+
+
+@LAYERS
+def test_jacrev_of_the_parameters_matches_autograd_jacobian(name, factory, shape):
+    """The Jacobian of the output in every parameter: the weight gradients under vmap of their
+    incoming gradient (dY mapped, the input not)."""
+    layer, params, x = _setup(factory, shape, seed=8)
+    x = x[:1]
+    names = list(params)
+
+    def run(*values):
+        return functional_call(layer, dict(zip(names, values)), (x,))
+    jacobians = jacrev(run, argnums=tuple(range(len(names))))(*params.values())
+    expected = torch.autograd.functional.jacobian(run, tuple(params.values()))
+    for actual, wanted, key in zip(jacobians, expected, names):
+        torch.testing.assert_close(actual, wanted, msg=key)
+
+
+@pytest.mark.parametrize("tokens", [0, 3, 9])
+def test_per_sample_gradients_of_samples_with_several_tokens(tokens):
+    """Block-sparse dW per sample: gathered outer products up to a block's height of tokens (4),
+    a kernel call per sample beyond it."""
+    layer, params, _ = _setup(lambda: sk.SparseLinear(20, 12, block_size=4, density=0.5), (3, 20), seed=9)
+    x = torch.randn(3, tokens, 20, dtype=torch.float64)
+    per_sample = vmap(grad(_loss(layer)), in_dims=(None, 0))(params, x)
+    expected = [_autograd_grads(layer, x[i]) for i in range(3)]
+    _assert_close_dicts(per_sample, {k: torch.stack([e[k] for e in expected]) for k in expected[0]})
+
+
+@LAYERS
+def test_grad_of_grad_matches_autograd_or_is_refused(name, factory, shape):
+    """An input-gradient penalty's gradient (reverse over reverse) as torch.autograd computes it;
+    a backward that cannot be differentiated refuses by name."""
+    layer, params, x = _setup(factory, shape, seed=5)
+    loss = _loss(layer)
+
+    def penalty(params, x):
+        return grad(loss, argnums=1)(params, x).square().sum()
+    if name not in DIFFERENTIABLE_TWICE:
+        with pytest.raises(RuntimeError, match="is differentiable once"):
+            grad(penalty)(params, x)
+        return
+    grads = grad(penalty)(params, x)
+    xr = x.clone().requires_grad_()
+    dx, = torch.autograd.grad(layer(xr).sin().sum(), xr, create_graph=True)
+    layer.zero_grad(set_to_none=True)
+    dx.square().sum().backward()
+    _assert_close_dicts(grads, {k: v.grad for k, v in layer.named_parameters() if v.requires_grad})
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp setup
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "hessian"])
+@LAYERS
+def test_forward_mode_is_refused_by_name(name, factory, shape, transform):
+    layer, params, x = _setup(factory, shape)
+    run = {"jvp": lambda: torch.func.jvp(layer, (x,), (torch.ones_like(x),)),
+           "jacfwd": lambda: torch.func.jacfwd(layer)(x[:1]),
+           "hessian": lambda: torch.func.hessian(lambda x: layer(x).sum())(x[:1])}[transform]
+    with pytest.raises(RuntimeError, match="has no forward-mode derivative.*reverse mode"):
+        run()
+
+
+def test_dlrt_mode_gives_the_k_and_l_gradients_under_grad():
+    """In DLRT's K/L-gradient mode torch.func.grad hands back what backward() would (dW V, dWᵀ U),
+    and a second derivative through it is refused."""
+    torch.manual_seed(6)
+    layer = sk.LowRankLinear(20, 12, 3).double()
+    DLRT(layer, 0.1, tol=0.1)
+    assert layer.kl_grads
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(4, 20, dtype=torch.float64)
+    _assert_close_dicts(grad(_loss(layer))(params, x), _autograd_grads(layer, x))
+    with pytest.raises(RuntimeError, match="DLRT mode.*differentiable once"):
+        grad(lambda p: grad(_loss(layer))(p, x)["U"].sum())(params)
+
+
+@pytest.mark.usefixtures("interpreter")
+def test_per_sample_gradients_on_the_triton_kernels():
+    """The Triton backend (interpreted on CPU) under vmap of grad, fp32, against autograd per sample."""
+    torch.manual_seed(7)
+    layer = sk.SparseLinear(32, 32, block_size=16, density=0.5)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(3, 32)
+    with sk.use_backend("triton"):
+        per_sample = vmap(grad(_loss(layer)), in_dims=(None, 0))(params, x.unsqueeze(1))
+    for i in range(3):
+        _assert_close_dicts({k: v[i] for k, v in per_sample.items()}, _autograd_grads(layer, x[i:i + 1]))
+
+
+def test_empty_batch_under_vmap():
+    layer = sk.SparseLinear(16, 8, block_size=4, density=0.5)
+    assert vmap(layer)(torch.randn(0, 3, 16)).shape == (0, 3, 8)
+    assert vmap(grad(lambda x: layer(x).sum()))(torch.randn(0, 3, 16)).shape == (0, 3, 16)
