@@ -1,7 +1,8 @@
-"""The benchmark scripts: bench/run.py names every one, each name runs a main(argv), and the layer
-benchmarks' --device refuses a GPU that is not there."""
+"""The benchmark scripts: bench/run.py names every one, each name runs a main(argv), the layer
+benchmarks' --device refuses a GPU that is not there, and the per-sample gradient benchmark runs."""
 import ast
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -45,3 +46,13 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(script):
                             text=True, timeout=120)
     assert result.returncode == 2
     assert "--device cuda: torch sees no CUDA GPU here" in result.stderr
+
+
+def test_per_sample_gradient_benchmark_runs_and_names_the_cpu(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    result = subprocess.run([sys.executable, str(BENCH / "bench_bsr_per_sample_grads.py"), "--features", "64",
+                             "--densities", "0.5", "--block-size", "16", "--batch", "3", "--repeats", "1",
+                             "--threads", "1", "--json", str(rows)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(rows.read_text().splitlines()[0])
+    assert row["bench"] == "per_sample_grads" and row["cpu"] and row["backend"] and row["ratio"] > 0

@@ -3,7 +3,7 @@ low-rank layers differentiate twice (gradient penalties, Hessian-vector products
 2:4 mode and DLRT's K/L-gradient mode refuse a second backward with a clear error (never a
 silently constant gradient), first-order create_graph=True training is unchanged, model.to(memory_format=...)
 leaves the stored blocks as they are, and TorchScript tracing is refused by name (torch.func's
-transforms: test_func_transforms.py)."""
+transforms: test_ops_func.py)."""
 import contextlib
 
 import pytest

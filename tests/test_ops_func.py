@@ -187,7 +187,8 @@ def test_dlrt_mode_gives_the_k_and_l_gradients_under_grad():
 def test_per_sample_gradients_on_the_triton_kernels():
     """The Triton backend (interpreted on CPU) under vmap of grad, fp32, against autograd per sample."""
     torch.manual_seed(7)
-    layer = sk.SparseLinear(32, 32, block_size=16, density=0.5)
+    layer = sk.SparseLinear.from_dense(nn.Linear(32, 32), block_size=16,
+                                       block_mask=torch.tensor([[True, False], [True, True]]))
     params = {k: v.detach() for k, v in layer.named_parameters()}
     x = torch.randn(3, 32)
     with sk.use_backend("triton"):

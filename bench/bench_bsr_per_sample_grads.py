@@ -7,7 +7,7 @@ sparse side folds the batch into one forward and one input gradient and computes
 weight gradient per sample (sparsekern/ops/batching.py). Prints a table and JSON lines
 (``--json`` appends them to a file).
 
-    python bench/bench_per_sample_grads.py --threads 2
+    python bench/bench_bsr_per_sample_grads.py --threads 2
 """
 import argparse
 import json
@@ -40,9 +40,13 @@ def main(argv=None):
     p.add_argument("--json", help="append JSON rows to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    env, path = environment(), kernel_path("bsr_grad_weight", torch.device("cpu"), torch.float32)
-    print(f"# {header(env, path)}, per-sample gradients of {args.batch} one-token samples, block {args.block_size}, "
-          f"fp32, median of {args.repeats} alternating rounds")
+    env, path = environment(), kernel_path("bsr_forward", torch.device("cpu"), torch.float32)
+    # The forward and dX run the registry's kernels on the folded batch; dW per one-token sample
+    # is the batching rule's gather of outer products (plain torch), whatever the registry picks.
+    path = dict(path, per_sample_dw="gathered outer products")
+    print(f"# {header(env, path)} (forward and dX; per-sample dW: gathered outer products), per-sample "
+          f"gradients of {args.batch} one-token samples, block {args.block_size}, fp32, median of {args.repeats} "
+          "alternating rounds")
     print("| features | density | nn.Linear ms | SparseLinear ms | ratio |")
     print("|---|---|---|---|---|")
     rows = []
