@@ -154,3 +154,51 @@ def test_densify_round_trips_every_sparse_layer_kind():
                                 for m in dense))
     reference.load_state_dict(dense.state_dict())  # a dense checkpoint of the same architecture
     torch.testing.assert_close(reference(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _encoder():
+    torch.manual_seed(4)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # torch's fused path
+@pytest.mark.parametrize("convert", [sk.sparsify, sk.methods.freeze], ids=["sparsify", "freeze"])
+def test_torch_transformer_encoder_trains_and_infers_after_conversion(convert):
+    """nn.MultiheadAttention's out_proj stays dense (its forward reads the weight), the feed-forward
+    linears convert, and torch's fused inference paths (which read linear1.weight) are off until
+    densify makes them dense again: then the fused path gives what the converted model gave."""
+    model = _encoder()
+    x = torch.randn(3, 7, 32)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    with pytest.warns(UserWarning, match=r"leaving \['layers.0.self_attn.out_proj', 'layers.1.self_attn.out_proj'\] "
+                                         "dense: nn.MultiheadAttention reads its out_proj weight itself"):
+        convert(model, density=0.5, block_size=8)
+    layer = model.layers[0]
+    assert isinstance(layer.self_attn.out_proj, nn.Linear) and not isinstance(layer.linear1, nn.Linear)
+    model(x, src_key_padding_mask=padding).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        plain, padded = model(x), model(x, src_key_padding_mask=padding)
+    dense = sk.densify(copy.deepcopy(model))
+    assert dense.layers[0].activation_relu_or_gelu == 1 and dense.use_nested_tensor
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), plain, rtol=1e-4, atol=1e-5)
+        # the fused path leaves padded positions zero: compare the others
+        torch.testing.assert_close(dense(x, src_key_padding_mask=padding)[~padding], padded[~padding],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_torch_transformer_decoder_layer_trains_after_sparsify():
+    torch.manual_seed(5)
+    layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    with pytest.warns(UserWarning, match=r"\['self_attn.out_proj', 'multihead_attn.out_proj'\] dense"):
+        sk.sparsify(layer, density=0.5, block_size=8)
+    assert isinstance(layer.linear1, sk.SparseLinear) and isinstance(layer.linear2, sk.SparseLinear)
+    target, memory = torch.randn(2, 5, 32), torch.randn(2, 6, 32)
+    layer(target, memory).square().sum().backward()
+    assert layer.linear1.values.grad is not None
+    layer.eval()
+    with torch.no_grad():
+        assert layer(target, memory).shape == (2, 5, 32)

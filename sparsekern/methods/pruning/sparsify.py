@@ -39,6 +39,7 @@ from .density import layer_densities
 from .masks import block_scores, global_topk_masks, layerwise_topk_masks
 from .saliency import (grasp_scores, magnitude_scores, random_scores, snip_scores, synflow_masks, synflow_scores,
                        prunable_weights)
+from .torch_transformers import attention_owned_linears, sync_fused_paths
 
 ALLOCATIONS = ("uniform", "er", "erk")
 SCORED = ("random", "magnitude", "snip", "grasp", "synflow")
@@ -61,12 +62,14 @@ def unblockable_convs(model, block_size):
 
 def replace_module(model, name, new):
     """Put ``new`` at the dotted path ``name`` inside ``model``, and at every other path that
-    holds the same module (a layer used twice stays one layer)."""
+    holds the same module (a layer used twice stays one layer); torch's fused Transformer
+    inference paths follow (torch_transformers.py)."""
     old = model.get_submodule(name)
     for path, module in list(model.named_modules(remove_duplicate=False)):
         if module is old and path:
             parent_name, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    sync_fused_paths(model)
 
 
 def tied_linear_names(model):
@@ -97,14 +100,20 @@ def _dense_indices(layers, dense_layers):
 
 def dense_by_default(model, block_size, dense_layers, caller):
     """The names of the Linear / Conv2d layers ``caller`` leaves dense: ``dense_layers`` (names or
-    indices) plus, each group with a warning, those whose weight is tied to another module and the
-    convolutions channel blocks do not fit. Raises before any work is done if a convolution to
+    indices) plus, each group with a warning, nn.MultiheadAttention's out_proj layers, those whose
+    weight is tied to another module and the convolutions channel blocks do not fit. Raises before any work is done if a convolution to
     convert would need a non-square block."""
     padded = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros"]
     if padded:
         warnings.warn(f"{caller}: leaving the convolutions {padded} dense: their padding_mode is not 'zeros', "
                       "and SparseConv2d pads with zeros only (pad the input with F.pad and use padding=0 to "
                       "make one sparse)", UserWarning, stacklevel=3)
+    attention = [name for name in attention_owned_linears(model) if name not in dense_layers]
+    if attention:
+        warnings.warn(f"{caller}: leaving {attention} dense: nn.MultiheadAttention reads its out_proj weight "
+                      "itself; build attention from nn.Linear layers to make its projections sparse",
+                      UserWarning, stacklevel=3)
+        dense_layers = (*dense_layers, *attention)
     tied = [name for name in tied_linear_names(model) if name not in dense_layers]
     if tied:
         warnings.warn(f"{caller}: leaving {tied} dense: their weights are tied to other modules, and a sparse "
