@@ -1,10 +1,11 @@
-"""The layers under torch.func's reverse-mode transforms: grad, vmap (per-sample gradients, model
-ensembles), jacrev and grad of grad give what torch.autograd gives on the same layers; first-order
-backwards and forward-mode transforms are refused by name."""
+"""The layers under torch.func's transforms: grad, vmap (per-sample gradients, model ensembles),
+jacrev, grad of grad, jvp, jacfwd and hessian give what torch.autograd gives on the same layers, as
+do forward_ad's dual tensors; first-order modes refuse what they cannot give by name."""
 import copy
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import nn
 from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
@@ -157,35 +158,88 @@ def test_grad_of_grad_matches_autograd_or_is_refused(name, factory, shape):
     _assert_close_dicts(grads, {k: v.grad for k, v in layer.named_parameters() if v.requires_grad})
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jvp setup
-@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "hessian"])
+FORWARD_MODE = pytest.mark.filterwarnings(  # torch's first jvp compiles its decompositions
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+@FORWARD_MODE
 @LAYERS
-def test_forward_mode_is_refused_by_name(name, factory, shape, transform):
-    layer, params, x = _setup(factory, shape)
-    run = {"jvp": lambda: torch.func.jvp(layer, (x,), (torch.ones_like(x),)),
-           "jacfwd": lambda: torch.func.jacfwd(layer)(x[:1]),
-           "hessian": lambda: torch.func.hessian(lambda x: layer(x).sum())(x[:1])}[transform]
-    with pytest.raises(RuntimeError, match="has no forward-mode derivative.*reverse mode"):
-        run()
+def test_forward_mode_matches_reverse_mode(name, factory, shape):
+    """jvp, forward_ad's dual tensors and jacfwd (in the input and in every parameter) against the
+    Jacobians reverse mode gives; the straight-through 2:4 mode refuses by name."""
+    layer, params, x = _setup(factory, shape, seed=10)
+    x = x[:1]
+    t = torch.randn_like(x)
+    names = list(params)
+
+    def run(x, *values):
+        return functional_call(layer, dict(zip(names, values)), (x,))
+    if name == "semi_dynamic":
+        with pytest.raises(RuntimeError, match="semi_linear_dynamic has no forward-mode derivative"):
+            torch.func.jvp(layer, (x,), (t,))
+        return
+    reverse = jacrev(run, argnums=tuple(range(len(names) + 1)))(x, *params.values())
+    forward = torch.func.jacfwd(run, argnums=tuple(range(len(names) + 1)))(x, *params.values())
+    for actual, wanted in zip(forward, reverse):
+        torch.testing.assert_close(actual, wanted)
+    expected = torch.tensordot(reverse[0], t, dims=t.dim())  # J t
+    _, jvp_out = torch.func.jvp(layer, (x,), (t,))
+    torch.testing.assert_close(jvp_out, expected)
+    with forward_ad.dual_level():
+        dual = layer(forward_ad.make_dual(x, t))
+        torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, expected)
 
 
-def test_dlrt_mode_gives_the_k_and_l_gradients_under_grad():
-    """In DLRT's K/L-gradient mode torch.func.grad hands back what backward() would (dW V, dWᵀ U),
-    and a second derivative through it is refused."""
+@FORWARD_MODE
+@LAYERS
+def test_hessian_matches_autograd(name, factory, shape):
+    """torch.func.hessian (forward over reverse) in the input and in the weights against
+    torch.autograd.functional.hessian (reverse over reverse); the straight-through 2:4 mode refuses."""
+    layer, params, x = _setup(factory, shape, seed=11)
+    x = x[:1]
+    loss = _loss(layer)
+    if name not in DIFFERENTIABLE_TWICE:
+        with pytest.raises(RuntimeError, match="has no forward-mode derivative"):
+            torch.func.hessian(loss, argnums=1)(params, x)
+        return
+    torch.testing.assert_close(torch.func.hessian(loss, argnums=1)(params, x),
+                               torch.autograd.functional.hessian(lambda x: loss(params, x), x))
+    names = list(params)
+
+    def of_values(*values):
+        return loss(dict(zip(names, values)), x)
+    expected = torch.autograd.functional.hessian(of_values, tuple(params.values()))
+    actual = torch.func.hessian(of_values, argnums=tuple(range(len(names))))(*params.values())
+    for row_actual, row_expected in zip(actual, expected):
+        for a, e in zip(row_actual, row_expected):
+            torch.testing.assert_close(a, e)
+
+
+@FORWARD_MODE
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dlrt_mode_gives_the_k_and_l_gradients_under_grad(kind):
+    """In DLRT's K/L-gradient mode torch.func.grad hands back what backward() would (dW V, dWᵀ U);
+    a second derivative and forward mode are refused by name."""
     torch.manual_seed(6)
-    layer = sk.LowRankLinear(20, 12, 3).double()
+    if kind == "linear":
+        layer, x = sk.LowRankLinear(20, 12, 3).double(), torch.randn(4, 20, dtype=torch.float64)
+    else:
+        layer, x = sk.LowRankConv2d(6, 8, 3, 3, padding=1).double(), torch.randn(2, 6, 5, 5, dtype=torch.float64)
     DLRT(layer, 0.1, tol=0.1)
     assert layer.kl_grads
     params = {k: v.detach() for k, v in layer.named_parameters()}
-    x = torch.randn(4, 20, dtype=torch.float64)
     _assert_close_dicts(grad(_loss(layer))(params, x), _autograd_grads(layer, x))
     with pytest.raises(RuntimeError, match="DLRT mode.*differentiable once"):
         grad(lambda p: grad(_loss(layer))(p, x)["U"].sum())(params)
+    with pytest.raises(RuntimeError, match="DLRT mode.*has no forward-mode derivative"):
+        torch.func.jvp(layer, (x,), (torch.ones_like(x),))
 
 
+@FORWARD_MODE
 @pytest.mark.usefixtures("interpreter")
 def test_per_sample_gradients_on_the_triton_kernels():
-    """The Triton backend (interpreted on CPU) under vmap of grad, fp32, against autograd per sample."""
+    """The Triton backend (interpreted on CPU) under vmap of grad, fp32, against autograd per sample,
+    and under jvp."""
     torch.manual_seed(7)
     layer = sk.SparseLinear.from_dense(nn.Linear(32, 32), block_size=16,
                                        block_mask=torch.tensor([[True, False], [True, True]]))
@@ -195,6 +249,10 @@ def test_per_sample_gradients_on_the_triton_kernels():
         per_sample = vmap(grad(_loss(layer)), in_dims=(None, 0))(params, x.unsqueeze(1))
     for i in range(3):
         _assert_close_dicts({k: v[i] for k, v in per_sample.items()}, _autograd_grads(layer, x[i:i + 1]))
+    t = torch.randn_like(x)
+    with sk.use_backend("triton"):
+        _, forward = torch.func.jvp(layer, (x,), (t,))
+    torch.testing.assert_close(forward, t @ layer.to_dense().weight.T)
 
 
 def test_empty_batch_under_vmap():

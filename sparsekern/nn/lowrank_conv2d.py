@@ -21,7 +21,8 @@ from torch import nn
 
 from ..ops.checks import saved_tensors
 from ..ops.first_order import first_order
-from ..ops.transforms import refuse_forward_mode
+from ..ops.forward_mode import tangent
+from ..ops.transforms import dual_level_active, forward_mode, refuse_forward_mode
 from .dense_export import dense_conv2d
 from .lowrank_factors import LowRankFactors
 
@@ -93,6 +94,36 @@ class _LowRankConv2dFunction(torch.autograd.Function):
         if ctx.kl_grads:
             return _kl_gradients(ctx, dy, False)
         return _gradients(ctx, dy, True)
+
+
+class _LowRankConv2dForwardMode(_LowRankConv2dFunction):
+    """The same Function with its forward-mode derivative, for forward mode only: dynamo traces no
+    Function that defines a jvp (torch.compile would break its graph on every call)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _LowRankConv2dFunction.setup_context(ctx, inputs, output)
+        x, U, S, V = inputs[:4]
+        ctx.save_for_forward(x, output[1], U, S, V)
+
+    @staticmethod
+    def jvp(ctx, d_x, d_U, d_S, d_V, d_bias, *_):
+        """The forward's tangent, in torch's convolutions (DLRT mode refuses: its K/L-gradients are
+        no derivative, and a Hessian would mix the two)."""
+        if ctx.kl_grads:
+            refuse_forward_mode("LowRankConv2d in DLRT mode (kl_grads=True)", active=True)
+        x, a, U, S, V = ctx.saved_tensors
+        r = S.shape[0]
+
+        def rank_conv(inputs, factor):
+            return F.conv2d(inputs, factor.T.reshape(r, x.shape[1], *ctx.kernel_size), None, *ctx.conv)
+        d_a = tangent([None if d_x is None else rank_conv(d_x, V), None if d_V is None else rank_conv(x, d_V)],
+                      lambda: torch.zeros_like(a))
+        d_US = tangent([None if d_U is None else d_U @ S, None if d_S is None else U @ d_S], lambda: None)
+        d_y = F.conv2d(d_a, (U @ S)[:, :, None, None], d_bias)
+        if d_US is not None:
+            d_y = d_y + F.conv2d(a, d_US[:, :, None, None])
+        return d_y, None  # a is marked non-differentiable
 
 
 def _gradients(ctx, dy, recompute_a):
@@ -190,9 +221,9 @@ class LowRankConv2d(LowRankFactors):
     def _conv(self, x, U, S, V, bias):
         if x.dtype != S.dtype:
             raise TypeError(f"input has dtype {x.dtype} but the layer's factors have dtype {S.dtype}")
-        refuse_forward_mode("LowRankConv2d")
-        return _LowRankConv2dFunction.apply(x, U, S, V, bias, self.kernel_size, self.stride, self._padding,
-                                            self.dilation, self.kl_grads)[0]
+        function = _LowRankConv2dForwardMode if forward_mode() or dual_level_active() else _LowRankConv2dFunction
+        return function.apply(x, U, S, V, bias, self.kernel_size, self.stride, self._padding, self.dilation,
+                              self.kl_grads)[0]
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -17,6 +17,7 @@ from .checks import check_linear_inputs, saved_tensors
 from .dispatch import kernel, traced_backend
 from .batching import unmapped
 from .eager import eager_op
+from .forward_mode import dense, tangent
 from .outputs import token_matrix, with_leading_dims
 from .probe import own_positions
 
@@ -167,12 +168,48 @@ def _backward_probed(ctx, dy):
     return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None, None
 
 
+def _jvp_grad_input(args, tangents):
+    dy, values, layout, shape, block, backend = args
+    d_dy, d_values = map(dense, tangents[:2])
+    return tangent([None if d_dy is None else _grad_input(d_dy, values, layout, shape, block, backend),
+                    None if d_values is None else _grad_input(dy, d_values, layout, shape, block, backend)],
+                   lambda: dy.new_zeros(dy.shape[0], shape[1]))
+
+
+def _jvp_grad_weight(args, tangents):
+    dy, x, layout, shape, block, backend = args
+    d_dy, d_x = map(dense, tangents[:2])
+    return tangent([None if d_dy is None else _grad_weight(d_dy, x, layout, shape, block, backend),
+                    None if d_x is None else _grad_weight(dy, d_x, layout, shape, block, backend)],
+                   lambda: x.new_zeros(layout[2].shape[0], *block))
+
+
+def _linear_tangent(x, values, d_x, d_values, d_bias, layout, shape, block, backend):
+    return tangent([None if d_x is None else _linear(d_x, values, None, layout, shape, block, backend),
+                    None if d_values is None else _linear(x, d_values, None, layout, shape, block, backend),
+                    None if d_bias is None else d_bias.expand(x.shape[0], shape[0])],
+                   lambda: x.new_zeros(x.shape[0], shape[0]))
+
+
+def _jvp(args, tangents):
+    x, values, bias, layout, shape, block, backend = args
+    return _linear_tangent(x, values, *map(dense, tangents[:3]), layout, shape, block, backend)
+
+
+def _jvp_probed(args, tangents):
+    """The probe enters as a zero perturbation of W on its own blocks: its tangent acts like W's."""
+    x, values, bias, _, layout, probe_layout, _, shape, block, backend = args
+    d_x, d_values, d_bias, d_probe = map(dense, tangents[:4])
+    y = _linear_tangent(x, values, d_x, d_values, d_bias, layout, shape, block, backend)
+    return y if d_probe is None else y + _linear(x, d_probe, None, probe_layout, shape, block, backend)
+
+
 # Every backward is written in the family's differentiable ops: second (and higher) backwards
-# run on the same kernels.
-_grad_input.register_autograd(_backward_grad_input, _setup_product, differentiable=True)
-_grad_weight.register_autograd(_backward_grad_weight, _setup_product, differentiable=True)
-_linear.register_autograd(_backward, _setup_context, differentiable=True)
-_linear_probed.register_autograd(_backward_probed, _setup_probed, differentiable=True)
+# run on the same kernels; so are the forward-mode rules.
+_grad_input.register_autograd(_backward_grad_input, _setup_product, differentiable=True, jvp=_jvp_grad_input)
+_grad_weight.register_autograd(_backward_grad_weight, _setup_product, differentiable=True, jvp=_jvp_grad_weight)
+_linear.register_autograd(_backward, _setup_context, differentiable=True, jvp=_jvp)
+_linear_probed.register_autograd(_backward_probed, _setup_probed, differentiable=True, jvp=_jvp_probed)
 
 
 def _check_inputs(x, weight, bias, grad_probe):

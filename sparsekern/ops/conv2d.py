@@ -17,6 +17,7 @@ from ..kernels.conv import ConvGeometry, output_memory_format
 from .checks import saved_tensors
 from .dispatch import kernel, traced_backend
 from .eager import eager_op
+from .forward_mode import dense, tangent
 from .transforms import transformed
 from .probe import BlockProbe, own_positions
 
@@ -100,18 +101,26 @@ def _(x, values, bias, probe_values, layout, probe_layout, own_positions, geomet
     return _fake_output(x, geometry)
 
 
-@_grad_input.register_fake
-def _(dy, values, layout, geometry, input_size, backend):
+def _fake_grad_input(dy, geometry, input_size):
     geo = ConvGeometry.from_list(geometry)
     return torch.empty(dy.shape[0], geo.in_channels, *input_size, dtype=dy.dtype, device=dy.device,
                        memory_format=output_memory_format(dy))
 
 
-@_grad_weight.register_fake
-def _(dy, x, layout, geometry, bias_grad, backend):
+def _fake_grad_weight(dy, x, layout, geometry, bias_grad):
     geo = ConvGeometry.from_list(geometry)
     return (x.new_empty(layout[2].shape[0], geo.block_size, geo.block_size, *geo.kernel_size),
             dy.new_empty(geo.out_channels if bias_grad else 0))
+
+
+@_grad_input.register_fake
+def _(dy, values, layout, geometry, input_size, backend):
+    return _fake_grad_input(dy, geometry, input_size)
+
+
+@_grad_weight.register_fake
+def _(dy, x, layout, geometry, bias_grad, backend):
+    return _fake_grad_weight(dy, x, layout, geometry, bias_grad)
 
 
 @_grads.register_fake
@@ -241,13 +250,67 @@ def _backward_probed(ctx, dy):
     return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None
 
 
+def _input_grad_tangent(dy, values, d_dy, d_values, layout, geometry, input_size, backend):
+    """The tangent of dX = convᵀ(dY, W), bilinear in (dY, W)."""
+    return tangent([None if d_dy is None else _grad_input(d_dy, values, layout, geometry, input_size, backend),
+                    None if d_values is None else _grad_input(dy, d_values, layout, geometry, input_size, backend)],
+                   lambda: _fake_grad_input(dy, geometry, input_size).zero_())
+
+
+def _weight_grad_tangents(dy, x, d_dy, d_x, layout, geometry, bias_grad, backend):
+    """The tangents of (dW on the stored blocks, db): dW is bilinear in (dY, X), db linear in dY."""
+    dw = tangent([None if d_dy is None else _grad_weight(d_dy, x, layout, geometry, False, backend)[0],
+                  None if d_x is None else _grad_weight(dy, d_x, layout, geometry, False, backend)[0]],
+                 lambda: _fake_grad_weight(dy, x, layout, geometry, False)[0].zero_())
+    db = dy.new_zeros(geometry.out_channels if bias_grad else 0) if d_dy is None or not bias_grad \
+        else d_dy.sum((0, 2, 3))
+    return dw, db
+
+
+def _conv_tangent(x, values, d_x, d_values, d_bias, layout, geometry, backend):
+    return tangent([None if d_x is None else _conv2d(d_x, values, None, layout, geometry, backend),
+                    None if d_values is None else _conv2d(x, d_values, None, layout, geometry, backend),
+                    None if d_bias is None else d_bias[:, None, None].expand(_fake_output(x, geometry).shape)],
+                   lambda: _fake_output(x, geometry).zero_())
+
+
+def _jvp_grad_input(args, tangents):
+    dy, values, layout, geometry, input_size, backend = args
+    return _input_grad_tangent(dy, values, *map(dense, tangents[:2]), layout, geometry, input_size, backend)
+
+
+def _jvp_grad_weight(args, tangents):
+    dy, x, layout, geometry, bias_grad, backend = args
+    return _weight_grad_tangents(dy, x, *map(dense, tangents[:2]), layout, geometry, bias_grad, backend)
+
+
+def _jvp_grads(args, tangents):
+    dy, x, values, layout, geometry, bias_grad, backend = args
+    d_dy, d_x, d_values = map(dense, tangents[:3])
+    dx = _input_grad_tangent(dy, values, d_dy, d_values, layout, geometry, list(x.shape[2:]), backend)
+    return (dx, *_weight_grad_tangents(dy, x, d_dy, d_x, layout, geometry, bias_grad, backend))
+
+
+def _jvp(args, tangents):
+    x, values, bias, layout, geometry, backend = args
+    return _conv_tangent(x, values, *map(dense, tangents[:3]), layout, geometry, backend)
+
+
+def _jvp_probed(args, tangents):
+    """The probe enters as a zero perturbation of W on its own blocks: its tangent acts like W's."""
+    x, values, bias, _, layout, probe_layout, _, geometry, backend = args
+    d_x, d_values, d_bias, d_probe = map(dense, tangents[:4])
+    y = _conv_tangent(x, values, d_x, d_values, d_bias, layout, geometry, backend)
+    return y if d_probe is None else y + _conv2d(x, d_probe, None, probe_layout, geometry, backend)
+
+
 # Every backward is written in the family's differentiable ops: second (and higher) backwards
-# run on the same kernels.
-_grad_input.register_autograd(_backward_grad_input, _setup_product, differentiable=True)
-_grad_weight.register_autograd(_backward_grad_weight, _setup_product, differentiable=True)
-_grads.register_autograd(_backward_grads, _setup_grads, differentiable=True)
-_conv2d.register_autograd(_backward, _setup_context, differentiable=True)
-_conv2d_probed.register_autograd(_backward_probed, _setup_probed, differentiable=True)
+# run on the same kernels; so are the forward-mode rules.
+_grad_input.register_autograd(_backward_grad_input, _setup_product, differentiable=True, jvp=_jvp_grad_input)
+_grad_weight.register_autograd(_backward_grad_weight, _setup_product, differentiable=True, jvp=_jvp_grad_weight)
+_grads.register_autograd(_backward_grads, _setup_grads, differentiable=True, jvp=_jvp_grads)
+_conv2d.register_autograd(_backward, _setup_context, differentiable=True, jvp=_jvp)
+_conv2d_probed.register_autograd(_backward_probed, _setup_probed, differentiable=True, jvp=_jvp_probed)
 
 
 def _check_inputs(x, values, layout, geometry, bias):

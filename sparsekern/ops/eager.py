@@ -11,18 +11,21 @@ op's registered autograd; anything else (compiling, fake or other tensor subclas
 TorchDispatchMode) goes through the custom op. Both run the same code, so they give the
 same result.
 
-Under torch.func's reverse-mode transforms (grad, vjp, jacrev, vmap and their compositions)
-a call goes through the custom op under a second autograd.Function of the same backward with
-a separate setup_context (what functorch needs; torch.library's own autograd lacks one), and
-every custom op has a batching rule (``batching.py``). Forward-mode transforms (jvp, jacfwd,
-hessian) are refused: the ops have no forward-mode derivatives.
+Under torch.func's transforms (grad, vjp, jacrev, vmap, jvp, jacfwd, hessian and their
+compositions) a call goes through the custom op under a second autograd.Function of the same
+backward and jvp with a separate setup_context (what functorch needs; torch.library's own
+autograd lacks one), and every custom op has a batching rule (``batching.py``). Forward mode
+(functorch's or torch.autograd.forward_ad's) runs an op's jvp rule (``forward_mode.py``);
+an op without one refuses it by name.
 """
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .batching import register_batching_rule
 from .first_order import first_order
-from .transforms import refuse_forward_mode, transformed
+from .forward_mode import save_inputs, saved_inputs
+from .transforms import dual_level_active, forward_mode, refuse_forward_mode, transformed
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -64,33 +67,41 @@ class EagerOp:
         register_batching_rule(self.op, self.per_row, special)
         return special
 
-    def register_autograd(self, backward, setup_context, *, differentiable=False):
+    def register_autograd(self, backward, setup_context, *, differentiable=False, jvp=None):
         """``differentiable``: ``backward`` is written in ops that have autograd themselves, so a
-        second backward may run through it; otherwise it is refused (``first_order``)."""
+        second backward may run through it; otherwise it is refused (``first_order``).
+        ``jvp(args, tangents)``: the outputs' tangents (forward_mode.py); without it, forward mode
+        is refused by name."""
         if not differentiable:
             backward = first_order(self.name)(backward)
         torch.library.register_autograd(self.op, backward, setup_context=setup_context)
-        fn = self.fn
+        fn, name = self.fn, self.name
 
         def backward_per_input(ctx, *grads):
             # A custom op's backward returns a list of Nones for a list input; a Function, one None.
             return tuple(None if isinstance(g, list) else g for g in backward(ctx, *grads))
 
+        def setup(ctx, args, output):
+            setup_context(ctx, args, output)
+            if jvp is not None:
+                save_inputs(ctx, args)
+
         def forward(ctx, *args):
             # setup_context inside forward: a Function with a separate setup_context binds its
             # arguments through inspect.signature on every call (~30 us).
             output = fn(*args)
-            setup_context(ctx, args, output)
+            setup(ctx, args, output)
             return output
 
+        def forward_derivative(ctx, *tangents):
+            if jvp is None:
+                refuse_forward_mode(name, active=True)
+            return jvp(saved_inputs(ctx), tangents)
+
         self.function = type(f"{fn.__name__}_function", (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(backward_per_input)})
-        op = self.op
-        # functorch runs setup_context itself and vmaps forward, setup_context and backward
-        # (generate_vmap_rule) on top of the ops' batching rules.
-        self.transformable = type(f"{fn.__name__}_transformable", (torch.autograd.Function,), {
-            "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward_per_input), "generate_vmap_rule": True})
+            "forward": staticmethod(forward), "backward": staticmethod(backward_per_input),
+            "jvp": staticmethod(forward_derivative)})
+        self.transformable = _transformable(self.op, setup, backward_per_input, forward_derivative)
 
     def __call__(self, *args):
         if transformed():
@@ -98,16 +109,60 @@ class EagerOp:
         if not direct(args):
             return self.op(*args)
         _refuse_tracing(self.name)
-        if self.function is not None and _needs_grad(args):
+        if self.function is not None and (_needs_grad(args) or dual_level_active()):
             return self.function.apply(*args)
         return self.fn(*args)
 
     def _transformed(self, args):
         """A call under torch.func transforms (see the module docstring)."""
+        if self.transformable is not None and (_needs_grad(args) or forward_mode()):
+            return self.transformable.apply(*_flat_call(args))
         refuse_forward_mode(self.name)
-        if self.transformable is not None and _needs_grad(args):
-            return self.transformable.apply(*args)
         return self.op(*args)
+
+
+def _transformable(op, setup, backward, jvp):
+    """The Function functorch runs: forward and setup_context apart (functorch calls setup_context
+    itself and vmaps all three, generate_vmap_rule, on top of the ops' batching rules), and every
+    argument a leaf: functorch matches a jvp's tangents to the inputs as a flat list, so a list of
+    layout tensors is passed as its elements, with the nesting as the first argument."""
+
+    def forward(nesting, *leaves):
+        return op(*tree_unflatten(leaves, nesting))
+
+    def setup_context(ctx, inputs, output):
+        nesting, *leaves = inputs
+        args = tree_unflatten(leaves, nesting)
+        ctx.leaf_counts = [len(tree_flatten(arg)[0]) for arg in args]
+        setup(ctx, args, output)
+
+    def per_leaf(ctx, per_argument):
+        # a list argument's gradient or tangent is one None: one per element here
+        return (None, *(leaf for value, count in zip(per_argument, ctx.leaf_counts)
+                        for leaf in ([value] if count == 1 else [None] * count)))
+
+    def per_argument(ctx, per_leaf_values, empty=None):
+        values, out = iter(per_leaf_values), []
+        for count in ctx.leaf_counts:
+            group = [next(values) for _ in range(count)]
+            out.append(group[0] if count == 1 else empty)
+        return out
+
+    def backward_per_leaf(ctx, *grads):
+        # the backward reads needs_input_grad per argument, as the op's registered autograd gives it
+        ctx.needs_input_grad = tuple(per_argument(ctx, ctx.needs_input_grad[1:], False))
+        return per_leaf(ctx, backward(ctx, *grads))
+
+    return type(f"{op._name}_transformable", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward_per_leaf),
+        "jvp": staticmethod(lambda ctx, _nesting, *tangents: jvp(ctx, *per_argument(ctx, tangents))),
+        "generate_vmap_rule": True})
+
+
+def _flat_call(args):
+    leaves, nesting = tree_flatten(list(args))
+    return (nesting, *leaves)
 
 
 def _needs_grad(args):

@@ -13,7 +13,9 @@ from .checks import saved_tensors
 from .dispatch import kernel, traced_backend
 from .eager import eager_op
 from .first_order import first_order
+from .forward_mode import tangent
 from .outputs import token_matrix, with_leading_dims
+from .transforms import refuse_forward_mode
 
 # The forward op also returns a = x V and b = a Sᵀ for the backward.
 
@@ -90,7 +92,23 @@ def _backward(ctx, dy, da, db):
     return _differentiable_backward(ctx, dy)
 
 
-_forward.register_autograd(_backward, _setup_context, differentiable=True)
+def _jvp(args, tangents):
+    """Tangents of (y, a, b) with a = x V, b = a Sᵀ, y = b Uᵀ + bias, in torch's products; DLRT mode
+    refuses (its K/L-gradients are no derivative, and a Hessian would mix the two)."""
+    x, U, S, V, bias, kl_grads, _ = args
+    if kl_grads:
+        refuse_forward_mode("sparsekern::low_rank_linear in DLRT mode (kl_grads=True)", active=True)
+    d_x, d_U, d_S, d_V, d_bias = tangents[:5]
+    a = x @ V
+    b = a @ S.T
+    d_a = tangent([None if d_x is None else d_x @ V, None if d_V is None else x @ d_V], lambda: torch.zeros_like(a))
+    d_b = tangent([d_a @ S.T, None if d_S is None else a @ d_S.T], lambda: torch.zeros_like(b))
+    d_y = tangent([d_b @ U.T, None if d_U is None else b @ d_U.T, None if d_bias is None else d_bias.expand(
+        x.shape[0], U.shape[0])], lambda: x.new_zeros(x.shape[0], U.shape[0]))
+    return d_y, d_a, d_b
+
+
+_forward.register_autograd(_backward, _setup_context, differentiable=True, jvp=_jvp)
 
 
 def _check_inputs(x, U, S, V, bias):

@@ -1,5 +1,6 @@
 """What torch.func transforms are active around a call (functorch's interpreter stack)."""
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 _TransformType = torch._C._functorch.TransformType
@@ -21,11 +22,17 @@ def forward_mode():
     return transformed() and _count(_TransformType.Jvp) > 0
 
 
-def refuse_forward_mode(name):
-    if forward_mode():
-        raise RuntimeError(f"{name} has no forward-mode derivative: torch.func.jvp, jacfwd and hessian are not "
-                           "supported; use reverse mode (torch.func.grad, vjp, jacrev, vmap of them) or "
-                           "torch.autograd")
+def dual_level_active():
+    """Whether torch.autograd.forward_ad's dual level is entered (inputs may carry tangents)."""
+    return forward_ad._current_level >= 0
+
+
+def refuse_forward_mode(name, *, active=False):
+    """A clear error for ``name`` under forward mode (``active``: known to be, e.g. in a jvp)."""
+    if active or forward_mode():
+        raise RuntimeError(f"{name} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
+                           "torch.autograd.forward_ad); use reverse mode (torch.func.grad, vjp, jacrev, vmap of "
+                           "them) or torch.autograd's backward")
 
 
 def _count(kind):
