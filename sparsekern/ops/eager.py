@@ -133,19 +133,20 @@ def _transformable(op, setup, backward, jvp):
     def setup_context(ctx, inputs, output):
         nesting, *leaves = inputs
         args = tree_unflatten(leaves, nesting)
-        ctx.leaf_counts = [len(tree_flatten(arg)[0]) for arg in args]
+        # None: the argument is a leaf itself; else how many leaves its list holds
+        ctx.leaf_counts = [None if spec.is_leaf() else len(flat) for flat, spec in map(tree_flatten, args)]
         setup(ctx, args, output)
 
     def per_leaf(ctx, per_argument):
         # a list argument's gradient or tangent is one None: one per element here
         return (None, *(leaf for value, count in zip(per_argument, ctx.leaf_counts)
-                        for leaf in ([value] if count == 1 else [None] * count)))
+                        for leaf in ([value] if count is None else [None] * count)))
 
     def per_argument(ctx, per_leaf_values, empty=None):
-        values, out = iter(per_leaf_values), []
+        values, out = list(per_leaf_values), []
         for count in ctx.leaf_counts:
-            group = [next(values) for _ in range(count)]
-            out.append(group[0] if count == 1 else empty)
+            out.append(values.pop(0) if count is None else empty)
+            del values[:count or 0]
         return out
 
     def backward_per_leaf(ctx, *grads):
