@@ -17,7 +17,7 @@ from .checks import check_linear_inputs, saved_tensors
 from .dispatch import kernel, traced_backend
 from .batching import unmapped
 from .eager import eager_op
-from .forward_mode import dense, tangent
+from .forward_mode import as_operand, tangent
 from .outputs import token_matrix, with_leading_dims
 from .probe import own_positions
 
@@ -170,7 +170,7 @@ def _backward_probed(ctx, dy):
 
 def _jvp_grad_input(args, tangents):
     dy, values, layout, shape, block, backend = args
-    d_dy, d_values = map(dense, tangents[:2])
+    d_dy, d_values = map(as_operand, tangents[:2])
     return tangent([None if d_dy is None else _grad_input(d_dy, values, layout, shape, block, backend),
                     None if d_values is None else _grad_input(dy, d_values, layout, shape, block, backend)],
                    lambda: dy.new_zeros(dy.shape[0], shape[1]))
@@ -178,7 +178,7 @@ def _jvp_grad_input(args, tangents):
 
 def _jvp_grad_weight(args, tangents):
     dy, x, layout, shape, block, backend = args
-    d_dy, d_x = map(dense, tangents[:2])
+    d_dy, d_x = map(as_operand, tangents[:2])
     return tangent([None if d_dy is None else _grad_weight(d_dy, x, layout, shape, block, backend),
                     None if d_x is None else _grad_weight(dy, d_x, layout, shape, block, backend)],
                    lambda: x.new_zeros(layout[2].shape[0], *block))
@@ -193,13 +193,13 @@ def _linear_tangent(x, values, d_x, d_values, d_bias, layout, shape, block, back
 
 def _jvp(args, tangents):
     x, values, bias, layout, shape, block, backend = args
-    return _linear_tangent(x, values, *map(dense, tangents[:3]), layout, shape, block, backend)
+    return _linear_tangent(x, values, *map(as_operand, tangents[:3]), layout, shape, block, backend)
 
 
 def _jvp_probed(args, tangents):
     """The probe enters as a zero perturbation of W on its own blocks: its tangent acts like W's."""
     x, values, bias, _, layout, probe_layout, _, shape, block, backend = args
-    d_x, d_values, d_bias, d_probe = map(dense, tangents[:4])
+    d_x, d_values, d_bias, d_probe = map(as_operand, tangents[:4])
     y = _linear_tangent(x, values, d_x, d_values, d_bias, layout, shape, block, backend)
     return y if d_probe is None else y + _linear(x, d_probe, None, probe_layout, shape, block, backend)
 

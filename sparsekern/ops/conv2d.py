@@ -17,7 +17,7 @@ from ..kernels.conv import ConvGeometry, output_memory_format
 from .checks import saved_tensors
 from .dispatch import kernel, traced_backend
 from .eager import eager_op
-from .forward_mode import dense, tangent
+from .forward_mode import as_operand, tangent
 from .transforms import transformed
 from .probe import BlockProbe, own_positions
 
@@ -276,30 +276,30 @@ def _conv_tangent(x, values, d_x, d_values, d_bias, layout, geometry, backend):
 
 def _jvp_grad_input(args, tangents):
     dy, values, layout, geometry, input_size, backend = args
-    return _input_grad_tangent(dy, values, *map(dense, tangents[:2]), layout, geometry, input_size, backend)
+    return _input_grad_tangent(dy, values, *map(as_operand, tangents[:2]), layout, geometry, input_size, backend)
 
 
 def _jvp_grad_weight(args, tangents):
     dy, x, layout, geometry, bias_grad, backend = args
-    return _weight_grad_tangents(dy, x, *map(dense, tangents[:2]), layout, geometry, bias_grad, backend)
+    return _weight_grad_tangents(dy, x, *map(as_operand, tangents[:2]), layout, geometry, bias_grad, backend)
 
 
 def _jvp_grads(args, tangents):
     dy, x, values, layout, geometry, bias_grad, backend = args
-    d_dy, d_x, d_values = map(dense, tangents[:3])
+    d_dy, d_x, d_values = map(as_operand, tangents[:3])
     dx = _input_grad_tangent(dy, values, d_dy, d_values, layout, geometry, list(x.shape[2:]), backend)
     return (dx, *_weight_grad_tangents(dy, x, d_dy, d_x, layout, geometry, bias_grad, backend))
 
 
 def _jvp(args, tangents):
     x, values, bias, layout, geometry, backend = args
-    return _conv_tangent(x, values, *map(dense, tangents[:3]), layout, geometry, backend)
+    return _conv_tangent(x, values, *map(as_operand, tangents[:3]), layout, geometry, backend)
 
 
 def _jvp_probed(args, tangents):
     """The probe enters as a zero perturbation of W on its own blocks: its tangent acts like W's."""
     x, values, bias, _, layout, probe_layout, _, geometry, backend = args
-    d_x, d_values, d_bias, d_probe = map(dense, tangents[:4])
+    d_x, d_values, d_bias, d_probe = map(as_operand, tangents[:4])
     y = _conv_tangent(x, values, d_x, d_values, d_bias, layout, geometry, backend)
     return y if d_probe is None else y + _conv2d(x, d_probe, None, probe_layout, geometry, backend)
 

@@ -38,6 +38,6 @@ def tangent(terms, zeros):
     return total
 
 
-def dense(t):
+def as_operand(t):
     """A tangent as the kernels take an operand: contiguous (tangents arrive expanded or strided)."""
     return None if t is None else t.contiguous()

@@ -21,7 +21,7 @@ from ..formats.semi_prune import check_2to4_shape
 from .checks import check_linear_inputs, saved_tensors
 from .dispatch import kernel, traced_backend
 from .eager import eager_op
-from .forward_mode import dense, tangent
+from .forward_mode import as_operand, tangent
 from .outputs import token_matrix, with_leading_dims
 
 # Optional outputs cross the op boundary as empty tensors (custom ops cannot return None).
@@ -232,7 +232,7 @@ def _backward_dynamic(ctx, dy, *_compressed_grads):
 # gradient is first-order (its mask is re-chosen from the weight on every call).
 def _jvp_matmul(args, tangents):
     x, values, indices, backend = args
-    d_x, d_values = map(dense, tangents[:2])
+    d_x, d_values = map(as_operand, tangents[:2])
     return tangent([None if d_x is None else _matmul(d_x, values, indices, backend),
                     None if d_values is None else _matmul(x, d_values, indices, backend)],
                    lambda: x.new_zeros(x.shape[0], values.shape[0]))
@@ -240,7 +240,7 @@ def _jvp_matmul(args, tangents):
 
 def _jvp_grad_input(args, tangents):
     dy, values, indices, indices_t, transpose_map, backend = args
-    d_dy, d_values = map(dense, tangents[:2])
+    d_dy, d_values = map(as_operand, tangents[:2])
     return tangent(
         [None if d_dy is None else _grad_input(d_dy, values, indices, indices_t, transpose_map, backend),
          None if d_values is None else _grad_input(dy, d_values, indices, indices_t, transpose_map, backend)],
@@ -249,7 +249,7 @@ def _jvp_grad_input(args, tangents):
 
 def _jvp_grad_weight(args, tangents):
     dy, x, indices, backend = args
-    d_dy, d_x = map(dense, tangents[:2])
+    d_dy, d_x = map(as_operand, tangents[:2])
     return tangent([None if d_dy is None else _grad_weight(d_dy, x, indices, backend),
                     None if d_x is None else _grad_weight(dy, d_x, indices, backend)],
                    lambda: x.new_zeros(dy.shape[1], x.shape[1] // 2))
@@ -264,13 +264,13 @@ def _linear_tangent(x, values, indices, d_x, d_values, d_bias, backend):
 
 def _jvp_static(args, tangents):
     x, values, bias, indices, indices_t, transpose_map, backend = args
-    return _linear_tangent(x, values, indices, *map(dense, tangents[:3]), backend)
+    return _linear_tangent(x, values, indices, *map(as_operand, tangents[:3]), backend)
 
 
 def _jvp_probed(args, tangents):
     """The probe enters as a zero perturbation of W at its own positions: its tangent acts like W's."""
     x, values, bias, _, indices, indices_t, transpose_map, probe_indices, backend = args
-    d_x, d_values, d_bias, d_probe = map(dense, tangents[:4])
+    d_x, d_values, d_bias, d_probe = map(as_operand, tangents[:4])
     y = _linear_tangent(x, values, indices, d_x, d_values, d_bias, backend)
     return y if d_probe is None else y + _matmul(x, d_probe, probe_indices, backend)
 
