@@ -36,6 +36,10 @@ def _layers():
 
 
 LAYERS = pytest.mark.parametrize("name,factory,shape", _layers(), ids=[case[0] for case in _layers()])
+
+
+def _layers_by_name():
+    return [(name, factory) for name, factory, _ in _layers()]
 DIFFERENTIABLE_TWICE = {"sparse_linear", "sparse_conv", "semi_transposable", "semi_rowwise", "low_rank_linear",
                         "low_rank_conv", "partially_trainable_linear", "partially_trainable_conv"}
 
@@ -127,11 +131,14 @@ def test_jacrev_of_the_parameters_matches_autograd_jacobian(name, factory, shape
 
 
 @pytest.mark.parametrize("tokens", [0, 3, 9])
-def test_per_sample_gradients_of_samples_with_several_tokens(tokens):
-    """Block-sparse dW per sample: gathered outer products up to a block's height of tokens (4),
-    a kernel call per sample beyond it."""
-    layer, params, _ = _setup(lambda: sk.SparseLinear(20, 12, block_size=4, density=0.5), (3, 20), seed=9)
-    x = torch.randn(3, tokens, 20, dtype=torch.float64)
+@pytest.mark.parametrize("kind", ["sparse_linear", "semi_transposable"])
+def test_per_sample_gradients_of_samples_with_several_tokens(kind, tokens):
+    """dW per sample: gathered products up to a few tokens (a block's height, 4; a 2:4 group's
+    width, 4), a kernel call per sample beyond."""
+    factory = dict(_layers_by_name())[kind]
+    layer, params, _ = _setup(factory, (3, 20), seed=9)
+    features = layer.in_features
+    x = torch.randn(3, tokens, features, dtype=torch.float64)
     per_sample = vmap(grad(_loss(layer)), in_dims=(None, 0))(params, x)
     expected = [_autograd_grads(layer, x[i]) for i in range(3)]
     _assert_close_dicts(per_sample, {k: torch.stack([e[k] for e in expected]) for k in expected[0]})
