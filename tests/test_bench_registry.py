@@ -51,11 +51,11 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(script):
 def test_per_sample_gradient_benchmark_runs_and_names_the_cpu(tmp_path):
     rows = tmp_path / "rows.jsonl"
     result = subprocess.run([sys.executable, str(BENCH / "bench_per_sample_grads.py"), "--features", "64",
-                             "--densities", "0.5", "--block-size", "16", "--ranks", "8", "--batch", "3",
-                             "--repeats", "1", "--threads", "1", "--json", str(rows)], capture_output=True, text=True,
-                            timeout=300)
+                             "--densities", "0.5", "--block-size", "16", "--ranks", "8", "--conv-shapes", "16x4",
+                             "--conv-block-size", "8", "--batch", "3", "--repeats", "1", "--warmup", "2",
+                             "--threads", "1", "--json", str(rows)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in rows.read_text().splitlines()]
-    assert [row["kind"] for row in rows] == ["bsr", "semi", "lowrank"]
+    assert [row["kind"] for row in rows] == ["bsr", "semi", "lowrank", "conv"]
     assert all(row["bench"] == "per_sample_grads" and row["cpu"] and row["backend"] and row["ratio"] > 0
                for row in rows)

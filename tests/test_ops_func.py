@@ -266,3 +266,24 @@ def test_empty_batch_under_vmap():
     layer = sk.SparseLinear(16, 8, block_size=4, density=0.5)
     assert vmap(layer)(torch.randn(0, 3, 16)).shape == (0, 3, 8)
     assert vmap(grad(lambda x: layer(x).sum()))(torch.randn(0, 3, 16)).shape == (0, 3, 16)
+
+
+@pytest.mark.parametrize("case", ["whole_block_rows", "groups", "partial_block_row"])
+def test_per_sample_gradients_of_a_cnn(case):
+    """Per-sample gradients of two sparse convolutions, two images a sample, in the weights and the
+    input: the inner layer's dX and dW together (its input gradient folds the samples into the
+    images, its dW runs the samples as groups of one convolution), the outer one's dW alone; with
+    output channels that end in a partial block row, one kernel call per sample instead."""
+    torch.manual_seed(12)
+    groups, out = (2, 12) if case == "groups" else (1, 10 if case == "partial_block_row" else 12)
+    model = nn.Sequential(sk.SparseConv2d(8, 16, 3, padding=1, groups=groups, block_size=4, density=0.6),
+                          nn.ReLU(), sk.SparseConv2d(16, out, 3, stride=2, block_size=4, density=0.6)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(3, 2, 8, 6, 6, dtype=torch.float64)
+    per_sample, dx = vmap(grad(_loss(model), argnums=(0, 1)), in_dims=(None, 0))(params, x)
+    for i in range(3):
+        xi = x[i].clone().requires_grad_()
+        model.zero_grad(set_to_none=True)
+        model(xi).sin().sum().backward()
+        _assert_close_dicts({k: v[i] for k, v in per_sample.items()}, {k: v.grad for k, v in model.named_parameters()})
+        torch.testing.assert_close(dx[i], xi.grad)

@@ -6,6 +6,7 @@ specifics in kernels/conv/policy.py: the kernels where they beat dense F.conv2d,
 composite). dW is computed on the stored blocks only. The ops are torch.library custom ops
 with fake implementations, so torch.compile traces them without graph breaks.
 """
+import dataclasses
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ from ..kernels import floor, select_kernel
 from ..kernels.conv import ConvGeometry, output_memory_format
 from .checks import saved_tensors
 from .dispatch import kernel, traced_backend
+from .batching import unmapped
 from .eager import eager_op
 from .forward_mode import as_operand, tangent
 from .transforms import transformed
@@ -127,6 +129,56 @@ def _(dy, x, layout, geometry, bias_grad, backend):
 def _(dy, x, values, layout, geometry, bias_grad, backend):
     dx = torch.empty(x.shape, dtype=dy.dtype, device=dy.device, memory_format=output_memory_format(dy))
     return dx, values.new_empty(values.shape), dy.new_empty(dy.shape[1] if bias_grad else 0)
+
+
+def _samples_as_channels(t):
+    """(samples, N, C, H, W) -> (N, samples * C, H, W): sample s in channels s*C.. (a view for one
+    image a sample in the usual layout; the kernels take either memory format)."""
+    samples, n, c, h, w = t.shape
+    return t.transpose(0, 1).reshape(n, samples * c, h, w)
+
+
+def _per_sample_weight_grads(batch, dy, x, layout, geometry, bias_grad, backend):
+    """(dW, db) of every sample at once, or None where the trick does not apply: the samples as
+    the groups of one convolution, the block mask tiled once per sample down the rows, so one
+    sampled dW call computes every sample's blocks (in the original order, sample after sample)."""
+    geo = ConvGeometry.from_list(geometry)
+    if geo.out_channels % geo.block_size:
+        return None  # a block row would straddle two samples
+    grouped = dataclasses.replace(geo, in_channels=batch * geo.in_channels, out_channels=batch * geo.out_channels,
+                                  groups=batch * geo.groups)
+    tiled = BlockLayout.from_block_mask(layout[0].repeat(batch, 1), grouped.padded_shape,
+                                        (geo.block_size, geo.block_size))
+    dw, db = _grad_weight(_samples_as_channels(dy), _samples_as_channels(x), _flat(tiled), grouped.as_list(),
+                          bias_grad, backend)
+    return dw.view(batch, -1, *dw.shape[1:]), db.view(batch, -1 if bias_grad else 0)
+
+
+def _mapped_activations(in_dims, dy, x):
+    """dY and X with the mapped dim first, or None unless both are mapped and nothing else is."""
+    if in_dims[0] is None or in_dims[1] is None or not all(unmapped(d) for d in in_dims[2:]):
+        return None
+    return dy.movedim(in_dims[0], 0), x.movedim(in_dims[1], 0)
+
+
+@_grad_weight.register_batching
+def _(batch, in_dims, dy, x, layout, geometry, bias_grad, backend):
+    """Per-sample dW (vmap of grad) in one kernel call instead of one per sample."""
+    mapped = _mapped_activations(in_dims, dy, x)
+    grads = None if mapped is None else _per_sample_weight_grads(batch, *mapped, layout, geometry, bias_grad, backend)
+    return None if grads is None else (grads, (0, 0))
+
+
+@_grads.register_batching
+def _(batch, in_dims, dy, x, values, layout, geometry, bias_grad, backend):
+    """Per-sample dX (the samples folded into the images) and dW (one call for every sample)."""
+    mapped = None if in_dims[2] is not None else _mapped_activations(in_dims[:2] + in_dims[3:], dy, x)
+    grads = None if mapped is None else _per_sample_weight_grads(batch, *mapped, layout, geometry, bias_grad, backend)
+    if grads is None:
+        return None
+    dy, x = mapped
+    dx = _grad_input(dy.flatten(0, 1), values, layout, geometry, list(x.shape[3:]), backend)
+    return (dx.view(x.shape), *grads), (0, 0, 0)
 
 
 def _setup_product(ctx, inputs, output):
