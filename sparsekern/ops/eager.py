@@ -83,7 +83,7 @@ class EagerOp:
 
         def setup(ctx, args, output):
             setup_context(ctx, args, output)
-            if jvp is not None:
+            if jvp is not None and (dual_level_active() or forward_mode()):  # only forward mode reads them
                 save_inputs(ctx, args)
 
         def forward(ctx, *args):
