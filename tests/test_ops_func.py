@@ -289,3 +289,38 @@ def test_per_sample_gradients_of_a_cnn(case):
         model(xi).sin().sum().backward()
         _assert_close_dicts({k: v[i] for k, v in per_sample.items()}, {k: v.grad for k, v in model.named_parameters()})
         torch.testing.assert_close(dx[i], xi.grad)
+
+
+def _two_structures(kind):
+    """Two layers of one shape and block count on different masks."""
+    torch.manual_seed(13)
+    if kind == "linear":
+        make = lambda: sk.SparseLinear(32, 32, block_size=8, density=0.5)  # noqa: E731
+        x = torch.randn(3, 32)
+    else:
+        make = lambda: sk.SparseConv2d(16, 16, 3, padding=1, block_size=8, density=0.5)  # noqa: E731
+        x = torch.randn(2, 16, 5, 5)
+    first, second = make(), make()
+    while torch.equal(first.block_mask, second.block_mask):
+        second = make()
+    assert first.nnz_blocks == second.nnz_blocks
+    return first, second, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_replaced_block_mask_is_refused_unless_it_is_the_same_structure(kind):
+    """functional_call with another layer's buffers would pair these values with that mask: refused
+    by name (it was silently ignored); the same structure in another tensor runs, and a buffer
+    replaced by an equal one (as a device move does) is adopted; a vmap over stacked masks refuses."""
+    first, second, x = _two_structures(kind)
+    expected = first(x)
+    with pytest.raises(ValueError, match="block_mask buffer was replaced by another structure"):
+        functional_call(first, {**dict(first.named_parameters()), **dict(second.named_buffers())}, (x,))
+    same = functional_call(first, {**dict(first.named_parameters()), "block_mask": first.block_mask.clone()}, (x,))
+    torch.testing.assert_close(same, expected)
+    first.block_mask = first.block_mask.clone()
+    torch.testing.assert_close(first(x), expected)
+    assert first.block_mask is first.layout().block_mask
+    params, buffers = stack_module_state([first, second])
+    with pytest.raises(ValueError, match="vmap over stacked block masks"):
+        vmap(lambda p, b: functional_call(first, (p, b), (x,)))(params, buffers)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..formats.bsr import BlockLayout, carry_blocks
+from ..ops.transforms import transformed
 from .parameter import refuse_meta_device, replace_data_
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -85,8 +86,8 @@ class BlockStructured(nn.Module):
         keep = torch.randperm(cells)[:blocks_to_keep(density, cells)]
         block_mask = torch.zeros(cells, dtype=torch.bool)
         block_mask[keep] = True
-        self.register_buffer("block_mask", block_mask.view(grid).to(device))
-        self._layout = BlockLayout.from_block_mask(self.block_mask, padded_shape, (br, bc))
+        self._layout = BlockLayout.from_block_mask(block_mask.view(grid).to(device), padded_shape, (br, bc))
+        self.register_buffer("block_mask", self._layout.block_mask)  # the layout's own tensor (see layout())
         self.values = nn.Parameter(torch.empty(self._layout.nnz_blocks, br, bc, *taps, device=device, dtype=dtype))
 
     def reset_parameters(self):
@@ -135,10 +136,35 @@ class BlockStructured(nn.Module):
         return self.block_mask
 
     def layout(self):
-        """The block structure (rebuilt if the module moved to another device)."""
-        if self._layout.device != self.block_mask.device:
-            self._layout = self._layout.to(self.block_mask.device)
-        return self._layout
+        """The block structure; its ``block_mask`` is the buffer of that name. Another tensor in the
+        buffer's place (moved to another device, or put there by torch.func.functional_call) must
+        hold the same structure, else a clear error: the stored values only mean something on
+        their own mask."""
+        mask = self.block_mask
+        if torch.compiler.is_compiling():
+            # dynamo cannot trace the check (tensor identity, a data-dependent equal): a compiled
+            # graph follows a device move only
+            return self._layout.to(mask.device) if self._layout.device != mask.device else self._layout
+        if mask is self._layout.block_mask:
+            return self._layout
+        self._check_same_structure(mask)
+        layout = self._layout.to(mask.device)
+        if not transformed():  # adopt the moved buffer (never a transform's wrapped tensors)
+            self._layout = layout
+            self.block_mask = layout.block_mask
+        return layout
+
+    def _check_same_structure(self, mask):
+        if torch._C._functorch.is_batchedtensor(mask):
+            raise ValueError(f"{self}: torch.func.vmap over stacked block masks: models under one vmap share "
+                             "one block structure; map their parameters (stack_module_state's first output) "
+                             "and pass one model's buffers unmapped")
+        own = self._layout.block_mask
+        if tuple(mask.shape) != tuple(own.shape) or mask.dtype != torch.bool or \
+                not torch.equal(mask.cpu(), own.cpu()):
+            raise ValueError(f"{self}: its block_mask buffer was replaced by another structure (e.g. another "
+                             "layer's buffers passed to torch.func.functional_call); the stored values belong "
+                             "to the layer's own mask: change it with set_block_mask, or pass the layer's buffers")
 
     def set_block_mask(self, block_mask):
         """Change the structure: surviving blocks keep their values, new blocks start at zero.
