@@ -308,16 +308,16 @@ def _two_structures(kind):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_a_replaced_block_mask_is_refused_unless_it_is_the_same_structure(kind):
-    """functional_call with another layer's buffers would pair these values with that mask: refused
-    by name (it was silently ignored); the same structure in another tensor runs, and a buffer
-    replaced by an equal one (as a device move does) is adopted; a vmap over stacked masks refuses."""
+def test_functional_call_follows_the_block_mask_it_is_given(kind):
+    """functional_call with another layer's state runs that layer (its values on its mask: the
+    values used to run on the called layer's own mask); the same structure in another tensor (as
+    a device move leaves it) is adopted; a vmap over stacked masks refuses by name."""
     first, second, x = _two_structures(kind)
     expected = first(x)
-    with pytest.raises(ValueError, match="block_mask buffer was replaced by another structure"):
-        functional_call(first, {**dict(first.named_parameters()), **dict(second.named_buffers())}, (x,))
-    same = functional_call(first, {**dict(first.named_parameters()), "block_mask": first.block_mask.clone()}, (x,))
-    torch.testing.assert_close(same, expected)
+    other = functional_call(first, {**dict(second.named_parameters()), **dict(second.named_buffers())}, (x,))
+    torch.testing.assert_close(other, second(x))
+    assert first.block_mask is first.layout().block_mask and not torch.equal(first.block_mask, second.block_mask)
+    torch.testing.assert_close(first(x), expected)
     first.block_mask = first.block_mask.clone()
     torch.testing.assert_close(first(x), expected)
     assert first.block_mask is first.layout().block_mask

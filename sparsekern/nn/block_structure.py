@@ -137,9 +137,9 @@ class BlockStructured(nn.Module):
 
     def layout(self):
         """The block structure; its ``block_mask`` is the buffer of that name. Another tensor in the
-        buffer's place (moved to another device, or put there by torch.func.functional_call) must
-        hold the same structure, else a clear error: the stored values only mean something on
-        their own mask."""
+        buffer's place is followed: the same structure elsewhere (a device move) is adopted,
+        another structure (torch.func.functional_call with another model's state) is used for
+        that call, as the buffer says."""
         mask = self.block_mask
         if torch.compiler.is_compiling():
             # dynamo cannot trace the check (tensor identity, a data-dependent equal): a compiled
@@ -147,24 +147,18 @@ class BlockStructured(nn.Module):
             return self._layout.to(mask.device) if self._layout.device != mask.device else self._layout
         if mask is self._layout.block_mask:
             return self._layout
-        self._check_same_structure(mask)
-        layout = self._layout.to(mask.device)
-        if not transformed():  # adopt the moved buffer (never a transform's wrapped tensors)
-            self._layout = layout
-            self.block_mask = layout.block_mask
-        return layout
-
-    def _check_same_structure(self, mask):
         if torch._C._functorch.is_batchedtensor(mask):
             raise ValueError(f"{self}: torch.func.vmap over stacked block masks: models under one vmap share "
                              "one block structure; map their parameters (stack_module_state's first output) "
                              "and pass one model's buffers unmapped")
         own = self._layout.block_mask
-        if tuple(mask.shape) != tuple(own.shape) or mask.dtype != torch.bool or \
-                not torch.equal(mask.cpu(), own.cpu()):
-            raise ValueError(f"{self}: its block_mask buffer was replaced by another structure (e.g. another "
-                             "layer's buffers passed to torch.func.functional_call); the stored values belong "
-                             "to the layer's own mask: change it with set_block_mask, or pass the layer's buffers")
+        if tuple(mask.shape) == tuple(own.shape) and torch.equal(mask.cpu(), own.cpu()):
+            layout = self._layout.to(mask.device)
+            if not transformed():  # adopt the moved buffer (never a transform's wrapped tensors)
+                self._layout = layout
+                self.block_mask = layout.block_mask
+            return layout
+        return BlockLayout.from_block_mask(mask, self._layout.shape, self._layout.block_size)
 
     def set_block_mask(self, block_mask):
         """Change the structure: surviving blocks keep their values, new blocks start at zero.
