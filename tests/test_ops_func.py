@@ -324,3 +324,20 @@ def test_functional_call_follows_the_block_mask_it_is_given(kind):
     params, buffers = stack_module_state([first, second])
     with pytest.raises(ValueError, match="vmap over stacked block masks"):
         vmap(lambda p, b: functional_call(first, (p, b), (x,)))(params, buffers)
+
+
+@pytest.mark.filterwarnings("ignore:.*stores no block:UserWarning")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_per_sample_gradients_of_a_layer_storing_no_block(kind):
+    empty = torch.zeros(2, 2, dtype=torch.bool)
+    if kind == "linear":
+        layer = sk.SparseLinear.from_dense(nn.Linear(8, 8), block_size=4, block_mask=empty)
+        x = torch.randn(3, 1, 8)
+    else:
+        layer = sk.SparseConv2d.from_dense(nn.Conv2d(8, 8, 3), block_size=4, block_mask=empty)
+        x = torch.randn(3, 1, 8, 5, 5)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    per_sample = vmap(grad(_loss(layer)), in_dims=(None, 0))(params, x)
+    assert per_sample["values"].shape == (3, *layer.values.shape)
+    for i in range(3):
+        torch.testing.assert_close(per_sample["bias"][i], _autograd_grads(layer, x[i])["bias"])

@@ -20,8 +20,8 @@ from ..formats.semi import SemiStructuredMatrix, compress, decompress
 from ..formats.semi_prune import check_2to4_shape, prune_2to4
 from ..kernels import semi as semi_kernels
 from ..ops.checks import check_layer_input
-from ..ops.transforms import transformed
 from ..ops.semi_linear import semi_linear, semi_linear_dynamic
+from ..ops.transforms import transformed
 from .autocast import autocast_dtype, cast, outside_autocast
 from .dense_export import dense_linear
 from .parameter import refuse_meta_device

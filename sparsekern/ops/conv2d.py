@@ -151,7 +151,7 @@ def _per_sample_weight_grads(batch, dy, x, layout, geometry, bias_grad, backend)
                                         (geo.block_size, geo.block_size))
     dw, db = _grad_weight(_samples_as_channels(dy), _samples_as_channels(x), _flat(tiled), grouped.as_list(),
                           bias_grad, backend)
-    return dw.view(batch, -1, *dw.shape[1:]), db.view(batch, -1 if bias_grad else 0)
+    return dw.view(batch, dw.shape[0] // batch, *dw.shape[1:]), db.view(batch, geo.out_channels if bias_grad else 0)
 
 
 def _mapped_activations(in_dims, dy, x):

@@ -48,4 +48,3 @@ def first_order(name):
             return outputs[0] if single else outputs
         return run
     return wrap
-
