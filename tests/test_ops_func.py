@@ -341,3 +341,28 @@ def test_per_sample_gradients_of_a_layer_storing_no_block(kind):
     assert per_sample["values"].shape == (3, *layer.values.shape)
     for i in range(3):
         torch.testing.assert_close(per_sample["bias"][i], _autograd_grads(layer, x[i])["bias"])
+
+
+@FORWARD_MODE
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gpu_per_sample_gradients_and_jvp(kind, monkeypatch):
+    """On a GPU (the Triton kernels, autotuned): per-sample gradients against one backward per
+    sample, and jvp against the dense layer's."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(14)
+    if kind == "linear":
+        layer, x = sk.SparseLinear(256, 192, block_size=32, density=0.5), torch.randn(4, 3, 256)
+    else:
+        layer, x = sk.SparseConv2d(64, 96, 3, padding=1, block_size=32, density=0.5), torch.randn(4, 2, 64, 8, 8)
+    layer, x = layer.cuda(), x.cuda()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    per_sample = vmap(grad(_loss(layer)), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        expected = _autograd_grads(layer, x[i])
+        for key in expected:
+            torch.testing.assert_close(per_sample[key][i], expected[key], rtol=1e-2, atol=1e-3)  # TF32 may be on
+    t = torch.randn_like(x[0])
+    _, forward = torch.func.jvp(layer, (x[0],), (t,))
+    torch.testing.assert_close(forward, torch.func.jvp(layer.to_dense(), (x[0],), (t,))[1], rtol=1e-2, atol=1e-3)
