@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 import sparsekern as sk
 from sparsekern.methods import block_scores, compute_block_masks, erk_densities, expand_block_mask, global_magnitude_mask
@@ -202,3 +203,30 @@ def test_torch_transformer_decoder_layer_trains_after_sparsify():
     layer.eval()
     with torch.no_grad():
         assert layer(target, memory).shape == (2, 5, 32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parametrized_layers_stay_dense_with_a_warning(method):
+    """A weight computed by torch.nn.utils.parametrize (weight_norm here) is no parameter to sparsify:
+    the layer stays as it is, named in a warning, and every method still scores and converts the rest
+    (the weight used to crash the tie check with a KeyError, and the scores' autograd)."""
+    torch.manual_seed(6)
+    model = _mlp()
+    nn.utils.parametrizations.weight_norm(model[2])
+    x, y = _batch()
+    with pytest.warns(UserWarning, match=r"leaving \['2'\] dense: their weights are parametrized"):
+        sk.sparsify(model, density=0.5, method=method, block_size=8, inputs=x, targets=y, synflow_iterations=3)
+    assert parametrize.is_parametrized(model[2], "weight")
+    assert isinstance(model[0], sk.SparseLinear) and isinstance(model[4], sk.SparseLinear)
+    F.cross_entropy(model(x), y).backward()
+    assert model[2].parametrizations.weight.original1.grad is not None
+
+
+def test_freeze_leaves_a_parametrized_convolution_dense():
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Conv2d(16, 16, 3)), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3))
+    with pytest.warns(UserWarning, match=r"leaving \['0'\] dense: their weights are parametrized"):
+        sk.methods.freeze(model, density=0.5, block_size=8)
+    assert parametrize.is_parametrized(model[0], "weight")
+    assert isinstance(model[2], sk.nn.PartiallyTrainableConv2d)
+    model(torch.randn(2, 16, 9, 9)).sum().backward()

@@ -26,6 +26,7 @@ import warnings
 
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ...formats.bsr import _as_block_size
 from ...nn.bsr_linear import SparseLinear
@@ -79,7 +80,15 @@ def tied_linear_names(model):
     for name, module in model.named_modules():
         for param in module.parameters(recurse=False):
             holders.setdefault(id(param), set()).add(id(module))
-    return [name for name, layer in sparsifiable_layers(model) if len(holders[id(layer.weight)]) > 1]
+    return [name for name, layer in sparsifiable_layers(model)
+            if not parametrize.is_parametrized(layer, "weight") and len(holders[id(layer.weight)]) > 1]
+
+
+def parametrized_names(model):
+    """Names of the nn.Linear / nn.Conv2d layers whose weight is computed by a parametrization
+    (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal, ...): a sparse copy would
+    hold the weight's current value and drop the parametrization."""
+    return [name for name, layer in sparsifiable_layers(model) if parametrize.is_parametrized(layer, "weight")]
 
 
 def _dense_indices(layers, dense_layers):
@@ -100,14 +109,21 @@ def _dense_indices(layers, dense_layers):
 
 def dense_by_default(model, block_size, dense_layers, caller):
     """The names of the Linear / Conv2d layers ``caller`` leaves dense: ``dense_layers`` (names or
-    indices) plus, each group with a warning, nn.MultiheadAttention's out_proj layers, those whose
-    weight is tied to another module and the convolutions channel blocks do not fit. Raises before any work is done if a convolution to
+    indices) plus, each group with a warning, those whose weight is parametrized, nn.MultiheadAttention's
+    out_proj layers, those whose weight is tied to another module and the convolutions channel
+    blocks do not fit. Raises before any work is done if a convolution to
     convert would need a non-square block."""
     padded = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros"]
     if padded:
         warnings.warn(f"{caller}: leaving the convolutions {padded} dense: their padding_mode is not 'zeros', "
                       "and SparseConv2d pads with zeros only (pad the input with F.pad and use padding=0 to "
                       "make one sparse)", UserWarning, stacklevel=3)
+    parametrized = [name for name in parametrized_names(model) if name not in dense_layers]
+    if parametrized:
+        warnings.warn(f"{caller}: leaving {parametrized} dense: their weights are parametrized "
+                      "(torch.nn.utils.parametrize), and a sparse copy would drop the parametrization",
+                      UserWarning, stacklevel=3)
+        dense_layers = (*dense_layers, *parametrized)
     attention = [name for name in attention_owned_linears(model) if name not in dense_layers]
     if attention:
         warnings.warn(f"{caller}: leaving {attention} dense: nn.MultiheadAttention reads its out_proj weight "
