@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 import sparsekern as sk
 from sparsekern.methods import block_scores, compute_block_masks, erk_densities, expand_block_mask, global_magnitude_mask
@@ -214,7 +214,7 @@ def test_parametrized_layers_stay_dense_with_a_warning(method):
     model = _mlp()
     nn.utils.parametrizations.weight_norm(model[2])
     x, y = _batch()
-    with pytest.warns(UserWarning, match=r"leaving \['2'\] dense: their weights are parametrized"):
+    with pytest.warns(UserWarning, match=r"leaving \['2'\] dense: their weights are computed"):
         sk.sparsify(model, density=0.5, method=method, block_size=8, inputs=x, targets=y, synflow_iterations=3)
     assert parametrize.is_parametrized(model[2], "weight")
     assert isinstance(model[0], sk.SparseLinear) and isinstance(model[4], sk.SparseLinear)
@@ -225,8 +225,23 @@ def test_parametrized_layers_stay_dense_with_a_warning(method):
 def test_freeze_leaves_a_parametrized_convolution_dense():
     model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Conv2d(16, 16, 3)), nn.ReLU(),
                           nn.Conv2d(16, 16, 3))
-    with pytest.warns(UserWarning, match=r"leaving \['0'\] dense: their weights are parametrized"):
+    with pytest.warns(UserWarning, match=r"leaving \['0'\] dense: their weights are computed"):
         sk.methods.freeze(model, density=0.5, block_size=8)
     assert parametrize.is_parametrized(model[0], "weight")
     assert isinstance(model[2], sk.nn.PartiallyTrainableConv2d)
     model(torch.randn(2, 16, 9, 9)).sum().backward()
+
+
+def test_a_layer_pruned_by_torch_stays_dense_until_its_pruning_is_made_permanent():
+    torch.manual_seed(7)
+    for permanent in (False, True):
+        model = _mlp()
+        prune.random_unstructured(model[0], "weight", 0.5)
+        if permanent:
+            prune.remove(model[0], "weight")
+            sk.sparsify(model, density=0.5, block_size=8)
+            assert isinstance(model[0], sk.SparseLinear)
+            continue
+        with pytest.warns(UserWarning, match=r"leaving \['0'\] dense: .*prune.remove"):
+            sk.sparsify(model, density=0.5, block_size=8)
+        assert type(model[0]) is nn.Linear and isinstance(model[2], sk.SparseLinear)

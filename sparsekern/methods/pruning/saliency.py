@@ -25,7 +25,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .masks import block_grid, block_scores, expand_block_mask, global_topk_masks
 
@@ -34,11 +33,11 @@ _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def prunable_weights(model):
     """[(parameter name, weight parameter)] of the model's Linear/Conv layers, in module order. A
-    parametrized weight (torch.nn.utils.parametrize) is no parameter but a function of others: not
-    scored (``sparsify`` leaves such a layer dense)."""
+    weight computed from other parameters (torch.nn.utils.parametrize or prune) is not scored
+    (``sparsify`` leaves such a layer dense)."""
     return [(f"{name}.weight" if name else "weight", module.weight)
             for name, module in model.named_modules()
-            if isinstance(module, _PRUNABLE) and not parametrize.is_parametrized(module, "weight")]
+            if isinstance(module, _PRUNABLE) and isinstance(module.weight, nn.Parameter)]
 
 
 def _require_prunable(model):

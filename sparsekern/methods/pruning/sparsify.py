@@ -26,7 +26,6 @@ import warnings
 
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ...formats.bsr import _as_block_size
 from ...nn.bsr_linear import SparseLinear
@@ -81,14 +80,14 @@ def tied_linear_names(model):
         for param in module.parameters(recurse=False):
             holders.setdefault(id(param), set()).add(id(module))
     return [name for name, layer in sparsifiable_layers(model)
-            if not parametrize.is_parametrized(layer, "weight") and len(holders[id(layer.weight)]) > 1]
+            if isinstance(layer.weight, nn.Parameter) and len(holders[id(layer.weight)]) > 1]
 
 
-def parametrized_names(model):
-    """Names of the nn.Linear / nn.Conv2d layers whose weight is computed by a parametrization
-    (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal, ...): a sparse copy would
-    hold the weight's current value and drop the parametrization."""
-    return [name for name, layer in sparsifiable_layers(model) if parametrize.is_parametrized(layer, "weight")]
+def computed_weight_names(model):
+    """Names of the nn.Linear / nn.Conv2d layers whose weight is no parameter but computed from
+    others (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal; torch.nn.utils.prune's
+    weight_orig * weight_mask): a sparse copy would hold its current value and drop the rest."""
+    return [name for name, layer in sparsifiable_layers(model) if not isinstance(layer.weight, nn.Parameter)]
 
 
 def _dense_indices(layers, dense_layers):
@@ -109,7 +108,7 @@ def _dense_indices(layers, dense_layers):
 
 def dense_by_default(model, block_size, dense_layers, caller):
     """The names of the Linear / Conv2d layers ``caller`` leaves dense: ``dense_layers`` (names or
-    indices) plus, each group with a warning, those whose weight is parametrized, nn.MultiheadAttention's
+    indices) plus, each group with a warning, those whose weight is computed, nn.MultiheadAttention's
     out_proj layers, those whose weight is tied to another module and the convolutions channel
     blocks do not fit. Raises before any work is done if a convolution to
     convert would need a non-square block."""
@@ -118,12 +117,13 @@ def dense_by_default(model, block_size, dense_layers, caller):
         warnings.warn(f"{caller}: leaving the convolutions {padded} dense: their padding_mode is not 'zeros', "
                       "and SparseConv2d pads with zeros only (pad the input with F.pad and use padding=0 to "
                       "make one sparse)", UserWarning, stacklevel=3)
-    parametrized = [name for name in parametrized_names(model) if name not in dense_layers]
-    if parametrized:
-        warnings.warn(f"{caller}: leaving {parametrized} dense: their weights are parametrized "
-                      "(torch.nn.utils.parametrize), and a sparse copy would drop the parametrization",
-                      UserWarning, stacklevel=3)
-        dense_layers = (*dense_layers, *parametrized)
+    computed = [name for name in computed_weight_names(model) if name not in dense_layers]
+    if computed:
+        warnings.warn(f"{caller}: leaving {computed} dense: their weights are computed from other parameters "
+                      "(torch.nn.utils.parametrize, or torch.nn.utils.prune: prune.remove(module, 'weight') makes "
+                      "a pruned weight a parameter again), and a sparse copy would drop that", UserWarning,
+                      stacklevel=3)
+        dense_layers = (*dense_layers, *computed)
     attention = [name for name in attention_owned_linears(model) if name not in dense_layers]
     if attention:
         warnings.warn(f"{caller}: leaving {attention} dense: nn.MultiheadAttention reads its out_proj weight "
