@@ -245,3 +245,12 @@ def test_a_layer_pruned_by_torch_stays_dense_until_its_pruning_is_made_permanent
         with pytest.warns(UserWarning, match=r"leaving \['0'\] dense: .*prune.remove"):
             sk.sparsify(model, density=0.5, block_size=8)
         assert type(model[0]) is nn.Linear and isinstance(model[2], sk.SparseLinear)
+
+
+def test_uninitialized_lazy_layers_are_a_clear_error():
+    model = nn.Sequential(nn.LazyLinear(64), nn.ReLU(), nn.Linear(64, 64))
+    with pytest.raises(ValueError, match=r"lazy layers \['0'\] have no weights yet; run one forward pass"):
+        sk.sparsify(model, density=0.5, block_size=16)
+    model(torch.randn(2, 40))
+    sk.sparsify(model, density=0.5, block_size=16)
+    assert isinstance(model[0], sk.SparseLinear) and model[0].in_features == 40

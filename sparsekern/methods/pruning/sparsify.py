@@ -112,6 +112,11 @@ def dense_by_default(model, block_size, dense_layers, caller):
     out_proj layers, those whose weight is tied to another module and the convolutions channel
     blocks do not fit. Raises before any work is done if a convolution to
     convert would need a non-square block."""
+    lazy = [name for name, m in model.named_modules()
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"{caller}: the lazy layers {lazy} have no weights yet; run one forward pass of the model "
+                         "first (it initializes them)")
     padded = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros"]
     if padded:
         warnings.warn(f"{caller}: leaving the convolutions {padded} dense: their padding_mode is not 'zeros', "
