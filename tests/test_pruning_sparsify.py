@@ -254,3 +254,36 @@ def test_uninitialized_lazy_layers_are_a_clear_error():
     model(torch.randn(2, 40))
     sk.sparsify(model, density=0.5, block_size=16)
     assert isinstance(model[0], sk.SparseLinear) and model[0].in_features == 40
+
+
+def test_frozen_weights_and_biases_stay_frozen_through_every_conversion():
+    """requires_grad=False on a weight or a bias survives sparsify, densify, freeze and every
+    from_dense (it was reset to True: a frozen backbone trained after sparsify)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Conv2d(16, 16, 3))
+    model[0].requires_grad_(False)
+    model[2].bias.requires_grad_(False)
+    model[3].weight.requires_grad_(False)
+    expected = [{k: p.requires_grad for k, p in model[i].named_parameters()} for i in (0, 2, 3)]
+
+    def flags(m):
+        return [{k.replace("values", "weight"): p.requires_grad for k, p in m[i].named_parameters()} for i in (0, 2, 3)]
+    sk.sparsify(model, density=0.5, block_size=16)
+    assert all(isinstance(model[i], (sk.SparseLinear, sk.SparseConv2d)) for i in (0, 2, 3))
+    assert flags(model) == expected
+    sk.densify(model)
+    assert flags(model) == expected
+    frozen_linear, frozen_bias = nn.Linear(64, 64).requires_grad_(False), nn.Conv2d(16, 16, 3)
+    frozen_bias.bias.requires_grad_(False)
+    for layer in (sk.SemiSparseLinear.from_dense(frozen_linear), sk.SemiSparseLinear.from_dense(frozen_linear,
+                  mode="dynamic"), sk.LowRankLinear.from_dense(frozen_linear, rank=4),
+                  sk.nn.PartiallyTrainableLinear.from_dense(frozen_linear, torch.ones(4, 4, dtype=torch.bool),
+                                                            block_size=16)):
+        assert not any(p.requires_grad for p in layer.parameters()), type(layer).__name__
+    for layer in (sk.LowRankConv2d.from_dense(frozen_bias, rank=2),
+                  sk.nn.PartiallyTrainableConv2d(frozen_bias, torch.ones(1, 1, dtype=torch.bool), block_size=16)):
+        assert {k: p.requires_grad for k, p in layer.named_parameters()} == {
+            k: k != "bias" for k, _ in layer.named_parameters()}, type(layer).__name__
+    frozen = nn.Sequential(nn.Linear(64, 64).requires_grad_(False))
+    sk.methods.freeze(frozen, density=0.5, block_size=16)
+    assert not any(p.requires_grad for p in frozen.parameters())

@@ -18,6 +18,7 @@ from .autocast import autocast_dtype, cast, outside_autocast
 from .block_structure import DTYPES as _DTYPES
 from .block_structure import BlockStructured, check_from_dense, top_block_mask, warn_if_crippled
 from .dense_export import dense_linear
+from .parameter import carry_requires_grad
 
 
 def _check_features(name, value):
@@ -81,7 +82,7 @@ class SparseLinear(BlockStructured):
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
-        return layer
+        return carry_requires_grad(linear, layer)
 
     def sparse_weight(self):
         """The padded weight as a BlockSparseMatrix sharing the ``values`` parameter."""

@@ -24,6 +24,7 @@ from .block_structure import DTYPES as _DTYPES
 from .block_structure import BlockStructured, check_density, check_from_dense, top_block_mask, warn_if_crippled
 from .bsr_linear import _check_features
 from .dense_export import dense_conv2d
+from .parameter import carry_requires_grad
 
 
 def _positive_pair(name, value):
@@ -127,7 +128,7 @@ class SparseConv2d(BlockStructured):
         if conv.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(conv.bias)
-        return layer
+        return carry_requires_grad(conv, layer)
 
     @property
     def padded_shape(self):

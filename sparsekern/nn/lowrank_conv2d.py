@@ -25,6 +25,7 @@ from ..ops.forward_mode import tangent
 from ..ops.transforms import dual_level_active, forward_mode, refuse_forward_mode
 from .dense_export import dense_conv2d
 from .lowrank_factors import LowRankFactors
+from .parameter import carry_requires_grad
 
 
 def _positive_int(name, value):
@@ -194,9 +195,10 @@ class LowRankConv2d(LowRankFactors):
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError(f"from_dense needs groups=1 and padding_mode='zeros', got groups={conv.groups}, "
                              f"padding_mode={conv.padding_mode!r}")
-        return cls._from_dense_matrix(conv.weight.reshape(conv.out_channels, -1), conv.bias, rank, tol,
-                                      conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                                      padding=conv.padding, dilation=conv.dilation)
+        layer = cls._from_dense_matrix(conv.weight.reshape(conv.out_channels, -1), conv.bias, rank, tol,
+                                       conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                                       padding=conv.padding, dilation=conv.dilation)
+        return carry_requires_grad(conv, layer)
 
     def dense_weight(self):
         """The dense (out, in, kh, kw) kernel U S Vᵀ (for inspection; training never forms it)."""

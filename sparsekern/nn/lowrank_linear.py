@@ -12,6 +12,7 @@ from ..ops.checks import check_layer_input
 from ..ops.lowrank_linear import low_rank_linear
 from .dense_export import dense_linear
 from .lowrank_factors import LowRankFactors
+from .parameter import carry_requires_grad
 
 
 def _check_features(name, value):
@@ -48,7 +49,8 @@ class LowRankLinear(LowRankFactors):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
-        return cls._from_dense_matrix(linear.weight, linear.bias, rank, tol, linear.in_features, linear.out_features)
+        layer = cls._from_dense_matrix(linear.weight, linear.bias, rank, tol, linear.in_features, linear.out_features)
+        return carry_requires_grad(linear, layer)
 
     def dense_weight(self):
         """The dense (out_features, in_features) weight U S Vᵀ (for inspection; training never forms it)."""

@@ -1,5 +1,5 @@
-"""The layers' parameters: their shape changed in place, for structures that grow and shrink, and
-the devices a stored structure can live on."""
+"""The layers' parameters: their shape changed in place, for structures that grow and shrink, the
+devices a stored structure can live on, and which of them train after a conversion."""
 import torch
 
 
@@ -31,3 +31,16 @@ def replace_data_(param, data):
     # A graph recorded before the swap must not put its gradient on the new structure:
     # a new version makes its backward refuse (ops.checks.saved_tensors says why).
     torch.autograd.graph.increment_version(param)
+
+
+def carry_requires_grad(source, converted):
+    """``converted`` (a layer made from the dense ``source``, or the dense layer made from a sparse
+    ``source``) trains what ``source`` trained: its bias follows the source's bias, every other
+    parameter the source's weight (any weight-side parameter of the source, for a sparse one), so
+    a frozen layer stays frozen through sparsify, freeze, densify and from_dense."""
+    weights = [p for name, p in source.named_parameters() if name.rpartition(".")[2] != "bias"]
+    weight_trained = any(p.requires_grad for p in weights) if weights else False
+    bias = getattr(source, "bias", None)
+    for name, p in converted.named_parameters():
+        p.requires_grad_(bool(bias.requires_grad) if name == "bias" and bias is not None else weight_trained)
+    return converted

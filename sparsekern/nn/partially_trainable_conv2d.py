@@ -13,6 +13,7 @@ from torch import nn
 
 from .conv2d import SparseConv2d
 from .dense_export import dense_conv2d
+from .parameter import carry_requires_grad
 from .partially_trainable import PartiallyTrainable
 
 
@@ -36,6 +37,7 @@ class PartiallyTrainableConv2d(PartiallyTrainable):
                              conv.dilation, conv.groups, bias=False, block_size=block_size, density=0.0,
                              padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
         self._init_parts(weight, conv.bias, delta, block_mask)
+        carry_requires_grad(conv, self)
 
     def to_dense(self):
         """The ``nn.Conv2d`` this layer stands for (effective kernel and bias, same device and dtype)."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from .bsr_linear import SparseLinear
 from .dense_export import dense_linear
+from .parameter import carry_requires_grad
 from .partially_trainable import PartiallyTrainable
 
 
@@ -44,7 +45,7 @@ class PartiallyTrainableLinear(PartiallyTrainable):
     def from_dense(cls, linear, block_mask, *, block_size=32):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
-        return cls(linear.weight, linear.bias, block_mask, block_size=block_size)
+        return carry_requires_grad(linear, cls(linear.weight, linear.bias, block_mask, block_size=block_size))
 
     def to_dense(self):
         """The ``nn.Linear`` this layer stands for (effective weight and bias, same device and dtype),

@@ -24,7 +24,7 @@ from ..ops.semi_linear import semi_linear, semi_linear_dynamic
 from ..ops.transforms import transformed
 from .autocast import autocast_dtype, cast, outside_autocast
 from .dense_export import dense_linear
-from .parameter import refuse_meta_device
+from .parameter import carry_requires_grad, refuse_meta_device
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _MODES = ("static", "dynamic")
@@ -90,7 +90,7 @@ class SemiSparseLinear(nn.Module):
                 layer._set_static(weight, prune_2to4(weight, transposable=transposable))
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
-        return layer
+        return carry_requires_grad(linear, layer)
 
     def _set_static(self, dense, mask):
         values, indices = compress(dense, mask)
