@@ -104,3 +104,33 @@ def test_layers_the_optimizer_leaves_out_are_named():
     optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
     with pytest.warns(UserWarning, match=r"does not hold the values of \['2'\]"):
         sk.methods.RigL(model, optimizer, density=None, delta=2, t_end=10)
+
+
+@pytest.mark.parametrize("driver", ["RigL", "SET", "SNFS", "GGR", "TopKAST", "DPF"])
+def test_frozen_sparse_layers_keep_their_structure(driver):
+    """A frozen layer (values.requires_grad False, left out of the optimizer) is no driver's to
+    restructure: no gradient reaches it (RigL crashed there, asking for a backward that had run)."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(sk.SparseLinear(32, 32, block_size=8, density=0.5), torch.nn.ReLU(),
+                                sk.SemiSparseLinear(32, 32), torch.nn.ReLU(),
+                                sk.SparseLinear(32, 8, block_size=8, density=0.5))
+    model[0].requires_grad_(False)
+    model[2].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    frozen = model[0].block_mask.clone(), model[2].indices.clone(), model[0].values.detach().clone()
+    method = getattr(sk.methods, driver)(model, optimizer, density=None, delta=2, t_end=50)
+    assert [name for name, _ in method.layers] == ["4"] and not method.semi_layers
+    for _ in range(8):
+        optimizer.zero_grad()
+        model(torch.randn(16, 32)).square().mean().backward()
+        method.step()
+        optimizer.step()
+    assert torch.equal(model[0].block_mask, frozen[0]) and torch.equal(model[2].indices, frozen[1])
+    torch.testing.assert_close(model[0].values, frozen[2])
+
+
+def test_a_model_with_only_frozen_sparse_layers_is_refused():
+    model = torch.nn.Sequential(sk.SparseLinear(32, 8, block_size=8).requires_grad_(False))
+    with pytest.raises(ValueError, match="holds no sparsekern.SparseLinear.*to train.*frozen ones"):
+        sk.methods.RigL(model, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), density=None,
+                        delta=2, t_end=10)

@@ -108,7 +108,8 @@ class DynamicSparsity:
 
     Args:
         model: module holding SparseLinear, SparseConv2d and/or static SemiSparseLinear
-            layers (not a DDP wrapper: pass ``ddp.module``).
+            layers (not a DDP wrapper: pass ``ddp.module``). Frozen layers (``values`` not
+            requiring grad) are left as they are, structure included.
         optimizer: the optimizer stepping the model's parameters.
         density: global weight density of the SparseLinear and SparseConv2d layers; they get
             ERK densities (kernel dims counted; rounded to whole blocks). A layer that already
@@ -137,15 +138,19 @@ class DynamicSparsity:
             raise ValueError(f"score_method must be one of {SCORE_METHODS}, got {score_method!r}")
         self.model, self.optimizer = model, optimizer
         self.score_method, self.redraw = score_method, bool(redraw)
-        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
-        self.semi_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SemiSparseLinear)]
+        # A frozen layer (values not requiring grad) keeps its structure: no gradient reaches it to score.
+        self.layers = [(n, m) for n, m in model.named_modules()
+                       if isinstance(m, (SparseLinear, SparseConv2d)) and m.values.requires_grad]
+        self.semi_layers = [(n, m) for n, m in model.named_modules()
+                            if isinstance(m, SemiSparseLinear) and (m.mode != "static" or m.values.requires_grad)]
         for name, layer in self.semi_layers:
             if layer.mode != "static":
                 raise ValueError(f"SemiSparseLinear {name!r} has mode={layer.mode!r}: it re-prunes every step; "
                                  "dynamic sparse training needs mode='static'")
         if not self.layers and not self.semi_layers:
             raise ValueError(f"{type(model).__name__} holds no sparsekern.SparseLinear, SparseConv2d or "
-                             "SemiSparseLinear layer")
+                             "SemiSparseLinear layer to train (frozen ones, values.requires_grad False, keep their "
+                             "structure)")
         _check_optimizer_holds(optimizer, self.layers + self.semi_layers, type(self).__name__)
         self.schedule = DropSchedule(delta=delta, alpha=alpha, t_end=t_end, kind=schedule)
         self.generator = torch.Generator().manual_seed(seed)
