@@ -111,7 +111,7 @@ def test_frozen_sparse_layers_keep_their_structure(driver):
     """A frozen layer (values.requires_grad False, left out of the optimizer) is no driver's to
     restructure: no gradient reaches it (RigL crashed there, asking for a backward that had run)."""
     torch.manual_seed(3)
-    model = torch.nn.Sequential(sk.SparseLinear(32, 32, block_size=8, density=0.5), torch.nn.ReLU(),
+    model = torch.nn.Sequential(sk.SparseLinear(32, 32, block_size=8, density=0.75), torch.nn.ReLU(),
                                 sk.SemiSparseLinear(32, 32), torch.nn.ReLU(),
                                 sk.SparseLinear(32, 8, block_size=8, density=0.5))
     model[0].requires_grad_(False)
