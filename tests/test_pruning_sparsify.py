@@ -287,3 +287,31 @@ def test_frozen_weights_and_biases_stay_frozen_through_every_conversion():
     frozen = nn.Sequential(nn.Linear(64, 64).requires_grad_(False))
     sk.methods.freeze(frozen, density=0.5, block_size=16)
     assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_hooks_on_a_converted_layer_move_with_it():
+    """Forward, forward-pre and full backward hooks registered on an nn.Linear keep running on the
+    SparseLinear that replaces it, and on the nn.Linear densify makes of that; their handles
+    still remove them."""
+    torch.manual_seed(9)
+    model = _mlp()
+    seen = []
+    handles = [model[0].register_forward_pre_hook(lambda m, args: (args[0] * 2,)),
+               model[0].register_forward_hook(lambda m, args, out: seen.append(("forward", type(m).__name__))),
+               model[0].register_full_backward_hook(lambda m, gin, gout: seen.append(("backward", type(m).__name__)))]
+    x = _batch()[0].requires_grad_()  # a full backward hook wants an input gradient
+    expected = model[2](model[1](model[0](x)))
+    sk.sparsify(model, density=1.0, block_size=8)
+    torch.testing.assert_close(model[2](model[1](model[0](x))), expected, rtol=1e-5, atol=1e-5)
+    model(x).sum().backward()
+    assert ("forward", "SparseLinear") in seen and ("backward", "SparseLinear") in seen
+    sk.densify(model)
+    seen.clear()
+    model(x).sum().backward()
+    assert seen == [("forward", "Linear"), ("backward", "Linear")]
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    torch.testing.assert_close(model[0](x), F.linear(x, model[0].weight, model[0].bias))
+    model(x).sum().backward()
+    assert seen == []

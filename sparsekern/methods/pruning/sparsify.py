@@ -65,11 +65,31 @@ def replace_module(model, name, new):
     holds the same module (a layer used twice stays one layer); torch's fused Transformer
     inference paths follow (torch_transformers.py)."""
     old = model.get_submodule(name)
+    _carry_hooks(old, new)
     for path, module in list(model.named_modules(remove_duplicate=False)):
         if module is old and path:
             parent_name, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     sync_fused_paths(model)
+
+
+# The hook registries of nn.Module's register_forward_hook, register_forward_pre_hook and
+# register_(full_)backward_(pre_)hook: a replaced layer keeps the hooks its user put on it.
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+          "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _carry_hooks(old, new):
+    """Move ``old``'s hooks to ``new``: the registries themselves, so the handles their user holds
+    still remove them (``new``'s own hooks, if any, join them)."""
+    for registry in _HOOKS:
+        hooks = getattr(old, registry, None)
+        if hooks is None:
+            continue
+        hooks.update(getattr(new, registry, {}))
+        setattr(new, registry, hooks)
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 def tied_linear_names(model):
