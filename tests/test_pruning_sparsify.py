@@ -8,6 +8,7 @@ from torch.nn.utils import parametrize, prune
 
 import sparsekern as sk
 from sparsekern.methods import block_scores, compute_block_masks, erk_densities, expand_block_mask, global_magnitude_mask
+from sparsekern.methods.pruning.sparsify import custom_forward_names
 
 METHODS = ["uniform", "er", "erk", "random", "magnitude", "snip", "grasp", "synflow"]
 
@@ -315,3 +316,31 @@ def test_hooks_on_a_converted_layer_move_with_it():
     torch.testing.assert_close(model[0](x), F.linear(x, model[0].weight, model[0].bias))
     model(x).sum().backward()
     assert seen == []
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _PaddedConv(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(F.pad(x, (1, 1, 1, 1)), weight, bias)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_subclasses_that_compute_something_else_stay_dense(kind):
+    """A subclass overriding forward (or a convolution's _conv_forward) would silently lose its
+    computation in a sparse layer: it stays, named in a warning; subclasses that only add to
+    nn.Linear (nn.MultiheadAttention's out_proj class) are not held back by this rule."""
+    torch.manual_seed(10)
+    if kind == "linear":
+        model, x = nn.Sequential(_ScaledLinear(16, 16), nn.ReLU(), nn.Linear(16, 16)), torch.randn(3, 16)
+    else:
+        model, x = nn.Sequential(_PaddedConv(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), torch.randn(2, 8, 6, 6)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=r"leaving \['0'\] dense: their classes override"):
+        sk.sparsify(model, density=1.0, block_size=8)
+    assert type(model[0]) in (_ScaledLinear, _PaddedConv) and not isinstance(model[2], (nn.Linear, nn.Conv2d))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    assert not custom_forward_names(nn.Sequential(nn.modules.linear.NonDynamicallyQuantizableLinear(8, 8)))

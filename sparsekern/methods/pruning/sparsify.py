@@ -103,6 +103,17 @@ def tied_linear_names(model):
             if isinstance(layer.weight, nn.Parameter) and len(holders[id(layer.weight)]) > 1]
 
 
+def custom_forward_names(model):
+    """Names of the nn.Linear / nn.Conv2d layers whose class computes something else than its base
+    (a subclass overriding ``forward``, or a convolution's ``_conv_forward``: an adapter, a
+    quantization stub): a sparse layer would silently compute the base's product instead."""
+    def own(layer, base, method):
+        return getattr(type(layer), method) is not getattr(base, method)
+    return [name for name, layer in sparsifiable_layers(model)
+            if own(layer, nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d, "forward")
+            or isinstance(layer, nn.Conv2d) and own(layer, nn.Conv2d, "_conv_forward")]
+
+
 def computed_weight_names(model):
     """Names of the nn.Linear / nn.Conv2d layers whose weight is no parameter but computed from
     others (torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal; torch.nn.utils.prune's
@@ -128,10 +139,10 @@ def _dense_indices(layers, dense_layers):
 
 def dense_by_default(model, block_size, dense_layers, caller):
     """The names of the Linear / Conv2d layers ``caller`` leaves dense: ``dense_layers`` (names or
-    indices) plus, each group with a warning, those whose weight is computed, nn.MultiheadAttention's
-    out_proj layers, those whose weight is tied to another module and the convolutions channel
-    blocks do not fit. Raises before any work is done if a convolution to
-    convert would need a non-square block."""
+    indices) plus, each group with a warning, those whose class overrides the forward, those whose
+    weight is computed, nn.MultiheadAttention's out_proj layers, those whose weight is tied to
+    another module and the convolutions channel blocks do not fit. Raises before any work is done
+    if a convolution to convert would need a non-square block."""
     lazy = [name for name, m in model.named_modules()
             if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
     if lazy:
@@ -142,6 +153,11 @@ def dense_by_default(model, block_size, dense_layers, caller):
         warnings.warn(f"{caller}: leaving the convolutions {padded} dense: their padding_mode is not 'zeros', "
                       "and SparseConv2d pads with zeros only (pad the input with F.pad and use padding=0 to "
                       "make one sparse)", UserWarning, stacklevel=3)
+    custom = [name for name in custom_forward_names(model) if name not in dense_layers]
+    if custom:
+        warnings.warn(f"{caller}: leaving {custom} dense: their classes override nn.Linear's / nn.Conv2d's "
+                      "forward, which a sparse layer would not run", UserWarning, stacklevel=3)
+        dense_layers = (*dense_layers, *custom)
     computed = [name for name in computed_weight_names(model) if name not in dense_layers]
     if computed:
         warnings.warn(f"{caller}: leaving {computed} dense: their weights are computed from other parameters "
