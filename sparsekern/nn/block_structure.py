@@ -144,7 +144,7 @@ class BlockStructured(nn.Module):
         if torch.compiler.is_compiling():
             # dynamo cannot trace the check (tensor identity, a data-dependent equal): a compiled
             # graph follows a device move only
-            return self._layout.to(mask.device) if self._layout.device != mask.device else self._layout
+            return self._layout.to(mask.device)
         if mask is self._layout.block_mask:
             return self._layout
         if torch._C._functorch.is_batchedtensor(mask):

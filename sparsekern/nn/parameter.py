@@ -38,8 +38,7 @@ def carry_requires_grad(source, converted):
     ``source``) trains what ``source`` trained: its bias follows the source's bias, every other
     parameter the source's weight (any weight-side parameter of the source, for a sparse one), so
     a frozen layer stays frozen through sparsify, freeze, densify and from_dense."""
-    weights = [p for name, p in source.named_parameters() if name.rpartition(".")[2] != "bias"]
-    weight_trained = any(p.requires_grad for p in weights) if weights else False
+    weight_trained = any(p.requires_grad for name, p in source.named_parameters() if name.rpartition(".")[2] != "bias")
     bias = getattr(source, "bias", None)
     for name, p in converted.named_parameters():
         p.requires_grad_(bool(bias.requires_grad) if name == "bias" and bias is not None else weight_trained)

@@ -153,36 +153,23 @@ def dense_by_default(model, block_size, dense_layers, caller):
         warnings.warn(f"{caller}: leaving the convolutions {padded} dense: their padding_mode is not 'zeros', "
                       "and SparseConv2d pads with zeros only (pad the input with F.pad and use padding=0 to "
                       "make one sparse)", UserWarning, stacklevel=3)
-    custom = [name for name in custom_forward_names(model) if name not in dense_layers]
-    if custom:
-        warnings.warn(f"{caller}: leaving {custom} dense: their classes override nn.Linear's / nn.Conv2d's "
-                      "forward, which a sparse layer would not run", UserWarning, stacklevel=3)
-        dense_layers = (*dense_layers, *custom)
-    computed = [name for name in computed_weight_names(model) if name not in dense_layers]
-    if computed:
-        warnings.warn(f"{caller}: leaving {computed} dense: their weights are computed from other parameters "
-                      "(torch.nn.utils.parametrize, or torch.nn.utils.prune: prune.remove(module, 'weight') makes "
-                      "a pruned weight a parameter again), and a sparse copy would drop that", UserWarning,
-                      stacklevel=3)
-        dense_layers = (*dense_layers, *computed)
-    attention = [name for name in attention_owned_linears(model) if name not in dense_layers]
-    if attention:
-        warnings.warn(f"{caller}: leaving {attention} dense: nn.MultiheadAttention reads its out_proj weight "
-                      "itself; build attention from nn.Linear layers to make its projections sparse",
-                      UserWarning, stacklevel=3)
-        dense_layers = (*dense_layers, *attention)
-    tied = [name for name in tied_linear_names(model) if name not in dense_layers]
-    if tied:
-        warnings.warn(f"{caller}: leaving {tied} dense: their weights are tied to other modules, and a sparse "
-                      "copy would untie them", UserWarning, stacklevel=3)
-        dense_layers = (*dense_layers, *tied)
-    unfit = [name for name in unblockable_convs(model, block_size) if name not in dense_layers]
-    if unfit:
-        warnings.warn(f"{caller}: leaving the convolutions {unfit} dense: fewer input channels per group than "
-                      f"the block size {block_size[1]} (each would be one mostly-padding block), or output channels "
-                      "per group that are not whole blocks; list them in dense_layers to silence this, or use a "
-                      "smaller block_size", UserWarning, stacklevel=3)
-        dense_layers = (*dense_layers, *unfit)
+    for what, names, why in (
+            ("", custom_forward_names(model), "their classes override nn.Linear's / nn.Conv2d's forward, which a "
+             "sparse layer would not run"),
+            ("", computed_weight_names(model), "their weights are computed from other parameters "
+             "(torch.nn.utils.parametrize, or torch.nn.utils.prune: prune.remove(module, 'weight') makes a pruned "
+             "weight a parameter again), and a sparse copy would drop that"),
+            ("", attention_owned_linears(model), "nn.MultiheadAttention reads its out_proj weight itself; build "
+             "attention from nn.Linear layers to make its projections sparse"),
+            ("", tied_linear_names(model), "their weights are tied to other modules, and a sparse copy would untie "
+             "them"),
+            ("the convolutions ", unblockable_convs(model, block_size), f"fewer input channels per group than the "
+             f"block size {block_size[1]} (each would be one mostly-padding block), or output channels per group "
+             "that are not whole blocks; list them in dense_layers to silence this, or use a smaller block_size")):
+        left = [name for name in names if name not in dense_layers]
+        if left:
+            warnings.warn(f"{caller}: leaving {what}{left} dense: {why}", UserWarning, stacklevel=3)
+            dense_layers = (*dense_layers, *left)
     layers = sparsifiable_layers(model)
     dense = _dense_indices(layers, dense_layers)
     convs = [name for i, (name, m) in enumerate(layers) if isinstance(m, nn.Conv2d) and i not in dense]
