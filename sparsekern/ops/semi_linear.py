@@ -246,15 +246,17 @@ def _backward_dynamic(ctx, dy, *_compressed_grads):
     return dx, dw, db, None, None
 
 
-# The static products' backwards and forward-mode rules are written in the family's differentiable
-# ops (second and higher derivatives run on the same kernels); the dynamic mode's straight-through
-# gradient is first-order (its mask is re-chosen from the weight on every call).
+def _linear_tangent(x, values, indices, d_x, d_values, d_bias, backend):
+    """The tangent of x Wᵀ (+ bias), bilinear in (x, W)."""
+    return tangent([None if d_x is None else _matmul(d_x, values, indices, backend),
+                    None if d_values is None else _matmul(x, d_values, indices, backend),
+                    None if d_bias is None else d_bias.expand(x.shape[0], values.shape[0])],
+                   lambda: x.new_zeros(x.shape[0], values.shape[0]))
+
+
 def _jvp_matmul(args, tangents):
     x, values, indices, backend = args
-    d_x, d_values = map(as_operand, tangents[:2])
-    return tangent([None if d_x is None else _matmul(d_x, values, indices, backend),
-                    None if d_values is None else _matmul(x, d_values, indices, backend)],
-                   lambda: x.new_zeros(x.shape[0], values.shape[0]))
+    return _linear_tangent(x, values, indices, *map(as_operand, tangents[:2]), None, backend)
 
 
 def _jvp_grad_input(args, tangents):
@@ -274,13 +276,6 @@ def _jvp_grad_weight(args, tangents):
                    lambda: x.new_zeros(dy.shape[1], x.shape[1] // 2))
 
 
-def _linear_tangent(x, values, indices, d_x, d_values, d_bias, backend):
-    return tangent([None if d_x is None else _matmul(d_x, values, indices, backend),
-                    None if d_values is None else _matmul(x, d_values, indices, backend),
-                    None if d_bias is None else d_bias.expand(x.shape[0], values.shape[0])],
-                   lambda: x.new_zeros(x.shape[0], values.shape[0]))
-
-
 def _jvp_static(args, tangents):
     x, values, bias, indices, indices_t, transpose_map, backend = args
     return _linear_tangent(x, values, indices, *map(as_operand, tangents[:3]), backend)
@@ -294,6 +289,9 @@ def _jvp_probed(args, tangents):
     return y if d_probe is None else y + _matmul(x, d_probe, probe_indices, backend)
 
 
+# The static products' backwards and forward-mode rules are written in the family's differentiable
+# ops (second and higher derivatives run on the same kernels); the dynamic mode's straight-through
+# gradient is first-order (its mask is re-chosen from the weight on every call).
 _matmul.register_autograd(_backward_matmul, _setup_product, differentiable=True, jvp=_jvp_matmul)
 _grad_input.register_autograd(_backward_grad_input, _setup_grad_input, differentiable=True, jvp=_jvp_grad_input)
 _grad_weight.register_autograd(_backward_grad_weight, _setup_product, differentiable=True, jvp=_jvp_grad_weight)
