@@ -273,6 +273,31 @@ def test_block_sparse_layers_at_a_quarter_density_or_less_are_not_measured(measu
     assert set(floor.floor_decisions().values()) == {"cpu"}
 
 
+@pytest.mark.parametrize("engine,has_amx,measured", [
+    ("widened to fp32", False, True), ("amx tiles", True, False),
+    ("dot-product tiles", False, False), ("dot-product tiles", True, True)])
+def test_bf16_at_a_quarter_is_measured_unless_its_engine_matches_dense_bf16(measuring, monkeypatch, engine,
+                                                                            has_amx, measured):
+    if "cpu" not in sk.kernels.available_backends("bsr_forward", CPU, torch.bfloat16):
+        pytest.skip("the cpu backend is not built")
+    from sparsekern.kernels.bsr import cpu as bsr_cpu
+    monkeypatch.setattr(bsr_cpu, "bf16_engine", lambda block_size: engine)
+    monkeypatch.setattr(bsr_cpu, "_cpu_has_amx_bf16", lambda: has_amx)
+    layer = sk.SparseLinear(64, 64, block_size=16, density=0.25, dtype=torch.bfloat16)
+    layer(torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)).sum().backward()
+    decided = set(floor.floor_decisions().values())
+    assert decided == ({"measuring"} if measured else {"cpu"})
+
+
+def test_fp16_at_a_quarter_is_measured_where_the_cpu_has_fp16_arithmetic(measuring, monkeypatch):
+    if "cpu" not in sk.kernels.available_backends("bsr_forward", CPU, torch.float16):
+        pytest.skip("the cpu backend is not built")
+    monkeypatch.setattr(floor, "fp16_without_hardware", lambda: False)
+    layer = sk.SparseLinear(64, 64, block_size=16, density=0.25, dtype=torch.float16)
+    layer(torch.randn(8, 64, dtype=torch.float16, requires_grad=True)).sum().backward()
+    assert set(floor.floor_decisions().values()) == {"measuring"}
+
+
 def test_mode_is_read_from_the_environment_and_checked(monkeypatch):
     monkeypatch.setattr(floor, "_mode", None)
     monkeypatch.setenv("SPARSEKERN_FLOOR", "off")
