@@ -6,8 +6,8 @@
 # is the number of stages that failed. About an hour on 2 cores.
 #
 #   bench/cpu_tables.sh                 # all stages
-#   bench/cpu_tables.sh bsr lowrank     # some: bsr bsr_bf16 semi semi_bf16 lowrank lowrank_bf16
-#                                       #       conv conv_bf16 gpt cnn cnn_bf16
+#   bench/cpu_tables.sh bsr lowrank     # some: bsr bsr_bf16 bsr_warmup semi semi_bf16 lowrank
+#                                       #       lowrank_bf16 conv conv_bf16 gpt cnn cnn_bf16
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results/cpu-$(date +%Y%m%d-%H%M)}
@@ -32,6 +32,7 @@ bsr=(python3 bench/bench_bsr_linear.py --in-features 4096 --out-features 4096 --
      --no-torch-bsr --reps 3 --threads 2)
 stage bsr "${bsr[@]}" --blocks 32 16 --json "$out/bsr_linear.jsonl"
 stage bsr_bf16 "${bsr[@]}" --dtype bf16 --blocks 32 16 --json "$out/bsr_linear.jsonl"
+stage bsr_warmup python3 bench/bench_bsr_warmup.py --threads 2 --json "$out/bsr_warmup.jsonl"
 stage semi python3 bench/bench_semi_linear.py --threads 2 --repeats 5 --json "$out/semi_linear.jsonl"
 stage semi_bf16 python3 bench/bench_semi_linear.py --threads 2 --repeats 5 --dtype bfloat16 \
   --json "$out/semi_linear.jsonl"

@@ -17,6 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REGISTRY = {
     "bsr_linear": "bench_bsr_linear",
     "bsr_triton": "bench_bsr_triton",
+    "bsr_warmup": "bench_bsr_warmup",
     "per_sample_grads": "bench_per_sample_grads",
     "conv2d": "bench_conv2d",
     "semi_linear": "bench_semi_linear",

@@ -1,5 +1,5 @@
 """The benchmark scripts: bench/run.py names every one, each name runs a main(argv), the layer
-benchmarks' --device refuses a GPU that is not there, and the per-sample gradient benchmark runs."""
+benchmarks' --device refuses a GPU that is not there, and the per-sample gradient and warm-up benchmarks run."""
 import ast
 import importlib.util
 import json
@@ -59,3 +59,16 @@ def test_per_sample_gradient_benchmark_runs_and_names_the_cpu(tmp_path):
     assert [row["kind"] for row in rows] == ["bsr", "semi", "lowrank", "conv"]
     assert all(row["bench"] == "per_sample_grads" and row["cpu"] and row["backend"] and row["ratio"] > 0
                for row in rows)
+
+
+def test_warmup_benchmark_times_every_call_after_each_predecessor(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    result = subprocess.run([sys.executable, str(BENCH / "bench_bsr_warmup.py"), "--dtype", "fp32", "--tokens", "32",
+                             "--features", "64", "--block", "16", "--densities", "0.5", "--calls", "3", "--rounds", "1",
+                             "--pause-ms", "1", "--threads", "1", "--json", str(rows)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [row["before"] for row in rows] == ["back to back", "after dense", "after 1 ms idle"]
+    assert all(row["bench"] == "bsr_warmup" and row["cpu"] and row["isa"] and len(row["call_ms"]) == 3
+               and row["dense_ms"] > 0 for row in rows)
