@@ -1,7 +1,7 @@
 """bf16 block-sparse products on tile steps (csrc/bsr/bf16_products.h) against fp64, on both
 engines: AMX tiles (the amx path) and AVX512-BF16 dot products (the avx512 path of a CPU with
-AVX512-BF16); blocks of a multiple of 16 that are not whole 32 x 32 tiles run on the dot
-products on the avx512 path (the amx path widens them to fp32, within the same bound). The bound is the dense bf16 GEMM's: fp32 accumulation, one rounding on
+AVX512-BF16); blocks of a multiple of 16 that are not whole 32 x 32 tiles run 16-column strips
+on each (half-depth AMX tiles, or dot products). The bound is the dense bf16 GEMM's: fp32 accumulation, one rounding on
 output, so the error may not exceed torch's bf16 matmul on the same operands (plus one bf16
 rounding step). Each engine's tests skip on a CPU that cannot run it."""
 import os
@@ -36,7 +36,7 @@ CASES = {
     "b64x32-M64": ((128, 96), (64, 32), 0.6, 64, (0,)),
     # rows of x and dy 4 KiB apart (one L1 set): the dot engine's register blocks of 8 rows
     "b32-M45-rows-in-one-l1-set": ((2048, 2048), 32, 0.05, 45, ()),
-    # sides of a multiple of 16, not whole 32 x 32 tiles: 16-column dot-product strips, 16 x 16 dW tiles
+    # sides of a multiple of 16, not whole 32 x 32 tiles: 16-column strips, 16 x 16 dW tiles
     "b16-M100": ((128, 160), 16, 0.4, 100, ()),
     "b16-M31-empty-row": ((64, 48), 16, 0.5, 31, (2,)),
     "b48-M70": ((96, 144), 48, 0.5, 70, ()),
@@ -239,14 +239,14 @@ def test_grad_weight_runs_on_every_thread(engine):
                                             ("portable", False)])
 def test_bf16_engine_names_what_computes_each_block_shape(path, portable):
     """cpu.bf16_engine (what the benchmarks and `sparsekern info` report) follows the dispatch:
-    whole 32 x 32 tiles on the path's tile engine, other multiples of 16 on dot-product strips
-    (the avx512 path only), the rest widened."""
+    whole 32 x 32 tiles on the path's tile engine, other multiples of 16 on its 16-column
+    strips, the rest widened."""
     if path not in microkernel.runnable_isas():
         pytest.skip(f"the {path} path does not run on this CPU")
     with on_path("bsr", (path, portable)):
         isa = microkernel.microkernel_isa("bsr")
         tiles = {"avx512f+amx": "amx tiles", "avx512f+avx512_bf16": "dot-product tiles"}.get(isa, "widened to fp32")
-        strips = "dot-product strips" if isa == "avx512f+avx512_bf16" else "widened to fp32"
+        strips = {"avx512f+amx": "amx strips", "avx512f+avx512_bf16": "dot-product strips"}.get(isa, "widened to fp32")
         assert [cpu.bf16_engine(b) for b in (32, 64, (32, 64))] == [tiles] * 3
         assert [cpu.bf16_engine(b) for b in (16, 48, (16, 32), (32, 16))] == [strips] * 4
         assert [cpu.bf16_engine(b) for b in (8, (32, 8), 24, 1)] == ["widened to fp32"] * 4

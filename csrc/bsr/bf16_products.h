@@ -1,9 +1,10 @@
 // bf16 block-sparse products on tile steps (common/amx.h): bf16 in and out, fp32
 // accumulation, one rounding on output. Blocks whose sides are multiples of 32 run 32 x 32
 // steps on the Engine: AMX tiles (AmxEngine) or AVX512-BF16 dot products on CPUs without AMX
-// (DotEngine); packing and loop nests are the same for both. On the dot-product path the
-// forward and dX of other blocks of a multiple of 16 run common::grouped_product on dot
-// products, their dW bf16_sampled_product with 16 x 16 tiles on DotEngine16.
+// (DotEngine); packing and loop nests are the same for both. Other blocks of a multiple of 16
+// run 32 x 16 steps of K 16 on AMX (AmxStripEngine) and dW 16 x 16 tiles (AmxEngine16); on
+// the dot-product path their forward and dX run common::grouped_product on dot products, their
+// dW bf16_sampled_product with 16 x 16 tiles on DotEngine16.
 //
 // bf16_grouped_product: forward and dX, the same loop nest as grouped_product (fp32):
 //   A (X or dY) is read in place, 32 rows a tile (a zero-padded copy of the last
@@ -39,7 +40,6 @@ namespace bsr {
 #ifdef SPARSEKERN_AMX_BUILD
 using common::bf16;
 using common::kAmxTile;
-using common::kVnniTile;
 
 constexpr int64_t kAmxABlockBytes = 1 << 20;   // rows of A kept in L2 across the groups (best of 256 KiB-4 MiB)
 // dW: packed X of one token chunk (2048 tokens at 4096 columns). With blocks in super-block
@@ -69,33 +69,42 @@ SPARSEKERN_AMX inline void strip_token_pairs(const bf16* src, int64_t M, int64_t
   }
 }
 
-// dst (VNNI 32 x 32) = B[k][n] = transpose ? v[n * ldv + k] : v[k * ldv + n], k, n < 32.
+// dst (VNNI KS x NW) = B[k][n] = transpose ? v[n * ldv + k] : v[k * ldv + n], k < KS, n < NW:
+// KS / 2 rows of NW pair words.
+template <int KS, int NW>
 SPARSEKERN_AMX inline void pack_vnni_tile(const bf16* v, int64_t ldv, bool transpose, bf16* dst) {
-  int32_t* out = reinterpret_cast<int32_t*>(dst);  // 16 rows (k / 2) of 32 pair words (n)
+  static_assert((KS == 32 || KS == 16) && (NW == 32 || NW == 16), "tiles of 32 or 16");
+  int32_t* out = reinterpret_cast<int32_t*>(dst);
   if (transpose) {  // the pair word (k, n) is word k / 2 of row n of v: rows of words, transposed
     __m512i r[16];
-    for (int h = 0; h < 2; ++h) {
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(v + (16 * h + i) * ldv);
+    for (int h = 0; h < NW / 16; ++h) {
+      for (int i = 0; i < 16; ++i) {
+        const bf16* row = v + (16 * h + i) * ldv;
+        r[i] = KS == 32 ? _mm512_loadu_si512(row) : common::load_16(row);
+      }
       common::transpose_16x16_epi32(r);
-      for (int k = 0; k < 16; ++k) _mm512_storeu_si512(out + k * 32 + 16 * h, r[k]);
+      for (int k = 0; k < KS / 2; ++k) _mm512_storeu_si512(out + k * NW + 16 * h, r[k]);
     }
-  } else {  // rows 2r and 2r + 1 of v interleaved: a strip of 32 tokens
-    strip_token_pairs<kAmxTile>(v, kAmxTile, ldv, 16, 0, out);
+  } else {  // rows 2r and 2r + 1 of v interleaved: a strip of KS tokens
+    strip_token_pairs<NW>(v, KS, ldv, KS / 2, 0, out);
   }
 }
 
-// out (M, G * g) = per group i: sum_p A[:, seg[p]*w : +w] @ B_p (+ bias), as grouped_product.
-template <typename Engine>
+// out (M, G * g) = per group i: sum_p A[:, seg[p]*w : +w] @ B_p (+ bias), as grouped_product, in
+// output tiles of 32 rows x NW columns and K steps of KS (32 and 32 on AmxEngine and DotEngine,
+// 16 and 16 on AmxStripEngine).
+template <typename Engine, int NW = kAmxTile, int KS = kAmxTile>
 void bf16_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* values, int64_t br, int64_t bc,
                                 bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
                                 const int64_t* seg, bf16* out, const bf16* bias) {
+  constexpr int64_t kVnni = KS * NW;  // elements of one packed B operand
   const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
-  const int64_t nsub = g / kAmxTile, ksteps = w / kAmxTile, nnz = offsets[G];
+  const int64_t nsub = g / NW, ksteps = w / KS, nnz = offsets[G];
   const int64_t mtiles = (M + kAmxTile - 1) / kAmxTile;
   if (M == 0 || N == 0) return;
 
   // Packed B: group i, sub-tile s, member q, K step u at ((first_i * nsub + s * count_i + q) * ksteps + u).
-  at::Tensor packed_buf = scratch(std::max<int64_t>(1, nnz * nsub * ksteps) * kVnniTile, at::kBFloat16);
+  at::Tensor packed_buf = scratch(std::max<int64_t>(1, nnz * nsub * ksteps) * kVnni, at::kBFloat16);
   bf16* packed = packed_buf.data_ptr<bf16>();
   common::parallel_for_work(G, nnz * br * bc / 16, [&](int64_t g0, int64_t g1) {
     for (int64_t i = g0; i < g1; ++i) {
@@ -104,9 +113,8 @@ void bf16_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* valu
         const bf16* v = values + (blk ? blk[first + q] : first + q) * br * bc;
         for (int64_t s = 0; s < nsub; ++s) {
           for (int64_t u = 0; u < ksteps; ++u) {
-            const bf16* corner = transpose ? v + s * kAmxTile * bc + u * kAmxTile
-                                           : v + u * kAmxTile * bc + s * kAmxTile;
-            pack_vnni_tile(corner, bc, transpose, packed + ((first * nsub + s * count + q) * ksteps + u) * kVnniTile);
+            const bf16* corner = transpose ? v + s * NW * bc + u * KS : v + u * KS * bc + s * NW;
+            pack_vnni_tile<KS, NW>(corner, bc, transpose, packed + ((first * nsub + s * count + q) * ksteps + u) * kVnni);
           }
         }
       }
@@ -114,7 +122,7 @@ void bf16_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* valu
   });
   std::vector<int64_t> a_off(std::max<int64_t>(1, nnz * ksteps));  // column of A of member p's K step u
   for (int64_t p = 0; p < nnz; ++p) {
-    for (int64_t u = 0; u < ksteps; ++u) a_off[p * ksteps + u] = seg[p] * w + u * kAmxTile;
+    for (int64_t u = 0; u < ksteps; ++u) a_off[p * ksteps + u] = seg[p] * w + u * KS;
   }
   // The last rows, zero-padded to a full tile: the tile loads read 32 rows.
   const int64_t tail_rows = M % kAmxTile;
@@ -130,28 +138,28 @@ void bf16_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* valu
     for (int64_t i = 0; i < G; ++i) {
       items.push_back({i, t0, t1});
       const int64_t count = offsets[i + 1] - offsets[i];
-      prefix.push_back(prefix.back() + (count * ksteps + kAmxItemOverhead) * nsub * (t1 - t0) * kAmxTile * kVnniTile);
+      prefix.push_back(prefix.back() + (count * ksteps + kAmxItemOverhead) * nsub * (t1 - t0) * kAmxTile * kVnni);
     }
   }
   common::parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
     Engine engine;
-    alignas(64) float acc[kAmxTile * kAmxTile];
+    alignas(64) float acc[kAmxTile * NW];
     for (int64_t idx = begin; idx < end; ++idx) {
       const Item& it = items[idx];
       const int64_t first = offsets[it.group], count = offsets[it.group + 1] - first;
       for (int64_t s = 0; s < nsub; ++s) {
-        const int64_t c0 = it.group * g + s * kAmxTile;
-        const bf16* bs = packed + (first * nsub + s * count) * ksteps * kVnniTile;
+        const int64_t c0 = it.group * g + s * NW;
+        const bf16* bs = packed + (first * nsub + s * count) * ksteps * kVnni;
         for (int64_t t = it.t0; t < it.t1; ++t) {
           const int64_t r0 = t * kAmxTile, rows = std::min<int64_t>(kAmxTile, M - r0);
           const bf16* arows = rows == kAmxTile ? a + r0 * Ka : tail.data();
           if (count == 0) {
-            std::fill(acc, acc + kAmxTile * kAmxTile, 0.0f);
+            std::fill(acc, acc + kAmxTile * NW, 0.0f);
           } else {
-            engine.tile(arows, Ka, a_off.data() + first * ksteps, bs, int64_t(64), kVnniTile, count * ksteps, acc,
-                        int64_t(kAmxTile), false);
+            engine.tile(arows, Ka, a_off.data() + first * ksteps, bs, int64_t(2 * NW), kVnni, count * ksteps, acc,
+                        int64_t(NW), false);
           }
-          common::store_tile_bf16(acc, rows, bias ? bias + c0 : nullptr, out + r0 * N + c0, N);
+          common::store_tile_bf16<NW / 16>(acc, rows, bias ? bias + c0 : nullptr, out + r0 * N + c0, N);
         }
       }
     }

@@ -64,10 +64,9 @@ at::Tensor in_compute_type(const at::Tensor& t) {
 
 // What computes bf16 products of (br, bc) blocks on the current path: whole 32 x 32 tiles on AMX
 // (the amx path) or on AVX512-BF16 dot products (the avx512 path of a CPU that has them); other
-// blocks of a multiple of 16 on dot-product strips of 16 columns, on the avx512 path only (the
-// amx path widens them, as it does the conv products: on the Xeon the fp32 kernels outran the dot
-// products, docs/design.md); everything else widened to fp32.
-enum class Bf16Engine { kWidened, kAmxTiles, kDotTiles, kDotStrips };
+// blocks of a multiple of 16 on 16-column strips, on AMX at half depth (the amx path) or on dot
+// products (the avx512 path); everything else widened to fp32.
+enum class Bf16Engine { kWidened, kAmxTiles, kDotTiles, kAmxStrips, kDotStrips };
 
 Bf16Engine bf16_engine(int64_t br, int64_t bc) {
 #ifdef SPARSEKERN_AMX_BUILD
@@ -75,7 +74,10 @@ Bf16Engine bf16_engine(int64_t br, int64_t bc) {
     if (common::amx_tiles()) return Bf16Engine::kAmxTiles;
     if (common::dot_bf16_tiles()) return Bf16Engine::kDotTiles;
   }
-  if (br % 16 == 0 && bc % 16 == 0 && common::dot_bf16_tiles()) return Bf16Engine::kDotStrips;
+  if (br % 16 == 0 && bc % 16 == 0) {
+    if (common::amx_tiles()) return Bf16Engine::kAmxStrips;
+    if (common::dot_bf16_tiles()) return Bf16Engine::kDotStrips;
+  }
 #endif
   return Bf16Engine::kWidened;
 }
@@ -91,6 +93,7 @@ std::string bf16_engine_name(int64_t br, int64_t bc) {
   switch (bf16_engine(br, bc)) {
     case Bf16Engine::kAmxTiles: return "amx tiles";
     case Bf16Engine::kDotTiles: return "dot-product tiles";
+    case Bf16Engine::kAmxStrips: return "amx strips";
     case Bf16Engine::kDotStrips: return "dot-product strips";
     default: return "widened to fp32";
   }
@@ -129,6 +132,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   };
   if (engine == Bf16Engine::kAmxTiles) return tiles(std::type_identity<common::AmxEngine>{});
   if (engine == Bf16Engine::kDotTiles) return tiles(std::type_identity<common::DotEngine>{});
+  if (engine == Bf16Engine::kAmxStrips) {
+    bf16_grouped_product<common::AmxStripEngine, 16, 16>(
+        x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true, row_offsets.data_ptr<int64_t>(),
+        RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<bf16>(), has_bias ? bias->data_ptr<bf16>() : nullptr);
+    return y;
+  }
   if (engine == Bf16Engine::kDotStrips) {
     grouped_product<bf16, bf16, 16, true>(x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true,
                                           row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(),
@@ -173,6 +182,12 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   };
   if (engine == Bf16Engine::kAmxTiles) return tiles(std::type_identity<common::AmxEngine>{});
   if (engine == Bf16Engine::kDotTiles) return tiles(std::type_identity<common::DotEngine>{});
+  if (engine == Bf16Engine::kAmxStrips) {
+    bf16_grouped_product<common::AmxStripEngine, 16, 16>(
+        dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc, /*transpose=*/false, col_offsets.data_ptr<int64_t>(),
+        CB, t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(), dx.data_ptr<bf16>(), nullptr);
+    return dx;
+  }
   if (engine == Bf16Engine::kDotStrips) {
     grouped_product<bf16, bf16, 16, true>(dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc,
                                           /*transpose=*/false, col_offsets.data_ptr<int64_t>(), CB,
@@ -217,6 +232,12 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   };
   if (engine == Bf16Engine::kAmxTiles) return tiles(std::type_identity<common::AmxEngine>{});
   if (engine == Bf16Engine::kDotTiles) return tiles(std::type_identity<common::DotEngine>{});
+  if (engine == Bf16Engine::kAmxStrips) {
+    bf16_sampled_product<common::AmxEngine16, 16>(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc,
+                                                  row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(),
+                                                  nnz, dvalues.data_ptr<bf16>());
+    return dvalues;
+  }
   if (engine == Bf16Engine::kDotStrips) {
     bf16_sampled_product<common::DotEngine16, 16>(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc,
                                                   row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(),

@@ -36,7 +36,6 @@ namespace common {
 using bf16 = c10::BFloat16;
 
 constexpr int kAmxTile = 32;          // output tile and K step of amx_tile_32x32
-constexpr int64_t kVnniTile = 32 * 32;  // elements of one packed 32 x 32 B operand
 
 // The CPU has AMX-TILE and AMX-BF16 and the kernel granted this process the tile state.
 inline bool amx_bf16_usable() {
@@ -81,14 +80,21 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Configures this thread's eight tiles for amx_tile_32x32 while alive.
+// The shape of a tile step's eight tiles: tiles 0-3 hold C, 4-5 A, 6-7 B.
+struct TileShape {
+  int c_cols, a_cols, b_rows;  // fp32 columns of a C tile, bf16 columns (K) of an A tile, pair rows of B
+};
+constexpr TileShape kFullTiles{16, 32, 16};   // amx_tile_32x32 and amx_tile_16x16
+constexpr TileShape kHalfDepth{16, 16, 8};    // amx_strip_32x16: K steps of 16
+
+// Configures this thread's eight tiles (16 rows, or `b_rows` for B) while alive.
 class AmxTiles {
  public:
-  SPARSEKERN_AMX AmxTiles() {
+  SPARSEKERN_AMX explicit AmxTiles(TileShape shape = kFullTiles) {
     TileConfig config;
     for (int t = 0; t < 8; ++t) {
-      config.colsb[t] = 64;
-      config.rows[t] = 16;
+      config.colsb[t] = uint16_t(t < 4 ? 4 * shape.c_cols : t < 6 ? 2 * shape.a_cols : 64);
+      config.rows[t] = uint8_t(t < 6 ? 16 : shape.b_rows);
     }
     // GCC models LDTILECFG as reading one byte: without this barrier it drops the stores above.
     __asm__ __volatile__("" : : "r"(&config) : "memory");
@@ -132,6 +138,54 @@ SPARSEKERN_AMX inline void amx_tile_32x32(const bf16* a, int64_t lda, const int6
   _tile_stored(1, c + 16, sc);
   _tile_stored(2, c + 16 * ldc, sc);
   _tile_stored(3, c + 16 * ldc + 16, sc);
+}
+
+// Blocks of a multiple of 16 that are not whole 32 x 32 tiles, on the same tiles at half the
+// width and depth (tiles configured with kHalfDepth): c (32 x 16 fp32) = [c +] sum_j A_j B_j over
+// K steps of 16, A_j = a + a_off[j] (32 rows x 16 bf16, row stride lda), B_j = b + j * b_step
+// (VNNI, 8 rows of 32 bf16: 16 columns, row stride ldb). Two TDPBF16PS per step: a half-depth
+// product takes the tile unit about as long as a full one, so this runs at about half
+// amx_tile_32x32's rate, several times the fp32 kernels' that blocks of 16 would widen to.
+SPARSEKERN_AMX inline void amx_strip_32x16(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
+                                           int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
+                                           bool accumulate) {
+  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+    _tile_loadd(1, c + 16 * ldc, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+  }
+  for (int64_t j = 0; j < steps; ++j, b += b_step) {
+    const bf16* aj = a + a_off[j];
+    _tile_loadd(4, aj, sa);
+    _tile_loadd(5, aj + 16 * lda, sa);
+    _tile_loadd(6, b, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+  }
+  _tile_stored(0, c, sc);
+  _tile_stored(1, c + 16 * ldc, sc);
+}
+
+// dW's 16 x 16 tiles of such blocks (tiles configured with kFullTiles): c (16 x 16 fp32) =
+// [c +] sum_j A_j B_j over K steps of 32, A_j 16 rows x 32 bf16, B_j VNNI 16 rows of 32 bf16.
+SPARSEKERN_AMX inline void amx_tile_16x16(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
+                                          int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
+                                          bool accumulate) {
+  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+  } else {
+    _tile_zero(0);
+  }
+  for (int64_t j = 0; j < steps; ++j, b += b_step) {
+    _tile_loadd(4, a + a_off[j], sa);
+    _tile_loadd(6, b, sb);
+    _tile_dpbf16ps(0, 4, 6);
+  }
+  _tile_stored(0, c, sc);
 }
 
 // Rows [0, R) of amx_tile_32x32's step on VDPBF16PS (each fp32 lane += the two products of
@@ -191,6 +245,16 @@ struct AmxEngine {  // AMX tiles, configured while the engine lives
   AmxTiles tiles;
   template <typename... Args>
   void tile(Args... args) { amx_tile_32x32(args...); }
+};
+struct AmxStripEngine {  // amx_strip_32x16: forward and dX of blocks of a multiple of 16
+  AmxTiles tiles{kHalfDepth};
+  template <typename... Args>
+  void tile(Args... args) { amx_strip_32x16(args...); }
+};
+struct AmxEngine16 {  // amx_tile_16x16: dW of the same blocks
+  AmxTiles tiles;
+  template <typename... Args>
+  void tile(Args... args) { amx_tile_16x16(args...); }
 };
 struct DotEngine {  // AVX512-BF16 dot products (CPUs without AMX)
   int64_t lda = -1;     // A's row stride the block size below was chosen for

@@ -51,8 +51,9 @@ def unavailable(device, dtype):
 def bf16_engine(block_size):
     """What computes bfloat16 products of ``block_size`` blocks (an int, or (rows, cols)) on the
     current path: "amx tiles" (sides multiples of 32, the amx path), "dot-product tiles" (the
-    same blocks on AVX512-BF16 dot products, the avx512 path), "dot-product strips" (other
-    multiples of 16, the avx512 path), "widened to fp32", or "unavailable" (extension not built)."""
+    same blocks on AVX512-BF16 dot products, the avx512 path), "amx strips" / "dot-product
+    strips" (other multiples of 16: 16-column strips on half-depth AMX tiles, the amx path, or
+    on dot products, the avx512 path), "widened to fp32", or "unavailable" (extension not built)."""
     module = load_extension("bsr")
     if module is None:
         return "unavailable"
@@ -87,9 +88,10 @@ def _shape_class(a, _, layout, bias=None):
 def _sparse_enough(a, _, layout, bias=None):
     # At most a quarter of the dense work, computed in the call's own arithmetic: the kernels
     # won >= 2x there on every CPU measured (AVX2 kernels against MKL's AVX-512 code included).
-    # Half-precision calls widened to fp32, or on dot products where dense bf16 has AMX tiles,
-    # face a dense GEMM several times faster per multiply-add (block 16 bf16 on an AMX Xeon: the
-    # widened kernels' step 0.48x of dense bf16 at a quarter), so those are measured.
+    # Half-precision calls widened to fp32, on dot products where dense bf16 has AMX tiles, or on
+    # half-depth AMX strips face a dense GEMM faster per multiply-add (on an AMX Xeon, block 16
+    # bf16 widened: a step 0.48x of dense bf16 at a quarter; on AMX strips: forward 1.6x), so
+    # those are measured.
     grid = layout.grid
     return 4 * layout.nnz_blocks <= grid[0] * grid[1] and _native_speed(a.dtype, layout.block_size)
 
