@@ -1,7 +1,9 @@
-"""bf16 conv products on AVX512-BF16 dot products (csrc/conv/dot_bf16.h: the avx512 path of a
-CPU that has them, square blocks of a multiple of 16 channels) against fp64, with the bound the dense bf16
-conv sets: fp32 accumulation and one rounding on output, so the error may not exceed torch's
-bf16 conv on the same operands plus one bf16 rounding step. Skipped on a CPU without the path."""
+"""bf16 conv products on tile steps (square blocks of a multiple of 16 channels): AMX tiles on
+the amx path, AVX512-BF16 dot products on the avx512 path of a CPU that has them
+(csrc/conv/dot_bf16.h, common/dot_rows.h), against fp64, with the bound the dense bf16 conv
+sets: fp32 accumulation and one rounding on output, so the error may not exceed torch's bf16
+conv on the same operands plus one bf16 rounding step. Each engine's tests skip on a CPU
+without its path."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,13 +37,20 @@ CASES = {
 }
 
 
-@pytest.fixture
-def dot_path():
-    if "avx512" not in microkernel.runnable_isas():
-        pytest.skip("the avx512 path does not run on this CPU")
-    with on_path("conv", ("avx512", False)):
-        if microkernel.microkernel_isa("conv") != "avx512f+avx512_bf16":
-            pytest.skip(f"no AVX512-BF16 on this CPU (the avx512 path reports {microkernel.microkernel_isa('conv')})")
+# engine -> (path, what the conv extension then reports)
+ENGINES = {"amx": ("amx", "avx512f+amx"), "dot": ("avx512", "avx512f+avx512_bf16")}
+
+
+@pytest.fixture(params=list(ENGINES))
+def dot_path(request):
+    """The conv kernels on a bf16 tile engine's path, or a skip where the CPU lacks it."""
+    path, reported = ENGINES[request.param]
+    if path not in microkernel.runnable_isas():
+        pytest.skip(f"the {path} path does not run on this CPU")
+    with on_path("conv", (path, False)):
+        if microkernel.microkernel_isa("conv") != reported:
+            pytest.skip(f"no {request.param} engine on this CPU (the {path} path reports "
+                        f"{microkernel.microkernel_isa('conv')})")
         yield
 
 
@@ -114,7 +123,7 @@ def test_results_do_not_depend_on_thread_count(dot_path, threads):
                                  threads)
 
 
-def test_sparse_conv2d_trains_in_bf16_on_dot_products(dot_path):
+def test_sparse_conv2d_trains_in_bf16_on_tiles(dot_path):
     torch.manual_seed(0)
     layer = sk.SparseConv2d(64, 64, 3, padding=1, block_size=32, density=0.75, dtype=torch.bfloat16)
     x = torch.randn(2, 64, 6, 7, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)

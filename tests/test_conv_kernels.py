@@ -124,7 +124,7 @@ def test_backward_gives_both_gradients_and_the_bias_at_once(backend, name, chann
 def test_cpu_microkernel_switch():
     best = microkernel.microkernel_isa("conv")
     avx512 = "avx512f+avx512_bf16" if cpu_flags()["avx512_bf16"] else "avx512f"  # bf16 on dot products
-    assert best == {"amx": "avx512f", "avx512": avx512, "avx2": "avx2-fma",
+    assert best == {"amx": "avx512f+amx", "avx512": avx512, "avx2": "avx2-fma",
                     "portable": "portable"}[microkernel.cpu_isa()]
     for name, portable_loops, runs in [("portable", False, "portable"), ("avx512", True, "portable-wide")]:
         microkernel.set_isa("conv", name, portable_loops)

@@ -188,6 +188,46 @@ SPARSEKERN_AMX inline void amx_tile_16x16(const bf16* a, int64_t lda, const int6
   _tile_stored(0, c, sc);
 }
 
+// The dot_rows contract on AMX for the conv products' tiles (R <= 16 pixels or channels of a
+// block): c (R x 16 NV fp32) [+]= sum over `steps` K steps of 2 KP of A (R rows lda apart, step j
+// at a + a_off[j]) times B (VNNI, KP pair rows ldb apart, step j at b + j * b_step). The tiles
+// are configured for R rows on each call and released after it: tile shapes differ between the
+// calls of one output row (its last, shorter tile), and a call runs a block's taps, dozens of
+// tile products.
+template <int R, int NV, int KP>
+SPARSEKERN_AMX void amx_rows(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b, int64_t ldb,
+                             int64_t b_step, int64_t steps, float* c, int64_t ldc, bool accumulate) {
+  static_assert(R >= 1 && R <= 16 && (NV == 1 || NV == 2) && (KP == 8 || KP == 16), "tiles of the conv products");
+  TileConfig config;
+  for (int t = 0; t < NV; ++t) {
+    config.colsb[t] = 64, config.rows[t] = R;              // C: R rows of 16 fp32
+    config.colsb[6 + t] = 64, config.rows[6 + t] = KP;     // B: KP pair rows of 16 columns
+  }
+  config.colsb[4] = uint16_t(4 * KP), config.rows[4] = R;  // A: R rows of 2 KP bf16
+  __asm__ __volatile__("" : : "r"(&config) : "memory");   // see AmxTiles
+  _tile_loadconfig(&config);
+  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+    if constexpr (NV == 2) _tile_loadd(1, c + 16, sc);
+  } else {
+    _tile_zero(0);
+    if constexpr (NV == 2) _tile_zero(1);
+  }
+  for (int64_t j = 0; j < steps; ++j, b += b_step) {
+    _tile_loadd(4, a + a_off[j], sa);
+    _tile_loadd(6, b, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NV == 2) {
+      _tile_loadd(7, b + 32, sb);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  if constexpr (NV == 2) _tile_stored(1, c + 16, sc);
+  _tile_release();
+}
+
 // Rows [0, R) of amx_tile_32x32's step on VDPBF16PS (each fp32 lane += the two products of
 // a bf16 pair): 2R accumulators of 16 lanes (R = 12: 24 of the 32 zmm), per K pair two B
 // vectors (VNNI row k / 2: the pair words of columns 0-15 and 16-31) against R broadcast

@@ -34,17 +34,24 @@ DotRows dot_rows_of(int rows, std::integer_sequence<int, R...>) {
   DotRows table[] = {&dot_rows<R + 1, NR / 16, KP>...};
   return table[rows - 1];
 }
+template <int NR, int KP, int... R>
+DotRows amx_rows_of(int rows, std::integer_sequence<int, R...>) {
+  DotRows table[] = {&amx_rows<R + 1, NR / 16, KP>...};
+  return table[rows - 1];
+}
 #endif
 
-// The dot-product tile step for `rows` rows (1 <= rows <= kMaxTileRows), NR columns, K steps of 2 KP.
+// The bf16 tile step of the path for `rows` rows (1 <= rows <= kMaxTileRows), NR columns, K steps
+// of 2 KP: AMX tiles on the amx path, AVX512-BF16 dot products on the avx512 path.
 template <int NR, int KP>
 DotRows dot_rows_kernel(int rows) {
 #ifdef SPARSEKERN_AMX_BUILD
   if (rows >= 1 && rows <= kMaxTileRows) {
-    return dot_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxTileRows>{});
+    return amx_tiles() ? amx_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxTileRows>{})
+                       : dot_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxTileRows>{});
   }
 #endif
-  throw std::logic_error("no bf16 dot-product tile of this many rows on this build");
+  throw std::logic_error("no bf16 tile step of this many rows on this build");
 }
 
 // The tile steps for `tiles` (first, rows): the dot products (K steps of 2 KP) with kPairs, else

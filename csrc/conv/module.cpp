@@ -42,11 +42,13 @@ void check_activation(const at::Tensor& t, const char* name, int64_t channels, c
   TORCH_CHECK(t.size(1) == channels, name, " has ", t.size(1), " channels, expected ", channels, " (", what, ")");
 }
 
-// bf16 products on AVX512-BF16 dot products: the avx512 path of a CPU that has them, square
-// blocks of a multiple of 16 channels (strips of dot_strip columns both ways: output columns
-// and K steps of the gathers, dW's columns). Elsewhere bf16 is widened to fp32.
+// bf16 products on AMX tiles (the amx path) or AVX512-BF16 dot products (the avx512 path of a
+// CPU that has them), square blocks of a multiple of 16 channels (strips of dot_strip columns
+// both ways: output columns and K steps of the gathers, dW's columns). Elsewhere bf16 is
+// widened to fp32.
 bool dot_bf16_gathers(const at::Tensor& t, const Geometry& geo) {
-  return t.scalar_type() == at::kBFloat16 && common::dot_bf16_tiles() && geo.bo == geo.bi && geo.bo % 16 == 0;
+  return t.scalar_type() == at::kBFloat16 && (common::amx_tiles() || common::dot_bf16_tiles()) &&
+         geo.bo == geo.bi && geo.bo % 16 == 0;
 }
 
 // f(storage tag, compute tag, pairs): bf16 pairs on dot products where dot_bf16_gathers holds,
@@ -302,5 +304,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 // Controls, not products: plain module functions.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   sparsekern::common::def_output_cache(m);
-  sparsekern::common::def_path_controls(m, sparsekern::common::Bf16Products::kDot);
+  sparsekern::common::def_path_controls(m, sparsekern::common::Bf16Products::kDotAndAmx);
 }
