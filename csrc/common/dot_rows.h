@@ -41,14 +41,23 @@ DotRows amx_rows_of(int rows, std::integer_sequence<int, R...>) {
 }
 #endif
 
-// The bf16 tile step of the path for `rows` rows (1 <= rows <= kMaxTileRows), NR columns, K steps
-// of 2 KP: AMX tiles on the amx path, AVX512-BF16 dot products on the avx512 path.
+// Most rows of a bf16 tile step on any path: an AMX tile's 16 (the dot products stop at kMaxTileRows).
+constexpr int kMaxBf16TileRows = 16;
+
+// Rows of the bf16 tile steps on the current path: AMX tiles take 16 (an output row of 16 pixels
+// in one tile, not two of 8), dot products `dot_rows` (their register and L1 limits).
+inline int bf16_tile_rows(int dot_rows) { return amx_tiles() ? kMaxBf16TileRows : dot_rows; }
+
+// The bf16 tile step of the path for `rows` rows (1 <= rows <= bf16_tile_rows), NR columns, K
+// steps of 2 KP: AMX tiles on the amx path, AVX512-BF16 dot products on the avx512 path.
 template <int NR, int KP>
 DotRows dot_rows_kernel(int rows) {
 #ifdef SPARSEKERN_AMX_BUILD
-  if (rows >= 1 && rows <= kMaxTileRows) {
-    return amx_tiles() ? amx_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxTileRows>{})
-                       : dot_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxTileRows>{});
+  if (amx_tiles() && rows >= 1 && rows <= kMaxBf16TileRows) {
+    return amx_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxBf16TileRows>{});
+  }
+  if (!amx_tiles() && rows >= 1 && rows <= kMaxTileRows) {
+    return dot_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxTileRows>{});
   }
 #endif
   throw std::logic_error("no bf16 tile step of this many rows on this build");

@@ -165,7 +165,8 @@ void gather_conv(const GatherProblem<S, C>& pb) {
     }
   }
 
-  const auto tiles = common::row_tiles(pb.Wout, common::tile_rows(pb.pix_stride * int64_t(sizeof(C))));
+  const int row_limit = common::tile_rows(pb.pix_stride * int64_t(sizeof(C)));
+  const auto tiles = common::row_tiles(pb.Wout, kPairs ? common::bf16_tile_rows(row_limit) : row_limit);
   const auto kernels = tile_kernels<C, NR, kPairs, true, NR / 2>(tiles);
   // A chunk of output rows reads P rows [y0 * step, (y1 - 1) * step + span) of its image.
   const int64_t re = pb.place.row_elems(), step = pb.row_step;
@@ -240,7 +241,7 @@ void gather_conv(const GatherProblem<S, C>& pb) {
                 const C* a = arow + x * pb.pix_stride;
                 if constexpr (kPairs) {
 #ifdef SPARSEKERN_AMX_BUILD
-                  alignas(64) float tmp[common::kMaxTileRows * NR];
+                  alignas(64) float tmp[common::kMaxBf16TileRows * NR];
                   kernels[ti](a, pb.pix_stride, segs, bs, 2 * NR, NR * NR, gr.count * T * steps, tmp, NR, false);
                   if (ncols == NR) {
                     common::store_tile_bf16<NR / 16>(tmp, mr, pb.bias ? pb.bias + col0 : nullptr, o, pb.out_pix);

@@ -152,7 +152,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues, S* dbias) {
   std::vector<int64_t> row_slot(used_rows.empty() ? 0 : used_rows.back() + 1, -1);
   for (size_t u = 0; u < used_rows.size(); ++u) row_slot[used_rows[u]] = int64_t(u);
 
-  const auto tiles = common::row_tiles(pb.bo, common::tile_rows());
+  const auto tiles = common::row_tiles(pb.bo, kPairs ? common::bf16_tile_rows(common::tile_rows()) : common::tile_rows());
   const auto kernels = tile_kernels<C, NR, kPairs, false, kDotPixels / 2>(tiles);
   const int64_t parts = std::min((M + kPixelChunk - 1) / kPixelChunk, common::threads_for(nnz * block * M));
   std::vector<at::Tensor> accs(parts);
@@ -298,7 +298,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues, S* dbias) {
                                   true);
                       continue;
                     }
-                    alignas(64) float tmp[common::kMaxTileRows * NR];
+                    alignas(64) float tmp[common::kMaxBf16TileRows * NR];
                     kernels[ti](a, chunk, step_off, bs, 2 * NR, kDotPixels * NR, klen / kDotPixels, tmp, NR, false);
                     for (int i = 0; i < mr; ++i) {
                       for (int64_t n = 0; n < ncols; ++n) out[i * pb.bi + n] += tmp[i * NR + n];
