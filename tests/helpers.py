@@ -65,6 +65,24 @@ def on_path(family, path):
     return switched()
 
 
+# bf16 tile engines: name -> (path, what a family with bf16 tile products then reports)
+BF16_ENGINES = {"amx": ("amx", "avx512f+amx"), "dot": ("avx512", "avx512f+avx512_bf16")}
+
+
+def on_bf16_engine(family, name):
+    """Generator for a fixture: ``family``'s kernels on bf16 engine ``name``'s path, or a skip
+    where the CPU lacks the path or the engine."""
+    import pytest
+    from sparsekern.kernels import microkernel
+    path, reported = BF16_ENGINES[name]
+    if path not in microkernel.runnable_isas():
+        pytest.skip(f"the {path} path does not run on this CPU")
+    with on_path(family, (path, False)):
+        if microkernel.microkernel_isa(family) != reported:
+            pytest.skip(f"no {name} engine on this CPU (the {path} path reports {microkernel.microkernel_isa(family)})")
+        yield
+
+
 def random_block_mask(grid, density, generator=None, empty_rows=(), empty_cols=()):
     """Bool grid with round(density * cells) blocks, then whole rows/columns cleared."""
     cells = grid[0] * grid[1]

@@ -14,15 +14,13 @@ from hypothesis import strategies as st
 
 import sparsekern as sk
 from fuzz_strategies import bool_tensor, fuzz_settings, seeds
-from helpers import assert_same_at_thread_counts, on_path, random_bsr, relative_error, stored_blocks
+from helpers import (BF16_ENGINES, assert_same_at_thread_counts, on_bf16_engine, on_path, random_bsr, relative_error,
+                     stored_blocks)
 from sparsekern.kernels import microkernel
 from sparsekern.kernels.bsr import cpu, reference
 
 pytestmark = pytest.mark.skipif(microkernel.microkernel_isa("bsr") == "unavailable",
                                 reason="the block-sparse extension is not built")
-# engine -> (path, what the bsr extension then reports)
-ENGINES = {"amx": ("amx", "avx512f+amx"), "dot": ("avx512", "avx512f+avx512_bf16")}
-
 BF16_STEP = 2.0 ** -8  # one bf16 rounding, relative
 
 # (out, in), block (rows, cols), density, tokens M, empty block rows
@@ -46,21 +44,9 @@ CASES = {
 }
 
 
-def _engine(name):
-    """Context: the bsr kernels on engine ``name``'s path, or a skip where the CPU lacks it."""
-    path, reported = ENGINES[name]
-    if path not in microkernel.runnable_isas():
-        pytest.skip(f"the {path} path does not run on this CPU")
-    with on_path("bsr", (path, False)):
-        if microkernel.microkernel_isa("bsr") != reported:
-            pytest.skip(f"no {name} engine on this CPU (the {path} path reports "
-                        f"{microkernel.microkernel_isa('bsr')})")
-        yield
-
-
-@pytest.fixture(params=list(ENGINES))
+@pytest.fixture(params=list(BF16_ENGINES))
 def engine(request):
-    yield from _engine(request.param)
+    yield from on_bf16_engine("bsr", request.param)
 
 
 def _operands(name):
@@ -76,7 +62,7 @@ def _operands(name):
 def _engine_paths():
     """The paths whose bf16 engine this CPU runs."""
     paths = []
-    for path, reported in ENGINES.values():
+    for path, reported in BF16_ENGINES.values():
         if path in microkernel.runnable_isas():
             with on_path("bsr", (path, False)):
                 if microkernel.microkernel_isa("bsr") == reported:

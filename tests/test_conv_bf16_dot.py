@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import sparsekern as sk
-from helpers import assert_same_at_thread_counts, on_path, relative_error
+from helpers import BF16_ENGINES, assert_same_at_thread_counts, on_bf16_engine, on_path, relative_error
 from test_conv_cases import conv_case, output_gradient
-from sparsekern.kernels import microkernel
 from sparsekern.kernels.conv import cpu, dense_conv_weight, gather_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,21 +36,10 @@ CASES = {
 }
 
 
-# engine -> (path, what the conv extension then reports)
-ENGINES = {"amx": ("amx", "avx512f+amx"), "dot": ("avx512", "avx512f+avx512_bf16")}
-
-
-@pytest.fixture(params=list(ENGINES))
+@pytest.fixture(params=list(BF16_ENGINES))
 def dot_path(request):
     """The conv kernels on a bf16 tile engine's path, or a skip where the CPU lacks it."""
-    path, reported = ENGINES[request.param]
-    if path not in microkernel.runnable_isas():
-        pytest.skip(f"the {path} path does not run on this CPU")
-    with on_path("conv", (path, False)):
-        if microkernel.microkernel_isa("conv") != reported:
-            pytest.skip(f"no {request.param} engine on this CPU (the {path} path reports "
-                        f"{microkernel.microkernel_isa('conv')})")
-        yield
+    yield from on_bf16_engine("conv", request.param)
 
 
 def _operands(name):

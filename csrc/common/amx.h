@@ -35,7 +35,7 @@ namespace common {
 
 using bf16 = c10::BFloat16;
 
-constexpr int kAmxTile = 32;          // output tile and K step of amx_tile_32x32
+constexpr int kAmxTile = 32;          // output tile and K step of amx_tile_step<2, 2>
 
 // The CPU has AMX-TILE and AMX-BF16 and the kernel granted this process the tile state.
 inline bool amx_bf16_usable() {
@@ -84,8 +84,8 @@ struct alignas(64) TileConfig {
 struct TileShape {
   int c_cols, a_cols, b_rows;  // fp32 columns of a C tile, bf16 columns (K) of an A tile, pair rows of B
 };
-constexpr TileShape kFullTiles{16, 32, 16};   // amx_tile_32x32 and amx_tile_16x16
-constexpr TileShape kHalfDepth{16, 16, 8};    // amx_strip_32x16: K steps of 16
+constexpr TileShape kFullTiles{16, 32, 16};  // K steps of 32
+constexpr TileShape kHalfDepth{16, 16, 8};   // K steps of 16
 
 // Configures this thread's eight tiles (16 rows, or `b_rows` for B) while alive.
 class AmxTiles {
@@ -105,87 +105,46 @@ class AmxTiles {
   AmxTiles& operator=(const AmxTiles&) = delete;
 };
 
-// c (32 x 32 fp32, row stride ldc) = [c +] sum_j A_j B_j over `steps` K steps of 32:
-//   A_j = a + a_off[j]: 32 rows x 32 bf16, row stride lda (elements);
-//   B_j = b + j * b_step: VNNI, 16 rows of 64 bf16 (columns 0-15, then 16-31), row stride ldb.
-SPARSEKERN_AMX inline void amx_tile_32x32(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
-                                          int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
-                                          bool accumulate) {
+// One tile step: c (16 RT rows x 16 NT fp32 columns, row stride ldc) = [c +] sum_j A_j B_j over
+// `steps` K steps of the configured depth (32, or 16 with kHalfDepth):
+//   A_j = a + a_off[j]: 16 RT rows, row stride lda (elements), in RT tiles of 16 rows;
+//   B_j = b + j * b_step: VNNI pair rows, row stride ldb, columns 0-15 (then 16-31 at b + 32).
+// C tile 2 r + n holds rows 16 r.., columns 16 n..; A tiles are 4 + r, B tiles 6 + n. RT = NT = 2
+// is the 32 x 32 step of 32 x 32 blocks; 2 x 1 the strips of other multiples of 16 (half
+// depth: about half the full step's rate, several times that of the fp32 kernels those
+// blocks would widen to); 1 x 1 their dW tiles and, with NT = 2, the conv rows (amx_rows).
+template <int RT, int NT>
+SPARSEKERN_AMX inline void amx_tile_step(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
+                                         int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
+                                         bool accumulate) {
+  static_assert((RT == 1 || RT == 2) && (NT == 1 || NT == 2), "1 or 2 tiles each way");
   const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
   if (accumulate) {
     _tile_loadd(0, c, sc);
-    _tile_loadd(1, c + 16, sc);
-    _tile_loadd(2, c + 16 * ldc, sc);
-    _tile_loadd(3, c + 16 * ldc + 16, sc);
+    if constexpr (NT == 2) _tile_loadd(1, c + 16, sc);
+    if constexpr (RT == 2) _tile_loadd(2, c + 16 * ldc, sc);
+    if constexpr (RT == 2 && NT == 2) _tile_loadd(3, c + 16 * ldc + 16, sc);
   } else {
     _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    if constexpr (NT == 2) _tile_zero(1);
+    if constexpr (RT == 2) _tile_zero(2);
+    if constexpr (RT == 2 && NT == 2) _tile_zero(3);
   }
   for (int64_t j = 0; j < steps; ++j, b += b_step) {
     const bf16* aj = a + a_off[j];
     _tile_loadd(4, aj, sa);
-    _tile_loadd(5, aj + 16 * lda, sa);
+    if constexpr (RT == 2) _tile_loadd(5, aj + 16 * lda, sa);
     _tile_loadd(6, b, sb);
-    _tile_loadd(7, b + 32, sb);
+    if constexpr (NT == 2) _tile_loadd(7, b + 32, sb);
     _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    if constexpr (NT == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (RT == 2) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (RT == 2 && NT == 2) _tile_dpbf16ps(3, 5, 7);
   }
   _tile_stored(0, c, sc);
-  _tile_stored(1, c + 16, sc);
-  _tile_stored(2, c + 16 * ldc, sc);
-  _tile_stored(3, c + 16 * ldc + 16, sc);
-}
-
-// Blocks of a multiple of 16 that are not whole 32 x 32 tiles, on the same tiles at half the
-// width and depth (tiles configured with kHalfDepth): c (32 x 16 fp32) = [c +] sum_j A_j B_j over
-// K steps of 16, A_j = a + a_off[j] (32 rows x 16 bf16, row stride lda), B_j = b + j * b_step
-// (VNNI, 8 rows of 32 bf16: 16 columns, row stride ldb). Two TDPBF16PS per step: a half-depth
-// product takes the tile unit about as long as a full one, so this runs at about half
-// amx_tile_32x32's rate, several times the fp32 kernels' that blocks of 16 would widen to.
-SPARSEKERN_AMX inline void amx_strip_32x16(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
-                                           int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
-                                           bool accumulate) {
-  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
-  if (accumulate) {
-    _tile_loadd(0, c, sc);
-    _tile_loadd(1, c + 16 * ldc, sc);
-  } else {
-    _tile_zero(0);
-    _tile_zero(1);
-  }
-  for (int64_t j = 0; j < steps; ++j, b += b_step) {
-    const bf16* aj = a + a_off[j];
-    _tile_loadd(4, aj, sa);
-    _tile_loadd(5, aj + 16 * lda, sa);
-    _tile_loadd(6, b, sb);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
-  }
-  _tile_stored(0, c, sc);
-  _tile_stored(1, c + 16 * ldc, sc);
-}
-
-// dW's 16 x 16 tiles of such blocks (tiles configured with kFullTiles): c (16 x 16 fp32) =
-// [c +] sum_j A_j B_j over K steps of 32, A_j 16 rows x 32 bf16, B_j VNNI 16 rows of 32 bf16.
-SPARSEKERN_AMX inline void amx_tile_16x16(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
-                                          int64_t ldb, int64_t b_step, int64_t steps, float* c, int64_t ldc,
-                                          bool accumulate) {
-  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
-  if (accumulate) {
-    _tile_loadd(0, c, sc);
-  } else {
-    _tile_zero(0);
-  }
-  for (int64_t j = 0; j < steps; ++j, b += b_step) {
-    _tile_loadd(4, a + a_off[j], sa);
-    _tile_loadd(6, b, sb);
-    _tile_dpbf16ps(0, 4, 6);
-  }
-  _tile_stored(0, c, sc);
+  if constexpr (NT == 2) _tile_stored(1, c + 16, sc);
+  if constexpr (RT == 2) _tile_stored(2, c + 16 * ldc, sc);
+  if constexpr (RT == 2 && NT == 2) _tile_stored(3, c + 16 * ldc + 16, sc);
 }
 
 // The dot_rows contract on AMX for the conv products' tiles (R <= 16 pixels or channels of a
@@ -206,29 +165,11 @@ SPARSEKERN_AMX void amx_rows(const bf16* a, int64_t lda, const int64_t* a_off, c
   config.colsb[4] = uint16_t(4 * KP), config.rows[4] = R;  // A: R rows of 2 KP bf16
   __asm__ __volatile__("" : : "r"(&config) : "memory");   // see AmxTiles
   _tile_loadconfig(&config);
-  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
-  if (accumulate) {
-    _tile_loadd(0, c, sc);
-    if constexpr (NV == 2) _tile_loadd(1, c + 16, sc);
-  } else {
-    _tile_zero(0);
-    if constexpr (NV == 2) _tile_zero(1);
-  }
-  for (int64_t j = 0; j < steps; ++j, b += b_step) {
-    _tile_loadd(4, a + a_off[j], sa);
-    _tile_loadd(6, b, sb);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NV == 2) {
-      _tile_loadd(7, b + 32, sb);
-      _tile_dpbf16ps(1, 4, 7);
-    }
-  }
-  _tile_stored(0, c, sc);
-  if constexpr (NV == 2) _tile_stored(1, c + 16, sc);
+  amx_tile_step<1, NV>(a, lda, a_off, b, ldb, b_step, steps, c, ldc, accumulate);
   _tile_release();
 }
 
-// Rows [0, R) of amx_tile_32x32's step on VDPBF16PS (each fp32 lane += the two products of
+// Rows [0, R) of amx_tile_step<2, 2> on VDPBF16PS (each fp32 lane += the two products of
 // a bf16 pair): 2R accumulators of 16 lanes (R = 12: 24 of the 32 zmm), per K pair two B
 // vectors (VNNI row k / 2: the pair words of columns 0-15 and 16-31) against R broadcast
 // A pairs, so 14 loads feed 24 dot products. NV = 1: a strip of 16 columns (one B vector a
@@ -263,7 +204,7 @@ SPARSEKERN_DOT_BF16 inline void dot_rows(const bf16* a, int64_t lda, const int64
   }
 }
 
-// amx_tile_32x32's contract (same operands, same layouts) on AVX512-BF16 dot products:
+// amx_tile_step<2, 2>'s contract (same operands, same layouts) on AVX512-BF16 dot products:
 // the 32 rows in register blocks of 12, 12 and 8, or of 8 where 12 rows of A would share
 // an L1 set (`eights`; see common/cache_sets.h).
 SPARSEKERN_DOT_BF16 inline void dot_tile_32x32(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b,
@@ -281,20 +222,20 @@ SPARSEKERN_DOT_BF16 inline void dot_tile_32x32(const bf16* a, int64_t lda, const
 }
 
 // The engines of the bf16 products: a worker constructs one for a run of tile steps.
-struct AmxEngine {  // AMX tiles, configured while the engine lives
+struct AmxEngine {  // AMX tiles, configured while the engine lives: the 32 x 32 step
   AmxTiles tiles;
   template <typename... Args>
-  void tile(Args... args) { amx_tile_32x32(args...); }
+  void tile(Args... args) { amx_tile_step<2, 2>(args...); }
 };
-struct AmxStripEngine {  // amx_strip_32x16: forward and dX of blocks of a multiple of 16
+struct AmxStripEngine {  // 32 x 16 strips at half depth: forward and dX of blocks of a multiple of 16
   AmxTiles tiles{kHalfDepth};
   template <typename... Args>
-  void tile(Args... args) { amx_strip_32x16(args...); }
+  void tile(Args... args) { amx_tile_step<2, 1>(args...); }
 };
-struct AmxEngine16 {  // amx_tile_16x16: dW of the same blocks
+struct AmxEngine16 {  // 16 x 16 tiles at K steps of 32: dW of the same blocks
   AmxTiles tiles;
   template <typename... Args>
-  void tile(Args... args) { amx_tile_16x16(args...); }
+  void tile(Args... args) { amx_tile_step<1, 1>(args...); }
 };
 struct DotEngine {  // AVX512-BF16 dot products (CPUs without AMX)
   int64_t lda = -1;     // A's row stride the block size below was chosen for
