@@ -91,12 +91,12 @@ SPARSEKERN_AMX inline void pack_vnni_tile(const bf16* v, int64_t ldv, bool trans
 }
 
 // out (M, G * g) = per group i: sum_p A[:, seg[p]*w : +w] @ B_p (+ bias), as grouped_product, in
-// output tiles of 32 rows x NW columns and K steps of KS (32 and 32 on AmxEngine and DotEngine,
-// 16 and 16 on AmxStripEngine).
-template <typename Engine, int NW = kAmxTile, int KS = kAmxTile>
+// output tiles of 32 rows x the Engine's kWidth columns and K steps of its kDepth.
+template <typename Engine>
 void bf16_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* values, int64_t br, int64_t bc,
                                 bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
                                 const int64_t* seg, bf16* out, const bf16* bias) {
+  constexpr int NW = Engine::kWidth, KS = Engine::kDepth;
   constexpr int64_t kVnni = KS * NW;  // elements of one packed B operand
   const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
   const int64_t nsub = g / NW, ksteps = w / KS, nnz = offsets[G];
@@ -186,10 +186,11 @@ void pack_token_pairs(const bf16* src, int64_t M, int64_t K, int64_t Mp, bf16* d
 
 // dvalues[p] (br x bc) = (dYᵀ X)[row_idx[p] * br : +br, col_idx[p] * bc : +bc] for every stored block p,
 // in TW x TW tiles (br and bc multiples of TW); K steps of 32 tokens.
-template <typename Engine, int TW = kAmxTile>
+template <typename Engine>
 void bf16_sampled_product(const bf16* dy, const bf16* x, int64_t M, int64_t N, int64_t K, int64_t br,
                                 int64_t bc, const int64_t* row_idx, const int64_t* col_idx, int64_t nnz,
                                 bf16* dvalues) {
+  constexpr int TW = Engine::kWidth;
   if (nnz == 0) return;
   const int64_t Mp = std::max<int64_t>(kAmxTile, (M + kAmxTile - 1) / kAmxTile * kAmxTile);
   // dYᵀ: (N, Mp) row-major, rows ldt apart: one cache line more than Mp, or the 32 rows of a

@@ -132,12 +132,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   };
   if (engine == Bf16Engine::kAmxTiles) return tiles(std::type_identity<common::AmxEngine>{});
   if (engine == Bf16Engine::kDotTiles) return tiles(std::type_identity<common::DotEngine>{});
-  if (engine == Bf16Engine::kAmxStrips) {
-    bf16_grouped_product<common::AmxStripEngine, 16, 16>(
-        x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true, row_offsets.data_ptr<int64_t>(),
-        RB, nullptr, col_indices.data_ptr<int64_t>(), y.data_ptr<bf16>(), has_bias ? bias->data_ptr<bf16>() : nullptr);
-    return y;
-  }
+  if (engine == Bf16Engine::kAmxStrips) return tiles(std::type_identity<common::AmxStripEngine>{});
   if (engine == Bf16Engine::kDotStrips) {
     grouped_product<bf16, bf16, 16, true>(x.data_ptr<bf16>(), M, K, values.data_ptr<bf16>(), br, bc, /*transpose=*/true,
                                           row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(),
@@ -182,12 +177,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   };
   if (engine == Bf16Engine::kAmxTiles) return tiles(std::type_identity<common::AmxEngine>{});
   if (engine == Bf16Engine::kDotTiles) return tiles(std::type_identity<common::DotEngine>{});
-  if (engine == Bf16Engine::kAmxStrips) {
-    bf16_grouped_product<common::AmxStripEngine, 16, 16>(
-        dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc, /*transpose=*/false, col_offsets.data_ptr<int64_t>(),
-        CB, t_block_ids.data_ptr<int64_t>(), t_row_indices.data_ptr<int64_t>(), dx.data_ptr<bf16>(), nullptr);
-    return dx;
-  }
+  if (engine == Bf16Engine::kAmxStrips) return tiles(std::type_identity<common::AmxStripEngine>{});
   if (engine == Bf16Engine::kDotStrips) {
     grouped_product<bf16, bf16, 16, true>(dy.data_ptr<bf16>(), M, N, values.data_ptr<bf16>(), br, bc,
                                           /*transpose=*/false, col_offsets.data_ptr<int64_t>(), CB,
@@ -232,18 +222,8 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   };
   if (engine == Bf16Engine::kAmxTiles) return tiles(std::type_identity<common::AmxEngine>{});
   if (engine == Bf16Engine::kDotTiles) return tiles(std::type_identity<common::DotEngine>{});
-  if (engine == Bf16Engine::kAmxStrips) {
-    bf16_sampled_product<common::AmxEngine16, 16>(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc,
-                                                  row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(),
-                                                  nnz, dvalues.data_ptr<bf16>());
-    return dvalues;
-  }
-  if (engine == Bf16Engine::kDotStrips) {
-    bf16_sampled_product<common::DotEngine16, 16>(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc,
-                                                  row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(),
-                                                  nnz, dvalues.data_ptr<bf16>());
-    return dvalues;
-  }
+  if (engine == Bf16Engine::kAmxStrips) return tiles(std::type_identity<common::AmxEngine16>{});
+  if (engine == Bf16Engine::kDotStrips) return tiles(std::type_identity<common::DotEngine16>{});
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_grad_weight", [&] {
     using C = Compute<scalar_t>;

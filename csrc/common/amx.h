@@ -80,21 +80,22 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// The shape of a tile step's eight tiles: tiles 0-3 hold C, 4-5 A, 6-7 B.
+// The shape of a tile step's eight tiles (0-3 hold C, 4-5 A, 6-7 B): C and A tiles of `rows`
+// rows, a K step of `depth` bf16 (A tiles `depth` columns, B tiles depth / 2 pair rows), C and
+// B tiles 16 columns.
 struct TileShape {
-  int c_cols, a_cols, b_rows;  // fp32 columns of a C tile, bf16 columns (K) of an A tile, pair rows of B
+  int rows = 16, depth = 32;
 };
-constexpr TileShape kFullTiles{16, 32, 16};  // K steps of 32
-constexpr TileShape kHalfDepth{16, 16, 8};   // K steps of 16
+constexpr TileShape kHalfDepth{16, 16};  // K steps of 16
 
-// Configures this thread's eight tiles (16 rows, or `b_rows` for B) while alive.
+// Configures this thread's eight tiles to `shape` while alive.
 class AmxTiles {
  public:
-  SPARSEKERN_AMX explicit AmxTiles(TileShape shape = kFullTiles) {
+  SPARSEKERN_AMX explicit AmxTiles(TileShape shape = {}) {
     TileConfig config;
     for (int t = 0; t < 8; ++t) {
-      config.colsb[t] = uint16_t(t < 4 ? 4 * shape.c_cols : t < 6 ? 2 * shape.a_cols : 64);
-      config.rows[t] = uint8_t(t < 6 ? 16 : shape.b_rows);
+      config.colsb[t] = uint16_t(t < 4 || t >= 6 ? 64 : 2 * shape.depth);
+      config.rows[t] = uint8_t(t < 6 ? shape.rows : shape.depth / 2);
     }
     // GCC models LDTILECFG as reading one byte: without this barrier it drops the stores above.
     __asm__ __volatile__("" : : "r"(&config) : "memory");
@@ -157,16 +158,8 @@ template <int R, int NV, int KP>
 SPARSEKERN_AMX void amx_rows(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b, int64_t ldb,
                              int64_t b_step, int64_t steps, float* c, int64_t ldc, bool accumulate) {
   static_assert(R >= 1 && R <= 16 && (NV == 1 || NV == 2) && (KP == 8 || KP == 16), "tiles of the conv products");
-  TileConfig config;
-  for (int t = 0; t < NV; ++t) {
-    config.colsb[t] = 64, config.rows[t] = R;              // C: R rows of 16 fp32
-    config.colsb[6 + t] = 64, config.rows[6 + t] = KP;     // B: KP pair rows of 16 columns
-  }
-  config.colsb[4] = uint16_t(4 * KP), config.rows[4] = R;  // A: R rows of 2 KP bf16
-  __asm__ __volatile__("" : : "r"(&config) : "memory");   // see AmxTiles
-  _tile_loadconfig(&config);
+  AmxTiles tiles(TileShape{R, 2 * KP});
   amx_tile_step<1, NV>(a, lda, a_off, b, ldb, b_step, steps, c, ldc, accumulate);
-  _tile_release();
 }
 
 // Rows [0, R) of amx_tile_step<2, 2> on VDPBF16PS (each fp32 lane += the two products of
@@ -221,23 +214,29 @@ SPARSEKERN_DOT_BF16 inline void dot_tile_32x32(const bf16* a, int64_t lda, const
   dot_rows<8>(a + 24 * lda, lda, a_off, b, ldb, b_step, steps, c + 24 * ldc, ldc, accumulate);
 }
 
-// The engines of the bf16 products: a worker constructs one for a run of tile steps.
+// The engines of the bf16 products: a worker constructs one for a run of tile steps. kWidth:
+// the output columns of a step (its packed B's), kDepth: its K step in the forward and dX
+// (dW's K steps are 32 tokens on every engine).
 struct AmxEngine {  // AMX tiles, configured while the engine lives: the 32 x 32 step
+  static constexpr int kWidth = 32, kDepth = 32;
   AmxTiles tiles;
   template <typename... Args>
   void tile(Args... args) { amx_tile_step<2, 2>(args...); }
 };
 struct AmxStripEngine {  // 32 x 16 strips at half depth: forward and dX of blocks of a multiple of 16
+  static constexpr int kWidth = 16, kDepth = 16;
   AmxTiles tiles{kHalfDepth};
   template <typename... Args>
   void tile(Args... args) { amx_tile_step<2, 1>(args...); }
 };
 struct AmxEngine16 {  // 16 x 16 tiles at K steps of 32: dW of the same blocks
+  static constexpr int kWidth = 16, kDepth = 32;
   AmxTiles tiles;
   template <typename... Args>
   void tile(Args... args) { amx_tile_step<1, 1>(args...); }
 };
 struct DotEngine {  // AVX512-BF16 dot products (CPUs without AMX)
+  static constexpr int kWidth = 32, kDepth = 32;
   int64_t lda = -1;     // A's row stride the block size below was chosen for
   bool eights = false;  // register blocks of 8 rows
   template <typename... Args>
@@ -252,6 +251,7 @@ struct DotEngine {  // AVX512-BF16 dot products (CPUs without AMX)
 // A 16 x 16 tile step on dot products, the same contract at TW = 16 (B's pair rows of 16
 // columns): two register blocks of 8 rows, eight dot-product chains each.
 struct DotEngine16 {
+  static constexpr int kWidth = 16, kDepth = 32;
   SPARSEKERN_DOT_BF16 void tile(const bf16* a, int64_t lda, const int64_t* a_off, const bf16* b, int64_t ldb,
                                 int64_t b_step, int64_t steps, float* c, int64_t ldc, bool accumulate) {
     dot_rows<8, 1>(a, lda, a_off, b, ldb, b_step, steps, c, ldc, accumulate);

@@ -53,11 +53,9 @@ inline int bf16_tile_rows(int dot_rows) { return amx_tiles() ? kMaxBf16TileRows 
 template <int NR, int KP>
 DotRows dot_rows_kernel(int rows) {
 #ifdef SPARSEKERN_AMX_BUILD
-  if (amx_tiles() && rows >= 1 && rows <= kMaxBf16TileRows) {
-    return amx_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxBf16TileRows>{});
-  }
-  if (!amx_tiles() && rows >= 1 && rows <= kMaxTileRows) {
-    return dot_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxTileRows>{});
+  if (rows >= 1 && rows <= bf16_tile_rows(kMaxTileRows)) {
+    return amx_tiles() ? amx_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxBf16TileRows>{})
+                       : dot_rows_of<NR, KP>(rows, std::make_integer_sequence<int, kMaxTileRows>{});
   }
 #endif
   throw std::logic_error("no bf16 tile step of this many rows on this build");

@@ -52,7 +52,7 @@ import time
 
 import torch
 
-from .microkernel import requested_isa
+from .microkernel import cpu_capabilities, requested_isa
 from .registry import select_kernel
 
 SAMPLES = 4
@@ -217,7 +217,7 @@ def _timed(fn, args, device):
 def fp16_without_hardware():
     """Whether this CPU lacks both AVX512-FP16 and AMX-FP16 (False where torch cannot say, and on
     the portable path, whose plain loops are no sure win)."""
-    capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
+    capabilities = cpu_capabilities()
     if "avx512_fp16" not in capabilities or requested_isa() == "portable":
         return False
     return not (capabilities["avx512_fp16"] or capabilities.get("amx_fp16", False))

@@ -1,8 +1,8 @@
 """Which microkernel path the compiled block-sparse, conv and low-rank kernels run
 (csrc/common/microkernel.h), and the 2:4 kernels' ISA.
 
-Paths, best first: ``amx`` (the avx512 path, plus AMX tiles for the bf16 block-sparse
-products: AMX-TILE, AMX-BF16 and AVX512-BF16), ``avx512`` (AVX-512F fp32 tiles of up to
+Paths, best first: ``amx`` (the avx512 path, plus AMX tiles for the bf16 block-sparse and
+conv products: AMX-TILE, AMX-BF16 and AVX512-BF16), ``avx512`` (AVX-512F fp32 tiles of up to
 12 x 32; the bf16 block-sparse products on AVX512-BF16 dot products where the CPU has them),
 ``avx2`` (AVX2/FMA, 6 x 16), ``portable`` (plain loops). Each extension takes the best its CPU runs when it loads,
 unless the environment variable ``SPARSEKERN_CPU_ISA`` asks for a lower one; asking for
@@ -12,10 +12,17 @@ without AVX-512 (``portable_loops=True``), so the wide packing is checked everyw
 """
 import os
 
+import torch
+
 from .._extension import load_extension
 
 ISAS = ("portable", "avx2", "avx512", "amx")
 _SWITCHED = ("bsr", "conv", "lowrank")  # the 2:4 kernels read requested_isa() themselves
+
+
+def cpu_capabilities():
+    """torch's reading of the CPU's features (``torch.cpu.get_capabilities``), {} where it has none."""
+    return getattr(torch.cpu, "get_capabilities", lambda: {})()
 
 
 def requested_isa():

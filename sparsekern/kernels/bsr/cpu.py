@@ -16,6 +16,7 @@ import torch
 
 from ..._extension import cpu_extension_unavailable, load_extension, load_ops
 from ..floor import density_bucket, register_floor, tokens_bucket
+from ..microkernel import cpu_capabilities
 from ..registry import register_kernel
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -106,7 +107,7 @@ def _native_speed(dtype, block_size):
 
 
 def _cpu_has_amx_bf16():
-    return getattr(torch.cpu, "get_capabilities", lambda: {})().get("amx_bf16", False)
+    return cpu_capabilities().get("amx_bf16", False)
 
 
 for _product in ("bsr_forward", "bsr_grad_input", "bsr_grad_weight"):
