@@ -3,6 +3,7 @@
     python bench/bench_gpt_bf16.py                     # 4 layers, d_model 512, context 128, batch 16, density 0.1
     python bench/bench_gpt_bf16.py --rounds 8 --json bench/results/gpt_bf16.jsonl
     python bench/bench_gpt_bf16.py --layers 2 --d-model 128 --context 32 --rounds 1   # smoke run
+    python bench/bench_gpt_bf16.py --compile --attention matmul   # every model under torch.compile
 
 Four trainings from the same initialisation and batches: dense and sparse, each in fp32 and
 under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (fp32 master weights, as nn.Linear
@@ -10,7 +11,9 @@ under autocast). The sparse model is the dense one through ``sparsify`` (attenti
 linears become SparseLinear, block 32, ERK at ``--density``; the tied head stays dense),
 trained by RigL with a mask update every ``--delta`` steps. A timed unit is a chunk of
 ``--delta`` steps (one update step and its probe step each); the four chunks run in turn,
-round after round, after one warm-up chunk each, and every ratio is the median of the
+round after round, after one warm-up chunk each (two with ``--compile``, which runs all four
+models under torch.compile: the first compiles, the second recompiles once RigL has changed the
+block counts), and every ratio is the median of the
 per-round ratios: sparse against dense in the same precision, and bf16 against fp32.
 
 Reported per training: ms per step, the share of a step spent in the sparsekern ops
@@ -64,7 +67,11 @@ def validation_bits(training, x, y):
 
 
 def main(argv=None):
-    args = training_arguments(__doc__, batch=16).parse_args(argv)
+    parser = training_arguments(__doc__, batch=16)
+    parser.add_argument("--compile", action="store_true",
+                        help="all four trainings' models under torch.compile (inductor): GELU, layer norms, "
+                             "softmax and casts fused; two warm-up chunks compile")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
@@ -73,11 +80,20 @@ def main(argv=None):
     print(f"# {header(env, paths['fp32'])}; bf16 kernel path: {paths['bf16']}")
     print(f"# GPT {args.layers} layers d_model {args.d_model} context {args.context} batch {args.batch}; sparse: "
           f"RigL density {args.density} block {args.block_size}, update every {args.delta} steps; median of "
-          f"{args.rounds} alternating rounds of {args.delta}-step chunks, {args.timer} time")
+          f"{args.rounds} alternating rounds of {args.delta}-step chunks, {args.timer} time"
+          f"{', torch.compile' if args.compile else ''}")
 
     trainings = {name: Training(name, args, autocast=PRECISIONS[name.split()[1]]) for name in VARIANTS}
-    for training in trainings.values():
-        training.chunk()  # warm-up: the floor rule's measurements, first-touch memory
+    warmup_s = {}
+    for name, training in trainings.items():
+        if args.compile:
+            training.forward = torch.compile(training.model)
+        start = time.perf_counter()
+        # warm-up: the floor rule's measurements, first-touch memory; compiled, the first chunk
+        # compiles and the second recompiles once RigL has changed the block counts
+        for _ in range(2 if args.compile else 1):
+            training.chunk()
+        warmup_s[name] = time.perf_counter() - start
     samples, _ = alternate({name: t.chunk for name, t in trainings.items()}, args.rounds, Timer(args.timer))
     per_step = {name: [ms / args.delta for ms in times] for name, times in samples.items()}
     val_x, val_y = validation_batch(args)
@@ -97,7 +113,8 @@ def main(argv=None):
                    speedup_vs_fp32=vs_fp32, sparse_op_share=share.get(name), val_bits_per_char=bits[name],
                    last_loss=t.losses[-1], steps=len(t.losses), layers=args.layers, d_model=args.d_model,
                    context=args.context, batch=args.batch, density=args.density, block_size=args.block_size,
-                   delta=args.delta, rounds=args.rounds, timer=args.timer)
+                   delta=args.delta, rounds=args.rounds, timer=args.timer, compiled=args.compile,
+                   warmup_s=round(warmup_s[name], 1))
         rows.append(row)
         shown = "" if name not in share else f"{100 * share[name]:.0f} %"
         print(f"{name:<12} {row['ms_per_step']:>9.1f} {vs_dense:>12.2f}x {vs_fp32:>9.2f}x {shown:>11} "

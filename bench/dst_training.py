@@ -153,11 +153,18 @@ def speed(args, env, train_x, train_y, make=None, fields=None):
                     model, opt, density=density, delta=args.speed_delta, alpha=args.alpha,
                     t_end=0 if name == "static" else 10 ** 9, **options)
                 chunks[name] = _chunk(model, opt, drivers[name], train_x, train_y, args, g)
+            warmup_s = {}
+            if args.speed_compile:  # the first chunk compiles, the second recompiles once the block counts change
+                for name, chunk in chunks.items():
+                    start = time.perf_counter()
+                    chunk(), chunk()
+                    warmup_s[name] = round(time.perf_counter() - start, 1)
             ms, _ = alternate(chunks, args.speed_rounds, Timer())
             dense, sparse = ms["dense"], ms[args.speed_method]
             driver = drivers[args.speed_method]
             yield {"task": "fashion-speed", "method": args.speed_method, "density": density, "block_size": block,
                    **fields, "batch": args.batch, "delta": args.speed_delta, "precision": args.speed_precision,
+                   "compiled": args.speed_compile, "compile_warmup_s": warmup_s,
                    "dense_ms_per_step": round(statistics.median(dense) / args.speed_delta, 3),
                    "sparse_ms_per_step": round(statistics.median(sparse) / args.speed_delta, 3),
                    "median_speedup": round(median_ratio(dense, sparse), 3),
@@ -169,15 +176,17 @@ def speed(args, env, train_x, train_y, make=None, fields=None):
 
 def _chunk(model, opt, driver, train_x, train_y, args, generator):
     """A callable: ``args.speed_delta`` training steps on random batches (forward and loss under
-    bf16 autocast with ``args.speed_precision == "bf16"``: fp32 master weights, as nn.Linear's)."""
+    bf16 autocast with ``args.speed_precision == "bf16"``: fp32 master weights, as nn.Linear's;
+    the model under torch.compile with ``args.speed_compile``)."""
     bf16 = args.speed_precision == "bf16"
+    forward = torch.compile(model) if args.speed_compile else model
 
     def run():
         for _ in range(args.speed_delta):
             idx = torch.randint(0, len(train_x), (args.batch,), generator=generator)
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+                loss = F.cross_entropy(forward(train_x[idx]), train_y[idx])
             loss.backward()
             opt.step()
             if driver is not None:

@@ -45,6 +45,8 @@ Usage:
     python bench/exp_cnn.py --from-json bench/results/exp_cnn.jsonl --plot exp_cnn.png   # tables, plot only
     # per-epoch speed, dense vs RigL (update steps included) in alternating 20-step chunks, one process
     python bench/exp_cnn.py --speed --speed-method rigl --densities 0.1 --batch 64 --delta 20
+    # the same with both models under torch.compile (batch norm, ReLU and adds fused by inductor)
+    python bench/exp_cnn.py --speed --speed-method rigl --densities 0.1 --batch 64 --delta 20 --speed-compile
 
 Data: ``apt-get install -y dataset-fashion-mnist`` (bench/datasets.py). The plot needs matplotlib.
 """
@@ -129,7 +131,7 @@ def speed_runs(args, env, data):
         return resnet_maker("erk", density, args, train_x, train_y)(sparse, 0)
 
     print(f"# alternating chunks of {args.delta} steps of batch {args.batch}, {args.speed_rounds} rounds, block "
-          f"{args.block_size}, {args.speed_precision}\n"
+          f"{args.block_size}, {args.speed_precision}{', torch.compile' if args.speed_compile else ''}\n"
           "| method | density | dense ms / step | sparse ms / step | speedup | mask updates |\n|---|---|---|---|---|---|")
     for row in speed(args, env, train_x, train_y, make, {"model": "resnet", "widths": args.widths,
                                                           "blocks": args.blocks}):
@@ -260,6 +262,8 @@ def main(argv=None):
     p.add_argument("--speed-rounds", type=int, default=7)
     p.add_argument("--speed-precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: both trainings under torch.autocast('cpu', dtype=torch.bfloat16)")
+    p.add_argument("--speed-compile", action="store_true",
+                   help="both trainings' models under torch.compile (inductor); the warm-up chunk compiles")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tag", default="", help="appended to the method name in the rows (to tell settings apart)")
     p.add_argument("--json", default=None, help="append JSON rows to this file")

@@ -1,5 +1,6 @@
 """The benchmark scripts: bench/run.py names every one, each name runs a main(argv), the layer
-benchmarks' --device refuses a GPU that is not there, and the per-sample gradient and warm-up benchmarks run."""
+benchmarks' --device refuses a GPU that is not there, the per-sample gradient and warm-up benchmarks run,
+and the DST speed comparison runs compiled."""
 import ast
 import importlib.util
 import json
@@ -72,3 +73,29 @@ def test_warmup_benchmark_times_every_call_after_each_predecessor(tmp_path):
     assert [row["before"] for row in rows] == ["back to back", "after dense", "after 1 ms idle"]
     assert all(row["bench"] == "bsr_warmup" and row["cpu"] and row["isa"] and len(row["call_ms"]) == 3
                and row["dense_ms"] > 0 for row in rows)
+
+
+@pytest.mark.filterwarnings("ignore:.*store no block")
+def test_dst_speed_comparison_compiles_both_models_before_timing(monkeypatch):
+    """--speed-compile (exp_dst.py, exp_cnn.py): both trainings run under torch.compile, and the
+    two warm-up chunks (compilation, then the recompilation after RigL changes the block counts)
+    are reported apart from the timed rounds."""
+    import types
+
+    import sparsekern as sk
+    monkeypatch.syspath_prepend(str(BENCH))
+    from dst_training import speed
+
+    def make(sparse, density):
+        torch.manual_seed(0)
+        first = sk.SparseLinear(64, 64, block_size=16, density=density) if sparse else torch.nn.Linear(64, 64)
+        return torch.nn.Sequential(first, torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+    args = types.SimpleNamespace(speed_block_sizes=[16], densities=[0.5], speed_method="rigl", lr=0.01,
+                                 score_method="auto", speed_delta=2, alpha=0.3, speed_rounds=1, batch=8,
+                                 speed_precision="fp32", speed_compile=True)
+    g = torch.Generator().manual_seed(0)
+    train_x, train_y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+    [row] = speed(args, {}, train_x, train_y, make, {"model": "tiny"})
+    assert row["compiled"] is True and set(row["compile_warmup_s"]) == {"dense", "rigl"}
+    assert row["median_speedup"] > 0 and row["updates"] >= 2
