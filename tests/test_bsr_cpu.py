@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparsekern as sk
-from helpers import TOLERANCES, microkernel_paths, on_path, random_bsr, stored_blocks
+from helpers import TOLERANCES, assert_same_at_thread_counts, microkernel_paths, on_path, random_bsr, stored_blocks
 from sparsekern.cli.machine import l1_data_cache
 from sparsekern.kernels import microkernel
 from sparsekern.kernels.bsr import cpu, dense, reference
@@ -162,6 +162,53 @@ def test_degenerate_token_counts(isa, m):
     assert cpu.bsr_grad_input(dy, weight.values, weight.layout).shape == (m, 48)
     dw = cpu.bsr_grad_weight(dy, x, weight.layout)
     torch.testing.assert_close(dw, reference.bsr_grad_weight(dy, x, weight.layout))
+
+
+# Groups narrower than a wide strip on the AVX-512 geometry with at least 4 x 24 tokens run
+# 24-row tiles on a packed A (common/packed_rows_product.h): its SIMD loops on the avx512 and amx
+# paths, its portable loops at that geometry, the in-place tiles elsewhere.
+PACKED_ROWS = {  # name: (shape (out, in), block, density or mask builder, dtype)
+    "block16": ((96, 128), 16, 0.5, torch.float32),
+    "rect16x32": ((64, 128), (16, 32), 0.5, torch.float32),  # forward packed, dX in place
+    "rect32x16": ((128, 64), (32, 16), 0.5, torch.float32),  # forward in place, dX packed
+    "fp64-block8": ((48, 40), 8, 0.6, torch.float64),
+    "power-law-rows": ((8 * 16, 12 * 16), 16, _power_law_mask, torch.float32),  # empty block rows and columns
+}
+
+
+@pytest.fixture(params=microkernel_paths() + [pytest.param(("avx512", True), id="avx512-tiles-portable-loops")]
+                if _REASON is None else [None])
+def wide_path(request):
+    """Every path this CPU runs natively, and the AVX-512 geometry on the portable loops."""
+    with on_path("bsr", request.param) as path:
+        yield path
+
+
+@pytest.mark.parametrize("m", [96, 100, 217])
+@pytest.mark.parametrize("name", list(PACKED_ROWS))
+def test_packed_rows_products_match_reference(wide_path, name, m):
+    shape, block, density, dtype = PACKED_ROWS[name]
+    if callable(density):
+        mask = density((shape[0] // block, shape[1] // block))
+        dense = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+        weight = sk.BlockSparseMatrix.from_dense(dense, block, block_mask=mask)
+    else:
+        weight = random_bsr(shape, block, density, dtype=dtype, seed=7)
+    g = torch.Generator().manual_seed(m)
+    x, dy = torch.randn(m, shape[1], generator=g, dtype=dtype), torch.randn(m, shape[0], generator=g, dtype=dtype)
+    bias = torch.randn(shape[0], generator=g, dtype=dtype)
+    torch.testing.assert_close(cpu.bsr_forward(x, weight.values, weight.layout, bias),
+                               reference.bsr_forward(x, weight.values, weight.layout, bias), **TOLERANCES[dtype])
+    torch.testing.assert_close(cpu.bsr_grad_input(dy, weight.values, weight.layout),
+                               reference.bsr_grad_input(dy, weight.values, weight.layout), **TOLERANCES[dtype])
+
+
+def test_packed_rows_products_do_not_depend_on_thread_count(wide_path):
+    weight = random_bsr((256, 512), 16, 0.3, dtype=torch.float32, seed=8)
+    g = torch.Generator().manual_seed(9)
+    x, dy = torch.randn(1000, 512, generator=g), torch.randn(1000, 256, generator=g)
+    assert_same_at_thread_counts(lambda: (cpu.bsr_forward(x, weight.values, weight.layout),
+                                          cpu.bsr_grad_input(dy, weight.values, weight.layout)), 2)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

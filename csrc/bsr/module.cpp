@@ -17,6 +17,7 @@
 #include "common/grouped_product.h"
 #include "common/huge_page_output.h"
 #include "common/microkernel.h"
+#include "common/packed_rows_product.h"
 #include "bsr/bf16_products.h"
 #include "bsr/sampled_product.h"
 
@@ -143,6 +144,14 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bsr_forward", [&] {
     using C = Compute<scalar_t>;
     const at::Tensor xc = in_compute_type<C>(x);
+    if constexpr (std::is_same<scalar_t, C>::value) {
+      if (common::packed_rows<C>(M, br)) {
+        common::packed_rows_product<C>(xc.data_ptr<C>(), M, K, values.data_ptr<C>(), br, bc, /*transpose=*/true,
+                                       row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(),
+                                       y.data_ptr<C>(), has_bias ? bias->data_ptr<C>() : nullptr);
+        return;
+      }
+    }
     common::with_strip_width<C>([&](auto nr) {
       grouped_product<scalar_t, C, decltype(nr)::value>(xc.data_ptr<C>(), M, K, values.data_ptr<scalar_t>(), br, bc,
                                          /*transpose=*/true, row_offsets.data_ptr<int64_t>(), RB, nullptr,
@@ -189,6 +198,14 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "bsr_grad_input", [&] {
     using C = Compute<scalar_t>;
     const at::Tensor dyc = in_compute_type<C>(dy);
+    if constexpr (std::is_same<scalar_t, C>::value) {
+      if (common::packed_rows<C>(M, bc)) {
+        common::packed_rows_product<C>(dyc.data_ptr<C>(), M, N, values.data_ptr<C>(), br, bc, /*transpose=*/false,
+                                       col_offsets.data_ptr<int64_t>(), CB, t_block_ids.data_ptr<int64_t>(),
+                                       t_row_indices.data_ptr<int64_t>(), dx.data_ptr<C>());
+        return;
+      }
+    }
     common::with_strip_width<C>([&](auto nr) {
       grouped_product<scalar_t, C, decltype(nr)::value>(dyc.data_ptr<C>(), M, N, values.data_ptr<scalar_t>(), br, bc,
                                          /*transpose=*/false, col_offsets.data_ptr<int64_t>(), CB,

@@ -54,26 +54,16 @@ at::ScalarType scalar_type_of() {
   return std::is_same<C, c10::BFloat16>::value ? at::kBFloat16 : at::kFloat;
 }
 
-// out (M, G * g) = [sum_p A[:, seg[p]*w : +w] @ B_p for each group] (+ bias[col]); see above.
-// transpose: B_p = values[blk[p]]ᵀ (w = bc, g = br), else B_p = values[blk[p]] (w = br, g = bc).
-// offsets (G + 1): members of group i are p in [offsets[i], offsets[i+1]); blk null = identity.
-// bias (G * g, or null) is added to every row: it seeds the accumulators (no extra pass over out).
+// B of the grouped products packed into NR-column strips: group i, sub-tile s (columns s NR ..),
+// member q at ((offsets[i] * nsub) + s * count_i + q) * w * NR, each strip k-major (VNNI pairs for
+// kPairs), zero beyond the group's columns. transpose, offsets, blk: as grouped_product's.
+// Scratch from the output allocator: at 4096 x 256 the packed factor is 4 MB, which would
+// otherwise be faulted in afresh on every call.
 template <typename S, typename C, int NR, bool kPairs = false>
-void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t br, int64_t bc,
-                     bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
-                     const int64_t* seg, S* out, const S* bias = nullptr) {
-  static_assert(!kPairs || (std::is_same<S, bf16>::value && std::is_same<C, bf16>::value && NR == 16),
-                "the dot-product products run bf16 strips of 16 columns");
-  const int MR = tile_rows(Ka * int64_t(sizeof(C)));  // A's rows are read in place, Ka apart
-  constexpr bool kDirect = std::is_same<S, C>::value && !kPairs;  // full tiles are stored straight into `out`
-  const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
-  const int64_t nsub = (g + NR - 1) / NR, mtiles = (M + MR - 1) / MR, nnz = offsets[G];
-  const int64_t strip = w * NR;  // elements of one packed (block, sub-tile)
-  if (M == 0 || N == 0) return;
-
-  // Pack B: group i, sub-tile s, member q at ((offsets[i] * nsub) + s * count_i + q) * strip.
-  // Scratch from the output allocator: at 4096 x 256 the packed factor is 4 MB, which
-  // would otherwise be faulted in afresh on every call.
+at::Tensor pack_groups(const S* values, int64_t br, int64_t bc, bool transpose, const int64_t* offsets, int64_t G,
+                       const int64_t* blk) {
+  const int64_t w = transpose ? bc : br, g = transpose ? br : bc, nsub = (g + NR - 1) / NR, strip = w * NR;
+  const int64_t nnz = offsets[G];
   at::Tensor b_buf = empty_output({std::max<int64_t>(1, nnz * nsub * strip)}, at::TensorOptions(scalar_type_of<C>()));
   C* bp = b_buf.data_ptr<C>();
   // Packing is ~1/M of the product's work: it gets its own parallel region only
@@ -97,6 +87,28 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
       }
     }
   });
+  return b_buf;
+}
+
+// out (M, G * g) = [sum_p A[:, seg[p]*w : +w] @ B_p for each group] (+ bias[col]); see above.
+// transpose: B_p = values[blk[p]]ᵀ (w = bc, g = br), else B_p = values[blk[p]] (w = br, g = bc).
+// offsets (G + 1): members of group i are p in [offsets[i], offsets[i+1]); blk null = identity.
+// bias (G * g, or null) is added to every row: it seeds the accumulators (no extra pass over out).
+template <typename S, typename C, int NR, bool kPairs = false>
+void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t br, int64_t bc,
+                     bool transpose, const int64_t* offsets, int64_t G, const int64_t* blk,
+                     const int64_t* seg, S* out, const S* bias = nullptr) {
+  static_assert(!kPairs || (std::is_same<S, bf16>::value && std::is_same<C, bf16>::value && NR == 16),
+                "the dot-product products run bf16 strips of 16 columns");
+  const int MR = tile_rows(Ka * int64_t(sizeof(C)));  // A's rows are read in place, Ka apart
+  constexpr bool kDirect = std::is_same<S, C>::value && !kPairs;  // full tiles are stored straight into `out`
+  const int64_t w = transpose ? bc : br, g = transpose ? br : bc, N = G * g;
+  const int64_t nsub = (g + NR - 1) / NR, mtiles = (M + MR - 1) / MR, nnz = offsets[G];
+  const int64_t strip = w * NR;  // elements of one packed (block, sub-tile)
+  if (M == 0 || N == 0) return;
+
+  const at::Tensor b_buf = pack_groups<S, C, NR, kPairs>(values, br, bc, transpose, offsets, G, blk);
+  const C* bp = b_buf.data_ptr<C>();
 
   const int64_t steps = kPairs ? w / NR : 1;  // kernel K steps a member's segment is cut into
   std::vector<int64_t> seg_off(std::max<int64_t>(1, nnz * steps));  // column of A where each step starts

@@ -255,18 +255,18 @@ SPARSEKERN_AVX512 void microkernel_avx512_narrow(const C* a, int64_t lda, const 
   using T = Avx512<C>;
   typename T::V c[MR];
   const typename T::V i0 = init ? T::load(init) : T::zero();
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int i = 0; i < MR; ++i) c[i] = i0;
   for (int64_t j = 0; j < nseg; ++j) {
     if (kRowsA) {
       const C* rows[MR];
-#pragma GCC unroll 16
+#pragma GCC unroll 32
       for (int i = 0; i < MR; ++i) rows[i] = a + seg_off[j] + i * lda;
       if (j + 1 < nseg) prefetch_segment<C, MR>(a + seg_off[j + 1], lda, seglen * int64_t(sizeof(C)));
 #pragma GCC unroll 2
       for (int64_t k = 0; k < seglen; ++k, b += ldb) {
         const typename T::V b0 = T::load(b);
-#pragma GCC unroll 16
+#pragma GCC unroll 32
         for (int i = 0; i < MR; ++i) c[i] = T::fma(T::broadcast(rows[i] + k), b0, c[i]);
       }
     } else {
@@ -274,17 +274,17 @@ SPARSEKERN_AVX512 void microkernel_avx512_narrow(const C* a, int64_t lda, const 
 #pragma GCC unroll 2
       for (int64_t k = 0; k < seglen; ++k, ap += lda, b += ldb) {
         const typename T::V b0 = T::load(b);
-#pragma GCC unroll 16
+#pragma GCC unroll 32
         for (int i = 0; i < MR; ++i) c[i] = T::fma(T::broadcast(ap + i), b0, c[i]);
       }
     }
   }
   if (streams<typename T::V>(store, out, ldo)) {
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) T::stream(out + i * ldo, c[i]);
     return;
   }
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int i = 0; i < MR; ++i) {
     C* o = out + i * ldo;
     T::store(o, store == Store::kAdd ? T::add(T::load(o), c[i]) : c[i]);
