@@ -54,6 +54,17 @@ at::ScalarType scalar_type_of() {
   return std::is_same<C, c10::BFloat16>::value ? at::kBFloat16 : at::kFloat;
 }
 
+// The end of the panel of groups that starts at group p0: groups whose packed B (member_bytes a
+// stored block) fills kBPanelBytes, at least one.
+inline int64_t panel_end(const int64_t* offsets, int64_t G, int64_t p0, int64_t member_bytes) {
+  int64_t p1 = p0, bytes = 0;
+  while (p1 < G && (p1 == p0 || bytes < kBPanelBytes)) {
+    bytes += (offsets[p1 + 1] - offsets[p1]) * member_bytes;
+    ++p1;
+  }
+  return p1;
+}
+
 // B of the grouped products packed into NR-column strips: group i, sub-tile s (columns s NR ..),
 // member q at ((offsets[i] * nsub) + s * count_i + q) * w * NR, each strip k-major (VNNI pairs for
 // kPairs), zero beyond the group's columns. transpose, offsets, blk: as grouped_product's.
@@ -132,12 +143,8 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
   struct Item { int64_t group, t0, t1, share, shares; };  // share of the next m-block to prefetch
   std::vector<Item> items;
   std::vector<int64_t> prefix{0};
-  for (int64_t p0 = 0; p0 < G;) {
-    int64_t p1 = p0, bytes = 0;
-    while (p1 < G && (p1 == p0 || bytes < kBPanelBytes)) {
-      bytes += (offsets[p1 + 1] - offsets[p1]) * nsub * strip * int64_t(sizeof(C));
-      ++p1;
-    }
+  for (int64_t p0 = 0, p1; p0 < G; p0 = p1) {
+    p1 = panel_end(offsets, G, p0, nsub * strip * int64_t(sizeof(C)));
     for (int64_t t0 = 0; t0 < mtiles; t0 += mblock) {
       const int64_t t1 = std::min(mtiles, t0 + mblock);
       for (int64_t i = p0; i < p1; ++i) {
@@ -146,7 +153,6 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
         prefix.push_back(prefix.back() + (count * w + kItemOverhead) * nsub * NR * (t1 - t0) * MR);
       }
     }
-    p0 = p1;
   }
 
   const std::vector<std::pair<int64_t, int>> tile_heights{{0, MR}, {0, int(M - (mtiles - 1) * MR)}};

@@ -54,19 +54,14 @@ void packed_rows_product(const C* a, int64_t M, int64_t Ka, const C* values, int
   struct Item { int64_t group, tile; };
   std::vector<Item> items;
   std::vector<int64_t> prefix{0};
-  for (int64_t p0 = 0; p0 < G;) {
-    int64_t p1 = p0, bytes = 0;
-    while (p1 < G && (p1 == p0 || bytes < kBPanelBytes)) {
-      bytes += (offsets[p1 + 1] - offsets[p1]) * nsub * strip * int64_t(sizeof(C));
-      ++p1;
-    }
+  for (int64_t p0 = 0, p1; p0 < G; p0 = p1) {
+    p1 = panel_end(offsets, G, p0, nsub * strip * int64_t(sizeof(C)));
     for (int64_t t = 0; t < mtiles; ++t) {
       for (int64_t i = p0; i < p1; ++i) {
         items.push_back({i, t});
         prefix.push_back(prefix.back() + ((offsets[i + 1] - offsets[i]) * w + kItemOverhead) * nsub * NR * TR);
       }
     }
-    p0 = p1;
   }
 #ifdef SPARSEKERN_X86
   const Microkernel<C> kernel = portable_loops() ? &microkernel_portable<C, TR, NR, false>
