@@ -164,14 +164,17 @@ def test_degenerate_token_counts(isa, m):
     torch.testing.assert_close(dw, reference.bsr_grad_weight(dy, x, weight.layout))
 
 
-# Groups narrower than a wide strip on the AVX-512 geometry with at least 4 x 24 tokens run
-# 24-row tiles on a packed A (common/packed_rows_product.h): its SIMD loops on the avx512 and amx
-# paths, its portable loops at that geometry, the in-place tiles elsewhere.
+# fp32 and fp64 forward and dX of at least 4 x 24 tokens on the AVX-512 geometry run 24-row
+# tiles on a packed A (common/packed_rows_product.h): its SIMD loops on the avx512 and amx paths,
+# its portable loops at that geometry; the in-place tiles elsewhere (m = 95 below).
 PACKED_ROWS = {  # name: (shape (out, in), block, density or mask builder, dtype)
     "block16": ((96, 128), 16, 0.5, torch.float32),
-    "rect16x32": ((64, 128), (16, 32), 0.5, torch.float32),  # forward packed, dX in place
-    "rect32x16": ((128, 64), (32, 16), 0.5, torch.float32),  # forward in place, dX packed
+    "block32": ((128, 160), 32, 0.4, torch.float32),
+    "rect16x32": ((64, 128), (16, 32), 0.5, torch.float32),
+    "rect32x16": ((128, 64), (32, 16), 0.5, torch.float32),
+    "rect8x24-cols-past-16": ((40, 72), (8, 24), 0.5, torch.float32),
     "fp64-block8": ((48, 40), 8, 0.6, torch.float64),
+    "fp64-block16": ((64, 48), 16, 0.5, torch.float64),
     "power-law-rows": ((8 * 16, 12 * 16), 16, _power_law_mask, torch.float32),  # empty block rows and columns
 }
 
@@ -184,7 +187,7 @@ def wide_path(request):
         yield path
 
 
-@pytest.mark.parametrize("m", [96, 100, 217])
+@pytest.mark.parametrize("m", [95, 96, 100, 217])
 @pytest.mark.parametrize("name", list(PACKED_ROWS))
 def test_packed_rows_products_match_reference(wide_path, name, m):
     shape, block, density, dtype = PACKED_ROWS[name]

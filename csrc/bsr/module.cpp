@@ -145,7 +145,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const at::Tens
     using C = Compute<scalar_t>;
     const at::Tensor xc = in_compute_type<C>(x);
     if constexpr (std::is_same<scalar_t, C>::value) {
-      if (common::packed_rows<C>(M, br)) {
+      if (common::packed_rows(M)) {
         common::packed_rows_product<C>(xc.data_ptr<C>(), M, K, values.data_ptr<C>(), br, bc, /*transpose=*/true,
                                        row_offsets.data_ptr<int64_t>(), RB, nullptr, col_indices.data_ptr<int64_t>(),
                                        y.data_ptr<C>(), has_bias ? bias->data_ptr<C>() : nullptr);
@@ -199,7 +199,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
     using C = Compute<scalar_t>;
     const at::Tensor dyc = in_compute_type<C>(dy);
     if constexpr (std::is_same<scalar_t, C>::value) {
-      if (common::packed_rows<C>(M, bc)) {
+      if (common::packed_rows(M)) {
         common::packed_rows_product<C>(dyc.data_ptr<C>(), M, N, values.data_ptr<C>(), br, bc, /*transpose=*/false,
                                        col_offsets.data_ptr<int64_t>(), CB, t_block_ids.data_ptr<int64_t>(),
                                        t_row_indices.data_ptr<int64_t>(), dx.data_ptr<C>());
