@@ -104,7 +104,8 @@ def main(argv=None):
     p.add_argument("--speed-precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: both trainings under torch.autocast('cpu', dtype=torch.bfloat16)")
     p.add_argument("--speed-compile", action="store_true",
-                   help="both trainings' models under torch.compile (inductor); the warm-up chunk compiles")
+                   help="both trainings' models under torch.compile (inductor); two untimed warm-up chunks "
+                        "compile, then recompile once RigL changes the block counts")
     p.add_argument("--tag", default="", help="appended to the method name in the rows (to tell settings apart)")
     p.add_argument("--json", default=None, help="append JSON rows to this file")
     p.add_argument("--plot", default=None, help="write quality vs density as an SVG file")
