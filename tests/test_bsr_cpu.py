@@ -176,6 +176,7 @@ PACKED_ROWS = {  # name: (shape (out, in), block, density or mask builder, dtype
     "fp64-block8": ((48, 40), 8, 0.6, torch.float64),
     "fp64-block16": ((64, 48), 16, 0.5, torch.float64),
     "power-law-rows": ((8 * 16, 12 * 16), 16, _power_law_mask, torch.float32),  # empty block rows and columns
+    "rect48x16": ((96, 64), (48, 16), 0.5, torch.float32),  # dW: two 24-row tiles of a narrow strip
 }
 
 
@@ -190,6 +191,8 @@ def wide_path(request):
 @pytest.mark.parametrize("m", [95, 96, 100, 217])
 @pytest.mark.parametrize("name", list(PACKED_ROWS))
 def test_packed_rows_products_match_reference(wide_path, name, m):
+    """The forward and dX on packed rows (from 96 tokens), and dW, whose narrow strips run tiles
+    of up to 24 rows on the AVX-512 geometry."""
     shape, block, density, dtype = PACKED_ROWS[name]
     if callable(density):
         mask = density((shape[0] // block, shape[1] // block))
@@ -204,6 +207,8 @@ def test_packed_rows_products_match_reference(wide_path, name, m):
                                reference.bsr_forward(x, weight.values, weight.layout, bias), **TOLERANCES[dtype])
     torch.testing.assert_close(cpu.bsr_grad_input(dy, weight.values, weight.layout),
                                reference.bsr_grad_input(dy, weight.values, weight.layout), **TOLERANCES[dtype])
+    torch.testing.assert_close(cpu.bsr_grad_weight(dy, x, weight.layout),
+                               reference.bsr_grad_weight(dy, x, weight.layout), **TOLERANCES[dtype])
 
 
 def test_packed_rows_products_do_not_depend_on_thread_count(wide_path):

@@ -43,9 +43,9 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
   }
   if (M == 0) std::fill(acc, acc + nnz * block, C(0));
 
-  const auto tiles = common::row_tiles(br, common::tile_rows());
+  const auto tiles = common::row_tiles(br, common::packed_tile_rows<C, NR>());
   std::vector<common::Microkernel<C>> kernels;
-  for (const auto& tile : tiles) kernels.push_back(common::microkernel_rows<C, NR, false>(tile.second));
+  for (const auto& tile : tiles) kernels.push_back(common::packed_tile_kernel<C, NR>(tile.second));
   const int64_t chunk = std::min(kTokenChunk, M), zero = 0;
   // One parallel region for the whole call: each thread takes a contiguous range
   // of stored blocks and packs, chunk by chunk, only the block rows and columns
@@ -108,7 +108,7 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
               kernels[t](as, mr, &zero, 1, len, bs, NR, out, bc, add ? common::Store::kAdd : common::Store::kWrite,
                          nullptr);
             } else {
-              alignas(64) C tmp[common::kMaxTileRows * NR];
+              alignas(64) C tmp[common::kMaxNarrowRows * NR];
               kernels[t](as, mr, &zero, 1, len, bs, NR, tmp, NR, common::Store::kWrite, nullptr);
               for (int i = 0; i < mr; ++i) {
                 for (int64_t n = 0; n < ncols; ++n) out[i * bc + n] = (add ? out[i * bc + n] : C(0)) + tmp[i * NR + n];

@@ -62,15 +62,17 @@ DotRows dot_rows_kernel(int rows) {
 }
 
 // The tile steps for `tiles` (first, rows): the dot products (K steps of 2 KP) with kPairs, else
-// the microkernels of C (A's rows kRowsA-major).
+// the microkernels of C (A's rows read in place with kRowsA, else packed k-major: packed_tile_kernel).
 template <typename C, int NR, bool kPairs, bool kRowsA, int KP>
 auto tile_kernels(const std::vector<std::pair<int64_t, int>>& tiles) {
   std::vector<std::conditional_t<kPairs, DotRows, Microkernel<C>>> kernels;
   for (const auto& tile : tiles) {
     if constexpr (kPairs) {
       kernels.push_back(dot_rows_kernel<NR, KP>(tile.second));
+    } else if constexpr (kRowsA) {
+      kernels.push_back(microkernel_rows<C, NR, true>(tile.second));
     } else {
-      kernels.push_back(microkernel_rows<C, NR, kRowsA>(tile.second));
+      kernels.push_back(packed_tile_kernel<C, NR>(tile.second));
     }
   }
   return kernels;

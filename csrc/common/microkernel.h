@@ -456,11 +456,44 @@ Microkernel<C> microkernel_rows(int mr) {
   return kernel;
 }
 
-// dst[m * mr + i] = src[m * ld + i] for tokens m in [t0, t1), i < mr (<= kMaxTileRows): one k-major row
-// tile of the A operand (dYᵀ for dW), with the row count constant so the copy vectorises.
+// Most rows of a narrow-strip (kNR) tile on the AVX-512 geometry over a k-major packed A (the
+// packed-row panels, dW's dYᵀ): one zmm accumulator a row, 24 of the 32.
+constexpr int kMaxNarrowRows = 24;
+
+// The narrow strip's tile of `mr` rows (1..kMaxNarrowRows) over a k-major packed A on the
+// AVX-512 geometry: its SIMD loops, or the portable ones where those run.
+template <typename C>
+Microkernel<C> narrow_packed_kernel(int mr) {
+  Microkernel<C> kernel = nullptr;
+  with_rows<kMaxNarrowRows>(mr, [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    kernel = &microkernel_portable<C, R, kNR<C>, false>;
+#ifdef SPARSEKERN_X86
+    if (!portable_loops()) kernel = &microkernel_avx512_narrow<C, R, false>;
+#endif
+  });
+  return kernel;
+}
+
+// Rows of a tile over a k-major packed A (dW's dYᵀ) in strips of NR columns: narrow strips on the
+// AVX-512 geometry hold one zmm accumulator a row, so a 16-row block is one tile (16 FMA chains,
+// one B load per 16 FMAs) rather than two of 8; other strips take tile_rows().
+template <typename C, int NR>
+int packed_tile_rows() {
+  return NR == kNR<C> && wide_tiles() ? kMaxNarrowRows : tile_rows();
+}
+
+// The microkernel for such a tile of `mr` rows (1..packed_tile_rows<C, NR>()).
+template <typename C, int NR>
+Microkernel<C> packed_tile_kernel(int mr) {
+  return NR == kNR<C> && wide_tiles() ? narrow_packed_kernel<C>(mr) : microkernel_rows<C, NR, false>(mr);
+}
+
+// dst[m * mr + i] = src[m * ld + i] for tokens m in [t0, t1), i < mr (<= kMaxNarrowRows): one k-major
+// row tile of the A operand (dYᵀ for dW), with the row count constant so the copy vectorises.
 template <typename C>
 void copy_row_tile(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1, int mr) {
-  with_rows<kMaxTileRows>(mr, [&](auto rows) {
+  with_rows<kMaxNarrowRows>(mr, [&](auto rows) {
     constexpr int R = decltype(rows)::value;
     for (int64_t m = t0; m < t1; ++m) {
       for (int i = 0; i < R; ++i) dst[m * R + i] = src[m * ld + i];

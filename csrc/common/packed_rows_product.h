@@ -26,7 +26,7 @@
 namespace sparsekern {
 namespace common {
 
-constexpr int kPackedRows = 24;
+constexpr int kPackedRows = kMaxNarrowRows;
 
 // Whether the products of M rows take packed_rows_product: the AVX-512 geometry (its SIMD or
 // portable loops) and at least four row tiles (below, the padded rows and the copies weigh
@@ -108,12 +108,7 @@ void packed_rows_product(const C* a, int64_t M, int64_t Ka, const C* values, int
       }
     }
   }
-#ifdef SPARSEKERN_X86
-  const Microkernel<C> kernel = portable_loops() ? &microkernel_portable<C, TR, NR, false>
-                                                 : &microkernel_avx512_narrow<C, TR, false>;
-#else
-  const Microkernel<C> kernel = &microkernel_portable<C, TR, NR, false>;
-#endif
+  const Microkernel<C> kernel = narrow_packed_kernel<C>(TR);
   const Store direct = M * N * int64_t(sizeof(C)) >= kStreamOutputBytes ? Store::kStream : Store::kWrite;
   parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
     std::vector<C> panel(TR * Ka);

@@ -152,7 +152,8 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues, S* dbias) {
   std::vector<int64_t> row_slot(used_rows.empty() ? 0 : used_rows.back() + 1, -1);
   for (size_t u = 0; u < used_rows.size(); ++u) row_slot[used_rows[u]] = int64_t(u);
 
-  const auto tiles = common::row_tiles(pb.bo, kPairs ? common::bf16_tile_rows(common::tile_rows()) : common::tile_rows());
+  const auto tiles = common::row_tiles(pb.bo, kPairs ? common::bf16_tile_rows(common::tile_rows())
+                                                      : common::packed_tile_rows<C, NR>());
   const auto kernels = tile_kernels<C, NR, kPairs, false, kDotPixels / 2>(tiles);
   const int64_t parts = std::min((M + kPixelChunk - 1) / kPixelChunk, common::threads_for(nnz * block * M));
   std::vector<at::Tensor> accs(parts);
@@ -312,7 +313,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues, S* dbias) {
                   } else if (ncols == NR) {
                     kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, out, pb.bi, common::Store::kAdd, nullptr);
                   } else {
-                    alignas(64) C tmp[common::kMaxTileRows * NR];
+                    alignas(64) C tmp[common::kMaxNarrowRows * NR];
                     kernels[ti](arow + o * chunk, mr, &zero, 1, len, bs, NR, tmp, NR, common::Store::kWrite, nullptr);
                     for (int i = 0; i < mr; ++i) {
                       for (int64_t n = 0; n < ncols; ++n) out[i * pb.bi + n] += tmp[i * NR + n];
