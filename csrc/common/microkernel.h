@@ -249,8 +249,9 @@ SPARSEKERN_SIMD_MICROKERNEL(microkernel_avx512, SPARSEKERN_AVX512, Avx512)
 // The narrow strip (NR = kNR: 16 floats / 8 doubles) on AVX-512F: one zmm per row, so half
 // the FMA instructions of the two-ymm AVX2 body (6 FMAs per 7 loads instead of 12 per 8).
 // 16-column blocks take this strip on AVX-512 machines, and so do the packed-row products'
-// 24-row tiles (common/packed_rows_product.h): hence unroll 32, since at 24 rows GCC's
-// partial unroll of 16 kept the accumulators in a memory array.
+// 24-row tiles (common/packed_rows_product.h) and dW's tiles of up to 24 rows
+// (packed_tile_rows): hence unroll 32, since at 24 rows GCC's partial unroll of 16 kept the
+// accumulators in a memory array.
 template <typename C, int MR, bool kRowsA>
 SPARSEKERN_AVX512 void microkernel_avx512_narrow(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg,
                                                  int64_t seglen, const C* b, int64_t ldb, C* out, int64_t ldo,
