@@ -33,6 +33,16 @@ inline const L1Sets& l1_sets() {
   return l1;
 }
 
+// Bytes of the last-level (L3) cache glibc reports, 0 where it reports none.
+inline int64_t l3_bytes() {
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  static const int64_t bytes = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+  return bytes;
+#else
+  return 0;
+#endif
+}
+
 // Most of `rows` rows `stride` bytes apart whose same-column elements share one L1 set.
 inline int64_t rows_per_set(int rows, int64_t stride, const L1Sets& l1) {
   int64_t most = 0;
