@@ -476,18 +476,24 @@ Microkernel<C> narrow_packed_kernel(int mr) {
   return kernel;
 }
 
-// Rows of a tile over a k-major packed A (dW's dYᵀ) in strips of NR columns: narrow strips on the
-// AVX-512 geometry hold one zmm accumulator a row, so a 16-row block is one tile (16 FMA chains,
-// one B load per 16 FMAs) rather than two of 8; other strips take tile_rows().
+// Whether tiles over a k-major packed A (dW's dYᵀ) in strips of NR columns take the narrow
+// kernel's rows: narrow strips on the AVX-512 geometry hold one zmm accumulator a row, so a
+// 16-row block is one tile (16 FMA chains, one B load per 16 FMAs) rather than two of 8.
+template <typename C, int NR>
+bool narrow_packed_tiles() {
+  return NR == kNR<C> && wide_tiles();
+}
+
+// Rows of such a tile: up to kMaxNarrowRows where narrow_packed_tiles, else tile_rows().
 template <typename C, int NR>
 int packed_tile_rows() {
-  return NR == kNR<C> && wide_tiles() ? kMaxNarrowRows : tile_rows();
+  return narrow_packed_tiles<C, NR>() ? kMaxNarrowRows : tile_rows();
 }
 
 // The microkernel for such a tile of `mr` rows (1..packed_tile_rows<C, NR>()).
 template <typename C, int NR>
 Microkernel<C> packed_tile_kernel(int mr) {
-  return NR == kNR<C> && wide_tiles() ? narrow_packed_kernel<C>(mr) : microkernel_rows<C, NR, false>(mr);
+  return narrow_packed_tiles<C, NR>() ? narrow_packed_kernel<C>(mr) : microkernel_rows<C, NR, false>(mr);
 }
 
 // dst[m * mr + i] = src[m * ld + i] for tokens m in [t0, t1), i < mr (<= kMaxNarrowRows): one k-major
