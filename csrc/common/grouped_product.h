@@ -143,7 +143,9 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
   // No item may hold more than 1/8 of a thread's share, or one heavy block row
   // (power-law rows) could not be split evenly across the threads.
   int64_t per_tile_total = 0, per_tile_max = 1;
+  bool whole_rows = true;  // every group reads all of A's columns (a low-rank factor, a dense layout)
   for (int64_t i = 0; i < G; ++i) {
+    whole_rows = whole_rows && (offsets[i + 1] - offsets[i]) * w == Ka;
     const int64_t c = ((offsets[i + 1] - offsets[i]) * w + kItemOverhead) * nsub;
     per_tile_total += c;
     per_tile_max = std::max(per_tile_max, c);
@@ -173,8 +175,11 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
     // The groups of a panel read A's rows in scattered segments, so a first touch
     // from DRAM would stall the microkernel: each item instead prefetches its
     // share of the next m-block's rows (one contiguous range of A) into L2.
+    // Rows read whole are streamed by the hardware prefetchers, and there the burst
+    // of prefetches only competes with them: on a Xeon the low-rank x V product
+    // ran 21 % faster without it.
     const int64_t next_end = std::min(M, (2 * it.t1 - it.t0) * MR);
-    if (it.t1 * MR < next_end) {
+    if (!whole_rows && it.t1 * MR < next_end) {
       const char* region = reinterpret_cast<const char*>(a + it.t1 * MR * Ka);
       const int64_t bytes = (next_end - it.t1 * MR) * Ka * int64_t(sizeof(C));
       const int64_t lo = bytes * it.share / it.shares, hi = bytes * (it.share + 1) / it.shares;
