@@ -41,6 +41,8 @@ CASES = {
     "b16x32-M45": ((96, 128), (16, 32), 0.6, 45, ()),
     "b32x16-M64": ((128, 96), (32, 16), 0.6, 64, (0,)),
     "b16-M45-rows-in-one-l1-set": ((2048, 2048), 16, 0.05, 45, ()),
+    # dW's dYᵀ packed 32 columns at a time: 80 output features end on a group of 16
+    "b16-N80-M45": ((80, 48), 16, 0.5, 45, ()),
 }
 
 

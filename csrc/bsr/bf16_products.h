@@ -168,10 +168,14 @@ void bf16_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* valu
 
 // dst (N, Mp) bf16, row stride ld = src (M, N)ᵀ, zero beyond M: token pairs transposed 16 x 16.
 inline void pack_token_pairs_transposed(const bf16* src, int64_t M, int64_t N, int64_t Mp, int64_t ld, bf16* dst) {
-  common::parallel_for_work(N / 16, N * M, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      common::transpose_pair_columns(src + c * 16, N, M, Mp / 2, ld / 2,
-                                     reinterpret_cast<int32_t*>(dst) + c * 16 * (ld / 2));
+  common::parallel_for_work((N + 31) / 32, N * M, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {  // 32 columns: whole lines of src's rows (16 in a last one)
+      int32_t* out = reinterpret_cast<int32_t*>(dst) + c * 32 * (ld / 2);
+      if (32 * c + 32 <= N) {
+        common::transpose_pair_columns<2>(src + c * 32, N, M, Mp / 2, ld / 2, out);
+      } else {
+        common::transpose_pair_columns(src + c * 32, N, M, Mp / 2, ld / 2, out);
+      }
     }
   });
 }

@@ -36,16 +36,21 @@ SPARSEKERN_DOT_BF16 inline __m512i pair_words(const bf16* src, int64_t ld, int64
                           load_16(2 * r + 1 < M ? src + (2 * r + 1) * ld : nullptr), 0);
 }
 
-// Columns 0 .. 15 of src (rows ld elements apart, zeros from row M on) as 16 rows of `pairs`
-// pair words (a multiple of 16), row i at out + i * ldo words: column i's rows 2p and 2p + 1 in
-// word p.
+// Columns 0 .. 16 groups - 1 of src (rows ld elements apart, zeros from row M on) as that many
+// rows of `pairs` pair words (a multiple of 16), row i at out + i * ldo words: column i's rows
+// 2p and 2p + 1 in word p. Two groups take whole 64-byte lines of bf16 rows: the second group's
+// loads then hit L1, where one group at a time read every line twice from memory or L2 (the
+// block-sparse dW at 2048 x 4096 x 4096, density 0.05, on a Xeon: 7.6-8.7 ms against 8.6-9.5).
+template <int kGroups = 1>
 SPARSEKERN_DOT_BF16 inline void transpose_pair_columns(const bf16* src, int64_t ld, int64_t M, int64_t pairs,
                                                        int64_t ldo, int32_t* out) {
   __m512i r[16];
   for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
-    for (int i = 0; i < 16; ++i) r[i] = pair_words(src, ld, p0 + i, M);
-    transpose_16x16_epi32(r);
-    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + i * ldo + p0, r[i]);
+    for (int h = 0; h < kGroups; ++h) {
+      for (int i = 0; i < 16; ++i) r[i] = pair_words(src + 16 * h, ld, p0 + i, M);
+      transpose_16x16_epi32(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (16 * h + i) * ldo + p0, r[i]);
+    }
   }
 }
 #endif
