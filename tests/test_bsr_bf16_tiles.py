@@ -183,6 +183,32 @@ def test_sparse_linear_trains_in_bf16_on_tiles(engine, block):
 
 
 @pytest.mark.parametrize("block", [32, 16])
+def test_large_outputs_are_streamed_exactly(engine, block):
+    """y and dx of >= 16 MiB are written with non-temporal stores, two threads fencing theirs:
+    the same bound against fp64 as every other output."""
+    m = (16 << 20) // (2048 * 2) + 3
+    g = torch.Generator().manual_seed(7)
+    weight = random_bsr((2048, 64), block, 0.5, dtype=torch.bfloat16, seed=8)  # y: m x 2048
+    weight_t = random_bsr((64, 2048), block, 0.5, dtype=torch.bfloat16, seed=9)  # dx: m x 2048
+    x, dy = torch.randn(m, 64, generator=g).bfloat16(), torch.randn(m, 64, generator=g).bfloat16()
+    bias = torch.randn(2048, generator=g).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = cpu.bsr_forward(x, weight.values, weight.layout, bias)
+        dx = cpu.bsr_grad_input(dy, weight_t.values, weight_t.layout)
+    finally:
+        torch.set_num_threads(before)
+    cases = {"forward": (y, reference.bsr_forward(x.double(), weight.values.double(), weight.layout, bias.double()),
+                         x @ weight.to_dense().T + bias),
+             "grad_input": (dx, reference.bsr_grad_input(dy.double(), weight_t.values.double(), weight_t.layout),
+                            dy @ weight_t.to_dense())}
+    for product, (got, want, dense) in cases.items():
+        assert got.shape == (m, 2048), product
+        assert relative_error(got, want) <= relative_error(dense, want) + BF16_STEP, product
+
+
+@pytest.mark.parametrize("block", [32, 16])
 def test_grad_weight_over_several_token_chunks(engine, block):
     """dW sums tokens in chunks of 16 MB of packed X: 131072 columns make 64-token chunks, so
     100 tokens take two, the second accumulating onto the first's fp32 tiles."""

@@ -40,7 +40,8 @@ constexpr int64_t kMaxItems = 1 << 18;
 // Outputs at least this large are written with non-temporal stores: they cannot stay cached
 // until they are read (8 x a core's L2 on a Xeon, 32 x on Zen3), and a 2048 x 4096 fp32 output
 // written through the cache costs a read of every line first. A low-rank layer's fwd+bwd at
-// r = 64 measured ~11 % faster with its two such outputs streamed (docs/lowrank.md).
+// r = 64 measured ~11 % faster with its two such outputs streamed (docs/lowrank.md); the bf16
+// products' tiles stream theirs too (store_tile_bf16).
 constexpr int64_t kStreamOutputBytes = 16 << 20;
 
 // The type the microkernels compute in for storage type S: double for double, float otherwise
@@ -205,7 +206,7 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
           alignas(64) float tmp[kMaxTileRows * NR];
           kern(arows, Ka, seg_off.data() + first * steps, bs, 2 * NR, NR * NR, count * steps, tmp, NR, false);
           if (ncols == NR) {
-            store_tile_bf16<NR / 16>(tmp, rows, bias ? bias + c0 : nullptr, o, N);
+            store_tile_bf16<NR / 16>(tmp, rows, bias ? bias + c0 : nullptr, o, N, direct == Store::kStream);
             continue;
           }
           for (int64_t i = 0; i < rows; ++i) {
