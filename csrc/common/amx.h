@@ -260,9 +260,11 @@ struct DotEngine16 {
 };
 
 // out[i * ldo + n] = bf16(c[i * 16 NV + n] (+ bias[n])) for rows i < rows, n < 16 NV (round to
-// nearest even): NV = 2, tiles of 32 columns; NV = 1, of 16. stream: non-temporal stores where
-// a row's 16 elements are 32-byte aligned (an output too large to stay cached; the caller
-// fences, stream_fence, before another thread reads it).
+// nearest even): NV = 2, tiles of 32 columns; NV = 1, of 16. stream: non-temporal stores for
+// rows that are whole 64-byte lines (NV = 2, line-aligned), for an output too large to stay
+// cached (the caller fences, stream_fence, before another thread reads it). Half lines are
+// stored plainly: streamed, the 16-column tiles' forward at density 0.1 ran 376 GFLOP/s
+// instead of 568 (each partial line is written back on its own).
 template <int NV = 2>
 SPARSEKERN_DOT_BF16 inline void store_tile_bf16(const float* c, int64_t rows, const bf16* bias, bf16* out,
                                                 int64_t ldo, bool stream = false) {
@@ -271,10 +273,11 @@ SPARSEKERN_DOT_BF16 inline void store_tile_bf16(const float* c, int64_t rows, co
     for (int n = 0; n < 16 * NV; ++n) widened[n] = float(bias[n]);
   }
   for (int64_t i = 0; i < rows; ++i) {
+    const bool line = NV == 2 && stream && reinterpret_cast<uintptr_t>(out + i * ldo) % 64 == 0;
     for (int v = 0; v < NV; ++v) {
       const __m512 sum = _mm512_add_ps(_mm512_loadu_ps(c + (i * NV + v) * 16), _mm512_load_ps(widened + 16 * v));
       __m256i* dst = reinterpret_cast<__m256i*>(out + i * ldo + 16 * v);
-      if (stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+      if (line) {
         _mm256_stream_si256(dst, (__m256i)_mm512_cvtneps_pbh(sum));
       } else {
         _mm256_storeu_si256(dst, (__m256i)_mm512_cvtneps_pbh(sum));
