@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import sparsekern as sk
 from fuzz_strategies import bool_tensor, fuzz_settings, seeds
 from helpers import (BF16_ENGINES, assert_same_at_thread_counts, on_bf16_engine, on_path, random_bsr, relative_error,
-                     stored_blocks)
+                     stored_blocks, thread_count)
 from sparsekern.kernels import microkernel
 from sparsekern.kernels.bsr import cpu, reference
 
@@ -193,13 +193,9 @@ def test_large_outputs_are_streamed_exactly(engine, block):
     weight_t = random_bsr((64, 2048), block, 0.5, dtype=torch.bfloat16, seed=9)  # dx: m x 2048
     x, dy = torch.randn(m, 64, generator=g).bfloat16(), torch.randn(m, 64, generator=g).bfloat16()
     bias = torch.randn(2048, generator=g).bfloat16()
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with thread_count(2):
         y = cpu.bsr_forward(x, weight.values, weight.layout, bias)
         dx = cpu.bsr_grad_input(dy, weight_t.values, weight_t.layout)
-    finally:
-        torch.set_num_threads(before)
     cases = {"forward": (y, reference.bsr_forward(x.double(), weight.values.double(), weight.layout, bias.double()),
                          x @ weight.to_dense().T + bias),
              "grad_input": (dx, reference.bsr_grad_input(dy.double(), weight_t.values.double(), weight_t.layout),
