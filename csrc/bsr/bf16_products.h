@@ -30,8 +30,8 @@
 #include <vector>
 
 #include "common/amx.h"
-#include "common/grouped_product.h"
 #include "common/huge_page_output.h"
+#include "common/microkernel.h"
 #include "common/pair_words.h"
 #include "common/parallel.h"
 
@@ -142,10 +142,10 @@ void bf16_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* valu
       prefix.push_back(prefix.back() + (count * ksteps + kAmxItemOverhead) * nsub * (t1 - t0) * kAmxTile * kVnni);
     }
   }
-  // A large output is written with non-temporal stores, as the fp32 products' (grouped_product.h):
+  // A large output is written with non-temporal stores, as the fp32 products' (streamed_output):
   // on a Xeon the bf16 forward at 2048 x 4096 x 4096 right after a dense GEMM took 5.1-5.4 ms
   // instead of 6.6-7.0 at density 0.05, 7.6-7.8 instead of 9.3-9.5 at 0.1.
-  const bool stream = M * N * int64_t(sizeof(bf16)) >= common::kStreamOutputBytes;
+  const bool stream = common::streamed_output<bf16>(M * N);
   common::parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
     Engine engine;
     alignas(64) float acc[kAmxTile * NW];

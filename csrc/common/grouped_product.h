@@ -37,12 +37,6 @@ constexpr int64_t kABlockBytes = 384 << 10;  // rows of A kept hot in L2 (1 MiB 
 constexpr int64_t kBPanelBytes = 4 << 20;    // packed B strips kept hot in L3 (at least; b_panel_bytes)
 constexpr int64_t kItemOverhead = 32;        // cost of writing an output tile, in K-steps
 constexpr int64_t kMaxItems = 1 << 18;
-// Outputs at least this large are written with non-temporal stores: they cannot stay cached
-// until they are read (8 x a core's L2 on a Xeon, 32 x on Zen3), and a 2048 x 4096 fp32 output
-// written through the cache costs a read of every line first. A low-rank layer's fwd+bwd at
-// r = 64 measured ~11 % faster with its two such outputs streamed (docs/lowrank.md); the bf16
-// products' tiles stream theirs too (store_tile_bf16).
-constexpr int64_t kStreamOutputBytes = 16 << 20;
 
 // The type the microkernels compute in for storage type S: double for double, float otherwise
 // (half types are widened to float).
@@ -171,7 +165,7 @@ void grouped_product(const C* a, int64_t M, int64_t Ka, const S* values, int64_t
 
   const std::vector<std::pair<int64_t, int>> tile_heights{{0, MR}, {0, int(M - (mtiles - 1) * MR)}};
   const auto kernels = tile_kernels<C, NR, kPairs, true, NR / 2>(tile_heights);
-  const Store direct = M * N * int64_t(sizeof(S)) >= kStreamOutputBytes ? Store::kStream : Store::kWrite;
+  const Store direct = streamed_output<S>(M * N) ? Store::kStream : Store::kWrite;
   auto run_item = [&](const Item& it) {
     // The groups of a panel read A's rows in scattered segments, so a first touch
     // from DRAM would stall the microkernel: each item instead prefetches its

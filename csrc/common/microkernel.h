@@ -69,6 +69,19 @@ inline void stream_fence() {
 #endif
 }
 
+// Outputs at least this large are written with non-temporal stores: they cannot stay cached
+// until they are read (8 x a core's L2 on a Xeon, 32 x on Zen3), and a 2048 x 4096 fp32 output
+// written through the cache costs a read of every line first. A low-rank layer's fwd+bwd at
+// r = 64 measured ~11 % faster with its two such outputs streamed (docs/lowrank.md); the bf16
+// products' tiles stream theirs too (store_tile_bf16).
+constexpr int64_t kStreamOutputBytes = 16 << 20;
+
+// Whether a product writes its output of `elements` values of S with non-temporal stores.
+template <typename S>
+inline bool streamed_output(int64_t elements) {
+  return elements * int64_t(sizeof(S)) >= kStreamOutputBytes;
+}
+
 template <typename C>
 using Microkernel = void (*)(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg, int64_t seglen,
                              const C* b, int64_t ldb, C* out, int64_t ldo, Store store, const C* init);

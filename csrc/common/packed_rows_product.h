@@ -109,7 +109,7 @@ void packed_rows_product(const C* a, int64_t M, int64_t Ka, const C* values, int
     }
   }
   const Microkernel<C> kernel = narrow_packed_kernel<C>(TR);
-  const Store direct = M * N * int64_t(sizeof(C)) >= kStreamOutputBytes ? Store::kStream : Store::kWrite;
+  const Store direct = streamed_output<C>(M * N) ? Store::kStream : Store::kWrite;
   parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
     std::vector<C> panel(TR * Ka);
     int64_t copied = -1;  // the m-tile in `panel`
