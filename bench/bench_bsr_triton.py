@@ -327,7 +327,7 @@ def run_case(case, args, device, env, bandwidth):
     fns = {
         "ours_fwd": lambda: kernels["fwd"](x, values, layout),
         "ours_dx": lambda: kernels["dx"](dy, values, layout),
-        "ours_dw": lambda: kernels["dw"](dy, x, layout),
+        "ours_dw": lambda: kernels["dw"](dy, x, layout)[0],
         "cublas_fwd": lambda: x @ w_masked.T,
         "cublas_dx": lambda: dy @ w_masked,
         "cublas_dw": lambda: dy.T @ x,

@@ -75,13 +75,15 @@ def _engine_paths():
 def _check_within_the_dense_bf16_bound(weight, x, dy, bias):
     layout, values = weight.layout, weight.values
     w = weight.to_dense()
+    dw, db = cpu.bsr_grad_weight(dy, x, layout, True)
+    want_dw, want_db = reference.bsr_grad_weight(dy.double(), x.double(), layout, True)
     cases = {  # (ours, fp64 reference, torch's dense bf16 product of the same operands)
         "forward": (cpu.bsr_forward(x, values, layout, bias),
                     reference.bsr_forward(x.double(), values.double(), layout, bias.double()), x @ w.T + bias),
         "grad_input": (cpu.bsr_grad_input(dy, values, layout),
                        reference.bsr_grad_input(dy.double(), values.double(), layout), dy @ w),
-        "grad_weight": (cpu.bsr_grad_weight(dy, x, layout),
-                        reference.bsr_grad_weight(dy.double(), x.double(), layout), stored_blocks(dy.T @ x, layout)),
+        "grad_weight": (dw, want_dw, stored_blocks(dy.T @ x, layout)),
+        "bias_grad": (db, want_db, dy.sum(0)),  # summed on the packing of dYᵀ
     }
     _assert_within_the_dense_bf16_bound(cases)
 
@@ -126,7 +128,7 @@ def test_random_masks_within_the_dense_bf16_bound(block, grid, tokens, seed, dat
 def _products(weight, x, dy, bias):
     layout, values = weight.layout, weight.values
     return [cpu.bsr_forward(x, values, layout, bias), cpu.bsr_grad_input(dy, values, layout),
-            cpu.bsr_grad_weight(dy, x, layout)]
+            cpu.bsr_grad_weight(dy, x, layout)[0]]
 
 
 @pytest.mark.parametrize("name", ["b32-M100", "b64x32-M64", "b16-M100", "b32x16-M64"])
@@ -155,8 +157,8 @@ def test_degenerate_token_counts(engine, m, block):
     x, dy = torch.randn(m, 96).bfloat16(), torch.randn(m, 64).bfloat16()
     assert cpu.bsr_forward(x, weight.values, weight.layout).shape == (m, 64)
     assert cpu.bsr_grad_input(dy, weight.values, weight.layout).shape == (m, 96)
-    dw = cpu.bsr_grad_weight(dy, x, weight.layout)
-    torch.testing.assert_close(dw.float(), reference.bsr_grad_weight(dy.float(), x.float(), weight.layout),
+    dw = cpu.bsr_grad_weight(dy, x, weight.layout)[0]
+    torch.testing.assert_close(dw.float(), reference.bsr_grad_weight(dy.float(), x.float(), weight.layout)[0],
                                rtol=2e-2, atol=2e-2)
 
 
@@ -166,7 +168,7 @@ def test_results_do_not_depend_on_thread_count(engine, threads, name):
     weight, x, dy, bias = _operands(name)
     assert_same_at_thread_counts(lambda: [cpu.bsr_forward(x, weight.values, weight.layout, bias),
                                           cpu.bsr_grad_input(dy, weight.values, weight.layout),
-                                          cpu.bsr_grad_weight(dy, x, weight.layout)], threads)
+                                          cpu.bsr_grad_weight(dy, x, weight.layout)[0]], threads)
 
 
 @pytest.mark.parametrize("block", [32, 16])
@@ -217,8 +219,8 @@ def test_grad_weight_over_several_token_chunks(engine, block):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(100, 131072, generator=g).bfloat16()
     dy = torch.randn(100, 64, generator=g).bfloat16()
-    got = cpu.bsr_grad_weight(dy, x, weight.layout)
-    want = reference.bsr_grad_weight(dy.double(), x.double(), weight.layout)
+    got = cpu.bsr_grad_weight(dy, x, weight.layout)[0]
+    want = reference.bsr_grad_weight(dy.double(), x.double(), weight.layout)[0]
     dense = stored_blocks(dy.T @ x, weight.layout)
     assert relative_error(got, want) <= relative_error(dense, want) + BF16_STEP
 
@@ -236,12 +238,12 @@ def test_grad_weight_runs_on_every_thread(engine):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cpu.bsr_grad_weight(dy, x, weight.layout)
+        cpu.bsr_grad_weight(dy, x, weight.layout)[0]
         ratios = []
         for _ in range(3):
             cpu_start, wall_start = time.process_time(), time.perf_counter()
             for _ in range(3):
-                cpu.bsr_grad_weight(dy, x, weight.layout)
+                cpu.bsr_grad_weight(dy, x, weight.layout)[0]
             ratios.append((time.process_time() - cpu_start) / (time.perf_counter() - wall_start))
             if ratios[-1] > 1.75:
                 break

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import sparsekern as sk
-from helpers import TOLERANCES, assert_same_at_thread_counts, microkernel_paths, on_path, random_bsr, stored_blocks
+from helpers import (TOLERANCES, assert_same_at_thread_counts, microkernel_paths, on_path, random_bsr, stored_blocks,
+                     thread_count)
 from sparsekern.cli.machine import l1_data_cache
 from sparsekern.kernels import microkernel
 from sparsekern.kernels.bsr import cpu, dense, reference
@@ -75,12 +76,14 @@ def test_kernels_match_reference(isa, name, dtype):
     x = torch.randn(m, k, generator=g, dtype=torch.float64).to(dtype)
     dy = torch.randn(m, n, generator=g, dtype=torch.float64).to(dtype)
     args = {"bsr_forward": (x, weight.values, layout), "bsr_grad_input": (dy, weight.values, layout),
-            "bsr_grad_weight": (dy, x, layout)}
+            "bsr_grad_weight": (dy, x, layout, True)}  # with the bias gradient summed on dW's pass
     for product in PRODUCTS:
         got = getattr(cpu, product)(*args[product])
         want = getattr(reference, product)(*(a.double() if torch.is_tensor(a) else a for a in args[product]))
-        assert got.dtype == dtype and got.shape == want.shape, product
-        torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype], msg=lambda s: f"{product}: {s}")
+        for got_one, want_one in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want)), strict=True):
+            assert got_one.dtype == dtype and got_one.shape == want_one.shape, product
+            torch.testing.assert_close(got_one.double(), want_one, **TOLERANCES[dtype],
+                                       msg=lambda s: f"{product}: {s}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -160,8 +163,28 @@ def test_degenerate_token_counts(isa, m):
     x, dy = torch.randn(m, 48), torch.randn(m, 32)
     assert cpu.bsr_forward(x, weight.values, weight.layout).shape == (m, 32)
     assert cpu.bsr_grad_input(dy, weight.values, weight.layout).shape == (m, 48)
-    dw = cpu.bsr_grad_weight(dy, x, weight.layout)
-    torch.testing.assert_close(dw, reference.bsr_grad_weight(dy, x, weight.layout))
+    dw, db = cpu.bsr_grad_weight(dy, x, weight.layout, True)
+    torch.testing.assert_close(dw, reference.bsr_grad_weight(dy, x, weight.layout)[0])
+    torch.testing.assert_close(db, torch.zeros(32) if m == 0 else dy[0])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_bias_gradient_counts_every_row_once(isa, threads, dtype):
+    """dW's threads sum the bias gradient each over their own block rows: the rows before,
+    between and after the stored blocks, and a block row whose blocks two threads share."""
+    mask = torch.zeros(8, 6, dtype=torch.bool)
+    mask[3] = True  # six of the seven blocks: split between the threads
+    mask[5, 1] = True
+    weight = sk.BlockSparseMatrix.from_dense(torch.randn(128, 96, dtype=torch.float64).to(dtype), 16, block_mask=mask)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(500, 96, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(500, 128, generator=g, dtype=torch.float64).to(dtype)
+    with thread_count(threads):
+        dw, db = cpu.bsr_grad_weight(dy, x, weight.layout, True)
+    want_dw, want_db = reference.bsr_grad_weight(dy.double(), x.double(), weight.layout, True)
+    torch.testing.assert_close(db.double(), want_db, **TOLERANCES[dtype])
+    torch.testing.assert_close(dw.double(), want_dw, **TOLERANCES[dtype])
 
 
 # fp32 and fp64 forward and dX of at least 4 x 24 tokens on the AVX-512 geometry run 24-row
@@ -207,8 +230,8 @@ def test_packed_rows_products_match_reference(wide_path, name, m):
                                reference.bsr_forward(x, weight.values, weight.layout, bias), **TOLERANCES[dtype])
     torch.testing.assert_close(cpu.bsr_grad_input(dy, weight.values, weight.layout),
                                reference.bsr_grad_input(dy, weight.values, weight.layout), **TOLERANCES[dtype])
-    torch.testing.assert_close(cpu.bsr_grad_weight(dy, x, weight.layout),
-                               reference.bsr_grad_weight(dy, x, weight.layout), **TOLERANCES[dtype])
+    torch.testing.assert_close(cpu.bsr_grad_weight(dy, x, weight.layout)[0],
+                               reference.bsr_grad_weight(dy, x, weight.layout)[0], **TOLERANCES[dtype])
 
 
 def test_packed_rows_products_do_not_depend_on_thread_count(wide_path):
@@ -228,11 +251,11 @@ def test_results_do_not_depend_on_thread_count(threads):
     try:
         torch.set_num_threads(threads)
         got = [cpu.bsr_forward(x, weight.values, weight.layout), cpu.bsr_grad_input(dy, weight.values, weight.layout),
-               cpu.bsr_grad_weight(dy, x, weight.layout)]
+               cpu.bsr_grad_weight(dy, x, weight.layout)[0]]
     finally:
         torch.set_num_threads(before)
     want = [reference.bsr_forward(x, weight.values, weight.layout),
-            reference.bsr_grad_input(dy, weight.values, weight.layout), reference.bsr_grad_weight(dy, x, weight.layout)]
+            reference.bsr_grad_input(dy, weight.values, weight.layout), reference.bsr_grad_weight(dy, x, weight.layout)[0]]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
 

@@ -62,7 +62,7 @@ STRUCTURES = {
 def test_matches_dense_fp32(name, m):
     shape, block, density, rows, cols = STRUCTURES[name]
     layout, x, dy = _case(shape, block, density, m, empty_rows=rows, empty_cols=cols)
-    got = _grad().bsr_grad_weight(dy, x, layout)
+    got = _grad().bsr_grad_weight(dy, x, layout)[0]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), _want(dy, x, layout), **TOLERANCES[torch.float32])
 
@@ -73,7 +73,7 @@ def test_matches_dense_fp32(name, m):
 def test_matches_dense_half(name, dtype):
     shape, block, density, rows, cols = STRUCTURES[name]
     layout, x, dy = _case(shape, block, density, 23, dtype=dtype, empty_rows=rows, empty_cols=cols)
-    got = _grad().bsr_grad_weight(dy, x, layout)
+    got = _grad().bsr_grad_weight(dy, x, layout)[0]
     assert got.dtype == dtype
     torch.testing.assert_close(got.double(), _want(dy, x, layout), **TOLERANCES[dtype])
 
@@ -114,7 +114,7 @@ def test_strided_inputs(strides):
     else:
         xs, dys = torch.cat([x, x], 1)[:, :96], torch.cat([dy, dy], 1)[:, 64:]
         assert xs.stride(0) == 192 and dys.stride(0) == 128
-    got = _grad().bsr_grad_weight(dys, xs, layout)
+    got = _grad().bsr_grad_weight(dys, xs, layout)[0]
     torch.testing.assert_close(got.double(), _want(dy, x, layout), **TOLERANCES[torch.float32])
 
 
@@ -126,7 +126,7 @@ def test_few_blocks_split_the_tokens():
     plan = grad.schedule(layout)
     tc, group = grad.group_shape(128, 64, plan.fill)
     assert grad.split_m(200, plan.n_items[grad.GROUPS.index(group)], 4, 16)[0] > 1
-    torch.testing.assert_close(grad.bsr_grad_weight(dy, x, layout).double(), _want(dy, x, layout),
+    torch.testing.assert_close(grad.bsr_grad_weight(dy, x, layout)[0].double(), _want(dy, x, layout),
                                **TOLERANCES[torch.float32])
 
 
@@ -134,9 +134,9 @@ def test_few_blocks_split_the_tokens():
 def test_no_tokens_and_no_blocks():
     grad = _grad()
     layout, x, dy = _case((32, 48), 16, 0.5, 0)
-    assert torch.equal(grad.bsr_grad_weight(dy, x, layout), torch.zeros(layout.nnz_blocks, 16, 16))
+    assert torch.equal(grad.bsr_grad_weight(dy, x, layout)[0], torch.zeros(layout.nnz_blocks, 16, 16))
     empty, x, dy = _case((32, 48), 16, 0.0, 5)
-    assert grad.bsr_grad_weight(dy, x, empty).shape == (0, 16, 16)
+    assert grad.bsr_grad_weight(dy, x, empty)[0].shape == (0, 16, 16)
 
 
 class TestSchedule:
@@ -228,7 +228,7 @@ class TestDenseRoute:
         from sparsekern.kernels.bsr import reference
         layout, x, dy = _case((48, 96), (16, 32), 0.8, 37, dtype=dtype)
         got = _grad().dense_grad_weight(dy, x, layout)
-        want = reference.bsr_grad_weight(dy.double(), x.double(), layout)
+        want = reference.bsr_grad_weight(dy.double(), x.double(), layout)[0]
         assert got.dtype == dtype and got.shape == want.shape
         torch.testing.assert_close(got.double(), want, **TOLERANCES[dtype])
 
@@ -249,6 +249,6 @@ def test_gpu_sdd_and_dense_route(block, dtype, monkeypatch):
         dy = torch.randn(m, 512, device="cuda", dtype=dtype)
         assert grad.use_dense(m, layout, dtype, x.device) == (density > 0.9)
         for xs, dys in [(x, dy), (x.T.contiguous().T, dy.T.contiguous().T)]:
-            got = grad.bsr_grad_weight(dys, xs, layout)
+            got = grad.bsr_grad_weight(dys, xs, layout)[0]
             torch.testing.assert_close(got.double(), _want(dy, x, layout), **tol)
         torch.testing.assert_close(grad.sdd(dy, x, layout).double(), _want(dy, x, layout), **tol)

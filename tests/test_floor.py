@@ -364,7 +364,7 @@ def test_dense_composite_matches_the_reference(dtype):
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
     for product, args in [("bsr_forward", (x, weight.values, weight.layout, bias)),
                           ("bsr_grad_input", (dy, weight.values, weight.layout)),
-                          ("bsr_grad_weight", (dy, x, weight.layout))]:
+                          ("bsr_grad_weight", (dy, x, weight.layout, True))]:
         torch.testing.assert_close(getattr(dense, product)(*args), getattr(reference, product)(*args), **tol)
 
 

@@ -3,7 +3,8 @@
 //
 // sparsekern::bsr_forward_cpu     y = x Wᵀ (+ bias, in registers)
 // sparsekern::bsr_grad_input_cpu  dx = dy W, W walked by block columns (transpose metadata)
-// sparsekern::bsr_grad_weight_cpu dvalues = (dyᵀ x) sampled on the stored blocks
+// sparsekern::bsr_grad_weight_cpu dvalues = (dyᵀ x) sampled on the stored blocks, and (bias_grad)
+//                                 dy's column sums on the same pass over dy (else an empty tensor)
 // Tensors: CPU, contiguous, float64 / float32 / bfloat16 / float16 (half types
 // computed in fp32), int64 indices of a valid BlockLayout (checked in O(nnz)).
 // bf16 with block sides that are multiples of 32 runs on AMX tiles on the amx path, and on
@@ -13,6 +14,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 
 #include "common/grouped_product.h"
 #include "common/huge_page_output.h"
@@ -216,8 +218,9 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   return dx;
 }
 
-at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_indices,
-                       const at::Tensor& col_indices, int64_t br, int64_t bc) {
+std::tuple<at::Tensor, at::Tensor> grad_weight(const at::Tensor& dy, const at::Tensor& x,
+                                               const at::Tensor& row_indices, const at::Tensor& col_indices,
+                                               int64_t br, int64_t bc, bool bias_grad) {
   check_dense(dy, "dy", 2);
   check_dense(x, "x", 2);
   check_same(dy, x);
@@ -228,14 +231,16 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
   check_index(row_indices, "row_indices", nnz, N / br);
   check_index(col_indices, "col_indices", nnz, K / bc);
   at::Tensor dvalues = empty_output({nnz, br, bc}, x.options());
+  at::Tensor dbias = at::empty({bias_grad ? N : 0}, dy.options());
 #ifdef SPARSEKERN_AMX_BUILD
   using common::bf16;
   const Bf16Engine engine = bf16_engine_of(x, br, bc);
   auto tiles = [&](auto tag) {
     bf16_sampled_product<typename decltype(tag)::type>(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), M, N, K, br, bc,
                                                        row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(),
-                                                       nnz, dvalues.data_ptr<bf16>());
-    return dvalues;
+                                                       nnz, dvalues.data_ptr<bf16>(),
+                                                       bias_grad ? dbias.data_ptr<bf16>() : nullptr);
+    return std::make_tuple(dvalues, dbias);
   };
   if (engine == Bf16Engine::kAmxTiles) return tiles(std::type_identity<common::AmxEngine>{});
   if (engine == Bf16Engine::kDotTiles) return tiles(std::type_identity<common::DotEngine>{});
@@ -248,10 +253,11 @@ at::Tensor grad_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tens
     common::with_strip_width<C>([&](auto nr) {
       sampled_product<scalar_t, C, decltype(nr)::value>(dyc.data_ptr<C>(), xc.data_ptr<C>(), M, N, K, br, bc,
                                          row_indices.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(), nnz,
-                                         dvalues.data_ptr<scalar_t>());
+                                         dvalues.data_ptr<scalar_t>(),
+                                         bias_grad ? dbias.data_ptr<scalar_t>() : nullptr);
     }, bc);
   });
-  return dvalues;
+  return {dvalues, dbias};
 }
 
 }  // namespace
@@ -265,7 +271,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def("bsr_grad_input_cpu(Tensor dy, Tensor values, Tensor col_offsets, Tensor t_block_ids, "
         "Tensor t_row_indices, int in_features) -> Tensor");
   m.def("bsr_grad_weight_cpu(Tensor dy, Tensor x, Tensor row_indices, Tensor col_indices, int block_rows, "
-        "int block_cols) -> Tensor");
+        "int block_cols, bool bias_grad=False) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {

@@ -8,7 +8,9 @@
 // columns ([chunk][NR]). A tile of a block is then one microkernel call over
 // two contiguous streams, accumulating into the output across chunks. Stored
 // blocks all cost the same, so an even split over blocks is balanced whatever
-// the row structure.
+// the row structure. The bias gradient (dY's column sums) is summed chunk by chunk
+// right after the packing read those rows (in L2), each thread over its own block
+// rows.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/column_sums.h"
 #include "common/grouped_product.h"
 #include "common/microkernel.h"
 #include "common/parallel.h"
@@ -33,11 +36,13 @@ namespace bsr {
 constexpr int64_t kTokenChunk = 64;
 constexpr int64_t kRowsPerPass = 16;  // tokens per packing pass (rows being read stay in L2)
 
-// dy (M, N) and x (M, K) in the compute type; dvalues (nnz, br, bc) in the storage type.
+// dy (M, N) and x (M, K) in the compute type; dvalues (nnz, br, bc) and dbias (N, or null: no
+// bias gradient) in the storage type.
 template <typename S, typename C, int NR>
 void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, int64_t br, int64_t bc,
-                     const int64_t* rows, const int64_t* cols, int64_t nnz, S* dvalues) {
+                     const int64_t* rows, const int64_t* cols, int64_t nnz, S* dvalues, S* dbias) {
   const int64_t CB = K / bc, nsub = (bc + NR - 1) / NR, block = br * bc;
+  if (dbias && (nnz == 0 || M == 0)) common::column_sums(dy, M, N, dbias);
   if (nnz == 0) return;
   at::Tensor acc_buf;
   C* acc = reinterpret_cast<C*>(dvalues);
@@ -56,8 +61,20 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
   // those blocks touch into its own buffers. Threads never wait for each other
   // (on a loaded machine every extra region costs a scheduling delay), at the
   // price of packing a block column twice when both threads' blocks use it.
-  auto run_part = [&](int64_t b0, int64_t b1) {
+  const int64_t parts = std::min(nnz, common::threads_for(nnz * block * M));
+  // The bias gradient: part p sums the block rows [own[p], own[p + 1]): its own rows, a row
+  // it shares with the part before left to that one, and the first and last parts also the
+  // rows before and after every stored block.
+  using A = common::SumType<C>;
+  std::vector<A> bias_total(dbias ? N : 0);
+  std::vector<int64_t> own(parts + 1, N / br);
+  own[0] = 0;
+  for (int64_t p = 1; p < parts; ++p) own[p] = std::max(own[p - 1], rows[nnz * p / parts - 1] + 1);
+  auto run_part = [&](int64_t part) {
+    const int64_t b0 = nnz * part / parts, b1 = nnz * (part + 1) / parts;
     if (b0 >= b1 || M == 0) return;
+    const int64_t bias_c0 = own[part] * br, bias_n = (own[part + 1] - own[part]) * br;
+    std::vector<A> bias_chunk(dbias ? bias_n : 0);
     int64_t r_lo = rows[b0], r_hi = rows[b0];
     std::vector<int64_t> slot(CB, -1), used;  // packed position of each block column used here
     for (int64_t b = b0; b < b1; ++b) {
@@ -97,6 +114,9 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
           }
         }
       }
+      if (dbias && bias_n > 0) {
+        common::sum_rows(dy + m0 * N + bias_c0, N, len, bias_n, bias_chunk.data(), bias_total.data() + bias_c0);
+      }
       const bool add = m0 > 0;
       for (int64_t b = b0; b < b1; ++b) {
         C* ob = acc + b * block;
@@ -123,10 +143,12 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
       }
     }
   };
-  const int64_t parts = std::min(nnz, common::threads_for(nnz * block * M));
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) run_part(nnz * p / parts, nnz * (p + 1) / parts);
+    for (int64_t p = p0; p < p1; ++p) run_part(p);
   });
+  if (dbias && M > 0) {
+    for (int64_t c = 0; c < N; ++c) dbias[c] = S(bias_total[c]);
+  }
   if (!std::is_same<S, C>::value) {
     common::parallel_for_work(nnz * block, nnz * block, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) dvalues[i] = S(acc[i]);

@@ -56,7 +56,8 @@ SPARSEKERN_DOT_BF16 inline void pack_channel_rows(bf16* dst, int64_t ld, const b
                                                   int64_t klen, int64_t valid, int64_t rows) {
   int64_t c0 = 0;
   for (; c0 + 16 <= valid; c0 += 16) {
-    common::transpose_pair_columns(src + c0, src_ld, len, klen / 2, ld / 2, reinterpret_cast<int32_t*>(dst + c0 * ld));
+    common::transpose_pair_columns(src + c0, src_ld, len, klen / 2, common::PairColumnsLayout::rows(ld / 2),
+                                   reinterpret_cast<int32_t*>(dst + c0 * ld));
   }
   for (int64_t i = c0; i < rows; ++i) {
     for (int64_t m = 0; m < klen; ++m) dst[i * ld + m] = m < len && i < valid ? src[m * src_ld + i] : bf16(0);

@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/column_sums.h"
 #include "common/grouped_product.h"
 #include "common/microkernel.h"
 #include "common/parallel.h"
@@ -106,23 +107,6 @@ struct SampledProblem {
   }
 };
 
-// The bias gradient's share of one chunk: its len pixels' dY summed per channel, in the
-// accumulator type, first over the chunk and then into the thread's total (no long running
-// sum of small terms). The chunk's dY is in L2 (prefetched, and packed right after), where a
-// separate sum over dY read it from memory again.
-template <typename C, typename A>
-void sum_channels(const C* __restrict dy, int64_t len, int64_t O, A* __restrict chunk, A* __restrict total) {
-  std::fill(chunk, chunk + O, A(0));
-  int64_t m = 0;
-  for (; m + 4 <= len; m += 4, dy += 4 * O) {  // four pixels a pass: a quarter of the loads and stores of chunk
-    for (int64_t c = 0; c < O; ++c) chunk[c] += (A(dy[c]) + A(dy[O + c])) + (A(dy[2 * O + c]) + A(dy[3 * O + c]));
-  }
-  for (; m < len; ++m, dy += O) {
-    for (int64_t c = 0; c < O; ++c) chunk[c] += A(dy[c]);
-  }
-  for (int64_t c = 0; c < O; ++c) total[c] += chunk[c];
-}
-
 // kPairs: bf16 operands on AVX512-BF16 dot products (C = bf16, NR = dot_strip of the block): dYᵀ
 // packed row-major and X's strips in pixel pairs, chunks padded with zero pixels to whole
 // dot_rows steps of kDotPixels, accumulated in fp32; X is then always packed (its pixels are not
@@ -162,7 +146,7 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues, S* dbias) {
     accs[part] = at::zeros({nnz * block}, at::TensorOptions(common::scalar_type_of<Acc>()));
     acc_of[part] = accs[part].data_ptr<Acc>();
   }
-  using BiasAcc = std::conditional_t<std::is_same<C, double>::value, double, float>;
+  using BiasAcc = common::SumType<C>;
   std::vector<std::vector<BiasAcc>> bias_parts(dbias ? parts : 0, std::vector<BiasAcc>(pb.O, BiasAcc(0)));
   const int64_t zero = 0;
   int64_t step_off[kPixelChunk / kDotPixels];  // dot_rows' K steps along a packed dY row
@@ -184,7 +168,9 @@ void sampled_conv(const SampledProblem<C>& pb, S* dvalues, S* dbias) {
       std::vector<BiasAcc> chunk_bias(dbias ? pb.O : 0);
       for (int64_t m0 = m_lo; m0 < m_hi; m0 += chunk) {
         const int64_t len = std::min(chunk, m_hi - m0), next = std::min(chunk, m_hi - m0 - len);
-        if (dbias) sum_channels(pb.dy + m0 * pb.O, len, pb.O, chunk_bias.data(), bias_parts[part].data());
+        // The bias gradient's share of the chunk: its dY is in L2 (prefetched, and packed right
+        // after), where a separate sum over dY would read it from memory again.
+        if (dbias) common::sum_rows(pb.dy + m0 * pb.O, pb.O, len, pb.O, chunk_bias.data(), bias_parts[part].data());
         if (next > 0) {
           next_dy.start(pb.dy + (m0 + len) * pb.O, next * pb.O * int64_t(sizeof(C)), nnz * T);
           const auto [x_from, x_count] = pb.x_rows(m0 + len, next);

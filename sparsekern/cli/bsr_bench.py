@@ -80,7 +80,7 @@ class Case:
         k = self.kernels
         return {"fwd": lambda: k["bsr_forward"](self.x, self.values, self.layout),
                 "dx": lambda: k["bsr_grad_input"](self.dy, self.values, self.layout),
-                "dw": lambda: k["bsr_grad_weight"](self.dy, self.x, self.layout),
+                "dw": lambda: k["bsr_grad_weight"](self.dy, self.x, self.layout)[0],
                 "step": lambda: self._step(self.sparse)}
 
     def _step(self, layer):

@@ -41,9 +41,12 @@ def _grad_input(dy: Tensor, values: Tensor, layout: list[Tensor], shape: list[in
 
 
 @eager_op("sparsekern::bsr_grad_weight")
-def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], shape: list[int], block: list[int],
-                 backend: Optional[str]) -> Tensor:
-    return kernel("bsr_grad_weight", dy, backend)(dy, x, _layout(layout, shape, block))
+def _grad_weight(dy: Tensor, x: Tensor, layout: list[Tensor], shape: list[int], block: list[int], bias_grad: bool,
+                 backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    """dW on the stored blocks and (if ``bias_grad``, else an empty tensor: custom ops return no
+    None) the bias gradient, which the cpu kernels sum on dW's pass over dY."""
+    dw, db = kernel("bsr_grad_weight", dy, backend)(dy, x, _layout(layout, shape, block), bias_grad)
+    return dw, dy.new_empty(0) if db is None else db
 
 
 @eager_op("sparsekern::bsr_linear", per_row=True)
@@ -68,9 +71,13 @@ def _(dy, values, layout, shape, block, backend):
     return dy.new_empty(dy.shape[0], shape[1])
 
 
+def _fake_grad_weight(dy, x, layout, shape, block, bias_grad):
+    return x.new_empty(layout[2].shape[0], *block), dy.new_empty(shape[0] if bias_grad else 0)
+
+
 @_grad_weight.register_fake
-def _(dy, x, layout, shape, block, backend):
-    return x.new_empty(layout[2].shape[0], *block)
+def _(dy, x, layout, shape, block, bias_grad, backend):
+    return _fake_grad_weight(dy, x, layout, shape, block, bias_grad)
 
 
 @_linear.register_fake
@@ -84,7 +91,7 @@ def _(x, values, bias, probe_values, layout, probe_layout, own_positions, shape,
 
 
 @_grad_weight.register_batching
-def _(batch, in_dims, dy, x, layout, shape, block, backend):
+def _(batch, in_dims, dy, x, layout, shape, block, bias_grad, backend):
     """Per-sample dW of samples of at most a block's height of tokens (per-sample gradients,
     vmap of grad): each stored block's outer products gathered straight into the stacked output,
     in one pass instead of one kernel call per sample and a copy into the stack."""
@@ -96,13 +103,15 @@ def _(batch, in_dims, dy, x, layout, shape, block, backend):
         return None
     rows = dy.reshape(batch, tokens, shape[0] // bh, bh)[:, :, layout[3].long()]  # (S, T, nnz, bh)
     cols = x.reshape(batch, tokens, shape[1] // bw, bw)[:, :, layout[2].long()]
-    return torch.einsum("stnb,stnc->snbc", rows, cols), 0
+    db = dy.sum(1) if bias_grad else dy.new_empty(batch, 0)
+    return (torch.einsum("stnb,stnc->snbc", rows, cols), db), (0, 0)
 
 
 def _setup_product(ctx, inputs, output):
-    """dX's and dW's: their two tensor operands, and the structure."""
+    """dX's (dy, values, layout, shape, block, backend) and dW's (dy, x, layout, shape, block,
+    bias_grad, backend): their two tensor operands, and the structure."""
     ctx.save_for_backward(*inputs[:2])
-    ctx.meta = inputs[2:]
+    ctx.meta = (*inputs[2:5], inputs[-1])
 
 
 def _backward_grad_input(ctx, ggx):
@@ -112,19 +121,25 @@ def _backward_grad_input(ctx, ggx):
     ggx = ggx.contiguous()
     needs_dy, needs_values = ctx.needs_input_grad[:2]
     d_dy = _linear(ggx, values, None, layout, shape, block, backend) if needs_dy else None
-    d_values = _grad_weight(dy, ggx, layout, shape, block, backend) if needs_values else None
+    d_values = _grad_weight(dy, ggx, layout, shape, block, False, backend)[0] if needs_values else None
     return d_dy, d_values, [None] * len(layout), None, None, None
 
 
-def _backward_grad_weight(ctx, ggw):
-    """dW = dYᵀX on the stored blocks, bilinear in (dY, X): X ggWᵀ and dY ggW with ggW on W's blocks."""
+def _backward_grad_weight(ctx, ggw, ggb):
+    """dW = dYᵀX on the stored blocks, bilinear in (dY, X): X ggWᵀ and dY ggW with ggW on W's blocks;
+    db = dY summed over the tokens: ggb's share of dY is ggb on every row."""
     dy, x = saved_tensors(ctx, "bsr_grad_weight")
     layout, shape, block, backend = ctx.meta
-    ggw = ggw.contiguous()
     needs_dy, needs_x = ctx.needs_input_grad[:2]
-    d_dy = _linear(x, ggw, None, layout, shape, block, backend) if needs_dy else None
-    d_x = _grad_input(dy, ggw, layout, shape, block, backend) if needs_x else None
-    return d_dy, d_x, [None] * len(layout), None, None, None
+    d_dy = d_x = None
+    if ggw is not None:
+        ggw = ggw.contiguous()
+        d_dy = _linear(x, ggw, None, layout, shape, block, backend) if needs_dy else None
+        d_x = _grad_input(dy, ggw, layout, shape, block, backend) if needs_x else None
+    if needs_dy and ggb is not None and ggb.numel():
+        share = ggb.expand_as(dy)
+        d_dy = share if d_dy is None else d_dy + share
+    return d_dy, d_x, [None] * len(layout), None, None, None, None
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,11 +154,21 @@ def _backward(ctx, dy):
     layout, shape, block, backend = ctx.meta
     dy = dy.contiguous()
     needs_dx, needs_dw, needs_db = ctx.needs_input_grad[:3]
+    needs_db = ctx.has_bias and needs_db
     dx = _grad_input(dy, values, layout, shape, block, backend) if needs_dx else None
-    dw = _grad_weight(dy, x, layout, shape, block, backend) if needs_dw else None
-    db = dy.sum(0) if ctx.has_bias and needs_db else None
+    dw = db = None
+    if needs_dw:
+        dw, db = _weight_grads(dy, x, layout, shape, block, needs_db, backend)
+    elif needs_db:
+        db = dy.sum(0)
     # Gradients mirror the inputs' structure: one None per layout index tensor.
     return dx, dw, db, [None] * len(layout), None, None, None
+
+
+def _weight_grads(dy, x, layout, shape, block, needs_db, backend):
+    """(dW, db or None): the bias gradient on dW's pass over dY."""
+    dw, db = _grad_weight(dy, x, layout, shape, block, needs_db, backend)
+    return dw, db if needs_db else None
 
 
 def _setup_probed(ctx, inputs, output):
@@ -158,13 +183,18 @@ def _backward_probed(ctx, dy):
     layout, probe_layout, shape, block, backend = ctx.meta
     dy = dy.contiguous()
     needs_dx, needs_dw, needs_db, needs_probe = ctx.needs_input_grad[:4]
+    needs_db = ctx.has_bias and needs_db
     dx = _grad_input(dy, values, layout, shape, block, backend) if needs_dx else None
-    db = dy.sum(0) if ctx.has_bias and needs_db else None
-    dprobe = _grad_weight(dy, x, probe_layout, shape, block, backend) if needs_probe else None
-    dw = None
-    if needs_dw:
-        shared = dprobe is not None and own_positions is not None
-        dw = dprobe[own_positions] if shared else _grad_weight(dy, x, layout, shape, block, backend)
+    dprobe = dw = db = None
+    if needs_probe:
+        dprobe, db = _weight_grads(dy, x, probe_layout, shape, block, needs_db, backend)
+    if needs_dw and dprobe is not None and own_positions is not None:
+        dw = dprobe[own_positions]
+    elif needs_dw:
+        dw, own_db = _weight_grads(dy, x, layout, shape, block, needs_db and db is None, backend)
+        db = own_db if db is None else db
+    if needs_db and db is None:
+        db = dy.sum(0)
     return dx, dw, db, dprobe, [None] * len(layout), [None] * len(probe_layout), None, None, None, None
 
 
@@ -177,11 +207,14 @@ def _jvp_grad_input(args, tangents):
 
 
 def _jvp_grad_weight(args, tangents):
-    dy, x, layout, shape, block, backend = args
+    """The tangents of (dW on the stored blocks, db): dW is bilinear in (dY, X), db linear in dY."""
+    dy, x, layout, shape, block, bias_grad, backend = args
     d_dy, d_x = map(as_operand, tangents[:2])
-    return tangent([None if d_dy is None else _grad_weight(d_dy, x, layout, shape, block, backend),
-                    None if d_x is None else _grad_weight(dy, d_x, layout, shape, block, backend)],
-                   lambda: x.new_zeros(layout[2].shape[0], *block))
+    dw = tangent([None if d_dy is None else _grad_weight(d_dy, x, layout, shape, block, False, backend)[0],
+                  None if d_x is None else _grad_weight(dy, d_x, layout, shape, block, False, backend)[0]],
+                 lambda: x.new_zeros(layout[2].shape[0], *block))
+    db = dy.new_zeros(shape[0] if bias_grad else 0) if d_dy is None or not bias_grad else d_dy.sum(0)
+    return dw, db
 
 
 def _linear_tangent(x, values, d_x, d_values, d_bias, layout, shape, block, backend):

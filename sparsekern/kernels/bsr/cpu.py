@@ -10,7 +10,8 @@ The ops (``torch.ops.sparsekern.bsr_*_cpu``) and their fakes, registered on firs
 
 ``bsr_forward_cpu(x, values, row_offsets, col_indices, out_features, bias=None)``
 ``bsr_grad_input_cpu(dy, values, col_offsets, t_block_ids, t_row_indices, in_features)``
-``bsr_grad_weight_cpu(dy, x, row_indices, col_indices, block_rows, block_cols)``
+``bsr_grad_weight_cpu(dy, x, row_indices, col_indices, block_rows, block_cols, bias_grad=False)`` -> (dvalues,
+dbias; empty unless bias_grad: dY's column sums on the pass that packs it)
 """
 import torch
 
@@ -36,8 +37,8 @@ def _grad_input_fake(dy, values, col_offsets, t_block_ids, t_row_indices, in_fea
     return dy.new_empty(dy.shape[0], in_features)
 
 
-def _grad_weight_fake(dy, x, row_indices, col_indices, block_rows, block_cols):
-    return x.new_empty(row_indices.shape[0], block_rows, block_cols)
+def _grad_weight_fake(dy, x, row_indices, col_indices, block_rows, block_cols, bias_grad=False):
+    return x.new_empty(row_indices.shape[0], block_rows, block_cols), dy.new_empty(dy.shape[1] if bias_grad else 0)
 
 
 def ops():
@@ -71,8 +72,10 @@ def bsr_grad_input(dy, values, layout):
                                     layout.shape[1])
 
 
-def bsr_grad_weight(dy, x, layout):
-    return ops().bsr_grad_weight_cpu(dy, x, layout.row_indices, layout.col_indices, *layout.block_size)
+def bsr_grad_weight(dy, x, layout, bias_grad=False):
+    dvalues, dbias = ops().bsr_grad_weight_cpu(dy, x, layout.row_indices, layout.col_indices, *layout.block_size,
+                                               bias_grad)
+    return dvalues, dbias if bias_grad else None
 
 
 register_kernel("bsr_forward", "cpu", bsr_forward, unavailable)
@@ -110,5 +113,10 @@ def _cpu_has_amx_bf16():
     return cpu_capabilities().get("amx_bf16", False)
 
 
-for _product in ("bsr_forward", "bsr_grad_input", "bsr_grad_weight"):
+def _weight_class(dy, x, layout, bias_grad=False):
+    return _shape_class(dy, x, layout) + (bias_grad,)
+
+
+for _product in ("bsr_forward", "bsr_grad_input"):
     register_floor(_product, "dense", _shape_class, _sparse_enough)
+register_floor("bsr_grad_weight", "dense", _weight_class, _sparse_enough)

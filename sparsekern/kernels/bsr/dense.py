@@ -30,7 +30,11 @@ def bsr_grad_input(dy, values, layout):
     return torch.mm(dy, _dense_weight(values, layout), out=empty_output("bsr", (dy.shape[0], layout.shape[1]), dy))
 
 
-def bsr_grad_weight(dy, x, layout):
+def bsr_grad_weight(dy, x, layout, bias_grad=False):
+    return _stored_blocks_grad(dy, x, layout), dy.sum(0) if bias_grad else None
+
+
+def _stored_blocks_grad(dy, x, layout):
     (rb, cb), (br, bc) = layout.grid, layout.block_size
     full = torch.mm(dy.T, x, out=empty_output("bsr", layout.shape, x)).view(rb, br, cb, bc).transpose(1, 2)
     out = empty_output("bsr", (layout.nnz_blocks, br, bc), x)

@@ -48,7 +48,7 @@ def bsr_grad_input(dy, values, layout):
     return dx.view(m, k).to(dy.dtype)
 
 
-def bsr_grad_weight(dy, x, layout):
+def bsr_grad_weight(dy, x, layout, bias_grad=False):
     (n, k), (br, bc), m = layout.shape, layout.block_size, x.shape[0]
     acc = _acc_dtype(x.dtype)
     dy_blocks, x_blocks = dy.view(m, n // br, br), x.view(m, k // bc, bc)
@@ -58,7 +58,7 @@ def bsr_grad_weight(dy, x, layout):
             "mbi,mbk->bik",
             dy_blocks[:, layout.row_indices[part]].to(acc),
             x_blocks[:, layout.col_indices[part]].to(acc)).to(x.dtype)
-    return dvalues
+    return dvalues, dy.sum(0, dtype=acc).to(dy.dtype) if bias_grad else None
 
 
 register_kernel("bsr_forward", "reference", bsr_forward)

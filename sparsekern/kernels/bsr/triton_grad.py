@@ -244,8 +244,13 @@ def device_guard(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def bsr_grad_weight(dy, x, layout):
-    """dy (M, N), x (M, K) -> dvalues (nnz, br, bc): (dy.T @ x) on the stored blocks of ``layout``."""
+def bsr_grad_weight(dy, x, layout, bias_grad=False):
+    """dy (M, N), x (M, K) -> (dvalues (nnz, br, bc), dbias (N,) or None): (dy.T @ x) on the stored
+    blocks of ``layout``, and with ``bias_grad`` the column sums of dy."""
+    return _values_grad(dy, x, layout), dy.sum(0) if bias_grad else None
+
+
+def _values_grad(dy, x, layout):
     (br, bc), nnz, m = layout.block_size, layout.nnz_blocks, x.shape[0]
     if nnz == 0 or m == 0:
         return torch.zeros(nnz, br, bc, dtype=x.dtype, device=x.device)
