@@ -62,9 +62,11 @@ STRUCTURES = {
 def test_matches_dense_fp32(name, m):
     shape, block, density, rows, cols = STRUCTURES[name]
     layout, x, dy = _case(shape, block, density, m, empty_rows=rows, empty_cols=cols)
-    got = _grad().bsr_grad_weight(dy, x, layout)[0]
+    got, dbias = _grad().bsr_grad_weight(dy, x, layout, True)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), _want(dy, x, layout), **TOLERANCES[torch.float32])
+    torch.testing.assert_close(dbias, dy.sum(0))
+    assert _grad().bsr_grad_weight(dy, x, layout)[1] is None
 
 
 @uses_interpreter
