@@ -71,13 +71,9 @@ def _(dy, values, layout, shape, block, backend):
     return dy.new_empty(dy.shape[0], shape[1])
 
 
-def _fake_grad_weight(dy, x, layout, shape, block, bias_grad):
-    return x.new_empty(layout[2].shape[0], *block), dy.new_empty(shape[0] if bias_grad else 0)
-
-
 @_grad_weight.register_fake
 def _(dy, x, layout, shape, block, bias_grad, backend):
-    return _fake_grad_weight(dy, x, layout, shape, block, bias_grad)
+    return x.new_empty(layout[2].shape[0], *block), dy.new_empty(shape[0] if bias_grad else 0)
 
 
 @_linear.register_fake

@@ -83,10 +83,14 @@ register_kernel("bsr_grad_input", "cpu", bsr_grad_input, unavailable)
 register_kernel("bsr_grad_weight", "cpu", bsr_grad_weight, unavailable)
 
 
-def _shape_class(a, _, layout, bias=None):
+def _layout_class(a, layout):
     grid = layout.grid
     return (tokens_bucket(a.shape[0]), layout.shape, layout.block_size,
-            density_bucket(layout.nnz_blocks, grid[0] * grid[1]), bias is not None)
+            density_bucket(layout.nnz_blocks, grid[0] * grid[1]))
+
+
+def _shape_class(a, _, layout, bias=None):
+    return _layout_class(a, layout) + (bias is not None,)
 
 
 def _sparse_enough(a, _, layout, bias=None):
@@ -114,7 +118,7 @@ def _cpu_has_amx_bf16():
 
 
 def _weight_class(dy, x, layout, bias_grad=False):
-    return _shape_class(dy, x, layout) + (bias_grad,)
+    return _layout_class(dy, layout) + (bias_grad,)
 
 
 for _product in ("bsr_forward", "bsr_grad_input"):
