@@ -85,6 +85,55 @@ def test_orthonormalize_gives_q_r_with_positive_diagonal(dtype, case):
     assert float((Q.T @ Q - torch.eye(12, dtype=dtype)).abs().max()) < 100 * eps
 
 
+def _direction(n, r, k, condition, seed=0):
+    """An orthonormal U (n, r) and a direction (n, k) whose part outside U has condition number
+    `condition` (one singular value 1 / condition, the others 1)."""
+    torch.manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, r + k, dtype=torch.float64)).Q
+    U, W = basis[:, :r], basis[:, r:]
+    spectrum = torch.ones(k, dtype=torch.float64)
+    spectrum[-1] = 1 / condition
+    outside = W @ torch.diag(spectrum) @ torch.linalg.qr(torch.randn(k, k, dtype=torch.float64)).Q
+    return U, outside + U @ (0.1 * torch.randn(r, k, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("condition", [1.0, 60.0], ids=["well-conditioned", "kappa-60"])
+def test_new_directions_are_orthonormal_outside_u(dtype, condition, monkeypatch):
+    """float32: R from a Cholesky of the float64 Gram (no geqrf); float64: Householder. Both
+    give Q ⟂ U orthonormal to ~eps κ and (I - UUᵀ) direction = Q R. κ = 60 is about the
+    largest the fold accepts at k = 40; a float32 Gram there would be off by ~4 eps κ."""
+    U, direction = (t.to(dtype) for t in _direction(500, 6, 40, condition))
+    projected = direction - U @ (U.T @ direction)
+    if dtype == torch.float32:
+        def no_geqrf(*args, **kwargs):
+            raise AssertionError("float32 directions take the Cholesky route")
+        monkeypatch.setattr(torch, "geqrf", no_geqrf)
+    new, R = dlrt_module._new_directions(U, direction.clone(), U.T @ direction)
+    assert new.coeffs is not None  # folded: Q = D R⁻¹
+    Q = new.augmented_times(U, torch.cat([torch.zeros(6, 40, dtype=dtype), torch.eye(40, dtype=dtype)]))
+    eps = torch.finfo(dtype).eps
+    assert float((Q.T @ Q - torch.eye(40, dtype=dtype)).abs().max()) < eps * (20 + 2 * condition)
+    assert float((U.T @ Q).abs().max()) < eps * (20 + 2 * condition)
+    assert torch.equal(R, R.triu())
+    torch.testing.assert_close(Q @ R, projected, rtol=0, atol=50 * eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_deficient_new_directions_take_the_projected_householder_route(dtype):
+    """A direction of rank 2 in 5 columns: no Cholesky factor / R⁻¹ too large, so Q is Householder's, projected."""
+    U, direction = _direction(200, 4, 5, 1.0)
+    direction = (direction[:, :2] @ torch.randn(2, 5, dtype=torch.float64)).to(dtype)
+    U = U.to(dtype)
+    new, R = dlrt_module._new_directions(U, direction.clone(), U.T @ direction)
+    assert new.coeffs is None  # Q itself, not D R⁻¹
+    Q = new.basis
+    eps = torch.finfo(dtype).eps
+    assert float((Q.T @ Q - torch.eye(5, dtype=dtype)).abs().max()) < 100 * eps
+    assert float((U.T @ Q).abs().max()) < 100 * eps
+    torch.testing.assert_close(Q @ R, direction - U @ (U.T @ direction), rtol=0, atol=100 * eps * float(direction.abs().max()))
+
+
 @pytest.mark.parametrize("tol", [0.05, 0.3])
 def test_truncation_keeps_the_best_rank_given_by_tol(tol):
     layer = _layer(20, 16, 5)
