@@ -266,6 +266,69 @@ def test_bad_arguments():
         sk.DLRT(nn.Linear(3, 3), 0.1, tol=0.1)
 
 
+@pytest.mark.parametrize("shape", [(96, 96), (130, 70), (70, 130)], ids=["square", "tall", "wide"])
+def test_truncated_svd_of_fp32_through_the_float64_gram(shape, monkeypatch):
+    """From 64 a side, fp32 Ŝ is factored by eigh of its float64 Gram (no gesdd): σ within fp32
+    rounding of float64's, both vector sets orthonormal, matrix Q = P Σ, down to σ = 1e-5 σ₁."""
+    torch.manual_seed(0)
+    m, n = shape
+    k = min(m, n)
+    left = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64)).Q
+    matrix = (left * torch.logspace(0, -5, k, dtype=torch.float64)) @ right.T
+    matrix = matrix.float()
+    exact = torch.linalg.svdvals(matrix.double())
+
+    def no_gesdd(*args, **kwargs):
+        raise AssertionError("fp32 matrices of 64 or more a side take the Gram route")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_gesdd)
+    r1 = k - 3
+    P, sigma, Q = dlrt_module._truncated_svd(matrix, lambda s: r1)
+    assert P.shape == (m, r1) and sigma.shape == (r1,) and Q.shape == (n, r1)
+    assert all(t.dtype == torch.float32 for t in (P, sigma, Q))
+    eps = torch.finfo(torch.float32).eps
+    assert float((sigma.double() - exact[:r1]).abs().max()) < 4 * eps * float(exact[0])
+    for vectors in (P, Q):
+        assert float((vectors.T @ vectors - torch.eye(r1)).abs().max()) < 50 * eps
+    torch.testing.assert_close(matrix @ Q, P * sigma, rtol=0, atol=50 * eps * float(exact[0]))
+
+
+def test_truncated_svd_keeps_gesdd_where_a_kept_singular_value_is_zero():
+    """A kept σ of ~0 (rmin above Ŝ's rank) has no vector from the Gram: gesdd chooses one."""
+    torch.manual_seed(0)
+    matrix = torch.randn(80, 2) @ torch.randn(2, 80)  # rank 2
+    calls = []
+    svd = torch.linalg.svd
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return svd(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.linalg, "svd", counted)
+        P, sigma, Q = dlrt_module._truncated_svd(matrix, lambda s: 4)
+    assert calls and P.shape == (80, 4)
+    assert float((P.T @ P - torch.eye(4)).abs().max()) < 1e-5
+    assert float((Q.T @ Q - torch.eye(4)).abs().max()) < 1e-5
+
+
+def test_fp32_step_with_a_gram_svd_is_the_projected_gradient_step():
+    """An fp32 layer whose Ŝ is 64 x 64 (r = 32): one step equals the float64 dense step."""
+    n_in, n_out, r, tokens = 96, 80, 32, 50
+    x, dy = torch.randn(tokens, n_in, dtype=torch.float64), torch.randn(tokens, n_out, dtype=torch.float64)
+    reference = _layer(n_in, n_out, r)
+    expected = _tangent_step(reference, x, dy, 0.1)
+    layer = _layer(n_in, n_out, r, dtype=torch.float32)  # the same initialization, rounded
+    dlrt = sk.DLRT(layer, 0.1, tol=0.0, rmin=1, rmax=2 * r)
+    _backward(layer, x.float(), dy.float())
+    dlrt.step()
+    assert layer.rank == 2 * r
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(layer.dense_weight().detach().double(), expected, rtol=0, atol=1e-5 * scale)
+    assert _orthonormality_error(layer) < 1e-5
+
+
 def test_svd_failure_falls_back_to_float64(monkeypatch):
     """gesdd can fail to converge on Ŝ (many ~0 singular values); the step must still be exact."""
     layer = _layer(13, 11, 3, dtype=torch.float32)

@@ -10,7 +10,8 @@ call's wall time, fields ``*_calls_per_sample``):
 * ``unfused``: the same low-rank layer as two plain torch GEMMs through autograd,
   F.linear(F.linear(x, Vᵀ), U S, b): what the fused op adds.
 * ``step``: dense fwd+bwd + ``torch.optim.SGD.step`` vs ``LowRankLinear`` fwd+bwd +
-  ``DLRT.step`` (K/L/S updates, two QRs, SVD of the 2r x 2r matrix, truncation), with tol=0
+  ``DLRT.step`` (K/L/S updates, the new directions' factorizations, SVD of the 2r x 2r matrix,
+  truncation), with tol=0
   and rmax=r so the rank stays r and every step does the full work.
 """
 import torch
