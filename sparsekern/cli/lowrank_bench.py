@@ -11,8 +11,7 @@ call's wall time, fields ``*_calls_per_sample``):
   F.linear(F.linear(x, Vᵀ), U S, b): what the fused op adds.
 * ``step``: dense fwd+bwd + ``torch.optim.SGD.step`` vs ``LowRankLinear`` fwd+bwd +
   ``DLRT.step`` (K/L/S updates, the new directions' factorizations, SVD of the 2r x 2r matrix,
-  truncation), with tol=0
-  and rmax=r so the rank stays r and every step does the full work.
+  truncation), with tol=0 and rmax=r so the rank stays r and every step does the full work.
 """
 import torch
 import torch.nn.functional as F
