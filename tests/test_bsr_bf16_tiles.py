@@ -189,12 +189,13 @@ def test_sparse_linear_trains_in_bf16_on_tiles(engine, block):
     assert relative_error(layer.values.grad, ref.values.grad) < 2e-2
 
 
+@pytest.mark.parametrize("mib", [4, 16])
 @pytest.mark.parametrize("block", [32, 16])
-def test_large_outputs_are_streamed_exactly(engine, block):
-    """y and dx of >= 16 MiB: 32-column tiles stream whole lines with non-temporal stores, two
-    threads fencing theirs, 16-column ones store their half lines plainly; the same bound
-    against fp64 as every other output."""
-    m = (16 << 20) // (2048 * 2) + 3
+def test_large_outputs_are_streamed_exactly(engine, block, mib):
+    """y and dx of >= 4 MiB (AMX) or 16 MiB (dot products): 32-column tiles stream whole lines
+    with non-temporal stores, two threads fencing theirs, 16-column ones store their half lines
+    plainly; the same bound against fp64 as every other output."""
+    m = (mib << 20) // (2048 * 2) + 3
     g = torch.Generator().manual_seed(7)
     weight = random_bsr((2048, 64), block, 0.5, dtype=torch.bfloat16, seed=8)  # y: m x 2048
     weight_t = random_bsr((64, 2048), block, 0.5, dtype=torch.bfloat16, seed=9)  # dx: m x 2048

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "common/amx.h"
@@ -52,6 +53,16 @@ constexpr int64_t kAmxABlockBytes = 1 << 20;   // rows of A kept in L2 across th
 constexpr int64_t kAmxTokenChunkBytes = 16 << 20;
 constexpr int64_t kSuperBlock = 8;  // block rows and columns of a super-block (4-16 measured alike)
 constexpr int64_t kAmxItemOverhead = 2;          // cost of storing an output tile, in K steps
+// The forward's and dX's outputs from this size on are written with non-temporal stores
+// (store_tile_bf16; half-line tiles, AmxStripEngine's, are stored plainly whatever it says). On
+// AMX (a Xeon) from 4 MiB: at 2048 tokens, 512 -> 2048 features, density 0.1, the forward ran
+// 2.18x dense bf16 instead of 1.29x, and a GPT's bf16 step (its 6-8 MiB outputs streamed) 253
+// ms against 261, alternating; its fp32 step ran 278 against 273 ms with the fp32 products'
+// threshold lowered alike, and streaming the bf16 2 MiB outputs too gained nothing more. The
+// dot engine keeps the fp32 products' 16 MiB, unmeasured below it.
+template <typename Engine>
+constexpr int64_t kStreamBf16Bytes =
+    std::is_same<Engine, common::DotEngine>::value ? common::kStreamOutputBytes : int64_t(4) << 20;
 
 // Uninitialised scratch from the output allocator (huge pages, reused across calls): packed
 // operands are megabytes, which a zero-filled std::vector would page-fault and clear every call.
@@ -144,10 +155,10 @@ void bf16_grouped_product(const bf16* a, int64_t M, int64_t Ka, const bf16* valu
       prefix.push_back(prefix.back() + (count * ksteps + kAmxItemOverhead) * nsub * (t1 - t0) * kAmxTile * kVnni);
     }
   }
-  // A large output is written with non-temporal stores, as the fp32 products' (streamed_output):
-  // on a Xeon the bf16 forward at 2048 x 4096 x 4096 right after a dense GEMM took 5.1-5.4 ms
-  // instead of 6.6-7.0 at density 0.05, 7.6-7.8 instead of 9.3-9.5 at 0.1.
-  const bool stream = common::streamed_output<bf16>(M * N);
+  // A large output is written with non-temporal stores (kStreamBf16Bytes): on a Xeon
+  // the bf16 forward at 2048 x 4096 x 4096 right after a dense GEMM took 5.1-5.4 ms instead of
+  // 6.6-7.0 at density 0.05, 7.6-7.8 instead of 9.3-9.5 at 0.1.
+  const bool stream = M * N * int64_t(sizeof(bf16)) >= kStreamBf16Bytes<Engine>;
   common::parallel_ranges_by_cost(prefix, [&](int64_t begin, int64_t end) {
     Engine engine;
     alignas(64) float acc[kAmxTile * NW];
