@@ -190,6 +190,27 @@ def test_gather_kept_same_as_plain_torch_and_inverts_decompress(plain_torch, dty
     assert torch.equal(decompress(fast, indices, shape[1]), dense * mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("cols", [4, 36, 100, 4096])
+def test_decompressed_weight_same_on_every_path(plain_torch, dtype, cols):
+    """One source (the dense composite's weight): the AVX-512 expand (where the CPU has
+    AVX512-VBMI2) and the scalar loop (allow_avx512=False, as SPARSEKERN_CPU_ISA=avx2 asks) give
+    the plain-torch result bit for bit: canonical metadata (lo < hi, what restructure writes),
+    and arbitrary bytes (lo >= hi: the later value wins), row tails of 1-7 groups."""
+    ops = sk.kernels.semi.cpu.ops()
+    g = torch.Generator().manual_seed(cols)
+    rows = 9
+    values = torch.randn(rows, cols // 2, generator=g).to(dtype)
+    canonical = pack_indices(kept_positions(prune_2to4(torch.randn(rows, cols, generator=g))))
+    arbitrary = torch.randint(0, 256, canonical.shape, dtype=torch.uint8, generator=g)
+    for indices in (canonical, arbitrary):
+        scalar = ops.semi_decompress_sum_cpu([values], [indices], cols, False)
+        expanded = ops.semi_decompress_sum_cpu([values], [indices], cols, True)
+        plain_torch()
+        want = sk.kernels.semi.decompress_sum([values], [indices], cols)
+        assert torch.equal(scalar, want) and torch.equal(expanded, want)
+
+
 def test_gather_kept_refuses_indices_of_another_shape():
     ops = sk.kernels.semi.cpu.ops()
     dense = torch.randn(4, 8)

@@ -23,6 +23,10 @@
 #include "common/huge_page_output.h"
 #include "semi/prune.h"
 
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -354,22 +358,88 @@ int64_t drop_grow_impl(const at::Tensor& drop, const at::Tensor& mask, const at:
 
 // Rows [r0, r1) of o (rows, 4 per_row) = the sum of the dense forms of the 2:4-compressed
 // (values, indices) sources: a group's four sums are built in registers, then stored at once.
+// Groups [g0, g1) of one row, one source: each group zeroed and its two values stored in
+// place. Built in a register array and copied out, as below, each group would reload four
+// fresh scalar stores as one vector, a store-forwarding stall: 3x slower.
+template <typename scalar_t>
+void decompress_groups(const scalar_t* __restrict v, const uint8_t* __restrict packed, scalar_t* __restrict o,
+                       int64_t g0, int64_t g1) {
+  for (int64_t grp = g0; grp < g1; ++grp) {
+    scalar_t* group = o + 4 * grp;
+    const int nibble = packed[grp / 2] >> ((grp & 1) * 4);
+    group[0] = group[1] = group[2] = group[3] = scalar_t(0);
+    group[nibble & 3] = v[2 * grp];
+    group[nibble >> 2 & 3] = v[2 * grp + 1];
+  }
+}
+
+#ifdef __x86_64__
+// An index byte (two groups' nibbles lo | hi << 2) -> the 8-bit mask of their kept positions,
+// bit 8 set where both groups are ascending (lo < hi, as restructure writes them): then the
+// two values of a group land where AVX-512's expand puts them, in position order. Other
+// metadata (loaded, never built here) keeps the scalar loop's meaning, the later value winning.
+inline const std::array<uint16_t, 256>& expand_masks() {
+  static const std::array<uint16_t, 256> table = [] {
+    std::array<uint16_t, 256> t{};
+    for (int b = 0; b < 256; ++b) {
+      int mask = 0, ascending = 1;
+      for (int half = 0; half < 2; ++half) {
+        const int nibble = b >> (4 * half) & 15, lo = nibble & 3, hi = nibble >> 2;
+        ascending &= lo < hi;
+        mask |= ((1 << lo) | (1 << hi)) << (4 * half);
+      }
+      t[b] = uint16_t(mask | ascending << 8);
+    }
+    return t;
+  }();
+  return table;
+}
+
+// One row, one source, of 2- or 4-byte values: a vector of 32 (16) outputs is one masked
+// expand-load of 16 (8) values, its mask from two (one) index-byte lookups per 8 groups.
+template <typename scalar_t>
+__attribute__((target("avx512f,avx512bw,avx512vbmi2"))) void decompress_row_expand(
+    const scalar_t* __restrict v, const uint8_t* __restrict packed, scalar_t* __restrict o, int64_t per_row) {
+  static_assert(sizeof(scalar_t) == 2 || sizeof(scalar_t) == 4, "16- or 32-bit values");
+  constexpr int64_t kGroups = 64 / int64_t(sizeof(scalar_t)) / 4, kBytes = kGroups / 2;
+  const std::array<uint16_t, 256>& masks = expand_masks();
+  int64_t grp = 0;
+  for (; grp + kGroups <= per_row; grp += kGroups) {
+    uint32_t mask = 0, ascending = 1;
+    for (int64_t b = 0; b < kBytes; ++b) {
+      const uint16_t entry = masks[packed[grp / 2 + b]];
+      mask |= uint32_t(entry & 0xff) << (8 * b);
+      ascending &= entry >> 8;
+    }
+    if (!ascending) {
+      decompress_groups(v, packed, o, grp, grp + kGroups);
+    } else if constexpr (sizeof(scalar_t) == 2) {
+      _mm512_storeu_si512(o + 4 * grp, _mm512_maskz_expandloadu_epi16(__mmask32(mask), v + 2 * grp));
+    } else {
+      _mm512_storeu_si512(o + 4 * grp, _mm512_castps_si512(_mm512_maskz_expandloadu_ps(__mmask16(mask), v + 2 * grp)));
+    }
+  }
+  decompress_groups(v, packed, o, grp, per_row);
+}
+#endif
+
 template <typename scalar_t>
 void decompress_rows(const std::vector<const scalar_t*>& values, const std::vector<const uint8_t*>& indices,
-                     scalar_t* __restrict o, int64_t r0, int64_t r1, int64_t per_row, int64_t bytes) {
-  if (values.size() == 1) {
-    // One source (a weight decompressed for a dense GEMM): the group is zeroed and its two
-    // values stored in place. Built in a register array and copied out, as below, each group
-    // would reload four fresh scalar stores as one vector, a store-forwarding stall: 3x slower.
-    const scalar_t* __restrict v = values[0];
+                     scalar_t* __restrict o, int64_t r0, int64_t r1, int64_t per_row, int64_t bytes,
+                     bool expand) {
+  if (values.size() == 1) {  // a weight decompressed for a dense GEMM
     for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t grp = 0; grp < per_row; ++grp) {
-        scalar_t* group = o + r * 4 * per_row + 4 * grp;
-        const int nibble = indices[0][r * bytes + grp / 2] >> ((grp & 1) * 4);
-        group[0] = group[1] = group[2] = group[3] = scalar_t(0);
-        group[nibble & 3] = v[r * 2 * per_row + 2 * grp];
-        group[nibble >> 2 & 3] = v[r * 2 * per_row + 2 * grp + 1];
+      const scalar_t* v = values[0] + r * 2 * per_row;
+      const uint8_t* packed = indices[0] + r * bytes;
+#ifdef __x86_64__
+      if constexpr (sizeof(scalar_t) == 2 || sizeof(scalar_t) == 4) {
+        if (expand) {
+          decompress_row_expand(v, packed, o + r * 4 * per_row, per_row);
+          continue;
+        }
       }
+#endif
+      decompress_groups(v, packed, o + r * 4 * per_row, 0, per_row);
     }
     return;
   }
@@ -530,7 +600,10 @@ at::Tensor carry(const at::Tensor& tensor, const at::Tensor& slots) {
 }
 
 // The dense (rows, cols) sum of 2:4-compressed (values, packed indices) pairs of one dtype.
-at::Tensor decompress_sum(at::TensorList values, at::TensorList indices, int64_t cols) {
+// allow_avx512: one source of 16- or 32-bit values is expanded with AVX-512 (VBMI2) where the
+// CPU has it (4096 x 4096 at 2 threads on a Xeon: bf16 1.1 against 3.2 ms, the scalar loop's;
+// fp32 2.2 against 3.0).
+at::Tensor decompress_sum(at::TensorList values, at::TensorList indices, int64_t cols, bool allow_avx512) {
   constexpr const char* op = "semi_decompress_sum_cpu";
   TORCH_CHECK(!values.empty() && values.size() == indices.size(), op,
               ": one indices tensor per values tensor, and at least one, got ", values.size(), " and ",
@@ -559,8 +632,14 @@ at::Tensor decompress_sum(at::TensorList values, at::TensorList indices, int64_t
       sources.push_back(values[k].data_ptr<scalar_t>());
       positions.push_back(indices[k].data_ptr<uint8_t>());
     }
+#ifdef __x86_64__
+    const bool expand = allow_avx512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vbmi2");
+#else
+    const bool expand = false;
+#endif
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      decompress_rows(sources, positions, o, r0, r1, per_row, bytes);
+      decompress_rows(sources, positions, o, r0, r1, per_row, bytes, expand);
     });
   });
   return out;
@@ -613,7 +692,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def("semi_restructure_cpu(Tensor mask, Tensor old_indices, bool transposable) -> (Tensor, Tensor, Tensor?)");
   m.def("semi_carry_cpu(Tensor tensor, Tensor slots) -> Tensor");
   m.def("semi_gather_kept_cpu(Tensor dense, Tensor indices) -> Tensor");
-  m.def("semi_decompress_sum_cpu(Tensor[] values, Tensor[] indices, int cols) -> Tensor");
+  m.def("semi_decompress_sum_cpu(Tensor[] values, Tensor[] indices, int cols, bool allow_avx512=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {

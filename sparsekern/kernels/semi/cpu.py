@@ -100,7 +100,7 @@ def _carry_fake(tensor, slots):
     return tensor.new_empty(slots.shape)
 
 
-def _decompress_sum_fake(values, indices, cols):
+def _decompress_sum_fake(values, indices, cols, allow_avx512=False):
     return values[0].new_empty(values[0].shape[0], cols)
 
 
@@ -221,7 +221,7 @@ def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
         return forward(dy, values, *_cached_plan(indices_t, transpose_map, dy.shape[1] // 2, dy.dtype))
     cols = 2 * values.shape[1]
     if dy.dtype == torch.bfloat16:  # no ragged pair kernel: the dense product (oneDNN's bf16 GEMM)
-        return dy @ ops().semi_decompress_sum_cpu([values], [indices], cols)
+        return dy @ ops().semi_decompress_sum_cpu([values], [indices], cols, _allow_avx512())
     # Row-wise-only 2:4: the forward on Wᵀ, whose rows keep varying counts (plan_columns).
     nb, kc = _BLOCKING[False]
     return ops().semi_grad_input_rowwise_cpu(

@@ -7,7 +7,8 @@ errors. Their dispatcher ops, with fakes in :mod:`sparsekern.kernels.semi.cpu`:
 ``semi_drop_grow_cpu(drop, mask, grow, n_drop, transposable, absolute, with_weight) -> (mask, weight?)``
 ``semi_restructure_cpu(mask, old_indices, transposable) -> (slots, indices, indices_t?)``
 ``semi_carry_cpu(tensor, slots) -> moved``
-``semi_decompress_sum_cpu(values[], indices[], cols) -> dense``
+``semi_decompress_sum_cpu(values[], indices[], cols, allow_avx512=False) -> dense`` (one source of 16- or
+32-bit values on AVX-512 expand-loads where allowed and the CPU has AVX512-VBMI2)
 ``semi_gather_kept_cpu(dense, indices) -> values``
 """
 import functools
@@ -16,7 +17,7 @@ import torch
 
 from ..._extension import cpu_extension_unavailable
 from ..registry import register_kernel
-from .cpu import ops
+from .cpu import _allow_avx512, ops
 
 _SCORE_DTYPES = (torch.float32, torch.float64)
 _VALUE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -50,7 +51,7 @@ def semi_carry(tensor, slots):
 def semi_decompress_sum(values, indices, cols):
     dtype = _common_dtype(values)
     return ops().semi_decompress_sum_cpu([v.to(dtype).contiguous() for v in values],
-                                         [i.contiguous() for i in indices], cols)
+                                         [i.contiguous() for i in indices], cols, _allow_avx512())
 
 
 def semi_gather_kept(dense, indices):
