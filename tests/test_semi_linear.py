@@ -58,6 +58,24 @@ def test_op_matches_dense_masked(backend, dtype, shape, transposable):
     torch.testing.assert_close(weight.values.grad.double(), expected_dvalues, **tol)
 
 
+@pytest.mark.parametrize("backend,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
+def test_forward_product_takes_the_bias(backend, dtype):
+    """semi_forward(x, values, indices, bias) is the product plus the bias (the dense composite
+    adds it inside its GEMM, the others after), and bias=None the plain product."""
+    _skip_unavailable(backend, dtype)
+    from sparsekern.kernels.registry import select_kernel
+    g = torch.Generator().manual_seed(3)
+    weight = _weight(40, 68, dtype, True)
+    x = torch.randn(37, 68, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(40, generator=g, dtype=torch.float64).to(dtype)
+    forward = select_kernel("semi_forward", x.device, dtype, backend)[1]
+    plain = forward(x, weight.values, weight.indices)
+    with_bias = forward(x, weight.values, weight.indices, bias)
+    want = F.linear(x.double(), weight.to_dense().double(), bias.double())
+    torch.testing.assert_close(with_bias.double(), want, **TOLERANCES[dtype])
+    torch.testing.assert_close(plain.double(), want - bias.double(), **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512_if_present", "avx2"])
 @pytest.mark.parametrize("blocking", [(64, 64), (128, 64), (32, 32), (5, 12)],
                          ids=["default", "bf16", "previous", "odd"])

@@ -54,10 +54,7 @@ def _prune_compress(weight: Tensor, transposable: bool, backend: Optional[str]) 
 
 
 def _forward(x, values, bias, indices, backend):
-    y = kernel("semi_forward", x, backend)(x, values, indices)
-    if bias is not None:
-        y += bias
-    return y
+    return kernel("semi_forward", x, backend)(x, values, indices, bias)  # the composite fuses it into its GEMM
 
 
 @eager_op("sparsekern::semi_linear", per_row=True)

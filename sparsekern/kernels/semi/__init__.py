@@ -3,8 +3,8 @@
 W (N, K) is given compressed as ``values`` (N, K/2) and packed 2-bit ``indices``
 uint8 (N, ceil(K/8)) (see :mod:`sparsekern.formats.semi`).
 
-``semi_forward(x, values, indices) -> y``
-    x (M, K): y = x @ W.T, (M, N).
+``semi_forward(x, values, indices, bias=None) -> y`` (+ bias: the dense composite fuses it into its GEMM)
+    x (M, K): y = x @ W.T (+ bias), (M, N).
 ``semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None) -> dx``
     dy (M, N): dx = dy @ W, (M, K). With Wᵀ's indices (cols, ceil(rows/8)) and
     the gather map (cols, rows/2) into ``values`` (transposable W), it is the

@@ -208,10 +208,11 @@ def _cached_plan(indices, transpose_map, half, dtype):
                    lambda: plan(indices, transpose_map, half, pairs=pairs))
 
 
-def semi_forward(x, values, indices):
+def semi_forward(x, values, indices, bias=None):
     if _widened(x.dtype):
-        return semi_forward(x.float(), values.float(), indices).to(x.dtype)
-    return forward(x, values, *_cached_plan(indices, None, x.shape[1] // 2, x.dtype))
+        return semi_forward(x.float(), values.float(), indices, None if bias is None else bias.float()).to(x.dtype)
+    y = forward(x, values, *_cached_plan(indices, None, x.shape[1] // 2, x.dtype))
+    return y if bias is None else y.add_(bias)
 
 
 def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
@@ -253,7 +254,8 @@ register_kernel("semi_forward", "cpu", semi_forward, _products_unavailable)
 register_kernel("semi_grad_input", "cpu", semi_grad_input, _products_unavailable)
 register_kernel("semi_grad_weight", "cpu", semi_grad_weight, _products_unavailable)
 register_kernel("semi_prune_compress", "cpu", semi_prune_compress, _products_unavailable)
-register_floor("semi_forward", "dense", lambda x, values, indices: (tokens_bucket(x.shape[0]), values.shape))
+register_floor("semi_forward", "dense",
+               lambda x, values, indices, bias=None: (tokens_bucket(x.shape[0]), values.shape, bias is not None))
 register_floor("semi_grad_input", "dense",
                lambda dy, values, indices, indices_t=None, transpose_map=None:
                (tokens_bucket(dy.shape[0]), values.shape, indices_t is not None))

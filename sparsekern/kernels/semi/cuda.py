@@ -87,11 +87,11 @@ def _sparse(values, indices):
     return torch.sparse.to_sparse_semi_structured(decompress(values, indices, 2 * values.shape[1]))
 
 
-def semi_forward(x, values, indices):
+def semi_forward(x, values, indices, bias=None):
     rows, cols = values.shape[0], 2 * values.shape[1]
     if _sparse_tensor_cores(x.device, values.dtype, rows, cols):
-        return F.linear(x, _operand(_FORWARD, values, (indices,), lambda: _sparse(values, indices)))
-    return x @ decompress(values, indices, cols).T
+        return F.linear(x, _operand(_FORWARD, values, (indices,), lambda: _sparse(values, indices)), bias)
+    return F.linear(x, decompress(values, indices, cols), bias)
 
 
 def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):

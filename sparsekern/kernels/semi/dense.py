@@ -25,9 +25,10 @@ def _dense_weight(values, indices):
     return _helper("semi_decompress_sum", values)([values], [indices], 2 * values.shape[1])
 
 
-def semi_forward(x, values, indices):
+def semi_forward(x, values, indices, bias=None):
     weight = _dense_weight(values, indices)
-    return torch.mm(x, weight.T, out=empty_output("semi", (x.shape[0], weight.shape[0]), x))
+    out = empty_output("semi", (x.shape[0], weight.shape[0]), x)
+    return torch.mm(x, weight.T, out=out) if bias is None else torch.addmm(bias, x, weight.T, out=out)
 
 
 def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):

@@ -19,9 +19,10 @@ def _dense(values, indices, acc):
     return decompress(values.to(acc), indices, 2 * values.shape[1])
 
 
-def semi_forward(x, values, indices):
+def semi_forward(x, values, indices, bias=None):
     acc = _acc_dtype(x.dtype)
-    return (x.to(acc) @ _dense(values, indices, acc).T).to(x.dtype)
+    y = x.to(acc) @ _dense(values, indices, acc).T
+    return (y if bias is None else y + bias.to(acc)).to(x.dtype)
 
 
 def semi_grad_input(dy, values, indices, indices_t=None, transpose_map=None):
