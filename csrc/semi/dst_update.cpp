@@ -356,8 +356,6 @@ int64_t drop_grow_impl(const at::Tensor& drop, const at::Tensor& mask, const at:
   return bad.load() & 2 ? kMaskNotTransposable : kMaskOk;
 }
 
-// Rows [r0, r1) of o (rows, 4 per_row) = the sum of the dense forms of the 2:4-compressed
-// (values, indices) sources: a group's four sums are built in registers, then stored at once.
 // Groups [g0, g1) of one row, one source: each group zeroed and its two values stored in
 // place. Built in a register array and copied out, as below, each group would reload four
 // fresh scalar stores as one vector, a store-forwarding stall: 3x slower.
@@ -423,6 +421,9 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2"))) void decompress_row_expa
 }
 #endif
 
+// Rows [r0, r1) of o (rows, 4 per_row) = the sum of the dense forms of the 2:4-compressed
+// (values, indices) sources: a group's four sums are built in registers, then stored at once
+// (one source: decompress_groups, or the expand where `expand` says).
 template <typename scalar_t>
 void decompress_rows(const std::vector<const scalar_t*>& values, const std::vector<const uint8_t*>& indices,
                      scalar_t* __restrict o, int64_t r0, int64_t r1, int64_t per_row, int64_t bytes,
