@@ -265,6 +265,13 @@ SPARSEKERN_SIMD_MICROKERNEL(microkernel_avx512, SPARSEKERN_AVX512, Avx512)
 // 24-row tiles (common/packed_rows_product.h) and dW's tiles of up to 24 rows
 // (packed_tile_rows): hence unroll 32, since at 24 rows GCC's partial unroll of 16 kept the
 // accumulators in a memory array.
+// Over a packed A (the packed-row products' 24-row tiles, dW's dYᵀ) the strip's rows, one line
+// per K step at 16 floats, are prefetched this many steps ahead: in the packed-row forward and
+// dX the strips of the whole layer stream from L3 once per 24 rows, and the hardware prefetchers
+// lagged behind it. On a Xeon (2 threads, 2048 x 4096 x 4096, block 32) the forward and dX ran
+// 8 % faster at density 0.5 and 4-5 % at 0.1 (distances of 32-256 steps alike); dW level.
+constexpr int64_t kPrefetchSteps = 64;
+
 template <typename C, int MR, bool kRowsA>
 SPARSEKERN_AVX512 void microkernel_avx512_narrow(const C* a, int64_t lda, const int64_t* seg_off, int64_t nseg,
                                                  int64_t seglen, const C* b, int64_t ldb, C* out, int64_t ldo,
@@ -290,6 +297,7 @@ SPARSEKERN_AVX512 void microkernel_avx512_narrow(const C* a, int64_t lda, const 
       const C* ap = a + seg_off[j];
 #pragma GCC unroll 2
       for (int64_t k = 0; k < seglen; ++k, ap += lda, b += ldb) {
+        __builtin_prefetch(b + kPrefetchSteps * ldb, 0, 2);
         const typename T::V b0 = T::load(b);
 #pragma GCC unroll 32
         for (int i = 0; i < MR; ++i) c[i] = T::fma(T::broadcast(ap + i), b0, c[i]);
