@@ -190,6 +190,11 @@ __attribute__((always_inline)) inline void prefetch_segment(const C* p, int64_t 
   }
 }
 
+// Accumulating tiles: a tile that adds to its output (dW's sum over token chunks: each
+// chunk visits every stored block, so a block's accumulated tile comes back from L3) asks for
+// the output's lines at its start, so they arrive while the K loop runs: in a perf profile 13 %
+// of the dW kernel's samples sat on the first add's load. On a Xeon (2 threads, 2048 x 4096 x
+// 4096) block-32 dW ran 7 % faster at density 0.5, 3-4 % at 0.1-0.05; block 16 4 % at 0.5.
 // One body for both SIMD ISAs: the target attribute cannot depend on a template
 // parameter, so the function is stamped out once per (name, target, vector traits).
 #define SPARSEKERN_SIMD_MICROKERNEL(NAME, TARGET, TRAITS)                                                   \
@@ -199,6 +204,13 @@ __attribute__((always_inline)) inline void prefetch_segment(const C* p, int64_t 
     using T = TRAITS<C>;                                                                                    \
     constexpr int W = T::W;                                                                                    \
     typename T::V c0[MR], c1[MR];                                                                              \
+    if (store == Store::kAdd) {  /* see accumulating tiles above */                                            \
+    _Pragma("GCC unroll 16")                                                                                    \
+      for (int i = 0; i < MR; ++i) {                                                                           \
+        __builtin_prefetch(out + i * ldo, 1, 3);                                                               \
+        __builtin_prefetch(out + i * ldo + W, 1, 3);                                                           \
+      }                                                                                                        \
+    }                                                                                                          \
     const typename T::V i0 = init ? T::load(init) : T::zero(), i1 = init ? T::load(init + W) : T::zero();      \
     _Pragma("GCC unroll 16")                                                                                    \
     for (int i = 0; i < MR; ++i) {                                                                             \
@@ -278,6 +290,10 @@ SPARSEKERN_AVX512 void microkernel_avx512_narrow(const C* a, int64_t lda, const 
                                                  Store store, const C* init) {
   using T = Avx512<C>;
   typename T::V c[MR];
+  if (store == Store::kAdd) {  // see accumulating tiles above the SIMD body
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) __builtin_prefetch(out + i * ldo, 1, 3);
+  }
   const typename T::V i0 = init ? T::load(init) : T::zero();
 #pragma GCC unroll 32
   for (int i = 0; i < MR; ++i) c[i] = i0;
