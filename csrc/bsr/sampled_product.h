@@ -104,6 +104,14 @@ void sampled_product(const C* dy, const C* x, int64_t M, int64_t N, int64_t K, i
             C* dst = px + (int64_t(u) * nsub + s) * chunk * NR;
             const C* src = x + m0 * K + used[u] * bc + s * NR;
             const int64_t ncols = std::min<int64_t>(NR, bc - s * NR);
+#ifdef SPARSEKERN_X86
+            if constexpr (std::is_same<C, float>::value) {
+              if (ncols == NR && common::simd_copies()) {
+                common::copy_strip_rows_avx512<NR>(dst, src, K, t0, t1);
+                continue;
+              }
+            }
+#endif
             for (int64_t m = t0; m < t1; ++m) {
               if (ncols == NR) {
                 std::copy(src + m * K, src + m * K + NR, dst + m * NR);

@@ -533,10 +533,41 @@ Microkernel<C> packed_tile_kernel(int mr) {
   return narrow_packed_tiles<C, NR>() ? narrow_packed_kernel<C>(mr) : microkernel_rows<C, NR, false>(mr);
 }
 
+#ifdef SPARSEKERN_X86
+// copy_row_tile for fp32 on AVX-512F: each token's mr (<= 32) values as masked 16-lane moves.
+// With copy_strip_rows_avx512 below, dW's packing on a Xeon (2 threads, 2048 x 4096 x 4096):
+// block 32 3 % faster at density 0.05, block 16 7-8 % at 0.1 and 0.05.
+SPARSEKERN_AVX512 inline void copy_row_tile_avx512(float* dst, const float* src, int64_t ld, int64_t t0, int64_t t1,
+                                                   int mr) {
+  const __mmask16 m0 = __mmask16(mr >= 16 ? 0xFFFF : (1u << mr) - 1), m1 = __mmask16(mr > 16 ? (1u << (mr - 16)) - 1 : 0);
+  for (int64_t m = t0; m < t1; ++m) {
+    _mm512_mask_storeu_ps(dst + m * mr, m0, _mm512_maskz_loadu_ps(m0, src + m * ld));
+    if (m1) _mm512_mask_storeu_ps(dst + m * mr + 16, m1, _mm512_maskz_loadu_ps(m1, src + m * ld + 16));
+  }
+}
+
+// dst[m * NR + n] = src[m * ld + n] for tokens m in [t0, t1), n < NR (a multiple of 16): a packed
+// strip's rows (X's columns for dW) as whole-vector moves, not a memmove call per row.
+template <int NR>
+SPARSEKERN_AVX512 void copy_strip_rows_avx512(float* dst, const float* src, int64_t ld, int64_t t0, int64_t t1) {
+  for (int64_t m = t0; m < t1; ++m) {
+    for (int h = 0; h < NR / 16; ++h) _mm512_storeu_ps(dst + m * NR + 16 * h, _mm512_loadu_ps(src + m * ld + 16 * h));
+  }
+}
+#endif
+
+// Whether the fp32 copies above run (the AVX-512 geometry's SIMD loops).
+inline bool simd_copies() { return wide_tiles() && !portable_loops(); }
+
 // dst[m * mr + i] = src[m * ld + i] for tokens m in [t0, t1), i < mr (<= kMaxNarrowRows): one k-major
 // row tile of the A operand (dYᵀ for dW), with the row count constant so the copy vectorises.
 template <typename C>
 void copy_row_tile(C* dst, const C* src, int64_t ld, int64_t t0, int64_t t1, int mr) {
+#ifdef SPARSEKERN_X86
+  if constexpr (std::is_same<C, float>::value) {
+    if (simd_copies()) return copy_row_tile_avx512(dst, src, ld, t0, t1, mr);
+  }
+#endif
   with_rows<kMaxNarrowRows>(mr, [&](auto rows) {
     constexpr int R = decltype(rows)::value;
     for (int64_t m = t0; m < t1; ++m) {
