@@ -75,24 +75,24 @@ inline int64_t panel_end(const int64_t* offsets, int64_t G, int64_t p0, int64_t 
 #ifdef SPARSEKERN_X86
 // One fp32 member's NR-column strips (NR a multiple of 16, every strip full: g % NR == 0, and
 // w % 16 == 0 where transposed), sub-tile s at dst + s * sub_stride, on AVX-512F: the forward's
-// B_p = vᵀ in 16 x 16 register transposes, dX's rows as 64-byte copies. The scalar loop
+// B_p = vᵀ in 16 x 16 register transposes, dX's rows by copy_strip_rows_avx512. The scalar loop
 // took 0.9 ms of a 17 ms forward at density 0.05 (2048 x 4096 x 4096, block 32).
 template <int NR>
 SPARSEKERN_AVX512 void pack_member_avx512(const float* v, int64_t bc, bool transpose, int64_t w, int64_t nsub,
                                           float* dst0, int64_t sub_stride) {
   for (int64_t s = 0; s < nsub; ++s) {
     float* dst = dst0 + s * sub_stride;
-    for (int h = 0; h < NR / 16; ++h) {
+    if (!transpose) {  // B(k, n) = v[k * bc + s * NR + n]
+      copy_strip_rows_avx512<NR>(dst, v + s * NR, bc, 0, w);
+      continue;
+    }
+    for (int h = 0; h < NR / 16; ++h) {  // B(k, n) = v[(c0 + n) * bc + k]
       const int64_t c0 = s * NR + h * 16;
-      if (transpose) {  // B(k, n) = v[(c0 + n) * bc + k]
-        for (int64_t k0 = 0; k0 < w; k0 += 16) {
-          __m512i r[16];
-          for (int n = 0; n < 16; ++n) r[n] = _mm512_loadu_si512(v + (c0 + n) * bc + k0);
-          transpose_16x16_epi32(r);
-          for (int u = 0; u < 16; ++u) _mm512_storeu_si512(dst + (k0 + u) * NR + h * 16, r[u]);
-        }
-      } else {  // B(k, n) = v[k * bc + c0 + n]
-        for (int64_t k = 0; k < w; ++k) _mm512_storeu_ps(dst + k * NR + h * 16, _mm512_loadu_ps(v + k * bc + c0));
+      for (int64_t k0 = 0; k0 < w; k0 += 16) {
+        __m512i r[16];
+        for (int n = 0; n < 16; ++n) r[n] = _mm512_loadu_si512(v + (c0 + n) * bc + k0);
+        transpose_16x16_epi32(r);
+        for (int u = 0; u < 16; ++u) _mm512_storeu_si512(dst + (k0 + u) * NR + h * 16, r[u]);
       }
     }
   }
@@ -121,7 +121,7 @@ at::Tensor pack_groups(const S* values, int64_t br, int64_t bc, bool transpose, 
         const S* v = values + (blk ? blk[first + q] : first + q) * br * bc;
 #ifdef SPARSEKERN_X86
         if constexpr (std::is_same<S, float>::value && std::is_same<C, float>::value && NR % 16 == 0 && !kPairs) {
-          if (wide_tiles() && !portable_loops() && g % NR == 0 && (!transpose || w % 16 == 0)) {
+          if (simd_copies() && g % NR == 0 && (!transpose || w % 16 == 0)) {
             pack_member_avx512<NR>(v, bc, transpose, w, nsub, bp + (first * nsub + q) * strip, count * strip);
             continue;
           }

@@ -547,7 +547,7 @@ SPARSEKERN_AVX512 inline void copy_row_tile_avx512(float* dst, const float* src,
 }
 
 // dst[m * NR + n] = src[m * ld + n] for tokens m in [t0, t1), n < NR (a multiple of 16): a packed
-// strip's rows (X's columns for dW) as whole-vector moves, not a memmove call per row.
+// strip's rows (X's columns for dW, dX's values) as whole-vector moves, not a memmove call per row.
 template <int NR>
 SPARSEKERN_AVX512 void copy_strip_rows_avx512(float* dst, const float* src, int64_t ld, int64_t t0, int64_t t1) {
   for (int64_t m = t0; m < t1; ++m) {
@@ -556,7 +556,7 @@ SPARSEKERN_AVX512 void copy_strip_rows_avx512(float* dst, const float* src, int6
 }
 #endif
 
-// Whether the fp32 copies above run (the AVX-512 geometry's SIMD loops).
+// Whether the fp32 AVX-512 copies and packings run (the AVX-512 geometry's SIMD loops).
 inline bool simd_copies() { return wide_tiles() && !portable_loops(); }
 
 // dst[m * mr + i] = src[m * ld + i] for tokens m in [t0, t1), i < mr (<= kMaxNarrowRows): one k-major
